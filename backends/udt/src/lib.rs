@@ -1,0 +1,3 @@
+//! lu2k-udt
+
+#![deny(unsafe_code)]

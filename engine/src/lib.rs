@@ -1,0 +1,3 @@
+//! lu2k-engine
+
+#![deny(unsafe_code)]

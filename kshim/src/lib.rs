@@ -1,0 +1,3 @@
+//! lu2k-kshim
+
+#![deny(unsafe_code)]

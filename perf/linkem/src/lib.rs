@@ -1,0 +1,3 @@
+//! lu2k-linkem
+
+#![deny(unsafe_code)]

@@ -1,0 +1,3 @@
+//! lu2k-ring-abi
+
+#![deny(unsafe_code)]
