@@ -10,6 +10,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod attach;
 pub mod credit;
 pub mod hdr;
 pub mod nid;
