@@ -1,0 +1,403 @@
+#!/usr/bin/env bash
+# The kernel lab: boots Debian's own kernel in qemu and runs lu2k's lab tests
+# inside it, for what this machine's kernel lacks (RDS, netem, module loading)
+# and for an older kernel (bookworm's 6.1: io_uring without the futex ops).
+#
+#   scripts/kernel-lab.sh                  # fetch (cached), build, boot, run all tests
+#   scripts/kernel-lab.sh --tests rds      # only some tests (comma separated)
+#   scripts/kernel-lab.sh --list           # the tests there are
+#   scripts/kernel-lab.sh --help
+#
+# What it does, each step cached under $LU2K_LAB_CACHE
+# (default ${XDG_CACHE_HOME:-~/.cache}/lu2k-lab):
+#   1. resolves the kernel image package through the metapackage linux-image-amd64
+#      (never a hard-coded version) and fetches it, busybox-static and
+#      qemu-system-x86 with the dependencies this machine lacks, with
+#      `apt-get download`; unpacks them with `dpkg-deb` (qemu is never installed:
+#      bookworm's qemu breaks this machine's backported qemu-utils);
+#   2. builds the lab binary static for x86_64-unknown-linux-musl (tests/lab/);
+#   3. builds an initramfs: busybox, the kernel modules the tests need (rds,
+#      rds_tcp, sch_netem, veth, with their dependencies, from the same package as
+#      the kernel), iproute2's ip and tc with their libraries (busybox's tc cannot
+#      add netem), the lab binary and scripts/lab/init;
+#   4. boots it with `qemu -accel tcg` (the KVM here hangs on a stock kernel)
+#      under a timeout and decides from the marker lines on the serial console
+#      (qemu's exit status says nothing):
+#         LU2K-LAB PASS name | LU2K-LAB FAIL name: reason | LU2K-LAB SKIP name: reason
+#         LU2K-LAB DONE
+#
+# Exit status: 0 every selected test passed (skips are listed, and fail the run
+# with --strict); 1 a test failed or the VM did not finish; 2 usage;
+# 77 the lab cannot run on this machine (not root, mirror unreachable, no apt):
+# the message says why, callers skip loudly on 77.
+set -euo pipefail
+
+ALL_TESTS="rds,netem,probe"
+SKIP_RC=77
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
+    cat <<EOF
+Options:
+  --tests LIST        comma-separated tests to run (default: $ALL_TESTS)
+  --list              print the tests and exit
+  --kernel-meta PKG   metapackage to resolve the kernel through (default: linux-image-amd64)
+  --cache DIR         cache folder (default: \$LU2K_LAB_CACHE or \${XDG_CACHE_HOME:-~/.cache}/lu2k-lab)
+  --timeout SECS      wall-clock limit for the VM (default: 300)
+  --memory MB         VM memory (default: 1024)
+  --cpus N            VM cpus (default: 2)
+  --strict            a skipped test fails the run
+  --fetch-only        fetch and unpack, then stop
+  --keep-log FILE     also copy the console log to FILE
+EOF
+}
+
+tests="$ALL_TESTS"
+kernel_meta="linux-image-amd64"
+cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
+vm_timeout=300
+memory=1024
+cpus=2
+strict=0
+fetch_only=0
+keep_log=""
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tests) tests="$2"; shift 2 ;;
+        --tests=*) tests="${1#*=}"; shift ;;
+        --list) tr ',' '\n' <<<"$ALL_TESTS"; exit 0 ;;
+        --kernel-meta) kernel_meta="$2"; shift 2 ;;
+        --cache) cache="$2"; shift 2 ;;
+        --timeout) vm_timeout="$2"; shift 2 ;;
+        --memory) memory="$2"; shift 2 ;;
+        --cpus) cpus="$2"; shift 2 ;;
+        --strict) strict=1; shift ;;
+        --fetch-only) fetch_only=1; shift ;;
+        --keep-log) keep_log="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "kernel-lab: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+for t in ${tests//,/ }; do
+    case ",$ALL_TESTS," in
+        *",$t,"*) ;;
+        *) echo "kernel-lab: unknown test '$t' (tests: $ALL_TESTS)" >&2; exit 2 ;;
+    esac
+done
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+t_start=$(date +%s.%N)
+phase_start=$t_start
+since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
+phase() { # phase NAME: prints the time spent in the phase and since the start
+    printf '==> kernel-lab: %-36s %5s s (%s s since start)\n' "$1" "$(since "$phase_start")" "$(since "$t_start")"
+    phase_start=$(date +%s.%N)
+}
+skip() { echo "kernel-lab: SKIP: $*" >&2; exit $SKIP_RC; }
+die() { echo "kernel-lab: error: $*" >&2; exit 1; }
+
+[ "$(uname -m)" = x86_64 ] || skip "the lab boots an amd64 kernel and builds x86_64 binaries; this is $(uname -m)"
+[ "$(id -u)" -eq 0 ] || skip "needs root (apt-get download into a root-owned apt cache and qemu's initramfs built with root ownership); run as root"
+command -v apt-get >/dev/null && command -v apt-cache >/dev/null && command -v dpkg-deb >/dev/null \
+    || skip "needs Debian's apt-get, apt-cache and dpkg-deb to fetch the kernel and qemu"
+
+mkdir -p "$cache"/{debs,qemu,kernel,busybox,initramfs,logs}
+
+# --- 1. resolve and fetch -------------------------------------------------------------
+
+# Each apt-cache call costs ~0.5 s here (no binary cache), so they are batched.
+declare -A CANDIDATE=()
+# versions PKG...: fills CANDIDATE[pkg] with the version apt would pick
+versions() {
+    local pkg="" line
+    while IFS= read -r line; do
+        case "$line" in
+            [!\ ]*:) pkg=${line%:} ;;
+            "  Candidate: "*) CANDIDATE[$pkg]=${line#  Candidate: } ;;
+        esac
+    done < <(apt-cache policy "$@" 2>/dev/null)
+}
+candidate_version() { [ -n "${CANDIDATE[$1]:-}" ] || versions "$1"; echo "${CANDIDATE[$1]:-}"; }
+
+ensure_lists() {
+    local v
+    v=$(candidate_version "$kernel_meta")
+    if [ -z "$v" ] || [ "$v" = "(none)" ]; then
+        echo "==> kernel-lab: apt has no candidate for $kernel_meta; running apt-get update"
+        apt-get update -qq || skip "apt-get update failed: Debian's mirror is unreachable from here"
+        unset "CANDIDATE[$kernel_meta]"
+        v=$(candidate_version "$kernel_meta")
+        [ -n "$v" ] && [ "$v" != "(none)" ] || skip "no package $kernel_meta in apt's sources (is this Debian with main enabled?)"
+    fi
+}
+
+# deb_path PKG: the cached .deb of PKG's candidate version (empty when not fetched)
+deb_path() {
+    local v f
+    v=$(candidate_version "$1")
+    for f in "$cache/debs/${1}_${v//:/%3a}_"*.deb; do [ -s "$f" ] && { echo "$f"; return; }; done
+}
+
+# download PKG...: fetches each package's candidate .deb into $cache/debs unless there
+download() {
+    local need=() p v
+    versions "$@"
+    for p in "$@"; do
+        v=$(candidate_version "$p")
+        [ -n "$v" ] && [ "$v" != "(none)" ] || die "apt has no candidate version of $p"
+        [ -n "$(deb_path "$p")" ] || need+=("$p")
+    done
+    [ ${#need[@]} -eq 0 ] && return 0
+    echo "==> kernel-lab: apt-get download ${need[*]}"
+    (cd "$cache/debs" && apt-get download -q "${need[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' ) \
+        || true
+    for p in "${need[@]}"; do
+        [ -n "$(deb_path "$p")" ] \
+            || skip "could not fetch $p $(candidate_version "$p") with apt-get download (Debian's mirror unreachable?)"
+    done
+}
+
+declare -A INSTALLED=()
+load_installed() {
+    local pkg st
+    while read -r pkg st; do [ "$st" = installed ] && INSTALLED[${pkg%%:*}]=1; done \
+        < <(dpkg-query -W -f='${Package} ${db:Status-Status}\n' 2>/dev/null)
+}
+installed() { [ -n "${INSTALLED[$1]:-}" ]; }
+
+# resolve_deps ROOT: prints ROOT and every package of its Depends/Pre-Depends closure that
+# is not installed here. A group of alternatives (a | b) is satisfied by any installed
+# member, else the first is taken; a virtual package stands for its first provider.
+resolve_deps() {
+    local -A seen=([$1]=1)
+    local level=("$1") out=("$1") next group m ok first
+    while [ ${#level[@]} -gt 0 ]; do
+        next=()
+        while read -r group; do
+            ok=0
+            for m in $group; do installed "$m" && ok=1; done
+            [ $ok -eq 1 ] && continue
+            first=${group%% *}
+            [ -n "$first" ] && [ -z "${seen[$first]:-}" ] || continue
+            seen[$first]=1; next+=("$first"); out+=("$first")
+        done < <(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+                    --no-replaces --no-enhances "${level[@]}" 2>/dev/null | awk '
+            function flush() { if (grp != "") print substr(grp, 2); grp = "" }
+            /^  \|?(Pre)?Depends: / {
+                if (pendingclose) { flush(); pendingclose = 0 }
+                alt = ($1 ~ /^\|/); name = $2
+                invirt = (name ~ /^</); firstprov = 1
+                if (!invirt) grp = grp " " name
+                if (!alt) { if (invirt) pendingclose = 1; else flush() }
+                next
+            }
+            /^    / { if (invirt && firstprov) { grp = grp " " $1; firstprov = 0 }; next }
+            { if (pendingclose) { flush(); pendingclose = 0 }; invirt = 0 }
+            END { flush() }')
+        level=("${next[@]}")
+    done
+    printf '%s\n' "${out[@]}"
+}
+
+unpack() { # unpack DEB DIR
+    dpkg-deb -x "$1" "$2"
+}
+
+ensure_lists
+kernel_pkg=$(apt-cache depends "$kernel_meta" 2>/dev/null | awk '/^ *Depends: linux-image-/ {print $2; exit}')
+[ -n "$kernel_pkg" ] || die "cannot resolve the kernel image package through $kernel_meta (apt-cache depends $kernel_meta)"
+kernel_ver=$(candidate_version "$kernel_pkg")
+kernel_release=${kernel_pkg#linux-image-}
+echo "==> kernel-lab: kernel package $kernel_pkg $kernel_ver (through $kernel_meta)"
+
+# qemu and busybox
+qemu_stamp="$cache/qemu/.stamp-$(candidate_version qemu-system-x86)"
+if [ ! -e "$qemu_stamp" ]; then
+    echo "==> kernel-lab: resolving qemu-system-x86's dependencies not installed here"
+    load_installed
+    mapfile -t qemu_pkgs < <(resolve_deps qemu-system-x86)
+    echo "    ${#qemu_pkgs[@]} packages: ${qemu_pkgs[*]}"
+    download "${qemu_pkgs[@]}"
+    rm -rf "$cache/qemu/root"; mkdir -p "$cache/qemu/root"
+    for p in "${qemu_pkgs[@]}"; do
+        unpack "$(deb_path "$p")" "$cache/qemu/root"
+    done
+    rm -f "$cache"/qemu/.stamp-*; touch "$qemu_stamp"
+fi
+bb_stamp="$cache/busybox/.stamp-$(candidate_version busybox-static)"
+if [ ! -e "$bb_stamp" ]; then
+    download busybox-static
+    rm -rf "$cache/busybox/root"; mkdir -p "$cache/busybox/root"
+    unpack "$(deb_path busybox-static)" "$cache/busybox/root"
+    rm -f "$cache"/busybox/.stamp-*; touch "$bb_stamp"
+fi
+busybox="$cache/busybox/root/bin/busybox"
+
+# the kernel: only the image and the modules the tests need are taken out of the package
+kdir="$cache/kernel/$kernel_pkg-$kernel_ver"
+want_modules="rds rds_tcp sch_netem veth"
+if [ ! -e "$kdir/.stamp" ]; then
+    download "$kernel_pkg"
+    kdeb=$(deb_path "$kernel_pkg")
+    rm -rf "$kdir"; mkdir -p "$kdir/root"
+    echo "==> kernel-lab: unpacking $kernel_pkg (image and modules)"
+    dpkg-deb -c "$kdeb" | awk '{print $NF}' | grep -E '\.ko(\.xz|\.zst|\.gz)?$' > "$kdir/modules.list"
+    # module name -> path; names use _ where file names may use -
+    modpath() { grep -E "/$(sed 's/[_-]/[_-]/g' <<<"$1")\.ko(\.xz|\.zst|\.gz)?$" "$kdir/modules.list" | head -1; }
+    extract() { dpkg-deb --fsys-tarfile "$kdeb" | tar -x -C "$kdir/root" "$@"; }
+    extract --wildcards './boot/vmlinuz-*'
+    # closure over modinfo's depends=, read straight from each module's .modinfo section
+    declare -A have=()
+    todo=($want_modules)
+    order=()
+    while [ ${#todo[@]} -gt 0 ]; do
+        m=${todo[0]}; todo=("${todo[@]:1}")
+        [ -n "${have[$m]:-}" ] && continue
+        have[$m]=1
+        p=$(modpath "$m")
+        [ -n "$p" ] || die "module $m is not in $kernel_pkg (built in? then drop it from the list)"
+        extract "$p"
+        f="$kdir/root/${p#./}"
+        case "$f" in
+            *.ko.xz) xz -dc "$f" > "$kdir/$m.ko" ;;
+            *.ko.zst) zstd -qdc "$f" > "$kdir/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" > "$kdir/$m.ko" ;;
+            *) cp "$f" "$kdir/$m.ko" ;;
+        esac
+        deps=$(tr '\0' '\n' < "$kdir/$m.ko" | sed -n 's/^depends=//p' | head -1 | tr ',' ' ')
+        for d in $deps; do todo+=("${d//-/_}"); done
+        order+=("$m:$deps")
+    done
+    # load order: dependencies first
+    : > "$kdir/load-order"
+    declare -A loaded=()
+    while [ ${#loaded[@]} -lt ${#order[@]} ]; do
+        progress=0
+        for e in "${order[@]}"; do
+            m=${e%%:*}; deps=${e#*:}
+            [ -n "${loaded[$m]:-}" ] && continue
+            ok=1
+            for d in $deps; do [ -n "${loaded[${d//-/_}]:-}" ] || ok=0; done
+            if [ $ok -eq 1 ]; then echo "$m" >> "$kdir/load-order"; loaded[$m]=1; progress=1; fi
+        done
+        [ $progress -eq 1 ] || die "module dependency cycle among: ${order[*]}"
+    done
+    cp "$kdir"/root/boot/vmlinuz-* "$kdir/vmlinuz"
+    rm -rf "$kdir/root"
+    touch "$kdir/.stamp"
+fi
+echo "    modules (load order): $(tr '\n' ' ' < "$kdir/load-order")"
+phase "fetched and unpacked"
+[ $fetch_only -eq 1 ] && exit 0
+
+# --- 2. the lab binaries ---------------------------------------------------------------
+
+musl=x86_64-unknown-linux-musl
+command -v cargo >/dev/null || die "cargo not found; install Rust with rustup"
+if ! rustup target list --installed 2>/dev/null | grep -qx "$musl"; then
+    echo "==> kernel-lab: rustup target add $musl"
+    rustup target add "$musl" || skip "cannot add the rust target $musl (rustup offline?)"
+fi
+lab_target="${LU2K_LAB_TARGET_DIR:-$cache/target}"
+lab_manifest="$repo/tests/lab/Cargo.toml"
+# The nested cargo must not inherit a parent cargo's target dir, target or flags.
+lab_cargo() {
+    env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+        cargo build --quiet --release --target "$musl" --manifest-path "$lab_manifest" \
+            --target-dir "$lab_target" "$@"
+}
+# The probe test reads the engine's probe and the netem test cross-checks the link
+# emulator: both are optional features, so that a crate that does not build (yet)
+# costs only its check, which the test then reports as pending.
+echo "==> kernel-lab: building the lab binaries for $musl (target dir $lab_target)"
+features=""
+for f in engine linkem; do
+    if lab_cargo --features "$f" 2> "$cache/logs/build-$f.log"; then
+        features="$features,$f"
+    else
+        echo "    note: the lab does not build with feature '$f' (lu2k-$f; log: $cache/logs/build-$f.log); its check will say pending"
+    fi
+done
+features=${features#,}
+lab_cargo ${features:+--features "$features"} 2> "$cache/logs/build-lab.log" \
+    || { cat "$cache/logs/build-lab.log" >&2; die "building the lab binary (tests/lab) failed"; }
+lab_bin="$lab_target/$musl/release/lu2k-lab"
+echo "    lu2k-lab built with features: ${features:-none}"
+phase "built lab binaries"
+
+# --- 3. the initramfs ------------------------------------------------------------------
+
+ird="$cache/initramfs/root"
+rm -rf "$ird"; mkdir -p "$ird"/{bin,sbin,etc/lab,proc,sys,dev,tmp,run,lib/lab-modules,usr/sbin}
+cp "$busybox" "$ird/bin/busybox"
+cp "$repo/scripts/lab/init" "$ird/init"; chmod 755 "$ird/init"
+cp "$lab_bin" "$ird/bin/lu2k-lab"
+while read -r m; do cp "$kdir/$m.ko" "$ird/lib/lab-modules/"; done < "$kdir/load-order"
+cp "$kdir/load-order" "$ird/etc/lab/modules"
+# iproute2's ip and tc with the libraries they link
+copy_with_libs() {
+    local bin=$1 dest=$2 lib
+    cp "$bin" "$ird/$dest"
+    for lib in $(ldd "$bin" | awk '/=>/ {print $3} /^\t\/[^ ]+ \(/ {print $1}'); do
+        [ -e "$ird$lib" ] && continue
+        mkdir -p "$ird$(dirname "$lib")"
+        cp -L "$lib" "$ird$lib"
+    done
+}
+for tool in ip tc; do
+    path=$(command -v "$tool" || true)
+    [ -n "$path" ] || die "iproute2's $tool is needed in the VM (busybox's cannot add netem); apt-get install iproute2"
+    copy_with_libs "$path" "usr/sbin/$tool"
+done
+# the ld.so cache is absent: tell the loader where the libraries are
+for d in $(cd "$ird" && find lib* usr/lib* -name '*.so*' -printf '/%h\n' 2>/dev/null | sort -u); do echo "$d"; done > "$ird/etc/lab/ld-library-path"
+[ -d /usr/lib/x86_64-linux-gnu/tc ] && mkdir -p "$ird/usr/lib/x86_64-linux-gnu" && cp -r /usr/lib/x86_64-linux-gnu/tc "$ird/usr/lib/x86_64-linux-gnu/"
+echo "$kernel_pkg $kernel_ver" > "$ird/etc/lab/kernel-package"
+initrd="$cache/initramfs/initrd.cpio.gz"
+(cd "$ird" && find . | LC_ALL=C sort | "$busybox" cpio -o -H newc -R 0:0 2>/dev/null | gzip -1 > "$initrd")
+phase "built initramfs ($(du -h "$initrd" | cut -f1))"
+
+# --- 4. boot ---------------------------------------------------------------------------
+
+qroot="$cache/qemu/root"
+qemu="$qroot/usr/bin/qemu-system-x86_64"
+[ -x "$qemu" ] || die "qemu-system-x86_64 missing under $qroot (delete $cache/qemu to refetch)"
+qlibs="$qroot/usr/lib/x86_64-linux-gnu:$qroot/lib/x86_64-linux-gnu"
+[ -d "$qroot/usr/lib/x86_64-linux-gnu/pulseaudio" ] && qlibs="$qlibs:$qroot/usr/lib/x86_64-linux-gnu/pulseaudio"
+log="$cache/logs/console-$(date +%Y%m%d-%H%M%S).log"
+echo "==> kernel-lab: booting $kernel_pkg under qemu (tcg), tests: $tests (console: $log)"
+set +e
+LD_LIBRARY_PATH="$qlibs" timeout --kill-after=10 "$vm_timeout" "$qemu" \
+    -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios" \
+    -accel tcg -machine q35 -cpu max -smp "$cpus" -m "$memory" \
+    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+    -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 lu2k.tests=$tests" \
+    < /dev/null > "$log" 2>&1
+qrc=$?
+set -e
+phase "VM finished (qemu rc $qrc)"
+[ -n "$keep_log" ] && cp "$log" "$keep_log"
+
+# --- 5. the verdict from the markers -----------------------------------------------------
+
+tr -d '\r' < "$log" > "$log.clean"
+grep -v '^LU2K-LAB' "$log.clean" | sed 's/^/    | /' | tail -n 200
+echo "==> kernel-lab: markers"
+grep '^LU2K-LAB' "$log.clean" | sed 's/^/    /' || true
+booted=$(sed -n 's/^LU2K-LAB KERNEL //p' "$log.clean" | head -1)
+fails=0; skips=0
+for t in ${tests//,/ }; do
+    if grep -q "^LU2K-LAB PASS $t\$" "$log.clean"; then :
+    elif grep -q "^LU2K-LAB SKIP $t:" "$log.clean"; then skips=$((skips+1))
+    elif grep -q "^LU2K-LAB FAIL $t:" "$log.clean"; then fails=$((fails+1))
+    else echo "    no marker for test $t"; fails=$((fails+1)); fi
+done
+grep -q '^LU2K-LAB DONE$' "$log.clean" || { echo "    no DONE marker: the VM did not finish (timeout ${vm_timeout}s, qemu rc $qrc)"; fails=$((fails+1)); }
+printf '==> kernel-lab: kernel %s (%s %s), %d failed, %d skipped, total %s s\n' \
+    "${booted:-?}" "$kernel_pkg" "$kernel_ver" "$fails" "$skips" "$(since "$t_start")"
+if [ $fails -gt 0 ]; then exit 1; fi
+if [ $skips -gt 0 ] && [ $strict -eq 1 ]; then echo "kernel-lab: --strict and $skips skipped"; exit 1; fi
+exit 0
