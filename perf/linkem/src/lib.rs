@@ -4,23 +4,30 @@
 //!   bottleneck with a finite buffer, propagation delay, jitter with or without
 //!   reordering, Bernoulli or Gilbert–Elliott loss, duplication and scheduled
 //!   outages. It is sans-IO and deterministic: no clock reads, no OS
-//!   randomness; the same seed gives the same trace. The `link` module docs
+//!   randomness; the same seed gives the same trace. The [`link`] module docs
 //!   describe the model exactly.
 //! - [`Duplex`] pairs two directions with their own settings (asymmetric links).
 //! - [`Config`] / [`DuplexConfig`] are the settings as a scenario file (TOML)
 //!   states them, validated with errors that name the field.
+//! - [`Relay`] drives a `Duplex` on the real clock between two UDP sockets on
+//!   loopback: the rootless link emulator.
 //!
 //! Simulations drive the model on virtual time; the harness's link emulator
 //! drives the very same model on a real clock.
 
 #![deny(unsafe_code)]
 
-mod config;
-mod duplex;
-mod link;
-mod time;
+pub mod config;
+pub mod duplex;
+pub mod link;
+pub mod relay;
+#[allow(unsafe_code)]
+mod sched;
+pub mod time;
 
 pub use config::{Config, ConfigError, DuplexConfig, Loss, Outage};
 pub use duplex::{Direction, Duplex};
 pub use link::{Count, DropReason, Fate, Link, Stats};
+pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
+pub use sched::set_realtime;
 pub use time::Instant;

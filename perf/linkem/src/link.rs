@@ -24,7 +24,7 @@
 //!    outage (it transmits into nothing). Without a rate, transmission starts
 //!    when the datagram is offered.
 //! 3. **Random loss** on the wire, Bernoulli or Gilbert–Elliott (see
-//!    [`Loss`](crate::Loss)); the Gilbert–Elliott chain steps once per datagram
+//!    [`Loss`]); the Gilbert–Elliott chain steps once per datagram
 //!    that reaches this stage.
 //! 4. **Propagation**. Delivery is at the end of transmission plus `delay_ms`
 //!    plus a jitter drawn uniformly from `[-jitter_ms, +jitter_ms]`. Without
