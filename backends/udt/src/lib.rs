@@ -16,4 +16,5 @@ pub mod seq;
 pub mod wire;
 
 pub mod cc;
+pub mod conn;
 pub mod estimate;
