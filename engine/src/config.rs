@@ -1,0 +1,318 @@
+//! Engine configuration: a TOML file, overridden field by field by command-line flags,
+//! then validated as a whole. Every error names the field and says how to fix it.
+//!
+//! ```toml
+//! # /etc/lu2k/engine.toml
+//! kshim_socket = "/run/lu2k/kshim.sock"   # where kshim serves the region
+//! bind = "10.0.0.1"                       # local address = this node's NID address
+//! port = 7988                             # UDP port, the same on every lu2k node
+//! cores = 2                               # reactor threads
+//! io_path = "auto"                        # auto | uring | epoll
+//! stats_socket = "/run/lu2k/engine-stats.sock"
+//! peer_down_timeout_s = 600               # satellite outages last minutes
+//! mss = 1500                              # UDT MSS (IP packet size) on the path
+//!
+//! [[peer]]                                # optional: peers not at NID-address:port
+//! nid = "10.0.0.2@lu2k"
+//! addr = "10.0.0.2:7988"
+//! ```
+//!
+//! Defaults suit satellite links: large socket buffers (64 MiB), a long peer-down
+//! timeout (10 minutes, longer than a typical outage) and a large flow window.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which I/O path to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoPathChoice {
+    /// io_uring if the probe says every fast-path operation works, else epoll.
+    #[default]
+    Auto,
+    /// io_uring; refuse to start if it does not work.
+    Uring,
+    /// epoll + sendmmsg/recvmmsg.
+    Epoll,
+}
+
+/// A peer whose UDP address is not `NID-address:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerCfg {
+    /// The peer's NID, e.g. `10.0.0.2@lu2k`.
+    pub nid: String,
+    /// Where its engine listens.
+    pub addr: SocketAddrV4,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// kshim's Unix socket (the region and doorbells are received there).
+    pub kshim_socket: Option<PathBuf>,
+    /// Local IPv4 address to bind (this node's NID address).
+    pub bind: Ipv4Addr,
+    /// UDP port, the same for all lu2k nodes.
+    pub port: u16,
+    /// Reactor threads (cores).
+    pub cores: u16,
+    /// I/O path.
+    pub io_path: IoPathChoice,
+    /// Unix socket that serves statistics (`lu2k-engine stats`).
+    pub stats_socket: PathBuf,
+    /// Seconds without any answer before a peer is reported down and its messages
+    /// are failed back.
+    pub peer_down_timeout_s: u64,
+    /// Largest IP packet on the path (UDT's MSS), bytes.
+    pub mss: u16,
+    /// Socket send buffer, bytes.
+    pub sndbuf: usize,
+    /// Socket receive buffer, bytes.
+    pub rcvbuf: usize,
+    /// UDT flow window, packets.
+    pub flow_window: u32,
+    /// Microseconds a core spins on its rings before sleeping on the doorbell.
+    pub spin_us: u32,
+    /// Pin core thread i to CPU i.
+    pub pin_cpus: bool,
+    /// Peers at non-default addresses.
+    #[serde(rename = "peer")]
+    pub peers: Vec<PeerCfg>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kshim_socket: None,
+            bind: Ipv4Addr::UNSPECIFIED,
+            port: 7988,
+            cores: 1,
+            io_path: IoPathChoice::Auto,
+            stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
+            peer_down_timeout_s: 600,
+            mss: 1500,
+            sndbuf: 64 << 20,
+            rcvbuf: 64 << 20,
+            flow_window: 65536,
+            spin_us: 50,
+            pin_cpus: false,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// A configuration error: which field, what is wrong, how to fix it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// The TOML did not parse or has an unknown field / wrong type.
+    #[error("config file {path}: {reason}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message (names the key and line).
+        reason: String,
+    },
+    /// A field has an unusable value.
+    #[error("config field `{field}` = {value}: {problem}; fix: {fix}")]
+    Invalid {
+        /// Field name as written in the TOML file.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        problem: &'static str,
+        /// What to do.
+        fix: &'static str,
+    },
+}
+
+impl Config {
+    /// Parses TOML text (`path` is only used in messages).
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            reason: e.to_string().trim().to_string(),
+        })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: String, problem, fix| {
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                problem,
+                fix,
+            })
+        };
+        if self.cores == 0 || self.cores > 64 {
+            return bad(
+                "cores",
+                self.cores.to_string(),
+                "must be between 1 and 64",
+                "set cores to the number of reactor threads, e.g. cores = 2",
+            );
+        }
+        if self.port == 0 {
+            return bad(
+                "port",
+                "0".into(),
+                "peers find this engine at a fixed port; 0 would pick a random one",
+                "set port to the UDP port all lu2k nodes use, e.g. port = 7988",
+            );
+        }
+        if !(576..=65535).contains(&self.mss) {
+            return bad(
+                "mss",
+                self.mss.to_string(),
+                "must be between 576 and 65535 bytes",
+                "set mss to the path MTU, e.g. mss = 1500",
+            );
+        }
+        if self.peer_down_timeout_s < 5 {
+            return bad(
+                "peer_down_timeout_s",
+                self.peer_down_timeout_s.to_string(),
+                "shorter than a few RTTs of a satellite link; peers would flap",
+                "use at least 5 s; the default 600 s rides out satellite outages",
+            );
+        }
+        if self.sndbuf < 1 << 16 || self.rcvbuf < 1 << 16 {
+            return bad(
+                "sndbuf/rcvbuf",
+                format!("{}/{}", self.sndbuf, self.rcvbuf),
+                "below 64 KiB; one GSO batch would not fit",
+                "leave the default (64 MiB) or raise it",
+            );
+        }
+        if self.flow_window < 32 {
+            return bad(
+                "flow_window",
+                self.flow_window.to_string(),
+                "too small for any useful throughput",
+                "use at least 32 packets; the default 65536 fills long fat links",
+            );
+        }
+        if self.spin_us > 1_000_000 {
+            return bad(
+                "spin_us",
+                self.spin_us.to_string(),
+                "more than a second of spinning wastes a core",
+                "use 0..=1000 µs; 50 is a good start",
+            );
+        }
+        for p in &self.peers {
+            if p.nid.parse::<lu2k_kshim::Nid>().is_err() {
+                return bad(
+                    "peer.nid",
+                    format!("{:?}", p.nid),
+                    "not a NID",
+                    "write it as ADDRESS@NET, e.g. nid = \"10.0.0.2@lu2k\"",
+                );
+            }
+            if p.addr.port() == 0 {
+                return bad(
+                    "peer.addr",
+                    p.addr.to_string(),
+                    "port 0",
+                    "give the peer engine's UDP port, e.g. addr = \"10.0.0.2:7988\"",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The UDP address of this engine.
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.bind, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_satellite_friendly() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert!(c.peer_down_timeout_s >= 300);
+    }
+
+    #[test]
+    fn parses_a_full_file() {
+        let c = Config::from_toml(
+            r#"
+            kshim_socket = "/tmp/k.sock"
+            bind = "10.0.0.1"
+            port = 9000
+            cores = 2
+            io_path = "epoll"
+            [[peer]]
+            nid = "10.0.0.2@lu2k"
+            addr = "10.0.0.2:9001"
+            "#,
+            "t.toml",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cores, 2);
+        assert_eq!(c.io_path, IoPathChoice::Epoll);
+        assert_eq!(c.peers[0].addr, "10.0.0.2:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = Config::from_toml("corse = 2\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("corse"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_field_and_fix() {
+        let c = Config {
+            cores: 0,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`cores`") && e.contains("fix:"), "{e}");
+        let c = Config {
+            peers: vec![PeerCfg {
+                nid: "nonsense".into(),
+                addr: "1.2.3.4:5".parse().unwrap(),
+            }],
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("peer.nid"), "{e}");
+        let c = Config {
+            peer_down_timeout_s: 1,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("peer_down_timeout_s"));
+    }
+}

@@ -1,0 +1,296 @@
+//! The datagram I/O layer one core thread drives: what it sends (scatter lists of
+//! [header, payload slice] with optional UDP GSO), what it receives (datagrams that
+//! landed in RX pool buffers, possibly GRO-coalesced), and the events that come back.
+//!
+//! Two implementations share this contract:
+//! - [`crate::uring::UringIo`], the fast path: io_uring `SENDMSG_ZC` from a registered
+//!   buffer, multishot `recvmsg` into a provided-buffer ring, timeouts and doorbell
+//!   reads as io_uring operations;
+//! - [`crate::epoll::EpollIo`], the slow path: epoll with `sendmmsg`/`recvmmsg`.
+//!
+//! Both put payload bytes on the wire straight from the TX memory and receive straight
+//! into the RX pool: lu2k itself copies no payload on either path (only the small
+//! per-packet headers are written into the engine's header arena).
+//!
+//! Memory is described by address ranges ([`TxMem`], [`RxPool`]) because it lives in a
+//! mapping shared with the kernel half; the I/O layer checks every reference against
+//! those ranges before it reaches the kernel.
+
+use std::io;
+use std::net::SocketAddrV4;
+use std::time::Instant;
+
+/// Largest per-packet header the engine writes (UDT's data header is 16 bytes).
+pub const MAX_HDR: usize = 32;
+/// Most datagrams in one send (the kernel's UDP GSO segment limit is 64 or more).
+pub const MAX_SEGS: usize = 64;
+/// Largest UDP payload of one GSO send (IPv4 total length limit).
+pub const MAX_GSO_BYTES: usize = 65_507;
+
+/// The memory sends come from: the engine's header arena followed by the payload pool
+/// (for the engine: the region's TX pool), one contiguous range so that a single
+/// registered io_uring buffer covers both.
+#[derive(Debug, Clone, Copy)]
+pub struct TxMem {
+    /// Start address of the whole range (header arena first).
+    pub base: usize,
+    /// Header arena length in bytes (at `base`).
+    pub hdr_len: usize,
+    /// Offset from `base` of the payload pool.
+    pub pool_off: usize,
+    /// Payload pool length in bytes.
+    pub pool_len: usize,
+    /// Total length of the range (what gets registered).
+    pub total_len: usize,
+}
+
+impl TxMem {
+    /// Address of pool bytes `[off, off + len)`, or `None` if outside the pool.
+    pub fn payload(&self, off: u64, len: u32) -> Option<*mut u8> {
+        let end = off.checked_add(u64::from(len))?;
+        if end > self.pool_len as u64 {
+            return None;
+        }
+        Some((self.base + self.pool_off + off as usize) as *mut u8)
+    }
+
+    /// Address of header slot `i` of `n` equal slots in the arena (each
+    /// `MAX_SEGS * MAX_HDR` bytes), or `None` if the arena is too small.
+    pub fn header_slot(&self, i: usize) -> Option<*mut u8> {
+        let stride = MAX_SEGS * MAX_HDR;
+        ((i + 1) * stride <= self.hdr_len).then(|| (self.base + i * stride) as *mut u8)
+    }
+
+    /// Header arena bytes needed for `slots` in-flight sends, rounded to pages.
+    pub fn arena_len(slots: usize) -> usize {
+        (slots * MAX_SEGS * MAX_HDR).div_ceil(4096) * 4096
+    }
+}
+
+/// The receive pool: `count` buffers of `buf_size` bytes, buffer `i` at
+/// `base + i * stride`. Buffer ids are `u16` (the provided-buffer ring's limit).
+#[derive(Debug, Clone, Copy)]
+pub struct RxPool {
+    /// Address of buffer 0.
+    pub base: usize,
+    /// Distance between buffers.
+    pub stride: usize,
+    /// Usable bytes per buffer.
+    pub buf_size: u32,
+    /// Number of buffers (at most 32768).
+    pub count: u16,
+}
+
+impl RxPool {
+    /// Address of buffer `bid`, or `None` if out of range.
+    pub fn buf(&self, bid: u16) -> Option<*mut u8> {
+        (bid < self.count).then(|| (self.base + bid as usize * self.stride) as *mut u8)
+    }
+}
+
+/// One datagram of a send: its header bytes (copied into the header arena, at most
+/// [`MAX_HDR`]) and a payload slice of the TX pool, by offset.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    /// Per-packet header (e.g. the UDT data header).
+    pub hdr: &'a [u8],
+    /// Payload offset in the TX pool.
+    pub payload_off: u64,
+    /// Payload length.
+    pub payload_len: u32,
+}
+
+impl Segment<'_> {
+    /// Bytes this segment puts on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.hdr.len() + self.payload_len as usize
+    }
+}
+
+/// Why a send was refused before reaching the kernel.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    /// All send slots are in flight; retry after a `SendDone`.
+    #[error("all send slots are in flight")]
+    Busy,
+    /// A payload slice lies outside the TX pool.
+    #[error("payload slice outside the TX pool")]
+    OutOfPool,
+    /// A header is longer than MAX_HDR.
+    #[error("header longer than {MAX_HDR} bytes")]
+    HeaderTooLong,
+    /// Segments do not form a valid GSO batch (count, equal sizes, total).
+    #[error("segments do not form a valid GSO batch")]
+    BadBatch,
+}
+
+/// Checks a batch for UDP GSO: 1..=MAX_SEGS segments, every one but the last exactly
+/// the size of the first, the last no longer, total within one IPv4 datagram.
+/// Returns the segment size to pass as `UDP_SEGMENT` (`None` for a single segment).
+pub fn gso_size(segs: &[Segment<'_>]) -> Result<Option<u16>, SendError> {
+    if segs.is_empty() || segs.len() > MAX_SEGS {
+        return Err(SendError::BadBatch);
+    }
+    if segs.iter().any(|s| s.hdr.len() > MAX_HDR) {
+        return Err(SendError::HeaderTooLong);
+    }
+    let first = segs[0].wire_len();
+    if segs.len() == 1 {
+        return if first <= MAX_GSO_BYTES {
+            Ok(None)
+        } else {
+            Err(SendError::BadBatch)
+        };
+    }
+    let total: usize = segs.iter().map(Segment::wire_len).sum();
+    let (last, body) = segs.split_last().expect("non-empty");
+    if total > MAX_GSO_BYTES
+        || body.iter().any(|s| s.wire_len() != first)
+        || last.wire_len() > first
+        || last.wire_len() == 0
+    {
+        return Err(SendError::BadBatch);
+    }
+    u16::try_from(first)
+        .map(Some)
+        .map_err(|_| SendError::BadBatch)
+}
+
+/// How many leading segments of `segs` form one valid GSO batch by size and count
+/// alone (equal sizes, at most MAX_SEGS, within one IPv4 datagram).
+pub fn fit_gso(segs: &[Segment<'_>]) -> usize {
+    let Some(first) = segs.first().map(Segment::wire_len) else {
+        return 0;
+    };
+    let mut total = 0;
+    let mut n = 0;
+    for s in segs.iter().take(MAX_SEGS) {
+        let l = s.wire_len();
+        if l > first || total + l > MAX_GSO_BYTES {
+            break;
+        }
+        total += l;
+        n += 1;
+        if l < first {
+            break; // a shorter segment can only be the last one
+        }
+    }
+    n
+}
+
+/// What the I/O layer reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A send finished; its payload memory may be reused now (for zero-copy sends,
+    /// this is reported only after the kernel's notification).
+    SendDone {
+        /// The caller's token.
+        token: u64,
+        /// Bytes sent, or the errno.
+        result: Result<usize, i32>,
+        /// The kernel reported it copied the data anyway (`ZC_COPIED`: loopback does).
+        kernel_copied: bool,
+    },
+    /// Datagram(s) landed in RX buffer `bid`: `len` bytes at byte `off` of the buffer.
+    /// With GRO, they are consecutive datagrams of `seg` bytes (the last may be
+    /// shorter). The buffer is the caller's until [`DatagramIo::return_rx`].
+    Recv {
+        /// Sender.
+        from: SocketAddrV4,
+        /// Buffer id in the RX pool.
+        bid: u16,
+        /// Offset of the first datagram in the buffer.
+        off: u32,
+        /// Total length.
+        len: u32,
+        /// Segment size (equals `len` for a single datagram).
+        seg: u32,
+    },
+    /// A received datagram was longer than a buffer and was cut; it was dropped and
+    /// its buffer returned.
+    RecvTruncated,
+    /// Receive is paused: no free RX buffer (backpressure, not failure). It resumes
+    /// by itself when buffers are returned.
+    RxStarved,
+    /// The kernel reported an ICMP error for a destination (`IP_RECVERR`).
+    SocketError {
+        /// errno (e.g. ECONNREFUSED).
+        errno: i32,
+        /// Destination the error is about, when known.
+        dst: Option<SocketAddrV4>,
+    },
+    /// The doorbell eventfd fired.
+    Doorbell,
+    /// The deadline given to `wait` passed.
+    Timer,
+}
+
+/// Counters of the I/O layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IoStats {
+    /// Send operations submitted.
+    pub sends: u64,
+    /// Datagrams sent (GSO segments counted one by one).
+    pub datagrams_sent: u64,
+    /// Bytes sent (headers + payload).
+    pub bytes_sent: u64,
+    /// Zero-copy sends whose notification said the kernel copied (loopback does).
+    pub zc_copied: u64,
+    /// Send errors.
+    pub send_errors: u64,
+    /// Receive completions (GRO batches count once).
+    pub recvs: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Times receive stopped because no buffer was free.
+    pub rx_starved: u64,
+    /// Datagrams dropped because they did not fit a buffer.
+    pub rx_truncated: u64,
+    /// Multishot receives re-armed after they ended.
+    pub rearms: u64,
+    /// Payload bytes lu2k copied in the I/O layer (0 by construction on both paths).
+    pub payload_copied: u64,
+}
+
+/// The contract both paths implement. One instance per core thread; not shared.
+pub trait DatagramIo {
+    /// Queues a send of `segs` to `dst`. Their payload must not be changed until
+    /// `SendDone { token }` is reported.
+    fn send(
+        &mut self,
+        dst: SocketAddrV4,
+        segs: &[Segment<'_>],
+        token: u64,
+    ) -> Result<(), SendError>;
+
+    /// How many leading segments of `segs` one `send` can take (the caller sends
+    /// that many and continues with the rest). Never more than [`fit_gso`] allows.
+    fn fit(&self, segs: &[Segment<'_>]) -> usize {
+        fit_gso(segs)
+    }
+
+    /// Gives RX buffer `bid` back (after a `Recv` event handed it out).
+    fn return_rx(&mut self, bid: u16);
+
+    /// Asks for a `Doorbell` event when the doorbell eventfd is written (one-shot).
+    fn arm_doorbell(&mut self);
+
+    /// Submits pending work and collects events. Blocks until at least one event
+    /// arrived or `deadline` passed (`Timer`) when `block` is true; otherwise returns
+    /// what is ready now.
+    fn wait(
+        &mut self,
+        deadline: Option<Instant>,
+        block: bool,
+        out: &mut Vec<Event>,
+    ) -> io::Result<()>;
+
+    /// Counters so far.
+    fn stats(&self) -> IoStats;
+
+    /// Sends still waiting for their `SendDone`.
+    fn sends_in_flight(&self) -> usize;
+
+    /// Short name of the path ("io_uring" or "epoll").
+    fn path_name(&self) -> &'static str;
+}

@@ -1,0 +1,175 @@
+//! `lu2k-engine`: the lu2k daemon. Run `lu2k-engine --help`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use lu2k_engine::config::{Config, IoPathChoice};
+use lu2k_engine::probe::Features;
+
+/// The lu2k engine: carries LNet messages between kshim's shared ring region and UDP
+/// (UDT4-compatible transport), one io_uring reactor per core.
+///
+/// Typical start, attached to a kshim serving /run/lu2k/kshim.sock, this node being
+/// 10.0.0.1 and all lu2k nodes using UDP port 7988:
+///
+///     lu2k-engine run --kshim-socket /run/lu2k/kshim.sock --bind 10.0.0.1 --port 7988 --cores 2
+///
+/// Peers need no configuration: a peer's address is its NID's IPv4 address and the
+/// common port (use [[peer]] entries in the config file for exceptions). Check what
+/// the kernel offers with `lu2k-engine probe`, read counters of a running engine with
+/// `lu2k-engine stats`. SIGTERM stops it cleanly: no new messages, in-flight ones
+/// drained or failed back, all buffers returned, exit 0.
+#[derive(Debug, Parser)]
+#[command(name = "lu2k-engine", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the engine (attach to kshim, serve until SIGTERM).
+    Run(RunArgs),
+    /// Print the kernel features the engine probes and the I/O path it will run.
+    Probe {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Show the choice as if the slow path were forced.
+        #[arg(long, value_enum)]
+        io_path: Option<IoPathChoice>,
+    },
+    /// Print the counters of a running engine.
+    Stats {
+        /// The engine's stats socket.
+        #[arg(long, default_value = "/run/lu2k/engine-stats.sock")]
+        socket: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a configuration file (and flags) without starting.
+    CheckConfig(RunArgs),
+}
+
+/// Settings; each flag overrides the same field of the config file.
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML config file (fields: see the engine README or `config.rs`).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// kshim's Unix socket, where the region and doorbells are received.
+    #[arg(long)]
+    kshim_socket: Option<PathBuf>,
+    /// Local IPv4 address to bind: this node's NID address.
+    #[arg(long)]
+    bind: Option<std::net::Ipv4Addr>,
+    /// UDP port used by all lu2k nodes [default: 7988].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Reactor threads; peers are sharded across them [default: 1].
+    #[arg(long)]
+    cores: Option<u16>,
+    /// I/O path: auto (probe), uring, or epoll (slow path; also LU2K_FORCE_SLOW=1).
+    #[arg(long, value_enum)]
+    io_path: Option<IoPathChoice>,
+    /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
+    #[arg(long)]
+    stats_socket: Option<PathBuf>,
+    /// Seconds without an answer before a peer is declared down [default: 600].
+    #[arg(long)]
+    peer_down_timeout_s: Option<u64>,
+    /// Path MSS (largest IP packet), bytes [default: 1500].
+    #[arg(long)]
+    mss: Option<u16>,
+    /// Pin core thread i to CPU i.
+    #[arg(long)]
+    pin_cpus: bool,
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &self.kshim_socket {
+            c.kshim_socket = Some(v.clone());
+        }
+        if let Some(v) = self.bind {
+            c.bind = v;
+        }
+        if let Some(v) = self.port {
+            c.port = v;
+        }
+        if let Some(v) = self.cores {
+            c.cores = v;
+        }
+        if let Some(v) = self.io_path {
+            c.io_path = v;
+        }
+        if std::env::var("LU2K_FORCE_SLOW").is_ok_and(|v| v == "1") {
+            c.io_path = IoPathChoice::Epoll;
+        }
+        if let Some(v) = &self.stats_socket {
+            c.stats_socket = v.clone();
+        }
+        if let Some(v) = self.peer_down_timeout_s {
+            c.peer_down_timeout_s = v;
+        }
+        if let Some(v) = self.mss {
+            c.mss = v;
+        }
+        c.pin_cpus |= self.pin_cpus;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Probe { json, io_path } => {
+            let f = Features::probe();
+            let forced = io_path == Some(IoPathChoice::Epoll)
+                || std::env::var("LU2K_FORCE_SLOW").is_ok_and(|v| v == "1");
+            let (path, why) = f.choose(forced);
+            if json {
+                let v = serde_json::json!({ "features": f, "path": path, "reason": why });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{f}");
+                println!("path that will run            {path}: {why}");
+            }
+            if io_path == Some(IoPathChoice::Uring) && path != lu2k_engine::probe::IoPath::Uring {
+                bail!("--io-path uring requested but the fast path is not available");
+            }
+            Ok(())
+        }
+        Cmd::Stats { socket, json } => {
+            let r = lu2k_engine::stats::fetch(&socket).with_context(|| {
+                format!(
+                    "cannot read stats from {} (is the engine running?)",
+                    socket.display()
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", lu2k_engine::stats::render(&r));
+            }
+            Ok(())
+        }
+        Cmd::CheckConfig(args) => {
+            let c = args.config()?;
+            println!("config ok:\n{}", toml::to_string_pretty(&c)?);
+            Ok(())
+        }
+        Cmd::Run(args) => {
+            let c = args.config()?;
+            lu2k_engine::daemon::run(c)
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Statistics: per-core and per-peer counters, served as JSON over a local Unix
+//! socket and printed by `lu2k-engine stats`.
+//!
+//! Each core thread owns its counters and publishes a snapshot into its own slot
+//! ([`Published`]) every few milliseconds and at exit; the server thread reads the
+//! slots when a client connects. The slot's mutex is taken by one core and the server
+//! only, never on the per-message path. A client connects, the server writes one JSON
+//! document ([`Report`]) and closes.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::io::IoStats;
+
+/// Counters of one peer, as seen by the core that owns it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerStats {
+    /// The peer's NID, printed.
+    pub nid: String,
+    /// Its UDP address.
+    pub addr: String,
+    /// Up, or reported down.
+    pub up: bool,
+    /// Messages sent and acknowledged.
+    pub msgs_tx: u64,
+    /// Messages received and published.
+    pub msgs_rx: u64,
+    /// Payload bytes sent (acknowledged).
+    pub bytes_tx: u64,
+    /// Payload bytes received.
+    pub bytes_rx: u64,
+    /// Messages in flight now.
+    pub in_flight: u64,
+    /// Packets retransmitted.
+    pub retransmissions: u64,
+    /// Smoothed RTT, microseconds.
+    pub rtt_us: u64,
+    /// Current send rate estimate, bits per second.
+    pub rate_bps: u64,
+    /// Messages failed back, by reason.
+    pub failed: BTreeMap<String, u64>,
+}
+
+/// Counters of one core.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CoreStats {
+    /// Core index.
+    pub core: usize,
+    /// I/O path ("io_uring" or "epoll").
+    pub io_path: String,
+    /// TX descriptors taken from the ring.
+    pub tx_descs: u64,
+    /// TX completions written.
+    pub tx_completions: u64,
+    /// RX descriptors published.
+    pub rx_descs: u64,
+    /// RX buffers returned by kshim.
+    pub rx_returns: u64,
+    /// Drops (packets or descriptors), by reason.
+    pub drops: BTreeMap<String, u64>,
+    /// Payload bytes lu2k copied (must be 0 on the fast path).
+    pub payload_copied: u64,
+    /// Times this core went to sleep on its doorbell.
+    pub sleeps: u64,
+    /// Datagram I/O counters.
+    pub io: IoStats,
+    /// Per-peer counters.
+    pub peers: Vec<PeerStats>,
+}
+
+impl CoreStats {
+    /// Adds one drop of `reason`.
+    pub fn drop_one(&mut self, reason: &str) {
+        *self.drops.entry(reason.to_string()).or_default() += 1;
+    }
+}
+
+/// What `stats` returns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Engine version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Path in use.
+    pub io_path: String,
+    /// Shutting down.
+    pub draining: bool,
+    /// Per core.
+    pub cores: Vec<CoreStats>,
+}
+
+impl Report {
+    /// Sum of payload bytes copied by lu2k over all cores.
+    pub fn payload_copied(&self) -> u64 {
+        self.cores
+            .iter()
+            .map(|c| c.payload_copied + c.io.payload_copied)
+            .sum()
+    }
+}
+
+/// A core's published snapshot slot.
+pub type Published = Arc<Mutex<CoreStats>>;
+
+/// Serves [`Report`]s on a Unix socket until dropped.
+#[derive(Debug)]
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `path` (replacing a stale socket file) and serves the given slots.
+    pub fn start(
+        path: &Path,
+        slots: Vec<Published>,
+        io_path: String,
+        draining: Arc<AtomicBool>,
+    ) -> std::io::Result<Server> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if path.exists() && UnixStream::connect(path).is_err() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let started = std::time::Instant::now();
+        let thread = std::thread::Builder::new()
+            .name("lu2k-stats".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            let r = Report {
+                                version: env!("CARGO_PKG_VERSION").into(),
+                                uptime_s: started.elapsed().as_secs_f64(),
+                                io_path: io_path.clone(),
+                                draining: draining.load(Ordering::Relaxed),
+                                cores: slots
+                                    .iter()
+                                    .map(|s| s.lock().map(|g| g.clone()).unwrap_or_default())
+                                    .collect(),
+                            };
+                            let _ = s.set_nonblocking(false);
+                            let _ = serde_json::to_writer(&mut s, &r);
+                            let _ = s.flush();
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })?;
+        Ok(Server {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads one report from a running engine.
+pub fn fetch(path: &Path) -> std::io::Result<Report> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    serde_json::from_str(&buf).map_err(std::io::Error::other)
+}
+
+/// Human-readable rendering of a report.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "lu2k-engine {}  up {:.1} s  path {}{}",
+        r.version,
+        r.uptime_s,
+        r.io_path,
+        if r.draining { "  (draining)" } else { "" }
+    );
+    let _ = writeln!(o, "payload bytes copied by lu2k: {}", r.payload_copied());
+    let _ = writeln!(
+        o,
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9}  drops",
+        "core",
+        "tx_descs",
+        "tx_done",
+        "rx_descs",
+        "rx_ret",
+        "bytes_sent",
+        "bytes_recv",
+        "zc_copied",
+        "starved"
+    );
+    for c in &r.cores {
+        let _ = writeln!(
+            o,
+            "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9}  {:?}",
+            c.core,
+            c.tx_descs,
+            c.tx_completions,
+            c.rx_descs,
+            c.rx_returns,
+            c.io.bytes_sent,
+            c.io.bytes_received,
+            c.io.zc_copied,
+            c.io.rx_starved,
+            c.drops
+        );
+    }
+    let peers: Vec<_> = r
+        .cores
+        .iter()
+        .flat_map(|c| c.peers.iter().map(move |p| (c.core, p)))
+        .collect();
+    if !peers.is_empty() {
+        let _ = writeln!(
+            o,
+            "{:<22} {:>4} {:>4} {:>9} {:>9} {:>12} {:>12} {:>7} {:>8} {:>9} {:>12}  failed",
+            "peer",
+            "core",
+            "up",
+            "msgs_tx",
+            "msgs_rx",
+            "bytes_tx",
+            "bytes_rx",
+            "inflt",
+            "retrans",
+            "rtt_us",
+            "rate_bps"
+        );
+        for (core, p) in peers {
+            let _ = writeln!(
+                o,
+                "{:<22} {:>4} {:>4} {:>9} {:>9} {:>12} {:>12} {:>7} {:>8} {:>9} {:>12}  {:?}",
+                p.nid,
+                core,
+                if p.up { "yes" } else { "DOWN" },
+                p.msgs_tx,
+                p.msgs_rx,
+                p.bytes_tx,
+                p.bytes_rx,
+                p.in_flight,
+                p.retransmissions,
+                p.rtt_us,
+                p.rate_bps,
+                p.failed
+            );
+        }
+    }
+    o
+}

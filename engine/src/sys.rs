@@ -1,0 +1,760 @@
+//! The syscall edge: UDP sockets and their options, classic-BPF attachment,
+//! `sendmmsg`/`recvmmsg`, memory mappings and signal masks.
+//!
+//! Everything here is a thin, checked wrapper around one system call. The rest of
+//! the engine is safe code; this module and [`crate::uring`] are the only places
+//! that opt back into `unsafe`, and every block states why it is sound.
+//!
+//! Guarantees:
+//! - Every file descriptor made here is owned by an [`OwnedFd`] and closed on drop.
+//! - A [`Mapping`] owns its address range and unmaps it on drop; pointers into it are
+//!   only handed out as raw addresses for the kernel (iovecs, registered buffers),
+//!   never as Rust references that outlive it.
+//! - Control messages are parsed from bytes with bounds checks; a malformed control
+//!   buffer yields nothing, never a read outside it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h), not exported by libc for glibc x86.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+/// `UDP_SEGMENT` (linux/udp.h): GSO segment size, per socket or per `sendmsg` cmsg.
+pub const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` (linux/udp.h): coalesce received datagrams; cmsg carries the segment size.
+pub const UDP_GRO: libc::c_int = 104;
+
+/// Options for [`udp_socket`].
+#[derive(Debug, Clone, Copy)]
+pub struct SockOpts {
+    /// Join a `SO_REUSEPORT` group (one socket per core on the same port).
+    pub reuseport: bool,
+    /// Requested send buffer, bytes.
+    pub sndbuf: usize,
+    /// Requested receive buffer, bytes.
+    pub rcvbuf: usize,
+    /// Turn on `UDP_GRO`.
+    pub gro: bool,
+}
+
+/// What [`udp_socket`] actually got from the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockInfo {
+    /// The bound address (port filled in when 0 was asked for).
+    pub local: SocketAddrV4,
+    /// Effective `SO_SNDBUF` as reported by the kernel (doubled by Linux).
+    pub sndbuf: usize,
+    /// Effective `SO_RCVBUF`.
+    pub rcvbuf: usize,
+    /// Whether `UDP_GRO` is on.
+    pub gro: bool,
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `val` is a live c_int on the stack and its exact size is passed; the
+    // kernel copies it before returning.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&val as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(ret).map(drop)
+}
+
+fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are live locals; the kernel writes at most `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    cvt(ret).map(|_| val)
+}
+
+/// Converts to the kernel's `sockaddr_in`.
+pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Converts from a `sockaddr_in`; `None` when the family is not `AF_INET`.
+pub fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
+    (sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
+        SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+            u16::from_be(sa.sin_port),
+        )
+    })
+}
+
+/// Parses a `sockaddr_in` from the raw bytes the kernel wrote (as in a multishot
+/// recvmsg buffer). `None` if too short or not IPv4.
+pub fn sockaddr_in_from_bytes(b: &[u8]) -> Option<SocketAddrV4> {
+    if b.len() < 8 {
+        return None;
+    }
+    let family = u16::from_ne_bytes([b[0], b[1]]);
+    if family != libc::AF_INET as u16 {
+        return None;
+    }
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+    Some(SocketAddrV4::new(ip, port))
+}
+
+/// Creates a non-blocking IPv4 UDP socket bound to `bind` with the engine's options:
+/// `SO_REUSEPORT` (if asked), large buffers (`SO_*BUFFORCE` when permitted, else the
+/// plain option, which the kernel caps at `net.core.*mem_max`), `IP_RECVERR` (ICMP
+/// errors reach the error queue instead of being lost), path-MTU discovery on (GSO
+/// segments must never be fragmented), and `UDP_GRO` (if asked and offered).
+pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, SockInfo)> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let raw = cvt(unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDP,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor returned by socket(2) and owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let r = fd.as_raw_fd();
+    if opts.reuseport {
+        setsockopt_int(r, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
+    let clamp = |v: usize| v.min(i32::MAX as usize / 2) as libc::c_int;
+    if setsockopt_int(
+        r,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        clamp(opts.sndbuf),
+    )
+    .is_err()
+    {
+        setsockopt_int(r, libc::SOL_SOCKET, libc::SO_SNDBUF, clamp(opts.sndbuf))?;
+    }
+    if setsockopt_int(
+        r,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        clamp(opts.rcvbuf),
+    )
+    .is_err()
+    {
+        setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RCVBUF, clamp(opts.rcvbuf))?;
+    }
+    setsockopt_int(r, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+    setsockopt_int(
+        r,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    )?;
+    let gro = opts.gro && setsockopt_int(r, libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
+    let sa = sockaddr_in(bind);
+    // SAFETY: `sa` is a valid sockaddr_in on the stack and its size is passed.
+    cvt(unsafe {
+        libc::bind(
+            r,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    let local = local_addr(&fd)?;
+    let info = SockInfo {
+        local,
+        sndbuf: getsockopt_int(r, libc::SOL_SOCKET, libc::SO_SNDBUF)? as usize,
+        rcvbuf: getsockopt_int(r, libc::SOL_SOCKET, libc::SO_RCVBUF)? as usize,
+        gro,
+    };
+    Ok((fd, info))
+}
+
+/// The socket's bound IPv4 address.
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddrV4> {
+    let mut sa = MaybeUninit::<libc::sockaddr_in>::zeroed();
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: `sa` has room for `len` bytes; the kernel writes at most that.
+    cvt(unsafe { libc::getsockname(fd.as_raw_fd(), sa.as_mut_ptr().cast(), &mut len) })?;
+    // SAFETY: zero-initialised and (partly) written by the kernel: every bit pattern
+    // of sockaddr_in is valid.
+    let sa = unsafe { sa.assume_init() };
+    from_sockaddr_in(&sa).ok_or_else(|| io::Error::other("socket is not IPv4"))
+}
+
+/// Whether the kernel accepts `UDP_SEGMENT` (GSO) and `UDP_GRO` on a UDP socket.
+pub fn probe_udp_offloads() -> (bool, bool) {
+    let Ok((fd, _)) = udp_socket(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        &SockOpts {
+            reuseport: false,
+            sndbuf: 1 << 16,
+            rcvbuf: 1 << 16,
+            gro: false,
+        },
+    ) else {
+        return (false, false);
+    };
+    let gso = setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_UDP, UDP_SEGMENT, 1400).is_ok()
+        && setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_UDP, UDP_SEGMENT, 0).is_ok();
+    let gro = setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
+    (gso, gro)
+}
+
+/// One classic-BPF instruction (`struct sock_filter`).
+pub type BpfInsn = libc::sock_filter;
+
+/// Attaches a classic-BPF program that picks the socket of a `SO_REUSEPORT` group:
+/// its return value is the index of the socket in the group (the order of `bind`).
+pub fn attach_reuseport_cbpf(fd: &OwnedFd, prog: &[BpfInsn]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::other("BPF program too long"))?,
+        filter: prog.as_ptr() as *mut BpfInsn,
+    };
+    // SAFETY: `fprog` points at `prog`, alive for the call; the kernel copies and
+    // verifies the program before returning.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A control buffer carrying exactly one `UDP_SEGMENT` cmsg, laid out as the
+/// kernel's `CMSG_*` macros would (header, then a `u16`, padded to 8 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
+impl GsoCmsg {
+    /// A `UDP_SEGMENT` cmsg asking the kernel to cut the datagram into `size`-byte segments.
+    pub fn new(size: u16) -> Self {
+        // SAFETY: CMSG_LEN is pure arithmetic on its argument.
+        let len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as usize;
+        GsoCmsg {
+            hdr: libc::cmsghdr {
+                cmsg_len: len,
+                cmsg_level: libc::SOL_UDP,
+                cmsg_type: UDP_SEGMENT,
+            },
+            size,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// What the receive path learns from control messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecvCmsgs {
+    /// `UDP_GRO`: the datagram is several coalesced segments of this size
+    /// (the last one may be shorter).
+    pub gro_size: Option<u16>,
+}
+
+/// Parses the control bytes of a received message. Unknown or malformed entries are
+/// skipped; parsing never reads outside `ctrl`.
+pub fn parse_recv_cmsgs(ctrl: &[u8]) -> RecvCmsgs {
+    const HDR: usize = size_of::<libc::cmsghdr>();
+    let align = |n: usize| (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
+    let mut out = RecvCmsgs::default();
+    let mut off = 0usize;
+    while off + HDR <= ctrl.len() {
+        let word = |o: usize| -> Option<[u8; 8]> { ctrl.get(o..o + 8)?.try_into().ok() };
+        let len = usize::from_ne_bytes(word(off).unwrap_or_default());
+        let level = i32::from_ne_bytes(ctrl[off + 8..off + 12].try_into().unwrap_or_default());
+        let ty = i32::from_ne_bytes(ctrl[off + 12..off + 16].try_into().unwrap_or_default());
+        if len < HDR || off + len > ctrl.len() {
+            break;
+        }
+        let data = &ctrl[off + HDR..off + len];
+        if level == libc::SOL_UDP && ty == UDP_GRO {
+            // The kernel writes an int here (put_cmsg of an int in udp_cmsg_recv).
+            if data.len() >= 4 {
+                let v = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+                out.gro_size = u16::try_from(v).ok().filter(|v| *v > 0);
+            } else if data.len() >= 2 {
+                out.gro_size = Some(u16::from_ne_bytes([data[0], data[1]])).filter(|v| *v > 0);
+            }
+        }
+        off += align(len);
+    }
+    out
+}
+
+/// Control-buffer space the receive path asks for: enough for `UDP_GRO`.
+pub const RECV_CMSG_SPACE: usize = 32;
+
+/// One message for [`sendmmsg`]: destination, scatter list and optional GSO size.
+#[derive(Debug)]
+pub struct SendMsg<'a> {
+    /// Destination.
+    pub dst: SocketAddrV4,
+    /// Scatter list; the kernel reads these bytes during the call.
+    pub iov: &'a [libc::iovec],
+    /// `UDP_SEGMENT` size, when more than one datagram is in `iov`.
+    pub gso: Option<u16>,
+}
+
+/// `sendmmsg(2)`: returns how many messages the kernel took (may be fewer than given;
+/// `WouldBlock` when the socket buffer is full).
+pub fn sendmmsg(fd: RawFd, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
+    const MAX: usize = 64;
+    let n = msgs.len().min(MAX);
+    let mut addrs = [sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX];
+    let mut ctrls = [GsoCmsg::new(0); MAX];
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for (i, m) in msgs[..n].iter().enumerate() {
+        addrs[i] = sockaddr_in(m.dst);
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_iov = m.iov.as_ptr() as *mut libc::iovec;
+        h.msg_iovlen = m.iov.len();
+        if let Some(g) = m.gso {
+            ctrls[i] = GsoCmsg::new(g);
+            h.msg_control = (&mut ctrls[i] as *mut GsoCmsg).cast();
+            h.msg_controllen = size_of::<GsoCmsg>();
+        }
+    }
+    // SAFETY: `hdrs[..n]` point at `addrs`, `ctrls` and the callers' iovecs, all alive
+    // across the call; the kernel only reads them (and writes msg_len).
+    let ret = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as u32, 0) };
+    cvt(ret).map(|v| v as usize)
+}
+
+/// One received datagram from [`recvmmsg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Source address (`None` if the kernel gave a non-IPv4 one).
+    pub from: Option<SocketAddrV4>,
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// Datagram was longer than the buffer.
+    pub truncated: bool,
+    /// Control data.
+    pub cmsgs: RecvCmsgs,
+}
+
+/// `recvmmsg(2)` into caller buffers (given as raw address + length, as they live in a
+/// shared mapping). Returns how many datagrams arrived; `WouldBlock` when none.
+///
+/// # Safety
+/// Every `(ptr, len)` in `bufs` must be writable memory not accessed by anyone else
+/// during the call.
+pub unsafe fn recvmmsg(
+    fd: RawFd,
+    bufs: &[(*mut u8, usize)],
+    out: &mut Vec<Received>,
+) -> io::Result<usize> {
+    const MAX: usize = 64;
+    let n = bufs.len().min(MAX);
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX];
+    let mut addrs = [sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX];
+    let mut ctrls = [[0u64; RECV_CMSG_SPACE / 8]; MAX];
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        iovs[i] = libc::iovec {
+            iov_base: bufs[i].0.cast(),
+            iov_len: bufs[i].1,
+        };
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_iov = &mut iovs[i];
+        h.msg_iovlen = 1;
+        h.msg_control = ctrls[i].as_mut_ptr().cast();
+        h.msg_controllen = RECV_CMSG_SPACE;
+    }
+    // SAFETY: the headers point at locals alive for the call and at the caller's
+    // buffers, which the caller guarantees writable and unshared.
+    let ret = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            n as u32,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    let got = cvt(ret)? as usize;
+    for i in 0..got {
+        let h = &hdrs[i].msg_hdr;
+        let ctrl_len = h.msg_controllen.min(RECV_CMSG_SPACE);
+        // SAFETY: `ctrls[i]` is RECV_CMSG_SPACE initialised bytes (u64 array).
+        let ctrl = unsafe { std::slice::from_raw_parts(ctrls[i].as_ptr().cast::<u8>(), ctrl_len) };
+        out.push(Received {
+            from: from_sockaddr_in(&addrs[i]),
+            len: hdrs[i].msg_len as usize,
+            truncated: h.msg_flags & libc::MSG_TRUNC != 0,
+            cmsgs: parse_recv_cmsgs(ctrl),
+        });
+    }
+    Ok(got)
+}
+
+/// One ICMP-derived error read from the socket's error queue (`IP_RECVERR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockError {
+    /// The errno the kernel assigned (e.g. `ECONNREFUSED`, `EHOSTUNREACH`).
+    pub errno: i32,
+    /// Destination of the datagram that provoked the error.
+    pub dst: Option<SocketAddrV4>,
+}
+
+/// Reads one entry from the error queue; `Ok(None)` when it is empty.
+pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
+    let mut buf = [0u8; 64];
+    let mut addr = sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut ctrl = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; zero is a valid empty value.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+    h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = ctrl.as_mut_ptr().cast();
+    h.msg_controllen = size_of::<[u64; 16]>();
+    // SAFETY: all pointers in `h` refer to locals alive for the call.
+    let ret = unsafe { libc::recvmsg(fd, &mut h, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: `ctrl` is 128 initialised bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(ctrl.as_ptr().cast::<u8>(), h.msg_controllen.min(128))
+    };
+    // sock_extended_err starts right after the cmsghdr: ee_errno is its first u32.
+    let errno = bytes
+        .get(16..20)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as i32)
+        .unwrap_or(0);
+    Ok(Some(SockError {
+        errno,
+        dst: from_sockaddr_in(&addr),
+    }))
+}
+
+/// An owned memory mapping.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is a plain address range; the engine moves it between threads
+// only before use (set-up), and access to its bytes is coordinated by the ring
+// protocols, not by Rust references.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only exposes the address and length.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Anonymous, private, zeroed read-write memory.
+    pub fn anon(len: usize) -> io::Result<Mapping> {
+        Self::map(
+            std::ptr::null_mut(),
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    }
+
+    /// A shared read-write mapping of `fd` (e.g. the region's memfd).
+    pub fn shared(fd: RawFd, offset: u64, len: usize) -> io::Result<Mapping> {
+        Self::map(std::ptr::null_mut(), len, libc::MAP_SHARED, fd, offset)
+    }
+
+    fn map(
+        addr: *mut u8,
+        len: usize,
+        flags: libc::c_int,
+        fd: RawFd,
+        offset: u64,
+    ) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::other("zero-length mapping"));
+        }
+        // SAFETY: mmap with a null or caller-reserved address; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
+            len,
+        })
+    }
+
+    /// A contiguous range: `anon_len` bytes of anonymous memory followed directly by a
+    /// shared mapping of `fd` (`fd_len` bytes from `fd_off`). One registered io_uring
+    /// buffer can then cover both: the engine's header arena and the region's TX pool.
+    pub fn anon_then_shared(
+        anon_len: usize,
+        fd: RawFd,
+        fd_off: u64,
+        fd_len: usize,
+    ) -> io::Result<Mapping> {
+        let page = 4096;
+        if anon_len % page != 0 || fd_off % page as u64 != 0 {
+            return Err(io::Error::other(
+                "anon_then_shared: lengths must be page multiples",
+            ));
+        }
+        let total = anon_len + fd_len;
+        // Reserve the whole range first, then replace both parts in place.
+        // SAFETY: fresh PROT_NONE reservation; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let whole = Mapping {
+            ptr: NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?,
+            len: total,
+        };
+        let base = whole.ptr.as_ptr();
+        let anon = Self::map(
+            base,
+            anon_len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )?;
+        // SAFETY: `base + anon_len` stays inside the reservation of `total` bytes.
+        let tail = unsafe { base.add(anon_len) };
+        let shared = Self::map(tail, fd_len, libc::MAP_SHARED | libc::MAP_FIXED, fd, fd_off)?;
+        // The parts now belong to `whole`; forget them so they are unmapped once.
+        std::mem::forget(anon);
+        std::mem::forget(shared);
+        Ok(whole)
+    }
+
+    /// Start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (mappings are never empty); here for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this range, mapped by `map`/`anon_then_shared`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// TX memory (header arena + payload pool) and an RX pool in private anonymous
+/// mappings owned by this value: what tests and the probe's self-test drive the I/O
+/// layers with when there is no shared region.
+#[derive(Debug)]
+pub struct OwnedMem {
+    /// The TX range description (points into `_tx_map`).
+    pub tx: crate::io::TxMem,
+    /// The RX pool description (points into `_rx_map`).
+    pub rx: crate::io::RxPool,
+    tx_map: Mapping,
+    _rx_map: Mapping,
+}
+
+impl OwnedMem {
+    /// Header arena for `send_slots` sends, a `pool_len`-byte TX pool, and `rx_count`
+    /// RX buffers of `rx_buf` bytes.
+    pub fn new(
+        send_slots: usize,
+        pool_len: usize,
+        rx_count: u16,
+        rx_buf: u32,
+    ) -> io::Result<OwnedMem> {
+        let arena = crate::io::TxMem::arena_len(send_slots);
+        let pool_len = pool_len.max(1).div_ceil(4096) * 4096;
+        let tx_map = Mapping::anon(arena + pool_len)?;
+        let stride = (rx_buf as usize).div_ceil(64) * 64;
+        let rx_map = Mapping::anon(stride * rx_count.max(1) as usize)?;
+        Ok(OwnedMem {
+            tx: crate::io::TxMem {
+                base: tx_map.as_ptr() as usize,
+                hdr_len: arena,
+                pool_off: arena,
+                pool_len,
+                total_len: arena + pool_len,
+            },
+            rx: crate::io::RxPool {
+                base: rx_map.as_ptr() as usize,
+                stride,
+                buf_size: rx_buf,
+                count: rx_count,
+            },
+            tx_map,
+            _rx_map: rx_map,
+        })
+    }
+
+    /// The TX payload pool, writable (fill it before sending).
+    pub fn pool_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the pool lies inside `tx_map`, which we own exclusively; `&mut self`
+        // guarantees no other Rust reference to it. (The kernel reads it only during
+        // sends, which callers start after filling.)
+        let p = self.tx_map.as_ptr().wrapping_add(self.tx.pool_off);
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(p, self.tx.pool_len) }
+    }
+}
+
+/// Blocks `SIGTERM`, `SIGINT` and `SIGHUP` in the calling thread (threads spawned
+/// afterwards inherit the mask), so that [`wait_signal`] can take them synchronously.
+pub fn block_term_signals() -> io::Result<()> {
+    let set = term_sigset();
+    // SAFETY: `set` is an initialised sigset; the old mask is not needed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+fn term_sigset() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::zeroed();
+    // SAFETY: sigemptyset initialises the set we own.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the set was initialised above; `sig` is a valid signal.
+        unsafe { libc::sigaddset(set.as_mut_ptr(), sig) };
+    }
+    // SAFETY: initialised by sigemptyset above.
+    unsafe { set.assume_init() }
+}
+
+/// Waits for one of the signals blocked by [`block_term_signals`]; returns its number.
+pub fn wait_signal() -> io::Result<i32> {
+    let set = term_sigset();
+    let mut sig = 0;
+    // SAFETY: `set` and `sig` are live locals.
+    let ret = unsafe { libc::sigwait(&set, &mut sig) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(sig)
+}
+
+/// Sends `sig` to this process (used to wake the signal thread at shutdown).
+pub fn raise_self(sig: i32) {
+    let pid = std::process::id() as libc::pid_t;
+    // SAFETY: kill(2) on our own pid with a valid signal number.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Pins the calling thread to `cpu` (best effort: errors are returned, callers may ignore).
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set` (cpu is bounded by CPU_SETSIZE below).
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    // SAFETY: `set` is a live, initialised cpu_set_t of the size passed.
+    let ret = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    cvt(ret).map(drop)
+}
+
+/// The kernel release string (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Copies `len` bytes at address `addr` out (tests use it to check RX buffers).
+///
+/// The range must be a buffer the caller owns (one handed out by a `Recv` event); the
+/// function checks nothing else, so it is only used on such buffers.
+pub fn read_raw(addr: usize, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    // SAFETY: the caller passes a range it owns and that is mapped (see doc); the
+    // destination is a fresh Vec of `len` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, v.as_mut_ptr(), len) };
+    v
+}

@@ -1,0 +1,809 @@
+//! The fast path: one io_uring per core thread.
+//!
+//! - **Set-up**: `SINGLE_ISSUER` and `DEFER_TASKRUN` (+`TASKRUN_FLAG`) when the kernel
+//!   has them (the ring is used by its core thread only), falling back to a plain ring.
+//! - **TX**: the whole [`TxMem`] range (header arena + TX pool) is registered once as
+//!   fixed buffer 0. Each send is one `SENDMSG_ZC` whose iovecs are [header, payload
+//!   slice] pairs in that buffer, with a `UDP_SEGMENT` cmsg when it carries several
+//!   datagrams. A zero-copy send completes twice: first its result (with
+//!   `IORING_CQE_F_MORE`), then a notification (`IORING_CQE_F_NOTIF`) once the kernel
+//!   no longer references the pages. [`Event::SendDone`] is reported only after both;
+//!   the notification's `ZC_COPIED` bit is counted (loopback always copies).
+//! - **RX**: a provided-buffer ring (`IORING_REGISTER_PBUF_RING`) whose buffers are
+//!   the [`RxPool`]'s, and one multishot `recvmsg` armed on the socket. Each completion
+//!   names the buffer it filled; the buffer starts with `io_uring_recvmsg_out`, then the
+//!   source address, the control messages (`UDP_GRO` size) and the payload, which is
+//!   parsed in place. When the multishot ends (no `IORING_CQE_F_MORE`) it is re-armed;
+//!   `ENOBUFS` means the buffer ring is empty: backpressure, re-armed when a buffer
+//!   comes back.
+//! - **Timers** are `IORING_OP_TIMEOUT` with an absolute `CLOCK_MONOTONIC` deadline.
+//! - **Doorbells**: an `IORING_OP_READ` of the doorbell eventfd, armed on demand.
+//!
+//! Every memory address handed to the kernel stays valid and unmoved until the
+//! completion(s) that release it: send slots, the recvmsg template, the timer's
+//! timespec and the doorbell's read buffer live in boxes owned by [`UringIo`], and the
+//! registered range and RX pool outlive it (its constructor's contract).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::size_of;
+use std::net::SocketAddrV4;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Instant;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::io::{
+    gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_SEGS,
+};
+use crate::sys::{self, GsoCmsg, Mapping};
+
+const KIND_SHIFT: u64 = 56;
+const K_SEND: u64 = 1;
+const K_RECV: u64 = 2;
+const K_BELL: u64 = 3;
+const K_TIMER: u64 = 4;
+const K_TIMER_UPD: u64 = 5;
+
+/// `IORING_SEND_ZC_REPORT_USAGE` (sqe->ioprio for SEND[MSG]_ZC).
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED` (cqe->res of the notification).
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+/// Buffer group id of the RX ring.
+const BGID: u16 = 0;
+
+/// Ring set-up that was obtained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingSetup {
+    /// `IORING_SETUP_SINGLE_ISSUER` is on.
+    pub single_issuer: bool,
+    /// `IORING_SETUP_DEFER_TASKRUN` is on.
+    pub defer_taskrun: bool,
+    /// The TX range is a registered buffer and sends use it (`buf_index` on SENDMSG_ZC).
+    pub fixed_tx: bool,
+}
+
+/// Options for [`UringIo::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct UringOpts {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// Concurrent sends (send slots; the header arena must hold this many).
+    pub send_slots: usize,
+    /// Try to register the TX range and send from the fixed buffer.
+    pub fixed_tx: bool,
+    /// Try SINGLE_ISSUER + DEFER_TASKRUN.
+    pub defer_taskrun: bool,
+}
+
+impl Default for UringOpts {
+    fn default() -> Self {
+        UringOpts {
+            entries: 512,
+            send_slots: 64,
+            fixed_tx: true,
+            defer_taskrun: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Submitted: waiting for the result and/or the notification.
+    InFlight {
+        result: bool,
+        notif: bool,
+    },
+}
+
+/// One send's kernel-visible state; boxed so that its address is stable.
+#[repr(C)]
+struct SendSlot {
+    msg: libc::msghdr,
+    addr: libc::sockaddr_in,
+    ctrl: GsoCmsg,
+    iov: [libc::iovec; 2 * MAX_SEGS],
+    token: u64,
+    state: SlotState,
+    res: Result<usize, i32>,
+    copied: bool,
+}
+
+/// The io_uring reactor's I/O of one core. See the module doc.
+pub struct UringIo {
+    ring: IoUring,
+    sock: OwnedFd,
+    setup: RingSetup,
+    tx: TxMem,
+    slots: Box<[SendSlot]>,
+    free_slots: Vec<u16>,
+    in_flight: usize,
+    rx: RxPool,
+    bufring: Mapping,
+    bufring_mask: u16,
+    bufring_tail: u16,
+    rx_free: usize,
+    recv_hdr: Box<libc::msghdr>,
+    recv_armed: bool,
+    starved: bool,
+    bell_fd: Option<RawFd>,
+    bell_buf: Box<u64>,
+    bell_armed: bool,
+    timer_ts: Box<types::Timespec>,
+    timer_armed: Option<Instant>,
+    timer_fired: bool,
+    epoch: Instant,
+    epoch_mono: std::time::Duration,
+    stats: IoStats,
+    max_frags: usize,
+    // Last: memory the kernel may reference, dropped after the ring.
+    _keep: Option<sys::OwnedMem>,
+}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo")
+            .field("setup", &self.setup)
+            .field("in_flight", &self.in_flight)
+            .field("rx_free", &self.rx_free)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+fn monotonic_now() -> std::time::Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// `MAX_SKB_FRAGS` as the kernel reports it (`net.core.max_skb_frags`, default 17).
+fn max_skb_frags() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/max_skb_frags")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(17)
+}
+
+fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, RingSetup)> {
+    if defer {
+        let r = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(entries * 4)
+            .build(entries);
+        if let Ok(r) = r {
+            return Ok((
+                r,
+                RingSetup {
+                    single_issuer: true,
+                    defer_taskrun: true,
+                    fixed_tx: false,
+                },
+            ));
+        }
+        if let Ok(r) = IoUring::builder()
+            .setup_single_issuer()
+            .setup_cqsize(entries * 4)
+            .build(entries)
+        {
+            return Ok((
+                r,
+                RingSetup {
+                    single_issuer: true,
+                    defer_taskrun: false,
+                    fixed_tx: false,
+                },
+            ));
+        }
+    }
+    let r = IoUring::builder()
+        .setup_cqsize(entries * 4)
+        .build(entries)?;
+    Ok((r, RingSetup::default()))
+}
+
+impl UringIo {
+    /// Builds the reactor I/O for one core around `sock`.
+    ///
+    /// # Safety
+    /// `tx` and `rx` must describe mapped, writable memory that stays mapped for the
+    /// whole life of the returned value; the kernel reads TX memory during sends and
+    /// writes RX buffers while they are in the provided-buffer ring. RX buffers must
+    /// not be touched by anyone while the kernel owns them (from `new`/`return_rx`
+    /// until a `Recv` event hands them out).
+    pub unsafe fn new(
+        sock: OwnedFd,
+        tx: TxMem,
+        rx: RxPool,
+        bell_fd: Option<RawFd>,
+        opts: UringOpts,
+    ) -> io::Result<UringIo> {
+        let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
+        if opts.send_slots == 0
+            || tx.header_slot(opts.send_slots - 1).is_none()
+            || opts.send_slots > u16::MAX as usize
+        {
+            return Err(io::Error::other(
+                "header arena too small for the send slots",
+            ));
+        }
+        if opts.fixed_tx && tx.total_len <= 1 << 30 {
+            let iov = libc::iovec {
+                iov_base: tx.base as *mut libc::c_void,
+                iov_len: tx.total_len,
+            };
+            // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
+            // the ring (and with it the registration) is dropped with us.
+            setup.fixed_tx = unsafe { ring.submitter().register_buffers(&[iov]) }.is_ok();
+        }
+        let slots: Box<[SendSlot]> = (0..opts.send_slots)
+            .map(|_| SendSlot {
+                // SAFETY: msghdr is plain old data; zero is a valid empty value.
+                msg: unsafe { std::mem::zeroed() },
+                addr: sys::sockaddr_in(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
+                ctrl: GsoCmsg::new(0),
+                iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 2 * MAX_SEGS],
+                token: 0,
+                state: SlotState::Free,
+                res: Ok(0),
+                copied: false,
+            })
+            .collect();
+
+        // Provided-buffer ring: a power of two of 16-byte entries, page aligned.
+        let count = rx.count.min(1 << 15);
+        if count == 0 {
+            return Err(io::Error::other("RX pool has no buffers"));
+        }
+        let entries = (count as u32).next_power_of_two().min(1 << 15) as u16;
+        let bufring =
+            Mapping::anon((entries as usize * size_of::<types::BufRingEntry>()).max(4096))?;
+        // SAFETY: `bufring` is page-aligned memory of `entries` entries that we keep
+        // until after the ring is dropped (field order: `ring` drops first).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufring.as_ptr() as u64,
+                entries,
+                BGID,
+                0,
+            )?;
+        }
+        // SAFETY: msghdr is plain old data; zero is a valid empty value.
+        let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE;
+
+        let mut me = UringIo {
+            ring,
+            sock,
+            setup,
+            tx,
+            slots,
+            free_slots: (0..opts.send_slots as u16).rev().collect(),
+            in_flight: 0,
+            rx,
+            bufring,
+            bufring_mask: entries - 1,
+            bufring_tail: 0,
+            rx_free: 0,
+            recv_hdr,
+            recv_armed: false,
+            starved: false,
+            bell_fd,
+            bell_buf: Box::new(0),
+            bell_armed: false,
+            timer_ts: Box::new(types::Timespec::new()),
+            timer_armed: None,
+            timer_fired: false,
+            epoch: Instant::now(),
+            epoch_mono: monotonic_now(),
+            stats: IoStats::default(),
+            max_frags: max_skb_frags(),
+            _keep: None,
+        };
+        for bid in 0..count {
+            me.provide(bid);
+        }
+        me.publish_tail();
+        Ok(me)
+    }
+
+    /// Builds the reactor I/O over memory it owns (tests, the probe's self-test).
+    pub fn new_owned(
+        sock: OwnedFd,
+        mem: sys::OwnedMem,
+        bell_fd: Option<RawFd>,
+        opts: UringOpts,
+    ) -> io::Result<UringIo> {
+        // SAFETY: `mem` owns both ranges exclusively and is kept in `self`, declared
+        // after the ring, so it outlives every kernel reference.
+        let mut me = unsafe { Self::new(sock, mem.tx, mem.rx, bell_fd, opts)? };
+        me._keep = Some(mem);
+        Ok(me)
+    }
+
+    /// The ring set-up obtained.
+    pub fn setup(&self) -> RingSetup {
+        self.setup
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn provide(&mut self, bid: u16) {
+        let Some(addr) = self.rx.buf(bid) else { return };
+        let idx = (self.bufring_tail & self.bufring_mask) as usize;
+        let base = self.bufring.as_ptr().cast::<types::BufRingEntry>();
+        // `idx` < entries; the entry at `tail` is not visible to the kernel until
+        // `publish_tail` stores the new tail (we are the only writer of entries past
+        // the tail and of the tail itself).
+        let p = base.wrapping_add(idx);
+        // SAFETY: see above; `p` is entry `idx` of the ring mapping.
+        let e = unsafe { &mut *p };
+        e.set_addr(addr as u64);
+        e.set_len(self.rx.buf_size);
+        e.set_bid(bid);
+        self.bufring_tail = self.bufring_tail.wrapping_add(1);
+        self.rx_free += 1;
+    }
+
+    fn publish_tail(&mut self) {
+        let base = self.bufring.as_ptr().cast::<types::BufRingEntry>();
+        // SAFETY: the tail is a u16 inside entry 0 (the `resv` field), 2-byte aligned;
+        // we are its only writer and the kernel reads it with an acquire load, so the
+        // Release store publishes the entries written before it.
+        let p = unsafe { types::BufRingEntry::tail(base) } as *const AtomicU16;
+        // SAFETY: as above: `p` points at the ring's tail field inside our mapping.
+        let tail = unsafe { &*p };
+        tail.store(self.bufring_tail, Ordering::Release);
+    }
+
+    fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
+        // SAFETY: every entry built in this module points only at memory owned by
+        // `self` in boxes (slots, recv header, timespec, bell buffer) or at the TX/RX
+        // ranges the constructor's contract keeps mapped; none is freed or moved
+        // before its completion is reaped.
+        if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&e) }
+                .map_err(|_| io::Error::other("submission queue full"))?;
+        }
+        Ok(())
+    }
+
+    fn arm_recv(&mut self) -> io::Result<()> {
+        if self.recv_armed || self.rx_free == 0 {
+            return Ok(());
+        }
+        let e = opcode::RecvMsgMulti::new(types::Fd(self.sock.as_raw_fd()), &*self.recv_hdr, BGID)
+            .build()
+            .user_data(K_RECV << KIND_SHIFT);
+        self.push(e)?;
+        self.recv_armed = true;
+        Ok(())
+    }
+
+    fn arm_timer(&mut self, deadline: Instant) -> io::Result<()> {
+        if self.timer_armed == Some(deadline) {
+            return Ok(());
+        }
+        let when = self.epoch_mono + deadline.saturating_duration_since(self.epoch);
+        *self.timer_ts = types::Timespec::new()
+            .sec(when.as_secs())
+            .nsec(when.subsec_nanos());
+        let e = if self.timer_armed.is_some() {
+            opcode::TimeoutUpdate::new(K_TIMER << KIND_SHIFT, &*self.timer_ts)
+                .flags(types::TimeoutFlags::ABS)
+                .build()
+                .user_data(K_TIMER_UPD << KIND_SHIFT)
+        } else {
+            opcode::Timeout::new(&*self.timer_ts)
+                .flags(types::TimeoutFlags::ABS)
+                .build()
+                .user_data(K_TIMER << KIND_SHIFT)
+        };
+        self.push(e)?;
+        self.timer_armed = Some(deadline);
+        Ok(())
+    }
+
+    fn complete_slot(&mut self, i: usize, out: &mut Vec<Event>) {
+        let s = &mut self.slots[i];
+        out.push(Event::SendDone {
+            token: s.token,
+            result: s.res,
+            kernel_copied: s.copied,
+        });
+        s.state = SlotState::Free;
+        self.free_slots.push(i as u16);
+        self.in_flight -= 1;
+    }
+
+    fn on_send_cqe(&mut self, i: usize, res: i32, flags: u32, out: &mut Vec<Event>) {
+        let Some(SlotState::InFlight { result, notif }) = self.slots.get(i).map(|s| s.state) else {
+            return;
+        };
+        if cqueue::notif(flags) {
+            if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+                self.slots[i].copied = true;
+                self.stats.zc_copied += 1;
+            }
+            self.slots[i].state = SlotState::InFlight {
+                result,
+                notif: true,
+            };
+        } else {
+            let more = cqueue::more(flags);
+            let s = &mut self.slots[i];
+            s.res = if res >= 0 {
+                Ok(res as usize)
+            } else {
+                Err(-res)
+            };
+            if res < 0 {
+                self.stats.send_errors += 1;
+            }
+            // No F_MORE: no notification will follow.
+            s.state = SlotState::InFlight {
+                result: true,
+                notif: notif || !more,
+            };
+        }
+        if self.slots[i].state
+            == (SlotState::InFlight {
+                result: true,
+                notif: true,
+            })
+        {
+            self.complete_slot(i, out);
+        }
+    }
+
+    fn on_recv_cqe(&mut self, res: i32, flags: u32, out: &mut Vec<Event>) {
+        if !cqueue::more(flags) {
+            self.recv_armed = false;
+            self.stats.rearms += 1;
+        }
+        if res < 0 {
+            match -res {
+                libc::ENOBUFS => {
+                    self.starved = true;
+                    self.stats.rx_starved += 1;
+                    out.push(Event::RxStarved);
+                }
+                _ => self.drain_errqueue(out),
+            }
+            return;
+        }
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            return;
+        };
+        self.rx_free = self.rx_free.saturating_sub(1);
+        let Some(buf) = self.rx.buf(bid) else { return };
+        let used = (res as usize).min(self.rx.buf_size as usize);
+        // SAFETY: the kernel filled `used` bytes of buffer `bid` and handed it to us
+        // with this completion; nobody else touches it until we provide it again.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.cast_const(), used) };
+        let Ok(m) = types::RecvMsgOut::parse(bytes, &self.recv_hdr) else {
+            self.return_rx(bid);
+            return;
+        };
+        if m.is_payload_truncated() {
+            self.stats.rx_truncated += 1;
+            out.push(Event::RecvTruncated);
+            self.return_rx(bid);
+            return;
+        }
+        let Some(from) = sys::sockaddr_in_from_bytes(m.name_data()) else {
+            self.return_rx(bid);
+            return;
+        };
+        let cm = sys::parse_recv_cmsgs(m.control_data());
+        let payload = m.payload_data();
+        let off = payload.as_ptr() as usize - buf as usize;
+        let len = payload.len() as u32;
+        self.stats.recvs += 1;
+        self.stats.bytes_received += u64::from(len);
+        out.push(Event::Recv {
+            from,
+            bid,
+            off: off as u32,
+            len,
+            seg: cm.gro_size.map_or(len, u32::from).min(len.max(1)),
+        });
+    }
+
+    fn drain_errqueue(&mut self, out: &mut Vec<Event>) {
+        while let Ok(Some(e)) = sys::recv_error(self.sock.as_raw_fd()) {
+            out.push(Event::SocketError {
+                errno: e.errno,
+                dst: e.dst,
+            });
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<Event>) {
+        let cqes: Vec<(u64, i32, u32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (ud, res, flags) in cqes {
+            let kind = ud >> KIND_SHIFT;
+            let idx = (ud & ((1 << KIND_SHIFT) - 1)) as usize;
+            match kind {
+                K_SEND => self.on_send_cqe(idx, res, flags, out),
+                K_RECV => self.on_recv_cqe(res, flags, out),
+                K_BELL => {
+                    self.bell_armed = false;
+                    out.push(Event::Doorbell);
+                }
+                K_TIMER => {
+                    self.timer_armed = None;
+                    // -ETIME is expiry; -ECANCELED/-ENOENT are removals.
+                    if res == -libc::ETIME {
+                        self.timer_fired = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl DatagramIo for UringIo {
+    fn send(
+        &mut self,
+        dst: SocketAddrV4,
+        segs: &[Segment<'_>],
+        token: u64,
+    ) -> Result<(), SendError> {
+        let gso = gso_size(segs)?;
+        let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
+        let hdr_base = self.tx.header_slot(i).ok_or(SendError::Busy)?;
+        let mut n = 0;
+        let mut bytes = 0usize;
+        for (k, s) in segs.iter().enumerate() {
+            let p = self
+                .tx
+                .payload(s.payload_off, s.payload_len)
+                .ok_or(SendError::OutOfPool)?;
+            let h = hdr_base.wrapping_add(k * crate::io::MAX_HDR);
+            // SAFETY: `h` is inside this slot's part of the header arena (MAX_SEGS
+            // headers of MAX_HDR bytes, checked by `header_slot` and `gso_size`); the
+            // slot is free so the kernel no longer reads it.
+            unsafe { std::ptr::copy_nonoverlapping(s.hdr.as_ptr(), h, s.hdr.len()) };
+            let slot = &mut self.slots[i];
+            slot.iov[n] = libc::iovec {
+                iov_base: h.cast(),
+                iov_len: s.hdr.len(),
+            };
+            n += 1;
+            if s.payload_len > 0 {
+                slot.iov[n] = libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: s.payload_len as usize,
+                };
+                n += 1;
+            }
+            bytes += s.wire_len();
+        }
+        self.free_slots.pop();
+        let fixed = self.setup.fixed_tx;
+        let slot = &mut self.slots[i];
+        slot.addr = sys::sockaddr_in(dst);
+        slot.msg.msg_name = (&mut slot.addr as *mut libc::sockaddr_in).cast();
+        slot.msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        slot.msg.msg_iov = slot.iov.as_mut_ptr();
+        slot.msg.msg_iovlen = n;
+        if let Some(g) = gso {
+            slot.ctrl = GsoCmsg::new(g);
+            slot.msg.msg_control = (&mut slot.ctrl as *mut GsoCmsg).cast();
+            slot.msg.msg_controllen = size_of::<GsoCmsg>();
+        } else {
+            slot.msg.msg_control = std::ptr::null_mut();
+            slot.msg.msg_controllen = 0;
+        }
+        slot.token = token;
+        slot.copied = false;
+        slot.res = Ok(0);
+        slot.state = SlotState::InFlight {
+            result: false,
+            notif: false,
+        };
+        let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg)
+            .ioprio(SEND_ZC_REPORT_USAGE);
+        if fixed {
+            op = op.buf_index(Some(0));
+        }
+        let e = op.build().user_data((K_SEND << KIND_SHIFT) | i as u64);
+        self.in_flight += 1;
+        self.stats.sends += 1;
+        self.stats.datagrams_sent += segs.len() as u64;
+        self.stats.bytes_sent += bytes as u64;
+        if self.push(e).is_err() {
+            // Could not even queue it: report a failed send right away.
+            let s = &mut self.slots[i];
+            s.res = Err(libc::EAGAIN);
+            s.state = SlotState::InFlight {
+                result: true,
+                notif: true,
+            };
+            let mut tmp = Vec::new();
+            self.complete_slot(i, &mut tmp);
+            return Err(SendError::Busy);
+        }
+        Ok(())
+    }
+
+    /// A zero-copy send turns every iovec into at least one skb fragment (payloads
+    /// one per page they touch, headers one each), and the kernel refuses a datagram
+    /// with more than `MAX_SKB_FRAGS` (`EMSGSIZE`): batches are cut to that budget.
+    fn fit(&self, segs: &[Segment<'_>]) -> usize {
+        let n = crate::io::fit_gso(segs);
+        let mut frags = 0;
+        for (k, s) in segs[..n].iter().enumerate() {
+            let addr = self.tx.base + self.tx.pool_off + s.payload_off as usize;
+            let pages = if s.payload_len == 0 {
+                0
+            } else {
+                (addr + s.payload_len as usize - 1) / 4096 - addr / 4096 + 1
+            };
+            frags += 1 + pages;
+            if frags > self.max_frags {
+                return k.max(1);
+            }
+        }
+        n
+    }
+
+    fn return_rx(&mut self, bid: u16) {
+        if bid < self.rx.count {
+            self.provide(bid);
+            self.publish_tail();
+        }
+    }
+
+    fn arm_doorbell(&mut self) {
+        if self.bell_armed {
+            return;
+        }
+        let Some(fd) = self.bell_fd else { return };
+        let e = opcode::Read::new(types::Fd(fd), (&mut *self.bell_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(K_BELL << KIND_SHIFT);
+        if self.push(e).is_ok() {
+            self.bell_armed = true;
+        }
+    }
+
+    fn wait(
+        &mut self,
+        deadline: Option<Instant>,
+        block: bool,
+        out: &mut Vec<Event>,
+    ) -> io::Result<()> {
+        let start = out.len();
+        if self.starved && self.rx_free > 0 {
+            self.starved = false;
+        }
+        self.arm_recv()?;
+        if let Some(d) = deadline {
+            if d <= Instant::now() {
+                out.push(Event::Timer);
+            } else {
+                self.arm_timer(d)?;
+            }
+        }
+        // A non-blocking pass still runs deferred task work (GETEVENTS with min 0).
+        let want = usize::from(block && out.len() == start && self.ring.completion().is_empty());
+        let sq_len = self.ring.submission().len() as u32;
+        let flags = io_uring::EnterFlags::GETEVENTS.bits();
+        // SAFETY: plain io_uring_enter on our ring with no extra argument.
+        match unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(sq_len, want as u32, flags, None)
+        } {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap(out);
+        if self.timer_fired {
+            self.timer_fired = false;
+            out.push(Event::Timer);
+        }
+        // Re-arm a multishot that ended, if buffers are available.
+        self.arm_recv()?;
+        Ok(())
+    }
+
+    fn stats(&self) -> IoStats {
+        self.stats
+    }
+
+    fn sends_in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn path_name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        // Cancel what is armed and wait for in-flight sends (their memory must stay
+        // put until the kernel lets go), then the ring is dropped with the rest.
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(0);
+        let _ = self.push(e);
+        let mut sink = Vec::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while (self.in_flight > 0
+            || self.recv_armed
+            || self.bell_armed
+            || self.timer_armed.is_some())
+            && Instant::now() < deadline
+        {
+            self.recv_armed = false;
+            let _ = self.ring.submit_and_wait(0);
+            let sq_len = self.ring.submission().len() as u32;
+            // SAFETY: plain io_uring_enter on our ring.
+            let _ = unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    sq_len,
+                    0,
+                    io_uring::EnterFlags::GETEVENTS.bits(),
+                    None,
+                )
+            };
+            self.reap(&mut sink);
+            if self.in_flight > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.bell_armed = false;
+            self.timer_armed = None;
+        }
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+    }
+}
+
+/// Whether `IORING_REGISTER_BUFFERS` accepts `iov` on `ring` (unregistered again).
+pub(crate) fn try_register(ring: &IoUring, iov: &libc::iovec) -> bool {
+    // SAFETY: the caller's memory stays mapped for the call; we unregister before
+    // returning, so the kernel keeps no reference.
+    let ok = unsafe { ring.submitter().register_buffers(std::slice::from_ref(iov)) }.is_ok();
+    if ok {
+        let _ = ring.submitter().unregister_buffers();
+    }
+    ok
+}
+
+/// Whether `IORING_REGISTER_PBUF_RING` accepts a one-page ring (unregistered again).
+pub(crate) fn try_register_pbuf(ring: &IoUring, page: &Mapping) -> bool {
+    // SAFETY: `page` is a page-aligned mapping alive for the call; unregistered before
+    // returning.
+    let ok = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(page.as_ptr() as u64, 8, 77, 0)
+    }
+    .is_ok();
+    if ok {
+        let _ = ring.submitter().unregister_buf_ring(77);
+    }
+    ok
+}
