@@ -703,7 +703,8 @@ impl Layout {
             }
         }
 
-        parts.sort_unstable_by_key(|&(off, _, _)| off);
+        // Stable: parts at equal offsets are reported in table order.
+        parts.sort_by_key(|&(off, _, _)| off);
         for w in parts.windows(2) {
             let (a_off, a_len, a) = w[0];
             let (b_off, _, b) = w[1];

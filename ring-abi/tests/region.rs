@@ -33,22 +33,32 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     let mut e = engine_region.engine_core(1, Eventfds::none()).unwrap();
 
     // kshim writes a payload into its TX pool and sends it.
-    kshim_region.write_pool(Pool::Tx, 4096, b"hello lnet").unwrap();
+    kshim_region
+        .write_pool(Pool::Tx, 4096, b"hello lnet")
+        .unwrap();
     let d = TxDesc::inline(42, 0xC0A8_0105, [7; 72], &[Extent::new(Pool::Tx, 4096, 10)]);
     assert!(k.tx.push(d).unwrap());
     let got = e.tx.pop().unwrap().expect("engine sees the descriptor");
     let mut scratch = ExtentBuf::new();
     let v = engine_region.validate_tx(&got, &mut scratch).unwrap();
     assert_eq!(v.cookie, 42);
-    assert_eq!(engine_region.pool_bytes(&v.extents[0]).unwrap(), b"hello lnet");
+    assert_eq!(
+        engine_region.pool_bytes(&v.extents[0]).unwrap(),
+        b"hello lnet"
+    );
 
     // The engine completes it.
-    assert!(e.tx_done.push(TxCompletion::new(42, TxStatus::Ok, 0)).unwrap());
+    assert!(e
+        .tx_done
+        .push(TxCompletion::new(42, TxStatus::Ok, 0))
+        .unwrap());
     let c = k.tx_done.pop().unwrap().unwrap();
     assert_eq!((c.cookie, c.status()), (42, Ok(TxStatus::Ok)));
 
     // The engine delivers a received message; kshim returns its buffers.
-    engine_region.write_pool(Pool::Rx, 8192, b"incoming").unwrap();
+    engine_region
+        .write_pool(Pool::Rx, 8192, b"incoming")
+        .unwrap();
     let r = RxDesc::inline(9, 0x0A00_0001, [1; 72], &[Extent::new(Pool::Rx, 8192, 8)]);
     assert!(e.rx.push(r).unwrap());
     let got = k.rx.pop().unwrap().unwrap();
@@ -61,7 +71,10 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     // Each side of each core attaches once per Region.
     assert_eq!(
         kshim_region.kshim_core(1, Eventfds::none()).unwrap_err(),
-        RegionError::AlreadyAttached { core: 1, side: Side::Kshim }
+        RegionError::AlreadyAttached {
+            core: 1,
+            side: Side::Kshim
+        }
     );
     assert_eq!(
         engine_region.engine_core(2, Eventfds::none()).unwrap_err(),
