@@ -11,6 +11,9 @@
 //!   states them, validated with errors that name the field.
 //! - [`Relay`] drives a `Duplex` on the real clock between two UDP sockets on
 //!   loopback: the rootless link emulator.
+//! - [`TunLink`] drives one between TUN devices in two network namespaces, so
+//!   that any traffic of the real kernel stack (TCP included) crosses it; root
+//!   only.
 //!
 //! Simulations drive the model on virtual time; the harness's link emulator
 //! drives the very same model on a real clock.
@@ -22,12 +25,14 @@ pub mod duplex;
 pub mod link;
 pub mod relay;
 #[allow(unsafe_code)]
-mod sched;
+mod sys;
 pub mod time;
+pub mod tun;
 
 pub use config::{Config, ConfigError, DuplexConfig, Loss, Outage};
 pub use duplex::{Direction, Duplex};
 pub use link::{Count, DropReason, Fate, Link, Stats};
 pub use relay::{Relay, RelayConfig, RelayError, RelayStats};
-pub use sched::set_realtime;
+pub use sys::set_realtime;
 pub use time::Instant;
+pub use tun::{Netns, TunConfig, TunLink};

@@ -33,6 +33,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::num::NonZeroU64;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -93,12 +94,12 @@ pub struct RelayStats {
     pub forward: Stats,
     /// The reverse (B → A) model's counters.
     pub reverse: Stats,
-    /// Datagrams written to a socket.
+    /// Datagrams written out (to a socket or a TUN device).
     pub sent: u64,
     /// Datagrams due for delivery while the destination peer was still
     /// unknown (nothing had arrived on that side yet); not sent.
     pub unroutable: u64,
-    /// Datagrams whose send failed (socket buffer full, ICMP error); not sent.
+    /// Datagrams whose send failed (buffer full, ICMP error); not sent.
     pub send_errors: u64,
     /// The latest any send was after its model deadline.
     pub late_max: Duration,
@@ -112,9 +113,12 @@ pub enum RelayError {
     /// A link setting is out of range.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A socket could not be set up, or polling failed.
-    #[error("relay socket: {0}")]
+    /// A socket or device could not be set up, or polling failed.
+    #[error("link emulator I/O: {0}")]
     Io(#[from] io::Error),
+    /// Setting up a TUN device or network namespace failed.
+    #[error("link emulator setup: {0}")]
+    Setup(String),
     /// The relay thread panicked.
     #[error("relay thread panicked")]
     Panicked,
@@ -126,16 +130,12 @@ pub enum RelayError {
 pub struct Relay {
     a_addr: SocketAddr,
     b_addr: SocketAddr,
-    epoch: std::time::Instant,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<RelayStats>>,
-    thread: Option<JoinHandle<io::Result<()>>>,
-    realtime: bool,
+    driver: Driver,
 }
 
 /// Longest sleep between checks of the stop flag.
 const MAX_IDLE: Duration = Duration::from_millis(20);
-/// Datagrams read from one socket before deliveries are looked at again.
+/// Datagrams read from one side before deliveries are looked at again.
 const RECV_BATCH: usize = 64;
 /// Socket buffers asked for (the kernel may cap them at rmem_max/wmem_max).
 const SOCKET_BUFFER: usize = 8 << 20;
@@ -155,41 +155,21 @@ impl Relay {
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, SOCKET_BUFFER);
         }
         let (a_addr, b_addr) = (a.local_addr()?, b.local_addr()?);
-        let epoch = std::time::Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(RelayStats::default()));
-        let mut worker = Worker {
-            duplex,
-            a,
-            b,
-            a_peer: config.a_peer,
-            b_peer: config.b_peer,
-            learn_a: config.a_peer.is_none(),
-            learn_b: config.b_peer.is_none(),
-            spin: config.spin,
-            epoch,
-            stop: stop.clone(),
-            shared: stats.clone(),
-            stats: RelayStats::default(),
+        let a = UdpPort {
+            socket: a,
+            peer: config.a_peer,
+            learn: config.a_peer.is_none(),
         };
-        let priority = config.realtime_priority;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("linkem-relay".into())
-            .spawn(move || {
-                let realtime = priority.is_some_and(|p| crate::set_realtime(p).is_ok());
-                let _ = tx.send(realtime);
-                worker.run()
-            })?;
-        let realtime = rx.recv().unwrap_or(false);
+        let b = UdpPort {
+            socket: b,
+            peer: config.b_peer,
+            learn: config.b_peer.is_none(),
+        };
+        let driver = Driver::spawn(duplex, a, b, config.spin, config.realtime_priority)?;
         Ok(Relay {
             a_addr,
             b_addr,
-            epoch,
-            stop,
-            stats,
-            thread: Some(thread),
-            realtime,
+            driver,
         })
     }
 
@@ -207,27 +187,134 @@ impl Relay {
     /// [`RelayConfig::realtime_priority`]). Without it, other load on the
     /// machine can make sends late by milliseconds.
     pub fn is_realtime(&self) -> bool {
-        self.realtime
+        self.driver.realtime
     }
 
     /// The instant virtual time zero corresponds to.
     pub fn epoch(&self) -> std::time::Instant {
-        self.epoch
+        self.driver.epoch
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> RelayStats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        self.driver.stats()
     }
 
     /// Stops the thread (datagrams still in flight are discarded) and returns
     /// the final counters.
     pub fn stop(mut self) -> Result<RelayStats, RelayError> {
-        self.shutdown()?;
-        Ok(self.stats())
+        self.driver.shutdown()?;
+        Ok(self.driver.stats())
+    }
+}
+
+/// One side of an emulator: where datagrams come in and go out.
+pub(crate) trait Port: AsFd + Send + 'static {
+    /// Reads one datagram into `buf`; `None` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Sends one datagram; `false` when there is nowhere to send it yet.
+    fn send(&mut self, packet: &[u8]) -> io::Result<bool>;
+}
+
+/// A UDP socket whose peer is configured or learned.
+struct UdpPort {
+    socket: UdpSocket,
+    peer: Option<SocketAddr>,
+    learn: bool,
+}
+
+impl AsFd for UdpPort {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl Port for UdpPort {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            match self.socket.recv_from(buf) {
+                Ok((n, from)) => {
+                    if self.learn {
+                        self.peer = Some(from);
+                    }
+                    return Ok(Some(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                // An ICMP error from an earlier send to this side's peer, or a signal.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    fn shutdown(&mut self) -> Result<(), RelayError> {
+    fn send(&mut self, packet: &[u8]) -> io::Result<bool> {
+        match self.peer {
+            Some(peer) => self.socket.send_to(packet, peer).map(|_| true),
+            None => Ok(false),
+        }
+    }
+}
+
+/// The thread that runs a [`Duplex`] between two ports on the real clock,
+/// and its controls.
+#[derive(Debug)]
+pub(crate) struct Driver {
+    pub(crate) epoch: std::time::Instant,
+    pub(crate) realtime: bool,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<RelayStats>>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Driver {
+    /// Starts the thread; virtual time zero is now.
+    pub(crate) fn spawn<P: Port>(
+        duplex: Duplex<Vec<u8>>,
+        a: P,
+        b: P,
+        spin: Duration,
+        priority: Option<u8>,
+    ) -> io::Result<Driver> {
+        let epoch = std::time::Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(RelayStats::default()));
+        let mut worker = Worker {
+            duplex,
+            a,
+            b,
+            spin,
+            epoch,
+            stop: stop.clone(),
+            shared: stats.clone(),
+            stats: RelayStats::default(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("linkem".into())
+            .spawn(move || {
+                let realtime = priority.is_some_and(|p| crate::set_realtime(p).is_ok());
+                let _ = tx.send(realtime);
+                worker.run()
+            })?;
+        let realtime = rx.recv().unwrap_or(false);
+        Ok(Driver {
+            epoch,
+            realtime,
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> RelayStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn shutdown(&mut self) -> Result<(), RelayError> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take() {
             Some(t) => t
@@ -239,20 +326,16 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
 }
 
-struct Worker {
+struct Worker<P> {
     duplex: Duplex<Vec<u8>>,
-    a: UdpSocket,
-    b: UdpSocket,
-    a_peer: Option<SocketAddr>,
-    b_peer: Option<SocketAddr>,
-    learn_a: bool,
-    learn_b: bool,
+    a: P,
+    b: P,
     spin: Duration,
     epoch: std::time::Instant,
     stop: Arc<AtomicBool>,
@@ -267,7 +350,7 @@ fn timespec(d: Duration) -> Timespec {
     }
 }
 
-impl Worker {
+impl<P: Port> Worker<P> {
     fn now(&self) -> Instant {
         Instant::from_duration(self.epoch.elapsed())
     }
@@ -321,34 +404,30 @@ impl Worker {
         let mut any = false;
         loop {
             let now = self.now();
-            match self.duplex.poll_deadline() {
-                Some(due) if due <= now => {
-                    let Some((dir, packet)) = self.duplex.poll_deliver(now) else {
-                        break;
-                    };
-                    any = true;
-                    let (socket, peer) = match dir {
-                        Direction::Forward => (&self.b, self.b_peer),
-                        Direction::Reverse => (&self.a, self.a_peer),
-                    };
-                    let Some(peer) = peer else {
-                        self.stats.unroutable += 1;
-                        continue;
-                    };
-                    match socket.send_to(&packet, peer) {
-                        Ok(_) => {
-                            let late = self.now() - due;
-                            self.stats.sent += 1;
-                            self.stats.late_total += late;
-                            self.stats.late_max = self.stats.late_max.max(late);
-                        }
-                        Err(_) => self.stats.send_errors += 1,
-                    }
+            let due = match self.duplex.poll_deadline() {
+                Some(due) if due <= now => due,
+                _ => return any,
+            };
+            let Some((dir, packet)) = self.duplex.poll_deliver(now) else {
+                return any;
+            };
+            any = true;
+            // Forward traffic leaves from side B, reverse from side A.
+            let port = match dir {
+                Direction::Forward => &mut self.b,
+                Direction::Reverse => &mut self.a,
+            };
+            match port.send(&packet) {
+                Ok(true) => {
+                    let late = self.now() - due;
+                    self.stats.sent += 1;
+                    self.stats.late_total += late;
+                    self.stats.late_max = self.stats.late_max.max(late);
                 }
-                _ => break,
+                Ok(false) => self.stats.unroutable += 1,
+                Err(_) => self.stats.send_errors += 1,
             }
         }
-        any
     }
 
     /// Reads up to a batch of datagrams arriving for direction `dir` into the
@@ -356,24 +435,12 @@ impl Worker {
     fn receive(&mut self, dir: Direction, buf: &mut [u8]) -> io::Result<bool> {
         let mut any = false;
         for _ in 0..RECV_BATCH {
-            let socket = match dir {
-                Direction::Forward => &self.a,
-                Direction::Reverse => &self.b,
+            let port = match dir {
+                Direction::Forward => &mut self.a,
+                Direction::Reverse => &mut self.b,
             };
-            let (n, from) = match socket.recv_from(buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // An ICMP error from an earlier send to this side's peer.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => return Err(e),
-            };
+            let Some(n) = port.recv(buf)? else { break };
             any = true;
-            match dir {
-                Direction::Forward if self.learn_a => self.a_peer = Some(from),
-                Direction::Reverse if self.learn_b => self.b_peer = Some(from),
-                _ => {}
-            }
             let now = self.now();
             let _ = self.duplex.handle_datagram(now, dir, n, buf[..n].to_vec());
         }

@@ -7,21 +7,14 @@
 //! real-time scheduling is not permitted (not root), the timing tests skip
 //! loudly: on a busy machine an ordinary thread is late by milliseconds.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
+
+use std::net::UdpSocket;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lu2k_linkem::{
-    set_realtime, Config, DuplexConfig, Loss, Outage, Relay, RelayConfig, RelayStats,
-};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+use common::{percentile, realtime_or_skip, report, serial, transfer, Pacing};
+use lu2k_linkem::{Config, DuplexConfig, Loss, Outage, Relay, RelayConfig};
 
 /// A relay whose side B sends to `b`, and the socket side A's application uses.
 fn setup(link: DuplexConfig, seed: u64) -> (Relay, UdpSocket, UdpSocket) {
@@ -33,161 +26,6 @@ fn setup(link: DuplexConfig, seed: u64) -> (Relay, UdpSocket, UdpSocket) {
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
     a.connect(relay.a_addr()).unwrap();
     (relay, a, b)
-}
-
-/// One received datagram: sequence number, send and receive instants in ns
-/// since the relay's epoch, length.
-#[derive(Debug, Clone, Copy)]
-struct Rx {
-    seq: u64,
-    sent: u64,
-    recv: u64,
-    len: usize,
-}
-
-enum Pacing {
-    /// One datagram, then at least `gap` until the next (never catching up,
-    /// so the sender itself never bursts).
-    Smooth(Duration),
-    /// Bursts every millisecond, averaging `per_ms` datagrams per millisecond.
-    Batched(f64),
-}
-
-fn now_ns(relay: &Relay) -> u64 {
-    relay.epoch().elapsed().as_nanos() as u64
-}
-
-/// True, or false after saying loudly why the test skips.
-fn realtime_or_skip(relay: &Relay, test: &str) -> bool {
-    if !relay.is_realtime() {
-        eprintln!(
-            "SKIP {test}: real-time scheduling (SCHED_FIFO) not permitted here (needs root or \
-             CAP_SYS_NICE); without it timing on a loaded machine is off by milliseconds"
-        );
-    }
-    relay.is_realtime()
-}
-
-/// Sleeps (timer slack 1 ns) until shortly before `t`, then spins.
-fn wait_until(relay: &Relay, t: u64) {
-    loop {
-        let now = now_ns(relay);
-        if now >= t {
-            return;
-        }
-        let left = t - now;
-        if left > 60_000 {
-            std::thread::sleep(Duration::from_nanos(left - 40_000));
-        } else {
-            std::hint::spin_loop();
-        }
-    }
-}
-
-/// Sends `n` datagrams of `len` bytes from side A, starting at `start` ns
-/// after the epoch; returns the send instant of each and what side B received.
-fn transfer(
-    relay: &Relay,
-    a: &UdpSocket,
-    b: UdpSocket,
-    n: u64,
-    len: usize,
-    start: u64,
-    pacing: Pacing,
-) -> (Vec<u64>, Vec<Rx>) {
-    let _ = rustix::thread::set_current_timer_slack(NonZeroU64::new(1));
-    // Below the receiver and the relay (40), so its spinning never holds them up.
-    let _ = set_realtime(20);
-    let done = Arc::new(AtomicBool::new(false));
-    let epoch = relay.epoch();
-    let rx = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let _ = rustix::thread::set_current_timer_slack(NonZeroU64::new(1));
-            let _ = set_realtime(30);
-            b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let mut buf = vec![0u8; 65_536];
-            let mut got = Vec::new();
-            let mut quiet = 0;
-            loop {
-                match b.recv(&mut buf) {
-                    Ok(l) => {
-                        let recv = epoch.elapsed().as_nanos() as u64;
-                        let seq = u64::from_le_bytes(buf[0..8].try_into().unwrap());
-                        let sent = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-                        got.push(Rx {
-                            seq,
-                            sent,
-                            recv,
-                            len: l,
-                        });
-                        quiet = 0;
-                    }
-                    Err(_) => {
-                        if done.load(Ordering::Relaxed) {
-                            quiet += 1;
-                            // Silence for 0.5 s after the sender finished.
-                            if quiet >= 10 {
-                                return got;
-                            }
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let mut payload = vec![0u8; len];
-    let mut stamps = Vec::with_capacity(n as usize);
-    let mut send = |seq: u64, payload: &mut [u8]| {
-        let sent = now_ns(relay);
-        payload[0..8].copy_from_slice(&seq.to_le_bytes());
-        payload[8..16].copy_from_slice(&sent.to_le_bytes());
-        a.send(payload).unwrap();
-        stamps.push(sent);
-    };
-    wait_until(relay, start);
-    match pacing {
-        Pacing::Smooth(gap) => {
-            let gap = gap.as_nanos() as u64;
-            for seq in 0..n {
-                send(seq, &mut payload);
-                wait_until(relay, now_ns(relay) + gap);
-            }
-        }
-        Pacing::Batched(per_ms) => {
-            let mut seq = 0;
-            let mut ms = 0u64;
-            while seq < n {
-                ms += 1;
-                let due = ((ms as f64 * per_ms) as u64).min(n);
-                while seq < due {
-                    send(seq, &mut payload);
-                    seq += 1;
-                }
-                wait_until(relay, start + ms * 1_000_000);
-            }
-        }
-    }
-    done.store(true, Ordering::Relaxed);
-    let got = rx.join().unwrap();
-    // Back to normal scheduling for whatever runs next on this thread.
-    let _ = rustix::thread::set_current_timer_slack(None);
-    (stamps, got)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn report(name: &str, s: &RelayStats) {
-    eprintln!(
-        "{name}: relay sent {} late mean {:?} max {:?}, unroutable {}, send errors {}",
-        s.sent,
-        s.late_total / (s.sent.max(1) as u32),
-        s.late_max,
-        s.unroutable,
-        s.send_errors
-    );
 }
 
 #[test]
@@ -203,14 +41,17 @@ fn delay_within_1ms_at_100mbps_below_capacity() {
         ..Config::default()
     });
     let (relay, a, b) = setup(link, 1);
-    if !realtime_or_skip(&relay, "delay_within_1ms_at_100mbps_below_capacity") {
+    if !realtime_or_skip(
+        relay.is_realtime(),
+        "delay_within_1ms_at_100mbps_below_capacity",
+    ) {
         return;
     }
     // 1472-byte datagrams at least 125 µs apart: at most 94 Mbit/s, ~2 s.
     let len = 1472;
     let n = 13_000;
     let (_, got) = transfer(
-        &relay,
+        relay.epoch(),
         &a,
         b,
         n,
@@ -258,7 +99,7 @@ fn loss_within_99_percent_binomial_interval() {
     let (relay, a, b) = setup(link, 2);
     let n = 20_000u64;
     let (_, got) = transfer(
-        &relay,
+        relay.epoch(),
         &a,
         b,
         n,
@@ -300,13 +141,24 @@ fn rate_within_2_percent_under_saturation() {
         ..Config::default()
     });
     let (relay, a, b) = setup(link, 3);
-    if !realtime_or_skip(&relay, "rate_within_2_percent_under_saturation") {
+    if !realtime_or_skip(
+        relay.is_realtime(),
+        "rate_within_2_percent_under_saturation",
+    ) {
         return;
     }
     // 1250-byte datagrams at 125 Mbit/s (12.5 per ms) for 2.5 s.
     let len = 1250;
     let n = 31_250;
-    let (_, got) = transfer(&relay, &a, b, n, len, 10_000_000, Pacing::Batched(12.5));
+    let (_, got) = transfer(
+        relay.epoch(),
+        &a,
+        b,
+        n,
+        len,
+        10_000_000,
+        Pacing::Batched(12.5),
+    );
     let stats = relay.stop().unwrap();
     report("rate", &stats);
     // Payload rate the model allows: the link carries 28 bytes more per datagram.
@@ -343,13 +195,13 @@ fn outages_on_time() {
         ..Config::default()
     });
     let (relay, a, b) = setup(link, 4);
-    if !realtime_or_skip(&relay, "outages_on_time") {
+    if !realtime_or_skip(relay.is_realtime(), "outages_on_time") {
         return;
     }
     // One datagram every ≥ 0.5 ms from 0.1 s to ~1.7 s.
     let n = 3_000;
     let (sent, got) = transfer(
-        &relay,
+        relay.epoch(),
         &a,
         b,
         n,
@@ -414,36 +266,16 @@ fn asymmetric_round_trip_through_both_directions() {
         },
     };
     let (relay, a, b) = setup(link, 5);
-    if !realtime_or_skip(&relay, "asymmetric_round_trip_through_both_directions") {
+    if !realtime_or_skip(
+        relay.is_realtime(),
+        "asymmetric_round_trip_through_both_directions",
+    ) {
         return;
     }
-    let echo_stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = echo_stop.clone();
-        std::thread::spawn(move || {
-            let _ = set_realtime(30);
-            b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = b.recv_from(&mut buf) {
-                    b.send_to(&buf[..n], from).unwrap();
-                }
-            }
-        })
-    };
-    let _ = set_realtime(20);
-    a.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let (echo_stop, echo) = common::echo(b);
     // 1000 bytes back at 1 Mbit/s take 8 ms: round trip 30 + 10 + 8 ms.
     let want = 48.0;
-    let mut rtts = Vec::new();
-    let mut buf = [0u8; 2048];
-    for i in 0..20u8 {
-        let t = std::time::Instant::now();
-        a.send(&[i; 1000]).unwrap();
-        let n = a.recv(&mut buf).unwrap();
-        rtts.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(&buf[..n], &[i; 1000]);
-    }
+    let rtts = common::ping(&a, 20, 1000);
     echo_stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();
     let stats = relay.stop().unwrap();
@@ -456,12 +288,38 @@ fn asymmetric_round_trip_through_both_directions() {
     assert!(rtts.iter().all(|&r| r >= want), "a reply came early");
     assert!(ok >= 19, "only {ok} of 20 round trips within 1 ms");
     assert_eq!(stats.reverse.delivered.packets, 20);
-    let _: SocketAddr = relay_addr_is_loopback();
 }
 
-fn relay_addr_is_loopback() -> SocketAddr {
+#[test]
+fn peers_are_learned_and_unknown_ones_counted() {
+    // No timing here: runs with or without real-time scheduling.
     let relay = Relay::spawn(RelayConfig::loopback(DuplexConfig::default(), 0)).unwrap();
-    let (a, b) = (relay.a_addr(), relay.b_addr());
-    assert!(a.ip().is_loopback() && b.ip().is_loopback() && a.port() != b.port());
-    a
+    let (ra, rb) = (relay.a_addr(), relay.b_addr());
+    assert!(ra.ip().is_loopback() && rb.ip().is_loopback() && ra.port() != rb.port());
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    // B has not spoken: A's datagrams have nowhere to go.
+    for _ in 0..3 {
+        a.send_to(b"lost", ra).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while relay.stats().unroutable < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(relay.stats().unroutable, 3);
+    // B speaks first: A (already learned) hears it, and B is learned.
+    b.send_to(b"hello a", rb).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = a.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello a"[..], ra));
+    a.send_to(b"hello b", ra).unwrap();
+    let (n, from) = b.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"hello b"[..], rb));
+    let stats = relay.stop().unwrap();
+    assert_eq!(stats.sent, 2);
+    assert_eq!(stats.forward.offered.packets, 4);
+    assert_eq!(stats.reverse.delivered.packets, 1);
 }
