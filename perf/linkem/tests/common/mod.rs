@@ -162,7 +162,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 pub fn report(name: &str, s: &RelayStats) {
     eprintln!(
-        "{name}: relay sent {} late mean {:?} max {:?}, unroutable {}, send errors {}",
+        "{name}: emulator sent {} late mean {:?} max {:?}, unroutable {}, send errors {}",
         s.sent,
         s.late_total / (s.sent.max(1) as u32),
         s.late_max,
