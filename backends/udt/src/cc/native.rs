@@ -229,12 +229,33 @@ mod tests {
         cc.init(0, &p);
         assert_eq!((cc.window(), cc.period()), (16.0, 1.0));
         // Within one SYN nothing happens.
-        cc.on_ack(5_000, &p, &Ack { seq: 200, ..Ack::default() });
+        cc.on_ack(
+            5_000,
+            &p,
+            &Ack {
+                seq: 200,
+                ..Ack::default()
+            },
+        );
         assert_eq!(cc.window(), 16.0);
         // seqlen(99, 199) = 101.
-        cc.on_ack(10_000, &p, &Ack { seq: 199, ..Ack::default() });
+        cc.on_ack(
+            10_000,
+            &p,
+            &Ack {
+                seq: 199,
+                ..Ack::default()
+            },
+        );
         assert_eq!(cc.window(), 117.0);
-        cc.on_ack(20_000, &p, &Ack { seq: 1100, ..Ack::default() });
+        cc.on_ack(
+            20_000,
+            &p,
+            &Ack {
+                seq: 1100,
+                ..Ack::default()
+            },
+        );
         assert!(!cc.in_slow_start());
         // Period from the receive rate (125 us), then the same call's increase
         // step (UDT4 falls through to the rate increase).
@@ -251,7 +272,14 @@ mod tests {
         // returns before the loss flag is set (as UDT4 does).
         cc.on_loss(1, &p, &[(50, 50)], 1);
         assert_eq!(cc.period(), 125.0);
-        cc.on_ack(10_001, &p, &Ack { seq: 60, ..Ack::default() });
+        cc.on_ack(
+            10_001,
+            &p,
+            &Ack {
+                seq: 60,
+                ..Ack::default()
+            },
+        );
         // B = 8333 - 8000 = 333 pkts/s; B*MSS*8 = 3_996_000 -> 10^7 * 1.5e-6 / 1500 = 0.01
         let inc = 0.01f64;
         let expect = 125.0 * 10_000.0 / (125.0 * inc + 10_000.0);

@@ -39,6 +39,9 @@ use crate::estimate::Time;
 const GAINS: [f64; 8] = [1.1, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const FILTER_ROUNDS: usize = 10;
 const INITIAL_WINDOW: f64 = 64.0;
+/// Window in bandwidth-delay products: the span from the oldest hole to the
+/// newest packet reaches 2–3 BDP when a retransmission is itself lost.
+const WINDOW_BDPS: f64 = 4.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -182,7 +185,7 @@ impl Satellite {
                 };
                 let bw = self.bw.max(1.0);
                 self.period = 1e6 / (bw * gain);
-                self.cwnd = 2.0 * bw * min_rtt / 1e6 + 32.0;
+                self.cwnd = WINDOW_BDPS * bw * min_rtt / 1e6 + 32.0;
             }
         }
     }
@@ -294,8 +297,8 @@ mod tests {
         };
         cc.on_ack(610_000, &p, &ack);
         assert!((cc.period() - 1e6 / 8500.0).abs() < 1e-6);
-        // 2 x BDP + 32.
-        assert!((cc.window() - (2.0 * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
+        // 4 x BDP + 32.
+        assert!((cc.window() - (4.0 * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
     }
 
     #[test]
@@ -320,7 +323,11 @@ mod tests {
         }
         // Model holds the link: within 3 % of capacity, not cut.
         assert!(cc.bandwidth() > 8500.0 * 0.97, "bw {}", cc.bandwidth());
-        assert!((cc.loss_rate() - 0.047).abs() < 0.01, "p {}", cc.loss_rate());
+        assert!(
+            (cc.loss_rate() - 0.047).abs() < 0.01,
+            "p {}",
+            cc.loss_rate()
+        );
         let before = cc.bandwidth();
         p.rtt = 300_000; // a queue: RTT 1.5 x min
         cc.on_loss(now + 1, &p, &[(1, 1)], 1);

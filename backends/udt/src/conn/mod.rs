@@ -845,6 +845,9 @@ impl Connection {
     fn handle_handshake(&mut self, now: Time, res: &HandshakeRepr) {
         match (self.role, self.state) {
             (Role::Client, State::Connecting) => match res.req_type {
+                ReqType::Request if self.hs.req_type == ReqType::Response => {
+                    // A cookie answering one of our retries: already using it.
+                }
                 ReqType::Request => {
                     // The listener's cookie: repeat the request with it.
                     self.hs.req_type = ReqType::Response;
@@ -1337,9 +1340,10 @@ impl Connection {
                 if now >= self.connect_deadline {
                     self.shut(CloseReason::ConnectTimeout);
                 } else if now >= self.last_req_time + HS_RETRY_US {
+                    // Retries keep the first send time: a response to the
+                    // first request then still gives an honest RTT sample.
                     self.queue_handshake(0);
                     self.last_req_time = now;
-                    self.req_sent_at = Some(now);
                 }
             }
             State::Connected => {
@@ -1441,6 +1445,16 @@ impl Connection {
     #[must_use]
     pub fn poll_release(&mut self) -> Option<Extent> {
         self.released.pop_front()
+    }
+
+    #[doc(hidden)]
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "state {:?} una {} next {} lost {:?} cursor {} msg_base {} msgs {} flow {} cwnd {} period {} next_send {} | rx base {} next {} lost {:?} slots {} held {} last_ack {} last_ack_ack {} next_nak {} horizon {}",
+            self.state, self.tx.una, self.tx.next, self.tx.lost.iter().take(5).collect::<Vec<_>>(), self.tx.cursor, self.tx.msg_base, self.tx.msgs.len(),
+            self.tx.flow_window, self.cc.window(), self.cc.period(), self.tx.next_send,
+            self.rx.base, self.rx.next, self.rx.lost.iter().take(5).collect::<Vec<_>>(), self.rx.slots.len(), self.rx.held, self.rx.last_ack, self.rx.last_ack_ack, self.rx.next_nak_time, self.rx.nak_horizon
+        )
     }
 
     /// Refreshes the rate/window figures in [`Connection::stats`].

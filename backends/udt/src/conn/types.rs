@@ -61,7 +61,7 @@ impl Default for Config {
             cc: cc::Kind::Satellite,
             bdp_bandwidth_bps: 1_000_000_000,
             bdp_rtt_us: 700_000,
-            bdp_factor: 3.0,
+            bdp_factor: 6.0,
             rcv_buf_pkts: None,
             idle_timeout_us: 10_000_000,
             connect_timeout_us: 10_000_000,

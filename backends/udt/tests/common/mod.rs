@@ -111,7 +111,6 @@ pub fn run(sc: &Scenario) -> Outcome {
     let finite = sc.messages.clone();
     let mut scratch = vec![0u8; 2048];
     let mut connected = false;
-    let mut done = false;
     let bins = (sc.duration_us / sc.bin_us + 1) as usize;
     out.arrivals = vec![0; bins];
     let mut check_msgs: HashMap<u32, ()> = HashMap::new();
@@ -251,8 +250,7 @@ pub fn run(sc: &Scenario) -> Outcome {
         }
         // Finite transfer done?
         if let Some(list) = &finite {
-            if !done && connected && out.acked_msgs + out.dropped_msgs == list.len() as u64 {
-                done = true;
+            if connected && out.acked_msgs + out.dropped_msgs == list.len() as u64 {
                 out.finished_at = Some(now);
                 break;
             }
@@ -267,6 +265,10 @@ pub fn run(sc: &Scenario) -> Outcome {
         }
         if next == u64::MAX || next > sc.duration_us {
             break;
+        }
+        if std::env::var_os("LU2K_SIM_TRACE").is_some() && next / 2_000_000 != now / 2_000_000 {
+            client.refresh_stats();
+            eprintln!("t={} delivered {} | {}", next, out.delivered_bytes, client.debug_summary());
         }
         now = now.max(next);
         // Deliveries.
@@ -352,6 +354,16 @@ pub fn run(sc: &Scenario) -> Outcome {
         }
     }
     out.end_us = now;
+    if std::env::var_os("LU2K_SIM_DEBUG").is_some() {
+        eprintln!("client {:?}", client.stats());
+        eprintln!("client {}", client.debug_summary());
+        if let Some(s) = &server {
+            eprintln!("server {}", s.debug_summary());
+        }
+        if let Some(s) = &server {
+            eprintln!("server {:?}", s.stats());
+        }
+    }
     out.sent = client.stats().pkts_sent;
     out.retransmitted = client.stats().pkts_retransmitted;
 
