@@ -18,9 +18,7 @@ use std::time::Instant;
 
 use rustix::event::epoll;
 
-use crate::io::{
-    gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_HDR, MAX_SEGS,
-};
+use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_HDR};
 use crate::sys;
 
 const D_SOCK: u64 = 1;
@@ -103,7 +101,7 @@ impl EpollIo {
             .map(|_| Slot {
                 dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
                 gso: None,
-                iov: Vec::with_capacity(2 * MAX_SEGS),
+                iov: Vec::with_capacity(crate::io::MAX_IOV),
                 token: 0,
                 datagrams: 0,
             })
@@ -279,10 +277,6 @@ impl DatagramIo for EpollIo {
         iov.clear();
         let mut bytes = 0;
         for (k, s) in segs.iter().enumerate() {
-            let Some(p) = self.tx.payload(s.payload_off, s.payload_len) else {
-                self.slots[i].iov = iov;
-                return Err(SendError::OutOfPool);
-            };
             let h = hdr_base.wrapping_add(k * MAX_HDR);
             // SAFETY: `h` lies in this free slot's part of the header arena (checked
             // by `header_slot`; at most MAX_SEGS headers of MAX_HDR bytes, checked by
@@ -292,10 +286,14 @@ impl DatagramIo for EpollIo {
                 iov_base: h.cast(),
                 iov_len: s.hdr.len(),
             });
-            if s.payload_len > 0 {
+            for (off, len) in s.pieces() {
+                let Some(p) = self.tx.payload(off, len) else {
+                    self.slots[i].iov = iov;
+                    return Err(SendError::OutOfPool);
+                };
                 iov.push(libc::iovec {
                     iov_base: p.cast(),
-                    iov_len: s.payload_len as usize,
+                    iov_len: len as usize,
                 });
             }
             bytes += s.wire_len();

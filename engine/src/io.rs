@@ -24,6 +24,8 @@ use std::time::Instant;
 pub const MAX_HDR: usize = 32;
 /// Most datagrams in one send (the kernel's UDP GSO segment limit is 64 or more).
 pub const MAX_SEGS: usize = 64;
+/// Most iovecs one send may use (header + payload pieces of all segments).
+pub const MAX_IOV: usize = 4 * MAX_SEGS;
 /// Largest UDP payload of one GSO send (IPv4 total length limit).
 pub const MAX_GSO_BYTES: usize = 65_507;
 
@@ -98,12 +100,24 @@ pub struct Segment<'a> {
     pub payload_off: u64,
     /// Payload length.
     pub payload_len: u32,
+    /// Further payload pieces `(offset, len)` sent after the first (a packet that
+    /// spans two extents, or the message header and the first extent).
+    pub more: &'a [(u64, u32)],
 }
 
 impl Segment<'_> {
     /// Bytes this segment puts on the wire.
     pub fn wire_len(&self) -> usize {
-        self.hdr.len() + self.payload_len as usize
+        self.hdr.len()
+            + self.payload_len as usize
+            + self.more.iter().map(|m| m.1 as usize).sum::<usize>()
+    }
+
+    /// The payload pieces, first one included, empty ones skipped.
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        std::iter::once((self.payload_off, self.payload_len))
+            .chain(self.more.iter().copied())
+            .filter(|p| p.1 > 0)
     }
 }
 
@@ -219,7 +233,7 @@ pub enum Event {
         /// Destination the error is about, when known.
         dst: Option<SocketAddrV4>,
     },
-    /// The doorbell eventfd fired.
+    /// The doorbell eventfd became readable (it has been drained).
     Doorbell,
     /// The deadline given to `wait` passed.
     Timer,

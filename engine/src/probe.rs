@@ -55,7 +55,7 @@ pub struct Features {
     pub send_zc: bool,
     /// IORING_OP_RECVMSG (multishot needs 6.0+, checked by the self-test).
     pub recvmsg: bool,
-    /// IORING_OP_READ (doorbell eventfd reads).
+    /// IORING_OP_READ.
     pub read: bool,
     /// IORING_OP_TIMEOUT.
     pub timeout: bool,
@@ -262,6 +262,7 @@ pub fn selftest() -> Result<SelfTest, String> {
             hdr: &hdr,
             payload_off: i * 1000,
             payload_len: 1000,
+            more: &[],
         })
         .collect();
     tx_io

@@ -22,15 +22,15 @@ use std::net::Ipv4Addr;
 
 use crate::sys::BpfInsn;
 
-/// Multiplier of the shard hash (Fibonacci hashing, 2^32 / golden ratio).
-pub const SHARD_MUL: u32 = 0x9E37_79B1;
+/// Multiplier of the shard hash: the ABI's ([`lu2k_ring_abi::SHARD_MULTIPLIER`]).
+pub const SHARD_MUL: u32 = lu2k_ring_abi::SHARD_MULTIPLIER;
 /// Right shift applied after the multiply.
 pub const SHARD_SHIFT: u32 = 16;
 
-/// The shard function on an IPv4 address: core index in `0..cores`.
-/// `cores == 0` is treated as 1.
+/// The ABI's shard function ([`lu2k_ring_abi::shard`]) on an IPv4 address: core
+/// index in `0..cores`.
 pub fn shard_v4(ip: Ipv4Addr, cores: u32) -> u32 {
-    (u32::from(ip).wrapping_mul(SHARD_MUL) >> SHARD_SHIFT) % cores.max(1)
+    lu2k_ring_abi::shard(u64::from(u32::from(ip)), cores)
 }
 
 const BPF_LD: u16 = 0x00;
@@ -90,6 +90,17 @@ pub fn eval(prog: &[BpfInsn], src: Ipv4Addr) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn constants_reproduce_the_abi_function() {
+        for a in [0u32, 1, 0x7F00_0001, 0xC0A8_0105, u32::MAX] {
+            let ip = Ipv4Addr::from(a);
+            assert_eq!(
+                (a.wrapping_mul(SHARD_MUL) >> SHARD_SHIFT) % 5,
+                shard_v4(ip, 5)
+            );
+        }
+    }
 
     #[test]
     fn program_matches_shard_function() {

@@ -34,9 +34,7 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::io::{
-    gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_SEGS,
-};
+use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_IOV};
 use crate::sys::{self, GsoCmsg, Mapping};
 
 const KIND_SHIFT: u64 = 56;
@@ -104,7 +102,7 @@ struct SendSlot {
     msg: libc::msghdr,
     addr: libc::sockaddr_in,
     ctrl: GsoCmsg,
-    iov: [libc::iovec; 2 * MAX_SEGS],
+    iov: [libc::iovec; MAX_IOV],
     token: u64,
     state: SlotState,
     res: Result<usize, i32>,
@@ -248,7 +246,7 @@ impl UringIo {
                 iov: [libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
-                }; 2 * MAX_SEGS],
+                }; MAX_IOV],
                 token: 0,
                 state: SlotState::Free,
                 res: Ok(0),
@@ -416,6 +414,13 @@ impl UringIo {
         Ok(())
     }
 
+    fn bell_buf_bytes(&mut self) -> &mut [u8; 8] {
+        // A u64 and [u8; 8] have the same size; go through bytes safely.
+        let v: &mut u64 = &mut self.bell_buf;
+        *v = 0;
+        bytemuck_u64(v)
+    }
+
     fn complete_slot(&mut self, i: usize, out: &mut Vec<Event>) {
         let s = &mut self.slots[i];
         out.push(Event::SendDone {
@@ -545,6 +550,12 @@ impl UringIo {
                 K_RECV => self.on_recv_cqe(res, flags, out),
                 K_BELL => {
                     self.bell_armed = false;
+                    if let Some(fd) = self.bell_fd {
+                        // Drain the counter so the next poll waits for a new ring.
+                        // SAFETY: the constructor's caller keeps the doorbell fd open.
+                        let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                        let _ = rustix::io::read(bfd, &mut *self.bell_buf_bytes());
+                    }
                     out.push(Event::Doorbell);
                 }
                 K_TIMER => {
@@ -573,25 +584,24 @@ impl DatagramIo for UringIo {
         let mut n = 0;
         let mut bytes = 0usize;
         for (k, s) in segs.iter().enumerate() {
-            let p = self
-                .tx
-                .payload(s.payload_off, s.payload_len)
-                .ok_or(SendError::OutOfPool)?;
             let h = hdr_base.wrapping_add(k * crate::io::MAX_HDR);
             // SAFETY: `h` is inside this slot's part of the header arena (MAX_SEGS
             // headers of MAX_HDR bytes, checked by `header_slot` and `gso_size`); the
             // slot is free so the kernel no longer reads it.
             unsafe { std::ptr::copy_nonoverlapping(s.hdr.as_ptr(), h, s.hdr.len()) };
-            let slot = &mut self.slots[i];
-            slot.iov[n] = libc::iovec {
+            if n + 1 + s.pieces().count() > MAX_IOV {
+                return Err(SendError::BadBatch);
+            }
+            self.slots[i].iov[n] = libc::iovec {
                 iov_base: h.cast(),
                 iov_len: s.hdr.len(),
             };
             n += 1;
-            if s.payload_len > 0 {
-                slot.iov[n] = libc::iovec {
+            for (off, len) in s.pieces() {
+                let p = self.tx.payload(off, len).ok_or(SendError::OutOfPool)?;
+                self.slots[i].iov[n] = libc::iovec {
                     iov_base: p.cast(),
-                    iov_len: s.payload_len as usize,
+                    iov_len: len as usize,
                 };
                 n += 1;
             }
@@ -652,12 +662,11 @@ impl DatagramIo for UringIo {
         let n = crate::io::fit_gso(segs);
         let mut frags = 0;
         for (k, s) in segs[..n].iter().enumerate() {
-            let addr = self.tx.base + self.tx.pool_off + s.payload_off as usize;
-            let pages = if s.payload_len == 0 {
-                0
-            } else {
-                (addr + s.payload_len as usize - 1) / 4096 - addr / 4096 + 1
-            };
+            let mut pages = 0;
+            for (off, len) in s.pieces() {
+                let addr = self.tx.base + self.tx.pool_off + off as usize;
+                pages += (addr + len as usize - 1) / 4096 - addr / 4096 + 1;
+            }
             frags += 1 + pages;
             if frags > self.max_frags {
                 return k.max(1);
@@ -678,7 +687,9 @@ impl DatagramIo for UringIo {
             return;
         }
         let Some(fd) = self.bell_fd else { return };
-        let e = opcode::Read::new(types::Fd(fd), (&mut *self.bell_buf as *mut u64).cast(), 8)
+        // A poll, not a read: kshim's eventfds are non-blocking, and io_uring answers
+        // a read of an empty non-blocking eventfd with EAGAIN instead of waiting.
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(K_BELL << KIND_SHIFT);
         if self.push(e).is_ok() {
@@ -806,4 +817,10 @@ pub(crate) fn try_register_pbuf(ring: &IoUring, page: &Mapping) -> bool {
         let _ = ring.submitter().unregister_buf_ring(77);
     }
     ok
+}
+
+fn bytemuck_u64(v: &mut u64) -> &mut [u8; 8] {
+    // SAFETY: u64 and [u8; 8] have the same size, and every bit pattern is valid for
+    // both; alignment of [u8; 8] (1) is weaker than u64's.
+    unsafe { &mut *(v as *mut u64).cast::<[u8; 8]>() }
 }

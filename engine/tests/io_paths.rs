@@ -85,15 +85,33 @@ fn blast(
                     header(n, (n * 7) % 4096)
                 })
                 .collect();
+            // Every other datagram's payload goes as two pieces (as a packet that
+            // spans two pool extents does).
+            let split: Vec<[(u64, u32); 1]> = (0..SEGS)
+                .map(|k| {
+                    let n = next * SEGS as u64 + k as u64;
+                    [((n * 7) % 4096 + 1000, PAYLOAD - 1000)]
+                })
+                .collect();
             let segs: Vec<Segment<'_>> = hdrs
                 .iter()
                 .enumerate()
                 .map(|(k, h)| {
                     let n = next * SEGS as u64 + k as u64;
-                    Segment {
-                        hdr: h,
-                        payload_off: (n * 7) % 4096,
-                        payload_len: PAYLOAD,
+                    if k % 2 == 0 {
+                        Segment {
+                            hdr: h,
+                            payload_off: (n * 7) % 4096,
+                            payload_len: PAYLOAD,
+                            more: &[],
+                        }
+                    } else {
+                        Segment {
+                            hdr: h,
+                            payload_off: (n * 7) % 4096,
+                            payload_len: 1000,
+                            more: &split[k],
+                        }
                     }
                 })
                 .collect();
