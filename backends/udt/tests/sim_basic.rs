@@ -12,7 +12,11 @@ fn link(rate: f64, rtt_ms: f64, loss: f64) -> DuplexConfig {
         queue_bytes: Some((rate * 1e6 / 8.0 * rtt_ms / 1000.0 * 0.5) as u64 + 64_000),
         overhead_bytes: 28,
         delay_ms: rtt_ms / 2.0,
-        loss: if loss > 0.0 { Loss::Bernoulli { rate: loss } } else { Loss::None },
+        loss: if loss > 0.0 {
+            Loss::Bernoulli { rate: loss }
+        } else {
+            Loss::None
+        },
         ..LinkConfig::default()
     };
     let rev = LinkConfig {

@@ -77,7 +77,11 @@ fn cell(cc: Kind, rtt_ms: f64, loss: f64) -> Cell {
         bin_us: BIN_US,
     };
     let out = run(&sc);
-    assert!(out.violations.is_empty(), "{cc:?} {rtt_ms} ms {loss}: {:?}", out.violations);
+    assert!(
+        out.violations.is_empty(),
+        "{cc:?} {rtt_ms} ms {loss}: {:?}",
+        out.violations
+    );
     let payload_cap = RATE_MBPS * 1e6 / 8.0 * 1456.0 / 1500.0; // bytes/s
     let expect = payload_cap * (1.0 - loss) * (DURATION_US as f64 / 1e6);
     let util = out.delivered_bytes as f64 / expect;
@@ -131,14 +135,18 @@ fn compute() -> Vec<Cell> {
             }
         }
     }
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     let jobs = std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
                 let job = jobs.lock().unwrap().pop();
-                let Some((i, (cc, rtt, loss))) = job else { break };
+                let Some((i, (cc, rtt, loss))) = job else {
+                    break;
+                };
                 let c = cell(cc, rtt, loss);
                 results.lock().unwrap().push((i, c));
             });
@@ -161,7 +169,10 @@ fn grid() {
     }
     eprintln!("{text}");
     let stored = std::fs::read_to_string(path).unwrap_or_default();
-    assert_eq!(stored, text, "grid changed; rerun with LU2K_BLESS=1 if intended");
+    assert_eq!(
+        stored, text,
+        "grid changed; rerun with LU2K_BLESS=1 if intended"
+    );
 }
 
 /// The satellite controller's goals. Not met yet (see tests/grid.txt and the
@@ -174,10 +185,20 @@ fn satellite_goals() {
     for c in cells.iter().filter(|c| c.cc == Kind::Satellite) {
         let goal = if c.loss <= 0.01 { 0.97 } else { 0.90 };
         if c.util < goal {
-            failures.push(format!("{} ms {} %: util {:.3} < {goal}", c.rtt_ms, c.loss * 100.0, c.util));
+            failures.push(format!(
+                "{} ms {} %: util {:.3} < {goal}",
+                c.rtt_ms,
+                c.loss * 100.0,
+                c.util
+            ));
         }
         if c.t90_rtt.is_none_or(|t| t > 4.0) {
-            failures.push(format!("{} ms {} %: t90 {:?} RTT", c.rtt_ms, c.loss * 100.0, c.t90_rtt));
+            failures.push(format!(
+                "{} ms {} %: t90 {:?} RTT",
+                c.rtt_ms,
+                c.loss * 100.0,
+                c.t90_rtt
+            ));
         }
     }
     assert!(failures.is_empty(), "satellite goals missed: {failures:?}");

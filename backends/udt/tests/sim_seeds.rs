@@ -28,17 +28,33 @@ fn scenario(seed: u64) -> Scenario {
     let mut s = seed;
     let rate = 2.0 + unit(&mut s) * 48.0;
     let rtt_ms = 2.0 + unit(&mut s) * 700.0;
-    let jitter = if unit(&mut s) < 0.3 { unit(&mut s) * rtt_ms / 4.0 } else { 0.0 };
+    let jitter = if unit(&mut s) < 0.3 {
+        unit(&mut s) * rtt_ms / 4.0
+    } else {
+        0.0
+    };
     let reorder = unit(&mut s) < 0.5;
     let loss = match rng(&mut s) % 3 {
         0 => Loss::None,
-        1 => Loss::Bernoulli { rate: unit(&mut s) * 0.1 },
-        _ => Loss::GilbertElliott { rate: unit(&mut s) * 0.05, burst: 1.0 + unit(&mut s) * 4.0 },
+        1 => Loss::Bernoulli {
+            rate: unit(&mut s) * 0.1,
+        },
+        _ => Loss::GilbertElliott {
+            rate: unit(&mut s) * 0.05,
+            burst: 1.0 + unit(&mut s) * 4.0,
+        },
     };
-    let dup = if unit(&mut s) < 0.2 { unit(&mut s) * 0.05 } else { 0.0 };
+    let dup = if unit(&mut s) < 0.2 {
+        unit(&mut s) * 0.05
+    } else {
+        0.0
+    };
     let outages = if unit(&mut s) < 0.2 {
         let start = 1.0 + unit(&mut s) * 3.0;
-        vec![Outage { start_s: start, end_s: start + unit(&mut s) * 3.0 }]
+        vec![Outage {
+            start_s: start,
+            end_s: start + unit(&mut s) * 3.0,
+        }]
     } else {
         Vec::new()
     };
@@ -54,13 +70,28 @@ fn scenario(seed: u64) -> Scenario {
         duplicate: dup,
         outages: outages.clone(),
     };
-    let rev = LinkConfig { rate_mbps: None, queue_bytes: None, ..fwd.clone() };
+    let rev = LinkConfig {
+        rate_mbps: None,
+        queue_bytes: None,
+        ..fwd.clone()
+    };
     let n = 1 + rng(&mut s) % 12;
     let messages: Vec<u32> = (0..n).map(|_| 1 + (rng(&mut s) % 300_000) as u32).collect();
-    let ttl_us = if unit(&mut s) < 0.25 { Some(200_000 + rng(&mut s) % 3_000_000) } else { None };
+    let ttl_us = if unit(&mut s) < 0.25 {
+        Some(200_000 + rng(&mut s) % 3_000_000)
+    } else {
+        None
+    };
     Scenario {
-        link: DuplexConfig { forward: fwd, reverse: rev },
-        cc: if seed % 2 == 0 { Kind::Satellite } else { Kind::Native },
+        link: DuplexConfig {
+            forward: fwd,
+            reverse: rev,
+        },
+        cc: if seed % 2 == 0 {
+            Kind::Satellite
+        } else {
+            Kind::Native
+        },
         seed,
         duration_us: 600_000_000,
         messages: Some(messages),
@@ -89,7 +120,9 @@ fn thousand_seeds() {
     let seeds: Vec<u64> = (0..1000).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failures = std::sync::Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {

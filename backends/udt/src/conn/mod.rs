@@ -548,7 +548,13 @@ impl Connection {
     }
 
     fn has_data(&self) -> bool {
-        if self.tx.lost.iter().next_back().is_some_and(|&i| i >= self.tx.una) {
+        if self
+            .tx
+            .lost
+            .iter()
+            .next_back()
+            .is_some_and(|&i| i >= self.tx.una)
+        {
             return true;
         }
         (self.tx.cursor - self.tx.msg_base) < self.tx.msgs.len() as u64
@@ -666,7 +672,8 @@ impl Connection {
         }
         m.dropped = true;
         let (id, first, assigned, npkts) = (m.id, m.first_idx, m.assigned, m.npkts);
-        self.events.push_back(Event::MessageDropped { msg: id, reason });
+        self.events
+            .push_back(Event::MessageDropped { msg: id, reason });
         if assigned > 0 {
             let end = first + u64::from(assigned);
             let rest: Vec<u64> = self.tx.lost.range(first..end).copied().collect();
@@ -723,9 +730,7 @@ impl Connection {
             let mut buf = [0u8; CTRL_MAX - HEADER_LEN];
             let chunk = &ranges[at..];
             let n = encode_nak(
-                chunk
-                    .iter()
-                    .map(|&(a, b)| (self.seq_of(a), self.seq_of(b))),
+                chunk.iter().map(|&(a, b)| (self.seq_of(a), self.seq_of(b))),
                 &mut buf,
             );
             if n == 0 {
@@ -918,7 +923,9 @@ impl Connection {
         // never from a retransmission); only its minimum is trusted.
         let newest = self.tx.pkts[(a - 1 - self.tx.una) as usize];
         if !newest.retx {
-            let s = now.saturating_sub(newest.sent_at).clamp(1, u64::from(u32::MAX)) as u32;
+            let s = now
+                .saturating_sub(newest.sent_at)
+                .clamp(1, u64::from(u32::MAX)) as u32;
             self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
         }
         let newly = (a - self.tx.una) as u32;
@@ -934,11 +941,13 @@ impl Connection {
         };
         if let Some(r) = st.rates {
             if r.recv_rate > 0 {
-                self.tx.recv_rate = ((u64::from(self.tx.recv_rate) * 7 + u64::from(r.recv_rate)) >> 3) as u32;
+                self.tx.recv_rate =
+                    ((u64::from(self.tx.recv_rate) * 7 + u64::from(r.recv_rate)) >> 3) as u32;
                 ack.recv_rate_sample = r.recv_rate;
             }
             if r.link_capacity > 0 {
-                self.tx.bandwidth = ((u64::from(self.tx.bandwidth) * 7 + u64::from(r.link_capacity)) >> 3) as u32;
+                self.tx.bandwidth =
+                    ((u64::from(self.tx.bandwidth) * 7 + u64::from(r.link_capacity)) >> 3) as u32;
                 ack.bandwidth_sample = r.link_capacity;
             }
         }
@@ -1155,13 +1164,16 @@ impl Connection {
                 }
             }
             self.rx.scan = 0;
-            self.events.push_back(Event::MessageReceived { msg_no, extents });
+            self.events
+                .push_back(Event::MessageReceived { msg_no, extents });
         }
     }
 
     fn handle_drop_req(&mut self, _now: Time, msg_no: MsgNo, first: SeqNo, last: SeqNo) {
-        let (Some(a), Some(b)) = (self.idx_of(self.rx.next, first), self.idx_of(self.rx.next, last))
-        else {
+        let (Some(a), Some(b)) = (
+            self.idx_of(self.rx.next, first),
+            self.idx_of(self.rx.next, last),
+        ) else {
             self.stats.count_drop(DropCause::BadLossReport);
             return;
         };
@@ -1218,11 +1230,9 @@ impl Connection {
     fn nak_interval(&self) -> u64 {
         let rtt = u64::from(self.rx.rtt.rtt()) + 4 * u64::from(self.rx.rtt.var());
         let rate = u64::from(self.rx.arrival.rate());
-        let drain = if rate > 0 {
-            self.rx.lost.len() as u64 * 1_000_000 / rate
-        } else {
-            0
-        };
+        let drain = (self.rx.lost.len() as u64 * 1_000_000)
+            .checked_div(rate)
+            .unwrap_or(0);
         (rtt + drain).max(self.cfg.min_nak_interval_us)
     }
 
@@ -1271,7 +1281,11 @@ impl Connection {
             return;
         }
         self.rx.ack_no = self.rx.ack_no.next();
-        let avail = self.rx.buf_pkts.saturating_sub(self.rx.slots.len() as u32).max(2);
+        let avail = self
+            .rx
+            .buf_pkts
+            .saturating_sub(self.rx.slots.len() as u32)
+            .max(2);
         let rates = if now.saturating_sub(self.rx.last_ack_time) > SYN_US {
             self.rx.last_ack_time = now;
             Some(AckRates {
@@ -1307,9 +1321,9 @@ impl Connection {
     pub fn poll_timeout(&self) -> Option<Time> {
         match self.state {
             State::Closed => None,
-            State::Connecting => Some(
-                (self.last_req_time + HS_RETRY_US).min(self.connect_deadline),
-            ),
+            State::Connecting => {
+                Some((self.last_req_time + HS_RETRY_US).min(self.connect_deadline))
+            }
             State::Connected => {
                 let mut t = self.rx.next_ack_time;
                 if !self.rx.lost.is_empty() {

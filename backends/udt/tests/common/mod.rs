@@ -123,7 +123,9 @@ pub fn run(sc: &Scenario) -> Outcome {
                 Some(list) => {
                     while queued < list.len() {
                         let len = list[queued];
-                        client.send(now, queued as u64, u64::from(len), sc.ttl_us).unwrap();
+                        client
+                            .send(now, queued as u64, u64::from(len), sc.ttl_us)
+                            .unwrap();
                         lens.push(len);
                         delivered.push(0);
                         dropped.push(false);
@@ -150,18 +152,28 @@ pub fn run(sc: &Scenario) -> Outcome {
         // Transmits into the link.
         while let Some(t) = client.poll_transmit(now) {
             let len = t.len();
-            let _ = link.handle_datagram(to_ns(now), Direction::Forward, len, SimPkt {
-                header: t.header,
-                payload: t.payload,
-            });
+            let _ = link.handle_datagram(
+                to_ns(now),
+                Direction::Forward,
+                len,
+                SimPkt {
+                    header: t.header,
+                    payload: t.payload,
+                },
+            );
         }
         if let Some(s) = server.as_mut() {
             while let Some(t) = s.poll_transmit(now) {
                 let len = t.len();
-                let _ = link.handle_datagram(to_ns(now), Direction::Reverse, len, SimPkt {
-                    header: t.header,
-                    payload: t.payload,
-                });
+                let _ = link.handle_datagram(
+                    to_ns(now),
+                    Direction::Reverse,
+                    len,
+                    SimPkt {
+                        header: t.header,
+                        payload: t.payload,
+                    },
+                );
             }
         }
         // Events.
@@ -174,7 +186,8 @@ pub fn run(sc: &Scenario) -> Outcome {
                 Event::MessageAcked { msg } => {
                     let i = msg as usize;
                     if acked[i] || dropped[i] {
-                        out.violations.push(format!("msg {msg} acked twice or after drop"));
+                        out.violations
+                            .push(format!("msg {msg} acked twice or after drop"));
                     }
                     acked[i] = true;
                     pending -= 1;
@@ -184,7 +197,8 @@ pub fn run(sc: &Scenario) -> Outcome {
                     let i = msg as usize;
                     if reason == DropReason::Ttl {
                         if acked[i] || dropped[i] {
-                            out.violations.push(format!("msg {msg} dropped after ack/drop"));
+                            out.violations
+                                .push(format!("msg {msg} dropped after ack/drop"));
                         }
                         dropped[i] = true;
                         out.dropped_msgs += 1;
@@ -204,7 +218,8 @@ pub fn run(sc: &Scenario) -> Outcome {
                         let mut off = 0u64;
                         for ext in &extents {
                             let Some(b) = bufs.remove(&ext.buf) else {
-                                out.violations.push(format!("extent {ext:?} of unknown buffer"));
+                                out.violations
+                                    .push(format!("extent {ext:?} of unknown buffer"));
                                 continue;
                             };
                             let o = b.origin;
@@ -213,13 +228,15 @@ pub fn run(sc: &Scenario) -> Outcome {
                                 || o.len != ext.len
                                 || ext.offset != 16
                             {
-                                out.violations.push(format!("bad extent {ext:?} from {o:?}"));
+                                out.violations
+                                    .push(format!("bad extent {ext:?} from {o:?}"));
                             }
                             if let Some(bytes) = &b.bytes {
                                 let p = &bytes[16..16 + ext.len as usize];
                                 for (k, &v) in p.iter().enumerate() {
                                     if v != pattern(o.msg, u64::from(o.offset) + k as u64) {
-                                        out.violations.push(format!("corrupt byte in msg {}", o.msg));
+                                        out.violations
+                                            .push(format!("corrupt byte in msg {}", o.msg));
                                         break;
                                     }
                                 }
@@ -229,7 +246,8 @@ pub fn run(sc: &Scenario) -> Outcome {
                         if let Some(m) = msg {
                             let i = m as usize;
                             if off != u64::from(lens[i]) {
-                                out.violations.push(format!("msg {m}: {off} of {} bytes", lens[i]));
+                                out.violations
+                                    .push(format!("msg {m}: {off} of {} bytes", lens[i]));
                             }
                             delivered[i] += 1;
                             if delivered[i] > 1 {
@@ -268,7 +286,12 @@ pub fn run(sc: &Scenario) -> Outcome {
         }
         if std::env::var_os("LU2K_SIM_TRACE").is_some() && next / 2_000_000 != now / 2_000_000 {
             client.refresh_stats();
-            eprintln!("t={} delivered {} | {}", next, out.delivered_bytes, client.debug_summary());
+            eprintln!(
+                "t={} delivered {} | {}",
+                next,
+                out.delivered_bytes,
+                client.debug_summary()
+            );
         }
         now = now.max(next);
         // Deliveries.
@@ -279,11 +302,15 @@ pub fn run(sc: &Scenario) -> Outcome {
             scratch[..hdr.len()].copy_from_slice(hdr);
             match dir {
                 Direction::Reverse => {
-                    let _ = client.handle_datagram(now, &scratch[..total], Extent {
-                        buf: 0,
-                        offset: 0,
-                        len: total as u32,
-                    });
+                    let _ = client.handle_datagram(
+                        now,
+                        &scratch[..total],
+                        Extent {
+                            buf: 0,
+                            offset: 0,
+                            len: total as u32,
+                        },
+                    );
                 }
                 Direction::Forward => {
                     let id = next_buf;
@@ -334,7 +361,10 @@ pub fn run(sc: &Scenario) -> Outcome {
                                     to_ns(now),
                                     Direction::Reverse,
                                     len,
-                                    SimPkt { header: h, payload: None },
+                                    SimPkt {
+                                        header: h,
+                                        payload: None,
+                                    },
                                 );
                             }
                             ListenerOutput::Accept(c) => server = Some(c),
@@ -397,11 +427,13 @@ pub fn run(sc: &Scenario) -> Outcome {
             }
         }
         if s.held() != 0 {
-            out.violations.push(format!("{} regions still held after close", s.held()));
+            out.violations
+                .push(format!("{} regions still held after close", s.held()));
         }
     }
     if !bufs.is_empty() {
-        out.violations.push(format!("{} buffers never returned", bufs.len()));
+        out.violations
+            .push(format!("{} buffers never returned", bufs.len()));
     }
     out
 }
