@@ -43,6 +43,8 @@
 //! - Hostile input (an ACK beyond what was sent, a loss report naming unsent
 //!   packets) is dropped and counted instead of breaking the connection.
 //! - Messages are always delivered in order.
+//! - TTL applies until a message has left completely (see
+//!   [`Connection::send`]).
 
 mod listener;
 mod types;
@@ -433,7 +435,12 @@ impl Connection {
 
     /// Registers a message of `len` bytes that the engine keeps at id `msg`
     /// until [`Event::MessageAcked`] or [`Event::MessageDropped`] names it.
-    /// `ttl_us`: drop it if the peer does not have it all this long after now.
+    /// `ttl_us`: drop it if it has not left completely this long after now
+    /// (the peer is then told with a message drop request). Once every
+    /// packet of a message has been sent, it is delivered or the connection
+    /// closes: a TTL drop never races a delivery, so the engine's completion
+    /// is always right. (UDT4 may also drop on a later retransmission, and
+    /// then can report a delivered message as dropped.)
     /// In stream mode each call is the next chunk of the stream.
     pub fn send(
         &mut self,
@@ -448,7 +455,11 @@ impl Connection {
         if len == 0 {
             return Err(SendError::Empty);
         }
-        if len > u64::from(i32::MAX as u32) {
+        let max = match self.cfg.mode {
+            Mode::Message => u64::from(self.cfg.max_message_bytes),
+            Mode::Stream => u64::from(i32::MAX as u32),
+        };
+        if len > max {
             return Err(SendError::TooLong);
         }
         let len = len as u32;
@@ -574,10 +585,6 @@ impl Connection {
             let m = &self.tx.msgs[mi];
             if m.dropped {
                 self.queue_drop_req(mi);
-                continue;
-            }
-            if m.deadline.is_some_and(|d| now >= d) {
-                self.drop_msg(mi, DropReason::Ttl);
                 continue;
             }
             let p = &mut self.tx.pkts[pi];

@@ -41,6 +41,10 @@ pub struct Config {
     pub bdp_factor: f64,
     /// Explicit receive buffer in packets; overrides the BDP sizing.
     pub rcv_buf_pkts: Option<u32>,
+    /// Largest message `send` accepts (message mode). The receive buffer
+    /// always holds two of them: a message is only delivered whole, so a
+    /// smaller buffer could deadlock.
+    pub max_message_bytes: u32,
     /// Close the connection after this long without hearing from the peer
     /// (and at least 16 EXP expirations, as UDT4), microseconds.
     pub idle_timeout_us: u64,
@@ -63,6 +67,7 @@ impl Default for Config {
             bdp_rtt_us: 700_000,
             bdp_factor: 6.0,
             rcv_buf_pkts: None,
+            max_message_bytes: (1 << 20) + 4096,
             idle_timeout_us: 10_000_000,
             connect_timeout_us: 10_000_000,
             min_nak_interval_us: 20_000,
@@ -78,14 +83,19 @@ impl Config {
     }
 
     /// Receive buffer in packets: explicit, or `bdp_factor × BDP`, within
-    /// `[32, 2^20]`.
+    /// `[32, 2^20]`, and never less than two largest messages plus 32.
     pub fn rcv_buf(&self) -> u32 {
+        let floor = if self.mode == Mode::Message {
+            2 * self.max_message_bytes.div_ceil(self.payload_size()) + 32
+        } else {
+            32
+        };
         if let Some(n) = self.rcv_buf_pkts {
-            return n.clamp(32, 1 << 20);
+            return n.clamp(floor, 1 << 20);
         }
         let bdp_bytes = self.bdp_bandwidth_bps as f64 / 8.0 * self.bdp_rtt_us as f64 / 1e6;
         let pkts = bdp_bytes * self.bdp_factor / f64::from(self.mss.max(64));
-        (pkts.ceil() as u64).clamp(32, 1 << 20) as u32
+        (pkts.ceil() as u64).clamp(u64::from(floor), 1 << 20) as u32
     }
 }
 
@@ -337,7 +347,7 @@ pub enum SendError {
     Closed,
     /// An empty message.
     Empty,
-    /// Larger than 2^31 bytes.
+    /// Larger than [`Config::max_message_bytes`] (message mode) or 2^31 bytes.
     TooLong,
 }
 
@@ -346,7 +356,9 @@ impl std::fmt::Display for SendError {
         f.write_str(match self {
             SendError::Closed => "connection closed: open a new one",
             SendError::Empty => "empty message: UDT messages carry at least one byte",
-            SendError::TooLong => "message longer than 2 GiB: split it",
+            SendError::TooLong => {
+                "message longer than the configured maximum: split it or raise max_message_bytes"
+            }
         })
     }
 }

@@ -1,0 +1,856 @@
+//! lu2k-udt against the reference UDT 4.11 (through the `udt` crate) over
+//! loopback.
+//!
+//! The lu2k side is the sans-IO [`Connection`] driven by a plain UDP driver
+//! in this file (one non-blocking `UdpSocket`, `ppoll` for timers); the
+//! UDT4 side is the C++ library with its own threads. Each run moves
+//! [`BYTES`] in each direction at once and checks every byte: content comes
+//! from a seeded generator addressed by stream offset, the receiver compares
+//! every message (or stream chunk) with it and the FNV-1a checksums of the
+//! whole streams must match.
+//!
+//! * lu2k client → UDT4 server, message mode (`UDT_DGRAM`, `sendmsg` /
+//!   `recvmsg`) and stream mode (`UDT_STREAM`, `send` / `recv`);
+//! * UDT4 client → lu2k server ([`Listener`] with SYN cookies), both modes;
+//! * lu2k client → relay → UDT4 server in message mode, the relay dropping
+//!   1 % of the datagrams in each direction (seeded).
+//!
+//! The runs are serialized (one mutex): they share two CPU cores with the
+//! rest of the test suite and a UDT4 library instance.
+
+use lu2k_udt::conn::{
+    handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput, Mode,
+};
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use udt::{SocketFamily, UdtOpts, UdtSocket};
+
+/// Bytes moved in each direction per run.
+const BYTES: u64 = 64 << 20;
+/// Largest message in message mode (an LNet message: 1 MiB + header).
+const MAX_MSG: usize = (1 << 20) + 72;
+/// Give up on a run after this long (a hang is a failure, not a timeout of
+/// the whole suite).
+const RUN_LIMIT: Duration = Duration::from_secs(240);
+/// Bytes registered with the connection and not yet acknowledged, at most.
+const TX_OUTSTANDING: u64 = 16 << 20;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+// ------------------------------------------------------------------ content
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The byte at every offset of a seeded stream.
+fn fill(seed: u64, offset: u64, out: &mut [u8]) {
+    let mut off = offset;
+    let mut i = 0;
+    while i < out.len() {
+        let word = splitmix(seed ^ (off / 8)).to_le_bytes();
+        let k = (off % 8) as usize;
+        let n = (8 - k).min(out.len() - i);
+        out[i..i + n].copy_from_slice(&word[k..k + n]);
+        i += n;
+        off += n as u64;
+    }
+}
+
+/// Message (or send-chunk) sizes summing to `total`: a quarter small, the
+/// rest 64 KiB ..= 1 MiB + 72, as LNet traffic.
+fn plan(seed: u64, total: u64) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut left = total;
+    let mut s = seed;
+    while left > 0 {
+        s = splitmix(s);
+        let want = if s % 4 == 0 {
+            1 + (s >> 8) as usize % 4096
+        } else {
+            (64 << 10) + (s >> 8) as usize % (MAX_MSG - (64 << 10))
+        };
+        let n = (want as u64).min(left) as usize;
+        v.push(n);
+        left -= n as u64;
+    }
+    v
+}
+
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+fn expected_checksum(seed: u64, total: u64) -> u64 {
+    let mut h = Fnv::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(buf.len() as u64) as usize;
+        fill(seed, off, &mut buf[..n]);
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.0
+}
+
+/// Checks received bytes against the generator, in order.
+struct Verifier {
+    seed: u64,
+    offset: u64,
+    hash: Fnv,
+    scratch: Vec<u8>,
+    messages: usize,
+}
+
+impl Verifier {
+    fn new(seed: u64) -> Verifier {
+        Verifier {
+            seed,
+            offset: 0,
+            hash: Fnv::new(),
+            scratch: Vec::new(),
+            messages: 0,
+        }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        self.scratch.resize(bytes.len(), 0);
+        fill(self.seed, self.offset, &mut self.scratch);
+        if self.scratch != bytes {
+            let at = (0..bytes.len())
+                .find(|&i| self.scratch[i] != bytes[i])
+                .unwrap_or(0);
+            panic!(
+                "content mismatch at stream offset {} (chunk of {} bytes, message #{})",
+                self.offset + at as u64,
+                bytes.len(),
+                self.messages
+            );
+        }
+        self.hash.update(bytes);
+        self.offset += bytes.len() as u64;
+    }
+}
+
+// ------------------------------------------------------------------ UDT4 side
+
+fn udt4_socket(mode: Mode) -> UdtSocket {
+    udt::init();
+    let ty = match mode {
+        Mode::Message => udt::SocketType::Datagram,
+        Mode::Stream => udt::SocketType::Stream,
+    };
+    let s = UdtSocket::new(SocketFamily::AFInet, ty).expect("UDT4 socket");
+    // The kernel caps these at rmem_max / wmem_max.
+    s.setsockopt(UdtOpts::UDP_RCVBUF, 4 << 20).unwrap();
+    s.setsockopt(UdtOpts::UDP_SNDBUF, 4 << 20).unwrap();
+    s
+}
+
+/// Sends the seeded stream through UDT4: messages of `plan` sizes, or
+/// stream chunks of those sizes.
+fn udt4_send(s: UdtSocket, mode: Mode, seed: u64, total: u64) {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut off = 0u64;
+    for len in plan(seed ^ 0x51, total) {
+        fill(seed, off, &mut buf[..len]);
+        match mode {
+            Mode::Message => {
+                let n = s.sendmsg(&buf[..len]).expect("UDT4 sendmsg");
+                assert_eq!(n as usize, len, "UDT4 sendmsg took the whole message");
+            }
+            Mode::Stream => {
+                let mut at = 0;
+                while at < len {
+                    let n = s.send(&buf[at..len]).expect("UDT4 send");
+                    at += n as usize;
+                }
+            }
+        }
+        off += len as u64;
+    }
+}
+
+/// Receives and verifies the seeded stream through UDT4; returns the
+/// checksum and the number of messages.
+fn udt4_recv(s: UdtSocket, mode: Mode, seed: u64, total: u64) -> (u64, usize) {
+    let mut v = Verifier::new(seed);
+    let mut buf = vec![0u8; MAX_MSG + 4096];
+    let sizes = plan(seed ^ 0x51, total);
+    while v.offset < total {
+        match mode {
+            Mode::Message => {
+                let n = s.recvmsg(&mut buf).expect("UDT4 recvmsg");
+                assert_eq!(
+                    n, sizes[v.messages],
+                    "UDT4 received message #{} with the wrong length",
+                    v.messages
+                );
+                v.take(&buf[..n]);
+            }
+            Mode::Stream => {
+                let n = s.recv(&mut buf, MAX_MSG).expect("UDT4 recv");
+                v.take(&buf[..n as usize]);
+            }
+        }
+        v.messages += 1;
+    }
+    assert_eq!(v.offset, total, "UDT4 received more than was sent");
+    (v.hash.0, v.messages)
+}
+
+// ------------------------------------------------------------------ lu2k side
+
+fn set_bufs(sock: &UdpSocket) {
+    use rustix::net::sockopt;
+    let fd = sock.as_fd();
+    if sockopt::set_socket_recv_buffer_size_force(fd, 8 << 20).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(fd, 8 << 20);
+    }
+    if sockopt::set_socket_send_buffer_size_force(fd, 8 << 20).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(fd, 8 << 20);
+    }
+}
+
+fn lu2k_config(mode: Mode) -> Config {
+    Config {
+        mode,
+        // Loopback: size the windows for 1 Gbit/s at 10 ms.
+        bdp_bandwidth_bps: 1_000_000_000,
+        bdp_rtt_us: 10_000,
+        ..Config::default()
+    }
+}
+
+/// A blocking-style UDP driver around one [`Connection`] (or, on the server
+/// side, a [`Listener`] until it accepts).
+struct Driver {
+    sock: UdpSocket,
+    start: Instant,
+    peer: SocketAddr,
+    conn: Option<Connection>,
+    listener: Option<Listener>,
+    mode: Mode,
+    // sending
+    tx_seed: u64,
+    tx_total: u64,
+    tx_plan: Vec<usize>,
+    tx_next: usize,
+    tx_registered: u64,
+    tx_acked: u64,
+    tx_msgs: HashMap<u64, (u64, u64)>, // id -> (stream offset, len)
+    // receiving
+    rx: Verifier,
+    rx_total: u64,
+    rx_sizes: Vec<usize>,
+    bufs: HashMap<u64, Vec<u8>>,
+    next_buf: u64,
+    dgram: Vec<u8>,
+    closed: Option<String>,
+}
+
+impl Driver {
+    fn new(sock: UdpSocket, peer: SocketAddr, mode: Mode, tx_seed: u64, rx_seed: u64) -> Driver {
+        sock.set_nonblocking(true).unwrap();
+        set_bufs(&sock);
+        Driver {
+            sock,
+            start: Instant::now(),
+            peer,
+            conn: None,
+            listener: None,
+            mode,
+            tx_seed,
+            tx_total: BYTES,
+            tx_plan: plan(tx_seed ^ 0x51, BYTES),
+            tx_next: 0,
+            tx_registered: 0,
+            tx_acked: 0,
+            tx_msgs: HashMap::new(),
+            rx: Verifier::new(rx_seed),
+            rx_total: BYTES,
+            rx_sizes: plan(rx_seed ^ 0x51, BYTES),
+            bufs: HashMap::new(),
+            next_buf: 0,
+            dgram: vec![0u8; 65536],
+            closed: None,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    fn tx_done(&self) -> bool {
+        self.tx_acked == self.tx_total
+    }
+
+    fn rx_done(&self) -> bool {
+        self.rx.offset == self.rx_total
+    }
+
+    fn send_datagram(&self, bytes: &[u8]) {
+        loop {
+            match self.sock.send_to(bytes, self.peer) {
+                Ok(_) => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let mut fds = [rustix::event::PollFd::new(
+                        &self.sock,
+                        rustix::event::PollFlags::OUT,
+                    )];
+                    let t = rustix::time::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 1_000_000,
+                    };
+                    let _ = rustix::event::poll(&mut fds, Some(&t));
+                }
+                // Loopback ICMP errors (peer gone) and the like: the
+                // protocol sees it as loss.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// One round: timers, new messages, transmits, events, received
+    /// datagrams, then wait for the socket or the next deadline.
+    fn step(&mut self) {
+        let now = self.now();
+        if let Some(conn) = self.conn.as_mut() {
+            if conn.poll_timeout().is_some_and(|t| t <= now) {
+                conn.handle_timeout(now);
+            }
+            // Register more of the stream while little is outstanding.
+            while conn.is_connected()
+                && self.tx_next < self.tx_plan.len()
+                && self.tx_registered - self.tx_acked < TX_OUTSTANDING
+            {
+                let len = self.tx_plan[self.tx_next] as u64;
+                let id = self.tx_next as u64;
+                conn.send(now, id, len, None).expect("lu2k send");
+                self.tx_msgs.insert(id, (self.tx_registered, len));
+                self.tx_registered += len;
+                self.tx_next += 1;
+            }
+        }
+        self.flush(now);
+        self.drain_events();
+        let got = self.receive(now);
+        if got == 0 {
+            self.flush(self.now());
+            self.wait();
+        }
+    }
+
+    fn flush(&mut self, now: u64) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let mut out = Vec::with_capacity(2048);
+        while let Some(t) = conn.poll_transmit(now) {
+            out.clear();
+            out.extend_from_slice(t.header.as_bytes());
+            if let Some(p) = t.payload {
+                let (base, len) = self.tx_msgs[&p.msg];
+                assert!(
+                    u64::from(p.offset) + u64::from(p.len) <= len,
+                    "payload reference outside message {}",
+                    p.msg
+                );
+                let at = out.len();
+                out.resize(at + p.len as usize, 0);
+                fill(self.tx_seed, base + u64::from(p.offset), &mut out[at..]);
+            }
+            // Inline send (borrowck: `self.conn` is borrowed).
+            loop {
+                match self.sock.send_to(&out, self.peer) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(50));
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn drain_events(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        while let Some(ext) = conn.poll_release() {
+            self.bufs.remove(&ext.buf);
+        }
+        while let Some(ev) = conn.poll_event() {
+            match ev {
+                Event::Connected => {}
+                Event::MessageReceived { extents, .. } => {
+                    assert_eq!(self.mode, Mode::Message, "message event in stream mode");
+                    let mut msg = Vec::new();
+                    for e in &extents {
+                        let b = &self.bufs[&e.buf];
+                        msg.extend_from_slice(&b[e.offset as usize..(e.offset + e.len) as usize]);
+                    }
+                    for e in &extents {
+                        self.bufs.remove(&e.buf);
+                    }
+                    let k = self.rx.messages;
+                    assert!(k < self.rx_sizes.len(), "more messages than UDT4 sent");
+                    assert_eq!(
+                        msg.len(),
+                        self.rx_sizes[k],
+                        "lu2k received message #{k} with the wrong length"
+                    );
+                    self.rx.take(&msg);
+                    self.rx.messages += 1;
+                }
+                Event::StreamData(e) => {
+                    assert_eq!(self.mode, Mode::Stream, "stream event in message mode");
+                    let b = self.bufs.remove(&e.buf).expect("stream extent buffer");
+                    self.rx
+                        .take(&b[e.offset as usize..(e.offset + e.len) as usize]);
+                }
+                Event::MessageAcked { msg } => {
+                    let (_, len) = self.tx_msgs.remove(&msg).expect("ack of a known message");
+                    self.tx_acked += len;
+                }
+                Event::MessageDropped { msg, reason } => {
+                    panic!("lu2k dropped message {msg}: {reason:?}")
+                }
+                Event::Closed { reason } => self.closed = Some(format!("{reason:?}")),
+            }
+        }
+    }
+
+    /// Receives what is waiting (up to a batch); returns how many.
+    fn receive(&mut self, now: u64) -> usize {
+        let mut n = 0;
+        while n < 64 {
+            let (len, from) = match self.sock.recv_from(&mut self.dgram) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            n += 1;
+            let data = &self.dgram[..len];
+            if self.conn.is_none() {
+                let Some(l) = self.listener.as_mut() else {
+                    continue;
+                };
+                match l.handle(now, from, data) {
+                    ListenerOutput::Reply(h) => {
+                        self.peer = from;
+                        let bytes = h.as_bytes().to_vec();
+                        self.send_datagram(&bytes);
+                    }
+                    ListenerOutput::Accept(c) => {
+                        self.peer = from;
+                        self.conn = Some(*c);
+                    }
+                    ListenerOutput::Drop(_) => {}
+                }
+                continue;
+            }
+            let conn = self.conn.as_mut().unwrap();
+            if from != self.peer {
+                continue;
+            }
+            // A repeated handshake to socket 0 from our client goes to the
+            // connection, which repeats its response.
+            if self.listener.is_some()
+                && handshake_socket_id(data).is_some_and(|id| id != conn.peer_socket_id())
+            {
+                continue;
+            }
+            let id = self.next_buf;
+            let at = Extent {
+                buf: id,
+                offset: 0,
+                len: len as u32,
+            };
+            if conn.handle_datagram(now, data, at) {
+                self.bufs.insert(id, data.to_vec());
+                self.next_buf += 1;
+            }
+        }
+        n
+    }
+
+    fn wait(&self) {
+        let now = self.now();
+        let deadline = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.poll_timeout())
+            .unwrap_or(now + 5_000);
+        let wait_us = deadline.saturating_sub(now).min(5_000);
+        if wait_us == 0 {
+            return;
+        }
+        let mut fds = [rustix::event::PollFd::new(
+            &self.sock,
+            rustix::event::PollFlags::IN,
+        )];
+        let t = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: (wait_us * 1000) as i64,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&t));
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "tx acked {}/{} registered {} | rx {}/{} ({} msgs) | closed {:?} | {}",
+            self.tx_acked,
+            self.tx_total,
+            self.tx_registered,
+            self.rx.offset,
+            self.rx_total,
+            self.rx.messages,
+            self.closed,
+            self.conn
+                .as_ref()
+                .map_or("no connection".into(), |c| format!(
+                    "{:?} {}",
+                    c.stats(),
+                    c.debug_summary()
+                ))
+        )
+    }
+
+    /// Drives until both directions are complete and `peer_done` is set,
+    /// then closes.
+    fn run(&mut self, peer_done: &AtomicBool) {
+        let limit = Instant::now() + RUN_LIMIT;
+        while !(self.tx_done() && self.rx_done() && peer_done.load(Ordering::Acquire)) {
+            assert!(
+                self.closed.is_none(),
+                "lu2k connection closed early: {}",
+                self.summary()
+            );
+            assert!(Instant::now() < limit, "run timed out: {}", self.summary());
+            self.step();
+        }
+        let conn = self.conn.as_mut().unwrap();
+        assert_eq!(
+            conn.held(),
+            0,
+            "buffers still referenced after the transfer"
+        );
+        let now = self.now();
+        conn.close(now);
+        self.flush(now);
+        self.drain_events();
+        assert!(
+            self.bufs.is_empty(),
+            "buffers not given back: {}",
+            self.bufs.len()
+        );
+    }
+}
+
+struct Report {
+    secs: f64,
+    lu2k_rx_hash: u64,
+    udt4_rx_hash: u64,
+}
+
+fn check(r: &Report, lu2k_to_udt4_seed: u64, udt4_to_lu2k_seed: u64, what: &str) {
+    assert_eq!(
+        r.udt4_rx_hash,
+        expected_checksum(lu2k_to_udt4_seed, BYTES),
+        "{what}: checksum of what UDT4 received"
+    );
+    assert_eq!(
+        r.lu2k_rx_hash,
+        expected_checksum(udt4_to_lu2k_seed, BYTES),
+        "{what}: checksum of what lu2k received"
+    );
+    let mbit = (2 * BYTES * 8) as f64 / r.secs / 1e6;
+    eprintln!(
+        "{what}: 2 x {} MiB in {:.2} s ({mbit:.0} Mbit/s both ways together)",
+        BYTES >> 20,
+        r.secs
+    );
+}
+
+/// UDT4's two application threads on one socket: a sender and a verifying
+/// receiver. `done` is set once the receiver has everything.
+fn spawn_udt4_io(
+    s: UdtSocket,
+    mode: Mode,
+    tx_seed: u64,
+    rx_seed: u64,
+    done: Arc<AtomicBool>,
+) -> (thread::JoinHandle<()>, thread::JoinHandle<u64>) {
+    let tx = thread::spawn(move || udt4_send(s, mode, tx_seed, BYTES));
+    let rx = thread::spawn(move || {
+        let (h, _) = udt4_recv(s, mode, rx_seed, BYTES);
+        done.store(true, Ordering::Release);
+        h
+    });
+    (tx, rx)
+}
+
+/// lu2k client → UDT4 server, optionally through a lossy relay.
+fn lu2k_client_to_udt4_server(mode: Mode, loss: Option<(f64, u64)>) -> Report {
+    let listener = udt4_socket(mode);
+    listener
+        .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .unwrap();
+    listener.listen(4).unwrap();
+    let server = listener.getsockname().unwrap();
+    let (seed_a, seed_b) = (0xA11CE, 0xB0B);
+
+    let relay = loss.map(|(p, seed)| Relay::start(server, p, seed));
+    let target = relay.as_ref().map_or(server, |r| r.front);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let acceptor = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("UDT4 accept");
+        let io = spawn_udt4_io(s, mode, seed_b, seed_a, d2);
+        (listener, s, io)
+    });
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = Driver::new(sock, target, mode, seed_a, seed_b);
+    let started = Instant::now();
+    d.conn = Some(Connection::connect(d.now(), lu2k_config(mode), 7, target));
+    d.run(&done);
+    let secs = started.elapsed().as_secs_f64();
+    let (listener, s, (tx, rx)) = acceptor.join().unwrap();
+    tx.join().unwrap();
+    let udt4_rx_hash = rx.join().unwrap();
+    let _ = s.close();
+    let _ = listener.close();
+    if let Some(r) = relay {
+        let (dropped, total) = r.stop();
+        eprintln!("relay dropped {dropped} of {total} datagrams");
+        assert!(dropped > 0, "the relay dropped nothing");
+    }
+    Report {
+        secs,
+        lu2k_rx_hash: d.rx.hash.0,
+        udt4_rx_hash,
+    }
+}
+
+/// UDT4 client → lu2k server.
+fn udt4_client_to_lu2k_server(mode: Mode) -> Report {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server = sock.local_addr().unwrap();
+    let (seed_a, seed_b) = (0xC0FFEE, 0xD00D);
+    let mut d = Driver::new(sock, server, mode, seed_a, seed_b);
+    d.listener = Some(Listener::new(d.now(), lu2k_config(mode), 11));
+
+    let done = Arc::new(AtomicBool::new(false));
+    let d2 = done.clone();
+    let client = thread::spawn(move || {
+        let s = udt4_socket(mode);
+        s.connect(server).expect("UDT4 connect to lu2k");
+        let io = spawn_udt4_io(s, mode, seed_b, seed_a, d2);
+        (s, io)
+    });
+    let started = Instant::now();
+    let limit = started + Duration::from_secs(20);
+    while d.conn.is_none() {
+        assert!(Instant::now() < limit, "UDT4 never completed the handshake");
+        d.step();
+    }
+    d.run(&done);
+    let secs = started.elapsed().as_secs_f64();
+    let (s, (tx, rx)) = client.join().unwrap();
+    tx.join().unwrap();
+    let udt4_rx_hash = rx.join().unwrap();
+    let _ = s.close();
+    Report {
+        secs,
+        lu2k_rx_hash: d.rx.hash.0,
+        udt4_rx_hash,
+    }
+}
+
+// ------------------------------------------------------------------ relay
+
+/// A UDP relay between a client (which sends to `front`) and `server`,
+/// dropping each datagram with probability `p` (seeded, per direction).
+struct Relay {
+    front: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Relay {
+    fn start(server: SocketAddr, p: f64, seed: u64) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&front, &back] {
+            set_bufs(s);
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        }
+        let front_addr = front.local_addr().unwrap();
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threshold = (p * u64::MAX as f64) as u64;
+        let mut threads = Vec::new();
+        // client -> server
+        {
+            let (rx, tx) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+            let (client, stop) = (client.clone(), stop.clone());
+            threads.push(thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let (mut rng, mut dropped, mut total) = (seed, 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = rx.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    *client.lock().unwrap() = Some(from);
+                    total += 1;
+                    rng = splitmix(rng);
+                    if rng < threshold {
+                        dropped += 1;
+                        continue;
+                    }
+                    let _ = tx.send_to(&buf[..n], server);
+                }
+                (dropped, total)
+            }));
+        }
+        // server -> client
+        {
+            let (rx, tx) = (back, front);
+            let (client, stop) = (client.clone(), stop.clone());
+            threads.push(thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let (mut rng, mut dropped, mut total) = (splitmix(seed ^ 0xFF), 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, _)) = rx.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let Some(to) = *client.lock().unwrap() else {
+                        continue;
+                    };
+                    total += 1;
+                    rng = splitmix(rng);
+                    if rng < threshold {
+                        dropped += 1;
+                        continue;
+                    }
+                    let _ = tx.send_to(&buf[..n], to);
+                }
+                (dropped, total)
+            }));
+        }
+        Relay {
+            front: front_addr,
+            stop,
+            threads,
+        }
+    }
+
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn generator_and_plan_are_consistent() {
+    let p = plan(3, BYTES);
+    assert_eq!(p.iter().map(|&n| n as u64).sum::<u64>(), BYTES);
+    assert!(p.iter().all(|&n| (1..=MAX_MSG).contains(&n)));
+    // Filling in pieces equals filling at once (offset addressing works).
+    let mut whole = vec![0u8; 100];
+    fill(9, 5, &mut whole);
+    let mut parts = vec![0u8; 100];
+    fill(9, 5, &mut parts[..13]);
+    fill(9, 18, &mut parts[13..]);
+    assert_eq!(whole, parts);
+    let mut v = Verifier::new(9);
+    v.offset = 5;
+    v.take(&whole);
+}
+
+#[test]
+fn lu2k_client_udt4_server_message_mode() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = lu2k_client_to_udt4_server(Mode::Message, None);
+    check(
+        &r,
+        0xA11CE,
+        0xB0B,
+        "lu2k client -> UDT4 server, message mode",
+    );
+}
+
+#[test]
+fn lu2k_client_udt4_server_stream_mode() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = lu2k_client_to_udt4_server(Mode::Stream, None);
+    check(
+        &r,
+        0xA11CE,
+        0xB0B,
+        "lu2k client -> UDT4 server, stream mode",
+    );
+}
+
+#[test]
+fn udt4_client_lu2k_server_message_mode() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = udt4_client_to_lu2k_server(Mode::Message);
+    check(
+        &r,
+        0xC0FFEE,
+        0xD00D,
+        "UDT4 client -> lu2k server, message mode",
+    );
+}
+
+#[test]
+fn udt4_client_lu2k_server_stream_mode() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = udt4_client_to_lu2k_server(Mode::Stream);
+    check(
+        &r,
+        0xC0FFEE,
+        0xD00D,
+        "UDT4 client -> lu2k server, stream mode",
+    );
+}
+
+#[test]
+fn lu2k_client_udt4_server_one_percent_loss() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = lu2k_client_to_udt4_server(Mode::Message, Some((0.01, 0x1055)));
+    check(
+        &r,
+        0xA11CE,
+        0xB0B,
+        "lu2k client -> 1% loss relay -> UDT4 server, message mode",
+    );
+}
