@@ -11,6 +11,9 @@
 //! - One LNet message is one RDS message: [`Socket::send`] hands the kernel the
 //!   iovecs as they are (header, then payload slices in the shared pool), so lu2k
 //!   copies no payload; the kernel either queues the whole message or nothing.
+//!   RDS caps a message at `RDS_MAX_MSG_SIZE` = 1 MiB *including* the 72-byte LNet
+//!   header, so payloads above `1 MiB - 72` do not fit one message (see
+//!   [`Socket::max_message`]).
 //! - A socket is pinned to `rds_tcp` before it is bound (`SO_RDS_TRANSPORT`), so a
 //!   message never silently takes another transport.
 //! - Every failure is typed: [`OpenError`] at start (with a clear message when the
@@ -162,7 +165,12 @@ impl Socket {
             config.rcvbuf,
         )?;
         sys::bind(fd.as_fd(), local).map_err(|errno| match errno {
-            libc::EADDRNOTAVAIL => OpenError::AddrNotAvailable { addr: local, errno },
+            // With the transport pinned, rds_bind asks rds_tcp whether the address is
+            // local (laddr_check) and answers ENOPROTOOPT when it is not; unpinned,
+            // RDS answers EADDRNOTAVAIL.
+            libc::EADDRNOTAVAIL | libc::ENOPROTOOPT => {
+                OpenError::AddrNotAvailable { addr: local, errno }
+            }
             libc::EADDRINUSE => OpenError::AddrInUse { addr: local, errno },
             errno => OpenError::Os { op: "bind", errno },
         })?;
@@ -173,8 +181,9 @@ impl Socket {
         Ok(Socket {
             fd,
             local,
-            // rds_sendmsg: payload_len > sk_sndbuf / 2 is EMSGSIZE.
-            max_message: sndbuf / 2,
+            // rds_sendmsg: payload_len > sk_sndbuf / 2 is EMSGSIZE, and so is
+            // payload_len > RDS_MAX_MSG_SIZE (measured in the kernel lab on 6.1).
+            max_message: (sndbuf / 2).min(RDS_MAX_MSG_SIZE),
         })
     }
 
@@ -183,8 +192,13 @@ impl Socket {
         self.local
     }
 
-    /// The largest message this socket can send: half the send buffer the kernel
-    /// granted (the kernel refuses larger ones with `EMSGSIZE`).
+    /// The largest message this socket can send: `RDS_MAX_MSG_SIZE` (1 MiB), or half
+    /// the send buffer the kernel granted when that is less; the kernel refuses larger
+    /// ones with `EMSGSIZE`.
+    ///
+    /// Note: an LNet message with a full 1 MiB payload plus its 72-byte header does
+    /// *not* fit one RDS message; the largest payload that does is
+    /// `RDS_MAX_MSG_SIZE - LNET_HDR_LEN`.
     pub fn max_message(&self) -> usize {
         self.max_message
     }

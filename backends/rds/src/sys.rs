@@ -24,9 +24,9 @@ pub const SOL_RDS: libc::c_int = 276;
 pub const SO_RDS_TRANSPORT: libc::c_int = 8;
 /// `RDS_TRANS_TCP` (linux/rds.h).
 pub const RDS_TRANS_TCP: libc::c_int = 2;
-/// `RDS_MAX_MSG_SIZE` (net/rds/rds.h): 1 MiB, the largest LNet payload too. The
-/// kernel lab measures whether a message of a full payload plus the LNet header
-/// passes (the limit a socket enforces is its send buffer, see `Socket::max_message`).
+/// `RDS_MAX_MSG_SIZE` (net/rds/rds.h): 1 MiB, the largest RDS message, all iovecs
+/// together. `rds_sendmsg` refuses more with `EMSGSIZE` (the kernel lab checks the
+/// exact boundary on Debian's 6.1).
 pub const RDS_MAX_MSG_SIZE: usize = 1 << 20;
 
 /// An errno value from a failed system call.

@@ -29,7 +29,10 @@ pub enum Outcome {
     Skip(String),
 }
 
-const TESTS: &[(&str, fn() -> anyhow::Result<Outcome>)] = &[
+/// A lab test: runs to an outcome, or fails with the reason.
+type Test = fn() -> anyhow::Result<Outcome>;
+
+const TESTS: &[(&str, Test)] = &[
     ("rds", rds::run),
     ("netem", netem::run),
     ("probe", probe::run),

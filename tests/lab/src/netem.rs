@@ -211,8 +211,54 @@ fn cross_check(netem: &Measured) -> anyhow::Result<String> {
         "netem median delay {nmed:?} vs model {:?}: more than {DELAY_SLACK:?} apart",
         model.quantile(0.5)
     );
+
+    // The relay: the same model on a real clock, UDP over the VM's loopback.
+    use lu2k_linkem::{DuplexConfig, Relay, RelayConfig};
+    let rx_addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 19010);
+    let rx = UdpSocket::bind(rx_addr)?;
+    let mut rcfg = RelayConfig::loopback(
+        DuplexConfig::symmetric(Config {
+            delay_ms: DELAY.as_secs_f64() * 1e3,
+            loss: Loss::Bernoulli { rate: LOSS },
+            ..Config::default()
+        }),
+        0x1a7,
+    );
+    rcfg.b_peer = Some(rx_addr.into());
+    let relay = Relay::spawn(rcfg).context("starting the linkem relay")?;
+    let std::net::SocketAddr::V4(via) = relay.a_addr() else {
+        anyhow::bail!("relay side A is not IPv4");
+    };
+    let tx = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
+    let r = measure(&tx, rx, via, COUNT, SPACING)?;
+    let realtime = relay.is_realtime();
+    let stats = relay.stop().context("stopping the relay")?;
+    let (rlo, rmed, rhi) = (r.quantile(0.0), r.quantile(0.5), r.quantile(0.99));
+    println!(
+        "netem: linkem relay (realtime {realtime}): loss {:.4}, delay min {rlo:?} median {rmed:?} p99 {rhi:?}; late max {:?}",
+        r.loss(),
+        stats.late_max
+    );
+    ensure!(
+        stats.forward.dropped_loss.packets as usize == COUNT - r.delays.len(),
+        "relay model dropped {} but {} did not arrive",
+        stats.forward.dropped_loss.packets,
+        COUNT - r.delays.len()
+    );
+    ensure!(
+        (r.loss() - nl).abs() <= tol,
+        "relay loss {:.4} vs netem {nl:.4}: more than {tol:.4} apart",
+        r.loss()
+    );
+    ensure!(rlo >= DELAY, "relay delivered early: {rlo:?} < {DELAY:?}");
+    let gap = rmed.abs_diff(nmed);
+    ensure!(
+        gap <= DELAY_SLACK,
+        "relay median delay {rmed:?} vs netem {nmed:?}: more than {DELAY_SLACK:?} apart"
+    );
     Ok(format!(
-        "linkem model agrees (loss {ml:.4} vs {nl:.4}, tolerance {tol:.4}); UDP relay cross-check pending (no relay in lu2k-linkem yet)"
+        "linkem model and relay agree with netem (loss {ml:.4} / {:.4} vs {nl:.4}, tolerance {tol:.4}; median delay {rmed:?} vs {nmed:?})",
+        r.loss()
     ))
 }
 

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-const MAX_PAYLOAD: usize = 1 << 20;
+/// RDS caps a message at 1 MiB all told, so an LNet-shaped message carries at most
+/// 1 MiB - 72 bytes of payload.
+const MAX_PAYLOAD: usize = lu2k_rds::RDS_MAX_MSG_SIZE - LNET_HDR_LEN;
 
 /// The byte at `i` of message `seq`'s payload: differs between messages and offsets.
 fn pattern(seq: u64, i: usize) -> u8 {
@@ -97,6 +99,7 @@ fn sizes() -> Vec<usize> {
 struct RxReport {
     messages: usize,
     bytes: usize,
+    socket: Socket,
 }
 
 /// Receives `expect` messages on `rx` and checks each (order, length, every byte).
@@ -107,7 +110,7 @@ fn receiver(
     progress: Arc<AtomicUsize>,
 ) -> anyhow::Result<RxReport> {
     let mut hdr = [0u8; LNET_HDR_LEN];
-    let mut payload = vec![0u8; MAX_PAYLOAD + 4096];
+    let mut payload = vec![0u8; MAX_PAYLOAD];
     let mut bytes = 0;
     for (seq, &len) in expect.iter().enumerate() {
         let seq = seq as u64;
@@ -146,6 +149,7 @@ fn receiver(
     Ok(RxReport {
         messages: expect.len(),
         bytes,
+        socket: rx,
     })
 }
 
@@ -245,21 +249,32 @@ pub fn run() -> anyhow::Result<Outcome> {
         "bytes {} != {sent_bytes}",
         report.bytes
     );
+    let rx_check = report.socket;
     println!(
-        "rds: {} messages, {} bytes (payloads 0..=1 MiB, up to 256 fragments), all verified, in order, {:.1} MB/s in the VM",
+        "rds: {} messages, {} bytes (payloads 0..=1 MiB - 72, up to 256 fragments), all verified, in order, {:.1} MB/s in the VM",
         report.messages,
         report.bytes,
         report.bytes as f64 / secs / 1e6
     );
 
-    // 2. The size limit: the kernel refuses what Socket::send refuses, and a full
-    //    1 MiB payload plus the header fits in one RDS message.
+    // 2. The size limit: exactly RDS_MAX_MSG_SIZE (1 MiB, all iovecs) passes, one
+    //    byte more is EMSGSIZE from the kernel and TooLarge here without a syscall;
+    //    so a full 1 MiB LNet payload with its header does not fit one RDS message.
     let max = tx.max_message();
     ensure!(
-        max >= MAX_PAYLOAD + LNET_HDR_LEN,
-        "max message {max} < 1 MiB + header: default send buffer too small"
+        max == lu2k_rds::RDS_MAX_MSG_SIZE,
+        "max message {max}, expected 1 MiB"
     );
     let big = vec![0u8; max + 1];
+    let n = sys::sendmsg(tx.as_fd(), rx_addr, &[IoSlice::new(&big[..max])], 0).map_err(|e| {
+        anyhow::anyhow!("kernel refused a message of exactly {max} bytes: errno {e}")
+    })?;
+    ensure!(n == max);
+    let mut sink = vec![0u8; max];
+    let got = rx_check
+        .recv(&mut [IoSliceMut::new(&mut sink)])
+        .context("receiving the 1 MiB message")?;
+    ensure!(got.len == max, "1 MiB message arrived as {} bytes", got.len);
     match sys::sendmsg(tx.as_fd(), rx_addr, &[IoSlice::new(&big)], 0) {
         Err(libc::EMSGSIZE) => {}
         r => bail!(
@@ -267,12 +282,16 @@ pub fn run() -> anyhow::Result<Outcome> {
             max + 1
         ),
     }
-    match tx.send(rx_addr, &[IoSlice::new(&big)]) {
+    let hdr = [0u8; LNET_HDR_LEN];
+    match tx.send(
+        rx_addr,
+        &[IoSlice::new(&hdr), IoSlice::new(&big[..1 << 20])],
+    ) {
         Err(e @ SendError::TooLarge { .. }) => ensure!(e.status() == Status::Rejected),
-        r => bail!("send of {} bytes: expected TooLarge, got {r:?}", max + 1),
+        r => bail!("send of 1 MiB payload + header: expected TooLarge, got {r:?}"),
     }
     println!(
-        "rds: a message of {} bytes is EMSGSIZE from the kernel and TooLarge here",
+        "rds: {max} bytes pass; {} bytes are EMSGSIZE from the kernel; a 1 MiB payload + 72-byte header is TooLarge",
         max + 1
     );
 
