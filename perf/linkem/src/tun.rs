@@ -135,8 +135,8 @@ pub struct TunConfig {
 }
 
 impl TunConfig {
-    /// Sides 10.77.0.1 (A) and 10.77.0.2 (B), MTU 1500, 20 µs of spin,
-    /// real-time priority 40.
+    /// Sides 10.77.0.1 (A) and 10.77.0.2 (B), MTU 1500, no spin, real-time
+    /// priority 40 where permitted.
     pub fn new(link: DuplexConfig, seed: u64, name: &str) -> Self {
         TunConfig {
             link,
@@ -145,7 +145,7 @@ impl TunConfig {
             a_ip: Ipv4Addr::new(10, 77, 0, 1),
             b_ip: Ipv4Addr::new(10, 77, 0, 2),
             mtu: 1500,
-            spin: Duration::from_micros(20),
+            spin: Duration::ZERO,
             realtime_priority: Some(40),
         }
     }

@@ -746,3 +746,138 @@ fn delivery_polls_respect_time() {
     assert_eq!(link.in_flight(), 0);
     assert_eq!(link.stats().delivered.bytes, 3);
 }
+
+/// A random, valid configuration.
+fn random_config(r: &mut ChaCha8Rng) -> Config {
+    let delay_ms = if r.random_bool(0.2) {
+        0.0
+    } else {
+        r.random_range(0.0..400.0)
+    };
+    let loss = match r.random_range(0..3) {
+        0 => Loss::None,
+        1 => Loss::Bernoulli {
+            rate: r.random_range(0.0..0.3),
+        },
+        _ => Loss::GilbertElliott {
+            rate: r.random_range(0.0..0.3),
+            burst: r.random_range(1.0..20.0),
+        },
+    };
+    let outages = (0..r.random_range(0..3))
+        .map(|_| {
+            let start_s = r.random_range(0.0..2.0);
+            Outage {
+                start_s,
+                end_s: start_s + r.random_range(0.001..0.5),
+            }
+        })
+        .collect();
+    Config {
+        rate_mbps: r.random_bool(0.7).then(|| r.random_range(0.5..1000.0)),
+        queue_bytes: r.random_bool(0.7).then(|| r.random_range(1..500_000)),
+        overhead_bytes: r.random_range(0..64),
+        delay_ms,
+        jitter_ms: if r.random_bool(0.5) {
+            r.random_range(0.0..=delay_ms)
+        } else {
+            0.0
+        },
+        reorder: r.random_bool(0.5),
+        loss,
+        duplicate: if r.random_bool(0.3) {
+            r.random_range(0.0..0.2)
+        } else {
+            0.0
+        },
+        outages,
+    }
+}
+
+/// Runs random traffic through `link`; checks the invariants that hold for
+/// every configuration and returns the trace (delivery instant, id).
+fn check_invariants(cfg: &Config, seed: u64) -> Vec<(Instant, u32)> {
+    let mut link = Link::new(cfg.clone(), seed).unwrap();
+    let mut traffic = ChaCha8Rng::seed_from_u64(seed ^ 0xabcdef);
+    let lo_delay = ((cfg.delay_ms - cfg.jitter_ms) * 1e6).round() as u64;
+    let mut offered_at = Vec::new();
+    let mut trace = Vec::new();
+    let mut t = 0u64;
+    let deliver = |link: &mut Link<u32>, now: Instant, trace: &mut Vec<(Instant, u32)>| {
+        while let Some(due) = link.poll_deadline() {
+            if due > now {
+                break;
+            }
+            // Nothing is handed out before its time.
+            if due.as_nanos() > 0 {
+                assert_eq!(link.poll_deliver(ns(due.as_nanos() - 1)), None);
+            }
+            while let Some(id) = link.poll_deliver(due) {
+                trace.push((due, id));
+            }
+        }
+    };
+    for id in 0..1000u32 {
+        t += traffic.random_range(0..3_000_000);
+        let len = traffic.random_range(1..9000);
+        offered_at.push(t);
+        let _ = link.handle_datagram(ns(t), len, id);
+        if let Some(limit) = cfg.queue_bytes {
+            if cfg.rate_mbps.is_some() {
+                assert!(link.queued_bytes(ns(t)) <= limit);
+            }
+        }
+        deliver(&mut link, ns(t), &mut trace);
+    }
+    deliver(&mut link, ns(u64::MAX), &mut trace);
+    assert_eq!(link.in_flight(), 0);
+    let s = *link.stats();
+    assert_eq!(
+        s.offered.packets,
+        s.delivered.packets - s.duplicated.packets
+            + s.dropped_queue.packets
+            + s.dropped_outage.packets
+            + s.dropped_loss.packets,
+        "{cfg:?}"
+    );
+    assert_eq!(trace.len() as u64, s.delivered.packets);
+    for w in trace.windows(2) {
+        assert!(w[0].0 <= w[1].0, "delivered out of time order");
+        if !cfg.reorder {
+            assert!(w[0].1 <= w[1].1, "reordered without reordering: {cfg:?}");
+        }
+    }
+    for &(at, id) in &trace {
+        assert!(
+            at.as_nanos() >= offered_at[id as usize] + lo_delay,
+            "early: {cfg:?}"
+        );
+    }
+    if cfg.rate_mbps.is_none() {
+        for &(_, id) in &trace {
+            let t = offered_at[id as usize] as f64 / 1e9;
+            assert!(
+                !cfg.outages.iter().any(|o| t >= o.start_s && t < o.end_s),
+                "crossed during an outage: {cfg:?}"
+            );
+        }
+    }
+    trace
+}
+
+#[test]
+fn invariants_hold_for_1000_random_configurations() {
+    let mut r = ChaCha8Rng::seed_from_u64(2026);
+    for run in 0..1000u64 {
+        let cfg = random_config(&mut r);
+        cfg.validate().unwrap();
+        let trace = check_invariants(&cfg, run);
+        if run % 10 == 0 {
+            assert_eq!(
+                trace,
+                check_invariants(&cfg, run),
+                "not deterministic: {cfg:?}"
+            );
+        }
+    }
+}

@@ -323,3 +323,52 @@ fn peers_are_learned_and_unknown_ones_counted() {
     assert_eq!(stats.forward.offered.packets, 4);
     assert_eq!(stats.reverse.delivered.packets, 1);
 }
+
+#[test]
+fn rate_within_2_percent_at_500mbps() {
+    let _g = serial();
+    let rate = 500e6;
+    let link = DuplexConfig::symmetric(Config {
+        rate_mbps: Some(rate / 1e6),
+        queue_bytes: Some(1_000_000),
+        overhead_bytes: 28,
+        delay_ms: 10.0,
+        ..Config::default()
+    });
+    let (relay, a, b) = setup(link, 6);
+    if !realtime_or_skip(relay.is_realtime(), "rate_within_2_percent_at_500mbps") {
+        return;
+    }
+    // 1472-byte datagrams at 600 Mbit/s (51 per ms) for 2 s.
+    let len = 1472;
+    let n = 102_000;
+    let (_, got) = transfer(
+        relay.epoch(),
+        &a,
+        b,
+        n,
+        len,
+        10_000_000,
+        Pacing::Batched(51.0),
+    );
+    let stats = relay.stop().unwrap();
+    report("rate 500", &stats);
+    let expect = rate * len as f64 / (len + 28) as f64;
+    let t0 = got[0].recv + 300_000_000;
+    let t1 = t0 + 1_500_000_000;
+    let bytes: usize = got
+        .iter()
+        .filter(|r| r.recv >= t0 && r.recv < t1)
+        .map(|r| r.len)
+        .sum();
+    let measured = bytes as f64 * 8.0 / 1.5;
+    eprintln!(
+        "rate 500: received {:.2} Mbit/s of payload, model {:.2} Mbit/s ({:+.2} %), queue drops {}",
+        measured / 1e6,
+        expect / 1e6,
+        (measured / expect - 1.0) * 100.0,
+        stats.forward.dropped_queue.packets
+    );
+    assert!(stats.forward.dropped_queue.packets > 0, "not saturated");
+    assert!((measured / expect - 1.0).abs() <= 0.02);
+}
