@@ -549,13 +549,13 @@ impl Driver {
             assert!(Instant::now() < limit, "run timed out: {}", self.summary());
             self.step();
         }
+        let now = self.now();
         let conn = self.conn.as_mut().unwrap();
         assert_eq!(
             conn.held(),
             0,
             "buffers still referenced after the transfer"
         );
-        let now = self.now();
         conn.close(now);
         self.flush(now);
         self.drain_events();
