@@ -208,6 +208,7 @@ unpack() { # unpack DEB DIR
     dpkg-deb -x "$1" "$2"
 }
 
+versions "$kernel_meta" qemu-system-x86 busybox-static
 ensure_lists
 kernel_pkg=$(apt-cache depends "$kernel_meta" 2>/dev/null | awk '/^ *Depends: linux-image-/ {print $2; exit}')
 [ -n "$kernel_pkg" ] || die "cannot resolve the kernel image package through $kernel_meta (apt-cache depends $kernel_meta)"
@@ -321,13 +322,19 @@ lab_cargo() { # lab_cargo TARGET ARGS...
 echo "==> kernel-lab: building the lab binary (target dir $lab_target)"
 all_features="engine,linkem"
 lab_dynamic=0
-if lab_cargo "$musl" --features "$all_features" 2> "$cache/logs/build-musl.log"; then
+# A musl build that failed is not retried until the sources it builds change.
+src_stamp=$(cd "$repo" && find engine perf/linkem backends/rds tests/lab ring-abi kshim \
+                -path '*/target' -prune -o \( -name '*.rs' -o -name Cargo.toml \) -type f -print 2>/dev/null \
+            | LC_ALL=C sort | xargs cat 2>/dev/null | sha256sum | cut -c1-16)
+musl_failed="$cache/logs/musl-failed-$src_stamp"
+if [ ! -e "$musl_failed" ] && lab_cargo "$musl" --features "$all_features" 2> "$cache/logs/build-musl.log"; then
     lab_bin="$lab_target/$musl/release/lu2k-lab"; features=$all_features
     echo "    lu2k-lab: static $musl, features $features"
 else
     echo "    note: lu2k-lab with features $all_features does not build for $musl:"
     grep -E '^error(\[|:)' -A2 "$cache/logs/build-musl.log" | grep -E '^error|-->' | sort -u | head -n 8 | sed 's/^/      /'
     echo "      (full log: $cache/logs/build-musl.log)"
+    rm -f "$cache"/logs/musl-failed-*; touch "$musl_failed"
     gnu=x86_64-unknown-linux-gnu
     if [ $static_only -eq 0 ] && lab_cargo "$gnu" --features "$all_features" 2> "$cache/logs/build-gnu.log"; then
         lab_bin="$lab_target/$gnu/release/lu2k-lab"; features=$all_features; lab_dynamic=1

