@@ -46,3 +46,16 @@ pub fn consumer_arm(need_wakeup: &AtomicU32, bits: u32) {
 pub fn consumer_disarm(need_wakeup: &AtomicU32) {
     need_wakeup.store(0, Ordering::Relaxed);
 }
+
+/// Publishes a ring index: everything written before (slots, or reads of slots for a
+/// consumer index) happens-before a peer's [`observe`] that sees `value`.
+#[inline(always)]
+pub fn publish(index: &AtomicU32, value: u32) {
+    index.store(value, Ordering::Release);
+}
+
+/// Observes the peer's ring index; pairs with its [`publish`].
+#[inline(always)]
+pub fn observe(index: &AtomicU32) -> u32 {
+    index.load(Ordering::Acquire)
+}

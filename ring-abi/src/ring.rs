@@ -32,6 +32,7 @@
 use core::sync::atomic::Ordering;
 
 use crate::desc::{RxDesc, RxReturn, TxCompletion, TxDesc};
+use crate::protocol;
 use crate::shm::{Pod, SharedWord, SlotArray};
 
 mod sealed {
@@ -115,7 +116,7 @@ impl<T: Slot> Producer<T> {
     /// Reloads the consumer index and returns the number of free slots.
     #[inline]
     pub fn refresh(&mut self) -> Result<u32, RingError> {
-        let cons = self.cons.get().load(Ordering::Acquire);
+        let cons = protocol::observe(self.cons.get());
         let used = self.head.wrapping_sub(cons);
         if used > self.entries() {
             return Err(RingError::Corrupt {
@@ -161,7 +162,7 @@ impl<T: Slot> Producer<T> {
         assert!(n <= self.reserved, "commit beyond the reservation");
         self.head = self.head.wrapping_add(n);
         self.reserved = 0;
-        self.prod.get().store(self.head, Ordering::Release);
+        protocol::publish(self.prod.get(), self.head);
     }
 
     /// Publishes one value; `Ok(false)` when the ring is full.
@@ -228,7 +229,7 @@ impl<T: Slot> Consumer<T> {
     /// Reloads the producer index (Acquire) and returns the number of published slots.
     #[inline]
     pub fn refresh(&mut self) -> Result<u32, RingError> {
-        let prod = self.prod.get().load(Ordering::Acquire);
+        let prod = protocol::observe(self.prod.get());
         let avail = prod.wrapping_sub(self.tail);
         if avail > self.entries() {
             return Err(RingError::Corrupt {
@@ -273,7 +274,7 @@ impl<T: Slot> Consumer<T> {
         assert!(n <= self.peeked, "release beyond the peeked range");
         self.tail = self.tail.wrapping_add(n);
         self.peeked = 0;
-        self.cons.get().store(self.tail, Ordering::Release);
+        protocol::publish(self.cons.get(), self.tail);
     }
 
     /// Takes one value, if any.
