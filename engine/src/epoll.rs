@@ -48,7 +48,8 @@ pub struct EpollIo {
     want_out: bool,
     want_in: bool,
     stats: IoStats,
-    _keep: Option<sys::OwnedMem>,
+    _keep: Option<Box<dyn sys::IoMem>>,
+    _bell: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for EpollIo {
@@ -122,19 +123,29 @@ impl EpollIo {
             want_in: true,
             stats: IoStats::default(),
             _keep: None,
+            _bell: None,
         })
     }
 
     /// Builds the slow-path I/O over memory it owns (tests, self-checks).
     pub fn new_owned(
         sock: OwnedFd,
-        mem: sys::OwnedMem,
-        bell_fd: Option<RawFd>,
+        mem: impl sys::IoMem + 'static,
+        bell: Option<OwnedFd>,
         send_slots: usize,
     ) -> io::Result<EpollIo> {
-        // SAFETY: `mem` owns both ranges exclusively and is kept in `self` (dropped last).
-        let mut me = unsafe { Self::new(sock, mem.tx, mem.rx, bell_fd, send_slots)? };
-        me._keep = Some(mem);
+        // SAFETY: `mem` (an IoMem: OwnedMem or CoreMem, see its contract) owns both ranges exclusively, the doorbell fd is owned and kept in `self` too, and is kept in `self` (dropped last).
+        let mut me = unsafe {
+            Self::new(
+                sock,
+                mem.tx(),
+                mem.rx(),
+                bell.as_ref().map(AsRawFd::as_raw_fd),
+                send_slots,
+            )?
+        };
+        me._bell = bell;
+        me._keep = Some(Box::new(mem));
         Ok(me)
     }
 

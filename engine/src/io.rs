@@ -20,8 +20,9 @@ use std::io;
 use std::net::SocketAddrV4;
 use std::time::Instant;
 
-/// Largest per-packet header the engine writes (UDT's data header is 16 bytes).
-pub const MAX_HDR: usize = 32;
+/// Largest per-packet header the engine writes: a UDT data header is 16 bytes, a
+/// whole control packet (sent as a "header" without payload) at most 128.
+pub const MAX_HDR: usize = 128;
 /// Most datagrams in one send (the kernel's UDP GSO segment limit is 64 or more).
 pub const MAX_SEGS: usize = 64;
 /// Most iovecs one send may use (header + payload pieces of all segments).

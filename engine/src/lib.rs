@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod core;
 pub mod daemon;
 pub mod epoll;
 pub mod io;

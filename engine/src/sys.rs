@@ -602,6 +602,21 @@ impl Mapping {
         Ok(whole)
     }
 
+    /// Copies `data` to byte `off` of the mapping; `false` if it does not fit.
+    /// Used for engine-owned parts of mappings (the message-header area) that no Rust
+    /// reference points into.
+    pub fn write(&self, off: usize, data: &[u8]) -> bool {
+        if off.checked_add(data.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        let dst = self.ptr.as_ptr().wrapping_add(off);
+        // SAFETY: bounds checked above; the mapping is live while `self` is; the
+        // engine never forms Rust references into this memory (only the kernel reads
+        // it during sends), so a plain copy cannot alias one.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        true
+    }
+
     /// Start address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
@@ -624,6 +639,143 @@ impl Drop for Mapping {
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.len);
         }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Memory an I/O layer may be built over safely: its TX range and RX pool stay mapped
+/// as long as the value lives, and its RX buffers belong to it alone. Sealed: only the
+/// types of this module ([`OwnedMem`], [`CoreMem`]) implement it.
+pub trait IoMem: sealed::Sealed + Send + std::fmt::Debug {
+    /// The TX range.
+    fn tx(&self) -> crate::io::TxMem;
+    /// The RX pool.
+    fn rx(&self) -> crate::io::RxPool;
+}
+
+impl sealed::Sealed for OwnedMem {}
+impl IoMem for OwnedMem {
+    fn tx(&self) -> crate::io::TxMem {
+        self.tx
+    }
+    fn rx(&self) -> crate::io::RxPool {
+        self.rx
+    }
+}
+
+/// One engine core's memory: a private mapping of [header arena | message-header area
+/// | the region's TX pool] (the TX pool mapped a second time from the memfd, right
+/// after the engine's own pages, so one registered buffer covers all), and this core's
+/// share of the region's RX pool. Keeps the region mapped.
+#[derive(Debug)]
+pub struct CoreMem {
+    /// The TX range: offsets are from the start of the private mapping.
+    pub tx: crate::io::TxMem,
+    /// This core's RX buffers.
+    pub rx: crate::io::RxPool,
+    /// First global RX buffer index of this core's share.
+    pub rx_first: u32,
+    /// Offset of the message-header area in the TX range.
+    pub msg_hdr_off: usize,
+    /// Message-header slots (128 bytes each).
+    pub msg_hdr_slots: u32,
+    /// Offset of the TX pool in the TX range.
+    pub pool_off: usize,
+    map: Mapping,
+    _region: lu2k_ring_abi::Region,
+}
+
+impl sealed::Sealed for CoreMem {}
+impl IoMem for CoreMem {
+    fn tx(&self) -> crate::io::TxMem {
+        self.tx
+    }
+    fn rx(&self) -> crate::io::RxPool {
+        self.rx
+    }
+}
+
+impl sealed::Sealed for std::sync::Arc<CoreMem> {}
+impl IoMem for std::sync::Arc<CoreMem> {
+    fn tx(&self) -> crate::io::TxMem {
+        self.tx
+    }
+    fn rx(&self) -> crate::io::RxPool {
+        self.rx
+    }
+}
+
+/// Bytes per message-header slot in [`CoreMem`].
+pub const MSG_HDR_SLOT: usize = 128;
+
+impl CoreMem {
+    /// Maps core `core`'s memory (of `cores`) for `send_slots` sends and
+    /// `msg_hdr_slots` messages in flight.
+    pub fn new(
+        region: &lu2k_ring_abi::Region,
+        core: u32,
+        cores: u32,
+        send_slots: usize,
+        msg_hdr_slots: u32,
+    ) -> io::Result<CoreMem> {
+        use lu2k_ring_abi::Pool;
+        use std::os::fd::AsRawFd as _;
+        let layout = region.layout();
+        let (tx_off, tx_len) = layout.pool(Pool::Tx);
+        let arena = crate::io::TxMem::arena_len(send_slots);
+        let msg_area = (msg_hdr_slots as usize * MSG_HDR_SLOT).div_ceil(4096) * 4096;
+        let own = arena + msg_area;
+        if tx_off % 4096 != 0 {
+            return Err(io::Error::other("region TX pool is not page aligned"));
+        }
+        let map_len = (tx_len as usize).div_ceil(4096) * 4096;
+        let map = Mapping::anon_then_shared(own, region.fd().as_raw_fd(), tx_off, map_len)?;
+        let (rx_base, _) = region.pool_base(Pool::Rx);
+        let h = layout.header();
+        let per = h.rx_buf_count / cores.max(1);
+        let first = per * core;
+        if per == 0 {
+            return Err(io::Error::other(
+                "fewer RX buffers in the region than cores",
+            ));
+        }
+        let count = per.min(1 << 15) as u16;
+        let (first_off, size) = layout
+            .rx_buffer(first)
+            .ok_or_else(|| io::Error::other("RX buffer share out of range"))?;
+        Ok(CoreMem {
+            tx: crate::io::TxMem {
+                base: map.as_ptr() as usize,
+                hdr_len: arena,
+                pool_off: 0,
+                pool_len: own + tx_len as usize,
+                total_len: own + tx_len as usize,
+            },
+            rx: crate::io::RxPool {
+                base: rx_base.as_ptr() as usize + first_off as usize,
+                stride: size as usize,
+                buf_size: size,
+                count,
+            },
+            rx_first: first,
+            msg_hdr_off: arena,
+            msg_hdr_slots,
+            pool_off: own,
+            map,
+            _region: region.clone(),
+        })
+    }
+
+    /// Writes a message header into slot `i` of the message-header area.
+    pub fn write_msg_hdr(&self, i: u32, hdr: &[u8]) -> bool {
+        i < self.msg_hdr_slots
+            && hdr.len() <= MSG_HDR_SLOT
+            && self
+                .map
+                .write(self.msg_hdr_off + i as usize * MSG_HDR_SLOT, hdr)
     }
 }
 

@@ -137,7 +137,8 @@ pub struct UringIo {
     stats: IoStats,
     max_frags: usize,
     // Last: memory the kernel may reference, dropped after the ring.
-    _keep: Option<sys::OwnedMem>,
+    _keep: Option<Box<dyn sys::IoMem>>,
+    _bell: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -304,6 +305,7 @@ impl UringIo {
             stats: IoStats::default(),
             max_frags: max_skb_frags(),
             _keep: None,
+            _bell: None,
         };
         for bid in 0..count {
             me.provide(bid);
@@ -315,14 +317,23 @@ impl UringIo {
     /// Builds the reactor I/O over memory it owns (tests, the probe's self-test).
     pub fn new_owned(
         sock: OwnedFd,
-        mem: sys::OwnedMem,
-        bell_fd: Option<RawFd>,
+        mem: impl sys::IoMem + 'static,
+        bell: Option<OwnedFd>,
         opts: UringOpts,
     ) -> io::Result<UringIo> {
-        // SAFETY: `mem` owns both ranges exclusively and is kept in `self`, declared
+        // SAFETY: `mem` (an IoMem: OwnedMem or CoreMem, see its contract) owns both ranges exclusively, the doorbell fd is owned and kept in `self` too, and is kept in `self`, declared
         // after the ring, so it outlives every kernel reference.
-        let mut me = unsafe { Self::new(sock, mem.tx, mem.rx, bell_fd, opts)? };
-        me._keep = Some(mem);
+        let mut me = unsafe {
+            Self::new(
+                sock,
+                mem.tx(),
+                mem.rx(),
+                bell.as_ref().map(AsRawFd::as_raw_fd),
+                opts,
+            )?
+        };
+        me._bell = bell;
+        me._keep = Some(Box::new(mem));
         Ok(me)
     }
 
