@@ -22,11 +22,11 @@ fn tun_link(link: DuplexConfig, seed: u64, tag: &str) -> Option<TunLink> {
         return None;
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("SKIP {test}: no /dev/net/tun on this machine");
+        common::skip(&test, "no /dev/net/tun on this machine");
         return None;
     }
     if std::process::Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIP {test}: iproute2's `ip` is not installed");
+        common::skip(&test, "iproute2's `ip` is not installed");
         return None;
     }
     let name = format!("lk{}{tag}", std::process::id());

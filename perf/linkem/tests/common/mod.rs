@@ -42,12 +42,20 @@ pub fn now_ns(epoch: Instant) -> u64 {
 /// True, or false after saying loudly why the test skips.
 pub fn realtime_or_skip(realtime: bool, test: &str) -> bool {
     if !realtime {
-        eprintln!(
-            "SKIP {test}: real-time scheduling (SCHED_FIFO) not permitted here (needs root or \
-             CAP_SYS_NICE); without it timing on a loaded machine is off by milliseconds"
+        skip(
+            test,
+            "real-time scheduling (SCHED_FIFO) not permitted here (needs root or CAP_SYS_NICE); \
+             without it timing on a loaded machine is off by milliseconds",
         );
     }
     realtime
+}
+
+/// Says why a test skips, on stderr directly: libtest captures `eprintln!`
+/// of passing tests, and a skip must be seen.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// Sleeps (timer slack 1 ns) until shortly before `t`, then spins.
