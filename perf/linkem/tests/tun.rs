@@ -16,8 +16,9 @@ use lu2k_linkem::{Config, DuplexConfig, TunConfig, TunLink};
 fn tun_link(link: DuplexConfig, seed: u64, tag: &str) -> Option<TunLink> {
     let test = format!("tun::{tag}");
     if !rustix::process::geteuid().is_root() {
-        eprintln!(
-            "SKIP {test}: the TUN link emulator needs root (network namespaces, /dev/net/tun)"
+        common::skip(
+            &test,
+            "the TUN link emulator needs root (network namespaces, /dev/net/tun)",
         );
         return None;
     }
