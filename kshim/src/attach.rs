@@ -34,15 +34,14 @@
 //! Nothing else travels on the socket; data and completions go through the region.
 //! `126 = (253 - 1) / 2`: Linux passes at most 253 descriptors in one message.
 
-
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::net::{
-    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+    self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 
 use crate::nid::Nid;
@@ -114,7 +113,10 @@ impl Hello {
     /// Encodes into `out`, returning the length.
     pub fn encode(&self, out: &mut [u8; MSG_MAX]) -> Result<usize, Error> {
         if self.cores == 0 || self.cores > MAX_CORES || self.nids.len() > MAX_NIDS {
-            return Err(Error::TooLarge { cores: self.cores, nids: self.nids.len() });
+            return Err(Error::TooLarge {
+                cores: self.cores,
+                nids: self.nids.len(),
+            });
         }
         out[0..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -154,7 +156,14 @@ impl Hello {
             return Err(Error::Protocol("HELLO NID count does not match its length"));
         }
         let nids = (0..n).map(|i| Nid(u64_at(32 + 8 * i))).collect();
-        Ok((Hello { cores, region_size: u64_at(16), nids }, nfds))
+        Ok((
+            Hello {
+                cores,
+                region_size: u64_at(16),
+                nids,
+            },
+            nfds,
+        ))
     }
 }
 
@@ -252,7 +261,10 @@ pub fn accept(listener: BorrowedFd<'_>) -> Result<Option<OwnedFd>, Error> {
     match net::accept_with(listener, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
         Ok(fd) => Ok(Some(fd)),
         Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Ok(None),
-        Err(e) => Err(Error::Io { op: "accept", err: e }),
+        Err(e) => Err(Error::Io {
+            op: "accept",
+            err: e,
+        }),
     }
 }
 
@@ -279,7 +291,12 @@ pub fn send_hello(
         return Err(Error::Protocol("descriptors do not fit the control buffer"));
     }
     let sent = loop {
-        match net::sendmsg(sock, &[IoSlice::new(&msg[..len])], &mut anc, SendFlags::NOSIGNAL) {
+        match net::sendmsg(
+            sock,
+            &[IoSlice::new(&msg[..len])],
+            &mut anc,
+            SendFlags::NOSIGNAL,
+        ) {
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::PIPE) | Err(rustix::io::Errno::CONNRESET) => {
                 return Err(Error::Closed)
@@ -346,7 +363,10 @@ pub fn send_small(sock: BorrowedFd<'_>, b: &[u8]) -> Result<(), Error> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::AGAIN) => {
                 // Seqpacket buffer full: wait until writable.
-                let mut pfd = [rustix::event::PollFd::new(&sock, rustix::event::PollFlags::OUT)];
+                let mut pfd = [rustix::event::PollFd::new(
+                    &sock,
+                    rustix::event::PollFlags::OUT,
+                )];
                 let _ = rustix::event::poll(&mut pfd, None);
             }
             Err(rustix::io::Errno::PIPE) | Err(rustix::io::Errno::CONNRESET) => {
@@ -398,13 +418,21 @@ pub fn connect(path: &Path) -> Result<Attachment, Error> {
     }
     let (hello, nfds) = Hello::decode(&msg[..r.bytes])?;
     if fds.len() != nfds as usize {
-        return Err(Error::Protocol("HELLO carried a different number of descriptors"));
+        return Err(Error::Protocol(
+            "HELLO carried a different number of descriptors",
+        ));
     }
     let mut it = fds.into_iter();
     let memfd = it.next().ok_or(Error::Protocol("no memfd"))?;
     let to_engine: Vec<OwnedFd> = it.by_ref().take(hello.cores as usize).collect();
     let to_kshim: Vec<OwnedFd> = it.collect();
-    Ok(Attachment { sock, hello, memfd, to_engine, to_kshim })
+    Ok(Attachment {
+        sock,
+        hello,
+        memfd,
+        to_engine,
+        to_kshim,
+    })
 }
 
 #[cfg(test)]
@@ -413,7 +441,11 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_errors() {
-        let h = Hello { cores: 3, region_size: 1 << 30, nids: vec![Nid(7), Nid(u64::MAX)] };
+        let h = Hello {
+            cores: 3,
+            region_size: 1 << 30,
+            nids: vec![Nid(7), Nid(u64::MAX)],
+        };
         let mut b = [0u8; MSG_MAX];
         let n = h.encode(&mut b).unwrap();
         assert_eq!(n, 48);
@@ -424,7 +456,11 @@ mod tests {
         let mut bad = b;
         bad[24] = 6;
         assert!(Hello::decode(&bad[..n]).is_err());
-        let big = Hello { cores: 127, region_size: 0, nids: vec![] };
+        let big = Hello {
+            cores: 127,
+            region_size: 0,
+            nids: vec![],
+        };
         assert!(matches!(big.encode(&mut b), Err(Error::TooLarge { .. })));
     }
 

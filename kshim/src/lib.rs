@@ -13,8 +13,17 @@
 pub mod attach;
 pub mod credit;
 pub mod hdr;
+pub mod lnd;
 pub mod nid;
 pub mod pool;
 pub mod route;
+pub mod selftest;
 
+pub use lu2k_ring_abi as ring_abi;
+
+pub use lnd::{
+    Config, Cookie, Event, GoneReason, Kshim, RxMsg, SendError, StartError, Stats, MAX_PAYLOAD,
+};
 pub use nid::{LndType, Net, Nid};
+pub use pool::TxBuf;
+pub use ring_abi::TxStatus;

@@ -1,0 +1,1191 @@
+//! The LND-shaped API: [`Kshim`] does on lu2k's side of the shared region what a
+//! kernel LND module would do.
+//!
+//! # Life of a session
+//!
+//! [`Kshim::start`] creates the region (a memfd sealed against shrinking and growing)
+//! and one pair of eventfds per core, and listens on the Unix socket named in the
+//! [`Config`]. An engine connects; kshim sends it the region and the doorbells
+//! ([`crate::attach`] documents the bytes) and waits for its ACK; from then on data
+//! travels through the rings and the socket only carries peer notices. Sends may be
+//! made before the engine attaches: they wait in the rings.
+//!
+//! # Sending
+//!
+//! [`Kshim::send`] copies the payload into the TX pool ([`Kshim::alloc_tx`] +
+//! [`Kshim::write_tx`] + [`Kshim::send_buf`] is the variant where the caller fills a
+//! pool buffer itself) and returns a [`Cookie`]. The route table picks the next hop
+//! (the destination itself on a local network, else a gateway); [`ring_abi::shard`] of
+//! the next hop picks the core whose TX ring gets the descriptor; credits
+//! ([`crate::credit`]) decide whether it goes now or waits. Payload of up to two
+//! extents travels inline in the descriptor; more extents go in an extent table kept in
+//! a reserved area at the end of the TX pool (one table slot per credit).
+//!
+//! Every send ends with exactly one [`Event::TxDone`] carrying its cookie and a status.
+//! The payload buffer and its table are reused only after that completion (or after
+//! the engine is gone: then no one reads them any more).
+//!
+//! # Receiving
+//!
+//! Received messages come as [`Event::Rx`] with an [`RxMsg`]: the parsed LNet header,
+//! the source NID and the payload as slices of the RX pool, read in place. The upper
+//! layer may keep an `RxMsg` as long as it likes; [`Kshim::rx_done`] gives its buffers
+//! back to the engine (through the RX return ring of the core it came from).
+//! Descriptors are validated first ([`ring_abi::Region::validate_rx`]); a bad one is
+//! counted in [`Stats::bad_rx`], its token given back, and nothing is delivered.
+//!
+//! # Liveness
+//!
+//! When the engine's socket closes (it exited, crashed, or hung up) or it breaks the
+//! ring protocol, kshim first takes every completion the engine did publish, then
+//! fails every send still in flight or queued with [`TxStatus::EngineGone`] and reports
+//! [`Event::EngineGone`]. This happens inside the next [`Kshim::poll`] or
+//! [`Kshim::wait`], and `wait` sleeps on the socket as well as the doorbells, so it
+//! takes no longer than the caller's own polling period. After that, sends fail at once
+//! with [`SendError::EngineGone`]; a new session needs a new `Kshim`.
+//!
+//! # Waiting
+//!
+//! [`Kshim::wait`] arms the need-wakeup word of every core (the doorbell protocol of
+//! [`ring_abi::protocol`]), re-checks every ring, and only then sleeps in `poll(2)` on
+//! the to-kshim eventfds, the engine socket and the listener. No wakeup is lost.
+
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::ring_abi::{
+    self, doorbell::WaitMode, Eventfds, Extent, ExtentBuf, KshimCore, Pool, Region, RingError,
+    RxDesc, RxReturn, TxCompletion, TxDesc, TxStatus, Waiter,
+};
+use rustix::event::{PollFd, PollFlags};
+
+use crate::attach::{self, Hello, Notice};
+use crate::credit::{Credits, Submit, DEFAULT_CREDITS, DEFAULT_PEER_CREDITS};
+use crate::hdr;
+use crate::nid::Nid;
+use crate::pool::{self, TxBuf, TxPool};
+use crate::route::{self, Route, Table};
+
+/// Largest payload of one message (LNet: 1 MiB).
+pub const MAX_PAYLOAD: usize = ring_abi::layout::MAX_PAYLOAD as usize;
+
+/// Everything [`Kshim::start`] needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's NIDs; their networks are the local networks.
+    pub nids: Vec<Nid>,
+    /// Where to listen for the engine (a Unix socket path; a stale socket is replaced).
+    pub socket_path: PathBuf,
+    /// Ring sets (engine cores), 1..=126.
+    pub cores: u32,
+    /// TX ring entries per core (power of two).
+    pub tx_entries: u32,
+    /// TX completion ring entries per core (power of two).
+    pub tx_done_entries: u32,
+    /// RX ring entries per core (power of two).
+    pub rx_entries: u32,
+    /// RX return ring entries per core (power of two).
+    pub rx_return_entries: u32,
+    /// Bytes of the TX pool for payload (the extent-table area is added to it).
+    pub tx_pool_len: u64,
+    /// TX pool chunk size; a message takes whole chunks. At least 4096 and at least
+    /// 1 MiB / 256 so that a full message needs at most 256 extents.
+    pub tx_chunk_size: u32,
+    /// Size of one RX buffer (multiple of 64).
+    pub rx_buf_size: u32,
+    /// Number of RX buffers (the engine's receive pool).
+    pub rx_buf_count: u32,
+    /// RX indirect extent tables per core.
+    pub rx_tables_per_core: u32,
+    /// Messages in flight per peer (next hop); see [`crate::credit`] for the defaults.
+    pub peer_credits: u32,
+    /// Messages in flight in total.
+    pub credits: u32,
+    /// Most messages kshim holds at once (in flight plus queued for credits); a send
+    /// beyond it fails with [`SendError::TooManyPending`] until completions arrive.
+    pub max_pending: u32,
+    /// How long an engine that connected has to ACK the HELLO.
+    pub attach_timeout: Duration,
+    /// LNet routes to remote networks.
+    pub routes: Vec<Route>,
+    /// Initial ring index (tests start near `u32::MAX` to cross the wrap).
+    pub start_index: u32,
+}
+
+impl Config {
+    /// Defaults for a node with `nids`, listening at `socket_path`: one core, 1024-entry
+    /// rings, a 256 MiB TX pool in 64 KiB chunks (256 messages of 1 MiB), 1024 RX buffers
+    /// of 64 KiB, credits sized for satellite paths ([`crate::credit`]).
+    pub fn new(nids: Vec<Nid>, socket_path: impl Into<PathBuf>) -> Config {
+        Config {
+            nids,
+            socket_path: socket_path.into(),
+            cores: 1,
+            tx_entries: 1024,
+            tx_done_entries: 1024,
+            rx_entries: 1024,
+            rx_return_entries: 1024,
+            tx_pool_len: 256 << 20,
+            tx_chunk_size: 64 << 10,
+            rx_buf_size: 64 << 10,
+            rx_buf_count: 1024,
+            rx_tables_per_core: 64,
+            peer_credits: DEFAULT_PEER_CREDITS,
+            credits: DEFAULT_CREDITS,
+            max_pending: 16384,
+            attach_timeout: Duration::from_secs(10),
+            routes: Vec::new(),
+            start_index: 0,
+        }
+    }
+}
+
+/// Why [`Kshim::start`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A config field is out of range.
+    #[error("config: {field}: {why}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what would be right.
+        why: String,
+    },
+    /// A route was refused.
+    #[error("config: routes: {0}")]
+    Route(#[from] route::Error),
+    /// The region could not be created.
+    #[error("creating the region: {0}")]
+    Region(#[from] ring_abi::RegionError),
+    /// Eventfds could not be created.
+    #[error("creating eventfds: {0}")]
+    Eventfd(rustix::io::Errno),
+    /// The socket could not be set up.
+    #[error("listening at the socket path: {0}")]
+    Listen(#[from] attach::Error),
+}
+
+/// Why a send was refused at once (nothing was queued; no completion will follow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The engine is gone; start a new session.
+    #[error("the engine is gone; no more sends in this session")]
+    EngineGone,
+    /// Payload above [`MAX_PAYLOAD`].
+    #[error("payload of {0} bytes exceeds the LNet maximum of 1 MiB")]
+    TooLarge(usize),
+    /// The header's payload_length is not the payload's length.
+    #[error("header says payload_length {hdr} but the payload is {payload} bytes")]
+    LengthMismatch {
+        /// From the header.
+        hdr: u32,
+        /// Actual.
+        payload: usize,
+    },
+    /// No next hop for the destination.
+    #[error("{0}")]
+    Route(#[from] route::Error),
+    /// The TX pool is full now; retry after completions.
+    #[error("{0}")]
+    Pool(#[from] pool::Error),
+    /// `max_pending` messages are held already; retry after completions.
+    #[error("{max} messages pending already; wait for completions")]
+    TooManyPending {
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// Why the session with the engine ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GoneReason {
+    /// The engine closed the socket or exited.
+    SocketClosed,
+    /// The engine did not ACK within the attach timeout.
+    AckTimeout,
+    /// The engine refused the region with this status.
+    Refused(u32),
+    /// The engine sent something the protocol does not allow.
+    Protocol(&'static str),
+    /// The engine wrote an impossible ring index.
+    RingCorrupt,
+    /// A socket or doorbell syscall failed.
+    Io(String),
+}
+
+/// Something for the upper layer.
+#[derive(Debug)]
+pub enum Event {
+    /// A send ended, exactly once per cookie.
+    TxDone {
+        /// The send's cookie.
+        cookie: Cookie,
+        /// How it ended.
+        status: TxStatus,
+        /// Detail from the engine ([`ring_abi::DescError::code`] for an invalid
+        /// descriptor; the raw value when the engine wrote an unknown status, which is
+        /// reported as `Aborted`).
+        detail: u32,
+    },
+    /// A message arrived; give it back with [`Kshim::rx_done`].
+    Rx(RxMsg),
+    /// The engine reported a peer down (it stopped answering). Routes through it are
+    /// not used until it is up again.
+    PeerDown(Nid),
+    /// A peer that was down answers again (engine notice, a message from it, or a send
+    /// to it completed Ok).
+    PeerUp(Nid),
+    /// An engine attached (ACKed the region).
+    EngineAttached,
+    /// The engine is gone; every pending send has been failed back before this event.
+    EngineGone(GoneReason),
+}
+
+/// A send's handle: slot index in the low 32 bits, generation in the high 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cookie(pub u64);
+
+impl Cookie {
+    fn new(slot: u32, gen: u32) -> Cookie {
+        Cookie((u64::from(gen) << 32) | u64::from(slot))
+    }
+    fn slot(self) -> u32 {
+        self.0 as u32
+    }
+    fn gen(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// A received message. Its payload stays in the engine's RX pool until
+/// [`Kshim::rx_done`]; dropping it without that leaks the buffers until the session ends.
+#[derive(Debug)]
+#[must_use = "give received messages back with Kshim::rx_done"]
+pub struct RxMsg {
+    region: Region,
+    token: u64,
+    core: u32,
+    /// The NID the engine received it from (the previous hop).
+    pub from: Nid,
+    /// The LNet header.
+    pub hdr: hdr::Repr,
+    /// The 72 header bytes as received.
+    pub hdr_bytes: [u8; hdr::HEADER_LEN],
+    len: u32,
+    extents: Vec<Extent>,
+}
+
+impl RxMsg {
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// True when there is no payload.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload's extents in the RX pool.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// The payload, in place, one slice per extent.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        // Validated against the layout when the descriptor arrived.
+        self.extents
+            .iter()
+            .filter_map(|e| self.region.pool_bytes(e).ok())
+    }
+
+    /// Copies the payload into `out` (at most `out.len()` bytes); returns bytes copied.
+    pub fn copy_to(&self, out: &mut [u8]) -> usize {
+        let mut at = 0;
+        for s in self.slices() {
+            let n = s.len().min(out.len() - at);
+            out[at..at + n].copy_from_slice(&s[..n]);
+            at += n;
+            if at == out.len() {
+                break;
+            }
+        }
+        at
+    }
+}
+
+/// Counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sends accepted.
+    pub sends: u64,
+    /// Payload bytes accepted.
+    pub send_bytes: u64,
+    /// Completions delivered with status Ok.
+    pub tx_ok: u64,
+    /// Completions delivered with another status (including EngineGone).
+    pub tx_failed: u64,
+    /// Completions from the engine that named no pending send (ignored).
+    pub bogus_completions: u64,
+    /// Messages delivered upward.
+    pub rx: u64,
+    /// Payload bytes delivered upward.
+    pub rx_bytes: u64,
+    /// RX descriptors refused (invalid extents or LNet header); token given back.
+    pub bad_rx: u64,
+    /// Messages given back.
+    pub rx_returned: u64,
+    /// Times a TX descriptor waited for ring space.
+    pub tx_ring_full: u64,
+    /// Doorbells rung toward the engine.
+    pub doorbells: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    Free,
+    Queued,
+    Backlog,
+    InFlight,
+}
+
+#[derive(Debug)]
+struct Msg {
+    gen: u32,
+    st: St,
+    peer: Nid,
+    hdr: [u8; hdr::HEADER_LEN],
+    buf: Option<TxBuf>,
+    table: u32,
+}
+
+const NO_TABLE: u32 = u32::MAX;
+
+#[derive(Debug)]
+struct Core {
+    rings: KshimCore,
+    /// Slots holding credits, waiting for TX ring space.
+    backlog: VecDeque<u32>,
+    /// Tokens waiting for RX return ring space.
+    returns: VecDeque<u64>,
+    /// Something was committed toward the engine since the last notify.
+    dirty: bool,
+}
+
+#[derive(Debug)]
+enum Link {
+    Listening,
+    AwaitAck { sock: OwnedFd, deadline: Instant },
+    Attached { sock: OwnedFd },
+    Gone,
+}
+
+/// The kernel half of the LND; see the module doc.
+#[derive(Debug)]
+pub struct Kshim {
+    cfg: Config,
+    region: Region,
+    cores: Vec<Core>,
+    /// Dups of each core's to-engine and to-kshim eventfds, for the HELLO and for poll.
+    to_engine_fds: Vec<OwnedFd>,
+    to_kshim_fds: Vec<OwnedFd>,
+    listener: Option<OwnedFd>,
+    link: Link,
+    routes: Table,
+    credits: Credits<u32>,
+    pool: TxPool,
+    table_base: u64,
+    table_bytes: u64,
+    free_tables: Vec<u32>,
+    msgs: Vec<Msg>,
+    free_msgs: Vec<u32>,
+    pending: u32,
+    events: VecDeque<Event>,
+    down: HashSet<Nid>,
+    scratch: ExtentBuf,
+    spare_extents: Vec<Vec<Extent>>,
+    stats: Stats,
+}
+
+fn cfg_err(field: &'static str, why: impl Into<String>) -> StartError {
+    StartError::Config {
+        field,
+        why: why.into(),
+    }
+}
+
+impl Kshim {
+    /// Creates the region and the doorbells and listens for the engine.
+    pub fn start(cfg: Config) -> Result<Kshim, StartError> {
+        if cfg.nids.is_empty() {
+            return Err(cfg_err(
+                "nids",
+                "give at least one local NID, like 10.0.0.1@lu2k",
+            ));
+        }
+        if cfg.nids.len() > attach::MAX_NIDS {
+            return Err(cfg_err(
+                "nids",
+                format!("at most {} local NIDs", attach::MAX_NIDS),
+            ));
+        }
+        if cfg.cores == 0 || cfg.cores > attach::MAX_CORES {
+            return Err(cfg_err(
+                "cores",
+                format!("must be 1..={}", attach::MAX_CORES),
+            ));
+        }
+        let min_chunk = (MAX_PAYLOAD / ring_abi::layout::MAX_TX_EXTENTS as usize).max(4096);
+        if (cfg.tx_chunk_size as usize) < min_chunk || cfg.tx_chunk_size % 64 != 0 {
+            return Err(cfg_err(
+                "tx_chunk_size",
+                format!("must be a multiple of 64 and at least {min_chunk}"),
+            ));
+        }
+        if cfg.tx_pool_len < u64::from(cfg.tx_chunk_size) {
+            return Err(cfg_err("tx_pool_len", "must hold at least one chunk"));
+        }
+        if cfg.credits == 0 || cfg.peer_credits == 0 {
+            return Err(cfg_err(
+                "credits",
+                "credits and peer_credits must be at least 1",
+            ));
+        }
+        if cfg.max_pending == 0 {
+            return Err(cfg_err("max_pending", "must be at least 1"));
+        }
+        let mut routes = Table::new(cfg.nids.iter().map(|n| n.net()));
+        for r in &cfg.routes {
+            routes.add(*r)?;
+        }
+        // Extent tables: one per credit (in-flight messages hold credits), each with
+        // room for a whole message's chunks.
+        let max_ext = MAX_PAYLOAD.div_ceil(cfg.tx_chunk_size as usize) as u64;
+        let table_bytes = (max_ext * 16).next_multiple_of(64);
+        let table_base = cfg.tx_pool_len.next_multiple_of(64);
+        let tables_len = table_bytes * u64::from(cfg.credits);
+        let abi = ring_abi::Config {
+            cores: cfg.cores,
+            tx_entries: cfg.tx_entries,
+            tx_done_entries: cfg.tx_done_entries,
+            rx_entries: cfg.rx_entries,
+            rx_return_entries: cfg.rx_return_entries,
+            tx_pool_len: table_base + tables_len,
+            rx_buf_size: cfg.rx_buf_size,
+            rx_buf_count: cfg.rx_buf_count,
+            rx_tables_per_core: cfg.rx_tables_per_core,
+            features: ring_abi::Features::all(),
+            start_index: cfg.start_index,
+        };
+        let region = Region::create(&abi)?;
+        let mut cores = Vec::with_capacity(cfg.cores as usize);
+        let mut to_engine_fds = Vec::new();
+        let mut to_kshim_fds = Vec::new();
+        for c in 0..cfg.cores {
+            let fds = Eventfds::new().map_err(StartError::Eventfd)?;
+            let dup = |f: &Option<OwnedFd>| {
+                f.as_ref().map(|f| f.try_clone()).transpose().map_err(|e| {
+                    StartError::Eventfd(
+                        rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+                    )
+                })
+            };
+            let te = dup(&fds.to_engine)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
+            let tk = dup(&fds.to_kshim)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
+            to_engine_fds.push(te);
+            to_kshim_fds.push(tk);
+            let rings = region.kshim_core(c, fds)?;
+            cores.push(Core {
+                rings,
+                backlog: VecDeque::with_capacity(cfg.tx_entries as usize),
+                returns: VecDeque::with_capacity(cfg.rx_return_entries as usize),
+                dirty: false,
+            });
+        }
+        let listener = attach::listen(&cfg.socket_path)?;
+        let pool = TxPool::new(cfg.tx_pool_len as usize, cfg.tx_chunk_size);
+        let n = cfg.max_pending;
+        let msgs = (0..n)
+            .map(|_| Msg {
+                gen: 0,
+                st: St::Free,
+                peer: Nid(0),
+                hdr: [0; hdr::HEADER_LEN],
+                buf: None,
+                table: NO_TABLE,
+            })
+            .collect();
+        Ok(Kshim {
+            credits: Credits::new(cfg.peer_credits, cfg.credits),
+            free_tables: (0..cfg.credits).rev().collect(),
+            free_msgs: (0..n).rev().collect(),
+            msgs,
+            pending: 0,
+            pool,
+            table_base,
+            table_bytes,
+            region,
+            cores,
+            to_engine_fds,
+            to_kshim_fds,
+            listener: Some(listener),
+            link: Link::Listening,
+            routes,
+            events: VecDeque::with_capacity(n as usize + 64),
+            down: HashSet::new(),
+            scratch: ExtentBuf::new(),
+            spare_extents: Vec::new(),
+            stats: Stats::default(),
+            cfg,
+        })
+    }
+
+    /// The config this instance runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The region (for inspection; the engine maps its own copy from the memfd).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether an engine has ACKed and is still there.
+    pub fn is_attached(&self) -> bool {
+        matches!(self.link, Link::Attached { .. })
+    }
+
+    /// Whether the session ended.
+    pub fn is_gone(&self) -> bool {
+        matches!(self.link, Link::Gone)
+    }
+
+    /// Sends in flight or queued (not yet completed).
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
+    /// Free TX pool chunks now, and the chunk size.
+    pub fn tx_pool_free(&self) -> (u32, u32) {
+        (self.pool.free_chunks(), self.pool.chunk_size())
+    }
+
+    /// The route table (add or remove routes at run time).
+    pub fn routes_mut(&mut self) -> &mut Table {
+        &mut self.routes
+    }
+
+    /// Allocates a TX pool buffer of `len` bytes for [`Kshim::write_tx`] and
+    /// [`Kshim::send_buf`]; give it back with [`Kshim::free_tx`] if it is not sent.
+    pub fn alloc_tx(&mut self, len: usize) -> Result<TxBuf, SendError> {
+        if self.is_gone() {
+            return Err(SendError::EngineGone);
+        }
+        if len > MAX_PAYLOAD {
+            return Err(SendError::TooLarge(len));
+        }
+        Ok(self.pool.alloc(len)?)
+    }
+
+    /// Writes `data` at byte `offset` of a buffer from [`Kshim::alloc_tx`].
+    ///
+    /// # Panics
+    /// If `offset + data.len()` exceeds the buffer.
+    pub fn write_tx(&self, buf: &TxBuf, offset: usize, mut data: &[u8]) {
+        assert!(
+            offset + data.len() <= buf.len(),
+            "write beyond the TX buffer"
+        );
+        let mut skip = offset as u64;
+        for (off, len) in self.pool.extents(buf) {
+            if data.is_empty() {
+                break;
+            }
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = ((len - skip) as usize).min(data.len());
+            // In bounds: the pool's chunks lie inside the TX pool.
+            let _ = self.region.write_pool(Pool::Tx, off + skip, &data[..n]);
+            data = &data[n..];
+            skip = 0;
+        }
+    }
+
+    /// Returns an unsent buffer.
+    pub fn free_tx(&mut self, buf: TxBuf) {
+        self.pool.free(buf);
+    }
+
+    /// Sends `payload` (copied into the TX pool) with header `hdr` toward `hdr.dest_nid`.
+    pub fn send(&mut self, hdr: &hdr::Repr, payload: &[u8]) -> Result<Cookie, SendError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(SendError::TooLarge(payload.len()));
+        }
+        self.check_send(hdr, payload.len())?;
+        let buf = self.alloc_tx(payload.len())?;
+        self.write_tx(&buf, 0, payload);
+        self.send_buf(hdr, buf)
+    }
+
+    fn check_send(&self, hdr: &hdr::Repr, len: usize) -> Result<(), SendError> {
+        if self.is_gone() {
+            return Err(SendError::EngineGone);
+        }
+        if hdr.payload_length as usize != len {
+            return Err(SendError::LengthMismatch {
+                hdr: hdr.payload_length,
+                payload: len,
+            });
+        }
+        if self.free_msgs.is_empty() {
+            return Err(SendError::TooManyPending {
+                max: self.cfg.max_pending,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a buffer the caller filled. On error the buffer goes back to the pool.
+    pub fn send_buf(&mut self, hdr: &hdr::Repr, buf: TxBuf) -> Result<Cookie, SendError> {
+        let checked = self
+            .check_send(hdr, buf.len())
+            .and_then(|()| Ok(self.routes.next_hop(Nid(hdr.dest_nid))?));
+        let peer = match checked {
+            Ok(p) => p,
+            Err(e) => {
+                self.pool.free(buf);
+                return Err(e);
+            }
+        };
+        let Some(slot) = self.free_msgs.pop() else {
+            self.pool.free(buf);
+            return Err(SendError::TooManyPending {
+                max: self.cfg.max_pending,
+            });
+        };
+        let m = &mut self.msgs[slot as usize];
+        m.st = St::Queued;
+        m.peer = peer;
+        m.hdr = hdr.to_bytes();
+        self.stats.sends += 1;
+        self.stats.send_bytes += buf.len() as u64;
+        m.buf = Some(buf);
+        let cookie = Cookie::new(slot, m.gen);
+        self.pending += 1;
+        if let Submit::Go(slot) = self.credits.submit(peer, slot) {
+            self.dispatch(slot);
+        }
+        self.flush();
+        Ok(cookie)
+    }
+
+    /// Gives a received message's buffers back to the engine.
+    pub fn rx_done(&mut self, msg: RxMsg) {
+        self.stats.rx_returned += 1;
+        let mut ext = msg.extents;
+        ext.clear();
+        self.spare_extents.push(ext);
+        if self.is_gone() {
+            return;
+        }
+        if let Some(core) = self.cores.get_mut(msg.core as usize) {
+            core.returns.push_back(msg.token);
+        }
+        self.flush();
+    }
+
+    /// Makes progress without blocking and returns the next event, if any.
+    pub fn poll(&mut self) -> Option<Event> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        self.progress();
+        self.events.pop_front()
+    }
+
+    /// Returns the next event, sleeping up to `timeout` (`None`: without limit) for one.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Option<Event> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(e) = self.poll() {
+                return Some(e);
+            }
+            let now = Instant::now();
+            let left = match deadline {
+                Some(d) if d <= now => return None,
+                Some(d) => Some(d - now),
+                None => None,
+            };
+            self.sleep(left);
+        }
+    }
+
+    fn sleep(&mut self, mut left: Option<Duration>) {
+        if let Link::AwaitAck { deadline, .. } = &self.link {
+            let until = deadline.saturating_duration_since(Instant::now());
+            left = Some(left.map_or(until, |l| l.min(until)));
+        }
+        if matches!(self.link, Link::Gone) {
+            // Nothing can arrive any more (returns are no-ops); just let time pass.
+            if let Some(l) = left {
+                std::thread::sleep(l.min(Duration::from_millis(100)));
+            }
+            return;
+        }
+        let Kshim {
+            cores,
+            to_kshim_fds,
+            listener,
+            link,
+            ..
+        } = self;
+        let mut waiters: Vec<&Waiter> = Vec::with_capacity(cores.len());
+        let mut rings = Vec::with_capacity(cores.len());
+        for c in cores.iter_mut() {
+            let KshimCore {
+                tx_done, rx, wait, ..
+            } = &mut c.rings;
+            waiters.push(wait);
+            rings.push((tx_done, rx));
+        }
+        let sock = match &*link {
+            Link::AwaitAck { sock, .. } | Link::Attached { sock } => Some(sock.as_fd()),
+            _ => None,
+        };
+        let listen = match &*link {
+            Link::Listening => listener.as_ref().map(|l| l.as_fd()),
+            _ => None,
+        };
+        let mut sleep = || {
+            // All cores armed: re-check every ring, then sleep on every fd.
+            for (tx_done, rx) in rings.iter_mut() {
+                if !tx_done.is_empty().unwrap_or(false) || !rx.is_empty().unwrap_or(false) {
+                    return;
+                }
+            }
+            let mut fds: Vec<PollFd<'_>> = to_kshim_fds
+                .iter()
+                .map(|f| PollFd::new(f, PollFlags::IN))
+                .collect();
+            if let Some(s) = sock {
+                fds.push(PollFd::from_borrowed_fd(s, PollFlags::IN));
+            }
+            if let Some(l) = listen {
+                fds.push(PollFd::from_borrowed_fd(l, PollFlags::IN));
+            }
+            let ts = left.map(|d| rustix::time::Timespec {
+                tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            });
+            let _ = rustix::event::poll(&mut fds, ts.as_ref());
+        };
+        arm_all(&waiters, &mut sleep);
+        for w in &waiters {
+            let _ = w.drain();
+        }
+    }
+
+    fn progress(&mut self) {
+        self.drive_link();
+        if matches!(self.link, Link::Gone) {
+            return;
+        }
+        if let Err(RingError::Corrupt { .. }) = self.reap() {
+            self.gone(GoneReason::RingCorrupt);
+            return;
+        }
+        while let Some((_, slot)) = self.credits.poll_ready() {
+            self.dispatch(slot);
+        }
+        self.flush();
+    }
+
+    fn drive_link(&mut self) {
+        loop {
+            match &self.link {
+                Link::Listening => {
+                    let Some(l) = &self.listener else { return };
+                    match attach::accept(l.as_fd()) {
+                        Ok(Some(sock)) => {
+                            let hello = Hello {
+                                cores: self.cfg.cores,
+                                region_size: self.region.len() as u64,
+                                nids: self.cfg.nids.clone(),
+                            };
+                            let te: Vec<_> = self.to_engine_fds.iter().map(|f| f.as_fd()).collect();
+                            let tk: Vec<_> = self.to_kshim_fds.iter().map(|f| f.as_fd()).collect();
+                            match attach::send_hello(
+                                sock.as_fd(),
+                                &hello,
+                                self.region.fd(),
+                                &te,
+                                &tk,
+                            ) {
+                                Ok(()) => {
+                                    // The region is handed over: this engine is the session.
+                                    self.listener = None;
+                                    let _ = std::fs::remove_file(&self.cfg.socket_path);
+                                    self.link = Link::AwaitAck {
+                                        sock,
+                                        deadline: Instant::now() + self.cfg.attach_timeout,
+                                    };
+                                }
+                                // It went away before taking the region: keep listening.
+                                Err(_) => continue,
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            self.gone(GoneReason::Io(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+                Link::AwaitAck { sock, deadline } => {
+                    let deadline = *deadline;
+                    match attach::recv_small(sock.as_fd()) {
+                        Ok(Some((b, n))) => match attach::decode_ack(&b[..n]) {
+                            Ok(()) => {
+                                let Link::AwaitAck { sock, .. } =
+                                    std::mem::replace(&mut self.link, Link::Gone)
+                                else {
+                                    return;
+                                };
+                                self.link = Link::Attached { sock };
+                                self.events.push_back(Event::EngineAttached);
+                            }
+                            Err(attach::Error::Refused(s)) => {
+                                self.gone(GoneReason::Refused(s));
+                                return;
+                            }
+                            Err(attach::Error::Protocol(p)) => {
+                                self.gone(GoneReason::Protocol(p));
+                                return;
+                            }
+                            Err(e) => {
+                                self.gone(GoneReason::Io(e.to_string()));
+                                return;
+                            }
+                        },
+                        Ok(None) => {
+                            if Instant::now() >= deadline {
+                                self.gone(GoneReason::AckTimeout);
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            self.gone(link_err(e));
+                            return;
+                        }
+                    }
+                }
+                Link::Attached { sock } => match attach::recv_small(sock.as_fd()) {
+                    Ok(Some((b, n))) => match Notice::decode(&b[..n]) {
+                        Ok(Notice::PeerDown(nid)) => self.peer_down(nid),
+                        Ok(Notice::PeerUp(nid)) => self.peer_up(nid),
+                        Err(attach::Error::Protocol(p)) => {
+                            self.gone(GoneReason::Protocol(p));
+                            return;
+                        }
+                        Err(e) => {
+                            self.gone(GoneReason::Io(e.to_string()));
+                            return;
+                        }
+                    },
+                    Ok(None) => return,
+                    Err(e) => {
+                        self.gone(link_err(e));
+                        return;
+                    }
+                },
+                Link::Gone => return,
+            }
+        }
+    }
+
+    fn peer_down(&mut self, nid: Nid) {
+        if self.down.insert(nid) {
+            self.routes.set_gateway_up(nid, false);
+            self.events.push_back(Event::PeerDown(nid));
+        }
+    }
+
+    fn peer_up(&mut self, nid: Nid) {
+        if self.down.remove(&nid) {
+            self.routes.set_gateway_up(nid, true);
+            self.events.push_back(Event::PeerUp(nid));
+        }
+    }
+
+    /// Takes completions and received messages from every core.
+    fn reap(&mut self) -> Result<(), RingError> {
+        let mut done = [TxCompletion::default(); 64];
+        for c in 0..self.cores.len() {
+            loop {
+                let n = self.cores[c].rings.tx_done.pop_slice(&mut done)?;
+                for d in &done[..n] {
+                    self.complete(*d);
+                }
+                if n < done.len() {
+                    break;
+                }
+            }
+            while let Some(d) = self.cores[c].rings.rx.pop()? {
+                self.receive(c as u32, d);
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, d: TxCompletion) {
+        let cookie = Cookie(d.cookie);
+        let ok = self
+            .msgs
+            .get(cookie.slot() as usize)
+            .is_some_and(|m| m.gen == cookie.gen() && m.st == St::InFlight);
+        if !ok {
+            self.stats.bogus_completions += 1;
+            return;
+        }
+        let (status, detail) = match d.status() {
+            Ok(s) => (s, d.detail),
+            Err(_) => (TxStatus::Aborted, d.status),
+        };
+        let peer = self.msgs[cookie.slot() as usize].peer;
+        self.credits.complete(peer);
+        if status == TxStatus::Ok {
+            self.peer_up(peer);
+        }
+        self.finish(cookie.slot(), status, detail);
+    }
+
+    fn finish(&mut self, slot: u32, status: TxStatus, detail: u32) {
+        let m = &mut self.msgs[slot as usize];
+        let cookie = Cookie::new(slot, m.gen);
+        if let Some(b) = m.buf.take() {
+            self.pool.free(b);
+        }
+        if m.table != NO_TABLE {
+            self.free_tables.push(m.table);
+            m.table = NO_TABLE;
+        }
+        m.st = St::Free;
+        m.gen = m.gen.wrapping_add(1);
+        self.free_msgs.push(slot);
+        self.pending -= 1;
+        if status == TxStatus::Ok {
+            self.stats.tx_ok += 1;
+        } else {
+            self.stats.tx_failed += 1;
+        }
+        self.events.push_back(Event::TxDone {
+            cookie,
+            status,
+            detail,
+        });
+    }
+
+    fn receive(&mut self, core: u32, d: RxDesc) {
+        let parsed = match self.region.validate_rx(&d, &mut self.scratch) {
+            Ok(v) => hdr::Repr::from_bytes(&v.hdr)
+                .ok()
+                .map(|h| (h, v.total_len, v.extents)),
+            Err(_) => None,
+        };
+        let Some((h, len, extents)) = parsed else {
+            self.stats.bad_rx += 1;
+            self.cores[core as usize].returns.push_back(d.token);
+            return;
+        };
+        let mut ext = self.spare_extents.pop().unwrap_or_default();
+        ext.extend_from_slice(extents);
+        let from = Nid(d.src_nid);
+        self.stats.rx += 1;
+        self.stats.rx_bytes += u64::from(len);
+        self.peer_up(from);
+        self.events.push_back(Event::Rx(RxMsg {
+            region: self.region.clone(),
+            token: d.token,
+            core,
+            from,
+            hdr: h,
+            hdr_bytes: d.hdr,
+            len,
+            extents: ext,
+        }));
+    }
+
+    /// Builds the descriptor of a slot that holds its credits and queues it on its core.
+    fn dispatch(&mut self, slot: u32) {
+        let core = ring_abi::shard(self.msgs[slot as usize].peer.0, self.cfg.cores) as usize;
+        self.msgs[slot as usize].st = St::Backlog;
+        self.cores[core].backlog.push_back(slot);
+    }
+
+    fn build_desc(&mut self, slot: u32) -> TxDesc {
+        let cookie = Cookie::new(slot, self.msgs[slot as usize].gen).0;
+        let m = &self.msgs[slot as usize];
+        let mut inline = [Extent::default(); 2];
+        let mut n = 0usize;
+        let mut total = 0u32;
+        if let Some(b) = &m.buf {
+            for (off, len) in self.pool.extents(b) {
+                if n < 2 {
+                    inline[n] = Extent::new(Pool::Tx, off, len);
+                }
+                n += 1;
+                total += len;
+            }
+        }
+        if n <= 2 {
+            return TxDesc::inline(cookie, m.peer.0, m.hdr, &inline[..n]);
+        }
+        // Indirect: write the table into this message's table slot. A slot holding
+        // credits always finds a table (one table per credit).
+        let table = self.free_tables.pop().expect("one table per credit");
+        let base = self.table_base + u64::from(table) * self.table_bytes;
+        let m = &mut self.msgs[slot as usize];
+        m.table = table;
+        let mut ext = [Extent::default(); 256];
+        let mut k = 0;
+        if let Some(b) = &m.buf {
+            for (off, len) in self.pool.extents(b) {
+                ext[k] = Extent::new(Pool::Tx, off, len);
+                k += 1;
+            }
+        }
+        let _ = self.region.write_extents(Pool::Tx, base, &ext[..k]);
+        TxDesc::indirect(cookie, m.peer.0, m.hdr, base, k as u16, total)
+    }
+
+    /// Pushes backlogged descriptors and returns into the rings, then rings doorbells.
+    fn flush(&mut self) {
+        if matches!(self.link, Link::Gone) {
+            return;
+        }
+        let mut corrupt = false;
+        for c in 0..self.cores.len() {
+            while let Some(&slot) = self.cores[c].backlog.front() {
+                match self.cores[c].rings.tx.refresh() {
+                    Ok(0) => {
+                        self.stats.tx_ring_full += 1;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        corrupt = true;
+                        break;
+                    }
+                }
+                let desc = self.build_desc(slot);
+                let core = &mut self.cores[c];
+                match core.rings.tx.push(desc) {
+                    Ok(true) => {
+                        core.backlog.pop_front();
+                        core.dirty = true;
+                        self.msgs[slot as usize].st = St::InFlight;
+                    }
+                    Ok(false) | Err(_) => {
+                        corrupt = true;
+                        break;
+                    }
+                }
+            }
+            let core = &mut self.cores[c];
+            while let Some(&tok) = core.returns.front() {
+                match core.rings.rx_return.push(RxReturn { token: tok }) {
+                    Ok(true) => {
+                        core.returns.pop_front();
+                        core.dirty = true;
+                    }
+                    Ok(false) => break,
+                    Err(_) => {
+                        corrupt = true;
+                        break;
+                    }
+                }
+            }
+            if core.dirty {
+                core.dirty = false;
+                if let Ok(true) = core.rings.to_engine.notify() {
+                    self.stats.doorbells += 1;
+                }
+            }
+        }
+        if corrupt {
+            self.gone(GoneReason::RingCorrupt);
+        }
+    }
+
+    /// Ends the session: takes what the engine published, fails everything else.
+    fn gone(&mut self, reason: GoneReason) {
+        if matches!(self.link, Link::Gone) {
+            return;
+        }
+        // Completions the engine did write still count.
+        if reason != GoneReason::RingCorrupt {
+            let _ = self.reap();
+        }
+        self.link = Link::Gone;
+        self.listener = None;
+        let _ = std::fs::remove_file(&self.cfg.socket_path);
+        let queued: Vec<u32> = self.credits.drain_queued().map(|(_, s)| s).collect();
+        for slot in queued {
+            self.finish(slot, TxStatus::EngineGone, 0);
+        }
+        for c in 0..self.cores.len() {
+            self.cores[c].backlog.clear();
+            self.cores[c].returns.clear();
+        }
+        for slot in 0..self.msgs.len() as u32 {
+            if self.msgs[slot as usize].st != St::Free {
+                self.finish(slot, TxStatus::EngineGone, 0);
+            }
+        }
+        self.credits.reset();
+        self.events.push_back(Event::EngineGone(reason));
+    }
+}
+
+impl Drop for Kshim {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.cfg.socket_path);
+        }
+    }
+}
+
+fn link_err(e: attach::Error) -> GoneReason {
+    match e {
+        attach::Error::Closed => GoneReason::SocketClosed,
+        attach::Error::Protocol(p) => GoneReason::Protocol(p),
+        e => GoneReason::Io(e.to_string()),
+    }
+}
+
+/// Arms every waiter's need-wakeup word (through the public doorbell protocol: each
+/// `Waiter::wait` arms its word, then calls its re-check closure, which here arms the
+/// next one), runs `inner` with all of them armed, and disarms them all. `inner` does
+/// the re-check of every ring and the actual sleep; the waiters themselves never sleep
+/// because their closures report work.
+fn arm_all(waiters: &[&Waiter], inner: &mut dyn FnMut()) {
+    match waiters.split_first() {
+        None => inner(),
+        Some((w, rest)) => {
+            let _ = w.wait(WaitMode::Eventfd, Some(Duration::ZERO), || {
+                arm_all(rest, inner);
+                true
+            });
+        }
+    }
+}
