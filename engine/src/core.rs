@@ -143,6 +143,7 @@ pub struct CoreLoop {
     rx_msgs: HashMap<u64, RxMsg>,
     next_token: u64,
     rx_pending: VecDeque<RxDesc>,
+    rx_waiting: VecDeque<(Ipv4Addr, Vec<udt::Extent>)>,
     rx_tables_free: Vec<u32>,
     rx_tables_base: u64,
     peers: HashMap<Ipv4Addr, Peer>,
@@ -232,6 +233,7 @@ impl CoreLoop {
             rx_msgs: HashMap::new(),
             next_token: 1,
             rx_pending: VecDeque::new(),
+            rx_waiting: VecDeque::new(),
             peers: HashMap::new(),
             conns: HashMap::new(),
             seed,
@@ -973,6 +975,15 @@ impl CoreLoop {
     }
 
     fn publish_rx(&mut self, peer: Ipv4Addr, extents: Vec<udt::Extent>) {
+        if !self.rx_waiting.is_empty() {
+            // Keep delivery order: queue behind messages already waiting.
+            self.rx_waiting.push_back((peer, extents));
+            return;
+        }
+        self.publish_rx_now(peer, extents);
+    }
+
+    fn publish_rx_now(&mut self, peer: Ipv4Addr, extents: Vec<udt::Extent>) {
         let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
         let bids: Vec<u16> = extents.iter().map(|e| e.buf as u16).collect();
         if total < u64::from(LNET_HDR) {
@@ -1024,10 +1035,10 @@ impl CoreLoop {
             (RxDesc::inline(token, src_nid, hdr, &payload), None)
         } else if payload.len() <= lu2k_ring_abi::layout::MAX_RX_EXTENTS as usize {
             let Some(t) = self.rx_tables_free.pop() else {
-                self.stats.drop_one("rx_no_extent_table");
-                for b in bids {
-                    self.unref(b);
-                }
+                // No free extent table: wait for kshim to return one (backpressure;
+                // the message is acknowledged already, so it must not be dropped).
+                self.stats.rx_table_waits += 1;
+                self.rx_waiting.push_back((peer, extents));
                 return;
             };
             let off = self.rx_tables_base + u64::from(t) * lu2k_ring_abi::layout::RX_TABLE_BYTES;
@@ -1064,6 +1075,13 @@ impl CoreLoop {
 
     fn flush_rx_pending(&mut self) -> bool {
         let mut any = false;
+        while !self.rx_tables_free.is_empty() {
+            let Some((peer, extents)) = self.rx_waiting.pop_front() else {
+                break;
+            };
+            self.publish_rx_now(peer, extents);
+            any = true;
+        }
         while let Some(d) = self.rx_pending.front() {
             match self.ec.rx.push(*d) {
                 Ok(true) => {

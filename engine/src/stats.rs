@@ -67,6 +67,8 @@ pub struct CoreStats {
     pub drops: BTreeMap<String, u64>,
     /// Payload bytes lu2k copied (must be 0 on the fast path).
     pub payload_copied: u64,
+    /// Received messages that waited for a free RX extent table.
+    pub rx_table_waits: u64,
     /// Times this core went to sleep on its doorbell.
     pub sleeps: u64,
     /// Datagram I/O counters.
