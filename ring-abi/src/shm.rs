@@ -16,6 +16,7 @@
 #![allow(unsafe_code)]
 
 use core::marker::PhantomData;
+use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 use core::sync::atomic::AtomicU32;
 use std::os::fd::AsFd;
@@ -284,31 +285,52 @@ impl<T: Pod> SlotArray<T> {
         self.mask + 1
     }
 
-    /// Copies slot `index & mask` out (one volatile read).
+    /// Copies slot `index & mask` out: each 8-byte word read exactly once (volatile), into
+    /// a private value. Word-wise because a volatile read of a whole 128-byte struct
+    /// compiles to a slow byte-wise copy.
     #[inline(always)]
     pub(crate) fn read(&self, index: u32) -> T {
-        // SAFETY: `index & mask` < entries, so the slot is inside the array checked in
-        // `new`; T is Pod. The caller (ring::Consumer) only reads slots the producer has
-        // published (between the consumer index and the Acquire-loaded producer index).
-        unsafe {
-            self.base
-                .as_ptr()
-                .wrapping_add((index & self.mask) as usize)
-                .read_volatile()
+        const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() >= 8) };
+        let src = self
+            .base
+            .as_ptr()
+            .wrapping_add((index & self.mask) as usize)
+            .cast::<u64>();
+        let mut out = MaybeUninit::<T>::uninit();
+        let dst = out.as_mut_ptr().cast::<u64>();
+        for i in 0..size_of::<T>() / 8 {
+            // SAFETY: `index & mask` < entries, so the slot is inside the array checked in
+            // `new`, 8-aligned (T is, by the const assert); word i < size/8 is inside it.
+            // The caller (ring::Consumer) only reads slots the producer has published
+            // (between our consumer index and the Acquire-loaded producer index).
+            let w = unsafe { src.wrapping_add(i).read_volatile() };
+            // SAFETY: `dst` is the private, suitably aligned `out`; word i is inside it.
+            unsafe { dst.wrapping_add(i).write(w) };
         }
+        // SAFETY: every byte of `out` was written above (size is a multiple of 8), and T is
+        // Pod, so any bytes form a valid T.
+        unsafe { out.assume_init() }
     }
 
-    /// Writes slot `index & mask` (one volatile write).
+    /// Writes slot `index & mask`, 8-byte word by word (volatile).
     #[inline(always)]
     pub(crate) fn write(&self, index: u32, v: T) {
-        // SAFETY: in bounds as in `read`. The caller (ring::Producer) only writes slots it
-        // owns: between the producer index and the consumer index + entries, which the
-        // consumer has released (its Release store, our Acquire load).
-        unsafe {
-            self.base
-                .as_ptr()
-                .wrapping_add((index & self.mask) as usize)
-                .write_volatile(v)
+        const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() >= 8) };
+        let dst = self
+            .base
+            .as_ptr()
+            .wrapping_add((index & self.mask) as usize)
+            .cast::<u64>();
+        let src = (&raw const v).cast::<u64>();
+        for i in 0..size_of::<T>() / 8 {
+            // SAFETY: `src` is the private, 8-aligned `v`; word i is inside it, and T is Pod
+            // (no padding bytes in the slot types: the layout test checks every byte is a
+            // field), so each word is initialised.
+            let w = unsafe { src.wrapping_add(i).read() };
+            // SAFETY: in bounds and aligned as in `read`. The caller (ring::Producer) only
+            // writes slots it owns: between its producer index and the Acquire-loaded
+            // consumer index + entries, which the consumer has released.
+            unsafe { dst.wrapping_add(i).write_volatile(w) };
         }
     }
 }
