@@ -32,7 +32,7 @@
 # the message says why, callers skip loudly on 77.
 set -euo pipefail
 
-ALL_TESTS="rds,netem,probe"
+ALL_TESTS="rds,netem,probe,engine"
 SKIP_RC=77
 
 usage() {
@@ -44,7 +44,7 @@ Options:
   --kernel-meta PKG   metapackage to resolve the kernel through (default: linux-image-amd64)
   --cache DIR         cache folder (default: \$LU2K_LAB_CACHE or \${XDG_CACHE_HOME:-~/.cache}/lu2k-lab)
   --timeout SECS      wall-clock limit for the VM (default: 300)
-  --memory MB         VM memory (default: 1024)
+  --memory MB         VM memory (default: 2048)
   --cpus N            VM cpus (default: 2)
   --strict            a skipped test fails the run
   --fetch-only        fetch and unpack, then stop
@@ -57,7 +57,7 @@ tests="$ALL_TESTS"
 kernel_meta="linux-image-amd64"
 cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
 vm_timeout=300
-memory=1024
+memory=2048
 cpus=2
 strict=0
 fetch_only=0
@@ -355,6 +355,31 @@ else
         echo "    lu2k-lab: static $musl, features: ${features:-none}"
     fi
 fi
+# The engine's own integration tests (engine/tests: the io_uring and epoll paths, the
+# end-to-end transfer between two engines and two kshims), built for the host's glibc
+# target and run inside the VM on the lab's kernel by `lu2k-lab engine`. Tests that
+# start the engine binary find it through CARGO_BIN_EXE_lu2k-engine, a path fixed at
+# build time, so the binary is put at that very path in the initramfs.
+engine_tests=()
+engine_exe=""
+if [[ ",$tests," == *",engine,"* ]]; then
+    gnu=x86_64-unknown-linux-gnu
+    if env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+        cargo test --release --no-run --target "$gnu" -p lu2k-engine --tests \
+            --manifest-path "$repo/Cargo.toml" --target-dir "$cache/target-engine" \
+            --message-format=json > "$cache/logs/engine-tests.json" 2> "$cache/logs/engine-tests.log"; then
+        mapfile -t engine_tests < <(grep '"reason":"compiler-artifact"' "$cache/logs/engine-tests.json" \
+            | grep -E '"profile":\{[^}]*"test":true' \
+            | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+        engine_exe=$(grep '"reason":"compiler-artifact"' "$cache/logs/engine-tests.json" \
+            | grep '"kind":\["bin"\]' | grep '"name":"lu2k-engine"' \
+            | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n 1)
+        echo "    engine tests for the VM: ${#engine_tests[@]} binaries ($(for t in "${engine_tests[@]}"; do basename "$t"; done | sed 's/-[0-9a-f]*$//' | tr '\n' ' '))"
+    else
+        echo "    note: the engine's tests do not build (log: $cache/logs/engine-tests.json); the engine test will say pending:"
+        sed -n 's/.*"rendered":"\(error[^\\]*\).*/      \1/p' "$cache/logs/engine-tests.json" | sort -u | head -n 5
+    fi
+fi
 phase "built lab binaries"
 
 # --- 3. the initramfs ------------------------------------------------------------------
@@ -381,6 +406,19 @@ for tool in ip tc; do
     copy_with_libs "$path" "usr/sbin/$tool"
 done
 if [ $lab_dynamic -eq 1 ]; then copy_with_libs "$lab_bin" bin/lu2k-lab; else cp "$lab_bin" "$ird/bin/lu2k-lab"; fi
+if [ ${#engine_tests[@]} -gt 0 ]; then
+    mkdir -p "$ird/lab/engine-tests"
+    for t in "${engine_tests[@]}"; do
+        copy_with_libs "$t" "lab/engine-tests/$(basename "$t" | sed 's/-[0-9a-f]*$//')"
+    done
+    if [ -n "$engine_exe" ]; then
+        mkdir -p "$ird$(dirname "$engine_exe")"
+        copy_with_libs "$engine_exe" "${engine_exe#/}"
+    fi
+    # debug info is not needed in the VM and costs initramfs memory
+    find "$ird/lab" "$ird$(dirname "${engine_exe:-/nonexistent}")" -type f 2>/dev/null \
+        | while read -r f; do strip --strip-debug "$f" 2>/dev/null || true; done
+fi
 # the ld.so cache is absent: tell the loader where the libraries are
 for d in $(cd "$ird" && find lib* usr/lib* -name '*.so*' -printf '/%h\n' 2>/dev/null | sort -u); do echo "$d"; done > "$ird/etc/lab/ld-library-path"
 [ -d /usr/lib/x86_64-linux-gnu/tc ] && mkdir -p "$ird/usr/lib/x86_64-linux-gnu" && cp -r /usr/lib/x86_64-linux-gnu/tc "$ird/usr/lib/x86_64-linux-gnu/"

@@ -13,7 +13,10 @@
 //!   with the link emulator's model given the same settings.
 //! - `probe`: io_uring on this kernel, probed independently, against the engine's own
 //!   probe and the path it chooses.
+//! - `engine`: the engine's own test binaries (unit, I/O paths, end to end) on this
+//!   kernel.
 
+mod engine;
 mod netem;
 mod netns;
 mod probe;
@@ -36,6 +39,7 @@ const TESTS: &[(&str, Test)] = &[
     ("rds", rds::run),
     ("netem", netem::run),
     ("probe", probe::run),
+    ("engine", engine::run),
 ];
 
 fn main() -> ExitCode {
