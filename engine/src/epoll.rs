@@ -48,6 +48,7 @@ pub struct EpollIo {
     want_out: bool,
     want_in: bool,
     stats: IoStats,
+    handed: Vec<bool>,
     _keep: Option<Box<dyn sys::IoMem>>,
     _bell: Option<OwnedFd>,
 }
@@ -122,6 +123,7 @@ impl EpollIo {
             want_out: false,
             want_in: true,
             stats: IoStats::default(),
+            handed: vec![false; rx.count as usize],
             _keep: None,
             _bell: None,
         })
@@ -232,13 +234,14 @@ impl EpollIo {
             self.rx_free.extend_from_slice(&bids[used..]);
             for (k, r) in got.into_iter().enumerate() {
                 let bid = bids[k];
+                self.handed[bid as usize] = true;
                 match (r.from, r.truncated) {
                     (_, true) => {
                         self.stats.rx_truncated += 1;
                         out.push(Event::RecvTruncated);
-                        self.rx_free.push(bid);
+                        self.return_rx(bid);
                     }
-                    (None, _) => self.rx_free.push(bid),
+                    (None, _) => self.return_rx(bid),
                     (Some(from), false) => {
                         let len = r.len as u32;
                         self.stats.recvs += 1;
@@ -325,9 +328,23 @@ impl DatagramIo for EpollIo {
     }
 
     fn return_rx(&mut self, bid: u16) {
-        if bid < self.rx.count {
+        if let Some(h) = self.handed.get_mut(bid as usize).filter(|h| **h) {
+            *h = false;
             self.rx_free.push(bid);
         }
+    }
+
+    fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
+        if !*self.handed.get(bid as usize)?
+            || u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size)
+        {
+            return None;
+        }
+        let p = self.rx.buf(bid)?.wrapping_add(off as usize);
+        // SAFETY: buffer `bid` is handed out (recvmmsg wrote it and it is not given to
+        // the kernel again until returned, which needs `&mut self`), the range is
+        // inside it, and the constructor's contract keeps it mapped.
+        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
     }
 
     fn arm_doorbell(&mut self) {

@@ -287,6 +287,10 @@ pub trait DatagramIo {
     /// Gives RX buffer `bid` back (after a `Recv` event handed it out).
     fn return_rx(&mut self, bid: u16);
 
+    /// The bytes `[off, off + len)` of RX buffer `bid`, while it is handed out (between
+    /// its `Recv` event and `return_rx`); `None` otherwise or out of range.
+    fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]>;
+
     /// Asks for a `Doorbell` event when the doorbell eventfd is written (one-shot).
     fn arm_doorbell(&mut self);
 

@@ -827,11 +827,11 @@ impl OwnedMem {
 
     /// The TX payload pool, writable (fill it before sending).
     pub fn pool_mut(&mut self) -> &mut [u8] {
+        let p = self.tx_map.as_ptr().wrapping_add(self.tx.pool_off);
         // SAFETY: the pool lies inside `tx_map`, which we own exclusively; `&mut self`
         // guarantees no other Rust reference to it. (The kernel reads it only during
-        // sends, which callers start after filling.)
-        let p = self.tx_map.as_ptr().wrapping_add(self.tx.pool_off);
-        // SAFETY: as above.
+        // sends, which callers start after filling, through an I/O value that then owns
+        // this OwnedMem, so `pool_mut` cannot be called any more.)
         unsafe { std::slice::from_raw_parts_mut(p, self.tx.pool_len) }
     }
 }
@@ -897,16 +897,4 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Copies `len` bytes at address `addr` out (tests use it to check RX buffers).
-///
-/// The range must be a buffer the caller owns (one handed out by a `Recv` event); the
-/// function checks nothing else, so it is only used on such buffers.
-pub fn read_raw(addr: usize, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    // SAFETY: the caller passes a range it owns and that is mapped (see doc); the
-    // destination is a fresh Vec of `len` bytes.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, v.as_mut_ptr(), len) };
-    v
 }

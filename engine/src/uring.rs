@@ -136,6 +136,7 @@ pub struct UringIo {
     epoch_mono: std::time::Duration,
     stats: IoStats,
     max_frags: usize,
+    handed: Vec<bool>,
     // Last: memory the kernel may reference, dropped after the ring.
     _keep: Option<Box<dyn sys::IoMem>>,
     _bell: Option<OwnedFd>,
@@ -304,6 +305,7 @@ impl UringIo {
             epoch_mono: monotonic_now(),
             stats: IoStats::default(),
             max_frags: max_skb_frags(),
+            handed: vec![false; rx.count as usize],
             _keep: None,
             _bell: None,
         };
@@ -504,6 +506,9 @@ impl UringIo {
             return;
         };
         self.rx_free = self.rx_free.saturating_sub(1);
+        if let Some(h) = self.handed.get_mut(bid as usize) {
+            *h = true;
+        }
         let Some(buf) = self.rx.buf(bid) else { return };
         let used = (res as usize).min(self.rx.buf_size as usize);
         // SAFETY: the kernel filled `used` bytes of buffer `bid` and handed it to us
@@ -687,10 +692,26 @@ impl DatagramIo for UringIo {
     }
 
     fn return_rx(&mut self, bid: u16) {
-        if bid < self.rx.count {
+        // Only a buffer that is out (handed over by a completion) can come back; a
+        // double return would put one buffer in the ring twice.
+        if let Some(h) = self.handed.get_mut(bid as usize).filter(|h| **h) {
+            *h = false;
             self.provide(bid);
             self.publish_tail();
         }
+    }
+
+    fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
+        if !*self.handed.get(bid as usize)?
+            || u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size)
+        {
+            return None;
+        }
+        let p = self.rx.buf(bid)?.wrapping_add(off as usize);
+        // SAFETY: buffer `bid` is handed out (the kernel finished writing it and will
+        // not until it is returned, which needs `&mut self`), the range is inside it,
+        // and the constructor's contract keeps it mapped.
+        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
     }
 
     fn arm_doorbell(&mut self) {

@@ -60,8 +60,6 @@ fn blast(
     tx: &mut dyn DatagramIo,
     rx: &mut dyn DatagramIo,
     dst: SocketAddrV4,
-    rx_base: usize,
-    rx_stride: usize,
     batches: u64,
     hold: usize,
 ) -> Outcome {
@@ -165,9 +163,10 @@ fn blast(
                     if len > seg {
                         out.batches_coalesced += 1;
                     }
-                    let buf = rx_base + bid as usize * rx_stride + off as usize;
-                    // The test reads the RX buffer the I/O layer handed out.
-                    let bytes = unsafe_read(buf, len as usize);
+                    let bytes = rx
+                        .rx_bytes(bid, off, len)
+                        .expect("handed-out buffer readable")
+                        .to_vec();
                     for d in bytes.chunks(seg as usize) {
                         let n = u64::from_be_bytes(d[..8].try_into().unwrap());
                         let poff = u64::from_be_bytes(d[8..16].try_into().unwrap());
@@ -215,11 +214,6 @@ fn blast(
     out
 }
 
-fn unsafe_read(addr: usize, len: usize) -> Vec<u8> {
-    // Safe copy through a raw-memory reader that lives in the crate under test.
-    lu2k_engine::sys::read_raw(addr, len)
-}
-
 fn fast_path_or_skip() -> bool {
     let f = Features::probe();
     if f.selftest.is_none() {
@@ -242,10 +236,9 @@ fn uring_zc_gso_into_provided_buffers_with_gro() {
     let mut m = OwnedMem::new(64, 1 << 20, 64, RXBUF).unwrap();
     fill(&mut m);
     let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
-    let (rb, rs) = (rxm.rx.base, rxm.rx.stride);
     let mut tx = UringIo::new_owned(a, m, None, UringOpts::default()).unwrap();
     let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
-    let o = blast(&mut tx, &mut rx, dst, rb, rs, 500, 0);
+    let o = blast(&mut tx, &mut rx, dst, 500, 0);
     eprintln!("uring: {o:?} setup {:?}", tx.setup());
     assert_eq!(o.datagrams, 500 * SEGS as u64);
     assert!(o.batches_coalesced > 0, "GRO never coalesced: {o:?}");
@@ -270,10 +263,9 @@ fn uring_empty_buffer_ring_is_backpressure() {
     fill(&mut m);
     // Only 4 RX buffers, and the receiver holds 4 back: the ring runs dry.
     let rxm = OwnedMem::new(64, 4096, 4, RXBUF).unwrap();
-    let (rb, rs) = (rxm.rx.base, rxm.rx.stride);
     let mut tx = UringIo::new_owned(a, m, None, UringOpts::default()).unwrap();
     let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
-    let o = blast(&mut tx, &mut rx, dst, rb, rs, 30, 4);
+    let o = blast(&mut tx, &mut rx, dst, 30, 4);
     assert_eq!(o.datagrams, 30 * SEGS as u64);
     assert!(o.starved > 0, "ring never ran dry: {o:?}");
     assert!(rx.stats().rearms > 0);
@@ -286,10 +278,9 @@ fn epoll_path_gives_the_same_result() {
     let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
     fill(&mut m);
     let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
-    let (rb, rs) = (rxm.rx.base, rxm.rx.stride);
     let mut tx = EpollIo::new_owned(a, m, None, 16).unwrap();
     let mut rx = EpollIo::new_owned(b, rxm, None, 16).unwrap();
-    let o = blast(&mut tx, &mut rx, dst, rb, rs, 500, 0);
+    let o = blast(&mut tx, &mut rx, dst, 500, 0);
     eprintln!("epoll: {o:?}");
     assert_eq!(o.datagrams, 500 * SEGS as u64);
     assert!(o.batches_coalesced > 0, "GRO never coalesced: {o:?}");
@@ -304,7 +295,6 @@ fn epoll_backpressure_and_mixed_paths() {
     let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
     fill(&mut m);
     let rxm = OwnedMem::new(64, 4096, 4, RXBUF).unwrap();
-    let (rb, rs) = (rxm.rx.base, rxm.rx.stride);
     let mut tx: Box<dyn DatagramIo> = if Features::probe().selftest.is_some() {
         Box::new(UringIo::new_owned(a, m, None, UringOpts::default()).unwrap())
     } else {
@@ -312,7 +302,7 @@ fn epoll_backpressure_and_mixed_paths() {
         Box::new(EpollIo::new_owned(a, m, None, 16).unwrap())
     };
     let mut rx = EpollIo::new_owned(b, rxm, None, 16).unwrap();
-    let o = blast(tx.as_mut(), &mut rx, dst, rb, rs, 30, 4);
+    let o = blast(tx.as_mut(), &mut rx, dst, 30, 4);
     assert_eq!(o.datagrams, 30 * SEGS as u64);
     assert!(o.starved > 0, "{o:?}");
 }
