@@ -6,7 +6,8 @@
 //! rate limit, no delay, no loss). [`Config::validate`] checks the ranges and
 //! names the offending field in its error.
 //!
-//! ```toml
+//! ```
+//! # let text = r#"
 //! rate_mbps = 100.0        # bottleneck rate; omit for unlimited
 //! queue_bytes = 1_500_000  # bottleneck buffer; omit for unlimited
 //! overhead_bytes = 28      # added to every datagram's length on the wire (IP + UDP)
@@ -16,7 +17,16 @@
 //! duplicate = 0.001        # probability that a datagram is delivered twice
 //! loss = { model = "gilbert_elliott", rate = 0.01, burst = 4.0 }
 //! outages = [ { start_s = 30.0, end_s = 40.0 } ]
+//! # "#;
+//! # let c: lu2k_linkem::Config = toml::from_str(text).unwrap();
+//! # c.validate().unwrap();
+//! # assert_eq!(c.outages[0].end_s, 40.0);
 //! ```
+//!
+//! Other loss models: `loss = { model = "none" }` (the default) and
+//! `loss = { model = "bernoulli", rate = 0.01 }`. A [`DuplexConfig`] is two
+//! such tables, `[forward]` and `[reverse]`; a scenario file embeds it under
+//! any table name, for example `[link.forward]` and `[link.reverse]`.
 
 use serde::{Deserialize, Serialize};
 
