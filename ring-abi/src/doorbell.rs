@@ -16,7 +16,7 @@
 //! sleeps only if the re-check after arming still finds nothing. Spinning for a while
 //! before calling `wait` is the consumer's choice.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use core::sync::atomic::Ordering;
@@ -203,6 +203,30 @@ impl Waiter {
         };
         protocol::consumer_disarm(self.need_wakeup.get());
         r
+    }
+
+    /// For a consumer that sleeps elsewhere (e.g. an io_uring read of [`Waiter::eventfd`]):
+    /// announce the intent to sleep with `bits` ([`WAKE_EVENTFD`]), with the full fence of
+    /// the protocol. Then re-check the rings; if they are still empty, sleep; on waking
+    /// (or if the re-check found work) call [`Waiter::disarm`]. A futex sleeper must read
+    /// [`Waiter::futex_seq`] *before* arming and wait on that value.
+    pub fn arm(&self, bits: u32) {
+        protocol::consumer_arm(self.need_wakeup.get(), bits);
+    }
+
+    /// Clears the need-wakeup bits (after waking, or when the re-check found work).
+    pub fn disarm(&self) {
+        protocol::consumer_disarm(self.need_wakeup.get());
+    }
+
+    /// The current futex sequence word (read before [`Waiter::arm`] for a futex sleep).
+    pub fn futex_seq(&self) -> u32 {
+        self.futex.get().load(Ordering::Acquire)
+    }
+
+    /// This direction's eventfd, to read from an event loop.
+    pub fn eventfd(&self) -> Option<BorrowedFd<'_>> {
+        self.eventfd.as_ref().map(|f| f.as_fd())
     }
 
     /// Clears a pending eventfd count without sleeping (e.g. after a busy period).

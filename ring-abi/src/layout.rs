@@ -756,6 +756,14 @@ impl Layout {
         }
     }
 
+    /// Offset within the RX table pool ([`crate::desc::Pool::RxTables`]) of core `core`'s
+    /// table `i` (each [`RX_TABLE_BYTES`]), for [`crate::desc::RxDesc::indirect`].
+    pub fn rx_table(&self, core: u32, i: u32) -> Option<u64> {
+        let c = self.core(core)?;
+        (i < c.rx_tables)
+            .then(|| c.rx_tables_off - self.header.rx_tables_off + u64::from(i) * RX_TABLE_BYTES)
+    }
+
     /// RX buffer `i` as `(offset within the RX pool, length)`, if it exists.
     pub fn rx_buffer(&self, i: u32) -> Option<(u64, u32)> {
         (i < self.header.rx_buf_count).then(|| {

@@ -25,7 +25,7 @@
 //!  │         RX ring      RxDesc[n]      (128 B) │ engine → kshim   receive descriptors
 //!  │         RX ret ring  RxReturn[n]      (8 B) │ kshim  → engine  buffers given back
 //!  │ core 1: ...                                 │
-//!  ├──────────────────────────────────────────── ┤ tx_pool_off (page aligned)
+//!  ├────────────────────────────────────────────┤ tx_pool_off (page aligned)
 //!  │ TX pool (kshim writes: payload, ext tables) │
 //!  ├────────────────────────────────────────────┤ rx_tables_off
 //!  │ RX extent tables (engine writes), 16 KiB    │ per core a share of 1024-extent tables

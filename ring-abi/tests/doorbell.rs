@@ -153,3 +153,29 @@ fn a_ring_while_awake_is_kept_and_costs_at_most_one_spurious_wake() {
         .unwrap();
     assert_eq!(w, Wake::TimedOut);
 }
+
+#[test]
+fn an_event_loop_can_arm_and_sleep_on_the_eventfd_itself() {
+    let r = region();
+    let fds = Eventfds::new().unwrap();
+    let mut k = r.kshim_core(0, fds.try_clone().unwrap()).unwrap();
+    let mut e = r.engine_core(0, fds).unwrap();
+    // The engine arms, re-checks (empty), and "submits a read" of its eventfd.
+    e.wait.arm(lu2k_ring_abi::doorbell::WAKE_EVENTFD);
+    assert!(e.rx_return.is_empty().unwrap());
+    let efd = e.wait.eventfd().unwrap().try_clone_to_owned().unwrap();
+    assert_eq!(eventfd_count(&efd), 0);
+    // kshim publishes and rings; the eventfd becomes readable.
+    assert!(k.rx_return.push(RxReturn { token: 3 }).unwrap());
+    assert!(k.to_engine.notify().unwrap());
+    assert_eq!(eventfd_count(&efd), 1);
+    e.wait.disarm();
+    assert_eq!(e.rx_return.pop().unwrap(), Some(RxReturn { token: 3 }));
+    assert!(!k.to_engine.notify().unwrap(), "disarmed: no more rings");
+    // Futex sleepers read the sequence word before arming; a ring bumps it.
+    let seq = e.wait.futex_seq();
+    e.wait.arm(lu2k_ring_abi::doorbell::WAKE_FUTEX);
+    assert!(k.to_engine.notify().unwrap());
+    assert_eq!(e.wait.futex_seq(), seq.wrapping_add(1));
+    e.wait.disarm();
+}

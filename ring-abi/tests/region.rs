@@ -68,6 +68,33 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     assert_eq!(e.rx_return.pop().unwrap(), Some(RxReturn { token: 9 }));
     assert_eq!(e.rx_return.pop().unwrap(), None);
 
+    // RX tables: pool-relative offsets of each core's share, usable in RxDesc::indirect.
+    let l = engine_region.layout();
+    assert_eq!(l.rx_table(0, 0), Some(0));
+    assert_eq!(
+        l.rx_table(1, 1),
+        Some(3 * lu2k_ring_abi::layout::RX_TABLE_BYTES)
+    );
+    assert_eq!(l.rx_table(1, 2), None);
+    let frags = [
+        Extent::new(Pool::Rx, 0, 100),
+        Extent::new(Pool::Rx, 4096, 50),
+        Extent::new(Pool::Rx, 9000, 7),
+    ];
+    engine_region
+        .write_extents(Pool::RxTables, l.rx_table(1, 1).unwrap(), &frags)
+        .unwrap();
+    let d = RxDesc::indirect(11, 12, [0; 72], l.rx_table(1, 1).unwrap(), 3, 157);
+    assert!(e.rx.push(d).unwrap());
+    let got = k.rx.pop().unwrap().unwrap();
+    assert_eq!(
+        kshim_region
+            .validate_rx(&got, &mut scratch)
+            .unwrap()
+            .extents,
+        &frags
+    );
+
     // Each side of each core attaches once per Region.
     assert_eq!(
         kshim_region.kshim_core(1, Eventfds::none()).unwrap_err(),
