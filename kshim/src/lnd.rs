@@ -735,6 +735,16 @@ impl Kshim {
             let until = deadline.saturating_duration_since(Instant::now());
             left = Some(left.map_or(until, |l| l.min(until)));
         }
+        // Descriptors or returns waiting for ring space: the engine frees space without
+        // ringing kshim, so look again soon.
+        if self
+            .cores
+            .iter()
+            .any(|c| !c.backlog.is_empty() || !c.returns.is_empty())
+        {
+            let soon = Duration::from_millis(1);
+            left = Some(left.map_or(soon, |l| l.min(soon)));
+        }
         if matches!(self.link, Link::Gone) {
             // Nothing can arrive any more (returns are no-ops); just let time pass.
             if let Some(l) = left {
