@@ -17,8 +17,9 @@
 //!    rational number of nanoseconds), so long runs transmit at exactly the
 //!    configured rate. The buffer holds the bytes of every datagram whose
 //!    transmission has not finished, the one on the wire included; an arriving
-//!    datagram that would push it past `queue_bytes` is tail-dropped. This is a
-//!    token bucket whose depth is one datagram.
+//!    datagram that would push it past `queue_bytes` is tail-dropped. (Put
+//!    another way: a token bucket filling at `rate` with no burst allowance,
+//!    the buffer holding what waits for tokens.)
 //! 2. **Outage**. A datagram whose transmission starts inside a scheduled
 //!    outage `[start, end)` is dropped. The bottleneck keeps draining during an
 //!    outage (it transmits into nothing). Without a rate, transmission starts
