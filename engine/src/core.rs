@@ -80,6 +80,8 @@ pub struct CoreParams {
     pub msg_slots: u32,
     /// How long shutdown waits for in-flight messages before failing them back.
     pub drain_timeout: Duration,
+    /// Nothing heard from a peer with messages in flight for this long: it is down.
+    pub peer_down_timeout_us: u64,
 }
 
 #[derive(Debug)]
@@ -115,6 +117,8 @@ struct Peer {
     addr: SocketAddrV4,
     tx_sock: Option<u32>,
     down: bool,
+    /// Last time anything arrived from the peer, or work for it started (µs).
+    last_heard: u64,
     stats: PeerStats,
 }
 
@@ -401,6 +405,7 @@ impl CoreLoop {
             addr,
             tx_sock: None,
             down: false,
+            last_heard: 0,
             stats: PeerStats {
                 nid: lu2k_kshim::Nid((u64::from(net) << 32) | u64::from(u32::from(ip))).to_string(),
                 addr: addr.to_string(),
@@ -489,6 +494,13 @@ impl CoreLoop {
                 sends: 0,
             },
         );
+        {
+            let p = self.peer_for(ip);
+            if p.stats.in_flight == 0 {
+                // Work starts now: the peer-down clock counts from here.
+                p.last_heard = p.last_heard.max(now);
+            }
+        }
         let sock = self.tx_conn(ip, now);
         let entry = self.conns.get_mut(&sock).expect("tx connection exists");
         if entry.conn.send(now, id, u64::from(len), None).is_err() {
@@ -819,6 +831,9 @@ impl CoreLoop {
             return false;
         }
         let ip = *from.ip();
+        if let Some(p) = self.peers.get_mut(&ip) {
+            p.last_heard = now;
+        }
         let dst = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         let ext = udt::Extent {
             buf: u64::from(bid),
@@ -887,6 +902,30 @@ impl CoreLoop {
 
     fn timers(&mut self) {
         let now = self.now();
+        // Peer-down: nothing heard for the configured timeout while messages wait.
+        let limit = self.p.peer_down_timeout_us;
+        let mut down = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.stats.in_flight > 0 && now.saturating_sub(p.last_heard) > limit {
+                if let Some(s) = p.tx_sock {
+                    down.push((p.ip, s));
+                }
+                p.last_heard = now;
+            }
+        }
+        for (ip, s) in down {
+            if let Some(e) = self.conns.get_mut(&s) {
+                // Closing fails every queued message back (MessageDropped).
+                e.conn.close(now);
+            }
+            let p = self.peer_for(ip);
+            if !p.down {
+                p.down = true;
+                p.stats.up = false;
+                let nid = p.nid;
+                let _ = self.notices.send(Notice::PeerDown(nid));
+            }
+        }
         for e in self.conns.values_mut() {
             if e.conn.poll_timeout().is_some_and(|t| t <= now) {
                 e.conn.handle_timeout(now);

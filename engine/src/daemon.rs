@@ -169,6 +169,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             spin: Duration::from_micros(u64::from(cfg.spin_us)),
             msg_slots: MSG_SLOTS,
             drain_timeout: Duration::from_secs(5),
+            peer_down_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
         };
         let pin = cfg.pin_cpus;
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);

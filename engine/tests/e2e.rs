@@ -252,3 +252,103 @@ fn small_messages_two_cores() {
         &[],
     );
 }
+
+#[test]
+fn killed_peer_engine_fails_sends_back() {
+    let tag = "kill";
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
+    let dir = tmpdir(tag);
+    let port = 20000 + (std::process::id() % 20000) as u16 + 101;
+    let mut ka = kshim(&dir, "a", a_ip, 1);
+    let mut kb = kshim(&dir, "b", b_ip, 1);
+    let extra = ["--peer-down-timeout-s", "5"];
+    let ea = Engine::start(&dir, "a", a_ip, port, &extra);
+    let mut eb = Engine::start(&dir, "b", b_ip, port, &extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_attached(&mut ka, deadline);
+    wait_attached(&mut kb, deadline);
+    let (na, nb) = (nid(a_ip), nid(b_ip));
+    let len = 256 << 10;
+    let mut outstanding = std::collections::HashSet::new();
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    let mut peer_down = false;
+    let mut killed = false;
+    let mut sent = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: hung: {} sends outstanding, {ok} ok, {} failed",
+            outstanding.len(),
+            failed.len()
+        );
+        // Keep sending until the peer is killed (and a while after).
+        if sent < 400 && !killed {
+            if let Ok(c) = ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
+                outstanding.insert(c);
+                sent += 1;
+            }
+        }
+        if !killed && ok >= 20 {
+            eb.0.kill().unwrap();
+            eb.0.wait().unwrap();
+            killed = true;
+        }
+        while let Some(ev) = ka.poll() {
+            match ev {
+                Event::TxDone { cookie, status, .. } => {
+                    assert!(
+                        outstanding.remove(&cookie),
+                        "{tag}: unknown or repeated completion"
+                    );
+                    if status == TxStatus::Ok {
+                        ok += 1;
+                    } else {
+                        failed.push(status);
+                    }
+                }
+                Event::PeerDown(n) => {
+                    assert_eq!(n, nb);
+                    peer_down = true;
+                }
+                Event::EngineGone(r) => panic!("{tag}: engine A gone: {r:?}"),
+                _ => {}
+            }
+        }
+        if !killed {
+            while let Some(ev) = kb.poll() {
+                if let Event::Rx(m) = ev {
+                    kb.rx_done(m);
+                }
+            }
+        } else {
+            let _ = kb.poll();
+        }
+        if killed && outstanding.is_empty() && peer_down {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert!(
+        !failed.is_empty(),
+        "{tag}: nothing failed although the peer died"
+    );
+    for s in &failed {
+        assert!(
+            matches!(
+                s,
+                TxStatus::PeerUnreachable | TxStatus::TimedOut | TxStatus::PeerReset
+            ),
+            "{tag}: unexpected failure status {s:?}"
+        );
+    }
+    assert!(peer_down, "{tag}: kshim A was never told the peer is down");
+    eprintln!(
+        "{tag}: {ok} ok, {} failed back ({:?})",
+        failed.len(),
+        failed.first()
+    );
+    assert_eq!(ea.term().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
