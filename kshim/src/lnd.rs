@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::ring_abi::{
-    self, doorbell::WaitMode, Eventfds, Extent, ExtentBuf, KshimCore, Pool, Region, RingError,
+    self, doorbell::WAKE_EVENTFD, Eventfds, Extent, ExtentBuf, KshimCore, Pool, Region, RingError,
     RxDesc, RxReturn, TxCompletion, TxDesc, TxStatus, Waiter,
 };
 use rustix::event::{PollFd, PollFlags};
@@ -799,8 +799,15 @@ impl Kshim {
             });
             let _ = rustix::event::poll(&mut fds, ts.as_ref());
         };
-        arm_all(&waiters, &mut sleep);
+        // The doorbell protocol (ring_abi::protocol) over all cores at once: arm every
+        // core's need-wakeup word (each with its full fence), re-check every ring, and
+        // only then sleep on every eventfd; disarm all on the way out.
         for w in &waiters {
+            w.arm(WAKE_EVENTFD);
+        }
+        sleep();
+        for w in &waiters {
+            w.disarm();
             let _ = w.drain();
         }
     }
@@ -1180,22 +1187,5 @@ fn link_err(e: attach::Error) -> GoneReason {
         attach::Error::Closed => GoneReason::SocketClosed,
         attach::Error::Protocol(p) => GoneReason::Protocol(p),
         e => GoneReason::Io(e.to_string()),
-    }
-}
-
-/// Arms every waiter's need-wakeup word (through the public doorbell protocol: each
-/// `Waiter::wait` arms its word, then calls its re-check closure, which here arms the
-/// next one), runs `inner` with all of them armed, and disarms them all. `inner` does
-/// the re-check of every ring and the actual sleep; the waiters themselves never sleep
-/// because their closures report work.
-fn arm_all(waiters: &[&Waiter], inner: &mut dyn FnMut()) {
-    match waiters.split_first() {
-        None => inner(),
-        Some((w, rest)) => {
-            let _ = w.wait(WaitMode::Eventfd, Some(Duration::ZERO), || {
-                arm_all(rest, inner);
-                true
-            });
-        }
     }
 }

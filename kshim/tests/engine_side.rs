@@ -656,3 +656,67 @@ fn refused_region_ends_session() {
     drop(k);
     assert!(!path.exists());
 }
+
+/// `wait` with a long timeout returns as soon as the engine rings the doorbell (the
+/// engine only rings because kshim armed its need-wakeup word), and as soon as the
+/// engine's socket closes: nothing waits out the timeout.
+#[test]
+fn wait_wakes_on_doorbell_and_on_engine_exit() {
+    let mut cfg = base_config("wake");
+    cfg.cores = 3;
+    let path = cfg.socket_path.clone();
+    let mut k = Kshim::start(cfg).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let engine = thread::spawn(move || {
+        let mut e = Engine::attach(&path);
+        let got = e.take_tx(Duration::from_secs(10));
+        assert_eq!(got.len(), 1);
+        let (core, d) = got[0];
+        rx.recv().unwrap();
+        // Let kshim fall asleep in wait() first.
+        thread::sleep(Duration::from_millis(300));
+        e.complete(core, d.cookie, TxStatus::Ok);
+        rx.recv().unwrap();
+        thread::sleep(Duration::from_millis(300));
+        drop(e); // socket closes
+    });
+    let peer = nid("10.0.0.5@lu2k");
+    let c = k
+        .send(&put(peer, nid("10.0.0.1@lu2k"), 1, 10), &[0; 10])
+        .unwrap();
+    let evs = drain_until(
+        &mut k,
+        |e| matches!(e, Event::EngineAttached),
+        Duration::from_secs(10),
+    );
+    assert!(matches!(evs.last(), Some(Event::EngineAttached)));
+    tx.send(()).unwrap();
+    let long = Duration::from_secs(30);
+    let t = Instant::now();
+    let ev = k.wait(Some(long));
+    assert!(
+        matches!(ev, Some(Event::TxDone { cookie, status: TxStatus::Ok, .. }) if cookie == c),
+        "{ev:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "doorbell did not wake kshim"
+    );
+    tx.send(()).unwrap();
+    let t = Instant::now();
+    let ev = loop {
+        match k.wait(Some(long)) {
+            Some(Event::PeerUp(_)) => continue,
+            ev => break ev,
+        }
+    };
+    assert!(
+        matches!(ev, Some(Event::EngineGone(GoneReason::SocketClosed))),
+        "{ev:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "socket close did not wake kshim"
+    );
+    engine.join().unwrap();
+}
