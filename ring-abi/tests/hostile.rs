@@ -2,39 +2,18 @@
 //! validation): arbitrary descriptors with arbitrary extent tables never make validation
 //! panic, and whatever it accepts is inside the pools and adds up; arbitrary corruption
 //! of a header or core table never makes `Layout::from_parts` panic, and whatever it
-//! accepts keeps every part inside the region.
+//! accepts keeps every part inside the region. The byte-driven checks of the cargo-fuzz
+//! targets (`fuzz/common/validate.rs`) run here too, on random bytes.
 #![cfg(not(loom))]
 
+#[path = "../fuzz/common/validate.rs"]
+mod validate;
+
 use lu2k_ring_abi::desc::TableSource;
-use lu2k_ring_abi::layout::{CoreEntry, RegionHeader, RingKind, MAX_PAYLOAD};
-use lu2k_ring_abi::{Config, Extent, ExtentBuf, Layout, Pool, RxDesc, TxDesc};
+use lu2k_ring_abi::layout::RingKind;
+use lu2k_ring_abi::{Extent, ExtentBuf, Layout, Pool, RxDesc, TxDesc};
 use proptest::prelude::*;
-
-struct Tables(Vec<Extent>);
-
-impl TableSource for Tables {
-    fn copy_table(&self, _pool: Pool, offset: u64, out: &mut [Extent]) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = self.0[(offset as usize / 8 + i) % self.0.len()];
-        }
-    }
-}
-
-fn layout() -> Layout {
-    Layout::new(&Config {
-        cores: 2,
-        tx_entries: 8,
-        tx_done_entries: 8,
-        rx_entries: 8,
-        rx_return_entries: 8,
-        tx_pool_len: 1 << 16,
-        rx_buf_size: 4096,
-        rx_buf_count: 16,
-        rx_tables_per_core: 2,
-        ..Config::default()
-    })
-    .unwrap()
-}
+use validate::{check_accepted, core_bytes, core_from, header_bytes, header_from, layout, Tables};
 
 fn extent() -> impl Strategy<Value = Extent> {
     (
@@ -103,21 +82,6 @@ fn raw() -> impl Strategy<Value = Raw> {
         })
 }
 
-fn check_accepted(l: &Layout, pool: Pool, max: usize, total: u32, exts: &[Extent]) {
-    let (_, pool_len) = l.pool(pool);
-    assert!(exts.len() <= max);
-    assert!(total <= MAX_PAYLOAD);
-    let mut sum = 0u64;
-    for e in exts {
-        assert_eq!(e.pool, pool as u16);
-        assert_eq!(e.flags, 0);
-        assert!(e.len > 0);
-        assert!(e.offset.checked_add(u64::from(e.len)).unwrap() <= pool_len);
-        sum += u64::from(e.len);
-    }
-    assert_eq!(sum, u64::from(total));
-}
-
 fn tx_case(r: Raw, cookie: u64, nid: u64) -> bool {
     let l = layout();
     let d = TxDesc {
@@ -180,6 +144,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
+    fn fuzz_descriptor_check_on_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        validate::descriptor(&data);
+    }
+
+    #[test]
+    fn fuzz_header_check_on_random_patches(data in proptest::collection::vec(any::<u8>(), 0..60)) {
+        validate::header(&data);
+    }
+
+    #[test]
     fn arbitrary_tx_descriptors_are_refused_or_sound(r in raw(), cookie: u64, nid: u64) {
         tx_case(r, cookie, nid);
     }
@@ -227,113 +201,6 @@ proptest! {
                 }
             }
         }
-    }
-}
-
-// Field-wise (de)serialisation of the two tables, little-endian, in declaration order
-// (the layout test proves there is no padding, so this is the in-memory image).
-fn header_bytes(h: &RegionHeader) -> Vec<u8> {
-    let mut v = Vec::with_capacity(256);
-    v.extend(h.magic.to_le_bytes());
-    v.extend(h.version_major.to_le_bytes());
-    v.extend(h.version_minor.to_le_bytes());
-    v.extend(h.header_size.to_le_bytes());
-    for x in [h.total_size, h.features] {
-        v.extend(x.to_le_bytes());
-    }
-    v.extend(h.cores.to_le_bytes());
-    v.extend(h.core_entry_size.to_le_bytes());
-    for x in [
-        h.core_table_off,
-        h.tx_pool_off,
-        h.tx_pool_len,
-        h.rx_pool_off,
-        h.rx_pool_len,
-    ] {
-        v.extend(x.to_le_bytes());
-    }
-    v.extend(h.rx_buf_size.to_le_bytes());
-    v.extend(h.rx_buf_count.to_le_bytes());
-    for x in [h.rx_tables_off, h.rx_tables_len]
-        .into_iter()
-        .chain(h.reserved)
-    {
-        v.extend(x.to_le_bytes());
-    }
-    assert_eq!(v.len(), 256);
-    v
-}
-
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
-}
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
-}
-
-fn header_from(b: &[u8]) -> RegionHeader {
-    let mut reserved = [0u64; 19];
-    for (i, r) in reserved.iter_mut().enumerate() {
-        *r = u64_at(b, 104 + i * 8);
-    }
-    RegionHeader {
-        magic: u64_at(b, 0),
-        version_major: u16_at(b, 8),
-        version_minor: u16_at(b, 10),
-        header_size: u32_at(b, 12),
-        total_size: u64_at(b, 16),
-        features: u64_at(b, 24),
-        cores: u32_at(b, 32),
-        core_entry_size: u32_at(b, 36),
-        core_table_off: u64_at(b, 40),
-        tx_pool_off: u64_at(b, 48),
-        tx_pool_len: u64_at(b, 56),
-        rx_pool_off: u64_at(b, 64),
-        rx_pool_len: u64_at(b, 72),
-        rx_buf_size: u32_at(b, 80),
-        rx_buf_count: u32_at(b, 84),
-        rx_tables_off: u64_at(b, 88),
-        rx_tables_len: u64_at(b, 96),
-        reserved,
-    }
-}
-
-fn core_bytes(c: &CoreEntry) -> Vec<u8> {
-    let mut v = Vec::with_capacity(96);
-    v.extend(c.ctrl_off.to_le_bytes());
-    v.extend(c.rx_tables_off.to_le_bytes());
-    v.extend(c.rx_tables.to_le_bytes());
-    v.extend(c.reserved0.to_le_bytes());
-    v.extend(c.reserved1.to_le_bytes());
-    for k in RingKind::ALL {
-        let r = c.ring(k);
-        v.extend(r.off.to_le_bytes());
-        v.extend(r.entries.to_le_bytes());
-        v.extend(r.slot_size.to_le_bytes());
-    }
-    assert_eq!(v.len(), 96);
-    v
-}
-
-fn core_from(b: &[u8]) -> CoreEntry {
-    let ring = |o: usize| lu2k_ring_abi::layout::RingInfo {
-        off: u64_at(b, o),
-        entries: u32_at(b, o + 8),
-        slot_size: u32_at(b, o + 12),
-    };
-    CoreEntry {
-        ctrl_off: u64_at(b, 0),
-        rx_tables_off: u64_at(b, 8),
-        rx_tables: u32_at(b, 16),
-        reserved0: u32_at(b, 20),
-        reserved1: u64_at(b, 24),
-        tx: ring(32),
-        tx_done: ring(48),
-        rx: ring(64),
-        rx_return: ring(80),
     }
 }
 
