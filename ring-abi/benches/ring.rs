@@ -21,6 +21,15 @@ mod bench {
     const PER_ITER: u64 = 1 << 16;
     const ENTRIES: u32 = 1024;
 
+    /// Pins the calling thread to `cpu` (producer on 0, consumer on 1, for every
+    /// contender), if the machine has it; spinning threads sharing a core measure the
+    /// scheduler, not the queue.
+    fn pin(cpu: usize) {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+
     /// Waiting on an empty or full queue: spin a little, then yield, so that on an
     /// oversubscribed machine the other side gets the core. Same policy for both.
     #[inline]
@@ -50,6 +59,7 @@ mod bench {
         let total = iters * PER_ITER;
         let mut engine = e.take().unwrap();
         let consumer = thread::spawn(move || {
+            pin(1);
             let mut next = 0u64;
             let mut sum = 0u64;
             let mut spins = 0u32;
@@ -98,6 +108,7 @@ mod bench {
         let q = Arc::new(ArrayQueue::<TxDesc>::new(ENTRIES as usize));
         let q2 = Arc::clone(&q);
         let consumer = thread::spawn(move || {
+            pin(1);
             let mut next = 0u64;
             let mut sum = 0u64;
             let mut spins = 0u32;
@@ -170,6 +181,7 @@ mod bench {
     }
 
     pub fn benches(c: &mut Criterion) {
+        pin(0);
         let region = Region::create(&Config {
             tx_entries: ENTRIES,
             tx_pool_len: 4096,
