@@ -152,7 +152,9 @@ fn cross_process_stress() {
         } else {
             INFLIGHT
         };
-        let room = (window - (next_send - next_done)).min(TOTAL - next_send);
+        let room = window
+            .saturating_sub(next_send - next_done)
+            .min(TOTAL - next_send);
         let want = (rng.next() % 64 + 1).min(room);
         batch.clear();
         for i in next_send..next_send + want {
