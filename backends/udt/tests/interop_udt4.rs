@@ -18,9 +18,11 @@
 //! The runs are serialized (one mutex): they share two CPU cores with the
 //! rest of the test suite and a UDT4 library instance.
 
+use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput, Mode,
 };
+use lu2k_udt::wire::ControlRepr;
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
@@ -232,9 +234,10 @@ fn set_bufs(sock: &UdpSocket) {
     }
 }
 
-fn lu2k_config(mode: Mode) -> Config {
+fn lu2k_config(mode: Mode, cc: Kind) -> Config {
     Config {
         mode,
+        cc,
         // Loopback: size the windows for 1 Gbit/s at 10 ms.
         bdp_bandwidth_bps: 1_000_000_000,
         bdp_rtt_us: 10_000,
@@ -267,6 +270,11 @@ struct Driver {
     next_buf: u64,
     dgram: Vec<u8>,
     closed: Option<String>,
+    tx_done_at: Option<Duration>,
+    rx_done_at: Option<Duration>,
+    /// What lu2k's full ACKs told UDT4: count, min available buffer, last
+    /// receive rate and link capacity (packets/s).
+    acks_out: (u64, u32, u32, u32),
 }
 
 impl Driver {
@@ -294,6 +302,9 @@ impl Driver {
             next_buf: 0,
             dgram: vec![0u8; 65536],
             closed: None,
+            tx_done_at: None,
+            rx_done_at: None,
+            acks_out: (0, u32::MAX, 0, 0),
         }
     }
 
@@ -369,6 +380,17 @@ impl Driver {
         while let Some(t) = conn.poll_transmit(now) {
             out.clear();
             out.extend_from_slice(t.header.as_bytes());
+            if let Ok(ControlRepr::Ack {
+                stats: Some(st), ..
+            }) = ControlRepr::parse_bytes(t.header.as_bytes())
+            {
+                let a = &mut self.acks_out;
+                a.0 += 1;
+                a.1 = a.1.min(st.avail_buf);
+                if let Some(r) = st.rates {
+                    (a.2, a.3) = (r.recv_rate, r.link_capacity);
+                }
+            }
             if let Some(p) = t.payload {
                 let (base, len) = self.tx_msgs[&p.msg];
                 assert!(
@@ -548,6 +570,12 @@ impl Driver {
             );
             assert!(Instant::now() < limit, "run timed out: {}", self.summary());
             self.step();
+            if self.tx_done_at.is_none() && self.tx_done() {
+                self.tx_done_at = Some(self.start.elapsed());
+            }
+            if self.rx_done_at.is_none() && self.rx_done() {
+                self.rx_done_at = Some(self.start.elapsed());
+            }
         }
         let now = self.now();
         let conn = self.conn.as_mut().unwrap();
@@ -555,6 +583,18 @@ impl Driver {
             conn.held(),
             0,
             "buffers still referenced after the transfer"
+        );
+        eprintln!(
+            "  lu2k->UDT4 acked after {:.2?}, UDT4->lu2k received after {:.2?}; \
+             lu2k full ACKs {} (min avail_buf {}, last recv_rate {} link_capacity {} pkt/s); \
+             lu2k stats: {:?}",
+            self.tx_done_at.unwrap_or_default(),
+            self.rx_done_at.unwrap_or_default(),
+            self.acks_out.0,
+            self.acks_out.1,
+            self.acks_out.2,
+            self.acks_out.3,
+            conn.stats()
         );
         conn.close(now);
         self.flush(now);
@@ -611,7 +651,7 @@ fn spawn_udt4_io(
 }
 
 /// lu2k client → UDT4 server, optionally through a lossy relay.
-fn lu2k_client_to_udt4_server(mode: Mode, loss: Option<(f64, u64)>) -> Report {
+fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) -> Report {
     let listener = udt4_socket(mode);
     listener
         .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
@@ -634,7 +674,12 @@ fn lu2k_client_to_udt4_server(mode: Mode, loss: Option<(f64, u64)>) -> Report {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut d = Driver::new(sock, target, mode, seed_a, seed_b);
     let started = Instant::now();
-    d.conn = Some(Connection::connect(d.now(), lu2k_config(mode), 7, target));
+    d.conn = Some(Connection::connect(
+        d.now(),
+        lu2k_config(mode, cc),
+        7,
+        target,
+    ));
     d.run(&done);
     let secs = started.elapsed().as_secs_f64();
     let (listener, s, (tx, rx)) = acceptor.join().unwrap();
@@ -655,12 +700,12 @@ fn lu2k_client_to_udt4_server(mode: Mode, loss: Option<(f64, u64)>) -> Report {
 }
 
 /// UDT4 client → lu2k server.
-fn udt4_client_to_lu2k_server(mode: Mode) -> Report {
+fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let server = sock.local_addr().unwrap();
     let (seed_a, seed_b) = (0xC0FFEE, 0xD00D);
     let mut d = Driver::new(sock, server, mode, seed_a, seed_b);
-    d.listener = Some(Listener::new(d.now(), lu2k_config(mode), 11));
+    d.listener = Some(Listener::new(d.now(), lu2k_config(mode, cc), 11));
 
     let done = Arc::new(AtomicBool::new(false));
     let d2 = done.clone();
@@ -798,7 +843,7 @@ fn generator_and_plan_are_consistent() {
 #[test]
 fn lu2k_client_udt4_server_message_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Message, None);
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, None);
     check(
         &r,
         0xA11CE,
@@ -810,7 +855,7 @@ fn lu2k_client_udt4_server_message_mode() {
 #[test]
 fn lu2k_client_udt4_server_stream_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Stream, None);
+    let r = lu2k_client_to_udt4_server(Mode::Stream, Kind::Native, None);
     check(
         &r,
         0xA11CE,
@@ -822,7 +867,7 @@ fn lu2k_client_udt4_server_stream_mode() {
 #[test]
 fn udt4_client_lu2k_server_message_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = udt4_client_to_lu2k_server(Mode::Message);
+    let r = udt4_client_to_lu2k_server(Mode::Message, Kind::Native);
     check(
         &r,
         0xC0FFEE,
@@ -834,7 +879,7 @@ fn udt4_client_lu2k_server_message_mode() {
 #[test]
 fn udt4_client_lu2k_server_stream_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = udt4_client_to_lu2k_server(Mode::Stream);
+    let r = udt4_client_to_lu2k_server(Mode::Stream, Kind::Native);
     check(
         &r,
         0xC0FFEE,
@@ -846,11 +891,23 @@ fn udt4_client_lu2k_server_stream_mode() {
 #[test]
 fn lu2k_client_udt4_server_one_percent_loss() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Message, Some((0.01, 0x1055)));
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, Some((0.01, 0x1055)));
     check(
         &r,
         0xA11CE,
         0xB0B,
         "lu2k client -> 1% loss relay -> UDT4 server, message mode",
+    );
+}
+
+#[test]
+fn lu2k_client_udt4_server_message_mode_satellite_cc() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Satellite, None);
+    check(
+        &r,
+        0xA11CE,
+        0xB0B,
+        "lu2k client (satellite controller) -> UDT4 server, message mode",
     );
 }
