@@ -393,6 +393,10 @@ pub struct Kshim {
     to_kshim_fds: Vec<OwnedFd>,
     listener: Option<OwnedFd>,
     link: Link,
+    /// Look at the socket on the next progress (set after a sleep).
+    link_due: bool,
+    /// Look at the socket no later than this.
+    link_next: Instant,
     routes: Table,
     credits: Credits<u32>,
     pool: TxPool,
@@ -532,6 +536,8 @@ impl Kshim {
             to_kshim_fds,
             listener: Some(listener),
             link: Link::Listening,
+            link_due: true,
+            link_next: Instant::now(),
             routes,
             events: VecDeque::with_capacity(n as usize + 64),
             down: HashSet::new(),
@@ -757,6 +763,7 @@ impl Kshim {
             to_kshim_fds,
             listener,
             link,
+            link_due,
             ..
         } = self;
         let mut waiters: Vec<&Waiter> = Vec::with_capacity(cores.len());
@@ -806,6 +813,7 @@ impl Kshim {
             w.arm(WAKE_EVENTFD);
         }
         sleep();
+        *link_due = true;
         for w in &waiters {
             w.disarm();
             let _ = w.drain();
@@ -813,7 +821,14 @@ impl Kshim {
     }
 
     fn progress(&mut self) {
-        self.drive_link();
+        // The socket is looked at after every sleep and otherwise at most every
+        // millisecond, so busy polling costs no syscall per call.
+        let now = Instant::now();
+        if self.link_due || now >= self.link_next {
+            self.link_due = false;
+            self.link_next = now + Duration::from_millis(1);
+            self.drive_link();
+        }
         if matches!(self.link, Link::Gone) {
             return;
         }
@@ -1092,30 +1107,28 @@ impl Kshim {
         }
         let mut corrupt = false;
         for c in 0..self.cores.len() {
-            while let Some(&slot) = self.cores[c].backlog.front() {
-                match self.cores[c].rings.tx.refresh() {
-                    Ok(0) => {
-                        self.stats.tx_ring_full += 1;
-                        break;
+            // One reservation and one index store for the whole backlog that fits.
+            let want = self.cores[c].backlog.len().min(u32::MAX as usize) as u32;
+            if want > 0 {
+                match self.cores[c].rings.tx.reserve(want) {
+                    Ok(got) => {
+                        for i in 0..got {
+                            let Some(slot) = self.cores[c].backlog.pop_front() else {
+                                break;
+                            };
+                            let desc = self.build_desc(slot);
+                            self.cores[c].rings.tx.write(i, desc);
+                            self.msgs[slot as usize].st = St::InFlight;
+                        }
+                        if got > 0 {
+                            self.cores[c].rings.tx.commit(got);
+                            self.cores[c].dirty = true;
+                        }
+                        if got < want {
+                            self.stats.tx_ring_full += 1;
+                        }
                     }
-                    Ok(_) => {}
-                    Err(_) => {
-                        corrupt = true;
-                        break;
-                    }
-                }
-                let desc = self.build_desc(slot);
-                let core = &mut self.cores[c];
-                match core.rings.tx.push(desc) {
-                    Ok(true) => {
-                        core.backlog.pop_front();
-                        core.dirty = true;
-                        self.msgs[slot as usize].st = St::InFlight;
-                    }
-                    Ok(false) | Err(_) => {
-                        corrupt = true;
-                        break;
-                    }
+                    Err(_) => corrupt = true,
                 }
             }
             let core = &mut self.cores[c];
