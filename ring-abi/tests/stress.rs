@@ -87,6 +87,13 @@ impl XorShift {
     }
 }
 
+fn busy(d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
 fn inheritable(fd: &OwnedFd) -> OwnedFd {
     let dup = fd.try_clone().unwrap();
     rustix::io::fcntl_setfd(&dup, rustix::io::FdFlags::empty()).unwrap();
@@ -185,7 +192,9 @@ fn cross_process_stress() {
         }
 
         if n == 0 && sent == 0 && next_done < TOTAL {
-            // Nothing to do: sleep until the child completes something.
+            // Nothing to do: sleep until the child completes something (after a moment of
+            // other work, as in the child).
+            busy(Duration::from_nanos(rng.next() % 5_000));
             let w = k
                 .wait
                 .wait(WaitMode::Eventfd, Some(SLEEP_TIMEOUT), || {
