@@ -263,6 +263,10 @@ pub struct IoStats {
     pub rx_truncated: u64,
     /// Multishot receives re-armed after they ended.
     pub rearms: u64,
+    /// Sends made with plain (kernel-copying) sendmsg instead of SENDMSG_ZC.
+    pub copy_sends: u64,
+    /// Times zero-copy was turned off because the kernel kept copying anyway.
+    pub zc_fallbacks: u64,
     /// Payload bytes lu2k copied in the I/O layer (0 by construction on both paths).
     pub payload_copied: u64,
 }

@@ -62,6 +62,22 @@ pub struct RingSetup {
     pub fixed_tx: bool,
 }
 
+/// When to send with `SENDMSG_ZC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZcMode {
+    /// Zero-copy until the kernel keeps reporting that it copied anyway
+    /// (`ZC_COPIED` on 64 notifications in a row: loopback, veth, NICs without
+    /// scatter-gather); then plain `SENDMSG` (the kernel copies; lu2k still does not),
+    /// which allows full 64-segment GSO batches instead of the zero-copy fragment
+    /// budget.
+    #[default]
+    Auto,
+    /// Always `SENDMSG_ZC`.
+    Always,
+    /// Always plain `SENDMSG`.
+    Never,
+}
+
 /// Options for [`UringIo::new`].
 #[derive(Debug, Clone, Copy)]
 pub struct UringOpts {
@@ -73,6 +89,8 @@ pub struct UringOpts {
     pub fixed_tx: bool,
     /// Try SINGLE_ISSUER + DEFER_TASKRUN.
     pub defer_taskrun: bool,
+    /// Zero-copy policy.
+    pub zc: ZcMode,
 }
 
 impl Default for UringOpts {
@@ -82,6 +100,7 @@ impl Default for UringOpts {
             send_slots: 64,
             fixed_tx: true,
             defer_taskrun: true,
+            zc: ZcMode::Auto,
         }
     }
 }
@@ -137,6 +156,9 @@ pub struct UringIo {
     stats: IoStats,
     max_frags: usize,
     handed: Vec<bool>,
+    zc_mode: ZcMode,
+    zc_active: bool,
+    zc_copied_streak: u32,
     // Last: memory the kernel may reference, dropped after the ring.
     _keep: Option<Box<dyn sys::IoMem>>,
     _bell: Option<OwnedFd>,
@@ -306,6 +328,9 @@ impl UringIo {
             stats: IoStats::default(),
             max_frags: max_skb_frags(),
             handed: vec![false; rx.count as usize],
+            zc_mode: opts.zc,
+            zc_active: opts.zc != ZcMode::Never,
+            zc_copied_streak: 0,
             _keep: None,
             _bell: None,
         };
@@ -337,6 +362,11 @@ impl UringIo {
         me._bell = bell;
         me._keep = Some(Box::new(mem));
         Ok(me)
+    }
+
+    /// Whether sends currently use `SENDMSG_ZC`.
+    pub fn zero_copy_active(&self) -> bool {
+        self.zc_active
     }
 
     /// The ring set-up obtained.
@@ -454,6 +484,13 @@ impl UringIo {
             if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
                 self.slots[i].copied = true;
                 self.stats.zc_copied += 1;
+                self.zc_copied_streak += 1;
+                if self.zc_mode == ZcMode::Auto && self.zc_copied_streak >= 64 && self.zc_active {
+                    self.zc_active = false;
+                    self.stats.zc_fallbacks += 1;
+                }
+            } else {
+                self.zc_copied_streak = 0;
             }
             self.slots[i].state = SlotState::InFlight {
                 result,
@@ -646,12 +683,19 @@ impl DatagramIo for UringIo {
             result: false,
             notif: false,
         };
-        let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg)
-            .ioprio(SEND_ZC_REPORT_USAGE);
-        if fixed {
-            op = op.buf_index(Some(0));
+        let e = if self.zc_active {
+            let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg)
+                .ioprio(SEND_ZC_REPORT_USAGE);
+            if fixed {
+                op = op.buf_index(Some(0));
+            }
+            op.build()
+        } else {
+            // The kernel copies inside sendmsg: one completion, memory free after it.
+            self.stats.copy_sends += 1;
+            opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), &slot.msg).build()
         }
-        let e = op.build().user_data((K_SEND << KIND_SHIFT) | i as u64);
+        .user_data((K_SEND << KIND_SHIFT) | i as u64);
         self.in_flight += 1;
         self.stats.sends += 1;
         self.stats.datagrams_sent += segs.len() as u64;
@@ -676,6 +720,9 @@ impl DatagramIo for UringIo {
     /// with more than `MAX_SKB_FRAGS` (`EMSGSIZE`): batches are cut to that budget.
     fn fit(&self, segs: &[Segment<'_>]) -> usize {
         let n = crate::io::fit_gso(segs);
+        if !self.zc_active {
+            return n;
+        }
         let mut frags = 0;
         for (k, s) in segs[..n].iter().enumerate() {
             let mut pages = 0;

@@ -248,8 +248,40 @@ fn uring_zc_gso_into_provided_buffers_with_gro() {
     );
     assert_eq!(tx.stats().payload_copied, 0);
     assert_eq!(rx.stats().rx_truncated, 0);
-    // Loopback copies zero-copy sends in the kernel and says so.
     assert_eq!(o.kernel_copied, tx.stats().zc_copied);
+    // Auto mode: once the kernel reported 64 copies in a row (loopback copies every
+    // zero-copy send), sends continue as plain SENDMSG.
+    let st = tx.stats();
+    if st.zc_copied >= 64 {
+        assert_eq!(st.zc_fallbacks, 1, "{st:?}");
+        assert!(st.copy_sends > 0 && !tx.zero_copy_active());
+    }
+}
+
+#[test]
+fn uring_zero_copy_always_completes_after_notification() {
+    if !fast_path_or_skip() {
+        return;
+    }
+    let (a, _) = sock();
+    let (b, dst) = sock();
+    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
+    fill(&mut m);
+    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
+    let opts = UringOpts {
+        zc: lu2k_engine::uring::ZcMode::Always,
+        ..UringOpts::default()
+    };
+    let mut tx = UringIo::new_owned(a, m, None, opts).unwrap();
+    let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
+    let o = blast(&mut tx, &mut rx, dst, 200, 0);
+    let st = tx.stats();
+    assert_eq!(o.datagrams, 200 * SEGS as u64);
+    assert_eq!(st.copy_sends, 0, "{st:?}");
+    assert!(tx.zero_copy_active());
+    // Every send completed through its notification; loopback reports the copy.
+    assert_eq!(o.sends_done, st.sends);
+    eprintln!("ZC always: {o:?}, {st:?}");
 }
 
 #[test]
