@@ -1,9 +1,10 @@
 //! Raw UDP blast over loopback through the engine's I/O layers, side by side in one
-//! run: the io_uring fast path (SENDMSG_ZC + GSO from a registered buffer, multishot
-//! recvmsg + GRO into provided buffers), the epoll slow path (sendmmsg + GSO, recvmmsg
-//! + GRO), and plain sendmmsg/recvmmsg without offloads. A sender thread sends
-//! 1472-byte datagrams (16-byte header + 1456 payload) for `SECS` seconds; the
-//! receiver counts what arrives. Prints the median of `RUNS` runs, Gbit/s received.
+//! run: the io_uring fast path (SENDMSG_ZC/SENDMSG + GSO from a registered buffer,
+//! multishot recvmsg + GRO into provided buffers), the epoll slow path (sendmmsg with
+//! GSO, recvmmsg with GRO), and plain sendmmsg/recvmmsg without offloads. A sender
+//! thread sends 1472-byte datagrams (16-byte header + 1456 payload) for `SECS`
+//! seconds; the receiver counts what arrives. Prints the median of `RUNS` runs, in
+//! Gbit/s received.
 //!
 //!     cargo run --release -p lu2k-engine --example blast [-- RUNS SECS]
 
