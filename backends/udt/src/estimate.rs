@@ -12,7 +12,10 @@
 //! - [`ArrivalRate`]: the receiver's packet arrival speed, the median-filtered
 //!   mean of the last 16 inter-arrival intervals (UDT's `getPktRcvSpeed`):
 //!   intervals outside (median/8, median·8) are discarded, and a rate is only
-//!   reported when more than half of the window survives.
+//!   reported when more than half of the window survives. Unlike UDT4, an
+//!   interval is divided by the sequence numbers it advanced and only new
+//!   packets count, so the rate is what the link carried — random loss after
+//!   the bottleneck does not lower it, and retransmissions do not disturb it.
 //! - [`Capacity`]: link capacity from packet pairs (UDT's `getBandwidth`): the
 //!   receiver records the gap between the two packets of a probe pair (sequence
 //!   numbers ≡ 0 and ≡ 1 mod 16, sent back to back) in a window of 64 and
@@ -125,10 +128,11 @@ const ARRIVAL_WINDOW: usize = 16;
 /// Receiver-side packet arrival rate over the last 16 intervals.
 #[derive(Debug, Clone)]
 pub struct ArrivalRate {
+    /// Per-packet spacing in 1/256 µs.
     intervals: [u32; ARRIVAL_WINDOW],
     next: usize,
     filled: usize,
-    last: Option<Time>,
+    last: Option<(Time, u32)>,
 }
 
 impl Default for ArrivalRate {
@@ -148,15 +152,31 @@ impl ArrivalRate {
         }
     }
 
-    /// Records the arrival of a data packet at `now`.
-    pub fn on_arrival(&mut self, now: Time) {
-        if let Some(last) = self.last {
-            let gap = now.saturating_sub(last).min(u64::from(u32::MAX)) as u32;
-            self.intervals[self.next] = gap;
-            self.next = (self.next + 1) % ARRIVAL_WINDOW;
-            self.filled = (self.filled + 1).min(ARRIVAL_WINDOW);
+    /// Records the arrival of data packet `seq` (31-bit) at `now`. Only a
+    /// packet beyond the highest seen counts: the interval since the previous
+    /// one is divided by the sequence numbers it advanced, so packets lost on
+    /// the wire count as arrived (the link carried them) and
+    /// retransmissions, reordered and duplicate packets are left out. An
+    /// interval ending in a short packet (`full == false`, a message's tail)
+    /// is not a sample either: the rate is in full-size packets.
+    pub fn on_arrival(&mut self, now: Time, seq: u32, full: bool) {
+        match self.last {
+            None => self.last = Some((now, seq)),
+            Some((t, s)) => {
+                let d = seq.wrapping_sub(s) & 0x7FFF_FFFF;
+                if d == 0 || d >= 0x4000_0000 {
+                    return;
+                }
+                self.last = Some((now, seq));
+                if !full {
+                    return;
+                }
+                let gap = now.saturating_sub(t).saturating_mul(256) / u64::from(d);
+                self.intervals[self.next] = gap.min(u64::from(u32::MAX)) as u32;
+                self.next = (self.next + 1) % ARRIVAL_WINDOW;
+                self.filled = (self.filled + 1).min(ARRIVAL_WINDOW);
+            }
         }
-        self.last = Some(now);
     }
 
     /// Packets per second, or 0 when fewer than half the window passes the
@@ -169,7 +189,7 @@ impl ArrivalRate {
         let (sum, count, _) = median_filtered(&self.intervals, &mut scratch);
         if count > ARRIVAL_WINDOW / 2 && sum > 0 {
             let mean = sum as f64 / count as f64;
-            (1_000_000.0 / mean).ceil() as u32
+            (256_000_000.0 / mean).ceil() as u32
         } else {
             0
         }
@@ -265,22 +285,40 @@ mod tests {
     fn arrival_rate_needs_full_window_and_filters_outliers() {
         let mut a = ArrivalRate::new();
         let mut t = 0;
+        let mut seq = 0;
         for _ in 0..16 {
-            a.on_arrival(t);
+            a.on_arrival(t, seq, true);
             t += 100;
+            seq += 1;
         }
         assert_eq!(a.rate(), 0, "15 intervals are not a full window");
-        a.on_arrival(t);
+        a.on_arrival(t, seq, true);
         assert_eq!(a.rate(), 10_000);
         // One huge gap (an idle period) is filtered out by the median filter.
         t += 1_000_000;
-        a.on_arrival(t);
+        seq += 1;
+        a.on_arrival(t, seq, true);
         assert_eq!(a.rate(), 10_000);
-        // Gaps that are mostly idle: fewer than half survive... all equal here,
-        // so the rate follows the new spacing.
+        // A retransmission (old seq) does not count.
+        a.on_arrival(t + 1, 3, true);
+        assert_eq!(a.rate(), 10_000);
+        // A message's short tail packet, 20 us after the last one: no sample.
+        a.on_arrival(t + 20, seq + 1, false);
+        seq += 1;
+        t += 20;
+        assert_eq!(a.rate(), 10_000);
+        // Packets lost on the wire count as carried: seq advancing by 2 in
+        // 200 us is still 100 us per packet.
+        for _ in 0..16 {
+            t += 200;
+            seq += 2;
+            a.on_arrival(t, seq, true);
+        }
+        assert_eq!(a.rate(), 10_000);
         for _ in 0..16 {
             t += 1000;
-            a.on_arrival(t);
+            seq += 1;
+            a.on_arrival(t, seq, true);
         }
         assert_eq!(a.rate(), 1000);
     }

@@ -154,9 +154,10 @@ fn seed_294_message_larger_than_bdp_buffer() {
     check(294).unwrap();
 }
 
-/// Found by `thousand_seeds`: the EXP timer queued every unacknowledged
-/// packet for retransmission, the message's TTL expired, and the sender
-/// reported a message dropped that the receiver had already delivered.
+/// Found by `thousand_seeds`: a retransmission of a message was pending when
+/// its TTL expired, the sender dropped it and reported it dropped, but the
+/// receiver already had it all and delivered it. TTL now only applies before
+/// a message has left completely.
 #[test]
 fn seed_58_ttl_drop_never_races_delivery() {
     let sc = scenario(58);

@@ -65,7 +65,10 @@ pub struct Ack {
 pub trait Controller: std::fmt::Debug + Send {
     /// Called once when the connection is established.
     fn init(&mut self, now: Time, path: &Path);
-    /// A full or light ACK advanced (or repeated) the acknowledgement point.
+    /// A full ACK arrived (advancing or not): its RTT and rate reports are
+    /// in `path` and `ack`. Called before [`Controller::on_ack`].
+    fn on_report(&mut self, _now: Time, _path: &Path, _ack: &Ack) {}
+    /// A full ACK advanced the acknowledgement point (UDT4's `onACK`).
     fn on_ack(&mut self, now: Time, path: &Path, ack: &Ack);
     /// A loss report arrived. `ranges` are inclusive `(first, last)` pairs as
     /// decoded from the NAK; `new_losses` counts the sequence numbers that were

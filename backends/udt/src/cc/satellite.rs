@@ -4,49 +4,68 @@
 //! satellite path most loss is physical (random, independent of load), and a
 //! 600 ms round trip makes every unwarranted decrease expensive: the native
 //! increase needs many seconds to win back a 1/9 cut. This controller instead
-//! keeps a model of the path, in the spirit of BBR:
+//! keeps a model of the path and paces at it:
 //!
-//! - **Bottleneck bandwidth** `bw`: a windowed maximum (10 rounds of one
-//!   minimum RTT each) over the receiver's arrival-rate reports, corrected for
-//!   the measured random loss rate (`arrival / (1 − p)`: the packets lost on the
-//!   link also used its capacity), and capped by the packet-pair capacity.
-//! - **Minimum RTT** from the connection's RTT estimator.
-//! - **Pacing** at `gain × bw` with a gain cycle of eight rounds
-//!   `[1.1, 0.9, 1, 1, 1, 1, 1, 1]` (probe for more, drain what the probe
-//!   queued, cruise).
-//! - **Window** `2 × bw × min_rtt + 32` packets: enough to keep pacing when a
-//!   hole at the head of the receive buffer holds the ACK point for a round trip.
+//! - **Bottleneck bandwidth.** The packet-pair capacity reported by the
+//!   receiver, and a windowed maximum (10 rounds of one minimum RTT) over
+//!   its arrival-rate reports, which count packets lost on the wire as
+//!   carried (see [`crate::estimate::ArrivalRate`]). A report below the
+//!   pacing rate with no queue to explain it only shows that the sender was
+//!   held back (window, a hole, no data) and is ignored. The larger of the
+//!   two is the ceiling of the pacing rate (the arrival rate can show more
+//!   than the pair estimate when other traffic leaves, the pair estimate more
+//!   than the arrivals while this flow is still below it).
+//! - **Minimum RTT** from the connection's RTT estimator; the queueing delay
+//!   is the smoothed RTT above it.
+//! - **Pacing rate** `R = ceiling × (1 − (q − 2 %)) × penalty`, where `q` is
+//!   the queueing delay as a fraction of the minimum RTT; the middle factor
+//!   is kept within [0.8, 1]. Below 2 % queueing the flow paces at the model;
+//!   above, it backs off in proportion, so the bottleneck settles with a
+//!   queue of a few percent of the BDP — always busy, never overflowing —
+//!   and random loss does not move `R` at all.
+//! - **Window** `6 × R × min_rtt + 32` packets. Pacing, not the window, sets
+//!   the rate; the window only bounds what is in flight counted from the
+//!   oldest hole, and at 5 % loss a hole whose retransmissions are lost twice
+//!   holds the ACK point for three to four round trips.
 //!
-//! **Fast start.** The first loss-free packets go out back to back; their
-//! packet pairs give the receiver a capacity estimate within the first round
-//! trip, and the first full ACK that carries it makes the sender pace at that
-//! capacity immediately (no doubling from 16 packets: at 600 ms a doubling
-//! start needs ~9 RTT to fill 100 Mbit/s). Without a capacity report the
-//! controller falls back to a doubling start paced at 2× the arrival rate,
-//! leaving it when the arrival rate stops growing by 25 % per round.
+//! **Fast start.** The first packets go out back to back; their packet
+//! pairs give the receiver a capacity estimate within the first round trip,
+//! and the first full ACK that carries it makes the sender pace at that
+//! capacity at once (no doubling from 16 packets: at 600 ms a doubling start
+//! needs ~9 RTT to fill 100 Mbit/s). Without a capacity report the controller
+//! falls back to a doubling start, leaving it for the arrival-rate estimate
+//! when that stops growing by 25 % per round.
 //!
-//! **Loss as congestion only with evidence.** A loss report reduces the model
-//! (bw × 0.85, at most once per round trip) only if the smoothed RTT stands
-//! above `1.25 × min_rtt + 5 ms` (a queue is building), or if the loss rate of
-//! the last round is far above the long-run average (≥ 20 % and ≥ 3× the mean
-//! plus 5 %: a clustered, load-driven burst). Random loss only updates the loss
-//! rate estimate. A timeout (EXP) leaves the model alone: on satellite links a
-//! silence is usually an outage, not a queue.
+//! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
+//! (a penalty that wears off by 10 % a round; at most one cut per RTT) only if the smoothed RTT stands above
+//! `1.25 × min_rtt + 5 ms` (a queue is overflowing), or if the loss rate of a
+//! round is far above the long-run average (≥ 20 % and ≥ 3× the mean plus
+//! 5 %: a clustered, load-driven burst). A timeout (EXP) leaves the model
+//! alone: on satellite links a silence is usually an outage, not a queue.
 
 use super::{Ack, Controller, Path};
 use crate::estimate::Time;
 
-const GAINS: [f64; 8] = [1.1, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const FILTER_ROUNDS: usize = 10;
 const INITIAL_WINDOW: f64 = 64.0;
-/// Window in bandwidth-delay products: the span from the oldest hole to the
-/// newest packet reaches 2–3 BDP when a retransmission is itself lost.
-const WINDOW_BDPS: f64 = 4.0;
+/// Window in bandwidth-delay products.
+const WINDOW_BDPS: f64 = 6.0;
+/// Queueing delay (fraction of the minimum RTT) the rate is steered to.
+const Q_TARGET: f64 = 0.02;
+/// Largest back-off from the ceiling due to queueing delay.
+const MAX_BACKOFF: f64 = 0.2;
+/// Queueing delay above which an arrival-rate sample below the pacing rate
+/// is believed (the path, not the sender, limited it).
+const Q_HIGH: f64 = 0.05;
+/// The loss-with-evidence cut.
+const CUT: f64 = 0.85;
+/// Per-round recovery of a cut (the queue feedback still holds the rate).
+const PENALTY_RECOVERY: f64 = 1.1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Startup,
-    ProbeBw,
+    Cruise,
 }
 
 /// The model-based satellite controller.
@@ -57,20 +76,24 @@ pub struct Satellite {
     cwnd: f64,
     /// Packet-pair capacity, packets/s (0 = unknown).
     capacity: f64,
-    /// Per-round maxima of corrected arrival-rate samples.
+    /// Per-round maxima of arrival-rate samples.
     filter: [f64; FILTER_ROUNDS],
     filter_pos: usize,
-    bw: f64,
+    /// Pacing rate, packets/s.
+    rate: f64,
     round_start: Time,
     round_count: u64,
-    phase: usize,
     sent_in_round: u64,
+    sent_prev_round: u64,
     lost_in_round: u64,
+    ewma_lost: f64,
+    ewma_sent: f64,
     loss_rate: f64,
     last_cut: Option<Time>,
     plateau_bw: f64,
     plateau_rounds: u32,
-    started: bool,
+    queue: f64,
+    penalty: f64,
 }
 
 impl Default for Satellite {
@@ -89,26 +112,29 @@ impl Satellite {
             capacity: 0.0,
             filter: [0.0; FILTER_ROUNDS],
             filter_pos: 0,
-            bw: 0.0,
+            rate: 0.0,
             round_start: 0,
             round_count: 0,
-            phase: 0,
             sent_in_round: 0,
+            sent_prev_round: 0,
             lost_in_round: 0,
+            ewma_lost: 0.0,
+            ewma_sent: 0.0,
             loss_rate: 0.0,
             last_cut: None,
             plateau_bw: 0.0,
             plateau_rounds: 0,
-            started: false,
+            queue: 0.0,
+            penalty: 1.0,
         }
     }
 
-    /// The current bottleneck bandwidth estimate, packets/s.
+    /// The current pacing rate, packets/s (0 before an estimate).
     pub fn bandwidth(&self) -> f64 {
-        self.bw
+        self.rate
     }
 
-    /// The smoothed random-loss rate estimate.
+    /// The long-run loss rate seen (losses reported per packet sent).
     pub fn loss_rate(&self) -> f64 {
         self.loss_rate
     }
@@ -117,77 +143,98 @@ impl Satellite {
         self.filter.iter().copied().fold(0.0, f64::max)
     }
 
+    fn ceiling(&self) -> f64 {
+        self.capacity.max(self.filter_max())
+    }
+
+    /// The pacing rate: the model's ceiling, scaled down in proportion to
+    /// the queueing delay above the target, and by any loss penalty.
+    fn steer(&mut self) {
+        if self.mode != Mode::Cruise {
+            return;
+        }
+        let scale = (1.0 - (self.queue - Q_TARGET)).clamp(1.0 - MAX_BACKOFF, 1.0);
+        self.rate = self.ceiling() * scale * self.penalty;
+    }
+
     fn round_len(path: &Path) -> u64 {
         u64::from(path.min_rtt.max(10_000))
     }
 
     fn end_round(&mut self, now: Time) {
-        let round_loss = if self.sent_in_round > 0 {
-            self.lost_in_round as f64 / self.sent_in_round as f64
-        } else {
-            0.0
-        };
-        let clustered = round_loss >= 0.2 && round_loss >= 3.0 * self.loss_rate + 0.05;
-        if clustered {
-            self.cut(now);
-        } else if self.sent_in_round >= 16 {
-            self.loss_rate += (round_loss.min(0.5) - self.loss_rate) / 8.0;
+        // Losses reported in this round belong to packets sent about one
+        // round earlier.
+        let round_loss = self.lost_in_round as f64 / self.sent_prev_round.max(1) as f64;
+        let clustered = self.sent_prev_round >= 200
+            && round_loss >= 0.2
+            && round_loss >= 3.0 * self.loss_rate + 0.05;
+        if self.sent_prev_round >= 16 {
+            self.ewma_lost += (self.lost_in_round as f64 - self.ewma_lost) / 8.0;
+            self.ewma_sent += (self.sent_prev_round as f64 - self.ewma_sent) / 8.0;
+            if self.ewma_sent > 0.0 {
+                self.loss_rate = (self.ewma_lost / self.ewma_sent).min(1.0);
+            }
         }
+        self.sent_prev_round = self.sent_in_round;
         self.sent_in_round = 0;
         self.lost_in_round = 0;
         self.round_start = now;
         self.round_count += 1;
         self.filter_pos = (self.filter_pos + 1) % FILTER_ROUNDS;
         self.filter[self.filter_pos] = 0.0;
-        self.phase = (self.phase + 1) % GAINS.len();
-        if self.mode == Mode::Startup {
-            let max = self.filter_max();
-            if max >= self.plateau_bw * 1.25 {
-                self.plateau_bw = max;
-                self.plateau_rounds = 0;
-            } else {
-                self.plateau_rounds += 1;
+        if clustered {
+            self.cut(now);
+            return;
+        }
+        match self.mode {
+            Mode::Startup => {
+                let max = self.filter_max();
+                if max >= self.plateau_bw * 1.25 {
+                    self.plateau_bw = max;
+                    self.plateau_rounds = 0;
+                } else {
+                    self.plateau_rounds += 1;
+                }
+                if self.plateau_rounds >= 3 {
+                    self.mode = Mode::Cruise;
+                    self.rate = max;
+                }
             }
-            let near_capacity = self.capacity > 0.0 && max >= 0.8 * self.capacity;
-            if near_capacity || self.plateau_rounds >= 3 {
-                self.mode = Mode::ProbeBw;
-                self.phase = 2;
+            Mode::Cruise => {
+                // A cut's penalty wears off by 10 % a round.
+                self.penalty = (self.penalty * PENALTY_RECOVERY).min(1.0);
             }
+        }
+    }
+
+    /// Ends the round when a minimum RTT has passed (called on every event,
+    /// so rounds keep time while the ACK point stalls behind a hole).
+    fn tick(&mut self, now: Time, path: &Path) {
+        if now.saturating_sub(self.round_start) >= Self::round_len(path) {
+            self.end_round(now);
+            self.update_outputs(path);
         }
     }
 
     fn cut(&mut self, now: Time) {
-        self.bw *= 0.85;
-        for f in &mut self.filter {
-            *f = f.min(self.bw);
-        }
-        self.filter[self.filter_pos] = self.bw;
+        self.penalty *= CUT;
+        self.rate *= CUT;
         self.last_cut = Some(now);
-        if self.mode == Mode::Startup {
-            self.mode = Mode::ProbeBw;
-            self.phase = 2;
-        }
+        self.mode = Mode::Cruise;
     }
 
     fn update_outputs(&mut self, path: &Path) {
         let min_rtt = f64::from(path.min_rtt.max(1_000));
-        match self.mode {
-            Mode::Startup if self.capacity <= 0.0 && !self.started => {
-                // Doubling start: window grows with ACKs, pace at twice what arrives.
-                let rate = (2.0 * self.filter_max()).max(self.cwnd * 1e6 / min_rtt * 2.0);
-                self.period = 1e6 / rate.max(1.0);
-            }
-            _ => {
-                let gain = if self.mode == Mode::Startup {
-                    1.0
-                } else {
-                    GAINS[self.phase]
-                };
-                let bw = self.bw.max(1.0);
-                self.period = 1e6 / (bw * gain);
-                self.cwnd = WINDOW_BDPS * bw * min_rtt / 1e6 + 32.0;
-            }
+        if self.mode == Mode::Startup && self.rate <= 0.0 {
+            // Doubling start: the window grows with ACKs; pace at twice the
+            // window per RTT (the window is the real limit).
+            let rate = self.cwnd * 1e6 / min_rtt * 2.0;
+            self.period = 1e6 / rate.max(1.0);
+            return;
         }
+        let rate = self.rate.max(1.0);
+        self.period = 1e6 / rate;
+        self.cwnd = WINDOW_BDPS * rate * min_rtt / 1e6 + 32.0;
     }
 }
 
@@ -199,52 +246,56 @@ impl Controller for Satellite {
         self.period = 1.0;
     }
 
-    fn on_ack(&mut self, now: Time, path: &Path, ack: &Ack) {
+    fn on_report(&mut self, now: Time, path: &Path, ack: &Ack) {
+        let min_rtt = f64::from(path.min_rtt.max(1_000));
+        self.queue = (f64::from(path.rtt) - min_rtt).max(0.0) / min_rtt;
+        let queueing = self.queue > Q_HIGH;
         if ack.bandwidth_sample > 0 {
-            self.capacity = f64::from(ack.bandwidth_sample);
+            let c = f64::from(ack.bandwidth_sample);
+            // Smoothed: single reports jitter by the pair timing resolution.
+            self.capacity = if self.capacity > 0.0 {
+                self.capacity + (c - self.capacity) / 8.0
+            } else {
+                c
+            };
         }
         if ack.recv_rate_sample > 0 {
-            let mut sample = f64::from(ack.recv_rate_sample) / (1.0 - self.loss_rate.min(0.5));
-            if self.capacity > 0.0 {
-                sample = sample.min(self.capacity * 1.02);
-            }
-            let slot = &mut self.filter[self.filter_pos];
-            *slot = slot.max(sample);
-        }
-        if now.saturating_sub(self.round_start) >= Self::round_len(path) {
-            self.end_round(now);
-        }
-        match self.mode {
-            Mode::Startup => {
-                if self.capacity > 0.0 {
-                    // Fast start: jump to the packet-pair capacity.
-                    self.started = true;
-                    self.bw = self.capacity.max(self.filter_max());
-                } else {
-                    self.cwnd += f64::from(ack.newly_acked);
-                    self.bw = self.filter_max();
-                }
-            }
-            Mode::ProbeBw => {
-                let max = self.filter_max();
-                if max > 0.0 {
-                    self.bw = max;
-                }
+            let sample = f64::from(ack.recv_rate_sample);
+            let limited = self.mode == Mode::Cruise && sample < 0.9 * self.rate && !queueing;
+            if !limited {
+                let slot = &mut self.filter[self.filter_pos];
+                *slot = slot.max(sample);
             }
         }
+        if self.mode == Mode::Startup && self.capacity > 0.0 {
+            // Fast start: pace at the packet-pair capacity.
+            self.rate = self.capacity;
+            self.mode = Mode::Cruise;
+        }
+        self.tick(now, path);
+        self.steer();
         self.update_outputs(path);
     }
 
+    fn on_ack(&mut self, now: Time, path: &Path, ack: &Ack) {
+        if self.mode == Mode::Startup {
+            self.cwnd += f64::from(ack.newly_acked);
+            self.tick(now, path);
+            self.update_outputs(path);
+        }
+    }
+
     fn on_loss(&mut self, now: Time, path: &Path, _ranges: &[(u32, u32)], new_losses: u32) {
+        self.tick(now, path);
         self.lost_in_round += u64::from(new_losses);
-        if new_losses == 0 || self.bw <= 0.0 {
+        if new_losses == 0 || self.rate <= 0.0 {
             return;
         }
-        let queueing = f64::from(path.rtt) > 1.25 * f64::from(path.min_rtt) + 5_000.0;
+        let overflowing = f64::from(path.rtt) > 1.25 * f64::from(path.min_rtt) + 5_000.0;
         let recently_cut = self
             .last_cut
             .is_some_and(|t| now.saturating_sub(t) < u64::from(path.rtt.max(path.min_rtt)));
-        if queueing && !recently_cut {
+        if overflowing && !recently_cut {
             self.cut(now);
             self.update_outputs(path);
         }
@@ -252,8 +303,11 @@ impl Controller for Satellite {
 
     fn on_timeout(&mut self, _now: Time, _path: &Path) {}
 
-    fn on_pkt_sent(&mut self, _now: Time, _path: &Path, _seq: u32, _retransmit: bool) {
+    fn on_pkt_sent(&mut self, now: Time, path: &Path, _seq: u32, _retransmit: bool) {
         self.sent_in_round += 1;
+        if self.sent_in_round % 64 == 0 {
+            self.tick(now, path);
+        }
     }
 
     fn period(&self) -> f64 {
@@ -295,10 +349,11 @@ mod tests {
             recv_rate_sample: 0,
             bandwidth_sample: 8500,
         };
+        cc.on_report(610_000, &p, &ack);
         cc.on_ack(610_000, &p, &ack);
         assert!((cc.period() - 1e6 / 8500.0).abs() < 1e-6);
-        // 4 x BDP + 32.
-        assert!((cc.window() - (4.0 * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
+        // WINDOW_BDPS x BDP + 32.
+        assert!((cc.window() - (WINDOW_BDPS * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
     }
 
     #[test]
@@ -315,9 +370,10 @@ mod tests {
             let ack = Ack {
                 seq: i,
                 newly_acked: 85,
-                recv_rate_sample: 8075, // 5 % lost on a 8500 pkt/s link
+                recv_rate_sample: 8500, // the link's rate, lost packets counted
                 bandwidth_sample: 8500,
             };
+            cc.on_report(now, &p, &ack);
             cc.on_ack(now, &p, &ack);
             cc.on_loss(now, &p, &[(i, i + 3)], 4);
         }

@@ -33,11 +33,13 @@
 //!
 //! # Differences from UDT4 (on purpose)
 //!
-//! - The receiver re-sends NAKs periodically (every `RTT + 4·RTTVar` plus the
-//!   time to drain the loss list, at least `min_nak_interval_us`), naming only
-//!   losses already reported at least one interval ago; UDT 4.11 reports a
-//!   loss once and relies on the sender's EXP timer, so a lost NAK or a lost
-//!   retransmission costs it a long stall.
+//! - The receiver re-reports each loss once its last report is one NAK
+//!   interval old (`RTT + 4·RTTVar`, the variance term within [10 ms, RTT/2],
+//!   plus the time to drain the loss list), checked every
+//!   `min_nak_interval_us`; UDT 4.11 reports a loss once and relies on the
+//!   sender's EXP timer, so a lost NAK or a lost retransmission costs it a
+//!   long stall. The sender ignores a report naming a packet it retransmitted
+//!   less than an RTT ago (the report crossed the retransmission).
 //! - Window and buffer sizes come from the bandwidth-delay product
 //!   ([`Config::rcv_buf`]), not a fixed 8192 packets.
 //! - Hostile input (an ACK beyond what was sent, a loss report naming unsent
@@ -52,7 +54,7 @@ mod types;
 pub use listener::{handshake_socket_id, Listener, ListenerOutput};
 pub use types::*;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use crate::cc::{self, Controller, Path};
@@ -128,6 +130,7 @@ struct Sender {
     next_msg_no: MsgNo,
     flow_window: u32,
     next_send: f64,
+    pacing_debt: f64,
     last_ack2_no: AckNo,
     last_ack2_time: Time,
     rtt: Rtt,
@@ -152,7 +155,8 @@ struct Receiver {
     base: u64,
     slots: VecDeque<Slot>,
     next: u64,
-    lost: BTreeSet<u64>,
+    /// Missing packets and when each was last reported (NAK).
+    lost: BTreeMap<u64, Time>,
     buf_pkts: u32,
     held: usize,
     scan: usize,
@@ -165,7 +169,6 @@ struct Receiver {
     pkt_count: u32,
     light_count: u32,
     next_nak_time: Time,
-    nak_horizon: u64,
     arrival: ArrivalRate,
     capacity: Capacity,
     rtt: Rtt,
@@ -254,6 +257,7 @@ impl Connection {
                 next_msg_no: MsgNo::new(1),
                 flow_window: 16,
                 next_send: 0.0,
+                pacing_debt: 0.0,
                 last_ack2_no: AckNo::new(0),
                 last_ack2_time: now,
                 rtt: Rtt::new(),
@@ -265,7 +269,7 @@ impl Connection {
                 base: 0,
                 slots: VecDeque::new(),
                 next: 0,
-                lost: BTreeSet::new(),
+                lost: BTreeMap::new(),
                 buf_pkts,
                 held: 0,
                 scan: 0,
@@ -278,7 +282,6 @@ impl Connection {
                 pkt_count: 0,
                 light_count: 1,
                 next_nak_time: now,
-                nak_horizon: 0,
                 arrival: ArrivalRate::new(),
                 capacity: Capacity::new(),
                 rtt: Rtt::new(),
@@ -497,15 +500,20 @@ impl Connection {
             return None;
         }
         let t = self.next_data(now)?;
-        // Pacing: the packet after a probe (seq ≡ 0 mod 16) leaves at once.
+        // Pacing. The packet after a probe (seq ≡ 0 mod 16) leaves at once, so
+        // the pair crosses the bottleneck back to back; the interval it skips
+        // is added after the pair, so the average rate is the CC's.
         let period = self.cc.period().max(0.0);
         let probe = t.1 & 0xF == 0 && !t.2;
         let floor = now as f64 - period;
         if self.tx.next_send < floor {
             self.tx.next_send = floor;
         }
-        if !probe {
-            self.tx.next_send += period;
+        if probe {
+            self.tx.pacing_debt += period;
+        } else {
+            self.tx.next_send += period + self.tx.pacing_debt;
+            self.tx.pacing_debt = 0.0;
         }
         Some(t.0)
     }
@@ -923,20 +931,25 @@ impl Connection {
         if a >= self.tx.una {
             self.tx.flow_window = st.avail_buf.max(2);
         }
-        if a <= self.tx.una {
-            return;
+        // The path estimates are taken from every full ACK, also one that
+        // does not advance (UDT4 drops those first: a light ACK may have
+        // advanced the window already, and the rates are lost).
+        let advanced = a > self.tx.una;
+        if advanced {
+            // Sender-side RTT sample from the newest packet this ACK covers
+            // (Karn: never from a retransmission); only its minimum is trusted.
+            let newest = self.tx.pkts[(a - 1 - self.tx.una) as usize];
+            if !newest.retx {
+                let s = now
+                    .saturating_sub(newest.sent_at)
+                    .clamp(1, u64::from(u32::MAX)) as u32;
+                self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
+            }
         }
-        // Sender-side RTT sample from the newest packet this ACK covers (Karn:
-        // never from a retransmission); only its minimum is trusted.
-        let newest = self.tx.pkts[(a - 1 - self.tx.una) as usize];
-        if !newest.retx {
-            let s = now
-                .saturating_sub(newest.sent_at)
-                .clamp(1, u64::from(u32::MAX)) as u32;
-            self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
+        let newly = a.saturating_sub(self.tx.una) as u32;
+        if advanced {
+            self.advance_una(now, a);
         }
-        let newly = (a - self.tx.una) as u32;
-        self.advance_una(now, a);
         // The receiver's RTT (from ACK/ACK2), unless it is still UDT4's guess.
         if !(st.rtt == INITIAL_RTT_US && st.rtt_var == INITIAL_RTT_US / 2) && st.rtt > 0 {
             self.tx.rtt.on_sample(st.rtt);
@@ -959,7 +972,10 @@ impl Connection {
             }
         }
         let path = self.path();
-        self.cc.on_ack(now, &path, &ack);
+        self.cc.on_report(now, &path, &ack);
+        if advanced {
+            self.cc.on_ack(now, &path, &ack);
+        }
     }
 
     fn advance_una(&mut self, _now: Time, a: u64) {
@@ -1007,9 +1023,16 @@ impl Connection {
             }
             ranges.push((ia.max(self.tx.una), ib));
         }
+        // A report naming a packet retransmitted less than an RTT ago is
+        // stale (sent before the retransmission could arrive): skip it.
+        let fresh = now.saturating_sub(u64::from(self.rtt()));
         let mut new = 0u32;
         for &(a, b) in &ranges {
             for i in a..=b {
+                let p = &self.tx.pkts[(i - self.tx.una) as usize];
+                if p.retx && p.sent_at > fresh {
+                    continue;
+                }
                 if self.tx.lost.insert(i) {
                     new += 1;
                 }
@@ -1027,7 +1050,9 @@ impl Connection {
         self.heard(now);
         self.stats.pkts_received += 1;
         self.rx.pkt_count += 1;
-        self.rx.arrival.on_arrival(now);
+        self.rx
+            .arrival
+            .on_arrival(now, h.seq_no.get(), ext.len == self.payload_size);
         self.rx.capacity.on_arrival(now, h.seq_no.get());
         self.cc.on_pkt_received(now, h.seq_no.get());
         let retained = self.place(now, h, ext);
@@ -1055,11 +1080,10 @@ impl Connection {
             if idx > self.rx.next {
                 let (a, b) = (self.rx.next, idx - 1);
                 if self.rx.lost.is_empty() {
-                    self.rx.next_nak_time = now + self.nak_interval();
-                    self.rx.nak_horizon = idx + 1;
+                    self.rx.next_nak_time = now + self.cfg.min_nak_interval_us;
                 }
                 for i in a..=b {
-                    self.rx.lost.insert(i);
+                    self.rx.lost.insert(i, now);
                 }
                 self.stats.pkts_lost_detected += b - a + 1;
                 self.queue_nak(&[(a, b)], now);
@@ -1231,16 +1255,51 @@ impl Connection {
     }
 
     fn ack_point(&self) -> u64 {
-        self.rx.lost.first().copied().unwrap_or(self.rx.next)
+        self.rx
+            .lost
+            .first_key_value()
+            .map_or(self.rx.next, |(&i, _)| i)
     }
 
     fn nak_interval(&self) -> u64 {
-        let rtt = u64::from(self.rx.rtt.rtt()) + 4 * u64::from(self.rx.rtt.var());
+        // UDT4's RTT + 4·RTTVar, with the variance term kept within
+        // [10 ms, RTT/2]: an early, wide variance must not hold a hole for
+        // seconds, and a retransmission needs some slack to arrive.
+        let r = u64::from(self.rx.rtt.rtt());
+        let rtt = r + (4 * u64::from(self.rx.rtt.var())).min(r / 2).max(10_000);
         let rate = u64::from(self.rx.arrival.rate());
         let drain = (self.rx.lost.len() as u64 * 1_000_000)
             .checked_div(rate)
             .unwrap_or(0);
         (rtt + drain).max(self.cfg.min_nak_interval_us)
+    }
+
+    /// Re-reports every loss whose last report is one NAK interval old (the
+    /// retransmission should have arrived by then), at most 64 ranges per
+    /// tick; the check runs every `min_nak_interval_us`.
+    fn periodic_nak(&mut self, now: Time) {
+        let interval = self.nak_interval();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (&i, t) in self.rx.lost.iter_mut() {
+            if *t + interval > now {
+                continue;
+            }
+            let extends = ranges.last().is_some_and(|r| r.1 + 1 == i);
+            if extends {
+                if let Some(r) = ranges.last_mut() {
+                    r.1 = i;
+                }
+            } else if ranges.len() >= 64 {
+                break;
+            } else {
+                ranges.push((i, i));
+            }
+            *t = now;
+        }
+        if !ranges.is_empty() {
+            self.queue_nak(&ranges, now);
+        }
+        self.rx.next_nak_time = now + self.cfg.min_nak_interval_us;
     }
 
     fn ack_timers(&mut self, now: Time) {
@@ -1288,20 +1347,23 @@ impl Connection {
             return;
         }
         self.rx.ack_no = self.rx.ack_no.next();
+        // As UDT4's getAvailBufSize: the buffer less what is acknowledged but
+        // not yet handed out (the sender counts what it has in flight beyond
+        // the ACK point itself); at least 2, UDT4's deadlock breaker.
         let avail = self
             .rx
             .buf_pkts
-            .saturating_sub(self.rx.slots.len() as u32)
+            .saturating_sub((ack - self.rx.base) as u32)
             .max(2);
-        let rates = if now.saturating_sub(self.rx.last_ack_time) > SYN_US {
-            self.rx.last_ack_time = now;
-            Some(AckRates {
-                recv_rate: self.rx.arrival.rate(),
-                link_capacity: self.rx.capacity.rate(),
-            })
-        } else {
-            None
-        };
+        // Every full ACK carries the rate estimates (UDT4 only adds them once
+        // per SYN interval; its first ACK, sent on the first packet, then
+        // carries none, and the sender learns the capacity a round trip
+        // late). UDT4 reads either length.
+        self.rx.last_ack_time = now;
+        let rates = Some(AckRates {
+            recv_rate: self.rx.arrival.rate(),
+            link_capacity: self.rx.capacity.rate(),
+        });
         let repr = ControlRepr::Ack {
             ack_seq_no: self.rx.ack_no,
             last: seq,
@@ -1361,29 +1423,17 @@ impl Connection {
                 if now >= self.connect_deadline {
                     self.shut(CloseReason::ConnectTimeout);
                 } else if now >= self.last_req_time + HS_RETRY_US {
-                    // Retries keep the first send time: a response to the
-                    // first request then still gives an honest RTT sample.
+                    // A response may now answer either request: no RTT
+                    // sample from it (Karn).
                     self.queue_handshake(0);
                     self.last_req_time = now;
+                    self.req_sent_at = None;
                 }
             }
             State::Connected => {
                 self.ack_timers(now);
                 if !self.rx.lost.is_empty() && now >= self.rx.next_nak_time {
-                    let horizon = self.rx.nak_horizon;
-                    let mut ranges: Vec<(u64, u64)> = Vec::new();
-                    for &i in self.rx.lost.range(..horizon) {
-                        match ranges.last_mut() {
-                            Some(r) if r.1 + 1 == i => r.1 = i,
-                            _ => ranges.push((i, i)),
-                        }
-                        if ranges.len() > 64 {
-                            break;
-                        }
-                    }
-                    self.queue_nak(&ranges, now);
-                    self.rx.nak_horizon = self.rx.next;
-                    self.rx.next_nak_time = now + self.nak_interval();
+                    self.periodic_nak(now);
                 }
                 if now >= self.next_exp() {
                     self.on_exp(now);
@@ -1474,8 +1524,8 @@ impl Connection {
             "state {:?} una {} next {} lost {:?} cursor {} msg_base {} msgs {} flow {} cwnd {} period {} next_send {} | rx base {} next {} lost {:?} slots {} held {} last_ack {} last_ack_ack {} next_nak {} horizon {}",
             self.state, self.tx.una, self.tx.next, self.tx.lost.iter().take(5).collect::<Vec<_>>(), self.tx.cursor, self.tx.msg_base, self.tx.msgs.len(),
             self.tx.flow_window, self.cc.window(), self.cc.period(), self.tx.next_send,
-            self.rx.base, self.rx.next, self.rx.lost.iter().take(5).collect::<Vec<_>>(), self.rx.slots.len(), self.rx.held, self.rx.last_ack, self.rx.last_ack_ack, self.rx.next_nak_time, self.rx.nak_horizon
-        )
+            self.rx.base, self.rx.next, self.rx.lost.keys().take(5).collect::<Vec<_>>(), self.rx.slots.len(), self.rx.held, self.rx.last_ack, self.rx.last_ack_ack, self.rx.next_nak_time, 0
+        ) + &format!(" | own_min {} rep_min {} | path {:?} | cc {:?}", self.tx.own_min_rtt, self.tx.rtt.min(), self.path(), self.cc)
     }
 
     /// Refreshes the rate/window figures in [`Connection::stats`].

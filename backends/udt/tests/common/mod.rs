@@ -60,6 +60,8 @@ pub struct Outcome {
     pub finished_at: Option<u64>,
     pub delivered_msgs: u64,
     pub delivered_bytes: u64,
+    /// Payload bytes of new (not duplicate) data packets the receiver took.
+    pub unique_bytes: u64,
     pub dropped_msgs: u64,
     pub acked_msgs: u64,
     /// Payload bytes arriving at the receiver per bin (all data packets).
@@ -284,7 +286,11 @@ pub fn run(sc: &Scenario) -> Outcome {
         if next == u64::MAX || next > sc.duration_us {
             break;
         }
-        if std::env::var_os("LU2K_SIM_TRACE").is_some() && next / 2_000_000 != now / 2_000_000 {
+        let trace_us: u64 = std::env::var("LU2K_SIM_TRACE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000_000);
+        if std::env::var_os("LU2K_SIM_TRACE").is_some() && next / trace_us != now / trace_us {
             client.refresh_stats();
             eprintln!(
                 "t={} delivered {} | {}",
@@ -351,6 +357,7 @@ pub fn run(sc: &Scenario) -> Outcome {
                         let s = server.as_mut().unwrap();
                         if s.handle_datagram(now, data, at) {
                             let origin = p.payload.unwrap();
+                            out.unique_bytes += u64::from(origin.len);
                             bufs.insert(id, Buf { origin, bytes });
                         }
                     } else {
