@@ -2,9 +2,25 @@
 //! same path in the same run.
 //!
 //! Subcommands:
+//! - `run SCENARIO.toml [--quick] [--json PATH] [--csv PATH] [--out DIR]`: every
+//!   contender in every cell of a scenario, each on a fresh emulated link; a
+//!   table, JSON, CSV and SVG plots.
+//! - `demo`: a GEO-like link (UDP relay, no root needed), lu2k beside UDT4
+//!   (and TCP when root), in about a minute and a half.
 //! - `loopback`: bulk goodput and small-message round trips over loopback for
 //!   lu2k, the reference UDT4 and raw UDP (the ceiling), medians of several runs.
+//!
+//! The pieces: [`scenario`] (the file), [`run`] (one driver per contender on
+//! its emulator), [`node`] / [`lu2k`] / [`srt`] (the endpoint processes),
+//! [`collect`] (measures), [`report`] (table, JSON, CSV, plots).
 
+mod collect;
+mod lu2k;
+mod node;
+mod report;
+mod run;
+mod scenario;
+mod srt;
 mod stats;
 mod udp;
 mod udt4;
@@ -31,8 +47,49 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a scenario file: every contender in every cell, on the emulated link.
+    Run(RunArgs),
+    /// A GEO-like emulated link without root: lu2k beside UDT4 (and TCP as root).
+    Demo(DemoArgs),
     /// Bulk goodput and round trips over loopback: lu2k, UDT4, raw UDP.
     Loopback(LoopbackArgs),
+    /// Internal: one endpoint process of a contender (JSON spec).
+    #[command(name = "__node", hide = true)]
+    Node { spec: String },
+    /// Internal: an lu2k engine process (JSON spec).
+    #[command(name = "__engine", hide = true)]
+    Engine { spec: String },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The scenario file (TOML), e.g. perf/scenarios/geo.toml.
+    scenario: PathBuf,
+    /// Shorten every run (CI): the scenario's [quick] settings.
+    #[arg(long)]
+    quick: bool,
+    /// Write the rows (one per contender x cell) as a JSON array here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the rows as CSV here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Directory for the SVG plots.
+    #[arg(long, default_value = "perf-out")]
+    out: PathBuf,
+    /// Only these contenders (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Engine cores for lu2k.
+    #[arg(long, default_value_t = 1)]
+    lu2k_cores: u16,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Directory for the plot and the JSON.
+    #[arg(long, default_value = "lu2k-demo")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +103,9 @@ struct LoopbackArgs {
     /// Bytes moved per bulk run, in MiB.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     mib: u64,
+    /// Engine cores for lu2k.
+    #[arg(long, default_value_t = 1)]
+    lu2k_cores: u16,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     round_trips: u64,
@@ -77,7 +137,11 @@ const RTT_SIZES: [usize; 2] = [72, 4096];
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run_scenario(args),
+        Command::Demo(args) => demo(args),
         Command::Loopback(args) => loopback(args),
+        Command::Node { spec } => node::main(&spec),
+        Command::Engine { spec } => lu2k::engine_main(&spec),
     }
 }
 
@@ -109,13 +173,26 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
     let bytes = args.mib << 20;
     let udp_ceiling = median_of(args.runs, "raw UDP GSO+GRO", || udp::gso_gro_blast(bytes))?;
     let udt4 = median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes))?;
-    eprintln!(
-        "lu2k bulk: not measured yet — the engine's ring-to-wire path is not wired into this tool"
-    );
+    let lo = opts(1, args.lu2k_cores);
+    let mut copied = 0u64;
+    let lu2k = median_of(args.runs, "lu2k bulk", || {
+        let w = scenario::Workload {
+            kind: scenario::WorkloadKind::Bulk,
+            bytes,
+            max_duration_s: 120.0,
+            ..loopback_workload()
+        };
+        let (r, tx) = run::lu2k_direct(w, &lo)?;
+        if r.bytes < bytes {
+            anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
+        }
+        copied = copied.max(r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0));
+        Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
+    })?;
 
     let n = args.round_trips as usize;
     let mut rtt = Vec::new();
-    let bar = progress(2 * RTT_SIZES.len() as u64, "round trips");
+    let bar = progress(3 * RTT_SIZES.len() as u64, "round trips");
     for size in RTT_SIZES {
         bar.set_message(format!("raw UDP, {size} B"));
         let latency = udp::ping_pong(size, n).context("raw UDP ping-pong")?;
@@ -135,6 +212,33 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             Err(e) => eprintln!("UDT4 round trips, {size} B: {e:#}"),
         }
         bar.inc(1);
+        bar.set_message(format!("lu2k, {size} B"));
+        let w = scenario::Workload {
+            kind: scenario::WorkloadKind::Rpc,
+            size: size as u32,
+            count: n as u32,
+            max_duration_s: 120.0,
+            ..loopback_workload()
+        };
+        match run::lu2k_direct(w, &lo) {
+            Ok((r, _)) => {
+                let mut d: Vec<std::time::Duration> = r
+                    .samples_us
+                    .iter()
+                    .map(|us| std::time::Duration::from_secs_f64(us / 1e6))
+                    .collect();
+                match Latency::from_samples(&mut d) {
+                    Some(latency) => rtt.push(RttRow {
+                        contender: "lu2k",
+                        size,
+                        latency,
+                    }),
+                    None => eprintln!("lu2k round trips, {size} B: no samples"),
+                }
+            }
+            Err(e) => eprintln!("lu2k round trips, {size} B: {e:#}"),
+        }
+        bar.inc(1);
     }
     bar.finish();
 
@@ -144,7 +248,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         args.mib, args.runs
     );
     println!("  {:<18} {:>10}", "contender", "Gbit/s");
-    println!("  {:<18} {:>10}", "lu2k", "n/a");
+    println!("  {:<18} {:>10.2}", "lu2k", lu2k);
     println!("  {:<18} {:>10.2}", "UDT4", udt4);
     println!("  {:<18} {:>10.2}", "raw UDP GSO+GRO", udp_ceiling);
     println!();
@@ -164,10 +268,10 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         let report = LoopbackReport {
             runs: args.runs,
             bytes_per_run: bytes,
-            lu2k_gbps: None,
+            lu2k_gbps: Some(lu2k),
             udt4_gbps: udt4,
             udp_ceiling_gbps: udp_ceiling,
-            lu2k_copied_bytes: None,
+            lu2k_copied_bytes: Some(copied),
             rtt,
         };
         let text = serde_json::to_string_pretty(&report)?;
@@ -175,4 +279,108 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn opts(seed: u64, lu2k_cores: u16) -> run::Opts {
+    run::Opts {
+        seed,
+        tmp: std::env::temp_dir(),
+        lu2k_cores,
+    }
+}
+
+/// Runs every contender of every cell; prints and writes the report.
+fn run_cells(
+    s: &scenario::Scenario,
+    quick: bool,
+    only: &[String],
+    o: &run::Opts,
+    out: &std::path::Path,
+) -> Result<Vec<report::Row>> {
+    let cells = s.cells(quick);
+    let mp = indicatif::MultiProgress::new();
+    let mut rows = Vec::new();
+    for cell in &cells {
+        for &c in &cell.contenders {
+            if !only.is_empty() && !only.iter().any(|n| n == c.name()) {
+                continue;
+            }
+            rows.push(run::run(&s.name, cell, c, o, &mp));
+        }
+    }
+    println!();
+    println!(
+        "{} ({}), workload {:?}{}",
+        s.name,
+        if quick { "--quick" } else { "full" },
+        s.workload.kind,
+        if run::is_root() { "" } else { ", not root: TCP skipped" }
+    );
+    print!("{}", report::table(&rows));
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    if let Some(p) = report::plot_vs_loss(&rows, out, &s.name)? {
+        println!("plot: {}", p.display());
+    }
+    for cell in &cells {
+        if let Some(p) = report::plot_over_time(&rows, &cell.name, out, &s.name)? {
+            println!("plot: {}", p.display());
+        }
+    }
+    Ok(rows)
+}
+
+fn run_scenario(args: RunArgs) -> Result<()> {
+    let s = scenario::Scenario::load(&args.scenario)?;
+    let o = opts(s.seed, args.lu2k_cores);
+    let rows = run_cells(&s, args.quick, &args.only, &o, &args.out)?;
+    if let Some(p) = &args.json {
+        report::write_json(&rows, p)?;
+        println!("json: {}", p.display());
+    }
+    if let Some(p) = &args.csv {
+        std::fs::write(p, report::csv(&rows)).with_context(|| format!("writing {}", p.display()))?;
+        println!("csv: {}", p.display());
+    }
+    Ok(())
+}
+
+/// The demo's scenario: one GEO-like cell.
+const DEMO: &str = include_str!("../../scenarios/demo.toml");
+
+fn demo(args: DemoArgs) -> Result<()> {
+    let s = scenario::Scenario::parse(DEMO, "demo.toml (built in)")?;
+    eprintln!(
+        "lu2k demo: a GEO-like link emulated in this process (UDP relay on loopback, no root needed): \
+         100 Mbit/s, 600 ms round trip, 0.1 % random loss each way.{}",
+        if run::is_root() {
+            " Running as root: TCP CUBIC and BBR cross the same link through TUN devices."
+        } else {
+            " Not root: TCP (which needs the TUN emulator) is skipped."
+        }
+    );
+    let o = opts(s.seed, 1);
+    let only: Vec<String> = if run::is_root() {
+        Vec::new()
+    } else {
+        vec!["lu2k".into(), "udt4".into()]
+    };
+    let rows = run_cells(&s, false, &only, &o, &args.out)?;
+    let json = args.out.join("demo.json");
+    report::write_json(&rows, &json)?;
+    println!("json: {}", json.display());
+    Ok(())
+}
+
+/// Defaults for the loopback workloads (overridden field by field).
+fn loopback_workload() -> scenario::Workload {
+    scenario::Workload {
+        kind: scenario::WorkloadKind::Bulk,
+        bytes: 1 << 20,
+        max_duration_s: 60.0,
+        size: 72,
+        count: 100,
+        stream_mbps: 1.0,
+        chunk_bytes: 4096,
+        duration_s: 1.0,
+    }
 }

@@ -1,0 +1,353 @@
+//! The lu2k contender: a kshim + engine pair per side.
+//!
+//! Each side is one node process (see [`crate::node`]) that starts kshim (the
+//! LND-shaped kernel half, as a library), then an engine as its own child
+//! process (`lu2k-perf __engine SPEC`, which runs `lu2k_engine::daemon::run`,
+//! the very code of the `lu2k-engine` binary), waits for the engine to
+//! attach, and moves LNet messages: 1 MiB PUTs for bulk, PUTs echoed by PUTs
+//! for rpc, timestamped PUTs (`hdr_data` = send time) for live. The engines
+//! talk UDT over UDP; where the path is the relay, each engine's peer entry
+//! points at the relay, and the relay's sockets sit on the other node's NID
+//! address so that the engines see their peers at the addresses their NIDs
+//! name.
+//!
+//! Bulk payloads are sent from TX pool buffers as they are (LNet hands lu2k
+//! data that already sits there); content is not verified here — the
+//! engine's end-to-end tests verify every byte.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
+use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::node::{mono_ns, self_command, NodeResult, NodeSpec, Role, Ticker};
+use crate::scenario::WorkloadKind;
+
+/// An LNet message's bytes at most (and the bulk message size).
+pub const MSG: usize = lu2k_kshim::MAX_PAYLOAD;
+/// UDT payload bytes per 1500-byte packet (IP 20 + UDP 8 + UDT 16 headers).
+const PAYLOAD_PER_PACKET: u64 = 1456;
+
+/// What `__engine` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineSpec {
+    /// kshim's socket.
+    pub kshim_socket: PathBuf,
+    /// Address to bind.
+    pub bind: Ipv4Addr,
+    /// Common port.
+    pub port: u16,
+    /// Stats socket.
+    pub stats_socket: PathBuf,
+    /// Reactor threads.
+    pub cores: u16,
+    /// Peer overrides: (NID address, UDP address).
+    pub peers: Vec<(Ipv4Addr, SocketAddrV4)>,
+}
+
+/// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
+pub fn engine_main(spec: &str) -> Result<()> {
+    let s: EngineSpec = serde_json::from_str(spec).context("engine spec")?;
+    let mut c = lu2k_engine::config::Config {
+        kshim_socket: Some(s.kshim_socket),
+        bind: s.bind,
+        port: s.port,
+        cores: s.cores,
+        stats_socket: s.stats_socket,
+        ..Default::default()
+    };
+    c.peers = s
+        .peers
+        .iter()
+        .map(|(ip, addr)| lu2k_engine::config::PeerCfg {
+            nid: format!("{ip}@lu2k"),
+            addr: *addr,
+        })
+        .collect();
+    c.validate()?;
+    lu2k_engine::daemon::run(c)
+}
+
+fn nid(ip: Ipv4Addr) -> Nid {
+    format!("{ip}@lu2k").parse().expect("an IPv4 NID")
+}
+
+const PID: u32 = 12345;
+
+fn put(from: Nid, to: Nid, len: usize, data: u64) -> Repr {
+    Repr {
+        dest_nid: to.0,
+        src_nid: from.0,
+        dest_pid: PID,
+        src_pid: PID,
+        payload_length: len as u32,
+        msg: Msg::Put {
+            ack_wmd: WireHandle {
+                interface_cookie: u64::MAX,
+                object_cookie: u64::MAX,
+            },
+            match_bits: data,
+            hdr_data: data,
+            ptl_index: 42,
+            offset: 0,
+        },
+    }
+}
+
+/// A kshim with its engine process.
+struct Side {
+    k: Kshim,
+    engine: std::process::Child,
+    stats: PathBuf,
+    me: Nid,
+    peer: Nid,
+}
+
+impl Side {
+    fn start(spec: &NodeSpec) -> Result<Side> {
+        let l = spec.lu2k.as_ref().context("lu2k settings missing")?;
+        std::fs::create_dir_all(&l.dir)?;
+        let tag = match spec.role {
+            Role::Send => "a",
+            Role::Recv => "b",
+        };
+        let ksock = l.dir.join(format!("kshim-{tag}.sock"));
+        let stats = l.dir.join(format!("stats-{tag}.sock"));
+        let mut cfg = Config::new(vec![nid(l.ip)], &ksock);
+        cfg.cores = u32::from(l.cores);
+        let mut k = Kshim::start(cfg).context("starting kshim")?;
+        let espec = EngineSpec {
+            kshim_socket: ksock.clone(),
+            bind: l.ip,
+            port: l.port,
+            stats_socket: stats.clone(),
+            cores: l.cores,
+            peers: l.peer_addr.map(|a| (l.peer_ip, a)).into_iter().collect(),
+        };
+        let mut cmd = self_command()?;
+        cmd.arg("__engine")
+            .arg(serde_json::to_string(&espec)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let engine = cmd.spawn().context("starting the engine")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !k.is_attached() {
+            if Instant::now() > deadline {
+                bail!("the engine did not attach to kshim within 20 s");
+            }
+            if let Some(Event::EngineGone(r)) = k.wait(Some(Duration::from_millis(20))) {
+                bail!("the engine went away while attaching: {r:?}");
+            }
+        }
+        Ok(Side {
+            k,
+            engine,
+            stats,
+            me: nid(l.ip),
+            peer: nid(l.peer_ip),
+        })
+    }
+
+    /// Engine counters: (retransmitted bytes, payload bytes copied).
+    fn counters(&self) -> (Option<u64>, Option<u64>) {
+        match lu2k_engine::stats::fetch(&self.stats) {
+            Ok(r) => {
+                let retrans: u64 = r
+                    .cores
+                    .iter()
+                    .flat_map(|c| c.peers.iter())
+                    .map(|p| p.retransmissions)
+                    .sum();
+                (Some(retrans * PAYLOAD_PER_PACKET), Some(r.payload_copied()))
+            }
+            Err(e) => {
+                eprintln!("lu2k: engine stats unavailable: {e}");
+                (None, None)
+            }
+        }
+    }
+
+    fn close(mut self) {
+        drop(self.k);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.engine.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("lu2k: engine did not exit 10 s after kshim closed; killing it");
+        let _ = self.engine.kill();
+        let _ = self.engine.wait();
+    }
+}
+
+/// Runs one lu2k node (see the module docs).
+pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
+    let mut side = Side::start(spec)?;
+    let w = &spec.workload;
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let mut failed = 0u64;
+    match (w.kind, spec.role) {
+        (WorkloadKind::Bulk, Role::Send) | (WorkloadKind::Live, Role::Send) => {
+            let (count, len, every) = if w.kind == WorkloadKind::Bulk {
+                (w.bytes.div_ceil(MSG as u64), MSG, None)
+            } else {
+                let len = w.chunk_bytes as usize;
+                let every = len as f64 * 8.0 / (w.stream_mbps * 1e6);
+                ((w.duration_s / every).ceil() as u64, len, Some(every))
+            };
+            let start = Instant::now();
+            let limit = cap + Duration::from_secs_f64(w.duration_s);
+            let (mut sent, mut done) = (0u64, 0u64);
+            while done < count && start.elapsed() < limit {
+                while sent < count {
+                    if let Some(e) = every {
+                        if start.elapsed().as_secs_f64() < e * sent as f64 {
+                            break;
+                        }
+                    }
+                    let data = if every.is_some() { mono_ns() } else { sent };
+                    let h = put(side.me, side.peer, len, data);
+                    let Ok(buf) = side.k.alloc_tx(len) else { break };
+                    if side.k.send_buf(&h, buf).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                let wait = if every.is_some() { 1 } else { 20 };
+                if let Some(ev) = side.k.wait(Some(Duration::from_millis(wait))) {
+                    match ev {
+                        Event::TxDone { status, .. } => {
+                            done += 1;
+                            if status == TxStatus::Ok {
+                                r.bytes += len as u64;
+                            } else {
+                                failed += 1;
+                            }
+                        }
+                        Event::EngineGone(g) => bail!("the engine went away: {g:?}"),
+                        Event::Rx(m) => side.k.rx_done(m),
+                        _ => {}
+                    }
+                }
+            }
+            if failed > 0 {
+                r.note = Some(format!("{failed} sends failed back"));
+            }
+        }
+        (WorkloadKind::Bulk, Role::Recv) | (WorkloadKind::Live, Role::Recv) => {
+            let target = if w.kind == WorkloadKind::Bulk {
+                w.bytes
+            } else {
+                let len = w.chunk_bytes as f64;
+                (w.duration_s * w.stream_mbps * 1e6 / 8.0 / len).ceil() as u64
+                    * u64::from(w.chunk_bytes)
+            };
+            let limit = if w.kind == WorkloadKind::Bulk {
+                cap
+            } else {
+                cap + Duration::from_secs_f64(w.duration_s)
+            };
+            let mut tick = Ticker::new();
+            let start = Instant::now();
+            let mut first = None;
+            let mut last = start;
+            while r.bytes < target && start.elapsed() < limit {
+                match side.k.wait(Some(Duration::from_millis(20))) {
+                    Some(Event::Rx(m)) => {
+                        let now = Instant::now();
+                        if first.is_none() {
+                            first = Some(now);
+                            r.first_bytes = m.len() as u64;
+                        }
+                        last = now;
+                        r.bytes += m.len() as u64;
+                        if w.kind == WorkloadKind::Live {
+                            if let Msg::Put { hdr_data, .. } = m.hdr.msg {
+                                r.samples_us.push(mono_ns().saturating_sub(hdr_data) as f64 / 1e3);
+                            }
+                        }
+                        side.k.rx_done(m);
+                    }
+                    Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+                    _ => {}
+                }
+                tick.tick(r.bytes);
+            }
+            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+        }
+        (WorkloadKind::Rpc, Role::Send) => {
+            let size = w.size as usize;
+            let start = Instant::now();
+            for i in 0..=w.count {
+                if start.elapsed() > cap {
+                    r.note = Some(format!("stopped after {i} round trips (max_duration_s)"));
+                    break;
+                }
+                let t = Instant::now();
+                let buf = side.k.alloc_tx(size).context("TX pool")?;
+                side.k
+                    .send_buf(&put(side.me, side.peer, size, u64::from(i)), buf)
+                    .context("send")?;
+                let mut got = false;
+                while !got && start.elapsed() <= cap {
+                    match side.k.wait(Some(Duration::from_millis(20))) {
+                        Some(Event::Rx(m)) => {
+                            got = matches!(m.hdr.msg, Msg::Put { hdr_data, .. } if hdr_data == u64::from(i));
+                            side.k.rx_done(m);
+                        }
+                        Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+                        _ => {}
+                    }
+                }
+                if got && i > 0 {
+                    r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    r.bytes += 2 * size as u64;
+                }
+            }
+        }
+        (WorkloadKind::Rpc, Role::Recv) => {
+            let start = Instant::now();
+            let mut answered = 0u32;
+            while answered <= w.count && start.elapsed() < cap + Duration::from_secs(20) {
+                match side.k.wait(Some(Duration::from_millis(20))) {
+                    Some(Event::Rx(m)) => {
+                        if let Msg::Put { hdr_data, .. } = m.hdr.msg {
+                            let len = m.len();
+                            side.k.rx_done(m);
+                            let buf = side.k.alloc_tx(len).context("TX pool")?;
+                            side.k
+                                .send_buf(&put(side.me, side.peer, len, hdr_data), buf)
+                                .context("reply")?;
+                            answered += 1;
+                            r.bytes += len as u64;
+                            crate::node::Ticker::new().tick(r.bytes);
+                        } else {
+                            side.k.rx_done(m);
+                        }
+                    }
+                    Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+                    _ => {}
+                }
+            }
+            // Let the last replies be acknowledged.
+            let t = Instant::now();
+            while side.k.pending() > 0 && t.elapsed() < Duration::from_secs(5) {
+                let _ = side.k.wait(Some(Duration::from_millis(20)));
+            }
+        }
+    }
+    let (retrans, copied) = side.counters();
+    r.retrans_bytes = retrans;
+    r.copied_bytes = copied;
+    side.close();
+    Ok(r)
+}

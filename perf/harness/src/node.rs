@@ -1,0 +1,580 @@
+//! Endpoints: the processes a contender's run is made of.
+//!
+//! The harness starts every endpoint as a child process of its own binary
+//! (`lu2k-perf __node SPEC`, inside a network namespace where the path needs
+//! it), so that the CPU time of a contender's own processes is measured
+//! exactly (the children's `getrusage`), the harness and the link emulator are
+//! not counted, and a stuck transport can be killed. A node talks to the
+//! harness in lines on its stdout:
+//!
+//! - `listen ADDR` — a receiving node is ready at `ADDR`;
+//! - `progress BYTES` — payload bytes received so far (every 50 ms);
+//! - `result JSON` — the [`NodeResult`], last.
+//!
+//! What the nodes move, per workload: **bulk** — a byte stream (TCP, UDT4,
+//! SRT) or 1 MiB LNet PUTs (lu2k) until `bytes` arrived or `max_duration_s`
+//! passed; **rpc** — `count` requests of `size` bytes, each echoed back (lu2k:
+//! a PUT answered by a PUT), round trips timed by the client; **live** —
+//! chunks of `chunk_bytes` at `stream_mbps`, each stamped with the monotonic
+//! clock when it was handed to the transport, delivery latency measured by the
+//! receiver on the same clock (same host).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::socket::{setsockopt, sockopt};
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::{Workload, WorkloadKind};
+
+/// How a node transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// TCP with the congestion control named in [`NodeSpec::cc`].
+    Tcp,
+    /// UDT4 stream sockets.
+    Udt4,
+    /// srt-live-transmit in file mode.
+    Srt,
+    /// kshim + engine.
+    Lu2k,
+}
+
+/// Sender or receiver side (rpc: client or server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sends (bulk, live) or asks (rpc).
+    Send,
+    /// Receives (bulk, live) or answers (rpc).
+    Recv,
+}
+
+/// lu2k endpoint settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lu2kSpec {
+    /// This node's NID address (the engine binds it).
+    pub ip: std::net::Ipv4Addr,
+    /// The engines' common UDP port.
+    pub port: u16,
+    /// The other node's NID address.
+    pub peer_ip: std::net::Ipv4Addr,
+    /// Where this engine sends to reach the peer (the relay), if not `peer_ip:port`.
+    pub peer_addr: Option<std::net::SocketAddrV4>,
+    /// Directory for the kshim and stats sockets.
+    pub dir: PathBuf,
+    /// Engine cores.
+    pub cores: u16,
+}
+
+/// Everything a node needs, passed as JSON on its command line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Transport.
+    pub kind: Kind,
+    /// Side.
+    pub role: Role,
+    /// The workload.
+    pub workload: Workload,
+    /// Receiver: where to listen; sender: where to connect.
+    pub addr: SocketAddr,
+    /// TCP congestion control (tcp only).
+    pub cc: Option<String>,
+    /// Socket / transport buffer to ask for, bytes (about 2 × BDP).
+    pub buffer: usize,
+    /// lu2k settings.
+    pub lu2k: Option<Lu2kSpec>,
+}
+
+/// What a node reports at the end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeResult {
+    /// Payload bytes received (receiver) or sent (sender).
+    pub bytes: u64,
+    /// Receiver: seconds from the first payload byte to the last.
+    pub span_s: f64,
+    /// Receiver: bytes of the first read (not counted in the goodput, which
+    /// runs from the first read to the last).
+    pub first_bytes: u64,
+    /// rpc round trips or live delivery latencies, microseconds.
+    pub samples_us: Vec<f64>,
+    /// Retransmitted bytes, where the transport tells.
+    pub retrans_bytes: Option<u64>,
+    /// Payload bytes lu2k copied (engine counters; lu2k only).
+    pub copied_bytes: Option<u64>,
+    /// Extra facts for the report.
+    pub note: Option<String>,
+}
+
+/// Monotonic clock in nanoseconds, the same in every process of this host.
+pub fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn finish(r: &NodeResult) -> Result<()> {
+    say(&format!("result {}", serde_json::to_string(r)?));
+    Ok(())
+}
+
+/// Entry point of `lu2k-perf __node SPEC`.
+pub fn main(spec: &str) -> Result<()> {
+    let spec: NodeSpec = serde_json::from_str(spec).context("node spec")?;
+    let r = match spec.kind {
+        Kind::Tcp | Kind::Udt4 => stream_node(&spec)?,
+        Kind::Srt => crate::srt::node(&spec)?,
+        Kind::Lu2k => crate::lu2k::node(&spec)?,
+    };
+    finish(&r)
+}
+
+/// A reliable byte stream: TCP or UDT4.
+pub trait Stream {
+    /// Writes all of `buf`.
+    fn write_all(&mut self, buf: &[u8]) -> Result<()>;
+    /// Reads some bytes; `Ok(0)` at the end or on the receive timeout.
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize>;
+    /// Retransmitted bytes so far, if the transport tells.
+    fn retrans_bytes(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+struct Tcp {
+    s: TcpStream,
+    retrans0: Option<u64>,
+}
+
+/// `RetransSegs` of this network namespace (`/proc/net/snmp`).
+fn tcp_retrans_segs() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let i = names.split_whitespace().position(|n| n == "RetransSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+impl Stream for Tcp {
+    fn write_all(&mut self, buf: &[u8]) -> Result<()> {
+        Ok(Write::write_all(&mut self.s, buf)?)
+    }
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        match self.s.read(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn retrans_bytes(&mut self) -> Option<u64> {
+        let mss = nix::sys::socket::getsockopt(&self.s, sockopt::TcpMaxSeg).ok()? as u64;
+        Some((tcp_retrans_segs()? - self.retrans0?) * mss)
+    }
+}
+
+struct Udt(udt::UdtSocket);
+
+fn udt_err(what: &'static str) -> impl Fn(udt::UdtError) -> anyhow::Error {
+    move |e| anyhow!("UDT4 {what}: {} ({})", e.err_msg, e.err_code)
+}
+
+impl Stream for Udt {
+    fn write_all(&mut self, mut buf: &[u8]) -> Result<()> {
+        while !buf.is_empty() {
+            let n = self.0.send(buf).map_err(udt_err("send"))?;
+            buf = &buf[n as usize..];
+        }
+        Ok(())
+    }
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let cap = buf.len();
+        match self.0.recv(buf, cap) {
+            Ok(n) if n > 0 => Ok(n as usize),
+            Ok(_) => Ok(0),
+            // 6003: receive timeout (ETIMEOUT); report as nothing read.
+            Err(e) if e.err_code == 6003 => Ok(0),
+            Err(e) => Err(udt_err("recv")(e)),
+        }
+    }
+}
+
+/// Sets up a UDT4 socket for a path with `buffer` bytes of BDP headroom:
+/// flow window and buffers sized to it, as a user tuning UDT4 for a long path
+/// would (the defaults cap it near 160 Mbit/s at 600 ms).
+pub fn udt_socket(buffer: usize) -> Result<udt::UdtSocket> {
+    udt::init();
+    let s = udt::UdtSocket::new(udt::SocketFamily::AFInet, udt::SocketType::Stream)
+        .map_err(udt_err("socket"))?;
+    let buf = buffer.clamp(10 << 20, 1 << 30) as i32;
+    let window = (buf / 1500).max(25600);
+    s.setsockopt(udt::UdtOpts::UDT_FC, window).map_err(udt_err("UDT_FC"))?;
+    s.setsockopt(udt::UdtOpts::UDT_SNDBUF, buf).map_err(udt_err("UDT_SNDBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDT_RCVBUF, buf).map_err(udt_err("UDT_RCVBUF"))?;
+    let udp = buf.min(64 << 20);
+    s.setsockopt(udt::UdtOpts::UDP_SNDBUF, udp).map_err(udt_err("UDP_SNDBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDP_RCVBUF, udp).map_err(udt_err("UDP_RCVBUF"))?;
+    Ok(s)
+}
+
+fn tcp_tune(s: &TcpStream, spec: &NodeSpec) -> Result<()> {
+    if let Some(cc) = &spec.cc {
+        setsockopt(s, sockopt::TcpCongestion, &std::ffi::OsString::from(cc)).with_context(|| {
+            format!("TCP_CONGESTION {cc} (see sysctl net.ipv4.tcp_available_congestion_control)")
+        })?;
+    }
+    // Forced buffers (root) above net.core.{r,w}mem_max; else what the kernel allows.
+    if setsockopt(s, sockopt::SndBufForce, &spec.buffer).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &spec.buffer);
+    }
+    if setsockopt(s, sockopt::RcvBufForce, &spec.buffer).is_err() {
+        let _ = setsockopt(s, sockopt::RcvBuf, &spec.buffer);
+    }
+    s.set_nodelay(spec.workload.kind != WorkloadKind::Bulk)?;
+    Ok(())
+}
+
+fn open_stream(spec: &NodeSpec) -> Result<Box<dyn Stream>> {
+    match (spec.kind, spec.role) {
+        (Kind::Tcp, Role::Recv) => {
+            let l = TcpListener::bind(spec.addr).context("TCP bind")?;
+            // Buffers set on the listener are inherited by the accepted socket
+            // and size its window scale in the SYN-ACK.
+            if setsockopt(&l, sockopt::RcvBufForce, &spec.buffer).is_err() {
+                let _ = setsockopt(&l, sockopt::RcvBuf, &spec.buffer);
+            }
+            say(&format!("listen {}", l.local_addr()?));
+            let (s, _) = l.accept().context("TCP accept")?;
+            tcp_tune(&s, spec)?;
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            Ok(Box::new(Tcp { s, retrans0: None }))
+        }
+        (Kind::Tcp, Role::Send) => {
+            let sock = std::net::TcpStream::connect_timeout(&spec.addr, Duration::from_secs(20))
+                .context("TCP connect")?;
+            tcp_tune(&sock, spec)?;
+            sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            Ok(Box::new(Tcp {
+                s: sock,
+                retrans0: tcp_retrans_segs(),
+            }))
+        }
+        (Kind::Udt4, Role::Recv) => {
+            let l = udt_socket(spec.buffer)?;
+            l.bind(spec.addr).map_err(udt_err("bind"))?;
+            l.listen(1).map_err(udt_err("listen"))?;
+            say(&format!("listen {}", l.getsockname().map_err(udt_err("getsockname"))?));
+            let (s, _) = l.accept().map_err(udt_err("accept"))?;
+            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200).map_err(udt_err("UDT_RCVTIMEO"))?;
+            Ok(Box::new(Udt(s)))
+        }
+        (Kind::Udt4, Role::Send) => {
+            let s = udt_socket(spec.buffer)?;
+            s.connect(spec.addr).map_err(udt_err("connect"))?;
+            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200).map_err(udt_err("UDT_RCVTIMEO"))?;
+            Ok(Box::new(Udt(s)))
+        }
+        _ => bail!("not a stream transport"),
+    }
+}
+
+/// Progress lines every 50 ms.
+pub struct Ticker {
+    last: Instant,
+}
+
+impl Ticker {
+    /// A ticker that speaks on its first call.
+    pub fn new() -> Ticker {
+        Ticker {
+            last: Instant::now() - Duration::from_secs(1),
+        }
+    }
+    /// Prints `progress BYTES` if 50 ms passed.
+    pub fn tick(&mut self, bytes: u64) {
+        if self.last.elapsed() >= Duration::from_millis(50) {
+            self.last = Instant::now();
+            say(&format!("progress {bytes}"));
+        }
+    }
+}
+
+impl Default for Ticker {
+    fn default() -> Self {
+        Ticker::new()
+    }
+}
+
+fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
+    let mut s = open_stream(spec)?;
+    let w = &spec.workload;
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    match (w.kind, spec.role) {
+        (WorkloadKind::Bulk, Role::Send) => {
+            let chunk = vec![0x5au8; 1 << 20];
+            let start = Instant::now();
+            while r.bytes < w.bytes && start.elapsed() < cap + Duration::from_secs(5) {
+                let n = chunk.len().min((w.bytes - r.bytes) as usize);
+                if s.write_all(&chunk[..n]).is_err() {
+                    break; // the receiver closed (done or out of time)
+                }
+                r.bytes += n as u64;
+            }
+            // Report, then keep the connection open until the harness ends this node.
+            r.retrans_bytes = s.retrans_bytes();
+            finish(&r)?;
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        (WorkloadKind::Bulk, Role::Recv) => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut tick = Ticker::new();
+            let start = Instant::now();
+            let mut first = None;
+            let mut last = start;
+            while r.bytes < w.bytes && start.elapsed() < cap {
+                let n = s.read_some(&mut buf)?;
+                if n > 0 {
+                    last = Instant::now();
+                    if first.is_none() {
+                        first = Some(last);
+                        r.first_bytes = n as u64;
+                    }
+                    r.bytes += n as u64;
+                }
+                tick.tick(r.bytes);
+            }
+            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+        }
+        (WorkloadKind::Rpc, Role::Send) => {
+            let size = w.size as usize;
+            let msg = vec![7u8; size];
+            let mut buf = vec![0u8; size];
+            let start = Instant::now();
+            for i in 0..w.count + 1 {
+                if start.elapsed() > cap {
+                    r.note = Some(format!("stopped after {i} round trips (max_duration_s)"));
+                    break;
+                }
+                let t = Instant::now();
+                s.write_all(&msg)?;
+                read_exact(s.as_mut(), &mut buf, cap)?;
+                if i > 0 {
+                    // The first round trip includes connection warm-up.
+                    r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    r.bytes += 2 * size as u64;
+                }
+            }
+        }
+        (WorkloadKind::Rpc, Role::Recv) => {
+            let size = w.size as usize;
+            let mut buf = vec![0u8; size];
+            for _ in 0..w.count + 1 {
+                if read_exact(s.as_mut(), &mut buf, cap).is_err() {
+                    break;
+                }
+                s.write_all(&buf)?;
+                r.bytes += size as u64;
+                say(&format!("progress {}", r.bytes));
+            }
+        }
+        (WorkloadKind::Live, Role::Send) => {
+            let chunk = w.chunk_bytes as usize;
+            let mut buf = vec![0u8; chunk];
+            let every = Duration::from_secs_f64(chunk as f64 * 8.0 / (w.stream_mbps * 1e6));
+            let n = (w.duration_s / every.as_secs_f64()).ceil() as u64;
+            let start = Instant::now();
+            for i in 0..n {
+                let due = start + every * i as u32;
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                buf[..8].copy_from_slice(&mono_ns().to_le_bytes());
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+                r.bytes += chunk as u64;
+            }
+            r.retrans_bytes = s.retrans_bytes();
+            finish(&r)?;
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        (WorkloadKind::Live, Role::Recv) => {
+            let chunk = w.chunk_bytes as usize;
+            let mut buf = vec![0u8; chunk];
+            let expect = (w.duration_s * w.stream_mbps * 1e6 / 8.0 / chunk as f64).ceil() as u64;
+            let mut tick = Ticker::new();
+            let limit = Duration::from_secs_f64(w.duration_s + w.max_duration_s);
+            let start = Instant::now();
+            let mut first = None;
+            while r.samples_us.len() < expect as usize && start.elapsed() < limit {
+                if read_exact(s.as_mut(), &mut buf, limit.saturating_sub(start.elapsed())).is_err()
+                {
+                    break;
+                }
+                let now = mono_ns();
+                first.get_or_insert_with(Instant::now);
+                let sent = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+                r.samples_us.push(now.saturating_sub(sent) as f64 / 1e3);
+                r.bytes += chunk as u64;
+                tick.tick(r.bytes);
+            }
+            r.span_s = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+            r.note = Some(format!("{} of {expect} chunks delivered", r.samples_us.len()));
+        }
+    }
+    r.retrans_bytes = s.retrans_bytes();
+    Ok(r)
+}
+
+fn read_exact(s: &mut dyn Stream, buf: &mut [u8], limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut off = 0;
+    while off < buf.len() {
+        if start.elapsed() > limit {
+            bail!("nothing received for {:.1} s", limit.as_secs_f64());
+        }
+        off += s.read_some(&mut buf[off..])?;
+    }
+    Ok(())
+}
+
+/// A line a node printed, and when the harness read it.
+#[derive(Debug)]
+pub enum Line {
+    /// `listen ADDR`.
+    Listen(SocketAddr),
+    /// `progress BYTES`.
+    Progress(Instant, u64),
+    /// `result JSON`.
+    Result(Box<NodeResult>),
+    /// The node's stdout closed.
+    Closed,
+}
+
+/// A running node process.
+#[derive(Debug)]
+pub struct Node {
+    child: Child,
+    /// Its lines, as they come.
+    pub lines: mpsc::Receiver<Line>,
+    /// Its stdin, if asked for.
+    pub stdin: Option<ChildStdin>,
+}
+
+impl Node {
+    /// Starts `cmd` (a `__node` command, maybe behind `ip netns exec`).
+    pub fn spawn(mut cmd: Command) -> Result<Node> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
+        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let out = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let now = Instant::now();
+                let msg = if let Some(a) = line.strip_prefix("listen ") {
+                    a.trim().parse().ok().map(Line::Listen)
+                } else if let Some(b) = line.strip_prefix("progress ") {
+                    b.trim().parse().ok().map(|b| Line::Progress(now, b))
+                } else if let Some(j) = line.strip_prefix("result ") {
+                    serde_json::from_str(j).ok().map(|r| Line::Result(Box::new(r)))
+                } else {
+                    eprintln!("{line}");
+                    None
+                };
+                if let Some(m) = msg {
+                    if tx.send(m).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(Line::Closed);
+        });
+        Ok(Node {
+            child,
+            lines: rx,
+            stdin: None,
+        })
+    }
+
+    /// The command that runs a node of `spec` (this binary, `__node`).
+    pub fn command(program: Command, spec: &NodeSpec) -> Result<Command> {
+        let mut cmd = program;
+        cmd.arg("__node").arg(serde_json::to_string(spec)?);
+        Ok(cmd)
+    }
+
+    /// Waits for the `listen` line.
+    pub fn wait_listen(&mut self, limit: Duration) -> Result<SocketAddr> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Line::Listen(a)) => return Ok(a),
+                Ok(Line::Closed) | Err(_) => {
+                    let st = self.child.try_wait()?;
+                    bail!("the receiving node did not start listening (exit: {st:?})")
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Asks the node to stop (SIGTERM), then kills it after `grace`; reaps it.
+    pub fn stop(mut self, grace: Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the node to exit by itself, up to `limit`, then stops it.
+    pub fn join(mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop(Duration::from_secs(2));
+    }
+}
+
+/// The command that runs this binary.
+pub fn self_command() -> Result<Command> {
+    Ok(Command::new(std::env::current_exe().context("locating lu2k-perf")?))
+}
+
+/// Reads all of a reader, counting (for piped external programs).
+pub fn drain(mut r: impl Read, mut on: impl FnMut(u64)) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        on(total);
+    }
+}

@@ -1,0 +1,439 @@
+//! The drivers: how each contender is put on an emulated link for one cell.
+//!
+//! | contender | emulator | endpoints |
+//! |---|---|---|
+//! | lu2k | UDP relay (rootless) | kshim + engine node per side, engines' peer entries point at the relay |
+//! | udt4 | UDP relay | `udt` crate stream sockets, flow window and buffers sized to the path |
+//! | srt | UDP relay | `srt-live-transmit`, file mode |
+//! | tcp-cubic, tcp-bbr | TUN between two network namespaces (root) | std sockets, `TCP_CONGESTION` |
+//!
+//! Relay and TUN emulators run the same linkem model with the same settings
+//! and seed; the relay adds `overhead_bytes` (28, the IP and UDP headers it
+//! does not see) so both count whole IP packets. Every run gets a fresh link;
+//! the receiving node starts first, then the sender (time zero of the run).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use lu2k_linkem::{Relay, RelayConfig, TunConfig, TunLink};
+
+use crate::collect::{children_cpu_s, Percentiles, Series};
+use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
+use crate::report::Row;
+use crate::scenario::{Cell, Contender, WorkloadKind};
+
+/// Settings of a harness run.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Seed of the link model.
+    pub seed: u64,
+    /// Scratch directory (sockets).
+    pub tmp: PathBuf,
+    /// Engine cores for lu2k.
+    pub lu2k_cores: u16,
+}
+
+/// Whether this process may set up the TUN emulator.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Why `cc` cannot be used, if it cannot.
+pub fn tcp_cc_missing(cc: &str) -> Option<String> {
+    let avail =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").ok()?;
+    if avail.split_whitespace().any(|a| a == cc) {
+        return None;
+    }
+    // Root may load it as a module on first use; a plain user cannot.
+    let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+        .unwrap_or_default();
+    if is_root() && std::path::Path::new("/proc/sys/kernel/modules_disabled").exists() {
+        let disabled = std::fs::read_to_string("/proc/sys/kernel/modules_disabled")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(true);
+        if !disabled && !allowed.is_empty() {
+            return None;
+        }
+    }
+    Some(format!(
+        "TCP congestion control `{cc}` is not available (net.ipv4.tcp_available_congestion_control = {}); \
+         build it into the kernel or load tcp_{cc}",
+        avail.trim()
+    ))
+}
+
+/// Why a contender cannot run here, if it cannot.
+pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
+    match c {
+        Contender::TcpCubic | Contender::TcpBbr => {
+            if !is_root() {
+                return Some(
+                    "TCP crosses the emulated link through TUN devices in network namespaces, \
+                     which needs root; run as root"
+                        .into(),
+                );
+            }
+            tcp_cc_missing(if c == Contender::TcpCubic { "cubic" } else { "bbr" })
+        }
+        Contender::Srt => {
+            if kind != WorkloadKind::Bulk {
+                return Some("the SRT driver runs the bulk workload only".into());
+            }
+            crate::srt::available().err()
+        }
+        Contender::Lu2k | Contender::Udt4 => None,
+    }
+}
+
+/// The emulator a contender uses.
+pub fn path_of(c: Contender) -> &'static str {
+    match c {
+        Contender::TcpCubic | Contender::TcpBbr => "tun",
+        _ => "relay",
+    }
+}
+
+/// A socket buffer that holds the path: 2 × (BDP + queue), at least 4 MiB.
+fn buffer_for(cell: &Cell) -> usize {
+    let bdp = cell.rate_mbps * 1e6 / 8.0 * cell.rtt_ms / 1e3;
+    let queue = cell.link.forward.queue_bytes.unwrap_or(0) as f64;
+    ((2.0 * (bdp + queue)) as usize).max(4 << 20)
+}
+
+fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
+    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
+}
+
+enum Emu {
+    Relay(Relay),
+    Tun(TunLink),
+}
+
+impl Emu {
+    fn epoch(&self) -> Instant {
+        match self {
+            Emu::Relay(r) => r.epoch(),
+            Emu::Tun(t) => t.epoch(),
+        }
+    }
+    fn stop(self) -> Option<u64> {
+        let st = match self {
+            Emu::Relay(r) => r.stop(),
+            Emu::Tun(t) => t.stop(),
+        };
+        st.ok().map(|s| s.forward.offered.bytes)
+    }
+}
+
+fn spec(kind: Kind, role: Role, cell: &Cell, addr: SocketAddr) -> NodeSpec {
+    NodeSpec {
+        kind,
+        role,
+        workload: cell.workload.clone(),
+        addr,
+        cc: None,
+        buffer: buffer_for(cell),
+        lu2k: None,
+    }
+}
+
+/// Runs `contender` in `cell` and returns its row (skipped or failed rows too).
+pub fn run(
+    scenario: &str,
+    cell: &Cell,
+    contender: Contender,
+    opts: &Opts,
+    mp: &MultiProgress,
+) -> Row {
+    let path = path_of(contender);
+    if let Some(why) = skip_reason(contender, cell.workload.kind) {
+        eprintln!("SKIPPED {contender} in {}: {why}", cell.name);
+        return Row::not_run(scenario, cell, contender.name(), path, format!("skipped: {why}"));
+    }
+    match run_inner(scenario, cell, contender, opts, mp) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("FAILED {contender} in {}: {e:#}", cell.name);
+            Row::not_run(scenario, cell, contender.name(), path, format!("failed: {e:#}"))
+        }
+    }
+}
+
+fn run_inner(
+    scenario: &str,
+    cell: &Cell,
+    contender: Contender,
+    opts: &Opts,
+    mp: &MultiProgress,
+) -> Result<Row> {
+    let w = &cell.workload;
+    let cpu0 = children_cpu_s();
+    let exe = node::self_command;
+    let (emu, rx, tx) = match contender {
+        Contender::Udt4 | Contender::Srt => {
+            let kind = if contender == Contender::Udt4 { Kind::Udt4 } else { Kind::Srt };
+            let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+            let mut rx = Node::spawn(Node::command(exe()?, &spec(kind, Role::Recv, cell, lo))?)?;
+            let at = rx.wait_listen(Duration::from_secs(20))?;
+            let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
+            rc.b_peer = Some(at);
+            let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
+            let tx_spec = spec(kind, Role::Send, cell, relay.a_addr());
+            let tx = Node::spawn(Node::command(exe()?, &tx_spec)?)?;
+            (Emu::Relay(relay), rx, tx)
+        }
+        Contender::TcpCubic | Contender::TcpBbr => {
+            let name = format!("lu2kp{}", std::process::id() % 100_000);
+            // The TUN emulator sees whole IP packets: no header overhead to add.
+            let mut link = cell.link.clone();
+            link.forward.overhead_bytes = 0;
+            link.reverse.overhead_bytes = 0;
+            let tun = TunLink::spawn(TunConfig::new(link, opts.seed, &name))
+                .context("starting the link emulator (TUN; needs root and iproute2)")?;
+            let at = SocketAddr::from((tun.b_ip(), 5201));
+            let cc = if contender == Contender::TcpCubic { "cubic" } else { "bbr" };
+            let mut rs = spec(Kind::Tcp, Role::Recv, cell, at);
+            rs.cc = Some(cc.into());
+            let exe_path = std::env::current_exe()?;
+            let mut rx = Node::spawn(Node::command(
+                tun.b().command(&exe_path.to_string_lossy()),
+                &rs,
+            )?)?;
+            rx.wait_listen(Duration::from_secs(20))?;
+            let mut ts = spec(Kind::Tcp, Role::Send, cell, at);
+            ts.cc = Some(cc.into());
+            let tx = Node::spawn(Node::command(
+                tun.a().command(&exe_path.to_string_lossy()),
+                &ts,
+            )?)?;
+            (Emu::Tun(tun), rx, tx)
+        }
+        Contender::Lu2k => {
+            let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 77, 1), Ipv4Addr::new(127, 0, 77, 2));
+            let port = free_udp_port(a_ip)?;
+            let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
+            // Each relay socket sits on the address of the node it stands for.
+            rc.a_bind = SocketAddr::from((b_ip, 0));
+            rc.b_bind = SocketAddr::from((a_ip, 0));
+            rc.a_peer = Some(SocketAddr::from((a_ip, port)));
+            rc.b_peer = Some(SocketAddr::from((b_ip, port)));
+            let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
+            let v4 = |a: SocketAddr| match a {
+                SocketAddr::V4(a) => a,
+                SocketAddr::V6(_) => unreachable!("the relay binds IPv4"),
+            };
+            let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
+            let l = |ip, peer_ip, peer: SocketAddrV4| Lu2kSpec {
+                ip,
+                port,
+                peer_ip,
+                peer_addr: Some(peer),
+                dir: dir.clone(),
+                cores: opts.lu2k_cores,
+            };
+            let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
+            rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
+            let rx = Node::spawn(Node::command(exe()?, &rs)?)?;
+            let mut ts = spec(Kind::Lu2k, Role::Send, cell, relay.a_addr());
+            ts.lu2k = Some(l(a_ip, b_ip, v4(relay.a_addr())));
+            let tx = Node::spawn(Node::command(exe()?, &ts)?)?;
+            (Emu::Relay(relay), rx, tx)
+        }
+    };
+    let t0 = Instant::now();
+    let outage_offset = t0.saturating_duration_since(emu.epoch()).as_secs_f64();
+    let receiver_is_rpc_server = w.kind == WorkloadKind::Rpc;
+
+    let target = match w.kind {
+        WorkloadKind::Bulk => w.bytes,
+        WorkloadKind::Live => (w.duration_s * w.stream_mbps * 1e6 / 8.0) as u64,
+        WorkloadKind::Rpc => 2 * u64::from(w.size) * u64::from(w.count),
+    };
+    let bar = mp.add(ProgressBar::new(target));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:<34} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{} {}", cell.name, contender));
+
+    // The node that measures: the receiver, or the rpc client.
+    let limit = Duration::from_secs_f64(w.max_duration_s + w.duration_s + 60.0);
+    let mut series = Series::new(t0);
+    let mut result: Option<NodeResult> = None;
+    let mut other: Option<NodeResult> = None;
+    let (measuring, waiting) = if receiver_is_rpc_server {
+        (tx, rx)
+    } else {
+        (rx, tx)
+    };
+    let mut last_rate = (t0, 0u64);
+    while result.is_none() {
+        let left = limit.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match measuring.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(Line::Progress(at, b)) => {
+                series.push(at, b);
+                bar.set_position(b.min(target));
+                if at.duration_since(last_rate.0) >= Duration::from_secs(1) {
+                    let mbps = (b - last_rate.1) as f64 * 8.0
+                        / at.duration_since(last_rate.0).as_secs_f64()
+                        / 1e6;
+                    bar.set_message(format!("{mbps:.1} Mbit/s"));
+                    last_rate = (at, b);
+                }
+            }
+            Ok(Line::Result(r)) => result = Some(*r),
+            Ok(Line::Closed) => break,
+            Ok(Line::Listen(_)) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+        while let Ok(l) = waiting.lines.try_recv() {
+            if let Line::Result(r) = l {
+                other = Some(*r);
+            }
+        }
+    }
+    let t_end = t0.elapsed().as_secs_f64();
+    // The other side reports when it is done; give it a moment, then end it.
+    let grace = Instant::now() + Duration::from_secs(3);
+    while other.is_none() && Instant::now() < grace {
+        match waiting.lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(Line::Result(r)) => other = Some(*r),
+            Ok(Line::Closed) => break,
+            _ => {}
+        }
+    }
+    measuring.join(Duration::from_secs(15));
+    waiting.stop(Duration::from_secs(3));
+    let wire = emu.stop();
+    let cpu = children_cpu_s() - cpu0;
+    bar.finish();
+
+    let Some(res) = result else {
+        bail!("the measuring node ended without a result (see its messages above)");
+    };
+    let sender = if receiver_is_rpc_server { None } else { other.as_ref() };
+    let mut row = Row::not_run(scenario, cell, contender.name(), path_of(contender), String::new());
+    row.bytes = res.bytes;
+    row.wire_bytes = wire;
+    row.cpu_s = Some(cpu);
+    row.latency = Percentiles::of_us(&res.samples_us);
+    row.note = [res.note.clone(), sender.and_then(|s| s.note.clone())]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| format!("{a}; {b}"));
+    // Retransmissions are counted on the sending side.
+    row.retrans_bytes = match w.kind {
+        WorkloadKind::Rpc => res.retrans_bytes,
+        _ => sender.and_then(|s| s.retrans_bytes),
+    };
+    row.copied_bytes = match (res.copied_bytes, sender.and_then(|s| s.copied_bytes)) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    };
+    let capacity = cell.rate_mbps * (1.0 - cell.loss);
+    let complete = match w.kind {
+        WorkloadKind::Bulk => res.bytes >= w.bytes,
+        WorkloadKind::Live => res.bytes >= target,
+        WorkloadKind::Rpc => res.samples_us.len() as u32 >= w.count,
+    };
+    row.status = if complete { "ok".into() } else { "incomplete".into() };
+    if w.kind != WorkloadKind::Rpc && res.bytes > 0 {
+        // An incomplete run counts until it was stopped, not until its last byte.
+        let first = series
+            .points
+            .iter()
+            .find(|p| p.1 > 0)
+            .map_or(0.0, |p| p.0);
+        let span = if complete {
+            res.span_s
+        } else {
+            (t_end - first).max(res.span_s)
+        };
+        let counted = if span > 0.0 { res.bytes - res.first_bytes.min(res.bytes) } else { 0 };
+        let g = counted as f64 * 8.0 / span.max(1e-6) / 1e6;
+        row.goodput_mbps = Some(g);
+        row.utilization = Some(g / capacity);
+        row.cpu_s_per_gb = Some(cpu / (res.bytes as f64 / 1e9));
+        row.goodput_series = series.binned(0.5);
+        if w.kind == WorkloadKind::Bulk {
+            row.time_to_90_s = series.first_reaching(0.9 * capacity, 1.0, 0.0);
+            if let Some(o) = cell.outage {
+                let end = o.start_s + o.duration_s - outage_offset;
+                row.recovery_s = series
+                    .first_reaching(0.9 * capacity, 0.5, end)
+                    .map(|t| t - end);
+            }
+        }
+    }
+    Ok(row)
+}
+
+/// lu2k without an emulator: two kshim + engine nodes on loopback, engines
+/// talking directly (the `loopback` subcommand). Returns the measuring node's
+/// result (receiver, or rpc client) and the other node's.
+pub fn lu2k_direct(
+    workload: crate::scenario::Workload,
+    opts: &Opts,
+) -> Result<(NodeResult, Option<NodeResult>)> {
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 78, 1), Ipv4Addr::new(127, 0, 78, 2));
+    let port = free_udp_port(a_ip)?;
+    let dir = opts.tmp.join(format!("lu2k-lo-{}", std::process::id()));
+    let l = |ip, peer_ip| Lu2kSpec {
+        ip,
+        port,
+        peer_ip,
+        peer_addr: None,
+        dir: dir.clone(),
+        cores: opts.lu2k_cores,
+    };
+    let mk = |role, ip, peer| NodeSpec {
+        kind: Kind::Lu2k,
+        role,
+        workload: workload.clone(),
+        addr: SocketAddr::from((ip, port)),
+        cc: None,
+        buffer: 64 << 20,
+        lu2k: Some(l(ip, peer)),
+    };
+    let rx = Node::spawn(Node::command(node::self_command()?, &mk(Role::Recv, b_ip, a_ip))?)?;
+    let tx = Node::spawn(Node::command(node::self_command()?, &mk(Role::Send, a_ip, b_ip))?)?;
+    let (measuring, waiting) = if workload.kind == WorkloadKind::Rpc {
+        (tx, rx)
+    } else {
+        (rx, tx)
+    };
+    let limit = Duration::from_secs_f64(workload.max_duration_s + 60.0);
+    let t0 = Instant::now();
+    let mut result = None;
+    let mut other = None;
+    while result.is_none() && t0.elapsed() < limit {
+        match measuring.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(Line::Result(r)) => result = Some(*r),
+            Ok(Line::Closed) => break,
+            _ => {}
+        }
+    }
+    let grace = Instant::now() + Duration::from_secs(10);
+    while other.is_none() && Instant::now() < grace {
+        match waiting.lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(Line::Result(r)) => other = Some(*r),
+            Ok(Line::Closed) => break,
+            _ => {}
+        }
+    }
+    measuring.join(Duration::from_secs(15));
+    waiting.stop(Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((result.context("the lu2k node ended without a result")?, other))
+}

@@ -1,0 +1,710 @@
+//! Scenarios: what to run, as a TOML file states it.
+//!
+//! A scenario names the contenders, the workload and a base link (linkem's own
+//! [`DuplexConfig`], embedded as `[link.forward]` / `[link.reverse]`), and
+//! expands into *cells*: one link setting each, from a `[grid]` (the cartesian
+//! product of `rtt_ms` × `loss` × `rate_mbps`) and from explicit `[[cell]]`
+//! entries (a path with an outage, another rate ...). Every contender runs in
+//! every cell, one after the other, on a fresh emulated link.
+//!
+//! ```toml
+//! name = "geo"
+//! contenders = ["lu2k", "udt4", "tcp-cubic", "tcp-bbr", "srt"]
+//! seed = 7
+//!
+//! [workload]
+//! kind = "bulk"            # bulk | rpc | live
+//! bytes = 268_435_456      # bulk: bytes to move (1 MiB PUTs for lu2k)
+//! max_duration_s = 60.0    # any run stops here; goodput counts what arrived
+//!
+//! [quick]                  # what --quick changes
+//! bytes = 33_554_432
+//! max_duration_s = 12.0
+//! time_scale = 0.3         # outage times are multiplied by this
+//!
+//! [link.forward]           # linkem's Config; the cells override rate, delay, loss
+//! queue_bytes = 7_500_000
+//! overhead_bytes = 28
+//! [link.reverse]
+//! queue_bytes = 7_500_000
+//! overhead_bytes = 28
+//!
+//! [grid]
+//! rtt_ms = [600.0]
+//! loss = [0.0, 0.001, 0.01, 0.05]
+//! rate_mbps = [100.0]
+//!
+//! [[cell]]
+//! name = "outage"
+//! rtt_ms = 600.0
+//! loss = 0.0
+//! rate_mbps = 100.0
+//! outage = { start_s = 10.0, duration_s = 10.0 }
+//! ```
+//!
+//! [`Scenario::parse`] and [`Scenario::validate`] return a [`ScenarioError`]
+//! that names the field (`grid.loss[2]`, `cell[1].outage.duration_s`,
+//! `link.forward.jitter_ms` ...).
+
+use std::fmt;
+use std::path::Path;
+
+use lu2k_linkem::{DuplexConfig, Loss, Outage};
+use serde::{Deserialize, Serialize};
+
+/// A transport the harness can put on the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub enum Contender {
+    /// lu2k: kshim + engine pairs, UDT over UDP, 1 MiB LNet PUTs.
+    #[serde(rename = "lu2k")]
+    Lu2k,
+    /// The reference UDT4 (4.11) through the `udt` crate.
+    #[serde(rename = "udt4")]
+    Udt4,
+    /// Linux TCP with CUBIC (through the TUN path; root).
+    #[serde(rename = "tcp-cubic")]
+    TcpCubic,
+    /// Linux TCP with BBR (through the TUN path; root).
+    #[serde(rename = "tcp-bbr")]
+    TcpBbr,
+    /// SRT (Debian's srt-tools, `srt-live-transmit` in file mode).
+    #[serde(rename = "srt")]
+    Srt,
+}
+
+impl Contender {
+    /// All contenders, in report order.
+    pub const ALL: [Contender; 5] = [
+        Contender::Lu2k,
+        Contender::Udt4,
+        Contender::TcpCubic,
+        Contender::TcpBbr,
+        Contender::Srt,
+    ];
+
+    /// The name used in files and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Lu2k => "lu2k",
+            Contender::Udt4 => "udt4",
+            Contender::TcpCubic => "tcp-cubic",
+            Contender::TcpBbr => "tcp-bbr",
+            Contender::Srt => "srt",
+        }
+    }
+}
+
+impl fmt::Display for Contender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What each run moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// bulk, rpc or live.
+    pub kind: WorkloadKind,
+    /// bulk: bytes to move.
+    #[serde(default = "default_bytes")]
+    pub bytes: u64,
+    /// Every run stops after this long (from the start of the transfer).
+    #[serde(default = "default_max_duration")]
+    pub max_duration_s: f64,
+    /// rpc: request and response size, bytes.
+    #[serde(default = "default_rpc_size")]
+    pub size: u32,
+    /// rpc: round trips.
+    #[serde(default = "default_rpc_count")]
+    pub count: u32,
+    /// live: stream rate, Mbit/s.
+    #[serde(default = "default_live_rate")]
+    pub stream_mbps: f64,
+    /// live: bytes per chunk (one LNet PUT for lu2k).
+    #[serde(default = "default_chunk")]
+    pub chunk_bytes: u32,
+    /// live: how long the stream runs, seconds.
+    #[serde(default = "default_live_duration")]
+    pub duration_s: f64,
+}
+
+fn default_bytes() -> u64 {
+    256 << 20
+}
+fn default_max_duration() -> f64 {
+    60.0
+}
+fn default_rpc_size() -> u32 {
+    72
+}
+fn default_rpc_count() -> u32 {
+    50
+}
+fn default_live_rate() -> f64 {
+    20.0
+}
+fn default_chunk() -> u32 {
+    64 << 10
+}
+fn default_live_duration() -> f64 {
+    20.0
+}
+
+/// Workload kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    /// Move `bytes` as fast as possible.
+    Bulk,
+    /// Request/response round trips of `size` bytes.
+    Rpc,
+    /// A constant-rate stream; delivery latency per chunk.
+    Live,
+}
+
+/// What `--quick` changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quick {
+    /// bulk bytes under --quick.
+    pub bytes: Option<u64>,
+    /// Run cap under --quick.
+    pub max_duration_s: Option<f64>,
+    /// rpc round trips under --quick.
+    pub count: Option<u32>,
+    /// live stream duration under --quick.
+    pub duration_s: Option<f64>,
+    /// Outage start and length are multiplied by this under --quick.
+    pub time_scale: f64,
+}
+
+impl Default for Quick {
+    fn default() -> Self {
+        Quick {
+            bytes: None,
+            max_duration_s: None,
+            count: None,
+            duration_s: None,
+            time_scale: 1.0,
+        }
+    }
+}
+
+/// A cartesian grid of cells.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grid {
+    /// Round-trip propagation delays, ms (half each way).
+    pub rtt_ms: Vec<f64>,
+    /// Random (Bernoulli) loss per direction.
+    pub loss: Vec<f64>,
+    /// Bottleneck rate (forward), Mbit/s.
+    pub rate_mbps: Vec<f64>,
+}
+
+/// An outage in a cell: the link drops everything in `[start_s, start_s + duration_s)`,
+/// counted from the start of the run's link.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellOutage {
+    /// Seconds after the link starts.
+    pub start_s: f64,
+    /// Seconds it lasts.
+    pub duration_s: f64,
+}
+
+/// One explicit cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSpec {
+    /// Label in tables.
+    pub name: Option<String>,
+    /// Round-trip propagation delay, ms.
+    pub rtt_ms: f64,
+    /// Random loss per direction.
+    #[serde(default)]
+    pub loss: f64,
+    /// Forward bottleneck rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// Bottleneck buffer override, bytes (both directions).
+    pub queue_bytes: Option<u64>,
+    /// An outage during the run.
+    pub outage: Option<CellOutage>,
+    /// Only these contenders (default: the scenario's).
+    pub contenders: Option<Vec<Contender>>,
+    /// Bulk bytes override for this cell.
+    pub bytes: Option<u64>,
+}
+
+/// A scenario file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name, copied into every result row.
+    pub name: String,
+    /// Contenders, in this order.
+    pub contenders: Vec<Contender>,
+    /// Seed of the link model.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The workload.
+    pub workload: Workload,
+    /// --quick settings.
+    #[serde(default)]
+    pub quick: Quick,
+    /// Base link (linkem's settings); cells override rate, delay, loss, outages.
+    #[serde(default)]
+    pub link: DuplexConfig,
+    /// Grid of cells.
+    #[serde(default)]
+    pub grid: Grid,
+    /// Explicit cells.
+    #[serde(default, rename = "cell")]
+    pub cells: Vec<CellSpec>,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// A scenario that cannot be used: the field (a path like `grid.loss[2]`) and
+/// what is wrong with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read scenario {path}: {reason}")]
+    Read {
+        /// File.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// TOML syntax, an unknown field or a wrong type (the message names it).
+    #[error("scenario {path}: {reason}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message.
+        reason: String,
+    },
+    /// A value out of range.
+    #[error("scenario field `{field}`: {problem}")]
+    Invalid {
+        /// Field path.
+        field: String,
+        /// What is wrong and what is accepted.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
+    ScenarioError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// One cell: a link setting, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    /// Label.
+    pub name: String,
+    /// Round-trip propagation delay, ms.
+    pub rtt_ms: f64,
+    /// Random loss per direction.
+    pub loss: f64,
+    /// Forward bottleneck rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// The outage, already scaled for --quick.
+    pub outage: Option<CellOutage>,
+    /// Contenders of this cell.
+    pub contenders: Vec<Contender>,
+    /// The complete link for linkem.
+    pub link: DuplexConfig,
+    /// The workload of this cell (with --quick and the cell's overrides applied).
+    pub workload: Workload,
+}
+
+impl Scenario {
+    /// Parses TOML text; `path` only appears in messages. Validates too.
+    pub fn parse(text: &str, path: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            path: path.into(),
+            reason: e.to_string().trim().to_string(),
+        })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Reads, parses and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Scenario::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks every field; the error names the first one out of range.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if self.contenders.is_empty() {
+            return Err(invalid(
+                "contenders",
+                "name at least one of lu2k, udt4, tcp-cubic, tcp-bbr, srt",
+            ));
+        }
+        for (i, c) in self.contenders.iter().enumerate() {
+            if self.contenders[..i].contains(c) {
+                return Err(invalid(format!("contenders[{i}]"), format!("{c} twice")));
+            }
+        }
+        check_workload(&self.workload, "workload")?;
+        let q = &self.quick;
+        if !(q.time_scale.is_finite() && q.time_scale > 0.0 && q.time_scale <= 1.0) {
+            return Err(invalid(
+                "quick.time_scale",
+                format!("must be in (0, 1], got {}", q.time_scale),
+            ));
+        }
+        if q.bytes == Some(0) {
+            return Err(invalid("quick.bytes", "must be at least 1"));
+        }
+        if let Some(d) = q.max_duration_s {
+            check_pos("quick.max_duration_s", d, 3600.0)?;
+        }
+        if let Some(d) = q.duration_s {
+            check_pos("quick.duration_s", d, 3600.0)?;
+        }
+        self.link.validate().map_err(|e| invalid(format!("link.{}", e.field), e.problem))?;
+        let g = &self.grid;
+        let grid_given = [g.rtt_ms.len(), g.loss.len(), g.rate_mbps.len()];
+        if grid_given.iter().any(|&n| n > 0) && grid_given.contains(&0) {
+            return Err(invalid(
+                "grid",
+                "give all of rtt_ms, loss and rate_mbps (arrays), or none",
+            ));
+        }
+        for (i, v) in g.rtt_ms.iter().enumerate() {
+            check_rtt(&format!("grid.rtt_ms[{i}]"), *v)?;
+        }
+        for (i, v) in g.loss.iter().enumerate() {
+            check_loss(&format!("grid.loss[{i}]"), *v)?;
+        }
+        for (i, v) in g.rate_mbps.iter().enumerate() {
+            check_rate(&format!("grid.rate_mbps[{i}]"), *v)?;
+        }
+        for (i, c) in self.cells.iter().enumerate() {
+            let f = |name: &str| format!("cell[{i}].{name}");
+            check_rtt(&f("rtt_ms"), c.rtt_ms)?;
+            check_loss(&f("loss"), c.loss)?;
+            check_rate(&f("rate_mbps"), c.rate_mbps)?;
+            if c.queue_bytes == Some(0) {
+                return Err(invalid(f("queue_bytes"), "must be at least 1 byte"));
+            }
+            if c.bytes == Some(0) {
+                return Err(invalid(f("bytes"), "must be at least 1"));
+            }
+            if let Some(o) = c.outage {
+                if !(o.start_s.is_finite() && o.start_s >= 0.0 && o.start_s < 3600.0) {
+                    return Err(invalid(
+                        f("outage.start_s"),
+                        format!("must be seconds in [0, 3600), got {}", o.start_s),
+                    ));
+                }
+                check_pos(&f("outage.duration_s"), o.duration_s, 3600.0)?;
+            }
+            if let Some(cs) = &c.contenders {
+                for (j, x) in cs.iter().enumerate() {
+                    if !self.contenders.contains(x) {
+                        return Err(invalid(
+                            format!("cell[{i}].contenders[{j}]"),
+                            format!("{x} is not among the scenario's contenders"),
+                        ));
+                    }
+                }
+            }
+        }
+        if self.cells.is_empty() && g.loss.is_empty() {
+            return Err(invalid("grid", "no cells: give a [grid] or [[cell]] entries"));
+        }
+        Ok(())
+    }
+
+    /// The cells, grid first, with --quick applied when `quick`.
+    pub fn cells(&self, quick: bool) -> Vec<Cell> {
+        let mut specs = Vec::new();
+        for &rate in &self.grid.rate_mbps {
+            for &rtt in &self.grid.rtt_ms {
+                for &loss in &self.grid.loss {
+                    specs.push(CellSpec {
+                        name: None,
+                        rtt_ms: rtt,
+                        loss,
+                        rate_mbps: rate,
+                        queue_bytes: None,
+                        outage: None,
+                        contenders: None,
+                        bytes: None,
+                    });
+                }
+            }
+        }
+        specs.extend(self.cells.iter().cloned());
+        specs
+            .into_iter()
+            .map(|c| self.resolve(c, quick))
+            .collect()
+    }
+
+    fn resolve(&self, c: CellSpec, quick: bool) -> Cell {
+        let mut w = self.workload.clone();
+        if let Some(b) = c.bytes {
+            w.bytes = b;
+        }
+        let mut outage = c.outage;
+        if quick {
+            let q = &self.quick;
+            if let Some(b) = q.bytes {
+                // A cell that asked for more than the default keeps its ratio.
+                let ratio = c.bytes.map_or(1.0, |cb| cb as f64 / self.workload.bytes as f64);
+                w.bytes = ((b as f64 * ratio) as u64).max(1);
+            }
+            if let Some(d) = q.max_duration_s {
+                w.max_duration_s = d;
+            }
+            if let Some(n) = q.count {
+                w.count = n;
+            }
+            if let Some(d) = q.duration_s {
+                w.duration_s = d;
+            }
+            if let Some(o) = &mut outage {
+                o.start_s *= q.time_scale;
+                o.duration_s *= q.time_scale;
+            }
+        }
+        let mut link = self.link.clone();
+        for (dir, cfg) in [("f", &mut link.forward), ("r", &mut link.reverse)] {
+            cfg.delay_ms = c.rtt_ms / 2.0;
+            if cfg.jitter_ms > cfg.delay_ms {
+                cfg.jitter_ms = cfg.delay_ms;
+            }
+            cfg.loss = if c.loss > 0.0 {
+                Loss::Bernoulli { rate: c.loss }
+            } else {
+                Loss::None
+            };
+            if dir == "f" || cfg.rate_mbps.is_none() {
+                cfg.rate_mbps = Some(c.rate_mbps);
+            }
+            if let Some(q) = c.queue_bytes {
+                cfg.queue_bytes = Some(q);
+            }
+            if let Some(o) = outage {
+                cfg.outages = vec![Outage {
+                    start_s: o.start_s,
+                    end_s: o.start_s + o.duration_s,
+                }];
+            }
+        }
+        let name = c.name.clone().unwrap_or_else(|| {
+            format!(
+                "{}ms/{}%/{}M",
+                c.rtt_ms,
+                (c.loss * 1000.0).round() / 10.0,
+                c.rate_mbps
+            )
+        });
+        Cell {
+            name,
+            rtt_ms: c.rtt_ms,
+            loss: c.loss,
+            rate_mbps: c.rate_mbps,
+            outage,
+            contenders: c.contenders.unwrap_or_else(|| self.contenders.clone()),
+            link,
+            workload: w,
+        }
+    }
+}
+
+fn check_pos(field: &str, v: f64, max: f64) -> Result<(), ScenarioError> {
+    if v.is_finite() && v > 0.0 && v <= max {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must be in (0, {max}], got {v}")))
+    }
+}
+
+fn check_rtt(field: &str, v: f64) -> Result<(), ScenarioError> {
+    if v.is_finite() && (0.0..=10_000.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must be ms in [0, 10000], got {v}")))
+    }
+}
+
+fn check_loss(field: &str, v: f64) -> Result<(), ScenarioError> {
+    if v.is_finite() && (0.0..0.5).contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("must be a loss fraction in [0, 0.5) (0.01 = 1 %), got {v}"),
+        ))
+    }
+}
+
+fn check_rate(field: &str, v: f64) -> Result<(), ScenarioError> {
+    if v.is_finite() && (0.1..=10_000.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("must be Mbit/s in [0.1, 10000], got {v}")))
+    }
+}
+
+fn check_workload(w: &Workload, at: &str) -> Result<(), ScenarioError> {
+    let f = |n: &str| format!("{at}.{n}");
+    if w.bytes == 0 {
+        return Err(invalid(f("bytes"), "must be at least 1"));
+    }
+    check_pos(&f("max_duration_s"), w.max_duration_s, 3600.0)?;
+    if w.size == 0 || w.size as usize > lu2k_kshim::MAX_PAYLOAD {
+        return Err(invalid(
+            f("size"),
+            format!("must be 1..=1048576 bytes, got {}", w.size),
+        ));
+    }
+    if w.count == 0 {
+        return Err(invalid(f("count"), "must be at least 1"));
+    }
+    check_pos(&f("stream_mbps"), w.stream_mbps, 10_000.0)?;
+    if w.chunk_bytes < 16 || w.chunk_bytes as usize > lu2k_kshim::MAX_PAYLOAD {
+        return Err(invalid(
+            f("chunk_bytes"),
+            format!("must be 16..=1048576 bytes, got {}", w.chunk_bytes),
+        ));
+    }
+    check_pos(&f("duration_s"), w.duration_s, 3600.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name = "t"
+contenders = ["lu2k", "udt4"]
+[workload]
+kind = "bulk"
+bytes = 1000
+[quick]
+bytes = 100
+time_scale = 0.5
+[link.forward]
+queue_bytes = 100000
+overhead_bytes = 28
+[grid]
+rtt_ms = [600.0]
+loss = [0.0, 0.01]
+rate_mbps = [100.0]
+[[cell]]
+name = "outage"
+rtt_ms = 200.0
+rate_mbps = 50.0
+outage = { start_s = 10.0, duration_s = 4.0 }
+bytes = 2000
+"#;
+
+    fn err_field(text: &str) -> String {
+        match Scenario::parse(text, "t.toml").unwrap_err() {
+            ScenarioError::Invalid { field, .. } => field,
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_and_expands_cells() {
+        let s = Scenario::parse(BASE, "t.toml").unwrap();
+        let cells = s.cells(false);
+        assert_eq!(cells.len(), 3);
+        assert_eq!(cells[1].loss, 0.01);
+        assert_eq!(cells[1].link.forward.loss, Loss::Bernoulli { rate: 0.01 });
+        assert_eq!(cells[1].link.reverse.loss, Loss::Bernoulli { rate: 0.01 });
+        assert_eq!(cells[0].link.forward.delay_ms, 300.0);
+        assert_eq!(cells[0].link.forward.queue_bytes, Some(100000));
+        assert_eq!(cells[0].link.forward.overhead_bytes, 28);
+        assert_eq!(cells[2].name, "outage");
+        assert_eq!(cells[2].workload.bytes, 2000);
+        assert_eq!(cells[2].link.forward.outages[0].end_s, 14.0);
+        assert_eq!(cells[2].contenders, vec![Contender::Lu2k, Contender::Udt4]);
+        for c in &cells {
+            c.link.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn quick_shortens_runs_and_outages() {
+        let s = Scenario::parse(BASE, "t.toml").unwrap();
+        let cells = s.cells(true);
+        assert_eq!(cells[0].workload.bytes, 100);
+        assert_eq!(cells[2].workload.bytes, 200, "the cell's ratio is kept");
+        let o = cells[2].outage.unwrap();
+        assert_eq!((o.start_s, o.duration_s), (5.0, 2.0));
+        assert_eq!(cells[2].link.reverse.outages[0].start_s, 5.0);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(err_field(&BASE.replace("0.01]", "0.7]")), "grid.loss[1]");
+        assert_eq!(
+            err_field(&BASE.replace("duration_s = 4.0", "duration_s = -1.0")),
+            "cell[0].outage.duration_s"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("overhead_bytes = 28", "jitter_ms = 5.0")),
+            "link.forward.jitter_ms"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("time_scale = 0.5", "time_scale = 2.0")),
+            "quick.time_scale"
+        );
+        assert_eq!(
+            err_field(&BASE.replace(r#"["lu2k", "udt4"]"#, r#"["lu2k", "lu2k"]"#)),
+            "contenders[1]"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("rate_mbps = [100.0]", "")),
+            "grid"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("bytes = 2000", "contenders = [\"srt\"]")),
+            "cell[0].contenders[0]"
+        );
+        // Unknown names are the parser's business: it names them.
+        let e = Scenario::parse(&BASE.replace("\"udt4\"]", "\"quic\"]"), "t.toml").unwrap_err();
+        assert!(e.to_string().contains("quic"), "{e}");
+        let e = Scenario::parse(&BASE.replace("kind = \"bulk\"", "kind = \"bulk\"\nbyts = 3"), "t.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("byts"), "{e}");
+    }
+
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let s = Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                assert!(!s.cells(true).is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "expected geo.toml and the tiny scenario in {}", dir.display());
+    }
+}
