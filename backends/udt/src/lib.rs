@@ -8,6 +8,15 @@
 //! * [`seq`]: 31-bit sequence numbers and 29-bit message numbers with UDT4's
 //!   wrap-around arithmetic.
 //! * [`loss`]: the sender's and the receiver's loss lists as sorted ranges.
+//! * [`estimate`]: RTT, arrival rate and link capacity estimators.
+//! * [`cc`]: congestion control behind a trait (UDT4's native algorithm and
+//!   a controller for satellite paths).
+//! * [`conn`]: the sans-IO connection and the SYN-cookie listener.
+//!
+//! Proof against the reference: `tests/wire_udt4.rs` speaks to UDT 4.11
+//! with nothing but [`wire`], `tests/interop_udt4.rs` runs a [`conn`]
+//! connection against it; `fuzz/` holds the cargo-fuzz targets (packet
+//! decoder, connection), whose checks also run on stable as property tests.
 
 #![deny(unsafe_code)]
 
