@@ -61,9 +61,19 @@ impl Shared {
     }
 }
 
-/// Producer of `count` values 1..=count; `fenced` selects the real protocol or a broken
-/// one without the producer's fence (the negative control).
-fn produce(s: &Shared, count: u64, fenced: bool) {
+/// Which producer to run: the real protocol, or one of two broken ones (negative
+/// controls that loom must catch).
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Real,
+    /// No full fence between publishing and reading the need-wakeup bits.
+    NoFence,
+    /// The index is published Relaxed instead of Release.
+    RelaxedPublish,
+}
+
+/// Producer of `count` values 1..=count.
+fn produce(s: &Shared, count: u64, variant: Variant) {
     let mut head = u32::MAX;
     for v in 1..=count {
         // Wait for space (the consumer frees slots by publishing `cons`).
@@ -72,11 +82,15 @@ fn produce(s: &Shared, count: u64, fenced: bool) {
         }
         s.slots[(head % ENTRIES) as usize].with_mut(|p| unsafe_free_write(p, v));
         head = head.wrapping_add(1);
-        publish(&s.prod, head);
-        let bits = if fenced {
-            producer_check(&s.need_wakeup)
+        if variant == Variant::RelaxedPublish {
+            s.prod.store(head, loom::sync::atomic::Ordering::Relaxed);
         } else {
+            publish(&s.prod, head);
+        }
+        let bits = if variant == Variant::NoFence {
             s.need_wakeup.load(loom::sync::atomic::Ordering::Relaxed)
+        } else {
+            producer_check(&s.need_wakeup)
         };
         if bits != 0 {
             s.ring();
@@ -120,13 +134,13 @@ fn consume(s: &Shared, count: u64) {
     }
 }
 
-fn model(count: u64, fenced: bool) {
+fn model(count: u64, variant: Variant) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(move || {
         let s = Shared::new();
         let s2 = s.clone();
-        let producer = thread::spawn(move || produce(&s2, count, fenced));
+        let producer = thread::spawn(move || produce(&s2, count, variant));
         consume(&s, count);
         producer.join().unwrap();
     });
@@ -134,13 +148,13 @@ fn model(count: u64, fenced: bool) {
 
 #[test]
 fn loom_publication_and_wakeup_one_item() {
-    model(1, true);
+    model(1, Variant::Real);
 }
 
 #[test]
 fn loom_publication_and_wakeup_through_a_full_ring() {
     // Three values through two slots: slot reuse, wraparound of u32::MAX, two wakeups.
-    model(3, true);
+    model(3, Variant::Real);
 }
 
 #[test]
@@ -149,5 +163,13 @@ fn loom_finds_the_lost_wakeup_without_the_producer_fence() {
     // Negative control: without the fence, the producer's flag load can miss the
     // consumer's arm while the consumer's re-check misses the publication. Loom must
     // find that interleaving (a deadlock); if it did not, the model above proves nothing.
-    model(1, false);
+    model(1, Variant::NoFence);
+}
+
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn loom_finds_the_data_race_without_release_publication() {
+    // Negative control: with a Relaxed index store, the consumer's read of the slot is
+    // not ordered after the producer's write; loom reports the race on the cell.
+    model(1, Variant::RelaxedPublish);
 }
