@@ -157,9 +157,9 @@ impl Mapping {
     /// If the range is outside the mapping.
     pub(crate) fn copy_in(&self, off: u64, data: &[u8]) {
         let off = self.check(off, data.len() as u64, 1);
-        // SAFETY: destination in bounds (checked); `data` is a private slice and cannot
-        // overlap... unless it was itself taken from this mapping with `bytes`, which
-        // `copy` (memmove) tolerates.
+        // SAFETY: the destination range is inside the mapping (checked). `data` may itself
+        // be a view into this mapping (from `bytes`), so the copy is a memmove (`copy`),
+        // which allows overlap.
         unsafe {
             core::ptr::copy(
                 data.as_ptr(),
