@@ -490,13 +490,18 @@ impl Connection {
     /// then retransmissions, then new data as pacing and windows allow.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Time) -> Option<Transmit> {
+        self.transmit(now, 0)
+    }
+
+    /// `poll_transmit`, releasing data scheduled up to `early` µs ahead.
+    fn transmit(&mut self, now: Time, early: u64) -> Option<Transmit> {
         if let Some(h) = self.ctrl.pop_front() {
             return Some(Transmit {
                 header: h,
                 payload: None,
             });
         }
-        if self.state != State::Connected || (now as f64) < self.tx.next_send {
+        if self.state != State::Connected || ((now + early) as f64) < self.tx.next_send {
             return None;
         }
         let t = self.next_data(now)?;
@@ -520,9 +525,12 @@ impl Connection {
 
     /// Appends to `out` a run of up to `max` data transmits of equal length
     /// (for one UDP GSO send), or a single control transmit. Returns how many
-    /// were appended.
+    /// were appended. Data the pacer schedules within the next
+    /// [`Config::batch_horizon_us`] leaves now, so a batch is a short burst
+    /// at line rate: the horizon bounds it.
     pub fn poll_transmit_batch(&mut self, now: Time, out: &mut Vec<Transmit>, max: usize) -> usize {
-        let Some(first) = self.poll_transmit(now) else {
+        let early = self.cfg.batch_horizon_us;
+        let Some(first) = self.transmit(now, early) else {
             return 0;
         };
         out.push(first);
@@ -535,7 +543,7 @@ impl Connection {
             if !self.next_data_len_is(p.len) {
                 break;
             }
-            match self.poll_transmit(now) {
+            match self.transmit(now, early) {
                 Some(t) => {
                     out.push(t);
                     n += 1;

@@ -56,6 +56,9 @@ pub struct Config {
     pub min_nak_interval_us: u64,
     /// Lower bound of the EXP interval, microseconds (UDT4: 300 ms).
     pub min_exp_interval_us: u64,
+    /// How far ahead of its pacing time a data packet may leave inside a
+    /// [`super::Connection::poll_transmit_batch`] run, microseconds.
+    pub batch_horizon_us: u64,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             connect_timeout_us: 10_000_000,
             min_nak_interval_us: 20_000,
             min_exp_interval_us: 300_000,
+            batch_horizon_us: 1_000,
         }
     }
 }
