@@ -69,7 +69,8 @@ struct RunArgs {
     /// UDP port used by all lu2k nodes [default: 7988].
     #[arg(long)]
     port: Option<u16>,
-    /// Reactor threads; peers are sharded across them [default: 1].
+    /// Reactor threads; peers are sharded across them. kshim's region decides: the
+    /// engine runs one core per ring set kshim created [default: 1].
     #[arg(long)]
     cores: Option<u16>,
     /// I/O path: auto (probe), uring, or epoll (slow path; also LU2K_FORCE_SLOW=1).

@@ -55,8 +55,8 @@ pub struct Features {
     pub send_zc: bool,
     /// IORING_OP_RECVMSG (multishot needs 6.0+, checked by the self-test).
     pub recvmsg: bool,
-    /// IORING_OP_READ.
-    pub read: bool,
+    /// IORING_OP_POLL_ADD (doorbell eventfd waits).
+    pub poll_add: bool,
     /// IORING_OP_TIMEOUT.
     pub timeout: bool,
     /// IORING_OP_FUTEX_WAIT / FUTEX_WAKE.
@@ -121,7 +121,7 @@ impl Features {
             f.sendmsg_zc = probe.is_supported(opcode::SendMsgZc::CODE);
             f.send_zc = probe.is_supported(opcode::SendZc::CODE);
             f.recvmsg = probe.is_supported(opcode::RecvMsg::CODE);
-            f.read = probe.is_supported(opcode::Read::CODE);
+            f.poll_add = probe.is_supported(opcode::PollAdd::CODE);
             f.timeout = probe.is_supported(opcode::Timeout::CODE);
             f.futex = probe.is_supported(opcode::FutexWait::CODE)
                 && probe.is_supported(opcode::FutexWake::CODE);
@@ -135,7 +135,7 @@ impl Features {
             f.registered_buffers = crate::uring::try_register(&ring, &iov);
             f.pbuf_ring = crate::uring::try_register_pbuf(&ring, &m);
         }
-        let r = if f.sendmsg_zc && f.recvmsg && f.pbuf_ring && f.timeout && f.read {
+        let r = if f.sendmsg_zc && f.recvmsg && f.pbuf_ring && f.timeout && f.poll_add {
             selftest()
         } else {
             Err("a required io_uring operation is missing".into())
@@ -206,7 +206,7 @@ impl fmt::Display for Features {
         writeln!(f, "  OP_SENDMSG_ZC                {}", yn(self.sendmsg_zc))?;
         writeln!(f, "  OP_SEND_ZC                   {}", yn(self.send_zc))?;
         writeln!(f, "  OP_RECVMSG                   {}", yn(self.recvmsg))?;
-        writeln!(f, "  OP_READ (doorbell)           {}", yn(self.read))?;
+        writeln!(f, "  OP_POLL_ADD (doorbell)       {}", yn(self.poll_add))?;
         writeln!(f, "  OP_TIMEOUT                   {}", yn(self.timeout))?;
         writeln!(f, "  OP_FUTEX_WAIT/WAKE           {}", yn(self.futex))?;
         writeln!(f, "  OP_MSG_RING                  {}", yn(self.msg_ring))?;

@@ -138,6 +138,7 @@ fn transfer(
     let mut received = vec![false; count as usize];
     let mut got = 0u64;
     let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
     while got < count || (done.len() as u64) < count {
         assert!(
             Instant::now() < deadline,
@@ -193,6 +194,11 @@ fn transfer(
             _ => {}
         }
     }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{tag}: {count} messages of {len} bytes in {secs:.2} s = {:.2} Gbit/s goodput (informational)",
+        (count as f64 * len as f64 * 8.0) / secs / 1e9
+    );
     // Statistics: no payload byte copied by lu2k on either side.
     for name in ["a", "b"] {
         let out = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
