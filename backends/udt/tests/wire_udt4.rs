@@ -283,3 +283,112 @@ fn wire_level_client_connects_to_udt4_server() {
         .unwrap();
     srv.join().unwrap();
 }
+
+/// The handshake of a wire-level client with a UDT4 listener; returns the
+/// server socket's ID and address.
+fn wire_connect(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    ty: SocketType,
+    isn: SeqNo,
+) -> (u32, SocketAddr) {
+    let req = HandshakeRepr {
+        version: HandshakeRepr::UDT4_VERSION,
+        socket_type: ty,
+        isn,
+        mss: 1500,
+        flight_flag_size: 8192,
+        req_type: ReqType::Request,
+        socket_id: OUR_ID,
+        cookie: 0,
+        peer_ip: HandshakeRepr::encode_peer_ip(LOCALHOST),
+    };
+    sock.send_to(&ControlRepr::Handshake(req).to_vec(0, 0), server)
+        .unwrap();
+    let ((challenge, _), _) = recv_until(sock, |b, _| handshake(b));
+    let req2 = HandshakeRepr {
+        req_type: ReqType::Response,
+        cookie: challenge.cookie,
+        ..req
+    };
+    sock.send_to(&ControlRepr::Handshake(req2).to_vec(0, 0), server)
+        .unwrap();
+    let ((resp, _), from) = recv_until(sock, |b, _| {
+        handshake(b).filter(|(h, _)| h.req_type == ReqType::Response)
+    });
+    (resp.socket_id, from)
+}
+
+/// A message drop request as UDT4 understands it: message 2 (two packets)
+/// loses its first packet; after our drop request UDT4 stops waiting for
+/// it — its next ACK covers everything — and `recvmsg` yields messages 1
+/// and 3 only.
+#[test]
+fn udt4_honours_message_drop_request() {
+    udt::init();
+    let listener = UdtSocket::new(SocketFamily::AFInet, udt::SocketType::Datagram).unwrap();
+    listener
+        .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .unwrap();
+    listener.listen(1).unwrap();
+    let server = listener.getsockname().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<Vec<u8>>>();
+    let srv = thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("UDT4 accept");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < 2 {
+            let n = conn.recvmsg(&mut buf).expect("UDT4 recvmsg");
+            got.push(buf[..n].to_vec());
+        }
+        tx.send(got).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let _ = conn.close();
+        let _ = listener.close();
+    });
+
+    let sock = udp();
+    let isn = SeqNo::new(1000);
+    let (peer, from) = wire_connect(&sock, server, SocketType::Dgram, isn);
+    let data = |seq: SeqNo, position: Position, msg: u32, body: &[u8]| {
+        let h = DataHeader {
+            seq_no: seq,
+            position,
+            in_order: false,
+            msg_no: MsgNo::new(msg),
+            timestamp: 100,
+            dst_socket_id: peer,
+        };
+        let mut v = h.to_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    };
+    sock.send_to(&data(isn, Position::Solo, 1, b"one"), from)
+        .unwrap();
+    // Message 2 = isn+1 (first, lost) and isn+2 (last).
+    sock.send_to(&data(isn.add(2), Position::Last, 2, b"two-b"), from)
+        .unwrap();
+    sock.send_to(&data(isn.add(3), Position::Solo, 3, b"three"), from)
+        .unwrap();
+    let (lost, _) = recv_until(&sock, |b, _| match ControlRepr::parse_bytes(b) {
+        Ok(ControlRepr::Nak { loss }) => Some(loss.ranges().collect::<Vec<_>>()),
+        _ => None,
+    });
+    assert_eq!(lost, vec![(isn.add(1), isn.add(1))]);
+    let drop = ControlRepr::MsgDropReq {
+        msg_no: MsgNo::new(2),
+        first: isn.add(1),
+        last: isn.add(2),
+    };
+    sock.send_to(&drop.to_vec(200, peer), from).unwrap();
+    // Without the drop request UDT4 would keep acknowledging isn + 1.
+    recv_until(&sock, |b, _| match ControlRepr::parse_bytes(b) {
+        Ok(ControlRepr::Ack { last, .. }) if last == isn.add(4) => Some(()),
+        _ => None,
+    });
+    let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(got, vec![b"one".to_vec(), b"three".to_vec()]);
+    sock.send_to(&ControlRepr::Shutdown.to_vec(300, peer), from)
+        .unwrap();
+    srv.join().unwrap();
+}
