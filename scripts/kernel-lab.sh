@@ -251,28 +251,42 @@ if [ ! -e "$kdir/.stamp" ]; then
     # module name -> path; names use _ where file names may use -
     modpath() { grep -E "/$(sed 's/[_-]/[_-]/g' <<<"$1")\.ko(\.xz|\.zst|\.gz)?$" "$kdir/modules.list" | head -1; }
     extract() { dpkg-deb --fsys-tarfile "$kdeb" | tar -x -C "$kdir/root" "$@"; }
-    extract --wildcards './boot/vmlinuz-*'
-    # closure over modinfo's depends=, read straight from each module's .modinfo section
+    # closure over modinfo's depends=, read straight from each module's .modinfo
+    # section; one pass over the package (a 70 MB xz stream) per level of dependencies
     declare -A have=()
-    todo=($want_modules)
+    level=($want_modules)
     order=()
-    while [ ${#todo[@]} -gt 0 ]; do
-        m=${todo[0]}; todo=("${todo[@]:1}")
-        [ -n "${have[$m]:-}" ] && continue
-        have[$m]=1
-        p=$(modpath "$m")
-        [ -n "$p" ] || die "module $m is not in $kernel_pkg (built in? then drop it from the list)"
-        extract "$p"
-        f="$kdir/root/${p#./}"
-        case "$f" in
-            *.ko.xz) xz -dc "$f" > "$kdir/$m.ko" ;;
-            *.ko.zst) zstd -qdc "$f" > "$kdir/$m.ko" ;;
-            *.ko.gz) gzip -dc "$f" > "$kdir/$m.ko" ;;
-            *) cp "$f" "$kdir/$m.ko" ;;
-        esac
-        deps=$(tr '\0' '\n' < "$kdir/$m.ko" | sed -n 's/^depends=//p' | head -1 | tr ',' ' ')
-        for d in $deps; do todo+=("${d//-/_}"); done
-        order+=("$m:$deps")
+    first=1
+    while [ ${#level[@]} -gt 0 ]; do
+        paths=()
+        for m in "${level[@]}"; do
+            p=$(modpath "$m")
+            [ -n "$p" ] || die "module $m is not in $kernel_pkg (built in? then drop it from the list)"
+            paths+=("$p")
+        done
+        if [ $first -eq 1 ]; then
+            extract --wildcards './boot/vmlinuz-*' "${paths[@]}"; first=0
+        else
+            extract "${paths[@]}"
+        fi
+        next=()
+        for i in "${!level[@]}"; do
+            m=${level[$i]}; f="$kdir/root/${paths[$i]#./}"
+            case "$f" in
+                *.ko.xz) xz -dc "$f" > "$kdir/$m.ko" ;;
+                *.ko.zst) zstd -qdc "$f" > "$kdir/$m.ko" ;;
+                *.ko.gz) gzip -dc "$f" > "$kdir/$m.ko" ;;
+                *) cp "$f" "$kdir/$m.ko" ;;
+            esac
+            have[$m]=1
+            deps=$(tr '\0' '\n' < "$kdir/$m.ko" | sed -n 's/^depends=//p' | head -1 | tr ',' ' ')
+            order+=("$m:$deps")
+            for d in $deps; do
+                d=${d//-/_}
+                [ -n "${have[$d]:-}" ] || [[ " ${next[*]} " == *" $d "* ]] || next+=("$d")
+            done
+        done
+        level=("${next[@]}")
     done
     # load order: dependencies first
     : > "$kdir/load-order"
@@ -372,9 +386,9 @@ if [[ ",$tests," == *",engine,"* ]]; then
             | grep -E '"profile":\{[^}]*"test":true' \
             | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
         engine_exe=$(grep '"reason":"compiler-artifact"' "$cache/logs/engine-tests.json" \
-            | grep '"kind":\["bin"\]' | grep '"name":"lu2k-engine"' \
+            | grep '"kind":\["bin"\]' | grep '"name":"lu2k-engine"' | grep -E '"profile":\{[^}]*"test":false' \
             | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n 1)
-        echo "    engine tests for the VM: ${#engine_tests[@]} binaries ($(for t in "${engine_tests[@]}"; do basename "$t"; done | sed 's/-[0-9a-f]*$//' | tr '\n' ' '))"
+        echo "    engine tests for the VM: ${#engine_tests[@]} binaries ($(for t in "${engine_tests[@]}"; do basename "$t"; done | tr '\n' ' '))"
     else
         echo "    note: the engine's tests do not build (log: $cache/logs/engine-tests.json); the engine test will say pending:"
         sed -n 's/.*"rendered":"\(error[^\\]*\).*/      \1/p' "$cache/logs/engine-tests.json" | sort -u | head -n 5
@@ -409,7 +423,7 @@ if [ $lab_dynamic -eq 1 ]; then copy_with_libs "$lab_bin" bin/lu2k-lab; else cp 
 if [ ${#engine_tests[@]} -gt 0 ]; then
     mkdir -p "$ird/lab/engine-tests"
     for t in "${engine_tests[@]}"; do
-        copy_with_libs "$t" "lab/engine-tests/$(basename "$t" | sed 's/-[0-9a-f]*$//')"
+        copy_with_libs "$t" "lab/engine-tests/$(basename "$t")"
     done
     if [ -n "$engine_exe" ]; then
         mkdir -p "$ird$(dirname "$engine_exe")"

@@ -12,8 +12,11 @@
 //!   iovecs as they are (header, then payload slices in the shared pool), so lu2k
 //!   copies no payload; the kernel either queues the whole message or nothing.
 //!   RDS caps a message at `RDS_MAX_MSG_SIZE` = 1 MiB *including* the 72-byte LNet
-//!   header, so payloads above `1 MiB - 72` do not fit one message (see
-//!   [`Socket::max_message`]).
+//!   header (measured in the kernel lab on Debian's 6.1), so payloads above
+//!   `1 MiB - 72` do not fit one message (see [`Socket::max_message`]). Carrying a
+//!   full 1 MiB LNet payload needs a second RDS message for the last 72 bytes; RDS
+//!   keeps messages in order per (source, destination) pair, so a receiver can
+//!   attach that tail to the message it completes. That framing is not built yet.
 //! - A socket is pinned to `rds_tcp` before it is bound (`SO_RDS_TRANSPORT`), so a
 //!   message never silently takes another transport.
 //! - Every failure is typed: [`OpenError`] at start (with a clear message when the

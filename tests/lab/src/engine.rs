@@ -26,7 +26,9 @@ pub fn run() -> anyhow::Result<Outcome> {
             .to_string_lossy()
             .into_owned();
         let out = Command::new(bin)
-            .args(["--test-threads=1"])
+            // --nocapture: a test that skips itself says so on stderr, which libtest
+            // would otherwise swallow for a passing test.
+            .args(["--test-threads=1", "--nocapture"])
             .env("RUST_BACKTRACE", "1")
             .output()
             .with_context(|| format!("running {}", bin.display()))?;
@@ -38,7 +40,10 @@ pub fn run() -> anyhow::Result<Outcome> {
         for line in text.lines() {
             println!("engine/{name}: {line}");
             if line.contains("SKIP") {
-                skips.push(format!("{name}: {}", line.trim()));
+                let s = format!("{name}: {}", line.trim());
+                if !skips.contains(&s) {
+                    skips.push(s);
+                }
             }
             if let Some(rest) = line.strip_prefix("test result: ") {
                 if let Some(n) = rest
@@ -67,7 +72,7 @@ pub fn run() -> anyhow::Result<Outcome> {
         );
     }
     Ok(Outcome::Pass(format!(
-        "{} engine test binaries, {passed} tests passed on this kernel; {} skip line(s){}",
+        "{} engine test binaries, {passed} tests passed on this kernel; {} distinct skip line(s){}",
         bins.len(),
         skips.len(),
         if skips.is_empty() {
