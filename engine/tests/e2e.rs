@@ -358,3 +358,114 @@ fn killed_peer_engine_fails_sends_back() {
     assert_eq!(ea.term().code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn stats(dir: &Path, name: &str) -> lu2k_engine::stats::Report {
+    let out = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
+        .args(["stats", "--json", "--socket"])
+        .arg(dir.join(format!("{name}-stats.sock")))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn two_cores_two_peers_use_both_cores() {
+    let tag = "fanout";
+    let cores = 2;
+    // Two destinations that the shard function puts on different cores.
+    let cands: Vec<Ipv4Addr> = (60..90).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let b_ip = cands[1..]
+        .iter()
+        .copied()
+        .find(|ip| lu2k_engine::steer::shard_v4(*ip, cores) == 0)
+        .unwrap();
+    let c_ip = cands[1..]
+        .iter()
+        .copied()
+        .find(|ip| lu2k_engine::steer::shard_v4(*ip, cores) == 1)
+        .unwrap();
+    let a_ip = cands[0];
+    let dir = tmpdir(tag);
+    let port = 20000 + (std::process::id() % 20000) as u16 + 211;
+    let mut ka = kshim(&dir, "a", a_ip, cores);
+    let mut kb = kshim(&dir, "b", b_ip, cores);
+    let mut kc = kshim(&dir, "c", c_ip, cores);
+    let ea = Engine::start(&dir, "a", a_ip, port, &[]);
+    let eb = Engine::start(&dir, "b", b_ip, port, &[]);
+    let ec = Engine::start(&dir, "c", c_ip, port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for k in [&mut ka, &mut kb, &mut kc] {
+        wait_attached(k, deadline);
+    }
+    let (na, nb, nc) = (nid(a_ip), nid(b_ip), nid(c_ip));
+    let count = 400u64;
+    let len = 64 << 10;
+    let mut sent = 0u64;
+    let mut ok = 0u64;
+    let mut got = [0u64; 2];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok < count || got[0] + got[1] < count {
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: timed out: sent {sent} ok {ok} got {got:?}"
+        );
+        while sent < count {
+            let dst = if sent % 2 == 0 { nb } else { nc };
+            if ka
+                .send(&put(dst, na, len, sent), &pattern(sent, len))
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        while let Some(ev) = ka.poll() {
+            if let Event::TxDone { status, .. } = ev {
+                assert_eq!(status, TxStatus::Ok, "{tag}");
+                ok += 1;
+            }
+        }
+        for (i, k) in [&mut kb, &mut kc].into_iter().enumerate() {
+            while let Some(ev) = k.poll() {
+                if let Event::Rx(m) = ev {
+                    let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
+                        panic!()
+                    };
+                    assert_eq!(n % 2, i as u64, "{tag}: message {n} reached the wrong node");
+                    let mut buf = vec![0u8; len];
+                    m.copy_to(&mut buf);
+                    assert!(buf == pattern(n, len), "{tag}: message {n} content differs");
+                    got[i] += 1;
+                    k.rx_done(m);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    assert_eq!(got, [count / 2, count / 2]);
+    let r = stats(&dir, "a");
+    assert_eq!(r.cores.len(), 2);
+    for c in &r.cores {
+        assert!(
+            c.tx_descs > 0,
+            "{tag}: core {} of A took no descriptors: {r:?}",
+            c.core
+        );
+        assert_eq!(
+            c.peers.len(),
+            1,
+            "{tag}: core {} should own exactly one peer",
+            c.core
+        );
+    }
+    assert_eq!(r.payload_copied(), 0);
+    for e in [ea, eb, ec] {
+        assert_eq!(e.term().code(), Some(0));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
