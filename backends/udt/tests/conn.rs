@@ -577,3 +577,53 @@ fn a_lost_nak_costs_about_one_round_trip() {
     assert!(took < 4 * rtt, "took {took} us");
     assert_eq!(p.client.stats().pkts_retransmitted, 1);
 }
+
+#[test]
+fn idle_connection_stays_up_on_keepalives() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 10);
+    p.connect();
+    p.run(p.now + 30_000_000, |_| false);
+    assert!(p.client.is_connected());
+    assert!(p.server.as_ref().unwrap().is_connected());
+    p.send(0, 5_000, None);
+    p.run(p.now + 2_000_000, |p| !p.acked().is_empty());
+    assert_eq!(p.acked(), vec![0]);
+}
+
+#[test]
+fn silent_peer_times_out_and_everything_ends_one_way() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 11);
+    p.connect();
+    p.send(0, 200_000, None);
+    p.send(1, 200_000, None);
+    p.run(p.now + 30_000, |_| false);
+    // The link goes dark.
+    p.drop = Box::new(|_, _| true);
+    let dark = p.now;
+    p.run(p.now + 120_000_000, |p| {
+        p.client.is_closed() && p.server.as_ref().is_some_and(|s| s.is_closed())
+    });
+    let idle = Config::default().idle_timeout_us;
+    assert!(p.now - dark >= idle, "closed after {} us", p.now - dark);
+    assert!(p.client_events.contains(&Event::Closed {
+        reason: CloseReason::Timeout
+    }));
+    assert!(p.server_events.contains(&Event::Closed {
+        reason: CloseReason::Timeout
+    }));
+    let failed: Vec<u64> = p
+        .client_events
+        .iter()
+        .filter_map(|e| match e {
+            Event::MessageDropped {
+                msg,
+                reason: DropReason::Closed,
+            } => Some(*msg),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec![0, 1]);
+    p.flush();
+    assert_eq!(p.server.as_ref().unwrap().held(), 0);
+    assert!(p.bufs.is_empty());
+}

@@ -364,9 +364,15 @@ impl Connection {
         self.payload_size
     }
 
-    /// Counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    /// Counters, with the current RTT, pacing period, windows and delivery
+    /// rate filled in.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.rtt_us = self.rtt();
+        s.period_us = self.cc.period();
+        s.cwnd = self.cc.window();
+        s.flow_window = self.tx.flow_window;
+        s
     }
 
     /// Received payload regions the connection still references.
@@ -1526,21 +1532,36 @@ impl Connection {
         self.released.pop_front()
     }
 
+    /// One line of internal state, for logs and failing tests.
     #[doc(hidden)]
     pub fn debug_summary(&self) -> String {
         format!(
-            "state {:?} una {} next {} lost {:?} cursor {} msg_base {} msgs {} flow {} cwnd {} period {} next_send {} | rx base {} next {} lost {:?} slots {} held {} last_ack {} last_ack_ack {} next_nak {} horizon {}",
-            self.state, self.tx.una, self.tx.next, self.tx.lost.iter().take(5).collect::<Vec<_>>(), self.tx.cursor, self.tx.msg_base, self.tx.msgs.len(),
-            self.tx.flow_window, self.cc.window(), self.cc.period(), self.tx.next_send,
-            self.rx.base, self.rx.next, self.rx.lost.keys().take(5).collect::<Vec<_>>(), self.rx.slots.len(), self.rx.held, self.rx.last_ack, self.rx.last_ack_ack, self.rx.next_nak_time, 0
-        ) + &format!(" | own_min {} rep_min {} | path {:?} | cc {:?}", self.tx.own_min_rtt, self.tx.rtt.min(), self.path(), self.cc)
-    }
-
-    /// Refreshes the rate/window figures in [`Connection::stats`].
-    pub fn refresh_stats(&mut self) {
-        self.stats.rtt_us = self.rtt();
-        self.stats.period_us = self.cc.period();
-        self.stats.cwnd = self.cc.window();
-        self.stats.flow_window = self.tx.flow_window;
+            "state {:?} una {} next {} lost {:?} cursor {} msg_base {} msgs {} flow {} \
+             cwnd {} period {} next_send {} | rx base {} next {} lost {:?} slots {} held {} \
+             last_ack {} last_ack_ack {} next_nak {} | own_min {} rep_min {} | path {:?} | cc {:?}",
+            self.state,
+            self.tx.una,
+            self.tx.next,
+            self.tx.lost.iter().take(5).collect::<Vec<_>>(),
+            self.tx.cursor,
+            self.tx.msg_base,
+            self.tx.msgs.len(),
+            self.tx.flow_window,
+            self.cc.window(),
+            self.cc.period(),
+            self.tx.next_send,
+            self.rx.base,
+            self.rx.next,
+            self.rx.lost.keys().take(5).collect::<Vec<_>>(),
+            self.rx.slots.len(),
+            self.rx.held,
+            self.rx.last_ack,
+            self.rx.last_ack_ack,
+            self.rx.next_nak_time,
+            self.tx.own_min_rtt,
+            self.tx.rtt.min(),
+            self.path(),
+            self.cc
+        )
     }
 }

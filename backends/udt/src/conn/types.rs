@@ -309,9 +309,10 @@ pub struct Stats {
     pub dropped_bad_handshake: u64,
     /// Wrong state.
     pub dropped_wrong_state: u64,
-    /// Smoothed RTT (µs) as last known.
+    /// Smoothed RTT (µs).
     pub rtt_us: u32,
-    /// Current pacing period (µs).
+    /// Current pacing period (µs): the sending rate is `1e6 / period_us`
+    /// packets per second.
     pub period_us: f64,
     /// Current congestion window (packets).
     pub cwnd: f64,

@@ -291,7 +291,6 @@ pub fn run(sc: &Scenario) -> Outcome {
             .and_then(|v| v.parse().ok())
             .unwrap_or(2_000_000);
         if std::env::var_os("LU2K_SIM_TRACE").is_some() && next / trace_us != now / trace_us {
-            client.refresh_stats();
             eprintln!(
                 "t={} delivered {} | {}",
                 next,
