@@ -275,10 +275,16 @@ impl CoreLoop {
             work |= self.flush_rx_pending();
             work |= self.transmit();
             if let Some(d) = drain_deadline {
-                if Instant::now() >= d {
+                let past = Instant::now() >= d;
+                if past {
                     self.fail_all(TxStatus::Shutdown);
                 }
-                if self.msgs.is_empty() && self.io.sends_in_flight() == 0 {
+                // Done when every message has its completion, no send references TX
+                // memory, and kshim gave back the RX buffers it holds (or time is up).
+                let rx_home = self.rx_msgs.is_empty()
+                    && self.rx_waiting.is_empty()
+                    && self.rx_pending.is_empty();
+                if self.msgs.is_empty() && self.io.sends_in_flight() == 0 && (rx_home || past) {
                     self.close_all();
                     self.flush_notify();
                     break;
