@@ -23,8 +23,12 @@ mod bench {
 
     /// Pins the calling thread to `cpu` (producer on 0, consumer on 1, for every
     /// contender), if the machine has it; spinning threads sharing a core measure the
-    /// scheduler, not the queue.
+    /// scheduler, not the queue. `LU2K_BENCH_NO_PIN=1` leaves placement to the scheduler
+    /// (better on a machine busy with other work).
     fn pin(cpu: usize) {
+        if std::env::var_os("LU2K_BENCH_NO_PIN").is_some() {
+            return;
+        }
         let mut set = rustix::thread::CpuSet::new();
         set.set(cpu);
         let _ = rustix::thread::sched_setaffinity(None, &set);

@@ -43,6 +43,8 @@ fn scenario(cc: Kind, rtt_ms: f64, loss: f64, msgs: Vec<u32>) -> Scenario {
         verify_bytes: true,
         bdp_bps: 20_000_000,
         bdp_rtt_us: (rtt_ms * 1000.0) as u64,
+        rcv_buf_pkts: None,
+        mode: lu2k_udt::conn::Mode::Message,
         bin_us: 100_000,
     }
 }

@@ -103,6 +103,8 @@ fn scenario(seed: u64) -> Scenario {
         verify_bytes: true,
         bdp_bps: (rate * 1e6) as u64,
         bdp_rtt_us: (rtt_ms * 1000.0) as u64,
+        rcv_buf_pkts: None,
+        mode: lu2k_udt::conn::Mode::Message,
         bin_us: 1_000_000,
     }
 }

@@ -21,7 +21,7 @@ use lu2k_linkem::{Direction, Duplex, DuplexConfig, Instant};
 use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, DropReason, Event, Extent, Header, Listener,
-    ListenerOutput, PayloadRef,
+    ListenerOutput, Mode, PayloadRef,
 };
 
 #[derive(Clone)]
@@ -48,6 +48,10 @@ pub struct Scenario {
     pub verify_bytes: bool,
     /// Window sizing.
     pub bdp_bps: u64,
+    /// Explicit receive buffer (packets), overriding the BDP sizing.
+    pub rcv_buf_pkts: Option<u32>,
+    /// Message or stream mode.
+    pub mode: Mode,
     pub bdp_rtt_us: u64,
     /// Bin for the time-to-90 % measurement, µs.
     pub bin_us: u64,
@@ -91,6 +95,8 @@ pub fn run(sc: &Scenario) -> Outcome {
     let cfg = Config {
         cc: sc.cc,
         bdp_bandwidth_bps: sc.bdp_bps,
+        rcv_buf_pkts: sc.rcv_buf_pkts,
+        mode: sc.mode,
         bdp_rtt_us: sc.bdp_rtt_us,
         ..Config::default()
     };
