@@ -280,6 +280,7 @@ fn killed_peer_engine_fails_sends_back() {
     let mut failed = Vec::new();
     let mut peer_down = false;
     let mut killed = false;
+    let mut killed_at = 0u64;
     let mut sent = 0u64;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -290,7 +291,8 @@ fn killed_peer_engine_fails_sends_back() {
             failed.len()
         );
         // Keep sending until the peer is killed (and a while after).
-        if sent < 400 && !killed {
+        // Before the kill and for 10 messages after it (those cannot be delivered).
+        if sent < 400 && (!killed || sent < killed_at + 10) {
             if let Ok(c) = ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
                 outstanding.insert(c);
                 sent += 1;
@@ -300,6 +302,7 @@ fn killed_peer_engine_fails_sends_back() {
             eb.0.kill().unwrap();
             eb.0.wait().unwrap();
             killed = true;
+            killed_at = sent;
         }
         while let Some(ev) = ka.poll() {
             match ev {
@@ -448,6 +451,8 @@ fn two_cores_two_peers_use_both_cores() {
         std::thread::sleep(Duration::from_micros(100));
     }
     assert_eq!(got, [count / 2, count / 2]);
+    // Statistics are published every 100 ms: wait for a snapshot after the transfer.
+    std::thread::sleep(Duration::from_millis(250));
     let r = stats(&dir, "a");
     assert_eq!(r.cores.len(), 2);
     for c in &r.cores {
