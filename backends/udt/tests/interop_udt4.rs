@@ -272,8 +272,8 @@ struct Driver {
     closed: Option<String>,
     tx_done_at: Option<Duration>,
     rx_done_at: Option<Duration>,
-    /// What lu2k's full ACKs told UDT4: count, min available buffer, last
-    /// receive rate and link capacity (packets/s).
+    /// What lu2k's full ACKs told UDT4: count, min available buffer, max
+    /// receive rate and max link capacity (packets/s).
     acks_out: (u64, u32, u32, u32),
 }
 
@@ -388,7 +388,8 @@ impl Driver {
                 a.0 += 1;
                 a.1 = a.1.min(st.avail_buf);
                 if let Some(r) = st.rates {
-                    (a.2, a.3) = (r.recv_rate, r.link_capacity);
+                    a.2 = a.2.max(r.recv_rate);
+                    a.3 = a.3.max(r.link_capacity);
                 }
             }
             if let Some(p) = t.payload {
@@ -586,7 +587,7 @@ impl Driver {
         );
         eprintln!(
             "  lu2k->UDT4 acked after {:.2?}, UDT4->lu2k received after {:.2?}; \
-             lu2k full ACKs {} (min avail_buf {}, last recv_rate {} link_capacity {} pkt/s); \
+             lu2k full ACKs {} (min avail_buf {}, max recv_rate {} max link_capacity {} pkt/s); \
              lu2k stats: {:?}",
             self.tx_done_at.unwrap_or_default(),
             self.rx_done_at.unwrap_or_default(),
