@@ -32,6 +32,27 @@
 //!    `kind u32` (1 = peer down, 2 = peer up), `reserved u32 = 0`, `nid u64`.
 //!
 //! Nothing else travels on the socket; data and completions go through the region.
+//!
+//! # The engine's side, in code
+//!
+//! ```no_run
+//! use lu2k_kshim::attach;
+//! use lu2k_kshim::ring_abi::{Eventfds, Region};
+//!
+//! let mut att = attach::connect("/tmp/lu2k-kshim.sock".as_ref())?;
+//! let region = Region::from_fd(att.memfd.try_clone()?)?; // checks seals and the header
+//! let to_engine = std::mem::take(&mut att.to_engine);
+//! let to_kshim = std::mem::take(&mut att.to_kshim);
+//! let mut cores = Vec::new();
+//! for (c, (te, tk)) in to_engine.into_iter().zip(to_kshim).enumerate() {
+//!     let fds = Eventfds { to_engine: Some(te), to_kshim: Some(tk) };
+//!     cores.push(region.engine_core(c as u32, fds)?);
+//! }
+//! att.ack(0)?; // attached: kshim reports Event::EngineAttached
+//! // … run; on a peer timeout: att.notice(attach::Notice::PeerDown(nid))?;
+//! // keep `att.sock` open for the whole session: closing it ends the session.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //! `126 = (253 - 1) / 2`: Linux passes at most 253 descriptors in one message.
 
 use std::io::{IoSlice, IoSliceMut};
@@ -462,6 +483,20 @@ mod tests {
             nids: vec![],
         };
         assert!(matches!(big.encode(&mut b), Err(Error::TooLarge { .. })));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            if let Ok((h, nfds)) = Hello::decode(&b) {
+                proptest::prop_assert_eq!(nfds, 1 + 2 * h.cores);
+                let mut out = [0u8; MSG_MAX];
+                let n = h.encode(&mut out).unwrap();
+                proptest::prop_assert_eq!(&out[..n], &b[..]);
+            }
+            let _ = Notice::decode(&b);
+            let _ = decode_ack(&b);
+        }
     }
 
     #[test]

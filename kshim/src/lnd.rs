@@ -1202,3 +1202,44 @@ fn link_err(e: attach::Error) -> GoneReason {
         e => GoneReason::Io(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Kshim>();
+        send::<RxMsg>();
+        send::<Event>();
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let dir = std::env::temp_dir();
+        let mut c = Config::new(vec![], dir.join("x.sock"));
+        assert!(matches!(
+            Kshim::start(c.clone()),
+            Err(StartError::Config { field: "nids", .. })
+        ));
+        c.nids = vec!["10.0.0.1@lu2k".parse().unwrap()];
+        c.tx_chunk_size = 1000;
+        let e = Kshim::start(c.clone()).unwrap_err();
+        assert!(e.to_string().contains("tx_chunk_size"), "{e}");
+        c.tx_chunk_size = 4096;
+        c.cores = 0;
+        assert!(Kshim::start(c.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("cores"));
+        c.cores = 1;
+        c.routes.push(Route {
+            net: "tcp".parse().unwrap(),
+            gateway: "1.1.1.1@tcp".parse().unwrap(),
+            hops: 1,
+            priority: 0,
+        });
+        assert!(matches!(Kshim::start(c), Err(StartError::Route(_))));
+    }
+}
