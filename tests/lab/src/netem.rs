@@ -4,12 +4,12 @@
 //!
 //! Tolerances: loss is a binomial count, so a measured fraction over `n` datagrams
 //! is allowed 4.5 standard deviations (`4.5·sqrt(p(1-p)/n)`) from the setting, and two
-//! measurements `4.5·sqrt(2p(1-p)/n)` from each other; delay may not be below the
-//! setting (less 1 ms of timer rounding) and its first quartile may exceed it by at
-//! most `DELAY_SLACK` (the VM is emulated, TCG, and stalls when the host is busy, so
-//! medians and tails say more about the host than about the qdisc). The relay's own
-//! self-tests hold it to 1 ms at p99 on this host; inside TCG that cannot hold and is
-//! not asserted: the lab checks that it is never early and agrees with netem.
+//! measurements `4.5·sqrt(2p(1-p)/n)` from each other. Delay is compared on the
+//! *minimum* one-way delay, within `DELAY_TOL` = 1 ms (the relay self-tests' bound):
+//! the VM is emulated (TCG) on a shared 2-core host that stalls it for tens of
+//! milliseconds at a time, so medians and tails measure the host, not the qdisc or
+//! the relay (they are printed, not asserted), while the fastest of ~1800 datagrams
+//! still shows the configured delay. Nothing may arrive early.
 
 use crate::netns::{in_netns, tc, veth_pair};
 use crate::Outcome;
@@ -21,7 +21,7 @@ const DELAY: Duration = Duration::from_millis(40);
 const LOSS: f64 = 0.10;
 const COUNT: usize = 2000;
 const SPACING: Duration = Duration::from_millis(1);
-const DELAY_SLACK: Duration = Duration::from_millis(25);
+const DELAY_TOL: Duration = Duration::from_millis(1);
 
 /// One run's measurement.
 #[derive(Debug, Clone)]
@@ -57,6 +57,8 @@ fn measure(
 ) -> anyhow::Result<Measured> {
     let t0 = Instant::now();
     rx.set_read_timeout(Some(Duration::from_millis(1000)))?;
+    // A stalled VM (TCG on a busy host) delivers in bursts; do not lose them here.
+    rustix::net::sockopt::set_socket_recv_buffer_size(&rx, 8 << 20)?;
     let rx_thread = std::thread::spawn(move || {
         let mut delays = Vec::new();
         let mut seen = vec![false; count];
@@ -122,12 +124,10 @@ pub fn run() -> anyhow::Result<Outcome> {
         "baseline lost datagrams: {:.3}",
         base.loss()
     );
-    // First quartiles, not medians or tails: the VM is emulated (TCG) on a shared
-    // machine, and a busy host stalls it for tens of milliseconds at a time.
     ensure!(
-        base.quantile(0.25) < DELAY / 2,
-        "baseline delay already {:?} (first quartile)",
-        base.quantile(0.25)
+        base.quantile(0.0) < DELAY / 2,
+        "baseline delay already {:?} (minimum)",
+        base.quantile(0.0)
     );
 
     let delay_arg = format!("{}ms", DELAY.as_millis());
@@ -156,13 +156,8 @@ pub fn run() -> anyhow::Result<Outcome> {
         m.loss()
     );
     ensure!(
-        lo + Duration::from_millis(1) >= DELAY,
-        "netem delay min {lo:?} < {DELAY:?}"
-    );
-    let q1 = m.quantile(0.25);
-    ensure!(
-        q1 <= DELAY + DELAY_SLACK,
-        "netem delay first quartile {q1:?} > {DELAY:?} + {DELAY_SLACK:?}"
+        lo + DELAY_TOL >= DELAY && lo <= DELAY + DELAY_TOL,
+        "netem delay min {lo:?} not within {DELAY_TOL:?} of {DELAY:?}"
     );
 
     let cross = cross_check(&m)?;
@@ -212,11 +207,11 @@ fn cross_check(netem: &Measured) -> anyhow::Result<String> {
         model.quantile(0.0),
         model.quantile(1.0)
     );
-    let nq1 = netem.quantile(0.25);
+    let nlo = netem.quantile(0.0);
     ensure!(
-        nq1 >= model.quantile(0.25) && nq1 - model.quantile(0.25) <= DELAY_SLACK,
-        "netem delay (first quartile) {nq1:?} vs model {:?}: more than {DELAY_SLACK:?} apart",
-        model.quantile(0.25)
+        nlo.abs_diff(model.quantile(0.0)) <= DELAY_TOL,
+        "netem min delay {nlo:?} vs model {:?}: more than {DELAY_TOL:?} apart",
+        model.quantile(0.0)
     );
 
     // The relay: the same model on a real clock, UDP over the VM's loopback.
@@ -246,27 +241,28 @@ fn cross_check(netem: &Measured) -> anyhow::Result<String> {
         r.loss(),
         stats.late_max
     );
+    // Datagrams the model did not drop but that did not arrive were lost by the VM
+    // (socket buffers overflowing during a stall); few are tolerated, and the loss
+    // compared with netem's is the relay model's own count.
+    let missing = COUNT - r.delays.len();
+    let model_drops = stats.forward.dropped_loss.packets as usize;
     ensure!(
-        stats.forward.dropped_loss.packets as usize == COUNT - r.delays.len(),
-        "relay model dropped {} but {} did not arrive",
-        stats.forward.dropped_loss.packets,
-        COUNT - r.delays.len()
+        missing >= model_drops && missing - model_drops <= COUNT / 100,
+        "relay: model dropped {model_drops}, {missing} did not arrive (send errors {}): the VM lost more than 1%",
+        stats.send_errors
     );
+    let relay_loss = model_drops as f64 / stats.forward.offered.packets.max(1) as f64;
     ensure!(
-        (r.loss() - nl).abs() <= tol,
-        "relay loss {:.4} vs netem {nl:.4}: more than {tol:.4} apart",
-        r.loss()
+        (relay_loss - nl).abs() <= tol,
+        "relay loss {relay_loss:.4} vs netem {nl:.4}: more than {tol:.4} apart"
     );
     ensure!(rlo >= DELAY, "relay delivered early: {rlo:?} < {DELAY:?}");
-    let rq1 = r.quantile(0.25);
-    let gap = rq1.abs_diff(nq1);
     ensure!(
-        gap <= DELAY_SLACK,
-        "relay delay (first quartile) {rq1:?} vs netem {nq1:?}: more than {DELAY_SLACK:?} apart"
+        rlo.abs_diff(nlo) <= DELAY_TOL,
+        "relay min delay {rlo:?} vs netem {nlo:?}: more than {DELAY_TOL:?} apart"
     );
     Ok(format!(
-        "linkem model and relay agree with netem (loss {ml:.4} / {:.4} vs {nl:.4}, tolerance {tol:.4}; delay first quartile {rq1:?} vs {nq1:?})",
-        r.loss()
+        "linkem model and relay agree with netem (loss {ml:.4} / {relay_loss:.4} vs {nl:.4}, tolerance {tol:.4}; min delay {rlo:?} vs {nlo:?}, tolerance {DELAY_TOL:?})"
     ))
 }
 
