@@ -83,7 +83,8 @@ pub const NOTICE_PEER_DOWN: u32 = 1;
 pub const NOTICE_PEER_UP: u32 = 2;
 
 const HELLO_FIXED: usize = 32;
-const MSG_MAX: usize = HELLO_FIXED + 8 * MAX_NIDS;
+/// Longest HELLO in bytes (32 fixed + 8 per NID, at most 32 NIDs).
+pub const HELLO_MAX_LEN: usize = HELLO_FIXED + 8 * MAX_NIDS;
 
 /// What can go wrong on the attach socket.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +133,7 @@ pub struct Hello {
 
 impl Hello {
     /// Encodes into `out`, returning the length.
-    pub fn encode(&self, out: &mut [u8; MSG_MAX]) -> Result<usize, Error> {
+    pub fn encode(&self, out: &mut [u8; HELLO_MAX_LEN]) -> Result<usize, Error> {
         if self.cores == 0 || self.cores > MAX_CORES || self.nids.len() > MAX_NIDS {
             return Err(Error::TooLarge {
                 cores: self.cores,
@@ -297,7 +298,7 @@ pub fn send_hello(
     to_engine: &[BorrowedFd<'_>],
     to_kshim: &[BorrowedFd<'_>],
 ) -> Result<(), Error> {
-    let mut msg = [0u8; MSG_MAX];
+    let mut msg = [0u8; HELLO_MAX_LEN];
     let len = hello.encode(&mut msg)?;
     if to_engine.len() != hello.cores as usize || to_kshim.len() != hello.cores as usize {
         return Err(Error::Protocol("doorbell count differs from core count"));
@@ -410,7 +411,7 @@ pub fn connect(path: &Path) -> Result<Attachment, Error> {
     .map_err(io("socket"))?;
     let addr = SocketAddrUnix::new(path).map_err(io("socket path"))?;
     net::connect(&sock, &addr).map_err(io("connect"))?;
-    let mut msg = [0u8; MSG_MAX];
+    let mut msg = [0u8; HELLO_MAX_LEN];
     let mut space =
         vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1 + 2 * MAX_CORES as usize))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
@@ -467,7 +468,7 @@ mod tests {
             region_size: 1 << 30,
             nids: vec![Nid(7), Nid(u64::MAX)],
         };
-        let mut b = [0u8; MSG_MAX];
+        let mut b = [0u8; HELLO_MAX_LEN];
         let n = h.encode(&mut b).unwrap();
         assert_eq!(n, 48);
         assert_eq!(&b[0..8], b"LU2KSHIM");
@@ -490,7 +491,7 @@ mod tests {
         fn decoders_never_panic(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
             if let Ok((h, nfds)) = Hello::decode(&b) {
                 proptest::prop_assert_eq!(nfds, 1 + 2 * h.cores);
-                let mut out = [0u8; MSG_MAX];
+                let mut out = [0u8; HELLO_MAX_LEN];
                 let n = h.encode(&mut out).unwrap();
                 proptest::prop_assert_eq!(&out[..n], &b[..]);
             }
