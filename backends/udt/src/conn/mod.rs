@@ -449,7 +449,8 @@ impl Connection {
     /// packet of a message has been sent, it is delivered or the connection
     /// closes: a TTL drop never races a delivery, so the engine's completion
     /// is always right. (UDT4 may also drop on a later retransmission, and
-    /// then can report a delivered message as dropped.)
+    /// then can report a delivered message as dropped.) In stream mode
+    /// `ttl_us` is ignored: dropping part of a stream would corrupt it.
     /// In stream mode each call is the next chunk of the stream.
     pub fn send(
         &mut self,
@@ -486,7 +487,10 @@ impl Connection {
             npkts,
             first_idx: 0,
             assigned: 0,
-            deadline: ttl_us.map(|t| now.saturating_add(t)),
+            deadline: match self.cfg.mode {
+                Mode::Message => ttl_us.map(|t| now.saturating_add(t)),
+                Mode::Stream => None,
+            },
             dropped: false,
         });
         Ok(())

@@ -121,8 +121,8 @@ pub fn run(sc: &Scenario) -> Outcome {
     let mut connected = false;
     let bins = (sc.duration_us / sc.bin_us + 1) as usize;
     out.arrivals = vec![0; bins];
-    let mut check_msgs: HashMap<u32, ()> = HashMap::new();
-    let _ = &mut check_msgs;
+    // Stream mode: the (message, offset) the next bytes must come from.
+    let mut stream_at: (u64, u64) = (0, 0);
 
     loop {
         // Sender top-up.
@@ -263,6 +263,37 @@ pub fn run(sc: &Scenario) -> Outcome {
                             }
                             out.delivered_msgs += 1;
                             out.delivered_bytes += off;
+                        }
+                    }
+                    Event::StreamData(ext) => {
+                        // The stream must continue exactly where it left off.
+                        let Some(b) = bufs.remove(&ext.buf) else {
+                            out.violations
+                                .push(format!("stream extent {ext:?} of unknown buffer"));
+                            continue;
+                        };
+                        let o = b.origin;
+                        let (m, off) = stream_at;
+                        if o.msg != m || u64::from(o.offset) != off || o.len != ext.len {
+                            out.violations
+                                .push(format!("stream at {stream_at:?} got {o:?}"));
+                        }
+                        if let Some(bytes) = &b.bytes {
+                            let p = &bytes[16..16 + ext.len as usize];
+                            if p.iter()
+                                .enumerate()
+                                .any(|(k, &v)| v != pattern(o.msg, u64::from(o.offset) + k as u64))
+                            {
+                                out.violations
+                                    .push(format!("corrupt stream bytes in {}", o.msg));
+                            }
+                        }
+                        stream_at = (o.msg, u64::from(o.offset) + u64::from(ext.len));
+                        if stream_at.1 == u64::from(lens[o.msg as usize]) {
+                            delivered[o.msg as usize] += 1;
+                            out.delivered_msgs += 1;
+                            out.delivered_bytes += stream_at.1;
+                            stream_at = (o.msg + 1, 0);
                         }
                     }
                     other => out.violations.push(format!("server event {other:?}")),
