@@ -184,7 +184,15 @@ fn transfer(
                 assert_eq!(m.len(), len);
                 let mut buf = vec![0u8; len];
                 m.copy_to(&mut buf);
-                assert!(buf == pattern(n, len), "{tag}: message {n} content differs");
+                let want = pattern(n, len);
+                if buf != want {
+                    let first = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+                    let last = buf.iter().zip(&want).rposition(|(a, b)| a != b).unwrap();
+                    panic!(
+                        "{tag}: message {n} content differs at bytes {first}..={last} (extents {:?})",
+                        m.extents().iter().take(4).collect::<Vec<_>>()
+                    );
+                }
                 assert!(!received[n as usize], "{tag}: message {n} delivered twice");
                 received[n as usize] = true;
                 got += 1;
