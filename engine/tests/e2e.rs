@@ -482,3 +482,93 @@ fn two_cores_two_peers_use_both_cores() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
+    let tag = "term";
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 91), Ipv4Addr::new(127, 0, 0, 92));
+    let dir = tmpdir(tag);
+    let port = 20000 + (std::process::id() % 20000) as u16 + 307;
+    let mut ka = kshim(&dir, "a", a_ip, 1);
+    let mut kb = kshim(&dir, "b", b_ip, 1);
+    let ea = Engine::start(&dir, "a", a_ip, port, &[]);
+    let eb = Engine::start(&dir, "b", b_ip, port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_attached(&mut ka, deadline);
+    wait_attached(&mut kb, deadline);
+    let (na, nb) = (nid(a_ip), nid(b_ip));
+    let len = 256 << 10;
+    let mut outstanding = std::collections::HashSet::new();
+    let mut statuses = std::collections::HashMap::new();
+    let mut sent = 0u64;
+    let mut ok = 0;
+    let mut ea = Some(ea);
+    let mut exit = None;
+    let mut termed_at = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: hung with {} sends outstanding",
+            outstanding.len()
+        );
+        // Fill the pipe before the SIGTERM; 10 more after it (new messages while
+        // draining must be failed back, not lost).
+        while sent < 300 && (ea.is_some() || sent < termed_at.saturating_add(10)) {
+            match ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
+                Ok(c) => {
+                    outstanding.insert(c);
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if ok >= 20 {
+            if let Some(e) = ea.take() {
+                // SIGTERM with sends in flight; wait for the exit in a thread while
+                // kshim A keeps consuming completions.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &e.0.id().to_string()])
+                    .status();
+                termed_at = sent;
+                eprintln!(
+                    "{tag}: SIGTERM with {} sends outstanding",
+                    outstanding.len()
+                );
+                exit = Some(std::thread::spawn(move || e.term()));
+            }
+        }
+        while let Some(ev) = ka.poll() {
+            if let Event::TxDone { cookie, status, .. } = ev {
+                assert!(
+                    outstanding.remove(&cookie),
+                    "{tag}: unknown or repeated completion"
+                );
+                *statuses.entry(format!("{status:?}")).or_insert(0) += 1;
+                if status == TxStatus::Ok {
+                    ok += 1;
+                }
+            }
+        }
+        while let Some(ev) = kb.poll() {
+            if let Event::Rx(m) = ev {
+                kb.rx_done(m);
+            }
+        }
+        if exit.as_ref().is_some_and(|t| t.is_finished()) && outstanding.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let st = exit.unwrap().join().unwrap();
+    assert_eq!(st.code(), Some(0), "{tag}: exit status after SIGTERM");
+    eprintln!("{tag}: completions by status: {statuses:?}");
+    for s in statuses.keys() {
+        assert!(
+            ["Ok", "Shutdown", "EngineGone"].contains(&s.as_str()),
+            "{tag}: unexpected status {s}"
+        );
+    }
+    assert_eq!(eb.term().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
