@@ -272,12 +272,14 @@ impl GsoCmsg {
     pub fn new(size: u16) -> Self {
         // SAFETY: CMSG_LEN is pure arithmetic on its argument.
         let len = unsafe { libc::CMSG_LEN(size_of::<u16>() as u32) } as usize;
+        // SAFETY: cmsghdr is plain old data; all-zero is a valid value. Built field by
+        // field because its padding and field types differ between libcs (musl).
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_len = len as _;
+        hdr.cmsg_level = libc::SOL_UDP;
+        hdr.cmsg_type = UDP_SEGMENT;
         GsoCmsg {
-            hdr: libc::cmsghdr {
-                cmsg_len: len,
-                cmsg_level: libc::SOL_UDP,
-                cmsg_type: UDP_SEGMENT,
-            },
+            hdr,
             size,
             _pad: [0; 6],
         }
@@ -351,11 +353,11 @@ pub fn sendmmsg(fd: RawFd, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
         h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
         h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         h.msg_iov = m.iov.as_ptr() as *mut libc::iovec;
-        h.msg_iovlen = m.iov.len();
+        h.msg_iovlen = m.iov.len() as _;
         if let Some(g) = m.gso {
             ctrls[i] = GsoCmsg::new(g);
             h.msg_control = (&mut ctrls[i] as *mut GsoCmsg).cast();
-            h.msg_controllen = size_of::<GsoCmsg>();
+            h.msg_controllen = size_of::<GsoCmsg>() as _;
         }
     }
     // SAFETY: `hdrs[..n]` point at `addrs`, `ctrls` and the callers' iovecs, all alive
@@ -409,7 +411,7 @@ pub unsafe fn recvmmsg(
         h.msg_iov = &mut iovs[i];
         h.msg_iovlen = 1;
         h.msg_control = ctrls[i].as_mut_ptr().cast();
-        h.msg_controllen = RECV_CMSG_SPACE;
+        h.msg_controllen = RECV_CMSG_SPACE as _;
     }
     // SAFETY: the headers point at locals alive for the call and at the caller's
     // buffers, which the caller guarantees writable and unshared.
@@ -418,14 +420,14 @@ pub unsafe fn recvmmsg(
             fd,
             hdrs.as_mut_ptr(),
             n as u32,
-            libc::MSG_DONTWAIT,
+            libc::MSG_DONTWAIT as _,
             std::ptr::null_mut(),
         )
     };
     let got = cvt(ret)? as usize;
     for i in 0..got {
         let h = &hdrs[i].msg_hdr;
-        let ctrl_len = h.msg_controllen.min(RECV_CMSG_SPACE);
+        let ctrl_len = (h.msg_controllen as usize).min(RECV_CMSG_SPACE);
         // SAFETY: `ctrls[i]` is RECV_CMSG_SPACE initialised bytes (u64 array).
         let ctrl = unsafe { std::slice::from_raw_parts(ctrls[i].as_ptr().cast::<u8>(), ctrl_len) };
         out.push(Received {
@@ -463,7 +465,7 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
     h.msg_iov = &mut iov;
     h.msg_iovlen = 1;
     h.msg_control = ctrl.as_mut_ptr().cast();
-    h.msg_controllen = size_of::<[u64; 16]>();
+    h.msg_controllen = size_of::<[u64; 16]>() as _;
     // SAFETY: all pointers in `h` refer to locals alive for the call.
     let ret = unsafe { libc::recvmsg(fd, &mut h, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
     if ret < 0 {
@@ -476,7 +478,10 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
     }
     // SAFETY: `ctrl` is 128 initialised bytes.
     let bytes = unsafe {
-        std::slice::from_raw_parts(ctrl.as_ptr().cast::<u8>(), h.msg_controllen.min(128))
+        std::slice::from_raw_parts(
+            ctrl.as_ptr().cast::<u8>(),
+            (h.msg_controllen as usize).min(128),
+        )
     };
     // sock_extended_err starts right after the cmsghdr: ee_errno is its first u32.
     let errno = bytes

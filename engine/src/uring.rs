@@ -9,6 +9,11 @@
 //!   `IORING_CQE_F_MORE`), then a notification (`IORING_CQE_F_NOTIF`) once the kernel
 //!   no longer references the pages. [`Event::SendDone`] is reported only after both;
 //!   the notification's `ZC_COPIED` bit is counted (loopback always copies).
+//!   Usage reports (`IORING_SEND_ZC_REPORT_USAGE`) exist from Linux 6.2; older
+//!   kernels reject the flag with `EINVAL`, so it is probed once
+//!   ([`zc_report_usage_supported`]) and left off where refused: the sends stay
+//!   zero-copy, but kernel copies cannot be counted and `ZcMode::Auto` then never
+//!   switches to plain `SENDMSG` (it has no `ZC_COPIED` reports to go by).
 //! - **RX**: a provided-buffer ring (`IORING_REGISTER_PBUF_RING`) whose buffers are
 //!   the [`RxPool`]'s, and one multishot `recvmsg` armed on the socket. Each completion
 //!   names the buffer it filled; the buffer starts with `io_uring_recvmsg_out`, then the
@@ -60,6 +65,9 @@ pub struct RingSetup {
     pub defer_taskrun: bool,
     /// The TX range is a registered buffer and sends use it (`buf_index` on SENDMSG_ZC).
     pub fixed_tx: bool,
+    /// Zero-copy sends ask for usage reports (`IORING_SEND_ZC_REPORT_USAGE`, 6.2+), so
+    /// `ZC_COPIED` is counted; off where the kernel refuses the flag.
+    pub zc_report_usage: bool,
 }
 
 /// When to send with `SENDMSG_ZC`.
@@ -202,7 +210,7 @@ fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, RingSetup)> {
                 RingSetup {
                     single_issuer: true,
                     defer_taskrun: true,
-                    fixed_tx: false,
+                    ..RingSetup::default()
                 },
             ));
         }
@@ -215,8 +223,7 @@ fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, RingSetup)> {
                 r,
                 RingSetup {
                     single_issuer: true,
-                    defer_taskrun: false,
-                    fixed_tx: false,
+                    ..RingSetup::default()
                 },
             ));
         }
@@ -244,6 +251,7 @@ impl UringIo {
         opts: UringOpts,
     ) -> io::Result<UringIo> {
         let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
+        setup.zc_report_usage = opts.zc != ZcMode::Never && zc_report_usage_supported();
         if opts.send_slots == 0
             || tx.header_slot(opts.send_slots - 1).is_none()
             || opts.send_slots > u16::MAX as usize
@@ -252,7 +260,7 @@ impl UringIo {
                 "header arena too small for the send slots",
             ));
         }
-        if opts.fixed_tx && tx.total_len <= 1 << 30 {
+        if opts.fixed_tx && tx.total_len <= 1 << 30 && fixed_sendmsg_zc_supported() {
             let iov = libc::iovec {
                 iov_base: tx.base as *mut libc::c_void,
                 iov_len: tx.total_len,
@@ -299,7 +307,7 @@ impl UringIo {
         // SAFETY: msghdr is plain old data; zero is a valid empty value.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE;
+        recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE as _;
 
         let mut me = UringIo {
             ring,
@@ -667,11 +675,11 @@ impl DatagramIo for UringIo {
         slot.msg.msg_name = (&mut slot.addr as *mut libc::sockaddr_in).cast();
         slot.msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         slot.msg.msg_iov = slot.iov.as_mut_ptr();
-        slot.msg.msg_iovlen = n;
+        slot.msg.msg_iovlen = n as _;
         if let Some(g) = gso {
             slot.ctrl = GsoCmsg::new(g);
             slot.msg.msg_control = (&mut slot.ctrl as *mut GsoCmsg).cast();
-            slot.msg.msg_controllen = size_of::<GsoCmsg>();
+            slot.msg.msg_controllen = size_of::<GsoCmsg>() as _;
         } else {
             slot.msg.msg_control = std::ptr::null_mut();
             slot.msg.msg_controllen = 0;
@@ -684,8 +692,10 @@ impl DatagramIo for UringIo {
             notif: false,
         };
         let e = if self.zc_active {
-            let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg)
-                .ioprio(SEND_ZC_REPORT_USAGE);
+            let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg);
+            if self.setup.zc_report_usage {
+                op = op.ioprio(SEND_ZC_REPORT_USAGE);
+            }
             if fixed {
                 op = op.buf_index(Some(0));
             }
@@ -881,6 +891,88 @@ pub(crate) fn try_register(ring: &IoUring, iov: &libc::iovec) -> bool {
         let _ = ring.submitter().unregister_buffers();
     }
     ok
+}
+
+/// Whether this kernel accepts `IORING_SEND_ZC_REPORT_USAGE` on zero-copy sends
+/// (Linux 6.2+; 6.1 answers `EINVAL`). Tried once per process for real: a one-byte
+/// `SENDMSG_ZC` with the flag between two loopback UDP sockets. Anything other than a
+/// clean answer (no io_uring, no loopback) reads as "no": sending without the flag
+/// is correct everywhere, only the `ZC_COPIED` count is lost.
+pub fn zc_report_usage_supported() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| try_sendmsg_zc(true, false).unwrap_or(false))
+}
+
+/// Whether `SENDMSG_ZC` accepts a registered buffer (`IORING_RECVSEND_FIXED_BUF` with
+/// `buf_index`, Linux 6.15+; older kernels answer `EINVAL`). Tried once per process
+/// like [`zc_report_usage_supported`]; "no" means sends use plain iovecs.
+pub fn fixed_sendmsg_zc_supported() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| try_sendmsg_zc(false, true).unwrap_or(false))
+}
+
+/// One real one-byte `SENDMSG_ZC` over loopback with the given options: `Ok(false)`
+/// when the kernel refuses them with `EINVAL`.
+fn try_sendmsg_zc(report_usage: bool, fixed: bool) -> io::Result<bool> {
+    let rx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let tx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    tx.connect(rx.local_addr()?)?;
+    // Declared before the ring: dropped after it, so the registration never outlives it.
+    let page = Mapping::anon(4096)?;
+    let mut ring = IoUring::new(4)?;
+    let mut iov = libc::iovec {
+        iov_base: page.as_ptr().cast(),
+        iov_len: 1,
+    };
+    if fixed {
+        let reg = libc::iovec {
+            iov_base: page.as_ptr().cast(),
+            iov_len: page.len(),
+        };
+        // SAFETY: `page` is mapped and writable and outlives the ring (declared
+        // before it), which holds the only registration.
+        if unsafe { ring.submitter().register_buffers(&[reg]) }.is_err() {
+            return Ok(false);
+        }
+    }
+    // SAFETY: msghdr is plain old data; zero is a valid empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let mut op = opcode::SendMsgZc::new(types::Fd(tx.as_raw_fd()), &msg);
+    if report_usage {
+        op = op.ioprio(SEND_ZC_REPORT_USAGE);
+    }
+    if fixed {
+        op = op.buf_index(Some(0));
+    }
+    let e = op.build().user_data(1);
+    // SAFETY: `msg`, `iov` and `page` live on this frame, which returns only after
+    // every completion of the send (result and notification, or the error), so the
+    // kernel never references them after; the sockets outlive that too.
+    unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("sq full"))?;
+    let mut pending_notif = false;
+    let mut answer = None;
+    loop {
+        ring.submit_and_wait(1)?;
+        for c in ring.completion() {
+            if cqueue::notif(c.flags()) {
+                pending_notif = false;
+            } else {
+                answer = Some(c.result());
+                pending_notif = cqueue::more(c.flags());
+            }
+        }
+        if answer.is_some() && !pending_notif {
+            break;
+        }
+    }
+    match answer {
+        Some(r) if r >= 0 => Ok(true),
+        Some(r) if -r == libc::EINVAL => Ok(false),
+        Some(r) => Err(io::Error::from_raw_os_error(-r)),
+        None => Ok(false),
+    }
 }
 
 /// Whether `IORING_REGISTER_PBUF_RING` accepts a one-page ring (unregistered again).

@@ -89,6 +89,21 @@ fn engine_check(rel: &str, ver: (u32, u32), ops: &Ops) -> anyhow::Result<Outcome
         f.sendmsg_zc,
         f.send_zc
     );
+    if ver >= (6, 2) {
+        ensure!(
+            f.zc_report_usage,
+            "kernel {rel} (6.2+) should accept IORING_SEND_ZC_REPORT_USAGE; the engine's probe says no"
+        );
+    }
+    println!(
+        "probe: SEND_ZC_REPORT_USAGE {} (ZC_COPIED counting {})",
+        f.zc_report_usage,
+        if f.zc_report_usage {
+            "on"
+        } else {
+            "unavailable"
+        }
+    );
     let (path, why) = f.choose(false);
     println!("probe: the engine picks {path}: {why}");
     let expect = if ver >= (6, 1) {
