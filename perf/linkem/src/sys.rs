@@ -12,9 +12,10 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// otherwise. The kernel's RT throttling (by default 95 % of each second)
 /// still leaves the rest of the machine some time if the thread spins.
 pub fn set_realtime(priority: u8) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: i32::from(priority),
-    };
+    // SAFETY: sched_param is plain old data; all-zero is a valid value. Built field
+    // by field because musl's has extra (deprecated sporadic-server) fields.
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = i32::from(priority);
     // SAFETY: `param` is a valid, initialised sched_param that outlives the
     // call; pid 0 names the calling thread; the call writes no memory of ours.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
