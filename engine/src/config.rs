@@ -8,6 +8,7 @@
 //! port = 7988                             # UDP port, the same on every lu2k node
 //! cores = 2                               # reactor threads
 //! io_path = "auto"                        # auto | uring | epoll
+//! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
 //! peer_down_timeout_s = 600               # satellite outages last minutes
 //! mss = 1500                              # UDT MSS (IP packet size) on the path
@@ -38,6 +39,18 @@ pub enum IoPathChoice {
     Epoll,
 }
 
+/// Which transport back-end carries LNet messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// UDT4-compatible transport over UDP (works on any kernel).
+    #[default]
+    Udt,
+    /// The kernel's RDS (`AF_RDS`, `SOCK_SEQPACKET`) over its TCP transport; needs the
+    /// `rds` and `rds_tcp` modules.
+    Rds,
+}
+
 /// A peer whose UDP address is not `NID-address:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,6 +75,8 @@ pub struct Config {
     pub cores: u16,
     /// I/O path.
     pub io_path: IoPathChoice,
+    /// Transport back-end.
+    pub backend: BackendChoice,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
     /// Seconds without any answer before a peer is reported down and its messages
@@ -92,6 +107,7 @@ impl Default for Config {
             port: 7988,
             cores: 1,
             io_path: IoPathChoice::Auto,
+            backend: BackendChoice::Udt,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
             mss: 1500,

@@ -26,7 +26,7 @@ use lu2k_kshim::attach::{self, Notice as KNotice};
 use lu2k_kshim::Nid;
 use lu2k_ring_abi::{Eventfds, Region};
 
-use crate::config::{Config, IoPathChoice};
+use crate::config::{BackendChoice, Config, IoPathChoice};
 use crate::core::{CoreLoop, CoreParams, Notice};
 use crate::epoll::EpollIo;
 use crate::io::DatagramIo;
@@ -42,6 +42,17 @@ const MSG_SLOTS: u32 = 4096;
 
 /// Runs the engine until SIGTERM/SIGINT or until kshim goes away.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.backend == BackendChoice::Rds {
+        // Before anything else: on a kernel without RDS this is the error to see.
+        if let Err(e) = lu2k_rds::probe() {
+            bail!("backend = rds: {e}");
+        }
+        bail!(
+            "backend = rds: this kernel has RDS, but the engine's RDS data path is not \
+             built yet (lu2k-rds has the sockets; the reactor does not drive them); \
+             use --backend udt"
+        );
+    }
     let Some(kpath) = cfg.kshim_socket.clone() else {
         bail!("no kshim socket: set kshim_socket in the config file or pass --kshim-socket PATH");
     };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use lu2k_engine::config::{Config, IoPathChoice};
+use lu2k_engine::config::{BackendChoice, Config, IoPathChoice};
 use lu2k_engine::probe::Features;
 
 /// The lu2k engine: carries LNet messages between kshim's shared ring region and UDP
@@ -76,6 +76,10 @@ struct RunArgs {
     /// I/O path: auto (probe), uring, or epoll (slow path; also LU2K_FORCE_SLOW=1).
     #[arg(long, value_enum)]
     io_path: Option<IoPathChoice>,
+    /// Transport back-end: udt (UDT4-compatible, over UDP) or rds (the kernel's RDS
+    /// over rds_tcp; needs the rds and rds_tcp modules) [default: udt].
+    #[arg(long, value_enum)]
+    backend: Option<BackendChoice>,
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -110,6 +114,9 @@ impl RunArgs {
         }
         if let Some(v) = self.io_path {
             c.io_path = v;
+        }
+        if let Some(v) = self.backend {
+            c.backend = v;
         }
         if std::env::var("LU2K_FORCE_SLOW").is_ok_and(|v| v == "1") {
             c.io_path = IoPathChoice::Epoll;
