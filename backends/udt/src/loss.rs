@@ -11,6 +11,12 @@
 //! distinct gaps, not to the window, so windows sized from the
 //! bandwidth-delay product of a satellite path cost nothing up front.
 //!
+//! The receiver's ranges also carry the time each was last reported, for
+//! the periodic NAK that UDT 4.11 lacks ([`RcvLossList::take_due`]): a gap
+//! is inserted when its NAK goes out, and the parts of a gap that a
+//! retransmission splits keep its time. [`crate::conn`] keeps its loss
+//! state in these two lists and nowhere else.
+//!
 //! # Guarantees
 //!
 //! * Ranges are kept sorted under wrap-around order, disjoint and merged
@@ -54,17 +60,20 @@ impl fmt::Display for InsertError {
 
 impl std::error::Error for InsertError {}
 
-/// The shared core: sorted, disjoint, merged inclusive ranges.
+/// The shared core: sorted, disjoint, merged inclusive ranges, each with a
+/// tag (the receiver's last-report time; 0 and unused on the sender). A
+/// merged range keeps the smallest tag of its parts, a split range's parts
+/// keep its tag.
 #[derive(Clone, Default, PartialEq, Eq)]
 struct Ranges {
-    q: VecDeque<(SeqNo, SeqNo)>,
+    q: VecDeque<(SeqNo, SeqNo, u64)>,
     len: u64,
 }
 
 impl fmt::Debug for Ranges {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.q.iter().map(|(a, b)| a.get()..=b.get()))
+            .entries(self.q.iter().map(|(a, b, _)| a.get()..=b.get()))
             .finish()
     }
 }
@@ -82,7 +91,7 @@ impl Ranges {
         i64::from(base.offset_to(s))
     }
 
-    fn insert(&mut self, first: SeqNo, last: SeqNo) -> Result<u32, InsertError> {
+    fn insert(&mut self, first: SeqNo, last: SeqNo, tag: u64) -> Result<u32, InsertError> {
         if first.is_after(last) {
             return Err(InsertError::Reversed);
         }
@@ -90,7 +99,7 @@ impl Ranges {
             if i64::from(first.offset_to(last)) >= TH {
                 return Err(InsertError::OutOfWindow);
             }
-            self.q.push_back((first, last));
+            self.q.push_back((first, last, tag));
             let n = first.len_to(last);
             self.len += u64::from(n);
             return Ok(n);
@@ -106,7 +115,7 @@ impl Ranges {
         }
         // Fast path: a new gap beyond everything (the receiver's case).
         if a > end + 1 {
-            self.q.push_back((first, last));
+            self.q.push_back((first, last, tag));
             let n = (b - a + 1) as u64;
             self.len += n;
             return Ok(n as u32);
@@ -115,15 +124,16 @@ impl Ranges {
         let i = self.q.partition_point(|r| Self::off(base, r.1) < a - 1);
         let j = self.q.partition_point(|r| Self::off(base, r.0) <= b + 1);
         let mut covered = 0i64;
-        let (mut ns, mut ne) = (a, b);
+        let (mut ns, mut ne, mut nt) = (a, b, tag);
         for r in self.q.range(i..j) {
             let (rs, re) = (Self::off(base, r.0), Self::off(base, r.1));
             covered += (re.min(b) - rs.max(a) + 1).max(0);
             ns = ns.min(rs);
             ne = ne.max(re);
+            nt = nt.min(r.2);
         }
         let added = (b - a + 1) - covered;
-        let merged = (base.add_signed(ns as i32), base.add_signed(ne as i32));
+        let merged = (base.add_signed(ns as i32), base.add_signed(ne as i32), nt);
         if i < j {
             self.q[i] = merged;
             self.q.drain(i + 1..j);
@@ -147,7 +157,7 @@ impl Ranges {
         let mut removed = 0i64;
         let mut k = i;
         while k < self.q.len() {
-            let (s, e) = self.q[k];
+            let (s, e, t) = self.q[k];
             let (rs, re) = (Self::off(base, s), Self::off(base, e));
             if rs > b {
                 break;
@@ -164,7 +174,8 @@ impl Ranges {
                 (false, true) => self.q[k].0 = base.add_signed((b + 1) as i32),
                 (true, true) => {
                     self.q[k].1 = base.add_signed((a - 1) as i32);
-                    self.q.insert(k + 1, (base.add_signed((b + 1) as i32), e));
+                    self.q
+                        .insert(k + 1, (base.add_signed((b + 1) as i32), e, t));
                     k += 1;
                 }
             }
@@ -176,7 +187,7 @@ impl Ranges {
 
     fn remove_through(&mut self, seq: SeqNo) -> u32 {
         let mut removed = 0u64;
-        while let Some(&(s, e)) = self.q.front() {
+        while let Some(&(s, e, _)) = self.q.front() {
             if !e.is_after(seq) {
                 removed += u64::from(s.len_to(e));
                 self.q.pop_front();
@@ -195,7 +206,7 @@ impl Ranges {
     }
 
     fn pop_first(&mut self) -> Option<SeqNo> {
-        let (s, e) = *self.q.front()?;
+        let (s, e, _) = *self.q.front()?;
         if s == e {
             self.q.pop_front();
         } else if let Some(front) = self.q.front_mut() {
@@ -253,7 +264,7 @@ macro_rules! common_methods {
 
         /// The inclusive ranges, lowest first.
         pub fn ranges(&self) -> impl ExactSizeIterator<Item = (SeqNo, SeqNo)> + '_ {
-            self.r.q.iter().copied()
+            self.r.q.iter().map(|&(a, b, _)| (a, b))
         }
 
         /// True if `seq` is in the list.
@@ -272,7 +283,7 @@ macro_rules! common_methods {
         /// the range is reversed or would stretch the list across
         /// [`SeqNo::THRESHOLD`] numbers or more.
         pub fn insert(&mut self, first: SeqNo, last: SeqNo) -> Result<u32, InsertError> {
-            self.r.insert(first, last)
+            self.r.insert(first, last, 0)
         }
 
         /// Removes every number of `first ..= last`; returns how many were
@@ -341,6 +352,55 @@ impl RcvLossList {
     /// (0 if the list is empty or `buf` holds less than one entry).
     pub fn encode_nak(&self, buf: &mut [u8]) -> usize {
         encode_nak(self.ranges(), buf)
+    }
+
+    /// As [`insert`](RcvLossList::insert), recording `now` as the time the
+    /// range was last reported (a NAK is sent when a gap appears). Ranges
+    /// inserted with [`insert`](RcvLossList::insert) count as reported at
+    /// time 0. Where ranges merge, the merged range keeps the earliest time.
+    pub fn insert_reported(
+        &mut self,
+        first: SeqNo,
+        last: SeqNo,
+        now: u64,
+    ) -> Result<u32, InsertError> {
+        self.r.insert(first, last, now)
+    }
+
+    /// The time `seq`'s range was last reported, if `seq` is in the list.
+    pub fn reported_at(&self, seq: SeqNo) -> Option<u64> {
+        let base = self.r.base()?;
+        let a = Ranges::off(base, seq);
+        let i = self.r.q.partition_point(|r| Ranges::off(base, r.1) < a);
+        self.r
+            .q
+            .get(i)
+            .filter(|r| Ranges::off(base, r.0) <= a)
+            .map(|r| r.2)
+    }
+
+    /// The periodic NAK: appends to `out`, lowest first, up to `max` ranges
+    /// last reported at or before `due`, and marks them reported at `now`.
+    /// Returns how many ranges were appended.
+    pub fn take_due(
+        &mut self,
+        due: u64,
+        now: u64,
+        max: usize,
+        out: &mut Vec<(SeqNo, SeqNo)>,
+    ) -> usize {
+        let mut n = 0;
+        for r in self.r.q.iter_mut() {
+            if n >= max {
+                break;
+            }
+            if r.2 <= due {
+                out.push((r.0, r.1));
+                r.2 = now;
+                n += 1;
+            }
+        }
+        n
     }
 }
 
@@ -412,6 +472,36 @@ mod tests {
         assert_eq!(l.first(), Some(s(11)));
     }
 
+    #[test]
+    fn report_times_follow_splits_and_merges() {
+        let mut l = RcvLossList::new();
+        assert_eq!(l.insert_reported(s(10), s(19), 100), Ok(10));
+        assert_eq!(l.insert_reported(s(30), s(39), 200), Ok(10));
+        // A retransmission splits the first gap: both parts keep its time.
+        assert!(l.remove(s(15)));
+        assert_eq!(l.reported_at(s(12)), Some(100));
+        assert_eq!(l.reported_at(s(17)), Some(100));
+        assert_eq!(l.reported_at(s(15)), None);
+        assert_eq!(l.reported_at(s(35)), Some(200));
+        let mut out = Vec::new();
+        // Due at 150: the two parts of the first gap, not the second.
+        assert_eq!(l.take_due(150, 400, 64, &mut out), 2);
+        assert_eq!(out, vec![(s(10), s(14)), (s(16), s(19))]);
+        assert_eq!(l.reported_at(s(10)), Some(400));
+        out.clear();
+        // At most `max` ranges per call, lowest first.
+        assert_eq!(l.take_due(1000, 1100, 2, &mut out), 2);
+        assert_eq!(out, vec![(s(10), s(14)), (s(16), s(19))]);
+        assert_eq!(l.reported_at(s(30)), Some(200));
+        // A merge keeps the earliest time.
+        assert_eq!(l.insert_reported(s(20), s(29), 5000), Ok(10));
+        assert_eq!(l.range_count(), 2);
+        assert_eq!(l.reported_at(s(25)), Some(200));
+        // Plain insert counts as reported at time 0.
+        assert_eq!(l.insert(s(50), s(50)), Ok(1));
+        assert_eq!(l.reported_at(s(50)), Some(0));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Insert(u32, u32),
@@ -439,7 +529,7 @@ mod tests {
         let mut got = BTreeSet::new();
         let mut prev_end: Option<i64> = None;
         let mut total = 0u64;
-        for &(a, b) in &r.q {
+        for &(a, b, _) in &r.q {
             let (oa, ob) = (base.offset_to(a) as i64, base.offset_to(b) as i64);
             prop_assert!(oa <= ob, "reversed range");
             if let Some(pe) = prev_end {

@@ -54,11 +54,12 @@ mod types;
 pub use listener::{handshake_socket_id, Listener, ListenerOutput};
 pub use types::*;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use crate::cc::{self, Controller, Path};
 use crate::estimate::{ArrivalRate, Capacity, Rtt, Time, INITIAL_RTT_US};
+use crate::loss::{RcvLossList, SndLossList};
 use crate::seq::{AckNo, MsgNo, SeqNo};
 use crate::wire::{
     encode_nak, AckRates, AckStats, ControlRepr, DataHeader, HandshakeRepr, NakList, Packet,
@@ -126,7 +127,8 @@ struct Sender {
     pkts: VecDeque<TxPkt>,
     una: u64,
     next: u64,
-    lost: BTreeSet<u64>,
+    /// Sequence numbers to retransmit; all within `una .. next`.
+    lost: SndLossList,
     next_msg_no: MsgNo,
     flow_window: u32,
     next_send: f64,
@@ -155,8 +157,9 @@ struct Receiver {
     base: u64,
     slots: VecDeque<Slot>,
     next: u64,
-    /// Missing packets and when each was last reported (NAK).
-    lost: BTreeMap<u64, Time>,
+    /// Missing packets, each range with the time it was last reported
+    /// (NAK); all within `base .. next`.
+    lost: RcvLossList,
     buf_pkts: u32,
     held: usize,
     scan: usize,
@@ -253,7 +256,7 @@ impl Connection {
                 pkts: VecDeque::new(),
                 una: 0,
                 next: 0,
-                lost: BTreeSet::new(),
+                lost: SndLossList::new(),
                 next_msg_no: MsgNo::new(1),
                 flow_window: 16,
                 next_send: 0.0,
@@ -269,7 +272,7 @@ impl Connection {
                 base: 0,
                 slots: VecDeque::new(),
                 next: 0,
-                lost: BTreeMap::new(),
+                lost: RcvLossList::new(),
                 buf_pkts,
                 held: 0,
                 scan: 0,
@@ -565,8 +568,18 @@ impl Connection {
     }
 
     fn next_data_len_is(&self, len: u32) -> bool {
-        if let Some(&idx) = self.tx.lost.iter().find(|&&i| i >= self.tx.una) {
-            return self.tx.pkts[(idx - self.tx.una) as usize].len == len;
+        if let Some(idx) = self
+            .tx
+            .lost
+            .first()
+            .and_then(|s| self.idx_of(self.tx.una, s))
+        {
+            if let Some(p) = idx
+                .checked_sub(self.tx.una)
+                .and_then(|i| self.tx.pkts.get(i as usize))
+            {
+                return p.len == len;
+            }
         }
         let Some(m) = self
             .tx
@@ -585,13 +598,7 @@ impl Connection {
     }
 
     fn has_data(&self) -> bool {
-        if self
-            .tx
-            .lost
-            .iter()
-            .next_back()
-            .is_some_and(|&i| i >= self.tx.una)
-        {
+        if !self.tx.lost.is_empty() {
             return true;
         }
         (self.tx.cursor - self.tx.msg_base) < self.tx.msgs.len() as u64
@@ -601,8 +608,11 @@ impl Connection {
     /// (transmit, raw seq, retransmission)
     fn next_data(&mut self, now: Time) -> Option<(Transmit, u32, bool)> {
         // Retransmissions first.
-        while let Some(idx) = self.tx.lost.pop_first() {
-            if idx < self.tx.una {
+        while let Some(seq) = self.tx.lost.pop_first() {
+            let Some(idx) = self.idx_of(self.tx.una, seq) else {
+                continue;
+            };
+            if idx < self.tx.una || idx >= self.tx.next {
                 continue;
             }
             let pi = (idx - self.tx.una) as usize;
@@ -708,10 +718,11 @@ impl Connection {
         self.events
             .push_back(Event::MessageDropped { msg: id, reason });
         if assigned > 0 {
-            let end = first + u64::from(assigned);
-            let rest: Vec<u64> = self.tx.lost.range(first..end).copied().collect();
-            for i in rest {
-                self.tx.lost.remove(&i);
+            let last = first + u64::from(assigned) - 1;
+            if last >= self.tx.una {
+                let first = first.max(self.tx.una);
+                let (a, b) = (self.seq_of(first), self.seq_of(last));
+                self.tx.lost.remove_range(a, b);
             }
             if reason == DropReason::Ttl {
                 self.queue_drop_req(mi);
@@ -757,15 +768,12 @@ impl Connection {
         self.queue_ctrl(&ControlRepr::Handshake(hs), dst, 0);
     }
 
-    fn queue_nak(&mut self, ranges: &[(u64, u64)], now: Time) {
+    fn queue_nak(&mut self, ranges: &[(SeqNo, SeqNo)], now: Time) {
         let mut at = 0;
         while at < ranges.len() {
             let mut buf = [0u8; CTRL_MAX - HEADER_LEN];
             let chunk = &ranges[at..];
-            let n = encode_nak(
-                chunk.iter().map(|&(a, b)| (self.seq_of(a), self.seq_of(b))),
-                &mut buf,
-            );
+            let n = encode_nak(chunk.iter().copied(), &mut buf);
             if n == 0 {
                 break;
             }
@@ -1002,9 +1010,7 @@ impl Connection {
             self.stats.bytes_acked += u64::from(p.len);
         }
         self.tx.una = a;
-        while self.tx.lost.first().is_some_and(|&i| i < a) {
-            self.tx.lost.pop_first();
-        }
+        self.tx.lost.remove_through(self.seq_of(a.wrapping_sub(1)));
         // Complete messages whose packets are all acknowledged.
         while let Some(m) = self.tx.msgs.front() {
             let mi_abs = self.tx.msg_base;
@@ -1046,13 +1052,21 @@ impl Connection {
         let fresh = now.saturating_sub(u64::from(self.rtt()));
         let mut new = 0u32;
         for &(a, b) in &ranges {
-            for i in a..=b {
-                let p = &self.tx.pkts[(i - self.tx.una) as usize];
-                if p.retx && p.sent_at > fresh {
-                    continue;
-                }
-                if self.tx.lost.insert(i) {
-                    new += 1;
+            // Insert the runs between packets whose report is stale.
+            let mut run: Option<u64> = None;
+            for i in a..=b + 1 {
+                let stale = i > b || {
+                    let p = &self.tx.pkts[(i - self.tx.una) as usize];
+                    p.retx && p.sent_at > fresh
+                };
+                match (stale, run) {
+                    (true, Some(start)) => {
+                        let (x, y) = (self.seq_of(start), self.seq_of(i - 1));
+                        new += self.tx.lost.insert(x, y).unwrap_or(0);
+                        run = None;
+                    }
+                    (false, None) => run = Some(i),
+                    _ => {}
                 }
             }
         }
@@ -1100,11 +1114,13 @@ impl Connection {
                 if self.rx.lost.is_empty() {
                     self.rx.next_nak_time = now + self.cfg.min_nak_interval_us;
                 }
-                for i in a..=b {
-                    self.rx.lost.insert(i, now);
-                }
+                // Cannot fail: the gap lies within the receive buffer.
+                let _ = self
+                    .rx
+                    .lost
+                    .insert_reported(self.seq_of(a), self.seq_of(b), now);
                 self.stats.pkts_lost_detected += b - a + 1;
-                self.queue_nak(&[(a, b)], now);
+                self.queue_nak(&[(self.seq_of(a), self.seq_of(b))], now);
             }
             while self.rx.base + (self.rx.slots.len() as u64) <= idx {
                 self.rx.slots.push_back(Slot::Empty);
@@ -1114,7 +1130,7 @@ impl Connection {
         let si = (idx - self.rx.base) as usize;
         match self.rx.slots[si] {
             Slot::Empty => {
-                self.rx.lost.remove(&idx);
+                self.rx.lost.remove(h.seq_no);
                 self.rx.slots[si] = Slot::Pkt {
                     ext,
                     msg_no: h.msg_no,
@@ -1240,12 +1256,12 @@ impl Connection {
         if b >= self.rx.next {
             self.rx.next = b + 1;
         }
+        self.rx.lost.remove_range(self.seq_of(a), self.seq_of(b));
         for i in a..=b {
             let si = (i - self.rx.base) as usize;
             match self.rx.slots[si] {
                 Slot::Empty => {
                     self.rx.slots[si] = Slot::Dropped;
-                    self.rx.lost.remove(&i);
                 }
                 Slot::Pkt { ext, msg_no: m, .. } if m == msg_no => {
                     self.rx.slots[si] = Slot::Dropped;
@@ -1275,8 +1291,9 @@ impl Connection {
     fn ack_point(&self) -> u64 {
         self.rx
             .lost
-            .first_key_value()
-            .map_or(self.rx.next, |(&i, _)| i)
+            .first()
+            .and_then(|s| self.idx_of(self.rx.next, s))
+            .map_or(self.rx.next, |i| i.min(self.rx.next))
     }
 
     fn nak_interval(&self) -> u64 {
@@ -1286,7 +1303,7 @@ impl Connection {
         let r = u64::from(self.rx.rtt.rtt());
         let rtt = r + (4 * u64::from(self.rx.rtt.var())).min(r / 2).max(10_000);
         let rate = u64::from(self.rx.arrival.rate());
-        let drain = (self.rx.lost.len() as u64 * 1_000_000)
+        let drain = (self.rx.lost.len() * 1_000_000)
             .checked_div(rate)
             .unwrap_or(0);
         (rtt + drain).max(self.cfg.min_nak_interval_us)
@@ -1297,25 +1314,12 @@ impl Connection {
     /// tick; the check runs every `min_nak_interval_us`.
     fn periodic_nak(&mut self, now: Time) {
         let interval = self.nak_interval();
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (&i, t) in self.rx.lost.iter_mut() {
-            if *t + interval > now {
-                continue;
+        if let Some(due) = now.checked_sub(interval) {
+            let mut ranges = Vec::new();
+            self.rx.lost.take_due(due, now, 64, &mut ranges);
+            if !ranges.is_empty() {
+                self.queue_nak(&ranges, now);
             }
-            let extends = ranges.last().is_some_and(|r| r.1 + 1 == i);
-            if extends {
-                if let Some(r) = ranges.last_mut() {
-                    r.1 = i;
-                }
-            } else if ranges.len() >= 64 {
-                break;
-            } else {
-                ranges.push((i, i));
-            }
-            *t = now;
-        }
-        if !ranges.is_empty() {
-            self.queue_nak(&ranges, now);
         }
         self.rx.next_nak_time = now + self.cfg.min_nak_interval_us;
     }
@@ -1469,9 +1473,8 @@ impl Connection {
         let unacked = self.tx.next > self.tx.una;
         if unacked || (self.tx.cursor - self.tx.msg_base) < self.tx.msgs.len() as u64 {
             if unacked && self.tx.lost.is_empty() {
-                for i in self.tx.una..self.tx.next {
-                    self.tx.lost.insert(i);
-                }
+                let (a, b) = (self.seq_of(self.tx.una), self.seq_of(self.tx.next - 1));
+                let _ = self.tx.lost.insert(a, b);
             }
             let path = self.path();
             self.cc.on_timeout(now, &path);
@@ -1546,7 +1549,7 @@ impl Connection {
             self.state,
             self.tx.una,
             self.tx.next,
-            self.tx.lost.iter().take(5).collect::<Vec<_>>(),
+            self.tx.lost.ranges().take(3).collect::<Vec<_>>(),
             self.tx.cursor,
             self.tx.msg_base,
             self.tx.msgs.len(),
@@ -1556,7 +1559,7 @@ impl Connection {
             self.tx.next_send,
             self.rx.base,
             self.rx.next,
-            self.rx.lost.keys().take(5).collect::<Vec<_>>(),
+            self.rx.lost.ranges().take(3).collect::<Vec<_>>(),
             self.rx.slots.len(),
             self.rx.held,
             self.rx.last_ack,
