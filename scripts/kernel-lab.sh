@@ -370,28 +370,39 @@ else
     fi
 fi
 # The engine's own integration tests (engine/tests: the io_uring and epoll paths, the
-# end-to-end transfer between two engines and two kshims), built for the host's glibc
-# target and run inside the VM on the lab's kernel by `lu2k-lab engine`. Tests that
+# end-to-end transfer between two engines and two kshims), built static for musl (the
+# host's glibc target as a fallback) and run inside the VM on the lab's kernel by `lu2k-lab engine`. Tests that
 # start the engine binary find it through CARGO_BIN_EXE_lu2k-engine, a path fixed at
 # build time, so the binary is put at that very path in the initramfs.
 engine_tests=()
 engine_exe=""
 if [[ ",$tests," == *",engine,"* ]]; then
     gnu=x86_64-unknown-linux-gnu
-    if env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
-        cargo test --release --no-run --target "$gnu" -p lu2k-engine --tests \
-            --manifest-path "$repo/Cargo.toml" --target-dir "$cache/target-engine" \
-            --message-format=json > "$cache/logs/engine-tests.json" 2> "$cache/logs/engine-tests.log"; then
+    # static musl first (what the VM wants); the host's glibc build as the fallback
+    # (carried with its libraries), unless --static-only
+    engine_targets="$musl"; [ $static_only -eq 0 ] && engine_targets="$musl $gnu"
+    engine_target=""
+    for et in $engine_targets; do
+        if env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+            cargo test --release --no-run --target "$et" -p lu2k-engine --tests \
+                --manifest-path "$repo/Cargo.toml" --target-dir "$cache/target-engine" \
+                --message-format=json > "$cache/logs/engine-tests.json" 2> "$cache/logs/engine-tests.log"; then
+            engine_target=$et; break
+        fi
+        echo "    note: the engine's tests do not build for $et (log: $cache/logs/engine-tests-$et.json):"
+        cp "$cache/logs/engine-tests.json" "$cache/logs/engine-tests-$et.json"
+        sed -n 's/.*"rendered":"\(error[^\\]*\).*/      \1/p' "$cache/logs/engine-tests.json" | sort -u | head -n 5
+    done
+    if [ -n "$engine_target" ]; then
         mapfile -t engine_tests < <(grep '"reason":"compiler-artifact"' "$cache/logs/engine-tests.json" \
             | grep -E '"profile":\{[^}]*"test":true' \
             | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
         engine_exe=$(grep '"reason":"compiler-artifact"' "$cache/logs/engine-tests.json" \
             | grep '"kind":\["bin"\]' | grep '"name":"lu2k-engine"' | grep -E '"profile":\{[^}]*"test":false' \
             | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | head -n 1)
-        echo "    engine tests for the VM: ${#engine_tests[@]} binaries ($(for t in "${engine_tests[@]}"; do basename "$t"; done | tr '\n' ' '))"
+        echo "    engine tests for the VM ($engine_target): ${#engine_tests[@]} binaries ($(for t in "${engine_tests[@]}"; do basename "$t"; done | tr '\n' ' '))"
     else
-        echo "    note: the engine's tests do not build (log: $cache/logs/engine-tests.json); the engine test will say pending:"
-        sed -n 's/.*"rendered":"\(error[^\\]*\).*/      \1/p' "$cache/logs/engine-tests.json" | sort -u | head -n 5
+        echo "    note: the engine's tests did not build; the engine test will say pending"
     fi
 fi
 phase "built lab binaries"

@@ -8,6 +8,7 @@
 //! port = 7988                             # UDP port, the same on every lu2k node
 //! cores = 2                               # reactor threads
 //! io_path = "auto"                        # auto | uring | epoll
+//! zero_copy = "auto"                     # auto | always | never (SENDMSG_ZC policy, io_uring path)
 //! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
 //! peer_down_timeout_s = 600               # satellite outages last minutes
@@ -77,6 +78,9 @@ pub struct Config {
     pub io_path: IoPathChoice,
     /// Transport back-end.
     pub backend: BackendChoice,
+    /// Zero-copy send policy of the io_uring path: `auto` (SENDMSG_ZC until the
+    /// kernel keeps reporting it copied anyway, then plain SENDMSG), `always`, `never`.
+    pub zero_copy: crate::uring::ZcMode,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
     /// Seconds without any answer before a peer is reported down and its messages
@@ -108,6 +112,7 @@ impl Default for Config {
             cores: 1,
             io_path: IoPathChoice::Auto,
             backend: BackendChoice::Udt,
+            zero_copy: crate::uring::ZcMode::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
             mss: 1500,

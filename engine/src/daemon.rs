@@ -183,6 +183,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             peer_down_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
         };
         let pin = cfg.pin_cpus;
+        let zc = cfg.zero_copy;
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let (region2, ntx2, draining2) = (region.clone(), ntx.clone(), draining.clone());
         // The ring is built on the thread that uses it: SINGLE_ISSUER and
@@ -201,6 +202,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                             Some(bell_io),
                             UringOpts {
                                 send_slots: SEND_SLOTS,
+                                zc,
                                 ..UringOpts::default()
                             },
                         )

@@ -80,6 +80,11 @@ struct RunArgs {
     /// over rds_tcp; needs the rds and rds_tcp modules) [default: udt].
     #[arg(long, value_enum)]
     backend: Option<BackendChoice>,
+    /// Zero-copy send policy (io_uring path): auto = SENDMSG_ZC until the kernel keeps
+    /// reporting it copied anyway (loopback, veth), then plain SENDMSG; always; never
+    /// [default: auto].
+    #[arg(long, value_enum)]
+    zero_copy: Option<lu2k_engine::uring::ZcMode>,
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -114,6 +119,9 @@ impl RunArgs {
         }
         if let Some(v) = self.io_path {
             c.io_path = v;
+        }
+        if let Some(v) = self.zero_copy {
+            c.zero_copy = v;
         }
         if let Some(v) = self.backend {
             c.backend = v;

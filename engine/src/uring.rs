@@ -70,8 +70,19 @@ pub struct RingSetup {
     pub zc_report_usage: bool,
 }
 
-/// When to send with `SENDMSG_ZC`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// When to send with `SENDMSG_ZC` (config `zero_copy`, flag `--zero-copy`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ZcMode {
     /// Zero-copy until the kernel keeps reporting that it copied anyway
     /// (`ZC_COPIED` on 64 notifications in a row: loopback, veth, NICs without

@@ -58,6 +58,21 @@ fn backend_flag_is_validated_and_udt_is_the_default() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("backend = \"udt\""), "{text}");
+    assert!(text.contains("zero_copy = \"auto\""), "{text}");
+    let out = engine()
+        .args([
+            "check-config",
+            "--kshim-socket",
+            "/tmp/x.sock",
+            "--bind",
+            "127.0.0.1",
+            "--zero-copy",
+            "never",
+        ])
+        .output()
+        .expect("run lu2k-engine");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("zero_copy = \"never\""), "{text}");
     let out = engine()
         .args(["run", "--backend", "sctp"])
         .output()
