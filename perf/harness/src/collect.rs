@@ -147,7 +147,11 @@ mod tests {
         // 1 s at 0, then 12.5 MB/s (100 Mbit/s) for 3 s.
         for i in 1..=40 {
             let t = i as f64 * 0.1;
-            let bytes = if t <= 1.0 { 0 } else { ((t - 1.0) * 12.5e6) as u64 };
+            let bytes = if t <= 1.0 {
+                0
+            } else {
+                ((t - 1.0) * 12.5e6) as u64
+            };
             s.push(t0 + Duration::from_secs_f64(t), bytes);
         }
         let b = s.binned(1.0);
@@ -164,7 +168,10 @@ mod tests {
     fn percentiles_nearest_rank_in_ms() {
         let v: Vec<f64> = (1..=100).map(|i| i as f64 * 1000.0).collect();
         let p = Percentiles::of_us(&v).unwrap();
-        assert_eq!((p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms),
+            (50.0, 90.0, 99.0, 100.0)
+        );
         assert!(Percentiles::of_us(&[]).is_none());
     }
 

@@ -154,21 +154,47 @@ impl Side {
         })
     }
 
-    /// Engine counters: (retransmitted bytes, payload bytes copied).
-    fn counters(&self) -> (Option<u64>, Option<u64>) {
+    /// Engine counters: (retransmitted bytes, payload bytes copied, a summary
+    /// of drops and failures for the report's note).
+    fn counters(&self) -> (Option<u64>, Option<u64>, Option<String>) {
         match lu2k_engine::stats::fetch(&self.stats) {
             Ok(r) => {
+                let mut notes = Vec::new();
+                for c in &r.cores {
+                    for (why, n) in &c.drops {
+                        notes.push(format!("{why} {n}"));
+                    }
+                    for p in &c.peers {
+                        notes.push(format!(
+                            "peer {}: msgs tx {} rx {}, in flight {}, rtt {} ms, rate {:.1} Mbit/s",
+                            p.nid,
+                            p.msgs_tx,
+                            p.msgs_rx,
+                            p.in_flight,
+                            p.rtt_us / 1000,
+                            p.rate_bps as f64 / 1e6
+                        ));
+                        for (why, n) in &p.failed {
+                            notes.push(format!("failed {why} {n}"));
+                        }
+                    }
+                }
+                let note = (!notes.is_empty()).then(|| notes.join(", "));
                 let retrans: u64 = r
                     .cores
                     .iter()
                     .flat_map(|c| c.peers.iter())
                     .map(|p| p.retransmissions)
                     .sum();
-                (Some(retrans * PAYLOAD_PER_PACKET), Some(r.payload_copied()))
+                (
+                    Some(retrans * PAYLOAD_PER_PACKET),
+                    Some(r.payload_copied()),
+                    note,
+                )
             }
             Err(e) => {
                 eprintln!("lu2k: engine stats unavailable: {e}");
-                (None, None)
+                (None, None, None)
             }
         }
     }
@@ -272,7 +298,8 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                         r.bytes += m.len() as u64;
                         if w.kind == WorkloadKind::Live {
                             if let Msg::Put { hdr_data, .. } = m.hdr.msg {
-                                r.samples_us.push(mono_ns().saturating_sub(hdr_data) as f64 / 1e3);
+                                r.samples_us
+                                    .push(mono_ns().saturating_sub(hdr_data) as f64 / 1e3);
                             }
                         }
                         side.k.rx_done(m);
@@ -345,9 +372,21 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
             }
         }
     }
-    let (retrans, copied) = side.counters();
+    let (retrans, copied, engine) = side.counters();
     r.retrans_bytes = retrans;
     r.copied_bytes = copied;
+    if let Some(e) = engine {
+        let side = if spec.role == Role::Send {
+            "sending"
+        } else {
+            "receiving"
+        };
+        let e = format!("{side} engine: {e}");
+        r.note = Some(match r.note.take() {
+            Some(n) => format!("{n}; {e}"),
+            None => e,
+        });
+    }
     side.close();
     Ok(r)
 }

@@ -186,7 +186,8 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         if r.bytes < bytes {
             anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
         }
-        copied = copied.max(r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0));
+        copied =
+            copied.max(r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0));
         Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
     })?;
 
@@ -212,6 +213,15 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             Err(e) => eprintln!("UDT4 round trips, {size} B: {e:#}"),
         }
         bar.inc(1);
+        bar.set_message(format!("UDT4 non-blocking, {size} B"));
+        match udt4::ping_pong_with(size, n, true) {
+            Ok(latency) => rtt.push(RttRow {
+                contender: "udt4-poll",
+                size,
+                latency,
+            }),
+            Err(e) => eprintln!("UDT4 (non-blocking receive) round trips, {size} B: {e:#}"),
+        }
         bar.set_message(format!("lu2k, {size} B"));
         let w = scenario::Workload {
             kind: scenario::WorkloadKind::Rpc,
@@ -314,7 +324,11 @@ fn run_cells(
         s.name,
         if quick { "--quick" } else { "full" },
         s.workload.kind,
-        if run::is_root() { "" } else { ", not root: TCP skipped" }
+        if run::is_root() {
+            ""
+        } else {
+            ", not root: TCP skipped"
+        }
     );
     print!("{}", report::table(&rows));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -338,7 +352,8 @@ fn run_scenario(args: RunArgs) -> Result<()> {
         println!("json: {}", p.display());
     }
     if let Some(p) = &args.csv {
-        std::fs::write(p, report::csv(&rows)).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, report::csv(&rows))
+            .with_context(|| format!("writing {}", p.display()))?;
         println!("csv: {}", p.display());
     }
     Ok(())

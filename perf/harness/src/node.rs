@@ -21,8 +21,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -114,8 +115,7 @@ pub struct NodeResult {
 
 /// Monotonic clock in nanoseconds, the same in every process of this host.
 pub fn mono_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC");
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -175,7 +175,14 @@ impl Stream for Tcp {
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
         match self.s.read(buf) {
             Ok(n) => Ok(n),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(0),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(0)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -220,20 +227,29 @@ pub fn udt_socket(buffer: usize) -> Result<udt::UdtSocket> {
         .map_err(udt_err("socket"))?;
     let buf = buffer.clamp(10 << 20, 1 << 30) as i32;
     let window = (buf / 1500).max(25600);
-    s.setsockopt(udt::UdtOpts::UDT_FC, window).map_err(udt_err("UDT_FC"))?;
-    s.setsockopt(udt::UdtOpts::UDT_SNDBUF, buf).map_err(udt_err("UDT_SNDBUF"))?;
-    s.setsockopt(udt::UdtOpts::UDT_RCVBUF, buf).map_err(udt_err("UDT_RCVBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDT_FC, window)
+        .map_err(udt_err("UDT_FC"))?;
+    s.setsockopt(udt::UdtOpts::UDT_SNDBUF, buf)
+        .map_err(udt_err("UDT_SNDBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDT_RCVBUF, buf)
+        .map_err(udt_err("UDT_RCVBUF"))?;
     let udp = buf.min(64 << 20);
-    s.setsockopt(udt::UdtOpts::UDP_SNDBUF, udp).map_err(udt_err("UDP_SNDBUF"))?;
-    s.setsockopt(udt::UdtOpts::UDP_RCVBUF, udp).map_err(udt_err("UDP_RCVBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDP_SNDBUF, udp)
+        .map_err(udt_err("UDP_SNDBUF"))?;
+    s.setsockopt(udt::UdtOpts::UDP_RCVBUF, udp)
+        .map_err(udt_err("UDP_RCVBUF"))?;
     Ok(s)
 }
 
 fn tcp_tune(s: &TcpStream, spec: &NodeSpec) -> Result<()> {
     if let Some(cc) = &spec.cc {
-        setsockopt(s, sockopt::TcpCongestion, &std::ffi::OsString::from(cc)).with_context(|| {
-            format!("TCP_CONGESTION {cc} (see sysctl net.ipv4.tcp_available_congestion_control)")
-        })?;
+        setsockopt(s, sockopt::TcpCongestion, &std::ffi::OsString::from(cc)).with_context(
+            || {
+                format!(
+                    "TCP_CONGESTION {cc} (see sysctl net.ipv4.tcp_available_congestion_control)"
+                )
+            },
+        )?;
     }
     // Forced buffers (root) above net.core.{r,w}mem_max; else what the kernel allows.
     if setsockopt(s, sockopt::SndBufForce, &spec.buffer).is_err() {
@@ -275,15 +291,20 @@ fn open_stream(spec: &NodeSpec) -> Result<Box<dyn Stream>> {
             let l = udt_socket(spec.buffer)?;
             l.bind(spec.addr).map_err(udt_err("bind"))?;
             l.listen(1).map_err(udt_err("listen"))?;
-            say(&format!("listen {}", l.getsockname().map_err(udt_err("getsockname"))?));
+            say(&format!(
+                "listen {}",
+                l.getsockname().map_err(udt_err("getsockname"))?
+            ));
             let (s, _) = l.accept().map_err(udt_err("accept"))?;
-            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200).map_err(udt_err("UDT_RCVTIMEO"))?;
+            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200)
+                .map_err(udt_err("UDT_RCVTIMEO"))?;
             Ok(Box::new(Udt(s)))
         }
         (Kind::Udt4, Role::Send) => {
             let s = udt_socket(spec.buffer)?;
             s.connect(spec.addr).map_err(udt_err("connect"))?;
-            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200).map_err(udt_err("UDT_RCVTIMEO"))?;
+            s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200)
+                .map_err(udt_err("UDT_RCVTIMEO"))?;
             Ok(Box::new(Udt(s)))
         }
         _ => bail!("not a stream transport"),
@@ -432,7 +453,10 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
                 tick.tick(r.bytes);
             }
             r.span_s = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
-            r.note = Some(format!("{} of {expect} chunks delivered", r.samples_us.len()));
+            r.note = Some(format!(
+                "{} of {expect} chunks delivered",
+                r.samples_us.len()
+            ));
         }
     }
     r.retrans_bytes = s.retrans_bytes();
@@ -470,14 +494,17 @@ pub struct Node {
     child: Child,
     /// Its lines, as they come.
     pub lines: mpsc::Receiver<Line>,
-    /// Its stdin, if asked for.
-    pub stdin: Option<ChildStdin>,
 }
 
 impl Node {
     /// Starts `cmd` (a `__node` command, maybe behind `ip netns exec`).
     pub fn spawn(mut cmd: Command) -> Result<Node> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            // Its own process group: stopping the node stops what it started
+            // (engines, srt-live-transmit) too.
+            .process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let out = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
@@ -490,7 +517,9 @@ impl Node {
                 } else if let Some(b) = line.strip_prefix("progress ") {
                     b.trim().parse().ok().map(|b| Line::Progress(now, b))
                 } else if let Some(j) = line.strip_prefix("result ") {
-                    serde_json::from_str(j).ok().map(|r| Line::Result(Box::new(r)))
+                    serde_json::from_str(j)
+                        .ok()
+                        .map(|r| Line::Result(Box::new(r)))
                 } else {
                     eprintln!("{line}");
                     None
@@ -503,11 +532,7 @@ impl Node {
             }
             let _ = tx.send(Line::Closed);
         });
-        Ok(Node {
-            child,
-            lines: rx,
-            stdin: None,
-        })
+        Ok(Node { child, lines: rx })
     }
 
     /// The command that runs a node of `spec` (this binary, `__node`).
@@ -521,7 +546,10 @@ impl Node {
     pub fn wait_listen(&mut self, limit: Duration) -> Result<SocketAddr> {
         let deadline = Instant::now() + limit;
         loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(Line::Listen(a)) => return Ok(a),
                 Ok(Line::Closed) | Err(_) => {
                     let st = self.child.try_wait()?;
@@ -534,16 +562,18 @@ impl Node {
 
     /// Asks the node to stop (SIGTERM), then kills it after `grace`; reaps it.
     pub fn stop(mut self, grace: Duration) {
+        use nix::sys::signal::{kill, killpg, Signal};
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
+        // Whatever is left in the node's group (the node, its children) goes now.
+        let _ = killpg(pid, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 
@@ -552,6 +582,9 @@ impl Node {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                // Anything it left behind in its group.
+                let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -562,7 +595,9 @@ impl Node {
 
 /// The command that runs this binary.
 pub fn self_command() -> Result<Command> {
-    Ok(Command::new(std::env::current_exe().context("locating lu2k-perf")?))
+    Ok(Command::new(
+        std::env::current_exe().context("locating lu2k-perf")?,
+    ))
 }
 
 /// Reads all of a reader, counting (for piped external programs).

@@ -108,9 +108,17 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}  {}",
-        "cell", "contender", "Mbit/s", "util", "t90 s", "rec s", "retx MB", "CPU s/GB", "p50 ms", "p99 ms",
-        "status"
+        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}  status",
+        "cell",
+        "contender",
+        "Mbit/s",
+        "util",
+        "t90 s",
+        "rec s",
+        "retx MB",
+        "CPU s/GB",
+        "p50 ms",
+        "p99 ms",
     );
     for r in rows {
         let _ = writeln!(
@@ -119,7 +127,8 @@ pub fn table(rows: &[Row]) -> String {
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
-            r.utilization.map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+            r.utilization
+                .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
             opt(r.time_to_90_s, 1),
             opt(r.recovery_s, 1),
             opt(r.retrans_bytes.map(|b| b as f64 / 1e6), 1),
@@ -312,7 +321,10 @@ pub fn plot_over_time(rows: &[Row], cell: &str, dir: &Path, name: &str) -> Resul
     let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{name}: goodput over time, {cell}"), ("sans-serif", 20))
+        .caption(
+            format!("{name}: goodput over time, {cell}"),
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
@@ -325,7 +337,10 @@ pub fn plot_over_time(rows: &[Row], cell: &str, dir: &Path, name: &str) -> Resul
     for (i, r) in pick.iter().enumerate() {
         let col = color(i);
         chart
-            .draw_series(LineSeries::new(r.goodput_series.clone(), col.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                r.goodput_series.clone(),
+                col.stroke_width(2),
+            ))?
             .label(r.contender.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
     }
@@ -379,13 +394,21 @@ rate_mbps = [100.0]
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("out.json");
         write_json(&rows, &p).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         let arr = v.as_array().unwrap();
         assert_eq!(arr.len(), 4);
         for o in arr {
             for k in [
-                "scenario", "contender", "rtt_ms", "loss", "rate_mbps", "goodput_mbps",
-                "utilization", "time_to_90_s", "cpu_s_per_gb",
+                "scenario",
+                "contender",
+                "rtt_ms",
+                "loss",
+                "rate_mbps",
+                "goodput_mbps",
+                "utilization",
+                "time_to_90_s",
+                "cpu_s_per_gb",
             ] {
                 assert!(o.get(k).is_some(), "missing {k} in {o}");
             }
@@ -405,7 +428,9 @@ rate_mbps = [100.0]
         let svg = plot_vs_loss(&rows, &dir, "t").unwrap().unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();
         assert!(s.contains("<svg") && s.contains("udt4"));
-        let svg = plot_over_time(&rows, &rows[0].cell, &dir, "t").unwrap().unwrap();
+        let svg = plot_over_time(&rows, &rows[0].cell, &dir, "t")
+            .unwrap()
+            .unwrap();
         assert!(std::fs::read_to_string(&svg).unwrap().contains("polyline"));
         let _ = std::fs::remove_dir_all(&dir);
     }

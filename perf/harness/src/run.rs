@@ -77,7 +77,11 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
                         .into(),
                 );
             }
-            tcp_cc_missing(if c == Contender::TcpCubic { "cubic" } else { "bbr" })
+            tcp_cc_missing(if c == Contender::TcpCubic {
+                "cubic"
+            } else {
+                "bbr"
+            })
         }
         Contender::Srt => {
             if kind != WorkloadKind::Bulk {
@@ -152,13 +156,36 @@ pub fn run(
     let path = path_of(contender);
     if let Some(why) = skip_reason(contender, cell.workload.kind) {
         eprintln!("SKIPPED {contender} in {}: {why}", cell.name);
-        return Row::not_run(scenario, cell, contender.name(), path, format!("skipped: {why}"));
+        return Row::not_run(
+            scenario,
+            cell,
+            contender.name(),
+            path,
+            format!("skipped: {why}"),
+        );
     }
     match run_inner(scenario, cell, contender, opts, mp) {
-        Ok(r) => r,
+        Ok(r) => {
+            // One line per run, also where the progress bars are hidden (no terminal).
+            eprintln!(
+                "{} {contender}: {} Mbit/s, {} bytes, CPU {:.2} s, {}",
+                cell.name,
+                r.goodput_mbps.map_or("-".into(), |g| format!("{g:.1}")),
+                r.bytes,
+                r.cpu_s.unwrap_or(0.0),
+                r.status
+            );
+            r
+        }
         Err(e) => {
             eprintln!("FAILED {contender} in {}: {e:#}", cell.name);
-            Row::not_run(scenario, cell, contender.name(), path, format!("failed: {e:#}"))
+            Row::not_run(
+                scenario,
+                cell,
+                contender.name(),
+                path,
+                format!("failed: {e:#}"),
+            )
         }
     }
 }
@@ -175,7 +202,11 @@ fn run_inner(
     let exe = node::self_command;
     let (emu, rx, tx) = match contender {
         Contender::Udt4 | Contender::Srt => {
-            let kind = if contender == Contender::Udt4 { Kind::Udt4 } else { Kind::Srt };
+            let kind = if contender == Contender::Udt4 {
+                Kind::Udt4
+            } else {
+                Kind::Srt
+            };
             let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
             let mut rx = Node::spawn(Node::command(exe()?, &spec(kind, Role::Recv, cell, lo))?)?;
             let at = rx.wait_listen(Duration::from_secs(20))?;
@@ -195,7 +226,11 @@ fn run_inner(
             let tun = TunLink::spawn(TunConfig::new(link, opts.seed, &name))
                 .context("starting the link emulator (TUN; needs root and iproute2)")?;
             let at = SocketAddr::from((tun.b_ip(), 5201));
-            let cc = if contender == Contender::TcpCubic { "cubic" } else { "bbr" };
+            let cc = if contender == Contender::TcpCubic {
+                "cubic"
+            } else {
+                "bbr"
+            };
             let mut rs = spec(Kind::Tcp, Role::Recv, cell, at);
             rs.cc = Some(cc.into());
             let exe_path = std::env::current_exe()?;
@@ -255,11 +290,9 @@ fn run_inner(
     };
     let bar = mp.add(ProgressBar::new(target));
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:<34} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:<34} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
     );
     bar.set_prefix(format!("{} {}", cell.name, contender));
 
@@ -279,7 +312,10 @@ fn run_inner(
         if left.is_zero() {
             break;
         }
-        match measuring.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+        match measuring
+            .lines
+            .recv_timeout(left.min(Duration::from_millis(200)))
+        {
             Ok(Line::Progress(at, b)) => {
                 series.push(at, b);
                 bar.set_position(b.min(target));
@@ -322,8 +358,18 @@ fn run_inner(
     let Some(res) = result else {
         bail!("the measuring node ended without a result (see its messages above)");
     };
-    let sender = if receiver_is_rpc_server { None } else { other.as_ref() };
-    let mut row = Row::not_run(scenario, cell, contender.name(), path_of(contender), String::new());
+    let sender = if receiver_is_rpc_server {
+        None
+    } else {
+        other.as_ref()
+    };
+    let mut row = Row::not_run(
+        scenario,
+        cell,
+        contender.name(),
+        path_of(contender),
+        String::new(),
+    );
     row.bytes = res.bytes;
     row.wire_bytes = wire;
     row.cpu_s = Some(cpu);
@@ -347,20 +393,24 @@ fn run_inner(
         WorkloadKind::Live => res.bytes >= target,
         WorkloadKind::Rpc => res.samples_us.len() as u32 >= w.count,
     };
-    row.status = if complete { "ok".into() } else { "incomplete".into() };
+    row.status = if complete {
+        "ok".into()
+    } else {
+        "incomplete".into()
+    };
     if w.kind != WorkloadKind::Rpc && res.bytes > 0 {
         // An incomplete run counts until it was stopped, not until its last byte.
-        let first = series
-            .points
-            .iter()
-            .find(|p| p.1 > 0)
-            .map_or(0.0, |p| p.0);
+        let first = series.points.iter().find(|p| p.1 > 0).map_or(0.0, |p| p.0);
         let span = if complete {
             res.span_s
         } else {
             (t_end - first).max(res.span_s)
         };
-        let counted = if span > 0.0 { res.bytes - res.first_bytes.min(res.bytes) } else { 0 };
+        let counted = if span > 0.0 {
+            res.bytes - res.first_bytes.min(res.bytes)
+        } else {
+            0
+        };
         let g = counted as f64 * 8.0 / span.max(1e-6) / 1e6;
         row.goodput_mbps = Some(g);
         row.utilization = Some(g / capacity);
@@ -406,8 +456,14 @@ pub fn lu2k_direct(
         buffer: 64 << 20,
         lu2k: Some(l(ip, peer)),
     };
-    let rx = Node::spawn(Node::command(node::self_command()?, &mk(Role::Recv, b_ip, a_ip))?)?;
-    let tx = Node::spawn(Node::command(node::self_command()?, &mk(Role::Send, a_ip, b_ip))?)?;
+    let rx = Node::spawn(Node::command(
+        node::self_command()?,
+        &mk(Role::Recv, b_ip, a_ip),
+    )?)?;
+    let tx = Node::spawn(Node::command(
+        node::self_command()?,
+        &mk(Role::Send, a_ip, b_ip),
+    )?)?;
     let (measuring, waiting) = if workload.kind == WorkloadKind::Rpc {
         (tx, rx)
     } else {
@@ -435,5 +491,8 @@ pub fn lu2k_direct(
     measuring.join(Duration::from_secs(15));
     waiting.stop(Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((result.context("the lu2k node ended without a result")?, other))
+    Ok((
+        result.context("the lu2k node ended without a result")?,
+        other,
+    ))
 }

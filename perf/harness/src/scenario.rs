@@ -73,15 +73,6 @@ pub enum Contender {
 }
 
 impl Contender {
-    /// All contenders, in report order.
-    pub const ALL: [Contender; 5] = [
-        Contender::Lu2k,
-        Contender::Udt4,
-        Contender::TcpCubic,
-        Contender::TcpBbr,
-        Contender::Srt,
-    ];
-
     /// The name used in files and tables.
     pub fn name(self) -> &'static str {
         match self {
@@ -379,7 +370,9 @@ impl Scenario {
         if let Some(d) = q.duration_s {
             check_pos("quick.duration_s", d, 3600.0)?;
         }
-        self.link.validate().map_err(|e| invalid(format!("link.{}", e.field), e.problem))?;
+        self.link
+            .validate()
+            .map_err(|e| invalid(format!("link.{}", e.field), e.problem))?;
         let g = &self.grid;
         let grid_given = [g.rtt_ms.len(), g.loss.len(), g.rate_mbps.len()];
         if grid_given.iter().any(|&n| n > 0) && grid_given.contains(&0) {
@@ -429,7 +422,10 @@ impl Scenario {
             }
         }
         if self.cells.is_empty() && g.loss.is_empty() {
-            return Err(invalid("grid", "no cells: give a [grid] or [[cell]] entries"));
+            return Err(invalid(
+                "grid",
+                "no cells: give a [grid] or [[cell]] entries",
+            ));
         }
         Ok(())
     }
@@ -454,10 +450,7 @@ impl Scenario {
             }
         }
         specs.extend(self.cells.iter().cloned());
-        specs
-            .into_iter()
-            .map(|c| self.resolve(c, quick))
-            .collect()
+        specs.into_iter().map(|c| self.resolve(c, quick)).collect()
     }
 
     fn resolve(&self, c: CellSpec, quick: bool) -> Cell {
@@ -470,7 +463,9 @@ impl Scenario {
             let q = &self.quick;
             if let Some(b) = q.bytes {
                 // A cell that asked for more than the default keeps its ratio.
-                let ratio = c.bytes.map_or(1.0, |cb| cb as f64 / self.workload.bytes as f64);
+                let ratio = c
+                    .bytes
+                    .map_or(1.0, |cb| cb as f64 / self.workload.bytes as f64);
                 w.bytes = ((b as f64 * ratio) as u64).max(1);
             }
             if let Some(d) = q.max_duration_s {
@@ -563,7 +558,10 @@ fn check_rate(field: &str, v: f64) -> Result<(), ScenarioError> {
     if v.is_finite() && (0.1..=10_000.0).contains(&v) {
         Ok(())
     } else {
-        Err(invalid(field, format!("must be Mbit/s in [0.1, 10000], got {v}")))
+        Err(invalid(
+            field,
+            format!("must be Mbit/s in [0.1, 10000], got {v}"),
+        ))
     }
 }
 
@@ -677,10 +675,7 @@ bytes = 2000
             err_field(&BASE.replace(r#"["lu2k", "udt4"]"#, r#"["lu2k", "lu2k"]"#)),
             "contenders[1]"
         );
-        assert_eq!(
-            err_field(&BASE.replace("rate_mbps = [100.0]", "")),
-            "grid"
-        );
+        assert_eq!(err_field(&BASE.replace("rate_mbps = [100.0]", "")), "grid");
         assert_eq!(
             err_field(&BASE.replace("bytes = 2000", "contenders = [\"srt\"]")),
             "cell[0].contenders[0]"
@@ -688,8 +683,11 @@ bytes = 2000
         // Unknown names are the parser's business: it names them.
         let e = Scenario::parse(&BASE.replace("\"udt4\"]", "\"quic\"]"), "t.toml").unwrap_err();
         assert!(e.to_string().contains("quic"), "{e}");
-        let e = Scenario::parse(&BASE.replace("kind = \"bulk\"", "kind = \"bulk\"\nbyts = 3"), "t.toml")
-            .unwrap_err();
+        let e = Scenario::parse(
+            &BASE.replace("kind = \"bulk\"", "kind = \"bulk\"\nbyts = 3"),
+            "t.toml",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("byts"), "{e}");
     }
 
@@ -705,6 +703,10 @@ bytes = 2000
                 n += 1;
             }
         }
-        assert!(n >= 2, "expected geo.toml and the tiny scenario in {}", dir.display());
+        assert!(
+            n >= 2,
+            "expected geo.toml and the tiny scenario in {}",
+            dir.display()
+        );
     }
 }

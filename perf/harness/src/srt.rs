@@ -54,7 +54,6 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
             let port = UdpSocket::bind(spec.addr)?.local_addr()?.port();
             let addr = SocketAddr::new(spec.addr.ip(), port);
             let mut child = Command::new(PROGRAM)
-                .arg("-q")
                 .arg(format!("srt://{addr}?mode=listener&{}", options(spec)))
                 .arg("file://con")
                 .stdin(Stdio::null())
@@ -96,7 +95,6 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
         }
         Role::Send => {
             let mut child = Command::new(PROGRAM)
-                .arg("-q")
                 .arg("file://con")
                 .arg(format!("srt://{}?mode=caller&{}", spec.addr, options(spec)))
                 .stdin(Stdio::piped())
@@ -105,9 +103,12 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                 .spawn()
                 .with_context(|| format!("starting {PROGRAM}"))?;
             let mut stdin = child.stdin.take().expect("piped");
+            // srt-live-transmit reads stdin in 1456-byte chunks and holds a
+            // partial one back: pad the stream so the receiver sees all `bytes`.
             let chunk = vec![0x5au8; 1 << 16];
-            while r.bytes < w.bytes {
-                let n = chunk.len().min((w.bytes - r.bytes) as usize);
+            let total = w.bytes + 1456;
+            while r.bytes < total {
+                let n = chunk.len().min((total - r.bytes) as usize);
                 if stdin.write_all(&chunk[..n]).is_err() {
                     break;
                 }

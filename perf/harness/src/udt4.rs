@@ -64,10 +64,21 @@ pub fn bulk(bytes: u64) -> Result<f64> {
 /// mode stalls after a handful of small round trips on this machine (both
 /// sides blocked in `recvmsg`), so the figure would measure that bug.
 pub fn ping_pong(size: usize, count: usize) -> Result<Latency> {
+    ping_pong_with(size, count, false)
+}
+
+/// As [`ping_pong`]; with `poll`, both sides receive non-blocking
+/// (`UDT_RCVSYN` false) and spin, which takes UDT4's blocking-receive wakeup
+/// out of the round trip.
+pub fn ping_pong_with(size: usize, count: usize, poll: bool) -> Result<Latency> {
     let (server, addr) = listener(SocketType::Stream)?;
     let total = count + count / 10;
     let echo = thread::spawn(move || -> Result<()> {
         let (conn, _) = server.accept().map_err(err("accept"))?;
+        if poll {
+            conn.setsockopt(udt::UdtOpts::UDT_RCVSYN, false)
+                .map_err(err("setsockopt UDT_RCVSYN"))?;
+        }
         let mut buf = vec![0u8; size];
         for _ in 0..total {
             recv_exact(&conn, &mut buf)?;
@@ -77,6 +88,11 @@ pub fn ping_pong(size: usize, count: usize) -> Result<Latency> {
     });
     let client = UdtSocket::new(SocketFamily::AFInet, SocketType::Stream).map_err(err("socket"))?;
     client.connect(addr).map_err(err("connect"))?;
+    if poll {
+        client
+            .setsockopt(udt::UdtOpts::UDT_RCVSYN, false)
+            .map_err(err("setsockopt UDT_RCVSYN"))?;
+    }
     let msg = vec![7u8; size];
     let mut buf = vec![0u8; size];
     let mut samples = Vec::with_capacity(count);
@@ -107,10 +123,22 @@ const STALL_MS: i32 = 5_000;
 fn recv_exact(sock: &UdtSocket, buf: &mut [u8]) -> Result<()> {
     sock.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, STALL_MS)
         .map_err(err("setsockopt UDT_RCVTIMEO"))?;
+    let start = Instant::now();
     let mut off = 0;
     while off < buf.len() {
         let want = buf.len() - off;
-        let n = sock.recv(&mut buf[off..], want).map_err(err("recv"))?;
+        let n = match sock.recv(&mut buf[off..], want) {
+            Ok(n) => n,
+            // 6002: non-blocking receive, nothing yet.
+            Err(e) if e.err_code == 6002 => {
+                if start.elapsed() > Duration::from_millis(STALL_MS as u64) {
+                    bail!("UDT4 stalled: nothing received for {STALL_MS} ms");
+                }
+                std::hint::spin_loop();
+                continue;
+            }
+            Err(e) => return Err(err("recv")(e)),
+        };
         if n <= 0 {
             bail!("UDT4 stalled: nothing received for {STALL_MS} ms");
         }

@@ -1,0 +1,97 @@
+//! The harness end to end, for real: `lu2k-perf run` on a tiny scenario
+//! (8 MiB over a 50 Mbit/s, 40 ms, 1 % loss link emulated by linkem's UDP
+//! relay), lu2k (kshim + engine processes) beside UDT4. Nothing is mocked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lu2k-perf")
+}
+
+fn scenarios() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lu2k-perf-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn tiny_scenario_runs_through_the_relay() {
+    let dir = tmp("tiny");
+    let json = dir.join("out.json");
+    let csv = dir.join("out.csv");
+    let out = Command::new(bin())
+        .arg("run")
+        .arg(scenarios().join("tiny.toml"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lu2k-perf run failed");
+    assert!(stdout.contains("contender") && stdout.contains("lu2k") && stdout.contains("udt4"));
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "one row per contender x cell");
+    for r in rows {
+        let name = r["contender"].as_str().unwrap();
+        assert_eq!(r["scenario"], "tiny");
+        assert_eq!(r["rtt_ms"], 40.0);
+        assert_eq!(r["loss"], 0.01);
+        assert_eq!(r["rate_mbps"], 50.0);
+        assert_eq!(r["status"], "ok", "{name}: {r}");
+        assert_eq!(r["bytes"], 8 << 20, "{name} delivered everything");
+        let g = r["goodput_mbps"].as_f64().unwrap();
+        // The emulated link carries at most 50 Mbit/s of IP packets: more
+        // would mean the relay is not on the path.
+        assert!(g > 0.0 && g < 50.0 * 1.02, "{name}: goodput {g}");
+        let wire = r["wire_bytes"].as_u64().unwrap();
+        assert!(wire >= 8 << 20, "{name}: the link saw only {wire} bytes");
+        assert!(r["cpu_s"].as_f64().unwrap() > 0.0, "{name}: no CPU counted");
+        assert!(r["cpu_s_per_gb"].as_f64().is_some());
+        assert!(!r["goodput_series"].as_array().unwrap().is_empty());
+    }
+    let lu2k = rows.iter().find(|r| r["contender"] == "lu2k").unwrap();
+    assert_eq!(lu2k["copied_bytes"], 0, "lu2k copied payload bytes");
+    assert!(
+        lu2k["retrans_bytes"].as_u64().unwrap() > 0,
+        "1 % loss but no retransmissions"
+    );
+
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    let svgs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "svg"))
+        .collect();
+    assert!(!svgs.is_empty(), "no plot written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_scenario_is_refused_naming_the_field() {
+    let dir = tmp("bad");
+    let p = dir.join("bad.toml");
+    let text = std::fs::read_to_string(scenarios().join("tiny.toml"))
+        .unwrap()
+        .replace("loss = 0.01", "loss = 1.5");
+    std::fs::write(&p, text).unwrap();
+    let out = Command::new(bin()).arg("run").arg(&p).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cell[0].loss"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
