@@ -120,6 +120,7 @@ impl Side {
         let stats = l.dir.join(format!("stats-{tag}.sock"));
         let mut cfg = Config::new(vec![nid(l.ip)], &ksock);
         cfg.cores = u32::from(l.cores);
+        cfg.rx_buf_count = l.rx_bufs;
         let mut k = Kshim::start(cfg).context("starting kshim")?;
         let espec = EngineSpec {
             kshim_socket: ksock.clone(),

@@ -83,6 +83,9 @@ struct RunArgs {
     /// Engine cores for lu2k.
     #[arg(long, default_value_t = 1)]
     lu2k_cores: u16,
+    /// kshim RX buffers (64 KiB each) per lu2k node.
+    #[arg(long, default_value_t = LU2K_RX_BUFS)]
+    lu2k_rx_bufs: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,6 +109,9 @@ struct LoopbackArgs {
     /// Engine cores for lu2k.
     #[arg(long, default_value_t = 1)]
     lu2k_cores: u16,
+    /// kshim RX buffers (64 KiB each) per lu2k node.
+    #[arg(long, default_value_t = LU2K_RX_BUFS)]
+    lu2k_rx_bufs: u32,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     round_trips: u64,
@@ -173,7 +179,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
     let bytes = args.mib << 20;
     let udp_ceiling = median_of(args.runs, "raw UDP GSO+GRO", || udp::gso_gro_blast(bytes))?;
     let udt4 = median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes))?;
-    let lo = opts(1, args.lu2k_cores);
+    let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
     let mut copied = 0u64;
     let lu2k = median_of(args.runs, "lu2k bulk", || {
         let w = scenario::Workload {
@@ -291,13 +297,19 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
     Ok(())
 }
 
-fn opts(seed: u64, lu2k_cores: u16) -> run::Opts {
+fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
     run::Opts {
         seed,
         tmp: std::env::temp_dir(),
         lu2k_cores,
+        lu2k_rx_bufs,
     }
 }
+
+/// kshim RX buffers per lu2k node unless told otherwise: kshim's default
+/// (1024) livelocks lu2k on lossy long paths (every datagram pins a 64 KiB
+/// buffer until its message completes; see the README).
+const LU2K_RX_BUFS: u32 = 8192;
 
 /// Runs every contender of every cell; prints and writes the report.
 fn run_cells(
@@ -345,7 +357,7 @@ fn run_cells(
 
 fn run_scenario(args: RunArgs) -> Result<()> {
     let s = scenario::Scenario::load(&args.scenario)?;
-    let o = opts(s.seed, args.lu2k_cores);
+    let o = opts(s.seed, args.lu2k_cores, args.lu2k_rx_bufs);
     let rows = run_cells(&s, args.quick, &args.only, &o, &args.out)?;
     if let Some(p) = &args.json {
         report::write_json(&rows, p)?;
@@ -373,7 +385,7 @@ fn demo(args: DemoArgs) -> Result<()> {
             " Not root: TCP (which needs the TUN emulator) is skipped."
         }
     );
-    let o = opts(s.seed, 1);
+    let o = opts(s.seed, 1, LU2K_RX_BUFS);
     let only: Vec<String> = if run::is_root() {
         Vec::new()
     } else {

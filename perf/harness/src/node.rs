@@ -72,6 +72,11 @@ pub struct Lu2kSpec {
     pub dir: PathBuf,
     /// Engine cores.
     pub cores: u16,
+    /// kshim RX buffers (64 KiB each). A received datagram pins a buffer
+    /// until its message is complete, so this bounds the packets a receiver
+    /// can hold out of order; kshim's default (1024) is too few for a lossy
+    /// long path (see the harness README).
+    pub rx_bufs: u32,
 }
 
 /// Everything a node needs, passed as JSON on its command line.

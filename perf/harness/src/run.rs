@@ -34,6 +34,8 @@ pub struct Opts {
     pub tmp: PathBuf,
     /// Engine cores for lu2k.
     pub lu2k_cores: u16,
+    /// kshim RX buffers per lu2k node.
+    pub lu2k_rx_bufs: u32,
 }
 
 /// Whether this process may set up the TUN emulator.
@@ -269,6 +271,7 @@ fn run_inner(
                 peer_addr: Some(peer),
                 dir: dir.clone(),
                 cores: opts.lu2k_cores,
+                rx_bufs: opts.lu2k_rx_bufs,
             };
             let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
             rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
@@ -446,6 +449,7 @@ pub fn lu2k_direct(
         peer_addr: None,
         dir: dir.clone(),
         cores: opts.lu2k_cores,
+        rx_bufs: opts.lu2k_rx_bufs,
     };
     let mk = |role, ip, peer| NodeSpec {
         kind: Kind::Lu2k,
