@@ -47,11 +47,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         if let Err(e) = lu2k_rds::probe() {
             bail!("backend = rds: {e}");
         }
-        bail!(
-            "backend = rds: this kernel has RDS, but the engine's RDS data path is not \
-             built yet (lu2k-rds has the sockets; the reactor does not drive them); \
-             use --backend udt"
-        );
     }
     let Some(kpath) = cfg.kshim_socket.clone() else {
         bail!("no kshim socket: set kshim_socket in the config file or pass --kshim-socket PATH");
@@ -112,8 +107,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         rcvbuf: cfg.rcvbuf,
         gro: features.udp_gro,
     };
+    let rds = cfg.backend == BackendChoice::Rds;
+    if rds && cores != 1 {
+        let _ = att.ack(2);
+        bail!(
+            "backend = rds runs one core, and kshim's region has {cores} ring sets: \
+             start kshim with one core for the RDS back-end, or use --backend udt"
+        );
+    }
     let mut socks = Vec::new();
-    for _ in 0..cores {
+    for _ in 0..if rds { 0 } else { cores } {
         let (fd, _) =
             sys::udp_socket(local, &sock_opts).with_context(|| format!("binding UDP {local}"))?;
         socks.push(fd);
@@ -148,6 +151,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     let mut to_engine = att.to_engine.iter();
     let mut to_kshim = att.to_kshim.iter();
+    let mut socks = socks.into_iter().map(Some).collect::<Vec<_>>();
+    if rds {
+        socks.push(None);
+    }
     for (c, sock) in socks.into_iter().enumerate() {
         let c = c as u32;
         let bell = to_engine
@@ -183,6 +190,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             peer_down_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
         };
         let pin = cfg.pin_cpus;
+        let rds_params = crate::rds::RdsParams {
+            core: c,
+            net,
+            port: cfg.port,
+            spin: Duration::from_micros(u64::from(cfg.spin_us)),
+            drain_timeout: Duration::from_secs(5),
+        };
         let zc = cfg.zero_copy;
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let (region2, ntx2, draining2) = (region.clone(), ntx.clone(), draining.clone());
@@ -195,6 +209,32 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     if pin {
                         let _ = sys::pin_to_cpu(c as usize);
                     }
+                    let Some(sock) = sock else {
+                        let r = lu2k_rds::Socket::open(
+                            local,
+                            &lu2k_rds::Config {
+                                nonblocking: true,
+                                ..Default::default()
+                            },
+                        )
+                        .map_err(|e| e.to_string())
+                        .and_then(|s| {
+                            crate::rds::RdsCore::new(
+                                rds_params, region2, ec, mem, s, published, draining2,
+                            )
+                            .map_err(|e| e.to_string())
+                        });
+                        match r {
+                            Ok(core) => {
+                                let _ = ready_tx.send(Ok(()));
+                                core.run();
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                            }
+                        }
+                        return;
+                    };
                     let io: std::io::Result<Box<dyn DatagramIo>> = match path {
                         IoPath::Uring => UringIo::new_owned(
                             sock,
@@ -240,8 +280,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     drop(ntx);
     att.ack(0).context("sending ACK to kshim")?;
     eprintln!(
-        "lu2k-engine: attached to kshim at {} ({cores} cores, UDP {local}, path {path})",
-        kpath.display()
+        "lu2k-engine: attached to kshim at {} ({cores} cores, {} {local}, path {path})",
+        kpath.display(),
+        if rds { "RDS/rds_tcp" } else { "UDP" }
     );
     let _stats = match Server::start(&cfg.stats_socket, slots, path.to_string(), draining.clone()) {
         Ok(s) => Some(s),

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod epoll;
 pub mod io;
 pub mod probe;
+pub mod rds;
 pub mod stats;
 pub mod steer;
 pub mod sys;

@@ -1,5 +1,6 @@
 //! `--backend`: the RDS back-end refuses to start, with the lu2k-rds error that says
-//! what is missing, on a kernel without RDS (this build machine); `udt` is the default.
+//! what is missing, on a kernel without RDS (this build machine; on a kernel with RDS,
+//! the kernel lab, it gets past that check); `udt` is the default.
 
 use std::process::Command;
 
@@ -24,21 +25,21 @@ fn rds_backend_without_rds_fails_at_start_with_the_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("lu2k-engine --backend rds: {:?}\n{err}", out.status);
     assert!(!out.status.success(), "--backend rds must not start here");
-    assert!(
-        !err.contains("attaching to kshim"),
-        "the back-end must be checked before kshim is contacted: {err}"
-    );
     match lu2k_rds::probe() {
         Err(e) => {
             eprintln!("this kernel has no RDS ({e}): checking the missing-RDS error");
+            assert!(
+                !err.contains("attaching to kshim"),
+                "the back-end must be checked before kshim is contacted: {err}"
+            );
             for needle in ["RDS is missing", "rds_tcp", "modprobe", "--backend udt"] {
                 assert!(err.contains(needle), "{needle:?} not in {err:?}");
             }
         }
         Ok(()) => {
-            eprintln!("this kernel has RDS: the engine must not claim it is missing");
+            eprintln!("this kernel has RDS: the engine must get past the back-end check");
             assert!(!err.contains("RDS is missing"), "{err}");
-            assert!(err.contains("backend = rds"), "{err}");
+            assert!(err.contains("attaching to kshim"), "{err}");
         }
     }
 }

@@ -1,0 +1,309 @@
+//! The RDS back-end end to end: two engines with `--backend rds`, each in its own
+//! network namespace, the namespaces joined by a veth pair; kshim A → engine A →
+//! RDS/rds_tcp over the veth → engine B → kshim B. Content of every message verified
+//! (1 MiB messages take two RDS messages each), one `Ok` completion per send, no
+//! payload byte copied by lu2k, SIGTERM → exit 0 (the engine exits only once kshim
+//! gave every RX buffer back).
+//!
+//! Needs root, RDS with rds_tcp, veth and iproute2's `ip`: it runs in the kernel lab
+//! (`scripts/kernel-lab.sh`, test `engine`, on Debian's kernel) and skips loudly
+//! elsewhere (this build machine's kernel has no RDS).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
+use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+
+fn nid(ip: Ipv4Addr) -> Nid {
+    format!("{ip}@lu2k").parse().unwrap()
+}
+
+fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{prog} {}`: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Why this test cannot run here, if it cannot.
+fn cannot_run() -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        return Some("not root (network namespaces need it)".into());
+    }
+    if let Err(e) = lu2k_rds::probe() {
+        return Some(format!("no RDS on this kernel: {e}"));
+    }
+    if sh("ip", &["-V"]).is_err() {
+        return Some("iproute2's `ip` is missing".into());
+    }
+    None
+}
+
+struct Netns(Vec<String>);
+
+impl Netns {
+    fn pair(tag: &str, a: Ipv4Addr, b: Ipv4Addr) -> Result<Netns, String> {
+        let _ = std::fs::create_dir_all("/run/netns");
+        let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
+        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
+        let _ = sh("ip", &["netns", "del", &na]);
+        let _ = sh("ip", &["netns", "del", &nb]);
+        let me = Netns(vec![na.clone(), nb.clone()]);
+        sh("ip", &["netns", "add", &na])?;
+        sh("ip", &["netns", "add", &nb])?;
+        sh(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        )?;
+        sh("ip", &["link", "set", &va, "netns", &na])?;
+        sh("ip", &["link", "set", &vb, "netns", &nb])?;
+        for (ns, dev, ip) in [(&na, &va, a), (&nb, &vb, b)] {
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev],
+            )?;
+            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+struct Engine(Child);
+
+impl Engine {
+    fn start(ns: &str, dir: &Path, name: &str, ip: Ipv4Addr) -> Engine {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_lu2k-engine")])
+            .args(["run", "--backend", "rds", "--kshim-socket"])
+            .arg(dir.join(format!("{name}.sock")))
+            .args([
+                "--bind",
+                &ip.to_string(),
+                "--port",
+                "7988",
+                "--stats-socket",
+            ])
+            .arg(dir.join(format!("{name}-stats.sock")))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        Engine(cmd.spawn().unwrap())
+    }
+
+    fn term(mut self) -> std::process::ExitStatus {
+        // `ip netns exec` execs the engine: the child's pid is the engine's.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
+    Repr {
+        dest_nid: dst.0,
+        src_nid: src.0,
+        dest_pid: 12345,
+        src_pid: 12345,
+        payload_length: len as u32,
+        msg: Msg::Put {
+            ack_wmd: WireHandle {
+                interface_cookie: u64::MAX,
+                object_cookie: u64::MAX,
+            },
+            match_bits: n,
+            hdr_data: n,
+            ptl_index: 4,
+            offset: 0,
+        },
+    }
+}
+
+fn pattern(n: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(n * 7) % 251) as u8)
+        .collect()
+}
+
+fn kshim(dir: &Path, name: &str, ip: Ipv4Addr) -> Kshim {
+    let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
+    cfg.cores = 1;
+    cfg.tx_pool_len = 32 << 20;
+    cfg.rx_buf_count = 256;
+    Kshim::start(cfg).unwrap()
+}
+
+fn wait_attached(k: &mut Kshim, deadline: Instant) {
+    while !k.is_attached() {
+        assert!(Instant::now() < deadline, "engine never attached");
+        let _ = k.wait(Some(Duration::from_millis(20)));
+    }
+}
+
+/// Message sizes: full 1 MiB (two RDS messages), the largest single-message one,
+/// small ones and an empty one, interleaved.
+fn size_of_msg(n: u64) -> usize {
+    match n % 5 {
+        0 => 1 << 20,
+        1 => lu2k_rds::RDS_MAX_MSG_SIZE - 80,
+        2 => 4096,
+        3 => 0,
+        _ => 100_000,
+    }
+}
+
+#[test]
+fn rds_backend_between_two_namespaces() {
+    if let Some(why) = cannot_run() {
+        eprintln!("SKIP rds_backend_between_two_namespaces: {why}; it runs in the kernel lab (scripts/kernel-lab.sh --tests engine)");
+        return;
+    }
+    let tag = format!("l2r{}", std::process::id() % 10000);
+    let (a_ip, b_ip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let _ns = Netns::pair(&tag, a_ip, b_ip).expect("namespaces and veth");
+    let dir: PathBuf = std::env::temp_dir().join(format!("lu2k-rds-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ka = kshim(&dir, "a", a_ip);
+    let mut kb = kshim(&dir, "b", b_ip);
+    let ea = Engine::start(&format!("{tag}a"), &dir, "a", a_ip);
+    let eb = Engine::start(&format!("{tag}b"), &dir, "b", b_ip);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_attached(&mut ka, deadline);
+    wait_attached(&mut kb, deadline);
+
+    let count = 40u64;
+    let (na, nb) = (nid(a_ip), nid(b_ip));
+    let mut sent = 0u64;
+    let mut done = std::collections::HashSet::new();
+    let mut cookies = std::collections::HashMap::new();
+    let mut received = vec![false; count as usize];
+    let mut got = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let started = Instant::now();
+    while got < count || (done.len() as u64) < count {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: sent {sent} received {got} completed {}",
+            done.len()
+        );
+        while sent < count {
+            let len = size_of_msg(sent);
+            match ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
+                Ok(c) => {
+                    cookies.insert(c, sent);
+                    sent += 1;
+                }
+                Err(_) => break, // pool or credits exhausted: wait for completions
+            }
+        }
+        while let Some(ev) = ka.poll() {
+            match ev {
+                Event::TxDone {
+                    cookie,
+                    status,
+                    detail,
+                } => {
+                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
+                    let n = cookies
+                        .remove(&cookie)
+                        .expect("completion for an unknown cookie");
+                    assert!(done.insert(n), "two completions for {n}");
+                }
+                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
+                _ => {}
+            }
+        }
+        match kb.wait(Some(Duration::from_millis(5))) {
+            Some(Event::Rx(m)) => {
+                let n = match m.hdr.msg {
+                    Msg::Put { match_bits, .. } => match_bits,
+                    other => panic!("unexpected message {other:?}"),
+                };
+                let len = size_of_msg(n);
+                assert_eq!(m.from, na);
+                assert_eq!(m.len(), len, "message {n} length");
+                let mut buf = vec![0u8; len];
+                m.copy_to(&mut buf);
+                if buf != pattern(n, len) {
+                    let want = pattern(n, len);
+                    let first = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+                    panic!("message {n} ({len} bytes) content differs from byte {first}");
+                }
+                assert!(!received[n as usize], "message {n} delivered twice");
+                received[n as usize] = true;
+                got += 1;
+                kb.rx_done(m);
+            }
+            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
+            _ => {}
+        }
+    }
+    let bytes: usize = (0..count).map(size_of_msg).sum();
+    eprintln!(
+        "rds: {count} messages, {bytes} bytes over RDS/rds_tcp across namespaces in {:.2} s (informational)",
+        started.elapsed().as_secs_f64()
+    );
+    for name in ["a", "b"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
+            .args(["stats", "--json", "--socket"])
+            .arg(dir.join(format!("{name}-stats.sock")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: lu2k_engine::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r.payload_copied(), 0, "engine {name} copied payload");
+    }
+    assert_eq!(ea.term().code(), Some(0), "engine A exit status");
+    assert_eq!(eb.term().code(), Some(0), "engine B exit status");
+    let _ = std::fs::remove_dir_all(&dir);
+}
