@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 echo "==> cargo test --workspace --release (release: the stress, simulation and interop tests are long in debug)"
-cargo test --workspace --release "$@"
+cargo test --workspace --release --no-fail-fast "$@"
 
 if [ $# -eq 0 ]; then
     echo "==> loom: the ring's publication and need-wakeup protocol, every interleaving"
