@@ -42,6 +42,8 @@ struct Pair {
     server_events: Vec<Event>,
     msg_lens: HashMap<u64, u64>,
     drop: LossFn,
+    /// The server sends data too: the client may keep received payload.
+    two_way: bool,
 }
 
 /// Decides per datagram whether the link loses it.
@@ -65,6 +67,7 @@ impl Pair {
             server_events: Vec::new(),
             msg_lens: HashMap::new(),
             drop: Box::new(|_, _| false),
+            two_way: false,
         }
     }
 
@@ -128,7 +131,8 @@ impl Pair {
                     offset: 0,
                     len: bytes.len() as u32,
                 };
-                assert!(!self.client.handle_datagram(self.now, &bytes, at));
+                let kept = self.client.handle_datagram(self.now, &bytes, at);
+                assert!(self.two_way || !kept, "client kept a payload");
             }
             Dir::ToServer => {
                 let id = self.next_buf;
@@ -626,4 +630,44 @@ fn silent_peer_times_out_and_everything_ends_one_way() {
     p.flush();
     assert_eq!(p.server.as_ref().unwrap().held(), 0);
     assert!(p.bufs.is_empty());
+}
+
+/// UDT4 restarts its retransmission (EXP) timer on every packet from the
+/// peer, so a lost first window waits while the peer streams its own data
+/// (the UDT4 client -> lu2k server interop run took 9 s). Only ACK/NAK
+/// progress restarts it here: the window is resent after one EXP interval.
+#[test]
+fn peer_data_does_not_hold_back_the_retransmission_timer() {
+    // A small receive buffer keeps the server's stream going for seconds.
+    let cfg = Config {
+        rcv_buf_pkts: Some(256),
+        max_message_bytes: 64 << 10,
+        ..cfg(Kind::Native)
+    };
+    let mut p = Pair::new(cfg, 50_000, 12);
+    p.two_way = true;
+    p.connect();
+    let start = p.now;
+    // The client's data is lost for 100 ms: its whole first window.
+    p.drop = Box::new(|d, b| d == Dir::ToServer && b[0] & 0x80 == 0);
+    p.send(0, 8 * 1456, None);
+    // Meanwhile the server streams 64 MiB to the client without a pause.
+    let s = p.server.as_mut().unwrap();
+    for m in 0..1024u64 {
+        s.send(p.now, 100 + m, 64 << 10, None).unwrap();
+    }
+    p.run(start + 100_000, |_| false);
+    p.drop = Box::new(|_, _| false);
+    p.run(start + 30_000_000, |p| p.acked() == vec![0]);
+    let took = p.now - start;
+    let server_busy = p.server.as_ref().unwrap().pending_messages() > 0;
+    assert_eq!(p.acked(), vec![0], "not acknowledged after {took} us");
+    // About one EXP interval (RTT + 4 RTTVar + SYN, at least 300 ms) and
+    // a round trip, not the length of the server's stream.
+    assert!(took < 1_000_000, "took {took} us");
+    assert!(
+        server_busy,
+        "the server's stream ended first: the test proves nothing"
+    );
+    assert!(p.client.stats().timeouts >= 1);
 }

@@ -45,6 +45,12 @@
 //! - Hostile input (an ACK beyond what was sent, a loss report naming unsent
 //!   packets) is dropped and counted instead of breaking the connection.
 //! - Messages are always delivered in order.
+//! - The EXP (retransmission) timer restarts when the peer reports on our
+//!   packets — an ACK that advances, a NAK — or on any packet while nothing
+//!   of ours is unacknowledged, as the draft says; UDT 4.11 restarts it on
+//!   every packet, so while a peer sends its own data a lost window waits
+//!   until that data stops. Any packet still restarts the idle timeout, and
+//!   the timer's backoff (`exp_count`) is kept until the peer reports.
 //! - TTL applies until a message has left completely (see
 //!   [`Connection::send`]).
 
@@ -72,6 +78,8 @@ pub const SYN_US: u64 = 10_000;
 const LIGHT_ACK_PKTS: u32 = 64;
 /// Handshake retransmission interval (UDT4: 250 ms).
 const HS_RETRY_US: u64 = 250_000;
+/// Least EXP interval while no RTT has been measured (RFC 6298's initial RTO).
+const INITIAL_EXP_US: u64 = 1_000_000;
 /// Largest loss range a NAK may name (a hostile-input bound).
 const MAX_NAK_SPAN: u64 = 1 << 22;
 
@@ -851,10 +859,23 @@ impl Connection {
         }
     }
 
+    /// Any packet from the peer: it is alive (the idle timeout restarts).
+    /// The EXP timer restarts too only if nothing of ours is unacknowledged
+    /// (draft-gg-udt, data receiving step 3): data or stale ACKs from a busy
+    /// peer say nothing about whether our packets arrived.
     fn heard(&mut self, now: Time) {
+        self.last_heard = now;
+        if self.tx.next == self.tx.una {
+            self.exp_count = 1;
+            self.last_rsp = now;
+        }
+    }
+
+    /// The peer reported on our packets (an ACK that advances, a NAK):
+    /// restart the EXP timer and its backoff.
+    fn progress(&mut self, now: Time) {
         self.exp_count = 1;
         self.last_rsp = now;
-        self.last_heard = now;
     }
 
     fn handle_control(&mut self, now: Time, repr: ControlRepr<'_>) {
@@ -1004,7 +1025,8 @@ impl Connection {
         }
     }
 
-    fn advance_una(&mut self, _now: Time, a: u64) {
+    fn advance_una(&mut self, now: Time, a: u64) {
+        self.progress(now);
         let n = (a - self.tx.una) as usize;
         for p in self.tx.pkts.drain(..n) {
             self.stats.bytes_acked += u64::from(p.len);
@@ -1071,6 +1093,7 @@ impl Connection {
             }
         }
         self.stats.pkts_nak_received += u64::from(new);
+        self.progress(now);
         let raw: Vec<(u32, u32)> = loss.ranges().map(|(a, b)| (a.get(), b.get())).collect();
         let path = self.path();
         self.cc.on_loss(now, &path, &raw, new);
@@ -1430,9 +1453,27 @@ impl Connection {
     }
 
     fn next_exp(&self) -> Time {
-        let base = u64::from(self.exp_count)
-            * (u64::from(self.rtt()) + 4 * u64::from(self.rtt_var()) + SYN_US);
-        let exp = base.max(u64::from(self.exp_count) * self.cfg.min_exp_interval_us);
+        // The RTT is at least what our own ACKed packets took: until the
+        // peer's ACK2 samples arrive (the server, and a client whose
+        // handshake was retried, start from UDT4's 100 ms guess), the timer
+        // must not fire while the first window is still on its way back.
+        let mut rtt = u64::from(self.rtt());
+        if self.tx.own_min_rtt != u32::MAX {
+            rtt = rtt.max(u64::from(self.tx.own_min_rtt));
+        }
+        let base = u64::from(self.exp_count) * (rtt + 4 * u64::from(self.rtt_var()) + SYN_US);
+        let mut min = self.cfg.min_exp_interval_us;
+        if self.tx.next > self.tx.una
+            && self.tx.own_min_rtt == u32::MAX
+            && self.tx.rtt.samples() == 0
+            && self.rx.rtt.samples() == 0
+        {
+            // Data in flight and no RTT measured at all yet: resend after
+            // 1 s, as TCP's initial RTO (RFC 6298), not after UDT4's 100 ms
+            // guess (keep-alives keep the short interval).
+            min = min.max(INITIAL_EXP_US);
+        }
+        let exp = base.max(u64::from(self.exp_count) * min);
         self.last_rsp + exp
     }
 
