@@ -1,5 +1,5 @@
 //! The RDS back-end's core: LNet messages over the kernel's RDS (`AF_RDS`,
-//! `SOCK_SEQPACKET`, `rds_tcp` transport), driven by io_uring.
+//! `SOCK_SEQPACKET`, `rds_tcp` transport), driven from one reactor thread per core.
 //!
 //! # What it does
 //!
@@ -7,10 +7,12 @@
 //! bound to this node's address and the common port) and one io_uring:
 //!
 //! - **TX**: each TX descriptor is validated, its LNet header copied into a
-//!   message-header slot, and it is sent with `IORING_OP_SENDMSG` whose iovecs are
-//!   `[frame header, LNet header, payload extents]` pointing into the shared TX pool:
-//!   lu2k copies no payload (RDS copies it into its own message pages inside
-//!   sendmsg; it has no io_uring zero-copy send). RDS is reliable and in order per
+//!   message-header slot, and it is sent with a non-blocking `sendmsg(2)` whose
+//!   iovecs are `[frame header, LNet header, payload extents]` pointing into the
+//!   shared TX pool: lu2k copies no payload (RDS copies it into its own message pages
+//!   inside sendmsg; it has no zero-copy send for this path). Not io_uring: io_uring
+//!   adds `MSG_NOSIGNAL` to every send and `rds_sendmsg` refuses it with
+//!   `EOPNOTSUPP` (measured in the kernel lab); a non-blocking RDS send never sleeps. RDS is reliable and in order per
 //!   address pair and gives no delivery report, so the TX completion is written when
 //!   the kernel accepted the message (`Ok`), or with the status
 //!   [`lu2k_rds::SendError::status`] gives: back-pressure (`ENOBUFS`, `EAGAIN`:
@@ -64,7 +66,6 @@ pub const RETRY_EVERY: Duration = Duration::from_millis(2);
 const TX_BATCH: u32 = 64;
 const STATS_EVERY: Duration = Duration::from_millis(100);
 
-const K_SEND: u64 = 1;
 const K_RECV: u64 = 2;
 const K_BELL: u64 = 3;
 const KIND_SHIFT: u64 = 56;
@@ -127,7 +128,7 @@ struct TxMsg {
     cookie: u64,
     peer: Ipv4Addr,
     hdr_slot: u32,
-    /// Payload pieces: (offset in the TX pool, length).
+    /// Payload pieces: (offset in the core's TX range, length).
     pieces: Vec<(u64, u32)>,
     parts: Vec<u32>,
     next_part: usize,
@@ -169,8 +170,6 @@ pub struct RdsCore {
     next_msg: u64,
     /// Per peer: messages waiting to be sent, in order (front = being sent).
     queues: HashMap<Ipv4Addr, VecDeque<u64>>,
-    /// Peers with a send in flight.
-    busy: HashMap<Ipv4Addr, u16>,
     retry_at: Option<Instant>,
     recv: Box<RecvSlot>,
     recv_bids: Vec<u16>,
@@ -269,7 +268,6 @@ impl RdsCore {
             msgs: HashMap::new(),
             next_msg: 1,
             queues: HashMap::new(),
-            busy: HashMap::new(),
             retry_at: None,
             recv,
             recv_bids: Vec::new(),
@@ -314,7 +312,7 @@ impl RdsCore {
                     self.fail_queued(TxStatus::Shutdown);
                 }
                 let rx_home = self.rx_msgs.is_empty() && self.rx_pending.is_empty();
-                if self.msgs.is_empty() && self.busy.is_empty() && (rx_home || past) {
+                if self.msgs.is_empty() && (rx_home || past) {
                     self.flush_notify();
                     break;
                 }
@@ -357,7 +355,7 @@ impl RdsCore {
             }
         }
         // Nothing may reference our memory when we go: wait out what is in flight.
-        while !self.busy.is_empty() || self.recv_armed || self.bell_armed {
+        while self.recv_armed || self.bell_armed {
             if self.recv_armed || self.bell_armed {
                 let e = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build();
                 // SAFETY: a cancel references no memory of ours.
@@ -459,11 +457,14 @@ impl RdsCore {
             return;
         };
         self.mem.write_msg_hdr(hdr_slot, &hdr);
+        // Offsets in the core's TX range, where the shared TX pool starts at `pool_off`.
+        let base = self.mem.pool_off as u64;
         let mut pieces: Vec<(u64, u32)> = Vec::with_capacity(extents.len());
         for e in &extents {
+            let off = base + e.offset;
             match pieces.last_mut() {
-                Some(last) if last.0 + u64::from(last.1) == e.offset => last.1 += e.len,
-                _ => pieces.push((e.offset, e.len)),
+                Some(last) if last.0 + u64::from(last.1) == off => last.1 += e.len,
+                _ => pieces.push((off, e.len)),
             }
         }
         let id = self.next_msg;
@@ -495,59 +496,60 @@ impl RdsCore {
     }
 
     fn fail_queued(&mut self, status: TxStatus) {
-        let ids: Vec<u64> = self
-            .msgs
-            .iter()
-            .filter(|(_, m)| !self.busy.contains_key(&m.peer) || m.next_part == 0)
-            .map(|(&id, _)| id)
-            .collect();
+        let ids: Vec<u64> = self.msgs.keys().copied().collect();
         for id in ids {
-            let in_flight = self
-                .busy
-                .get(&self.msgs[&id].peer)
-                .is_some_and(|&s| self.slots[s as usize].msg_id == id);
-            if !in_flight {
-                self.finish(id, status, 0);
-            }
+            self.finish(id, status, 0);
         }
     }
 
-    /// Submits the next RDS message of every idle peer with work.
+    /// Sends the next RDS message of every peer with work, until the kernel pushes
+    /// back.
+    ///
+    /// Sends are `sendmsg(2)` calls on the non-blocking socket from this thread, not
+    /// io_uring operations: io_uring adds `MSG_NOSIGNAL` to every send, and
+    /// `rds_sendmsg` refuses any flag but `MSG_DONTWAIT`/`MSG_ZEROCOPY` with
+    /// `EOPNOTSUPP` (measured in the kernel lab on 6.1; the check is unchanged in
+    /// current kernels). A non-blocking RDS send never sleeps: it queues the whole
+    /// message or answers at once.
     fn submit_sends(&mut self) -> bool {
-        let peers: Vec<Ipv4Addr> = self
+        let mut peers: Vec<Ipv4Addr> = self
             .queues
             .iter()
-            .filter(|(ip, q)| !q.is_empty() && !self.busy.contains_key(ip))
+            .filter(|(_, q)| !q.is_empty())
             .map(|(&ip, _)| ip)
             .collect();
+        peers.sort_unstable();
         let mut any = false;
-        for ip in peers {
-            let Some(&id) = self.queues.get(&ip).and_then(|q| q.front()) else {
-                continue;
-            };
-            let Some(si) = self.free_slots.pop() else {
-                break;
-            };
-            self.build_send(si, id);
-            let e = opcode::SendMsg::new(
-                types::Fd(self.sock.as_raw_fd()),
-                &self.slots[si as usize].msg,
-            )
-            .build()
-            .user_data((K_SEND << KIND_SHIFT) | u64::from(si));
-            // SAFETY: the slot's msghdr, address, frame header and iovec array are in
-            // a boxed slice that outlives the ring's use (the slot is not reused or
-            // dropped before its completion, awaited in `run`); the iovecs point at
-            // the TX mapping, which `mem` keeps mapped.
-            if unsafe { self.ring.submission().push(&e) }.is_err() {
-                self.free_slots.push(si);
-                break;
+        'peers: for ip in peers {
+            while let Some(&id) = self.queues.get(&ip).and_then(|q| q.front()) {
+                let Some(si) = self.free_slots.pop() else {
+                    break 'peers;
+                };
+                self.build_send(si, id);
+                let res = {
+                    let s = &self.slots[si as usize];
+                    let slices: Vec<std::io::IoSlice<'_>> = s
+                        .iov
+                        .iter()
+                        .map(|v| {
+                            // SAFETY: each iovec points at `iov_len` initialised bytes
+                            // that stay mapped and unchanged for the call: the slot's
+                            // frame header, the message's header slot, or validated
+                            // extents of the TX pool (kshim does not reuse them before
+                            // the completion we have not written yet).
+                            std::io::IoSlice::new(unsafe {
+                                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                            })
+                        })
+                        .collect();
+                    self.sock.send(SocketAddrV4::new(ip, self.p.port), &slices)
+                };
+                any = true;
+                let pushed_back = self.on_send(si, res);
+                if pushed_back {
+                    break 'peers;
+                }
             }
-            self.busy.insert(ip, si);
-            any = true;
-        }
-        if any {
-            let _ = self.ring.submit();
         }
         any
     }
@@ -608,44 +610,47 @@ impl RdsCore {
         s.msg.msg_controllen = 0;
     }
 
-    fn on_send(&mut self, si: u16, res: i32) {
-        let (id, len) = {
-            let s = &self.slots[si as usize];
-            (s.msg_id, s.len)
-        };
+    /// Handles a send's result; whether the kernel pushed back (retry later).
+    fn on_send(&mut self, si: u16, res: Result<usize, lu2k_rds::SendError>) -> bool {
+        let id = self.slots[si as usize].msg_id;
         self.free_slots.push(si);
         let Some(m) = self.msgs.get_mut(&id) else {
-            return;
+            return false;
         };
-        let peer = m.peer;
-        self.busy.remove(&peer);
-        if res >= 0 {
-            self.stats.io.sends += 1;
-            self.stats.io.bytes_sent += res as u64;
-            m.next_part += 1;
-            if m.next_part == m.parts.len() {
-                self.finish(id, TxStatus::Ok, 0);
+        let e = match res {
+            Ok(n) => {
+                self.stats.io.sends += 1;
+                self.stats.io.bytes_sent += n as u64;
+                m.next_part += 1;
+                if m.next_part == m.parts.len() {
+                    self.finish(id, TxStatus::Ok, 0);
+                }
+                return false;
             }
-            return;
-        }
+            Err(e) => e,
+        };
         self.stats.io.send_errors += 1;
-        let errno = -res;
-        let e = lu2k_rds::SendError::from_errno(errno, len, self.sock.max_message());
+        let errno = match e {
+            lu2k_rds::SendError::Backpressure { errno }
+            | lu2k_rds::SendError::PeerUnreachable { errno }
+            | lu2k_rds::SendError::Invalid { errno }
+            | lu2k_rds::SendError::Os { errno } => errno as u32,
+            lu2k_rds::SendError::TooLarge { .. } => libc::EMSGSIZE as u32,
+            _ => 0,
+        };
         match e.status() {
             lu2k_rds::Status::Retry => {
                 self.stats.drop_one("rds_send_backpressure");
                 self.retry_at = Some(Instant::now() + RETRY_EVERY);
+                return true;
             }
-            // A message cut after its first part cannot be resumed with another
-            // message in between: the peer would attach the wrong continuation.
-            lu2k_rds::Status::PeerUnreachable => {
-                self.finish(id, TxStatus::PeerUnreachable, errno as u32)
-            }
-            lu2k_rds::Status::Rejected => {
-                self.finish(id, TxStatus::InvalidDescriptor, errno as u32)
-            }
-            lu2k_rds::Status::Failed => self.finish(id, TxStatus::Aborted, errno as u32),
+            // A message cut after a part cannot be resumed with another message in
+            // between (the peer would attach the wrong continuation): it fails whole.
+            lu2k_rds::Status::PeerUnreachable => self.finish(id, TxStatus::PeerUnreachable, errno),
+            lu2k_rds::Status::Rejected => self.finish(id, TxStatus::InvalidDescriptor, errno),
+            lu2k_rds::Status::Failed => self.finish(id, TxStatus::Aborted, errno),
         }
+        false
     }
 
     fn arm_recv(&mut self) {
@@ -732,7 +737,6 @@ impl RdsCore {
         let any = !cqes.is_empty();
         for (ud, res, flags) in cqes {
             match ud >> KIND_SHIFT {
-                K_SEND => self.on_send((ud & 0xffff) as u16, res),
                 K_RECV => self.on_recv(res, flags),
                 K_BELL => {
                     self.bell_armed = false;
