@@ -26,6 +26,7 @@ use lu2k_kshim::attach::{self, Notice as KNotice};
 use lu2k_kshim::Nid;
 use lu2k_ring_abi::{Eventfds, Region};
 
+use crate::backend::CoreBackend;
 use crate::config::{BackendChoice, Config, IoPathChoice};
 use crate::core::{CoreLoop, CoreParams, Notice};
 use crate::epoll::EpollIo;
@@ -227,6 +228,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         match r {
                             Ok(core) => {
                                 let _ = ready_tx.send(Ok(()));
+                                let core: Box<dyn CoreBackend> = Box::new(core);
+                                eprintln!("lu2k-engine: core {c}: back-end {}", core.name());
                                 core.run();
                             }
                             Err(e) => {
@@ -262,7 +265,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                             return;
                         }
                     };
-                    CoreLoop::new(params, region2, ec, io, mem, published, ntx2, draining2).run();
+                    let core: Box<dyn CoreBackend> = Box::new(CoreLoop::new(
+                        params, region2, ec, io, mem, published, ntx2, draining2,
+                    ));
+                    eprintln!("lu2k-engine: core {c}: back-end {}", core.name());
+                    core.run();
                 })?,
         );
         match ready_rx.recv() {

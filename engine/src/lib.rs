@@ -14,6 +14,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod config;
 pub mod core;
 pub mod daemon;
