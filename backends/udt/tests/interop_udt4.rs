@@ -13,7 +13,10 @@
 //!   `recvmsg`) and stream mode (`UDT_STREAM`, `send` / `recv`);
 //! * UDT4 client → lu2k server ([`Listener`] with SYN cookies), both modes;
 //! * lu2k client → relay → UDT4 server in message mode, the relay dropping
-//!   1 % of the datagrams in each direction (seeded).
+//!   1 % of the datagrams in each direction (seeded);
+//! * the reference for that run: UDT4 client → the same relay → UDT4
+//!   server, so lu2k's native sender can be set beside UDT4's own sender
+//!   facing the same (UDT4) receiver.
 //!
 //! The runs are serialized (one mutex): they share two CPU cores with the
 //! rest of the test suite and a UDT4 library instance.
@@ -910,5 +913,57 @@ fn lu2k_client_udt4_server_message_mode_satellite_cc() {
         0xA11CE,
         0xB0B,
         "lu2k client (satellite controller) -> UDT4 server, message mode",
+    );
+}
+
+/// The reference for the loss run: UDT4 against itself through the same
+/// 1 % relay (same seeds), so lu2k's native sender can be compared with
+/// UDT4's own sender facing a UDT4 receiver (which, unlike lu2k's, never
+/// re-sends a NAK: each lost retransmission waits for the sender's EXP).
+#[test]
+fn udt4_client_udt4_server_one_percent_loss_reference() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mode = Mode::Message;
+    let listener = udt4_socket(mode);
+    listener
+        .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .unwrap();
+    listener.listen(4).unwrap();
+    let server = listener.getsockname().unwrap();
+    let (seed_a, seed_b) = (0xA11CE, 0xB0B);
+    let relay = Relay::start(server, 0.01, 0x1055);
+    let front = relay.front;
+    let started = Instant::now();
+    let timed = move |s: UdtSocket, tx_seed: u64, rx_seed: u64| {
+        let tx = thread::spawn(move || udt4_send(s, mode, tx_seed, BYTES));
+        let rx = thread::spawn(move || {
+            let (h, _) = udt4_recv(s, mode, rx_seed, BYTES);
+            (h, started.elapsed().as_secs_f64())
+        });
+        (tx, rx)
+    };
+    let acceptor = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("UDT4 accept");
+        (listener, s, timed(s, seed_b, seed_a))
+    });
+    let c = udt4_socket(mode);
+    c.connect(front).expect("UDT4 connect through the relay");
+    let (ctx, crx) = timed(c, seed_a, seed_b);
+    let (listener, s, (stx, srx)) = acceptor.join().unwrap();
+    ctx.join().unwrap();
+    stx.join().unwrap();
+    let (server_hash, server_secs) = srx.join().unwrap();
+    let (client_hash, client_secs) = crx.join().unwrap();
+    let _ = c.close();
+    let _ = s.close();
+    let _ = listener.close();
+    let (dropped, total) = relay.stop();
+    eprintln!("relay dropped {dropped} of {total} datagrams");
+    assert!(dropped > 0, "the relay dropped nothing");
+    assert_eq!(server_hash, expected_checksum(seed_a, BYTES));
+    assert_eq!(client_hash, expected_checksum(seed_b, BYTES));
+    eprintln!(
+        "UDT4 client -> 1% loss relay -> UDT4 server, message mode: client->server \
+         received after {server_secs:.2} s, server->client after {client_secs:.2} s"
     );
 }

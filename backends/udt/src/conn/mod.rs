@@ -134,6 +134,9 @@ struct Sender {
     cursor: u64,
     pkts: VecDeque<TxPkt>,
     una: u64,
+    /// The acknowledgement point of the last full ACK (UDT4
+    /// `m_iSndLastDataAck`): light ACKs move `una` but not this.
+    data_ack: u64,
     next: u64,
     /// Sequence numbers to retransmit; all within `una .. next`.
     lost: SndLossList,
@@ -263,6 +266,7 @@ impl Connection {
                 cursor: 0,
                 pkts: VecDeque::new(),
                 una: 0,
+                data_ack: 0,
                 next: 0,
                 lost: SndLossList::new(),
                 next_msg_no: MsgNo::new(1),
@@ -979,9 +983,14 @@ impl Connection {
             self.tx.flow_window = st.avail_buf.max(2);
         }
         // The path estimates are taken from every full ACK, also one that
-        // does not advance (UDT4 drops those first: a light ACK may have
-        // advanced the window already, and the rates are lost).
+        // does not advance past the last full ACK (UDT4 drops those).
+        // Whether it advanced is judged, as UDT4 does, against the last
+        // full ACK, not against `una`: light ACKs (every 64 packets) move
+        // `una` in between, and judged against `una` most full ACKs at
+        // high rates would not count, and the controller's rate increase
+        // (UDT4's onACK) would be skipped.
         let advanced = a > self.tx.una;
+        let data_advanced = a > self.tx.data_ack;
         if advanced {
             // Sender-side RTT sample from the newest packet this ACK covers
             // (Karn: never from a retransmission); only its minimum is trusted.
@@ -993,7 +1002,10 @@ impl Connection {
                 self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
             }
         }
-        let newly = a.saturating_sub(self.tx.una) as u32;
+        let newly = a.saturating_sub(self.tx.data_ack) as u32;
+        if data_advanced {
+            self.tx.data_ack = a;
+        }
         if advanced {
             self.advance_una(now, a);
         }
@@ -1020,7 +1032,7 @@ impl Connection {
         }
         let path = self.path();
         self.cc.on_report(now, &path, &ack);
-        if advanced {
+        if data_advanced {
             self.cc.on_ack(now, &path, &ack);
         }
     }
