@@ -57,7 +57,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
         kshim_socket: Some(s.kshim_socket),
         bind: s.bind,
         port: s.port,
-        cores: s.cores,
+        cores: Some(s.cores),
         stats_socket: s.stats_socket,
         ..Default::default()
     };
