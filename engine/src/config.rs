@@ -72,8 +72,9 @@ pub struct Config {
     pub bind: Ipv4Addr,
     /// UDP port, the same for all lu2k nodes.
     pub port: u16,
-    /// Reactor threads (cores).
-    pub cores: u16,
+    /// Reactor threads (cores). kshim creates one ring set per core, so this must
+    /// match kshim's region when set; unset, the engine runs one core per ring set.
+    pub cores: Option<u16>,
     /// I/O path.
     pub io_path: IoPathChoice,
     /// Transport back-end.
@@ -109,7 +110,7 @@ impl Default for Config {
             kshim_socket: None,
             bind: Ipv4Addr::UNSPECIFIED,
             port: 7988,
-            cores: 1,
+            cores: None,
             io_path: IoPathChoice::Auto,
             backend: BackendChoice::Udt,
             zero_copy: crate::uring::ZcMode::Auto,
@@ -187,10 +188,10 @@ impl Config {
                 fix,
             })
         };
-        if self.cores == 0 || self.cores > 64 {
+        if let Some(cores @ (0 | 65..)) = self.cores {
             return bad(
                 "cores",
-                self.cores.to_string(),
+                cores.to_string(),
                 "must be between 1 and 64",
                 "set cores to the number of reactor threads, e.g. cores = 2",
             );
@@ -298,7 +299,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.cores, 2);
+        assert_eq!(c.cores, Some(2));
         assert_eq!(c.io_path, IoPathChoice::Epoll);
         assert_eq!(c.peers[0].addr, "10.0.0.2:9001".parse().unwrap());
     }
@@ -312,7 +313,7 @@ mod tests {
     #[test]
     fn invalid_values_name_field_and_fix() {
         let c = Config {
-            cores: 0,
+            cores: Some(0),
             ..Config::default()
         };
         let e = c.validate().unwrap_err().to_string();

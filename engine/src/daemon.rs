@@ -84,10 +84,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let cores = att.hello.cores;
-    if u32::from(cfg.cores) != cores {
-        eprintln!(
-            "lu2k-engine: note: kshim's region has {cores} ring sets; running {cores} cores (config said {})",
-            cfg.cores
+    if let Some(want) = cfg.cores.filter(|&n| u32::from(n) != cores) {
+        let _ = att.ack(1);
+        bail!(
+            "--cores {want} does not match kshim's region, which has {cores} ring sets \
+             (one per core): start kshim with {want} cores, or run the engine with \
+             --cores {cores} (or without --cores, to follow kshim)"
         );
     }
     let local_nid: Option<Nid> = att.hello.nids.first().copied();

@@ -69,8 +69,9 @@ struct RunArgs {
     /// UDP port used by all lu2k nodes [default: 7988].
     #[arg(long)]
     port: Option<u16>,
-    /// Reactor threads; peers are sharded across them. kshim's region decides: the
-    /// engine runs one core per ring set kshim created [default: 1].
+    /// Reactor threads; peers are sharded across them. Each core serves one of the
+    /// ring sets kshim created, so N must equal kshim's core count; left out, the
+    /// engine runs as many cores as kshim's region has.
     #[arg(long)]
     cores: Option<u16>,
     /// I/O path: auto (probe), uring, or epoll (slow path; also LU2K_FORCE_SLOW=1).
@@ -115,7 +116,7 @@ impl RunArgs {
             c.port = v;
         }
         if let Some(v) = self.cores {
-            c.cores = v;
+            c.cores = Some(v);
         }
         if let Some(v) = self.io_path {
             c.io_path = v;

@@ -235,11 +235,14 @@ fn bulk_transfer_fast_path() {
         Ipv4Addr::new(127, 0, 0, 11),
         Ipv4Addr::new(127, 0, 0, 12),
         1,
-        200,
+        GIB_OF_MIB,
         1 << 20,
         &[],
     );
 }
+
+/// 1 GiB in 1 MiB messages: what the end-to-end proof moves.
+const GIB_OF_MIB: u64 = 1024;
 
 #[test]
 fn bulk_transfer_slow_path_forced() {
@@ -248,18 +251,31 @@ fn bulk_transfer_slow_path_forced() {
         Ipv4Addr::new(127, 0, 0, 21),
         Ipv4Addr::new(127, 0, 0, 22),
         1,
-        100,
+        GIB_OF_MIB,
         1 << 20,
         &["--io-path", "epoll"],
     );
 }
 
 #[test]
-fn small_messages_two_cores() {
+fn bulk_transfer_two_cores() {
     transfer(
         "cores2",
         Ipv4Addr::new(127, 0, 0, 31),
         Ipv4Addr::new(127, 0, 0, 32),
+        2,
+        GIB_OF_MIB,
+        1 << 20,
+        &["--cores", "2"],
+    );
+}
+
+#[test]
+fn small_messages_two_cores() {
+    transfer(
+        "small2",
+        Ipv4Addr::new(127, 0, 0, 33),
+        Ipv4Addr::new(127, 0, 0, 34),
         2,
         2000,
         4096,
@@ -570,5 +586,46 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
         );
     }
     assert_eq!(eb.term().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cores_flag_that_disagrees_with_kshim_is_refused() {
+    let dir = tmpdir("coresmismatch");
+    let ip = Ipv4Addr::new(127, 0, 0, 51);
+    let mut k = kshim(&dir, "a", ip, 2);
+    let port = (20000 + (std::process::id() % 20000) + 301).to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
+        .args(["run", "--kshim-socket"])
+        .arg(dir.join("a.sock"))
+        .args(["--bind", &ip.to_string(), "--port", &port, "--cores", "3"])
+        .arg("--stats-socket")
+        .arg(dir.join("a-stats.sock"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // kshim hands the region over only while it is driven.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let _ = k.poll();
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "engine neither attached nor refused"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !status.success(),
+        "engine accepted --cores 3 against 2 ring sets"
+    );
+    assert!(
+        err.contains("--cores 3") && err.contains("2 ring sets"),
+        "error should name both counts: {err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
