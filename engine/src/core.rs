@@ -144,6 +144,9 @@ pub struct CoreLoop {
     next_send: u64,
     backlog: VecDeque<(SocketAddrV4, Transmit)>,
     rx_refs: Vec<u32>,
+    /// Datagrams per RX buffer, a moving average over receive completions (1
+    /// without GRO coalescing, more with it): converts free buffers to packets.
+    rx_pkts_per_buf: f64,
     rx_msgs: HashMap<u64, RxMsg>,
     next_token: u64,
     rx_pending: VecDeque<RxDesc>,
@@ -220,6 +223,7 @@ impl CoreLoop {
             listener: Listener::new(0, p.udt.clone(), seed ^ 0xA5A5),
             msg_free: (0..mem.msg_hdr_slots.min(p.msg_slots)).rev().collect(),
             rx_refs: vec![0; mem.rx.count as usize],
+            rx_pkts_per_buf: 1.0,
             rx_tables_free: (0..entry.rx_tables).rev().collect(),
             rx_tables_base: entry.rx_tables_off - tables_pool_off,
             p,
@@ -341,6 +345,7 @@ impl CoreLoop {
             }
             self.events = events;
             self.timers();
+            self.relieve_rx();
             self.conn_events();
             self.flush_notify();
             if last_stats.elapsed() >= STATS_EVERY {
@@ -625,6 +630,64 @@ impl CoreLoop {
         any
     }
 
+    /// Matches what the receiving connections take to the RX buffers free, and
+    /// keeps a reserve so the packet that fills a receive hole can always land.
+    ///
+    /// Each received datagram holds (a share of) an RX buffer until its message is
+    /// delivered whole and kshim gives it back. Under loss, packets behind a hole
+    /// wait for its retransmission; if they took every buffer, the provided-buffer
+    /// ring would run empty and the retransmission could never be received: a
+    /// deadlock. Two measures, in this order:
+    ///
+    /// 1. Backpressure: each receiving connection is told the free buffers beyond
+    ///    the reserve (in packets, at the measured datagrams per buffer, shared
+    ///    evenly), and advertises no larger a flow window in its next full ACK.
+    /// 2. Reserve: when free buffers fall below an eighth of the pool anyway (the
+    ///    window is only as fresh as the last ACK, GRO packing varies, kshim holds
+    ///    delivered messages), every receiving connection gives back what it holds
+    ///    beyond its first hole. Nothing there is acknowledged, so the sender sends
+    ///    it again; counted as `rx_shed_out_of_order`.
+    fn relieve_rx(&mut self) {
+        let reserve = (self.rx_refs.len() / 8).max(4);
+        let free = self.io.rx_free();
+        let receivers = self.conns.values().filter(|e| e.dir == Dir::Rx).count();
+        if receivers == 0 {
+            return;
+        }
+        let spare = free.saturating_sub(reserve) as f64 * self.rx_pkts_per_buf.max(1.0);
+        let room = (spare / receivers as f64).min(f64::from(u32::MAX)) as u32;
+        for e in self.conns.values_mut() {
+            if e.dir == Dir::Rx {
+                e.conn.set_rcv_room(Some(room));
+            }
+        }
+        if free >= reserve {
+            return;
+        }
+        let now = self.now();
+        let mut shed = 0u64;
+        let mut freed = Vec::new();
+        for e in self.conns.values_mut() {
+            if e.dir != Dir::Rx {
+                continue;
+            }
+            shed += e.conn.shed_out_of_order(now);
+            while let Some(ext) = e.conn.poll_release() {
+                freed.push(ext.buf as u16);
+            }
+        }
+        if shed > 0 {
+            *self
+                .stats
+                .drops
+                .entry("rx_shed_out_of_order".to_string())
+                .or_default() += shed;
+        }
+        for b in freed {
+            self.unref(b);
+        }
+    }
+
     fn unref(&mut self, bid: u16) {
         if let Some(r) = self.rx_refs.get_mut(bid as usize) {
             *r = r.saturating_sub(1);
@@ -803,6 +866,8 @@ impl CoreLoop {
             return;
         };
         let seg = seg.max(1);
+        let n = f64::from(len.div_ceil(seg).max(1));
+        self.rx_pkts_per_buf += (n - self.rx_pkts_per_buf) / 64.0;
         let mut at = off;
         while at < off + len {
             let dlen = seg.min(off + len - at);

@@ -437,6 +437,10 @@ impl DatagramIo for EpollIo {
         self.pending.len()
     }
 
+    fn rx_free(&self) -> usize {
+        self.rx_free.len()
+    }
+
     fn path_name(&self) -> &'static str {
         "epoll"
     }

@@ -314,6 +314,10 @@ pub trait DatagramIo {
     /// Sends still waiting for their `SendDone`.
     fn sends_in_flight(&self) -> usize;
 
+    /// RX buffers free to receive into now (provided to the kernel, or on the
+    /// slow path's free list).
+    fn rx_free(&self) -> usize;
+
     /// Short name of the path ("io_uring" or "epoll").
     fn path_name(&self) -> &'static str;
 }

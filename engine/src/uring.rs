@@ -849,6 +849,10 @@ impl DatagramIo for UringIo {
         self.in_flight
     }
 
+    fn rx_free(&self) -> usize {
+        self.rx_free
+    }
+
     fn path_name(&self) -> &'static str {
         "io_uring"
     }

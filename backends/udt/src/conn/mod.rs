@@ -172,6 +172,9 @@ struct Receiver {
     /// (NAK); all within `base .. next`.
     lost: RcvLossList,
     buf_pkts: u32,
+    /// Free receive memory beyond what the connection holds, in packets, as
+    /// the owner last said ([`Connection::set_rcv_room`]); `None`: unlimited.
+    room: Option<u32>,
     held: usize,
     scan: usize,
     last_ack: u64,
@@ -286,6 +289,7 @@ impl Connection {
                 next: 0,
                 lost: RcvLossList::new(),
                 buf_pkts,
+                room: None,
                 held: 0,
                 scan: 0,
                 last_ack: 0,
@@ -1181,6 +1185,49 @@ impl Connection {
         }
     }
 
+    /// Tells the receiver how many more packets its owner's memory can take
+    /// now (`None`: no limit beyond the receive buffer). The flow window
+    /// advertised in the next full ACK is at most this plus the packets the
+    /// connection holds beyond the ACK point, so a sender never has more in
+    /// flight than there is memory for. Nothing else changes: packets that
+    /// arrive anyway are still placed.
+    pub fn set_rcv_room(&mut self, room: Option<u32>) {
+        self.rx.room = room;
+    }
+
+    /// Gives back every received packet that lies beyond the first hole of the
+    /// receive buffer and returns how many.
+    ///
+    /// For a receiver short of buffer memory: packets behind a hole hold their
+    /// buffers until the hole is filled, and if they hold all of them the
+    /// retransmission that fills the hole has nowhere to land (a deadlock).
+    /// Nothing past the hole has been acknowledged (UDT's ACK is cumulative), so
+    /// the packets may be forgotten: they go back on the receive loss list, as
+    /// reported now, and the periodic NAK asks for them again later, by which
+    /// time the head's retransmission has had its chance to arrive. Their regions
+    /// come back through [`Connection::poll_release`]. In-order packets (before
+    /// the first hole, acknowledged) are never touched.
+    pub fn shed_out_of_order(&mut self, now: Time) -> u64 {
+        let Some(hole) = self.rx.slots.iter().position(|s| matches!(s, Slot::Empty)) else {
+            return 0;
+        };
+        let mut shed = 0u64;
+        for i in hole + 1..self.rx.slots.len() {
+            if let Slot::Pkt { ext, .. } = self.rx.slots[i] {
+                self.rx.slots[i] = Slot::Empty;
+                self.rx.held -= 1;
+                self.released.push_back(ext);
+                let seq = self.seq_of(self.rx.base + i as u64);
+                // Cannot fail: the slot lies within the receive buffer.
+                let _ = self.rx.lost.insert_reported(seq, seq, now);
+                shed += 1;
+            }
+        }
+        self.rx.scan = 0;
+        self.stats.pkts_shed += shed;
+        shed
+    }
+
     fn pop_front_slot(&mut self) -> Slot {
         let s = self.rx.slots.pop_front().unwrap_or(Slot::Empty);
         self.rx.base += 1;
@@ -1407,11 +1454,15 @@ impl Connection {
         // As UDT4's getAvailBufSize: the buffer less what is acknowledged but
         // not yet handed out (the sender counts what it has in flight beyond
         // the ACK point itself); at least 2, UDT4's deadlock breaker.
-        let avail = self
-            .rx
-            .buf_pkts
-            .saturating_sub((ack - self.rx.base) as u32)
-            .max(2);
+        let mut avail = self.rx.buf_pkts.saturating_sub((ack - self.rx.base) as u32);
+        if let Some(room) = self.rx.room {
+            // What the owner's memory can still take, plus what this
+            // connection holds beyond the ACK point already (the sender
+            // counts those as in flight).
+            let beyond = self.rx.held.saturating_sub((ack - self.rx.base) as usize);
+            avail = avail.min(room.saturating_add(u32::try_from(beyond).unwrap_or(u32::MAX)));
+        }
+        let avail = avail.max(2);
         // Every full ACK carries the rate estimates (UDT4 only adds them once
         // per SYN interval; its first ACK, sent on the first packet, then
         // carries none, and the sender learns the capacity a round trip

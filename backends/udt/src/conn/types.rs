@@ -318,6 +318,9 @@ pub struct Stats {
     pub cwnd: f64,
     /// Last flow window advertised by the peer (packets).
     pub flow_window: u32,
+    /// Received packets beyond the first hole given back unacknowledged by
+    /// [`super::Connection::shed_out_of_order`] (the sender sends them again).
+    pub pkts_shed: u64,
 }
 
 impl Stats {
