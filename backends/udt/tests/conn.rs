@@ -671,3 +671,61 @@ fn peer_data_does_not_hold_back_the_retransmission_timer() {
     );
     assert!(p.client.stats().timeouts >= 1);
 }
+
+#[test]
+fn shed_packets_beyond_a_hole_come_back_and_are_sent_again() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 50_000, 11);
+    p.connect();
+    // Lose data packet #5 once: packets 6..=40 wait behind the hole.
+    let mut data_seen = 0;
+    p.drop = Box::new(move |d, b| {
+        if d == Dir::ToServer && b[0] & 0x80 == 0 {
+            data_seen += 1;
+            return data_seen == 5;
+        }
+        false
+    });
+    p.send(0, 40 * 1456, None);
+    p.run(p.now + 5_000_000, |p| {
+        p.server.as_ref().is_some_and(|s| s.held() == 39)
+    });
+    let now = p.now;
+    let s = p.server.as_mut().unwrap();
+    assert_eq!(
+        s.held(),
+        39,
+        "the retransmission came too early for this test"
+    );
+    // Everything beyond the hole (35 packets) goes; the 4 in-order ones stay.
+    assert_eq!(s.shed_out_of_order(now), 35);
+    assert_eq!(s.held(), 4);
+    assert_eq!(s.shed_out_of_order(now), 0, "nothing left beyond the hole");
+    p.flush(); // hands the 35 regions back (checked against the held buffers)
+    assert_eq!(p.bufs.len(), 4);
+    p.run(p.now + 10_000_000, |p| p.acked().len() == 1);
+    assert_eq!(p.acked(), vec![0]);
+    assert_eq!(p.check_received(), 1);
+    assert_eq!(p.server.as_ref().unwrap().stats().pkts_shed, 35);
+    // The hole and every shed packet were sent again.
+    assert!(p.client.stats().pkts_retransmitted >= 36);
+    assert!(p.bufs.is_empty(), "a buffer was not given back");
+}
+
+#[test]
+fn receive_room_bounds_the_advertised_flow_window() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 10_000, 12);
+    p.connect();
+    let before = p.client.stats().flow_window;
+    assert!(before > 100, "handshake window {before}");
+    p.server.as_mut().unwrap().set_rcv_room(Some(10));
+    p.send(0, 200 * 1456, None);
+    p.run(p.now + 20_000_000, |p| p.acked().len() == 1);
+    assert_eq!(p.acked(), vec![0], "the message still gets through");
+    assert_eq!(p.check_received(), 1);
+    // No loss: nothing is held beyond the ACK point, so the window is the room.
+    assert_eq!(p.client.stats().flow_window, 10);
+    p.server.as_mut().unwrap().set_rcv_room(None);
+    p.send(1, 200 * 1456, None);
+    p.run(p.now + 20_000_000, |p| p.acked().len() == 2);
+    assert!(p.client.stats().flow_window > 100, "the limit is lifted");
+}
