@@ -26,7 +26,10 @@ fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
     let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
     cfg.cores = cores;
     cfg.tx_pool_len = 64 << 20;
-    cfg.rx_buf_count = 512;
+    // A core must be able to hold at least one whole 1 MiB message even when the
+    // kernel coalesces nothing (≈ 720 datagrams, one RX buffer each), plus room
+    // for what is in flight behind it: 1024 buffers per core.
+    cfg.rx_buf_count = 1024 * cores;
     Kshim::start(cfg).unwrap()
 }
 
