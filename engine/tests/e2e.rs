@@ -5,21 +5,20 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
-use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+use lu2k_kshim::hdr::Msg;
+use lu2k_kshim::{Config, Event, Kshim, TxStatus};
+
+mod common;
+use common::{nid, pattern, put, wait_attached, Engine};
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lu2k-engine-e2e-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn nid(ip: Ipv4Addr) -> Nid {
-    format!("{ip}@lu2k").parse().unwrap()
 }
 
 fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
@@ -33,84 +32,25 @@ fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
     Kshim::start(cfg).unwrap()
 }
 
-struct Engine(Child);
-
-impl Engine {
-    fn start(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str]) -> Engine {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
-        cmd.args(["run", "--kshim-socket"])
-            .arg(dir.join(format!("{name}.sock")))
-            .args([
-                "--bind",
-                &ip.to_string(),
-                "--port",
-                &port.to_string(),
-                "--stats-socket",
-            ])
-            .arg(dir.join(format!("{name}-stats.sock")))
-            .args(extra)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
-        Engine(cmd.spawn().unwrap())
-    }
-
-    fn term(mut self) -> std::process::ExitStatus {
-        // SIGTERM via the kill command (no unsafe in tests).
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "engine did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// Starts an engine for kshim `name` in `dir`, bound to `ip:port`.
+fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str]) -> Engine {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
+    cmd.args(["run", "--kshim-socket"])
+        .arg(dir.join(format!("{name}.sock")))
+        .args([
+            "--bind",
+            &ip.to_string(),
+            "--port",
+            &port.to_string(),
+            "--stats-socket",
+        ])
+        .arg(dir.join(format!("{name}-stats.sock")))
+        .args(extra);
+    Engine::spawn(cmd)
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
-    Repr {
-        dest_nid: dst.0,
-        src_nid: src.0,
-        dest_pid: 12345,
-        src_pid: 12345,
-        payload_length: len as u32,
-        msg: Msg::Put {
-            ack_wmd: WireHandle {
-                interface_cookie: u64::MAX,
-                object_cookie: u64::MAX,
-            },
-            match_bits: n,
-            hdr_data: n,
-            ptl_index: 4,
-            offset: 0,
-        },
-    }
-}
-
-fn pattern(n: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(n * 7) % 251) as u8)
-        .collect()
-}
-
-fn wait_attached(k: &mut Kshim, deadline: Instant) {
-    while !k.is_attached() {
-        assert!(Instant::now() < deadline, "engine never attached");
-        let _ = k.wait(Some(Duration::from_millis(20)));
-    }
+fn stop(e: Engine) -> std::process::ExitStatus {
+    e.term_within(Duration::from_secs(20))
 }
 
 /// Sends `count` messages of `len` bytes A → B and checks everything.
@@ -128,8 +68,8 @@ fn transfer(
         20000 + (std::process::id() % 20000) as u16 + cores as u16 * 7 + extra.len() as u16 * 3;
     let mut ka = kshim(&dir, "a", a_ip, cores);
     let mut kb = kshim(&dir, "b", b_ip, cores);
-    let ea = Engine::start(&dir, "a", a_ip, port, extra);
-    let eb = Engine::start(&dir, "b", b_ip, port, extra);
+    let ea = start_engine(&dir, "a", a_ip, port, extra);
+    let eb = start_engine(&dir, "b", b_ip, port, extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -226,8 +166,8 @@ fn transfer(
         assert_eq!(r.payload_copied(), 0, "{tag}: engine {name} copied payload");
         assert_eq!(r.cores.len(), cores as usize);
     }
-    assert_eq!(ea.term().code(), Some(0), "{tag}: engine A exit status");
-    assert_eq!(eb.term().code(), Some(0), "{tag}: engine B exit status");
+    assert_eq!(stop(ea).code(), Some(0), "{tag}: engine A exit status");
+    assert_eq!(stop(eb).code(), Some(0), "{tag}: engine B exit status");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -295,8 +235,8 @@ fn killed_peer_engine_fails_sends_back() {
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
     let extra = ["--peer-down-timeout-s", "5"];
-    let ea = Engine::start(&dir, "a", a_ip, port, &extra);
-    let mut eb = Engine::start(&dir, "b", b_ip, port, &extra);
+    let ea = start_engine(&dir, "a", a_ip, port, &extra);
+    let mut eb = start_engine(&dir, "b", b_ip, port, &extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -385,7 +325,7 @@ fn killed_peer_engine_fails_sends_back() {
         failed.len(),
         failed.first()
     );
-    assert_eq!(ea.term().code(), Some(0));
+    assert_eq!(stop(ea).code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -425,9 +365,9 @@ fn two_cores_two_peers_use_both_cores() {
     let mut ka = kshim(&dir, "a", a_ip, cores);
     let mut kb = kshim(&dir, "b", b_ip, cores);
     let mut kc = kshim(&dir, "c", c_ip, cores);
-    let ea = Engine::start(&dir, "a", a_ip, port, &[]);
-    let eb = Engine::start(&dir, "b", b_ip, port, &[]);
-    let ec = Engine::start(&dir, "c", c_ip, port, &[]);
+    let ea = start_engine(&dir, "a", a_ip, port, &[]);
+    let eb = start_engine(&dir, "b", b_ip, port, &[]);
+    let ec = start_engine(&dir, "c", c_ip, port, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     for k in [&mut ka, &mut kb, &mut kc] {
         wait_attached(k, deadline);
@@ -497,7 +437,7 @@ fn two_cores_two_peers_use_both_cores() {
     }
     assert_eq!(r.payload_copied(), 0);
     for e in [ea, eb, ec] {
-        assert_eq!(e.term().code(), Some(0));
+        assert_eq!(stop(e).code(), Some(0));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -510,8 +450,8 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 307;
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
-    let ea = Engine::start(&dir, "a", a_ip, port, &[]);
-    let eb = Engine::start(&dir, "b", b_ip, port, &[]);
+    let ea = start_engine(&dir, "a", a_ip, port, &[]);
+    let eb = start_engine(&dir, "b", b_ip, port, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -554,7 +494,7 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
                     "{tag}: SIGTERM with {} sends outstanding",
                     outstanding.len()
                 );
-                exit = Some(std::thread::spawn(move || e.term()));
+                exit = Some(std::thread::spawn(move || stop(e)));
             }
         }
         while let Some(ev) = ka.poll() {
@@ -588,7 +528,7 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
             "{tag}: unexpected status {s}"
         );
     }
-    assert_eq!(eb.term().code(), Some(0));
+    assert_eq!(stop(eb).code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -11,15 +11,14 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
-use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+use lu2k_kshim::hdr::Msg;
+use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
-fn nid(ip: Ipv4Addr) -> Nid {
-    format!("{ip}@lu2k").parse().unwrap()
-}
+mod common;
+use common::{nid, pattern, put, wait_attached, Engine};
 
 fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(prog)
@@ -97,77 +96,22 @@ impl Drop for Netns {
     }
 }
 
-struct Engine(Child);
-
-impl Engine {
-    fn start(ns: &str, dir: &Path, name: &str, ip: Ipv4Addr) -> Engine {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_lu2k-engine")])
-            .args(["run", "--backend", "rds", "--kshim-socket"])
-            .arg(dir.join(format!("{name}.sock")))
-            .args([
-                "--bind",
-                &ip.to_string(),
-                "--port",
-                "7988",
-                "--stats-socket",
-            ])
-            .arg(dir.join(format!("{name}-stats.sock")))
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
-        Engine(cmd.spawn().unwrap())
-    }
-
-    fn term(mut self) -> std::process::ExitStatus {
-        // `ip netns exec` execs the engine: the child's pid is the engine's.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "engine did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
-    Repr {
-        dest_nid: dst.0,
-        src_nid: src.0,
-        dest_pid: 12345,
-        src_pid: 12345,
-        payload_length: len as u32,
-        msg: Msg::Put {
-            ack_wmd: WireHandle {
-                interface_cookie: u64::MAX,
-                object_cookie: u64::MAX,
-            },
-            match_bits: n,
-            hdr_data: n,
-            ptl_index: 4,
-            offset: 0,
-        },
-    }
-}
-
-fn pattern(n: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(n * 7) % 251) as u8)
-        .collect()
+/// Starts an RDS engine inside network namespace `ns` (`ip netns exec` execs
+/// the engine, so the child's pid is the engine's).
+fn start_engine(ns: &str, dir: &Path, name: &str, ip: Ipv4Addr) -> Engine {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_lu2k-engine")])
+        .args(["run", "--backend", "rds", "--kshim-socket"])
+        .arg(dir.join(format!("{name}.sock")))
+        .args([
+            "--bind",
+            &ip.to_string(),
+            "--port",
+            "7988",
+            "--stats-socket",
+        ])
+        .arg(dir.join(format!("{name}-stats.sock")));
+    Engine::spawn(cmd)
 }
 
 fn kshim(dir: &Path, name: &str, ip: Ipv4Addr) -> Kshim {
@@ -176,13 +120,6 @@ fn kshim(dir: &Path, name: &str, ip: Ipv4Addr) -> Kshim {
     cfg.tx_pool_len = 32 << 20;
     cfg.rx_buf_count = 256;
     Kshim::start(cfg).unwrap()
-}
-
-fn wait_attached(k: &mut Kshim, deadline: Instant) {
-    while !k.is_attached() {
-        assert!(Instant::now() < deadline, "engine never attached");
-        let _ = k.wait(Some(Duration::from_millis(20)));
-    }
 }
 
 /// Message sizes: full 1 MiB (two RDS messages), the largest single-message one,
@@ -211,8 +148,8 @@ fn rds_backend_between_two_namespaces() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut ka = kshim(&dir, "a", a_ip);
     let mut kb = kshim(&dir, "b", b_ip);
-    let ea = Engine::start(&format!("{tag}a"), &dir, "a", a_ip);
-    let eb = Engine::start(&format!("{tag}b"), &dir, "b", b_ip);
+    let ea = start_engine(&format!("{tag}a"), &dir, "a", a_ip);
+    let eb = start_engine(&format!("{tag}b"), &dir, "b", b_ip);
     let deadline = Instant::now() + Duration::from_secs(30);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -303,7 +240,15 @@ fn rds_backend_between_two_namespaces() {
         let r: lu2k_engine::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r.payload_copied(), 0, "engine {name} copied payload");
     }
-    assert_eq!(ea.term().code(), Some(0), "engine A exit status");
-    assert_eq!(eb.term().code(), Some(0), "engine B exit status");
+    assert_eq!(
+        ea.term_within(Duration::from_secs(30)).code(),
+        Some(0),
+        "engine A exit status"
+    );
+    assert_eq!(
+        eb.term_within(Duration::from_secs(30)).code(),
+        Some(0),
+        "engine B exit status"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,0 +1,92 @@
+//! What the engine's multi-process tests share: NIDs, LNet PUT headers, a
+//! checkable payload pattern, waiting for an engine to attach, and an engine
+//! child process that is stopped with SIGTERM or killed when dropped.
+
+// Each test binary uses its own subset.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
+use lu2k_kshim::{Kshim, Nid};
+
+/// `ip@lu2k`.
+pub fn nid(ip: Ipv4Addr) -> Nid {
+    format!("{ip}@lu2k").parse().unwrap()
+}
+
+/// An LNet PUT of `len` bytes, message number `n` in its match bits.
+pub fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
+    Repr {
+        dest_nid: dst.0,
+        src_nid: src.0,
+        dest_pid: 12345,
+        src_pid: 12345,
+        payload_length: len as u32,
+        msg: Msg::Put {
+            ack_wmd: WireHandle {
+                interface_cookie: u64::MAX,
+                object_cookie: u64::MAX,
+            },
+            match_bits: n,
+            hdr_data: n,
+            ptl_index: 4,
+            offset: 0,
+        },
+    }
+}
+
+/// The payload of message `n`: differs per message and per byte.
+pub fn pattern(n: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(n * 7) % 251) as u8)
+        .collect()
+}
+
+/// Drives `k` until an engine has attached, failing at `deadline`.
+pub fn wait_attached(k: &mut Kshim, deadline: Instant) {
+    while !k.is_attached() {
+        assert!(Instant::now() < deadline, "engine never attached");
+        let _ = k.wait(Some(Duration::from_millis(20)));
+    }
+}
+
+/// A running `lu2k-engine`, killed if the test ends without stopping it.
+pub struct Engine(pub Child);
+
+impl Engine {
+    /// Spawns `cmd` (an engine, or something that execs one, like
+    /// `ip netns exec`) with its output shown in the test's.
+    pub fn spawn(mut cmd: Command) -> Engine {
+        cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        Engine(cmd.spawn().unwrap())
+    }
+
+    /// SIGTERM, then the exit status, failing after `patience`.
+    pub fn term_within(mut self, patience: Duration) -> ExitStatus {
+        // SIGTERM via the kill command (no unsafe in tests).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
