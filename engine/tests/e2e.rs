@@ -4,7 +4,7 @@
 //! lu2k, and SIGTERM stops both engines with exit status 0.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,14 +12,7 @@ use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
-use common::{nid, pattern, put, wait_attached, Engine};
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lu2k-engine-e2e-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{nid, pattern, put, stats, tmpdir, wait_attached, Engine};
 
 fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
     let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
@@ -63,7 +56,7 @@ fn transfer(
     len: usize,
     extra: &[&str],
 ) {
-    let dir = tmpdir(tag);
+    let dir = tmpdir(&format!("e2e-{tag}"));
     let port =
         20000 + (std::process::id() % 20000) as u16 + cores as u16 * 7 + extra.len() as u16 * 3;
     let mut ka = kshim(&dir, "a", a_ip, cores);
@@ -230,7 +223,7 @@ fn small_messages_two_cores() {
 fn killed_peer_engine_fails_sends_back() {
     let tag = "kill";
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
-    let dir = tmpdir(tag);
+    let dir = tmpdir(&format!("e2e-{tag}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 101;
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
@@ -329,20 +322,6 @@ fn killed_peer_engine_fails_sends_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn stats(dir: &Path, name: &str) -> lu2k_engine::stats::Report {
-    let out = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
-        .args(["stats", "--json", "--socket"])
-        .arg(dir.join(format!("{name}-stats.sock")))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn two_cores_two_peers_use_both_cores() {
     let tag = "fanout";
@@ -360,7 +339,7 @@ fn two_cores_two_peers_use_both_cores() {
         .find(|ip| lu2k_engine::steer::shard_v4(*ip, cores) == 1)
         .unwrap();
     let a_ip = cands[0];
-    let dir = tmpdir(tag);
+    let dir = tmpdir(&format!("e2e-{tag}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 211;
     let mut ka = kshim(&dir, "a", a_ip, cores);
     let mut kb = kshim(&dir, "b", b_ip, cores);
@@ -446,7 +425,7 @@ fn two_cores_two_peers_use_both_cores() {
 fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
     let tag = "term";
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 91), Ipv4Addr::new(127, 0, 0, 92));
-    let dir = tmpdir(tag);
+    let dir = tmpdir(&format!("e2e-{tag}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 307;
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
@@ -534,7 +513,7 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
 
 #[test]
 fn cores_flag_that_disagrees_with_kshim_is_refused() {
-    let dir = tmpdir("coresmismatch");
+    let dir = tmpdir("e2e-coresmismatch");
     let ip = Ipv4Addr::new(127, 0, 0, 51);
     let mut k = kshim(&dir, "a", ip, 2);
     let port = (20000 + (std::process::id() % 20000) + 301).to_string();

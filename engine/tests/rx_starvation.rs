@@ -12,12 +12,15 @@
 //! the receiving engine reports what it shed to make room.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
+use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+
+mod common;
+use common::{nid, pattern, put, stats, tmpdir, Engine};
 use lu2k_linkem::{DuplexConfig, Loss, Relay, RelayConfig};
 
 /// The receiving kshim's RX pool: 48 buffers of 64 KiB.
@@ -25,17 +28,6 @@ const RX_BUFS: u32 = 48;
 /// Messages sent A → B, each `LEN` bytes (about 22 packets).
 const COUNT: u64 = 120;
 const LEN: usize = 32 << 10;
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lu2k-engine-rxstarve-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn nid(ip: Ipv4Addr) -> Nid {
-    format!("{ip}@lu2k").parse().unwrap()
-}
 
 fn free_udp_port(ip: Ipv4Addr) -> u16 {
     std::net::UdpSocket::bind((ip, 0))
@@ -45,71 +37,35 @@ fn free_udp_port(ip: Ipv4Addr) -> u16 {
         .port()
 }
 
-struct Engine(Child);
-
-impl Engine {
-    /// Starts an engine whose one peer (`peer`) is reached through `via`.
-    fn start(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, peer: Nid, via: SocketAddr) -> Self {
-        let conf = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &conf,
-            format!("[[peer]]\nnid = \"{peer}\"\naddr = \"{via}\"\n"),
-        )
-        .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
-        cmd.args(["run", "--config"])
-            .arg(&conf)
-            .arg("--kshim-socket")
-            .arg(dir.join(format!("{name}.sock")))
-            .args(["--bind", &ip.to_string(), "--port", &port.to_string()])
-            .arg("--stats-socket")
-            .arg(dir.join(format!("{name}-stats.sock")))
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
-        Engine(cmd.spawn().unwrap())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
-    Repr {
-        dest_nid: dst.0,
-        src_nid: src.0,
-        dest_pid: 12345,
-        src_pid: 12345,
-        payload_length: len as u32,
-        msg: Msg::Put {
-            ack_wmd: WireHandle {
-                interface_cookie: u64::MAX,
-                object_cookie: u64::MAX,
-            },
-            match_bits: n,
-            hdr_data: n,
-            ptl_index: 4,
-            offset: 0,
-        },
-    }
-}
-
-fn pattern(n: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64).wrapping_mul(29).wrapping_add(n * 11) % 251) as u8)
-        .collect()
-}
-
-fn stats(dir: &Path, name: &str) -> lu2k_engine::stats::Report {
-    lu2k_engine::stats::fetch(&dir.join(format!("{name}-stats.sock"))).unwrap()
+/// Starts an engine whose one peer (`peer`) is reached through `via`.
+fn start_engine(
+    dir: &Path,
+    name: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    peer: Nid,
+    via: SocketAddr,
+) -> Engine {
+    let conf = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &conf,
+        format!("[[peer]]\nnid = \"{peer}\"\naddr = \"{via}\"\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
+    cmd.args(["run", "--config"])
+        .arg(&conf)
+        .arg("--kshim-socket")
+        .arg(dir.join(format!("{name}.sock")))
+        .args(["--bind", &ip.to_string(), "--port", &port.to_string()])
+        .arg("--stats-socket")
+        .arg(dir.join(format!("{name}-stats.sock")));
+    Engine::spawn(cmd)
 }
 
 #[test]
 fn lossy_link_with_tiny_rx_pool_delivers_everything() {
-    let dir = tmpdir("loss");
+    let dir = tmpdir("rxstarve-loss");
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 79, 1), Ipv4Addr::new(127, 0, 79, 2));
     let port = free_udp_port(a_ip);
     let (na, nb) = (nid(a_ip), nid(b_ip));
@@ -135,8 +91,8 @@ fn lossy_link_with_tiny_rx_pool_delivers_everything() {
     let mut cb = Config::new(vec![nb], dir.join("b.sock"));
     cb.rx_buf_count = RX_BUFS;
     let mut kb = Kshim::start(cb).unwrap();
-    let _ea = Engine::start(&dir, "a", a_ip, port, nb, relay.a_addr());
-    let _eb = Engine::start(&dir, "b", b_ip, port, na, relay.b_addr());
+    let _ea = start_engine(&dir, "a", a_ip, port, nb, relay.a_addr());
+    let _eb = start_engine(&dir, "b", b_ip, port, na, relay.b_addr());
     let deadline = Instant::now() + Duration::from_secs(20);
     for k in [&mut ka, &mut kb] {
         while !k.is_attached() {

@@ -6,11 +6,25 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
 use lu2k_kshim::{Kshim, Nid};
+
+/// A fresh scratch directory for one test, named after the test binary's `tag`.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lu2k-engine-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The counters of engine `name`'s stats socket in `dir`.
+pub fn stats(dir: &Path, name: &str) -> lu2k_engine::stats::Report {
+    lu2k_engine::stats::fetch(&dir.join(format!("{name}-stats.sock"))).unwrap()
+}
 
 /// `ip@lu2k`.
 pub fn nid(ip: Ipv4Addr) -> Nid {
