@@ -141,6 +141,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .collect();
     let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
+    warn_if_rx_pool_small(rx_per_core, cfg.mss);
     let udt_cfg = lu2k_udt::conn::Config {
         mss: u32::from(cfg.mss),
         idle_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
@@ -354,5 +355,26 @@ fn kshim_gone(sock: &impl AsFd) -> bool {
             )
         }
         Err(_) => false,
+    }
+}
+
+/// Warns when a core's share of the RX pool cannot hold one largest message.
+///
+/// Without GRO coalescing every datagram occupies its own RX buffer until its
+/// message is complete, and data before a loss hole is acknowledged so it
+/// cannot be shed: a core whose buffers are fewer than one 1 MiB message's
+/// datagrams (plus the 1/8 reserve the core keeps for retransmissions) can
+/// stall on a lossy path. Smaller pools still work for smaller messages,
+/// so this warns rather than refuses.
+fn warn_if_rx_pool_small(rx_per_core: u32, mss: u16) {
+    let payload = u32::from(mss).saturating_sub(44).max(1);
+    let per_message = (lu2k_kshim::MAX_PAYLOAD as u32).div_ceil(payload);
+    let need = per_message + per_message / 7 + 1;
+    if rx_per_core < need {
+        eprintln!(
+            "lu2k-engine: warning: {rx_per_core} RX buffers per core cannot hold a 1 MiB \
+             message ({per_message} datagrams at MSS {mss}) plus the reserve; a lossy path \
+             may stall. Give kshim at least {need} RX buffers per core."
+        );
     }
 }
