@@ -13,7 +13,7 @@ use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{percentile, realtime_or_skip, report, serial, transfer, Pacing};
+use common::{percentile, realtime_or_skip, report, serial, transfer, within_attempts, Pacing};
 use lu2k_linkem::{Config, DuplexConfig, Loss, Outage, Relay, RelayConfig};
 
 /// A relay whose side B sends to `b`, and the socket side A's application uses.
@@ -93,28 +93,6 @@ fn delay_run() -> Result<(), String> {
         return Err(format!("p99 {p99:.3} ms over the setting"));
     }
     Ok(())
-}
-
-/// Runs a timing measurement up to three times and fails only if every run
-/// misses its bound.
-///
-/// The relay and the test threads run under real-time scheduling, but on a
-/// shared 2-core VM the host itself can stall them for milliseconds (the
-/// relay's own `late max` shows it). A model or relay error repeats on every
-/// run; a host stall does not. Correctness checks (nothing early, nothing
-/// lost) stay plain assertions inside the runs.
-fn within_attempts(test: &str, mut run: impl FnMut() -> Result<(), String>) {
-    let mut misses = Vec::new();
-    for attempt in 1..=3 {
-        match run() {
-            Ok(()) => return,
-            Err(why) => {
-                eprintln!("{test}: attempt {attempt} missed: {why}");
-                misses.push(why);
-            }
-        }
-    }
-    panic!("{test}: every attempt missed its bound: {misses:?}");
 }
 
 #[test]

@@ -41,6 +41,14 @@ fn tun_link(link: DuplexConfig, seed: u64, tag: &str) -> Option<TunLink> {
 #[test]
 fn udp_round_trip_crosses_both_directions_on_time() {
     let _g = serial();
+    common::within_attempts(
+        "udp_round_trip_crosses_both_directions_on_time",
+        round_trip_run,
+    );
+}
+
+/// One round-trip measurement: `Err` when more than one of 30 is over the bound.
+fn round_trip_run() -> Result<(), String> {
     let rate = 100e6;
     let link = DuplexConfig {
         forward: Config {
@@ -55,7 +63,7 @@ fn udp_round_trip_crosses_both_directions_on_time() {
         },
     };
     let Some(tun) = tun_link(link, 1, "rtt") else {
-        return;
+        return Ok(());
     };
     let b_addr = SocketAddr::from((tun.b_ip(), 7001));
     let b = tun.b().run(|| UdpSocket::bind(b_addr)).unwrap().unwrap();
@@ -75,9 +83,12 @@ fn udp_round_trip_crosses_both_directions_on_time() {
     report("tun round trip", &stats);
     eprintln!("tun round trip: want {want:.3} ms, measured {rtts:.2?}");
     assert!(rtts.iter().all(|&r| r >= want), "a reply came early");
-    let ok = rtts.iter().filter(|&&r| r <= want + 1.0).count();
-    assert!(ok >= 29, "only {ok} of 30 round trips within 1 ms");
     assert_eq!(stats.forward.delivered.bytes, 30 * 1028);
+    let ok = rtts.iter().filter(|&&r| r <= want + 1.0).count();
+    if ok < 29 {
+        return Err(format!("only {ok} of 30 round trips within 1 ms"));
+    }
+    Ok(())
 }
 
 #[test]

@@ -214,3 +214,25 @@ pub fn ping(a: &UdpSocket, count: u8, len: usize) -> Vec<f64> {
     }
     rtts
 }
+
+/// Runs a timing measurement up to three times and fails only if every run
+/// misses its bound.
+///
+/// The relay and the test threads run under real-time scheduling, but on a
+/// shared 2-core VM the host itself can stall them for milliseconds (the
+/// relay's own `late max` shows it). A model or relay error repeats on every
+/// run; a host stall does not. Correctness checks (nothing early, nothing
+/// lost) stay plain assertions inside the runs.
+pub fn within_attempts(test: &str, mut run: impl FnMut() -> Result<(), String>) {
+    let mut misses = Vec::new();
+    for attempt in 1..=3 {
+        match run() {
+            Ok(()) => return,
+            Err(why) => {
+                eprintln!("{test}: attempt {attempt} missed: {why}");
+                misses.push(why);
+            }
+        }
+    }
+    panic!("{test}: every attempt missed its bound: {misses:?}");
+}
