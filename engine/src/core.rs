@@ -364,31 +364,8 @@ impl CoreLoop {
     }
 
     fn complete(&mut self, cookie: u64, status: TxStatus, detail: u32) {
-        let c = if status == TxStatus::InvalidDescriptor {
-            TxCompletion {
-                cookie,
-                status: status as u32,
-                detail,
-            }
-        } else {
-            TxCompletion::new(cookie, status, detail)
-        };
-        loop {
-            match self.ec.tx_done.push(c) {
-                Ok(true) => break,
-                Ok(false) => {
-                    // Completion ring full: kshim must consume; wake it and retry.
-                    let _ = self.ec.to_kshim.notify();
-                    std::thread::yield_now();
-                }
-                Err(e) => {
-                    eprintln!(
-                        "lu2k-engine core {}: completion ring broken: {e}",
-                        self.p.core
-                    );
-                    return;
-                }
-            }
+        if !push_completion(&mut self.ec, self.p.core, cookie, status, detail) {
+            return;
         }
         self.stats.tx_completions += 1;
         if status != TxStatus::Ok {
@@ -1240,6 +1217,42 @@ impl CoreLoop {
         }
         if let Ok(mut g) = self.published.lock() {
             *g = s;
+        }
+    }
+}
+
+/// Writes one TX completion into `ec`'s completion ring, waking kshim and
+/// retrying while the ring is full. Returns `false`, after saying so, when the
+/// ring is broken (kshim wrote an impossible index): nothing more can be
+/// reported through it.
+pub(crate) fn push_completion(
+    ec: &mut EngineCore,
+    core: u32,
+    cookie: u64,
+    status: TxStatus,
+    detail: u32,
+) -> bool {
+    let c = if status == TxStatus::InvalidDescriptor {
+        TxCompletion {
+            cookie,
+            status: status as u32,
+            detail,
+        }
+    } else {
+        TxCompletion::new(cookie, status, detail)
+    };
+    loop {
+        match ec.tx_done.push(c) {
+            Ok(true) => return true,
+            Ok(false) => {
+                // Completion ring full: kshim must consume; wake it and retry.
+                let _ = ec.to_kshim.notify();
+                std::thread::yield_now();
+            }
+            Err(e) => {
+                eprintln!("lu2k-engine core {core}: completion ring broken: {e}");
+                return false;
+            }
         }
     }
 }

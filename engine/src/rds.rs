@@ -378,30 +378,8 @@ impl RdsCore {
     }
 
     fn complete(&mut self, cookie: u64, status: TxStatus, detail: u32) {
-        let c = if status == TxStatus::InvalidDescriptor {
-            TxCompletion {
-                cookie,
-                status: status as u32,
-                detail,
-            }
-        } else {
-            TxCompletion::new(cookie, status, detail)
-        };
-        loop {
-            match self.ec.tx_done.push(c) {
-                Ok(true) => break,
-                Ok(false) => {
-                    let _ = self.ec.to_kshim.notify();
-                    std::thread::yield_now();
-                }
-                Err(e) => {
-                    eprintln!(
-                        "lu2k-engine rds core {}: completion ring broken: {e}",
-                        self.p.core
-                    );
-                    return;
-                }
-            }
+        if !crate::core::push_completion(&mut self.ec, self.p.core, cookie, status, detail) {
+            return;
         }
         self.stats.tx_completions += 1;
         if status != TxStatus::Ok {
