@@ -48,6 +48,11 @@ pub struct Row {
     pub retrans_bytes: Option<u64>,
     /// Bytes the sender put on the emulated link (forward direction, offered).
     pub wire_bytes: Option<u64>,
+    /// Forward-direction datagrams the link dropped: at the bottleneck queue
+    /// (the sender overran the buffer), and at random (the cell's loss).
+    pub queue_drops: Option<u64>,
+    /// See `queue_drops`.
+    pub loss_drops: Option<u64>,
     /// CPU seconds of the contender's processes.
     pub cpu_s: Option<f64>,
     /// CPU seconds per GB (10^9 bytes) of payload delivered.
@@ -89,6 +94,8 @@ impl Row {
             recovery_s: None,
             retrans_bytes: None,
             wire_bytes: None,
+            queue_drops: None,
+            loss_drops: None,
             cpu_s: None,
             cpu_s_per_gb: None,
             latency: None,
@@ -159,7 +166,7 @@ fn csv_field(s: &str) -> String {
 pub fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
-         goodput_mbps,utilization,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,cpu_s,\
+         goodput_mbps,utilization,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,loss_drops,cpu_s,\
          cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
@@ -168,7 +175,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -186,6 +193,8 @@ pub fn csv(rows: &[Row]) -> String {
             f(r.recovery_s),
             u(r.retrans_bytes),
             u(r.wire_bytes),
+            u(r.queue_drops),
+            u(r.loss_drops),
             f(r.cpu_s),
             f(r.cpu_s_per_gb),
             f(l.map(|l| l.p50_ms)),

@@ -126,12 +126,13 @@ impl Emu {
             Emu::Tun(t) => t.epoch(),
         }
     }
-    fn stop(self) -> Option<u64> {
+    /// Stops the emulator; its forward direction's counters.
+    fn stop(self) -> Option<lu2k_linkem::Stats> {
         let st = match self {
             Emu::Relay(r) => r.stop(),
             Emu::Tun(t) => t.stop(),
         };
-        st.ok().map(|s| s.forward.offered.bytes)
+        st.ok().map(|s| s.forward)
     }
 }
 
@@ -170,11 +171,13 @@ pub fn run(
         Ok(r) => {
             // One line per run, also where the progress bars are hidden (no terminal).
             eprintln!(
-                "{} {contender}: {} Mbit/s, {} bytes, CPU {:.2} s, {}",
+                "{} {contender}: {} Mbit/s, {} bytes, CPU {:.2} s, link drops {} queue / {} loss, {}",
                 cell.name,
                 r.goodput_mbps.map_or("-".into(), |g| format!("{g:.1}")),
                 r.bytes,
                 r.cpu_s.unwrap_or(0.0),
+                r.queue_drops.unwrap_or(0),
+                r.loss_drops.unwrap_or(0),
                 r.status
             );
             r
@@ -374,7 +377,9 @@ fn run_inner(
         String::new(),
     );
     row.bytes = res.bytes;
-    row.wire_bytes = wire;
+    row.wire_bytes = wire.map(|w| w.offered.bytes);
+    row.queue_drops = wire.map(|w| w.dropped_queue.packets);
+    row.loss_drops = wire.map(|w| w.dropped_loss.packets + w.dropped_outage.packets);
     row.cpu_s = Some(cpu);
     row.latency = Percentiles::of_us(&res.samples_us);
     row.note = [res.note.clone(), sender.and_then(|s| s.note.clone())]
