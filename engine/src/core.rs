@@ -39,7 +39,7 @@ use lu2k_udt::conn::{
 
 use crate::io::{DatagramIo, Event, Segment, SendError};
 use crate::stats::{CoreStats, PeerStats, Published};
-use crate::sys::{CoreMem, MSG_HDR_SLOT};
+use crate::sys::{self, CoreMem, MSG_HDR_SLOT};
 
 /// LNet header bytes at the start of every message on the wire.
 const LNET_HDR: u32 = 72;
@@ -49,6 +49,8 @@ const UDT_HDR: usize = 16;
 const TX_BATCH: u32 = 64;
 /// How often a core publishes its statistics.
 const STATS_EVERY: Duration = Duration::from_millis(100);
+/// A kernel receive stamp older than this (or a clock step) is not believed.
+const MAX_RX_AGE_NS: u64 = 1_000_000_000;
 
 /// What a core tells the daemon (forwarded to kshim as NOTICEs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,7 +296,6 @@ impl CoreLoop {
                     break;
                 }
             }
-            let now = self.now();
             let deadline = self.next_deadline().map(|t| self.at(t));
             self.events.clear();
             let mut events = std::mem::take(&mut self.events);
@@ -340,8 +341,17 @@ impl CoreLoop {
             if !events.is_empty() || work {
                 last_work = Instant::now();
             }
+            // The time after the wait: events happened during it. A datagram the
+            // kernel stamped is dated by its own arrival (its age against the same
+            // clock read now), so a batch reaped together keeps its spacing.
+            let now = self.now();
+            let real = if events.is_empty() {
+                0
+            } else {
+                sys::realtime_ns()
+            };
             for ev in events.drain(..) {
-                self.on_event(now, ev);
+                self.on_event(now, real, ev);
             }
             self.events = events;
             self.timers();
@@ -804,7 +814,7 @@ impl CoreLoop {
         }
     }
 
-    fn on_event(&mut self, now: u64, ev: Event) {
+    fn on_event(&mut self, now: u64, real_ns: u64, ev: Event) {
         match ev {
             Event::SendDone { token, result, .. } => {
                 if result.is_err() {
@@ -825,7 +835,12 @@ impl CoreLoop {
                 off,
                 len,
                 seg,
-            } => self.on_recv(now, from, bid, off, len, seg),
+                stamp_ns,
+            } => {
+                let age_us =
+                    stamp_ns.map_or(0, |t| real_ns.saturating_sub(t).min(MAX_RX_AGE_NS) / 1000);
+                self.on_recv(now.saturating_sub(age_us), from, bid, off, len, seg);
+            }
             Event::RecvTruncated => self.stats.drop_one("rx_truncated"),
             Event::RxStarved => self.stats.drop_one("rx_no_buffer"),
             Event::SocketError { .. } => self.stats.drop_one("icmp_error"),

@@ -252,6 +252,7 @@ impl EpollIo {
                             off: 0,
                             len,
                             seg: r.cmsgs.gro_size.map_or(len, u32::from).min(len.max(1)),
+                            stamp_ns: r.cmsgs.stamp_ns,
                         });
                     }
                 }

@@ -220,6 +220,8 @@ pub enum Event {
         len: u32,
         /// Segment size (equals `len` for a single datagram).
         seg: u32,
+        /// The kernel's receive time (`CLOCK_REALTIME` ns), when it stamps.
+        stamp_ns: Option<u64>,
     },
     /// A received datagram was longer than a buffer and was cut; it was dropped and
     /// its buffer returned.

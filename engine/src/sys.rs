@@ -183,6 +183,10 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
         libc::IP_PMTUDISC_PROBE,
     )?;
     let gro = opts.gro && setsockopt_int(r, libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
+    // Arrival times from the kernel: the receiver's packet-pair and arrival-rate
+    // estimates need each datagram's own time, not the time its batch was reaped.
+    // Best effort: without it, datagrams are stamped when they are processed.
+    let _ = setsockopt_int(r, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
     let sa = sockaddr_in(bind);
     // SAFETY: `sa` is a valid sockaddr_in on the stack and its size is passed.
     cvt(unsafe {
@@ -292,6 +296,9 @@ pub struct RecvCmsgs {
     /// `UDP_GRO`: the datagram is several coalesced segments of this size
     /// (the last one may be shorter).
     pub gro_size: Option<u16>,
+    /// `SCM_TIMESTAMPNS`: when the kernel received the datagram, nanoseconds of
+    /// `CLOCK_REALTIME` (only differences to a fresh reading of that clock are used).
+    pub stamp_ns: Option<u64>,
 }
 
 /// Parses the control bytes of a received message. Unknown or malformed entries are
@@ -319,13 +326,29 @@ pub fn parse_recv_cmsgs(ctrl: &[u8]) -> RecvCmsgs {
                 out.gro_size = Some(u16::from_ne_bytes([data[0], data[1]])).filter(|v| *v > 0);
             }
         }
+        if level == libc::SOL_SOCKET && ty == libc::SCM_TIMESTAMPNS && data.len() >= 16 {
+            let sec = i64::from_ne_bytes(data[0..8].try_into().unwrap_or_default());
+            let nsec = i64::from_ne_bytes(data[8..16].try_into().unwrap_or_default());
+            out.stamp_ns = u64::try_from(sec)
+                .ok()
+                .zip(u64::try_from(nsec).ok())
+                .map(|(s, n)| s.saturating_mul(1_000_000_000).saturating_add(n));
+        }
         off += align(len);
     }
     out
 }
 
-/// Control-buffer space the receive path asks for: enough for `UDP_GRO`.
-pub const RECV_CMSG_SPACE: usize = 32;
+/// `CLOCK_REALTIME` now, in nanoseconds: the clock `SCM_TIMESTAMPNS` uses.
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Control-buffer space the receive path asks for: `UDP_GRO` (an int) and
+/// `SCM_TIMESTAMPNS` (a timespec), each behind a 16-byte header.
+pub const RECV_CMSG_SPACE: usize = 64;
 
 /// One message for [`sendmmsg`]: destination, scatter list and optional GSO size.
 #[derive(Debug)]

@@ -596,6 +596,7 @@ impl UringIo {
             off: off as u32,
             len,
             seg: cm.gro_size.map_or(len, u32::from).min(len.max(1)),
+            stamp_ns: cm.stamp_ns,
         });
     }
 

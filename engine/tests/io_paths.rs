@@ -156,8 +156,18 @@ fn blast(
                     out.kernel_copied += u64::from(kernel_copied);
                 }
                 Event::Recv {
-                    bid, off, len, seg, ..
+                    bid,
+                    off,
+                    len,
+                    seg,
+                    stamp_ns,
+                    ..
                 } => {
+                    // The kernel dates each datagram (SO_TIMESTAMPNS): the receiver's
+                    // rate estimates depend on it. Received within this test's run.
+                    let stamp = stamp_ns.expect("the kernel stamps received datagrams");
+                    let age = lu2k_engine::sys::realtime_ns().saturating_sub(stamp);
+                    assert!(age < 60_000_000_000, "receive stamp {age} ns old");
                     assert_eq!(seg as usize, HDR + PAYLOAD as usize);
                     assert_eq!(len % seg, 0);
                     if len > seg {

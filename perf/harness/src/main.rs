@@ -306,10 +306,12 @@ fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
     }
 }
 
-/// kshim RX buffers per lu2k node unless told otherwise: kshim's default
-/// (1024) livelocks lu2k on lossy long paths (every datagram pins a 64 KiB
-/// buffer until its message completes; see the README).
-const LU2K_RX_BUFS: u32 = 8192;
+/// kshim RX buffers per lu2k node unless told otherwise. Every datagram
+/// holds one 64 KiB buffer until its message completes, and on a lossy long
+/// path everything behind a hole waits about two round trips: 32768 buffers
+/// hold ~47 MB of datagrams, 6 BDPs of 100 Mbit/s x 600 ms. The pool is a
+/// sparse memfd: a buffer that carried one datagram costs one page.
+const LU2K_RX_BUFS: u32 = 32768;
 
 /// Runs every contender of every cell; prints and writes the report.
 fn run_cells(
