@@ -14,7 +14,14 @@
 //!   held back (window, a hole, no data) and is ignored. The larger of the
 //!   two is the ceiling of the pacing rate (the arrival rate can show more
 //!   than the pair estimate when other traffic leaves, the pair estimate more
-//!   than the arrivals while this flow is still below it).
+//!   than the arrivals while this flow is still below it) — except while a
+//!   queue stands (queueing delay above 5 % of the minimum RTT): then the
+//!   flow is at the bottleneck, the arrivals measure it, and a higher pair
+//!   estimate (pairs squeezed together after the bottleneck, by a router or a
+//!   host catching up) is not believed. Without a queue the pair estimate may
+//!   lift the ceiling at most 25 % above the arrivals: a real gain is
+//!   reached in a few rounds as the arrivals follow, a false one cannot
+//!   flood the bottleneck buffer.
 //! - **Minimum RTT** from the connection's RTT estimator; the queueing delay
 //!   is the smoothed RTT above it.
 //! - **Pacing rate** `R = ceiling × (1 − (q − 2 %)) × penalty`, where `q` is
@@ -57,6 +64,8 @@ const MAX_BACKOFF: f64 = 0.2;
 /// Queueing delay above which an arrival-rate sample below the pacing rate
 /// is believed (the path, not the sender, limited it).
 const Q_HIGH: f64 = 0.05;
+/// How far above the delivered rate the pair estimate may take the ceiling.
+const PROBE_GAIN: f64 = 1.25;
 /// The loss-with-evidence cut.
 const CUT: f64 = 0.85;
 /// Per-round recovery of a cut (the queue feedback still holds the rate).
@@ -143,8 +152,23 @@ impl Satellite {
         self.filter.iter().copied().fold(0.0, f64::max)
     }
 
+    /// What the path can carry. A standing queue proves the flow is at the
+    /// bottleneck, where the arrival rate *is* the bottleneck rate; a
+    /// packet-pair estimate above it is then wrong (pairs squeezed together
+    /// after the bottleneck, by a router or a host catching up) and is not
+    /// believed until the queue is gone.
     fn ceiling(&self) -> f64 {
-        self.capacity.max(self.filter_max())
+        let arrivals = self.filter_max();
+        if arrivals <= 0.0 {
+            self.capacity
+        } else if self.queue > Q_HIGH {
+            arrivals
+        } else {
+            // Above what was delivered, the pair estimate is only a probe:
+            // at most 25 % more, so a wrong one cannot flood the queue and a
+            // right one is reached in a few rounds as the arrivals follow.
+            self.capacity.min(arrivals * PROBE_GAIN).max(arrivals)
+        }
     }
 
     /// The pacing rate: the model's ceiling, scaled down in proportion to

@@ -1121,9 +1121,7 @@ impl Connection {
         self.heard(now);
         self.stats.pkts_received += 1;
         self.rx.pkt_count += 1;
-        self.rx
-            .arrival
-            .on_arrival(now, h.seq_no.get(), ext.len == self.payload_size);
+        self.rx.arrival.on_arrival(now, h.seq_no.get());
         self.rx.capacity.on_arrival(now, h.seq_no.get());
         self.cc.on_pkt_received(now, h.seq_no.get());
         let retained = self.place(now, h, ext);
