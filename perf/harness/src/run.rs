@@ -103,6 +103,25 @@ pub fn path_of(c: Contender) -> &'static str {
     }
 }
 
+/// Goodput of a finished bulk transfer in Mbit/s: the bytes delivered between
+/// the first progress report at 10 % of the total and the first at 90 %, over
+/// the time between them. Start-up (handshake, window growth) and the tail stay
+/// out, and so does the first message's wait for a repair, which would
+/// otherwise make a burst of held data look like speed. None when the
+/// reports are too few or too close together to tell.
+fn steady_goodput(series: &crate::collect::Series) -> Option<f64> {
+    let total = series.points.last()?.1 as f64;
+    let at = |frac: f64| {
+        series
+            .points
+            .iter()
+            .find(|p| p.1 as f64 >= frac * total)
+            .copied()
+    };
+    let ((t10, b10), (t90, b90)) = (at(0.1)?, at(0.9)?);
+    (t90 - t10 >= 0.5).then(|| (b90 - b10) as f64 * 8.0 / (t90 - t10) / 1e6)
+}
+
 /// A socket buffer that holds the path: 2 × (BDP + queue), at least 4 MiB.
 fn buffer_for(cell: &Cell) -> usize {
     let bdp = cell.rate_mbps * 1e6 / 8.0 * cell.rtt_ms / 1e3;
@@ -419,7 +438,13 @@ fn run_inner(
         } else {
             0
         };
-        let g = counted as f64 * 8.0 / span.max(1e-6) / 1e6;
+        let g = match (complete && w.kind == WorkloadKind::Bulk)
+            .then(|| steady_goodput(&series))
+            .flatten()
+        {
+            Some(g) => g,
+            None => counted as f64 * 8.0 / span.max(1e-6) / 1e6,
+        };
         row.goodput_mbps = Some(g);
         row.utilization = Some(g / capacity);
         row.cpu_s_per_gb = Some(cpu / (res.bytes as f64 / 1e9));
