@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs Debian's srt-tools (srt-file-transmit, srt-live-transmit), the SRT
-# contender of the lu2k-perf harness. Needs root and a reachable Debian mirror;
-# says why and exits 0 when it cannot, so callers (CI) can go on and the
-# harness reports SRT as skipped.
+# contender of the lu2k-perf harness (it runs srt-file-transmit). Needs root
+# and a reachable Debian mirror; says why and exits 0 when it cannot, so
+# callers (CI) can go on and the harness reports SRT as skipped.
 set -u
-if command -v srt-live-transmit >/dev/null 2>&1; then
-    echo "install-srt: srt-tools already installed ($(command -v srt-live-transmit))"
+if command -v srt-file-transmit >/dev/null 2>&1; then
+    echo "install-srt: srt-tools already installed ($(command -v srt-file-transmit))"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-srt: no apt-get on this system; install SRT's srt-live-transmit by hand. SRT rows will be skipped." >&2
+    echo "install-srt: no apt-get on this system; install SRT's srt-file-transmit by hand. SRT rows will be skipped." >&2
     exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -25,4 +25,4 @@ if ! apt-get install -y --no-install-recommends srt-tools >/tmp/install-srt.log 
         exit 0
     fi
 fi
-echo "install-srt: installed srt-tools: $(command -v srt-live-transmit)"
+echo "install-srt: installed srt-tools: $(command -v srt-file-transmit)"

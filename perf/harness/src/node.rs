@@ -41,7 +41,7 @@ pub enum Kind {
     Tcp,
     /// UDT4 stream sockets.
     Udt4,
-    /// srt-live-transmit in file mode.
+    /// srt-file-transmit (SRT in file mode).
     Srt,
     /// kshim + engine.
     Lu2k,
@@ -508,7 +508,7 @@ impl Node {
             .stderr(Stdio::inherit())
             .stdin(Stdio::null())
             // Its own process group: stopping the node stops what it started
-            // (engines, srt-live-transmit) too.
+            // (engines, srt-file-transmit) too.
             .process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let out = child.stdout.take().expect("piped");

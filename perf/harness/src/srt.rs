@@ -1,18 +1,38 @@
-//! The SRT contender: Debian's `srt-live-transmit` (srt-tools) in file mode
-//! (`transtype=file`: SRT's file congestion control, no TSBPD), stdin to SRT
-//! on the sending node and SRT to stdout on the receiving node, which counts
-//! the bytes. Install with `scripts/install-srt.sh`. Bulk workload only; SRT
-//! does not tell its retransmissions here (the link's counters still show
-//! the wire bytes).
+//! The SRT contender: Debian's `srt-file-transmit` (srt-tools), SRT's own
+//! file-transfer tool (`transtype=file`: SRT's file congestion control, no
+//! TSBPD, no too-late drops). The sending node pipes the bulk stream into
+//! `srt-file-transmit file:///dev/stdin srt://…?mode=caller`; the receiving
+//! node runs `srt-file-transmit srt://…?mode=listener file://DIR`, which
+//! writes what arrives to `DIR/stdin` (the file is named after the stream id,
+//! which the sender sets to the base name of its source, `stdin`); that path
+//! is a FIFO the node reads and counts. Install with `scripts/install-srt.sh`.
+//! Bulk workload only; SRT does not tell its retransmissions here (the
+//! link's counters still show the wire bytes).
 //!
-//! Known problem: through the UDP relay SRT connects and then moves almost
-//! nothing (0–3 Mbit/s even on a 1000 Mbit/s, 2 ms link), with the buffers
-//! sized to the path or with SRT's defaults (`LU2K_PERF_SRT_DEFAULT_BUFFERS=1`);
-//! the same commands directly on loopback move 10 MB in under a second. Not
-//! understood yet.
+//! Why not `srt-live-transmit` (the driver used it until the SRT rows came
+//! out empty): it always runs its SRT socket non-blocking and drops what it
+//! cannot hand to SRT at once ("bytes lost"): everything it read from stdin
+//! before the handshake finished (two round trips: 1.2 s at 600 ms, by which
+//! time the harness had written the whole workload) and every chunk that met
+//! a full send buffer. `srt-file-transmit` reads its input only once
+//! connected and only when SRT can take more, and at the end of its input it
+//! waits until SRT's send buffer is acknowledged before it closes.
+//!
+//! What SRT then does on a 600 ms path is SRT's own (libsrt 1.5.1, measured
+//! with `srt-file-transmit -s 100 -f -pf csv -statsout FILE` through the
+//! relay, no loss): it starts with its built-in RTT estimate of 100 ms, so
+//! its retransmission timer fires before the first ACK can return; its stats
+//! show all 16 packets of the first window counted lost (`pktSndLoss` 16 on
+//! a lossless link), slow start abandoned and the sending period raised to
+//! about 61 ms, from which the rate climbs back over tens of seconds. Short
+//! runs at 600 ms are therefore slow and its wire bytes include spurious
+//! retransmissions; at 200 ms, or at 500 Mbit/s where it climbs faster, it
+//! completes. `LU2K_PERF_SRT_DEFAULT_BUFFERS=1` runs it with SRT's default
+//! buffers and flow window instead of the path-sized ones.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,23 +42,37 @@ use crate::node::{NodeResult, NodeSpec, Role, Ticker};
 use crate::scenario::WorkloadKind;
 
 /// The program used.
-pub const PROGRAM: &str = "srt-live-transmit";
+pub const PROGRAM: &str = "srt-file-transmit";
 
-/// Whether `srt-live-transmit` can be run; the reason when not.
+/// The sender's source. `srt-file-transmit` has no stdin input of its own
+/// (`file://con` works for its output only) and names the stream after the
+/// base name of this path.
+const SOURCE: &str = "/dev/stdin";
+
+/// What the receiving `srt-file-transmit` names its output: the stream id.
+const STREAM: &str = "stdin";
+
+/// Whether `srt-file-transmit` (and `mkfifo`) can be run; the reason when not.
 pub fn available() -> Result<(), String> {
-    match Command::new(PROGRAM)
-        .arg("-version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!(
-            "{PROGRAM} not runnable ({e}); install srt-tools with scripts/install-srt.sh (root, Debian)"
-        )),
+    for (prog, arg) in [(PROGRAM, "-version"), ("mkfifo", "--version")] {
+        if let Err(e) = Command::new(prog)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            return Err(format!(
+                "{prog} not runnable ({e}); install srt-tools with scripts/install-srt.sh (root, Debian)"
+            ));
+        }
     }
+    Ok(())
 }
 
+/// SRT socket options (URI parameters). `srt-file-transmit` sets
+/// `transtype=file` itself; the buffers are sized to the path (the harness's
+/// `buffer`, about 2 × (BDP + queue)), the flow window (`fc`, packets) to
+/// hold the receive buffer: SRT caps the receive buffer at `fc` packets.
 fn options(spec: &NodeSpec) -> String {
     match std::env::var("LU2K_PERF_SRT_DEFAULT_BUFFERS") {
         Ok(v) if v == "1" => return "transtype=file".into(),
@@ -51,6 +85,39 @@ fn options(spec: &NodeSpec) -> String {
     )
 }
 
+/// A private directory holding the FIFO the receiver's `srt-file-transmit`
+/// writes to; removed on drop.
+struct FifoDir(PathBuf);
+
+impl FifoDir {
+    fn new() -> Result<FifoDir> {
+        let dir = std::env::temp_dir().join(format!("lu2k-perf-srt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let d = FifoDir(dir);
+        let st = Command::new("mkfifo")
+            .arg(d.fifo())
+            .status()
+            .context("running mkfifo")?;
+        if !st.success() {
+            bail!("mkfifo {} failed ({st})", d.fifo().display());
+        }
+        Ok(d)
+    }
+    fn fifo(&self) -> PathBuf {
+        self.0.join(STREAM)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for FifoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs one SRT node.
 pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
     let w = &spec.workload;
@@ -61,22 +128,32 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
     let mut r = NodeResult::default();
     match spec.role {
         Role::Recv => {
+            let dir = FifoDir::new()?;
             let port = UdpSocket::bind(spec.addr)?.local_addr()?.port();
             let addr = SocketAddr::new(spec.addr.ip(), port);
             let mut child = Command::new(PROGRAM)
                 .arg(format!("srt://{addr}?mode=listener&{}", options(spec)))
-                .arg("file://con")
+                .arg(format!("file://{}", dir.path().display()))
                 .stdin(Stdio::null())
-                .stdout(Stdio::piped())
+                .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
                 .with_context(|| format!("starting {PROGRAM}"))?;
             std::thread::sleep(Duration::from_millis(300));
+            if let Some(st) = child.try_wait()? {
+                bail!("{PROGRAM} (listener) exited at once ({st})");
+            }
             println!("listen {addr}");
-            let out = child.stdout.take().expect("piped");
+            let _ = std::io::stdout().flush();
+            // Opening the FIFO waits for the writer: srt-file-transmit opens
+            // its output once a sender has connected.
+            let fifo = dir.fifo();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                let _ = crate::node::drain(out, |n| {
+                let Ok(f) = std::fs::File::open(&fifo) else {
+                    return;
+                };
+                let _ = crate::node::drain(f, |n| {
                     let _ = tx.send((Instant::now(), n));
                 });
             });
@@ -95,17 +172,27 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                         r.bytes = n;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    // The writer closed: srt-file-transmit is done.
                     Err(_) => break,
                 }
                 tick.tick(r.bytes);
             }
             r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+            if r.bytes < w.bytes {
+                r.note = Some(match child.try_wait()? {
+                    Some(st) => format!("{PROGRAM} (listener) ended early ({st})"),
+                    None => format!(
+                        "{PROGRAM} (listener) still receiving after {:.0} s",
+                        start.elapsed().as_secs_f64()
+                    ),
+                });
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
         Role::Send => {
             let mut child = Command::new(PROGRAM)
-                .arg("file://con")
+                .arg(format!("file://{SOURCE}"))
                 .arg(format!("srt://{}?mode=caller&{}", spec.addr, options(spec)))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
@@ -113,23 +200,21 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                 .spawn()
                 .with_context(|| format!("starting {PROGRAM}"))?;
             let mut stdin = child.stdin.take().expect("piped");
-            // srt-live-transmit reads stdin in 1456-byte chunks and holds a
-            // partial one back: pad the stream so the receiver sees all `bytes`.
             let chunk = vec![0x5au8; 1 << 16];
-            let total = w.bytes + 1456;
-            while r.bytes < total {
-                let n = chunk.len().min((total - r.bytes) as usize);
+            while r.bytes < w.bytes {
+                let n = chunk.len().min((w.bytes - r.bytes) as usize);
                 if stdin.write_all(&chunk[..n]).is_err() {
                     break;
                 }
                 r.bytes += n as u64;
             }
-            // Keep stdin open: at its end srt-live-transmit would quit with
-            // data still unsent. The harness ends this node.
-            println!("result {}", serde_json::to_string(&r)?);
-            let _ = std::io::stdout().flush();
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_secs(3600));
+            // The end of its input: srt-file-transmit sends the rest, waits
+            // until SRT's send buffer is acknowledged, and exits.
+            drop(stdin);
+            let st = child.wait()?;
+            if !st.success() {
+                r.note = Some(format!("{PROGRAM} (caller) exited with {st}"));
+            }
         }
     }
     Ok(r)
