@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | lu2k | UDP relay (rootless) | kshim + engine node per side, engines' peer entries point at the relay |
 //! | udt4 | UDP relay | `udt` crate stream sockets, flow window and buffers sized to the path |
-//! | srt | UDP relay | `srt-live-transmit`, file mode |
+//! | srt | UDP relay | `srt-file-transmit` (SRT file mode) |
 //! | tcp-cubic, tcp-bbr | TUN between two network namespaces (root) | std sockets, `TCP_CONGESTION` |
 //!
 //! Relay and TUN emulators run the same linkem model with the same settings

@@ -67,7 +67,7 @@ pub enum Contender {
     /// Linux TCP with BBR (through the TUN path; root).
     #[serde(rename = "tcp-bbr")]
     TcpBbr,
-    /// SRT (Debian's srt-tools, `srt-live-transmit` in file mode).
+    /// SRT (Debian's srt-tools, `srt-file-transmit`: SRT file mode).
     #[serde(rename = "srt")]
     Srt,
 }
