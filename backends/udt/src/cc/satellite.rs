@@ -48,7 +48,9 @@
 //! `1.25 × min_rtt + 5 ms` (a queue is overflowing), or if the loss rate of a
 //! round is far above the long-run average (≥ 20 % and ≥ 3× the mean plus
 //! 5 %: a clustered, load-driven burst). A timeout (EXP) leaves the model
-//! alone: on satellite links a silence is usually an outage, not a queue.
+//! alone: on satellite links a silence is usually an outage, not a queue —
+//! and for two round trips after one, loss reports (the outage's packets,
+//! reported once the path is back) cut nothing either.
 
 use super::{Ack, Controller, Path};
 use crate::estimate::Time;
@@ -99,6 +101,8 @@ pub struct Satellite {
     ewma_sent: f64,
     loss_rate: f64,
     last_cut: Option<Time>,
+    /// The last EXP timeout: a silence, usually an outage.
+    last_timeout: Option<Time>,
     plateau_bw: f64,
     plateau_rounds: u32,
     queue: f64,
@@ -131,6 +135,7 @@ impl Satellite {
             ewma_sent: 0.0,
             loss_rate: 0.0,
             last_cut: None,
+            last_timeout: None,
             plateau_bw: 0.0,
             plateau_rounds: 0,
             queue: 0.0,
@@ -185,13 +190,14 @@ impl Satellite {
         u64::from(path.min_rtt.max(10_000))
     }
 
-    fn end_round(&mut self, now: Time) {
+    fn end_round(&mut self, now: Time, path: &Path) {
         // Losses reported in this round belong to packets sent about one
         // round earlier.
         let round_loss = self.lost_in_round as f64 / self.sent_prev_round.max(1) as f64;
         let clustered = self.sent_prev_round >= 200
             && round_loss >= 0.2
-            && round_loss >= 3.0 * self.loss_rate + 0.05;
+            && round_loss >= 3.0 * self.loss_rate + 0.05
+            && !self.after_silence(now, path);
         if self.sent_prev_round >= 16 {
             self.ewma_lost += (self.lost_in_round as f64 - self.ewma_lost) / 8.0;
             self.ewma_sent += (self.sent_prev_round as f64 - self.ewma_sent) / 8.0;
@@ -235,9 +241,17 @@ impl Satellite {
     /// so rounds keep time while the ACK point stalls behind a hole).
     fn tick(&mut self, now: Time, path: &Path) {
         if now.saturating_sub(self.round_start) >= Self::round_len(path) {
-            self.end_round(now);
+            self.end_round(now, path);
             self.update_outputs(path);
         }
+    }
+
+    /// Whether an EXP timeout fired within the last two round trips: what
+    /// was lost then was lost to the silence (an outage), not to a queue, and
+    /// the reports of it arrive for a round trip after the path is back.
+    fn after_silence(&self, now: Time, path: &Path) -> bool {
+        self.last_timeout
+            .is_some_and(|t| now.saturating_sub(t) < 2 * u64::from(path.rtt.max(path.min_rtt)))
     }
 
     fn cut(&mut self, now: Time) {
@@ -319,13 +333,15 @@ impl Controller for Satellite {
         let recently_cut = self
             .last_cut
             .is_some_and(|t| now.saturating_sub(t) < u64::from(path.rtt.max(path.min_rtt)));
-        if overflowing && !recently_cut {
+        if overflowing && !recently_cut && !self.after_silence(now, path) {
             self.cut(now);
             self.update_outputs(path);
         }
     }
 
-    fn on_timeout(&mut self, _now: Time, _path: &Path) {}
+    fn on_timeout(&mut self, now: Time, _path: &Path) {
+        self.last_timeout = Some(now);
+    }
 
     fn on_pkt_sent(&mut self, now: Time, path: &Path, _seq: u32, _retransmit: bool) {
         self.sent_in_round += 1;
@@ -378,6 +394,44 @@ mod tests {
         assert!((cc.period() - 1e6 / 8500.0).abs() < 1e-6);
         // WINDOW_BDPS x BDP + 32.
         assert!((cc.window() - (WINDOW_BDPS * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn losses_reported_after_a_silence_do_not_cut() {
+        let mut cc = Satellite::new();
+        let mut p = path(600_000);
+        cc.init(0, &p);
+        let mut now = 0;
+        for i in 0..200u32 {
+            now += 10_000;
+            for _ in 0..85 {
+                cc.on_pkt_sent(now, &p, i, false);
+            }
+            let ack = Ack {
+                seq: i,
+                newly_acked: 85,
+                recv_rate_sample: 8500,
+                bandwidth_sample: 8500,
+            };
+            cc.on_report(now, &p, &ack);
+            cc.on_ack(now, &p, &ack);
+        }
+        let before = cc.bandwidth();
+        // An outage: EXP fires; when the path is back, the NAK reports a
+        // second of packets lost at once, with the RTT still inflated.
+        cc.on_timeout(now, &p);
+        now += 500_000;
+        p.rtt = 900_000;
+        cc.on_loss(now, &p, &[(0, 8499)], 8500);
+        for _ in 0..3 {
+            now += 600_000;
+            cc.on_pkt_sent(now, &p, 0, true);
+        }
+        assert_eq!(cc.bandwidth(), before, "an outage is not congestion");
+        // Long after the silence, queueing loss cuts again.
+        now += 5_000_000;
+        cc.on_loss(now, &p, &[(9000, 9000)], 1);
+        assert!((cc.bandwidth() - before * 0.85).abs() < 1.0);
     }
 
     #[test]
