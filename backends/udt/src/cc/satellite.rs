@@ -7,8 +7,8 @@
 //! keeps a model of the path and paces at it:
 //!
 //! - **Bottleneck bandwidth.** The packet-pair capacity reported by the
-//!   receiver, and a windowed maximum (10 rounds of one minimum RTT) over
-//!   its arrival-rate reports, which count packets lost on the wire as
+//!   receiver, and a windowed maximum (the last 10 rounds of one minimum RTT
+//!   that had any) over its arrival-rate reports, which count packets lost on the wire as
 //!   carried (see [`crate::estimate::ArrivalRate`]). A report below the
 //!   pacing rate with no queue to explain it only shows that the sender was
 //!   held back (window, a hole, no data) and is ignored. The larger of the
@@ -210,8 +210,13 @@ impl Satellite {
         self.lost_in_round = 0;
         self.round_start = now;
         self.round_count += 1;
-        self.filter_pos = (self.filter_pos + 1) % FILTER_ROUNDS;
-        self.filter[self.filter_pos] = 0.0;
+        // The filter spans the last rounds that measured something: a silent
+        // round (an outage, an idle sender) does not age out what the path
+        // carried before it, so the flow comes back to the rate it knew.
+        if self.filter[self.filter_pos] > 0.0 {
+            self.filter_pos = (self.filter_pos + 1) % FILTER_ROUNDS;
+            self.filter[self.filter_pos] = 0.0;
+        }
         if clustered {
             self.cut(now);
             return;
