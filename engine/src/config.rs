@@ -95,8 +95,11 @@ pub struct Config {
     pub rcvbuf: usize,
     /// UDT flow window, packets.
     pub flow_window: u32,
-    /// Microseconds a core spins on its rings before sleeping on the doorbell.
+    /// Microseconds a core spins on its rings before sleeping on the doorbell, at
+    /// least; the spin adapts to the traffic up to `spin_max_us` (see `spin`).
     pub spin_us: u32,
+    /// Microseconds a core spins before sleeping, at most.
+    pub spin_max_us: u32,
     /// Pin core thread i to CPU i.
     pub pin_cpus: bool,
     /// Peers at non-default addresses.
@@ -121,6 +124,7 @@ impl Default for Config {
             rcvbuf: 64 << 20,
             flow_window: 65536,
             spin_us: 50,
+            spin_max_us: 400,
             pin_cpus: false,
             peers: Vec::new(),
         }
@@ -242,6 +246,14 @@ impl Config {
                 self.spin_us.to_string(),
                 "more than a second of spinning wastes a core",
                 "use 0..=1000 µs; 50 is a good start",
+            );
+        }
+        if self.spin_max_us > 1_000_000 || self.spin_max_us < self.spin_us {
+            return bad(
+                "spin_max_us",
+                self.spin_max_us.to_string(),
+                "below spin_us, or more than a second of spinning",
+                "use spin_us..=1000 µs; 400 covers a small-message round trip",
             );
         }
         for p in &self.peers {

@@ -12,7 +12,8 @@
 //!    back to the kernel.
 //! 3. Send what the connections want to send: runs of equal-size data packets become
 //!    one GSO send of [UDT header, payload pieces] from the registered TX memory.
-//! 4. Wait for I/O (without blocking while there is work; after `spin_us` of no work,
+//! 4. Wait for I/O (without blocking while there is work; after a spin of no work —
+//!    `spin_us` to `spin_max_us`, adapted to the traffic by [`crate::spin`] —
 //!    arm the doorbell through the ring-abi need-wakeup protocol and sleep in the I/O
 //!    layer until a doorbell, a datagram, a completion or the next UDT timer).
 //! 5. Feed received datagrams (parsed in place in the RX pool) to the connections,
@@ -38,6 +39,7 @@ use lu2k_udt::conn::{
 };
 
 use crate::io::{DatagramIo, Event, Segment, SendError};
+use crate::spin::Spin;
 use crate::stats::{CoreStats, PeerStats, Published};
 use crate::sys::{self, CoreMem, MSG_HDR_SLOT};
 
@@ -76,8 +78,10 @@ pub struct CoreParams {
     pub overrides: HashMap<Ipv4Addr, SocketAddrV4>,
     /// UDT settings.
     pub udt: udt::Config,
-    /// Spin before sleeping.
+    /// Spin before sleeping, at least (see [`crate::spin`]).
     pub spin: Duration,
+    /// Spin before sleeping, at most.
+    pub spin_max: Duration,
     /// Message-header slots (= most messages in flight on this core).
     pub msg_slots: u32,
     /// How long shutdown waits for in-flight messages before failing them back.
@@ -270,6 +274,7 @@ impl CoreLoop {
     pub fn run(mut self) {
         let mut last_work = Instant::now();
         let mut last_stats = Instant::now();
+        let mut spin = Spin::new(self.p.spin, self.p.spin_max);
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let draining = self.draining.load(Ordering::Relaxed);
@@ -299,10 +304,13 @@ impl CoreLoop {
             let deadline = self.next_deadline().map(|t| self.at(t));
             self.events.clear();
             let mut events = std::mem::take(&mut self.events);
-            let idle = !work && last_work.elapsed() >= self.p.spin && self.backlog.is_empty();
-            let res = if idle && drain_deadline.is_none() {
+            let idle = !work && last_work.elapsed() >= spin.budget() && self.backlog.is_empty();
+            let asleep = idle && drain_deadline.is_none();
+            let mut rang = false;
+            let res = if asleep {
                 self.flush_notify();
                 self.stats.sleeps += 1;
+                spin.sleep(Instant::now());
                 let CoreLoop { ec, io, .. } = &mut self;
                 let EngineCore {
                     tx,
@@ -314,6 +322,7 @@ impl CoreLoop {
                 let _ = wait.wait(WaitMode::Eventfd, Some(Duration::ZERO), || {
                     let ring_work =
                         !tx.is_empty().unwrap_or(true) || !rx_return.is_empty().unwrap_or(true);
+                    rang = ring_work;
                     if !ring_work {
                         io.arm_doorbell();
                         r = io.wait(
@@ -338,8 +347,15 @@ impl CoreLoop {
                 eprintln!("lu2k-engine core {}: I/O wait failed: {e}", self.p.core);
                 self.stats.drop_one("io_error");
             }
-            if !events.is_empty() || work {
+            // A timer alone is no work: it neither restarts the spin nor grows it.
+            let useful = events.iter().any(|e| !matches!(e, Event::Timer));
+            if asleep {
+                spin.woke(Instant::now(), useful || rang);
+            }
+            if useful || work {
                 last_work = Instant::now();
+            } else if !idle {
+                spin.relax();
             }
             // The time after the wait: events happened during it. A datagram the
             // kernel stamped is dated by its own arrival (its age against the same

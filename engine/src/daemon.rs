@@ -189,6 +189,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             overrides: overrides.clone(),
             udt: udt_cfg.clone(),
             spin: Duration::from_micros(u64::from(cfg.spin_us)),
+            spin_max: Duration::from_micros(u64::from(cfg.spin_max_us)),
             msg_slots: MSG_SLOTS,
             drain_timeout: Duration::from_secs(5),
             peer_down_timeout_us: cfg.peer_down_timeout_s * 1_000_000,

@@ -22,6 +22,7 @@ pub mod epoll;
 pub mod io;
 pub mod probe;
 pub mod rds;
+pub mod spin;
 pub mod stats;
 pub mod steer;
 pub mod sys;

@@ -426,6 +426,20 @@ fn ping(
     let mut rtts: Vec<Duration> = Vec::with_capacity(count as usize);
     let mut lost = 0u64;
     let mut corrupt = 0u64;
+    // The round trip is request sent -> reply delivered. The request's own TX
+    // completion needs the peer engine's acknowledgement, which UDT sends on its
+    // own schedule (every 10 ms): waiting for it before the next ping would pace
+    // the pings by the ACK timer and let both sides fall asleep between them.
+    // Completions are collected as they come; a failed one ends its ping's wait.
+    let mut outstanding: HashMap<Cookie, u64> = HashMap::new();
+    let mut send_failures = 0u64;
+    let mut on_done = |outstanding: &mut HashMap<Cookie, u64>, c: Cookie, status: TxStatus| {
+        let seq = outstanding.remove(&c)?;
+        (status != TxStatus::Ok).then(|| {
+            send_failures += 1;
+            (seq, status)
+        })
+    };
     for seq in 0..count {
         let h = Repr {
             dest_nid: to.0,
@@ -446,13 +460,14 @@ fn ping(
         };
         let t = Instant::now();
         let cookie: Cookie = k.send(&h, &[]).map_err(|e| anyhow!("ping {seq}: {e}"))?;
+        outstanding.insert(cookie, seq);
         let mut got = false;
-        let mut sent_ok = None;
-        while t.elapsed() < timeout && !(got && sent_ok.is_some()) {
+        let mut failed = None;
+        while t.elapsed() < timeout && !got && failed.is_none() {
             match k.wait(Some(timeout.saturating_sub(t.elapsed()))) {
                 Some(Event::Rx(m)) => {
                     if let Msg::Reply { dst_wmd } = m.hdr.msg {
-                        if dst_wmd.object_cookie == seq && !got {
+                        if dst_wmd.object_cookie == seq {
                             got = true;
                             rtts.push(t.elapsed());
                             let mut data = vec![0u8; m.len()];
@@ -466,10 +481,11 @@ fn ping(
                 }
                 Some(Event::TxDone {
                     cookie: c, status, ..
-                }) if c == cookie => {
-                    sent_ok = Some(status);
-                    if status != TxStatus::Ok {
-                        break;
+                }) => {
+                    if let Some((s, st)) = on_done(&mut outstanding, c, status) {
+                        if s == seq {
+                            failed = Some(st);
+                        }
                     }
                 }
                 Some(Event::EngineGone(r)) => bail!("the engine went away: {r:?}"),
@@ -478,8 +494,25 @@ fn ping(
         }
         if !got {
             lost += 1;
-            eprintln!("ping {seq}: no reply (send status {sent_ok:?})");
+            eprintln!("ping {seq}: no reply (send status {failed:?})");
         }
+    }
+    // The last requests' completions (every send ends exactly one way).
+    let t = Instant::now();
+    while !outstanding.is_empty() && t.elapsed() < timeout {
+        match k.wait(Some(timeout.saturating_sub(t.elapsed()))) {
+            Some(Event::TxDone {
+                cookie: c, status, ..
+            }) => {
+                on_done(&mut outstanding, c, status);
+            }
+            Some(Event::Rx(m)) => k.rx_done(m),
+            Some(Event::EngineGone(r)) => bail!("the engine went away: {r:?}"),
+            _ => {}
+        }
+    }
+    if !outstanding.is_empty() {
+        eprintln!("ping: {} sends not completed", outstanding.len());
     }
     rtts.sort();
     let pct = |p: f64| -> f64 {
@@ -490,19 +523,21 @@ fn ping(
         rtts[i].as_secs_f64() * 1e6
     };
     println!(
-        "ping: to {to}, {count} x GET {size} B: {} replies, {lost} lost, {corrupt} corrupt; \
-         rtt us: min {:.1} p50 {:.1} p99 {:.1} max {:.1}",
+        "ping: to {to}, {count} x GET {size} B: {} replies, {lost} lost, {corrupt} corrupt, \
+         {send_failures} sends failed; rtt us: min {:.1} p50 {:.1} p99 {:.1} max {:.1}",
         rtts.len(),
         pct(0.0),
         pct(0.5),
         pct(0.99),
         pct(1.0)
     );
-    Ok(if lost == 0 && corrupt == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if lost == 0 && corrupt == 0 && send_failures == 0 && outstanding.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 fn sink(k: &mut Kshim, count: u64, idle: f64, progress: Option<Duration>) -> Result<ExitCode> {

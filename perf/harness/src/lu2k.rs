@@ -344,6 +344,7 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
         }
         (WorkloadKind::Rpc, Role::Recv) => {
             let start = Instant::now();
+            let mut tick = Ticker::new();
             let mut answered = 0u32;
             while answered <= w.count && start.elapsed() < cap + Duration::from_secs(20) {
                 match side.k.wait(Some(Duration::from_millis(20))) {
@@ -357,7 +358,7 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                                 .context("reply")?;
                             answered += 1;
                             r.bytes += len as u64;
-                            crate::node::Ticker::new().tick(r.bytes);
+                            tick.tick(r.bytes);
                         } else {
                             side.k.rx_done(m);
                         }

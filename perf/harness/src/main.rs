@@ -59,6 +59,9 @@ enum Command {
     /// Internal: an lu2k engine process (JSON spec).
     #[command(name = "__engine", hide = true)]
     Engine { spec: String },
+    /// Internal: one hop of the raw UDP round-trip chain (next port, 0: echo).
+    #[command(name = "__udp-hop", hide = true)]
+    UdpHop { next: u16 },
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,6 +118,15 @@ struct LoopbackArgs {
     /// Round trips per latency run.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     round_trips: u64,
+    /// Round trips per UDT4 latency run at most (each takes ~200 ms).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(10..))]
+    udt4_round_trips: u64,
+    /// Only these contenders (comma-separated: udp, udt4, lu2k).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Round trips only, no bulk runs.
+    #[arg(long)]
+    no_bulk: bool,
 }
 
 /// The `loopback --json` object.
@@ -123,8 +135,8 @@ struct LoopbackReport {
     runs: u32,
     bytes_per_run: u64,
     lu2k_gbps: Option<f64>,
-    udt4_gbps: f64,
-    udp_ceiling_gbps: f64,
+    udt4_gbps: Option<f64>,
+    udp_ceiling_gbps: Option<f64>,
     lu2k_copied_bytes: Option<u64>,
     rtt: Vec<RttRow>,
 }
@@ -148,6 +160,7 @@ fn main() -> Result<()> {
         Command::Loopback(args) => loopback(args),
         Command::Node { spec } => node::main(&spec),
         Command::Engine { spec } => lu2k::engine_main(&spec),
+        Command::UdpHop { next } => udp::hop_main(next),
     }
 }
 
@@ -176,99 +189,134 @@ fn median_of(runs: u32, what: &str, mut f: impl FnMut() -> Result<f64>) -> Resul
 }
 
 fn loopback(args: LoopbackArgs) -> Result<()> {
-    let bytes = args.mib << 20;
-    let udp_ceiling = median_of(args.runs, "raw UDP GSO+GRO", || udp::gso_gro_blast(bytes))?;
-    let udt4 = median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes))?;
-    let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
-    let mut copied = 0u64;
-    let lu2k = median_of(args.runs, "lu2k bulk", || {
-        let w = scenario::Workload {
-            kind: scenario::WorkloadKind::Bulk,
-            bytes,
-            max_duration_s: 120.0,
-            ..loopback_workload()
-        };
-        let (r, tx) = run::lu2k_direct(w, &lo)?;
-        if r.bytes < bytes {
-            anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
+    for name in &args.only {
+        if !["udp", "udt4", "lu2k"].contains(&name.as_str()) {
+            anyhow::bail!("--only {name}: unknown contender; use udp, udt4, lu2k");
         }
-        copied =
-            copied.max(r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0));
-        Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
-    })?;
+    }
+    let on = |name: &str| args.only.is_empty() || args.only.iter().any(|n| n == name);
+    let bulk = !args.no_bulk;
+    let bytes = args.mib << 20;
+    let udp_ceiling = (bulk && on("udp"))
+        .then(|| median_of(args.runs, "raw UDP GSO+GRO", || udp::gso_gro_blast(bytes)))
+        .transpose()?;
+    let udt4 = (bulk && on("udt4"))
+        .then(|| median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes)))
+        .transpose()?;
+    let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
+    let mut copied = None;
+    let lu2k = (bulk && on("lu2k"))
+        .then(|| {
+            median_of(args.runs, "lu2k bulk", || {
+                let w = scenario::Workload {
+                    kind: scenario::WorkloadKind::Bulk,
+                    bytes,
+                    max_duration_s: 120.0,
+                    ..loopback_workload()
+                };
+                let (r, tx) = run::lu2k_direct(w, &lo)?;
+                if r.bytes < bytes {
+                    anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
+                }
+                let c = r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0);
+                copied = Some(copied.unwrap_or(0).max(c));
+                Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
+            })
+        })
+        .transpose()?;
 
     let n = args.round_trips as usize;
+    let n_udt4 = n.min(args.udt4_round_trips as usize);
     let mut rtt = Vec::new();
-    let bar = progress(3 * RTT_SIZES.len() as u64, "round trips");
+    let bar = progress(4 * RTT_SIZES.len() as u64, "round trips");
     for size in RTT_SIZES {
-        bar.set_message(format!("raw UDP, {size} B"));
-        let latency = udp::ping_pong(size, n).context("raw UDP ping-pong")?;
-        rtt.push(RttRow {
-            contender: "udp",
-            size,
-            latency,
-        });
-        bar.inc(1);
-        bar.set_message(format!("UDT4, {size} B"));
-        match udt4::ping_pong(size, n) {
-            Ok(latency) => rtt.push(RttRow {
-                contender: "udt4",
-                size,
-                latency,
-            }),
-            Err(e) => eprintln!("UDT4 round trips, {size} B: {e:#}"),
-        }
-        bar.inc(1);
-        bar.set_message(format!("UDT4 non-blocking, {size} B"));
-        match udt4::ping_pong_with(size, n, true) {
-            Ok(latency) => rtt.push(RttRow {
-                contender: "udt4-poll",
-                size,
-                latency,
-            }),
-            Err(e) => eprintln!("UDT4 (non-blocking receive) round trips, {size} B: {e:#}"),
-        }
-        bar.set_message(format!("lu2k, {size} B"));
-        let w = scenario::Workload {
-            kind: scenario::WorkloadKind::Rpc,
-            size: size as u32,
-            count: n as u32,
-            max_duration_s: 120.0,
-            ..loopback_workload()
-        };
-        match run::lu2k_direct(w, &lo) {
-            Ok((r, _)) => {
-                let mut d: Vec<std::time::Duration> = r
-                    .samples_us
-                    .iter()
-                    .map(|us| std::time::Duration::from_secs_f64(us / 1e6))
-                    .collect();
-                match Latency::from_samples(&mut d) {
-                    Some(latency) => rtt.push(RttRow {
-                        contender: "lu2k",
-                        size,
-                        latency,
-                    }),
-                    None => eprintln!("lu2k round trips, {size} B: no samples"),
-                }
+        if on("udp") {
+            for (contender, hops) in [("udp", 1), ("udp-3hop", 3)] {
+                bar.set_message(format!("raw UDP, {hops} hops, {size} B"));
+                let latency = udp::ping_pong(size, n, hops).context("raw UDP round trips")?;
+                rtt.push(RttRow {
+                    contender,
+                    size,
+                    latency,
+                });
             }
-            Err(e) => eprintln!("lu2k round trips, {size} B: {e:#}"),
+        }
+        bar.inc(1);
+        if on("udt4") {
+            bar.set_message(format!("UDT4, {size} B"));
+            match udt4::ping_pong(size, n_udt4) {
+                Ok(latency) => rtt.push(RttRow {
+                    contender: "udt4",
+                    size,
+                    latency,
+                }),
+                Err(e) => eprintln!("UDT4 round trips, {size} B: {e:#}"),
+            }
+            bar.inc(1);
+            bar.set_message(format!("UDT4 non-blocking, {size} B"));
+            match udt4::ping_pong_with(size, n_udt4, true) {
+                Ok(latency) => rtt.push(RttRow {
+                    contender: "udt4-poll",
+                    size,
+                    latency,
+                }),
+                Err(e) => eprintln!("UDT4 (non-blocking receive) round trips, {size} B: {e:#}"),
+            }
+            bar.inc(1);
+        } else {
+            bar.inc(2);
+        }
+        if on("lu2k") {
+            bar.set_message(format!("lu2k, {size} B"));
+            let w = scenario::Workload {
+                kind: scenario::WorkloadKind::Rpc,
+                size: size as u32,
+                count: n as u32,
+                max_duration_s: 120.0,
+                ..loopback_workload()
+            };
+            match run::lu2k_direct(w, &lo) {
+                Ok((r, _)) => {
+                    let mut d: Vec<std::time::Duration> = r
+                        .samples_us
+                        .iter()
+                        .map(|us| std::time::Duration::from_secs_f64(us / 1e6))
+                        .collect();
+                    match Latency::from_samples(&mut d) {
+                        Some(latency) => rtt.push(RttRow {
+                            contender: "lu2k",
+                            size,
+                            latency,
+                        }),
+                        None => eprintln!("lu2k round trips, {size} B: no samples"),
+                    }
+                }
+                Err(e) => eprintln!("lu2k round trips, {size} B: {e:#}"),
+            }
         }
         bar.inc(1);
     }
     bar.finish();
 
     println!();
-    println!(
-        "bulk over loopback, {} MiB per run, median of {} runs",
-        args.mib, args.runs
-    );
-    println!("  {:<18} {:>10}", "contender", "Gbit/s");
-    println!("  {:<18} {:>10.2}", "lu2k", lu2k);
-    println!("  {:<18} {:>10.2}", "UDT4", udt4);
-    println!("  {:<18} {:>10.2}", "raw UDP GSO+GRO", udp_ceiling);
-    println!();
-    println!("round trips over loopback, {n} each");
+    if bulk {
+        println!(
+            "bulk over loopback, {} MiB per run, median of {} runs",
+            args.mib, args.runs
+        );
+        println!("  {:<18} {:>10}", "contender", "Gbit/s");
+        for (name, v) in [
+            ("lu2k", lu2k),
+            ("UDT4", udt4),
+            ("raw UDP GSO+GRO", udp_ceiling),
+        ] {
+            if let Some(v) = v {
+                println!("  {name:<18} {v:>10.2}");
+            }
+        }
+        println!();
+    }
+    println!("round trips over loopback, {n} each (UDT4 {n_udt4})");
     println!(
         "  {:<10} {:>6} {:>10} {:>10} {:>10}",
         "contender", "bytes", "p50 µs", "p99 µs", "max µs"
@@ -284,10 +332,10 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         let report = LoopbackReport {
             runs: args.runs,
             bytes_per_run: bytes,
-            lu2k_gbps: Some(lu2k),
+            lu2k_gbps: lu2k,
             udt4_gbps: udt4,
             udp_ceiling_gbps: udp_ceiling,
-            lu2k_copied_bytes: Some(copied),
+            lu2k_copied_bytes: copied,
             rtt,
         };
         let text = serde_json::to_string_pretty(&report)?;

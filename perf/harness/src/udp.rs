@@ -2,7 +2,6 @@
 //! transport can reach here, and a plain request/response ping-pong.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -74,38 +73,86 @@ pub fn gso_gro_blast(bytes: u64) -> Result<f64> {
     Ok(gbps(got, span.max(Duration::from_micros(1))))
 }
 
-/// Request/response round trips of `size`-byte datagrams, `count` times after
-/// a short warm-up.
-pub fn ping_pong(size: usize, count: usize) -> Result<Latency> {
-    let server = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let addr = server.local_addr()?;
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    server.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let echo = thread::spawn(move || {
+/// Request/response round trips of `size`-byte datagrams through `hops` UDP
+/// hops each way, `count` times after a short warm-up.
+///
+/// Every hop is its own process with a blocking socket (`lu2k-perf __udp-hop`):
+/// the requester (this thread) sends to the first, which forwards to the next,
+/// the last echoes, and the reply comes back the same way. `hops` 1 is the
+/// plain ping-pong between two processes (what one engine-to-engine UDP hop
+/// costs); `hops` 3 has lu2k's topology — requester, sending "engine",
+/// receiving "engine", echoing node: four processes, three hops each way —
+/// with every hop a plain UDP datagram and a blocking receive, no rings and no
+/// spinning.
+pub fn ping_pong(size: usize, count: usize, hops: usize) -> Result<Latency> {
+    let mut chain = Vec::new();
+    let mut next = 0u16;
+    for _ in 0..hops {
+        let mut child = crate::node::self_command()?
+            .arg("__udp-hop")
+            .arg(next.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting a UDP hop process")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("hop stdout")?),
+            &mut line,
+        )?;
+        chain.push(child);
+        next = line.trim().parse().context("the UDP hop's port")?;
+    }
+    let result = (|| {
+        let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        client.connect(loopback(next))?;
+        client.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let msg = vec![7u8; size];
         let mut buf = vec![0u8; 65536];
-        while matches!(stop_rx.try_recv(), Err(mpsc::TryRecvError::Empty)) {
-            if let Ok((n, from)) = server.recv_from(&mut buf) {
-                let _ = server.send_to(&buf[..n], from);
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..count + count / 10 {
+            let start = Instant::now();
+            client.send(&msg)?;
+            client.recv(&mut buf).context("echo timed out")?;
+            if i >= count / 10 {
+                samples.push(start.elapsed());
             }
         }
-    });
-    let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    client.connect(addr)?;
-    client.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let msg = vec![7u8; size];
-    let mut buf = vec![0u8; 65536];
-    let mut samples = Vec::with_capacity(count);
-    for i in 0..count + count / 10 {
-        let start = Instant::now();
-        client.send(&msg)?;
-        client.recv(&mut buf).context("echo timed out")?;
-        if i >= count / 10 {
-            samples.push(start.elapsed());
-        }
+        Latency::from_samples(&mut samples).context("no samples")
+    })();
+    for mut c in chain {
+        let _ = c.kill();
+        let _ = c.wait();
     }
-    drop(stop_tx);
-    echo.join().expect("echo thread");
-    Latency::from_samples(&mut samples).context("no samples")
+    result
+}
+
+/// `lu2k-perf __udp-hop NEXT`: one hop of [`ping_pong`]'s chain. Binds a
+/// loopback port and prints it; forwards what comes from the previous hop to
+/// port `NEXT` and what comes back from there to the previous hop; with `NEXT`
+/// 0 it echoes. Runs until killed.
+pub fn hop_main(next: u16) -> Result<()> {
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    println!("{}", sock.local_addr()?.port());
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let next = (next != 0).then(|| loopback(next));
+    let mut prev = None;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf)?;
+        let to = match next {
+            None => from,
+            Some(nx) if from == nx => match prev {
+                Some(p) => p,
+                None => continue,
+            },
+            Some(nx) => {
+                prev = Some(from);
+                nx
+            }
+        };
+        sock.send_to(&buf[..n], to)?;
+    }
 }
 
 /// The address a loopback peer listens on.
