@@ -36,8 +36,9 @@ pub struct Row {
     pub bytes_target: u64,
     /// Payload bytes delivered.
     pub bytes: u64,
-    /// Payload goodput, Mbit/s (finished bulk: from 10 % to 90 % of the bytes
-    /// delivered; unfinished: first byte to the stop; live: over the stream).
+    /// Payload goodput, Mbit/s (finished bulk: slope of delivery between 10 %
+    /// and 90 % of the bytes; unfinished: first byte to the stop; live: over
+    /// the stream).
     pub goodput_mbps: Option<f64>,
     /// goodput / (rate × (1 − loss)).
     pub utilization: Option<f64>,

@@ -103,23 +103,34 @@ pub fn path_of(c: Contender) -> &'static str {
     }
 }
 
-/// Goodput of a finished bulk transfer in Mbit/s: the bytes delivered between
-/// the first progress report at 10 % of the total and the first at 90 %, over
-/// the time between them. Start-up (handshake, window growth) and the tail stay
-/// out, and so does the first message's wait for a repair, which would
-/// otherwise make a burst of held data look like speed. None when the
-/// reports are too few or too close together to tell.
+/// Goodput of a finished bulk transfer in Mbit/s: the least-squares slope of
+/// bytes delivered against time over the progress reports between 10 % and
+/// 90 % of the total. Start-up (handshake, window growth) and the tail stay
+/// out (time to 90 % reports the start), and data held behind a hole — which
+/// arrives at the application in bursts — is averaged over the whole middle of
+/// the run instead of deciding the result at one end: counting from the first
+/// delivered message made a 1 % loss cell read 123 Mbit/s on a 100 Mbit/s
+/// link. None when the reports are too few or too close together to tell.
 fn steady_goodput(series: &crate::collect::Series) -> Option<f64> {
     let total = series.points.last()?.1 as f64;
-    let at = |frac: f64| {
-        series
-            .points
-            .iter()
-            .find(|p| p.1 as f64 >= frac * total)
-            .copied()
-    };
-    let ((t10, b10), (t90, b90)) = (at(0.1)?, at(0.9)?);
-    (t90 - t10 >= 0.5).then(|| (b90 - b10) as f64 * 8.0 / (t90 - t10) / 1e6)
+    let mid: Vec<(f64, f64)> = series
+        .points
+        .iter()
+        .filter(|p| (0.1 * total..=0.9 * total).contains(&(p.1 as f64)))
+        .map(|&(t, b)| (t, b as f64))
+        .collect();
+    let (first, last) = (mid.first()?.0, mid.last()?.0);
+    if mid.len() < 8 || last - first < 0.5 {
+        return None;
+    }
+    let n = mid.len() as f64;
+    let (mt, mb) = mid
+        .iter()
+        .fold((0.0, 0.0), |(a, b), p| (a + p.0 / n, b + p.1 / n));
+    let (cov, var) = mid.iter().fold((0.0, 0.0), |(c, v), p| {
+        (c + (p.0 - mt) * (p.1 - mb), v + (p.0 - mt) * (p.0 - mt))
+    });
+    (var > 0.0).then(|| cov / var * 8.0 / 1e6)
 }
 
 /// A socket buffer that holds the path: 2 × (BDP + queue), at least 4 MiB.
