@@ -6,7 +6,9 @@
 //! the very code of the `lu2k-engine` binary), waits for the engine to
 //! attach, and moves LNet messages: 1 MiB PUTs for bulk, PUTs echoed by PUTs
 //! for rpc, scheduled PUTs for live (`hdr_data` = when the chunk was due on
-//! the monotonic clock, `match_bits` = its index; see [`LiveSchedule`]). The engines
+//! the monotonic clock, `match_bits` = its index; see [`LiveSchedule`]),
+//! after one warm-up PUT that brings the engines' connection up first (TCP
+//! and UDT4 connect before their streams start too). The engines
 //! talk UDT over UDP; where the path is the relay, each engine's peer entry
 //! points at the relay, and the relay's sockets sit on the other node's NID
 //! address so that the engines see their peers at the addresses their NIDs
@@ -81,6 +83,34 @@ fn nid(ip: Ipv4Addr) -> Nid {
 }
 
 const PID: u32 = 12345;
+
+/// `match_bits` of the live sender's warm-up message (not part of the stream).
+const WARM_UP: u64 = u64::MAX;
+
+/// Sends one small PUT outside the stream and waits until it is delivered,
+/// so that the engines' connection is up before the live stream's schedule
+/// starts — as TCP's and UDT4's `connect` are before theirs.
+fn warm_up(side: &mut Side, limit: Duration) -> Result<()> {
+    let buf = side.k.alloc_tx(64).context("TX pool")?;
+    side.k
+        .send_buf(&tagged_put(side.me, side.peer, 64, WARM_UP, 0), buf)
+        .context("warm-up send")?;
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        match side.k.wait(Some(Duration::from_millis(20))) {
+            Some(Event::TxDone { status, .. }) => {
+                if status == TxStatus::Ok {
+                    return Ok(());
+                }
+                bail!("the warm-up message failed: {status:?}");
+            }
+            Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+            Some(Event::Rx(m)) => side.k.rx_done(m),
+            _ => {}
+        }
+    }
+    bail!("the warm-up message was not delivered within {limit:?}")
+}
 
 fn put(from: Nid, to: Nid, len: usize, data: u64) -> Repr {
     tagged_put(from, to, len, data, data)
@@ -237,6 +267,9 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
                 let sched = LiveSchedule::of(w);
                 (sched.chunks, w.chunk_bytes as usize, Some(sched))
             };
+            if sched.is_some() {
+                warm_up(&mut side, cap)?;
+            }
             let start = Instant::now();
             let start_ns = mono_ns();
             let limit = cap + Duration::from_secs_f64(w.duration_s);
@@ -299,6 +332,13 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
             let mut last = start;
             while r.bytes < target && start.elapsed() < limit {
                 match side.k.wait(Some(Duration::from_millis(20))) {
+                    Some(Event::Rx(m))
+                        if sched.is_some()
+                            && matches!(m.hdr.msg, Msg::Put { match_bits, .. } if match_bits == WARM_UP) =>
+                    {
+                        // The sender's warm-up, before the stream.
+                        side.k.rx_done(m);
+                    }
                     Some(Event::Rx(m)) => {
                         let now = Instant::now();
                         if first.is_none() {

@@ -21,7 +21,8 @@
 //! ([`LiveSchedule`]): chunk *i* is due at the stream's start + *i* × the
 //! chunk interval on the monotonic clock, carries that due time and its
 //! index, and its delivery latency is when the receiver has all of it minus
-//! when it was due — the same clock, on the same host, so a sender held back
+//! when it was due — the same clock, on the same host; every contender's
+//! stream starts on an established connection, so a sender held back
 //! by its transport (full window or buffer) counts too. Chunks still missing
 //! when the receiver stops count at their age then (lower bounds; the note
 //! says how many).
