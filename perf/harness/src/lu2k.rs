@@ -7,8 +7,8 @@
 //! attach, and moves LNet messages: 1 MiB PUTs for bulk, PUTs echoed by PUTs
 //! for rpc, scheduled PUTs for live (`hdr_data` = when the chunk was due on
 //! the monotonic clock, `match_bits` = its index; see [`LiveSchedule`]),
-//! after one warm-up PUT that brings the engines' connection up first (TCP
-//! and UDT4 connect before their streams start too). The engines
+//! after one chunk-sized warm-up PUT, delivered before the schedule starts
+//! (the stream transports send and answer a warm-up chunk too). The engines
 //! talk UDT over UDP; where the path is the relay, each engine's peer entry
 //! points at the relay, and the relay's sockets sit on the other node's NID
 //! address so that the engines see their peers at the addresses their NIDs
@@ -89,7 +89,7 @@ const WARM_UP: u64 = u64::MAX;
 
 /// Sends one chunk-sized PUT outside the stream and waits until it is
 /// delivered, so that the engines' connection is up before the live stream's
-/// schedule starts — as TCP's and UDT4's `connect` are before theirs.
+/// schedule starts — as TCP and UDT4 do with theirs.
 ///
 /// Chunk-sized, not tiny: after a 64-byte first message the engines
 /// misbehaved on the 200 ms, 1 % loss path (2 of 3 runs stalled or fell seconds

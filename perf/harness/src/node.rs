@@ -21,8 +21,9 @@
 //! ([`LiveSchedule`]): chunk *i* is due at the stream's start + *i* × the
 //! chunk interval on the monotonic clock, carries that due time and its
 //! index, and its delivery latency is when the receiver has all of it minus
-//! when it was due — the same clock, on the same host; every contender's
-//! stream starts on an established connection, so a sender held back
+//! when it was due — the same clock, on the same host; every contender
+//! first sends one chunk outside the stream and waits until it is delivered
+//! (a warm connection, as for rpc's first round trip), so a sender held back
 //! by its transport (full window or buffer) counts too. Chunks still missing
 //! when the receiver stops count at their age then (lower bounds; the note
 //! says how many).
@@ -508,6 +509,11 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
             let chunk = w.chunk_bytes as usize;
             let mut buf = vec![0u8; chunk];
             let sched = LiveSchedule::of(w);
+            // One chunk outside the stream, answered by a byte, before the
+            // schedule starts (lu2k's engines do the same).
+            buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+            s.write_all(&buf)?;
+            read_exact(s.as_mut(), &mut [0u8; 1], cap).context("the warm-up's answer")?;
             let start_ns = mono_ns();
             for i in 0..sched.chunks {
                 let due = sched.due_ns(start_ns, i);
@@ -539,6 +545,10 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
             let mut last = start;
             let mut stream_start = None;
             let mut delivered = 0u64;
+            // The sender's warm-up chunk, answered so that it knows the
+            // connection carries data before its schedule starts.
+            read_exact(s.as_mut(), &mut buf, limit).context("the warm-up chunk")?;
+            s.write_all(&[1])?;
             while delivered < sched.chunks && start.elapsed() < limit {
                 if read_exact(s.as_mut(), &mut buf, limit.saturating_sub(start.elapsed())).is_err()
                 {
