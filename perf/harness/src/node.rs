@@ -14,10 +14,19 @@
 //! What the nodes move, per workload: **bulk** — a byte stream (TCP, UDT4,
 //! SRT) or 1 MiB LNet PUTs (lu2k) until `bytes` arrived or `max_duration_s`
 //! passed; **rpc** — `count` requests of `size` bytes, each echoed back (lu2k:
-//! a PUT answered by a PUT), round trips timed by the client; **live** —
-//! chunks of `chunk_bytes` at `stream_mbps`, each stamped with the monotonic
-//! clock when it was handed to the transport, delivery latency measured by the
-//! receiver on the same clock (same host).
+//! a PUT answered by a PUT), each round trip timed by the client from before
+//! the request is handed to the transport to when the whole reply is in; the
+//! first round trip (connection warm-up) is not counted; **live** — chunks
+//! of `chunk_bytes` (a frame each) at `stream_mbps` on a fixed schedule
+//! ([`LiveSchedule`]): chunk *i* is due at the stream's start + *i* × the
+//! chunk interval on the monotonic clock, carries that due time and its
+//! index, and its delivery latency is when the receiver has all of it minus
+//! when it was due — the same clock, on the same host; every contender
+//! first sends one chunk outside the stream and waits until it is delivered
+//! (a warm connection, as for rpc's first round trip), so a sender held back
+//! by its transport (full window or buffer) counts too. Chunks still missing
+//! when the receiver stops count at their age then (lower bounds; the note
+//! says how many).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -122,6 +131,64 @@ pub struct NodeResult {
 pub fn mono_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The live stream's schedule: chunk `i` is due at `start_ns + i × every_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveSchedule {
+    /// Nanoseconds between chunks (`chunk_bytes` at `stream_mbps`).
+    pub every_ns: u64,
+    /// Chunks in the stream (`duration_s` of it, rounded up).
+    pub chunks: u64,
+}
+
+impl LiveSchedule {
+    /// The schedule of a live workload.
+    pub fn of(w: &Workload) -> LiveSchedule {
+        let every_s = f64::from(w.chunk_bytes) * 8.0 / (w.stream_mbps * 1e6);
+        LiveSchedule {
+            every_ns: ((every_s * 1e9).round() as u64).max(1),
+            chunks: ((w.duration_s / every_s).ceil() as u64).max(1),
+        }
+    }
+
+    /// When chunk `i` is due, given the stream's start.
+    pub fn due_ns(&self, start_ns: u64, i: u64) -> u64 {
+        start_ns + i * self.every_ns
+    }
+
+    /// The stream's start, from a chunk's index and due time.
+    pub fn start_ns(&self, i: u64, due_ns: u64) -> u64 {
+        due_ns.saturating_sub(i * self.every_ns)
+    }
+
+    /// Latencies (µs) to count for the chunks in `missing`, never delivered
+    /// when the receiver stopped at `stop_ns`: their age then, a lower bound
+    /// of their delivery latency. Chunks not yet due are left out.
+    pub fn censored_us(
+        &self,
+        start_ns: u64,
+        stop_ns: u64,
+        missing: impl Iterator<Item = u64>,
+    ) -> Vec<f64> {
+        missing
+            .map(|i| self.due_ns(start_ns, i))
+            .filter(|&due| due < stop_ns)
+            .map(|due| (stop_ns - due) as f64 / 1e3)
+            .collect()
+    }
+}
+
+/// The note of a live receiver: how much arrived, and what the percentiles are.
+pub fn live_note(s: &LiveSchedule, delivered: u64, censored: usize) -> String {
+    let mut n = format!("{delivered} of {} chunks delivered", s.chunks);
+    if censored > 0 {
+        n += &format!(
+            "; latency counts the {censored} missing chunks at their age when the receiver \
+             stopped (lower bounds)"
+        );
+    }
+    n
 }
 
 fn say(line: &str) {
@@ -388,20 +455,36 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
             let size = w.size as usize;
             let msg = vec![7u8; size];
             let mut buf = vec![0u8; size];
-            let start = Instant::now();
+            let mut tick = Ticker::new();
+            let deadline = Instant::now() + cap;
             for i in 0..w.count + 1 {
-                if start.elapsed() > cap {
-                    r.note = Some(format!("stopped after {i} round trips (max_duration_s)"));
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    r.note = Some(format!(
+                        "stopped after {} of {} round trips (max_duration_s)",
+                        r.samples_us.len(),
+                        w.count
+                    ));
                     break;
                 }
                 let t = Instant::now();
-                s.write_all(&msg)?;
-                read_exact(s.as_mut(), &mut buf, cap)?;
+                let done = s
+                    .write_all(&msg)
+                    .and_then(|()| read_exact(s.as_mut(), &mut buf, left));
+                if let Err(e) = done {
+                    r.note = Some(format!(
+                        "stopped after {} of {} round trips: {e:#}",
+                        r.samples_us.len(),
+                        w.count
+                    ));
+                    break;
+                }
                 if i > 0 {
                     // The first round trip includes connection warm-up.
                     r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
                     r.bytes += 2 * size as u64;
                 }
+                tick.tick(r.bytes);
             }
         }
         (WorkloadKind::Rpc, Role::Recv) => {
@@ -415,19 +498,33 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
                 r.bytes += size as u64;
                 say(&format!("progress {}", r.bytes));
             }
+            // Report, then keep the connection open until the harness ends
+            // this node: UDT4 drops what it has not sent yet when its process
+            // exits, and the last reply may still sit in its send buffer.
+            r.retrans_bytes = s.retrans_bytes();
+            finish(&r)?;
+            std::thread::sleep(Duration::from_secs(3600));
         }
         (WorkloadKind::Live, Role::Send) => {
             let chunk = w.chunk_bytes as usize;
             let mut buf = vec![0u8; chunk];
-            let every = Duration::from_secs_f64(chunk as f64 * 8.0 / (w.stream_mbps * 1e6));
-            let n = (w.duration_s / every.as_secs_f64()).ceil() as u64;
-            let start = Instant::now();
-            for i in 0..n {
-                let due = start + every * i as u32;
-                if let Some(d) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
+            let sched = LiveSchedule::of(w);
+            // One chunk outside the stream, answered by a byte, before the
+            // schedule starts (lu2k's engines do the same).
+            buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+            s.write_all(&buf)?;
+            read_exact(s.as_mut(), &mut [0u8; 1], cap).context("the warm-up's answer")?;
+            let start_ns = mono_ns();
+            for i in 0..sched.chunks {
+                let due = sched.due_ns(start_ns, i);
+                let now = mono_ns();
+                if due > now {
+                    std::thread::sleep(Duration::from_nanos(due - now));
                 }
-                buf[..8].copy_from_slice(&mono_ns().to_le_bytes());
+                // Stamped with when it was due, not when the transport took it:
+                // a sender held back by its transport is late, and that counts.
+                buf[..8].copy_from_slice(&due.to_le_bytes());
+                buf[8..16].copy_from_slice(&i.to_le_bytes());
                 if s.write_all(&buf).is_err() {
                     break;
                 }
@@ -440,28 +537,44 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
         (WorkloadKind::Live, Role::Recv) => {
             let chunk = w.chunk_bytes as usize;
             let mut buf = vec![0u8; chunk];
-            let expect = (w.duration_s * w.stream_mbps * 1e6 / 8.0 / chunk as f64).ceil() as u64;
+            let sched = LiveSchedule::of(w);
             let mut tick = Ticker::new();
             let limit = Duration::from_secs_f64(w.duration_s + w.max_duration_s);
             let start = Instant::now();
             let mut first = None;
-            while r.samples_us.len() < expect as usize && start.elapsed() < limit {
+            let mut last = start;
+            let mut stream_start = None;
+            let mut delivered = 0u64;
+            // The sender's warm-up chunk, answered so that it knows the
+            // connection carries data before its schedule starts.
+            read_exact(s.as_mut(), &mut buf, limit).context("the warm-up chunk")?;
+            s.write_all(&[1])?;
+            while delivered < sched.chunks && start.elapsed() < limit {
                 if read_exact(s.as_mut(), &mut buf, limit.saturating_sub(start.elapsed())).is_err()
                 {
                     break;
                 }
                 let now = mono_ns();
-                first.get_or_insert_with(Instant::now);
-                let sent = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-                r.samples_us.push(now.saturating_sub(sent) as f64 / 1e3);
+                last = Instant::now();
+                if first.is_none() {
+                    first = Some(last);
+                    r.first_bytes = chunk as u64;
+                }
+                let due = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+                let i = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+                stream_start.get_or_insert(sched.start_ns(i, due));
+                r.samples_us.push(now.saturating_sub(due) as f64 / 1e3);
                 r.bytes += chunk as u64;
+                delivered += 1;
                 tick.tick(r.bytes);
             }
-            r.span_s = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
-            r.note = Some(format!(
-                "{} of {expect} chunks delivered",
-                r.samples_us.len()
-            ));
+            // A byte stream delivers in order: what is missing is the tail.
+            let censored = stream_start.map_or(Vec::new(), |s0| {
+                sched.censored_us(s0, mono_ns(), delivered..sched.chunks)
+            });
+            r.note = Some(live_note(&sched, delivered, censored.len()));
+            r.samples_us.extend(censored);
+            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
         }
     }
     r.retrans_bytes = s.retrans_bytes();
@@ -473,7 +586,7 @@ fn read_exact(s: &mut dyn Stream, buf: &mut [u8], limit: Duration) -> Result<()>
     let mut off = 0;
     while off < buf.len() {
         if start.elapsed() > limit {
-            bail!("nothing received for {:.1} s", limit.as_secs_f64());
+            bail!("not all of it arrived within {:.1} s", limit.as_secs_f64());
         }
         off += s.read_some(&mut buf[off..])?;
     }
@@ -616,5 +729,50 @@ pub fn drain(mut r: impl Read, mut on: impl FnMut(u64)) -> std::io::Result<u64> 
         }
         total += n as u64;
         on(total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(stream_mbps: f64, chunk_bytes: u32, duration_s: f64) -> Workload {
+        Workload {
+            kind: WorkloadKind::Live,
+            bytes: 0,
+            max_duration_s: 10.0,
+            size: 72,
+            count: 1,
+            stream_mbps,
+            chunk_bytes,
+            duration_s,
+        }
+    }
+
+    #[test]
+    fn live_schedule_spaces_chunks_at_the_stream_rate() {
+        // 64 KiB at 20 Mbit/s: one chunk every 26.2144 ms; 6 s is 229 chunks.
+        let s = LiveSchedule::of(&live(20.0, 65_536, 6.0));
+        assert_eq!(s.every_ns, 26_214_400);
+        assert_eq!(s.chunks, 229);
+        let start = 1_000_000_000;
+        assert_eq!(s.due_ns(start, 0), start);
+        assert_eq!(s.due_ns(start, 10), start + 262_144_000);
+        // The receiver recovers the start from any chunk's index and due time.
+        assert_eq!(s.start_ns(10, s.due_ns(start, 10)), start);
+    }
+
+    #[test]
+    fn missing_chunks_count_at_their_age_when_the_receiver_stopped() {
+        let s = LiveSchedule {
+            every_ns: 1_000_000,
+            chunks: 10,
+        };
+        // Stopped 8.5 ms after the start: chunks 7 and 8 missing (ages 1.5
+        // and 0.5 ms), chunk 9 not due yet and left out.
+        let c = s.censored_us(0, 8_500_000, [7u64, 8, 9].into_iter());
+        assert_eq!(c, vec![1500.0, 500.0]);
+        assert_eq!(live_note(&s, 10, 0), "10 of 10 chunks delivered");
+        assert!(live_note(&s, 7, 2).contains("2 missing chunks"));
     }
 }
