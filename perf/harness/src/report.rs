@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::collect::Percentiles;
+use crate::scenario::WorkloadKind;
 
 /// The result of one contender in one cell.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -88,7 +89,18 @@ impl Row {
             loss: cell.loss,
             rate_mbps: cell.rate_mbps,
             status,
-            bytes_target: cell.workload.bytes,
+            // What the workload asks to move: bulk bytes, rpc requests and
+            // replies, the live stream's chunks.
+            bytes_target: match cell.workload.kind {
+                WorkloadKind::Bulk => cell.workload.bytes,
+                WorkloadKind::Rpc => {
+                    2 * u64::from(cell.workload.size) * u64::from(cell.workload.count)
+                }
+                WorkloadKind::Live => {
+                    crate::node::LiveSchedule::of(&cell.workload).chunks
+                        * u64::from(cell.workload.chunk_bytes)
+                }
+            },
             bytes: 0,
             goodput_mbps: None,
             utilization: None,
@@ -117,7 +129,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}  status",
+        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
         "cell",
         "contender",
         "Mbit/s",
@@ -127,12 +139,13 @@ pub fn table(rows: &[Row]) -> String {
         "retx MB",
         "CPU s/GB",
         "p50 ms",
+        "p90 ms",
         "p99 ms",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9}  {}",
+            "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
@@ -143,6 +156,7 @@ pub fn table(rows: &[Row]) -> String {
             opt(r.retrans_bytes.map(|b| b as f64 / 1e6), 1),
             opt(r.cpu_s_per_gb, 1),
             opt(r.latency.map(|l| l.p50_ms), 1),
+            opt(r.latency.map(|l| l.p90_ms), 1),
             opt(r.latency.map(|l| l.p99_ms), 1),
             r.status
         );
