@@ -435,7 +435,9 @@ impl UringIo {
     fn refill(&mut self) {
         let mut any = false;
         while self.rx_free < RING_FILL {
-            let Some(bid) = self.rx_stash.pop() else { break };
+            let Some(bid) = self.rx_stash.pop() else {
+                break;
+            };
             self.provide(bid);
             any = true;
         }
