@@ -449,10 +449,9 @@ fn run_inner(
         } else {
             0
         };
-        let g = match (complete && w.kind == WorkloadKind::Bulk)
-            .then(|| steady_goodput(&series))
-            .flatten()
-        {
+        // An outage cell is judged over the whole transfer, the outage included.
+        let steady = complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none();
+        let g = match steady.then(|| steady_goodput(&series)).flatten() {
             Some(g) => g,
             None => counted as f64 * 8.0 / span.max(1e-6) / 1e6,
         };
