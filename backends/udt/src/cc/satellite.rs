@@ -401,6 +401,22 @@ mod tests {
         assert!((cc.window() - (WINDOW_BDPS * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
     }
 
+    /// 10 ms at 8500 packets/s: 85 packets out, one ACK reporting the link's
+    /// rate (lost packets counted as carried) and its pair capacity.
+    fn steady_round(cc: &mut Satellite, p: &Path, now: Time, i: u32) {
+        for _ in 0..85 {
+            cc.on_pkt_sent(now, p, i, false);
+        }
+        let ack = Ack {
+            seq: i,
+            newly_acked: 85,
+            recv_rate_sample: 8500,
+            bandwidth_sample: 8500,
+        };
+        cc.on_report(now, p, &ack);
+        cc.on_ack(now, p, &ack);
+    }
+
     #[test]
     fn losses_reported_after_a_silence_do_not_cut() {
         let mut cc = Satellite::new();
@@ -409,17 +425,7 @@ mod tests {
         let mut now = 0;
         for i in 0..200u32 {
             now += 10_000;
-            for _ in 0..85 {
-                cc.on_pkt_sent(now, &p, i, false);
-            }
-            let ack = Ack {
-                seq: i,
-                newly_acked: 85,
-                recv_rate_sample: 8500,
-                bandwidth_sample: 8500,
-            };
-            cc.on_report(now, &p, &ack);
-            cc.on_ack(now, &p, &ack);
+            steady_round(&mut cc, &p, now, i);
         }
         let before = cc.bandwidth();
         // An outage: EXP fires; when the path is back, the NAK reports a
@@ -447,17 +453,7 @@ mod tests {
         let mut now = 0;
         for i in 0..1000u32 {
             now += 10_000;
-            for _ in 0..85 {
-                cc.on_pkt_sent(now, &p, i, false);
-            }
-            let ack = Ack {
-                seq: i,
-                newly_acked: 85,
-                recv_rate_sample: 8500, // the link's rate, lost packets counted
-                bandwidth_sample: 8500,
-            };
-            cc.on_report(now, &p, &ack);
-            cc.on_ack(now, &p, &ack);
+            steady_round(&mut cc, &p, now, i);
             cc.on_loss(now, &p, &[(i, i + 3)], 4);
         }
         // Model holds the link: within 3 % of capacity, not cut.
