@@ -42,6 +42,32 @@ fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str])
     Engine::spawn(cmd)
 }
 
+/// One line of engine `name`'s per-peer counters: RTT, pacing rate, retransmissions,
+/// and its drops by reason.
+fn peer_summary(dir: &Path, name: &str) -> String {
+    let Ok(r) = lu2k_engine::stats::fetch(&dir.join(format!("{name}-stats.sock"))) else {
+        return format!("engine {name}: no stats");
+    };
+    let mut parts = Vec::new();
+    for c in &r.cores {
+        for p in &c.peers {
+            parts.push(format!(
+                "peer {} rtt {} us rate {:.1} Mbit/s retx {} bytes tx/rx {}/{}",
+                p.nid,
+                p.rtt_us,
+                p.rate_bps as f64 / 1e6,
+                p.retransmissions,
+                p.bytes_tx,
+                p.bytes_rx
+            ));
+        }
+        if !c.drops.is_empty() {
+            parts.push(format!("core {} drops {:?}", c.core, c.drops));
+        }
+    }
+    format!("engine {name}: {}", parts.join(", "))
+}
+
 fn stop(e: Engine) -> std::process::ExitStatus {
     e.term_within(Duration::from_secs(20))
 }
@@ -75,7 +101,19 @@ fn transfer(
     let mut got = 0u64;
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
+    let mut next_progress = Instant::now() + Duration::from_secs(10);
     while got < count || (done.len() as u64) < count {
+        if Instant::now() >= next_progress || Instant::now() >= deadline {
+            // How the connection is doing, so a slow or stuck run says why.
+            eprintln!(
+                "{tag}: {:.0} s: sent {sent} received {got} completed {}; {}; {}",
+                started.elapsed().as_secs_f64(),
+                done.len(),
+                peer_summary(&dir, "a"),
+                peer_summary(&dir, "b")
+            );
+            next_progress += Duration::from_secs(10);
+        }
         assert!(
             Instant::now() < deadline,
             "{tag}: timed out: sent {sent} received {got} completed {}",

@@ -34,6 +34,12 @@
 //!   the rate; the window only bounds what is in flight counted from the
 //!   oldest hole, and at 5 % loss a hole whose retransmissions are lost twice
 //!   holds the ACK point for three to four round trips.
+//! - **Floor.** The flow never paces slower than 32 packets per minimum RTT
+//!   (at least 1 ms): on a short path the queueing signal is mostly host
+//!   scheduling noise, and a CPU-starved receiver's arrival reports could
+//!   otherwise walk the model down to a trickle (seen on loopback in a slow
+//!   VM: 0.4 Mbit/s). Below the floor the window governs, as in TCP; on a
+//!   600 ms path the floor is 0.6 Mbit/s.
 //!
 //! **Fast start.** The first packets go out back to back; their packet
 //! pairs give the receiver a capacity estimate within the first round trip,
@@ -57,6 +63,9 @@ use crate::estimate::Time;
 
 const FILTER_ROUNDS: usize = 10;
 const INITIAL_WINDOW: f64 = 64.0;
+/// Packets the window holds above the model, and the least the flow paces per
+/// minimum RTT (floored at 1 ms).
+const MIN_WINDOW: f64 = 32.0;
 /// Window in bandwidth-delay products.
 const WINDOW_BDPS: f64 = 6.0;
 /// Queueing delay (fraction of the minimum RTT) the rate is steered to.
@@ -275,9 +284,14 @@ impl Satellite {
             self.period = 1e6 / rate.max(1.0);
             return;
         }
-        let rate = self.rate.max(1.0);
+        // Never slower than the minimum window per round trip: where the round
+        // trip is short (a LAN, loopback) the "queue" is mostly host scheduling
+        // noise and the arrival reports of a CPU-starved receiver can drive the
+        // model towards zero; the window then sets the rate, as in TCP. On a
+        // satellite path the floor is negligible (32 packets per 600 ms).
+        let rate = self.rate.max(MIN_WINDOW * 1e6 / min_rtt);
         self.period = 1e6 / rate;
-        self.cwnd = WINDOW_BDPS * rate * min_rtt / 1e6 + 32.0;
+        self.cwnd = WINDOW_BDPS * self.rate.max(1.0) * min_rtt / 1e6 + MIN_WINDOW;
     }
 }
 
@@ -470,6 +484,54 @@ mod tests {
         // Not twice within a round trip.
         cc.on_loss(now + 2, &p, &[(2, 2)], 1);
         assert!((cc.bandwidth() - before * 0.85).abs() < 1.0);
+    }
+
+    /// A short path with a CPU-starved receiver: RTT noise reads as a queue
+    /// and the arrival reports are a trickle. The model follows them down, the
+    /// pacing stops at the minimum window per round trip.
+    #[test]
+    fn short_path_paces_at_least_the_minimum_window_per_rtt() {
+        let mut cc = Satellite::new();
+        let mut p = path(100);
+        p.rtt = 2_000;
+        cc.init(0, &p);
+        for i in 0..200u32 {
+            let now = u64::from(i) * 10_000;
+            let ack = Ack {
+                seq: i,
+                newly_acked: 4,
+                recv_rate_sample: 30,
+                bandwidth_sample: if i == 0 { 80_000 } else { 0 },
+            };
+            cc.on_report(now, &p, &ack);
+            cc.on_ack(now, &p, &ack);
+        }
+        assert!(
+            cc.bandwidth() < 1_000.0,
+            "the model follows the arrivals down"
+        );
+        // 32 packets per (min RTT floored at 1 ms) = 32 000 packets/s.
+        assert!(
+            (cc.period() - 1e6 / 32_000.0).abs() < 1e-6,
+            "period {}",
+            cc.period()
+        );
+        // On a 600 ms path the same floor is 32 packets per 600 ms.
+        let mut sat = Satellite::new();
+        let p = path(600_000);
+        sat.init(0, &p);
+        let ack = Ack {
+            seq: 1,
+            newly_acked: 1,
+            recv_rate_sample: 0,
+            bandwidth_sample: 10,
+        };
+        sat.on_report(610_000, &p, &ack);
+        assert!(
+            (sat.period() - 0.6e6 / 32.0).abs() < 1e-6,
+            "period {}",
+            sat.period()
+        );
     }
 
     #[test]
