@@ -337,7 +337,7 @@ echo "==> kernel-lab: building the lab binary (target dir $lab_target)"
 all_features="engine,linkem"
 lab_dynamic=0
 # A musl build that failed is not retried until the sources it builds change.
-src_stamp=$(cd "$repo" && find engine perf/linkem backends/rds tests/lab ring-abi kshim \
+src_stamp=$(cd "$repo" && find engine perf/linkem backends tests/lab ring-abi kshim \
                 -path '*/target' -prune -o \( -name '*.rs' -o -name Cargo.toml \) -type f -print 2>/dev/null \
             | LC_ALL=C sort | xargs cat 2>/dev/null | sha256sum | cut -c1-16)
 musl_failed="$cache/logs/musl-failed-$src_stamp"

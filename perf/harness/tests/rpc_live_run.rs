@@ -7,21 +7,9 @@
 //! propagation delay, percentiles are ordered, every request or chunk is
 //! counted once.
 
-use std::path::PathBuf;
-use std::process::Command;
-
+mod common;
+use common::{run_scenario, tmp};
 use serde_json::Value;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lu2k-perf")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lu2k-perf-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const LINK: &str = r#"
 [link.forward]
@@ -42,26 +30,9 @@ fn run(tag: &str, scenario: &str) -> (Vec<Value>, String, String) {
     let dir = tmp(tag);
     let toml = dir.join(format!("{tag}.toml"));
     std::fs::write(&toml, format!("{scenario}{LINK}")).unwrap();
-    let json = dir.join("out.json");
-    let csv = dir.join("out.csv");
-    let out = Command::new(bin())
-        .arg("run")
-        .arg(&toml)
-        .arg("--json")
-        .arg(&json)
-        .arg("--csv")
-        .arg(&csv)
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "lu2k-perf run failed");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let csv = std::fs::read_to_string(&csv).unwrap();
+    let out = run_scenario(&toml, &dir);
     let _ = std::fs::remove_dir_all(&dir);
-    (v.as_array().unwrap().clone(), stdout, csv)
+    (out.rows, out.stdout, out.csv)
 }
 
 /// The row's latency percentiles, checked for order and the propagation floor.

@@ -5,45 +5,21 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lu2k-perf")
-}
+mod common;
+use common::{bin, run_scenario, tmp};
 
 fn scenarios() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lu2k-perf-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn tiny_scenario_runs_through_the_relay() {
     let dir = tmp("tiny");
-    let json = dir.join("out.json");
-    let csv = dir.join("out.csv");
-    let out = Command::new(bin())
-        .arg("run")
-        .arg(scenarios().join("tiny.toml"))
-        .arg("--json")
-        .arg(&json)
-        .arg("--csv")
-        .arg(&csv)
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "lu2k-perf run failed");
+    let out = run_scenario(&scenarios().join("tiny.toml"), &dir);
+    let stdout = &out.stdout;
     assert!(stdout.contains("contender") && stdout.contains("lu2k") && stdout.contains("udt4"));
 
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let rows = v.as_array().unwrap();
+    let rows = &out.rows;
     assert_eq!(rows.len(), 2, "one row per contender x cell");
     for r in rows {
         let name = r["contender"].as_str().unwrap();
@@ -83,8 +59,7 @@ fn tiny_scenario_runs_through_the_relay() {
         "1 % loss but no retransmissions"
     );
 
-    let text = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(text.lines().count(), 3);
+    assert_eq!(out.csv.lines().count(), 3);
     let svgs: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .filter_map(|e| e.ok())

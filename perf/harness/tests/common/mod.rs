@@ -1,0 +1,54 @@
+//! What the harness's end-to-end tests share: the binary, a scratch folder, and one
+//! `lu2k-perf run` with every output written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The `lu2k-perf` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lu2k-perf")
+}
+
+/// A fresh scratch folder for test `tag`.
+pub fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lu2k-perf-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// What one run wrote: the JSON rows, the table on stdout and the CSV text.
+pub struct RunOutput {
+    pub rows: Vec<Value>,
+    pub stdout: String,
+    pub csv: String,
+}
+
+/// `lu2k-perf run SCENARIO --json --csv --out DIR` (plots land in `dir`); the run
+/// must succeed. Its output is echoed for the test log.
+pub fn run_scenario(scenario: &Path, dir: &Path) -> RunOutput {
+    let json = dir.join("out.json");
+    let csv = dir.join("out.csv");
+    let out = Command::new(bin())
+        .arg("run")
+        .arg(scenario)
+        .arg("--json")
+        .arg(&json)
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lu2k-perf run failed");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    RunOutput {
+        rows: v.as_array().unwrap().clone(),
+        stdout,
+        csv: std::fs::read_to_string(&csv).unwrap(),
+    }
+}
