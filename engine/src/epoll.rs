@@ -244,6 +244,9 @@ impl EpollIo {
                     (None, _) => self.return_rx(bid),
                     (Some(from), false) => {
                         let len = r.len as u32;
+                        if let Some(d) = r.cmsgs.socket_drops {
+                            self.stats.socket_drops = u64::from(d);
+                        }
                         self.stats.recvs += 1;
                         self.stats.bytes_received += u64::from(len);
                         out.push(Event::Recv {

@@ -271,6 +271,11 @@ pub struct IoStats {
     pub zc_fallbacks: u64,
     /// Payload bytes lu2k copied in the I/O layer (0 by construction on both paths).
     pub payload_copied: u64,
+    /// Datagrams the kernel dropped because the socket's receive queue was full
+    /// (`SO_RXQ_OVFL`, as of the last datagram received). The protocol sees these as
+    /// path loss; here they are the host's, not the link's.
+    #[serde(default)]
+    pub socket_drops: u64,
 }
 
 /// The contract both paths implement. One instance per core thread; not shared.

@@ -205,7 +205,7 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(o, "payload bytes copied by lu2k: {}", r.payload_copied());
     let _ = writeln!(
         o,
-        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9}  drops",
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9}  drops",
         "core",
         "tx_descs",
         "tx_done",
@@ -214,12 +214,13 @@ pub fn render(r: &Report) -> String {
         "bytes_sent",
         "bytes_recv",
         "zc_copied",
-        "starved"
+        "starved",
+        "sock_drop"
     );
     for c in &r.cores {
         let _ = writeln!(
             o,
-            "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9}  {:?}",
+            "{:>4} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9}  {:?}",
             c.core,
             c.tx_descs,
             c.tx_completions,
@@ -229,6 +230,7 @@ pub fn render(r: &Report) -> String {
             c.io.bytes_received,
             c.io.zc_copied,
             c.io.rx_starved,
+            c.io.socket_drops,
             c.drops
         );
     }

@@ -187,6 +187,9 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
     // estimates need each datagram's own time, not the time its batch was reaped.
     // Best effort: without it, datagrams are stamped when they are processed.
     let _ = setsockopt_int(r, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
+    // The socket's drop count (receive queue full) on every datagram: UDP drops
+    // silently otherwise, and a drop here looks like path loss to the protocol.
+    let _ = setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
     let sa = sockaddr_in(bind);
     // SAFETY: `sa` is a valid sockaddr_in on the stack and its size is passed.
     cvt(unsafe {
@@ -299,6 +302,9 @@ pub struct RecvCmsgs {
     /// `SCM_TIMESTAMPNS`: when the kernel received the datagram, nanoseconds of
     /// `CLOCK_REALTIME` (only differences to a fresh reading of that clock are used).
     pub stamp_ns: Option<u64>,
+    /// `SO_RXQ_OVFL`: datagrams the socket has dropped since it was opened because
+    /// its receive queue was full (a wrapping 32-bit counter).
+    pub socket_drops: Option<u32>,
 }
 
 /// Parses the control bytes of a received message. Unknown or malformed entries are
@@ -334,6 +340,9 @@ pub fn parse_recv_cmsgs(ctrl: &[u8]) -> RecvCmsgs {
                 .zip(u64::try_from(nsec).ok())
                 .map(|(s, n)| s.saturating_mul(1_000_000_000).saturating_add(n));
         }
+        if level == libc::SOL_SOCKET && ty == libc::SO_RXQ_OVFL && data.len() >= 4 {
+            out.socket_drops = Some(u32::from_ne_bytes([data[0], data[1], data[2], data[3]]));
+        }
         off += align(len);
     }
     out
@@ -346,9 +355,10 @@ pub fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Control-buffer space the receive path asks for: `UDP_GRO` (an int) and
-/// `SCM_TIMESTAMPNS` (a timespec), each behind a 16-byte header.
-pub const RECV_CMSG_SPACE: usize = 64;
+/// Control-buffer space the receive path asks for: `UDP_GRO` (an int),
+/// `SCM_TIMESTAMPNS` (a timespec) and `SO_RXQ_OVFL` (a u32), each behind a 16-byte
+/// header and padded to 8 bytes: 24 + 32 + 24.
+pub const RECV_CMSG_SPACE: usize = 80;
 
 /// One message for [`sendmmsg`]: destination, scatter list and optional GSO size.
 #[derive(Debug)]

@@ -616,6 +616,9 @@ impl UringIo {
             return;
         };
         let cm = sys::parse_recv_cmsgs(m.control_data());
+        if let Some(d) = cm.socket_drops {
+            self.stats.socket_drops = u64::from(d);
+        }
         let payload = m.payload_data();
         let off = payload.as_ptr() as usize - buf as usize;
         let len = payload.len() as u32;

@@ -353,3 +353,88 @@ fn epoll_backpressure_and_mixed_paths() {
     assert_eq!(o.datagrams, 30 * SEGS as u64);
     assert!(o.starved > 0, "{o:?}");
 }
+
+/// Receives until `rx` has been quiet for 50 ms; returns the datagrams seen.
+fn drain_quiet(rx: &mut dyn DatagramIo) -> u64 {
+    let mut ev = Vec::new();
+    let mut got = 0u64;
+    let mut quiet_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while quiet_since.elapsed() < Duration::from_millis(50) {
+        assert!(Instant::now() < deadline, "receiver never went quiet");
+        rx.wait(
+            Some(Instant::now() + Duration::from_millis(5)),
+            true,
+            &mut ev,
+        )
+        .unwrap();
+        for e in ev.drain(..) {
+            match e {
+                Event::Recv { bid, .. } => {
+                    got += 1;
+                    quiet_since = Instant::now();
+                    rx.return_rx(bid);
+                }
+                Event::RxStarved | Event::Timer => {}
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    }
+    got
+}
+
+/// A receive queue that overflows: the kernel's drop count reaches the I/O layer's
+/// counters (`SO_RXQ_OVFL`), and sent = received + dropped exactly. The count rides on
+/// datagrams queued after the drops, so one more datagram follows the burst.
+fn socket_drops_counted(make_rx: impl FnOnce(std::os::fd::OwnedFd) -> Box<dyn DatagramIo>) {
+    let (fd, info) = sys::udp_socket(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        &SockOpts {
+            reuseport: false,
+            sndbuf: 1 << 20,
+            // As small as the kernel allows: a few datagrams.
+            rcvbuf: 4096,
+            gro: false,
+        },
+    )
+    .unwrap();
+    let mut rx = make_rx(fd);
+    let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    const BURST: u64 = 300;
+    for n in 0..BURST {
+        tx.send_to(&[n as u8; 1000], info.local).unwrap();
+    }
+    let mut got = drain_quiet(rx.as_mut());
+    tx.send_to(&[0u8; 1000], info.local).unwrap();
+    got += drain_quiet(rx.as_mut());
+    let drops = rx.stats().socket_drops;
+    eprintln!("sent {} received {got} socket drops {drops}", BURST + 1);
+    assert!(
+        drops > 0,
+        "a {BURST}-datagram burst into a tiny queue dropped nothing?"
+    );
+    assert_eq!(
+        got + drops,
+        BURST + 1,
+        "every datagram received or counted as dropped"
+    );
+}
+
+#[test]
+fn uring_counts_socket_drops() {
+    if !fast_path_or_skip() {
+        return;
+    }
+    socket_drops_counted(|fd| {
+        let rxm = OwnedMem::new(64, 4096, 16, RXBUF).unwrap();
+        Box::new(UringIo::new_owned(fd, rxm, None, UringOpts::default()).unwrap())
+    });
+}
+
+#[test]
+fn epoll_counts_socket_drops() {
+    socket_drops_counted(|fd| {
+        let rxm = OwnedMem::new(64, 4096, 16, RXBUF).unwrap();
+        Box::new(EpollIo::new_owned(fd, rxm, None, 16).unwrap())
+    });
+}

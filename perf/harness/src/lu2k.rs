@@ -207,6 +207,10 @@ impl Side {
                     for (why, n) in &c.drops {
                         notes.push(format!("{why} {n}"));
                     }
+                    if c.io.socket_drops > 0 {
+                        // The host's, not the link's: the receive queue overflowed.
+                        notes.push(format!("socket receive-queue drops {}", c.io.socket_drops));
+                    }
                     for p in &c.peers {
                         notes.push(format!(
                             "peer {}: msgs tx {} rx {}, in flight {}, rtt {} ms, rate {:.1} Mbit/s",
