@@ -314,6 +314,22 @@ impl Controller for Satellite {
             // Fast start: pace at the packet-pair capacity.
             self.rate = self.capacity;
             self.mode = Mode::Cruise;
+            if !queueing {
+                // What the arrival filter took during the start measured the
+                // start's own pace (a window of 64 packets per RTT), not the
+                // path: judged by the cruise rule, a sample below the new
+                // rate without a queue to explain it is the sender's limit.
+                // Kept, it would hold the ceiling at 1.25 x that pace and the
+                // rate would climb 25 % a round (seconds at 200 ms) — what a
+                // first message too small for a start of its own (one packet,
+                // no packet pair) and a stream behind it then met.
+                let floor = 0.9 * self.rate;
+                for f in &mut self.filter {
+                    if *f < floor {
+                        *f = 0.0;
+                    }
+                }
+            }
         }
         self.tick(now, path);
         self.steer();
