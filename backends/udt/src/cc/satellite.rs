@@ -489,6 +489,43 @@ mod tests {
     }
 
     #[test]
+    fn fast_start_forgets_the_doubling_starts_own_pace() {
+        let mut cc = Satellite::new();
+        let p = path(200_000);
+        cc.init(0, &p);
+        // A one-packet message: no pair, no rates; the doubling start paces
+        // a 64-packet window per round trip.
+        let ack = Ack {
+            seq: 1,
+            newly_acked: 1,
+            ..Ack::default()
+        };
+        cc.on_report(200_000, &p, &ack);
+        cc.on_ack(200_000, &p, &ack);
+        assert!(cc.period() > 1000.0, "period {}", cc.period());
+        // The first report with a pair capacity also carries the arrival
+        // rate measured at that pace (649 packets/s): the sender's limit,
+        // not the path's. The rate is the capacity, not 1.25 x 649.
+        let ack = Ack {
+            seq: 60,
+            newly_acked: 59,
+            recv_rate_sample: 649,
+            bandwidth_sample: 8334,
+        };
+        cc.on_report(600_000, &p, &ack);
+        cc.on_ack(600_000, &p, &ack);
+        assert_eq!(cc.bandwidth(), 8334.0);
+        assert!((cc.period() - 1e6 / 8334.0).abs() < 1e-6);
+        // With a queue standing the low sample is the path's: it holds.
+        let mut cc = Satellite::new();
+        cc.init(0, &p);
+        let mut q = p;
+        q.rtt = 260_000;
+        cc.on_report(600_000, &q, &ack);
+        assert!(cc.bandwidth() < 1000.0, "rate {}", cc.bandwidth());
+    }
+
+    #[test]
     fn doubling_start_without_capacity_reports() {
         let mut cc = Satellite::new();
         let p = path(100_000);

@@ -1122,7 +1122,9 @@ impl Connection {
         self.stats.pkts_received += 1;
         self.rx.pkt_count += 1;
         self.rx.arrival.on_arrival(now, h.seq_no.get());
-        self.rx.capacity.on_arrival(now, h.seq_no.get());
+        self.rx
+            .capacity
+            .on_arrival(now, h.seq_no.get(), h.timestamp);
         self.cc.on_pkt_received(now, h.seq_no.get());
         let retained = self.place(now, h, ext);
         if ext.len != self.payload_size {

@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use lu2k_linkem::{Direction, Duplex, DuplexConfig, Instant};
 use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
-    handshake_socket_id, CloseReason, Config, Connection, DropReason, Event, Extent, Header, Listener,
-    ListenerOutput, Mode, PayloadRef,
+    handshake_socket_id, CloseReason, Config, Connection, DropReason, Event, Extent, Header,
+    Listener, ListenerOutput, Mode, PayloadRef,
 };
 
 #[derive(Clone)]
