@@ -41,7 +41,11 @@
 //! capacity at once (no doubling from 16 packets: at 600 ms a doubling start
 //! needs ~9 RTT to fill 100 Mbit/s). Without a capacity report the controller
 //! falls back to a doubling start, leaving it for the arrival-rate estimate
-//! when that stops growing by 25 % per round.
+//! when that stops growing by 25 % per round. A capacity report that comes
+//! only after the doubling start has paced for a while (a first message of
+//! one packet carries no pair) still starts at the capacity: the arrival
+//! rates measured until then are the start's own pace and are forgotten,
+//! unless a queue stands.
 //!
 //! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
 //! (a penalty that wears off by 10 % a round; at most one cut per RTT) only if the smoothed RTT stands above

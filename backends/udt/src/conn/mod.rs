@@ -53,6 +53,10 @@
 //!   the timer's backoff (`exp_count`) is kept until the peer reports.
 //! - TTL applies until a message has left completely (see
 //!   [`Connection::send`]).
+//! - The receiver counts a packet pair for the capacity estimate only if
+//!   its two packets left the sender together (their header timestamps at
+//!   most 10 µs or under half their arrival gap apart): a pair the sender's
+//!   window or the application split measured the sender, not the link.
 
 mod listener;
 mod types;
