@@ -21,7 +21,9 @@
 //! - [`Capacity`]: link capacity from packet pairs (UDT's `getBandwidth`): the
 //!   receiver records the gap between the two packets of a probe pair (sequence
 //!   numbers ≡ 0 and ≡ 1 mod 16, sent back to back) in a window of 64 and
-//!   reports the median-filtered mean. UDT4 pre-fills that window with 1 ms
+//!   reports the median-filtered mean; a pair whose second packet the sender
+//!   held back (its send timestamp later by half the arrival gap or more) is
+//!   not counted. UDT4 pre-fills that window with 1 ms
 //!   gaps, so it needs more than 32 real pairs (500+ packets) before the
 //!   estimate moves; here only real samples count, so the first pair already
 //!   gives an estimate — this is what makes a fast start possible.
@@ -196,6 +198,10 @@ impl ArrivalRate {
 }
 
 const PROBE_WINDOW: usize = 64;
+/// Send-time gap within which two packets count as sent back to back
+/// whatever their arrival gap (a sender stamping each packet with its own
+/// clock read puts a few microseconds between them).
+pub const PAIR_SEND_SLACK_US: u32 = 10;
 
 /// Link capacity from packet pairs, median-filtered over the last 64 pairs.
 #[derive(Debug, Clone)]
@@ -203,7 +209,8 @@ pub struct Capacity {
     gaps: [u32; PROBE_WINDOW],
     next: usize,
     filled: usize,
-    probe1: Option<(Time, u32)>,
+    /// The first packet of the current pair: (arrival, seq, sender's timestamp).
+    probe1: Option<(Time, u32, u32)>,
 }
 
 impl Default for Capacity {
@@ -223,18 +230,33 @@ impl Capacity {
         }
     }
 
-    /// Records the arrival of data packet `seq` (31-bit) at `now`; the pairs
+    /// Records the arrival of data packet `seq` (31-bit) at `now`, `sent`
+    /// being the sender's timestamp in its header (µs, wrapping); the pairs
     /// are `seq ≡ 0 (mod 16)` followed directly by `seq + 1`.
-    pub fn on_arrival(&mut self, now: Time, seq: u32) {
+    ///
+    /// A pair whose second packet left the sender late is not a pair: the
+    /// sender's window, its pacing or the application (a message ending on
+    /// the probe) held it back, and the gap at the receiver measures that,
+    /// not the link — a first pair split by a full window of 64 packets at
+    /// 200 ms read 5 packets/s, and a fast start paced at it. The pair counts
+    /// only if the gap between the packets' send times is at most
+    /// [`PAIR_SEND_SLACK_US`] or under half the gap they arrived with.
+    pub fn on_arrival(&mut self, now: Time, seq: u32, sent: u32) {
         match seq & 0xF {
-            0 => self.probe1 = Some((now, seq)),
+            0 => self.probe1 = Some((now, seq, sent)),
             1 => {
-                if let Some((t1, s1)) = self.probe1.take() {
+                if let Some((t1, s1, sent1)) = self.probe1.take() {
                     if s1.wrapping_add(1) & 0x7FFF_FFFF == seq {
                         let gap = now.saturating_sub(t1).clamp(1, u64::from(u32::MAX)) as u32;
-                        self.gaps[self.next] = gap;
-                        self.next = (self.next + 1) % PROBE_WINDOW;
-                        self.filled = (self.filled + 1).min(PROBE_WINDOW);
+                        let sent_gap = sent.wrapping_sub(sent1);
+                        // A negative send gap (a retransmitted probe) is no pair either.
+                        let together = sent_gap <= PAIR_SEND_SLACK_US
+                            || (sent_gap < 1 << 31 && u64::from(sent_gap) * 2 < u64::from(gap));
+                        if together {
+                            self.gaps[self.next] = gap;
+                            self.next = (self.next + 1) % PROBE_WINDOW;
+                            self.filled = (self.filled + 1).min(PROBE_WINDOW);
+                        }
                     }
                 }
             }
@@ -329,19 +351,19 @@ mod tests {
         let mut c = Capacity::new();
         assert_eq!(c.rate(), 0);
         // seq 16/17 arrive 120 us apart: ~8334 packets/s.
-        c.on_arrival(1000, 16);
-        c.on_arrival(1120, 17);
+        c.on_arrival(1000, 16, 0);
+        c.on_arrival(1120, 17, 0);
         assert_eq!(c.rate(), 8334);
         // A pair broken by a loss (16 then 18) is not a sample.
-        c.on_arrival(5000, 32);
-        c.on_arrival(9000, 34);
-        c.on_arrival(9100, 33);
+        c.on_arrival(5000, 32, 0);
+        c.on_arrival(9000, 34, 0);
+        c.on_arrival(9100, 33, 0);
         assert_eq!(c.samples(), 1);
         // A wild outlier is filtered.
-        c.on_arrival(10_000, 48);
-        c.on_arrival(10_120, 49);
-        c.on_arrival(20_000, 64);
-        c.on_arrival(30_000, 65);
+        c.on_arrival(10_000, 48, 0);
+        c.on_arrival(10_120, 49, 0);
+        c.on_arrival(20_000, 64, 0);
+        c.on_arrival(30_000, 65, 0);
         assert_eq!(c.samples(), 3);
         assert_eq!(c.rate(), 8334);
     }
@@ -349,8 +371,36 @@ mod tests {
     #[test]
     fn capacity_pair_across_wrap() {
         let mut c = Capacity::new();
-        c.on_arrival(0, 0x7FFF_FFF0);
-        c.on_arrival(50, 0x7FFF_FFF1);
+        c.on_arrival(0, 0x7FFF_FFF0, u32::MAX - 2);
+        c.on_arrival(50, 0x7FFF_FFF1, 2);
         assert_eq!(c.rate(), 20_000);
+    }
+
+    #[test]
+    fn capacity_ignores_a_pair_the_sender_split() {
+        let mut c = Capacity::new();
+        // The window was full after the probe: its partner left 200 ms later
+        // and arrived 200 ms later. Not a sample (it would read 5 packets/s).
+        c.on_arrival(100_000, 16, 0);
+        c.on_arrival(300_000, 17, 200_000);
+        assert_eq!(c.samples(), 0);
+        assert_eq!(c.rate(), 0);
+        // The application paused after the probe (a message ended on it).
+        c.on_arrival(400_000, 32, 300_000);
+        c.on_arrival(426_000, 33, 326_000);
+        assert_eq!(c.samples(), 0);
+        // Sent 20 us apart but spread to 120 us by the link: a sample.
+        c.on_arrival(500_000, 48, 400_000);
+        c.on_arrival(500_120, 49, 400_020);
+        assert_eq!(c.rate(), 8334);
+        // Stamped by separate clock reads a few microseconds apart, arriving
+        // squeezed together: still a pair, as before.
+        c.on_arrival(600_000, 64, 500_000);
+        c.on_arrival(600_004, 65, 500_006);
+        assert_eq!(c.samples(), 2);
+        // A retransmitted probe (stamped after its partner) is no pair.
+        c.on_arrival(700_000, 80, 600_500);
+        c.on_arrival(700_120, 81, 600_000);
+        assert_eq!(c.samples(), 2);
     }
 }

@@ -46,6 +46,7 @@ fn scenario(cc: Kind, rtt_ms: f64, loss: f64, msgs: Vec<u32>) -> Scenario {
         rcv_buf_pkts: None,
         mode: lu2k_udt::conn::Mode::Message,
         bin_us: 100_000,
+        paced: None,
     }
 }
 

@@ -86,6 +86,7 @@ fn cell(cc: Kind, rtt_ms: f64, loss: f64) -> Cell {
         rcv_buf_pkts: (cc == Kind::Native).then_some(8192),
         mode: lu2k_udt::conn::Mode::Message,
         bin_us: BIN_US,
+        paced: None,
     };
     let out = run(&sc);
     assert!(

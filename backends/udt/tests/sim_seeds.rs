@@ -115,6 +115,7 @@ fn scenario(seed: u64) -> Scenario {
             lu2k_udt::conn::Mode::Message
         },
         bin_us: 1_000_000,
+        paced: None,
     }
 }
 

@@ -47,7 +47,11 @@
 //! capacity at once (no doubling from 16 packets: at 600 ms a doubling start
 //! needs ~9 RTT to fill 100 Mbit/s). Without a capacity report the controller
 //! falls back to a doubling start, leaving it for the arrival-rate estimate
-//! when that stops growing by 25 % per round.
+//! when that stops growing by 25 % per round. A capacity report that comes
+//! only after the doubling start has paced for a while (a first message of
+//! one packet carries no pair) still starts at the capacity: the arrival
+//! rates measured until then are the start's own pace and are forgotten,
+//! unless a queue stands.
 //!
 //! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
 //! (a penalty that wears off by 10 % a round; at most one cut per RTT) only if the smoothed RTT stands above
@@ -328,6 +332,22 @@ impl Controller for Satellite {
             // Fast start: pace at the packet-pair capacity.
             self.rate = self.capacity;
             self.mode = Mode::Cruise;
+            if !queueing {
+                // What the arrival filter took during the start measured the
+                // start's own pace (a window of 64 packets per RTT), not the
+                // path: judged by the cruise rule, a sample below the new
+                // rate without a queue to explain it is the sender's limit.
+                // Kept, it would hold the ceiling at 1.25 x that pace and the
+                // rate would climb 25 % a round (seconds at 200 ms) — what a
+                // first message too small for a start of its own (one packet,
+                // no packet pair) and a stream behind it then met.
+                let floor = 0.9 * self.rate;
+                for f in &mut self.filter {
+                    if *f < floor {
+                        *f = 0.0;
+                    }
+                }
+            }
         }
         self.tick(now, path);
         self.steer();
@@ -532,6 +552,43 @@ mod tests {
             "period {}",
             sat.period()
         );
+    }
+
+    #[test]
+    fn fast_start_forgets_the_doubling_starts_own_pace() {
+        let mut cc = Satellite::new();
+        let p = path(200_000);
+        cc.init(0, &p);
+        // A one-packet message: no pair, no rates; the doubling start paces
+        // a 64-packet window per round trip.
+        let ack = Ack {
+            seq: 1,
+            newly_acked: 1,
+            ..Ack::default()
+        };
+        cc.on_report(200_000, &p, &ack);
+        cc.on_ack(200_000, &p, &ack);
+        assert!(cc.period() > 1000.0, "period {}", cc.period());
+        // The first report with a pair capacity also carries the arrival
+        // rate measured at that pace (649 packets/s): the sender's limit,
+        // not the path's. The rate is the capacity, not 1.25 x 649.
+        let ack = Ack {
+            seq: 60,
+            newly_acked: 59,
+            recv_rate_sample: 649,
+            bandwidth_sample: 8334,
+        };
+        cc.on_report(600_000, &p, &ack);
+        cc.on_ack(600_000, &p, &ack);
+        assert_eq!(cc.bandwidth(), 8334.0);
+        assert!((cc.period() - 1e6 / 8334.0).abs() < 1e-6);
+        // With a queue standing the low sample is the path's: it holds.
+        let mut cc = Satellite::new();
+        cc.init(0, &p);
+        let mut q = p;
+        q.rtt = 260_000;
+        cc.on_report(600_000, &q, &ack);
+        assert!(cc.bandwidth() < 1000.0, "rate {}", cc.bandwidth());
     }
 
     #[test]

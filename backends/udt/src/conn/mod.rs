@@ -53,6 +53,10 @@
 //!   the timer's backoff (`exp_count`) is kept until the peer reports.
 //! - TTL applies until a message has left completely (see
 //!   [`Connection::send`]).
+//! - The receiver counts a packet pair for the capacity estimate only if
+//!   its two packets left the sender together (their header timestamps at
+//!   most 10 µs or under half their arrival gap apart): a pair the sender's
+//!   window or the application split measured the sender, not the link.
 
 mod listener;
 mod types;
@@ -1122,7 +1126,9 @@ impl Connection {
         self.stats.pkts_received += 1;
         self.rx.pkt_count += 1;
         self.rx.arrival.on_arrival(now, h.seq_no.get());
-        self.rx.capacity.on_arrival(now, h.seq_no.get());
+        self.rx
+            .capacity
+            .on_arrival(now, h.seq_no.get(), h.timestamp);
         self.cc.on_pkt_received(now, h.seq_no.get());
         let retained = self.place(now, h, ext);
         if ext.len != self.payload_size {

@@ -20,8 +20,8 @@ use std::net::SocketAddr;
 use lu2k_linkem::{Direction, Duplex, DuplexConfig, Instant};
 use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
-    handshake_socket_id, Config, Connection, DropReason, Event, Extent, Header, Listener,
-    ListenerOutput, Mode, PayloadRef,
+    handshake_socket_id, CloseReason, Config, Connection, DropReason, Event, Extent, Header,
+    Listener, ListenerOutput, Mode, PayloadRef,
 };
 
 #[derive(Clone)]
@@ -55,6 +55,10 @@ pub struct Scenario {
     pub bdp_rtt_us: u64,
     /// Bin for the time-to-90 % measurement, µs.
     pub bin_us: u64,
+    /// A paced schedule (finite transfers): message 0 is queued at connect,
+    /// message `i ≥ 1` at `paced[i]` µs after message 0 was acknowledged (a
+    /// warm-up message, then a live stream). `None`: all queued at connect.
+    pub paced: Option<Vec<u64>>,
 }
 
 /// What happened.
@@ -74,6 +78,13 @@ pub struct Outcome {
     pub sent: u64,
     pub violations: Vec<String>,
     pub end_us: u64,
+    /// Per message: when it was queued, when it was delivered (µs).
+    pub queued_at: Vec<u64>,
+    pub delivered_at: Vec<Option<u64>>,
+    /// How the client connection ended, if it did.
+    pub client_closed: Option<CloseReason>,
+    /// EXP expirations at the client.
+    pub client_timeouts: u64,
 }
 
 fn pattern(msg: u64, off: u64) -> u8 {
@@ -123,6 +134,8 @@ pub fn run(sc: &Scenario) -> Outcome {
     out.arrivals = vec![0; bins];
     // Stream mode: the (message, offset) the next bytes must come from.
     let mut stream_at: (u64, u64) = (0, 0);
+    // Paced schedule: when message 0 was acknowledged, the next due time.
+    let mut first_acked_at: Option<u64> = None;
 
     loop {
         // Sender top-up.
@@ -130,6 +143,18 @@ pub fn run(sc: &Scenario) -> Outcome {
             match &finite {
                 Some(list) => {
                     while queued < list.len() {
+                        if let Some(p) = &sc.paced {
+                            let due = match (queued, first_acked_at) {
+                                (0, _) => 0,
+                                (_, Some(t)) => t + p[queued],
+                                (_, None) => u64::MAX,
+                            };
+                            if due > now {
+                                break;
+                            }
+                        }
+                        out.queued_at.push(now);
+                        out.delivered_at.push(None);
                         let len = list[queued];
                         client
                             .send(now, queued as u64, u64::from(len), sc.ttl_us)
@@ -198,6 +223,9 @@ pub fn run(sc: &Scenario) -> Outcome {
                             .push(format!("msg {msg} acked twice or after drop"));
                     }
                     acked[i] = true;
+                    if i == 0 {
+                        first_acked_at = Some(now);
+                    }
                     pending -= 1;
                     out.acked_msgs += 1;
                 }
@@ -213,7 +241,7 @@ pub fn run(sc: &Scenario) -> Outcome {
                         pending -= 1;
                     }
                 }
-                Event::Closed { .. } => {}
+                Event::Closed { reason } => out.client_closed = Some(reason),
                 other => out.violations.push(format!("client event {other:?}")),
             }
         }
@@ -258,6 +286,9 @@ pub fn run(sc: &Scenario) -> Outcome {
                                     .push(format!("msg {m}: {off} of {} bytes", lens[i]));
                             }
                             delivered[i] += 1;
+                            if let Some(d) = out.delivered_at.get_mut(i) {
+                                d.get_or_insert(now);
+                            }
                             if delivered[i] > 1 {
                                 out.violations.push(format!("msg {m} delivered twice"));
                             }
@@ -319,6 +350,11 @@ pub fn run(sc: &Scenario) -> Outcome {
         }
         if let Some(d) = link.poll_deadline() {
             next = next.min(d.as_nanos().div_ceil(1000));
+        }
+        if let (Some(p), Some(t), Some(list)) = (&sc.paced, first_acked_at, &finite) {
+            if queued < list.len() && !client.is_closed() {
+                next = next.min(t + p[queued]);
+            }
         }
         if next == u64::MAX || next > sc.duration_us {
             break;
@@ -439,6 +475,7 @@ pub fn run(sc: &Scenario) -> Outcome {
     }
     out.sent = client.stats().pkts_sent;
     out.retransmitted = client.stats().pkts_retransmitted;
+    out.client_timeouts = client.stats().timeouts;
 
     // Every message ended exactly one way (finite transfers).
     if let Some(list) = &finite {
