@@ -274,6 +274,11 @@ impl CoreLoop {
     pub fn run(mut self) {
         let mut last_stats = Instant::now();
         let mut spin = Spin::new(self.p.spin, self.p.spin_max, Instant::now());
+        // Without a connection timer a sleep still ends within 200 ms, at an instant
+        // kept until it passes: a new one each pass would update the armed timer,
+        // whose update completes at once and ends the sleep (a core with no
+        // connection then looped through empty sleeps, ~2 million a second).
+        let mut fallback_wake = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let draining = self.draining.load(Ordering::Relaxed);
@@ -310,6 +315,11 @@ impl CoreLoop {
             let res = if asleep {
                 self.flush_notify();
                 self.stats.sleeps += 1;
+                let now = Instant::now();
+                if fallback_wake <= now {
+                    fallback_wake = now + Duration::from_millis(200);
+                }
+                let wake = deadline.unwrap_or(fallback_wake);
                 let CoreLoop { ec, io, .. } = &mut self;
                 let EngineCore {
                     tx,
@@ -324,11 +334,7 @@ impl CoreLoop {
                     rang = ring_work;
                     if !ring_work {
                         io.arm_doorbell();
-                        r = io.wait(
-                            deadline.or(Some(Instant::now() + Duration::from_millis(200))),
-                            true,
-                            &mut events,
-                        );
+                        r = io.wait(Some(wake), true, &mut events);
                     }
                     true
                 });
