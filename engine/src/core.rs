@@ -39,7 +39,7 @@ use lu2k_udt::conn::{
 };
 
 use crate::io::{DatagramIo, Event, Segment, SendError};
-use crate::spin::Spin;
+use crate::spin::{Pass, Spin};
 use crate::stats::{CoreStats, PeerStats, Published};
 use crate::sys::{self, CoreMem, MSG_HDR_SLOT};
 
@@ -272,19 +272,24 @@ impl CoreLoop {
 
     /// Runs until shutdown completes (or kshim's rings break).
     pub fn run(mut self) {
-        let mut last_work = Instant::now();
         let mut last_stats = Instant::now();
-        let mut spin = Spin::new(self.p.spin, self.p.spin_max);
+        let mut spin = Spin::new(self.p.spin, self.p.spin_max, Instant::now());
+        // Without a connection timer a sleep still ends within 200 ms, at an instant
+        // kept until it passes: a new one each pass would update the armed timer,
+        // whose update completes at once and ends the sleep (a core with no
+        // connection then looped through empty sleeps, ~2 million a second).
+        let mut fallback_wake = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let draining = self.draining.load(Ordering::Relaxed);
             if draining && drain_deadline.is_none() {
                 drain_deadline = Some(Instant::now() + self.p.drain_timeout);
             }
-            let mut work = self.take_tx(draining);
-            work |= self.take_returns();
-            work |= self.flush_rx_pending();
-            work |= self.transmit();
+            // kshim's rings, then the core's own work (`|`: all of them run).
+            let ring = self.take_tx(draining) | self.take_returns();
+            let rx = self.flush_rx_pending();
+            let sent = self.transmit();
+            let work = ring | rx | sent;
             if let Some(d) = drain_deadline {
                 let past = Instant::now() >= d;
                 if past {
@@ -304,13 +309,17 @@ impl CoreLoop {
             let deadline = self.next_deadline().map(|t| self.at(t));
             self.events.clear();
             let mut events = std::mem::take(&mut self.events);
-            let idle = !work && last_work.elapsed() >= spin.budget() && self.backlog.is_empty();
+            let idle = !work && spin.spun_out(Instant::now()) && self.backlog.is_empty();
             let asleep = idle && drain_deadline.is_none();
             let mut rang = false;
             let res = if asleep {
                 self.flush_notify();
                 self.stats.sleeps += 1;
-                spin.sleep(Instant::now());
+                let now = Instant::now();
+                if fallback_wake <= now {
+                    fallback_wake = now + Duration::from_millis(200);
+                }
+                let wake = deadline.unwrap_or(fallback_wake);
                 let CoreLoop { ec, io, .. } = &mut self;
                 let EngineCore {
                     tx,
@@ -325,11 +334,7 @@ impl CoreLoop {
                     rang = ring_work;
                     if !ring_work {
                         io.arm_doorbell();
-                        r = io.wait(
-                            deadline.or(Some(Instant::now() + Duration::from_millis(200))),
-                            true,
-                            &mut events,
-                        );
+                        r = io.wait(Some(wake), true, &mut events);
                     }
                     true
                 });
@@ -347,14 +352,17 @@ impl CoreLoop {
                 eprintln!("lu2k-engine core {}: I/O wait failed: {e}", self.p.core);
                 self.stats.drop_one("io_error");
             }
-            // A timer alone is no work: it neither restarts the spin nor grows it.
+            // A timer alone is no work (the work it makes shows in the next pass).
             let useful = events.iter().any(|e| !matches!(e, Event::Timer));
-            if asleep {
-                spin.woke(Instant::now(), useful || rang);
-            }
-            if useful || work {
-                last_work = Instant::now();
-            } else if !idle {
+            let arrived = ring
+                || rang
+                || events.iter().any(|e| {
+                    matches!(
+                        e,
+                        Event::Recv { .. } | Event::RecvTruncated | Event::Doorbell
+                    )
+                });
+            if !useful && !work && !idle {
                 spin.relax();
             }
             // The time after the wait: events happened during it. A datagram the
@@ -373,6 +381,14 @@ impl CoreLoop {
             self.timers();
             self.relieve_rx();
             self.conn_events();
+            spin.pass(
+                Instant::now(),
+                Pass {
+                    arrived,
+                    busy: work || useful,
+                    spoke: sent || self.notify,
+                },
+            );
             self.flush_notify();
             if last_stats.elapsed() >= STATS_EVERY {
                 self.publish_stats();

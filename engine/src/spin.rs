@@ -1,20 +1,30 @@
-//! How long a core polls before it sleeps: an adaptive, bounded spin.
+//! How long a core polls before it sleeps: a bounded spin that grows only for answers.
 //!
 //! Waking a thread that sleeps costs a scheduler wakeup — on the 2-core VM where lu2k
 //! is developed ~38 µs across cores, more than everything else a small message costs
 //! on one hop. A core that just did work therefore keeps polling its rings and its
-//! socket for a while before it arms the doorbell and sleeps. How long adapts to the
-//! traffic, like the kernel's haltpoll governor:
+//! socket for a while (the budget, between `min` and `max`) before it arms the
+//! doorbell and sleeps. A spin pays only where someone waits for what it catches: the
+//! answer to a request the core just sent, or kshim's next message after a reply it
+//! just delivered. A steady stream of datagrams (a bulk transfer on a slow link, one
+//! every 116 µs at 100 Mbit/s) does not wait for the receiver: spinning through its
+//! gaps saves nothing and costs a CPU. So each quiet stretch `gap` (from the core's
+//! last work to its next) is judged by what ended it:
 //!
-//! - woken by work within `max` of falling asleep: a longer spin would have caught
-//!   it awake, so the spin doubles (at least to cover that sleep), up to `max`;
-//! - woken by work later than `max`, or by a timer only (nothing to do): the spin
-//!   halves, down to `min`.
+//! - an *answer* — a datagram or kshim's rings (an *arrival*) after the core itself
+//!   sent a datagram or handed something to kshim — within `max`: if the spin missed
+//!   it (`gap` > budget), the budget doubles, at least to `gap`, at most `max`; if the
+//!   spin caught it, the budget stays;
+//! - anything else after a quiet longer than `min` — an arrival nobody asked for (the
+//!   next datagram of a stream), the core's own timer work (a paced send, an ACK
+//!   timer), an answer later than `max` — halves the budget, down to `min`;
+//! - a quiet of `min` or less changes nothing: the floor spin catches it anyway.
 //!
-//! A request/response exchange (an LNet ping: request out, reply back a round trip
-//! later) grows the spin to cover the round trip, so neither the TX nor the RX side
-//! of a core sleeps between them; an idle core wakes only for timers, each of which
-//! halves the spin, so idle it spins `min` after a timer at most.
+//! A request/response exchange (an LNet ping) so keeps both engines awake between
+//! request and reply, while a core that streams data in or out (paced by its own
+//! timers, or by the peer's) falls back to `min` within a few packets: at 100 Mbit/s
+//! it sleeps between datagrams again. Send completions are neither: they are the
+//! kernel releasing the core's own sends, so they end no answer's wait.
 //!
 //! While spinning the core gives the CPU away each pass (`sched_yield`, see
 //! [`Spin::relax`]): kshim's threads, or the other engine on a shared machine, get
@@ -23,23 +33,42 @@
 
 use std::time::{Duration, Instant};
 
+/// What one pass of a core's loop did, as far as the spin cares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Something came from outside: a datagram, or work on kshim's rings (TX
+    /// descriptors, returned buffers, the doorbell).
+    pub arrived: bool,
+    /// The core had work of its own: sends, send completions, received-data
+    /// hand-offs, timer work.
+    pub busy: bool,
+    /// The core sent datagrams or handed something to kshim (RX descriptors, TX
+    /// completions): what follows may be an answer.
+    pub spoke: bool,
+}
+
 /// Spin state of one core.
 #[derive(Debug, Clone)]
 pub struct Spin {
     min: Duration,
     max: Duration,
     cur: Duration,
-    asleep_since: Option<Instant>,
+    /// When the core last did work.
+    last_work: Instant,
+    /// The core spoke since the last arrival.
+    spoke: bool,
 }
 
 impl Spin {
-    /// Spins between `min` and `max` (`max` below `min` is raised to `min`).
-    pub fn new(min: Duration, max: Duration) -> Spin {
+    /// Spins between `min` and `max` (`max` below `min` is raised to `min`); `now`
+    /// counts as the core's last work.
+    pub fn new(min: Duration, max: Duration, now: Instant) -> Spin {
         Spin {
             min,
             max: max.max(min),
             cur: min,
-            asleep_since: None,
+            last_work: now,
+            spoke: false,
         }
     }
 
@@ -48,23 +77,32 @@ impl Spin {
         self.cur
     }
 
-    /// The core goes to sleep now.
-    pub fn sleep(&mut self, now: Instant) {
-        self.asleep_since = Some(now);
+    /// Whether the core has been without work for its whole budget at `now`: time to
+    /// sleep.
+    pub fn spun_out(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_work) >= self.cur
     }
 
-    /// The core woke at `now` (after [`Spin::sleep`]); `work` says whether it found
-    /// something to do (a datagram, a doorbell, a completion — not only a timer).
-    pub fn woke(&mut self, now: Instant, work: bool) {
-        let Some(since) = self.asleep_since.take() else {
+    /// Records one pass of the loop that ended at `now` (a pass that slept included).
+    pub fn pass(&mut self, now: Instant, p: Pass) {
+        if !(p.arrived || p.busy || p.spoke) {
             return;
-        };
-        let slept = now.saturating_duration_since(since);
-        if work && slept <= self.max {
-            self.cur = (self.cur * 2).max(self.cur + slept).min(self.max);
-        } else {
+        }
+        let gap = now.saturating_duration_since(self.last_work);
+        let answer = p.arrived && self.spoke;
+        if answer && gap <= self.max {
+            // Caught (gap within the budget): as it should be. Missed: cover it.
+            if gap > self.cur {
+                self.cur = (self.cur * 2).max(gap).min(self.max);
+            }
+        } else if gap > self.min {
             self.cur = (self.cur / 2).max(self.min);
         }
+        if p.arrived {
+            self.spoke = false;
+        }
+        self.spoke |= p.spoke;
+        self.last_work = now;
     }
 
     /// One spinning pass found nothing: let any other runnable thread have the CPU.
@@ -79,59 +117,176 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
-    fn cycle(s: &mut Spin, t: &mut Instant, slept: Duration, work: bool) {
-        s.sleep(*t);
-        *t += slept;
-        s.woke(*t, work);
+    const ARRIVAL: Pass = Pass {
+        arrived: true,
+        busy: false,
+        spoke: false,
+    };
+    const SEND: Pass = Pass {
+        arrived: false,
+        busy: true,
+        spoke: true,
+    };
+    const OWN: Pass = Pass {
+        arrived: false,
+        busy: true,
+        spoke: false,
+    };
+    const ARRIVAL_ANSWERED: Pass = Pass {
+        arrived: true,
+        busy: true,
+        spoke: true,
+    };
+
+    /// A pass `after` the previous one.
+    fn at(s: &mut Spin, t: &mut Instant, after: Duration, p: Pass) -> Duration {
+        *t += after;
+        s.pass(*t, p);
+        s.budget()
+    }
+
+    fn spin() -> (Spin, Instant) {
+        let t = Instant::now();
+        (Spin::new(50 * US, 400 * US, t), t)
     }
 
     #[test]
-    fn grows_to_cover_a_round_trip_and_stays_bounded() {
-        let mut s = Spin::new(50 * US, 400 * US);
-        let mut t = Instant::now();
+    fn a_round_trip_grows_the_spin_to_cover_it_and_keeps_it() {
+        let (mut s, mut t) = spin();
         assert_eq!(s.budget(), 50 * US);
-        // Work 120 µs after sleeping: the spin covers the sleep plus what it was.
-        cycle(&mut s, &mut t, 120 * US, true);
-        assert_eq!(s.budget(), 170 * US);
-        cycle(&mut s, &mut t, 120 * US, true);
-        assert_eq!(s.budget(), 340 * US);
-        for _ in 0..10 {
-            cycle(&mut s, &mut t, 300 * US, true);
-        }
-        assert_eq!(s.budget(), 400 * US, "never above max");
-    }
-
-    #[test]
-    fn shrinks_on_timers_and_long_sleeps_down_to_min() {
-        let mut s = Spin::new(50 * US, 400 * US);
-        let mut t = Instant::now();
-        for _ in 0..4 {
-            cycle(&mut s, &mut t, 10 * US, true);
+        // Request out; its reply 120 µs later, missed by the spin: grow to cover.
+        at(&mut s, &mut t, 5 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 120 * US, ARRIVAL), 120 * US);
+        // Deliver it to kshim; kshim's next request 30 µs later is an answer the
+        // spin caught (and within min): no change.
+        at(&mut s, &mut t, 2 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 30 * US, ARRIVAL), 120 * US);
+        // Request out, send completion 10 µs later (no answer, short: nothing), the
+        // reply 110 µs after: caught by the 120 µs spin, which stays.
+        at(&mut s, &mut t, 1 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 10 * US, OWN), 120 * US);
+        assert_eq!(at(&mut s, &mut t, 110 * US, ARRIVAL), 120 * US);
+        // A slower round trip: 200 µs missed, doubles to 240, then 350 µs to 480 →
+        // capped at max.
+        at(&mut s, &mut t, 1 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 200 * US, ARRIVAL), 240 * US);
+        at(&mut s, &mut t, 1 * US, SEND);
+        assert_eq!(
+            at(&mut s, &mut t, 350 * US, ARRIVAL),
+            400 * US,
+            "never above max"
+        );
+        for _ in 0..100 {
+            at(&mut s, &mut t, 1 * US, SEND);
+            at(&mut s, &mut t, 300 * US, ARRIVAL);
         }
         assert_eq!(s.budget(), 400 * US);
-        // A timer with nothing to do, however soon, halves it.
-        cycle(&mut s, &mut t, 10 * US, false);
-        assert_eq!(s.budget(), 200 * US);
-        // Work after a long sleep: spinning would not have caught it.
-        cycle(&mut s, &mut t, Duration::from_millis(5), true);
-        assert_eq!(s.budget(), 100 * US);
-        for _ in 0..10 {
-            cycle(&mut s, &mut t, Duration::from_millis(200), false);
-        }
-        assert_eq!(s.budget(), 50 * US, "never below min");
     }
 
     #[test]
-    fn zero_min_and_a_wake_without_sleep() {
-        let mut s = Spin::new(Duration::ZERO, 100 * US);
-        let mut t = Instant::now();
+    fn a_steady_inbound_stream_falls_back_to_min() {
+        let (mut s, mut t) = spin();
+        // Grown by round trips first.
+        for gap in [200, 400] {
+            at(&mut s, &mut t, 1 * US, SEND);
+            at(&mut s, &mut t, gap * US, ARRIVAL);
+        }
+        assert_eq!(s.budget(), 400 * US);
+        // 100 Mbit/s of data in: a datagram every 116 µs, caught by the spin but
+        // unasked: halves each time, down to min.
+        let seen: Vec<u64> = (0..4)
+            .map(|_| at(&mut s, &mut t, 116 * US, ARRIVAL).as_micros() as u64)
+            .collect();
+        assert_eq!(seen, [200, 100, 50, 50]);
+        // A light ACK every 64 datagrams: the datagram after it counts as an answer
+        // (one step up), the next unasked one takes it back down.
+        for _ in 0..10 {
+            for _ in 0..63 {
+                at(&mut s, &mut t, 116 * US, ARRIVAL);
+            }
+            let b = at(&mut s, &mut t, 116 * US, ARRIVAL_ANSWERED);
+            assert_eq!(b, 50 * US);
+            assert_eq!(at(&mut s, &mut t, 116 * US, ARRIVAL), 116 * US);
+        }
+        assert_eq!(at(&mut s, &mut t, 116 * US, ARRIVAL), 58 * US);
+        assert_eq!(
+            at(&mut s, &mut t, 116 * US, ARRIVAL),
+            50 * US,
+            "never below min"
+        );
+    }
+
+    #[test]
+    fn a_paced_sender_falls_back_to_min_and_acks_do_not_hold_it_up() {
+        let (mut s, mut t) = spin();
+        for gap in [200, 400] {
+            at(&mut s, &mut t, 1 * US, SEND);
+            at(&mut s, &mut t, gap * US, ARRIVAL);
+        }
+        assert_eq!(s.budget(), 400 * US);
+        // Paced sends every 116 µs, each with its send completion 5 µs later.
+        let mut budgets = Vec::new();
+        for i in 0..200 {
+            at(&mut s, &mut t, 111 * US, SEND);
+            at(&mut s, &mut t, 5 * US, OWN);
+            if i % 64 == 63 {
+                // An ACK from the receiver: an answer (the core sent data).
+                at(&mut s, &mut t, 60 * US, ARRIVAL);
+            }
+            budgets.push(s.budget());
+        }
+        assert_eq!(budgets[2], 50 * US);
+        assert!(budgets[3..].iter().all(|b| *b <= 120 * US), "{budgets:?}");
+        assert_eq!(*budgets.last().unwrap(), 50 * US);
+    }
+
+    #[test]
+    fn quiet_up_to_min_changes_nothing_and_late_answers_shrink() {
+        let (mut s, mut t) = spin();
+        at(&mut s, &mut t, 1 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 300 * US, ARRIVAL), 300 * US);
+        // Unasked, own and timer work within min: no change, however often.
+        for _ in 0..10 {
+            at(&mut s, &mut t, 50 * US, ARRIVAL);
+            at(&mut s, &mut t, 20 * US, OWN);
+        }
+        assert_eq!(s.budget(), 300 * US);
+        // An answer after more than max: spinning would not have caught it.
+        at(&mut s, &mut t, 1 * US, SEND);
+        assert_eq!(at(&mut s, &mut t, 5 * ms(), ARRIVAL), 150 * US);
+        // The core's own timer work after a long quiet (an ACK timer): halves.
+        assert_eq!(at(&mut s, &mut t, 10 * ms(), SEND), 75 * US);
+        assert_eq!(at(&mut s, &mut t, 10 * ms(), OWN), 50 * US);
+        assert_eq!(at(&mut s, &mut t, 10 * ms(), OWN), 50 * US);
+    }
+
+    #[test]
+    fn spun_out_counts_from_the_last_work() {
+        let (mut s, mut t) = spin();
+        assert!(!s.spun_out(t + 49 * US));
+        assert!(s.spun_out(t + 50 * US));
+        // A pass without work does not restart the spin.
+        at(&mut s, &mut t, 30 * US, Pass::default());
+        assert!(s.spun_out(t + 20 * US));
+        at(&mut s, &mut t, 1 * US, OWN);
+        assert!(!s.spun_out(t + 20 * US));
+    }
+
+    #[test]
+    fn zero_min_and_max_below_min() {
+        let t = Instant::now();
+        let mut s = Spin::new(Duration::ZERO, 100 * US, t);
+        let mut t2 = t;
         assert_eq!(s.budget(), Duration::ZERO);
-        // No sleep recorded: nothing changes.
-        s.woke(t, true);
-        assert_eq!(s.budget(), Duration::ZERO);
-        cycle(&mut s, &mut t, 30 * US, true);
-        assert_eq!(s.budget(), 30 * US);
+        assert!(s.spun_out(t));
+        at(&mut s, &mut t2, 1 * US, SEND);
+        assert_eq!(at(&mut s, &mut t2, 30 * US, ARRIVAL), 30 * US);
+        assert_eq!(at(&mut s, &mut t2, 40 * US, ARRIVAL), 15 * US);
         // max below min is raised to min.
-        assert_eq!(Spin::new(100 * US, 10 * US).budget(), 100 * US);
+        assert_eq!(Spin::new(100 * US, 10 * US, t).budget(), 100 * US);
+    }
+
+    fn ms() -> Duration {
+        Duration::from_millis(1)
     }
 }
