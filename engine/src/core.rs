@@ -125,6 +125,10 @@ struct Peer {
     down: bool,
     /// Last time anything arrived from the peer, or work for it started (µs).
     last_heard: u64,
+    /// The last error the kernel reported for sends to the peer (an errno: a failed
+    /// send, or an ICMP error through `IP_RECVERR`), carried as the `detail` of the
+    /// peer's failed completions.
+    last_errno: Option<i32>,
     stats: PeerStats,
 }
 
@@ -436,6 +440,7 @@ impl CoreLoop {
             tx_sock: None,
             down: false,
             last_heard: 0,
+            last_errno: None,
             stats: PeerStats {
                 nid: lu2k_kshim::Nid((u64::from(net) << 32) | u64::from(u32::from(ip))).to_string(),
                 addr: addr.to_string(),
@@ -587,7 +592,12 @@ impl CoreLoop {
         } else {
             m.failed.unwrap_or(TxStatus::Aborted)
         };
+        let mut detail = 0;
         if let Some(p) = self.peers.get_mut(&m.peer) {
+            if matches!(status, TxStatus::PeerUnreachable | TxStatus::TimedOut) {
+                // Why the peer could not be reached, when the kernel said.
+                detail = p.last_errno.map_or(0, |e| e.unsigned_abs());
+            }
             p.stats.in_flight = p.stats.in_flight.saturating_sub(1);
             if status == TxStatus::Ok {
                 p.stats.msgs_tx += 1;
@@ -599,7 +609,16 @@ impl CoreLoop {
                     .or_default() += 1;
             }
         }
-        self.complete(m.cookie, status, 0);
+        self.complete(m.cookie, status, detail);
+    }
+
+    /// Remembers the kernel's last error for sends to `ip` (see [`Peer::last_errno`]).
+    fn note_error(&mut self, ip: Ipv4Addr, errno: i32) {
+        if let Some(p) = self.peers.get_mut(&ip) {
+            p.last_errno = Some(errno);
+            p.stats.last_error = Some(std::io::Error::from_raw_os_error(errno).to_string());
+            p.stats.errors += 1;
+        }
     }
 
     fn fail_all(&mut self, status: TxStatus) {
@@ -856,6 +875,10 @@ impl CoreLoop {
                     for id in ids {
                         if let Some(m) = self.msgs.get_mut(&id) {
                             m.sends = m.sends.saturating_sub(1);
+                            if let Err(errno) = result {
+                                let peer = m.peer;
+                                self.note_error(peer, errno);
+                            }
                         }
                         self.try_finish(id);
                     }
@@ -875,7 +898,12 @@ impl CoreLoop {
             }
             Event::RecvTruncated => self.stats.drop_one("rx_truncated"),
             Event::RxStarved => self.stats.drop_one("rx_no_buffer"),
-            Event::SocketError { .. } => self.stats.drop_one("icmp_error"),
+            Event::SocketError { errno, dst } => {
+                self.stats.drop_one("icmp_error");
+                if let Some(dst) = dst {
+                    self.note_error(*dst.ip(), errno);
+                }
+            }
             Event::Doorbell | Event::Timer => {}
         }
     }

@@ -46,6 +46,12 @@ pub struct PeerStats {
     pub rate_bps: u64,
     /// Messages failed back, by reason.
     pub failed: BTreeMap<String, u64>,
+    /// Errors the kernel reported for sends to the peer (failed sends, ICMP errors).
+    #[serde(default)]
+    pub errors: u64,
+    /// The last of them, in words (e.g. "Connection refused (os error 111)").
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// Counters of one core.
@@ -272,6 +278,9 @@ pub fn render(r: &Report) -> String {
                 p.rate_bps,
                 p.failed
             );
+            if let Some(e) = &p.last_error {
+                let _ = writeln!(o, "{:<22} kernel errors {}, last: {e}", "", p.errors);
+            }
         }
     }
     o

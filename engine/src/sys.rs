@@ -307,22 +307,31 @@ pub struct RecvCmsgs {
     pub socket_drops: Option<u32>,
 }
 
+/// The control messages in `ctrl` as (level, type, data). Malformed entries end the
+/// walk; it never reads outside `ctrl`.
+fn cmsgs(ctrl: &[u8]) -> impl Iterator<Item = (i32, i32, &[u8])> + '_ {
+    const HDR: usize = size_of::<libc::cmsghdr>();
+    let align = |n: usize| (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
+    let mut off = 0usize;
+    std::iter::from_fn(move || {
+        let head = ctrl.get(off..off + HDR)?;
+        let len = usize::from_ne_bytes(head[0..8].try_into().ok()?);
+        let level = i32::from_ne_bytes(head[8..12].try_into().ok()?);
+        let ty = i32::from_ne_bytes(head[12..16].try_into().ok()?);
+        if len < HDR || off + len > ctrl.len() {
+            return None;
+        }
+        let data = &ctrl[off + HDR..off + len];
+        off += align(len);
+        Some((level, ty, data))
+    })
+}
+
 /// Parses the control bytes of a received message. Unknown or malformed entries are
 /// skipped; parsing never reads outside `ctrl`.
 pub fn parse_recv_cmsgs(ctrl: &[u8]) -> RecvCmsgs {
-    const HDR: usize = size_of::<libc::cmsghdr>();
-    let align = |n: usize| (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1);
     let mut out = RecvCmsgs::default();
-    let mut off = 0usize;
-    while off + HDR <= ctrl.len() {
-        let word = |o: usize| -> Option<[u8; 8]> { ctrl.get(o..o + 8)?.try_into().ok() };
-        let len = usize::from_ne_bytes(word(off).unwrap_or_default());
-        let level = i32::from_ne_bytes(ctrl[off + 8..off + 12].try_into().unwrap_or_default());
-        let ty = i32::from_ne_bytes(ctrl[off + 12..off + 16].try_into().unwrap_or_default());
-        if len < HDR || off + len > ctrl.len() {
-            break;
-        }
-        let data = &ctrl[off + HDR..off + len];
+    for (level, ty, data) in cmsgs(ctrl) {
         if level == libc::SOL_UDP && ty == UDP_GRO {
             // The kernel writes an int here (put_cmsg of an int in udp_cmsg_recv).
             if data.len() >= 4 {
@@ -343,7 +352,6 @@ pub fn parse_recv_cmsgs(ctrl: &[u8]) -> RecvCmsgs {
         if level == libc::SOL_SOCKET && ty == libc::SO_RXQ_OVFL && data.len() >= 4 {
             out.socket_drops = Some(u32::from_ne_bytes([data[0], data[1], data[2], data[3]]));
         }
-        off += align(len);
     }
     out
 }
@@ -516,10 +524,14 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
             (h.msg_controllen as usize).min(128),
         )
     };
-    // sock_extended_err starts right after the cmsghdr: ee_errno is its first u32.
-    let errno = bytes
-        .get(16..20)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as i32)
+    // The IP_RECVERR entry's data is a sock_extended_err, ee_errno its first u32. It
+    // is not necessarily the first entry: the error queue carries the socket's receive
+    // time stamp too (SO_TIMESTAMPNS).
+    let errno = cmsgs(bytes)
+        .find(|&(level, ty, data)| {
+            level == libc::IPPROTO_IP && ty == libc::IP_RECVERR && data.len() >= 4
+        })
+        .map(|(_, _, d)| u32::from_ne_bytes([d[0], d[1], d[2], d[3]]) as i32)
         .unwrap_or(0);
     Ok(Some(SockError {
         errno,

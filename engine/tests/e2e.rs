@@ -345,7 +345,11 @@ fn killed_peer_engine_fails_sends_back() {
         }
         while let Some(ev) = ka.poll() {
             match ev {
-                Event::TxDone { cookie, status, .. } => {
+                Event::TxDone {
+                    cookie,
+                    status,
+                    detail,
+                } => {
                     assert!(
                         outstanding.remove(&cookie),
                         "{tag}: unknown or repeated completion"
@@ -353,7 +357,7 @@ fn killed_peer_engine_fails_sends_back() {
                     if status == TxStatus::Ok {
                         ok += 1;
                     } else {
-                        failed.push(status);
+                        failed.push((status, detail));
                     }
                 }
                 Event::PeerDown(n) => {
@@ -382,7 +386,7 @@ fn killed_peer_engine_fails_sends_back() {
         !failed.is_empty(),
         "{tag}: nothing failed although the peer died"
     );
-    for s in &failed {
+    for (s, _) in &failed {
         assert!(
             matches!(
                 s,
@@ -391,6 +395,26 @@ fn killed_peer_engine_fails_sends_back() {
             "{tag}: unexpected failure status {s:?}"
         );
     }
+    // Nothing listens on the dead engine's port: the kernel answers with ICMP port
+    // unreachable, which IP_RECVERR turns into ECONNREFUSED for the sender; the failed
+    // completions say so in their detail, and the peer's stats name it.
+    assert!(
+        failed.iter().any(|&(_, d)| d == libc::ECONNREFUSED as u32),
+        "{tag}: no failed completion carries ECONNREFUSED: {failed:?}"
+    );
+    let a = stats(&dir, "a");
+    let peer = a.cores[0]
+        .peers
+        .iter()
+        .find(|p| p.nid == nb.to_string())
+        .expect("engine A's stats list the dead peer");
+    assert!(peer.errors > 0, "{tag}: {peer:?}");
+    assert!(
+        peer.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused")),
+        "{tag}: {peer:?}"
+    );
     assert!(peer_down, "{tag}: kshim A was never told the peer is down");
     eprintln!(
         "{tag}: {ok} ok, {} failed back ({:?})",

@@ -150,7 +150,10 @@ pub struct TxCompletion {
     pub cookie: u64,
     /// Raw [`TxStatus`].
     pub status: u32,
-    /// Extra detail: for [`TxStatus::InvalidDescriptor`] the [`DescError::code`], else 0.
+    /// Extra detail: for [`TxStatus::InvalidDescriptor`] the [`DescError::code`]; for
+    /// [`TxStatus::PeerUnreachable`] and [`TxStatus::TimedOut`] the last errno the
+    /// kernel reported for sends to the peer (e.g. `ECONNREFUSED`, `EHOSTUNREACH`),
+    /// or 0 when it reported none; else 0.
     pub detail: u32,
 }
 
