@@ -253,7 +253,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                                 ..UringOpts::default()
                             },
                         )
-                        .map(|x| Box::new(x) as Box<dyn DatagramIo>),
+                        .map(|x| {
+                            eprintln!("lu2k-engine: core {c}: io_uring {}", x.setup());
+                            Box::new(x) as Box<dyn DatagramIo>
+                        }),
                         IoPath::Epoll => {
                             EpollIo::new_owned(sock, mem.clone(), Some(bell_io), SEND_SLOTS)
                                 .map(|x| Box::new(x) as Box<dyn DatagramIo>)

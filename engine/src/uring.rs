@@ -80,6 +80,22 @@ pub struct RingSetup {
     pub zc_report_usage: bool,
 }
 
+impl std::fmt::Display for RingSetup {
+    /// What the ring got, for the start-up log: every fast-path feature the kernel
+    /// refused shows as "no" rather than going unnoticed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}",
+            yn(self.single_issuer),
+            yn(self.defer_taskrun),
+            yn(self.fixed_tx),
+            yn(self.zc_report_usage)
+        )
+    }
+}
+
 /// When to send with `SENDMSG_ZC` (config `zero_copy`, flag `--zero-copy`).
 #[derive(
     Debug,
