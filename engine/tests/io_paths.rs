@@ -296,6 +296,14 @@ fn uring_zero_copy_always_completes_after_notification() {
     assert!(tx.zero_copy_active());
     // Every send completed through its notification; loopback reports the copy.
     assert_eq!(o.sends_done, st.sends);
+    if tx.setup().zc_report_usage {
+        // Only the notification knows whether the kernel copied, and loopback always
+        // does: a send completed at its first CQE would say "not copied".
+        assert_eq!(
+            o.kernel_copied, o.sends_done,
+            "a completion came before its notification: {o:?}"
+        );
+    }
     eprintln!("ZC always: {o:?}, {st:?}");
 }
 
