@@ -493,6 +493,13 @@ impl CoreLoop {
             self.complete(cookie, TxStatus::PeerUnreachable, 0);
             return;
         }
+        if (peer_nid >> 32) as u32 != self.p.net {
+            // A NID on another LNet network than the one this engine serves: its
+            // address means nothing here (see the warning at start-up).
+            self.stats.drop_one("tx_other_network");
+            self.complete(cookie, TxStatus::PeerUnreachable, 0);
+            return;
+        }
         let Some(slot) = self.msg_free.pop() else {
             self.complete(cookie, TxStatus::NoResources, 0);
             return;

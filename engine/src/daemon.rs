@@ -93,6 +93,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     let local_nid: Option<Nid> = att.hello.nids.first().copied();
+    if let [first, rest @ ..] = att.hello.nids.as_slice() {
+        if !rest.is_empty() {
+            // One engine binds one address and speaks for one LNet network.
+            eprintln!(
+                "lu2k-engine: warning: kshim announces {} NIDs; this engine serves {first} only \
+                 (start one kshim + engine pair per NID for the others: {})",
+                att.hello.nids.len(),
+                rest.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     let net = local_nid.map_or(0, |n| (n.0 >> 32) as u32);
     let bind_ip = if cfg.bind.is_unspecified() {
         local_nid

@@ -1,6 +1,6 @@
 //! Nothing from the region is trusted: TX descriptors that fail validation are
-//! answered with an `InvalidDescriptor` completion carrying the error code, and the
-//! engine keeps running. The test plays kshim by hand (region, doorbells, HELLO) so
+//! answered with an `InvalidDescriptor` completion carrying the error code, a next hop
+//! on another LNet network with `PeerUnreachable`, and the engine keeps running. The test plays kshim by hand (region, doorbells, HELLO) so
 //! it can write descriptors no well-behaved kshim would.
 
 use std::os::fd::AsFd;
@@ -90,6 +90,14 @@ fn invalid_tx_descriptors_get_error_completions() {
     let mut d = TxDesc::indirect(6, peer, hdr, 3, 4, 100); // misaligned table
     d.total_len = 100;
     bad.push(d);
+    // A valid descriptor whose next hop is on another LNet network than the engine
+    // serves (127.0.0.52 with network 0, the engine's is lu2k's): unreachable.
+    bad.push(TxDesc::inline(
+        7,
+        peer,
+        hdr,
+        &[Extent::new(Pool::Tx, 0, 100)],
+    ));
     for d in &bad {
         assert!(k.tx.push(*d).unwrap());
     }
@@ -101,6 +109,10 @@ fn invalid_tx_descriptors_get_error_completions() {
             "completions missing: {seen:?}"
         );
         match k.tx_done.pop().unwrap() {
+            Some(c) if c.cookie == 7 => {
+                assert_eq!(c.status().unwrap(), TxStatus::PeerUnreachable, "{c:?}");
+                seen.push(c.cookie);
+            }
             Some(c) => {
                 assert_eq!(c.status().unwrap(), TxStatus::InvalidDescriptor, "{c:?}");
                 assert_ne!(c.detail, 0, "completion carries the error code");
@@ -110,7 +122,7 @@ fn invalid_tx_descriptors_get_error_completions() {
         }
     }
     seen.sort();
-    assert_eq!(seen, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(seen, vec![1, 2, 3, 4, 5, 6, 7]);
     // Still alive and answering.
     assert!(
         engine.try_wait().unwrap().is_none(),
