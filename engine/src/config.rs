@@ -12,6 +12,7 @@
 //! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
 //! peer_down_timeout_s = 600               # satellite outages last minutes
+//! drain_timeout_s = 5                     # SIGTERM: time to finish in-flight messages
 //! mss = 1500                              # UDT MSS (IP packet size) on the path
 //!
 //! [[peer]]                                # optional: peers not at NID-address:port
@@ -87,6 +88,9 @@ pub struct Config {
     /// Seconds without any answer before a peer is reported down and its messages
     /// are failed back.
     pub peer_down_timeout_s: u64,
+    /// On SIGTERM (or kshim closing), seconds to finish the messages in flight before
+    /// the rest are failed back with `Shutdown`.
+    pub drain_timeout_s: u64,
     /// Largest IP packet on the path (UDT's MSS), bytes.
     pub mss: u16,
     /// Socket send buffer, bytes.
@@ -119,6 +123,7 @@ impl Default for Config {
             zero_copy: crate::uring::ZcMode::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
+            drain_timeout_s: 5,
             mss: 1500,
             sndbuf: 64 << 20,
             rcvbuf: 64 << 20,
@@ -224,6 +229,14 @@ impl Config {
                 "use at least 5 s; the default 600 s rides out satellite outages",
             );
         }
+        if self.drain_timeout_s > 3600 {
+            return bad(
+                "drain_timeout_s",
+                self.drain_timeout_s.to_string(),
+                "longer than an hour; a stopping engine would hold its node that long",
+                "use 0 (fail everything in flight at once) to a few minutes; the default is 5 s",
+            );
+        }
         if self.sndbuf < 1 << 16 || self.rcvbuf < 1 << 16 {
             return bad(
                 "sndbuf/rcvbuf",
@@ -303,6 +316,7 @@ mod tests {
             port = 9000
             cores = 2
             io_path = "epoll"
+            drain_timeout_s = 90
             [[peer]]
             nid = "10.0.0.2@lu2k"
             addr = "10.0.0.2:9001"
@@ -313,6 +327,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.cores, Some(2));
         assert_eq!(c.io_path, IoPathChoice::Epoll);
+        assert_eq!(c.drain_timeout_s, 90);
         assert_eq!(c.peers[0].addr, "10.0.0.2:9001".parse().unwrap());
     }
 
@@ -348,5 +363,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("peer_down_timeout_s"));
+        let c = Config {
+            drain_timeout_s: 7200,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("drain_timeout_s") && e.contains("fix:"), "{e}");
     }
 }

@@ -205,7 +205,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             spin: Duration::from_micros(u64::from(cfg.spin_us)),
             spin_max: Duration::from_micros(u64::from(cfg.spin_max_us)),
             msg_slots: MSG_SLOTS,
-            drain_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(cfg.drain_timeout_s),
             peer_down_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
         };
         let pin = cfg.pin_cpus;
@@ -214,7 +214,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             net,
             port: cfg.port,
             spin: Duration::from_micros(u64::from(cfg.spin_us)),
-            drain_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(cfg.drain_timeout_s),
         };
         let zc = cfg.zero_copy;
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);

@@ -92,6 +92,10 @@ struct RunArgs {
     /// Seconds without an answer before a peer is declared down [default: 600].
     #[arg(long)]
     peer_down_timeout_s: Option<u64>,
+    /// On SIGTERM, seconds to finish in-flight messages before failing the rest back
+    /// [default: 5].
+    #[arg(long)]
+    drain_timeout_s: Option<u64>,
     /// Path MSS (largest IP packet), bytes [default: 1500].
     #[arg(long)]
     mss: Option<u16>,
@@ -135,6 +139,9 @@ impl RunArgs {
         }
         if let Some(v) = self.peer_down_timeout_s {
             c.peer_down_timeout_s = v;
+        }
+        if let Some(v) = self.drain_timeout_s {
+            c.drain_timeout_s = v;
         }
         if let Some(v) = self.mss {
             c.mss = v;
