@@ -360,6 +360,24 @@ mod tests {
     }
 
     #[test]
+    fn capacity_pair_within_one_microsecond() {
+        // Both packets of every pair carry one receive time (one GRO batch):
+        // one tick of 1/8 µs each, 8 M packets/s, not the 1 M a whole
+        // microsecond would cap it at.
+        let mut c = Capacity::new();
+        for k in 0..4u32 {
+            c.on_arrival(1000 + u64::from(k), 16 * (k + 1));
+            c.on_arrival(1000 + u64::from(k), 16 * (k + 1) + 1);
+        }
+        assert_eq!(c.rate(), 8_000_000);
+        // Real gaps read as before: 2 µs is 500 000 packets/s.
+        let mut c = Capacity::new();
+        c.on_arrival(0, 16);
+        c.on_arrival(2, 17);
+        assert_eq!(c.rate(), 500_000);
+    }
+
+    #[test]
     fn capacity_pair_across_wrap() {
         let mut c = Capacity::new();
         c.on_arrival(0, 0x7FFF_FFF0);
