@@ -746,15 +746,33 @@ impl CoreLoop {
     fn transmit(&mut self) -> bool {
         let now = self.now();
         let mut any = false;
-        // Backlog first (transmits taken from connections that the I/O could not take).
-        while let Some((dst, t)) = self.backlog.pop_front() {
+        // Backlog first (transmits taken from connections that the I/O could not
+        // take): a run of consecutive ones to one destination goes out as one send
+        // (the rest of a batch the I/O layer refused is one such run).
+        while let Some(&(dst, _)) = self.backlog.front() {
             self.transmits.clear();
-            self.transmits.push(t);
-            if self.send_run(dst, 0) == 0 {
-                self.backlog.push_front((dst, t));
-                return any;
+            while self.transmits.len() < crate::io::MAX_SEGS {
+                match self.backlog.front() {
+                    Some(&(d, t)) if d == dst => {
+                        self.transmits.push(t);
+                        self.backlog.pop_front();
+                    }
+                    _ => break,
+                }
             }
-            any = true;
+            let mut start = 0;
+            while start < self.transmits.len() {
+                let k = self.send_run(dst, start);
+                if k == 0 {
+                    // Back in front, in order.
+                    for t in self.transmits[start..].iter().rev() {
+                        self.backlog.push_front((dst, *t));
+                    }
+                    return any;
+                }
+                start += k;
+                any = true;
+            }
         }
         let socks: Vec<u32> = self.conns.keys().copied().collect();
         for s in socks {
@@ -767,10 +785,14 @@ impl CoreLoop {
                     let SocketAddr::V4(dst) = e.conn.peer_addr() else {
                         break;
                     };
+                    // No more than one GSO send takes (44 full 1500-byte packets,
+                    // not 64 that would go out as 44 + 20).
+                    let wire = lu2k_udt::wire::HEADER_LEN + e.conn.payload_size() as usize;
+                    let max =
+                        (crate::io::MAX_GSO_BYTES / wire.max(1)).clamp(1, crate::io::MAX_SEGS);
                     (
                         dst,
-                        e.conn
-                            .poll_transmit_batch(now, &mut self.transmits, crate::io::MAX_SEGS),
+                        e.conn.poll_transmit_batch(now, &mut self.transmits, max),
                     )
                 };
                 if n == 0 {
@@ -797,10 +819,20 @@ impl CoreLoop {
     /// returns how many it took (0: the I/O layer is busy).
     fn send_run(&mut self, dst: SocketAddrV4, start: usize) -> usize {
         self.pieces.clear();
+        // A run is mostly one message's packets: look it up once.
+        let mut cached: Option<(u64, &TxMsg)> = None;
         for t in &self.transmits[start..] {
             let mut pcs = [(0u64, 0u32); 3];
             if let Some(p) = t.payload {
-                if let Some(m) = self.msgs.get(&p.msg) {
+                let m = match cached {
+                    Some((id, m)) if id == p.msg => Some(m),
+                    _ => {
+                        let m = self.msgs.get(&p.msg);
+                        cached = m.map(|m| (p.msg, m));
+                        m
+                    }
+                };
+                if let Some(m) = m {
                     // Map (offset, len) of the message onto its pieces.
                     let mut want_off = p.offset;
                     let mut want = p.len;

@@ -563,6 +563,18 @@ impl Connection {
     /// at line rate: the horizon bounds it.
     pub fn poll_transmit_batch(&mut self, now: Time, out: &mut Vec<Transmit>, max: usize) -> usize {
         let early = self.cfg.batch_horizon_us;
+        // Where a whole batch is scheduled within the horizon (a high rate),
+        // data leaves only once the last packet of a whole batch is within
+        // it: released as soon as the first one is, a caller polling every
+        // few microseconds would get a batch of the few packets due since its
+        // last poll, and pay a send for each. No packet leaves earlier than the
+        // horizon allows, none later than its own pacing time.
+        if self.ctrl.is_empty() && self.state == State::Connected && self.tx.lost.is_empty() {
+            let need = max.saturating_sub(1) as f64 * self.cc.period().max(0.0);
+            if need <= early as f64 && ((now + early) as f64) < self.tx.next_send + need {
+                return 0;
+            }
+        }
         let Some(first) = self.transmit(now, early) else {
             return 0;
         };
