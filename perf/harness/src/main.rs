@@ -137,6 +137,8 @@ struct LoopbackReport {
     lu2k_gbps: Option<f64>,
     udt4_gbps: Option<f64>,
     udp_ceiling_gbps: Option<f64>,
+    /// The same blast walking 64 MiB of buffers on each side, as lu2k does.
+    udp_64mib_gbps: Option<f64>,
     lu2k_copied_bytes: Option<u64>,
     rtt: Vec<RttRow>,
 }
@@ -198,7 +200,18 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
     let bulk = !args.no_bulk;
     let bytes = args.mib << 20;
     let udp_ceiling = (bulk && on("udp"))
-        .then(|| median_of(args.runs, "raw UDP GSO+GRO", || udp::gso_gro_blast(bytes)))
+        .then(|| {
+            median_of(args.runs, "raw UDP GSO+GRO", || {
+                udp::gso_gro_blast(bytes, 0)
+            })
+        })
+        .transpose()?;
+    let udp_64mib = (bulk && on("udp"))
+        .then(|| {
+            median_of(args.runs, "raw UDP GSO+GRO, 64 MiB buffers", || {
+                udp::gso_gro_blast(bytes, udp::LU2K_LIKE_FOOTPRINT)
+            })
+        })
         .transpose()?;
     let udt4 = (bulk && on("udt4"))
         .then(|| median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes)))
@@ -309,6 +322,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             ("lu2k", lu2k),
             ("UDT4", udt4),
             ("raw UDP GSO+GRO", udp_ceiling),
+            ("  64 MiB buffers", udp_64mib),
         ] {
             if let Some(v) = v {
                 println!("  {name:<18} {v:>10.2}");
@@ -335,6 +349,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             lu2k_gbps: lu2k,
             udt4_gbps: udt4,
             udp_ceiling_gbps: udp_ceiling,
+            udp_64mib_gbps: udp_64mib,
             lu2k_copied_bytes: copied,
             rtt,
         };

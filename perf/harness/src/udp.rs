@@ -26,12 +26,24 @@ pub fn raise_buffers(sock: &UdpSocket, bytes: usize) {
     }
 }
 
+/// Buffer footprint of the blast that stands beside lu2k's: the sender reads
+/// and the receiver writes 64 MiB in turn, as lu2k's engines walk the TX pool
+/// and the warm RX buffers, instead of one cache-resident 64 KiB chunk.
+pub const LU2K_LIKE_FOOTPRINT: usize = 64 << 20;
+
 /// Sends `bytes` as 1472-byte datagrams with UDP GSO to a receiver with UDP
 /// GRO on, and returns the goodput the receiver saw, in Gbit/s.
 ///
+/// `footprint` is how much memory each side walks through: 0 sends one 64 KiB
+/// chunk again and again and receives into one 64 KiB buffer (everything stays
+/// in the CPU's caches: the ceiling); [`LU2K_LIKE_FOOTPRINT`] makes the
+/// kernel's copies touch as much memory as lu2k's do.
+///
 /// UDP drops what the receiver cannot take; the figure counts only what
 /// arrived, between the first and the last arrival.
-pub fn gso_gro_blast(bytes: u64) -> Result<f64> {
+pub fn gso_gro_blast(bytes: u64, footprint: usize) -> Result<f64> {
+    const SLOT: usize = 1 << 16;
+    let slots = (footprint / SLOT).max(1);
     let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("bind receiver")?;
     raise_buffers(&rx, SOCKET_BUFFER);
     setsockopt(&rx, sockopt::UdpGroSegment, &true).context("enable UDP_GRO")?;
@@ -39,12 +51,16 @@ pub fn gso_gro_blast(bytes: u64) -> Result<f64> {
     let to = rx.local_addr()?;
 
     let receiver = thread::spawn(move || -> (u64, Option<Duration>) {
-        let mut buf = vec![0u8; 1 << 16];
+        // Touched before the clock starts, as lu2k's pools are by then.
+        let mut buf = vec![1u8; SLOT * slots];
         let mut got = 0u64;
         let mut first = None;
         let mut last = Instant::now();
+        let mut slot = 0;
         while got < bytes {
-            match rx.recv(&mut buf) {
+            let b = &mut buf[slot * SLOT..(slot + 1) * SLOT];
+            slot = (slot + 1) % slots;
+            match rx.recv(b) {
                 Ok(n) => {
                     let now = Instant::now();
                     first.get_or_insert(now);
@@ -61,11 +77,15 @@ pub fn gso_gro_blast(bytes: u64) -> Result<f64> {
     raise_buffers(&tx, SOCKET_BUFFER);
     tx.connect(to)?;
     setsockopt(&tx, sockopt::UdpGsoSegment, &(DATAGRAM as i32)).context("enable UDP_SEGMENT")?;
-    let chunk = vec![0x5au8; DATAGRAM * SEGMENTS_PER_SEND];
+    let per_send = DATAGRAM * SEGMENTS_PER_SEND;
+    let data = vec![0x5au8; per_send * slots];
     let mut sent = 0u64;
+    let mut slot = 0;
     while sent < bytes {
-        let n = chunk.len().min((bytes - sent) as usize);
-        tx.send(&chunk[..n]).context("GSO send")?;
+        let n = per_send.min((bytes - sent) as usize);
+        let chunk = &data[slot * per_send..slot * per_send + n];
+        slot = (slot + 1) % slots;
+        tx.send(chunk).context("GSO send")?;
         sent += n as u64;
     }
     let (got, span) = receiver.join().expect("receiver thread");
