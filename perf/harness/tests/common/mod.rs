@@ -1,5 +1,7 @@
 //! What the harness's end-to-end tests share: the binary, a scratch folder, and one
 //! `lu2k-perf run` with every output written.
+// Each test crate compiles this module and uses part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
