@@ -9,6 +9,7 @@
 //! cores = 2                               # reactor threads
 //! io_path = "auto"                        # auto | uring | epoll
 //! zero_copy = "auto"                     # auto | always | never (SENDMSG_ZC policy, io_uring path)
+//! send_worker = "auto"                   # auto | on | off (sends on an io_uring worker thread)
 //! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
 //! peer_down_timeout_s = 600               # satellite outages last minutes
@@ -83,6 +84,8 @@ pub struct Config {
     /// Zero-copy send policy of the io_uring path: `auto` (SENDMSG_ZC until the
     /// kernel keeps reporting it copied anyway, then plain SENDMSG), `always`, `never`.
     pub zero_copy: crate::uring::ZcMode,
+    /// Where sends run: on the core's thread, or on one io_uring worker thread.
+    pub send_worker: crate::uring::SendWorker,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
     /// Seconds without any answer before a peer is reported down and its messages
@@ -121,6 +124,7 @@ impl Default for Config {
             io_path: IoPathChoice::Auto,
             backend: BackendChoice::Udt,
             zero_copy: crate::uring::ZcMode::Auto,
+            send_worker: crate::uring::SendWorker::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
             drain_timeout_s: 5,
@@ -329,6 +333,19 @@ mod tests {
         assert_eq!(c.io_path, IoPathChoice::Epoll);
         assert_eq!(c.drain_timeout_s, 90);
         assert_eq!(c.peers[0].addr, "10.0.0.2:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn send_worker_auto_wants_four_cpus_per_core() {
+        use crate::uring::SendWorker;
+        assert!(!SendWorker::Auto.enabled(1, 2));
+        assert!(SendWorker::Auto.enabled(1, 4));
+        assert!(!SendWorker::Auto.enabled(4, 15));
+        assert!(SendWorker::Auto.enabled(4, 16));
+        assert!(SendWorker::On.enabled(1, 1));
+        assert!(!SendWorker::Off.enabled(1, 64));
+        let c = Config::from_toml("send_worker = \"on\"\n", "t.toml").unwrap();
+        assert_eq!(c.send_worker, SendWorker::On);
     }
 
     #[test]

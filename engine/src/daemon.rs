@@ -217,6 +217,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             drain_timeout: Duration::from_secs(cfg.drain_timeout_s),
         };
         let zc = cfg.zero_copy;
+        let send_worker = cfg.send_worker.enabled(
+            cores as usize,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let (region2, ntx2, draining2) = (region.clone(), ntx.clone(), draining.clone());
         // The ring is built on the thread that uses it: SINGLE_ISSUER and
@@ -264,6 +268,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                             UringOpts {
                                 send_slots: SEND_SLOTS,
                                 zc,
+                                send_worker,
                                 ..UringOpts::default()
                             },
                         )

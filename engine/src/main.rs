@@ -86,6 +86,11 @@ struct RunArgs {
     /// [default: auto].
     #[arg(long, value_enum)]
     zero_copy: Option<lu2k_engine::uring::ZcMode>,
+    /// Where the kernel's work of a send runs (io_uring path): auto = on one io_uring
+    /// worker thread when the machine has at least 4 CPUs per engine core, else on
+    /// the core's thread; on; off [default: auto].
+    #[arg(long, value_enum)]
+    send_worker: Option<lu2k_engine::uring::SendWorker>,
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -124,6 +129,9 @@ impl RunArgs {
         }
         if let Some(v) = self.io_path {
             c.io_path = v;
+        }
+        if let Some(v) = self.send_worker {
+            c.send_worker = v;
         }
         if let Some(v) = self.zero_copy {
             c.zero_copy = v;

@@ -78,6 +78,8 @@ pub struct RingSetup {
     /// Zero-copy sends ask for usage reports (`IORING_SEND_ZC_REPORT_USAGE`, 6.2+), so
     /// `ZC_COPIED` is counted; off where the kernel refuses the flag.
     pub zc_report_usage: bool,
+    /// Sends run on one io_uring worker thread (`IOSQE_ASYNC`), see [`SendWorker`].
+    pub send_worker: bool,
 }
 
 impl std::fmt::Display for RingSetup {
@@ -87,11 +89,12 @@ impl std::fmt::Display for RingSetup {
         let yn = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}",
+            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}",
             yn(self.single_issuer),
             yn(self.defer_taskrun),
             yn(self.fixed_tx),
-            yn(self.zc_report_usage)
+            yn(self.zc_report_usage),
+            yn(self.send_worker)
         )
     }
 }
@@ -123,6 +126,46 @@ pub enum ZcMode {
     Never,
 }
 
+/// Where the kernel's work of a send runs (config `send_worker`, flag
+/// `--send-worker`). Wherever the kernel copies payload into its buffers (loopback,
+/// veth, NICs without zero-copy) that copy is most of a send, and by default it runs
+/// on the core's own thread inside `io_uring_enter`. With the worker, every send is
+/// queued to one io_uring worker thread (`IOSQE_ASYNC`; the ring's io-wq limited to
+/// one unbounded worker, so sends leave in the order they were queued) and the core
+/// goes on with the protocol. Worth it only where that thread has a CPU of its own.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SendWorker {
+    /// On when the machine has at least 4 CPUs per engine core.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: sends run on the core's thread.
+    Off,
+}
+
+impl SendWorker {
+    /// Whether `cores` engine cores on a machine with `cpus` CPUs use the worker.
+    pub fn enabled(self, cores: usize, cpus: usize) -> bool {
+        match self {
+            SendWorker::On => true,
+            SendWorker::Off => false,
+            SendWorker::Auto => cpus >= 4 * cores.max(1),
+        }
+    }
+}
+
 /// Options for [`UringIo::new`].
 #[derive(Debug, Clone, Copy)]
 pub struct UringOpts {
@@ -136,6 +179,8 @@ pub struct UringOpts {
     pub defer_taskrun: bool,
     /// Zero-copy policy.
     pub zc: ZcMode,
+    /// Queue sends to one io_uring worker thread (see [`SendWorker`]).
+    pub send_worker: bool,
 }
 
 impl Default for UringOpts {
@@ -146,6 +191,7 @@ impl Default for UringOpts {
             fixed_tx: true,
             defer_taskrun: true,
             zc: ZcMode::Auto,
+            send_worker: false,
         }
     }
 }
@@ -207,6 +253,8 @@ pub struct UringIo {
     zc_mode: ZcMode,
     zc_active: bool,
     zc_copied_streak: u32,
+    /// Sends go to io_uring's worker thread (`IOSQE_ASYNC`, one worker: in order).
+    async_sends: bool,
     // Last: memory the kernel may reference, dropped after the ring.
     _keep: Option<Box<dyn sys::IoMem>>,
     _bell: Option<OwnedFd>,
@@ -379,6 +427,7 @@ impl UringIo {
             handed: vec![false; rx.count as usize],
             zc_mode: opts.zc,
             zc_active: opts.zc != ZcMode::Never,
+            async_sends: opts.send_worker,
             zc_copied_streak: 0,
             _keep: None,
             _bell: None,
@@ -389,6 +438,19 @@ impl UringIo {
         }
         me.rx_stash = (fill..count).rev().collect();
         me.publish_tail();
+        if me.async_sends {
+            // One unbounded worker: sends leave in submission order.
+            let mut max = [1u32, 1u32];
+            if me
+                .ring
+                .submitter()
+                .register_iowq_max_workers(&mut max)
+                .is_err()
+            {
+                me.async_sends = false;
+            }
+        }
+        me.setup.send_worker = me.async_sends;
         Ok(me)
     }
 
@@ -769,6 +831,11 @@ impl DatagramIo for UringIo {
             opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), &slot.msg).build()
         }
         .user_data((K_SEND << KIND_SHIFT) | i as u64);
+        let e = if self.async_sends {
+            e.flags(squeue::Flags::ASYNC)
+        } else {
+            e
+        };
         self.in_flight += 1;
         self.stats.sends += 1;
         self.stats.datagrams_sent += segs.len() as u64;

@@ -191,8 +191,9 @@ fn transfer(
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{tag}: {count} messages of {len} bytes in {secs:.2} s = {:.2} Gbit/s goodput (informational)",
-        (count as f64 * len as f64 * 8.0) / secs / 1e9
+        "{tag}: {count} messages of {len} bytes in {secs:.2} s = {:.2} Gbit/s goodput (informational); {}",
+        (count as f64 * len as f64 * 8.0) / secs / 1e9,
+        peer_summary(&dir, "a")
     );
     // Statistics: no payload byte copied by lu2k on either side.
     for name in ["a", "b"] {
@@ -282,6 +283,19 @@ fn bulk_transfer_two_cores() {
         GIB_OF_MIB,
         1 << 20,
         &["--cores", "2"],
+    );
+}
+
+#[test]
+fn bulk_transfer_send_worker() {
+    transfer(
+        "worker",
+        Ipv4Addr::new(127, 0, 0, 25),
+        Ipv4Addr::new(127, 0, 0, 26),
+        1,
+        GIB_OF_MIB,
+        1 << 20,
+        &["--send-worker", "on"],
     );
 }
 

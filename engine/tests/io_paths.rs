@@ -308,6 +308,32 @@ fn uring_zero_copy_always_completes_after_notification() {
 }
 
 #[test]
+fn uring_send_worker_gives_the_same_result() {
+    if !fast_path_or_skip() {
+        return;
+    }
+    let (a, _) = sock();
+    let (b, dst) = sock();
+    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
+    fill(&mut m);
+    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
+    let opts = UringOpts {
+        send_worker: true,
+        ..UringOpts::default()
+    };
+    let mut tx = UringIo::new_owned(a, m, None, opts).unwrap();
+    assert!(
+        tx.setup().send_worker,
+        "the kernel refused IOWQ_MAX_WORKERS"
+    );
+    let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
+    // Every datagram, every byte, each once (blast checks), with sends on the worker.
+    let o = blast(&mut tx, &mut rx, dst, 300, 0);
+    assert_eq!(o.datagrams, 300 * SEGS as u64);
+    assert_eq!(o.sends_done, tx.stats().sends);
+}
+
+#[test]
 fn uring_empty_buffer_ring_is_backpressure() {
     if !fast_path_or_skip() {
         return;
