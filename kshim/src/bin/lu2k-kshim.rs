@@ -88,9 +88,11 @@ struct Common {
 enum Cmd {
     /// Bulk PUTs with content the sink verifies.
     Put {
-        /// Destination NID.
-        #[arg(long)]
-        to: Nid,
+        /// Destination NID; repeat it to spread the messages round-robin over several
+        /// peers (with `--cores N`, peers on different cores measure the engine's
+        /// multi-core scaling).
+        #[arg(long, required = true)]
+        to: Vec<Nid>,
         /// Payload per message, e.g. 1M, 4K, 1000 (at most 1M).
         #[arg(long, value_parser = parse_size, default_value = "1M")]
         size: u64,
@@ -319,7 +321,7 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
 fn put(
     k: &mut Kshim,
     src: Nid,
-    to: Nid,
+    to: Vec<Nid>,
     size: u64,
     count: u64,
     window: u64,
@@ -353,7 +355,8 @@ fn put(
                 k.write_tx(&buf, at, &chunk[..n]);
                 at += n;
             }
-            match k.send_buf(&put_hdr(src, to, seed, size), buf) {
+            let dst = to[(sent % to.len() as u64) as usize];
+            match k.send_buf(&put_hdr(src, dst, seed, size), buf) {
                 Ok(_) => sent += 1,
                 Err(SendError::TooManyPending { .. }) | Err(SendError::Pool(_)) => break,
                 Err(e) => bail!("send {sent}: {e}"),
@@ -393,7 +396,11 @@ fn put(
     }
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "put: to {to}, {count} x {size} B: {ok} ok, {} failed, {:.2} s, {:.3} Gbit/s, {:.0} msg/s",
+        "put: to {}, {count} x {size} B: {ok} ok, {} failed, {:.2} s, {:.3} Gbit/s, {:.0} msg/s",
+        to.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         done - ok,
         secs,
         gbps(ok * size, secs),
