@@ -236,6 +236,19 @@ fn fast_path_or_skip() -> bool {
     true
 }
 
+/// A sending and a receiving io_uring path over two loopback sockets: the sender's
+/// pool filled with the test pattern, 64 receive buffers.
+fn uring_pair(tx_opts: UringOpts) -> (UringIo, UringIo, SocketAddrV4) {
+    let (a, _) = sock();
+    let (b, dst) = sock();
+    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
+    fill(&mut m);
+    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
+    let tx = UringIo::new_owned(a, m, None, tx_opts).unwrap();
+    let rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
+    (tx, rx, dst)
+}
+
 #[test]
 fn uring_zc_gso_into_provided_buffers_with_gro() {
     if !fast_path_or_skip() {
@@ -278,17 +291,10 @@ fn uring_zero_copy_always_completes_after_notification() {
     if !fast_path_or_skip() {
         return;
     }
-    let (a, _) = sock();
-    let (b, dst) = sock();
-    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
-    fill(&mut m);
-    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
-    let opts = UringOpts {
+    let (mut tx, mut rx, dst) = uring_pair(UringOpts {
         zc: lu2k_engine::uring::ZcMode::Always,
         ..UringOpts::default()
-    };
-    let mut tx = UringIo::new_owned(a, m, None, opts).unwrap();
-    let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
+    });
     let o = blast(&mut tx, &mut rx, dst, 200, 0);
     let st = tx.stats();
     assert_eq!(o.datagrams, 200 * SEGS as u64);
@@ -312,21 +318,14 @@ fn uring_send_worker_gives_the_same_result() {
     if !fast_path_or_skip() {
         return;
     }
-    let (a, _) = sock();
-    let (b, dst) = sock();
-    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
-    fill(&mut m);
-    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
-    let opts = UringOpts {
+    let (mut tx, mut rx, dst) = uring_pair(UringOpts {
         send_worker: true,
         ..UringOpts::default()
-    };
-    let mut tx = UringIo::new_owned(a, m, None, opts).unwrap();
+    });
     assert!(
         tx.setup().send_worker,
         "the kernel refused IOWQ_MAX_WORKERS"
     );
-    let mut rx = UringIo::new_owned(b, rxm, None, UringOpts::default()).unwrap();
     // Every datagram, every byte, each once (blast checks), with sends on the worker.
     let o = blast(&mut tx, &mut rx, dst, 300, 0);
     assert_eq!(o.datagrams, 300 * SEGS as u64);
