@@ -323,6 +323,39 @@ fn put_to_sink_verifies_every_byte() {
 }
 
 #[test]
+fn put_no_fill_to_sink_no_verify_counts_without_checking() {
+    let (sa, sb) = (sock("nofill-a"), sock("nofill-b"));
+    let (a, b) = (sa.to_str().unwrap(), sb.to_str().unwrap());
+    let mut sink_args = common(a, "10.0.0.1@lu2k");
+    sink_args.extend(["sink", "--count", "20", "--no-verify"]);
+    let sink = spawn(&sink_args);
+    let mut put_args = common(b, "10.0.0.2@lu2k");
+    put_args.extend([
+        "put",
+        "--to",
+        "10.0.0.1@lu2k",
+        "--size",
+        "64K",
+        "--count",
+        "20",
+        "--no-fill",
+    ]);
+    let put = spawn(&put_args);
+    let bridge = Bridge::start(sa.clone(), sb.clone(), u64::MAX);
+    let put_out = finish(put, "put");
+    let sink_out = finish(sink, "sink");
+    drop(bridge);
+    assert!(put_out.status.success());
+    assert!(sink_out.status.success());
+    let s = String::from_utf8_lossy(&sink_out.stdout);
+    assert!(
+        s.contains("20 PUTs (0 verified, 0 corrupt), 1310720 bytes"),
+        "{s}"
+    );
+    assert!(String::from_utf8_lossy(&put_out.stdout).contains("20 ok, 0 failed"));
+}
+
+#[test]
 fn sink_detects_corruption() {
     let (sa, sb) = (sock("corrupt-a"), sock("corrupt-b"));
     let (a, b) = (sa.to_str().unwrap(), sb.to_str().unwrap());
