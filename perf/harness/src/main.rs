@@ -106,8 +106,10 @@ struct LoopbackArgs {
     /// Runs per contender; the median is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
-    /// Bytes moved per bulk run, in MiB.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Bytes moved per bulk run, in MiB. Long enough for the steady state: at lu2k's
+    /// rates a 512 MiB run is a quarter of a second, and connection set-up and the first
+    /// round trips weigh in.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     mib: u64,
     /// Engine cores for lu2k.
     #[arg(long, default_value_t = 1)]
