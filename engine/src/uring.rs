@@ -253,8 +253,6 @@ pub struct UringIo {
     zc_mode: ZcMode,
     zc_active: bool,
     zc_copied_streak: u32,
-    /// Sends go to io_uring's worker thread (`IOSQE_ASYNC`, one worker: in order).
-    async_sends: bool,
     // Last: memory the kernel may reference, dropped after the ring.
     _keep: Option<Box<dyn sys::IoMem>>,
     _bell: Option<OwnedFd>,
@@ -427,7 +425,6 @@ impl UringIo {
             handed: vec![false; rx.count as usize],
             zc_mode: opts.zc,
             zc_active: opts.zc != ZcMode::Never,
-            async_sends: opts.send_worker,
             zc_copied_streak: 0,
             _keep: None,
             _bell: None,
@@ -438,19 +435,14 @@ impl UringIo {
         }
         me.rx_stash = (fill..count).rev().collect();
         me.publish_tail();
-        if me.async_sends {
-            // One unbounded worker: sends leave in submission order.
-            let mut max = [1u32, 1u32];
-            if me
+        // Sends on the worker only where the ring's io-wq can be held to one unbounded
+        // worker: then they leave in submission order.
+        me.setup.send_worker = opts.send_worker
+            && me
                 .ring
                 .submitter()
-                .register_iowq_max_workers(&mut max)
-                .is_err()
-            {
-                me.async_sends = false;
-            }
-        }
-        me.setup.send_worker = me.async_sends;
+                .register_iowq_max_workers(&mut [1u32, 1u32])
+                .is_ok();
         Ok(me)
     }
 
@@ -831,7 +823,7 @@ impl DatagramIo for UringIo {
             opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), &slot.msg).build()
         }
         .user_data((K_SEND << KIND_SHIFT) | i as u64);
-        let e = if self.async_sends {
+        let e = if self.setup.send_worker {
             e.flags(squeue::Flags::ASYNC)
         } else {
             e
