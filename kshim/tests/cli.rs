@@ -289,23 +289,18 @@ fn common<'a>(sock: &'a str, nid: &'a str) -> Vec<&'a str> {
     ]
 }
 
-#[test]
-fn put_to_sink_verifies_every_byte() {
-    let (sa, sb) = (sock("put-sink-a"), sock("put-sink-b"));
+/// `sink SINK_ARGS` and `put --to 10.0.0.1@lu2k PUT_ARGS` joined by a clean bridge;
+/// both must succeed. Returns their standard outputs.
+fn put_into_sink(tag: &str, sink_extra: &[&str], put_extra: &[&str]) -> (String, String) {
+    let (sa, sb) = (sock(&format!("{tag}-a")), sock(&format!("{tag}-b")));
     let (a, b) = (sa.to_str().unwrap(), sb.to_str().unwrap());
     let mut sink_args = common(a, "10.0.0.1@lu2k");
-    sink_args.extend(["sink", "--count", "40"]);
+    sink_args.push("sink");
+    sink_args.extend(sink_extra);
     let sink = spawn(&sink_args);
     let mut put_args = common(b, "10.0.0.2@lu2k");
-    put_args.extend([
-        "put",
-        "--to",
-        "10.0.0.1@lu2k",
-        "--size",
-        "300K",
-        "--count",
-        "40",
-    ]);
+    put_args.extend(["put", "--to", "10.0.0.1@lu2k"]);
+    put_args.extend(put_extra);
     let put = spawn(&put_args);
     let bridge = Bridge::start(sa.clone(), sb.clone(), u64::MAX);
     let put_out = finish(put, "put");
@@ -313,46 +308,38 @@ fn put_to_sink_verifies_every_byte() {
     drop(bridge);
     assert!(put_out.status.success());
     assert!(sink_out.status.success());
-    let s = String::from_utf8_lossy(&sink_out.stdout);
+    (
+        String::from_utf8_lossy(&put_out.stdout).into_owned(),
+        String::from_utf8_lossy(&sink_out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn put_to_sink_verifies_every_byte() {
+    let (p, s) = put_into_sink(
+        "put-sink",
+        &["--count", "40"],
+        &["--size", "300K", "--count", "40"],
+    );
     assert!(
         s.contains("40 PUTs (40 verified, 0 corrupt), 12288000 bytes"),
         "{s}"
     );
-    let p = String::from_utf8_lossy(&put_out.stdout);
     assert!(p.contains("40 ok, 0 failed"), "{p}");
 }
 
 #[test]
 fn put_no_fill_to_sink_no_verify_counts_without_checking() {
-    let (sa, sb) = (sock("nofill-a"), sock("nofill-b"));
-    let (a, b) = (sa.to_str().unwrap(), sb.to_str().unwrap());
-    let mut sink_args = common(a, "10.0.0.1@lu2k");
-    sink_args.extend(["sink", "--count", "20", "--no-verify"]);
-    let sink = spawn(&sink_args);
-    let mut put_args = common(b, "10.0.0.2@lu2k");
-    put_args.extend([
-        "put",
-        "--to",
-        "10.0.0.1@lu2k",
-        "--size",
-        "64K",
-        "--count",
-        "20",
-        "--no-fill",
-    ]);
-    let put = spawn(&put_args);
-    let bridge = Bridge::start(sa.clone(), sb.clone(), u64::MAX);
-    let put_out = finish(put, "put");
-    let sink_out = finish(sink, "sink");
-    drop(bridge);
-    assert!(put_out.status.success());
-    assert!(sink_out.status.success());
-    let s = String::from_utf8_lossy(&sink_out.stdout);
+    let (p, s) = put_into_sink(
+        "nofill",
+        &["--count", "20", "--no-verify"],
+        &["--size", "64K", "--count", "20", "--no-fill"],
+    );
     assert!(
         s.contains("20 PUTs (0 verified, 0 corrupt), 1310720 bytes"),
         "{s}"
     );
-    assert!(String::from_utf8_lossy(&put_out.stdout).contains("20 ok, 0 failed"));
+    assert!(p.contains("20 ok, 0 failed"), "{p}");
 }
 
 #[test]
