@@ -107,7 +107,7 @@ fn list_tests(bin: &std::path::Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-struct BinaryRun {
+struct TestRun {
     lines: Vec<String>,
     success: bool,
     timed_out: bool,
@@ -120,7 +120,7 @@ fn run_streaming(
     name: &str,
     test: &str,
     limit: Duration,
-) -> anyhow::Result<BinaryRun> {
+) -> anyhow::Result<TestRun> {
     let mut child = Command::new(bin)
         // --nocapture: a test that skips itself says so on stderr, which libtest
         // would otherwise swallow for a passing test.
@@ -196,7 +196,7 @@ fn run_streaming(
         "engine/{name}: {test}: exited ({status}) after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(BinaryRun {
+    Ok(TestRun {
         lines,
         success: status.success(),
         timed_out,
