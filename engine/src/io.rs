@@ -259,11 +259,14 @@ pub struct IoStats {
     pub recvs: u64,
     /// Bytes received.
     pub bytes_received: u64,
-    /// Times receive stopped because no buffer was free.
+    /// Times receive stopped because no buffer was free: every free buffer of the
+    /// pool was out (with kshim or not yet returned). A provided-buffer ring that
+    /// ran dry while free buffers waited outside it is only a re-arm (`rearms`).
     pub rx_starved: u64,
     /// Datagrams dropped because they did not fit a buffer.
     pub rx_truncated: u64,
-    /// Multishot receives re-armed after they ended.
+    /// Multishot receives re-armed after they ended (the io_uring path's small
+    /// buffer ring runs dry on bursts; see `uring::RING_FILL`).
     pub rearms: u64,
     /// Sends made with plain (kernel-copying) sendmsg instead of SENDMSG_ZC.
     pub copy_sends: u64,

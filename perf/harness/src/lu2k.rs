@@ -285,8 +285,9 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
             let start_ns = mono_ns();
             let limit = cap + Duration::from_secs_f64(w.duration_s);
             let (mut sent, mut done) = (0u64, 0u64);
+            let in_flight = w.in_flight.map_or(u64::MAX, u64::from);
             while done < count && start.elapsed() < limit {
-                while sent < count {
+                while sent < count && sent - done < in_flight {
                     let h = if let Some(sc) = sched {
                         // Stamped with when it was due, not when kshim took it.
                         let due = sc.due_ns(start_ns, sent);

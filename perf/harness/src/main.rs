@@ -117,6 +117,12 @@ struct LoopbackArgs {
     /// kshim RX buffers (64 KiB each) per lu2k node.
     #[arg(long, default_value_t = LU2K_RX_BUFS)]
     lu2k_rx_bufs: u32,
+    /// lu2k bulk: 1 MiB PUTs in flight at most, as a Lustre client's OSC keeps at
+    /// most `max_rpcs_in_flight` (default 8) bulk RPCs outstanding per target. The
+    /// data walks this many MiB of the TX pool; 256 (the whole pool) is what the
+    /// satellite scenarios use.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    lu2k_in_flight: u32,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     round_trips: u64,
@@ -139,7 +145,7 @@ struct LoopbackReport {
     lu2k_gbps: Option<f64>,
     udt4_gbps: Option<f64>,
     udp_ceiling_gbps: Option<f64>,
-    /// The same blast walking 64 MiB of buffers on each side, as lu2k does.
+    /// The same blast walking 64 MiB of buffers on each side (out of the caches).
     udp_64mib_gbps: Option<f64>,
     lu2k_copied_bytes: Option<u64>,
     rtt: Vec<RttRow>,
@@ -227,6 +233,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
                     kind: scenario::WorkloadKind::Bulk,
                     bytes,
                     max_duration_s: 120.0,
+                    in_flight: Some(args.lu2k_in_flight),
                     ..loopback_workload()
                 };
                 let (r, tx) = run::lu2k_direct(w, &lo)?;
@@ -476,5 +483,6 @@ fn loopback_workload() -> scenario::Workload {
         stream_mbps: 1.0,
         chunk_bytes: 4096,
         duration_s: 1.0,
+        in_flight: None,
     }
 }

@@ -746,6 +746,7 @@ mod tests {
             stream_mbps,
             chunk_bytes,
             duration_s,
+            in_flight: None,
         }
     }
 

@@ -118,6 +118,11 @@ pub struct Workload {
     /// live: how long the stream runs, seconds.
     #[serde(default = "default_live_duration")]
     pub duration_s: f64,
+    /// bulk, lu2k: 1 MiB PUTs in flight at most, as a Lustre client's
+    /// `max_rpcs_in_flight` bounds its bulk RPCs; unset, as many as the TX pool
+    /// holds (256: enough for a satellite path's bandwidth-delay product).
+    #[serde(default)]
+    pub in_flight: Option<u32>,
 }
 
 fn default_bytes() -> u64 {

@@ -26,9 +26,10 @@ pub fn raise_buffers(sock: &UdpSocket, bytes: usize) {
     }
 }
 
-/// Buffer footprint of the blast that stands beside lu2k's: the sender reads
-/// and the receiver writes 64 MiB in turn, as lu2k's engines walk the TX pool
-/// and the warm RX buffers, instead of one cache-resident 64 KiB chunk.
+/// Buffer footprint of the second blast: the sender reads and the receiver
+/// writes 64 MiB in turn instead of one cache-resident 64 KiB chunk — what the
+/// kernel's copies cost once the data no longer sits in the CPU's caches (lu2k's
+/// loopback bulk run walks 8 MiB of TX pool and a few MiB of RX buffers).
 pub const LU2K_LIKE_FOOTPRINT: usize = 64 << 20;
 
 /// Sends `bytes` as 1472-byte datagrams with UDP GSO to a receiver with UDP
