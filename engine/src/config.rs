@@ -10,6 +10,7 @@
 //! io_path = "auto"                        # auto | uring | epoll
 //! zero_copy = "auto"                     # auto | always | never (SENDMSG_ZC policy, io_uring path)
 //! send_worker = "auto"                   # auto | on | off (sends on an io_uring worker thread)
+//! doorbell = "auto"                      # auto | eventfd | futex (how an io_uring core sleeps on kshim)
 //! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
 //! peer_down_timeout_s = 600               # satellite outages last minutes
@@ -86,6 +87,9 @@ pub struct Config {
     pub zero_copy: crate::uring::ZcMode,
     /// Where sends run: on the core's thread, or on one io_uring worker thread.
     pub send_worker: crate::uring::SendWorker,
+    /// How an io_uring core waits for kshim's doorbell: `auto` (a futex wait where the
+    /// kernel and kshim offer it, else the eventfd), `eventfd`, `futex`.
+    pub doorbell: crate::uring::DoorbellMode,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
     /// Seconds without any answer before a peer is reported down and its messages
@@ -125,6 +129,7 @@ impl Default for Config {
             backend: BackendChoice::Udt,
             zero_copy: crate::uring::ZcMode::Auto,
             send_worker: crate::uring::SendWorker::Auto,
+            doorbell: crate::uring::DoorbellMode::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
             drain_timeout_s: 5,
@@ -346,6 +351,21 @@ mod tests {
         assert!(!SendWorker::Off.enabled(1, 64));
         let c = Config::from_toml("send_worker = \"on\"\n", "t.toml").unwrap();
         assert_eq!(c.send_worker, SendWorker::On);
+    }
+
+    #[test]
+    fn doorbell_auto_takes_the_futex_only_where_kernel_and_kshim_offer_it() {
+        use crate::uring::DoorbellMode;
+        assert_eq!(DoorbellMode::Auto.futex(true, true), Ok(true));
+        assert_eq!(DoorbellMode::Auto.futex(false, true), Ok(false));
+        assert_eq!(DoorbellMode::Auto.futex(true, false), Ok(false));
+        assert_eq!(DoorbellMode::Eventfd.futex(true, true), Ok(false));
+        let e = DoorbellMode::Futex.futex(false, true).unwrap_err();
+        assert!(e.contains("IORING_OP_FUTEX_WAIT"), "{e}");
+        let e = DoorbellMode::Futex.futex(true, false).unwrap_err();
+        assert!(e.contains("FUTEX_WAKE"), "{e}");
+        let c = Config::from_toml("doorbell = \"eventfd\"\n", "t.toml").unwrap();
+        assert_eq!(c.doorbell, DoorbellMode::Eventfd);
     }
 
     #[test]

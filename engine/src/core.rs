@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lu2k_ring_abi::{
-    EngineCore, Extent, ExtentBuf, Pool, Region, RxDesc, TxCompletion, TxDesc, TxStatus, WaitMode,
+    EngineCore, Extent, ExtentBuf, Pool, Region, RxDesc, TxCompletion, TxDesc, TxStatus,
 };
 use lu2k_udt::conn::{
     self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
@@ -187,6 +187,14 @@ impl std::fmt::Debug for CoreLoop {
     }
 }
 
+/// How `io` sleeps on kshim's doorbell, for the stats.
+fn doorbell_name(io: &dyn DatagramIo) -> &'static str {
+    match io.doorbell_mode() {
+        lu2k_ring_abi::WaitMode::Eventfd => "eventfd",
+        lu2k_ring_abi::WaitMode::Futex => "futex",
+    }
+}
+
 fn status_name(s: TxStatus) -> &'static str {
     match s {
         TxStatus::Ok => "ok",
@@ -227,6 +235,7 @@ impl CoreLoop {
         let stats = CoreStats {
             core: p.core as usize,
             io_path: io.path_name().to_string(),
+            doorbell: doorbell_name(io.as_ref()).into(),
             ..Default::default()
         };
         CoreLoop {
@@ -284,6 +293,8 @@ impl CoreLoop {
         // connection then looped through empty sleeps, ~2 million a second).
         let mut fallback_wake = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
+        // What the core runs with is readable at once, before any traffic.
+        self.publish_stats();
         loop {
             let draining = self.draining.load(Ordering::Relaxed);
             if draining && drain_deadline.is_none() {
@@ -332,12 +343,16 @@ impl CoreLoop {
                     ..
                 } = ec;
                 let mut r = Ok(());
-                let _ = wait.wait(WaitMode::Eventfd, Some(Duration::ZERO), || {
+                let mode = io.doorbell_mode();
+                // Before the need-wakeup bits go up: a ring after this read moves the
+                // word, and a futex wait on this value then ends at once.
+                let futex_seq = wait.futex_seq();
+                let _ = wait.wait(mode, Some(Duration::ZERO), || {
                     let ring_work =
                         !tx.is_empty().unwrap_or(true) || !rx_return.is_empty().unwrap_or(true);
                     rang = ring_work;
                     if !ring_work {
-                        io.arm_doorbell();
+                        io.arm_doorbell(futex_seq);
                         r = io.wait(Some(wake), true, &mut events);
                     }
                     true
@@ -1304,6 +1319,8 @@ impl CoreLoop {
     fn publish_stats(&mut self) {
         let mut s = self.stats.clone();
         s.io = self.io.stats();
+        // It can fall back to the eventfd at run time.
+        s.doorbell = doorbell_name(self.io.as_ref()).into();
         s.payload_copied = 0;
         for p in self.peers.values_mut() {
             let mut rtt = 0;

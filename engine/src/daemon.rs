@@ -84,6 +84,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let cores = att.hello.cores;
+    let kshim_futex = region
+        .layout()
+        .features()
+        .contains(lu2k_ring_abi::Features::FUTEX_WAKE);
+    let futex_bell = match path {
+        IoPath::Uring => cfg.doorbell.futex(features.futex, kshim_futex),
+        IoPath::Epoll if cfg.doorbell == crate::uring::DoorbellMode::Futex => {
+            Err("doorbell = futex needs the io_uring path; use doorbell = auto or eventfd".into())
+        }
+        IoPath::Epoll => Ok(false),
+    };
+    let futex_bell = match futex_bell {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = att.ack(1);
+            bail!("{e}");
+        }
+    };
     if let Some(want) = cfg.cores.filter(|&n| u32::from(n) != cores) {
         let _ = att.ack(1);
         bail!(
@@ -272,6 +290,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                                 ..UringOpts::default()
                             },
                         )
+                        .and_then(|mut x| {
+                            if futex_bell {
+                                x.use_futex_doorbell(ec.wait.futex_word())?;
+                            }
+                            Ok(x)
+                        })
                         .map(|x| {
                             eprintln!("lu2k-engine: core {c}: io_uring {}", x.setup());
                             Box::new(x) as Box<dyn DatagramIo>

@@ -351,7 +351,7 @@ impl DatagramIo for EpollIo {
         Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
     }
 
-    fn arm_doorbell(&mut self) {
+    fn arm_doorbell(&mut self, _futex_seq: u32) {
         if self.bell_armed {
             return;
         }

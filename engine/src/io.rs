@@ -305,8 +305,17 @@ pub trait DatagramIo {
     /// its `Recv` event and `return_rx`); `None` otherwise or out of range.
     fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]>;
 
-    /// Asks for a `Doorbell` event when the doorbell eventfd is written (one-shot).
-    fn arm_doorbell(&mut self);
+    /// How the core must arm kshim's doorbell before [`DatagramIo::arm_doorbell`]: the
+    /// need-wakeup bits it sets say what kshim rings.
+    fn doorbell_mode(&self) -> lu2k_ring_abi::WaitMode {
+        lu2k_ring_abi::WaitMode::Eventfd
+    }
+
+    /// Asks for a `Doorbell` event when kshim rings (one-shot): its eventfd is
+    /// written, or, in [`lu2k_ring_abi::WaitMode::Futex`], the futex word moves
+    /// away from `futex_seq` (the word as read before the need-wakeup bits were
+    /// armed; see `lu2k_ring_abi::doorbell`).
+    fn arm_doorbell(&mut self, futex_seq: u32);
 
     /// Submits pending work and collects events. Blocks until at least one event
     /// arrived or `deadline` passed (`Timer`) when `block` is true; otherwise returns

@@ -91,6 +91,11 @@ struct RunArgs {
     /// the core's thread; on; off [default: auto].
     #[arg(long, value_enum)]
     send_worker: Option<lu2k_engine::uring::SendWorker>,
+    /// How an io_uring core sleeps on kshim's doorbell: auto = an io_uring futex wait
+    /// where the kernel has IORING_OP_FUTEX_WAIT (6.7+) and kshim offers futex wakes,
+    /// else the eventfd; eventfd; futex [default: auto].
+    #[arg(long, value_enum)]
+    doorbell: Option<lu2k_engine::uring::DoorbellMode>,
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -132,6 +137,9 @@ impl RunArgs {
         }
         if let Some(v) = self.send_worker {
             c.send_worker = v;
+        }
+        if let Some(v) = self.doorbell {
+            c.doorbell = v;
         }
         if let Some(v) = self.zero_copy {
             c.zero_copy = v;

@@ -61,6 +61,9 @@ pub struct CoreStats {
     pub core: usize,
     /// I/O path ("io_uring" or "epoll").
     pub io_path: String,
+    /// How the core sleeps on kshim's doorbell ("eventfd" or "futex").
+    #[serde(default)]
+    pub doorbell: String,
     /// TX descriptors taken from the ring.
     pub tx_descs: u64,
     /// TX completions written.

@@ -49,6 +49,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_IOV};
 use crate::sys::{self, GsoCmsg, Mapping};
+use lu2k_ring_abi::WaitMode;
 
 const KIND_SHIFT: u64 = 56;
 const K_SEND: u64 = 1;
@@ -59,6 +60,11 @@ const K_TIMER_UPD: u64 = 5;
 
 /// `IORING_SEND_ZC_REPORT_USAGE` (sqe->ioprio for SEND[MSG]_ZC).
 const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `FUTEX2_SIZE_U32` (futex2 flags of `IORING_OP_FUTEX_WAIT`; no `FUTEX2_PRIVATE`:
+/// the word is shared with kshim's process).
+const FUTEX2_SIZE_U32: u32 = 0x02;
+/// `FUTEX_BITSET_MATCH_ANY`: any waker (kshim's plain `FUTEX_WAKE`) matches.
+const FUTEX_BITSET_MATCH_ANY: u32 = u32::MAX;
 /// `IORING_NOTIF_USAGE_ZC_COPIED` (cqe->res of the notification).
 const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 /// Buffer group id of the RX ring.
@@ -86,6 +92,8 @@ pub struct RingSetup {
     pub zc_report_usage: bool,
     /// Sends run on one io_uring worker thread (`IOSQE_ASYNC`), see [`SendWorker`].
     pub send_worker: bool,
+    /// The doorbell is an `IORING_OP_FUTEX_WAIT`, see [`DoorbellMode`].
+    pub futex_doorbell: bool,
 }
 
 impl std::fmt::Display for RingSetup {
@@ -95,12 +103,13 @@ impl std::fmt::Display for RingSetup {
         let yn = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}",
+            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}, doorbell {}",
             yn(self.single_issuer),
             yn(self.defer_taskrun),
             yn(self.fixed_tx),
             yn(self.zc_report_usage),
-            yn(self.send_worker)
+            yn(self.send_worker),
+            if self.futex_doorbell { "futex" } else { "eventfd" }
         )
     }
 }
@@ -168,6 +177,54 @@ impl SendWorker {
             SendWorker::On => true,
             SendWorker::Off => false,
             SendWorker::Auto => cpus >= 4 * cores.max(1),
+        }
+    }
+}
+
+/// How an io_uring core sleeps on kshim's doorbell (config `doorbell`, flag
+/// `--doorbell`). Either way the core first spins, then arms the ring-abi
+/// need-wakeup protocol and sleeps in `io_uring_enter` alongside its sockets and
+/// timers; only what kshim rings differs.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DoorbellMode {
+    /// A futex wait where the kernel has `IORING_OP_FUTEX_WAIT` (6.7+) and kshim
+    /// honours futex wakes (region feature `FUTEX_WAKE`); else the eventfd.
+    #[default]
+    Auto,
+    /// A poll of the direction's eventfd (what a kernel-module kshim rings).
+    Eventfd,
+    /// An `IORING_OP_FUTEX_WAIT` on the direction's futex word in the region: kshim
+    /// bumps it and wakes it, no eventfd counter to drain.
+    Futex,
+}
+
+impl DoorbellMode {
+    /// Whether to wait on the futex: `kernel` = `IORING_OP_FUTEX_WAIT` is there,
+    /// `kshim` = the region says its producers honour futex wakes.
+    pub fn futex(self, kernel: bool, kshim: bool) -> Result<bool, String> {
+        match self {
+            DoorbellMode::Eventfd => Ok(false),
+            DoorbellMode::Auto => Ok(kernel && kshim),
+            DoorbellMode::Futex if !kernel => Err(
+                "doorbell = futex needs IORING_OP_FUTEX_WAIT (Linux 6.7 or later);                  use doorbell = auto or eventfd"
+                    .into(),
+            ),
+            DoorbellMode::Futex if !kshim => Err(
+                "doorbell = futex but kshim's region does not offer futex wakes                  (feature FUTEX_WAKE; a kernel-module kshim rings eventfds): use                  doorbell = auto or eventfd"
+                    .into(),
+            ),
+            DoorbellMode::Futex => Ok(true),
         }
     }
 }
@@ -246,6 +303,9 @@ pub struct UringIo {
     recv_armed: bool,
     starved: bool,
     bell_fd: Option<RawFd>,
+    /// The futex word the doorbell waits on instead of the eventfd (see
+    /// [`UringIo::use_futex_doorbell`]); holds its mapping.
+    bell_futex: Option<lu2k_ring_abi::FutexWord>,
     bell_buf: Box<u64>,
     bell_armed: bool,
     timer_ts: Box<types::Timespec>,
@@ -419,6 +479,7 @@ impl UringIo {
             recv_armed: false,
             starved: false,
             bell_fd,
+            bell_futex: None,
             bell_buf: Box::new(0),
             bell_armed: false,
             timer_ts: Box::new(types::Timespec::new()),
@@ -473,6 +534,20 @@ impl UringIo {
         me._bell = bell;
         me._keep = Some(Box::new(mem));
         Ok(me)
+    }
+
+    /// Waits for the doorbell with `IORING_OP_FUTEX_WAIT` on `word` (the direction's
+    /// futex word in the region, a shared futex) instead of polling the eventfd; the
+    /// core then arms `WAKE_FUTEX`. Refused where the kernel lacks the operation.
+    pub fn use_futex_doorbell(&mut self, word: lu2k_ring_abi::FutexWord) -> io::Result<()> {
+        if !crate::probe::Features::probe().futex {
+            return Err(io::Error::other(
+                "this kernel has no IORING_OP_FUTEX_WAIT (Linux 6.7 or later)",
+            ));
+        }
+        self.bell_futex = Some(word);
+        self.setup.futex_doorbell = true;
+        Ok(())
     }
 
     /// Whether sends currently use `SENDMSG_ZC`.
@@ -535,9 +610,10 @@ impl UringIo {
 
     fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
         // SAFETY: every entry built in this module points only at memory owned by
-        // `self` in boxes (slots, recv header, timespec, bell buffer) or at the TX/RX
-        // ranges the constructor's contract keeps mapped; none is freed or moved
-        // before its completion is reaped.
+        // `self` in boxes (slots, recv header, timespec, bell buffer), at the futex
+        // word whose mapping `self.bell_futex` holds, or at the TX/RX ranges the
+        // constructor's contract keeps mapped; none is freed or moved before its
+        // completion is reaped (or the ring, the first field, is dropped).
         if unsafe { self.ring.submission().push(&e) }.is_err() {
             self.ring.submit()?;
             // SAFETY: as above.
@@ -736,7 +812,19 @@ impl UringIo {
                 K_RECV => self.on_recv_cqe(res, flags, out),
                 K_BELL => {
                     self.bell_armed = false;
-                    if let Some(fd) = self.bell_fd {
+                    if self.bell_futex.is_some() {
+                        // 0: woken; -EAGAIN: the word had moved on before the wait
+                        // began (rung in between). Either way a ring to look at.
+                        if res < 0 && res != -libc::EAGAIN {
+                            // Not expected once the probe passed; don't spin on it.
+                            eprintln!(
+                                "lu2k-engine: futex doorbell wait failed ({}); using the eventfd",
+                                io::Error::from_raw_os_error(-res)
+                            );
+                            self.bell_futex = None;
+                            self.setup.futex_doorbell = false;
+                        }
+                    } else if let Some(fd) = self.bell_fd {
                         // Drain the counter so the next poll waits for a new ring.
                         // SAFETY: the constructor's caller keeps the doorbell fd open.
                         let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -906,8 +994,35 @@ impl DatagramIo for UringIo {
         Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
     }
 
-    fn arm_doorbell(&mut self) {
+    fn doorbell_mode(&self) -> WaitMode {
+        if self.bell_futex.is_some() {
+            WaitMode::Futex
+        } else {
+            WaitMode::Eventfd
+        }
+    }
+
+    fn arm_doorbell(&mut self, futex_seq: u32) {
         if self.bell_armed {
+            return;
+        }
+        if let Some(word) = &self.bell_futex {
+            // Sleeps while the word still reads `futex_seq` (read before the core
+            // armed the need-wakeup bits, so a ring after that read moves it and
+            // the wait ends at once). A shared futex: kshim is another process. The
+            // kernel reads the word when the wait is armed; `bell_futex` holds its
+            // mapping for the life of `self`, and the ring with the wait goes first.
+            let e = opcode::FutexWait::new(
+                word.get().as_ptr().cast_const(),
+                u64::from(futex_seq),
+                u64::from(FUTEX_BITSET_MATCH_ANY),
+                FUTEX2_SIZE_U32,
+            )
+            .build()
+            .user_data(K_BELL << KIND_SHIFT);
+            if self.push(e).is_ok() {
+                self.bell_armed = true;
+            }
             return;
         }
         let Some(fd) = self.bell_fd else { return };

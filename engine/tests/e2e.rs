@@ -54,6 +54,21 @@ fn expected_io_path(extra: &[&str]) -> String {
         .to_string()
 }
 
+/// The doorbell an engine started with `extra` must use: the eventfd on the slow path
+/// or when asked, else a futex wait wherever the kernel has `IORING_OP_FUTEX_WAIT`
+/// (kshim offers futex wakes).
+fn expected_doorbell(extra: &[&str]) -> &'static str {
+    let f = lu2k_engine::probe::Features::probe();
+    let forced = extra.windows(2).any(|w| w == ["--io-path", "epoll"]);
+    let uring = f.choose(forced).0 == lu2k_engine::probe::IoPath::Uring;
+    let eventfd = extra.windows(2).any(|w| w == ["--doorbell", "eventfd"]);
+    if eventfd || !uring || !f.futex {
+        "eventfd"
+    } else {
+        "futex"
+    }
+}
+
 /// One line of engine `name`'s per-peer counters: RTT, pacing rate, retransmissions,
 /// and its drops by reason.
 fn peer_summary(dir: &Path, name: &str) -> String {
@@ -212,6 +227,9 @@ fn transfer(
         assert_eq!(r.cores.len(), cores as usize);
         // The path the test meant to exercise is the one that ran.
         assert_eq!(r.io_path, expected_io_path(extra), "{tag}: engine {name}");
+        for c in &r.cores {
+            assert_eq!(c.doorbell, expected_doorbell(extra), "{tag}: engine {name}");
+        }
     }
     // Every buffer home: kshim A's TX pool is whole again, kshim B gave back every
     // message it took, and engine B saw every RX descriptor it published come back.
@@ -282,7 +300,9 @@ fn bulk_transfer_two_cores() {
         2,
         GIB_OF_MIB,
         1 << 20,
-        &["--cores", "2"],
+        // And the eventfd doorbell (what a kernel-module kshim rings): the others
+        // take the futex where the kernel has IORING_OP_FUTEX_WAIT.
+        &["--cores", "2", "--doorbell", "eventfd"],
     );
 }
 

@@ -416,6 +416,80 @@ fn uring_small_ring_refills_without_backpressure() {
     );
 }
 
+/// The io_uring futex doorbell: a core armed with `WAKE_FUTEX` sleeps in an
+/// `IORING_OP_FUTEX_WAIT` on the region's futex word and wakes when kshim's notifier
+/// rings (bump + `FUTEX_WAKE`, from another thread); a wait armed on a value the word
+/// has already left ends at once (a ring between the read and the arming is not lost).
+#[test]
+fn uring_futex_doorbell_wakes_on_a_kshim_ring() {
+    use lu2k_ring_abi::doorbell::WAKE_FUTEX;
+    use lu2k_ring_abi::{Config, Eventfds, Region, WaitMode};
+    if !fast_path_or_skip() {
+        return;
+    }
+    if !Features::probe().futex {
+        eprintln!("SKIPPED: this kernel has no IORING_OP_FUTEX_WAIT (Linux 6.7+)");
+        return;
+    }
+    let region = Region::create(&Config {
+        tx_entries: 16,
+        tx_done_entries: 16,
+        rx_entries: 16,
+        rx_return_entries: 16,
+        tx_pool_len: 4096,
+        rx_buf_size: 64,
+        rx_buf_count: 1,
+        rx_tables_per_core: 0,
+        ..Config::default()
+    })
+    .unwrap();
+    let kc = region.kshim_core(0, Eventfds::none()).unwrap();
+    let ec = region.engine_core(0, Eventfds::none()).unwrap();
+    let (fd, _) = sock();
+    let mem = OwnedMem::new(64, 4096, 4, RXBUF).unwrap();
+    let mut io = UringIo::new_owned(fd, mem, None, UringOpts::default()).unwrap();
+    io.use_futex_doorbell(ec.wait.futex_word()).unwrap();
+    assert_eq!(io.doorbell_mode(), WaitMode::Futex);
+    assert!(io.setup().futex_doorbell);
+
+    let doorbell_within = |io: &mut UringIo, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        let mut ev = Vec::new();
+        while Instant::now() < deadline {
+            io.wait(Some(deadline), true, &mut ev).unwrap();
+            if ev.iter().any(|e| matches!(e, Event::Doorbell)) {
+                return true;
+            }
+            ev.clear();
+        }
+        false
+    };
+
+    // Nobody rings: the wait sleeps through.
+    let seq = ec.wait.futex_seq();
+    ec.wait.arm(WAKE_FUTEX);
+    io.arm_doorbell(seq);
+    assert!(!doorbell_within(&mut io, Duration::from_millis(50)));
+    // kshim rings from another thread while the core sleeps.
+    let ringer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        kc.to_engine.notify().unwrap()
+    });
+    assert!(doorbell_within(&mut io, Duration::from_secs(10)));
+    assert!(
+        ringer.join().unwrap(),
+        "the notifier saw the need-wakeup bits"
+    );
+    ec.wait.disarm();
+    assert_ne!(ec.wait.futex_seq(), seq, "the ring moved the word");
+
+    // A wait armed on a stale value ends at once.
+    ec.wait.arm(WAKE_FUTEX);
+    io.arm_doorbell(seq);
+    assert!(doorbell_within(&mut io, Duration::from_secs(10)));
+    ec.wait.disarm();
+}
+
 #[test]
 fn epoll_path_gives_the_same_result() {
     let (a, _) = sock();

@@ -146,6 +146,20 @@ impl Notifier {
     }
 }
 
+/// A direction's futex word, holding the region's mapping for as long as it lives: an
+/// address that can be handed to the kernel for a wait elsewhere (an io_uring
+/// `FUTEX_WAIT`). It is in memory shared with the other process, so a futex wait on it
+/// must be a shared one, not `FUTEX_PRIVATE`.
+#[derive(Debug, Clone)]
+pub struct FutexWord(SharedWord);
+
+impl FutexWord {
+    /// The word.
+    pub fn get(&self) -> &core::sync::atomic::AtomicU32 {
+        self.0.get()
+    }
+}
+
 /// The consumer's side of a direction's doorbell.
 #[derive(Debug)]
 pub struct Waiter {
@@ -222,6 +236,12 @@ impl Waiter {
     /// The current futex sequence word (read before [`Waiter::arm`] for a futex sleep).
     pub fn futex_seq(&self) -> u32 {
         self.futex.get().load(Ordering::Acquire)
+    }
+
+    /// The direction's futex word itself, for a consumer that waits on it elsewhere
+    /// (an io_uring `FUTEX_WAIT`).
+    pub fn futex_word(&self) -> FutexWord {
+        FutexWord(self.futex.clone())
     }
 
     /// This direction's eventfd, to read from an event loop.

@@ -74,7 +74,7 @@ pub use desc::{
 pub use layout::{Config, Features, Layout, LayoutError};
 
 #[cfg(not(loom))]
-pub use doorbell::{Eventfds, Notifier, WaitMode, Waiter, Wake};
+pub use doorbell::{Eventfds, FutexWord, Notifier, WaitMode, Waiter, Wake};
 #[cfg(not(loom))]
 pub use region::{EngineCore, KshimCore, Region, RegionError, Side};
 #[cfg(not(loom))]

@@ -207,7 +207,7 @@ impl Drop for Mapping {
 }
 
 /// A 32-bit word in the mapping used atomically (a ring index or a doorbell word).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SharedWord {
     ptr: NonNull<AtomicU32>,
     _map: Arc<Mapping>,
