@@ -729,3 +729,48 @@ fn receive_room_bounds_the_advertised_flow_window() {
     p.run(p.now + 20_000_000, |p| p.acked().len() == 2);
     assert!(p.client.stats().flow_window > 100, "the limit is lifted");
 }
+
+/// UDT4's light ACK every 64 packets, but at most one per 100 µs: at loopback
+/// rates (millions of packets a second) each one is a send and a receive. On a
+/// 0.5 ms link with no bandwidth limit the transfer runs far faster than 64
+/// packets per 100 µs, so the gap decides; every message is still acknowledged.
+#[test]
+fn light_acks_are_at_most_one_per_100_us() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let mut p = Pair::new(cfg(Kind::Satellite), 500, 13);
+    let (light, data) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
+    let (l, d) = (light.clone(), data.clone());
+    p.drop = Box::new(move |dir, bytes| {
+        let Ok(pkt) = Packet::new_checked(bytes) else {
+            return false;
+        };
+        match (dir, pkt.is_control()) {
+            (Dir::ToServer, false) => d.set(d.get() + 1),
+            (Dir::ToClient, true) => {
+                if let Ok(ControlRepr::Ack { stats: None, .. }) = ControlRepr::parse(&pkt) {
+                    l.set(l.get() + 1);
+                }
+            }
+            _ => {}
+        }
+        false
+    });
+    p.connect();
+    let start = p.now;
+    for m in 0..20 {
+        p.send(m, 1 << 20, None);
+    }
+    p.run(p.now + 60_000_000, |p| p.acked().len() == 20);
+    assert_eq!(p.acked().len(), 20);
+    assert_eq!(p.check_received(), 20);
+    let span = p.now - start;
+    let (light, data) = (light.get(), data.get());
+    eprintln!("{data} data packets, {light} light ACKs in {span} µs");
+    assert!(
+        data / 64 > span / 100 + 1,
+        "the link was not fast enough to test the gap: {data} packets in {span} µs"
+    );
+    assert!(light <= span / 100 + 1, "{light} light ACKs in {span} µs");
+    assert!(light > 0);
+}

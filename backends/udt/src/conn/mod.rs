@@ -78,8 +78,14 @@ use crate::wire::{
 
 /// UDT's SYN interval: ACK timer and rate-control period, microseconds.
 pub const SYN_US: u64 = 10_000;
-/// A light ACK every this many data packets.
+/// A light ACK every this many data packets (UDT4's rule)...
 const LIGHT_ACK_PKTS: u32 = 64;
+/// ...but not more often than this, microseconds. At satellite rates 64 packets
+/// take longer (0.7 ms at 1 Gbit/s): UDT4's rule stands. On loopback, 3 million
+/// packets a second made 47 000 light ACKs a second, each a send on the receiver and
+/// a receive on the sender; at most one per 100 µs moved the 2-core VM's bulk run
+/// from 34–35 to 36–38 Gbit/s. The window still advances every 300 packets there.
+const LIGHT_ACK_MIN_GAP_US: u64 = 100;
 /// Handshake retransmission interval (UDT4: 250 ms).
 const HS_RETRY_US: u64 = 250_000;
 /// Least EXP interval while no RTT has been measured (RFC 6298's initial RTO).
@@ -189,6 +195,8 @@ struct Receiver {
     next_ack_time: Time,
     pkt_count: u32,
     light_count: u32,
+    /// When the last light ACK went out.
+    last_light_ack: Time,
     next_nak_time: Time,
     arrival: ArrivalRate,
     capacity: Capacity,
@@ -304,6 +312,7 @@ impl Connection {
                 next_ack_time: now + SYN_US,
                 pkt_count: 0,
                 light_count: 1,
+                last_light_ack: 0,
                 next_nak_time: now,
                 arrival: ArrivalRate::new(),
                 capacity: Capacity::new(),
@@ -1431,9 +1440,14 @@ impl Connection {
             self.rx.next_ack_time = now + SYN_US;
             self.rx.pkt_count = 0;
             self.rx.light_count = 1;
-        } else if self.rx.pkt_count >= LIGHT_ACK_PKTS * self.rx.light_count {
+        } else if self.rx.pkt_count >= LIGHT_ACK_PKTS * self.rx.light_count
+            && now >= self.rx.last_light_ack + LIGHT_ACK_MIN_GAP_US
+        {
             self.send_ack(now, true);
-            self.rx.light_count += 1;
+            self.rx.last_light_ack = now;
+            // The next one 64 packets on from here, not from where the count
+            // stood: a rate-limited light ACK does not leave a debt behind it.
+            self.rx.light_count = self.rx.pkt_count / LIGHT_ACK_PKTS + 1;
         }
     }
 
