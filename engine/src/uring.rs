@@ -815,7 +815,8 @@ impl UringIo {
                     if self.bell_futex.is_some() {
                         // 0: woken; -EAGAIN: the word had moved on before the wait
                         // began (rung in between). Either way a ring to look at.
-                        if res < 0 && res != -libc::EAGAIN {
+                        // -ECANCELED: cancelled at shutdown.
+                        if res < 0 && res != -libc::EAGAIN && res != -libc::ECANCELED {
                             // Not expected once the probe passed; don't spin on it.
                             eprintln!(
                                 "lu2k-engine: futex doorbell wait failed ({}); using the eventfd",

@@ -44,6 +44,23 @@ fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str])
     Engine::spawn(cmd)
 }
 
+/// Starts engines "a" and "b" for kshims `ka` and `kb`, bound to their addresses on
+/// `port`, and waits until both have attached.
+fn start_engines(
+    dir: &Path,
+    (ka, a_ip): (&mut Kshim, Ipv4Addr),
+    (kb, b_ip): (&mut Kshim, Ipv4Addr),
+    port: u16,
+    extra: &[&str],
+) -> (Engine, Engine) {
+    let ea = start_engine(dir, "a", a_ip, port, extra);
+    let eb = start_engine(dir, "b", b_ip, port, extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_attached(ka, deadline);
+    wait_attached(kb, deadline);
+    (ea, eb)
+}
+
 /// The I/O path an engine started with `extra` must report: the slow one when forced,
 /// otherwise what this kernel's probe chooses (io_uring wherever it works).
 fn expected_io_path(extra: &[&str]) -> String {
@@ -114,11 +131,7 @@ fn transfer(
         20000 + (std::process::id() % 20000) as u16 + cores as u16 * 7 + extra.len() as u16 * 3;
     let mut ka = kshim(&dir, "a", a_ip, cores);
     let mut kb = kshim(&dir, "b", b_ip, cores);
-    let ea = start_engine(&dir, "a", a_ip, port, extra);
-    let eb = start_engine(&dir, "b", b_ip, port, extra);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    wait_attached(&mut ka, deadline);
-    wait_attached(&mut kb, deadline);
+    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, extra);
 
     let (na, nb) = (nid(a_ip), nid(b_ip));
     let tx_pool_at_start = ka.tx_pool_free();
@@ -566,11 +579,7 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 307;
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
-    let ea = start_engine(&dir, "a", a_ip, port, &[]);
-    let eb = start_engine(&dir, "b", b_ip, port, &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    wait_attached(&mut ka, deadline);
-    wait_attached(&mut kb, deadline);
+    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, &[]);
     let (na, nb) = (nid(a_ip), nid(b_ip));
     let len = 256 << 10;
     let mut outstanding = std::collections::HashMap::new();
@@ -703,7 +712,7 @@ fn cores_flag_that_disagrees_with_kshim_is_refused() {
 #[test]
 fn routed_sends_go_through_the_gateway() {
     let dir = tmpdir("e2e-routed");
-    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 61), Ipv4Addr::new(127, 0, 0, 62));
     let port = 20000 + (std::process::id() % 20000) as u16 + 101;
     let (na, nb) = (nid(a_ip), nid(b_ip));
     let remote: lu2k_kshim::Nid = "10.7.0.5@o2ib7".parse().unwrap();
@@ -716,11 +725,7 @@ fn routed_sends_go_through_the_gateway() {
     });
     let mut ka = Kshim::start(cfg).unwrap();
     let mut kb = kshim(&dir, "b", b_ip, 1);
-    let ea = start_engine(&dir, "a", a_ip, port, &[]);
-    let eb = start_engine(&dir, "b", b_ip, port, &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    wait_attached(&mut ka, deadline);
-    wait_attached(&mut kb, deadline);
+    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, &[]);
 
     const COUNT: u64 = 64;
     const LEN: usize = 64 << 10;

@@ -17,13 +17,18 @@ const SEGS: usize = 40;
 const RXBUF: u32 = 65536 + 4096;
 
 fn sock() -> (std::os::fd::OwnedFd, SocketAddrV4) {
+    sock_with(8 << 20, true)
+}
+
+/// A loopback UDP socket with a `rcvbuf`-byte receive buffer, GRO on or off.
+fn sock_with(rcvbuf: usize, gro: bool) -> (std::os::fd::OwnedFd, SocketAddrV4) {
     let (fd, info) = sys::udp_socket(
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
         &SockOpts {
             reuseport: false,
             sndbuf: 8 << 20,
-            rcvbuf: 8 << 20,
-            gro: true,
+            rcvbuf,
+            gro,
         },
     )
     .unwrap();
@@ -359,24 +364,15 @@ fn uring_small_ring_refills_without_backpressure() {
     if !fast_path_or_skip() {
         return;
     }
-    let (fd, info) = sys::udp_socket(
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-        &SockOpts {
-            reuseport: false,
-            sndbuf: 1 << 20,
-            rcvbuf: 8 << 20,
-            // One datagram per buffer.
-            gro: false,
-        },
-    )
-    .unwrap();
+    // GRO off: one datagram per buffer.
+    let (fd, dst) = sock_with(8 << 20, false);
     let burst = 4 * lu2k_engine::uring::RING_FILL as u64;
     let rxm = OwnedMem::new(64, 4096, 2 * burst as u16, RXBUF).unwrap();
     let mut rx = UringIo::new_owned(fd, rxm, None, UringOpts::default()).unwrap();
     let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     // Queued before the receiver first looks: one drain meets the whole burst.
     for n in 0..burst {
-        tx.send_to(&[n as u8; 1000], info.local).unwrap();
+        tx.send_to(&[n as u8; 1000], dst).unwrap();
     }
     let (mut got, mut starved) = (0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -559,25 +555,16 @@ fn drain_quiet(rx: &mut dyn DatagramIo) -> u64 {
 /// counters (`SO_RXQ_OVFL`), and sent = received + dropped exactly. The count rides on
 /// datagrams queued after the drops, so one more datagram follows the burst.
 fn socket_drops_counted(make_rx: impl FnOnce(std::os::fd::OwnedFd) -> Box<dyn DatagramIo>) {
-    let (fd, info) = sys::udp_socket(
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-        &SockOpts {
-            reuseport: false,
-            sndbuf: 1 << 20,
-            // As small as the kernel allows: a few datagrams.
-            rcvbuf: 4096,
-            gro: false,
-        },
-    )
-    .unwrap();
+    // As small a receive buffer as the kernel allows: a few datagrams.
+    let (fd, dst) = sock_with(4096, false);
     let mut rx = make_rx(fd);
     let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     const BURST: u64 = 300;
     for n in 0..BURST {
-        tx.send_to(&[n as u8; 1000], info.local).unwrap();
+        tx.send_to(&[n as u8; 1000], dst).unwrap();
     }
     let mut got = drain_quiet(rx.as_mut());
-    tx.send_to(&[0u8; 1000], info.local).unwrap();
+    tx.send_to(&[0u8; 1000], dst).unwrap();
     got += drain_quiet(rx.as_mut());
     let drops = rx.stats().socket_drops;
     eprintln!("sent {} received {got} socket drops {drops}", BURST + 1);
