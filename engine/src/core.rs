@@ -235,7 +235,6 @@ impl CoreLoop {
         let stats = CoreStats {
             core: p.core as usize,
             io_path: io.path_name().to_string(),
-            doorbell: doorbell_name(io.as_ref()).into(),
             ..Default::default()
         };
         CoreLoop {
@@ -1319,7 +1318,7 @@ impl CoreLoop {
     fn publish_stats(&mut self) {
         let mut s = self.stats.clone();
         s.io = self.io.stats();
-        // It can fall back to the eventfd at run time.
+        // Read each time: a futex doorbell can fall back to the eventfd.
         s.doorbell = doorbell_name(self.io.as_ref()).into();
         s.payload_copied = 0;
         for p in self.peers.values_mut() {

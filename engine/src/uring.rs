@@ -30,7 +30,9 @@
 //!   datagrams wait in the socket queue). With the stash empty too it is
 //!   backpressure ([`Event::RxStarved`]), re-armed when a buffer comes back.
 //! - **Timers** are `IORING_OP_TIMEOUT` with an absolute `CLOCK_MONOTONIC` deadline.
-//! - **Doorbells**: an `IORING_OP_READ` of the doorbell eventfd, armed on demand.
+//! - **Doorbells**, armed on demand: an `IORING_OP_FUTEX_WAIT` on the direction's
+//!   futex word in the region where the kernel has it ([`DoorbellMode`]), else an
+//!   `IORING_OP_POLL_ADD` of the doorbell eventfd.
 //!
 //! Every memory address handed to the kernel stays valid and unmoved until the
 //! completion(s) that release it: send slots, the recvmsg template, the timer's
@@ -217,11 +219,11 @@ impl DoorbellMode {
             DoorbellMode::Eventfd => Ok(false),
             DoorbellMode::Auto => Ok(kernel && kshim),
             DoorbellMode::Futex if !kernel => Err(
-                "doorbell = futex needs IORING_OP_FUTEX_WAIT (Linux 6.7 or later);                  use doorbell = auto or eventfd"
+                "doorbell = futex needs IORING_OP_FUTEX_WAIT (Linux 6.7 or later): use doorbell = auto or eventfd"
                     .into(),
             ),
             DoorbellMode::Futex if !kshim => Err(
-                "doorbell = futex but kshim's region does not offer futex wakes                  (feature FUTEX_WAKE; a kernel-module kshim rings eventfds): use                  doorbell = auto or eventfd"
+                "doorbell = futex but kshim's region does not offer futex wakes (feature FUTEX_WAKE; a kernel-module kshim rings eventfds): use doorbell = auto or eventfd"
                     .into(),
             ),
             DoorbellMode::Futex => Ok(true),
@@ -546,7 +548,6 @@ impl UringIo {
             ));
         }
         self.bell_futex = Some(word);
-        self.setup.futex_doorbell = true;
         Ok(())
     }
 
@@ -557,7 +558,10 @@ impl UringIo {
 
     /// The ring set-up obtained.
     pub fn setup(&self) -> RingSetup {
-        self.setup
+        RingSetup {
+            futex_doorbell: self.bell_futex.is_some(),
+            ..self.setup
+        }
     }
 
     /// The socket.
@@ -823,7 +827,6 @@ impl UringIo {
                                 io::Error::from_raw_os_error(-res)
                             );
                             self.bell_futex = None;
-                            self.setup.futex_doorbell = false;
                         }
                     } else if let Some(fd) = self.bell_fd {
                         // Drain the counter so the next poll waits for a new ring.

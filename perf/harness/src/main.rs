@@ -217,7 +217,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
     let udp_64mib = (bulk && on("udp"))
         .then(|| {
             median_of(args.runs, "raw UDP GSO+GRO, 64 MiB buffers", || {
-                udp::gso_gro_blast(bytes, udp::LU2K_LIKE_FOOTPRINT)
+                udp::gso_gro_blast(bytes, udp::OUT_OF_CACHE_FOOTPRINT)
             })
         })
         .transpose()?;

@@ -30,15 +30,15 @@ pub fn raise_buffers(sock: &UdpSocket, bytes: usize) {
 /// writes 64 MiB in turn instead of one cache-resident 64 KiB chunk — what the
 /// kernel's copies cost once the data no longer sits in the CPU's caches (lu2k's
 /// loopback bulk run walks 8 MiB of TX pool and a few MiB of RX buffers).
-pub const LU2K_LIKE_FOOTPRINT: usize = 64 << 20;
+pub const OUT_OF_CACHE_FOOTPRINT: usize = 64 << 20;
 
 /// Sends `bytes` as 1472-byte datagrams with UDP GSO to a receiver with UDP
 /// GRO on, and returns the goodput the receiver saw, in Gbit/s.
 ///
 /// `footprint` is how much memory each side walks through: 0 sends one 64 KiB
 /// chunk again and again and receives into one 64 KiB buffer (everything stays
-/// in the CPU's caches: the ceiling); [`LU2K_LIKE_FOOTPRINT`] makes the
-/// kernel's copies touch as much memory as lu2k's do.
+/// in the CPU's caches: the ceiling); [`OUT_OF_CACHE_FOOTPRINT`] makes the
+/// kernel's copies run out of the caches.
 ///
 /// UDP drops what the receiver cannot take; the figure counts only what
 /// arrived, between the first and the last arrival.
