@@ -337,6 +337,13 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
                 println!("  {name:<18} {v:>10.2}");
             }
         }
+        // The goals, read off this run: >= 8x UDT4, >= 40 % of the ceiling.
+        if let (Some(l), Some(u)) = (lu2k, udt4) {
+            println!("  lu2k / UDT4: {:.1}x (goal 8x)", l / u);
+        }
+        if let (Some(l), Some(c)) = (lu2k, udp_ceiling) {
+            println!("  lu2k / ceiling: {:.0} % (goal 40 %)", 100.0 * l / c);
+        }
         println!();
     }
     println!("round trips over loopback, {n} each (UDT4 {n_udt4})");
