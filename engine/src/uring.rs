@@ -542,7 +542,12 @@ impl UringIo {
     /// futex word in the region, a shared futex) instead of polling the eventfd; the
     /// core then arms `WAKE_FUTEX`. Refused where the kernel lacks the operation.
     pub fn use_futex_doorbell(&mut self, word: lu2k_ring_abi::FutexWord) -> io::Result<()> {
-        if !crate::probe::Features::probe().futex {
+        // This ring's own probe: the daemon's start-up probe decided already, this
+        // only guards a direct caller (cheap, no self-test).
+        let mut probe = io_uring::Probe::new();
+        if self.ring.submitter().register_probe(&mut probe).is_err()
+            || !probe.is_supported(opcode::FutexWait::CODE)
+        {
             return Err(io::Error::other(
                 "this kernel has no IORING_OP_FUTEX_WAIT (Linux 6.7 or later)",
             ));
