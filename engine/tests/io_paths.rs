@@ -374,33 +374,12 @@ fn uring_small_ring_refills_without_backpressure() {
     for n in 0..burst {
         tx.send_to(&[n as u8; 1000], dst).unwrap();
     }
-    let (mut got, mut starved) = (0u64, 0u64);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut ev = Vec::new();
-    while got < burst {
-        assert!(Instant::now() < deadline, "{got} of {burst} datagrams");
-        rx.wait(
-            Some(Instant::now() + Duration::from_millis(5)),
-            true,
-            &mut ev,
-        )
-        .unwrap();
-        for e in ev.drain(..) {
-            match e {
-                Event::Recv { bid, len, .. } => {
-                    assert_eq!(len, 1000);
-                    got += 1;
-                    rx.return_rx(bid);
-                }
-                Event::RxStarved => starved += 1,
-                Event::Timer => {}
-                other => panic!("unexpected event {other:?}"),
-            }
-        }
-    }
+    let d = drain_quiet(&mut rx);
+    assert_eq!(d.datagrams, burst, "{d:?}");
+    assert_eq!(d.bytes, burst * 1000, "{d:?}");
     let st = rx.stats();
     assert_eq!(
-        starved, 0,
+        d.starved, 0,
         "a dry ring with free buffers is not backpressure"
     );
     assert_eq!(st.rx_starved, 0);
@@ -522,14 +501,26 @@ fn epoll_backpressure_and_mixed_paths() {
     assert!(o.starved > 0, "{o:?}");
 }
 
-/// Receives until `rx` has been quiet for 50 ms; returns the datagrams seen.
-fn drain_quiet(rx: &mut dyn DatagramIo) -> u64 {
+/// What [`drain_quiet`] saw.
+#[derive(Debug, Default)]
+struct Drained {
+    datagrams: u64,
+    bytes: u64,
+    /// `RxStarved` events (backpressure).
+    starved: u64,
+}
+
+/// Receives until `rx` has been quiet for 50 ms, giving every buffer back at once.
+fn drain_quiet(rx: &mut dyn DatagramIo) -> Drained {
     let mut ev = Vec::new();
-    let mut got = 0u64;
+    let mut out = Drained::default();
     let mut quiet_since = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(10);
     while quiet_since.elapsed() < Duration::from_millis(50) {
-        assert!(Instant::now() < deadline, "receiver never went quiet");
+        assert!(
+            Instant::now() < deadline,
+            "receiver never went quiet: {out:?}"
+        );
         rx.wait(
             Some(Instant::now() + Duration::from_millis(5)),
             true,
@@ -538,17 +529,19 @@ fn drain_quiet(rx: &mut dyn DatagramIo) -> u64 {
         .unwrap();
         for e in ev.drain(..) {
             match e {
-                Event::Recv { bid, .. } => {
-                    got += 1;
+                Event::Recv { bid, len, .. } => {
+                    out.datagrams += 1;
+                    out.bytes += u64::from(len);
                     quiet_since = Instant::now();
                     rx.return_rx(bid);
                 }
-                Event::RxStarved | Event::Timer => {}
+                Event::RxStarved => out.starved += 1,
+                Event::Timer => {}
                 other => panic!("unexpected event {other:?}"),
             }
         }
     }
-    got
+    out
 }
 
 /// A receive queue that overflows: the kernel's drop count reaches the I/O layer's
@@ -563,9 +556,9 @@ fn socket_drops_counted(make_rx: impl FnOnce(std::os::fd::OwnedFd) -> Box<dyn Da
     for n in 0..BURST {
         tx.send_to(&[n as u8; 1000], dst).unwrap();
     }
-    let mut got = drain_quiet(rx.as_mut());
+    let mut got = drain_quiet(rx.as_mut()).datagrams;
     tx.send_to(&[0u8; 1000], dst).unwrap();
-    got += drain_quiet(rx.as_mut());
+    got += drain_quiet(rx.as_mut()).datagrams;
     let drops = rx.stats().socket_drops;
     eprintln!("sent {} received {got} socket drops {drops}", BURST + 1);
     assert!(
