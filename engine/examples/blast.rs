@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lu2k_engine::epoll::EpollIo;
+use lu2k_engine::io::epoll::EpollIo;
+use lu2k_engine::io::sys::{self, OwnedMem, SockOpts};
+use lu2k_engine::io::uring::{UringIo, UringOpts};
 use lu2k_engine::io::{DatagramIo, Event, Segment};
-use lu2k_engine::sys::{self, OwnedMem, SockOpts};
-use lu2k_engine::uring::{UringIo, UringOpts};
 
 const PAYLOAD: u32 = 1456;
 const SEGS: usize = 40;
@@ -171,7 +171,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    let f = lu2k_engine::probe::Features::probe();
+    let f = lu2k_engine::io::probe::Features::probe();
     let mut kinds = vec![Kind::EpollGso, Kind::PlainMmsg];
     if f.selftest.is_some() {
         kinds.insert(0, Kind::Uring);

@@ -1,29 +1,30 @@
 //! lu2k-engine: the daemon that moves LNet messages between the shared ring region
-//! (served by kshim) and the network, one io_uring reactor per core.
+//! (served by the kernel half) and the network, one reactor per core.
 //!
-//! Layers, bottom up:
-//! - [`sys`]: the syscall edge (sockets, socket options, BPF, mmsg calls, mappings);
-//! - [`io`]: the datagram I/O contract a core drives, with two implementations,
-//!   [`uring`] (fast: SENDMSG_ZC, multishot recvmsg, provided buffers) and [`epoll`]
-//!   (slow: epoll + sendmmsg/recvmmsg), chosen by [`probe`];
+//! The pieces, top down:
+//! - [`daemon`]: attach to the kernel half, spawn one shard per ring set, signals,
+//!   configuration ([`daemon::config`]) and statistics ([`daemon::stats`]);
+//! - [`shard`]: one core's loop, written once: the ring side
+//!   ([`shard::ring`]: descriptors, validation, the message ledger, completions, RX
+//!   publication) and the spin-then-sleep policy ([`shard::spin`]), generic over
+//! - [`transport`]: what carries messages, behind [`transport::Transport`] (sans-IO
+//!   verbs: `handle_*` in, `poll_*` out): [`transport::udt`] (UDT4 over UDP) and
+//!   [`transport::rds`] (`AF_RDS`);
+//! - [`io`]: datagram I/O providers for the UDT transport behind
+//!   [`io::DatagramIo`]: [`io::uring`] (io_uring: SENDMSG_ZC, multishot recvmsg,
+//!   provided buffers), [`io::epoll`] (epoll + sendmmsg/recvmmsg) and [`io::sim`]
+//!   (virtual time, for tests), chosen by [`io::probe`]; [`io::sys`] is the syscall
+//!   edge and holds every raw-pointer accessor of the core's memory;
 //! - [`steer`]: which core owns a peer, and the classic-BPF program that makes the
-//!   kernel deliver a peer's packets to that core's socket;
-//! - [`config`], [`stats`]: operating the daemon.
+//!   kernel deliver a peer's packets to that core's socket.
 //!
-//! Only `sys`, `uring` and `epoll` contain `unsafe`; each block says why it is sound.
+//! Only `io::sys`, `io::uring`, `io::epoll` and `transport::rds` (its `sendmsg`
+//! iovecs and io_uring `RECVMSG`) contain `unsafe`; each block says why it is sound.
 
 #![deny(unsafe_code)]
 
-pub mod backend;
-pub mod config;
-pub mod core;
 pub mod daemon;
-pub mod epoll;
 pub mod io;
-pub mod probe;
-pub mod rds;
-pub mod spin;
-pub mod stats;
+pub mod shard;
 pub mod steer;
-pub mod sys;
-pub mod uring;
+pub mod transport;

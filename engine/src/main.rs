@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use lu2k_engine::config::{BackendChoice, Config, IoPathChoice};
-use lu2k_engine::probe::Features;
+use lu2k_engine::daemon::config::{BackendChoice, Config, IoPathChoice};
+use lu2k_engine::io::probe::Features;
 
 /// The lu2k engine: carries LNet messages between kshim's shared ring region and UDP
 /// (UDT4-compatible transport), one io_uring reactor per core.
@@ -85,17 +85,17 @@ struct RunArgs {
     /// reporting it copied anyway (loopback, veth), then plain SENDMSG; always; never
     /// [default: auto].
     #[arg(long, value_enum)]
-    zero_copy: Option<lu2k_engine::uring::ZcMode>,
+    zero_copy: Option<lu2k_engine::io::uring::ZcMode>,
     /// Where the kernel's work of a send runs (io_uring path): auto = on one io_uring
     /// worker thread when the machine has at least 4 CPUs per engine core, else on
     /// the core's thread; on; off [default: auto].
     #[arg(long, value_enum)]
-    send_worker: Option<lu2k_engine::uring::SendWorker>,
+    send_worker: Option<lu2k_engine::io::uring::SendWorker>,
     /// How an io_uring core sleeps on kshim's doorbell: auto = an io_uring futex wait
     /// where the kernel has IORING_OP_FUTEX_WAIT (6.7+) and kshim offers futex wakes,
     /// else the eventfd; eventfd; futex [default: auto].
     #[arg(long, value_enum)]
-    doorbell: Option<lu2k_engine::uring::DoorbellMode>,
+    doorbell: Option<lu2k_engine::io::uring::DoorbellMode>,
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -183,13 +183,14 @@ fn main() -> anyhow::Result<()> {
                 print!("{f}");
                 println!("path that will run            {path}: {why}");
             }
-            if io_path == Some(IoPathChoice::Uring) && path != lu2k_engine::probe::IoPath::Uring {
+            if io_path == Some(IoPathChoice::Uring) && path != lu2k_engine::io::probe::IoPath::Uring
+            {
                 bail!("--io-path uring requested but the fast path is not available");
             }
             Ok(())
         }
         Cmd::Stats { socket, json } => {
-            let r = lu2k_engine::stats::fetch(&socket).with_context(|| {
+            let r = lu2k_engine::daemon::stats::fetch(&socket).with_context(|| {
                 format!(
                     "cannot read stats from {} (is the engine running?)",
                     socket.display()
@@ -198,7 +199,7 @@ fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print!("{}", lu2k_engine::stats::render(&r));
+                print!("{}", lu2k_engine::daemon::stats::render(&r));
             }
             Ok(())
         }

@@ -20,7 +20,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::sys::BpfInsn;
+use crate::io::sys::BpfInsn;
 
 /// Multiplier of the shard hash: the ABI's ([`lu2k_ring_abi::SHARD_MULTIPLIER`]).
 pub const SHARD_MUL: u32 = lu2k_ring_abi::SHARD_MULTIPLIER;

@@ -65,7 +65,7 @@ fn start_engines(
 /// otherwise what this kernel's probe chooses (io_uring wherever it works).
 fn expected_io_path(extra: &[&str]) -> String {
     let forced = extra.windows(2).any(|w| w == ["--io-path", "epoll"]);
-    lu2k_engine::probe::Features::probe()
+    lu2k_engine::io::probe::Features::probe()
         .choose(forced)
         .0
         .to_string()
@@ -75,9 +75,9 @@ fn expected_io_path(extra: &[&str]) -> String {
 /// or when asked, else a futex wait wherever the kernel has `IORING_OP_FUTEX_WAIT`
 /// (kshim offers futex wakes).
 fn expected_doorbell(extra: &[&str]) -> &'static str {
-    let f = lu2k_engine::probe::Features::probe();
+    let f = lu2k_engine::io::probe::Features::probe();
     let forced = extra.windows(2).any(|w| w == ["--io-path", "epoll"]);
-    let uring = f.choose(forced).0 == lu2k_engine::probe::IoPath::Uring;
+    let uring = f.choose(forced).0 == lu2k_engine::io::probe::IoPath::Uring;
     let eventfd = extra.windows(2).any(|w| w == ["--doorbell", "eventfd"]);
     if eventfd || !uring || !f.futex {
         "eventfd"
@@ -89,7 +89,7 @@ fn expected_doorbell(extra: &[&str]) -> &'static str {
 /// One line of engine `name`'s per-peer counters: RTT, pacing rate, retransmissions,
 /// and its drops by reason.
 fn peer_summary(dir: &Path, name: &str) -> String {
-    let Ok(r) = lu2k_engine::stats::fetch(&dir.join(format!("{name}-stats.sock"))) else {
+    let Ok(r) = lu2k_engine::daemon::stats::fetch(&dir.join(format!("{name}-stats.sock"))) else {
         return format!("engine {name}: no stats");
     };
     let mut parts = Vec::new();
@@ -235,7 +235,7 @@ fn transfer(
             "stats failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let r: lu2k_engine::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
+        let r: lu2k_engine::daemon::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r.payload_copied(), 0, "{tag}: engine {name} copied payload");
         assert_eq!(r.cores.len(), cores as usize);
         // The path the test meant to exercise is the one that ran.

@@ -5,11 +5,11 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lu2k_engine::epoll::EpollIo;
+use lu2k_engine::io::epoll::EpollIo;
+use lu2k_engine::io::probe::Features;
+use lu2k_engine::io::sys::{self, OwnedMem, SockOpts};
+use lu2k_engine::io::uring::{UringIo, UringOpts};
 use lu2k_engine::io::{DatagramIo, Event, Segment};
-use lu2k_engine::probe::Features;
-use lu2k_engine::sys::{self, OwnedMem, SockOpts};
-use lu2k_engine::uring::{UringIo, UringOpts};
 
 const HDR: usize = 16;
 const PAYLOAD: u32 = 1456;
@@ -171,7 +171,7 @@ fn blast(
                     // The kernel dates each datagram (SO_TIMESTAMPNS): the receiver's
                     // rate estimates depend on it. Received within this test's run.
                     let stamp = stamp_ns.expect("the kernel stamps received datagrams");
-                    let age = lu2k_engine::sys::realtime_ns().saturating_sub(stamp);
+                    let age = lu2k_engine::io::sys::realtime_ns().saturating_sub(stamp);
                     assert!(age < 60_000_000_000, "receive stamp {age} ns old");
                     assert_eq!(seg as usize, HDR + PAYLOAD as usize);
                     assert_eq!(len % seg, 0);
@@ -272,7 +272,7 @@ fn uring_zc_gso_into_provided_buffers_with_gro() {
     assert!(o.batches_coalesced > 0, "GRO never coalesced: {o:?}");
     // SENDMSG_ZC from a registered buffer needs Linux 6.15; older kernels (6.1 in the
     // kernel lab) refuse it, and the engine must then send from plain iovecs.
-    let fixed_ok = lu2k_engine::uring::fixed_sendmsg_zc_supported();
+    let fixed_ok = lu2k_engine::io::uring::fixed_sendmsg_zc_supported();
     assert_eq!(
         tx.setup().fixed_tx,
         fixed_ok,
@@ -297,7 +297,7 @@ fn uring_zero_copy_always_completes_after_notification() {
         return;
     }
     let (mut tx, mut rx, dst) = uring_pair(UringOpts {
-        zc: lu2k_engine::uring::ZcMode::Always,
+        zc: lu2k_engine::io::uring::ZcMode::Always,
         ..UringOpts::default()
     });
     let o = blast(&mut tx, &mut rx, dst, 200, 0);
@@ -366,7 +366,7 @@ fn uring_small_ring_refills_without_backpressure() {
     }
     // GRO off: one datagram per buffer.
     let (fd, dst) = sock_with(8 << 20, false);
-    let burst = 4 * lu2k_engine::uring::RING_FILL as u64;
+    let burst = 4 * lu2k_engine::io::uring::RING_FILL as u64;
     let rxm = OwnedMem::new(64, 4096, 2 * burst as u16, RXBUF).unwrap();
     let mut rx = UringIo::new_owned(fd, rxm, None, UringOpts::default()).unwrap();
     let tx = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -387,7 +387,7 @@ fn uring_small_ring_refills_without_backpressure() {
     assert!(
         st.rearms > 0,
         "{burst} datagrams through a {}-buffer ring without it running dry?",
-        lu2k_engine::uring::RING_FILL
+        lu2k_engine::io::uring::RING_FILL
     );
 }
 

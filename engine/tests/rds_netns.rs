@@ -237,7 +237,7 @@ fn rds_backend_between_two_namespaces() {
             "stats failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let r: lu2k_engine::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
+        let r: lu2k_engine::daemon::stats::Report = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r.payload_copied(), 0, "engine {name} copied payload");
     }
     assert_eq!(

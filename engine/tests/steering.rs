@@ -5,8 +5,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
+use lu2k_engine::io::sys::{self, SockOpts};
 use lu2k_engine::steer;
-use lu2k_engine::sys::{self, SockOpts};
 
 fn group(cores: u32) -> (Vec<UdpSocket>, u16) {
     let opts = SockOpts {

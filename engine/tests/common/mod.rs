@@ -22,8 +22,8 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 }
 
 /// The counters of engine `name`'s stats socket in `dir`.
-pub fn stats(dir: &Path, name: &str) -> lu2k_engine::stats::Report {
-    lu2k_engine::stats::fetch(&dir.join(format!("{name}-stats.sock"))).unwrap()
+pub fn stats(dir: &Path, name: &str) -> lu2k_engine::daemon::stats::Report {
+    lu2k_engine::daemon::stats::fetch(&dir.join(format!("{name}-stats.sock"))).unwrap()
 }
 
 /// `ip@lu2k`.

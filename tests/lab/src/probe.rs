@@ -78,7 +78,7 @@ pub fn run() -> anyhow::Result<Outcome> {
 
 #[cfg(feature = "engine")]
 fn engine_check(rel: &str, ver: (u32, u32), ops: &Ops) -> anyhow::Result<Outcome> {
-    use lu2k_engine::probe::{Features, IoPath};
+    use lu2k_engine::io::probe::{Features, IoPath};
     let f = Features::probe();
     println!("probe: the engine's probe:\n{f}");
     ensure!(f.kernel == rel, "engine saw kernel {} not {rel}", f.kernel);

@@ -84,12 +84,12 @@ pub struct Config {
     pub backend: BackendChoice,
     /// Zero-copy send policy of the io_uring path: `auto` (SENDMSG_ZC until the
     /// kernel keeps reporting it copied anyway, then plain SENDMSG), `always`, `never`.
-    pub zero_copy: crate::uring::ZcMode,
+    pub zero_copy: crate::io::uring::ZcMode,
     /// Where sends run: on the core's thread, or on one io_uring worker thread.
-    pub send_worker: crate::uring::SendWorker,
+    pub send_worker: crate::io::uring::SendWorker,
     /// How an io_uring core waits for kshim's doorbell: `auto` (a futex wait where the
     /// kernel and kshim offer it, else the eventfd), `eventfd`, `futex`.
-    pub doorbell: crate::uring::DoorbellMode,
+    pub doorbell: crate::io::uring::DoorbellMode,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
     /// Seconds without any answer before a peer is reported down and its messages
@@ -127,9 +127,9 @@ impl Default for Config {
             cores: None,
             io_path: IoPathChoice::Auto,
             backend: BackendChoice::Udt,
-            zero_copy: crate::uring::ZcMode::Auto,
-            send_worker: crate::uring::SendWorker::Auto,
-            doorbell: crate::uring::DoorbellMode::Auto,
+            zero_copy: crate::io::uring::ZcMode::Auto,
+            send_worker: crate::io::uring::SendWorker::Auto,
+            doorbell: crate::io::uring::DoorbellMode::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
             peer_down_timeout_s: 600,
             drain_timeout_s: 5,
@@ -279,7 +279,7 @@ impl Config {
             );
         }
         for p in &self.peers {
-            if p.nid.parse::<lu2k_kshim::Nid>().is_err() {
+            if p.nid.parse::<lu2k_ring_abi::Nid>().is_err() {
                 return bad(
                     "peer.nid",
                     format!("{:?}", p.nid),
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn send_worker_auto_wants_four_cpus_per_core() {
-        use crate::uring::SendWorker;
+        use crate::io::uring::SendWorker;
         assert!(!SendWorker::Auto.enabled(1, 2));
         assert!(SendWorker::Auto.enabled(1, 4));
         assert!(!SendWorker::Auto.enabled(4, 15));
@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn doorbell_auto_takes_the_futex_only_where_kernel_and_kshim_offer_it() {
-        use crate::uring::DoorbellMode;
+        use crate::io::uring::DoorbellMode;
         assert_eq!(DoorbellMode::Auto.futex(true, true), Ok(true));
         assert_eq!(DoorbellMode::Auto.futex(false, true), Ok(false));
         assert_eq!(DoorbellMode::Auto.futex(true, false), Ok(false));

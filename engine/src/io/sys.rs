@@ -2,7 +2,7 @@
 //! `sendmmsg`/`recvmmsg`, memory mappings and signal masks.
 //!
 //! Everything here is a thin, checked wrapper around one system call. The rest of
-//! the engine is safe code; this module and [`crate::uring`] are the only places
+//! the engine is safe code; this module and [`crate::io::uring`] are the only places
 //! that opt back into `unsafe`, and every block states why it is sound.
 //!
 //! Guarantees:
@@ -667,6 +667,19 @@ impl Mapping {
         true
     }
 
+    /// Copies `out.len()` bytes at `off` out of the mapping; `false` (and nothing
+    /// read) when the range is outside it.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> bool {
+        if off.checked_add(out.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        let src = self.ptr.as_ptr().wrapping_add(off);
+        // SAFETY: bounds checked above; the mapping is live while `self` is; a plain
+        // copy out forms no reference into it.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        true
+    }
+
     /// Start address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
@@ -735,7 +748,7 @@ pub struct CoreMem {
     /// Offset of the TX pool in the TX range.
     pub pool_off: usize,
     map: Mapping,
-    _region: lu2k_ring_abi::Region,
+    region: lu2k_ring_abi::Region,
 }
 
 impl sealed::Sealed for CoreMem {}
@@ -815,8 +828,58 @@ impl CoreMem {
             msg_hdr_slots,
             pool_off: own,
             map,
-            _region: region.clone(),
+            region: region.clone(),
         })
+    }
+
+    /// Appends TX-range bytes `[off, off + len)` to `out` (a copy: for the
+    /// virtual-time provider, whose "network" carries bytes). `false` when the range
+    /// is outside the TX range.
+    pub fn copy_tx(&self, off: u64, len: u32, out: &mut Vec<u8>) -> bool {
+        let (Ok(off), Ok(len)) = (usize::try_from(off), usize::try_from(len)) else {
+            return false;
+        };
+        let at = out.len();
+        out.resize(at + len, 0);
+        if self.map.read(off, &mut out[at..]) {
+            return true;
+        }
+        out.truncate(at);
+        false
+    }
+
+    /// Where RX buffer `bid` of this core lies in the region's RX pool.
+    fn rx_buf_off(&self, bid: u16) -> Option<u64> {
+        if bid >= self.rx.count {
+            return None;
+        }
+        let layout = self.region.layout();
+        layout
+            .rx_buffer(self.rx_first + u32::from(bid))
+            .map(|b| b.0)
+    }
+
+    /// Writes `data` at `off` of this core's RX buffer `bid` (what the kernel does
+    /// on a receive; for the virtual-time provider).
+    pub fn write_rx(&self, bid: u16, off: u32, data: &[u8]) -> bool {
+        if (off as usize).saturating_add(data.len()) > self.rx.buf_size as usize {
+            return false;
+        }
+        self.rx_buf_off(bid).is_some_and(|b| {
+            self.region
+                .write_pool(lu2k_ring_abi::Pool::Rx, b + u64::from(off), data)
+                .is_ok()
+        })
+    }
+
+    /// Bytes `[off, off + len)` of this core's RX buffer `bid`.
+    pub fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
+        if u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size) {
+            return None;
+        }
+        let b = self.rx_buf_off(bid)?;
+        let ext = lu2k_ring_abi::Extent::new(lu2k_ring_abi::Pool::Rx, b + u64::from(off), len);
+        self.region.pool_bytes(&ext).ok()
     }
 
     /// Writes a message header into slot `i` of the message-header area.

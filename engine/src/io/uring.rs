@@ -45,12 +45,12 @@ use std::mem::size_of;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::io::sys::{self, GsoCmsg, Mapping};
 use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_IOV};
-use crate::sys::{self, GsoCmsg, Mapping};
 use lu2k_ring_abi::WaitMode;
 
 const KIND_SHIFT: u64 = 56;
@@ -350,7 +350,36 @@ fn max_skb_frags() -> usize {
         .unwrap_or(17)
 }
 
-fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, RingSetup)> {
+/// A one-shot `POLL_ADD` for `fd` becoming readable.
+pub(crate) fn poll_in(fd: RawFd, user_data: u64) -> squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+        .build()
+        .user_data(user_data)
+}
+
+/// Submits what is queued and waits up to `timeout` for one completion (not at all
+/// for a zero timeout). A timeout or a signal is not an error.
+pub(crate) fn submit_and_wait(ring: &mut IoUring, timeout: Duration) -> io::Result<()> {
+    let res = if timeout.is_zero() {
+        ring.submit()
+    } else {
+        let ts = types::Timespec::new()
+            .sec(timeout.as_secs())
+            .nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        ring.submitter().submit_with_args(1, &args)
+    };
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A ring of `entries` entries; with `defer`, single-issuer and deferred task
+/// work where the kernel has them (the ring must then be used from the thread that
+/// built it).
+pub(crate) fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, RingSetup)> {
     if defer {
         let r = IoUring::builder()
             .setup_single_issuer()
@@ -1037,9 +1066,7 @@ impl DatagramIo for UringIo {
         let Some(fd) = self.bell_fd else { return };
         // A poll, not a read: kshim's eventfds are non-blocking, and io_uring answers
         // a read of an empty non-blocking eventfd with EAGAIN instead of waiting.
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(K_BELL << KIND_SHIFT);
+        let e = poll_in(fd, K_BELL << KIND_SHIFT);
         if self.push(e).is_ok() {
             self.bell_armed = true;
         }
@@ -1099,6 +1126,10 @@ impl DatagramIo for UringIo {
 
     fn rx_free(&self) -> usize {
         self.rx_free + self.rx_stash.len()
+    }
+
+    fn rx_count(&self) -> usize {
+        usize::from(self.rx.count)
     }
 
     fn path_name(&self) -> &'static str {

@@ -3,10 +3,10 @@
 //! landed in RX pool buffers, possibly GRO-coalesced), and the events that come back.
 //!
 //! Two implementations share this contract:
-//! - [`crate::uring::UringIo`], the fast path: io_uring `SENDMSG_ZC` from a registered
+//! - [`crate::io::uring::UringIo`], the fast path: io_uring `SENDMSG_ZC` from a registered
 //!   buffer, multishot `recvmsg` into a provided-buffer ring, timeouts and doorbell
 //!   reads as io_uring operations;
-//! - [`crate::epoll::EpollIo`], the slow path: epoll with `sendmmsg`/`recvmmsg`.
+//! - [`crate::io::epoll::EpollIo`], the slow path: epoll with `sendmmsg`/`recvmmsg`.
 //!
 //! Both put payload bytes on the wire straight from the TX memory and receive straight
 //! into the RX pool: lu2k itself copies no payload on either path (only the small
@@ -15,6 +15,12 @@
 //! Memory is described by address ranges ([`TxMem`], [`RxPool`]) because it lives in a
 //! mapping shared with the kernel half; the I/O layer checks every reference against
 //! those ranges before it reaches the kernel.
+
+pub mod epoll;
+pub mod probe;
+pub mod sim;
+pub mod sys;
+pub mod uring;
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -337,6 +343,20 @@ pub trait DatagramIo {
     /// slow path's free list).
     fn rx_free(&self) -> usize;
 
+    /// RX buffers the provider receives into (free or handed out).
+    fn rx_count(&self) -> usize;
+
     /// Short name of the path ("io_uring" or "epoll").
     fn path_name(&self) -> &'static str;
+
+    /// The provider's clock: the monotonic clock, or virtual time in tests.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// The wall clock (`CLOCK_REALTIME` ns), against which the kernel stamps
+    /// received datagrams.
+    fn realtime_ns(&self) -> u64 {
+        sys::realtime_ns()
+    }
 }

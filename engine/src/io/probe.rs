@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, IoUring, Probe};
 
+use crate::io::sys::{self, Mapping, OwnedMem, SockOpts};
+use crate::io::uring::{UringIo, UringOpts};
 use crate::io::{DatagramIo, Event, Segment};
-use crate::sys::{self, Mapping, OwnedMem, SockOpts};
-use crate::uring::{UringIo, UringOpts};
 
 /// Which I/O path runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -132,14 +132,14 @@ impl Features {
                 && probe.is_supported(opcode::FutexWake::CODE);
             f.msg_ring = probe.is_supported(opcode::MsgRingData::CODE);
         }
-        f.zc_report_usage = f.send_zc && crate::uring::zc_report_usage_supported();
+        f.zc_report_usage = f.send_zc && crate::io::uring::zc_report_usage_supported();
         if let Ok(m) = Mapping::anon(4096) {
             let iov = libc::iovec {
                 iov_base: m.as_ptr().cast(),
                 iov_len: m.len(),
             };
-            f.registered_buffers = crate::uring::try_register(&ring, &iov);
-            f.pbuf_ring = crate::uring::try_register_pbuf(&ring, &m);
+            f.registered_buffers = crate::io::uring::try_register(&ring, &iov);
+            f.pbuf_ring = crate::io::uring::try_register_pbuf(&ring, &m);
         }
         let r = if f.sendmsg_zc && f.recvmsg && f.pbuf_ring && f.timeout && f.poll_add {
             selftest()

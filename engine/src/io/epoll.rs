@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use rustix::event::epoll;
 
+use crate::io::sys;
 use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_HDR};
-use crate::sys;
 
 const D_SOCK: u64 = 1;
 const D_BELL: u64 = 2;
@@ -67,7 +67,7 @@ impl EpollIo {
     /// Builds the slow-path I/O for one core around `sock`.
     ///
     /// # Safety
-    /// As for [`crate::uring::UringIo::new`]: `tx` and `rx` describe mapped, writable
+    /// As for [`crate::io::uring::UringIo::new`]: `tx` and `rx` describe mapped, writable
     /// memory that outlives the returned value, and RX buffers are not touched by
     /// anyone between being given to this value and being handed out by `Recv`.
     pub unsafe fn new(
@@ -443,6 +443,10 @@ impl DatagramIo for EpollIo {
 
     fn rx_free(&self) -> usize {
         self.rx_free.len()
+    }
+
+    fn rx_count(&self) -> usize {
+        usize::from(self.rx.count)
     }
 
     fn path_name(&self) -> &'static str {

@@ -1,0 +1,579 @@
+//! The daemon: attaches to kshim, starts one core thread per ring set, serves
+//! statistics, forwards peer notices, and shuts down cleanly on SIGTERM.
+//!
+//! Start-up: probe the kernel and pick the I/O path; connect to kshim's Unix socket
+//! and receive the region memfd and the doorbells (HELLO); map and validate the region
+//! and answer ACK (a refusal is answered with a non-zero status); bind one UDP socket
+//! per core on the same address and port (a `SO_REUSEPORT` group steered by
+//! [`crate::steer::program`]); build each core's memory (header arena + TX pool alias,
+//! registered once) and I/O, and run it on its own thread.
+//!
+//! Shutdown (SIGTERM, SIGINT, or kshim closing the socket): cores stop taking new
+//! messages (new descriptors are completed with `Shutdown`), give in-flight ones a
+//! few seconds to be acknowledged, fail the rest back with `Shutdown`, close their
+//! connections and give every RX buffer back; then the process exits 0.
+
+pub mod config;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use lu2k_ring_abi::attach::{self, Attachment, Notice as KNotice};
+use lu2k_ring_abi::{EngineCore, Eventfds, Net, Nid, Region};
+
+use crate::io::epoll::EpollIo;
+use crate::io::probe::{Features, IoPath};
+use crate::io::sys::{self, CoreMem, SockOpts};
+use crate::io::uring::{DoorbellMode, UringIo, UringOpts};
+use crate::io::DatagramIo;
+use crate::shard::ring::RingSide;
+use crate::shard::{self, Links, Notice, Shard};
+use crate::transport::rds::Rds;
+use crate::transport::udt::{self, Udt};
+use config::{BackendChoice, Config, IoPathChoice};
+use stats::{CoreStats, Published, Server};
+
+/// Send slots per core (concurrent sends in the I/O layer).
+const SEND_SLOTS: usize = 64;
+/// Messages in flight per core.
+const MSG_SLOTS: u32 = 4096;
+
+/// What every core is started with, decided once at start-up.
+struct Plan {
+    cfg: Config,
+    path: IoPath,
+    futex_bell: bool,
+    cores: u32,
+    net: Net,
+    local: SocketAddrV4,
+    rds: bool,
+    overrides: HashMap<Ipv4Addr, SocketAddrV4>,
+    udt: lu2k_udt::conn::Config,
+    send_worker: bool,
+}
+
+/// One core's share of the attachment: its rings, memory and doorbell.
+struct CoreParts {
+    c: u32,
+    ec: EngineCore,
+    mem: Arc<CoreMem>,
+    bell: OwnedFd,
+    sock: Option<OwnedFd>,
+    links: Links,
+}
+
+/// Runs the engine until SIGTERM/SIGINT or until kshim goes away.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.backend == BackendChoice::Rds {
+        // Before anything else: on a kernel without RDS this is the error to see.
+        if let Err(e) = lu2k_rds::probe() {
+            bail!("backend = rds: {e}");
+        }
+    }
+    let Some(kpath) = cfg.kshim_socket.clone() else {
+        bail!("no kshim socket: set kshim_socket in the config file or pass --kshim-socket PATH");
+    };
+    let draining = watch_signals()?;
+    let features = Features::probe();
+    let forced = cfg.io_path == IoPathChoice::Epoll;
+    let (path, why) = features.choose(forced);
+    if cfg.io_path == IoPathChoice::Uring && path != IoPath::Uring {
+        bail!("io_path = uring but the fast path is not available: {why}");
+    }
+    eprintln!("lu2k-engine: I/O path {path}: {why}");
+
+    let att = attach::connect(&kpath)
+        .with_context(|| format!("attaching to kshim at {}", kpath.display()))?;
+    let (region, plan) = match plan(cfg, &att, &features, path) {
+        Ok(x) => x,
+        Err((status, e)) => {
+            let _ = att.ack(status);
+            return Err(e);
+        }
+    };
+    let (ntx, nrx) = mpsc::channel::<Notice>();
+    let mut slots: Vec<Published> = Vec::new();
+    let mut threads = Vec::new();
+    let parts = match core_parts(&plan, &att, &region, &ntx, &draining) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = att.ack(2);
+            return Err(e);
+        }
+    };
+    drop(ntx);
+    for p in parts {
+        let c = p.c;
+        slots.push(p.links.published.clone());
+        match spawn_core(&plan, region.clone(), p) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = att.ack(2);
+                return Err(e.context(format!("core {c}")));
+            }
+        }
+    }
+    att.ack(0).context("sending ACK to kshim")?;
+    eprintln!(
+        "lu2k-engine: attached to kshim at {} ({} cores, {} {}, path {})",
+        kpath.display(),
+        plan.cores,
+        if plan.rds { "RDS/rds_tcp" } else { "UDP" },
+        plan.local,
+        plan.path
+    );
+    let _stats = start_stats(&plan.cfg.stats_socket, slots, path, &draining);
+    serve(&att, &nrx, &draining, &threads);
+    for t in threads {
+        let _ = t.join();
+    }
+    eprintln!("lu2k-engine: stopped");
+    Ok(())
+}
+
+/// Blocks the termination signals in every thread and turns them into the
+/// draining flag, on a thread of their own.
+fn watch_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    sys::block_term_signals().context("blocking termination signals")?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let d = draining.clone();
+    std::thread::Builder::new()
+        .name("lu2k-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sys::wait_signal() {
+                eprintln!("lu2k-engine: signal {sig}: draining");
+                d.store(true, Ordering::SeqCst);
+            }
+        })?;
+    Ok(draining)
+}
+
+/// Maps kshim's region and decides how every core runs. An error carries the
+/// status to refuse the attachment with.
+fn plan(
+    cfg: Config,
+    att: &Attachment,
+    features: &Features,
+    path: IoPath,
+) -> Result<(Region, Plan), (u32, anyhow::Error)> {
+    let refuse = |status, e: anyhow::Error| Err((status, e));
+    let region = match att.memfd.try_clone().map_err(anyhow::Error::from) {
+        Ok(fd) => match Region::from_fd(fd) {
+            Ok(r) => r,
+            Err(e) => return refuse(1, anyhow::anyhow!("kshim's region is not usable: {e}")),
+        },
+        Err(e) => return refuse(1, e),
+    };
+    let cores = att.hello.cores;
+    let futex_bell = match doorbell(&cfg, features, &region, path) {
+        Ok(f) => f,
+        Err(e) => return refuse(1, anyhow::anyhow!("{e}")),
+    };
+    if let Some(want) = cfg.cores.filter(|&n| u32::from(n) != cores) {
+        return refuse(
+            1,
+            anyhow::anyhow!(
+                "--cores {want} does not match kshim's region, which has {cores} ring sets \
+                 (one per core): start kshim with {want} cores, or run the engine with \
+                 --cores {cores} (or without --cores, to follow kshim)"
+            ),
+        );
+    }
+    let local_nid = served_nid(&att.hello.nids);
+    let rds = cfg.backend == BackendChoice::Rds;
+    if rds && cores != 1 {
+        return refuse(
+            2,
+            anyhow::anyhow!(
+                "backend = rds runs one core, and kshim's region has {cores} ring sets: \
+                 start kshim with one core for the RDS back-end, or use --backend udt"
+            ),
+        );
+    }
+    let bind_ip = if cfg.bind.is_unspecified() {
+        local_nid
+            .and_then(|n| n.ipv4())
+            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+    } else {
+        cfg.bind
+    };
+    let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
+    warn_if_rx_pool_small(rx_per_core, cfg.mss);
+    let plan = Plan {
+        path,
+        futex_bell,
+        cores,
+        net: local_nid.map_or(Net(0), Nid::net),
+        local: SocketAddrV4::new(bind_ip, cfg.port),
+        rds,
+        overrides: overrides(&cfg),
+        udt: lu2k_udt::conn::Config {
+            mss: u32::from(cfg.mss),
+            idle_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
+            connect_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
+            rcv_buf_pkts: Some(cfg.flow_window.min(rx_per_core.saturating_mul(4)).max(32)),
+            ..Default::default()
+        },
+        send_worker: cfg.send_worker.enabled(
+            cores as usize,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ),
+        cfg,
+    };
+    Ok((region, plan))
+}
+
+/// Whether the cores sleep on the futex doorbell (see [`DoorbellMode`]).
+fn doorbell(
+    cfg: &Config,
+    features: &Features,
+    region: &Region,
+    path: IoPath,
+) -> Result<bool, String> {
+    let kshim_futex = region
+        .layout()
+        .features()
+        .contains(lu2k_ring_abi::Features::FUTEX_WAKE);
+    match path {
+        IoPath::Uring => cfg.doorbell.futex(features.futex, kshim_futex),
+        IoPath::Epoll if cfg.doorbell == DoorbellMode::Futex => {
+            Err("doorbell = futex needs the io_uring path; use doorbell = auto or eventfd".into())
+        }
+        IoPath::Epoll => Ok(false),
+    }
+}
+
+/// The NID this engine serves: the first kshim announces.
+fn served_nid(nids: &[Nid]) -> Option<Nid> {
+    if let [first, rest @ ..] = nids {
+        if !rest.is_empty() {
+            // One engine binds one address and speaks for one LNet network.
+            eprintln!(
+                "lu2k-engine: warning: kshim announces {} NIDs; this engine serves {first} only \
+                 (start one kshim + engine pair per NID for the others: {})",
+                nids.len(),
+                rest.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    nids.first().copied()
+}
+
+/// `[[peer]]` entries: peers at other addresses than `NID-address:port`.
+fn overrides(cfg: &Config) -> HashMap<Ipv4Addr, SocketAddrV4> {
+    cfg.peers
+        .iter()
+        .filter_map(|p| {
+            p.nid
+                .parse::<Nid>()
+                .ok()
+                .and_then(|n| n.ipv4())
+                .map(|ip| (ip, p.addr))
+        })
+        .collect()
+}
+
+/// One socket per core, one port: a reuseport group steered by the shard function.
+fn udp_sockets(plan: &Plan) -> anyhow::Result<Vec<OwnedFd>> {
+    let opts = SockOpts {
+        reuseport: plan.cores > 1,
+        sndbuf: plan.cfg.sndbuf,
+        rcvbuf: plan.cfg.rcvbuf,
+        gro: Features::probe().udp_gro,
+    };
+    let mut socks = Vec::new();
+    for _ in 0..plan.cores {
+        let (fd, _) = sys::udp_socket(plan.local, &opts)
+            .with_context(|| format!("binding UDP {}", plan.local))?;
+        socks.push(fd);
+    }
+    if plan.cores > 1 {
+        sys::attach_reuseport_cbpf(&socks[0], &crate::steer::program(plan.cores))
+            .context("attaching the SO_REUSEPORT steering program")?;
+    }
+    Ok(socks)
+}
+
+/// Every core's rings, memory, doorbell and socket.
+fn core_parts(
+    plan: &Plan,
+    att: &Attachment,
+    region: &Region,
+    notices: &mpsc::Sender<Notice>,
+    draining: &Arc<AtomicBool>,
+) -> anyhow::Result<Vec<CoreParts>> {
+    let mut socks: Vec<Option<OwnedFd>> = if plan.rds {
+        vec![None]
+    } else {
+        udp_sockets(plan)?.into_iter().map(Some).collect()
+    };
+    let mut parts = Vec::new();
+    for (c, sock) in socks.drain(..).enumerate() {
+        let c = c as u32;
+        let bell = att
+            .to_engine
+            .get(c as usize)
+            .context("HELLO lacks a to-engine eventfd")?;
+        let fds = Eventfds {
+            to_engine: Some(bell.try_clone()?),
+            to_kshim: Some(
+                att.to_kshim
+                    .get(c as usize)
+                    .context("HELLO lacks a to-kshim eventfd")?
+                    .try_clone()?,
+            ),
+        };
+        let ec = region.engine_core(c, fds).context("attaching core rings")?;
+        let mem = CoreMem::new(region, c, plan.cores, SEND_SLOTS, MSG_SLOTS)
+            .context("mapping core memory")?;
+        parts.push(CoreParts {
+            c,
+            ec,
+            mem: Arc::new(mem),
+            bell: bell.try_clone()?,
+            sock,
+            links: Links {
+                published: Arc::new(Mutex::new(CoreStats::default())),
+                notices: notices.clone(),
+                draining: draining.clone(),
+            },
+        });
+    }
+    Ok(parts)
+}
+
+/// Starts core `p.c` on its own thread and waits until its I/O is set up.
+fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinHandle<()>> {
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    let params = shard::Params {
+        core: p.c,
+        net: plan.net,
+        spin: Duration::from_micros(u64::from(plan.cfg.spin_us)),
+        spin_max: Duration::from_micros(u64::from(plan.cfg.spin_max_us)),
+        msg_slots: MSG_SLOTS,
+        drain_timeout: Duration::from_secs(plan.cfg.drain_timeout_s),
+    };
+    let udt_params = udt::Params {
+        core: p.c,
+        net: plan.net,
+        port: plan.cfg.port,
+        overrides: plan.overrides.clone(),
+        udt: plan.udt.clone(),
+        peer_down_timeout_us: plan.cfg.peer_down_timeout_s * 1_000_000,
+        seed: seed(p.c),
+    };
+    let pin = plan.cfg.pin_cpus;
+    let (rds, local, port) = (plan.rds, plan.local, plan.cfg.port);
+    let opts = UringOpts {
+        send_slots: SEND_SLOTS,
+        zc: plan.cfg.zero_copy,
+        send_worker: plan.send_worker,
+        ..UringOpts::default()
+    };
+    let (path, futex_bell) = (plan.path, plan.futex_bell);
+    let c = p.c;
+    // The ring is built on the thread that uses it: SINGLE_ISSUER and
+    // DEFER_TASKRUN tie it to its creator.
+    let t = std::thread::Builder::new()
+        .name(format!("lu2k-core{c}"))
+        .spawn(move || {
+            if pin {
+                let _ = sys::pin_to_cpu(c as usize);
+            }
+            let ring = RingSide::new(
+                c,
+                params.net,
+                region.clone(),
+                p.ec,
+                p.mem.clone(),
+                MSG_SLOTS,
+            );
+            if rds {
+                let t = lu2k_rds::Socket::open(
+                    local,
+                    &lu2k_rds::Config {
+                        nonblocking: true,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    Rds::new(c, port, p.mem.clone(), s, Some(p.bell)).map_err(|e| e.to_string())
+                });
+                if let Some(t) = ready(&ready_tx, t) {
+                    Shard::new(params, ring, t, p.links).run();
+                }
+                return;
+            }
+            let sock = p.sock.expect("a UDP core has its socket");
+            let futex = futex_bell.then(|| ring.rings().wait.futex_word());
+            let io = datagram_io(path, sock, p.mem.clone(), p.bell, opts, futex, c);
+            if let Some(io) = ready(&ready_tx, io) {
+                let t = Udt::new(udt_params, io, region, p.mem.rx_first);
+                Shard::new(params, ring, t, p.links).run();
+            }
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(t),
+        Ok(Err(e)) => bail!("I/O set-up failed: {e}"),
+        Err(_) => bail!("thread died during set-up"),
+    }
+}
+
+/// Tells the daemon how a core's set-up went; the value on success.
+fn ready<T>(tx: &mpsc::SyncSender<Result<(), String>>, r: Result<T, String>) -> Option<T> {
+    match r {
+        Ok(v) => {
+            let _ = tx.send(Ok(()));
+            Some(v)
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+            None
+        }
+    }
+}
+
+/// The datagram I/O of one UDT core on the chosen path.
+fn datagram_io(
+    path: IoPath,
+    sock: OwnedFd,
+    mem: Arc<CoreMem>,
+    bell: OwnedFd,
+    opts: UringOpts,
+    futex: Option<lu2k_ring_abi::FutexWord>,
+    c: u32,
+) -> Result<Box<dyn DatagramIo>, String> {
+    let io: std::io::Result<Box<dyn DatagramIo>> = match path {
+        IoPath::Uring => UringIo::new_owned(sock, mem, Some(bell), opts)
+            .and_then(|mut x| {
+                if let Some(word) = futex {
+                    x.use_futex_doorbell(word)?;
+                }
+                Ok(x)
+            })
+            .map(|x| {
+                eprintln!("lu2k-engine: core {c}: io_uring {}", x.setup());
+                Box::new(x) as Box<dyn DatagramIo>
+            }),
+        IoPath::Epoll => EpollIo::new_owned(sock, mem, Some(bell), SEND_SLOTS)
+            .map(|x| Box::new(x) as Box<dyn DatagramIo>),
+    };
+    io.map_err(|e| e.to_string())
+}
+
+/// A core's seed for socket ids, sequence numbers and cookies.
+fn seed(core: u32) -> u64 {
+    0x5EED_0000_0000_0000
+        ^ (u64::from(core) << 32)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+}
+
+fn start_stats(
+    socket: &Path,
+    slots: Vec<Published>,
+    path: IoPath,
+    draining: &Arc<AtomicBool>,
+) -> Option<Server> {
+    match Server::start(socket, slots, path.to_string(), draining.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!(
+                "lu2k-engine: stats socket {} unavailable: {e}",
+                socket.display()
+            );
+            None
+        }
+    }
+}
+
+/// Forwards peer notices to kshim and notices kshim going away, until every core
+/// stopped.
+fn serve(
+    att: &Attachment,
+    notices: &mpsc::Receiver<Notice>,
+    draining: &AtomicBool,
+    threads: &[JoinHandle<()>],
+) {
+    loop {
+        match notices.recv_timeout(Duration::from_millis(50)) {
+            Ok(n) => {
+                let k = match n {
+                    Notice::PeerDown(nid) => KNotice::PeerDown(nid),
+                    Notice::PeerUp(nid) => KNotice::PeerUp(nid),
+                };
+                let _ = att.notice(k);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if !draining.load(Ordering::Relaxed) && kshim_gone(&att.sock) {
+            eprintln!("lu2k-engine: kshim closed the attach socket: draining");
+            draining.store(true, Ordering::SeqCst);
+        }
+        if threads.iter().all(|t| t.is_finished()) {
+            break;
+        }
+    }
+}
+
+fn kshim_gone(sock: &impl AsFd) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(sock, PollFlags::IN)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(0) => false,
+        Ok(_) => {
+            let r = fds[0].revents();
+            if r.intersects(PollFlags::HUP | PollFlags::ERR) {
+                return true;
+            }
+            // Readable: kshim sends nothing after HELLO, so this is EOF.
+            let mut b = [0u8; 16];
+            matches!(
+                rustix::net::recv(sock, &mut b, rustix::net::RecvFlags::DONTWAIT),
+                Ok((0, _))
+            )
+        }
+        Err(_) => false,
+    }
+}
+
+/// Warns when a core's share of the RX pool cannot hold one largest message.
+///
+/// Without GRO coalescing every datagram occupies its own RX buffer until its
+/// message is complete, and data before a loss hole is acknowledged so it
+/// cannot be shed: a core whose buffers are fewer than one 1 MiB message's
+/// datagrams (plus the 1/8 reserve the core keeps for retransmissions) can
+/// stall on a lossy path. Smaller pools still work for smaller messages,
+/// so this warns rather than refuses.
+fn warn_if_rx_pool_small(rx_per_core: u32, mss: u16) {
+    let payload = u32::from(mss).saturating_sub(44).max(1);
+    let per_message = (lu2k_ring_abi::MAX_PAYLOAD as u32).div_ceil(payload);
+    let need = per_message + per_message / 7 + 1;
+    if rx_per_core < need {
+        eprintln!(
+            "lu2k-engine: warning: {rx_per_core} RX buffers per core cannot hold a 1 MiB \
+             message ({per_message} datagrams at MSS {mss}) plus the reserve; a lossy path \
+             may stall. Give kshim at least {need} RX buffers per core."
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! One core's loop, written once for every transport.
+//!
+//! A shard is one ring set of kshim's region, the core thread that serves it, and
+//! the transport that carries its messages ([`crate::transport::Transport`]). Each
+//! pass of [`Shard::step`]:
+//!
+//! 1. **take**: TX descriptors in batches, each validated and entered in the message
+//!    ledger ([`ring::RingSide::accept`]) and handed to the transport; buffer returns
+//!    handed back to it;
+//! 2. **transmit**: the transport sends what is due;
+//! 3. **wait**: without blocking while there is work; after a spin of no work
+//!    ([`spin`]) arm kshim's doorbell through ring-abi's need-wakeup protocol and
+//!    sleep in the transport's I/O until a doorbell, a datagram, a completion or the
+//!    transport's next timer;
+//! 4. **events**: the transport's timers run, and what it reports becomes TX
+//!    completions, RX descriptors and peer notices;
+//! 5. **drain** (SIGTERM or kshim gone): new messages are answered `Shutdown`,
+//!    in-flight ones get the drain timeout and are then failed back `Shutdown`, RX
+//!    buffers are awaited; then the transport closes and the loop ends.
+//!
+//! Every message ends exactly one way: `Ok`, or a failure status.
+//!
+//! The loop reads time only from the transport ([`Transport::now`]), so a transport
+//! over a virtual-time I/O provider runs the whole shard on virtual time.
+
+pub mod ring;
+pub mod spin;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lu2k_ring_abi::doorbell::{WAKE_EVENTFD, WAKE_FUTEX};
+use lu2k_ring_abi::{Net, Nid, TxStatus, WaitMode};
+
+use crate::daemon::stats::Published;
+use crate::transport::{Event, Transport, Woken};
+use ring::{Refusal, RingSide};
+use spin::{Pass, Spin};
+
+/// Descriptors taken per batch.
+const TX_BATCH: u32 = 64;
+/// How often a core publishes its statistics.
+const STATS_EVERY: Duration = Duration::from_millis(100);
+/// The longest sleep without a transport timer. A fixed instant, kept until it
+/// passes: re-arming a new one each pass would update the armed timer, and an
+/// update completes at once, ending the sleep.
+const IDLE_WAKE: Duration = Duration::from_millis(200);
+/// How often a draining core looks at its rings.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// What a core tells the daemon (forwarded to kshim as NOTICEs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// The peer stopped answering for the peer-down timeout.
+    PeerDown(Nid),
+    /// The peer answers again.
+    PeerUp(Nid),
+}
+
+/// Settings of one shard.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Core index.
+    pub core: u32,
+    /// The LNet network (`net` part of NIDs) this engine serves.
+    pub net: Net,
+    /// Spin before sleeping, at least (see [`spin`]).
+    pub spin: Duration,
+    /// Spin before sleeping, at most.
+    pub spin_max: Duration,
+    /// Message-header slots (= most messages in flight on this core).
+    pub msg_slots: u32,
+    /// How long shutdown waits for in-flight messages before failing them back.
+    pub drain_timeout: Duration,
+}
+
+/// Where a shard reports to: the daemon's stats slot, notices and drain flag.
+#[derive(Debug, Clone)]
+pub struct Links {
+    /// The core's stats slot.
+    pub published: Published,
+    /// Peer notices for kshim.
+    pub notices: Sender<Notice>,
+    /// Set on SIGTERM or when kshim goes away.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The loop goes on; the transport's next timer is due then (if any).
+    Running(Option<Instant>),
+    /// Shutdown completed.
+    Done,
+}
+
+/// One core: its ring side and its transport. See the module doc.
+#[derive(Debug)]
+pub struct Shard<T: Transport> {
+    p: Params,
+    ring: RingSide,
+    t: T,
+    links: Links,
+    spin: Spin,
+    idle_wake: Instant,
+    drain_deadline: Option<Instant>,
+    last_stats: Instant,
+}
+
+impl<T: Transport> Shard<T> {
+    /// Assembles a shard.
+    pub fn new(p: Params, ring: RingSide, t: T, links: Links) -> Shard<T> {
+        let now = t.now();
+        Shard {
+            spin: Spin::new(p.spin, p.spin_max, now),
+            p,
+            ring,
+            t,
+            links,
+            idle_wake: now,
+            drain_deadline: None,
+            last_stats: now,
+        }
+    }
+
+    /// The transport (for tests and stats).
+    pub fn transport(&self) -> &T {
+        &self.t
+    }
+
+    /// Runs until shutdown completes (or kshim's rings break).
+    pub fn run(mut self) {
+        eprintln!(
+            "lu2k-engine: core {}: back-end {}",
+            self.p.core,
+            self.t.name()
+        );
+        // What the core runs with is readable at once, before any traffic.
+        self.publish_stats();
+        while self.step() != Step::Done {}
+        self.publish_stats();
+    }
+
+    /// One pass of the loop (see the module doc).
+    pub fn step(&mut self) -> Step {
+        let draining = self.links.draining.load(Ordering::Relaxed);
+        if draining && self.drain_deadline.is_none() {
+            self.drain_deadline = Some(self.t.now() + self.p.drain_timeout);
+        }
+        let ring = self.take_tx(draining) | self.take_returns();
+        let rx = self.flush_rx();
+        let sent = self.t.poll_transmit();
+        let work = ring | rx | sent;
+        if self.drained() {
+            self.t.close();
+            self.ring.flush_notify();
+            return Step::Done;
+        }
+        let idle = !work && self.spin.spun_out(self.t.now()) && !self.t.has_backlog();
+        let woken = match self.wait(idle, work) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("lu2k-engine core {}: I/O wait failed: {e}", self.p.core);
+                self.ring.stats.drop_one("io_error");
+                Woken::default()
+            }
+        };
+        if !woken.useful && !work && !idle {
+            self.spin.relax();
+        }
+        self.t.handle_timeout();
+        self.events();
+        self.spin.pass(
+            self.t.now(),
+            Pass {
+                arrived: ring || woken.arrived,
+                busy: work || woken.useful,
+                spoke: sent || self.ring.owes_notify(),
+            },
+        );
+        self.ring.flush_notify();
+        if self.t.now() >= self.last_stats + STATS_EVERY {
+            self.publish_stats();
+        }
+        Step::Running(self.t.poll_timeout())
+    }
+
+    fn take_tx(&mut self, draining: bool) -> bool {
+        let t = &mut self.t;
+        let taken = self
+            .ring
+            .take_tx(TX_BATCH, |ring, d| match ring.accept(d, draining) {
+                Ok(msg) => {
+                    t.handle_send(msg);
+                    true
+                }
+                Err(Refusal::Answered) => true,
+                Err(Refusal::Full) => false,
+            });
+        taken > 0
+    }
+
+    fn take_returns(&mut self) -> bool {
+        let t = &mut self.t;
+        self.ring.take_returns(|bufs| t.handle_return(bufs))
+    }
+
+    fn flush_rx(&mut self) -> bool {
+        let (back, any) = self.ring.flush_rx();
+        if !back.is_empty() {
+            self.t.handle_return(&back);
+        }
+        any
+    }
+
+    /// Whether a drain is complete: every message has its completion, no send
+    /// references TX memory, and kshim gave back the RX buffers it holds (or the
+    /// drain timeout passed, failing the rest back).
+    fn drained(&mut self) -> bool {
+        let Some(deadline) = self.drain_deadline else {
+            return false;
+        };
+        let past = self.t.now() >= deadline;
+        if past {
+            self.t.handle_abort_all(TxStatus::Shutdown);
+            self.events();
+        }
+        self.ring.in_flight() == 0 && self.t.sends_in_flight() == 0 && (self.ring.rx_home() || past)
+    }
+
+    fn wait(&mut self, idle: bool, work: bool) -> std::io::Result<Woken> {
+        let deadline = self.t.poll_timeout();
+        if self.drain_deadline.is_some() {
+            let d = self.t.now() + DRAIN_POLL;
+            return self.t.wait(Some(d), !work);
+        }
+        if !idle {
+            return self.t.wait(deadline, false);
+        }
+        self.ring.flush_notify();
+        self.ring.stats.sleeps += 1;
+        let now = self.t.now();
+        if self.idle_wake <= now {
+            self.idle_wake = now + IDLE_WAKE;
+        }
+        self.sleep(deadline.unwrap_or(self.idle_wake))
+    }
+
+    /// Sleeps until `wake` or until kshim rings, through the need-wakeup protocol:
+    /// announce, re-check the rings, then sleep in the transport's I/O.
+    fn sleep(&mut self, wake: Instant) -> std::io::Result<Woken> {
+        let mode = self.t.doorbell_mode();
+        let waiter = &self.ring.rings().wait;
+        // Before the need-wakeup bits go up: a ring after this read moves the word,
+        // and a futex wait on this value then ends at once.
+        let futex_seq = waiter.futex_seq();
+        waiter.arm(match mode {
+            WaitMode::Eventfd => WAKE_EVENTFD,
+            WaitMode::Futex => WAKE_FUTEX,
+        });
+        let r = if self.ring.has_work() {
+            Ok(Woken {
+                arrived: true,
+                useful: true,
+            })
+        } else {
+            self.t.arm_doorbell(futex_seq);
+            self.t.wait(Some(wake), true)
+        };
+        self.ring.rings().wait.disarm();
+        r
+    }
+
+    /// Turns what the transport reports into completions, RX descriptors and
+    /// notices.
+    fn events(&mut self) {
+        while let Some(ev) = self.t.poll_event() {
+            match ev {
+                Event::Sent { id, status, detail } => self.ring.finish(id, status, detail),
+                Event::Received { peer, pieces, bufs } => {
+                    let back = self.ring.publish(peer, pieces, bufs);
+                    if !back.is_empty() {
+                        self.t.handle_return(&back);
+                    }
+                }
+                Event::PeerDown(ip) => self.notice(Notice::PeerDown(self.nid(ip))),
+                Event::PeerUp(ip) => self.notice(Notice::PeerUp(self.nid(ip))),
+            }
+        }
+    }
+
+    fn nid(&self, ip: Ipv4Addr) -> Nid {
+        Nid::from_net_ip(self.p.net, ip)
+    }
+
+    fn notice(&self, n: Notice) {
+        let _ = self.links.notices.send(n);
+    }
+
+    fn publish_stats(&mut self) {
+        self.last_stats = self.t.now();
+        let mut s = self.ring.stats.clone();
+        self.t.stats(&mut s);
+        if let Ok(mut g) = self.links.published.lock() {
+            *g = s;
+        }
+    }
+}

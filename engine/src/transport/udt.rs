@@ -1,0 +1,984 @@
+//! The UDT transport: LNet messages as UDT4 messages over UDP, one connection per
+//! peer and direction, through a [`DatagramIo`] provider (io_uring, epoll, or
+//! virtual time in tests).
+//!
+//! - **TX**: a message is queued by reference on the peer's UDT connection
+//!   (connecting if needed); on the wire it is `[LNet header | payload]`. Runs of
+//!   equal-size data packets become one GSO send of `[UDT header, payload pieces]`
+//!   from the registered TX memory. A message is [`Event::Sent`] `Ok` when the peer
+//!   acknowledged all of it *and* the kernel released every zero-copy send that
+//!   referenced it.
+//! - **RX**: datagrams are parsed in place in the RX pool and fed to the
+//!   connections, handshakes to the listener; a whole message is reported as
+//!   [`Event::Received`] with the pieces of the buffers it landed in. A buffer is
+//!   referenced once per datagram a connection holds in it (GRO packs several into
+//!   one) and goes back to the I/O layer when the last reference is dropped.
+//! - **Peers**: nothing heard from a peer with messages in flight for the
+//!   peer-down timeout closes its connection (failing its messages back) and
+//!   reports it down; a new connection to it reports it up.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use lu2k_ring_abi::{Net, Nid, Pool, Region, TxStatus, WaitMode, LNET_HDR_LEN};
+use lu2k_udt::conn::{
+    self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
+};
+
+use super::{Event, OutMsg, RxPiece, Transport, Woken};
+use crate::daemon::stats::{CoreStats, PeerStats};
+use crate::io::{DatagramIo, Event as IoEvent, Segment, SendError};
+use crate::shard::ring::status_name;
+
+/// `LNET_HDR_LEN` as the `u32` lengths of messages are.
+const LNET_HDR: u32 = LNET_HDR_LEN as u32;
+/// UDT data header bytes.
+const UDT_HDR: usize = 16;
+/// A kernel receive stamp older than this (or a clock step) is not believed.
+const MAX_RX_AGE_NS: u64 = 1_000_000_000;
+
+/// Settings of one core's UDT transport.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Core index.
+    pub core: u32,
+    /// The LNet network this engine serves (to name peers).
+    pub net: Net,
+    /// Common UDP port of lu2k nodes.
+    pub port: u16,
+    /// Peers at other addresses than `NID-address:port`.
+    pub overrides: HashMap<Ipv4Addr, SocketAddrV4>,
+    /// UDT settings.
+    pub udt: udt::Config,
+    /// Nothing heard from a peer with messages in flight for this long: it is down.
+    pub peer_down_timeout_us: u64,
+    /// Seed of socket ids, sequence numbers and cookies.
+    pub seed: u64,
+}
+
+#[derive(Debug)]
+struct TxMsg {
+    peer: Ipv4Addr,
+    /// `(offset in the TX range, len)`: the LNet header slot, then the extents.
+    pieces: Vec<(u64, u32)>,
+    len: u32,
+    acked: bool,
+    failed: Option<TxStatus>,
+    sends: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Tx,
+    Rx,
+}
+
+#[derive(Debug)]
+struct ConnEntry {
+    conn: Connection,
+    peer: Ipv4Addr,
+    dir: Dir,
+}
+
+#[derive(Debug)]
+struct Peer {
+    ip: Ipv4Addr,
+    addr: SocketAddrV4,
+    tx_sock: Option<u32>,
+    down: bool,
+    /// Last time anything arrived from the peer, or work for it started (µs).
+    last_heard: u64,
+    /// The last error the kernel reported for sends to the peer (an errno: a failed
+    /// send, or an ICMP error through `IP_RECVERR`), carried as the `detail` of the
+    /// peer's failed completions.
+    last_errno: Option<i32>,
+    stats: PeerStats,
+}
+
+/// One core's UDT transport. See the module doc.
+pub struct Udt {
+    p: Params,
+    io: Box<dyn DatagramIo>,
+    /// Where the RX pool lies, to parse datagrams in place and to name pieces.
+    region: Region,
+    rx_first: u32,
+    epoch: Instant,
+    msgs: HashMap<u64, TxMsg>,
+    sends: HashMap<u64, Vec<u64>>,
+    next_send: u64,
+    backlog: VecDeque<(SocketAddrV4, Transmit)>,
+    rx_refs: Vec<u32>,
+    /// Datagrams per RX buffer, a moving average over receive completions (1
+    /// without GRO coalescing, more with it): converts free buffers to packets.
+    rx_pkts_per_buf: f64,
+    peers: HashMap<Ipv4Addr, Peer>,
+    conns: HashMap<u32, ConnEntry>,
+    listener: Listener,
+    seed: u64,
+    out: VecDeque<Event>,
+    drops: BTreeMap<String, u64>,
+    io_events: Vec<IoEvent>,
+    transmits: Vec<Transmit>,
+    pieces: Vec<[(u64, u32); 3]>,
+}
+
+impl std::fmt::Debug for Udt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Udt")
+            .field("core", &self.p.core)
+            .field("msgs", &self.msgs.len())
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Udt {
+    /// A transport over `io`, whose RX buffers are buffers `rx_first..` of
+    /// `region`'s RX pool.
+    pub fn new(p: Params, io: Box<dyn DatagramIo>, region: Region, rx_first: u32) -> Udt {
+        let epoch = io.now();
+        let rx_count = io.rx_count();
+        Udt {
+            listener: Listener::new(0, p.udt.clone(), p.seed ^ 0xA5A5),
+            seed: p.seed,
+            rx_refs: vec![0; rx_count],
+            rx_pkts_per_buf: 1.0,
+            p,
+            io,
+            region,
+            rx_first,
+            epoch,
+            msgs: HashMap::new(),
+            sends: HashMap::new(),
+            next_send: 1,
+            backlog: VecDeque::new(),
+            peers: HashMap::new(),
+            conns: HashMap::new(),
+            out: VecDeque::new(),
+            drops: BTreeMap::new(),
+            io_events: Vec::new(),
+            transmits: Vec::new(),
+            pieces: Vec::new(),
+        }
+    }
+
+    /// Microseconds since the transport started, on its I/O provider's clock.
+    fn now_us(&self) -> u64 {
+        self.io
+            .now()
+            .saturating_duration_since(self.epoch)
+            .as_micros() as u64
+    }
+
+    fn at(&self, t: u64) -> Instant {
+        self.epoch + Duration::from_micros(t)
+    }
+
+    fn drop_one(&mut self, reason: &str) {
+        *self.drops.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// The I/O provider (for tests).
+    pub fn io(&self) -> &dyn DatagramIo {
+        self.io.as_ref()
+    }
+}
+
+impl Transport for Udt {
+    fn name(&self) -> &'static str {
+        "udt"
+    }
+
+    fn now(&self) -> Instant {
+        self.io.now()
+    }
+
+    fn handle_send(&mut self, msg: OutMsg) {
+        let now = self.now_us();
+        let ip = msg.peer;
+        let mut pieces = Vec::with_capacity(msg.payload.len() + 1);
+        pieces.push(msg.hdr);
+        pieces.extend_from_slice(&msg.payload);
+        let len = LNET_HDR + msg.payload_len;
+        self.msgs.insert(
+            msg.id,
+            TxMsg {
+                peer: ip,
+                pieces,
+                len,
+                acked: false,
+                failed: None,
+                sends: 0,
+            },
+        );
+        {
+            let p = self.peer_for(ip);
+            if p.stats.in_flight == 0 {
+                // Work starts now: the peer-down clock counts from here.
+                p.last_heard = p.last_heard.max(now);
+            }
+        }
+        let sock = self.tx_conn(ip, now);
+        let entry = self.conns.get_mut(&sock).expect("tx connection exists");
+        if entry.conn.send(now, msg.id, u64::from(len), None).is_err() {
+            self.fail_msg(msg.id, TxStatus::PeerReset);
+        } else {
+            self.peer_for(ip).stats.in_flight += 1;
+        }
+    }
+
+    fn handle_return(&mut self, bufs: &[u16]) {
+        for &b in bufs {
+            self.unref(b);
+        }
+    }
+
+    fn handle_abort_all(&mut self, status: TxStatus) {
+        let ids: Vec<u64> = self.msgs.keys().copied().collect();
+        for id in ids {
+            self.fail_msg(id, status);
+        }
+    }
+
+    fn handle_timeout(&mut self) {
+        self.timers();
+        self.relieve_rx();
+        self.conn_events();
+    }
+
+    fn poll_transmit(&mut self) -> bool {
+        self.transmit()
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        self.out.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter_map(|e| e.conn.poll_timeout())
+            .min()
+            .map(|t| self.at(t))
+    }
+
+    fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    fn doorbell_mode(&self) -> WaitMode {
+        self.io.doorbell_mode()
+    }
+
+    fn arm_doorbell(&mut self, futex_seq: u32) {
+        self.io.arm_doorbell(futex_seq);
+    }
+
+    fn wait(&mut self, deadline: Option<Instant>, block: bool) -> std::io::Result<Woken> {
+        let mut events = std::mem::take(&mut self.io_events);
+        events.clear();
+        let r = self.io.wait(deadline, block, &mut events);
+        let woken = Woken {
+            arrived: events.iter().any(|e| {
+                matches!(
+                    e,
+                    IoEvent::Recv { .. } | IoEvent::RecvTruncated | IoEvent::Doorbell
+                )
+            }),
+            // A timer alone is no work (the work it makes shows in the next pass).
+            useful: events.iter().any(|e| !matches!(e, IoEvent::Timer)),
+        };
+        // The time after the wait: events happened during it. A datagram the
+        // kernel stamped is dated by its own arrival (its age against the same
+        // clock read now), so a batch reaped together keeps its spacing.
+        let now = self.now_us();
+        let real = if events.is_empty() {
+            0
+        } else {
+            self.io.realtime_ns()
+        };
+        for ev in events.drain(..) {
+            self.on_event(now, real, ev);
+        }
+        self.io_events = events;
+        r.map(|()| woken)
+    }
+
+    fn sends_in_flight(&self) -> usize {
+        self.io.sends_in_flight()
+    }
+
+    fn close(&mut self) {
+        let now = self.now_us();
+        for e in self.conns.values_mut() {
+            e.conn.close(now);
+        }
+        let _ = self.transmit();
+    }
+
+    fn stats(&mut self, s: &mut CoreStats) {
+        s.io_path = self.io.path_name().to_string();
+        s.io = self.io.stats();
+        // Read each time: a futex doorbell can fall back to the eventfd.
+        s.doorbell = match self.io.doorbell_mode() {
+            WaitMode::Eventfd => "eventfd",
+            WaitMode::Futex => "futex",
+        }
+        .into();
+        for (k, v) in &self.drops {
+            *s.drops.entry(k.clone()).or_default() += v;
+        }
+        self.peer_stats(&mut s.peers);
+    }
+}
+
+impl Udt {
+    fn peer_for(&mut self, ip: Ipv4Addr) -> &mut Peer {
+        let nid = Nid::from_net_ip(self.p.net, ip);
+        let port = self.p.port;
+        let addr = self
+            .p
+            .overrides
+            .get(&ip)
+            .copied()
+            .unwrap_or(SocketAddrV4::new(ip, port));
+        self.peers.entry(ip).or_insert_with(|| Peer {
+            ip,
+            addr,
+            tx_sock: None,
+            down: false,
+            last_heard: 0,
+            last_errno: None,
+            stats: PeerStats {
+                nid: nid.to_string(),
+                addr: addr.to_string(),
+                up: true,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The peer's TX connection, opened if there is none (or it closed).
+    fn tx_conn(&mut self, ip: Ipv4Addr, now: u64) -> u32 {
+        let existing = self.peer_for(ip).tx_sock;
+        if let Some(s) = existing {
+            if self.conns.get(&s).is_some_and(|e| !e.conn.is_closed()) {
+                return s;
+            }
+        }
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let addr = self.peer_for(ip).addr;
+        let conn = Connection::connect(now, self.p.udt.clone(), self.seed, SocketAddr::V4(addr));
+        let sock = conn.socket_id();
+        self.conns.insert(
+            sock,
+            ConnEntry {
+                conn,
+                peer: ip,
+                dir: Dir::Tx,
+            },
+        );
+        self.peer_for(ip).tx_sock = Some(sock);
+        sock
+    }
+
+    fn fail_msg(&mut self, id: u64, status: TxStatus) {
+        if let Some(m) = self.msgs.get_mut(&id) {
+            if m.failed.is_none() && !m.acked {
+                m.failed = Some(status);
+            }
+        }
+        self.try_finish(id);
+    }
+
+    /// Writes the completion of `id` once its outcome is known and no send still
+    /// references its memory.
+    fn try_finish(&mut self, id: u64) {
+        let Some(m) = self.msgs.get(&id) else { return };
+        if m.sends > 0 || (!m.acked && m.failed.is_none()) {
+            return;
+        }
+        let m = self.msgs.remove(&id).expect("present");
+        let status = if m.acked {
+            TxStatus::Ok
+        } else {
+            m.failed.unwrap_or(TxStatus::Aborted)
+        };
+        let mut detail = 0;
+        if let Some(p) = self.peers.get_mut(&m.peer) {
+            if matches!(status, TxStatus::PeerUnreachable | TxStatus::TimedOut) {
+                // Why the peer could not be reached, when the kernel said.
+                detail = p.last_errno.map_or(0, |e| e.unsigned_abs());
+            }
+            p.stats.in_flight = p.stats.in_flight.saturating_sub(1);
+            if status == TxStatus::Ok {
+                p.stats.msgs_tx += 1;
+                p.stats.bytes_tx += u64::from(m.len - LNET_HDR);
+            } else {
+                *p.stats
+                    .failed
+                    .entry(status_name(status).into())
+                    .or_default() += 1;
+            }
+        }
+        self.out.push_back(Event::Sent { id, status, detail });
+    }
+
+    /// Remembers the kernel's last error for sends to `ip` (see [`Peer::last_errno`]).
+    fn note_error(&mut self, ip: Ipv4Addr, errno: i32) {
+        if let Some(p) = self.peers.get_mut(&ip) {
+            p.last_errno = Some(errno);
+            p.stats.last_error = Some(std::io::Error::from_raw_os_error(errno).to_string());
+            p.stats.errors += 1;
+        }
+    }
+
+    /// Matches what the receiving connections take to the RX buffers free, and
+    /// keeps a reserve so the packet that fills a receive hole can always land.
+    ///
+    /// Each received datagram holds (a share of) an RX buffer until its message is
+    /// delivered whole and kshim gives it back. Under loss, packets behind a hole
+    /// wait for its retransmission; if they took every buffer, the provided-buffer
+    /// ring would run empty and the retransmission could never be received: a
+    /// deadlock. Two measures, in this order:
+    ///
+    /// 1. Backpressure: each receiving connection is told the free buffers beyond
+    ///    the reserve (in packets, at the measured datagrams per buffer, shared
+    ///    evenly), and advertises no larger a flow window in its next full ACK.
+    /// 2. Reserve: when free buffers fall below an eighth of the pool anyway (the
+    ///    window is only as fresh as the last ACK, GRO packing varies, kshim holds
+    ///    delivered messages), every receiving connection gives back what it holds
+    ///    beyond its first hole. Nothing there is acknowledged, so the sender sends
+    ///    it again; counted as `rx_shed_out_of_order`.
+    fn relieve_rx(&mut self) {
+        let reserve = (self.rx_refs.len() / 8).max(4);
+        let free = self.io.rx_free();
+        let receivers = self.conns.values().filter(|e| e.dir == Dir::Rx).count();
+        if receivers == 0 {
+            return;
+        }
+        let spare = free.saturating_sub(reserve) as f64 * self.rx_pkts_per_buf.max(1.0);
+        let room = (spare / receivers as f64).min(f64::from(u32::MAX)) as u32;
+        for e in self.conns.values_mut() {
+            if e.dir == Dir::Rx {
+                e.conn.set_rcv_room(Some(room));
+            }
+        }
+        if free >= reserve {
+            return;
+        }
+        let now = self.now_us();
+        let mut shed = 0u64;
+        let mut freed = Vec::new();
+        for e in self.conns.values_mut() {
+            if e.dir != Dir::Rx {
+                continue;
+            }
+            shed += e.conn.shed_out_of_order(now);
+            while let Some(ext) = e.conn.poll_release() {
+                freed.push(ext.buf as u16);
+            }
+        }
+        if shed > 0 {
+            *self
+                .drops
+                .entry("rx_shed_out_of_order".to_string())
+                .or_default() += shed;
+        }
+        for b in freed {
+            self.unref(b);
+        }
+    }
+
+    fn unref(&mut self, bid: u16) {
+        if let Some(r) = self.rx_refs.get_mut(bid as usize) {
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.io.return_rx(bid);
+            }
+        }
+    }
+
+    /// Sends queued transmits and whatever the connections want to send now.
+    fn transmit(&mut self) -> bool {
+        let now = self.now_us();
+        let mut any = false;
+        // Backlog first (transmits taken from connections that the I/O could not
+        // take): a run of consecutive ones to one destination goes out as one send
+        // (the rest of a batch the I/O layer refused is one such run).
+        while let Some(&(dst, _)) = self.backlog.front() {
+            self.transmits.clear();
+            while self.transmits.len() < crate::io::MAX_SEGS {
+                match self.backlog.front() {
+                    Some(&(d, t)) if d == dst => {
+                        self.transmits.push(t);
+                        self.backlog.pop_front();
+                    }
+                    _ => break,
+                }
+            }
+            let mut start = 0;
+            while start < self.transmits.len() {
+                let k = self.send_run(dst, start);
+                if k == 0 {
+                    // Back in front, in order.
+                    for t in self.transmits[start..].iter().rev() {
+                        self.backlog.push_front((dst, *t));
+                    }
+                    return any;
+                }
+                start += k;
+                any = true;
+            }
+        }
+        let socks: Vec<u32> = self.conns.keys().copied().collect();
+        for s in socks {
+            loop {
+                self.transmits.clear();
+                let (dst, n) = {
+                    let Some(e) = self.conns.get_mut(&s) else {
+                        break;
+                    };
+                    let SocketAddr::V4(dst) = e.conn.peer_addr() else {
+                        break;
+                    };
+                    // No more than one GSO send takes (44 full 1500-byte packets,
+                    // not 64 that would go out as 44 + 20).
+                    let wire = lu2k_udt::wire::HEADER_LEN + e.conn.payload_size() as usize;
+                    let max =
+                        (crate::io::MAX_GSO_BYTES / wire.max(1)).clamp(1, crate::io::MAX_SEGS);
+                    (
+                        dst,
+                        e.conn.poll_transmit_batch(now, &mut self.transmits, max),
+                    )
+                };
+                if n == 0 {
+                    break;
+                }
+                any = true;
+                let mut start = 0;
+                while start < self.transmits.len() {
+                    let k = self.send_run(dst, start);
+                    if k == 0 {
+                        for t in &self.transmits[start..] {
+                            self.backlog.push_back((dst, *t));
+                        }
+                        return any;
+                    }
+                    start += k;
+                }
+            }
+        }
+        any
+    }
+
+    /// Sends a prefix of `self.transmits[start..]` (all to `dst`) as one send;
+    /// returns how many it took (0: the I/O layer is busy).
+    fn send_run(&mut self, dst: SocketAddrV4, start: usize) -> usize {
+        self.pieces.clear();
+        // A run is mostly one message's packets: look it up once.
+        let mut cached: Option<(u64, &TxMsg)> = None;
+        let mut unmapped = 0u64;
+        for t in &self.transmits[start..] {
+            let mut pcs = [(0u64, 0u32); 3];
+            if let Some(p) = t.payload {
+                let m = match cached {
+                    Some((id, m)) if id == p.msg => Some(m),
+                    _ => {
+                        let m = self.msgs.get(&p.msg);
+                        cached = m.map(|m| (p.msg, m));
+                        m
+                    }
+                };
+                if let Some(m) = m {
+                    let (mapped, short) = map_pieces(&m.pieces, p.offset, p.len);
+                    pcs = mapped;
+                    unmapped += u64::from(short);
+                }
+                // A message already failed back: its memory is kshim's again; the
+                // packet goes out as a bare header and the peer drops it as malformed.
+            }
+            self.pieces.push(pcs);
+        }
+        if unmapped > 0 {
+            *self.drops.entry("tx_payload_unmapped".into()).or_default() += unmapped;
+        }
+        let segs: Vec<Segment<'_>> = self.transmits[start..]
+            .iter()
+            .zip(self.pieces.iter())
+            .map(|(t, pcs)| Segment {
+                hdr: t.header.as_bytes(),
+                payload_off: pcs[0].0,
+                payload_len: pcs[0].1,
+                more: &pcs[1..],
+            })
+            .collect();
+        let k = self.io.fit(&segs).clamp(1, segs.len());
+        let token = self.next_send;
+        match self.io.send(dst, &segs[..k], token) {
+            Ok(()) => {
+                self.next_send += 1;
+                let mut ids: Vec<u64> = self.transmits[start..start + k]
+                    .iter()
+                    .filter_map(|t| t.payload.map(|p| p.msg))
+                    .collect();
+                ids.dedup();
+                for id in &ids {
+                    if let Some(m) = self.msgs.get_mut(id) {
+                        m.sends += 1;
+                    }
+                }
+                self.sends.insert(token, ids);
+                k
+            }
+            Err(SendError::Busy) => 0,
+            Err(e) => {
+                self.drop_one(match e {
+                    SendError::OutOfPool => "tx_out_of_pool",
+                    SendError::HeaderTooLong => "tx_header_too_long",
+                    _ => "tx_bad_batch",
+                });
+                // Drop these transmits: UDT retransmits what is lost.
+                k
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: u64, real_ns: u64, ev: IoEvent) {
+        match ev {
+            IoEvent::SendDone { token, result, .. } => {
+                if result.is_err() {
+                    self.drop_one("send_error");
+                }
+                if let Some(ids) = self.sends.remove(&token) {
+                    for id in ids {
+                        if let Some(m) = self.msgs.get_mut(&id) {
+                            m.sends = m.sends.saturating_sub(1);
+                            if let Err(errno) = result {
+                                let peer = m.peer;
+                                self.note_error(peer, errno);
+                            }
+                        }
+                        self.try_finish(id);
+                    }
+                }
+            }
+            IoEvent::Recv {
+                from,
+                bid,
+                off,
+                len,
+                seg,
+                stamp_ns,
+            } => {
+                let age_us =
+                    stamp_ns.map_or(0, |t| real_ns.saturating_sub(t).min(MAX_RX_AGE_NS) / 1000);
+                self.on_recv(now.saturating_sub(age_us), from, bid, off, len, seg);
+            }
+            IoEvent::RecvTruncated => self.drop_one("rx_truncated"),
+            IoEvent::RxStarved => self.drop_one("rx_no_buffer"),
+            IoEvent::SocketError { errno, dst } => {
+                self.drop_one("icmp_error");
+                if let Some(dst) = dst {
+                    self.note_error(*dst.ip(), errno);
+                }
+            }
+            IoEvent::Doorbell | IoEvent::Timer => {}
+        }
+    }
+
+    fn on_recv(&mut self, now: u64, from: SocketAddrV4, bid: u16, off: u32, len: u32, seg: u32) {
+        let Some(buf_off) = self
+            .region
+            .layout()
+            .rx_buffer(self.rx_first + u32::from(bid))
+            .map(|b| b.0)
+        else {
+            return;
+        };
+        let seg = seg.max(1);
+        let n = f64::from(len.div_ceil(seg).max(1));
+        self.rx_pkts_per_buf += (n - self.rx_pkts_per_buf) / 64.0;
+        let mut at = off;
+        while at < off + len {
+            let dlen = seg.min(off + len - at);
+            let ext = lu2k_ring_abi::Extent::new(Pool::Rx, buf_off + u64::from(at), dlen);
+            // The connection parses the datagram in place in the RX pool.
+            let region = self.region.clone();
+            let held = match region.pool_bytes(&ext) {
+                Ok(bytes) => self.on_datagram(now, from, bid, at, dlen, bytes),
+                Err(_) => false,
+            };
+            if held {
+                self.rx_refs[bid as usize] += 1;
+            }
+            at += dlen;
+        }
+        if self.rx_refs[bid as usize] == 0 {
+            self.io.return_rx(bid);
+        }
+    }
+
+    fn on_datagram(
+        &mut self,
+        now: u64,
+        from: SocketAddrV4,
+        bid: u16,
+        at: u32,
+        dlen: u32,
+        bytes: &[u8],
+    ) -> bool {
+        if bytes.len() < UDT_HDR {
+            self.drop_one("rx_malformed");
+            return false;
+        }
+        let ip = *from.ip();
+        if let Some(p) = self.peers.get_mut(&ip) {
+            p.last_heard = now;
+        }
+        let dst = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+        let ext = udt::Extent {
+            buf: u64::from(bid),
+            offset: at,
+            len: dlen,
+        };
+        if dst == 0 {
+            // A handshake to the listener, or a client repeating its request.
+            let hs_id = udt::handshake_socket_id(bytes);
+            if let Some(id) = hs_id {
+                let existing = self.conns.iter_mut().find(|(_, e)| {
+                    e.dir == Dir::Rx
+                        && e.peer == ip
+                        && e.conn.peer_socket_id() == id
+                        && !e.conn.is_closed()
+                });
+                if let Some((_, e)) = existing {
+                    return e.conn.handle_datagram(now, bytes, ext);
+                }
+            }
+            match self.listener.handle(now, SocketAddr::V4(from), bytes) {
+                ListenerOutput::Reply(h) => {
+                    self.backlog.push_back((
+                        from,
+                        Transmit {
+                            header: h,
+                            payload: None,
+                        },
+                    ));
+                }
+                ListenerOutput::Accept(conn) => {
+                    let sock = conn.socket_id();
+                    self.peer_for(ip);
+                    self.conns.insert(
+                        sock,
+                        ConnEntry {
+                            conn: *conn,
+                            peer: ip,
+                            dir: Dir::Rx,
+                        },
+                    );
+                }
+                ListenerOutput::Drop(_) => self.drop_one("rx_bad_handshake"),
+            }
+            return false;
+        }
+        match self.conns.get_mut(&dst) {
+            Some(e) if e.peer == ip => e.conn.handle_datagram(now, bytes, ext),
+            Some(_) => {
+                self.drop_one("rx_spoofed_source");
+                false
+            }
+            None => {
+                self.drop_one("rx_unknown_socket");
+                false
+            }
+        }
+    }
+
+    fn timers(&mut self) {
+        let now = self.now_us();
+        // Peer-down: nothing heard for the configured timeout while messages wait.
+        let limit = self.p.peer_down_timeout_us;
+        let mut down = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.stats.in_flight > 0 && now.saturating_sub(p.last_heard) > limit {
+                if let Some(s) = p.tx_sock {
+                    down.push((p.ip, s));
+                }
+                p.last_heard = now;
+            }
+        }
+        for (ip, s) in down {
+            if let Some(e) = self.conns.get_mut(&s) {
+                // Closing fails every queued message back (MessageDropped).
+                e.conn.close(now);
+            }
+            let p = self.peer_for(ip);
+            if !p.down {
+                p.down = true;
+                p.stats.up = false;
+                self.out.push_back(Event::PeerDown(ip));
+            }
+        }
+        for e in self.conns.values_mut() {
+            if e.conn.poll_timeout().is_some_and(|t| t <= now) {
+                e.conn.handle_timeout(now);
+            }
+        }
+    }
+
+    fn conn_events(&mut self) {
+        let socks: Vec<u32> = self.conns.keys().copied().collect();
+        let mut closed = Vec::new();
+        for s in socks {
+            loop {
+                let (ev, peer, dir) = {
+                    let Some(e) = self.conns.get_mut(&s) else {
+                        break;
+                    };
+                    if let Some(ext) = e.conn.poll_release() {
+                        let b = ext.buf as u16;
+                        self.unref(b);
+                        continue;
+                    }
+                    match e.conn.poll_event() {
+                        Some(ev) => (ev, e.peer, e.dir),
+                        None => break,
+                    }
+                };
+                match ev {
+                    udt::Event::Connected => {
+                        let p = self.peer_for(peer);
+                        if p.down {
+                            p.down = false;
+                            p.stats.up = true;
+                            self.out.push_back(Event::PeerUp(peer));
+                        }
+                    }
+                    udt::Event::MessageAcked { msg } => {
+                        if let Some(m) = self.msgs.get_mut(&msg) {
+                            m.acked = true;
+                        }
+                        self.try_finish(msg);
+                    }
+                    udt::Event::MessageDropped { msg, reason } => {
+                        let status = match reason {
+                            DropReason::Ttl => TxStatus::TimedOut,
+                            DropReason::Closed => TxStatus::PeerUnreachable,
+                        };
+                        self.fail_msg(msg, status);
+                    }
+                    udt::Event::MessageReceived { extents, .. } => self.received(peer, &extents),
+                    udt::Event::StreamData(ext) => {
+                        self.drop_one("rx_stream_data");
+                        self.unref(ext.buf as u16);
+                    }
+                    udt::Event::Closed { reason } => {
+                        closed.push(s);
+                        if dir == Dir::Tx
+                            && matches!(reason, CloseReason::Timeout | CloseReason::ConnectTimeout)
+                        {
+                            let p = self.peer_for(peer);
+                            if !p.down {
+                                p.down = true;
+                                p.stats.up = false;
+                                self.out.push_back(Event::PeerDown(peer));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for s in closed {
+            let releasable = self.conns.get(&s).is_some_and(|e| e.conn.held() == 0);
+            if releasable {
+                if let Some(e) = self.conns.remove(&s) {
+                    if let Some(p) = self.peers.get_mut(&e.peer) {
+                        if p.tx_sock == Some(s) {
+                            p.tx_sock = None;
+                        }
+                        let st = e.conn.stats();
+                        p.stats.retransmissions += st.pkts_retransmitted;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reports a whole received message: the buffer pieces it landed in, one
+    /// buffer reference per piece.
+    fn received(&mut self, peer: Ipv4Addr, extents: &[udt::Extent]) {
+        let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
+        if total >= u64::from(LNET_HDR) {
+            let p = self.peer_for(peer);
+            p.stats.msgs_rx += 1;
+            p.stats.bytes_rx += total - u64::from(LNET_HDR);
+        }
+        let pieces = extents
+            .iter()
+            .map(|e| RxPiece {
+                bid: e.buf as u16,
+                off: e.offset,
+                len: e.len,
+            })
+            .collect();
+        let bufs = extents.iter().map(|e| e.buf as u16).collect();
+        self.out.push_back(Event::Received { peer, pieces, bufs });
+    }
+
+    /// Per-peer counters, with what the connections measure now.
+    fn peer_stats(&mut self, out: &mut Vec<PeerStats>) {
+        for p in self.peers.values_mut() {
+            let mut rtt = 0;
+            let mut rate = 0;
+            let mut retx = 0;
+            for e in self.conns.values() {
+                if e.peer == p.ip {
+                    let st = e.conn.stats();
+                    if e.dir == Dir::Tx {
+                        rtt = e.conn.rtt();
+                        rate = if st.period_us > 0.0 {
+                            (f64::from(e.conn.payload_size()) * 8.0 * 1e6 / st.period_us) as u64
+                        } else {
+                            0
+                        };
+                    }
+                    retx += st.pkts_retransmitted;
+                }
+            }
+            p.stats.rtt_us = u64::from(rtt);
+            p.stats.rate_bps = rate;
+            let mut ps = p.stats.clone();
+            ps.retransmissions += retx;
+            out.push(ps);
+        }
+    }
+}
+
+/// Maps `[offset, offset + len)` of a message onto its pieces in the TX range: at
+/// most three `(offset, len)` slices, and whether any of it lay outside them.
+fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32) -> ([(u64, u32); 3], bool) {
+    let mut pcs = [(0u64, 0u32); 3];
+    let mut want_off = offset;
+    let mut want = len;
+    let mut k = 0;
+    let mut acc = 0u32;
+    for &(off, plen) in pieces {
+        if want == 0 || k == pcs.len() {
+            break;
+        }
+        if want_off >= acc + plen {
+            acc += plen;
+            continue;
+        }
+        let inner = want_off - acc;
+        let take = (plen - inner).min(want);
+        pcs[k] = (off + u64::from(inner), take);
+        k += 1;
+        want -= take;
+        want_off += take;
+        acc += plen;
+    }
+    (pcs, want > 0)
+}
