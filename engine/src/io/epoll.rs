@@ -344,11 +344,10 @@ impl DatagramIo for EpollIo {
         {
             return None;
         }
-        let p = self.rx.buf(bid)?.wrapping_add(off as usize);
-        // SAFETY: buffer `bid` is handed out (recvmmsg wrote it and it is not given to
-        // the kernel again until returned, which needs `&mut self`), the range is
-        // inside it, and the constructor's contract keeps it mapped.
-        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
+        // SAFETY: `rx` is mapped while `self` lives (the constructor's contract);
+        // the caller holds buffer `bid` (handed out, not returned), so the kernel
+        // does not write it.
+        unsafe { self.rx.bytes(bid, off, len) }
     }
 
     fn arm_doorbell(&mut self, _futex_seq: u32) {

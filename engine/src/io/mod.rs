@@ -22,6 +22,8 @@ pub mod sim;
 pub mod sys;
 pub mod uring;
 
+pub use sys::{RxPool, TxMem};
+
 use std::io;
 use std::net::SocketAddrV4;
 use std::time::Instant;
@@ -35,67 +37,6 @@ pub const MAX_SEGS: usize = 64;
 pub const MAX_IOV: usize = 4 * MAX_SEGS;
 /// Largest UDP payload of one GSO send (IPv4 total length limit).
 pub const MAX_GSO_BYTES: usize = 65_507;
-
-/// The memory sends come from: the engine's header arena followed by the payload pool
-/// (for the engine: the region's TX pool), one contiguous range so that a single
-/// registered io_uring buffer covers both.
-#[derive(Debug, Clone, Copy)]
-pub struct TxMem {
-    /// Start address of the whole range (header arena first).
-    pub base: usize,
-    /// Header arena length in bytes (at `base`).
-    pub hdr_len: usize,
-    /// Offset from `base` of the payload pool.
-    pub pool_off: usize,
-    /// Payload pool length in bytes.
-    pub pool_len: usize,
-    /// Total length of the range (what gets registered).
-    pub total_len: usize,
-}
-
-impl TxMem {
-    /// Address of pool bytes `[off, off + len)`, or `None` if outside the pool.
-    pub fn payload(&self, off: u64, len: u32) -> Option<*mut u8> {
-        let end = off.checked_add(u64::from(len))?;
-        if end > self.pool_len as u64 {
-            return None;
-        }
-        Some((self.base + self.pool_off + off as usize) as *mut u8)
-    }
-
-    /// Address of header slot `i` of `n` equal slots in the arena (each
-    /// `MAX_SEGS * MAX_HDR` bytes), or `None` if the arena is too small.
-    pub fn header_slot(&self, i: usize) -> Option<*mut u8> {
-        let stride = MAX_SEGS * MAX_HDR;
-        ((i + 1) * stride <= self.hdr_len).then(|| (self.base + i * stride) as *mut u8)
-    }
-
-    /// Header arena bytes needed for `slots` in-flight sends, rounded to pages.
-    pub fn arena_len(slots: usize) -> usize {
-        (slots * MAX_SEGS * MAX_HDR).div_ceil(4096) * 4096
-    }
-}
-
-/// The receive pool: `count` buffers of `buf_size` bytes, buffer `i` at
-/// `base + i * stride`. Buffer ids are `u16` (the provided-buffer ring's limit).
-#[derive(Debug, Clone, Copy)]
-pub struct RxPool {
-    /// Address of buffer 0.
-    pub base: usize,
-    /// Distance between buffers.
-    pub stride: usize,
-    /// Usable bytes per buffer.
-    pub buf_size: u32,
-    /// Number of buffers (at most 32768).
-    pub count: u16,
-}
-
-impl RxPool {
-    /// Address of buffer `bid`, or `None` if out of range.
-    pub fn buf(&self, bid: u16) -> Option<*mut u8> {
-        (bid < self.count).then(|| (self.base + bid as usize * self.stride) as *mut u8)
-    }
-}
 
 /// One datagram of a send: its header bytes (copied into the header arena, at most
 /// [`MAX_HDR`]) and a payload slice of the TX pool, by offset.

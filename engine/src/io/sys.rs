@@ -539,6 +539,83 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
     }))
 }
 
+/// The memory sends come from: the engine's header arena followed by the payload pool
+/// (for the engine: the region's TX pool), one contiguous range so that a single
+/// registered io_uring buffer covers both.
+#[derive(Debug, Clone, Copy)]
+pub struct TxMem {
+    /// Start address of the whole range (header arena first).
+    pub base: usize,
+    /// Header arena length in bytes (at `base`).
+    pub hdr_len: usize,
+    /// Offset from `base` of the payload pool.
+    pub pool_off: usize,
+    /// Payload pool length in bytes.
+    pub pool_len: usize,
+    /// Total length of the range (what gets registered).
+    pub total_len: usize,
+}
+
+impl TxMem {
+    /// Address of pool bytes `[off, off + len)`, or `None` if outside the pool.
+    pub fn payload(&self, off: u64, len: u32) -> Option<*mut u8> {
+        let end = off.checked_add(u64::from(len))?;
+        if end > self.pool_len as u64 {
+            return None;
+        }
+        Some((self.base + self.pool_off + off as usize) as *mut u8)
+    }
+
+    /// Address of header slot `i` of `n` equal slots in the arena (each
+    /// `MAX_SEGS * MAX_HDR` bytes), or `None` if the arena is too small.
+    pub fn header_slot(&self, i: usize) -> Option<*mut u8> {
+        let stride = crate::io::MAX_SEGS * crate::io::MAX_HDR;
+        ((i + 1) * stride <= self.hdr_len).then(|| (self.base + i * stride) as *mut u8)
+    }
+
+    /// Header arena bytes needed for `slots` in-flight sends, rounded to pages.
+    pub fn arena_len(slots: usize) -> usize {
+        (slots * crate::io::MAX_SEGS * crate::io::MAX_HDR).div_ceil(4096) * 4096
+    }
+}
+
+/// The receive pool: `count` buffers of `buf_size` bytes, buffer `i` at
+/// `base + i * stride`. Buffer ids are `u16` (the provided-buffer ring's limit).
+#[derive(Debug, Clone, Copy)]
+pub struct RxPool {
+    /// Address of buffer 0.
+    pub base: usize,
+    /// Distance between buffers.
+    pub stride: usize,
+    /// Usable bytes per buffer.
+    pub buf_size: u32,
+    /// Number of buffers (at most 32768).
+    pub count: u16,
+}
+
+impl RxPool {
+    /// Address of buffer `bid`, or `None` if out of range.
+    pub fn buf(&self, bid: u16) -> Option<*mut u8> {
+        (bid < self.count).then(|| (self.base + bid as usize * self.stride) as *mut u8)
+    }
+
+    /// Bytes `[off, off + len)` of buffer `bid`, or `None` if outside it.
+    ///
+    /// # Safety
+    /// The pool must be mapped for the returned lifetime, and nobody (the kernel
+    /// included) may write the buffer meanwhile: the caller holds it (a receive
+    /// completion handed it out and it was not given back).
+    pub unsafe fn bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
+        if u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
+            return None;
+        }
+        let p = self.buf(bid)?.wrapping_add(off as usize);
+        // SAFETY: in bounds of buffer `bid` (checked above); mapped and unwritten
+        // for the lifetime, by the caller's contract.
+        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
+    }
+}
+
 /// An owned memory mapping.
 #[derive(Debug)]
 pub struct Mapping {
@@ -714,17 +791,17 @@ mod sealed {
 /// types of this module ([`OwnedMem`], [`CoreMem`]) implement it.
 pub trait IoMem: sealed::Sealed + Send + std::fmt::Debug {
     /// The TX range.
-    fn tx(&self) -> crate::io::TxMem;
+    fn tx(&self) -> TxMem;
     /// The RX pool.
-    fn rx(&self) -> crate::io::RxPool;
+    fn rx(&self) -> RxPool;
 }
 
 impl sealed::Sealed for OwnedMem {}
 impl IoMem for OwnedMem {
-    fn tx(&self) -> crate::io::TxMem {
+    fn tx(&self) -> TxMem {
         self.tx
     }
-    fn rx(&self) -> crate::io::RxPool {
+    fn rx(&self) -> RxPool {
         self.rx
     }
 }
@@ -736,9 +813,9 @@ impl IoMem for OwnedMem {
 #[derive(Debug)]
 pub struct CoreMem {
     /// The TX range: offsets are from the start of the private mapping.
-    pub tx: crate::io::TxMem,
+    pub tx: TxMem,
     /// This core's RX buffers.
-    pub rx: crate::io::RxPool,
+    pub rx: RxPool,
     /// First global RX buffer index of this core's share.
     pub rx_first: u32,
     /// Offset of the message-header area in the TX range.
@@ -753,20 +830,20 @@ pub struct CoreMem {
 
 impl sealed::Sealed for CoreMem {}
 impl IoMem for CoreMem {
-    fn tx(&self) -> crate::io::TxMem {
+    fn tx(&self) -> TxMem {
         self.tx
     }
-    fn rx(&self) -> crate::io::RxPool {
+    fn rx(&self) -> RxPool {
         self.rx
     }
 }
 
 impl sealed::Sealed for std::sync::Arc<CoreMem> {}
 impl IoMem for std::sync::Arc<CoreMem> {
-    fn tx(&self) -> crate::io::TxMem {
+    fn tx(&self) -> TxMem {
         self.tx
     }
-    fn rx(&self) -> crate::io::RxPool {
+    fn rx(&self) -> RxPool {
         self.rx
     }
 }
@@ -788,7 +865,7 @@ impl CoreMem {
         use std::os::fd::AsRawFd as _;
         let layout = region.layout();
         let (tx_off, tx_len) = layout.pool(Pool::Tx);
-        let arena = crate::io::TxMem::arena_len(send_slots);
+        let arena = TxMem::arena_len(send_slots);
         let msg_area = (msg_hdr_slots as usize * MSG_HDR_SLOT).div_ceil(4096) * 4096;
         let own = arena + msg_area;
         if tx_off % 4096 != 0 {
@@ -810,14 +887,14 @@ impl CoreMem {
             .rx_buffer(first)
             .ok_or_else(|| io::Error::other("RX buffer share out of range"))?;
         Ok(CoreMem {
-            tx: crate::io::TxMem {
+            tx: TxMem {
                 base: map.as_ptr() as usize,
                 hdr_len: arena,
                 pool_off: 0,
                 pool_len: own + tx_len as usize,
                 total_len: own + tx_len as usize,
             },
-            rx: crate::io::RxPool {
+            rx: RxPool {
                 base: rx_base.as_ptr() as usize + first_off as usize,
                 stride: size as usize,
                 buf_size: size,
@@ -898,9 +975,9 @@ impl CoreMem {
 #[derive(Debug)]
 pub struct OwnedMem {
     /// The TX range description (points into `_tx_map`).
-    pub tx: crate::io::TxMem,
+    pub tx: TxMem,
     /// The RX pool description (points into `_rx_map`).
-    pub rx: crate::io::RxPool,
+    pub rx: RxPool,
     tx_map: Mapping,
     _rx_map: Mapping,
 }
@@ -914,20 +991,20 @@ impl OwnedMem {
         rx_count: u16,
         rx_buf: u32,
     ) -> io::Result<OwnedMem> {
-        let arena = crate::io::TxMem::arena_len(send_slots);
+        let arena = TxMem::arena_len(send_slots);
         let pool_len = pool_len.max(1).div_ceil(4096) * 4096;
         let tx_map = Mapping::anon(arena + pool_len)?;
         let stride = (rx_buf as usize).div_ceil(64) * 64;
         let rx_map = Mapping::anon(stride * rx_count.max(1) as usize)?;
         Ok(OwnedMem {
-            tx: crate::io::TxMem {
+            tx: TxMem {
                 base: tx_map.as_ptr() as usize,
                 hdr_len: arena,
                 pool_off: arena,
                 pool_len,
                 total_len: arena + pool_len,
             },
-            rx: crate::io::RxPool {
+            rx: RxPool {
                 base: rx_map.as_ptr() as usize,
                 stride,
                 buf_size: rx_buf,

@@ -789,11 +789,12 @@ impl UringIo {
         if let Some(h) = self.handed.get_mut(bid as usize) {
             *h = true;
         }
-        let Some(buf) = self.rx.buf(bid) else { return };
-        let used = (res as usize).min(self.rx.buf_size as usize);
+        let used = (res as u32).min(self.rx.buf_size);
         // SAFETY: the kernel filled `used` bytes of buffer `bid` and handed it to us
         // with this completion; nobody else touches it until we provide it again.
-        let bytes = unsafe { std::slice::from_raw_parts(buf.cast_const(), used) };
+        let Some(bytes) = (unsafe { self.rx.bytes(bid, 0, used) }) else {
+            return;
+        };
         let Ok(m) = types::RecvMsgOut::parse(bytes, &self.recv_hdr) else {
             self.return_rx(bid);
             return;
@@ -813,7 +814,7 @@ impl UringIo {
             self.stats.socket_drops = u64::from(d);
         }
         let payload = m.payload_data();
-        let off = payload.as_ptr() as usize - buf as usize;
+        let off = payload.as_ptr() as usize - bytes.as_ptr() as usize;
         let len = payload.len() as u32;
         self.stats.recvs += 1;
         self.stats.bytes_received += u64::from(len);
@@ -1025,11 +1026,10 @@ impl DatagramIo for UringIo {
         {
             return None;
         }
-        let p = self.rx.buf(bid)?.wrapping_add(off as usize);
-        // SAFETY: buffer `bid` is handed out (the kernel finished writing it and will
-        // not until it is returned, which needs `&mut self`), the range is inside it,
-        // and the constructor's contract keeps it mapped.
-        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len as usize) })
+        // SAFETY: `rx` is mapped while `self` lives (the constructor's contract);
+        // the caller holds buffer `bid` (handed out, not returned), so the kernel
+        // does not write it.
+        unsafe { self.rx.bytes(bid, off, len) }
     }
 
     fn doorbell_mode(&self) -> WaitMode {

@@ -607,10 +607,11 @@ impl Rds {
         bids: &[u16],
     ) -> Result<(), &'static str> {
         let buf = self.mem.rx.buf_size as usize;
-        let b0 = self.mem.rx.buf(bids[0]).expect("own buffer");
+        let head_len = len.min(buf) as u32;
         // SAFETY: buffer `bids[0]` is ours (handed out by the completion) and holds
-        // at least min(len, buf) received bytes; nobody else writes it.
-        let head = unsafe { std::slice::from_raw_parts(b0, len.min(buf)) };
+        // at least min(len, buf) received bytes; nobody else writes it; `mem` keeps
+        // the pool mapped.
+        let head = unsafe { self.mem.rx.bytes(bids[0], 0, head_len) }.ok_or("rds_bad_frame")?;
         let packet = frame::Packet::new_checked(head).map_err(|_| "rds_bad_frame")?;
         let repr = frame::Repr::parse(&packet).map_err(|_| "rds_bad_frame")?;
         let skip = repr.prefix_len();
