@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::node::{
     live_note, mono_ns, self_command, LiveSchedule, NodeResult, NodeSpec, Role, Ticker,
 };
-use crate::scenario::WorkloadKind;
+use crate::scenario::{Workload, WorkloadKind};
 
 /// An LNet message's bytes at most (and the bulk message size).
 pub const MSG: usize = lu2k_kshim::MAX_PAYLOAD;
@@ -58,7 +58,7 @@ pub struct EngineSpec {
 /// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
 pub fn engine_main(spec: &str) -> Result<()> {
     let s: EngineSpec = serde_json::from_str(spec).context("engine spec")?;
-    let mut c = lu2k_engine::config::Config {
+    let mut c = lu2k_engine::daemon::config::Config {
         kshim_socket: Some(s.kshim_socket),
         bind: s.bind,
         port: s.port,
@@ -69,7 +69,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
     c.peers = s
         .peers
         .iter()
-        .map(|(ip, addr)| lu2k_engine::config::PeerCfg {
+        .map(|(ip, addr)| lu2k_engine::daemon::config::PeerCfg {
             nid: format!("{ip}@lu2k"),
             addr: *addr,
         })
@@ -92,11 +92,8 @@ const WARM_UP: u64 = u64::MAX;
 /// schedule starts — as TCP and UDT4 do with theirs.
 ///
 /// Chunk-sized, as every contender's warm-up (TCP's and UDT4's are a chunk
-/// answered by a byte): the stream is measured as one already flowing. A
-/// 64-byte warm-up once sent lu2k's engines seconds behind on the 200 ms, 1 %
-/// loss path (the satellite controller started from the one packet's lack of
-/// a packet pair; fixed in lu2k-udt, `backends/udt/tests/sim_live.rs`); with
-/// it now the 1 % cell runs like this one (see the harness README).
+/// answered by a byte): every stream is measured as one already flowing, and
+/// no contender starts it from a connection warmed differently.
 fn warm_up(side: &mut Side, len: usize, limit: Duration) -> Result<()> {
     let buf = side.k.alloc_tx(len).context("TX pool")?;
     side.k
@@ -202,7 +199,7 @@ impl Side {
     /// Engine counters: (retransmitted bytes, payload bytes copied, a summary
     /// of drops and failures for the report's note).
     fn counters(&self) -> (Option<u64>, Option<u64>, Option<String>) {
-        match lu2k_engine::stats::fetch(&self.stats) {
+        match lu2k_engine::daemon::stats::fetch(&self.stats) {
             Ok(r) => {
                 let mut notes = Vec::new();
                 for c in &r.cores {
@@ -267,208 +264,281 @@ impl Side {
 pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
     let mut side = Side::start(spec)?;
     let w = &spec.workload;
+    let mut r = match (w.kind, spec.role) {
+        (WorkloadKind::Bulk, Role::Send) | (WorkloadKind::Live, Role::Send) => {
+            send_puts(&mut side, w)?
+        }
+        (WorkloadKind::Bulk, Role::Recv) | (WorkloadKind::Live, Role::Recv) => {
+            receive_puts(&mut side, w)?
+        }
+        (WorkloadKind::Rpc, Role::Send) => ask(&mut side, w)?,
+        (WorkloadKind::Rpc, Role::Recv) => answer(&mut side, w)?,
+    };
+    add_engine_counters(&side, spec.role, &mut r);
+    side.close();
+    Ok(r)
+}
+
+/// Bulk or live sender: 1 MiB PUTs as fast as the in-flight limit and the
+/// TX pool let, or (live) each chunk when it is due, after the warm-up.
+fn send_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
     let cap = Duration::from_secs_f64(w.max_duration_s);
     let mut r = NodeResult::default();
     let mut failed = 0u64;
-    match (w.kind, spec.role) {
-        (WorkloadKind::Bulk, Role::Send) | (WorkloadKind::Live, Role::Send) => {
-            let (count, len, sched) = if w.kind == WorkloadKind::Bulk {
-                (w.bytes.div_ceil(MSG as u64), MSG, None)
-            } else {
-                let sched = LiveSchedule::of(w);
-                (sched.chunks, w.chunk_bytes as usize, Some(sched))
-            };
-            if sched.is_some() {
-                warm_up(&mut side, len, cap)?;
-            }
-            let start = Instant::now();
-            let start_ns = mono_ns();
-            let limit = cap + Duration::from_secs_f64(w.duration_s);
-            let (mut sent, mut done) = (0u64, 0u64);
-            let in_flight = w.in_flight.map_or(u64::MAX, u64::from);
-            while done < count && start.elapsed() < limit {
-                while sent < count && sent - done < in_flight {
-                    let h = if let Some(sc) = sched {
-                        // Stamped with when it was due, not when kshim took it.
-                        let due = sc.due_ns(start_ns, sent);
-                        if mono_ns() < due {
-                            break;
-                        }
-                        tagged_put(side.me, side.peer, len, sent, due)
-                    } else {
-                        put(side.me, side.peer, len, sent)
-                    };
-                    let Ok(buf) = side.k.alloc_tx(len) else { break };
-                    if side.k.send_buf(&h, buf).is_err() {
-                        break;
-                    }
-                    sent += 1;
-                }
-                let wait = if sched.is_some() { 1 } else { 20 };
-                if let Some(ev) = side.k.wait(Some(Duration::from_millis(wait))) {
-                    match ev {
-                        Event::TxDone { status, .. } => {
-                            done += 1;
-                            if status == TxStatus::Ok {
-                                r.bytes += len as u64;
-                            } else {
-                                failed += 1;
-                            }
-                        }
-                        Event::EngineGone(g) => bail!("the engine went away: {g:?}"),
-                        Event::Rx(m) => side.k.rx_done(m),
-                        _ => {}
-                    }
-                }
-            }
-            if failed > 0 {
-                r.note = Some(format!("{failed} sends failed back"));
-            }
-        }
-        (WorkloadKind::Bulk, Role::Recv) | (WorkloadKind::Live, Role::Recv) => {
-            let sched = (w.kind == WorkloadKind::Live).then(|| LiveSchedule::of(w));
-            let target = match sched {
-                None => w.bytes,
-                Some(sc) => sc.chunks * u64::from(w.chunk_bytes),
-            };
-            let mut arrived = vec![false; sched.map_or(0, |sc| sc.chunks as usize)];
-            let mut stream_start = None;
-            let limit = if w.kind == WorkloadKind::Bulk {
-                cap
-            } else {
-                cap + Duration::from_secs_f64(w.duration_s)
-            };
-            let mut tick = Ticker::new();
-            let start = Instant::now();
-            let mut first = None;
-            let mut last = start;
-            while r.bytes < target && start.elapsed() < limit {
-                match side.k.wait(Some(Duration::from_millis(20))) {
-                    Some(Event::Rx(m))
-                        if sched.is_some()
-                            && matches!(m.hdr.msg, Msg::Put { match_bits, .. } if match_bits == WARM_UP) =>
-                    {
-                        // The sender's warm-up, before the stream.
-                        side.k.rx_done(m);
-                    }
-                    Some(Event::Rx(m)) => {
-                        let now = Instant::now();
-                        if first.is_none() {
-                            first = Some(now);
-                            r.first_bytes = m.len() as u64;
-                        }
-                        last = now;
-                        r.bytes += m.len() as u64;
-                        if let (
-                            Some(sc),
-                            Msg::Put {
-                                hdr_data,
-                                match_bits,
-                                ..
-                            },
-                        ) = (sched, m.hdr.msg)
-                        {
-                            let fresh = arrived
-                                .get_mut(match_bits as usize)
-                                .is_some_and(|a| !std::mem::replace(a, true));
-                            if fresh {
-                                r.samples_us
-                                    .push(mono_ns().saturating_sub(hdr_data) as f64 / 1e3);
-                                stream_start.get_or_insert(sc.start_ns(match_bits, hdr_data));
-                            }
-                        }
-                        side.k.rx_done(m);
-                    }
-                    Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
-                    _ => {}
-                }
-                tick.tick(r.bytes);
-            }
-            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
-            if let Some(sc) = sched {
-                // Messages may complete out of order: the missing ones are any.
-                let missing = (0..sc.chunks).filter(|&i| !arrived[i as usize]);
-                let censored =
-                    stream_start.map_or(Vec::new(), |s0| sc.censored_us(s0, mono_ns(), missing));
-                let delivered = arrived.iter().filter(|&&a| a).count() as u64;
-                r.note = Some(live_note(&sc, delivered, censored.len()));
-                r.samples_us.extend(censored);
-            }
-        }
-        (WorkloadKind::Rpc, Role::Send) => {
-            let size = w.size as usize;
-            let start = Instant::now();
-            let mut tick = Ticker::new();
-            for i in 0..=w.count {
-                if start.elapsed() > cap {
-                    r.note = Some(format!(
-                        "stopped after {} of {} round trips (max_duration_s)",
-                        r.samples_us.len(),
-                        w.count
-                    ));
+    let (count, len, sched) = if w.kind == WorkloadKind::Bulk {
+        (w.bytes.div_ceil(MSG as u64), MSG, None)
+    } else {
+        let sched = LiveSchedule::of(w);
+        (sched.chunks, w.chunk_bytes as usize, Some(sched))
+    };
+    if sched.is_some() {
+        warm_up(side, len, cap)?;
+    }
+    let start = Instant::now();
+    let start_ns = mono_ns();
+    let limit = cap + Duration::from_secs_f64(w.duration_s);
+    let (mut sent, mut done) = (0u64, 0u64);
+    let in_flight = w.in_flight.map_or(u64::MAX, u64::from);
+    while done < count && start.elapsed() < limit {
+        while sent < count && sent - done < in_flight {
+            let h = if let Some(sc) = sched {
+                // Stamped with when it was due, not when kshim took it.
+                let due = sc.due_ns(start_ns, sent);
+                if mono_ns() < due {
                     break;
                 }
-                let t = Instant::now();
-                let buf = side.k.alloc_tx(size).context("TX pool")?;
-                side.k
-                    .send_buf(&put(side.me, side.peer, size, u64::from(i)), buf)
-                    .context("send")?;
-                let mut got = false;
-                while !got && start.elapsed() <= cap {
-                    match side.k.wait(Some(Duration::from_millis(20))) {
-                        Some(Event::Rx(m)) => {
-                            got = matches!(m.hdr.msg, Msg::Put { hdr_data, .. } if hdr_data == u64::from(i));
-                            side.k.rx_done(m);
-                        }
-                        Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
-                        _ => {}
-                    }
-                }
-                if got && i > 0 {
-                    // The first round trip includes connection set-up.
-                    r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
-                    r.bytes += 2 * size as u64;
-                }
-                tick.tick(r.bytes);
+                tagged_put(side.me, side.peer, len, sent, due)
+            } else {
+                put(side.me, side.peer, len, sent)
+            };
+            let Ok(buf) = side.k.alloc_tx(len) else { break };
+            if side.k.send_buf(&h, buf).is_err() {
+                break;
             }
+            sent += 1;
         }
-        (WorkloadKind::Rpc, Role::Recv) => {
-            let start = Instant::now();
-            let mut tick = Ticker::new();
-            let mut answered = 0u32;
-            while answered <= w.count && start.elapsed() < cap + Duration::from_secs(20) {
-                match side.k.wait(Some(Duration::from_millis(20))) {
-                    Some(Event::Rx(m)) => {
-                        if let Msg::Put { hdr_data, .. } = m.hdr.msg {
-                            let len = m.len();
-                            side.k.rx_done(m);
-                            let buf = side.k.alloc_tx(len).context("TX pool")?;
-                            side.k
-                                .send_buf(&put(side.me, side.peer, len, hdr_data), buf)
-                                .context("reply")?;
-                            answered += 1;
-                            r.bytes += len as u64;
-                            tick.tick(r.bytes);
-                        } else {
-                            side.k.rx_done(m);
-                        }
+        // A live sender wakes often enough to send each chunk near its due time.
+        let wait = if sched.is_some() { 1 } else { 20 };
+        if let Some(ev) = side.k.wait(Some(Duration::from_millis(wait))) {
+            match ev {
+                Event::TxDone { status, .. } => {
+                    done += 1;
+                    if status == TxStatus::Ok {
+                        r.bytes += len as u64;
+                    } else {
+                        failed += 1;
                     }
-                    Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
-                    _ => {}
                 }
-            }
-            // Let the last replies be acknowledged.
-            let t = Instant::now();
-            while side.k.pending() > 0 && t.elapsed() < Duration::from_secs(5) {
-                let _ = side.k.wait(Some(Duration::from_millis(20)));
+                Event::EngineGone(g) => bail!("the engine went away: {g:?}"),
+                Event::Rx(m) => side.k.rx_done(m),
+                _ => {}
             }
         }
     }
+    if failed > 0 {
+        r.note = Some(format!("{failed} sends failed back"));
+    }
+    Ok(r)
+}
+
+/// Bulk or live receiver: counts what arrives until the whole workload is in
+/// or the time is up; live, it also times each chunk's delivery.
+fn receive_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let sched = (w.kind == WorkloadKind::Live).then(|| LiveSchedule::of(w));
+    let target = match sched {
+        None => w.bytes,
+        Some(sc) => sc.chunks * u64::from(w.chunk_bytes),
+    };
+    let mut live = sched.map(LiveTally::new);
+    let limit = if w.kind == WorkloadKind::Bulk {
+        cap
+    } else {
+        cap + Duration::from_secs_f64(w.duration_s)
+    };
+    let mut tick = Ticker::new();
+    let start = Instant::now();
+    let mut first = None;
+    let mut last = start;
+    while r.bytes < target && start.elapsed() < limit {
+        match side.k.wait(Some(Duration::from_millis(20))) {
+            Some(Event::Rx(m))
+                if sched.is_some()
+                    && matches!(m.hdr.msg, Msg::Put { match_bits, .. } if match_bits == WARM_UP) =>
+            {
+                // The sender's warm-up, before the stream.
+                side.k.rx_done(m);
+            }
+            Some(Event::Rx(m)) => {
+                let now = Instant::now();
+                if first.is_none() {
+                    first = Some(now);
+                    r.first_bytes = m.len() as u64;
+                }
+                last = now;
+                r.bytes += m.len() as u64;
+                if let (
+                    Some(l),
+                    Msg::Put {
+                        hdr_data,
+                        match_bits,
+                        ..
+                    },
+                ) = (&mut live, m.hdr.msg)
+                {
+                    l.arrived(match_bits, hdr_data, &mut r);
+                }
+                side.k.rx_done(m);
+            }
+            Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+            _ => {}
+        }
+        tick.tick(r.bytes);
+    }
+    r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    if let Some(l) = live {
+        l.finish(&mut r);
+    }
+    Ok(r)
+}
+
+/// A live receiver's record of the stream's chunks.
+struct LiveTally {
+    sched: LiveSchedule,
+    /// Which chunks arrived, by index.
+    arrived: Vec<bool>,
+    /// The stream's start on the monotonic clock, from the first chunk in.
+    stream_start: Option<u64>,
+}
+
+impl LiveTally {
+    fn new(sched: LiveSchedule) -> LiveTally {
+        LiveTally {
+            sched,
+            arrived: vec![false; sched.chunks as usize],
+            stream_start: None,
+        }
+    }
+
+    /// Chunk `index`, due at `due_ns`, is in: its latency is a sample unless
+    /// it arrived before.
+    fn arrived(&mut self, index: u64, due_ns: u64, r: &mut NodeResult) {
+        let fresh = self
+            .arrived
+            .get_mut(index as usize)
+            .is_some_and(|a| !std::mem::replace(a, true));
+        if fresh {
+            r.samples_us
+                .push(mono_ns().saturating_sub(due_ns) as f64 / 1e3);
+            self.stream_start
+                .get_or_insert(self.sched.start_ns(index, due_ns));
+        }
+    }
+
+    /// The receiver stopped: the missing chunks count at their age, and the
+    /// note says how many arrived.
+    fn finish(self, r: &mut NodeResult) {
+        let sc = self.sched;
+        // Messages may complete out of order: the missing ones are any.
+        let missing = (0..sc.chunks).filter(|&i| !self.arrived[i as usize]);
+        let censored = self
+            .stream_start
+            .map_or(Vec::new(), |s0| sc.censored_us(s0, mono_ns(), missing));
+        let delivered = self.arrived.iter().filter(|&&a| a).count() as u64;
+        r.note = Some(live_note(&sc, delivered, censored.len()));
+        r.samples_us.extend(censored);
+    }
+}
+
+/// rpc client: `count` PUTs, each answered by a PUT, one at a time; every
+/// round trip but the first is a sample.
+fn ask(side: &mut Side, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let size = w.size as usize;
+    let start = Instant::now();
+    let mut tick = Ticker::new();
+    for i in 0..=w.count {
+        if start.elapsed() > cap {
+            r.note = Some(format!(
+                "stopped after {} of {} round trips (max_duration_s)",
+                r.samples_us.len(),
+                w.count
+            ));
+            break;
+        }
+        let t = Instant::now();
+        let buf = side.k.alloc_tx(size).context("TX pool")?;
+        side.k
+            .send_buf(&put(side.me, side.peer, size, u64::from(i)), buf)
+            .context("send")?;
+        let mut got = false;
+        while !got && start.elapsed() <= cap {
+            match side.k.wait(Some(Duration::from_millis(20))) {
+                Some(Event::Rx(m)) => {
+                    got =
+                        matches!(m.hdr.msg, Msg::Put { hdr_data, .. } if hdr_data == u64::from(i));
+                    side.k.rx_done(m);
+                }
+                Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+                _ => {}
+            }
+        }
+        if got && i > 0 {
+            // The first round trip includes connection set-up.
+            r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
+            r.bytes += 2 * size as u64;
+        }
+        tick.tick(r.bytes);
+    }
+    Ok(r)
+}
+
+/// rpc server: answers each PUT with a PUT of the same size and `hdr_data`.
+fn answer(side: &mut Side, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let start = Instant::now();
+    let mut tick = Ticker::new();
+    let mut answered = 0u32;
+    while answered <= w.count && start.elapsed() < cap + Duration::from_secs(20) {
+        match side.k.wait(Some(Duration::from_millis(20))) {
+            Some(Event::Rx(m)) => {
+                if let Msg::Put { hdr_data, .. } = m.hdr.msg {
+                    let len = m.len();
+                    side.k.rx_done(m);
+                    let buf = side.k.alloc_tx(len).context("TX pool")?;
+                    side.k
+                        .send_buf(&put(side.me, side.peer, len, hdr_data), buf)
+                        .context("reply")?;
+                    answered += 1;
+                    r.bytes += len as u64;
+                    tick.tick(r.bytes);
+                } else {
+                    side.k.rx_done(m);
+                }
+            }
+            Some(Event::EngineGone(g)) => bail!("the engine went away: {g:?}"),
+            _ => {}
+        }
+    }
+    // Let the last replies be acknowledged.
+    let t = Instant::now();
+    while side.k.pending() > 0 && t.elapsed() < Duration::from_secs(5) {
+        let _ = side.k.wait(Some(Duration::from_millis(20)));
+    }
+    Ok(r)
+}
+
+/// Adds the engine's counters to `r`: retransmissions, copies, and its
+/// drops and failures to the note.
+fn add_engine_counters(side: &Side, role: Role, r: &mut NodeResult) {
     let (retrans, copied, engine) = side.counters();
     r.retrans_bytes = retrans;
     r.copied_bytes = copied;
     if let Some(e) = engine {
-        let side = if spec.role == Role::Send {
+        let side = if role == Role::Send {
             "sending"
         } else {
             "receiving"
@@ -479,6 +549,4 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
             None => e,
         });
     }
-    side.close();
-    Ok(r)
 }

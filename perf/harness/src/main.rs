@@ -198,35 +198,81 @@ fn median_of(runs: u32, what: &str, mut f: impl FnMut() -> Result<f64>) -> Resul
     Ok(median(&values).expect("at least one run"))
 }
 
+impl LoopbackArgs {
+    /// Whether `--only` keeps contender `name`.
+    fn on(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|n| n == name)
+    }
+
+    /// Round trips per run: (all but UDT4, UDT4).
+    fn round_trip_counts(&self) -> (usize, usize) {
+        let n = self.round_trips as usize;
+        (n, n.min(self.udt4_round_trips as usize))
+    }
+}
+
 fn loopback(args: LoopbackArgs) -> Result<()> {
     for name in &args.only {
         if !["udp", "udt4", "lu2k"].contains(&name.as_str()) {
             anyhow::bail!("--only {name}: unknown contender; use udp, udt4, lu2k");
         }
     }
-    let on = |name: &str| args.only.is_empty() || args.only.iter().any(|n| n == name);
+    let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
+    let bulk = bulk_figures(&args, &lo)?;
+    let rtt = round_trips(&args, &lo)?;
+    print_loopback(&args, &bulk, &rtt);
+    if let Some(path) = &args.json {
+        let report = LoopbackReport {
+            runs: args.runs,
+            bytes_per_run: args.mib << 20,
+            lu2k_gbps: bulk.lu2k,
+            udt4_gbps: bulk.udt4,
+            udp_ceiling_gbps: bulk.udp_ceiling,
+            udp_64mib_gbps: bulk.udp_64mib,
+            lu2k_copied_bytes: bulk.lu2k_copied,
+            rtt,
+        };
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `loopback`'s bulk medians in Gbit/s; `None` where not run.
+#[derive(Debug, Default)]
+struct BulkFigures {
+    lu2k: Option<f64>,
+    udt4: Option<f64>,
+    udp_ceiling: Option<f64>,
+    udp_64mib: Option<f64>,
+    /// Payload bytes lu2k copied, both sides, in its run that copied most.
+    lu2k_copied: Option<u64>,
+}
+
+/// The bulk runs of `loopback` (none with `--no-bulk`).
+fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
     let bulk = !args.no_bulk;
     let bytes = args.mib << 20;
-    let udp_ceiling = (bulk && on("udp"))
+    let udp_ceiling = (bulk && args.on("udp"))
         .then(|| {
             median_of(args.runs, "raw UDP GSO+GRO", || {
                 udp::gso_gro_blast(bytes, 0)
             })
         })
         .transpose()?;
-    let udp_64mib = (bulk && on("udp"))
+    let udp_64mib = (bulk && args.on("udp"))
         .then(|| {
             median_of(args.runs, "raw UDP GSO+GRO, 64 MiB buffers", || {
                 udp::gso_gro_blast(bytes, udp::OUT_OF_CACHE_FOOTPRINT)
             })
         })
         .transpose()?;
-    let udt4 = (bulk && on("udt4"))
+    let udt4 = (bulk && args.on("udt4"))
         .then(|| median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes)))
         .transpose()?;
-    let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
     let mut copied = None;
-    let lu2k = (bulk && on("lu2k"))
+    let lu2k = (bulk && args.on("lu2k"))
         .then(|| {
             median_of(args.runs, "lu2k bulk", || {
                 let w = scenario::Workload {
@@ -236,7 +282,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
                     in_flight: Some(args.lu2k_in_flight),
                     ..loopback_workload()
                 };
-                let (r, tx) = run::lu2k_direct(w, &lo)?;
+                let (r, tx) = run::lu2k_direct(w, lo)?;
                 if r.bytes < bytes {
                     anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
                 }
@@ -246,13 +292,23 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             })
         })
         .transpose()?;
+    Ok(BulkFigures {
+        lu2k,
+        udt4,
+        udp_ceiling,
+        udp_64mib,
+        lu2k_copied: copied,
+    })
+}
 
-    let n = args.round_trips as usize;
-    let n_udt4 = n.min(args.udt4_round_trips as usize);
+/// The round-trip runs of `loopback`, each size in turn: raw UDP (1 and 3
+/// hops), UDT4 (blocking and spinning receive), lu2k.
+fn round_trips(args: &LoopbackArgs, lo: &run::Opts) -> Result<Vec<RttRow>> {
+    let (n, n_udt4) = args.round_trip_counts();
     let mut rtt = Vec::new();
     let bar = progress(4 * RTT_SIZES.len() as u64, "round trips");
     for size in RTT_SIZES {
-        if on("udp") {
+        if args.on("udp") {
             for (contender, hops) in [("udp", 1), ("udp-3hop", 3)] {
                 bar.set_message(format!("raw UDP, {hops} hops, {size} B"));
                 let latency = udp::ping_pong(size, n, hops).context("raw UDP round trips")?;
@@ -264,7 +320,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             }
         }
         bar.inc(1);
-        if on("udt4") {
+        if args.on("udt4") {
             bar.set_message(format!("UDT4, {size} B"));
             match udt4::ping_pong(size, n_udt4) {
                 Ok(latency) => rtt.push(RttRow {
@@ -288,92 +344,92 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
         } else {
             bar.inc(2);
         }
-        if on("lu2k") {
+        if args.on("lu2k") {
             bar.set_message(format!("lu2k, {size} B"));
-            let w = scenario::Workload {
-                kind: scenario::WorkloadKind::Rpc,
-                size: size as u32,
-                count: n as u32,
-                max_duration_s: 120.0,
-                ..loopback_workload()
-            };
-            match run::lu2k_direct(w, &lo) {
-                Ok((r, _)) => {
-                    let mut d: Vec<std::time::Duration> = r
-                        .samples_us
-                        .iter()
-                        .map(|us| std::time::Duration::from_secs_f64(us / 1e6))
-                        .collect();
-                    match Latency::from_samples(&mut d) {
-                        Some(latency) => rtt.push(RttRow {
-                            contender: "lu2k",
-                            size,
-                            latency,
-                        }),
-                        None => eprintln!("lu2k round trips, {size} B: no samples"),
-                    }
-                }
-                Err(e) => eprintln!("lu2k round trips, {size} B: {e:#}"),
+            if let Some(latency) = lu2k_round_trips(size, n, lo) {
+                rtt.push(RttRow {
+                    contender: "lu2k",
+                    size,
+                    latency,
+                });
             }
         }
         bar.inc(1);
     }
     bar.finish();
+    Ok(rtt)
+}
 
+/// lu2k's round trips of `size` bytes, `n` of them; says why on stderr when
+/// there are none.
+fn lu2k_round_trips(size: usize, n: usize, lo: &run::Opts) -> Option<Latency> {
+    let w = scenario::Workload {
+        kind: scenario::WorkloadKind::Rpc,
+        size: size as u32,
+        count: n as u32,
+        max_duration_s: 120.0,
+        ..loopback_workload()
+    };
+    match run::lu2k_direct(w, lo) {
+        Ok((r, _)) => {
+            let mut d: Vec<std::time::Duration> = r
+                .samples_us
+                .iter()
+                .map(|us| std::time::Duration::from_secs_f64(us / 1e6))
+                .collect();
+            let latency = Latency::from_samples(&mut d);
+            if latency.is_none() {
+                eprintln!("lu2k round trips, {size} B: no samples");
+            }
+            latency
+        }
+        Err(e) => {
+            eprintln!("lu2k round trips, {size} B: {e:#}");
+            None
+        }
+    }
+}
+
+/// `loopback`'s tables on stdout.
+fn print_loopback(args: &LoopbackArgs, bulk: &BulkFigures, rtt: &[RttRow]) {
     println!();
-    if bulk {
+    if !args.no_bulk {
         println!(
             "bulk over loopback, {} MiB per run, median of {} runs",
             args.mib, args.runs
         );
         println!("  {:<18} {:>10}", "contender", "Gbit/s");
         for (name, v) in [
-            ("lu2k", lu2k),
-            ("UDT4", udt4),
-            ("raw UDP GSO+GRO", udp_ceiling),
-            ("  64 MiB buffers", udp_64mib),
+            ("lu2k", bulk.lu2k),
+            ("UDT4", bulk.udt4),
+            ("raw UDP GSO+GRO", bulk.udp_ceiling),
+            ("  64 MiB buffers", bulk.udp_64mib),
         ] {
             if let Some(v) = v {
                 println!("  {name:<18} {v:>10.2}");
             }
         }
         // The goals, read off this run: >= 8x UDT4, >= 40 % of the ceiling.
-        if let (Some(l), Some(u)) = (lu2k, udt4) {
+        if let (Some(l), Some(u)) = (bulk.lu2k, bulk.udt4) {
             println!("  lu2k / UDT4: {:.1}x (goal 8x)", l / u);
         }
-        if let (Some(l), Some(c)) = (lu2k, udp_ceiling) {
+        if let (Some(l), Some(c)) = (bulk.lu2k, bulk.udp_ceiling) {
             println!("  lu2k / ceiling: {:.0} % (goal 40 %)", 100.0 * l / c);
         }
         println!();
     }
+    let (n, n_udt4) = args.round_trip_counts();
     println!("round trips over loopback, {n} each (UDT4 {n_udt4})");
     println!(
         "  {:<10} {:>6} {:>10} {:>10} {:>10}",
         "contender", "bytes", "p50 µs", "p99 µs", "max µs"
     );
-    for row in &rtt {
+    for row in rtt {
         println!(
             "  {:<10} {:>6} {:>10.1} {:>10.1} {:>10.1}",
             row.contender, row.size, row.latency.p50_us, row.latency.p99_us, row.latency.max_us
         );
     }
-
-    if let Some(path) = args.json {
-        let report = LoopbackReport {
-            runs: args.runs,
-            bytes_per_run: bytes,
-            lu2k_gbps: lu2k,
-            udt4_gbps: udt4,
-            udp_ceiling_gbps: udp_ceiling,
-            udp_64mib_gbps: udp_64mib,
-            lu2k_copied_bytes: copied,
-            rtt,
-        };
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
 }
 
 fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {

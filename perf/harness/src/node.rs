@@ -411,173 +411,208 @@ impl Default for Ticker {
 }
 
 fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
-    let mut s = open_stream(spec)?;
+    let mut stream = open_stream(spec)?;
+    let s = stream.as_mut();
     let w = &spec.workload;
+    let mut r = match (w.kind, spec.role) {
+        (WorkloadKind::Bulk, Role::Send) => bulk_send(s, w)?,
+        (WorkloadKind::Bulk, Role::Recv) => bulk_receive(s, w)?,
+        (WorkloadKind::Rpc, Role::Send) => ask(s, w),
+        (WorkloadKind::Rpc, Role::Recv) => answer(s, w)?,
+        (WorkloadKind::Live, Role::Send) => live_send(s, w)?,
+        (WorkloadKind::Live, Role::Recv) => live_receive(s, w)?,
+    };
+    r.retrans_bytes = s.retrans_bytes();
+    Ok(r)
+}
+
+/// Reports `r`, then keeps the connection open until the harness ends this
+/// node: UDT4 drops what it has not sent yet when its process exits, and the
+/// last bytes may still sit in its send buffer.
+fn finish_and_linger(s: &mut dyn Stream, r: &mut NodeResult) -> Result<()> {
+    r.retrans_bytes = s.retrans_bytes();
+    finish(r)?;
+    std::thread::sleep(Duration::from_secs(3600));
+    Ok(())
+}
+
+fn bulk_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     let cap = Duration::from_secs_f64(w.max_duration_s);
     let mut r = NodeResult::default();
-    match (w.kind, spec.role) {
-        (WorkloadKind::Bulk, Role::Send) => {
-            let chunk = vec![0x5au8; 1 << 20];
-            let start = Instant::now();
-            while r.bytes < w.bytes && start.elapsed() < cap + Duration::from_secs(5) {
-                let n = chunk.len().min((w.bytes - r.bytes) as usize);
-                if s.write_all(&chunk[..n]).is_err() {
-                    break; // the receiver closed (done or out of time)
-                }
-                r.bytes += n as u64;
-            }
-            // Report, then keep the connection open until the harness ends this node.
-            r.retrans_bytes = s.retrans_bytes();
-            finish(&r)?;
-            std::thread::sleep(Duration::from_secs(3600));
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    while r.bytes < w.bytes && start.elapsed() < cap + Duration::from_secs(5) {
+        let n = chunk.len().min((w.bytes - r.bytes) as usize);
+        if s.write_all(&chunk[..n]).is_err() {
+            break; // the receiver closed (done or out of time)
         }
-        (WorkloadKind::Bulk, Role::Recv) => {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut tick = Ticker::new();
-            let start = Instant::now();
-            let mut first = None;
-            let mut last = start;
-            while r.bytes < w.bytes && start.elapsed() < cap {
-                let n = s.read_some(&mut buf)?;
-                if n > 0 {
-                    last = Instant::now();
-                    if first.is_none() {
-                        first = Some(last);
-                        r.first_bytes = n as u64;
-                    }
-                    r.bytes += n as u64;
-                }
-                tick.tick(r.bytes);
-            }
-            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
-        }
-        (WorkloadKind::Rpc, Role::Send) => {
-            let size = w.size as usize;
-            let msg = vec![7u8; size];
-            let mut buf = vec![0u8; size];
-            let mut tick = Ticker::new();
-            let deadline = Instant::now() + cap;
-            for i in 0..w.count + 1 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    r.note = Some(format!(
-                        "stopped after {} of {} round trips (max_duration_s)",
-                        r.samples_us.len(),
-                        w.count
-                    ));
-                    break;
-                }
-                let t = Instant::now();
-                let done = s
-                    .write_all(&msg)
-                    .and_then(|()| read_exact(s.as_mut(), &mut buf, left));
-                if let Err(e) = done {
-                    r.note = Some(format!(
-                        "stopped after {} of {} round trips: {e:#}",
-                        r.samples_us.len(),
-                        w.count
-                    ));
-                    break;
-                }
-                if i > 0 {
-                    // The first round trip includes connection warm-up.
-                    r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
-                    r.bytes += 2 * size as u64;
-                }
-                tick.tick(r.bytes);
-            }
-        }
-        (WorkloadKind::Rpc, Role::Recv) => {
-            let size = w.size as usize;
-            let mut buf = vec![0u8; size];
-            for _ in 0..w.count + 1 {
-                if read_exact(s.as_mut(), &mut buf, cap).is_err() {
-                    break;
-                }
-                s.write_all(&buf)?;
-                r.bytes += size as u64;
-                say(&format!("progress {}", r.bytes));
-            }
-            // Report, then keep the connection open until the harness ends
-            // this node: UDT4 drops what it has not sent yet when its process
-            // exits, and the last reply may still sit in its send buffer.
-            r.retrans_bytes = s.retrans_bytes();
-            finish(&r)?;
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-        (WorkloadKind::Live, Role::Send) => {
-            let chunk = w.chunk_bytes as usize;
-            let mut buf = vec![0u8; chunk];
-            let sched = LiveSchedule::of(w);
-            // One chunk outside the stream, answered by a byte, before the
-            // schedule starts (lu2k's engines do the same).
-            buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-            s.write_all(&buf)?;
-            read_exact(s.as_mut(), &mut [0u8; 1], cap).context("the warm-up's answer")?;
-            let start_ns = mono_ns();
-            for i in 0..sched.chunks {
-                let due = sched.due_ns(start_ns, i);
-                let now = mono_ns();
-                if due > now {
-                    std::thread::sleep(Duration::from_nanos(due - now));
-                }
-                // Stamped with when it was due, not when the transport took it:
-                // a sender held back by its transport is late, and that counts.
-                buf[..8].copy_from_slice(&due.to_le_bytes());
-                buf[8..16].copy_from_slice(&i.to_le_bytes());
-                if s.write_all(&buf).is_err() {
-                    break;
-                }
-                r.bytes += chunk as u64;
-            }
-            r.retrans_bytes = s.retrans_bytes();
-            finish(&r)?;
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-        (WorkloadKind::Live, Role::Recv) => {
-            let chunk = w.chunk_bytes as usize;
-            let mut buf = vec![0u8; chunk];
-            let sched = LiveSchedule::of(w);
-            let mut tick = Ticker::new();
-            let limit = Duration::from_secs_f64(w.duration_s + w.max_duration_s);
-            let start = Instant::now();
-            let mut first = None;
-            let mut last = start;
-            let mut stream_start = None;
-            let mut delivered = 0u64;
-            // The sender's warm-up chunk, answered so that it knows the
-            // connection carries data before its schedule starts.
-            read_exact(s.as_mut(), &mut buf, limit).context("the warm-up chunk")?;
-            s.write_all(&[1])?;
-            while delivered < sched.chunks && start.elapsed() < limit {
-                if read_exact(s.as_mut(), &mut buf, limit.saturating_sub(start.elapsed())).is_err()
-                {
-                    break;
-                }
-                let now = mono_ns();
-                last = Instant::now();
-                if first.is_none() {
-                    first = Some(last);
-                    r.first_bytes = chunk as u64;
-                }
-                let due = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-                let i = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-                stream_start.get_or_insert(sched.start_ns(i, due));
-                r.samples_us.push(now.saturating_sub(due) as f64 / 1e3);
-                r.bytes += chunk as u64;
-                delivered += 1;
-                tick.tick(r.bytes);
-            }
-            // A byte stream delivers in order: what is missing is the tail.
-            let censored = stream_start.map_or(Vec::new(), |s0| {
-                sched.censored_us(s0, mono_ns(), delivered..sched.chunks)
-            });
-            r.note = Some(live_note(&sched, delivered, censored.len()));
-            r.samples_us.extend(censored);
-            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
-        }
+        r.bytes += n as u64;
     }
-    r.retrans_bytes = s.retrans_bytes();
+    finish_and_linger(s, &mut r)?;
+    Ok(r)
+}
+
+fn bulk_receive(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut tick = Ticker::new();
+    let start = Instant::now();
+    let mut first = None;
+    let mut last = start;
+    while r.bytes < w.bytes && start.elapsed() < cap {
+        let n = s.read_some(&mut buf)?;
+        if n > 0 {
+            last = Instant::now();
+            if first.is_none() {
+                first = Some(last);
+                r.first_bytes = n as u64;
+            }
+            r.bytes += n as u64;
+        }
+        tick.tick(r.bytes);
+    }
+    r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    Ok(r)
+}
+
+/// rpc client: `count` requests, each answered in full before the next;
+/// every round trip but the first is a sample.
+fn ask(s: &mut dyn Stream, w: &Workload) -> NodeResult {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let size = w.size as usize;
+    let msg = vec![7u8; size];
+    let mut buf = vec![0u8; size];
+    let mut tick = Ticker::new();
+    let deadline = Instant::now() + cap;
+    for i in 0..w.count + 1 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            r.note = Some(format!(
+                "stopped after {} of {} round trips (max_duration_s)",
+                r.samples_us.len(),
+                w.count
+            ));
+            break;
+        }
+        let t = Instant::now();
+        let done = s
+            .write_all(&msg)
+            .and_then(|()| read_exact(s, &mut buf, left));
+        if let Err(e) = done {
+            r.note = Some(format!(
+                "stopped after {} of {} round trips: {e:#}",
+                r.samples_us.len(),
+                w.count
+            ));
+            break;
+        }
+        if i > 0 {
+            // The first round trip includes connection warm-up.
+            r.samples_us.push(t.elapsed().as_secs_f64() * 1e6);
+            r.bytes += 2 * size as u64;
+        }
+        tick.tick(r.bytes);
+    }
+    r
+}
+
+/// rpc server: echoes each request.
+fn answer(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let size = w.size as usize;
+    let mut buf = vec![0u8; size];
+    for _ in 0..w.count + 1 {
+        if read_exact(s, &mut buf, cap).is_err() {
+            break;
+        }
+        s.write_all(&buf)?;
+        r.bytes += size as u64;
+        say(&format!("progress {}", r.bytes));
+    }
+    // The last reply may still sit in the send buffer.
+    finish_and_linger(s, &mut r)?;
+    Ok(r)
+}
+
+/// Live sender: a warm-up chunk, then each chunk of the schedule when it is
+/// due, stamped with its due time (bytes 0..8) and index (8..16).
+fn live_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
+    let cap = Duration::from_secs_f64(w.max_duration_s);
+    let mut r = NodeResult::default();
+    let chunk = w.chunk_bytes as usize;
+    let mut buf = vec![0u8; chunk];
+    let sched = LiveSchedule::of(w);
+    // One chunk outside the stream, answered by a byte, before the
+    // schedule starts (lu2k's engines do the same).
+    buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    s.write_all(&buf)?;
+    read_exact(s, &mut [0u8; 1], cap).context("the warm-up's answer")?;
+    let start_ns = mono_ns();
+    for i in 0..sched.chunks {
+        let due = sched.due_ns(start_ns, i);
+        let now = mono_ns();
+        if due > now {
+            std::thread::sleep(Duration::from_nanos(due - now));
+        }
+        // Stamped with when it was due, not when the transport took it:
+        // a sender held back by its transport is late, and that counts.
+        buf[..8].copy_from_slice(&due.to_le_bytes());
+        buf[8..16].copy_from_slice(&i.to_le_bytes());
+        if s.write_all(&buf).is_err() {
+            break;
+        }
+        r.bytes += chunk as u64;
+    }
+    finish_and_linger(s, &mut r)?;
+    Ok(r)
+}
+
+/// Live receiver: answers the warm-up chunk, then times each chunk's
+/// delivery against its due time.
+fn live_receive(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
+    let mut r = NodeResult::default();
+    let chunk = w.chunk_bytes as usize;
+    let mut buf = vec![0u8; chunk];
+    let sched = LiveSchedule::of(w);
+    let mut tick = Ticker::new();
+    let limit = Duration::from_secs_f64(w.duration_s + w.max_duration_s);
+    let start = Instant::now();
+    let mut first = None;
+    let mut last = start;
+    let mut stream_start = None;
+    let mut delivered = 0u64;
+    // The sender's warm-up chunk, answered so that it knows the
+    // connection carries data before its schedule starts.
+    read_exact(s, &mut buf, limit).context("the warm-up chunk")?;
+    s.write_all(&[1])?;
+    while delivered < sched.chunks && start.elapsed() < limit {
+        if read_exact(s, &mut buf, limit.saturating_sub(start.elapsed())).is_err() {
+            break;
+        }
+        let now = mono_ns();
+        last = Instant::now();
+        if first.is_none() {
+            first = Some(last);
+            r.first_bytes = chunk as u64;
+        }
+        let due = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+        let i = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+        stream_start.get_or_insert(sched.start_ns(i, due));
+        r.samples_us.push(now.saturating_sub(due) as f64 / 1e3);
+        r.bytes += chunk as u64;
+        delivered += 1;
+        tick.tick(r.bytes);
+    }
+    // A byte stream delivers in order: what is missing is the tail.
+    let censored = stream_start.map_or(Vec::new(), |s0| {
+        sched.censored_us(s0, mono_ns(), delivered..sched.chunks)
+    });
+    r.note = Some(live_note(&sched, delivered, censored.len()));
+    r.samples_us.extend(censored);
+    r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
     Ok(r)
 }
 

@@ -33,13 +33,16 @@ pub struct Row {
     pub rate_mbps: f64,
     /// "ok", "incomplete" (ran out of time), "skipped: why" or "failed: why".
     pub status: String,
-    /// Payload bytes the workload asked for (bulk) and delivered.
+    /// Payload bytes the workload asks to move: bulk `bytes`, rpc requests
+    /// and replies, the live stream's chunks.
     pub bytes_target: u64,
     /// Payload bytes delivered.
     pub bytes: u64,
-    /// Payload goodput, Mbit/s (finished bulk: slope of delivery between 10 %
-    /// and 90 % of the bytes; unfinished: first byte to the stop; live: over
-    /// the stream).
+    /// Payload goodput, Mbit/s: for a finished bulk run without an outage, the
+    /// slope of delivery between 10 % and 90 % of the bytes where the progress
+    /// reports allow; otherwise the bytes after the first read over the time
+    /// from the first byte to the last (finished) or to the stop (unfinished).
+    /// None for rpc and for a run that delivered nothing.
     pub goodput_mbps: Option<f64>,
     /// goodput / (rate × (1 − loss)).
     pub utilization: Option<f64>,

@@ -108,9 +108,10 @@ pub fn path_of(c: Contender) -> &'static str {
 /// 90 % of the total. Start-up (handshake, window growth) and the tail stay
 /// out (time to 90 % reports the start), and data held behind a hole — which
 /// arrives at the application in bursts — is averaged over the whole middle of
-/// the run instead of deciding the result at one end: counting from the first
-/// delivered message made a 1 % loss cell read 123 Mbit/s on a 100 Mbit/s
-/// link. None when the reports are too few or too close together to tell.
+/// the run: bytes over the time from the first delivered message to the last
+/// would let a burst at either end decide the result, and on a lossy cell can
+/// read above the link's rate. None when the reports are too few or too close
+/// together to tell.
 fn steady_goodput(series: &crate::collect::Series) -> Option<f64> {
     let total = series.points.last()?.1 as f64;
     let mid: Vec<(f64, f64)> = series
@@ -234,96 +235,171 @@ fn run_inner(
 ) -> Result<Row> {
     let w = &cell.workload;
     let cpu0 = children_cpu_s();
-    let exe = node::self_command;
-    let (emu, rx, tx) = match contender {
-        Contender::Udt4 | Contender::Srt => {
-            let kind = if contender == Contender::Udt4 {
-                Kind::Udt4
-            } else {
-                Kind::Srt
-            };
-            let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-            let mut rx = Node::spawn(Node::command(exe()?, &spec(kind, Role::Recv, cell, lo))?)?;
-            let at = rx.wait_listen(Duration::from_secs(20))?;
-            let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
-            rc.b_peer = Some(at);
-            let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
-            let tx_spec = spec(kind, Role::Send, cell, relay.a_addr());
-            let tx = Node::spawn(Node::command(exe()?, &tx_spec)?)?;
-            (Emu::Relay(relay), rx, tx)
-        }
-        Contender::TcpCubic | Contender::TcpBbr => {
-            let name = format!("lu2kp{}", std::process::id() % 100_000);
-            // The TUN emulator sees whole IP packets: no header overhead to add.
-            let mut link = cell.link.clone();
-            link.forward.overhead_bytes = 0;
-            link.reverse.overhead_bytes = 0;
-            let tun = TunLink::spawn(TunConfig::new(link, opts.seed, &name))
-                .context("starting the link emulator (TUN; needs root and iproute2)")?;
-            let at = SocketAddr::from((tun.b_ip(), 5201));
-            let cc = if contender == Contender::TcpCubic {
-                "cubic"
-            } else {
-                "bbr"
-            };
-            let mut rs = spec(Kind::Tcp, Role::Recv, cell, at);
-            rs.cc = Some(cc.into());
-            let exe_path = std::env::current_exe()?;
-            let mut rx = Node::spawn(Node::command(
-                tun.b().command(&exe_path.to_string_lossy()),
-                &rs,
-            )?)?;
-            rx.wait_listen(Duration::from_secs(20))?;
-            let mut ts = spec(Kind::Tcp, Role::Send, cell, at);
-            ts.cc = Some(cc.into());
-            let tx = Node::spawn(Node::command(
-                tun.a().command(&exe_path.to_string_lossy()),
-                &ts,
-            )?)?;
-            (Emu::Tun(tun), rx, tx)
-        }
-        Contender::Lu2k => {
-            let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 77, 1), Ipv4Addr::new(127, 0, 77, 2));
-            let port = free_udp_port(a_ip)?;
-            let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
-            // Each relay socket sits on the address of the node it stands for.
-            rc.a_bind = SocketAddr::from((b_ip, 0));
-            rc.b_bind = SocketAddr::from((a_ip, 0));
-            rc.a_peer = Some(SocketAddr::from((a_ip, port)));
-            rc.b_peer = Some(SocketAddr::from((b_ip, port)));
-            let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
-            let v4 = |a: SocketAddr| match a {
-                SocketAddr::V4(a) => a,
-                SocketAddr::V6(_) => unreachable!("the relay binds IPv4"),
-            };
-            let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
-            let l = |ip, peer_ip, peer: SocketAddrV4| Lu2kSpec {
-                ip,
-                port,
-                peer_ip,
-                peer_addr: Some(peer),
-                dir: dir.clone(),
-                cores: opts.lu2k_cores,
-                rx_bufs: opts.lu2k_rx_bufs,
-            };
-            let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
-            rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
-            let rx = Node::spawn(Node::command(exe()?, &rs)?)?;
-            let mut ts = spec(Kind::Lu2k, Role::Send, cell, relay.a_addr());
-            ts.lu2k = Some(l(a_ip, b_ip, v4(relay.a_addr())));
-            let tx = Node::spawn(Node::command(exe()?, &ts)?)?;
-            (Emu::Relay(relay), rx, tx)
-        }
-    };
+    let Started { emu, rx, tx } = start(cell, contender, opts)?;
     let t0 = Instant::now();
     let outage_offset = t0.saturating_duration_since(emu.epoch()).as_secs_f64();
-    let receiver_is_rpc_server = w.kind == WorkloadKind::Rpc;
+    let target = target_bytes(w);
+    let bar = progress_bar(mp, target, cell, contender);
+    let (measuring, waiting) = measuring_first(w.kind, rx, tx);
+    let limit = Duration::from_secs_f64(w.max_duration_s + w.duration_s + 60.0);
+    let mut seen = watch(&measuring, &waiting, t0, limit, target, &bar);
+    // The other side reports when it is done; give it a moment, then end it.
+    if seen.other.is_none() {
+        seen.other = await_result(&waiting, Duration::from_secs(3));
+    }
+    measuring.join(Duration::from_secs(15));
+    waiting.stop(Duration::from_secs(3));
+    let wire = emu.stop();
+    let cpu = children_cpu_s() - cpu0;
+    bar.finish();
 
-    let target = match w.kind {
+    let Some(res) = seen.result else {
+        bail!("the measuring node ended without a result (see its messages above)");
+    };
+    let outcome = Outcome {
+        res,
+        other: seen.other,
+        series: seen.series,
+        t_end: seen.t_end,
+        outage_offset,
+        wire,
+        cpu,
+        target,
+    };
+    Ok(row(scenario, cell, contender, &outcome))
+}
+
+/// A contender's emulated link with its two nodes running on it.
+struct Started {
+    emu: Emu,
+    rx: Node,
+    tx: Node,
+}
+
+/// Starts the emulator and the nodes: the receiver first, then the sender
+/// (time zero of the run).
+fn start(cell: &Cell, contender: Contender, opts: &Opts) -> Result<Started> {
+    match contender {
+        Contender::Udt4 => start_on_relay(Kind::Udt4, cell, opts),
+        Contender::Srt => start_on_relay(Kind::Srt, cell, opts),
+        Contender::TcpCubic => start_tcp(cell, opts, "cubic"),
+        Contender::TcpBbr => start_tcp(cell, opts, "bbr"),
+        Contender::Lu2k => start_lu2k(cell, opts),
+    }
+}
+
+/// A stream transport (UDT4, SRT) through the relay: the receiver listens on
+/// loopback, the relay forwards to it, the sender connects to the relay.
+fn start_on_relay(kind: Kind, cell: &Cell, opts: &Opts) -> Result<Started> {
+    let exe = node::self_command;
+    let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let mut rx = Node::spawn(Node::command(exe()?, &spec(kind, Role::Recv, cell, lo))?)?;
+    let at = rx.wait_listen(Duration::from_secs(20))?;
+    let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
+    rc.b_peer = Some(at);
+    let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
+    let tx_spec = spec(kind, Role::Send, cell, relay.a_addr());
+    let tx = Node::spawn(Node::command(exe()?, &tx_spec)?)?;
+    Ok(Started {
+        emu: Emu::Relay(relay),
+        rx,
+        tx,
+    })
+}
+
+/// TCP with congestion control `cc` between two network namespaces joined by
+/// the TUN emulator; each node runs inside its namespace.
+fn start_tcp(cell: &Cell, opts: &Opts, cc: &str) -> Result<Started> {
+    let name = format!("lu2kp{}", std::process::id() % 100_000);
+    // The TUN emulator sees whole IP packets: no header overhead to add.
+    let mut link = cell.link.clone();
+    link.forward.overhead_bytes = 0;
+    link.reverse.overhead_bytes = 0;
+    let tun = TunLink::spawn(TunConfig::new(link, opts.seed, &name))
+        .context("starting the link emulator (TUN; needs root and iproute2)")?;
+    let at = SocketAddr::from((tun.b_ip(), 5201));
+    let mut rs = spec(Kind::Tcp, Role::Recv, cell, at);
+    rs.cc = Some(cc.into());
+    let exe_path = std::env::current_exe()?;
+    let mut rx = Node::spawn(Node::command(
+        tun.b().command(&exe_path.to_string_lossy()),
+        &rs,
+    )?)?;
+    rx.wait_listen(Duration::from_secs(20))?;
+    let mut ts = spec(Kind::Tcp, Role::Send, cell, at);
+    ts.cc = Some(cc.into());
+    let tx = Node::spawn(Node::command(
+        tun.a().command(&exe_path.to_string_lossy()),
+        &ts,
+    )?)?;
+    Ok(Started {
+        emu: Emu::Tun(tun),
+        rx,
+        tx,
+    })
+}
+
+/// lu2k through the relay: each node's engine has the relay as its peer's
+/// address, and the relay's sockets sit on the NID addresses.
+fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
+    let exe = node::self_command;
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 77, 1), Ipv4Addr::new(127, 0, 77, 2));
+    let port = free_udp_port(a_ip)?;
+    let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
+    // Each relay socket sits on the address of the node it stands for.
+    rc.a_bind = SocketAddr::from((b_ip, 0));
+    rc.b_bind = SocketAddr::from((a_ip, 0));
+    rc.a_peer = Some(SocketAddr::from((a_ip, port)));
+    rc.b_peer = Some(SocketAddr::from((b_ip, port)));
+    let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
+    let v4 = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("the relay binds IPv4"),
+    };
+    let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
+    let l = |ip, peer_ip, peer: SocketAddrV4| Lu2kSpec {
+        ip,
+        port,
+        peer_ip,
+        peer_addr: Some(peer),
+        dir: dir.clone(),
+        cores: opts.lu2k_cores,
+        rx_bufs: opts.lu2k_rx_bufs,
+    };
+    let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
+    rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
+    let rx = Node::spawn(Node::command(exe()?, &rs)?)?;
+    let mut ts = spec(Kind::Lu2k, Role::Send, cell, relay.a_addr());
+    ts.lu2k = Some(l(a_ip, b_ip, v4(relay.a_addr())));
+    let tx = Node::spawn(Node::command(exe()?, &ts)?)?;
+    Ok(Started {
+        emu: Emu::Relay(relay),
+        rx,
+        tx,
+    })
+}
+
+/// The nodes as (measuring, waiting): the node that measures is the
+/// receiver, or the rpc client (the sender).
+fn measuring_first(kind: WorkloadKind, rx: Node, tx: Node) -> (Node, Node) {
+    if kind == WorkloadKind::Rpc {
+        (tx, rx)
+    } else {
+        (rx, tx)
+    }
+}
+
+/// The progress bar's length: payload bytes of the whole workload (live: the
+/// stream's duration at its rate, which a complete live run reaches).
+fn target_bytes(w: &crate::scenario::Workload) -> u64 {
+    match w.kind {
         WorkloadKind::Bulk => w.bytes,
         WorkloadKind::Live => (w.duration_s * w.stream_mbps * 1e6 / 8.0) as u64,
         WorkloadKind::Rpc => 2 * u64::from(w.size) * u64::from(w.count),
-    };
+    }
+}
+
+fn progress_bar(mp: &MultiProgress, target: u64, cell: &Cell, contender: Contender) -> ProgressBar {
     let bar = mp.add(ProgressBar::new(target));
     bar.set_style(
         ProgressStyle::with_template("{prefix:<34} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
@@ -331,17 +407,35 @@ fn run_inner(
             .progress_chars("=> "),
     );
     bar.set_prefix(format!("{} {}", cell.name, contender));
+    bar
+}
 
-    // The node that measures: the receiver, or the rpc client.
-    let limit = Duration::from_secs_f64(w.max_duration_s + w.duration_s + 60.0);
+/// What [`watch`] saw of a run.
+struct Seen {
+    /// The measuring node's progress.
+    series: Series,
+    /// The measuring node's result, if it gave one in time.
+    result: Option<NodeResult>,
+    /// The waiting node's result, if it came meanwhile.
+    other: Option<NodeResult>,
+    /// Seconds from time zero until the watch ended.
+    t_end: f64,
+}
+
+/// Follows the measuring node's progress lines until its result, its end or
+/// `limit` after `t0`, moving the bar and its rate (over at least 1 s); keeps
+/// the waiting node's result if it comes meanwhile.
+fn watch(
+    measuring: &Node,
+    waiting: &Node,
+    t0: Instant,
+    limit: Duration,
+    target: u64,
+    bar: &ProgressBar,
+) -> Seen {
     let mut series = Series::new(t0);
     let mut result: Option<NodeResult> = None;
     let mut other: Option<NodeResult> = None;
-    let (measuring, waiting) = if receiver_is_rpc_server {
-        (tx, rx)
-    } else {
-        (rx, tx)
-    };
     let mut last_rate = (t0, 0u64);
     while result.is_none() {
         let left = limit.saturating_sub(t0.elapsed());
@@ -375,29 +469,57 @@ fn run_inner(
             }
         }
     }
-    let t_end = t0.elapsed().as_secs_f64();
-    // The other side reports when it is done; give it a moment, then end it.
-    let grace = Instant::now() + Duration::from_secs(3);
-    while other.is_none() && Instant::now() < grace {
-        match waiting.lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(Line::Result(r)) => other = Some(*r),
+    Seen {
+        series,
+        result,
+        other,
+        t_end: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// The node's result if it reports one within `grace` (or until its output
+/// closes).
+fn await_result(node: &Node, grace: Duration) -> Option<NodeResult> {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match node.lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(Line::Result(r)) => return Some(*r),
             Ok(Line::Closed) => break,
             _ => {}
         }
     }
-    measuring.join(Duration::from_secs(15));
-    waiting.stop(Duration::from_secs(3));
-    let wire = emu.stop();
-    let cpu = children_cpu_s() - cpu0;
-    bar.finish();
+    None
+}
 
-    let Some(res) = result else {
-        bail!("the measuring node ended without a result (see its messages above)");
-    };
-    let sender = if receiver_is_rpc_server {
+/// What a finished run left for its row.
+struct Outcome {
+    /// The measuring node's result.
+    res: NodeResult,
+    /// The other node's result, if it reported.
+    other: Option<NodeResult>,
+    /// The measuring node's progress.
+    series: Series,
+    /// Seconds from time zero until the run was stopped.
+    t_end: f64,
+    /// Seconds from the emulator's epoch (outage times count from it) to time zero.
+    outage_offset: f64,
+    /// The link's forward counters.
+    wire: Option<lu2k_linkem::Stats>,
+    /// CPU seconds of the run's processes.
+    cpu: f64,
+    /// Payload bytes of the complete workload (see [`target_bytes`]).
+    target: u64,
+}
+
+/// The row of a run that produced a result.
+fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
+    let w = &cell.workload;
+    let res = &o.res;
+    // The rpc client sends as well as measures; elsewhere the sender is the other node.
+    let sender = if w.kind == WorkloadKind::Rpc {
         None
     } else {
-        other.as_ref()
+        o.other.as_ref()
     };
     let mut row = Row::not_run(
         scenario,
@@ -407,10 +529,12 @@ fn run_inner(
         String::new(),
     );
     row.bytes = res.bytes;
-    row.wire_bytes = wire.map(|w| w.offered.bytes);
-    row.queue_drops = wire.map(|w| w.dropped_queue.packets);
-    row.loss_drops = wire.map(|w| w.dropped_loss.packets + w.dropped_outage.packets);
-    row.cpu_s = Some(cpu);
+    row.wire_bytes = o.wire.map(|w| w.offered.bytes);
+    row.queue_drops = o.wire.map(|w| w.dropped_queue.packets);
+    row.loss_drops = o
+        .wire
+        .map(|w| w.dropped_loss.packets + w.dropped_outage.packets);
+    row.cpu_s = Some(o.cpu);
     row.latency = Percentiles::of_us(&res.samples_us);
     row.note = [res.note.clone(), sender.and_then(|s| s.note.clone())]
         .into_iter()
@@ -425,10 +549,9 @@ fn run_inner(
         (Some(a), Some(b)) => Some(a + b),
         (a, b) => a.or(b),
     };
-    let capacity = cell.rate_mbps * (1.0 - cell.loss);
     let complete = match w.kind {
         WorkloadKind::Bulk => res.bytes >= w.bytes,
-        WorkloadKind::Live => res.bytes >= target,
+        WorkloadKind::Live => res.bytes >= o.target,
         WorkloadKind::Rpc => res.samples_us.len() as u32 >= w.count,
     };
     row.status = if complete {
@@ -437,39 +560,48 @@ fn run_inner(
         "incomplete".into()
     };
     if w.kind != WorkloadKind::Rpc && res.bytes > 0 {
-        // An incomplete run counts until it was stopped, not until its last byte.
-        let first = series.points.iter().find(|p| p.1 > 0).map_or(0.0, |p| p.0);
-        let span = if complete {
-            res.span_s
-        } else {
-            (t_end - first).max(res.span_s)
-        };
-        let counted = if span > 0.0 {
-            res.bytes - res.first_bytes.min(res.bytes)
-        } else {
-            0
-        };
-        // An outage cell is judged over the whole transfer, the outage included.
-        let steady = complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none();
-        let g = match steady.then(|| steady_goodput(&series)).flatten() {
-            Some(g) => g,
-            None => counted as f64 * 8.0 / span.max(1e-6) / 1e6,
-        };
-        row.goodput_mbps = Some(g);
-        row.utilization = Some(g / capacity);
-        row.cpu_s_per_gb = Some(cpu / (res.bytes as f64 / 1e9));
-        row.goodput_series = series.binned(0.5);
-        if w.kind == WorkloadKind::Bulk {
-            row.time_to_90_s = series.first_reaching(0.9 * capacity, 1.0, 0.0);
-            if let Some(o) = cell.outage {
-                let end = o.start_s + o.duration_s - outage_offset;
-                row.recovery_s = series
-                    .first_reaching(0.9 * capacity, 0.5, end)
-                    .map(|t| t - end);
-            }
+        add_rates(&mut row, cell, o, complete);
+    }
+    row
+}
+
+/// Goodput, utilization, CPU per GB, the goodput series and (bulk) time to
+/// 90 % and recovery of a run that moved bytes.
+fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, complete: bool) {
+    let w = &cell.workload;
+    let (res, series) = (&o.res, &o.series);
+    let capacity = cell.rate_mbps * (1.0 - cell.loss);
+    // An incomplete run counts until it was stopped, not until its last byte.
+    let first = series.points.iter().find(|p| p.1 > 0).map_or(0.0, |p| p.0);
+    let span = if complete {
+        res.span_s
+    } else {
+        (o.t_end - first).max(res.span_s)
+    };
+    let counted = if span > 0.0 {
+        res.bytes - res.first_bytes.min(res.bytes)
+    } else {
+        0
+    };
+    // An outage cell is judged over the whole transfer, the outage included.
+    let steady = complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none();
+    let g = match steady.then(|| steady_goodput(series)).flatten() {
+        Some(g) => g,
+        None => counted as f64 * 8.0 / span.max(1e-6) / 1e6,
+    };
+    row.goodput_mbps = Some(g);
+    row.utilization = Some(g / capacity);
+    row.cpu_s_per_gb = Some(o.cpu / (res.bytes as f64 / 1e9));
+    row.goodput_series = series.binned(0.5);
+    if w.kind == WorkloadKind::Bulk {
+        row.time_to_90_s = series.first_reaching(0.9 * capacity, 1.0, 0.0);
+        if let Some(out) = cell.outage {
+            let end = out.start_s + out.duration_s - o.outage_offset;
+            row.recovery_s = series
+                .first_reaching(0.9 * capacity, 0.5, end)
+                .map(|t| t - end);
         }
     }
-    Ok(row)
 }
 
 /// lu2k without an emulator: two kshim + engine nodes on loopback, engines
@@ -508,15 +640,10 @@ pub fn lu2k_direct(
         node::self_command()?,
         &mk(Role::Send, a_ip, b_ip),
     )?)?;
-    let (measuring, waiting) = if workload.kind == WorkloadKind::Rpc {
-        (tx, rx)
-    } else {
-        (rx, tx)
-    };
+    let (measuring, waiting) = measuring_first(workload.kind, rx, tx);
     let limit = Duration::from_secs_f64(workload.max_duration_s + 60.0);
     let t0 = Instant::now();
     let mut result = None;
-    let mut other = None;
     while result.is_none() && t0.elapsed() < limit {
         match measuring.lines.recv_timeout(Duration::from_millis(200)) {
             Ok(Line::Result(r)) => result = Some(*r),
@@ -524,14 +651,7 @@ pub fn lu2k_direct(
             _ => {}
         }
     }
-    let grace = Instant::now() + Duration::from_secs(10);
-    while other.is_none() && Instant::now() < grace {
-        match waiting.lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(Line::Result(r)) => other = Some(*r),
-            Ok(Line::Closed) => break,
-            _ => {}
-        }
-    }
+    let other = await_result(&waiting, Duration::from_secs(10));
     measuring.join(Duration::from_secs(15));
     waiting.stop(Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);

@@ -347,6 +347,26 @@ impl Scenario {
         if self.name.trim().is_empty() {
             return Err(invalid("name", "must not be empty"));
         }
+        self.check_contenders()?;
+        check_workload(&self.workload, "workload")?;
+        check_quick(&self.quick)?;
+        self.link
+            .validate()
+            .map_err(|e| invalid(format!("link.{}", e.field), e.problem))?;
+        self.check_grid()?;
+        for (i, c) in self.cells.iter().enumerate() {
+            self.check_cell(i, c)?;
+        }
+        if self.cells.is_empty() && self.grid.loss.is_empty() {
+            return Err(invalid(
+                "grid",
+                "no cells: give a [grid] or [[cell]] entries",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_contenders(&self) -> Result<(), ScenarioError> {
         if self.contenders.is_empty() {
             return Err(invalid(
                 "contenders",
@@ -358,26 +378,10 @@ impl Scenario {
                 return Err(invalid(format!("contenders[{i}]"), format!("{c} twice")));
             }
         }
-        check_workload(&self.workload, "workload")?;
-        let q = &self.quick;
-        if !(q.time_scale.is_finite() && q.time_scale > 0.0 && q.time_scale <= 1.0) {
-            return Err(invalid(
-                "quick.time_scale",
-                format!("must be in (0, 1], got {}", q.time_scale),
-            ));
-        }
-        if q.bytes == Some(0) {
-            return Err(invalid("quick.bytes", "must be at least 1"));
-        }
-        if let Some(d) = q.max_duration_s {
-            check_pos("quick.max_duration_s", d, 3600.0)?;
-        }
-        if let Some(d) = q.duration_s {
-            check_pos("quick.duration_s", d, 3600.0)?;
-        }
-        self.link
-            .validate()
-            .map_err(|e| invalid(format!("link.{}", e.field), e.problem))?;
+        Ok(())
+    }
+
+    fn check_grid(&self) -> Result<(), ScenarioError> {
         let g = &self.grid;
         let grid_given = [g.rtt_ms.len(), g.loss.len(), g.rate_mbps.len()];
         if grid_given.iter().any(|&n| n > 0) && grid_given.contains(&0) {
@@ -395,42 +399,39 @@ impl Scenario {
         for (i, v) in g.rate_mbps.iter().enumerate() {
             check_rate(&format!("grid.rate_mbps[{i}]"), *v)?;
         }
-        for (i, c) in self.cells.iter().enumerate() {
-            let f = |name: &str| format!("cell[{i}].{name}");
-            check_rtt(&f("rtt_ms"), c.rtt_ms)?;
-            check_loss(&f("loss"), c.loss)?;
-            check_rate(&f("rate_mbps"), c.rate_mbps)?;
-            if c.queue_bytes == Some(0) {
-                return Err(invalid(f("queue_bytes"), "must be at least 1 byte"));
+        Ok(())
+    }
+
+    /// Checks `cell[i]`.
+    fn check_cell(&self, i: usize, c: &CellSpec) -> Result<(), ScenarioError> {
+        let f = |name: &str| format!("cell[{i}].{name}");
+        check_rtt(&f("rtt_ms"), c.rtt_ms)?;
+        check_loss(&f("loss"), c.loss)?;
+        check_rate(&f("rate_mbps"), c.rate_mbps)?;
+        if c.queue_bytes == Some(0) {
+            return Err(invalid(f("queue_bytes"), "must be at least 1 byte"));
+        }
+        if c.bytes == Some(0) {
+            return Err(invalid(f("bytes"), "must be at least 1"));
+        }
+        if let Some(o) = c.outage {
+            if !(o.start_s.is_finite() && o.start_s >= 0.0 && o.start_s < 3600.0) {
+                return Err(invalid(
+                    f("outage.start_s"),
+                    format!("must be seconds in [0, 3600), got {}", o.start_s),
+                ));
             }
-            if c.bytes == Some(0) {
-                return Err(invalid(f("bytes"), "must be at least 1"));
-            }
-            if let Some(o) = c.outage {
-                if !(o.start_s.is_finite() && o.start_s >= 0.0 && o.start_s < 3600.0) {
+            check_pos(&f("outage.duration_s"), o.duration_s, 3600.0)?;
+        }
+        if let Some(cs) = &c.contenders {
+            for (j, x) in cs.iter().enumerate() {
+                if !self.contenders.contains(x) {
                     return Err(invalid(
-                        f("outage.start_s"),
-                        format!("must be seconds in [0, 3600), got {}", o.start_s),
+                        format!("cell[{i}].contenders[{j}]"),
+                        format!("{x} is not among the scenario's contenders"),
                     ));
                 }
-                check_pos(&f("outage.duration_s"), o.duration_s, 3600.0)?;
             }
-            if let Some(cs) = &c.contenders {
-                for (j, x) in cs.iter().enumerate() {
-                    if !self.contenders.contains(x) {
-                        return Err(invalid(
-                            format!("cell[{i}].contenders[{j}]"),
-                            format!("{x} is not among the scenario's contenders"),
-                        ));
-                    }
-                }
-            }
-        }
-        if self.cells.is_empty() && g.loss.is_empty() {
-            return Err(invalid(
-                "grid",
-                "no cells: give a [grid] or [[cell]] entries",
-            ));
         }
         Ok(())
     }
@@ -530,6 +531,25 @@ impl Scenario {
             workload: w,
         }
     }
+}
+
+fn check_quick(q: &Quick) -> Result<(), ScenarioError> {
+    if !(q.time_scale.is_finite() && q.time_scale > 0.0 && q.time_scale <= 1.0) {
+        return Err(invalid(
+            "quick.time_scale",
+            format!("must be in (0, 1], got {}", q.time_scale),
+        ));
+    }
+    if q.bytes == Some(0) {
+        return Err(invalid("quick.bytes", "must be at least 1"));
+    }
+    if let Some(d) = q.max_duration_s {
+        check_pos("quick.max_duration_s", d, 3600.0)?;
+    }
+    if let Some(d) = q.duration_s {
+        check_pos("quick.duration_s", d, 3600.0)?;
+    }
+    Ok(())
 }
 
 fn check_pos(field: &str, v: f64, max: f64) -> Result<(), ScenarioError> {

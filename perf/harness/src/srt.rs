@@ -9,12 +9,12 @@
 //! Bulk workload only; SRT does not tell its retransmissions here (the
 //! link's counters still show the wire bytes).
 //!
-//! Why not `srt-live-transmit` (the driver used it until the SRT rows came
-//! out empty): it always runs its SRT socket non-blocking and drops what it
-//! cannot hand to SRT at once ("bytes lost"): everything it read from stdin
-//! before the handshake finished (two round trips: 1.2 s at 600 ms, by which
-//! time the harness had written the whole workload) and every chunk that met
-//! a full send buffer. `srt-file-transmit` reads its input only once
+//! Why not `srt-live-transmit`: it always runs its SRT socket non-blocking
+//! and drops what it cannot hand to SRT at once ("bytes lost"): everything it
+//! reads from stdin before the handshake finishes (two round trips: 1.2 s at
+//! 600 ms, time enough for the sending node to write the whole workload) and
+//! every chunk that meets a full send buffer, so its rows would come out
+//! empty. `srt-file-transmit` reads its input only once
 //! connected and only when SRT can take more, and at the end of its input it
 //! waits until SRT's send buffer is acknowledged before it closes.
 //!
@@ -124,98 +124,115 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
     if w.kind != WorkloadKind::Bulk {
         bail!("the SRT driver runs the bulk workload only");
     }
+    match spec.role {
+        Role::Recv => receive(spec),
+        Role::Send => send(spec),
+    }
+}
+
+/// The listener: `srt-file-transmit` writes what arrives into a FIFO, which
+/// this node reads and counts.
+fn receive(spec: &NodeSpec) -> Result<NodeResult> {
+    let w = &spec.workload;
     let cap = Duration::from_secs_f64(w.max_duration_s);
     let mut r = NodeResult::default();
-    match spec.role {
-        Role::Recv => {
-            let dir = FifoDir::new()?;
-            let port = UdpSocket::bind(spec.addr)?.local_addr()?.port();
-            let addr = SocketAddr::new(spec.addr.ip(), port);
-            let mut child = Command::new(PROGRAM)
-                .arg(format!("srt://{addr}?mode=listener&{}", options(spec)))
-                .arg(format!("file://{}", dir.path().display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .with_context(|| format!("starting {PROGRAM}"))?;
-            std::thread::sleep(Duration::from_millis(300));
-            if let Some(st) = child.try_wait()? {
-                bail!("{PROGRAM} (listener) exited at once ({st})");
-            }
-            println!("listen {addr}");
-            let _ = std::io::stdout().flush();
-            // Opening the FIFO waits for the writer: srt-file-transmit opens
-            // its output once a sender has connected.
-            let fifo = dir.fifo();
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let Ok(f) = std::fs::File::open(&fifo) else {
-                    return;
-                };
-                let _ = crate::node::drain(f, |n| {
-                    let _ = tx.send((Instant::now(), n));
-                });
-            });
-            let mut tick = Ticker::new();
-            let start = Instant::now();
-            let mut first = None;
-            let mut last = start;
-            while r.bytes < w.bytes && start.elapsed() < cap {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok((t, n)) => {
-                        if first.is_none() {
-                            first = Some(t);
-                            r.first_bytes = n;
-                        }
-                        last = t;
-                        r.bytes = n;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    // The writer closed: srt-file-transmit is done.
-                    Err(_) => break,
+    let dir = FifoDir::new()?;
+    let port = UdpSocket::bind(spec.addr)?.local_addr()?.port();
+    let addr = SocketAddr::new(spec.addr.ip(), port);
+    let mut child = Command::new(PROGRAM)
+        .arg(format!("srt://{addr}?mode=listener&{}", options(spec)))
+        .arg(format!("file://{}", dir.path().display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {PROGRAM}"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(st) = child.try_wait()? {
+        bail!("{PROGRAM} (listener) exited at once ({st})");
+    }
+    println!("listen {addr}");
+    let _ = std::io::stdout().flush();
+    let rx = count_fifo(dir.fifo());
+    let mut tick = Ticker::new();
+    let start = Instant::now();
+    let mut first = None;
+    let mut last = start;
+    while r.bytes < w.bytes && start.elapsed() < cap {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((t, n)) => {
+                if first.is_none() {
+                    first = Some(t);
+                    r.first_bytes = n;
                 }
-                tick.tick(r.bytes);
+                last = t;
+                r.bytes = n;
             }
-            r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
-            if r.bytes < w.bytes {
-                r.note = Some(match child.try_wait()? {
-                    Some(st) => format!("{PROGRAM} (listener) ended early ({st})"),
-                    None => format!(
-                        "{PROGRAM} (listener) still receiving after {:.0} s",
-                        start.elapsed().as_secs_f64()
-                    ),
-                });
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The writer closed: srt-file-transmit is done.
+            Err(_) => break,
         }
-        Role::Send => {
-            let mut child = Command::new(PROGRAM)
-                .arg(format!("file://{SOURCE}"))
-                .arg(format!("srt://{}?mode=caller&{}", spec.addr, options(spec)))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .with_context(|| format!("starting {PROGRAM}"))?;
-            let mut stdin = child.stdin.take().expect("piped");
-            let chunk = vec![0x5au8; 1 << 16];
-            while r.bytes < w.bytes {
-                let n = chunk.len().min((w.bytes - r.bytes) as usize);
-                if stdin.write_all(&chunk[..n]).is_err() {
-                    break;
-                }
-                r.bytes += n as u64;
-            }
-            // The end of its input: srt-file-transmit sends the rest, waits
-            // until SRT's send buffer is acknowledged, and exits.
-            drop(stdin);
-            let st = child.wait()?;
-            if !st.success() {
-                r.note = Some(format!("{PROGRAM} (caller) exited with {st}"));
-            }
+        tick.tick(r.bytes);
+    }
+    r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    if r.bytes < w.bytes {
+        r.note = Some(match child.try_wait()? {
+            Some(st) => format!("{PROGRAM} (listener) ended early ({st})"),
+            None => format!(
+                "{PROGRAM} (listener) still receiving after {:.0} s",
+                start.elapsed().as_secs_f64()
+            ),
+        });
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(r)
+}
+
+/// Reads the FIFO on a thread of its own; the channel carries (when, bytes
+/// so far) and closes when the writer does.
+fn count_fifo(fifo: PathBuf) -> std::sync::mpsc::Receiver<(Instant, u64)> {
+    // Opening the FIFO waits for the writer: srt-file-transmit opens
+    // its output once a sender has connected.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok(f) = std::fs::File::open(&fifo) else {
+            return;
+        };
+        let _ = crate::node::drain(f, |n| {
+            let _ = tx.send((Instant::now(), n));
+        });
+    });
+    rx
+}
+
+/// The caller: pipes the workload into `srt-file-transmit`'s stdin.
+fn send(spec: &NodeSpec) -> Result<NodeResult> {
+    let w = &spec.workload;
+    let mut r = NodeResult::default();
+    let mut child = Command::new(PROGRAM)
+        .arg(format!("file://{SOURCE}"))
+        .arg(format!("srt://{}?mode=caller&{}", spec.addr, options(spec)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {PROGRAM}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let chunk = vec![0x5au8; 1 << 16];
+    while r.bytes < w.bytes {
+        let n = chunk.len().min((w.bytes - r.bytes) as usize);
+        if stdin.write_all(&chunk[..n]).is_err() {
+            break;
         }
+        r.bytes += n as u64;
+    }
+    // The end of its input: srt-file-transmit sends the rest, waits
+    // until SRT's send buffer is acknowledged, and exits.
+    drop(stdin);
+    let st = child.wait()?;
+    if !st.success() {
+        r.note = Some(format!("{PROGRAM} (caller) exited with {st}"));
     }
     Ok(r)
 }
