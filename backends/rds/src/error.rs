@@ -2,9 +2,10 @@
 //!
 //! The kernel answers with an `errno`; the engine needs to know what to do with the
 //! message it tried to send. [`SendError::from_errno`] is the single place that
-//! decides, whether the errno came from a blocking `sendmsg` here or from an
-//! io_uring completion (`-cqe.result()`), and [`SendError::status`] turns it into a
+//! decides from `sendmsg`'s errno, and [`SendError::status`] turns it into a
 //! [`Status`]: keep the message and retry, or complete it with a reason.
+//! [`RecvError::from_errno`] does the same for a receive, whether the errno came from
+//! `recvmsg` here or from an io_uring completion (`-cqe.result()`).
 
 use crate::sys::Errno;
 use std::fmt;
@@ -107,7 +108,8 @@ pub enum OpenError {
 pub enum Status {
     /// Not a failure of the message: the kernel pushes back (destination port
     /// congested, or the send buffer full). Keep the message queued by reference and
-    /// send it again when the socket is writable.
+    /// send it again later: a writable socket only means the send buffer has room,
+    /// not that the destination is no longer congested.
     Retry,
     /// The peer cannot be reached: complete the message with this status and report
     /// the peer down, as an LND does.
@@ -137,7 +139,7 @@ impl Status {
 pub enum SendError {
     /// Back-pressure: `ENOBUFS` (the destination port is congested) or `EAGAIN`
     /// (this socket's send buffer is full).
-    #[error("RDS send pushed back ({}): retry when writable", Os(*.errno))]
+    #[error("RDS send pushed back ({}): retry later", Os(*.errno))]
     Backpressure {
         /// `ENOBUFS` or `EAGAIN`.
         errno: Errno,

@@ -1,43 +1,48 @@
-//! lu2k-rds: the RDS back-end's sockets.
+//! lu2k-rds: the RDS back-end's sockets and frame format.
 //!
 //! RDS (Reliable Datagram Sockets, `AF_RDS`) is a kernel transport that delivers whole
 //! messages reliably and in order between two addresses, over a transport below it;
-//! lu2k uses the TCP one (`rds_tcp`), so any IP network carries it. The layer here is
-//! the socket itself: open, pin the transport, bind, send one message from a scatter
-//! list, receive one message into a scatter list, and give every failure a meaning the
-//! engine can act on.
+//! lu2k uses the TCP one (`rds_tcp`), so any IP network carries it. The layers here
+//! are the socket itself (open, pin the transport, bind, send one message from a
+//! scatter list, receive one message into a scatter list, and give every failure a
+//! meaning the engine can act on) and the [`frame`] format that carries an LNet
+//! message in RDS messages.
 //!
 //! Guarantees:
-//! - One LNet message is one RDS message: [`Socket::send`] hands the kernel the
-//!   iovecs as they are (header, then payload slices in the shared pool), so lu2k
-//!   copies no payload; the kernel either queues the whole message or nothing.
-//!   RDS caps a message at `RDS_MAX_MSG_SIZE` = 1 MiB *including* the 72-byte LNet
-//!   header (measured in the kernel lab on Debian's 6.1), so payloads above
-//!   `1 MiB - 72` do not fit one message (see [`Socket::max_message`]). Carrying a
-//!   full 1 MiB LNet payload needs a second RDS message for the last 72 bytes; RDS
-//!   keeps messages in order per (source, destination) pair, so a receiver can
-//!   attach that tail to the message it completes. That framing is not built yet.
+//! - An LNet message is one or more RDS messages: RDS caps a message at
+//!   `RDS_MAX_MSG_SIZE` = 1 MiB *including* everything before the payload (measured
+//!   in the kernel lab on Debian's 6.1), and an LNet payload may be 1 MiB, so
+//!   [`frame::split`] cuts the payload and each piece travels behind an 8-byte frame
+//!   header, the first also behind the 72-byte LNet header. RDS keeps messages in
+//!   order per (source, destination) pair, so a receiver appends each continuation
+//!   to the message it continues.
+//! - [`Socket::send`] hands the kernel the iovecs as they are (frame header, LNet
+//!   header, payload slices in the shared pool), so lu2k copies no payload; the kernel
+//!   either queues the whole RDS message or nothing.
+//! - Sends are `sendmsg(2)` ([`Socket::send`]; the engine's socket is non-blocking, so
+//!   a send never sleeps), not io_uring: io_uring adds `MSG_NOSIGNAL` to every send
+//!   and `rds_sendmsg` refuses any flag but `MSG_DONTWAIT`/`MSG_ZEROCOPY` with
+//!   `EOPNOTSUPP`. Receives can go through io_uring (`IORING_OP_RECVMSG` on
+//!   [`Socket::as_fd`]), as the engine's do; [`RecvError::from_errno`] maps a
+//!   completion's `-res` exactly as the call's errno.
 //! - A socket is pinned to `rds_tcp` before it is bound (`SO_RDS_TRANSPORT`), so a
 //!   message never silently takes another transport.
 //! - Every failure is typed: [`OpenError`] at start (with a clear message when the
 //!   kernel lacks RDS: which modules to load, and that `--backend udt` works),
 //!   [`SendError`] and [`RecvError`] per message, and [`SendError::status`] says
-//!   whether to retry (back-pressure) or to complete the message with a reason.
-//! - The engine may drive the descriptor through io_uring (`IORING_OP_SENDMSG` /
-//!   `RECVMSG` on [`Socket::as_fd`]); [`SendError::from_errno`] maps a completion's
-//!   `-res` exactly as a blocking call's errno.
+//!   whether to retry (back-pressure) or to complete the message with a reason;
+//!   [`frame::Error`] says why received bytes are not a frame.
 //!
 //! The only `unsafe` code is the syscall edge, [`sys`].
 #![deny(unsafe_code)]
 
 mod error;
+pub mod frame;
 pub mod sys;
 
 pub use error::{errno_name, OpenError, Os, RecvError, SendError, Status};
+pub use lu2k_ring_abi::desc::LNET_HDR_LEN;
 pub use sys::RDS_MAX_MSG_SIZE;
-/// The LNet wire header's length: an LNet message on RDS is this header, then the
-/// payload, in one RDS message.
-pub const LNET_HDR_LEN: usize = 72;
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddrV4;
@@ -199,9 +204,8 @@ impl Socket {
     /// the send buffer the kernel granted when that is less; the kernel refuses larger
     /// ones with `EMSGSIZE`.
     ///
-    /// Note: an LNet message with a full 1 MiB payload plus its 72-byte header does
-    /// *not* fit one RDS message; the largest payload that does is
-    /// `RDS_MAX_MSG_SIZE - LNET_HDR_LEN`.
+    /// An LNet message whose headers and payload exceed this travels as several RDS
+    /// messages; see [`frame::split`].
     pub fn max_message(&self) -> usize {
         self.max_message
     }

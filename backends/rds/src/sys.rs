@@ -2,7 +2,8 @@
 //! `sendmsg` and `recvmsg`.
 //!
 //! Each function is a thin wrapper around one system call that returns the raw
-//! `errno` on failure; [`crate::error`] gives those numbers their meaning. This is
+//! `errno` on failure; the `from_errno`s of [`SendError`](crate::SendError) and
+//! [`RecvError`](crate::RecvError) give those numbers their meaning. This is
 //! the only module of the crate that opts back into `unsafe`.
 //!
 //! Guarantees:
