@@ -27,8 +27,9 @@
 //! accessors and [`Repr`] is the meaning; `Packet::new_checked` and `Repr::parse`
 //! never panic on any input, and every accessor of a checked packet is in bounds.
 
-/// Size of the header on the wire.
-pub const HEADER_LEN: usize = 72;
+/// Size of the header on the wire: the ABI's [`lu2k_ring_abi::LNET_HDR_LEN`], which
+/// sizes the header field of every descriptor.
+pub const HEADER_LEN: usize = lu2k_ring_abi::LNET_HDR_LEN;
 
 /// Byte ranges of the header fields.
 pub mod field {
@@ -47,7 +48,7 @@ pub mod field {
     /// Payload length.
     pub const PAYLOAD_LENGTH: Range<usize> = 28..32;
     /// The 40-byte per-type union.
-    pub const MSG: Range<usize> = 32..72;
+    pub const MSG: Range<usize> = 32..super::HEADER_LEN;
 
     /// Offsets inside the union (relative to the header start).
     pub mod msg {

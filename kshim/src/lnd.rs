@@ -67,9 +67,7 @@ use crate::hdr;
 use crate::nid::Nid;
 use crate::pool::{self, TxBuf, TxPool};
 use crate::route::{self, Route, Table};
-
-/// Largest payload of one message (LNet: 1 MiB).
-pub const MAX_PAYLOAD: usize = ring_abi::layout::MAX_PAYLOAD as usize;
+use crate::MAX_PAYLOAD;
 
 /// Everything [`Kshim::start`] needs.
 #[derive(Clone, Debug)]

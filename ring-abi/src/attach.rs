@@ -1,6 +1,11 @@
 //! Attaching an engine: the Unix-socket handshake that hands it the region and the
 //! doorbells — the userspace stand-in for opening a device and mmapping it.
 //!
+//! Both halves speak it: kshim calls [`listen`], [`accept`], [`send_hello`] and
+//! [`recv_small`]; the engine calls [`connect`] and answers through [`Attachment`].
+//! It lives in the ABI crate beside the region it hands over, so the engine needs
+//! nothing from kshim.
+//!
 //! kshim listens on a `SOCK_SEQPACKET` Unix socket (message boundaries kept) at the
 //! path in its config. One engine at a time connects; the socket stays open for the
 //! whole session, and either side closing it (or dying) is how the other learns the
@@ -36,8 +41,8 @@
 //! # The engine's side, in code
 //!
 //! ```no_run
-//! use lu2k_kshim::attach;
-//! use lu2k_kshim::ring_abi::{Eventfds, Region};
+//! use lu2k_ring_abi::attach;
+//! use lu2k_ring_abi::{Eventfds, Region};
 //!
 //! let mut att = attach::connect("/tmp/lu2k-kshim.sock".as_ref())?;
 //! let region = Region::from_fd(att.memfd.try_clone()?)?; // checks seals and the header
@@ -53,7 +58,6 @@
 //! // keep `att.sock` open for the whole session: closing it ends the session.
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-//! `126 = (253 - 1) / 2`: Linux passes at most 253 descriptors in one message.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -73,7 +77,8 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"LU2KSHIM");
 pub const ACK_MAGIC: u64 = u64::from_le_bytes(*b"LU2KENGN");
 /// Protocol version.
 pub const VERSION: u32 = 1;
-/// Most cores one HELLO can carry doorbells for.
+/// Most cores one HELLO can carry doorbells for: `126 = (253 - 1) / 2`, as Linux passes
+/// at most 253 descriptors in one message.
 pub const MAX_CORES: u32 = 126;
 /// Most local NIDs in a HELLO.
 pub const MAX_NIDS: usize = 32;

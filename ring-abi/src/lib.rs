@@ -1,7 +1,13 @@
-//! # lu2k-ring-abi — the shared region between kshim and the engine
+//! # lu2k-ring-abi — the contract between kshim and the engine
 //!
 //! kshim (the kernel half of the LND, here in userspace) and the engine (the io_uring
-//! data-plane daemon) share one memory region: a sealed memfd both map. It holds, per
+//! data-plane daemon) depend on this crate and on nothing of each other. It owns
+//! everything both halves must agree on: the region layout, the rings, the
+//! descriptors, the attach handshake that hands the region over ([`attach`]), the NIDs
+//! the descriptors carry ([`nid`]) and the shared constants ([`MAX_PAYLOAD`],
+//! [`LNET_HDR_LEN`]).
+//!
+//! The two halves share one memory region: a sealed memfd both map. It holds, per
 //! core, four single-producer single-consumer rings of fixed-size descriptors, plus the
 //! payload pools the descriptors point into. Offsets only, no pointers; every record is
 //! `#[repr(C)]` with fixed-width fields, so a kernel module can implement the same ABI
@@ -48,16 +54,24 @@
 //!   wakeups, no syscalls while the consumer is awake.
 //! - [`region`]: the memfd, the mapping, per-core typed handles, pool access.
 //! - [`shard`]: which core owns a peer.
+//! - [`attach`]: the Unix-socket handshake (HELLO with the memfd and the eventfds,
+//!   ACK, NOTICE) by which an engine attaches to kshim; its decoders never panic.
+//! - [`nid`]: LNet NIDs ([`Nid`], [`Net`], [`LndType`]), their bit layout and their
+//!   text form; every `u64` round-trips through the text.
 //!
 //! `unsafe` lives only in the private `shm` module (the mapping and raw slot/word
-//! access); every block there says why it is sound against a hostile peer.
+//! access); every block there says why it is sound against a hostile peer. The attach
+//! handshake passes descriptors with rustix's safe `SCM_RIGHTS` API.
 
 #![deny(unsafe_code)]
 
 pub mod desc;
 pub mod layout;
+pub mod nid;
 pub mod protocol;
 
+#[cfg(not(loom))]
+pub mod attach;
 #[cfg(not(loom))]
 pub mod doorbell;
 #[cfg(not(loom))]
@@ -69,9 +83,10 @@ mod shm;
 
 pub use desc::{
     DescError, Extent, ExtentBuf, Pool, RxDesc, RxFlags, RxReturn, TxCompletion, TxDesc, TxFlags,
-    TxStatus, ValidRx, ValidTx,
+    TxStatus, ValidRx, ValidTx, LNET_HDR_LEN,
 };
 pub use layout::{Config, Features, Layout, LayoutError};
+pub use nid::{LndType, Net, Nid};
 
 #[cfg(not(loom))]
 pub use doorbell::{Eventfds, FutexWord, Notifier, WaitMode, Waiter, Wake};
@@ -80,6 +95,11 @@ pub use region::{EngineCore, KshimCore, Region, RegionError, Side};
 #[cfg(not(loom))]
 pub use ring::{Consumer, Producer, RingError};
 
+/// Largest payload of one message in bytes (LNet: 1 MiB), as a `usize` for sizing
+/// buffers; [`layout::MAX_PAYLOAD`] is the same bound as the `u32` the descriptors
+/// carry.
+pub const MAX_PAYLOAD: usize = layout::MAX_PAYLOAD as usize;
+
 /// The multiplier of [`shard`]: 2^32 / φ, rounded to odd (Knuth's multiplicative hash).
 pub const SHARD_MULTIPLIER: u32 = 0x9E37_79B1;
 
@@ -87,7 +107,7 @@ pub const SHARD_MULTIPLIER: u32 = 0x9E37_79B1;
 /// reproduces it in a classic-BPF `SO_REUSEPORT` program so a peer's datagrams land on
 /// the core that owns it.
 ///
-/// Exactly: let `addr = nid as u32` (the low 32 bits, the peer's IPv4 address as a
+/// Exactly: let `addr = nid as u32` ([`Nid::addr`]: the peer's IPv4 address as a
 /// host-order integer, e.g. `192.168.1.5` = `0xC0A8_0105`; BPF's `ld [off]` loads the
 /// source address in this order). Then
 ///

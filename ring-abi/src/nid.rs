@@ -1,10 +1,16 @@
-//! LNet network identifiers (NIDs): the 64-bit form LNet puts on the wire and the
-//! text form operators type (`192.168.1.5@tcp`, `0@lo`, `10.0.0.1@lu2k3`).
+//! LNet network identifiers (NIDs): the 64-bit form LNet puts on the wire and in the
+//! descriptors' `peer_nid` / `src_nid`, and the text form operators type
+//! (`192.168.1.5@tcp`, `0@lo`, `10.0.0.1@lu2k3`).
 //!
 //! A NID is `net << 32 | addr`, and a network is `lnd_type << 16 | net_num`
 //! (Lustre's `LNET_MKNID` / `LNET_MKNET`). The text form is `ADDR@NAME[NUM]`: the
 //! network number is omitted when it is 0, as `libcfs_nid2str` does, and `tcp0`
 //! parses to the same network as `tcp`.
+//!
+//! Both halves build and take NIDs apart through [`Nid`]'s methods only
+//! ([`Nid::new`], [`Nid::from_net_ip`], [`Nid::net`], [`Nid::addr`], [`Nid::ip`]), so
+//! the bit layout is written down once, here. [`crate::shard`] reads the same low 32
+//! bits as [`Nid::addr`].
 //!
 //! # lu2k's network type
 //!
@@ -148,31 +154,58 @@ impl Nid {
         Nid(((net.0 as u64) << 32) | addr as u64)
     }
 
-    /// `ip@net`, for networks whose addresses are IPv4.
-    pub fn from_ipv4(ip: Ipv4Addr, net: Net) -> Nid {
-        Nid::new(net, u32::from(ip))
+    /// `ip@net`: the NID of IPv4 address `ip` on network `net`, for networks whose
+    /// addresses are IPv4 (`lu2k`, `tcp`, `o2ib`, `gip`).
+    pub const fn from_net_ip(net: Net, ip: Ipv4Addr) -> Nid {
+        Nid::new(net, ip.to_bits())
+    }
+
+    /// `ip@net`; the same as [`Nid::from_net_ip`] with the arguments the other way round.
+    pub const fn from_ipv4(ip: Ipv4Addr, net: Net) -> Nid {
+        Nid::from_net_ip(net, ip)
     }
 
     /// LNet's `LNET_NID_ANY` (all ones).
     pub const ANY: Nid = Nid(u64::MAX);
 
-    /// The network part.
+    /// The network part (the high 32 bits).
     pub const fn net(self) -> Net {
         Net((self.0 >> 32) as u32)
     }
 
-    /// The address part.
+    /// The address part (the low 32 bits).
     pub const fn addr(self) -> u32 {
         self.0 as u32
     }
 
-    /// The address as IPv4, when the network's addresses are IPv4 (`tcp`, `o2ib`,
-    /// `gip`, `lu2k`).
+    /// The address part read as an IPv4 address, whatever the network type: for a
+    /// caller that already knows the network is an IPv4 one (the engine, which only
+    /// serves its own `lu2k` network). [`Nid::ipv4`] is the checked form.
+    pub const fn ip(self) -> Ipv4Addr {
+        Ipv4Addr::from_bits(self.addr())
+    }
+
+    /// The address as IPv4 when the network's addresses are IPv4 (`tcp`, `o2ib`,
+    /// `gip`, `lu2k`), `None` for the others (`0@lo`).
     pub fn ipv4(self) -> Option<Ipv4Addr> {
         match self.net().lnd().addr_kind() {
-            AddrKind::Ipv4 => Some(Ipv4Addr::from(self.addr())),
+            AddrKind::Ipv4 => Some(self.ip()),
             AddrKind::Number => None,
         }
+    }
+}
+
+/// The raw 64-bit NID, as descriptors carry it.
+impl From<Nid> for u64 {
+    fn from(nid: Nid) -> u64 {
+        nid.0
+    }
+}
+
+/// A raw 64-bit NID from a descriptor or the wire; every `u64` is a NID.
+impl From<u64> for Nid {
+    fn from(raw: u64) -> Nid {
+        Nid(raw)
     }
 }
 
@@ -295,7 +328,7 @@ impl FromStr for Nid {
 impl fmt::Display for Nid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.net().lnd().addr_kind() {
-            AddrKind::Ipv4 => write!(f, "{}@{}", Ipv4Addr::from(self.addr()), self.net()),
+            AddrKind::Ipv4 => write!(f, "{}@{}", self.ip(), self.net()),
             AddrKind::Number => write!(f, "{}@{}", self.addr(), self.net()),
         }
     }
@@ -341,6 +374,35 @@ mod tests {
         let n = Nid::new(Net::new(LndType(77), 4), 12);
         assert_eq!(n.to_string(), "12@lnd77.4");
         assert_eq!("12@lnd77.4".parse::<Nid>().unwrap(), n);
+    }
+
+    #[test]
+    fn helpers_match_the_bit_layout() {
+        // 10.1.2.3@lu2k3: LND type 0x4C32, network number 3, address 0x0A01_0203.
+        let net = Net::new(LndType::LU2K, 3);
+        let ip = Ipv4Addr::new(10, 1, 2, 3);
+        let nid = Nid::from_net_ip(net, ip);
+        assert_eq!(nid.0, 0x4C32_0003_0A01_0203);
+        assert_eq!(nid, Nid::from_ipv4(ip, net));
+        assert_eq!(nid, Nid::new(net, 0x0A01_0203));
+        assert_eq!(nid.net(), net);
+        assert_eq!(nid.net().0, 0x4C32_0003);
+        assert_eq!(nid.addr(), 0x0A01_0203);
+        assert_eq!(nid.ip(), ip);
+        assert_eq!(nid.ipv4(), Some(ip));
+        assert_eq!(u64::from(nid), nid.0);
+        assert_eq!(Nid::from(nid.0), nid);
+        // `ip` reads the address of any network; `ipv4` only of IPv4 ones.
+        let lo = Nid::new(Net::new(LndType::LOLND, 0), 7);
+        assert_eq!(lo.ip(), Ipv4Addr::new(0, 0, 0, 7));
+        assert_eq!(lo.ipv4(), None);
+        // The shard function reads the same low 32 bits.
+        for cores in 1..=8 {
+            assert_eq!(
+                crate::shard(nid.0, cores),
+                crate::shard(u64::from(nid.ip().to_bits()), cores)
+            );
+        }
     }
 
     #[test]

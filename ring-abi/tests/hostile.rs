@@ -3,9 +3,12 @@
 //! panic, and whatever it accepts is inside the pools and adds up; arbitrary corruption
 //! of a header or core table never makes `Layout::from_parts` panic, and whatever it
 //! accepts keeps every part inside the region. The byte-driven checks of the cargo-fuzz
-//! targets (`fuzz/common/validate.rs`) run here too, on random bytes.
+//! targets (`fuzz/common/validate.rs`, and `fuzz/common/attach.rs` for the attach
+//! messages and NID text) run here too, on random bytes.
 #![cfg(not(loom))]
 
+#[path = "../fuzz/common/attach.rs"]
+mod attach;
 #[path = "../fuzz/common/validate.rs"]
 mod validate;
 
@@ -151,6 +154,16 @@ proptest! {
     #[test]
     fn fuzz_header_check_on_random_patches(data in proptest::collection::vec(any::<u8>(), 0..60)) {
         validate::header(&data);
+    }
+
+    #[test]
+    fn fuzz_attach_check_on_random_bytes(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        attach::decoders(&data);
+    }
+
+    #[test]
+    fn fuzz_attach_check_on_nid_like_text(text in "[0-9.]{0,16}@?[a-z0-9.]{0,8}") {
+        attach::decoders(text.as_bytes());
     }
 
     #[test]
