@@ -417,6 +417,58 @@ pub(crate) fn build_ring(entries: u32, defer: bool) -> io::Result<(IoUring, Ring
     Ok((r, RingSetup::default()))
 }
 
+/// Registers the TX range as io_uring's fixed buffer 0, where fixed
+/// `SENDMSG_ZC` works and the range fits one registration; whether it did.
+///
+/// # Safety
+/// `tx` must stay mapped while the registration lives (until `ring` is dropped).
+unsafe fn register_tx(ring: &IoUring, tx: &TxMem) -> bool {
+    if tx.total_len > 1 << 30 || !fixed_sendmsg_zc_supported() {
+        return false;
+    }
+    let iov = libc::iovec {
+        iov_base: tx.base as *mut libc::c_void,
+        iov_len: tx.total_len,
+    };
+    // SAFETY: the range stays mapped for the registration's life (our contract).
+    unsafe { ring.submitter().register_buffers(&[iov]) }.is_ok()
+}
+
+/// `n` free send slots.
+fn send_slots(n: usize) -> Box<[SendSlot]> {
+    (0..n)
+        .map(|_| SendSlot {
+            // SAFETY: msghdr is plain old data; zero is a valid empty value.
+            msg: unsafe { std::mem::zeroed() },
+            addr: sys::sockaddr_in(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            ctrl: GsoCmsg::new(0),
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV],
+            token: 0,
+            state: SlotState::Free,
+            res: Ok(0),
+            copied: false,
+        })
+        .collect()
+}
+
+/// A provided-buffer ring for `count` buffers (a power of two of 16-byte entries,
+/// page aligned), registered with `ring` as group `BGID`; with its entry count.
+/// The mapping must outlive the ring (`UringIo` drops `ring` first).
+fn provided_buffer_ring(ring: &IoUring, count: u16) -> io::Result<(Mapping, u16)> {
+    let entries = u32::from(count).next_power_of_two().min(1 << 15) as u16;
+    let bufring = Mapping::anon((entries as usize * size_of::<types::BufRingEntry>()).max(4096))?;
+    // SAFETY: `bufring` is page-aligned memory of `entries` entries that the caller
+    // keeps until after the ring is dropped.
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(bufring.as_ptr() as u64, entries, BGID, 0)?;
+    }
+    Ok((bufring, entries))
+}
+
 impl UringIo {
     /// Builds the reactor I/O for one core around `sock`.
     ///
@@ -443,50 +495,15 @@ impl UringIo {
                 "header arena too small for the send slots",
             ));
         }
-        if opts.fixed_tx && tx.total_len <= 1 << 30 && fixed_sendmsg_zc_supported() {
-            let iov = libc::iovec {
-                iov_base: tx.base as *mut libc::c_void,
-                iov_len: tx.total_len,
-            };
-            // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
-            // the ring (and with it the registration) is dropped with us.
-            setup.fixed_tx = unsafe { ring.submitter().register_buffers(&[iov]) }.is_ok();
-        }
-        let slots: Box<[SendSlot]> = (0..opts.send_slots)
-            .map(|_| SendSlot {
-                // SAFETY: msghdr is plain old data; zero is a valid empty value.
-                msg: unsafe { std::mem::zeroed() },
-                addr: sys::sockaddr_in(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
-                ctrl: GsoCmsg::new(0),
-                iov: [libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }; MAX_IOV],
-                token: 0,
-                state: SlotState::Free,
-                res: Ok(0),
-                copied: false,
-            })
-            .collect();
-
-        // Provided-buffer ring: a power of two of 16-byte entries, page aligned.
+        // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
+        // the ring (and with it the registration) is dropped with us.
+        setup.fixed_tx = opts.fixed_tx && unsafe { register_tx(&ring, &tx) };
+        let slots = send_slots(opts.send_slots);
         let count = rx.count.min(1 << 15);
         if count == 0 {
             return Err(io::Error::other("RX pool has no buffers"));
         }
-        let entries = (count as u32).next_power_of_two().min(1 << 15) as u16;
-        let bufring =
-            Mapping::anon((entries as usize * size_of::<types::BufRingEntry>()).max(4096))?;
-        // SAFETY: `bufring` is page-aligned memory of `entries` entries that we keep
-        // until after the ring is dropped (field order: `ring` drops first).
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                bufring.as_ptr() as u64,
-                entries,
-                BGID,
-                0,
-            )?;
-        }
+        let (bufring, entries) = provided_buffer_ring(&ring, count)?;
         // SAFETY: msghdr is plain old data; zero is a valid empty value.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -885,15 +902,38 @@ impl UringIo {
     }
 }
 
-impl DatagramIo for UringIo {
-    fn send(
-        &mut self,
-        dst: SocketAddrV4,
-        segs: &[Segment<'_>],
-        token: u64,
-    ) -> Result<(), SendError> {
-        let gso = gso_size(segs)?;
-        let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
+impl SendSlot {
+    /// Points the slot's msghdr at its address, its first `n` iovecs and, for a
+    /// GSO batch, its `UDP_SEGMENT` cmsg; marks it in flight for `token`.
+    fn prepare(&mut self, dst: SocketAddrV4, n: usize, gso: Option<u16>, token: u64) {
+        self.addr = sys::sockaddr_in(dst);
+        self.msg.msg_name = (&mut self.addr as *mut libc::sockaddr_in).cast();
+        self.msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        self.msg.msg_iov = self.iov.as_mut_ptr();
+        self.msg.msg_iovlen = n as _;
+        if let Some(g) = gso {
+            self.ctrl = GsoCmsg::new(g);
+            self.msg.msg_control = (&mut self.ctrl as *mut GsoCmsg).cast();
+            self.msg.msg_controllen = size_of::<GsoCmsg>() as _;
+        } else {
+            self.msg.msg_control = std::ptr::null_mut();
+            self.msg.msg_controllen = 0;
+        }
+        self.token = token;
+        self.copied = false;
+        self.res = Ok(0);
+        self.state = SlotState::InFlight {
+            result: false,
+            notif: false,
+        };
+    }
+}
+
+impl UringIo {
+    /// Copies the segments' headers into free slot `i`'s part of the header arena
+    /// and fills its iovecs with [header, payload pieces] per segment. Returns the
+    /// iovecs used and the bytes they carry.
+    fn gather(&mut self, i: usize, segs: &[Segment<'_>]) -> Result<(usize, usize), SendError> {
         let hdr_base = self.tx.header_slot(i).ok_or(SendError::Busy)?;
         let mut n = 0;
         let mut bytes = 0usize;
@@ -921,49 +961,51 @@ impl DatagramIo for UringIo {
             }
             bytes += s.wire_len();
         }
-        self.free_slots.pop();
-        let fixed = self.setup.fixed_tx;
-        let slot = &mut self.slots[i];
-        slot.addr = sys::sockaddr_in(dst);
-        slot.msg.msg_name = (&mut slot.addr as *mut libc::sockaddr_in).cast();
-        slot.msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        slot.msg.msg_iov = slot.iov.as_mut_ptr();
-        slot.msg.msg_iovlen = n as _;
-        if let Some(g) = gso {
-            slot.ctrl = GsoCmsg::new(g);
-            slot.msg.msg_control = (&mut slot.ctrl as *mut GsoCmsg).cast();
-            slot.msg.msg_controllen = size_of::<GsoCmsg>() as _;
-        } else {
-            slot.msg.msg_control = std::ptr::null_mut();
-            slot.msg.msg_controllen = 0;
-        }
-        slot.token = token;
-        slot.copied = false;
-        slot.res = Ok(0);
-        slot.state = SlotState::InFlight {
-            result: false,
-            notif: false,
-        };
+        Ok((n, bytes))
+    }
+
+    /// The submission for prepared slot `i`: `SENDMSG_ZC` (from the fixed buffer
+    /// where registered) while zero-copy is on, else a plain `SENDMSG`; on the send
+    /// worker when it runs.
+    fn send_entry(&mut self, i: usize) -> squeue::Entry {
+        let fd = types::Fd(self.sock.as_raw_fd());
+        let msg = &self.slots[i].msg;
         let e = if self.zc_active {
-            let mut op = opcode::SendMsgZc::new(types::Fd(self.sock.as_raw_fd()), &slot.msg);
+            let mut op = opcode::SendMsgZc::new(fd, msg);
             if self.setup.zc_report_usage {
                 op = op.ioprio(SEND_ZC_REPORT_USAGE);
             }
-            if fixed {
+            if self.setup.fixed_tx {
                 op = op.buf_index(Some(0));
             }
             op.build()
         } else {
             // The kernel copies inside sendmsg: one completion, memory free after it.
             self.stats.copy_sends += 1;
-            opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), &slot.msg).build()
+            opcode::SendMsg::new(fd, msg).build()
         }
         .user_data((K_SEND << KIND_SHIFT) | i as u64);
-        let e = if self.setup.send_worker {
+        if self.setup.send_worker {
             e.flags(squeue::Flags::ASYNC)
         } else {
             e
-        };
+        }
+    }
+}
+
+impl DatagramIo for UringIo {
+    fn send(
+        &mut self,
+        dst: SocketAddrV4,
+        segs: &[Segment<'_>],
+        token: u64,
+    ) -> Result<(), SendError> {
+        let gso = gso_size(segs)?;
+        let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
+        let (n, bytes) = self.gather(i, segs)?;
+        self.free_slots.pop();
+        self.slots[i].prepare(dst, n, gso, token);
+        let e = self.send_entry(i);
         self.in_flight += 1;
         self.stats.sends += 1;
         self.stats.datagrams_sent += segs.len() as u64;
