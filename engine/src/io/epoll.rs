@@ -48,9 +48,10 @@ pub struct EpollIo {
     want_out: bool,
     want_in: bool,
     stats: IoStats,
-    handed: Vec<bool>,
-    _keep: Option<Box<dyn sys::IoMem>>,
-    _bell: Option<OwnedFd>,
+    handed: sys::Lent,
+    /// What `new_owned` keeps alive (declared last: it outlives every kernel
+    /// reference the fields above hold).
+    _kept: Option<sys::Kept>,
 }
 
 impl std::fmt::Debug for EpollIo {
@@ -123,9 +124,9 @@ impl EpollIo {
             want_out: false,
             want_in: true,
             stats: IoStats::default(),
-            handed: vec![false; rx.count as usize],
-            _keep: None,
-            _bell: None,
+            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
+            handed: unsafe { sys::Lent::new(rx) },
+            _kept: None,
         })
     }
 
@@ -136,19 +137,7 @@ impl EpollIo {
         bell: Option<OwnedFd>,
         send_slots: usize,
     ) -> io::Result<EpollIo> {
-        // SAFETY: `mem` (an IoMem: OwnedMem or CoreMem, see its contract) owns both ranges exclusively, the doorbell fd is owned and kept in `self` too, and is kept in `self` (dropped last).
-        let mut me = unsafe {
-            Self::new(
-                sock,
-                mem.tx(),
-                mem.rx(),
-                bell.as_ref().map(AsRawFd::as_raw_fd),
-                send_slots,
-            )?
-        };
-        me._bell = bell;
-        me._keep = Some(Box::new(mem));
-        Ok(me)
+        sys::build_owned(sock, mem, bell, send_slots)
     }
 
     /// The socket.
@@ -234,7 +223,7 @@ impl EpollIo {
             self.rx_free.extend_from_slice(&bids[used..]);
             for (k, r) in got.into_iter().enumerate() {
                 let bid = bids[k];
-                self.handed[bid as usize] = true;
+                self.handed.lend(bid);
                 match (r.from, r.truncated) {
                     (_, true) => {
                         self.stats.rx_truncated += 1;
@@ -332,22 +321,13 @@ impl DatagramIo for EpollIo {
     }
 
     fn return_rx(&mut self, bid: u16) {
-        if let Some(h) = self.handed.get_mut(bid as usize).filter(|h| **h) {
-            *h = false;
+        if self.handed.take_back(bid) {
             self.rx_free.push(bid);
         }
     }
 
     fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
-        if !*self.handed.get(bid as usize)?
-            || u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size)
-        {
-            return None;
-        }
-        // SAFETY: `rx` is mapped while `self` lives (the constructor's contract);
-        // the caller holds buffer `bid` (handed out, not returned), so the kernel
-        // does not write it.
-        unsafe { self.rx.bytes(bid, off, len) }
+        self.handed.bytes(bid, off, len)
     }
 
     fn arm_doorbell(&mut self, _futex_seq: u32) {
@@ -456,5 +436,22 @@ impl DatagramIo for EpollIo {
 impl AsFd for EpollIo {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
+    }
+}
+
+impl sys::Build for EpollIo {
+    type Opts = usize;
+    unsafe fn build(
+        s: OwnedFd,
+        tx: TxMem,
+        rx: RxPool,
+        bell: Option<RawFd>,
+        o: usize,
+    ) -> io::Result<Self> {
+        // SAFETY: the caller keeps `build`'s contract, which is `new`'s.
+        unsafe { Self::new(s, tx, rx, bell, o) }
+    }
+    fn keep(&mut self, kept: sys::Kept) {
+        self._kept = Some(kept);
     }
 }

@@ -616,6 +616,107 @@ impl RxPool {
     }
 }
 
+/// Which RX buffers an I/O provider has handed out (between a `Recv` event and
+/// `return_rx`), and reads of those: the only buffers nobody else writes.
+#[derive(Debug)]
+pub struct Lent {
+    rx: RxPool,
+    out: Vec<bool>,
+}
+
+impl Lent {
+    /// None of `rx`'s buffers handed out.
+    ///
+    /// # Safety
+    /// `rx` must stay mapped while the value lives, and its owner must write a
+    /// buffer (or let the kernel write it) only while it is not lent.
+    pub unsafe fn new(rx: RxPool) -> Lent {
+        Lent {
+            out: vec![false; usize::from(rx.count)],
+            rx,
+        }
+    }
+
+    /// Buffer `bid` is handed out.
+    pub fn lend(&mut self, bid: u16) {
+        if let Some(o) = self.out.get_mut(usize::from(bid)) {
+            *o = true;
+        }
+    }
+
+    /// Buffer `bid` comes back; `false` if it was not out.
+    pub fn take_back(&mut self, bid: u16) -> bool {
+        self.out
+            .get_mut(usize::from(bid))
+            .is_some_and(|o| std::mem::replace(o, false))
+    }
+
+    /// Bytes `[off, off + len)` of lent buffer `bid`; `None` if it is not lent or
+    /// the range is outside it.
+    pub fn bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
+        if !*self.out.get(usize::from(bid))? {
+            return None;
+        }
+        // SAFETY: the pool is mapped while `self` lives and a lent buffer is
+        // written by nobody (the contract of `Lent::new`); bounds are checked by
+        // `RxPool::bytes`.
+        unsafe { self.rx.bytes(bid, off, len) }
+    }
+}
+
+/// What an I/O provider built by [`build_owned`] keeps alive: the memory its
+/// kernel operations reference and the doorbell fd they watch.
+pub struct Kept {
+    _mem: Box<dyn IoMem>,
+    _bell: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept").finish_non_exhaustive()
+    }
+}
+
+/// An I/O provider that can be built over raw memory ranges.
+pub trait Build: Sized {
+    /// The provider's options.
+    type Opts;
+    /// Builds the provider over `tx` and `rx`, watching doorbell `bell`.
+    ///
+    /// # Safety
+    /// As the provider's `new`: both ranges stay mapped, and `bell` open, while it
+    /// lives; nobody touches RX buffers the kernel owns.
+    unsafe fn build(
+        sock: OwnedFd,
+        tx: TxMem,
+        rx: RxPool,
+        bell: Option<RawFd>,
+        opts: Self::Opts,
+    ) -> io::Result<Self>;
+    /// Takes ownership of what must outlive its kernel references.
+    fn keep(&mut self, kept: Kept);
+}
+
+/// Builds provider `I` over memory it then owns (the engine's `CoreMem`, or the
+/// `OwnedMem` of tests and the probe's self-test), with the doorbell fd it owns.
+pub fn build_owned<I: Build>(
+    sock: OwnedFd,
+    mem: impl IoMem + 'static,
+    bell: Option<OwnedFd>,
+    opts: I::Opts,
+) -> io::Result<I> {
+    let fd = bell.as_ref().map(AsRawFd::as_raw_fd);
+    // SAFETY: `mem` (an IoMem, see its contract) owns both ranges exclusively and
+    // `bell` owns the fd; both are handed to the provider to keep (`Build::keep`),
+    // which drops them after everything that references them.
+    let mut me = unsafe { I::build(sock, mem.tx(), mem.rx(), fd, opts)? };
+    me.keep(Kept {
+        _mem: Box::new(mem),
+        _bell: bell,
+    });
+    Ok(me)
+}
+
 /// An owned memory mapping.
 #[derive(Debug)]
 pub struct Mapping {

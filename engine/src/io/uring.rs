@@ -317,13 +317,14 @@ pub struct UringIo {
     epoch_mono: std::time::Duration,
     stats: IoStats,
     max_frags: usize,
-    handed: Vec<bool>,
+    handed: sys::Lent,
     zc_mode: ZcMode,
     zc_active: bool,
     zc_copied_streak: u32,
     // Last: memory the kernel may reference, dropped after the ring.
-    _keep: Option<Box<dyn sys::IoMem>>,
-    _bell: Option<OwnedFd>,
+    /// What `new_owned` keeps alive (declared last: it outlives every kernel
+    /// reference the fields above hold).
+    _kept: Option<sys::Kept>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -537,12 +538,12 @@ impl UringIo {
             epoch_mono: monotonic_now(),
             stats: IoStats::default(),
             max_frags: max_skb_frags(),
-            handed: vec![false; rx.count as usize],
+            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
+            handed: unsafe { sys::Lent::new(rx) },
             zc_mode: opts.zc,
             zc_active: opts.zc != ZcMode::Never,
             zc_copied_streak: 0,
-            _keep: None,
-            _bell: None,
+            _kept: None,
         };
         let fill = count.min(RING_FILL as u16);
         for bid in 0..fill {
@@ -568,20 +569,7 @@ impl UringIo {
         bell: Option<OwnedFd>,
         opts: UringOpts,
     ) -> io::Result<UringIo> {
-        // SAFETY: `mem` (an IoMem: OwnedMem or CoreMem, see its contract) owns both ranges exclusively, the doorbell fd is owned and kept in `self` too, and is kept in `self`, declared
-        // after the ring, so it outlives every kernel reference.
-        let mut me = unsafe {
-            Self::new(
-                sock,
-                mem.tx(),
-                mem.rx(),
-                bell.as_ref().map(AsRawFd::as_raw_fd),
-                opts,
-            )?
-        };
-        me._bell = bell;
-        me._keep = Some(Box::new(mem));
-        Ok(me)
+        sys::build_owned(sock, mem, bell, opts)
     }
 
     /// Waits for the doorbell with `IORING_OP_FUTEX_WAIT` on `word` (the direction's
@@ -803,9 +791,7 @@ impl UringIo {
             return;
         };
         self.rx_free = self.rx_free.saturating_sub(1);
-        if let Some(h) = self.handed.get_mut(bid as usize) {
-            *h = true;
-        }
+        self.handed.lend(bid);
         let used = (res as u32).min(self.rx.buf_size);
         // SAFETY: the kernel filled `used` bytes of buffer `bid` and handed it to us
         // with this completion; nobody else touches it until we provide it again.
@@ -1051,8 +1037,7 @@ impl DatagramIo for UringIo {
     fn return_rx(&mut self, bid: u16) {
         // Only a buffer that is out (handed over by a completion) can come back; a
         // double return would put one buffer in the ring twice.
-        if let Some(h) = self.handed.get_mut(bid as usize).filter(|h| **h) {
-            *h = false;
+        if self.handed.take_back(bid) {
             if self.rx_free < RING_FILL {
                 self.provide(bid);
                 self.publish_tail();
@@ -1063,15 +1048,7 @@ impl DatagramIo for UringIo {
     }
 
     fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
-        if !*self.handed.get(bid as usize)?
-            || u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size)
-        {
-            return None;
-        }
-        // SAFETY: `rx` is mapped while `self` lives (the constructor's contract);
-        // the caller holds buffer `bid` (handed out, not returned), so the kernel
-        // does not write it.
-        unsafe { self.rx.bytes(bid, off, len) }
+        self.handed.bytes(bid, off, len)
     }
 
     fn doorbell_mode(&self) -> WaitMode {
@@ -1330,4 +1307,21 @@ fn bytemuck_u64(v: &mut u64) -> &mut [u8; 8] {
     // SAFETY: u64 and [u8; 8] have the same size, and every bit pattern is valid for
     // both; alignment of [u8; 8] (1) is weaker than u64's.
     unsafe { &mut *(v as *mut u64).cast::<[u8; 8]>() }
+}
+
+impl sys::Build for UringIo {
+    type Opts = UringOpts;
+    unsafe fn build(
+        s: OwnedFd,
+        tx: TxMem,
+        rx: RxPool,
+        bell: Option<RawFd>,
+        o: UringOpts,
+    ) -> io::Result<Self> {
+        // SAFETY: the caller keeps `build`'s contract, which is `new`'s.
+        unsafe { Self::new(s, tx, rx, bell, o) }
+    }
+    fn keep(&mut self, kept: sys::Kept) {
+        self._kept = Some(kept);
+    }
 }
