@@ -22,9 +22,9 @@
 //!   receiver records the gap between the two packets of a probe pair (sequence
 //!   numbers ≡ 0 and ≡ 1 mod 16, sent back to back) in a window of 64 and
 //!   reports the median-filtered mean; a pair whose second packet the sender
-//!   held back (its send timestamp later by half the arrival gap or more) is
-//!   not counted. UDT4 pre-fills that window with 1 ms
-//!   gaps, so it needs more than 32 real pairs (500+ packets) before the
+//!   held back (its send timestamp later by more than 10 µs and by half the
+//!   arrival gap or more) is not counted. UDT4 pre-fills that window with
+//!   1 ms gaps, so it needs more than 32 real pairs (500+ packets) before the
 //!   estimate moves; here only real samples count, so the first pair already
 //!   gives an estimate — this is what makes a fast start possible.
 //!
@@ -207,7 +207,7 @@ pub const PAIR_SEND_SLACK_US: u32 = 10;
 /// batch, whose datagrams share one receive time) has a measured gap of 0;
 /// it counts as one tick, so the estimate tops out at 8 million packets/s
 /// (~93 Gbit/s of 1456-byte payloads). Counted as a whole microsecond, it
-/// capped the estimate, and so the pacing rate, at 1 million packets/s
+/// would cap the estimate, and so the pacing rate, at 1 million packets/s
 /// (11.6 Gbit/s). The value stays well inside UDT4's `int` arithmetic.
 const PAIR_TICKS: u64 = 8;
 
@@ -246,8 +246,8 @@ impl Capacity {
     /// sender's window, its pacing or the application (a message ending on
     /// the probe) held it back, and the gap at the receiver measures that,
     /// not the link — a first pair split by a full window of 64 packets at
-    /// 200 ms read 5 packets/s, and a fast start paced at it. The pair counts
-    /// only if the gap between the packets' send times is at most
+    /// 200 ms would read 5 packets/s, and a fast start would pace at it. The
+    /// pair counts only if the gap between the packets' send times is at most
     /// [`PAIR_SEND_SLACK_US`] or under half the gap they arrived with.
     pub fn on_arrival(&mut self, now: Time, seq: u32, sent: u32) {
         match seq & 0xF {
@@ -393,7 +393,8 @@ mod tests {
             c.on_arrival(1000 + u64::from(k), 16 * (k + 1) + 1, 0);
         }
         assert_eq!(c.rate(), 8_000_000);
-        // Real gaps read as before: 2 µs is 500 000 packets/s.
+        // Gaps of whole microseconds read as they are: 2 µs is 500 000
+        // packets/s.
         let mut c = Capacity::new();
         c.on_arrival(0, 16, 0);
         c.on_arrival(2, 17, 0);
@@ -426,7 +427,7 @@ mod tests {
         c.on_arrival(500_120, 49, 400_020);
         assert_eq!(c.rate(), 8334);
         // Stamped by separate clock reads a few microseconds apart, arriving
-        // squeezed together: still a pair, as before.
+        // squeezed together: still a pair (within PAIR_SEND_SLACK_US).
         c.on_arrival(600_000, 64, 500_000);
         c.on_arrival(600_004, 65, 500_006);
         assert_eq!(c.samples(), 2);

@@ -34,9 +34,11 @@ pub struct Path {
     pub rtt_var: u32,
     /// Minimum RTT seen, microseconds.
     pub min_rtt: u32,
-    /// Receiver's packet arrival rate (packets/s, sender-side EWMA as in UDT4; 0 if unknown).
+    /// Receiver's packet arrival rate (packets/s, sender-side EWMA of its
+    /// reports, starting at UDT4's 16).
     pub recv_rate: u32,
-    /// Estimated link capacity (packets/s, sender-side EWMA of packet-pair reports).
+    /// Estimated link capacity (packets/s, sender-side EWMA of packet-pair
+    /// reports, starting at UDT4's 1).
     pub bandwidth: u32,
     /// Maximum segment size in bytes (the whole IP packet, as in UDT).
     pub mss: u32,

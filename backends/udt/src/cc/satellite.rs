@@ -7,9 +7,10 @@
 //! keeps a model of the path and paces at it:
 //!
 //! - **Bottleneck bandwidth.** The packet-pair capacity reported by the
-//!   receiver, and a windowed maximum (the last 10 rounds of one minimum RTT
-//!   that had any) over its arrival-rate reports, which count packets lost on the wire as
-//!   carried (see [`crate::estimate::ArrivalRate`]). A report below the
+//!   receiver, and a windowed maximum (the last 10 rounds, each a minimum RTT
+//!   of at least 10 ms, that had any) over its arrival-rate reports, which
+//!   count packets lost on the wire as carried (see
+//!   [`crate::estimate::ArrivalRate`]). A report below the
 //!   pacing rate with no queue to explain it only shows that the sender was
 //!   held back (window, a hole, no data) and is ignored. The larger of the
 //!   two is the ceiling of the pacing rate (the arrival rate can show more
@@ -39,9 +40,8 @@
 //! - **Floor.** The flow never paces slower than 32 packets per minimum RTT
 //!   (at least 1 ms): on a short path the queueing signal is mostly host
 //!   scheduling noise, and a CPU-starved receiver's arrival reports could
-//!   otherwise walk the model down to a trickle (seen on loopback in a slow
-//!   VM: 0.4 Mbit/s). Below the floor the window governs, as in TCP; on a
-//!   600 ms path the floor is 0.6 Mbit/s.
+//!   otherwise walk the model down to a trickle. Below the floor the window
+//!   governs, as in TCP; on a 600 ms path the floor is 0.6 Mbit/s.
 //!
 //! **Fast start.** The first packets go out back to back; their packet
 //! pairs give the receiver a capacity estimate within the first round trip,
@@ -56,13 +56,14 @@
 //! unless a queue stands.
 //!
 //! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
-//! (a penalty that wears off by 10 % a round; at most one cut per RTT) only if the smoothed RTT stands above
-//! `1.25 × min_rtt + 5 ms` (a queue is overflowing), or if the loss rate of a
-//! round is far above the long-run average (≥ 20 % and ≥ 3× the mean plus
-//! 5 %: a clustered, load-driven burst). A timeout (EXP) leaves the model
-//! alone: on satellite links a silence is usually an outage, not a queue —
-//! and for two round trips after one, loss reports (the outage's packets,
-//! reported once the path is back) cut nothing either.
+//! (a penalty that wears off by 10 % a round; at most one cut per RTT) only
+//! if the smoothed RTT stands above `1.25 × min_rtt + 5 ms` (a queue is
+//! overflowing), or if the loss rate of a round is far above the long-run
+//! average (≥ 20 % and ≥ 3× the mean plus 5 %: a clustered, load-driven
+//! burst). A timeout (EXP) leaves the model alone: on satellite links a
+//! silence is usually an outage, not a queue — and for two round trips after
+//! one, loss reports (the outage's packets, reported once the path is back)
+//! cut nothing either.
 
 use super::{Ack, Controller, Path};
 use crate::estimate::Time;
@@ -84,8 +85,9 @@ const Q_HIGH: f64 = 0.05;
 /// The least minimum RTT (µs) the queueing delay is measured against. Below a
 /// few milliseconds the RTT's excess over its minimum is mostly the hosts' own
 /// scheduling (a preempted receiver, an ACK behind a batch), not a router's
-/// queue; the loss rule allows the same 5 ms. On loopback, measured against the
-/// path's ~1 ms, it held the bulk run 10–15 % below what the receiver took.
+/// queue; the loss rule allows the same 5 ms. Measured against a loopback
+/// path's ~1 ms, that scheduling would read as a standing queue and hold the
+/// flow below what the receiver takes.
 const QUEUE_REF_MIN_RTT: u32 = 5_000;
 /// How far above the delivered rate the pair estimate may take the ceiling.
 const PROBE_GAIN: f64 = 1.25;
@@ -263,8 +265,9 @@ impl Satellite {
         }
     }
 
-    /// Ends the round when a minimum RTT has passed (called on every event,
-    /// so rounds keep time while the ACK point stalls behind a hole).
+    /// Ends the round when a minimum RTT (at least 10 ms) has passed (called
+    /// on every event, so rounds keep time while the ACK point stalls behind
+    /// a hole).
     fn tick(&mut self, now: Time, path: &Path) {
         if now.saturating_sub(self.round_start) >= Self::round_len(path) {
             self.end_round(now, path);
@@ -346,9 +349,9 @@ impl Controller for Satellite {
                 // path: judged by the cruise rule, a sample below the new
                 // rate without a queue to explain it is the sender's limit.
                 // Kept, it would hold the ceiling at 1.25 x that pace and the
-                // rate would climb 25 % a round (seconds at 200 ms) — what a
+                // rate would climb 25 % a round (seconds at 200 ms), as after a
                 // first message too small for a start of its own (one packet,
-                // no packet pair) and a stream behind it then met.
+                // no packet pair) with a stream behind it.
                 let floor = 0.9 * self.rate;
                 for f in &mut self.filter {
                     if *f < floor {
@@ -564,8 +567,9 @@ mod tests {
 
     /// Loopback: a 30 µs path whose smoothed RTT reads 1.5 ms, the hosts'
     /// scheduling. That is no queue: the flow probes up to the pair capacity as
-    /// its arrivals follow. (Measured against the 1 ms floor it read as a 50 %
-    /// queue, and the flow paced at 0.8 x its own arrivals, round after round.)
+    /// its arrivals follow. (Measured against a 1 ms floor it would read as a
+    /// 50 % queue, and the flow would pace at 0.8 × its own arrivals, round
+    /// after round.)
     #[test]
     fn host_scheduling_delay_on_a_short_path_is_not_a_queue() {
         let mut cc = Satellite::new();

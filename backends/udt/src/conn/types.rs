@@ -279,11 +279,11 @@ pub struct Stats {
     pub pkts_lost_detected: u64,
     /// Sequence numbers reported lost to this sender by NAKs (new ones).
     pub pkts_nak_received: u64,
-    /// ACKs (full and light) sent / received.
+    /// ACKs (full and light) sent.
     pub acks_sent: u64,
     /// ACKs received.
     pub acks_received: u64,
-    /// NAK packets sent / received.
+    /// NAK packets sent.
     pub naks_sent: u64,
     /// NAK packets received.
     pub naks_received: u64,
@@ -295,7 +295,7 @@ pub struct Stats {
     pub bytes_acked: u64,
     /// EXP expirations.
     pub timeouts: u64,
-    /// Incoming datagrams dropped, by cause.
+    /// Incoming datagrams dropped, by cause: not a UDT packet.
     pub dropped_malformed: u64,
     /// Wrong destination socket ID.
     pub dropped_wrong_socket: u64,
@@ -303,7 +303,7 @@ pub struct Stats {
     pub dropped_out_of_window: u64,
     /// ACK beyond what was sent.
     pub dropped_ack_beyond_sent: u64,
-    /// NAK naming unsent packets.
+    /// NAK or message drop request naming unsent packets or an absurd range.
     pub dropped_bad_loss_report: u64,
     /// Handshake not fitting the state.
     pub dropped_bad_handshake: u64,

@@ -1,0 +1,168 @@
+//! The timers of an established connection: the ACK timer (a full ACK every
+//! SYN, light ACKs between), the periodic NAK, and EXP — retransmission on
+//! silence, keep-alive and the idle close. (The handshake's retry timer is
+//! in [`super::handshake`].)
+
+use super::{CloseReason, Connection, State, SYN_US};
+use crate::estimate::Time;
+use crate::wire::ControlRepr;
+
+/// A light ACK every this many data packets (UDT4's rule)...
+const LIGHT_ACK_PKTS: u32 = 64;
+/// ...but not more often than this, microseconds. Below ~0.64 M packets/s
+/// (64 packets take 0.7 ms at 1 Gbit/s) UDT4's rule stands. Above it — on
+/// loopback and fast LANs — a light ACK every 64 packets would be tens of
+/// thousands of sends a second on the receiver and as many receives on the
+/// sender, for a window that a light ACK every 100 µs already keeps moving
+/// (every 300 packets at 3 M packets/s).
+const LIGHT_ACK_MIN_GAP_US: u64 = 100;
+/// Least EXP interval while no RTT has been measured (RFC 6298's initial RTO).
+const INITIAL_EXP_US: u64 = 1_000_000;
+
+impl Connection {
+    /// Any packet from the peer: it is alive (the idle timeout restarts).
+    /// The EXP timer restarts too only if nothing of ours is unacknowledged
+    /// (draft-gg-udt, data receiving step 3): data or stale ACKs from a busy
+    /// peer say nothing about whether our packets arrived.
+    pub(super) fn heard(&mut self, now: Time) {
+        self.last_heard = now;
+        if self.tx.next == self.tx.una {
+            self.exp_count = 1;
+            self.last_rsp = now;
+        }
+    }
+
+    /// The peer reported on our packets (an ACK that advances, a NAK):
+    /// restart the EXP timer and its backoff.
+    pub(super) fn progress(&mut self, now: Time) {
+        self.exp_count = 1;
+        self.last_rsp = now;
+    }
+
+    /// When the established connection's next timer is due (or its next
+    /// data packet, for pacing).
+    pub(super) fn connected_deadline(&self) -> Time {
+        let mut t = self.rx.next_ack_time;
+        if !self.rx.lost.is_empty() {
+            t = t.min(self.rx.next_nak_time);
+        }
+        t = t.min(self.next_exp());
+        if self.has_data() {
+            t = t.min(self.tx.next_send.ceil() as Time);
+        }
+        t
+    }
+
+    /// Runs the established connection's timers due at `now`.
+    pub(super) fn connected_timers(&mut self, now: Time) {
+        self.ack_timers(now);
+        if !self.rx.lost.is_empty() && now >= self.rx.next_nak_time {
+            self.periodic_nak(now);
+        }
+        if now >= self.next_exp() {
+            self.on_exp(now);
+        }
+    }
+
+    fn next_exp(&self) -> Time {
+        // The RTT is at least what our own ACKed packets took: until the
+        // peer's ACK2 samples arrive (the server, and a client whose
+        // handshake was retried, start from UDT4's 100 ms guess), the timer
+        // must not fire while the first window is still on its way back.
+        let mut rtt = u64::from(self.rtt());
+        if self.tx.own_min_rtt != u32::MAX {
+            rtt = rtt.max(u64::from(self.tx.own_min_rtt));
+        }
+        let base = u64::from(self.exp_count) * (rtt + 4 * u64::from(self.rtt_var()) + SYN_US);
+        let mut min = self.cfg.min_exp_interval_us;
+        if self.tx.next > self.tx.una
+            && self.tx.own_min_rtt == u32::MAX
+            && self.tx.rtt.samples() == 0
+            && self.rx.rtt.samples() == 0
+        {
+            // Data in flight and no RTT measured at all yet: resend after
+            // 1 s, as TCP's initial RTO (RFC 6298), not after UDT4's 100 ms
+            // guess (keep-alives keep the short interval).
+            min = min.max(INITIAL_EXP_US);
+        }
+        let exp = base.max(u64::from(self.exp_count) * min);
+        self.last_rsp + exp
+    }
+
+    /// EXP fired: close if the peer has been silent too long, else resend
+    /// everything unacknowledged (or send a keep-alive), and back off.
+    fn on_exp(&mut self, now: Time) {
+        if self.exp_count > 16 && now.saturating_sub(self.last_heard) > self.cfg.idle_timeout_us {
+            self.shut(CloseReason::Timeout);
+            return;
+        }
+        self.stats.timeouts += 1;
+        let unacked = self.tx.next > self.tx.una;
+        if unacked || self.tx.has_unsent() {
+            if unacked && self.tx.lost.is_empty() {
+                let (a, b) = (self.seq_of(self.tx.una), self.seq_of(self.tx.next - 1));
+                let _ = self.tx.lost.insert(a, b);
+            }
+            let path = self.path();
+            self.cc.on_timeout(now, &path);
+        } else {
+            self.queue_ctrl(&ControlRepr::KeepAlive, self.peer_id, now);
+        }
+        self.exp_count += 1;
+        self.last_rsp = now;
+    }
+
+    /// The ACK timer: a full ACK every SYN, a light ACK every
+    /// [`LIGHT_ACK_PKTS`] packets between (at most one per
+    /// [`LIGHT_ACK_MIN_GAP_US`]).
+    pub(super) fn ack_timers(&mut self, now: Time) {
+        if self.state != State::Connected {
+            return;
+        }
+        if now >= self.rx.next_ack_time {
+            self.send_ack(now, false);
+            self.rx.next_ack_time = now + SYN_US;
+            self.rx.pkt_count = 0;
+            self.rx.light_count = 1;
+        } else if self.rx.pkt_count >= LIGHT_ACK_PKTS * self.rx.light_count
+            && now >= self.rx.last_light_ack + LIGHT_ACK_MIN_GAP_US
+        {
+            self.send_ack(now, true);
+            self.rx.last_light_ack = now;
+            // The next one at the next multiple of 64 packets beyond the
+            // count, not at the step after the one that came due: a
+            // rate-limited light ACK leaves no debt behind it.
+            self.rx.light_count = self.rx.pkt_count / LIGHT_ACK_PKTS + 1;
+        }
+    }
+
+    fn nak_interval(&self) -> u64 {
+        // UDT4's RTT + 4·RTTVar, with the variance term kept within
+        // [10 ms, RTT/2] (10 ms where RTT/2 is less): an early, wide
+        // variance must not hold a hole for seconds, and a retransmission
+        // needs some slack to arrive. Plus the time the sender needs to
+        // resend the whole loss list at the rate packets arrive.
+        let r = u64::from(self.rx.rtt.rtt());
+        let rtt = r + (4 * u64::from(self.rx.rtt.var())).min(r / 2).max(10_000);
+        let rate = u64::from(self.rx.arrival.rate());
+        let drain = (self.rx.lost.len() * 1_000_000)
+            .checked_div(rate)
+            .unwrap_or(0);
+        (rtt + drain).max(self.cfg.min_nak_interval_us)
+    }
+
+    /// Re-reports every loss whose last report is one NAK interval old (the
+    /// retransmission should have arrived by then), at most 64 ranges per
+    /// tick; the check runs every `min_nak_interval_us`.
+    fn periodic_nak(&mut self, now: Time) {
+        let interval = self.nak_interval();
+        if let Some(due) = now.checked_sub(interval) {
+            let mut ranges = Vec::new();
+            self.rx.lost.take_due(due, now, 64, &mut ranges);
+            if !ranges.is_empty() {
+                self.queue_nak(&ranges, now);
+            }
+        }
+        self.rx.next_nak_time = now + self.cfg.min_nak_interval_us;
+    }
+}
