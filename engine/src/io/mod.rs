@@ -33,8 +33,10 @@ use std::time::Instant;
 pub const MAX_HDR: usize = 128;
 /// Most datagrams in one send (the kernel's UDP GSO segment limit is 64 or more).
 pub const MAX_SEGS: usize = 64;
-/// Most iovecs one send may use (header + payload pieces of all segments).
-pub const MAX_IOV: usize = 4 * MAX_SEGS;
+/// Most iovecs one send may use (header + payload pieces of all segments): the
+/// kernel's `UIO_MAXIOV`. One datagram may need a header, the LNet header and up to
+/// `MAX_TX_EXTENTS` (256) payload pieces when kshim hands over tiny fragments.
+pub const MAX_IOV: usize = 1024;
 /// Largest UDP payload of one GSO send (IPv4 total length limit).
 pub const MAX_GSO_BYTES: usize = 65_507;
 
@@ -119,19 +121,23 @@ pub fn gso_size(segs: &[Segment<'_>]) -> Result<Option<u16>, SendError> {
 }
 
 /// How many leading segments of `segs` form one valid GSO batch by size and count
-/// alone (equal sizes, at most MAX_SEGS, within one IPv4 datagram).
+/// alone (equal sizes, at most MAX_SEGS, within one IPv4 datagram, at most
+/// MAX_IOV iovecs).
 pub fn fit_gso(segs: &[Segment<'_>]) -> usize {
     let Some(first) = segs.first().map(Segment::wire_len) else {
         return 0;
     };
     let mut total = 0;
+    let mut iovs = 0;
     let mut n = 0;
     for s in segs.iter().take(MAX_SEGS) {
         let l = s.wire_len();
-        if l > first || total + l > MAX_GSO_BYTES {
+        let v = 1 + s.pieces().count();
+        if l > first || total + l > MAX_GSO_BYTES || (n > 0 && iovs + v > MAX_IOV) {
             break;
         }
         total += l;
+        iovs += v;
         n += 1;
         if l < first {
             break; // a shorter segment can only be the last one
@@ -299,5 +305,29 @@ pub trait DatagramIo {
     /// received datagrams.
     fn realtime_ns(&self) -> u64 {
         sys::realtime_ns()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_cut_where_its_iovecs_would_pass_the_kernel_limit() {
+        // Datagrams of 1 + 256 one-byte pieces each (kshim's tiny-fragment worst
+        // case): 257 iovecs with the header, so three fit in MAX_IOV, not four.
+        let hdr = [0u8; 16];
+        let more: Vec<(u64, u32)> = (1..256).map(|i| (i, 1)).collect();
+        let seg = Segment {
+            hdr: &hdr,
+            payload_off: 0,
+            payload_len: 1,
+            more: &more,
+        };
+        let segs = vec![seg; 8];
+        assert_eq!(1 + seg.pieces().count(), 257);
+        assert_eq!(fit_gso(&segs), MAX_IOV / 257);
+        // One datagram always fits, however many pieces it has.
+        assert_eq!(fit_gso(&segs[..1]), 1);
     }
 }

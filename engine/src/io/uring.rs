@@ -951,12 +951,12 @@ impl UringIo {
     }
 
     /// The submission for prepared slot `i`: `SENDMSG_ZC` (from the fixed buffer
-    /// where registered) while zero-copy is on, else a plain `SENDMSG`; on the send
-    /// worker when it runs.
-    fn send_entry(&mut self, i: usize) -> squeue::Entry {
+    /// where registered) with `zc`, else a plain `SENDMSG`; on the send worker when
+    /// it runs.
+    fn send_entry(&mut self, i: usize, zc: bool) -> squeue::Entry {
         let fd = types::Fd(self.sock.as_raw_fd());
         let msg = &self.slots[i].msg;
-        let e = if self.zc_active {
+        let e = if zc {
             let mut op = opcode::SendMsgZc::new(fd, msg);
             if self.setup.zc_report_usage {
                 op = op.ioprio(SEND_ZC_REPORT_USAGE);
@@ -979,6 +979,22 @@ impl UringIo {
     }
 }
 
+impl UringIo {
+    /// skb fragments a zero-copy send of `segs` takes: one per header, one per page
+    /// each payload piece touches.
+    fn frags(&self, segs: &[Segment<'_>]) -> usize {
+        let mut frags = 0;
+        for s in segs {
+            frags += 1;
+            for (off, len) in s.pieces() {
+                let addr = self.tx.base + self.tx.pool_off + off as usize;
+                frags += (addr + len as usize - 1) / 4096 - addr / 4096 + 1;
+            }
+        }
+        frags
+    }
+}
+
 impl DatagramIo for UringIo {
     fn send(
         &mut self,
@@ -991,7 +1007,10 @@ impl DatagramIo for UringIo {
         let (n, bytes) = self.gather(i, segs)?;
         self.free_slots.pop();
         self.slots[i].prepare(dst, n, gso, token);
-        let e = self.send_entry(i);
+        // A datagram with more fragments than the kernel takes zero-copy (a packet
+        // over many tiny extents) goes as a copying send rather than not at all.
+        let zc = self.zc_active && self.frags(segs) <= self.max_frags;
+        let e = self.send_entry(i, zc);
         self.in_flight += 1;
         self.stats.sends += 1;
         self.stats.datagrams_sent += segs.len() as u64;
@@ -1021,12 +1040,7 @@ impl DatagramIo for UringIo {
         }
         let mut frags = 0;
         for (k, s) in segs[..n].iter().enumerate() {
-            let mut pages = 0;
-            for (off, len) in s.pieces() {
-                let addr = self.tx.base + self.tx.pool_off + off as usize;
-                pages += (addr + len as usize - 1) / 4096 - addr / 4096 + 1;
-            }
-            frags += 1 + pages;
+            frags += self.frags(std::slice::from_ref(s));
             if frags > self.max_frags {
                 return k.max(1);
             }

@@ -141,7 +141,6 @@ impl<T: Transport> Shard<T> {
         // What the core runs with is readable at once, before any traffic.
         self.publish_stats();
         while self.step() != Step::Done {}
-        self.publish_stats();
     }
 
     /// One pass of the loop (see the module doc).
@@ -157,6 +156,7 @@ impl<T: Transport> Shard<T> {
         if self.drained() {
             self.t.close();
             self.ring.flush_notify();
+            self.publish_stats();
             return Step::Done;
         }
         let idle = !work && self.spin.spun_out(self.t.now()) && !self.t.has_backlog();

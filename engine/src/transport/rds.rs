@@ -240,7 +240,8 @@ impl Transport for Rds {
     }
 
     fn handle_abort_all(&mut self, status: TxStatus) {
-        let ids: Vec<u64> = self.msgs.keys().copied().collect();
+        let mut ids: Vec<u64> = self.msgs.keys().copied().collect();
+        ids.sort_unstable();
         for id in ids {
             self.finish(id, status, 0);
         }

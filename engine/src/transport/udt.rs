@@ -112,15 +112,20 @@ pub struct Udt {
     /// Datagrams per RX buffer, a moving average over receive completions (1
     /// without GRO coalescing, more with it): converts free buffers to packets.
     rx_pkts_per_buf: f64,
-    peers: HashMap<Ipv4Addr, Peer>,
-    conns: HashMap<u32, ConnEntry>,
+    /// Ordered maps: the loop walks peers and connections, and a walk in the same
+    /// order every run keeps a seeded simulation repeatable.
+    peers: BTreeMap<Ipv4Addr, Peer>,
+    conns: BTreeMap<u32, ConnEntry>,
     listener: Listener,
     seed: u64,
     out: VecDeque<Event>,
     drops: BTreeMap<String, u64>,
     io_events: Vec<IoEvent>,
     transmits: Vec<Transmit>,
-    pieces: Vec<[(u64, u32); 3]>,
+    /// The TX slices of the transmits being sent, all of them in a row ...
+    pieces: Vec<(u64, u32)>,
+    /// ... and each transmit's span of them.
+    spans: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Udt {
@@ -153,13 +158,14 @@ impl Udt {
             sends: HashMap::new(),
             next_send: 1,
             backlog: VecDeque::new(),
-            peers: HashMap::new(),
-            conns: HashMap::new(),
+            peers: BTreeMap::new(),
+            conns: BTreeMap::new(),
             out: VecDeque::new(),
             drops: BTreeMap::new(),
             io_events: Vec::new(),
             transmits: Vec::new(),
             pieces: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -235,7 +241,8 @@ impl Transport for Udt {
     }
 
     fn handle_abort_all(&mut self, status: TxStatus) {
-        let ids: Vec<u64> = self.msgs.keys().copied().collect();
+        let mut ids: Vec<u64> = self.msgs.keys().copied().collect();
+        ids.sort_unstable();
         for id in ids {
             self.fail_msg(id, status);
         }
@@ -573,15 +580,17 @@ impl Udt {
         any
     }
 
-    /// Sends a prefix of `self.transmits[start..]` (all to `dst`) as one send;
-    /// returns how many it took (0: the I/O layer is busy).
-    fn send_run(&mut self, dst: SocketAddrV4, start: usize) -> usize {
+    /// Maps the payload of every transmit in `self.transmits[start..]` onto TX
+    /// memory: `self.pieces[a..b]` for the transmit's span `(a, b)` in
+    /// `self.spans`.
+    fn map_run(&mut self, start: usize) {
         self.pieces.clear();
+        self.spans.clear();
+        let mut unmapped = 0u64;
         // A run is mostly one message's packets: look it up once.
         let mut cached: Option<(u64, &TxMsg)> = None;
-        let mut unmapped = 0u64;
         for t in &self.transmits[start..] {
-            let mut pcs = [(0u64, 0u32); 3];
+            let a = self.pieces.len();
             if let Some(p) = t.payload {
                 let m = match cached {
                     Some((id, m)) if id == p.msg => Some(m),
@@ -591,27 +600,39 @@ impl Udt {
                         m
                     }
                 };
-                if let Some(m) = m {
-                    let (mapped, short) = map_pieces(&m.pieces, p.offset, p.len);
-                    pcs = mapped;
-                    unmapped += u64::from(short);
-                }
                 // A message already failed back: its memory is kshim's again; the
                 // packet goes out as a bare header and the peer drops it as malformed.
+                if let Some(m) = m {
+                    if !map_pieces(&m.pieces, p.offset, p.len, &mut self.pieces) {
+                        unmapped += 1;
+                    }
+                }
             }
-            self.pieces.push(pcs);
+            self.spans.push((a, self.pieces.len()));
         }
         if unmapped > 0 {
             *self.drops.entry("tx_payload_unmapped".into()).or_default() += unmapped;
         }
+    }
+
+    /// Sends a prefix of `self.transmits[start..]` (all to `dst`) as one send;
+    /// returns how many it took (0: the I/O layer is busy).
+    fn send_run(&mut self, dst: SocketAddrV4, start: usize) -> usize {
+        self.map_run(start);
         let segs: Vec<Segment<'_>> = self.transmits[start..]
             .iter()
-            .zip(self.pieces.iter())
-            .map(|(t, pcs)| Segment {
-                hdr: t.header.as_bytes(),
-                payload_off: pcs[0].0,
-                payload_len: pcs[0].1,
-                more: &pcs[1..],
+            .zip(self.spans.iter())
+            .map(|(t, &(a, b))| {
+                let (first, more) = match self.pieces[a..b].split_first() {
+                    Some((f, more)) => (*f, more),
+                    None => ((0, 0), &[][..]),
+                };
+                Segment {
+                    hdr: t.header.as_bytes(),
+                    payload_off: first.0,
+                    payload_len: first.1,
+                    more,
+                }
             })
             .collect();
         let k = self.io.fit(&segs).clamp(1, segs.len());
@@ -956,16 +977,15 @@ impl Udt {
     }
 }
 
-/// Maps `[offset, offset + len)` of a message onto its pieces in the TX range: at
-/// most three `(offset, len)` slices, and whether any of it lay outside them.
-fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32) -> ([(u64, u32); 3], bool) {
-    let mut pcs = [(0u64, 0u32); 3];
+/// Appends to `out` the slices of TX memory that hold `[offset, offset + len)` of
+/// a message whose bytes lie in `pieces`, in order; `false` if part of the range
+/// lies beyond them.
+fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32, out: &mut Vec<(u64, u32)>) -> bool {
     let mut want_off = offset;
     let mut want = len;
-    let mut k = 0;
     let mut acc = 0u32;
     for &(off, plen) in pieces {
-        if want == 0 || k == pcs.len() {
+        if want == 0 {
             break;
         }
         if want_off >= acc + plen {
@@ -974,11 +994,10 @@ fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32) -> ([(u64, u32); 3],
         }
         let inner = want_off - acc;
         let take = (plen - inner).min(want);
-        pcs[k] = (off + u64::from(inner), take);
-        k += 1;
+        out.push((off + u64::from(inner), take));
         want -= take;
         want_off += take;
         acc += plen;
     }
-    (pcs, want > 0)
+    want == 0
 }
