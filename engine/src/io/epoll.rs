@@ -65,71 +65,6 @@ impl std::fmt::Debug for EpollIo {
 }
 
 impl EpollIo {
-    /// Builds the slow-path I/O for one core around `sock`.
-    ///
-    /// # Safety
-    /// As for [`crate::io::uring::UringIo::new`]: `tx` and `rx` describe mapped, writable
-    /// memory that outlives the returned value, and RX buffers are not touched by
-    /// anyone between being given to this value and being handed out by `Recv`.
-    pub unsafe fn new(
-        sock: OwnedFd,
-        tx: TxMem,
-        rx: RxPool,
-        bell_fd: Option<RawFd>,
-        send_slots: usize,
-    ) -> io::Result<EpollIo> {
-        if send_slots == 0 || tx.header_slot(send_slots - 1).is_none() {
-            return Err(io::Error::other(
-                "header arena too small for the send slots",
-            ));
-        }
-        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-        epoll::add(
-            &ep,
-            &sock,
-            epoll::EventData::new_u64(D_SOCK),
-            epoll::EventFlags::IN,
-        )?;
-        if let Some(b) = bell_fd {
-            // SAFETY: the caller keeps the doorbell fd open for our lifetime.
-            let bfd = unsafe { BorrowedFd::borrow_raw(b) };
-            epoll::add(
-                &ep,
-                bfd,
-                epoll::EventData::new_u64(D_BELL),
-                epoll::EventFlags::empty(),
-            )?;
-        }
-        let slots = (0..send_slots)
-            .map(|_| Slot {
-                dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
-                gso: None,
-                iov: Vec::with_capacity(crate::io::MAX_IOV),
-                token: 0,
-                datagrams: 0,
-            })
-            .collect();
-        Ok(EpollIo {
-            ep,
-            sock,
-            tx,
-            rx,
-            slots,
-            free_slots: (0..send_slots as u16).rev().collect(),
-            pending: VecDeque::new(),
-            done: Vec::new(),
-            rx_free: (0..rx.count).rev().collect(),
-            bell_fd,
-            bell_armed: false,
-            want_out: false,
-            want_in: true,
-            stats: IoStats::default(),
-            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
-            handed: unsafe { sys::Lent::new(rx) },
-            _kept: None,
-        })
-    }
-
     /// Builds the slow-path I/O over memory it owns (tests, self-checks).
     pub fn new_owned(
         sock: OwnedFd,
@@ -441,16 +376,68 @@ impl AsFd for EpollIo {
 
 impl sys::Build for EpollIo {
     type Opts = usize;
+
+    /// Builds the slow-path I/O for one core around `sock`.
+    ///
+    /// # Safety
+    /// As for the io_uring provider's `build`: `tx` and `rx` describe mapped, writable
+    /// memory that outlives the returned value, and RX buffers are not touched by
+    /// anyone between being given to this value and being handed out by `Recv`.
     unsafe fn build(
-        s: OwnedFd,
+        sock: OwnedFd,
         tx: TxMem,
         rx: RxPool,
-        bell: Option<RawFd>,
-        o: usize,
+        bell_fd: Option<RawFd>,
+        send_slots: usize,
     ) -> io::Result<Self> {
-        // SAFETY: the caller keeps `build`'s contract, which is `new`'s.
-        unsafe { Self::new(s, tx, rx, bell, o) }
+        tx.check_send_slots(send_slots)?;
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &ep,
+            &sock,
+            epoll::EventData::new_u64(D_SOCK),
+            epoll::EventFlags::IN,
+        )?;
+        if let Some(b) = bell_fd {
+            // SAFETY: the caller keeps the doorbell fd open for our lifetime.
+            let bfd = unsafe { BorrowedFd::borrow_raw(b) };
+            epoll::add(
+                &ep,
+                bfd,
+                epoll::EventData::new_u64(D_BELL),
+                epoll::EventFlags::empty(),
+            )?;
+        }
+        let slots = (0..send_slots)
+            .map(|_| Slot {
+                dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+                gso: None,
+                iov: Vec::with_capacity(crate::io::MAX_IOV),
+                token: 0,
+                datagrams: 0,
+            })
+            .collect();
+        Ok(EpollIo {
+            ep,
+            sock,
+            tx,
+            rx,
+            slots,
+            free_slots: (0..send_slots as u16).rev().collect(),
+            pending: VecDeque::new(),
+            done: Vec::new(),
+            rx_free: (0..rx.count).rev().collect(),
+            bell_fd,
+            bell_armed: false,
+            want_out: false,
+            want_in: true,
+            stats: IoStats::default(),
+            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
+            handed: unsafe { sys::Lent::new(rx) },
+            _kept: None,
+        })
     }
+
     fn keep(&mut self, kept: sys::Kept) {
         self._kept = Some(kept);
     }

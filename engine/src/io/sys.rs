@@ -1,9 +1,11 @@
 //! The syscall edge: UDP sockets and their options, classic-BPF attachment,
 //! `sendmmsg`/`recvmmsg`, memory mappings and signal masks.
 //!
-//! Everything here is a thin, checked wrapper around one system call. The rest of
-//! the engine is safe code; this module and [`crate::io::uring`] are the only places
-//! that opt back into `unsafe`, and every block states why it is sound.
+//! Everything here is a thin, checked wrapper around one system call, or an
+//! accessor of the core's memory ([`TxMem`], [`RxPool`], [`Lent`], [`CoreMem`]):
+//! every raw address the engine forms is formed here. The rest of the engine is
+//! safe code but for the io_uring and epoll providers and the RDS transport, which
+//! hand these addresses to the kernel; every block states why it is sound.
 //!
 //! Guarantees:
 //! - Every file descriptor made here is owned by an [`OwnedFd`] and closed on drop.
@@ -571,6 +573,18 @@ impl TxMem {
     pub fn header_slot(&self, i: usize) -> Option<*mut u8> {
         let stride = crate::io::MAX_SEGS * crate::io::MAX_HDR;
         ((i + 1) * stride <= self.hdr_len).then(|| (self.base + i * stride) as *mut u8)
+    }
+
+    /// Checks that the header arena holds `slots` send slots (1 to 65535: slot
+    /// numbers are `u16`).
+    pub fn check_send_slots(&self, slots: usize) -> io::Result<()> {
+        if slots == 0 || slots > usize::from(u16::MAX) || self.header_slot(slots - 1).is_none() {
+            return Err(io::Error::other(format!(
+                "header arena too small for {slots} send slots (1 to 65535, {} bytes each)",
+                crate::io::MAX_SEGS * crate::io::MAX_HDR
+            )));
+        }
+        Ok(())
     }
 
     /// Header arena bytes needed for `slots` in-flight sends, rounded to pages.

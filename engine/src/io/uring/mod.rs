@@ -40,6 +40,10 @@
 //! registered range and RX pool outlive it (its constructor's contract).
 #![allow(unsafe_code)]
 
+mod probe;
+pub use probe::{fixed_sendmsg_zc_supported, zc_report_usage_supported};
+pub(crate) use probe::{try_register, try_register_pbuf};
+
 use std::io;
 use std::mem::size_of;
 use std::net::SocketAddrV4;
@@ -471,97 +475,6 @@ fn provided_buffer_ring(ring: &IoUring, count: u16) -> io::Result<(Mapping, u16)
 }
 
 impl UringIo {
-    /// Builds the reactor I/O for one core around `sock`.
-    ///
-    /// # Safety
-    /// `tx` and `rx` must describe mapped, writable memory that stays mapped for the
-    /// whole life of the returned value; the kernel reads TX memory during sends and
-    /// writes RX buffers while they are in the provided-buffer ring. RX buffers must
-    /// not be touched by anyone while the kernel owns them (from `new`/`return_rx`
-    /// until a `Recv` event hands them out).
-    pub unsafe fn new(
-        sock: OwnedFd,
-        tx: TxMem,
-        rx: RxPool,
-        bell_fd: Option<RawFd>,
-        opts: UringOpts,
-    ) -> io::Result<UringIo> {
-        let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
-        setup.zc_report_usage = opts.zc != ZcMode::Never && zc_report_usage_supported();
-        if opts.send_slots == 0
-            || tx.header_slot(opts.send_slots - 1).is_none()
-            || opts.send_slots > u16::MAX as usize
-        {
-            return Err(io::Error::other(
-                "header arena too small for the send slots",
-            ));
-        }
-        // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
-        // the ring (and with it the registration) is dropped with us.
-        setup.fixed_tx = opts.fixed_tx && unsafe { register_tx(&ring, &tx) };
-        let slots = send_slots(opts.send_slots);
-        let count = rx.count.min(1 << 15);
-        if count == 0 {
-            return Err(io::Error::other("RX pool has no buffers"));
-        }
-        let (bufring, entries) = provided_buffer_ring(&ring, count)?;
-        // SAFETY: msghdr is plain old data; zero is a valid empty value.
-        let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE as _;
-
-        let mut me = UringIo {
-            ring,
-            sock,
-            setup,
-            tx,
-            slots,
-            free_slots: (0..opts.send_slots as u16).rev().collect(),
-            in_flight: 0,
-            rx,
-            bufring,
-            bufring_mask: entries - 1,
-            bufring_tail: 0,
-            rx_free: 0,
-            rx_stash: Vec::new(),
-            recv_hdr,
-            recv_armed: false,
-            starved: false,
-            bell_fd,
-            bell_futex: None,
-            bell_buf: Box::new(0),
-            bell_armed: false,
-            timer_ts: Box::new(types::Timespec::new()),
-            timer_armed: None,
-            timer_fired: false,
-            epoch: Instant::now(),
-            epoch_mono: monotonic_now(),
-            stats: IoStats::default(),
-            max_frags: max_skb_frags(),
-            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
-            handed: unsafe { sys::Lent::new(rx) },
-            zc_mode: opts.zc,
-            zc_active: opts.zc != ZcMode::Never,
-            zc_copied_streak: 0,
-            _kept: None,
-        };
-        let fill = count.min(RING_FILL as u16);
-        for bid in 0..fill {
-            me.provide(bid);
-        }
-        me.rx_stash = (fill..count).rev().collect();
-        me.publish_tail();
-        // Sends on the worker only where the ring's io-wq can be held to one unbounded
-        // worker: then they leave in submission order.
-        me.setup.send_worker = opts.send_worker
-            && me
-                .ring
-                .submitter()
-                .register_iowq_max_workers(&mut [1u32, 1u32])
-                .is_ok();
-        Ok(me)
-    }
-
     /// Builds the reactor I/O over memory it owns (tests, the probe's self-test).
     pub fn new_owned(
         sock: OwnedFd,
@@ -1209,114 +1122,6 @@ impl Drop for UringIo {
     }
 }
 
-/// Whether `IORING_REGISTER_BUFFERS` accepts `iov` on `ring` (unregistered again).
-pub(crate) fn try_register(ring: &IoUring, iov: &libc::iovec) -> bool {
-    // SAFETY: the caller's memory stays mapped for the call; we unregister before
-    // returning, so the kernel keeps no reference.
-    let ok = unsafe { ring.submitter().register_buffers(std::slice::from_ref(iov)) }.is_ok();
-    if ok {
-        let _ = ring.submitter().unregister_buffers();
-    }
-    ok
-}
-
-/// Whether this kernel accepts `IORING_SEND_ZC_REPORT_USAGE` on zero-copy sends
-/// (Linux 6.2+; 6.1 answers `EINVAL`). Tried once per process for real: a one-byte
-/// `SENDMSG_ZC` with the flag between two loopback UDP sockets. Anything other than a
-/// clean answer (no io_uring, no loopback) reads as "no": sending without the flag
-/// is correct everywhere, only the `ZC_COPIED` count is lost.
-pub fn zc_report_usage_supported() -> bool {
-    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ONCE.get_or_init(|| try_sendmsg_zc(true, false).unwrap_or(false))
-}
-
-/// Whether `SENDMSG_ZC` accepts a registered buffer (`IORING_RECVSEND_FIXED_BUF` with
-/// `buf_index`, Linux 6.15+; older kernels answer `EINVAL`). Tried once per process
-/// like [`zc_report_usage_supported`]; "no" means sends use plain iovecs.
-pub fn fixed_sendmsg_zc_supported() -> bool {
-    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ONCE.get_or_init(|| try_sendmsg_zc(false, true).unwrap_or(false))
-}
-
-/// One real one-byte `SENDMSG_ZC` over loopback with the given options: `Ok(false)`
-/// when the kernel refuses them with `EINVAL`.
-fn try_sendmsg_zc(report_usage: bool, fixed: bool) -> io::Result<bool> {
-    let rx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    let tx = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    tx.connect(rx.local_addr()?)?;
-    // Declared before the ring: dropped after it, so the registration never outlives it.
-    let page = Mapping::anon(4096)?;
-    let mut ring = IoUring::new(4)?;
-    let mut iov = libc::iovec {
-        iov_base: page.as_ptr().cast(),
-        iov_len: 1,
-    };
-    if fixed {
-        let reg = libc::iovec {
-            iov_base: page.as_ptr().cast(),
-            iov_len: page.len(),
-        };
-        // SAFETY: `page` is mapped and writable and outlives the ring (declared
-        // before it), which holds the only registration.
-        if unsafe { ring.submitter().register_buffers(&[reg]) }.is_err() {
-            return Ok(false);
-        }
-    }
-    // SAFETY: msghdr is plain old data; zero is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    let mut op = opcode::SendMsgZc::new(types::Fd(tx.as_raw_fd()), &msg);
-    if report_usage {
-        op = op.ioprio(SEND_ZC_REPORT_USAGE);
-    }
-    if fixed {
-        op = op.buf_index(Some(0));
-    }
-    let e = op.build().user_data(1);
-    // SAFETY: `msg`, `iov` and `page` live on this frame, which returns only after
-    // every completion of the send (result and notification, or the error), so the
-    // kernel never references them after; the sockets outlive that too.
-    unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("sq full"))?;
-    let mut pending_notif = false;
-    let mut answer = None;
-    loop {
-        ring.submit_and_wait(1)?;
-        for c in ring.completion() {
-            if cqueue::notif(c.flags()) {
-                pending_notif = false;
-            } else {
-                answer = Some(c.result());
-                pending_notif = cqueue::more(c.flags());
-            }
-        }
-        if answer.is_some() && !pending_notif {
-            break;
-        }
-    }
-    match answer {
-        Some(r) if r >= 0 => Ok(true),
-        Some(r) if -r == libc::EINVAL => Ok(false),
-        Some(r) => Err(io::Error::from_raw_os_error(-r)),
-        None => Ok(false),
-    }
-}
-
-/// Whether `IORING_REGISTER_PBUF_RING` accepts a one-page ring (unregistered again).
-pub(crate) fn try_register_pbuf(ring: &IoUring, page: &Mapping) -> bool {
-    // SAFETY: `page` is a page-aligned mapping alive for the call; unregistered before
-    // returning.
-    let ok = unsafe {
-        ring.submitter()
-            .register_buf_ring_with_flags(page.as_ptr() as u64, 8, 77, 0)
-    }
-    .is_ok();
-    if ok {
-        let _ = ring.submitter().unregister_buf_ring(77);
-    }
-    ok
-}
-
 fn bytemuck_u64(v: &mut u64) -> &mut [u8; 8] {
     // SAFETY: u64 and [u8; 8] have the same size, and every bit pattern is valid for
     // both; alignment of [u8; 8] (1) is weaker than u64's.
@@ -1325,16 +1130,91 @@ fn bytemuck_u64(v: &mut u64) -> &mut [u8; 8] {
 
 impl sys::Build for UringIo {
     type Opts = UringOpts;
+
+    /// Builds the reactor I/O for one core around `sock`.
+    ///
+    /// # Safety
+    /// `tx` and `rx` must describe mapped, writable memory that stays mapped for the
+    /// whole life of the returned value; the kernel reads TX memory during sends and
+    /// writes RX buffers while they are in the provided-buffer ring. RX buffers must
+    /// not be touched by anyone while the kernel owns them (from `build`/`return_rx`
+    /// until a `Recv` event hands them out).
     unsafe fn build(
-        s: OwnedFd,
+        sock: OwnedFd,
         tx: TxMem,
         rx: RxPool,
-        bell: Option<RawFd>,
-        o: UringOpts,
+        bell_fd: Option<RawFd>,
+        opts: UringOpts,
     ) -> io::Result<Self> {
-        // SAFETY: the caller keeps `build`'s contract, which is `new`'s.
-        unsafe { Self::new(s, tx, rx, bell, o) }
+        let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
+        setup.zc_report_usage = opts.zc != ZcMode::Never && zc_report_usage_supported();
+        tx.check_send_slots(opts.send_slots)?;
+        // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
+        // the ring (and with it the registration) is dropped with us.
+        setup.fixed_tx = opts.fixed_tx && unsafe { register_tx(&ring, &tx) };
+        let slots = send_slots(opts.send_slots);
+        let count = rx.count.min(1 << 15);
+        if count == 0 {
+            return Err(io::Error::other("RX pool has no buffers"));
+        }
+        let (bufring, entries) = provided_buffer_ring(&ring, count)?;
+        // SAFETY: msghdr is plain old data; zero is a valid empty value.
+        let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE as _;
+
+        let mut me = UringIo {
+            ring,
+            sock,
+            setup,
+            tx,
+            slots,
+            free_slots: (0..opts.send_slots as u16).rev().collect(),
+            in_flight: 0,
+            rx,
+            bufring,
+            bufring_mask: entries - 1,
+            bufring_tail: 0,
+            rx_free: 0,
+            rx_stash: Vec::new(),
+            recv_hdr,
+            recv_armed: false,
+            starved: false,
+            bell_fd,
+            bell_futex: None,
+            bell_buf: Box::new(0),
+            bell_armed: false,
+            timer_ts: Box::new(types::Timespec::new()),
+            timer_armed: None,
+            timer_fired: false,
+            epoch: Instant::now(),
+            epoch_mono: monotonic_now(),
+            stats: IoStats::default(),
+            max_frags: max_skb_frags(),
+            // SAFETY: `rx` stays mapped while we live (our constructor's contract).
+            handed: unsafe { sys::Lent::new(rx) },
+            zc_mode: opts.zc,
+            zc_active: opts.zc != ZcMode::Never,
+            zc_copied_streak: 0,
+            _kept: None,
+        };
+        let fill = count.min(RING_FILL as u16);
+        for bid in 0..fill {
+            me.provide(bid);
+        }
+        me.rx_stash = (fill..count).rev().collect();
+        me.publish_tail();
+        // Sends on the worker only where the ring's io-wq can be held to one unbounded
+        // worker: then they leave in submission order.
+        me.setup.send_worker = opts.send_worker
+            && me
+                .ring
+                .submitter()
+                .register_iowq_max_workers(&mut [1u32, 1u32])
+                .is_ok();
+        Ok(me)
     }
+
     fn keep(&mut self, kept: sys::Kept) {
         self._kept = Some(kept);
     }
