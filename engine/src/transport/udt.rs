@@ -15,13 +15,20 @@
 //!   one) and goes back to the I/O layer when the last reference is dropped.
 //! - **Peers**: nothing heard from a peer with messages in flight for the
 //!   peer-down timeout closes its connection (failing its messages back) and
-//!   reports it down; a new connection to it reports it up.
+//!   reports it down; a new connection to it reports it up. Only a datagram a
+//!   connection (or the listener) took as valid counts as hearing from a peer.
+//! - **Bounds**: what a stranger can make a core hold is capped. Connections per
+//!   address ([`MAX_CONNS_PER_ADDR`]) and in all ([`MAX_CONNS`]), peers
+//!   ([`MAX_PEERS`], and idle strangers are forgotten), control transmits waiting
+//!   for the I/O layer ([`MAX_BACKLOG`]), and the RX buffers one receiving
+//!   connection holds (see `relieve_rx`); a socket ID in use is never taken
+//!   over. Each refusal is counted in the core's drops by reason.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lu2k_ring_abi::{Net, Nid, Pool, Region, TxStatus, WaitMode, LNET_HDR_LEN};
+use lu2k_ring_abi::{Net, Nid, Pool, Region, TxStatus, WaitMode, LNET_HDR_LEN, MAX_PAYLOAD};
 use lu2k_udt::conn::{
     self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
 };
@@ -37,6 +44,28 @@ const LNET_HDR: u32 = LNET_HDR_LEN as u32;
 const UDT_HDR: usize = 16;
 /// A kernel receive stamp older than this (or a clock step) is not believed.
 const MAX_RX_AGE_NS: u64 = 1_000_000_000;
+/// Receiving connections accepted from one peer address at a time (a gateway
+/// needs one per core of the peer; the rest is a flood).
+pub const MAX_CONNS_PER_ADDR: usize = 8;
+/// Connections of one core in all. Our own (TX) connections are never refused:
+/// kshim asked for them; accepts beyond this are.
+pub const MAX_CONNS: usize = 4096;
+/// Peers one core remembers. Accepts from a new address beyond this are refused.
+pub const MAX_PEERS: usize = 4096;
+/// Control transmits the backlog holds; one that does not fit is dropped and
+/// counted (`tx_backlog_full`). Data transmits are always kept: they are bounded
+/// by the connections' windows, and UDT would only send them again.
+pub const MAX_BACKLOG: usize = 4096;
+/// A peer with no connection, no message in flight and no message ever carried
+/// is forgotten after this long without news (µs).
+const PEER_FORGET_US: u64 = 60_000_000;
+/// `last_heard` is refreshed at most this often (µs): checking that a datagram
+/// was valid costs a look at the connection's counters.
+const HEARD_GRAIN_US: u64 = 1_000;
+/// A receiving connection that holds more than a largest message and delivered
+/// nothing for this long (µs) gives back what it holds out of order, and is
+/// closed if what remains (in order, unfinished) exceeds a largest message.
+const RX_STALL_US: u64 = 2_000_000;
 
 /// Settings of one core's UDT transport.
 #[derive(Debug, Clone)]
@@ -79,6 +108,36 @@ struct ConnEntry {
     conn: Connection,
     peer: Ipv4Addr,
     dir: Dir,
+    /// Payload bytes the connection had delivered when [`ConnEntry::progress_at`]
+    /// was last moved (receiving connections).
+    delivered: u64,
+    /// When the connection last delivered something or held no more than a
+    /// largest message (µs).
+    progress_at: u64,
+}
+
+impl ConnEntry {
+    fn new(conn: Connection, peer: Ipv4Addr, dir: Dir, now: u64) -> ConnEntry {
+        ConnEntry {
+            conn,
+            peer,
+            dir,
+            delivered: 0,
+            progress_at: now,
+        }
+    }
+}
+
+/// Datagrams a connection refused, all causes together: unchanged across
+/// `handle_datagram` means the connection took the datagram as valid.
+fn refused(st: &udt::Stats) -> u64 {
+    st.dropped_malformed
+        + st.dropped_wrong_socket
+        + st.dropped_out_of_window
+        + st.dropped_ack_beyond_sent
+        + st.dropped_bad_loss_report
+        + st.dropped_bad_handshake
+        + st.dropped_wrong_state
 }
 
 #[derive(Debug)]
@@ -118,6 +177,8 @@ pub struct Udt {
     conns: BTreeMap<u32, ConnEntry>,
     listener: Listener,
     seed: u64,
+    /// When [`Udt::forget_peers`] looks next (µs).
+    next_forget: u64,
     out: VecDeque<Event>,
     drops: BTreeMap<String, u64>,
     io_events: Vec<IoEvent>,
@@ -147,6 +208,7 @@ impl Udt {
         Udt {
             listener: Listener::new(0, p.udt.clone(), p.seed ^ 0xA5A5),
             seed: p.seed,
+            next_forget: 0,
             rx_refs: vec![0; rx_count],
             rx_pkts_per_buf: 1.0,
             p,
@@ -374,18 +436,20 @@ impl Udt {
                 return s;
             }
         }
-        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let addr = self.peer_for(ip).addr;
-        let conn = Connection::connect(now, self.p.udt.clone(), self.seed, SocketAddr::V4(addr));
+        // A socket ID in use is never replaced (that would orphan the live
+        // connection and its buffers): draw another.
+        let conn = loop {
+            self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let c = Connection::connect(now, self.p.udt.clone(), self.seed, SocketAddr::V4(addr));
+            if !self.conns.contains_key(&c.socket_id()) {
+                break c;
+            }
+            self.drop_one("tx_socket_id_collision");
+        };
         let sock = conn.socket_id();
-        self.conns.insert(
-            sock,
-            ConnEntry {
-                conn,
-                peer: ip,
-                dir: Dir::Tx,
-            },
-        );
+        self.conns
+            .insert(sock, ConnEntry::new(conn, ip, Dir::Tx, now));
         self.peer_for(ip).tx_sock = Some(sock);
         sock
     }
@@ -458,6 +522,16 @@ impl Udt {
     ///    delivered messages), every receiving connection gives back what it holds
     ///    beyond its first hole. Nothing there is acknowledged, so the sender sends
     ///    it again; counted as `rx_shed_out_of_order`.
+    ///
+    /// And a quota, so that no connection can starve the others: a receiving
+    /// connection may hold a fair share of the pool (at least two largest
+    /// messages). Its window is capped at what its quota leaves, and one that
+    /// holds more anyway (a sender may ignore the window), or holds more than a
+    /// largest message without delivering anything for [`RX_STALL_US`], gives
+    /// back what it holds out of order. What it still holds then lies before its
+    /// first hole: one message begun and not ended. Longer than
+    /// `MAX_PAYLOAD + LNET_HDR_LEN`, no LNet message can be that: the
+    /// connection is closed (`rx_message_too_long`) and its buffers come back.
     fn relieve_rx(&mut self) {
         let reserve = (self.rx_refs.len() / 8).max(4);
         let free = self.io.rx_free();
@@ -465,24 +539,47 @@ impl Udt {
         if receivers == 0 {
             return;
         }
-        let spare = free.saturating_sub(reserve) as f64 * self.rx_pkts_per_buf.max(1.0);
+        let per_buf = self.rx_pkts_per_buf.max(1.0);
+        let spare = free.saturating_sub(reserve) as f64 * per_buf;
         let room = (spare / receivers as f64).min(f64::from(u32::MAX)) as u32;
-        for e in self.conns.values_mut() {
-            if e.dir == Dir::Rx {
-                e.conn.set_rcv_room(Some(room));
-            }
-        }
-        if free >= reserve {
-            return;
-        }
+        let share = (self.rx_refs.len() as f64 * per_buf / receivers as f64) as usize;
+        let short = free < reserve;
         let now = self.now_us();
         let mut shed = 0u64;
+        let mut too_long = 0u64;
         let mut freed = Vec::new();
         for e in self.conns.values_mut() {
-            if e.dir != Dir::Rx {
+            if e.dir != Dir::Rx || e.conn.is_closed() {
+                continue;
+            }
+            let max_msg = (MAX_PAYLOAD as u64 + u64::from(LNET_HDR))
+                .div_ceil(u64::from(e.conn.payload_size().max(1)))
+                as usize;
+            let quota = share.max(2 * max_msg);
+            let held = e.conn.held();
+            let left = u32::try_from(quota.saturating_sub(held)).unwrap_or(u32::MAX);
+            e.conn.set_rcv_room(Some(room.min(left)));
+            let mut check = short || held > quota;
+            if held <= max_msg {
+                e.progress_at = now;
+            } else {
+                let delivered = e.conn.stats().bytes_delivered;
+                if delivered != e.delivered {
+                    e.delivered = delivered;
+                    e.progress_at = now;
+                } else if now.saturating_sub(e.progress_at) > RX_STALL_US {
+                    check = true;
+                }
+            }
+            if !check {
                 continue;
             }
             shed += e.conn.shed_out_of_order(now);
+            if e.conn.held() > max_msg {
+                e.conn.close(now);
+                too_long += 1;
+            }
+            e.progress_at = now;
             while let Some(ext) = e.conn.poll_release() {
                 freed.push(ext.buf as u16);
             }
@@ -492,6 +589,12 @@ impl Udt {
                 .drops
                 .entry("rx_shed_out_of_order".to_string())
                 .or_default() += shed;
+        }
+        if too_long > 0 {
+            *self
+                .drops
+                .entry("rx_message_too_long".to_string())
+                .or_default() += too_long;
         }
         for b in freed {
             self.unref(b);
@@ -568,8 +671,9 @@ impl Udt {
                 while start < self.transmits.len() {
                     let k = self.send_run(dst, start);
                     if k == 0 {
-                        for t in &self.transmits[start..] {
-                            self.backlog.push_back((dst, *t));
+                        for i in start..self.transmits.len() {
+                            let t = self.transmits[i];
+                            self.push_backlog(dst, t);
                         }
                         return any;
                     }
@@ -755,9 +859,9 @@ impl Udt {
             return false;
         }
         let ip = *from.ip();
-        if let Some(p) = self.peers.get_mut(&ip) {
-            p.last_heard = now;
-        }
+        // `last_heard` moves only for what a connection or the listener took as
+        // valid (see `feed`, and the accept below): junk from a dead peer's
+        // address must not hide its death.
         let dst = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         let ext = udt::Extent {
             buf: u64::from(bid),
@@ -768,44 +872,31 @@ impl Udt {
             // A handshake to the listener, or a client repeating its request.
             let hs_id = udt::handshake_socket_id(bytes);
             if let Some(id) = hs_id {
-                let existing = self.conns.iter_mut().find(|(_, e)| {
+                let existing = self.conns.iter().find(|(_, e)| {
                     e.dir == Dir::Rx
                         && e.peer == ip
                         && e.conn.peer_socket_id() == id
                         && !e.conn.is_closed()
                 });
-                if let Some((_, e)) = existing {
-                    return e.conn.handle_datagram(now, bytes, ext);
+                if let Some((&sock, _)) = existing {
+                    return self.feed(now, sock, bytes, ext);
                 }
             }
             match self.listener.handle(now, SocketAddr::V4(from), bytes) {
-                ListenerOutput::Reply(h) => {
-                    self.backlog.push_back((
-                        from,
-                        Transmit {
-                            header: h,
-                            payload: None,
-                        },
-                    ));
-                }
-                ListenerOutput::Accept(conn) => {
-                    let sock = conn.socket_id();
-                    self.peer_for(ip);
-                    self.conns.insert(
-                        sock,
-                        ConnEntry {
-                            conn: *conn,
-                            peer: ip,
-                            dir: Dir::Rx,
-                        },
-                    );
-                }
+                ListenerOutput::Reply(h) => self.push_backlog(
+                    from,
+                    Transmit {
+                        header: h,
+                        payload: None,
+                    },
+                ),
+                ListenerOutput::Accept(conn) => self.accept(now, ip, *conn),
                 ListenerOutput::Drop(_) => self.drop_one("rx_bad_handshake"),
             }
             return false;
         }
-        match self.conns.get_mut(&dst) {
-            Some(e) if e.peer == ip => e.conn.handle_datagram(now, bytes, ext),
+        match self.conns.get(&dst) {
+            Some(e) if e.peer == ip => self.feed(now, dst, bytes, ext),
             Some(_) => {
                 self.drop_one("rx_spoofed_source");
                 false
@@ -815,6 +906,75 @@ impl Udt {
                 false
             }
         }
+    }
+
+    /// Takes a connection the listener accepted, unless it would replace a live
+    /// one or exceed the caps (each refusal counted; the client may try again
+    /// and gets a fresh socket ID).
+    fn accept(&mut self, now: u64, ip: Ipv4Addr, conn: Connection) {
+        let sock = conn.socket_id();
+        let refusal = if self.conns.contains_key(&sock) {
+            Some("rx_socket_id_collision")
+        } else if self.conns.len() >= MAX_CONNS {
+            Some("rx_conn_limit")
+        } else if self
+            .conns
+            .values()
+            .filter(|e| e.dir == Dir::Rx && e.peer == ip && !e.conn.is_closed())
+            .count()
+            >= MAX_CONNS_PER_ADDR
+        {
+            Some("rx_conn_limit_addr")
+        } else if !self.peers.contains_key(&ip) && self.peers.len() >= MAX_PEERS {
+            Some("rx_peer_limit")
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.drop_one(r);
+            return;
+        }
+        // A response with a valid cookie: the address answered us.
+        let p = self.peer_for(ip);
+        p.last_heard = p.last_heard.max(now);
+        self.conns
+            .insert(sock, ConnEntry::new(conn, ip, Dir::Rx, now));
+    }
+
+    /// Hands a datagram to connection `sock` (which exists); refreshes its peer's
+    /// `last_heard` if the connection took the datagram as valid (no refusal
+    /// counted). Returns whether the connection holds the datagram's payload.
+    fn feed(&mut self, now: u64, sock: u32, bytes: &[u8], ext: udt::Extent) -> bool {
+        let Some(e) = self.conns.get_mut(&sock) else {
+            return false;
+        };
+        let ip = e.peer;
+        let stale = self
+            .peers
+            .get(&ip)
+            .is_some_and(|p| now.saturating_sub(p.last_heard) >= HEARD_GRAIN_US);
+        if !stale {
+            return e.conn.handle_datagram(now, bytes, ext);
+        }
+        let before = (!e.conn.is_closed()).then(|| refused(&e.conn.stats()));
+        let held = e.conn.handle_datagram(now, bytes, ext);
+        if before.is_some_and(|b| refused(&e.conn.stats()) == b) {
+            if let Some(p) = self.peers.get_mut(&ip) {
+                p.last_heard = p.last_heard.max(now);
+            }
+        }
+        held
+    }
+
+    /// Queues a transmit the I/O layer could not take. A control transmit that
+    /// does not fit is dropped and counted; data is always kept (see
+    /// [`MAX_BACKLOG`]).
+    fn push_backlog(&mut self, dst: SocketAddrV4, t: Transmit) {
+        if t.payload.is_none() && self.backlog.len() >= MAX_BACKLOG {
+            self.drop_one("tx_backlog_full");
+            return;
+        }
+        self.backlog.push_back((dst, t));
     }
 
     fn timers(&mut self) {
@@ -851,7 +1011,6 @@ impl Udt {
 
     fn conn_events(&mut self) {
         let socks: Vec<u32> = self.conns.keys().copied().collect();
-        let mut closed = Vec::new();
         for s in socks {
             loop {
                 let (ev, peer, dir) = {
@@ -896,7 +1055,6 @@ impl Udt {
                         self.unref(ext.buf as u16);
                     }
                     udt::Event::Closed { reason } => {
-                        closed.push(s);
                         if dir == Dir::Tx
                             && matches!(reason, CloseReason::Timeout | CloseReason::ConnectTimeout)
                         {
@@ -911,20 +1069,52 @@ impl Udt {
                 }
             }
         }
+        // A closed connection goes once its events are taken (above) and its
+        // buffers are back: a closed connection's are given back at closing,
+        // but the sweep does not rely on its `Closed` event being seen here.
+        let closed: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.conn.is_closed() && e.conn.held() == 0)
+            .map(|(&s, _)| s)
+            .collect();
         for s in closed {
-            let releasable = self.conns.get(&s).is_some_and(|e| e.conn.held() == 0);
-            if releasable {
-                if let Some(e) = self.conns.remove(&s) {
-                    if let Some(p) = self.peers.get_mut(&e.peer) {
-                        if p.tx_sock == Some(s) {
-                            p.tx_sock = None;
-                        }
-                        let st = e.conn.stats();
-                        p.stats.retransmissions += st.pkts_retransmitted;
+            if let Some(e) = self.conns.remove(&s) {
+                if let Some(p) = self.peers.get_mut(&e.peer) {
+                    if p.tx_sock == Some(s) {
+                        p.tx_sock = None;
                     }
+                    let st = e.conn.stats();
+                    p.stats.retransmissions += st.pkts_retransmitted;
                 }
             }
         }
+        self.forget_peers();
+    }
+
+    /// Forgets, at most once a second, the peers that have no connection, no
+    /// message in flight, nothing carried or failed, and were not heard from
+    /// for [`PEER_FORGET_US`]: what a stranger's handshakes leave behind.
+    fn forget_peers(&mut self) {
+        let now = self.now_us();
+        if now < self.next_forget {
+            return;
+        }
+        self.next_forget = now + 1_000_000;
+        let live: std::collections::BTreeSet<Ipv4Addr> =
+            self.conns.values().map(|e| e.peer).collect();
+        self.peers.retain(|ip, p| {
+            let s = &p.stats;
+            live.contains(ip)
+                || p.tx_sock.is_some()
+                || p.down
+                || s.in_flight > 0
+                || s.msgs_tx > 0
+                || s.msgs_rx > 0
+                || s.errors > 0
+                || !s.failed.is_empty()
+                || now.saturating_sub(p.last_heard) < PEER_FORGET_US
+        });
     }
 
     /// Reports a whole received message: the buffer pieces it landed in, one
@@ -1000,4 +1190,181 @@ fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32, out: &mut Vec<(u64, 
         acc += plen;
     }
     want == 0
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only the inside shows: socket-ID collisions (two transports with the
+    //! same seed draw the same IDs, so one can be made to collide) and the
+    //! backlog's bound. The rest is in `tests/udt_bounds.rs`.
+
+    use std::sync::Arc;
+
+    use lu2k_ring_abi::Config as RegionConfig;
+    use lu2k_udt::conn::PayloadRef;
+
+    use super::*;
+    use crate::io::sim::{Datagram, SimClock, SimIo, SimPort};
+    use crate::io::sys::CoreMem;
+
+    const PORT: u16 = 7988;
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+    fn udt(seed: u64) -> (Udt, SimPort, SimClock) {
+        let region = Region::create(&RegionConfig {
+            cores: 1,
+            tx_entries: 64,
+            tx_done_entries: 64,
+            rx_entries: 64,
+            rx_return_entries: 64,
+            tx_pool_len: 1 << 20,
+            rx_buf_size: 2048,
+            rx_buf_count: 256,
+            rx_tables_per_core: 16,
+            ..RegionConfig::default()
+        })
+        .expect("region");
+        let mem = Arc::new(CoreMem::new(&region, 0, 1, 64, 64).expect("core mem"));
+        let clock = SimClock::new();
+        let (io, port) = SimIo::new(SocketAddrV4::new(SERVER, PORT), mem.clone(), clock.clone());
+        let net = format!("{SERVER}@tcp").parse::<Nid>().expect("nid").net();
+        let t = Udt::new(
+            Params {
+                core: 0,
+                net,
+                port: PORT,
+                overrides: HashMap::new(),
+                udt: udt::Config {
+                    rcv_buf_pkts: Some(2048),
+                    ..Default::default()
+                },
+                peer_down_timeout_us: 10_000_000,
+                seed,
+            },
+            Box::new(io),
+            region,
+            mem.rx_first,
+        );
+        (t, port, clock)
+    }
+
+    /// Runs a handshake of a client (seeded `seed`, at `from`) against `t`
+    /// for a second of virtual time (its handshake is repeated every 250 ms);
+    /// whether the client got connected.
+    fn handshake(
+        t: &mut Udt,
+        port: &SimPort,
+        clock: &SimClock,
+        from: SocketAddrV4,
+        seed: u64,
+    ) -> bool {
+        let to = SocketAddrV4::new(SERVER, PORT);
+        let mut c = Connection::connect(0, udt::Config::default(), seed, SocketAddr::V4(to));
+        for _ in 0..1000 {
+            let now = clock.elapsed().as_micros() as u64;
+            if c.poll_timeout().is_some_and(|d| d <= now) {
+                c.handle_timeout(now);
+            }
+            while let Some(x) = c.poll_transmit(now) {
+                port.deliver(Datagram {
+                    from,
+                    to,
+                    bytes: x.header.as_bytes().to_vec(),
+                });
+            }
+            t.wait(None, false).expect("wait");
+            t.handle_timeout();
+            while t.poll_transmit() {}
+            for d in port.take_sent() {
+                let at = udt::Extent {
+                    buf: 0,
+                    offset: 0,
+                    len: d.bytes.len() as u32,
+                };
+                let _ = c.handle_datagram(now, &d.bytes, at);
+            }
+            clock.advance_to(clock.now() + Duration::from_millis(1));
+        }
+        c.is_connected()
+    }
+
+    fn drops(t: &Udt, reason: &str) -> u64 {
+        t.drops.get(reason).copied().unwrap_or(0)
+    }
+
+    fn dummy(peer: Ipv4Addr) -> ConnEntry {
+        let to = SocketAddr::V4(SocketAddrV4::new(peer, PORT));
+        let c = Connection::connect(0, udt::Config::default(), 99, to);
+        ConnEntry::new(c, peer, Dir::Rx, 0)
+    }
+
+    #[test]
+    fn an_accepted_connection_never_replaces_a_live_one() {
+        let from = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 5000);
+        // Which socket ID the listener gives first ...
+        let (mut a, pa, ca) = udt(42);
+        assert!(handshake(&mut a, &pa, &ca, from, 7));
+        let sock = *a.conns.keys().next().expect("accepted");
+        // ... is taken in a twin by a live connection of another peer.
+        let (mut b, pb, cb) = udt(42);
+        let other = Ipv4Addr::new(10, 0, 0, 3);
+        b.conns.insert(sock, dummy(other));
+        let connected = handshake(&mut b, &pb, &cb, from, 7);
+        assert!(drops(&b, "rx_socket_id_collision") >= 1);
+        assert!(connected, "the client's repeated response got another ID");
+        assert_eq!(
+            b.conns[&sock].peer, other,
+            "the live connection was replaced"
+        );
+        assert_eq!(b.conns.len(), 2);
+    }
+
+    #[test]
+    fn our_own_connection_draws_another_socket_id() {
+        let peer = Ipv4Addr::new(10, 0, 0, 2);
+        let msg = |id| OutMsg {
+            id,
+            peer,
+            hdr: (0, LNET_HDR),
+            payload: vec![(4096, 100)],
+            payload_len: 100,
+        };
+        let (mut a, _pa, _ca) = udt(42);
+        a.handle_send(msg(1));
+        let sock = a.peers[&peer].tx_sock.expect("tx connection");
+        let (mut b, _pb, _cb) = udt(42);
+        let other = Ipv4Addr::new(10, 0, 0, 3);
+        b.conns.insert(sock, dummy(other));
+        b.handle_send(msg(1));
+        let mine = b.peers[&peer].tx_sock.expect("tx connection");
+        assert_ne!(mine, sock);
+        assert_eq!(
+            b.conns[&sock].peer, other,
+            "the live connection was replaced"
+        );
+        assert_eq!(drops(&b, "tx_socket_id_collision"), 1);
+    }
+
+    #[test]
+    fn the_backlog_drops_control_beyond_its_bound_and_keeps_data() {
+        let (mut a, _pa, _ca) = udt(42);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), PORT);
+        let mut c = Connection::connect(0, udt::Config::default(), 1, SocketAddr::V4(dst));
+        let ctrl = c.poll_transmit(0).expect("handshake request");
+        for _ in 0..MAX_BACKLOG + 5 {
+            a.push_backlog(dst, ctrl);
+        }
+        assert_eq!(a.backlog.len(), MAX_BACKLOG);
+        assert_eq!(drops(&a, "tx_backlog_full"), 5);
+        let data = Transmit {
+            payload: Some(PayloadRef {
+                msg: 1,
+                offset: 0,
+                len: 100,
+            }),
+            ..ctrl
+        };
+        a.push_backlog(dst, data);
+        assert_eq!(a.backlog.len(), MAX_BACKLOG + 1, "data dropped");
+    }
 }
