@@ -474,14 +474,23 @@ fn datagram_io(
     io.map_err(|e| e.to_string())
 }
 
-/// A core's seed for socket ids, sequence numbers and cookies.
+/// A core's seed for socket ids, sequence numbers and cookie keys, from the
+/// OS random source: nothing an observer of the start-up time could guess.
+///
+/// # Panics
+/// If the OS random source cannot be read; the engine does not start with
+/// predictable secrets.
 fn seed(core: u32) -> u64 {
-    0x5EED_0000_0000_0000
-        ^ (u64::from(core) << 32)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
+    let mut b = [0u8; 8];
+    if let Err(e) = getrandom::fill(&mut b) {
+        panic!(
+            "lu2k-engine: core {core}: cannot read the OS random source for socket IDs, \
+             sequence numbers and SYN-cookie keys ({e}); refusing to start with predictable \
+             secrets. Check that getrandom(2) or /dev/urandom is available to the engine \
+             (seccomp profile, container, chroot)."
+        );
+    }
+    u64::from_le_bytes(b)
 }
 
 fn start_stats(

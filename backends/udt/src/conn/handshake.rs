@@ -102,9 +102,13 @@ impl Connection {
             (Role::Client, State::Connecting) => self.handle_listener_reply(now, res),
             (Role::Server, State::Connected)
                 if res.socket_id == self.peer_id
-                    && matches!(res.req_type, ReqType::Request | ReqType::Response) =>
+                    && res.req_type == ReqType::Response
+                    && res.cookie == self.hs.cookie =>
             {
-                // Our response was lost: the client keeps asking.
+                // Our response was lost: the client keeps asking, with the
+                // cookie that validated its address (UDT4's client repeats
+                // its request with the cookie once it has one). Anything
+                // else is not answered: a reply only to what proved it.
                 self.heard(now);
                 self.queue_handshake(self.peer_id);
             }
@@ -115,6 +119,15 @@ impl Connection {
     /// A connecting client hears from the listener: a cookie, a rejection or
     /// the response.
     fn handle_listener_reply(&mut self, now: Time, res: &HandshakeRepr) {
+        // The listener echoes our handshake (UDT4 `CUDT::listen`): a cookie
+        // or a rejection that does not carry our socket ID and ISN was not
+        // an answer to us, and must not change or close the attempt.
+        if matches!(res.req_type, ReqType::Request | ReqType::Rejected)
+            && (res.socket_id != self.hs.socket_id || res.isn != self.isn)
+        {
+            self.stats.count_drop(DropCause::BadHandshake);
+            return;
+        }
         match res.req_type {
             ReqType::Request if self.hs.req_type == ReqType::Response => {
                 // A cookie answering one of our retries: already using it.
