@@ -175,6 +175,10 @@ pub struct Udt {
     /// order every run keeps a seeded simulation repeatable.
     peers: BTreeMap<Ipv4Addr, Peer>,
     conns: BTreeMap<u32, ConnEntry>,
+    /// Receiving connections by (peer address, peer socket ID): a repeated
+    /// handshake finds its connection, and the per-address cap is counted,
+    /// without a walk over every connection.
+    rx_by_peer: BTreeMap<(Ipv4Addr, u32), u32>,
     listener: Listener,
     seed: u64,
     /// When [`Udt::forget_peers`] looks next (µs).
@@ -222,6 +226,7 @@ impl Udt {
             backlog: VecDeque::new(),
             peers: BTreeMap::new(),
             conns: BTreeMap::new(),
+            rx_by_peer: BTreeMap::new(),
             out: VecDeque::new(),
             drops: BTreeMap::new(),
             io_events: Vec::new(),
@@ -872,14 +877,10 @@ impl Udt {
             // A handshake to the listener, or a client repeating its request.
             let hs_id = udt::handshake_socket_id(bytes);
             if let Some(id) = hs_id {
-                let existing = self.conns.iter().find(|(_, e)| {
-                    e.dir == Dir::Rx
-                        && e.peer == ip
-                        && e.conn.peer_socket_id() == id
-                        && !e.conn.is_closed()
-                });
-                if let Some((&sock, _)) = existing {
-                    return self.feed(now, sock, bytes, ext);
+                if let Some(&sock) = self.rx_by_peer.get(&(ip, id)) {
+                    if self.conns.get(&sock).is_some_and(|e| !e.conn.is_closed()) {
+                        return self.feed(now, sock, bytes, ext);
+                    }
                 }
             }
             match self.listener.handle(now, SocketAddr::V4(from), bytes) {
@@ -918,9 +919,9 @@ impl Udt {
         } else if self.conns.len() >= MAX_CONNS {
             Some("rx_conn_limit")
         } else if self
-            .conns
-            .values()
-            .filter(|e| e.dir == Dir::Rx && e.peer == ip && !e.conn.is_closed())
+            .rx_by_peer
+            .range((ip, 0)..=(ip, u32::MAX))
+            .filter(|(_, s)| self.conns.get(s).is_some_and(|e| !e.conn.is_closed()))
             .count()
             >= MAX_CONNS_PER_ADDR
         {
@@ -937,6 +938,7 @@ impl Udt {
         // A response with a valid cookie: the address answered us.
         let p = self.peer_for(ip);
         p.last_heard = p.last_heard.max(now);
+        self.rx_by_peer.insert((ip, conn.peer_socket_id()), sock);
         self.conns
             .insert(sock, ConnEntry::new(conn, ip, Dir::Rx, now));
     }
@@ -1080,6 +1082,10 @@ impl Udt {
             .collect();
         for s in closed {
             if let Some(e) = self.conns.remove(&s) {
+                let key = (e.peer, e.conn.peer_socket_id());
+                if e.dir == Dir::Rx && self.rx_by_peer.get(&key) == Some(&s) {
+                    self.rx_by_peer.remove(&key);
+                }
                 if let Some(p) = self.peers.get_mut(&e.peer) {
                     if p.tx_sock == Some(s) {
                         p.tx_sock = None;
