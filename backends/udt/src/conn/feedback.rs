@@ -10,6 +10,13 @@ use crate::estimate::{Time, INITIAL_RTT_US};
 use crate::seq::{AckNo, SeqNo};
 use crate::wire::{AckStats, ControlRepr, NakList};
 
+/// Most loss ranges read from one NAK datagram. Our receiver sends at most
+/// 28 entries per NAK (a NAK fits [`super::CTRL_MAX`] bytes) and UDT4 at
+/// most a payload of 32-bit words (364 at the usual MSS); the rest of a
+/// longer list is ignored and counted: what it names is reported again by
+/// the next NAK or resent on EXP.
+const MAX_NAK_RANGES: usize = 1024;
+
 impl Connection {
     pub(super) fn handle_ack(
         &mut self,
@@ -166,16 +173,30 @@ impl Connection {
         let new = self.insert_fresh_losses(now, &ranges);
         self.stats.pkts_nak_received += u64::from(new);
         self.progress(now);
-        let raw: Vec<(u32, u32)> = loss.ranges().map(|(a, b)| (a.get(), b.get())).collect();
+        let raw: Vec<(u32, u32)> = loss
+            .ranges()
+            .take(MAX_NAK_RANGES)
+            .map(|(a, b)| (a.get(), b.get()))
+            .collect();
         let path = self.path();
         self.cc.on_loss(now, &path, &raw, new);
     }
 
-    /// The loss report's ranges as indices, cut to what is still in flight;
-    /// `None` if it names a packet never sent or an absurd range.
-    fn nak_ranges(&self, loss: &NakList<'_>) -> Option<Vec<(u64, u64)>> {
+    /// The loss report's ranges as indices, cut to what is still in flight,
+    /// sorted and merged; `None` if it names a packet never sent or an
+    /// absurd range.
+    ///
+    /// The work a report costs is bounded whatever it says: only its first
+    /// [`MAX_NAK_RANGES`] ranges are read (the rest are counted in
+    /// [`super::Stats::nak_ranges_ignored`]), and merged ranges no longer
+    /// overlap, so [`Connection::insert_fresh_losses`] visits each packet in
+    /// flight at most once: a datagram of ~8000 ranges that each name the
+    /// whole flight costs one pass over it, not 8000.
+    fn nak_ranges(&mut self, loss: &NakList<'_>) -> Option<Vec<(u64, u64)>> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (a, b) in loss.ranges() {
+        let mut all = loss.ranges();
+        for (a, b) in all.by_ref().take(MAX_NAK_RANGES) {
+            self.stats.nak_work += 1;
             let (Some(ia), Some(ib)) = (self.idx_of(self.tx.una, a), self.idx_of(self.tx.una, b))
             else {
                 return None;
@@ -188,7 +209,17 @@ impl Connection {
             }
             ranges.push((ia.max(self.tx.una), ib));
         }
-        Some(ranges)
+        let excess = all.count() as u64;
+        self.stats.nak_ranges_ignored += excess;
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        Some(merged)
     }
 
     /// Puts the reported packets on the loss list, returning how many were
@@ -203,6 +234,7 @@ impl Connection {
             let mut run: Option<u64> = None;
             for i in a..=b + 1 {
                 let stale = i > b || {
+                    self.stats.nak_work += 1;
                     let p = &self.tx.pkts[(i - self.tx.una) as usize];
                     p.retx && p.sent_at > fresh
                 };

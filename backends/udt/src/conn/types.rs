@@ -321,6 +321,12 @@ pub struct Stats {
     /// Received packets beyond the first hole given back unacknowledged by
     /// [`super::Connection::shed_out_of_order`] (the sender sends them again).
     pub pkts_shed: u64,
+    /// Loss ranges beyond the first 1024 of one NAK datagram, ignored (a
+    /// bound on the work a NAK may cost).
+    pub nak_ranges_ignored: u64,
+    /// Work spent on received NAKs: ranges read plus packets in flight
+    /// examined. Bounded per datagram by the range cap plus the flight.
+    pub nak_work: u64,
 }
 
 impl Stats {
