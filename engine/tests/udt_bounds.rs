@@ -7,8 +7,9 @@
 //!   connections are removed and their peer forgotten.
 //! - A message that starts, continues in order and never ends (longer than any
 //!   LNet message) cannot pin the RX pool: its connection is closed
-//!   (`rx_message_too_long`), every buffer comes back, another peer's message
-//!   still arrives.
+//!   (`rx_message_too_long`) when memory runs short or when it stalls, every
+//!   buffer comes back, another peer's message still arrives. One that does end
+//!   but is longer than LNet allows is not delivered.
 //! - Junk from a silent peer's address does not hide that it is silent: it is
 //!   reported down.
 
@@ -139,6 +140,10 @@ impl Server {
 struct Client {
     conn: Connection,
     addr: SocketAddrV4,
+    /// Its data packets that end a message are lost on the way, every time: what
+    /// the server sees is a message that starts, continues in order and never
+    /// ends.
+    endless: bool,
 }
 
 impl Client {
@@ -148,6 +153,7 @@ impl Client {
         Client {
             conn: Connection::connect(s.now_us(), cfg, seed, SocketAddr::V4(s.addr)),
             addr,
+            endless: false,
         }
     }
 }
@@ -165,6 +171,10 @@ fn pump(s: &mut Server, clients: &mut [Client], d: Duration, tick: Duration) {
                 let mut bytes = t.header.as_bytes().to_vec();
                 if let Some(p) = t.payload {
                     bytes.resize(bytes.len() + p.len as usize, 0x5A);
+                    // Word 1 of a data header: the position's "last" bit.
+                    if c.endless && bytes[4] & 0x40 != 0 {
+                        continue;
+                    }
                 }
                 s.port.deliver(Datagram {
                     from: c.addr,
@@ -251,6 +261,7 @@ fn a_message_that_never_ends_is_cut_off_and_others_still_arrive() {
         Client::new(&s, bad, 7, 4 << 20),
         Client::new(&s, good, 8, 2 << 20),
     ];
+    clients[0].endless = true;
     pump(
         &mut s,
         &mut clients,
@@ -289,6 +300,69 @@ fn a_message_that_never_ends_is_cut_off_and_others_still_arrive() {
         Some(1),
         "the honest message did not arrive: {:?}",
         s.stats().drops
+    );
+    assert_eq!(s.rx_free(), s.rx_count, "RX buffers still held");
+}
+
+#[test]
+fn a_message_that_never_ends_is_cut_off_when_it_stalls_with_memory_to_spare() {
+    // A pool far larger than the message: no shortage, no quota excess; only the
+    // stall (nothing delivered for 2 s while holding more than a largest
+    // message) brings the check.
+    let mut s = Server::new(8192, 30_000_000, 30_000_000);
+    let bad = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 66), PORT);
+    let mut clients = vec![Client::new(&s, bad, 7, 4 << 20)];
+    clients[0].endless = true;
+    pump(
+        &mut s,
+        &mut clients,
+        Duration::from_millis(200),
+        Duration::from_millis(1),
+    );
+    let now = s.now_us();
+    clients[0].conn.send(now, 1, 3 << 20, None).expect("send");
+    pump(
+        &mut s,
+        &mut clients,
+        Duration::from_millis(1500),
+        Duration::from_micros(100),
+    );
+    assert_eq!(s.drops("rx_message_too_long"), 0, "cut off before stalling");
+    assert!(s.rx_free() < s.rx_count, "the message is not held at all");
+    pump(
+        &mut s,
+        &mut clients,
+        Duration::from_secs(2),
+        Duration::from_micros(100),
+    );
+    assert_eq!(s.drops("rx_message_too_long"), 1, "{:?}", s.stats().drops);
+    assert_eq!(s.rx_free(), s.rx_count, "RX buffers still held");
+}
+
+#[test]
+fn a_message_longer_than_lnet_allows_is_not_delivered() {
+    let mut s = Server::new(8192, 30_000_000, 30_000_000);
+    let bad = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 66), PORT);
+    let mut clients = vec![Client::new(&s, bad, 7, 4 << 20)];
+    pump(
+        &mut s,
+        &mut clients,
+        Duration::from_millis(200),
+        Duration::from_millis(1),
+    );
+    let now = s.now_us();
+    clients[0].conn.send(now, 1, 3 << 20, None).expect("send");
+    pump(
+        &mut s,
+        &mut clients,
+        Duration::from_millis(1500),
+        Duration::from_micros(100),
+    );
+    assert_eq!(s.drops("rx_message_too_long"), 1, "{:?}", s.stats().drops);
+    assert_eq!(
+        s.received.get(bad.ip()),
+        None,
+        "the over-long message delivered"
     );
     assert_eq!(s.rx_free(), s.rx_count, "RX buffers still held");
 }

@@ -63,9 +63,12 @@ const PEER_FORGET_US: u64 = 60_000_000;
 /// was valid costs a look at the connection's counters.
 const HEARD_GRAIN_US: u64 = 1_000;
 /// A receiving connection that holds more than a largest message and delivered
-/// nothing for this long (µs) gives back what it holds out of order, and is
-/// closed if what remains (in order, unfinished) exceeds a largest message.
-const RX_STALL_US: u64 = 2_000_000;
+/// nothing for 8 RTTs, within these bounds (µs), gives back what it holds out of
+/// order, and is closed if what remains (in order, unfinished) exceeds a largest
+/// message. Eight RTTs leave a head-of-line hole on a lossy GEO path time for a
+/// few lost retransmissions before shedding costs the sender a window; the upper
+/// bound keeps an RTT the peer inflated from postponing the check for ever.
+const RX_STALL_US: (u64, u64) = (2_000_000, 30_000_000);
 
 /// Settings of one core's UDT transport.
 #[derive(Debug, Clone)]
@@ -532,7 +535,7 @@ impl Udt {
     /// connection may hold a fair share of the pool (at least two largest
     /// messages). Its window is capped at what its quota leaves, and one that
     /// holds more anyway (a sender may ignore the window), or holds more than a
-    /// largest message without delivering anything for [`RX_STALL_US`], gives
+    /// largest message without delivering anything for 8 RTTs ([`RX_STALL_US`]), gives
     /// back what it holds out of order. What it still holds then lies before its
     /// first hole: one message begun and not ended. Longer than
     /// `MAX_PAYLOAD + LNET_HDR_LEN`, no LNet message can be that: the
@@ -572,7 +575,9 @@ impl Udt {
                 if delivered != e.delivered {
                     e.delivered = delivered;
                     e.progress_at = now;
-                } else if now.saturating_sub(e.progress_at) > RX_STALL_US {
+                } else if now.saturating_sub(e.progress_at)
+                    > (8 * u64::from(e.conn.rtt())).clamp(RX_STALL_US.0, RX_STALL_US.1)
+                {
                     check = true;
                 }
             }
@@ -1124,9 +1129,17 @@ impl Udt {
     }
 
     /// Reports a whole received message: the buffer pieces it landed in, one
-    /// buffer reference per piece.
+    /// buffer reference per piece. One longer than any LNet message can be is
+    /// garbage: its buffers go back at once (`rx_message_too_long`).
     fn received(&mut self, peer: Ipv4Addr, extents: &[udt::Extent]) {
         let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
+        if total > MAX_PAYLOAD as u64 + u64::from(LNET_HDR) {
+            self.drop_one("rx_message_too_long");
+            for e in extents {
+                self.unref(e.buf as u16);
+            }
+            return;
+        }
         if total >= u64::from(LNET_HDR) {
             let p = self.peer_for(peer);
             p.stats.msgs_rx += 1;
