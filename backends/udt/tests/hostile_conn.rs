@@ -11,8 +11,8 @@ use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput,
 };
-use lu2k_udt::seq::SeqNo;
-use lu2k_udt::wire::{ControlRepr, DataHeader, NakList, Packet};
+use lu2k_udt::seq::{AckNo, SeqNo};
+use lu2k_udt::wire::{AckRates, AckStats, ControlRepr, DataHeader, NakList, Packet};
 
 const CLIENT: &str = "192.0.2.1:7000";
 const SERVER: &str = "192.0.2.2:9000";
@@ -317,5 +317,67 @@ fn nak_of_overlapping_whole_flight_ranges_costs_bounded_work() {
     p.run(p.now + 30_000_000, |p| p.acked() == 4);
     assert_eq!(p.acked(), 4, "{}", p.client.debug_summary());
     assert_eq!(p.check_received(), 4);
+    assert!(p.bufs.is_empty());
+}
+
+/// An ACK with absurd RTT, window and rates (RTT u32::MAX would push the
+/// retransmission timer out by about 80 minutes) is clamped: after a lost
+/// flight, the retransmission still comes within the EXP bound (half the
+/// idle timeout), and the transfer completes.
+#[test]
+fn ack_with_absurd_values_is_clamped() {
+    let mut p = Pair::new(cfg(), 20_000, 12);
+    p.connect();
+    p.send(0, 200_000);
+    p.run(p.now + 10_000_000, |p| p.acked() == 1);
+    assert_eq!(p.acked(), 1);
+    // Everything is acknowledged: the forged ACK names the next packet.
+    let next = p.seen.last().unwrap().seq.add(1);
+    let forged = ControlRepr::Ack {
+        ack_seq_no: AckNo::new(77),
+        last: next,
+        stats: Some(AckStats {
+            rtt: u32::MAX,
+            rtt_var: u32::MAX,
+            avail_buf: u32::MAX,
+            rates: Some(AckRates {
+                recv_rate: u32::MAX,
+                link_capacity: u32::MAX,
+            }),
+        }),
+    }
+    .to_vec(0, p.client.socket_id());
+    for _ in 0..3 {
+        p.inject_client(&forged);
+    }
+    let st = p.client.stats();
+    assert!(st.rtt_us <= 60_000_000, "RTT {} us", st.rtt_us);
+    assert!(st.flow_window <= 1 << 20, "flow window {}", st.flow_window);
+    // The next message's first flight is lost whole: only the EXP timer
+    // can resend it.
+    let t0 = p.now;
+    p.drop = Box::new(move |now, dir, _| dir == Dir::ToServer && now < t0 + 500_000);
+    p.send(1, 200_000);
+    // The EXP interval is capped at half the idle timeout (5 s here), so
+    // the peer never idles out meanwhile.
+    p.run(t0 + 65_000_000, |p| p.client.stats().timeouts > 0);
+    let exp_at = p.now - t0;
+    assert!(
+        exp_at <= 5_000_000 + 100_000,
+        "retransmission timer fired after {exp_at} us"
+    );
+    p.run(t0 + 65_000_000, |p| p.acked() == 2);
+    assert_eq!(
+        p.acked(),
+        2,
+        "at {} us: {}\n{:?}\nserver {}\n{:?}",
+        p.now - t0,
+        p.client.debug_summary(),
+        p.client.stats(),
+        p.server.as_ref().unwrap().debug_summary(),
+        p.server.as_ref().unwrap().stats()
+    );
+    assert!(p.client.stats().timeouts > 0);
+    assert_eq!(p.check_received(), 2);
     assert!(p.bufs.is_empty());
 }

@@ -4,7 +4,7 @@
 //! [`super::sender`] to retransmit. Reports naming packets never sent are
 //! dropped and counted.
 
-use super::{Connection, DropCause, Event, MAX_NAK_SPAN, SYN_US};
+use super::{Connection, DropCause, Event, MAX_FLOW_WINDOW, MAX_NAK_SPAN, MAX_RTT_US, SYN_US};
 use crate::cc;
 use crate::estimate::{Time, INITIAL_RTT_US};
 use crate::seq::{AckNo, SeqNo};
@@ -40,7 +40,7 @@ impl Connection {
         };
         self.answer_ack(now, ack_no);
         if a >= self.tx.una {
-            self.tx.flow_window = st.avail_buf.max(2);
+            self.tx.flow_window = st.avail_buf.clamp(2, MAX_FLOW_WINDOW);
         }
         let (newly, data_advanced) = self.acknowledge(now, a);
         self.report_ack(now, last, newly, data_advanced, &st);
@@ -112,23 +112,27 @@ impl Connection {
     ) {
         // The receiver's RTT (from ACK/ACK2), unless it is still UDT4's guess.
         if !(st.rtt == INITIAL_RTT_US && st.rtt_var == INITIAL_RTT_US / 2) && st.rtt > 0 {
-            self.tx.rtt.on_sample(st.rtt);
+            self.tx.rtt.on_sample(st.rtt.min(MAX_RTT_US));
         }
+        // Rates beyond any link are clamped, not dropped: the report is
+        // still a report (a zero still means "no estimate").
+        let max_rate = self.max_rate_pps();
         let mut ack = cc::Ack {
             seq: last.get(),
             newly_acked: newly,
             ..cc::Ack::default()
         };
         if let Some(r) = st.rates {
-            if r.recv_rate > 0 {
+            let (recv_rate, capacity) = (r.recv_rate.min(max_rate), r.link_capacity.min(max_rate));
+            if recv_rate > 0 {
                 self.tx.recv_rate =
-                    ((u64::from(self.tx.recv_rate) * 7 + u64::from(r.recv_rate)) >> 3) as u32;
-                ack.recv_rate_sample = r.recv_rate;
+                    ((u64::from(self.tx.recv_rate) * 7 + u64::from(recv_rate)) >> 3) as u32;
+                ack.recv_rate_sample = recv_rate;
             }
-            if r.link_capacity > 0 {
+            if capacity > 0 {
                 self.tx.bandwidth =
-                    ((u64::from(self.tx.bandwidth) * 7 + u64::from(r.link_capacity)) >> 3) as u32;
-                ack.bandwidth_sample = r.link_capacity;
+                    ((u64::from(self.tx.bandwidth) * 7 + u64::from(capacity)) >> 3) as u32;
+                ack.bandwidth_sample = capacity;
             }
         }
         let path = self.path();

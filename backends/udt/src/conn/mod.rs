@@ -101,6 +101,22 @@ pub const SYN_US: u64 = 10_000;
 /// hostile-input bound).
 const MAX_NAK_SPAN: u64 = 1 << 22;
 
+// Bounds on what the peer reports. Its reports steer our timers and our
+// sending rate, and without authentication anyone who has seen the
+// connection can forge them; kept within what a real path can be, a forged
+// one costs a bounded stall, not hours.
+
+/// Largest RTT taken from the peer's ACKs, and the largest EXP interval
+/// before its backoff multiple, µs (RFC 6298 2.5: an RTO may be capped at
+/// no less than 60 s). A GEO hop is 0.6 s; an outage's ACK→ACK2 round trip
+/// may be tens of seconds.
+const MAX_RTT_US: u32 = 60_000_000;
+/// Largest flow window taken from the peer (handshake or ACK), packets: the
+/// largest receive buffer [`Config::rcv_buf`] gives, 2^20 packets.
+const MAX_FLOW_WINDOW: u32 = 1 << 20;
+/// Fastest link a reported receive rate or capacity may describe, bits/s.
+const MAX_LINK_BPS: u64 = 400_000_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Connecting,
@@ -237,8 +253,19 @@ impl Connection {
         s.rtt_us = self.rtt();
         s.period_us = self.cc.period();
         s.cwnd = self.cc.window();
-        s.flow_window = self.tx.flow_window;
+        s.flow_window = self.flow_window();
         s
+    }
+
+    /// The peer's flow window, within what any receive buffer can be.
+    fn flow_window(&self) -> u32 {
+        self.tx.flow_window.clamp(2, MAX_FLOW_WINDOW)
+    }
+
+    /// The most packets a second a reported rate may claim: a
+    /// [`MAX_LINK_BPS`] link full of packets of our MSS.
+    fn max_rate_pps(&self) -> u32 {
+        u32::try_from(MAX_LINK_BPS / 8 / u64::from(self.mss.max(1))).unwrap_or(u32::MAX)
     }
 
     /// Received payload regions the connection still references.
@@ -287,7 +314,7 @@ impl Connection {
             recv_rate: self.tx.recv_rate,
             bandwidth: self.tx.bandwidth,
             mss: self.mss,
-            max_window: self.tx.flow_window.max(self.hs.flight_flag_size),
+            max_window: self.flow_window().max(self.hs.flight_flag_size),
             snd_curr_seq: self.seq_of(self.tx.next.wrapping_sub(1)).get(),
             inflight: (self.tx.next - self.tx.una) as u32,
         }

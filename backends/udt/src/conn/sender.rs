@@ -259,7 +259,7 @@ impl Connection {
     /// window, at least 2 each.
     fn window(&self) -> u64 {
         let cwnd = self.cc.window().max(2.0) as u64;
-        cwnd.min(u64::from(self.tx.flow_window.max(2)))
+        cwnd.min(u64::from(self.flow_window()))
     }
 
     /// Whether a data packet is waiting for its pacing time.

@@ -3,7 +3,7 @@
 //! silence, keep-alive and the idle close. (The handshake's retry timer is
 //! in [`super::handshake`].)
 
-use super::{CloseReason, Connection, State, SYN_US};
+use super::{CloseReason, Connection, State, MAX_RTT_US, SYN_US};
 use crate::estimate::Time;
 use crate::wire::ControlRepr;
 
@@ -73,7 +73,13 @@ impl Connection {
         if self.tx.own_min_rtt != u32::MAX {
             rtt = rtt.max(u64::from(self.tx.own_min_rtt));
         }
-        let base = u64::from(self.exp_count) * (rtt + 4 * u64::from(self.rtt_var()) + SYN_US);
+        // Before its backoff multiple, the interval is at most MAX_RTT_US and
+        // half the idle timeout: a smoothed RTT and variance that forged
+        // reports pushed up must not hold a retransmission back for longer,
+        // nor long enough that the peer, hearing nothing, closes.
+        let max_rto = u64::from(MAX_RTT_US).min(self.cfg.idle_timeout_us / 2);
+        let rto = (rtt + 4 * u64::from(self.rtt_var()) + SYN_US).min(max_rto);
+        let base = u64::from(self.exp_count) * rto;
         let mut min = self.cfg.min_exp_interval_us;
         if self.tx.next > self.tx.una
             && self.tx.own_min_rtt == u32::MAX
