@@ -11,8 +11,8 @@ use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput,
 };
-use lu2k_udt::seq::{AckNo, SeqNo};
-use lu2k_udt::wire::{AckRates, AckStats, ControlRepr, DataHeader, NakList, Packet};
+use lu2k_udt::seq::{AckNo, MsgNo, SeqNo};
+use lu2k_udt::wire::{AckRates, AckStats, ControlRepr, DataHeader, NakList, Packet, Position};
 
 const CLIENT: &str = "192.0.2.1:7000";
 const SERVER: &str = "192.0.2.2:9000";
@@ -31,6 +31,8 @@ fn pattern(msg: u64, off: u64) -> u8 {
 #[derive(Clone, Copy, Debug)]
 struct Seen {
     seq: SeqNo,
+    msg_no: MsgNo,
+    pos: Position,
 }
 
 /// Decides per datagram whether the link loses it.
@@ -81,7 +83,11 @@ impl Pair {
     fn push(&mut self, dir: Dir, bytes: Vec<u8>) {
         if dir == Dir::ToServer {
             if let Ok(h) = DataHeader::parse(&Packet::new_unchecked(&bytes[..])) {
-                self.seen.push(Seen { seq: h.seq_no });
+                self.seen.push(Seen {
+                    seq: h.seq_no,
+                    msg_no: h.msg_no,
+                    pos: h.position,
+                });
             }
         }
         if (self.drop)(self.now, dir, &bytes) {
@@ -236,6 +242,10 @@ impl Pair {
             .count()
     }
 
+    fn server_id(&self) -> u32 {
+        self.server.as_ref().unwrap().socket_id()
+    }
+
     /// Checks every delivered message byte for byte; returns how many, and
     /// fails on a duplicate.
     fn check_received(&mut self) -> usize {
@@ -379,5 +389,102 @@ fn ack_with_absurd_values_is_clamped() {
     );
     assert!(p.client.stats().timeouts > 0);
     assert_eq!(p.check_received(), 2);
+    assert!(p.bufs.is_empty());
+}
+
+/// A forged message drop request for packets not yet received (ahead of
+/// the receiver, within its window) changes nothing: before, it marked
+/// those slots dropped and moved the receiver past them, so the real
+/// packets that came next were discarded and the transfer hung.
+#[test]
+fn drop_request_ahead_of_the_receiver_is_cut_to_what_arrived() {
+    let mut p = Pair::new(cfg(), 20_000, 13);
+    p.connect();
+    p.send(0, 1_000);
+    p.run(p.now + 10_000_000, |p| p.acked() == 1);
+    assert_eq!(p.acked(), 1);
+    let last = *p.seen.last().unwrap();
+    let (next, msg_no) = (last.seq.add(1), MsgNo::new(last.msg_no.get() + 1));
+    let forged = ControlRepr::MsgDropReq {
+        msg_no,
+        first: next,
+        last: next.add(100),
+    }
+    .to_vec(0, p.server_id());
+    p.inject_server(forged);
+    let s = p.server.as_ref().unwrap().stats();
+    assert_eq!(s.drop_reqs_received, 1);
+    // Far beyond what the sender may have sent: refused and counted.
+    let forged = ControlRepr::MsgDropReq {
+        msg_no,
+        first: next,
+        last: next.add(1 << 21),
+    }
+    .to_vec(0, p.server_id());
+    p.inject_server(forged);
+    let s = p.server.as_ref().unwrap().stats();
+    assert_eq!(s.dropped_bad_loss_report, 1);
+    p.send(1, 100_000);
+    p.send(2, 50_000);
+    p.run(p.now + 10_000_000, |p| p.acked() == 3);
+    assert_eq!(
+        p.acked(),
+        3,
+        "{}",
+        p.server.as_ref().unwrap().debug_summary()
+    );
+    assert_eq!(p.check_received(), 3);
+    assert!(p.bufs.is_empty());
+}
+
+/// A forged drop request naming a hole and the received packets of another
+/// message behind it is refused: before, it marked the hole dropped, the
+/// receiver skipped it, gave the rest of the message back as broken, and
+/// acknowledged it, so the sender was told a message arrived that never
+/// did.
+#[test]
+fn drop_request_naming_another_messages_data_is_refused() {
+    let mut p = Pair::new(cfg(), 20_000, 14);
+    p.connect();
+    p.send(0, 1_000);
+    p.run(p.now + 10_000_000, |p| p.acked() == 1);
+    // The first packet of the next message is lost (once).
+    let first = p.seen.last().unwrap().seq.add(1);
+    let mut lost = false;
+    p.drop = Box::new(move |_, dir, b| {
+        let hit = dir == Dir::ToServer
+            && !lost
+            && DataHeader::parse(&Packet::new_unchecked(b)).is_ok_and(|h| h.seq_no == first);
+        lost |= hit;
+        hit
+    });
+    p.send(1, 20_000);
+    // Until the rest of it has arrived, before the retransmission.
+    p.run(p.now + 25_000, |_| false);
+    let n = p
+        .seen
+        .iter()
+        .filter(|s| s.msg_no == p.seen.last().unwrap().msg_no)
+        .count();
+    assert!(n > 5, "{n} packets of the message sent");
+    let real = p.seen.last().unwrap();
+    assert!(real.pos.is_last(), "the whole message was sent");
+    let forged = ControlRepr::MsgDropReq {
+        msg_no: MsgNo::new(real.msg_no.get() + 7),
+        first,
+        last: first.add(3),
+    }
+    .to_vec(0, p.server_id());
+    p.inject_server(forged);
+    let s = p.server.as_ref().unwrap().stats();
+    assert_eq!(s.drop_reqs_received, 1);
+    assert_eq!(s.dropped_bad_loss_report, 1);
+    p.run(p.now + 10_000_000, |p| p.acked() == 2);
+    assert_eq!(p.acked(), 2);
+    assert_eq!(
+        p.check_received(),
+        2,
+        "the message the sender was told of arrived"
+    );
     assert!(p.bufs.is_empty());
 }

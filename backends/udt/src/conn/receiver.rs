@@ -26,8 +26,9 @@ pub(super) enum Slot {
         msg_no: MsgNo,
         pos: Position,
     },
-    /// Named by a message drop request: nothing will come.
-    Dropped,
+    /// Named by a message drop request for this message: nothing of it
+    /// will come. A packet of another message may still fill the slot.
+    Dropped(MsgNo),
 }
 
 /// The receiver's state.
@@ -54,6 +55,10 @@ pub(super) struct Receiver {
     pub(super) last_ack: u64,
     /// The highest ACK point the sender confirmed with an ACK2.
     pub(super) last_ack_ack: u64,
+    /// One past the highest index the sender may have sent: the largest
+    /// ACK point plus the flow window advertised with it (the handshake's
+    /// window, `buf_pkts`, to begin with).
+    pub(super) send_limit: u64,
     /// Number of the last full ACK.
     pub(super) ack_no: AckNo,
     /// Full ACKs awaiting their ACK2: (number, ACK point, time sent).
@@ -97,6 +102,7 @@ impl Receiver {
             scan: 0,
             last_ack: 0,
             last_ack_ack: 0,
+            send_limit: u64::from(buf_pkts),
             ack_no: AckNo::new(0),
             ack_window: VecDeque::new(),
             last_ack_time: 0,
@@ -126,7 +132,7 @@ impl Receiver {
         while i < self.slots.len() {
             match self.slots[i] {
                 Slot::Empty => break,
-                Slot::Dropped => return Front::Broken(i),
+                Slot::Dropped(_) => return Front::Broken(i),
                 Slot::Pkt { pos, .. } => {
                     if i == 0 && !pos.is_first() {
                         return Front::Broken(1);
@@ -231,6 +237,18 @@ impl Connection {
         }
         let si = (idx - self.rx.base) as usize;
         match self.rx.slots[si] {
+            Slot::Dropped(m) if m != h.msg_no => {
+                // A drop request named this slot for another message: it
+                // was forged (or stale). The data is real; keep it.
+                self.stats.pkts_undropped += 1;
+                self.rx.slots[si] = Slot::Pkt {
+                    ext,
+                    msg_no: h.msg_no,
+                    pos: h.position,
+                };
+                self.rx.held += 1;
+                true
+            }
             Slot::Empty => {
                 self.rx.lost.remove(h.seq_no);
                 self.rx.slots[si] = Slot::Pkt {
@@ -241,7 +259,7 @@ impl Connection {
                 self.rx.held += 1;
                 true
             }
-            Slot::Pkt { .. } | Slot::Dropped => {
+            Slot::Pkt { .. } | Slot::Dropped(_) => {
                 self.stats.count_drop(DropCause::OutOfWindow);
                 false
             }
@@ -338,7 +356,7 @@ impl Connection {
         loop {
             match self.rx.slots.front() {
                 None | Some(Slot::Empty) => return,
-                Some(Slot::Dropped) => {
+                Some(Slot::Dropped(_)) => {
                     self.rx.pop_front();
                     self.rx.scan = 0;
                     continue;
@@ -380,8 +398,34 @@ impl Connection {
     }
 
     /// The sender dropped message `msg_no` (`first ..= last`): stop waiting
-    /// for it, and give back what of it arrived.
+    /// for the packets of it that have not arrived.
+    ///
+    /// Nothing on the plain UDT4 wire says who sent the request, so it is
+    /// honoured only as far as it is consistent with what this receiver
+    /// knows, and it never throws data away:
+    /// - a range reaching beyond what the sender may have sent (the largest
+    ///   ACK point plus the window advertised with it) is refused and
+    ///   counted, as is one naming a received packet of another message
+    ///   (a message's packets are consecutive; UDT 4.11's request may name
+    ///   one packet past its message, so its last slot is not checked);
+    /// - it is cut at the highest packet received: the receiver never moves
+    ///   past packets it has not seen. Had the sender dropped those, the
+    ///   packets after them open a gap, the NAK for it names packets of a
+    ///   dropped message, and the sender repeats the request (lu2k and
+    ///   UDT4 both do);
+    /// - only empty slots are marked dropped. Received packets stay; a
+    ///   message left incomplete is given back whole when it reaches the
+    ///   front, and a message that arrived whole is still delivered;
+    /// - a packet of another message that arrives in a slot marked dropped
+    ///   fills it (the request was forged or stale).
+    ///
+    /// What remains until the wire is authenticated (issue 14, item 1): a
+    /// forged request naming holes below the highest packet received, with
+    /// the right message number, still marks them dropped, and once
+    /// delivery passes them the packets that fill them later are discarded
+    /// while the ACK told the sender they arrived.
     pub(super) fn handle_drop_req(&mut self, msg_no: MsgNo, first: SeqNo, last: SeqNo) {
+        self.stats.drop_reqs_received += 1;
         let (Some(a), Some(b)) = (
             self.idx_of(self.rx.next, first),
             self.idx_of(self.rx.next, last),
@@ -389,33 +433,40 @@ impl Connection {
             self.stats.count_drop(DropCause::BadLossReport);
             return;
         };
-        if a > b || b >= self.rx.base + u64::from(self.rx.buf_pkts) || b - a > MAX_NAK_SPAN {
+        if a > b
+            || b >= self.rx.base + u64::from(self.rx.buf_pkts)
+            || b >= self.rx.send_limit
+            || b - a > MAX_NAK_SPAN
+        {
             self.stats.count_drop(DropCause::BadLossReport);
             return;
         }
-        let a = a.max(self.rx.base);
+        if self.rx.next == 0 {
+            return;
+        }
+        let (a, b) = (a.max(self.rx.base), b.min(self.rx.next - 1));
         if b < a {
             return;
         }
-        while self.rx.base + (self.rx.slots.len() as u64) <= b {
-            self.rx.slots.push_back(Slot::Empty);
-        }
-        if b >= self.rx.next {
-            self.rx.next = b + 1;
+        // The packet before the range, if here, must end its message unless
+        // it is of this one (UDT4 may name the rest of a message).
+        let split = a > self.rx.base
+            && matches!(self.rx.slots[(a - 1 - self.rx.base) as usize],
+                Slot::Pkt { msg_no: m, pos, .. } if m != msg_no && !pos.is_last());
+        let other = split
+            || (a..b).any(|i| {
+                matches!(self.rx.slots[(i - self.rx.base) as usize],
+                Slot::Pkt { msg_no: m, .. } if m != msg_no)
+            });
+        if other {
+            self.stats.count_drop(DropCause::BadLossReport);
+            return;
         }
         self.rx.lost.remove_range(self.seq_of(a), self.seq_of(b));
         for i in a..=b {
             let si = (i - self.rx.base) as usize;
-            match self.rx.slots[si] {
-                Slot::Empty => {
-                    self.rx.slots[si] = Slot::Dropped;
-                }
-                Slot::Pkt { ext, msg_no: m, .. } if m == msg_no => {
-                    self.rx.slots[si] = Slot::Dropped;
-                    self.rx.held -= 1;
-                    self.released.push_back(ext);
-                }
-                _ => {}
+            if let Slot::Empty = self.rx.slots[si] {
+                self.rx.slots[si] = Slot::Dropped(msg_no);
             }
         }
         self.rx.scan = 0;
@@ -468,6 +519,7 @@ impl Connection {
         }
         self.rx.ack_no = self.rx.ack_no.next();
         let avail = self.rx.avail_buf(ack);
+        self.rx.send_limit = self.rx.send_limit.max(ack + u64::from(avail));
         // Every full ACK carries the rate estimates (UDT4 only adds them once
         // per SYN interval; its first ACK, sent on the first packet, then
         // carries none, and the sender learns the capacity a round trip

@@ -324,6 +324,11 @@ pub struct Stats {
     /// Loss ranges beyond the first 1024 of one NAK datagram, ignored (a
     /// bound on the work a NAK may cost).
     pub nak_ranges_ignored: u64,
+    /// Message drop requests received (honoured or not).
+    pub drop_reqs_received: u64,
+    /// Packets that arrived in a slot a drop request had marked for another
+    /// message, and were kept (the request was forged or stale).
+    pub pkts_undropped: u64,
     /// Work spent on received NAKs: ranges read plus packets in flight
     /// examined. Bounded per datagram by the range cap plus the flight.
     pub nak_work: u64,
