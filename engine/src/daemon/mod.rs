@@ -365,6 +365,7 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         msg_slots: MSG_SLOTS,
         drain_timeout: Duration::from_secs(plan.cfg.drain_timeout_s),
     };
+    let (seed, cookie_key) = secrets(p.c)?;
     let udt_params = udt::Params {
         core: p.c,
         net: plan.net,
@@ -372,7 +373,7 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         overrides: plan.overrides.clone(),
         udt: plan.udt.clone(),
         peer_down_timeout_us: plan.cfg.peer_down_timeout_s * 1_000_000,
-        seed: seed(p.c),
+        seed,
     };
     let pin = plan.cfg.pin_cpus;
     let (rds, local, port) = (plan.rds, plan.local, plan.cfg.port);
@@ -421,7 +422,8 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
             let futex = futex_bell.then(|| ring.rings().wait.futex_word());
             let io = datagram_io(path, sock, p.mem.clone(), p.bell, opts, futex, c);
             if let Some(io) = ready(&ready_tx, io) {
-                let t = Udt::new(udt_params, io, region, p.mem.rx_first);
+                let t =
+                    Udt::new(udt_params, io, region, p.mem.rx_first).with_cookie_key(cookie_key);
                 Shard::new(params, ring, t, p.links).run();
             }
         })?;
@@ -474,23 +476,21 @@ fn datagram_io(
     io.map_err(|e| e.to_string())
 }
 
-/// A core's seed for socket ids, sequence numbers and cookie keys, from the
-/// OS random source: nothing an observer of the start-up time could guess.
-///
-/// # Panics
-/// If the OS random source cannot be read; the engine does not start with
-/// predictable secrets.
-fn seed(core: u32) -> u64 {
-    let mut b = [0u8; 8];
-    if let Err(e) = getrandom::fill(&mut b) {
-        panic!(
-            "lu2k-engine: core {core}: cannot read the OS random source for socket IDs, \
-             sequence numbers and SYN-cookie keys ({e}); refusing to start with predictable \
-             secrets. Check that getrandom(2) or /dev/urandom is available to the engine \
-             (seccomp profile, container, chroot)."
-        );
-    }
-    u64::from_le_bytes(b)
+/// A core's secrets, from the OS random source: the seed of its socket IDs and
+/// sequence numbers, and the key of its listener's SYN cookies.
+fn secrets(core: u32) -> anyhow::Result<(u64, [u8; 16])> {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).map_err(|e| {
+        anyhow::anyhow!(
+            "core {core}: cannot read the OS random source for socket IDs, sequence numbers \
+             and SYN-cookie keys ({e}); refusing to start with predictable secrets. Check \
+             that getrandom(2) or /dev/urandom is available to the engine (seccomp profile, \
+             container, chroot)."
+        )
+    })?;
+    let (seed, key) = b.split_at(8);
+    let seed = u64::from_le_bytes(seed.try_into().expect("8 bytes"));
+    Ok((seed, key.try_into().expect("16 bytes")))
 }
 
 fn start_stats(

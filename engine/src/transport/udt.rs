@@ -239,6 +239,13 @@ impl Udt {
         }
     }
 
+    /// Keys the listener's SYN cookies with `key` (from the OS random source) rather
+    /// than with a key derived from the seed, which tests keep deterministic.
+    pub fn with_cookie_key(mut self, key: [u8; 16]) -> Udt {
+        self.listener = Listener::with_key(0, self.p.udt.clone(), key, self.p.seed ^ 0xA5A5);
+        self
+    }
+
     /// Microseconds since the transport started, on its I/O provider's clock.
     fn now_us(&self) -> u64 {
         self.io
@@ -406,7 +413,25 @@ impl Transport for Udt {
         for (k, v) in &self.drops {
             *s.drops.entry(k.clone()).or_default() += v;
         }
+        listener_drops(self.listener.stats(), &mut s.drops);
         self.peer_stats(&mut s.peers);
+    }
+}
+
+/// The listener's refusals, as the core's drop reasons (`rx_hs_*`).
+fn listener_drops(l: &udt::ListenerStats, drops: &mut BTreeMap<String, u64>) {
+    for (why, n) in [
+        ("rx_hs_malformed", l.refused_malformed),
+        ("rx_hs_bad_cookie", l.refused_bad_cookie),
+        ("rx_hs_rate_addr", l.refused_rate_addr),
+        ("rx_hs_rate_total", l.refused_rate_total),
+        ("rx_hs_conn_cap", l.refused_conn_cap),
+        ("rx_hs_table_full", l.refused_table_full),
+        ("rx_hs_amplification", l.refused_amplification),
+    ] {
+        if n > 0 {
+            *drops.entry(why.into()).or_default() += n;
+        }
     }
 }
 

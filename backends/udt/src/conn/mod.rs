@@ -81,7 +81,9 @@ mod sender;
 mod timers;
 mod types;
 
-pub use listener::{handshake_socket_id, Listener, ListenerOutput};
+pub use listener::{
+    handshake_socket_id, Limits, Listener, ListenerOutput, ListenerStats, COOKIE_BUCKET_US,
+};
 pub use types::*;
 
 use std::collections::VecDeque;
