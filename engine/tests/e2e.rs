@@ -243,6 +243,15 @@ fn transfer(
         for c in &r.cores {
             assert_eq!(c.doorbell, expected_doorbell(extra), "{tag}: engine {name}");
         }
+        // Snapshots are published every 100 ms of a core's loop, and an idle core
+        // sleeps up to 200 ms: wait for one taken after the traffic.
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut r = r;
+        while !check_waiting(&format!("{tag}: engine {name}"), &r) {
+            assert!(Instant::now() < until, "{tag}: engine {name}: {r:?}");
+            std::thread::sleep(Duration::from_millis(20));
+            r = stats(&dir, name);
+        }
     }
     // Every buffer home: kshim A's TX pool is whole again, kshim B gave back every
     // message it took, and engine B saw every RX descriptor it published come back.
@@ -273,6 +282,35 @@ fn transfer(
     assert_eq!(stop(ea).code(), Some(0), "{tag}: engine A exit status");
     assert_eq!(stop(eb).code(), Some(0), "{tag}: engine B exit status");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The counters of where a core's time goes while waiting: they agree with each
+/// other (asserted), and the engine has looped, sent, slept, spun, woken and armed
+/// timers (returned: a snapshot taken before the traffic has not yet).
+fn check_waiting(who: &str, r: &lu2k_engine::daemon::stats::Report) -> bool {
+    let (mut sends, mut sleeps, mut woke, mut spin_us, mut armed) = (0, 0, 0, 0, 0);
+    for c in &r.cores {
+        let (io, w) = (&c.io, &c.io.wakes);
+        let who = format!("{who} core {}", c.core);
+        assert!(c.passes >= c.sleeps, "{who}: {c:?}");
+        // A sleep that finds kshim's rings busy at its re-check does not block.
+        assert!(w.total() <= c.sleeps, "{who}: {w:?} vs {c:?}");
+        assert!(io.timers_fired >= w.timer, "{who}: {io:?}");
+        assert!(io.datagrams_sent >= io.sends, "{who}: {io:?}");
+        // Every blocking wait is one wait syscall, and the other path's is unused.
+        let (calls, other) = match c.io_path.as_str() {
+            "epoll" => (io.epoll_waits, io.enters),
+            _ => (io.enters, io.epoll_waits),
+        };
+        assert!(calls >= w.total() && other == 0, "{who}: {io:?}");
+        sends += io.sends;
+        sleeps += c.sleeps;
+        woke += w.total();
+        spin_us += c.spin_us;
+        armed += io.timers_armed;
+    }
+    // The default spin is not zero, and an idle core always has a deadline.
+    sends > 0 && sleeps > 0 && woke > 0 && spin_us > 0 && armed > 0
 }
 
 #[test]

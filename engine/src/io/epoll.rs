@@ -287,6 +287,7 @@ impl DatagramIo for EpollIo {
         block: bool,
         out: &mut Vec<Event>,
     ) -> io::Result<()> {
+        let start = out.len();
         self.flush_sends();
         out.append(&mut self.done);
         self.update_interest()?;
@@ -309,6 +310,10 @@ impl DatagramIo for EpollIo {
             flags: epoll::EventFlags::empty(),
             data: epoll::EventData::new_u64(0),
         }; 8];
+        if timeout.is_some_and(|t| t.tv_sec > 0 || t.tv_nsec > 0) {
+            self.stats.timers_armed += 1;
+        }
+        self.stats.epoll_waits += 1;
         let n = match epoll::wait(&self.ep, &mut evs, timeout.as_ref()) {
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => 0,
@@ -341,7 +346,11 @@ impl DatagramIo for EpollIo {
         }
         out.append(&mut self.done);
         if deadline.is_some_and(|d| d <= Instant::now()) {
+            self.stats.timers_fired += 1;
             out.push(Event::Timer);
+        }
+        if block {
+            self.stats.wakes.count(&out[start..]);
         }
         self.update_interest()?;
         Ok(())

@@ -232,6 +232,70 @@ pub struct IoStats {
     /// path loss; here they are the host's, not the link's.
     #[serde(default)]
     pub socket_drops: u64,
+    /// `io_uring_enter` calls (the io_uring path: each wait, and each submit of a
+    /// full submission queue).
+    #[serde(default)]
+    pub enters: u64,
+    /// `epoll_wait` calls (the epoll path).
+    #[serde(default)]
+    pub epoll_waits: u64,
+    /// Timers handed to the kernel: io_uring timeouts armed or moved, blocking
+    /// `epoll_wait`s with a finite timeout.
+    #[serde(default)]
+    pub timers_armed: u64,
+    /// Waits that ended because their deadline passed (a `Timer` event).
+    #[serde(default)]
+    pub timers_fired: u64,
+    /// What ended each blocking wait (see [`Wakes`]).
+    #[serde(default)]
+    pub wakes: Wakes,
+}
+
+/// Blocking waits by what ended them, each counted once under the first cause it
+/// had in this order: kshim's doorbell, a datagram (or a socket error), a send
+/// completion, the deadline; `none` when it brought nothing (a spurious wake-up).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Wakes {
+    /// kshim rang the doorbell.
+    pub doorbell: u64,
+    /// A datagram landed (or the kernel reported a socket error).
+    pub datagram: u64,
+    /// A send finished.
+    pub send_done: u64,
+    /// The deadline passed.
+    pub timer: u64,
+    /// Nothing came.
+    pub none: u64,
+}
+
+impl Wakes {
+    /// Counts one blocking wait that brought `events`.
+    pub fn count(&mut self, events: &[Event]) {
+        let has = |f: fn(&Event) -> bool| events.iter().any(f);
+        let n = if has(|e| matches!(e, Event::Doorbell)) {
+            &mut self.doorbell
+        } else if has(|e| {
+            matches!(
+                e,
+                Event::Recv { .. } | Event::RecvTruncated | Event::SocketError { .. }
+            )
+        }) {
+            &mut self.datagram
+        } else if has(|e| matches!(e, Event::SendDone { .. })) {
+            &mut self.send_done
+        } else if has(|e| matches!(e, Event::Timer)) {
+            &mut self.timer
+        } else {
+            &mut self.none
+        };
+        *n += 1;
+    }
+
+    /// All blocking waits.
+    pub fn total(&self) -> u64 {
+        self.doorbell + self.datagram + self.send_done + self.timer + self.none
+    }
 }
 
 /// The contract both paths implement. One instance per core thread; not shared.
@@ -329,5 +393,38 @@ mod tests {
         assert_eq!(fit_gso(&segs), MAX_IOV / 257);
         // One datagram always fits, however many pieces it has.
         assert_eq!(fit_gso(&segs[..1]), 1);
+    }
+
+    #[test]
+    fn a_wake_counts_once_under_its_first_cause() {
+        let mut w = Wakes::default();
+        let done = Event::SendDone {
+            token: 1,
+            result: Ok(10),
+            kernel_copied: false,
+        };
+        w.count(&[Event::Timer, done, Event::Doorbell]);
+        w.count(&[done, Event::RecvTruncated]);
+        w.count(&[Event::Timer, done]);
+        w.count(&[Event::Timer]);
+        w.count(&[Event::RxStarved]);
+        w.count(&[]);
+        let want = Wakes {
+            doorbell: 1,
+            datagram: 1,
+            send_done: 1,
+            timer: 1,
+            none: 2,
+        };
+        assert_eq!(w, want);
+        assert_eq!(w.total(), 6);
+        // Counters an older engine did not write read as zero.
+        let old: IoStats = serde_json::from_str(
+            r#"{"sends":3,"datagrams_sent":5,"bytes_sent":0,
+            "zc_copied":0,"send_errors":0,"recvs":0,"bytes_received":0,"rx_starved":0,
+            "rx_truncated":0,"rearms":0,"copy_sends":0,"zc_fallbacks":0,"payload_copied":0}"#,
+        )
+        .unwrap();
+        assert_eq!((old.sends, old.enters, old.wakes), (3, 0, Wakes::default()));
     }
 }

@@ -220,14 +220,25 @@ impl DatagramIo for SimIo {
     fn wait(
         &mut self,
         deadline: Option<Instant>,
-        _block: bool,
+        block: bool,
         out: &mut Vec<Event>,
     ) -> io::Result<()> {
+        let start = out.len();
         out.append(&mut self.out);
         self.receive(out);
-        self.port.lock().wake = deadline;
+        let mut port = self.port.lock();
+        // A new deadline is a timer armed; the test's driver fires it.
+        if deadline.is_some() && port.wake != deadline {
+            self.stats.timers_armed += 1;
+        }
+        port.wake = deadline;
+        drop(port);
         if deadline.is_some_and(|d| d <= self.clock.now()) {
+            self.stats.timers_fired += 1;
             out.push(Event::Timer);
+        }
+        if block {
+            self.stats.wakes.count(&out[start..]);
         }
         Ok(())
     }

@@ -106,6 +106,9 @@ pub struct Shard<T: Transport> {
     links: Links,
     spin: Spin,
     idle_wake: Instant,
+    /// When the last sleep ended: a spin starts there if it came later than the
+    /// last work (a wake-up that brought nothing starts no new spin).
+    woke_at: Instant,
     drain_deadline: Option<Instant>,
     last_stats: Instant,
 }
@@ -121,6 +124,7 @@ impl<T: Transport> Shard<T> {
             t,
             links,
             idle_wake: now,
+            woke_at: now,
             drain_deadline: None,
             last_stats: now,
         }
@@ -145,6 +149,7 @@ impl<T: Transport> Shard<T> {
 
     /// One pass of the loop (see the module doc).
     pub fn step(&mut self) -> Step {
+        self.ring.stats.passes += 1;
         let draining = self.links.draining.load(Ordering::Relaxed);
         if draining && self.drain_deadline.is_none() {
             self.drain_deadline = Some(self.t.now() + self.p.drain_timeout);
@@ -173,8 +178,12 @@ impl<T: Transport> Shard<T> {
         }
         self.t.handle_timeout();
         self.events();
+        let now = self.t.now();
+        if idle {
+            self.woke_at = now;
+        }
         self.spin.pass(
-            self.t.now(),
+            now,
             Pass {
                 arrived: ring || woken.arrived,
                 busy: work || woken.useful,
@@ -243,6 +252,8 @@ impl<T: Transport> Shard<T> {
         self.ring.flush_notify();
         self.ring.stats.sleeps += 1;
         let now = self.t.now();
+        let spun = now.saturating_duration_since(self.spin.last_work().max(self.woke_at));
+        self.ring.stats.spin_us += spun.as_micros() as u64;
         if self.idle_wake <= now {
             self.idle_wake = now + IDLE_WAKE;
         }

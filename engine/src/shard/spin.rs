@@ -77,6 +77,11 @@ impl Spin {
         self.cur
     }
 
+    /// When the core last did work (where the spin before a sleep starts).
+    pub fn last_work(&self) -> Instant {
+        self.last_work
+    }
+
     /// Whether the core has been without work for its whole budget at `now`: time to
     /// sleep.
     pub fn spun_out(&self, now: Instant) -> bool {

@@ -571,6 +571,7 @@ impl UringIo {
         // constructor's contract keeps mapped; none is freed or moved before its
         // completion is reaped (or the ring, the first field, is dropped).
         if unsafe { self.ring.submission().push(&e) }.is_err() {
+            self.stats.enters += 1;
             self.ring.submit()?;
             // SAFETY: as above.
             unsafe { self.ring.submission().push(&e) }
@@ -611,6 +612,7 @@ impl UringIo {
                 .user_data(K_TIMER << KIND_SHIFT)
         };
         self.push(e)?;
+        self.stats.timers_armed += 1;
         self.timer_armed = Some(deadline);
         Ok(())
     }
@@ -1040,6 +1042,7 @@ impl DatagramIo for UringIo {
         let want = usize::from(block && out.len() == start && self.ring.completion().is_empty());
         let sq_len = self.ring.submission().len() as u32;
         let flags = io_uring::EnterFlags::GETEVENTS.bits();
+        self.stats.enters += 1;
         // SAFETY: plain io_uring_enter on our ring with no extra argument.
         match unsafe {
             self.ring
@@ -1056,6 +1059,13 @@ impl DatagramIo for UringIo {
         if self.timer_fired {
             self.timer_fired = false;
             out.push(Event::Timer);
+        }
+        let woke = &out[start..];
+        if woke.iter().any(|e| matches!(e, Event::Timer)) {
+            self.stats.timers_fired += 1;
+        }
+        if block {
+            self.stats.wakes.count(woke);
         }
         // Re-arm a multishot that ended, if buffers are available.
         self.arm_recv()?;
