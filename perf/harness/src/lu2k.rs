@@ -29,7 +29,7 @@ use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::node::{
-    live_note, mono_ns, self_command, LiveSchedule, NodeResult, NodeSpec, Role, Ticker,
+    live_note, mono_ns, mono_ns_at, self_command, LiveSchedule, NodeResult, NodeSpec, Role, Ticker,
 };
 use crate::scenario::{Workload, WorkloadKind};
 
@@ -296,6 +296,7 @@ fn send_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
     }
     let start = Instant::now();
     let start_ns = mono_ns();
+    r.first_send_ns = Some(start_ns);
     let limit = cap + Duration::from_secs_f64(w.duration_s);
     let (mut sent, mut done) = (0u64, 0u64);
     let in_flight = w.in_flight.map_or(u64::MAX, u64::from);
@@ -397,6 +398,7 @@ fn receive_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
         tick.tick(r.bytes);
     }
     r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    r.last_recv_ns = first.map(|_| mono_ns_at(last));
     if let Some(l) = live {
         l.finish(&mut r);
     }

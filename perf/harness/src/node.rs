@@ -114,9 +114,18 @@ pub struct NodeResult {
     pub bytes: u64,
     /// Receiver: seconds from the first payload byte to the last.
     pub span_s: f64,
-    /// Receiver: bytes of the first read (not counted in the goodput, which
-    /// runs from the first read to the last).
+    /// Receiver: bytes of the first read (the `loopback` goodput leaves them
+    /// out: it runs from the first read to the last).
     pub first_bytes: u64,
+    /// Sender: the monotonic clock ([`mono_ns`]) just before the first
+    /// payload byte was handed to the transport (live: the first chunk of the
+    /// stream; the warm-up is not payload). No byte can be on the link
+    /// earlier, so goodput measured from here cannot exceed the link's rate.
+    #[serde(default)]
+    pub first_send_ns: Option<u64>,
+    /// Receiver: the monotonic clock when the last payload byte was read.
+    #[serde(default)]
+    pub last_recv_ns: Option<u64>,
     /// rpc round trips or live delivery latencies, microseconds.
     pub samples_us: Vec<f64>,
     /// Retransmitted bytes, where the transport tells.
@@ -131,6 +140,12 @@ pub struct NodeResult {
 pub fn mono_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// `at` on the monotonic clock of [`mono_ns`] (std's `Instant` runs on the
+/// same clock, but does not show its value).
+pub fn mono_ns_at(at: Instant) -> u64 {
+    mono_ns().saturating_sub(at.elapsed().as_nanos() as u64)
 }
 
 /// The live stream's schedule: chunk `i` is due at `start_ns + i × every_ns`.
@@ -441,6 +456,7 @@ fn bulk_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     let mut r = NodeResult::default();
     let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
+    r.first_send_ns = Some(mono_ns());
     while r.bytes < w.bytes && start.elapsed() < cap + Duration::from_secs(5) {
         let n = chunk.len().min((w.bytes - r.bytes) as usize);
         if s.write_all(&chunk[..n]).is_err() {
@@ -473,6 +489,7 @@ fn bulk_receive(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
         tick.tick(r.bytes);
     }
     r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    r.last_recv_ns = first.map(|_| mono_ns_at(last));
     Ok(r)
 }
 
@@ -551,6 +568,7 @@ fn live_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     s.write_all(&buf)?;
     read_exact(s, &mut [0u8; 1], cap).context("the warm-up's answer")?;
     let start_ns = mono_ns();
+    r.first_send_ns = Some(start_ns);
     for i in 0..sched.chunks {
         let due = sched.due_ns(start_ns, i);
         let now = mono_ns();
@@ -613,6 +631,7 @@ fn live_receive(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     r.note = Some(live_note(&sched, delivered, censored.len()));
     r.samples_us.extend(censored);
     r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    r.last_recv_ns = first.map(|_| mono_ns_at(last));
     Ok(r)
 }
 

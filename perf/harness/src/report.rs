@@ -38,14 +38,20 @@ pub struct Row {
     pub bytes_target: u64,
     /// Payload bytes delivered.
     pub bytes: u64,
-    /// Payload goodput, Mbit/s: for a finished bulk run without an outage, the
-    /// slope of delivery between 10 % and 90 % of the bytes where the progress
-    /// reports allow; otherwise the bytes after the first read over the time
-    /// from the first byte to the last (finished) or to the stop (unfinished).
-    /// None for rpc and for a run that delivered nothing.
+    /// Payload goodput, Mbit/s: payload bytes delivered over the time from
+    /// the sender's first payload byte to the last byte delivered (finished)
+    /// or to the stop (unfinished); start-up, outages and the last data's
+    /// time in the link count, so it cannot exceed the link's rate. None for
+    /// rpc and for a run that delivered nothing.
     pub goodput_mbps: Option<f64>,
     /// goodput / (rate × (1 − loss)).
     pub utilization: Option<f64>,
+    /// Steady-state goodput, Mbit/s, of a finished bulk run without an
+    /// outage: the payload delivered after the first progress report one
+    /// round trip past the first delivery, over the time from that report to
+    /// the last delivery plus one round trip with a full bottleneck queue
+    /// (`collect::steady_mbps`); None when that spans fewer than 8 round trips.
+    pub steady_mbps: Option<f64>,
     /// Seconds from the sender's start until 1 s of goodput reached 90 % of the link.
     pub time_to_90_s: Option<f64>,
     /// Seconds from the end of the outage until 0.5 s of goodput reached 90 % again.
@@ -71,6 +77,33 @@ pub struct Row {
     pub note: Option<String>,
     /// Goodput over time: (seconds since the sender started, Mbit/s), 0.5 s bins.
     pub goodput_series: Vec<(f64, f64)>,
+    /// The machine's load averages when the row started and ended.
+    pub load_avg: Option<LoadAvg>,
+}
+
+/// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct LoadAvg {
+    /// Before the run.
+    pub start: [f64; 3],
+    /// After it.
+    pub end: [f64; 3],
+}
+
+impl LoadAvg {
+    /// A note if the 1-minute load average exceeded the CPUs this process
+    /// may use, at the start or the end: the contenders then shared the CPUs
+    /// with other work, and their figures may read low.
+    pub fn loaded(&self) -> Option<String> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let peak = self.start[0].max(self.end[0]);
+        (peak > cpus as f64).then(|| {
+            format!(
+                "loaded machine: 1-minute load average {:.2} → {:.2} on {cpus} CPUs",
+                self.start[0], self.end[0]
+            )
+        })
+    }
 }
 
 impl Row {
@@ -107,6 +140,7 @@ impl Row {
             bytes: 0,
             goodput_mbps: None,
             utilization: None,
+            steady_mbps: None,
             time_to_90_s: None,
             recovery_s: None,
             retrans_bytes: None,
@@ -119,6 +153,7 @@ impl Row {
             copied_bytes: None,
             note: None,
             goodput_series: Vec::new(),
+            load_avg: None,
         }
     }
 }
@@ -132,11 +167,12 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
+        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
         "cell",
         "contender",
         "Mbit/s",
         "util",
+        "steady",
         "t90 s",
         "rec s",
         "retx MB",
@@ -148,12 +184,13 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
+            "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
             r.utilization
                 .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+            opt(r.steady_mbps, 1),
             opt(r.time_to_90_s, 1),
             opt(r.recovery_s, 1),
             opt(r.retrans_bytes.map(|b| b as f64 / 1e6), 1),
@@ -185,8 +222,8 @@ fn csv_field(s: &str) -> String {
 pub fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
-         goodput_mbps,utilization,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,loss_drops,cpu_s,\
-         cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes\n",
+         goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
+         loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,load_avg\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -194,7 +231,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -208,6 +245,7 @@ pub fn csv(rows: &[Row]) -> String {
             r.bytes,
             f(r.goodput_mbps),
             f(r.utilization),
+            f(r.steady_mbps),
             f(r.time_to_90_s),
             f(r.recovery_s),
             u(r.retrans_bytes),
@@ -221,6 +259,9 @@ pub fn csv(rows: &[Row]) -> String {
             f(l.map(|l| l.p99_ms)),
             f(l.map(|l| l.max_ms)),
             u(r.copied_bytes),
+            // 1-minute load average at the start and the end.
+            r.load_avg
+                .map_or(String::new(), |l| format!("{}/{}", l.start[0], l.end[0])),
         );
     }
     s
@@ -409,10 +450,29 @@ rate_mbps = [100.0]
                 r.goodput_mbps = Some(90.0 - 30.0 * i as f64 - cell.loss * 100.0);
                 r.utilization = Some(0.9);
                 r.goodput_series = vec![(0.5, 10.0), (1.0, 80.0)];
+                r.load_avg = Some(LoadAvg {
+                    start: [0.5, 0.4, 0.3],
+                    end: [64.0 + i as f64, 2.0, 1.0],
+                });
                 out.push(r);
             }
         }
         out
+    }
+
+    #[test]
+    fn a_load_above_the_cpus_is_noted() {
+        let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+        let l = |start, end| LoadAvg {
+            start: [start, 0.0, 0.0],
+            end: [end, 0.0, 0.0],
+        };
+        assert_eq!(l(cpus, cpus).loaded(), None);
+        assert!(l(cpus + 0.5, 0.1)
+            .loaded()
+            .unwrap()
+            .contains("loaded machine"));
+        assert!(l(0.1, cpus + 0.5).loaded().is_some());
     }
 
     #[test]
@@ -435,20 +495,24 @@ rate_mbps = [100.0]
                 "rate_mbps",
                 "goodput_mbps",
                 "utilization",
+                "steady_mbps",
                 "time_to_90_s",
                 "cpu_s_per_gb",
+                "load_avg",
             ] {
                 assert!(o.get(k).is_some(), "missing {k} in {o}");
             }
         }
         assert_eq!(arr[1]["contender"], "udt4");
         assert_eq!(arr[2]["loss"], 0.01);
+        assert_eq!(arr[1]["load_avg"]["end"][0], 65.0);
 
         let text = csv(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5);
         let cols = lines[0].split(',').count();
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
+        assert!(lines[0].ends_with(",load_avg") && lines[1].ends_with(",0.5/64"));
 
         let t = table(&rows);
         assert!(t.contains("lu2k") && t.contains("90.0"), "{t}");

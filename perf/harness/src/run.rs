@@ -20,9 +20,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lu2k_linkem::{Relay, RelayConfig, TunConfig, TunLink};
 
-use crate::collect::{children_cpu_s, Percentiles, Series};
+use crate::collect::{children_cpu_s, goodput_mbps, load_avg, steady_mbps, Percentiles, Series};
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
-use crate::report::Row;
+use crate::report::{LoadAvg, Row};
 use crate::scenario::{Cell, Contender, WorkloadKind};
 
 /// Settings of a harness run.
@@ -103,37 +103,6 @@ pub fn path_of(c: Contender) -> &'static str {
     }
 }
 
-/// Goodput of a finished bulk transfer in Mbit/s: the least-squares slope of
-/// bytes delivered against time over the progress reports between 10 % and
-/// 90 % of the total. Start-up (handshake, window growth) and the tail stay
-/// out (time to 90 % reports the start), and data held behind a hole — which
-/// arrives at the application in bursts — is averaged over the whole middle of
-/// the run: bytes over the time from the first delivered message to the last
-/// would let a burst at either end decide the result, and on a lossy cell can
-/// read above the link's rate. None when the reports are too few or too close
-/// together to tell.
-fn steady_goodput(series: &crate::collect::Series) -> Option<f64> {
-    let total = series.points.last()?.1 as f64;
-    let mid: Vec<(f64, f64)> = series
-        .points
-        .iter()
-        .filter(|p| (0.1 * total..=0.9 * total).contains(&(p.1 as f64)))
-        .map(|&(t, b)| (t, b as f64))
-        .collect();
-    let (first, last) = (mid.first()?.0, mid.last()?.0);
-    if mid.len() < 8 || last - first < 0.5 {
-        return None;
-    }
-    let n = mid.len() as f64;
-    let (mt, mb) = mid
-        .iter()
-        .fold((0.0, 0.0), |(a, b), p| (a + p.0 / n, b + p.1 / n));
-    let (cov, var) = mid.iter().fold((0.0, 0.0), |(c, v), p| {
-        (c + (p.0 - mt) * (p.1 - mb), v + (p.0 - mt) * (p.0 - mt))
-    });
-    (var > 0.0).then(|| cov / var * 8.0 / 1e6)
-}
-
 /// A socket buffer that holds the path: 2 × (BDP + queue), at least 4 MiB.
 fn buffer_for(cell: &Cell) -> usize {
     let bdp = cell.rate_mbps * 1e6 / 8.0 * cell.rtt_ms / 1e3;
@@ -179,8 +148,30 @@ fn spec(kind: Kind, role: Role, cell: &Cell, addr: SocketAddr) -> NodeSpec {
     }
 }
 
-/// Runs `contender` in `cell` and returns its row (skipped or failed rows too).
+/// Runs `contender` in `cell` and returns its row (skipped or failed rows too),
+/// with the machine's load average before and after.
 pub fn run(
+    scenario: &str,
+    cell: &Cell,
+    contender: Contender,
+    opts: &Opts,
+    mp: &MultiProgress,
+) -> Row {
+    let before = load_avg();
+    let mut row = run_row(scenario, cell, contender, opts, mp);
+    row.load_avg = before
+        .zip(load_avg())
+        .map(|(start, end)| LoadAvg { start, end });
+    if let Some(loaded) = row.load_avg.as_ref().and_then(LoadAvg::loaded) {
+        row.note = Some(match row.note.take() {
+            Some(n) => format!("{n}; {loaded}"),
+            None => loaded,
+        });
+    }
+    row
+}
+
+fn run_row(
     scenario: &str,
     cell: &Cell,
     contender: Contender,
@@ -235,8 +226,11 @@ fn run_inner(
 ) -> Result<Row> {
     let w = &cell.workload;
     let cpu0 = children_cpu_s();
+    // Before the sender exists: no byte can be sent earlier.
+    let pre_ns = node::mono_ns();
     let Started { emu, rx, tx } = start(cell, contender, opts)?;
     let t0 = Instant::now();
+    let t0_ns = node::mono_ns();
     let outage_offset = t0.saturating_duration_since(emu.epoch()).as_secs_f64();
     let target = target_bytes(w);
     let bar = progress_bar(mp, target, cell, contender);
@@ -261,6 +255,8 @@ fn run_inner(
         other: seen.other,
         series: seen.series,
         t_end: seen.t_end,
+        t0_ns,
+        pre_s: since(t0_ns, pre_ns),
         outage_offset,
         wire,
         cpu,
@@ -410,6 +406,11 @@ fn progress_bar(mp: &MultiProgress, target: u64, cell: &Cell, contender: Contend
     bar
 }
 
+/// Seconds from `t0_ns` to `ns` on the monotonic clock (negative before).
+fn since(t0_ns: u64, ns: u64) -> f64 {
+    (ns as f64 - t0_ns as f64) / 1e9
+}
+
 /// What [`watch`] saw of a run.
 struct Seen {
     /// The measuring node's progress.
@@ -501,6 +502,10 @@ struct Outcome {
     series: Series,
     /// Seconds from time zero until the run was stopped.
     t_end: f64,
+    /// Time zero on the monotonic clock.
+    t0_ns: u64,
+    /// Seconds from time zero back to before the sender was started (≤ 0).
+    pre_s: f64,
     /// Seconds from the emulator's epoch (outage times count from it) to time zero.
     outage_offset: f64,
     /// The link's forward counters.
@@ -560,37 +565,36 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
         "incomplete".into()
     };
     if w.kind != WorkloadKind::Rpc && res.bytes > 0 {
-        add_rates(&mut row, cell, o, complete);
+        add_rates(&mut row, cell, o, sender, complete);
     }
     row
 }
 
-/// Goodput, utilization, CPU per GB, the goodput series and (bulk) time to
-/// 90 % and recovery of a run that moved bytes.
-fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, complete: bool) {
+/// Goodput, steady-state goodput, utilization, CPU per GB, the goodput series
+/// and (bulk) time to 90 % and recovery of a run that moved bytes.
+fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult>, complete: bool) {
     let w = &cell.workload;
     let (res, series) = (&o.res, &o.series);
     let capacity = cell.rate_mbps * (1.0 - cell.loss);
-    // An incomplete run counts until it was stopped, not until its last byte.
-    let first = series.points.iter().find(|p| p.1 > 0).map_or(0.0, |p| p.0);
-    let span = if complete {
-        res.span_s
-    } else {
-        (o.t_end - first).max(res.span_s)
+    let rel = |ns: u64| since(o.t0_ns, ns);
+    // From the sender's first payload byte (before the sender was started
+    // where it did not say) to the last byte read; an incomplete run counts
+    // until it was stopped. An outage counts too.
+    let first_send = sender.and_then(|s| s.first_send_ns).map_or(o.pre_s, rel);
+    let last = match res.last_recv_ns {
+        Some(ns) if complete => rel(ns),
+        _ => o.t_end,
     };
-    let counted = if span > 0.0 {
-        res.bytes - res.first_bytes.min(res.bytes)
-    } else {
-        0
-    };
-    // An outage cell is judged over the whole transfer, the outage included.
-    let steady = complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none();
-    let g = match steady.then(|| steady_goodput(series)).flatten() {
-        Some(g) => g,
-        None => counted as f64 * 8.0 / span.max(1e-6) / 1e6,
-    };
+    let g = goodput_mbps(res.bytes, first_send, last);
     row.goodput_mbps = Some(g);
     row.utilization = Some(g / capacity);
+    if complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none() {
+        // The round trip with a full bottleneck queue: how long a
+        // retransmission can take (see `collect::steady_mbps`).
+        let queue = cell.link.forward.queue_bytes.unwrap_or(0) as f64;
+        let rtt_full = cell.rtt_ms / 1e3 + queue * 8.0 / (cell.rate_mbps * 1e6);
+        row.steady_mbps = steady_mbps(series, res.bytes, last, cell.rtt_ms / 1e3, rtt_full);
+    }
     row.cpu_s_per_gb = Some(o.cpu / (res.bytes as f64 / 1e9));
     row.goodput_series = series.binned(0.5);
     if w.kind == WorkloadKind::Bulk {

@@ -175,6 +175,7 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
         tick.tick(r.bytes);
     }
     r.span_s = first.map_or(0.0, |f| (last - f).as_secs_f64());
+    r.last_recv_ns = first.map(|_| crate::node::mono_ns_at(last));
     if r.bytes < w.bytes {
         r.note = Some(match child.try_wait()? {
             Some(st) => format!("{PROGRAM} (listener) ended early ({st})"),
@@ -220,6 +221,7 @@ fn send(spec: &NodeSpec) -> Result<NodeResult> {
         .with_context(|| format!("starting {PROGRAM}"))?;
     let mut stdin = child.stdin.take().expect("piped");
     let chunk = vec![0x5au8; 1 << 16];
+    r.first_send_ns = Some(crate::node::mono_ns());
     while r.bytes < w.bytes {
         let n = chunk.len().min((w.bytes - r.bytes) as usize);
         if stdin.write_all(&chunk[..n]).is_err() {

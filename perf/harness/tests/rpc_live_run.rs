@@ -109,5 +109,10 @@ max_duration_s = 20.0
         // A chunk crosses the 40 ms path one way.
         latency(r, 20.0, 62);
         assert!(r["goodput_mbps"].as_f64().unwrap() > 0.0);
+        // No goodput above what the link carries (50 Mbit/s, 1.02 for the
+        // loss drawn at random falling short of the cell's).
+        let u = r["utilization"].as_f64().unwrap();
+        assert!(u > 0.0 && u <= 1.02, "{name}: utilization {u}");
+        common::load_avg_recorded(r);
     }
 }

@@ -45,6 +45,17 @@ fn tiny_scenario_runs_through_the_relay() {
         // The emulated link carries at most 50 Mbit/s of IP packets: more
         // would mean the relay is not on the path.
         assert!(g > 0.0 && g < 50.0 * 1.02, "{name}: goodput {g}");
+        // Nor above what it carries of payload at 1 % loss; 1.02 for the
+        // loss drawn at random falling short of the cell's.
+        let u = r["utilization"].as_f64().unwrap();
+        assert!(u > 0.0 && u <= 1.02, "{name}: utilization {u}");
+        // 8 MiB at 50 Mbit/s is about 34 round trips of 40 ms: a finished
+        // run has a steady-state figure, and it is bounded too.
+        if r["status"] == "ok" {
+            let st = r["steady_mbps"].as_f64().unwrap();
+            assert!(st > 0.0 && st <= 50.0 * 0.99 * 1.02, "{name}: steady {st}");
+        }
+        common::load_avg_recorded(r);
         let wire = r["wire_bytes"].as_u64().unwrap();
         let bytes = r["bytes"].as_u64().unwrap();
         assert!(wire >= bytes, "{name}: the link saw only {wire} bytes");

@@ -54,3 +54,19 @@ pub fn run_scenario(scenario: &Path, dir: &Path) -> RunOutput {
         csv: std::fs::read_to_string(&csv).unwrap(),
     }
 }
+
+/// The row carries the machine's load averages before and after it, and says
+/// so in its note when the 1-minute one exceeded the CPUs.
+pub fn load_avg_recorded(r: &Value) {
+    let l = &r["load_avg"];
+    let one = |k: &str| {
+        l[k][0]
+            .as_f64()
+            .unwrap_or_else(|| panic!("load_avg.{k}: {r}"))
+    };
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    let loaded = r["note"]
+        .as_str()
+        .is_some_and(|n| n.contains("loaded machine"));
+    assert_eq!(loaded, one("start").max(one("end")) > cpus, "{r}");
+}
