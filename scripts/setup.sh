@@ -8,6 +8,7 @@ command -v cc  >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v c++ >/dev/null 2>&1 || need_pkgs+=(g++)
 command -v make >/dev/null 2>&1 || need_pkgs+=(make)
 command -v ip  >/dev/null 2>&1 || need_pkgs+=(iproute2)   # network namespaces for the TUN tests
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)   # verifies packaging/lu2k-engine.service
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "==> installing ${need_pkgs[*]} (Debian packages the build needs)"

@@ -12,6 +12,12 @@
 //! messages (new descriptors are completed with `Shutdown`), give in-flight ones a
 //! few seconds to be acknowledged, fail the rest back with `Shutdown`, close their
 //! connections and give every RX buffer back; then the process exits 0.
+//!
+//! Under systemd (`Type=notify`, `packaging/lu2k-engine.service`) the daemon tells
+//! the service manager `READY=1` once kshim has its ACK and every socket is bound,
+//! `STATUS=` every few seconds (peers up, Gbit/s), `WATCHDOG=1` only while every
+//! core's loop is seen making progress, and `STOPPING=1` when draining starts
+//! (`Notifier`). Without `NOTIFY_SOCKET` nothing is sent.
 
 pub mod config;
 pub mod stats;
@@ -24,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use lu2k_ring_abi::attach::{self, Attachment, Notice as KNotice};
@@ -131,8 +137,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         plan.local,
         plan.path
     );
-    let _stats = start_stats(&plan.cfg.stats_socket, slots, path, &draining);
-    serve(&att, &nrx, &draining, &threads);
+    let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
+    let mut notifier = Notifier::new(slots);
+    notifier.ready();
+    serve(&att, &nrx, &draining, &threads, &mut notifier);
+    notifier.stopping();
     for t in threads {
         let _ = t.join();
     }
@@ -518,6 +527,7 @@ fn serve(
     notices: &mpsc::Receiver<Notice>,
     draining: &AtomicBool,
     threads: &[JoinHandle<()>],
+    notifier: &mut Notifier,
 ) {
     loop {
         match notices.recv_timeout(Duration::from_millis(50)) {
@@ -535,9 +545,137 @@ fn serve(
             eprintln!("lu2k-engine: kshim closed the attach socket: draining");
             draining.store(true, Ordering::SeqCst);
         }
+        if draining.load(Ordering::Relaxed) {
+            notifier.stopping();
+        } else {
+            notifier.tick(Instant::now());
+        }
         if threads.iter().all(|t| t.is_finished()) {
             break;
         }
+    }
+}
+
+/// How often `STATUS=` is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// The engine's side of the systemd notification protocol (`sd_notify(3)`).
+///
+/// The watchdog is fed from the cores' own progress: each core publishes its
+/// loop's pass counter with its stats (every 100 ms while busy, at least every
+/// idle wake-up of 200 ms while idle), and `WATCHDOG=1` goes out only when every
+/// core's counter moved since the last check. A core stuck in a syscall or a
+/// loop stops the pings, and systemd restarts the engine (`WatchdogSec=`).
+/// Sending errors are ignored: the engine never stops because systemd is gone.
+struct Notifier {
+    slots: Vec<Published>,
+    /// Half of `WATCHDOG_USEC`, when systemd asked for pings.
+    watchdog: Option<Duration>,
+    next_ping: Instant,
+    /// Each core's pass counter at the last watchdog check.
+    passes: Vec<u64>,
+    next_status: Instant,
+    /// Bytes sent and received by all cores at the last status, and when.
+    last_bytes: (u64, u64, Instant),
+    stopping: bool,
+}
+
+impl Notifier {
+    fn new(slots: Vec<Published>) -> Notifier {
+        let now = Instant::now();
+        let watchdog = sd_notify::watchdog_enabled()
+            .filter(|d| !d.is_zero())
+            .map(|d| d / 2);
+        let passes = vec![u64::MAX; slots.len()];
+        Notifier {
+            slots,
+            watchdog,
+            next_ping: now,
+            passes,
+            next_status: now + STATUS_EVERY,
+            last_bytes: (0, 0, now),
+            stopping: false,
+        }
+    }
+
+    /// `READY=1` and a first status: attached, sockets bound, cores running.
+    fn ready(&mut self) {
+        let status = self.status(Instant::now());
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
+    }
+
+    /// Once per pass of the serve loop: the periodic status and watchdog ping.
+    fn tick(&mut self, now: Instant) {
+        if now >= self.next_status {
+            self.next_status = now + STATUS_EVERY;
+            let status = self.status(now);
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+        }
+        if let Some(period) = self.watchdog {
+            if now >= self.next_ping {
+                self.next_ping = now + period;
+                if self.cores_progressed() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+
+    /// `STOPPING=1`, once.
+    fn stopping(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("draining: finishing in-flight messages"),
+            ]);
+        }
+    }
+
+    /// Whether every core's pass counter moved since the last call. The first
+    /// call after start counts as progress for a core that published anything.
+    fn cores_progressed(&mut self) -> bool {
+        let mut all = true;
+        for (slot, seen) in self.slots.iter().zip(self.passes.iter_mut()) {
+            let now = slot.lock().map_or(*seen, |g| g.passes);
+            all &= now != *seen;
+            *seen = now;
+        }
+        all
+    }
+
+    /// One line for `systemctl status`: peers up and throughput since the last line.
+    fn status(&mut self, now: Instant) -> String {
+        let mut up = std::collections::BTreeSet::new();
+        let mut known = std::collections::BTreeSet::new();
+        let (mut tx, mut rx) = (0u64, 0u64);
+        for slot in &self.slots {
+            if let Ok(g) = slot.lock() {
+                for p in &g.peers {
+                    known.insert(p.nid.clone());
+                    if p.up {
+                        up.insert(p.nid.clone());
+                    }
+                    tx += p.bytes_tx;
+                    rx += p.bytes_rx;
+                }
+            }
+        }
+        let (tx0, rx0, t0) = self.last_bytes;
+        self.last_bytes = (tx, rx, now);
+        let secs = now.saturating_duration_since(t0).as_secs_f64().max(1e-3);
+        let gbps = |b: u64, b0: u64| b.saturating_sub(b0) as f64 * 8.0 / secs / 1e9;
+        format!(
+            "{} of {} peers up, {} cores, TX {:.2} Gbit/s, RX {:.2} Gbit/s",
+            up.len(),
+            known.len(),
+            self.slots.len(),
+            gbps(tx, tx0),
+            gbps(rx, rx0)
+        )
     }
 }
 
@@ -584,5 +722,41 @@ fn warn_if_rx_pool_small(rx_per_core: u32, mss: u16) {
              message ({per_message} datagrams at MSS {mss}) plus the reserve; a lossy path \
              may stall. Give kshim at least {need} RX buffers per core."
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core whose pass counter stands still withholds the watchdog ping.
+    #[test]
+    fn stuck_core_stops_the_pings() {
+        let slots: Vec<Published> = (0..2)
+            .map(|_| Arc::new(Mutex::new(CoreStats::default())))
+            .collect();
+        let mut n = Notifier::new(slots.clone());
+        assert!(
+            n.cores_progressed(),
+            "the first check counts what was published"
+        );
+        slots[0].lock().unwrap().passes += 1;
+        assert!(!n.cores_progressed(), "core 1 made no pass");
+        slots[0].lock().unwrap().passes += 1;
+        slots[1].lock().unwrap().passes += 1;
+        assert!(n.cores_progressed(), "both cores moved");
+    }
+
+    #[test]
+    fn status_reads_peers_and_rate() {
+        let slot: Published = Arc::new(Mutex::new(CoreStats::default()));
+        slot.lock().unwrap().peers.push(stats::PeerStats {
+            nid: "10.0.0.2@lu2k".into(),
+            up: true,
+            ..Default::default()
+        });
+        let mut n = Notifier::new(vec![slot]);
+        let s = n.status(Instant::now());
+        assert!(s.starts_with("1 of 1 peers up, 1 cores, TX "), "{s}");
     }
 }
