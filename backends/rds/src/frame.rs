@@ -2,7 +2,8 @@
 //! messages.
 //!
 //! RDS caps a message at [`RDS_MAX_MSG_SIZE`](crate::RDS_MAX_MSG_SIZE) = 1 MiB
-//! *including* everything lu2k puts before the payload (measured in the kernel lab),
+//! *including* everything lu2k puts before the payload (`rds_sendmsg` answers
+//! `EMSGSIZE` beyond it),
 //! while an LNet payload may itself be 1 MiB. So an LNet message is cut into RDS
 //! messages ([`split`]), each starting with an 8-byte frame header; the first also
 //! carries the LNet header:

@@ -190,7 +190,7 @@ impl Socket {
             fd,
             local,
             // rds_sendmsg: payload_len > sk_sndbuf / 2 is EMSGSIZE, and so is
-            // payload_len > RDS_MAX_MSG_SIZE (measured in the kernel lab on 6.1).
+            // payload_len > RDS_MAX_MSG_SIZE.
             max_message: (sndbuf / 2).min(RDS_MAX_MSG_SIZE),
         })
     }

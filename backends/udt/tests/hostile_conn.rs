@@ -393,9 +393,9 @@ fn ack_with_absurd_values_is_clamped() {
 }
 
 /// A forged message drop request for packets not yet received (ahead of
-/// the receiver, within its window) changes nothing: before, it marked
-/// those slots dropped and moved the receiver past them, so the real
-/// packets that came next were discarded and the transfer hung.
+/// the receiver, within its window) changes nothing: the receiver must not
+/// move past slots whose real packets are still to come, or it would discard
+/// them and the transfer would hang.
 #[test]
 fn drop_request_ahead_of_the_receiver_is_cut_to_what_arrived() {
     let mut p = Pair::new(cfg(), 20_000, 13);
@@ -438,10 +438,9 @@ fn drop_request_ahead_of_the_receiver_is_cut_to_what_arrived() {
 }
 
 /// A forged drop request naming a hole and the received packets of another
-/// message behind it is refused: before, it marked the hole dropped, the
-/// receiver skipped it, gave the rest of the message back as broken, and
-/// acknowledged it, so the sender was told a message arrived that never
-/// did.
+/// message behind it is refused: honouring it would skip the hole, hand the
+/// rest of the message back as broken and acknowledge it, telling the sender
+/// that a message arrived that never did.
 #[test]
 fn drop_request_naming_another_messages_data_is_refused() {
     let mut p = Pair::new(cfg(), 20_000, 14);

@@ -327,8 +327,8 @@ impl Rds {
     /// Sends are `sendmsg(2)` calls on the non-blocking socket from this thread, not
     /// io_uring operations: io_uring adds `MSG_NOSIGNAL` to every send, and
     /// `rds_sendmsg` refuses any flag but `MSG_DONTWAIT`/`MSG_ZEROCOPY` with
-    /// `EOPNOTSUPP` (measured in the kernel lab on 6.1; the check is unchanged in
-    /// current kernels). A non-blocking RDS send never sleeps: it queues the whole
+    /// `EOPNOTSUPP` (`rds_sendmsg`'s flag check, on 6.1 as in current kernels). A
+    /// non-blocking RDS send never sleeps: it queues the whole
     /// message or answers at once.
     fn submit_sends(&mut self) -> bool {
         let mut peers: Vec<Ipv4Addr> = self
@@ -356,9 +356,10 @@ impl Rds {
                             // frame header, the message's header slot, or validated
                             // extents of the TX pool (kshim does not reuse them before
                             // the completion we have not written yet).
-                            std::io::IoSlice::new(unsafe {
+                            let bytes = unsafe {
                                 std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                            })
+                            };
+                            std::io::IoSlice::new(bytes)
                         })
                         .collect();
                     self.sock.send(SocketAddrV4::new(ip, self.port), &slices)
