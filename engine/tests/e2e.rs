@@ -14,35 +14,7 @@ use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
-use common::{nid, pattern, put, stats, tmpdir, wait_attached, Engine};
-
-fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
-    let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
-    cfg.cores = cores;
-    cfg.tx_pool_len = 64 << 20;
-    // A core must be able to hold at least one whole 1 MiB message even when the
-    // kernel coalesces nothing (≈ 720 datagrams, one RX buffer each), plus room
-    // for what is in flight behind it: 1024 buffers per core.
-    cfg.rx_buf_count = 1024 * cores;
-    Kshim::start(cfg).unwrap()
-}
-
-/// Starts an engine for kshim `name` in `dir`, bound to `ip:port`.
-fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str]) -> Engine {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
-    cmd.args(["run", "--kshim-socket"])
-        .arg(dir.join(format!("{name}.sock")))
-        .args([
-            "--bind",
-            &ip.to_string(),
-            "--port",
-            &port.to_string(),
-            "--stats-socket",
-        ])
-        .arg(dir.join(format!("{name}-stats.sock")))
-        .args(extra);
-    Engine::spawn(cmd)
-}
+use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine};
 
 /// Starts engines "a" and "b" for kshims `ka` and `kb`, bound to their addresses on
 /// `port`, and waits until both have attached.

@@ -12,19 +12,17 @@
 //! come up, and engine B's `lu2k-engine stats --json` counts the attacks by reason.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lu2k_engine::transport::udt::MAX_CONNS_PER_ADDR;
 use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Config, Event, Kshim, TxStatus};
+use lu2k_kshim::{Event, TxStatus};
 use lu2k_udt::conn::{self as conn, Connection, Extent};
 
 mod common;
-use common::{nid, pattern, put, tmpdir, wait_attached, Engine};
+use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 61);
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 62);
@@ -32,45 +30,6 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 62);
 const HOSTILE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 63);
 const COUNT: u64 = 48;
 const LEN: usize = 1 << 20;
-
-fn kshim(dir: &Path, name: &str, ip: Ipv4Addr) -> Kshim {
-    let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
-    cfg.cores = 1;
-    cfg.tx_pool_len = 64 << 20;
-    // As tests/e2e.rs: a whole 1 MiB message plus what is in flight behind it.
-    cfg.rx_buf_count = 1024;
-    Kshim::start(cfg).unwrap()
-}
-
-fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16) -> Engine {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
-    cmd.args(["run", "--kshim-socket"])
-        .arg(dir.join(format!("{name}.sock")))
-        .args([
-            "--bind",
-            &ip.to_string(),
-            "--port",
-            &port.to_string(),
-            "--stats-socket",
-        ])
-        .arg(dir.join(format!("{name}-stats.sock")));
-    Engine::spawn(cmd)
-}
-
-/// `lu2k-engine stats --json` of engine `name`.
-fn stats_json(dir: &Path, name: &str) -> lu2k_engine::daemon::stats::Report {
-    let out = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
-        .args(["stats", "--json", "--socket"])
-        .arg(dir.join(format!("{name}-stats.sock")))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn drop_count(r: &lu2k_engine::daemon::stats::Report, reason: &str) -> u64 {
     r.cores
@@ -156,10 +115,10 @@ fn hostile(b: SocketAddrV4, stop: Arc<AtomicBool>) -> usize {
 fn transfer_survives_a_hostile_sender() {
     let dir = tmpdir("hostile-udp");
     let port = 20000 + (std::process::id() % 20000) as u16 + 101;
-    let mut ka = kshim(&dir, "a", A_IP);
-    let mut kb = kshim(&dir, "b", B_IP);
-    let ea = start_engine(&dir, "a", A_IP, port);
-    let eb = start_engine(&dir, "b", B_IP, port);
+    let mut ka = kshim(&dir, "a", A_IP, 1);
+    let mut kb = kshim(&dir, "b", B_IP, 1);
+    let ea = start_engine(&dir, "a", A_IP, port, &[]);
+    let eb = start_engine(&dir, "b", B_IP, port, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -242,7 +201,7 @@ fn transfer_survives_a_hostile_sender() {
     let want = ["rx_malformed", "rx_unknown_socket", "rx_bad_handshake"];
     let until = Instant::now() + Duration::from_secs(5);
     let r = loop {
-        let r = stats_json(&dir, "b");
+        let r = stats(&dir, "b");
         if want.iter().all(|w| drop_count(&r, w) > 0) || Instant::now() > until {
             break r;
         }

@@ -119,6 +119,8 @@ pub struct SimIo {
     clock: SimClock,
     port: SimPort,
     free: Vec<u16>,
+    /// Which buffers are handed out (a buffer given back twice is ignored).
+    lent: Vec<bool>,
     out: Vec<Event>,
     stats: IoStats,
 }
@@ -130,6 +132,7 @@ impl SimIo {
         let io = SimIo {
             local,
             free: (0..mem.rx.count).rev().collect(),
+            lent: vec![false; usize::from(mem.rx.count)],
             mem,
             clock,
             port: port.clone(),
@@ -154,6 +157,7 @@ impl SimIo {
                 continue;
             }
             self.free.pop();
+            self.lent[usize::from(bid)] = true;
             self.stats.recvs += 1;
             self.stats.bytes_received += d.bytes.len() as u64;
             let len = d.bytes.len() as u32;
@@ -206,7 +210,8 @@ impl DatagramIo for SimIo {
     }
 
     fn return_rx(&mut self, bid: u16) {
-        if bid < self.mem.rx.count && !self.free.contains(&bid) {
+        if let Some(l) = self.lent.get_mut(usize::from(bid)).filter(|l| **l) {
+            *l = false;
             self.free.push(bid);
         }
     }

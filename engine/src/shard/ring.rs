@@ -171,8 +171,14 @@ impl RingSide {
             return Err(Refusal::Full);
         }
         self.stats.tx_descs += 1;
+        let pool_off = self.mem.pool_off as u64;
         let v = match self.region.validate_tx(d, &mut self.scratch) {
-            Ok(v) => (v.cookie, Nid(v.peer_nid), v.hdr, v.extents.to_vec()),
+            Ok(v) => (
+                v.cookie,
+                Nid(v.peer_nid),
+                v.hdr,
+                payload_pieces(pool_off, v.extents),
+            ),
             Err(e) => {
                 self.stats.drop_one("tx_invalid_descriptor");
                 let c = TxCompletion::invalid(d.cookie, &e);
@@ -180,8 +186,7 @@ impl RingSide {
                 return Err(Refusal::Answered);
             }
         };
-        let (cookie, nid, hdr, extents) = v;
-        let payload = self.payload_pieces(&extents);
+        let (cookie, nid, hdr, payload) = v;
         let refuse = |s: &mut Self, status, why: Option<&str>| {
             if let Some(why) = why {
                 s.stats.drop_one(why);
@@ -216,21 +221,6 @@ impl RingSide {
             payload,
             payload_len: d.total_len,
         })
-    }
-
-    /// Validated extents as `(offset, len)` in the core's TX range, adjacent ones
-    /// merged.
-    fn payload_pieces(&self, extents: &[Extent]) -> Vec<(u64, u32)> {
-        let base = self.mem.pool_off as u64;
-        let mut pieces: Vec<(u64, u32)> = Vec::with_capacity(extents.len());
-        for e in extents {
-            let off = base + e.offset;
-            match pieces.last_mut() {
-                Some(last) if last.0 + u64::from(last.1) == off => last.1 += e.len,
-                _ => pieces.push((off, e.len)),
-            }
-        }
-        pieces
     }
 
     /// Message `id` ended: frees its slot and writes its completion.
@@ -435,6 +425,20 @@ impl RingSide {
     pub fn owes_notify(&self) -> bool {
         self.notify
     }
+}
+
+/// Validated extents as `(offset, len)` in the core's TX range (whose TX pool
+/// starts at `pool_off`), adjacent ones merged.
+fn payload_pieces(pool_off: u64, extents: &[Extent]) -> Vec<(u64, u32)> {
+    let mut pieces: Vec<(u64, u32)> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let off = pool_off + e.offset;
+        match pieces.last_mut() {
+            Some(last) if last.0 + u64::from(last.1) == off => last.1 += e.len,
+            _ => pieces.push((off, e.len)),
+        }
+    }
+    pieces
 }
 
 /// The name of a status in counters and stats (`tx_<name>`).

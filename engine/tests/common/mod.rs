@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
-use lu2k_kshim::{Kshim, Nid};
+use lu2k_kshim::{Config, Kshim, Nid};
 
 /// A fresh scratch directory for one test, named after the test binary's `tag`.
 pub fn tmpdir(tag: &str) -> PathBuf {
@@ -103,4 +103,33 @@ impl Drop for Engine {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A kshim serving `ip@lu2k` on `cores` ring sets at `dir/name.sock`.
+pub fn kshim(dir: &Path, name: &str, ip: Ipv4Addr, cores: u32) -> Kshim {
+    let mut cfg = Config::new(vec![nid(ip)], dir.join(format!("{name}.sock")));
+    cfg.cores = cores;
+    cfg.tx_pool_len = 64 << 20;
+    // A core must be able to hold at least one whole 1 MiB message even when the
+    // kernel coalesces nothing (≈ 720 datagrams, one RX buffer each), plus room
+    // for what is in flight behind it: 1024 buffers per core.
+    cfg.rx_buf_count = 1024 * cores;
+    Kshim::start(cfg).unwrap()
+}
+
+/// Starts an engine for kshim `name` in `dir`, bound to `ip:port`.
+pub fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&str]) -> Engine {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
+    cmd.args(["run", "--kshim-socket"])
+        .arg(dir.join(format!("{name}.sock")))
+        .args([
+            "--bind",
+            &ip.to_string(),
+            "--port",
+            &port.to_string(),
+            "--stats-socket",
+        ])
+        .arg(dir.join(format!("{name}-stats.sock")))
+        .args(extra);
+    Engine::spawn(cmd)
 }

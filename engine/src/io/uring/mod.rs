@@ -924,7 +924,9 @@ impl DatagramIo for UringIo {
         self.slots[i].prepare(dst, n, gso, token);
         // A datagram with more fragments than the kernel takes zero-copy (a packet
         // over many tiny extents) goes as a copying send rather than not at all.
-        let zc = self.zc_active && self.frags(segs) <= self.max_frags;
+        // `fit` keeps every batch of two or more within the budget, so only a
+        // lone datagram needs counting here.
+        let zc = self.zc_active && (segs.len() > 1 || self.frags(segs) <= self.max_frags);
         let e = self.send_entry(i, zc);
         self.in_flight += 1;
         self.stats.sends += 1;
