@@ -17,6 +17,7 @@
 pub mod credit;
 pub mod hdr;
 pub mod lnd;
+pub mod lnet;
 pub mod pool;
 pub mod route;
 pub mod selftest;

@@ -34,15 +34,36 @@
 //! Descriptors are validated first ([`ring_abi::Region::validate_rx`]); a bad one is
 //! counted in [`Stats::bad_rx`], its token given back, and nothing is delivered.
 //!
-//! # Liveness
+//! # Liveness and the next engine
 //!
 //! When the engine's socket closes (it exited, crashed, or hung up) or it breaks the
 //! ring protocol, kshim first takes every completion the engine did publish, then
 //! fails every send still in flight or queued with [`TxStatus::EngineGone`] and reports
 //! [`Event::EngineGone`]. This happens inside the next [`Kshim::poll`] or
 //! [`Kshim::wait`], and `wait` sleeps on the socket as well as the doorbells, so it
-//! takes no longer than the caller's own polling period. After that, sends fail at once
-//! with [`SendError::EngineGone`]; a new session needs a new `Kshim`.
+//! takes no longer than the caller's own polling period.
+//!
+//! Then kshim listens again at the same socket path, with a **fresh region** (new
+//! memfd, rings, doorbells and TX pool), and the next engine attaches to it like the
+//! first; the upper layer keeps its `Kshim` and its state (routes, counters) and may
+//! send again at once — sends wait in the new rings until an engine attaches. A fresh
+//! region rather than the old one because the old one cannot be trusted or
+//! reclaimed in place: a dead engine's RX buffers may still be held by the upper
+//! layer ([`RxMsg`]s read in place), and a new engine would treat the whole RX pool
+//! as its own; an engine that closed its socket but still runs could still write
+//! the old rings. Nothing leaks: every message slot, credit and extent table is
+//! freed when its send is failed back; the old TX pool goes with its region (a
+//! [`TxBuf`] allocated in the old session is refused with
+//! [`SendError::StaleBuffer`]); an `RxMsg` of the old session keeps the old
+//! mapping alive until [`Kshim::rx_done`], which then gives nothing back to the new
+//! engine. Peers the old engine reported down are marked up (the next engine
+//! reports afresh). Memory: the regions are sparse; only pages written cost.
+//!
+//! [`TxStatus::EngineGone`] means: this message may or may not have reached the
+//! peer (the engine may have sent it and died before its acknowledgement was
+//! published), and nothing of it is left on this node. An LNet resends on it: see
+//! [`crate::lnet`] for how every status maps to LNet's errno and health status,
+//! and which ones LNet retries.
 //!
 //! # Waiting
 //!
@@ -168,9 +189,14 @@ pub enum StartError {
 /// Why a send was refused at once (nothing was queued; no completion will follow).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// The engine is gone; start a new session.
-    #[error("the engine is gone; no more sends in this session")]
+    /// The engine is gone and no region for the next one could be made (kshim
+    /// retries every second; see [`Event::EngineGone`]).
+    #[error("the engine is gone and kshim could not make a region for the next one yet")]
     EngineGone,
+    /// The buffer came from [`Kshim::alloc_tx`] in an engine session that has ended
+    /// since: its region is gone. Allocate a new buffer and fill it again.
+    #[error("the TX buffer belongs to an engine session that ended; allocate a new one")]
+    StaleBuffer,
     /// Payload above [`MAX_PAYLOAD`].
     #[error("payload of {0} bytes exceeds the LNet maximum of 1 MiB")]
     TooLarge(usize),
@@ -263,6 +289,9 @@ impl Cookie {
 #[must_use = "give received messages back with Kshim::rx_done"]
 pub struct RxMsg {
     region: Region,
+    /// The session it arrived in; a message of an ended session holds its region's
+    /// mapping and is not given back to a later engine.
+    session: u32,
     token: u64,
     core: u32,
     /// The NID the engine received it from (the previous hop).
@@ -339,6 +368,10 @@ pub struct Stats {
     pub tx_ring_full: u64,
     /// Doorbells rung toward the engine.
     pub doorbells: u64,
+    /// Engines that attached (ACKed a region).
+    pub attaches: u64,
+    /// Sessions that ended ([`Event::EngineGone`]).
+    pub engines_gone: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -384,6 +417,13 @@ enum Link {
 #[derive(Debug)]
 pub struct Kshim {
     cfg: Config,
+    /// The region every session is created with.
+    abi: ring_abi::Config,
+    /// Engine sessions begun so far, less one: the epoch of the region, the TX pool
+    /// and every [`RxMsg`] handed up in this session.
+    session: u32,
+    /// When the last session ended and no new region could be made: try again then.
+    renew_at: Option<Instant>,
     region: Region,
     cores: Vec<Core>,
     /// Dups of each core's to-engine and to-kshim eventfds, for the HELLO and for poll.
@@ -416,6 +456,40 @@ fn cfg_err(field: &'static str, why: impl Into<String>) -> StartError {
         field,
         why: why.into(),
     }
+}
+
+/// A fresh region with one pair of eventfds per core: what one engine session uses.
+#[allow(clippy::type_complexity)]
+fn new_region(
+    cfg: &Config,
+    abi: &ring_abi::Config,
+) -> Result<(Region, Vec<Core>, Vec<OwnedFd>, Vec<OwnedFd>), StartError> {
+    let region = Region::create(abi)?;
+    let mut cores = Vec::with_capacity(cfg.cores as usize);
+    let mut to_engine_fds = Vec::new();
+    let mut to_kshim_fds = Vec::new();
+    for c in 0..cfg.cores {
+        let fds = Eventfds::new().map_err(StartError::Eventfd)?;
+        let dup = |f: &Option<OwnedFd>| {
+            f.as_ref().map(|f| f.try_clone()).transpose().map_err(|e| {
+                StartError::Eventfd(
+                    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+                )
+            })
+        };
+        let te = dup(&fds.to_engine)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
+        let tk = dup(&fds.to_kshim)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
+        to_engine_fds.push(te);
+        to_kshim_fds.push(tk);
+        let rings = region.kshim_core(c, fds)?;
+        cores.push(Core {
+            rings,
+            backlog: VecDeque::with_capacity(cfg.tx_entries as usize),
+            returns: VecDeque::with_capacity(cfg.rx_return_entries as usize),
+            dirty: false,
+        });
+    }
+    Ok((region, cores, to_engine_fds, to_kshim_fds))
 }
 
 impl Kshim {
@@ -481,33 +555,9 @@ impl Kshim {
             features: ring_abi::Features::all(),
             start_index: cfg.start_index,
         };
-        let region = Region::create(&abi)?;
-        let mut cores = Vec::with_capacity(cfg.cores as usize);
-        let mut to_engine_fds = Vec::new();
-        let mut to_kshim_fds = Vec::new();
-        for c in 0..cfg.cores {
-            let fds = Eventfds::new().map_err(StartError::Eventfd)?;
-            let dup = |f: &Option<OwnedFd>| {
-                f.as_ref().map(|f| f.try_clone()).transpose().map_err(|e| {
-                    StartError::Eventfd(
-                        rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
-                    )
-                })
-            };
-            let te = dup(&fds.to_engine)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
-            let tk = dup(&fds.to_kshim)?.ok_or_else(|| cfg_err("cores", "no eventfd"))?;
-            to_engine_fds.push(te);
-            to_kshim_fds.push(tk);
-            let rings = region.kshim_core(c, fds)?;
-            cores.push(Core {
-                rings,
-                backlog: VecDeque::with_capacity(cfg.tx_entries as usize),
-                returns: VecDeque::with_capacity(cfg.rx_return_entries as usize),
-                dirty: false,
-            });
-        }
+        let (region, cores, to_engine_fds, to_kshim_fds) = new_region(&cfg, &abi)?;
         let listener = attach::listen(&cfg.socket_path)?;
-        let pool = TxPool::new(cfg.tx_pool_len as usize, cfg.tx_chunk_size);
+        let pool = TxPool::with_epoch(cfg.tx_pool_len as usize, cfg.tx_chunk_size, 0);
         let n = cfg.max_pending;
         let msgs = (0..n)
             .map(|_| Msg {
@@ -520,6 +570,9 @@ impl Kshim {
             })
             .collect();
         Ok(Kshim {
+            abi,
+            session: 0,
+            renew_at: None,
             credits: Credits::new(cfg.peer_credits, cfg.credits),
             free_tables: (0..cfg.credits).rev().collect(),
             free_msgs: (0..n).rev().collect(),
@@ -566,9 +619,16 @@ impl Kshim {
         matches!(self.link, Link::Attached { .. })
     }
 
-    /// Whether the session ended.
+    /// Whether the last engine is gone and no region for the next one could be
+    /// made yet (sends fail with [`SendError::EngineGone`] meanwhile). After an
+    /// engine goes, kshim normally listens again at once and this stays false.
     pub fn is_gone(&self) -> bool {
         matches!(self.link, Link::Gone)
+    }
+
+    /// Engine sessions ended so far (0 while the first engine has not gone).
+    pub fn session(&self) -> u32 {
+        self.session
     }
 
     /// Sends in flight or queued (not yet completed).
@@ -602,11 +662,16 @@ impl Kshim {
     ///
     /// # Panics
     /// If `offset + data.len()` exceeds the buffer.
+    /// A buffer of an ended session is not written (its region is gone; sending it
+    /// fails with [`SendError::StaleBuffer`]).
     pub fn write_tx(&self, buf: &TxBuf, offset: usize, mut data: &[u8]) {
         assert!(
             offset + data.len() <= buf.len(),
             "write beyond the TX buffer"
         );
+        if !self.pool.owns(buf) {
+            return;
+        }
         let mut skip = offset as u64;
         for (off, len) in self.pool.extents(buf) {
             if data.is_empty() {
@@ -661,6 +726,9 @@ impl Kshim {
 
     /// Sends a buffer the caller filled. On error the buffer goes back to the pool.
     pub fn send_buf(&mut self, hdr: &hdr::Repr, buf: TxBuf) -> Result<Cookie, SendError> {
+        if !self.pool.owns(&buf) {
+            return Err(SendError::StaleBuffer);
+        }
         let checked = self
             .check_send(hdr, buf.len())
             .and_then(|()| Ok(self.routes.next_hop(Nid(hdr.dest_nid))?));
@@ -699,7 +767,9 @@ impl Kshim {
         let mut ext = msg.extents;
         ext.clear();
         self.spare_extents.push(ext);
-        if self.is_gone() {
+        if self.is_gone() || msg.session != self.session {
+            // Its region went with its engine; dropping `msg.region` here unmaps it
+            // once the last message of that session is back.
             return;
         }
         if let Some(core) = self.cores.get_mut(msg.core as usize) {
@@ -828,6 +898,9 @@ impl Kshim {
             self.drive_link();
         }
         if matches!(self.link, Link::Gone) {
+            if self.renew_at.is_some_and(|t| now >= t) {
+                self.renew();
+            }
             return;
         }
         if let Err(RingError::Corrupt { .. }) = self.reap() {
@@ -892,6 +965,7 @@ impl Kshim {
                                     return;
                                 };
                                 self.link = Link::Attached { sock };
+                                self.stats.attaches += 1;
                                 self.events.push_back(Event::EngineAttached);
                             }
                             Err(attach::Error::Refused(s)) => {
@@ -1045,6 +1119,7 @@ impl Kshim {
         self.peer_up(from);
         self.events.push_back(Event::Rx(RxMsg {
             region: self.region.clone(),
+            session: self.session,
             token: d.token,
             core,
             from,
@@ -1155,7 +1230,8 @@ impl Kshim {
         }
     }
 
-    /// Ends the session: takes what the engine published, fails everything else.
+    /// Ends the session: takes what the engine published, fails everything else,
+    /// then listens for the next engine with a fresh region ([`Kshim::renew`]).
     fn gone(&mut self, reason: GoneReason) {
         if matches!(self.link, Link::Gone) {
             return;
@@ -1181,7 +1257,49 @@ impl Kshim {
             }
         }
         self.credits.reset();
+        self.stats.engines_gone += 1;
         self.events.push_back(Event::EngineGone(reason));
+        self.renew();
+    }
+
+    /// Begins the next session: a fresh region, doorbells and TX pool, and the
+    /// listener. Called once every send of the ended session has its completion, so
+    /// nothing of the old region is referenced any more except by received messages
+    /// the upper layer still holds (each keeps the old mapping alive until
+    /// [`Kshim::rx_done`]). If the region cannot be made, kshim stays gone and
+    /// tries again a second later.
+    fn renew(&mut self) {
+        let made = new_region(&self.cfg, &self.abi).and_then(|parts| {
+            let listener = attach::listen(&self.cfg.socket_path)?;
+            Ok((parts, listener))
+        });
+        let ((region, cores, te, tk), listener) = match made {
+            Ok(x) => x,
+            Err(_) => {
+                self.renew_at = Some(Instant::now() + Duration::from_secs(1));
+                return;
+            }
+        };
+        self.renew_at = None;
+        self.session = self.session.wrapping_add(1);
+        self.region = region;
+        self.cores = cores;
+        self.to_engine_fds = te;
+        self.to_kshim_fds = tk;
+        self.pool = TxPool::with_epoch(
+            self.cfg.tx_pool_len as usize,
+            self.cfg.tx_chunk_size,
+            self.session,
+        );
+        self.free_tables = (0..self.cfg.credits).rev().collect();
+        self.listener = Some(listener);
+        self.link = Link::Listening;
+        self.link_due = true;
+        // Peers the gone engine reported down: the next one reports afresh.
+        let down: Vec<Nid> = self.down.iter().copied().collect();
+        for nid in down {
+            self.peer_up(nid);
+        }
     }
 }
 

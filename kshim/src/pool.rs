@@ -14,6 +14,10 @@
 //! A buffer is returned with [`TxPool::free`] only when its TX completion has
 //! arrived (the caller, [`crate::Kshim`], holds the [`TxBuf`] in its in-flight table
 //! until then); [`TxBuf`] is not `Clone`, so a buffer cannot be freed twice.
+//!
+//! Each engine session has a pool of its own (a fresh region, see [`crate::lnd`]);
+//! a buffer carries its pool's epoch, and a pool ignores and refuses buffers of an
+//! earlier one: their chunks went away with the region they lived in.
 
 /// Why an allocation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +48,7 @@ pub struct TxBuf {
     head: u32,
     chunks: u32,
     len: u32,
+    epoch: u32,
 }
 
 impl TxBuf {
@@ -69,12 +74,19 @@ pub struct TxPool {
     chunk_size: u32,
     next: Vec<u32>,
     free: Vec<u32>,
+    epoch: u32,
 }
 
 impl TxPool {
     /// A pool of `pool_len` bytes cut in chunks of `chunk_size` (a trailing partial
     /// chunk is unused). `chunk_size` must be at least 1.
     pub fn new(pool_len: usize, chunk_size: u32) -> TxPool {
+        TxPool::with_epoch(pool_len, chunk_size, 0)
+    }
+
+    /// Like [`TxPool::new`], for the session numbered `epoch`: buffers of other
+    /// epochs are not this pool's ([`TxPool::owns`]).
+    pub fn with_epoch(pool_len: usize, chunk_size: u32, epoch: u32) -> TxPool {
         let chunk_size = chunk_size.max(1);
         let count = (pool_len / chunk_size as usize).min(END as usize - 1) as u32;
         // Stack: popping yields 0, 1, 2, …
@@ -83,7 +95,13 @@ impl TxPool {
             chunk_size,
             next: vec![END; count as usize],
             free,
+            epoch,
         }
+    }
+
+    /// Whether `buf` came from this pool (and not from a discarded session's).
+    pub fn owns(&self, buf: &TxBuf) -> bool {
+        buf.epoch == self.epoch
     }
 
     /// Chunk size in bytes.
@@ -136,11 +154,16 @@ impl TxPool {
             head,
             chunks: need,
             len: len as u32,
+            epoch: self.epoch,
         })
     }
 
     /// Returns a buffer's chunks. Call only once its TX completion has arrived.
+    /// A buffer of another epoch is dropped: its chunks are not this pool's.
     pub fn free(&mut self, buf: TxBuf) {
+        if !self.owns(&buf) {
+            return;
+        }
         // Push in reverse so the next pops return them head first: walk and collect
         // the chain onto the stack, then reverse that segment in place.
         let start = self.free.len();
@@ -154,12 +177,14 @@ impl TxPool {
         self.free[start..].reverse();
     }
 
-    /// The buffer's extents as (pool offset, length), adjacent chunks merged.
+    /// The buffer's extents as (pool offset, length), adjacent chunks merged; none
+    /// for a buffer of another epoch.
     pub fn extents<'a>(&'a self, buf: &'a TxBuf) -> Extents<'a> {
+        let mine = self.owns(buf);
         Extents {
             pool: self,
-            cur: buf.head,
-            left: buf.len,
+            cur: if mine { buf.head } else { END },
+            left: if mine { buf.len } else { 0 },
         }
     }
 }
@@ -234,6 +259,22 @@ mod tests {
         p.free(b);
         p.free(c);
         p.free(z);
+        assert_eq!(p.free_chunks(), 16);
+    }
+
+    /// A buffer of a discarded session's pool is neither freed into nor read from
+    /// the next session's pool.
+    #[test]
+    fn buffers_of_another_epoch_are_not_this_pools() {
+        let mut old = TxPool::with_epoch(1 << 20, 64 << 10, 1);
+        let stale = old.alloc(128 << 10).unwrap();
+        let mut p = TxPool::with_epoch(1 << 20, 64 << 10, 2);
+        let mine = p.alloc(64 << 10).unwrap();
+        assert!(p.owns(&mine) && !p.owns(&stale));
+        assert_eq!(p.extents(&stale).count(), 0);
+        p.free(stale);
+        assert_eq!(p.free_chunks(), 15, "a stale buffer added chunks");
+        p.free(mine);
         assert_eq!(p.free_chunks(), 16);
     }
 

@@ -573,8 +573,134 @@ fn engine_death_fails_inflight_sends() {
         cookies.len()
     );
     assert_eq!(k.pending(), 0);
-    let h = put(peers[0], nid("10.0.0.1@lu2k"), 0, 0);
-    assert_eq!(k.send(&h, &[]), Err(SendError::EngineGone));
+    // The next engine attaches to the same Kshim (a fresh region), and sends flow.
+    assert!(!k.is_gone(), "kshim listens for the next engine");
+    let h = put(peers[0], nid("10.0.0.1@lu2k"), 77, 1000);
+    let c = k.send(&h, &[9u8; 1000]).unwrap();
+    let engine = thread::spawn(move || {
+        let mut e = Engine::attach(&path);
+        let got = e.take_tx(Duration::from_secs(10));
+        assert_eq!(got.len(), 1, "only the new send is in the fresh rings");
+        let (core, d) = got[0];
+        assert_eq!(e.payload(&d), [9u8; 1000]);
+        e.complete(core, d.cookie, TxStatus::Ok);
+        e
+    });
+    let evs = drain_until(
+        &mut k,
+        |e| matches!(e, Event::TxDone { .. }),
+        Duration::from_secs(20),
+    );
+    assert!(evs.iter().any(|e| matches!(e, Event::EngineAttached)));
+    assert!(
+        matches!(evs.last(), Some(Event::TxDone { cookie, status: TxStatus::Ok, .. }) if *cookie == c),
+        "{evs:?}"
+    );
+    let st = k.stats();
+    assert_eq!((st.attaches, st.engines_gone, k.session()), (2, 1, 1));
+    let (free, chunk) = k.tx_pool_free();
+    assert_eq!(
+        u64::from(free) * u64::from(chunk),
+        16 << 20,
+        "TX pool whole"
+    );
+    drop(engine.join().unwrap());
+}
+
+/// After an engine goes: a message it delivered and the upper layer still holds
+/// stays readable (the old region stays mapped), giving it back gives nothing to
+/// the next engine; a TX buffer allocated before is refused; the next engine gets
+/// a fresh region and its own messages come back to it.
+#[test]
+fn next_engine_gets_a_fresh_region_and_nothing_of_the_old() {
+    let cfg = base_config("fresh");
+    let path = cfg.socket_path.clone();
+    let mut k = Kshim::start(cfg).unwrap();
+    let me = nid("10.0.0.1@lu2k");
+    let from = nid("10.0.0.9@lu2k");
+    // An engine that delivers one message (token `token`) and, on `go`, exits.
+    let spawn_engine = |token: u64, seed: u64| {
+        let path = path.clone();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = thread::spawn(move || {
+            let mut e = Engine::attach(&path);
+            let mut data = vec![0u8; 3000];
+            selftest::fill(seed, 0, &mut data);
+            e.region.write_pool(Pool::Rx, 0, &data).unwrap();
+            let d = RxDesc::inline(
+                token,
+                from.0,
+                put(me, from, seed, 3000).to_bytes(),
+                &[Extent::new(Pool::Rx, 0, 3000)],
+            );
+            assert!(e.cores[0].rx.push(d).unwrap());
+            e.cores[0].to_kshim.notify().unwrap();
+            go_rx.recv().unwrap();
+            let mut back = Vec::new();
+            while let Some(r) = e.cores[0].rx_return.pop().unwrap() {
+                back.push(r.token);
+            }
+            (e.region.fd().try_clone_to_owned().unwrap(), back)
+        });
+        (t, go_tx)
+    };
+    let rx_of = |evs: Vec<Event>| {
+        evs.into_iter()
+            .find_map(|e| match e {
+                Event::Rx(m) => Some(m),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let (e1, go1) = spawn_engine(11, 500);
+    let old = rx_of(drain_until(
+        &mut k,
+        |e| matches!(e, Event::Rx(_)),
+        Duration::from_secs(10),
+    ));
+    let stale = k.alloc_tx(5000).unwrap();
+    go1.send(()).unwrap();
+    let (fd1, back1) = e1.join().unwrap();
+    assert!(back1.is_empty());
+    let evs = drain_until(
+        &mut k,
+        |e| matches!(e, Event::EngineGone(_)),
+        Duration::from_secs(10),
+    );
+    assert!(matches!(
+        evs.last(),
+        Some(Event::EngineGone(GoneReason::SocketClosed))
+    ));
+    // The held message still reads the gone engine's bytes.
+    let mut data = vec![0u8; 3000];
+    assert_eq!(old.copy_to(&mut data), 3000);
+    assert_eq!(selftest::check(500, 0, &data), None);
+    assert_eq!(
+        k.send_buf(&put(from, me, 1, 5000), stale),
+        Err(SendError::StaleBuffer)
+    );
+    let (e2, go2) = spawn_engine(22, 600);
+    let new = rx_of(drain_until(
+        &mut k,
+        |e| matches!(e, Event::Rx(_)),
+        Duration::from_secs(10),
+    ));
+    assert_eq!(new.copy_to(&mut data), 3000);
+    assert_eq!(selftest::check(600, 0, &data), None);
+    k.rx_done(old);
+    k.rx_done(new);
+    // Let kshim push the return, then let engine 2 collect.
+    let _ = k.wait(Some(Duration::from_millis(50)));
+    go2.send(()).unwrap();
+    let (fd2, back2) = e2.join().unwrap();
+    assert_eq!(
+        back2,
+        [22],
+        "only the new engine's own message comes back to it"
+    );
+    let ino = |fd: &std::os::fd::OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+    assert_ne!(ino(&fd1), ino(&fd2), "the second engine got a fresh region");
+    assert_eq!(k.stats().rx_returned, 2);
 }
 
 /// Run as a child process by `engine_death_fails_inflight_sends`.
