@@ -6,12 +6,15 @@
 //! then:
 //! - `put`: bulk PUTs of `--size` bytes, `--count` times, to `--to`; the payload of
 //!   message `i` is the selftest pattern of seed `hdr_data = salt + i`, so the sink can
-//!   check every byte;
+//!   check every byte; with `--retries N`, a message that fails with a status LNet
+//!   resends on (`lu2k_kshim::lnet`) goes again, same content and seed, up to N
+//!   times, across engine restarts;
 //! - `ping`: GETs asking for `--size` bytes; the sink answers each with a REPLY
 //!   carrying the pattern; prints round-trip percentiles;
-//! - `sink`: receives, verifies PUT payloads, answers GETs, prints counts.
+//! - `sink`: receives, verifies PUT payloads (duplicates too), counts duplicates
+//!   (same source NID and seed), answers GETs, prints counts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
 use lu2k_kshim::route::Route;
-use lu2k_kshim::{selftest, Config, Cookie, Event, Kshim, Net, Nid, SendError, TxStatus};
+use lu2k_kshim::{lnet, selftest, Config, Cookie, Event, Kshim, Net, Nid, SendError, TxStatus};
 
 /// Portal the selftest traffic uses (any value; LNet selftest uses its own).
 const PORTAL: u32 = 42;
@@ -110,6 +113,14 @@ enum Cmd {
         /// at a few Gbit/s); the sink must run with --no-verify.
         #[arg(long)]
         no_fill: bool,
+        /// Resend a message up to N times when it fails with a status LNet resends
+        /// on (the engine went away or shut down, the peer was unreachable or reset:
+        /// see lu2k_kshim::lnet), with the same content and message id (seed), so
+        /// the sink can count duplicates. With N > 0 an engine going away does not
+        /// end the run: kshim takes the next engine's attach (waiting up to
+        /// --attach-wait for it) and the failed messages go again.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
     },
     /// Round trips: GET of --size bytes answered by the sink's REPLY.
     Ping {
@@ -126,9 +137,11 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
     },
-    /// Receives PUTs (verifying content) and answers pings.
+    /// Receives PUTs (verifying content, counting duplicates: a PUT whose source
+    /// NID and message id it has seen already) and answers pings.
     Sink {
-        /// Stop after this many PUTs (0: run until the engine goes or --idle passes).
+        /// Stop after this many distinct PUTs (0: run until the engine goes or
+        /// --idle passes).
         #[arg(long, default_value_t = 0)]
         count: u64,
         /// Stop after this many seconds without traffic once something arrived (0: never).
@@ -239,8 +252,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             window,
             salt,
             no_fill,
+            retries,
         } => put(
-            &mut k, src, to, size, count, window, salt, no_fill, progress,
+            &mut k,
+            Load {
+                src,
+                to,
+                size,
+                count,
+                window,
+                salt,
+                no_fill,
+                retries,
+                attach_wait: Duration::from_secs_f64(c.attach_wait),
+            },
+            progress,
         ),
         Cmd::Ping {
             to,
@@ -332,9 +358,8 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 * 8.0 / secs.max(1e-9) / 1e9
 }
 
-#[allow(clippy::too_many_arguments)]
-fn put(
-    k: &mut Kshim,
+/// What `put` sends.
+struct Load {
     src: Nid,
     to: Vec<Nid>,
     size: u64,
@@ -342,60 +367,138 @@ fn put(
     window: u64,
     salt: u64,
     no_fill: bool,
-    progress: Option<Duration>,
-) -> Result<ExitCode> {
+    retries: u32,
+    attach_wait: Duration,
+}
+
+/// Allocates, fills and sends message `seed` to `dst`; `Ok(None)` when the pool,
+/// the pending limit or a stale buffer says "later".
+fn send_one(
+    k: &mut Kshim,
+    l: &Load,
+    chunk: &mut [u8],
+    seed: u64,
+    dst: Nid,
+) -> Result<Option<Cookie>> {
+    let size = l.size as usize;
+    let buf = match k.alloc_tx(size) {
+        Ok(b) => b,
+        Err(SendError::Pool(_)) => return Ok(None),
+        Err(e) => bail!("send of seed {seed:#x}: {e}"),
+    };
+    let mut at = if l.no_fill { size } else { 0 };
+    while at < size {
+        let n = chunk.len().min(size - at);
+        selftest::fill(seed, at, &mut chunk[..n]);
+        k.write_tx(&buf, at, &chunk[..n]);
+        at += n;
+    }
+    match k.send_buf(&put_hdr(l.src, dst, seed, l.size), buf) {
+        Ok(c) => Ok(Some(c)),
+        Err(SendError::TooManyPending { .. })
+        | Err(SendError::Pool(_))
+        | Err(SendError::StaleBuffer) => Ok(None),
+        Err(e) => bail!("send of seed {seed:#x}: {e}"),
+    }
+}
+
+fn put(k: &mut Kshim, l: Load, progress: Option<Duration>) -> Result<ExitCode> {
+    let (size, count, salt) = (l.size, l.count, l.salt);
     if size > lu2k_kshim::MAX_PAYLOAD as u64 {
         bail!("--size {size} exceeds the LNet maximum of 1M");
     }
-    let window = if window == 0 { u64::MAX } else { window };
+    let window = if l.window == 0 { u64::MAX } else { l.window };
     let mut chunk = vec![0u8; 64 << 10];
     let mut sent = 0u64;
     let mut done = 0u64;
     let mut ok = 0u64;
     let mut failed: HashMap<String, u64> = HashMap::new();
+    // In flight: cookie -> (message index, destination).
+    let mut outstanding: HashMap<Cookie, (u64, Nid)> = HashMap::new();
+    // Failed messages waiting to go again, and how often each went again.
+    let mut resend: VecDeque<(u64, Nid)> = VecDeque::new();
+    let mut tries: HashMap<u64, u32> = HashMap::new();
+    let mut resent: HashMap<String, u64> = HashMap::new();
+    let mut gone_since: Option<Instant> = None;
+    let mut engines_gone = 0u64;
     let mut prog = Progress::new(progress);
     let t0 = Instant::now();
     while done < count {
-        // Send while there is room.
-        while sent < count && sent - done < window {
-            let seed = salt.wrapping_add(sent);
-            let buf = match k.alloc_tx(size as usize) {
-                Ok(b) => b,
-                Err(SendError::Pool(_)) => break,
-                Err(e) => bail!("send {sent}: {e}"),
+        // Resends first (LNet resends from its own queue before new traffic), then
+        // new messages, while there is room.
+        while (outstanding.len() as u64) < window {
+            let (i, dst, again) = match resend.front() {
+                Some(&(i, dst)) => (i, dst, true),
+                None if sent < count => (sent, l.to[(sent % l.to.len() as u64) as usize], false),
+                None => break,
             };
-            let mut at = if no_fill { size as usize } else { 0 };
-            while at < size as usize {
-                let n = chunk.len().min(size as usize - at);
-                selftest::fill(seed, at, &mut chunk[..n]);
-                k.write_tx(&buf, at, &chunk[..n]);
-                at += n;
-            }
-            let dst = to[(sent % to.len() as u64) as usize];
-            match k.send_buf(&put_hdr(src, dst, seed, size), buf) {
-                Ok(_) => sent += 1,
-                Err(SendError::TooManyPending { .. }) | Err(SendError::Pool(_)) => break,
-                Err(e) => bail!("send {sent}: {e}"),
+            let Some(c) = send_one(k, &l, &mut chunk, salt.wrapping_add(i), dst)? else {
+                break;
+            };
+            outstanding.insert(c, (i, dst));
+            if again {
+                resend.pop_front();
+            } else {
+                sent += 1;
             }
         }
-        let ev = if sent < count && sent - done < window {
+        if let Some(t) = gone_since {
+            if t.elapsed() > l.attach_wait {
+                bail!(
+                    "the engine went away and no new engine attached within {:.0} s \
+                     ({done}/{count} done, {} waiting to be resent); restart lu2k-engine or \
+                     raise --attach-wait",
+                    l.attach_wait.as_secs_f64(),
+                    resend.len() + outstanding.len()
+                );
+            }
+        }
+        let room = (outstanding.len() as u64) < window && (sent < count || !resend.is_empty());
+        let ev = if room {
             k.poll().or_else(|| k.wait(Some(Duration::from_millis(1))))
         } else {
             k.wait(Some(Duration::from_millis(200)))
         };
         match ev {
-            Some(Event::TxDone { status, detail, .. }) => {
-                done += 1;
+            Some(Event::TxDone {
+                cookie,
+                status,
+                detail,
+            }) => {
+                let Some((i, dst)) = outstanding.remove(&cookie) else {
+                    bail!("completion of a cookie this run did not send: {cookie:?}");
+                };
+                let n = tries.entry(i).or_default();
                 if status == TxStatus::Ok {
+                    done += 1;
                     ok += 1;
+                } else if lnet::retried(status) && *n < l.retries {
+                    *n += 1;
+                    *resent.entry(format!("{status:?}")).or_default() += 1;
+                    resend.push_back((i, dst));
                 } else {
+                    done += 1;
                     *failed.entry(format!("{status:?}/{detail}")).or_default() += 1;
                 }
             }
             Some(Event::EngineGone(r)) => {
                 // Every pending send was failed back before this event.
+                engines_gone += 1;
                 eprintln!("lu2k-kshim: the engine went away: {r:?}");
-                break;
+                if l.retries == 0 {
+                    break;
+                }
+                eprintln!(
+                    "lu2k-kshim: waiting for the next engine at {} ({} messages to resend)",
+                    k.config().socket_path.display(),
+                    resend.len()
+                );
+                gone_since = Some(Instant::now());
+            }
+            Some(Event::EngineAttached) => {
+                if gone_since.take().is_some() {
+                    eprintln!("lu2k-kshim: engine attached again");
+                }
             }
             Some(Event::Rx(m)) => k.rx_done(m),
             Some(Event::PeerDown(n)) => eprintln!("lu2k-kshim: peer {n} is down"),
@@ -403,8 +506,9 @@ fn put(
         }
         prog.tick(|s| {
             format!(
-                "put: {done}/{count} done ({ok} ok), {} in flight, {:.1} MiB, {:.2} Gbit/s",
-                sent - done,
+                "put: {done}/{count} done ({ok} ok), {} in flight, {} to resend, {:.1} MiB, {:.2} Gbit/s",
+                outstanding.len(),
+                resend.len(),
                 (ok * size) as f64 / (1 << 20) as f64,
                 gbps(ok * size, s)
             )
@@ -413,7 +517,7 @@ fn put(
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "put: to {}, {count} x {size} B: {ok} ok, {} failed, {:.2} s, {:.3} Gbit/s, {:.0} msg/s",
-        to.iter()
+        l.to.iter()
             .map(|n| n.to_string())
             .collect::<Vec<_>>()
             .join(" "),
@@ -424,6 +528,20 @@ fn put(
     );
     for (why, n) in &failed {
         println!("put: failed {why}: {n}");
+    }
+    if l.retries > 0 {
+        let total: u64 = resent.values().sum();
+        let mut by: Vec<_> = resent.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        by.sort();
+        println!(
+            "put: resent {total} (retries {}; {}); engines gone {engines_gone}",
+            l.retries,
+            if by.is_empty() {
+                "none".to_string()
+            } else {
+                by.join(", ")
+            }
+        );
     }
     if sent < count {
         println!("put: {} never sent", count - sent);
@@ -571,6 +689,9 @@ fn sink(
     progress: Option<Duration>,
 ) -> Result<ExitCode> {
     let mut puts = 0u64;
+    // (source NID, message id) of every PUT seen: a resend carries the same id.
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut dups = 0u64;
     let mut bytes = 0u64;
     let mut bad = 0u64;
     let mut gets = 0u64;
@@ -581,7 +702,7 @@ fn sink(
     let mut any = false;
     let mut prog = Progress::new(progress);
     loop {
-        if count > 0 && puts >= count {
+        if count > 0 && seen.len() as u64 >= count {
             break;
         }
         if idle > 0.0 && any && last.elapsed().as_secs_f64() > idle {
@@ -595,6 +716,9 @@ fn sink(
                 match m.hdr.msg {
                     Msg::Put { hdr_data, .. } => {
                         puts += 1;
+                        if !seen.insert((m.hdr.src_nid, hdr_data)) {
+                            dups += 1;
+                        }
                         bytes += m.len() as u64;
                         let mut at = 0;
                         let mut ok = m.len() == m.hdr.payload_length as usize;
@@ -647,16 +771,18 @@ fn sink(
         }
         prog.tick(|s| {
             format!(
-                "sink: {puts} PUTs ({bad} corrupt), {:.1} MiB, {:.2} Gbit/s, {gets} GETs",
+                "sink: {puts} PUTs ({bad} corrupt, {dups} duplicates), {:.1} MiB, {:.2} Gbit/s, \
+                 {gets} GETs",
                 bytes as f64 / (1 << 20) as f64,
                 gbps(bytes, s)
             )
         });
     }
     println!(
-        "sink: {puts} PUTs ({} verified, {bad} corrupt), {bytes} bytes; {gets} GETs answered \
-         ({reply_fail} replies failed); {other} other",
-        if no_verify { 0 } else { puts - bad }
+        "sink: {puts} PUTs ({} verified, {bad} corrupt), {bytes} bytes; {} distinct, {dups} \
+         duplicates; {gets} GETs answered ({reply_fail} replies failed); {other} other",
+        if no_verify { 0 } else { puts - bad },
+        seen.len()
     );
     Ok(if bad == 0 && reply_fail == 0 {
         ExitCode::SUCCESS
