@@ -495,10 +495,9 @@ fn put(k: &mut Kshim, l: Load, progress: Option<Duration>) -> Result<ExitCode> {
                 );
                 gone_since = Some(Instant::now());
             }
-            Some(Event::EngineAttached) => {
-                if gone_since.take().is_some() {
-                    eprintln!("lu2k-kshim: engine attached again");
-                }
+            Some(Event::EngineAttached) if gone_since.is_some() => {
+                gone_since = None;
+                eprintln!("lu2k-kshim: engine attached again");
             }
             Some(Event::Rx(m)) => k.rx_done(m),
             Some(Event::PeerDown(n)) => eprintln!("lu2k-kshim: peer {n} is down"),
