@@ -63,6 +63,10 @@ struct RunArgs {
     /// kshim's Unix socket, where the region and doorbells are received.
     #[arg(long)]
     kshim_socket: Option<PathBuf>,
+    /// The kernel half: socket:PATH (userspace kshim) or device:/dev/lu2k[,instance=N]
+    /// (the kernel module lu2k_kshim.ko); wins over --kshim-socket.
+    #[arg(long)]
+    kshim: Option<String>,
     /// Local IPv4 address to bind: this node's NID address.
     #[arg(long)]
     bind: Option<std::net::Ipv4Addr>,
@@ -122,6 +126,9 @@ impl RunArgs {
         };
         if let Some(v) = &self.kshim_socket {
             c.kshim_socket = Some(v.clone());
+        }
+        if let Some(v) = &self.kshim {
+            c.kshim = Some(v.clone());
         }
         if let Some(v) = self.bind {
             c.bind = v;

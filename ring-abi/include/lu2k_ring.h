@@ -23,16 +23,20 @@
 
 #ifdef __KERNEL__
 #include <linux/types.h>
+#include <linux/ioctl.h>
 typedef __u8 lu2k_u8;
 typedef __u16 lu2k_u16;
 typedef __u32 lu2k_u32;
 typedef __u64 lu2k_u64;
+typedef __s32 lu2k_s32;
 #else
 #include <stdint.h>
+#include <linux/ioctl.h>
 typedef uint8_t lu2k_u8;
 typedef uint16_t lu2k_u16;
 typedef uint32_t lu2k_u32;
 typedef uint64_t lu2k_u64;
+typedef int32_t lu2k_s32;
 #endif
 
 #define LU2K_MAGIC 0x474e49524b32554cULL /* "LU2KRING" little-endian */
@@ -184,5 +188,118 @@ static inline lu2k_u32 lu2k_shard(lu2k_u64 nid, lu2k_u32 cores)
 		cores = 1;
 	return ((lu2k_u32)(addr * 0x9E3779B1u) >> 16) % cores;
 }
+
+/*
+ * /dev/lu2k: the kernel module's device (kshim/module). The Rust side is
+ * ring-abi/src/attach.rs (`device:` endpoints); the ioctl numbers are
+ * _IOC(dir, LU2K_IOC_TYPE, nr, sizeof(struct)) as <linux/ioctl.h> builds them.
+ *
+ * An instance (one region, its NIDs and cores) is made with LU2K_IOC_CREATE and lives
+ * until LU2K_IOC_DESTROY or rmmod. An engine opens the device, reads the instance with
+ * LU2K_IOC_INFO, makes two eventfds per core and passes them with LU2K_IOC_ATTACH,
+ * mmaps region_size bytes at offset 0, then LU2K_IOC_ACK (0 = serving). Closing the
+ * last reference to that file (the fd and the mapping) detaches: in-flight messages
+ * fail back with LU2K_TX_ENGINE_GONE and the rings are reset for the next engine.
+ * Doorbell to the module: the module hooks the wait queue of each to_kshim eventfd,
+ * so an engine rings it as it rings userspace kshim (eventfd write). The module
+ * never sets LU2K_FEAT_FUTEX_WAKE.
+ */
+#define LU2K_IOC_TYPE 0xB2
+#define LU2K_DEV_MAX_NIDS 8
+#define LU2K_DEV_MAX_CORES 16
+
+struct lu2k_dev_create {
+	lu2k_u32 cores;              /* ring sets, 1..LU2K_DEV_MAX_CORES */
+	lu2k_u32 nid_count;          /* 1..LU2K_DEV_MAX_NIDS */
+	lu2k_u64 nids[LU2K_DEV_MAX_NIDS];
+	lu2k_u32 ring_entries;       /* entries of every ring, power of two */
+	lu2k_u32 tx_slots;           /* TX pool: slots of LU2K_MAX_PAYLOAD bytes */
+	lu2k_u32 rx_buf_size;        /* multiple of 64 */
+	lu2k_u32 rx_buf_count;
+	lu2k_u32 rx_tables_per_core;
+	lu2k_u32 instance;           /* out */
+	lu2k_u64 region_size;        /* out */
+};
+
+struct lu2k_dev_info {
+	lu2k_u32 instance;           /* in */
+	lu2k_u32 cores;              /* out, and the rest */
+	lu2k_u64 region_size;
+	lu2k_u32 nid_count;
+	lu2k_u32 attached;           /* 1 while an engine is attached */
+	lu2k_u64 nids[LU2K_DEV_MAX_NIDS];
+};
+
+struct lu2k_dev_attach {
+	lu2k_u32 instance;
+	lu2k_u32 cores;              /* must equal the instance's */
+	lu2k_s32 to_engine[LU2K_DEV_MAX_CORES]; /* eventfds the module signals */
+	lu2k_s32 to_kshim[LU2K_DEV_MAX_CORES];  /* eventfds the engine signals */
+};
+
+#define LU2K_NOTICE_PEER_DOWN 1
+#define LU2K_NOTICE_PEER_UP 2
+
+struct lu2k_dev_notice {
+	lu2k_u32 kind;
+	lu2k_u32 reserved;
+	lu2k_u64 nid;
+};
+
+#define LU2K_LOAD_PUT 1  /* PUTs of `size` bytes, selftest pattern seeded salt + i */
+#define LU2K_LOAD_PING 2 /* GETs of `size` bytes, one at a time; the peer REPLYs */
+
+struct lu2k_dev_load {
+	lu2k_u32 instance;
+	lu2k_u32 kind;
+	lu2k_u64 peer_nid;
+	lu2k_u64 salt;
+	lu2k_u32 count;
+	lu2k_u32 size;
+	lu2k_u32 threads;            /* PUT: producer kthreads, 1..16 */
+	lu2k_u32 timeout_ms;         /* per message: engine, TX slot or REPLY wait */
+	/* out */
+	lu2k_u64 ok;
+	lu2k_u64 failed;
+	lu2k_u64 engine_gone;
+	lu2k_u64 bytes;
+	lu2k_u64 elapsed_ns;
+	lu2k_u64 rtt_ns[5];          /* PING: min, p50, p90, p99, max */
+	lu2k_u64 corrupt;            /* PING: REPLYs whose payload failed the check */
+};
+
+struct lu2k_dev_stats {
+	lu2k_u32 instance;           /* in */
+	lu2k_u32 attached;
+	lu2k_u64 tx_sent;
+	lu2k_u64 tx_ok;
+	lu2k_u64 tx_failed;          /* completed with a status other than OK */
+	lu2k_u64 tx_engine_gone;     /* failed back when the engine detached */
+	lu2k_u64 bad_completions;    /* refused: unknown cookie, bad status */
+	lu2k_u64 bad_rx;             /* refused RX descriptors */
+	lu2k_u64 bad_index;          /* ring indices the engine wrote out of range */
+	lu2k_u64 rx_msgs;
+	lu2k_u64 rx_bytes;
+	lu2k_u64 puts_verified;
+	lu2k_u64 puts_corrupt;
+	lu2k_u64 gets_answered;
+	lu2k_u64 replies_failed;
+	lu2k_u64 replies_unmatched;
+	lu2k_u64 notices;
+	lu2k_u64 attaches;
+	lu2k_u64 detaches;
+	lu2k_u64 doorbells;          /* to-engine eventfd signals */
+	lu2k_u64 wakeups;            /* to-kshim doorbells seen */
+	lu2k_u64 idle_timeouts_with_work; /* a 1 s sleep ended by time with work waiting */
+};
+
+#define LU2K_IOC_CREATE _IOWR(LU2K_IOC_TYPE, 1, struct lu2k_dev_create)
+#define LU2K_IOC_INFO _IOWR(LU2K_IOC_TYPE, 2, struct lu2k_dev_info)
+#define LU2K_IOC_ATTACH _IOW(LU2K_IOC_TYPE, 3, struct lu2k_dev_attach)
+#define LU2K_IOC_ACK _IOW(LU2K_IOC_TYPE, 4, lu2k_u32)
+#define LU2K_IOC_NOTICE _IOW(LU2K_IOC_TYPE, 5, struct lu2k_dev_notice)
+#define LU2K_IOC_LOAD _IOWR(LU2K_IOC_TYPE, 6, struct lu2k_dev_load)
+#define LU2K_IOC_STATS _IOWR(LU2K_IOC_TYPE, 7, struct lu2k_dev_stats)
+#define LU2K_IOC_DESTROY _IOW(LU2K_IOC_TYPE, 8, lu2k_u32)
 
 #endif /* LU2K_RING_H */

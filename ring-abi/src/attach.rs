@@ -1,5 +1,8 @@
-//! Attaching an engine: the Unix-socket handshake that hands it the region and the
-//! doorbells — the userspace stand-in for opening a device and mmapping it.
+//! Attaching an engine to the kernel half, which is either userspace kshim (a Unix
+//! socket hands over the region and the doorbells) or the kernel module
+//! `lu2k_kshim.ko` (the device `/dev/lu2k`: ioctls and mmap; see [`device`]). An
+//! [`Endpoint`] names either (`socket:PATH`, `device:PATH[,instance=N]`) and [`attach`]
+//! returns the same [`Attachment`] for both.
 //!
 //! Both halves speak it: kshim calls [`listen`], [`accept`], [`send_hello`] and
 //! [`recv_small`]; the engine calls [`connect`] and answers through [`Attachment`].
@@ -62,7 +65,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::net::{
     self, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -111,6 +114,17 @@ pub enum Error {
     /// The engine refused the region.
     #[error("the engine refused the region (status {0})")]
     Refused(u32),
+    /// A device ioctl, open or mmap failed.
+    #[error("{op} on the lu2k device: {err}")]
+    Device {
+        /// What was done.
+        op: &'static str,
+        /// The error.
+        err: rustix::io::Errno,
+    },
+    /// The region could not be mapped or is invalid.
+    #[error("{0}")]
+    Region(#[from] crate::region::RegionError),
     /// Too many cores or NIDs for one HELLO.
     #[error("HELLO cannot carry {cores} cores (max {MAX_CORES}) and {nids} NIDs (max {MAX_NIDS})")]
     TooLarge {
@@ -354,14 +368,18 @@ pub fn recv_small(sock: BorrowedFd<'_>) -> Result<Option<([u8; 16], usize)>, Err
     }
 }
 
-/// What the engine gets from [`connect`].
+/// What the engine gets from [`connect`] or [`device::attach`].
 #[derive(Debug)]
 pub struct Attachment {
-    /// The connected socket; keep it open for the session, send ACK and NOTICEs on it.
+    /// The session: the connected socket (ACK and NOTICEs travel on it) or the device
+    /// file (ACK and NOTICEs are ioctls). Keep it open: closing it ends the session.
     pub sock: OwnedFd,
+    /// Whether `sock` is the lu2k device rather than kshim's socket.
+    pub device: bool,
     /// HELLO's contents.
     pub hello: Hello,
-    /// The region memfd (map `hello.region_size` bytes shared).
+    /// The region memfd (map `hello.region_size` bytes shared); for the device, a
+    /// duplicate of the device file, whose mapping is the region.
     pub memfd: OwnedFd,
     /// Per core: kshim rings these when the engine asked for a wakeup.
     pub to_engine: Vec<OwnedFd>,
@@ -372,12 +390,105 @@ pub struct Attachment {
 impl Attachment {
     /// Sends ACK with `status` (0 = attached).
     pub fn ack(&self, status: u32) -> Result<(), Error> {
+        if self.device {
+            return device::sys::ack(self.sock.as_fd(), status);
+        }
         send_small(self.sock.as_fd(), &encode_ack(status))
     }
 
     /// Sends a NOTICE.
     pub fn notice(&self, n: Notice) -> Result<(), Error> {
+        if self.device {
+            let (kind, nid) = match n {
+                Notice::PeerDown(nid) => (NOTICE_PEER_DOWN, nid),
+                Notice::PeerUp(nid) => (NOTICE_PEER_UP, nid),
+            };
+            return device::sys::notice(self.sock.as_fd(), kind, nid.0);
+        }
         send_small(self.sock.as_fd(), &n.encode())
+    }
+
+    /// Maps the region and validates it: a memfd must carry the shrink seal; the
+    /// device's mapping has the size the device fixed (HELLO's `region_size`), which
+    /// the header must state.
+    pub fn region(&self) -> Result<crate::Region, Error> {
+        let fd = self.memfd.try_clone().map_err(|e| Error::Device {
+            op: "dup",
+            err: rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::BADF),
+        })?;
+        Ok(if self.device {
+            crate::Region::from_device(fd, self.hello.region_size)?
+        } else {
+            crate::Region::from_fd(fd)?
+        })
+    }
+}
+
+/// Where the engine finds the kernel half.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Userspace kshim's Unix socket.
+    Socket(PathBuf),
+    /// The kernel module's device and the instance (region) to attach to.
+    Device {
+        /// Usually `/dev/lu2k`.
+        path: PathBuf,
+        /// Instance number (`LU2K_IOC_CREATE` returned it).
+        instance: u32,
+    },
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    /// `socket:PATH`, `device:PATH`, `device:PATH,instance=N`, or a bare path (a
+    /// socket).
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        if let Some(rest) = s.strip_prefix("device:") {
+            let (path, instance) = match rest.split_once(",instance=") {
+                Some((p, n)) => (
+                    p,
+                    n.parse::<u32>().map_err(|_| {
+                        format!("kshim endpoint '{s}': instance '{n}' is not a number (device:/dev/lu2k,instance=0)")
+                    })?,
+                ),
+                None => (rest, 0),
+            };
+            if path.is_empty() {
+                return Err(format!(
+                    "kshim endpoint '{s}': no device path (device:/dev/lu2k)"
+                ));
+            }
+            return Ok(Endpoint::Device {
+                path: path.into(),
+                instance,
+            });
+        }
+        let path = s.strip_prefix("socket:").unwrap_or(s);
+        if path.is_empty() {
+            return Err("kshim endpoint is empty: give socket:PATH or device:/dev/lu2k".into());
+        }
+        Ok(Endpoint::Socket(path.into()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Socket(p) => write!(f, "socket:{}", p.display()),
+            Endpoint::Device { path, instance } => {
+                write!(f, "device:{},instance={instance}", path.display())
+            }
+        }
+    }
+}
+
+/// Attaches to the kernel half at `ep`: [`connect`] for a socket, [`device::attach`]
+/// for the device.
+pub fn attach(ep: &Endpoint) -> Result<Attachment, Error> {
+    match ep {
+        Endpoint::Socket(p) => connect(p),
+        Endpoint::Device { path, instance } => device::attach(path, *instance),
     }
 }
 
@@ -455,11 +566,374 @@ pub fn connect(path: &Path) -> Result<Attachment, Error> {
     let to_kshim: Vec<OwnedFd> = it.collect();
     Ok(Attachment {
         sock,
+        device: false,
         hello,
         memfd,
         to_engine,
         to_kshim,
     })
+}
+
+/// The kernel module's device, `/dev/lu2k` (`kshim/module`): the records and ioctls of
+/// `include/lu2k_ring.h` (`struct lu2k_dev_*`, `LU2K_IOC_*`), with safe wrappers.
+///
+/// The engine's protocol ([`attach`]): open the device; `LU2K_IOC_INFO` for the
+/// instance's cores, region size and NIDs (HELLO's contents); two eventfds per core;
+/// `LU2K_IOC_ATTACH` with them; mmap `region_size` bytes at offset 0
+/// ([`Attachment::region`]); `LU2K_IOC_ACK`. The module signals `to_engine` and hooks
+/// the wait queue of `to_kshim`, so the engine rings it with a plain eventfd write,
+/// exactly as it rings userspace kshim. Closing the device file (and unmapping) ends
+/// the session: the module fails the messages in flight back and resets the rings.
+///
+/// [`create`], [`destroy`], [`load`] and [`stats`] are the module's administration
+/// and selftest (the kernel lab drives them).
+pub mod device {
+    use super::{Attachment, Error, Hello};
+    use crate::nid::Nid;
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+    use std::path::Path;
+
+    /// `LU2K_IOC_TYPE`.
+    pub const IOC_TYPE: u8 = 0xB2;
+    /// `LU2K_DEV_MAX_NIDS`.
+    pub const MAX_NIDS: usize = 8;
+    /// `LU2K_DEV_MAX_CORES`.
+    pub const MAX_CORES: usize = 16;
+    /// `LU2K_LOAD_PUT`: PUTs with the selftest pattern seeded `salt + i`.
+    pub const LOAD_PUT: u32 = 1;
+    /// `LU2K_LOAD_PING`: GETs answered by REPLYs, one at a time.
+    pub const LOAD_PING: u32 = 2;
+
+    /// `struct lu2k_dev_create`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Create {
+        /// Ring sets, 1..=16.
+        pub cores: u32,
+        /// NIDs used, 1..=8.
+        pub nid_count: u32,
+        /// The instance's NIDs (the first is the source of its selftest traffic).
+        pub nids: [u64; MAX_NIDS],
+        /// Entries of every ring (power of two, at least `tx_slots`).
+        pub ring_entries: u32,
+        /// TX pool slots of 1 MiB.
+        pub tx_slots: u32,
+        /// RX buffer size (multiple of 64).
+        pub rx_buf_size: u32,
+        /// RX buffers.
+        pub rx_buf_count: u32,
+        /// RX indirect tables per core.
+        pub rx_tables_per_core: u32,
+        /// Out: the instance number.
+        pub instance: u32,
+        /// Out: the region size.
+        pub region_size: u64,
+    }
+
+    /// `struct lu2k_dev_info`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Info {
+        /// In: the instance.
+        pub instance: u32,
+        /// Ring sets.
+        pub cores: u32,
+        /// Region size.
+        pub region_size: u64,
+        /// NIDs used.
+        pub nid_count: u32,
+        /// 1 while an engine is attached.
+        pub attached: u32,
+        /// NIDs.
+        pub nids: [u64; MAX_NIDS],
+    }
+
+    /// `struct lu2k_dev_attach`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Attach {
+        /// Instance.
+        pub instance: u32,
+        /// Cores (must equal the instance's).
+        pub cores: u32,
+        /// Per core: the eventfd the module signals.
+        pub to_engine: [i32; MAX_CORES],
+        /// Per core: the eventfd the engine signals.
+        pub to_kshim: [i32; MAX_CORES],
+    }
+
+    /// `struct lu2k_dev_notice`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DevNotice {
+        /// 1 = peer down, 2 = peer up.
+        pub kind: u32,
+        /// Zero.
+        pub reserved: u32,
+        /// The peer.
+        pub nid: u64,
+    }
+
+    /// `struct lu2k_dev_load`: a selftest run (in) and its result (out).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Load {
+        /// Instance that sends.
+        pub instance: u32,
+        /// [`LOAD_PUT`] or [`LOAD_PING`].
+        pub kind: u32,
+        /// Destination.
+        pub peer_nid: u64,
+        /// Seed of message 0 (PUT) or the first ping's sequence number.
+        pub salt: u64,
+        /// Messages.
+        pub count: u32,
+        /// Payload bytes (PUT) or REPLY bytes asked for (PING).
+        pub size: u32,
+        /// Producer kthreads (PUT).
+        pub threads: u32,
+        /// Per message: how long to wait for an engine, a TX slot or a REPLY.
+        pub timeout_ms: u32,
+        /// Out: completed OK (PUT) or answered (PING).
+        pub ok: u64,
+        /// Out: failed (any status other than OK, no engine, no reply).
+        pub failed: u64,
+        /// Out: failed back because the engine detached.
+        pub engine_gone: u64,
+        /// Out: payload bytes completed OK.
+        pub bytes: u64,
+        /// Out: wall time.
+        pub elapsed_ns: u64,
+        /// Out (PING): min, p50, p90, p99, max round trip.
+        pub rtt_ns: [u64; 5],
+        /// Out (PING): REPLYs whose payload failed the pattern check.
+        pub corrupt: u64,
+    }
+
+    /// `struct lu2k_dev_stats`: an instance's counters.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Stats {
+        /// In: the instance.
+        pub instance: u32,
+        /// 1 while an engine serves the rings.
+        pub attached: u32,
+        /// TX descriptors published.
+        pub tx_sent: u64,
+        /// Completed OK.
+        pub tx_ok: u64,
+        /// Completed with another status.
+        pub tx_failed: u64,
+        /// Failed back because the engine detached.
+        pub tx_engine_gone: u64,
+        /// Completions refused (unknown cookie, bad status).
+        pub bad_completions: u64,
+        /// RX descriptors refused.
+        pub bad_rx: u64,
+        /// Ring indices out of range.
+        pub bad_index: u64,
+        /// RX messages delivered.
+        pub rx_msgs: u64,
+        /// RX payload bytes.
+        pub rx_bytes: u64,
+        /// PUTs whose payload matched the pattern.
+        pub puts_verified: u64,
+        /// PUTs whose payload did not.
+        pub puts_corrupt: u64,
+        /// GETs answered with a REPLY.
+        pub gets_answered: u64,
+        /// REPLYs that could not be sent or failed.
+        pub replies_failed: u64,
+        /// REPLYs no ping waited for.
+        pub replies_unmatched: u64,
+        /// Notices from the engine.
+        pub notices: u64,
+        /// Engines attached.
+        pub attaches: u64,
+        /// Engines detached.
+        pub detaches: u64,
+        /// To-engine eventfd signals.
+        pub doorbells: u64,
+        /// To-kshim doorbells seen.
+        pub wakeups: u64,
+        /// Idle sleeps that ended by time with work waiting (a lost wakeup).
+        pub idle_timeouts_with_work: u64,
+    }
+
+    #[allow(unsafe_code)]
+    pub(super) mod sys {
+        use super::{Attach, Create, DevNotice, Info, Load, Stats, IOC_TYPE};
+        use crate::attach::Error;
+        use rustix::ioctl::{ioctl, opcode, Opcode, Setter, Updater};
+        use std::os::fd::BorrowedFd;
+
+        const CREATE: Opcode = opcode::read_write::<Create>(IOC_TYPE, 1);
+        const INFO: Opcode = opcode::read_write::<Info>(IOC_TYPE, 2);
+        const ATTACH: Opcode = opcode::write::<Attach>(IOC_TYPE, 3);
+        const ACK: Opcode = opcode::write::<u32>(IOC_TYPE, 4);
+        const NOTICE: Opcode = opcode::write::<DevNotice>(IOC_TYPE, 5);
+        const LOAD: Opcode = opcode::read_write::<Load>(IOC_TYPE, 6);
+        const STATS: Opcode = opcode::read_write::<Stats>(IOC_TYPE, 7);
+        const DESTROY: Opcode = opcode::write::<u32>(IOC_TYPE, 8);
+
+        fn dev(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> Error {
+            move |err| Error::Device { op, err }
+        }
+
+        /// An in/out ioctl on a `#[repr(C)]` record of integers.
+        macro_rules! update {
+            ($name:ident, $op:expr, $ty:ty, $what:literal) => {
+                pub fn $name(fd: BorrowedFd<'_>, v: &mut $ty) -> Result<(), Error> {
+                    // SAFETY: the opcode encodes size_of::<$ty>() and the module reads
+                    // and writes exactly that record (include/lu2k_ring.h, checked by
+                    // the size test below); $ty is integers only, so whatever the
+                    // module writes is a valid value.
+                    unsafe { ioctl(fd, Updater::<{ $op }, $ty>::new(v)) }.map_err(dev($what))
+                }
+            };
+        }
+        update!(create, CREATE, Create, "LU2K_IOC_CREATE");
+        update!(info, INFO, Info, "LU2K_IOC_INFO");
+        update!(load, LOAD, Load, "LU2K_IOC_LOAD");
+        update!(stats, STATS, Stats, "LU2K_IOC_STATS");
+
+        /// An input-only ioctl.
+        macro_rules! set {
+            ($name:ident, $op:expr, $ty:ty, $what:literal) => {
+                pub fn $name(fd: BorrowedFd<'_>, v: $ty) -> Result<(), Error> {
+                    // SAFETY: as above; the module only reads size_of::<$ty>() bytes.
+                    unsafe { ioctl(fd, Setter::<{ $op }, $ty>::new(v)) }.map_err(dev($what))
+                }
+            };
+        }
+        set!(attach, ATTACH, Attach, "LU2K_IOC_ATTACH");
+        set!(ack_raw, ACK, u32, "LU2K_IOC_ACK");
+        set!(destroy, DESTROY, u32, "LU2K_IOC_DESTROY");
+        set!(notice_raw, NOTICE, DevNotice, "LU2K_IOC_NOTICE");
+
+        pub fn ack(fd: BorrowedFd<'_>, status: u32) -> Result<(), Error> {
+            ack_raw(fd, status)
+        }
+
+        pub fn notice(fd: BorrowedFd<'_>, kind: u32, nid: u64) -> Result<(), Error> {
+            notice_raw(
+                fd,
+                DevNotice {
+                    kind,
+                    reserved: 0,
+                    nid,
+                },
+            )
+        }
+    }
+
+    /// Opens the device (read-write, close-on-exec).
+    pub fn open(path: &Path) -> Result<OwnedFd, Error> {
+        use rustix::fs::{open, Mode, OFlags};
+        open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|err| Error::Device { op: "open", err })
+    }
+
+    /// `LU2K_IOC_CREATE`: a new instance; `c.instance` and `c.region_size` are filled.
+    pub fn create(fd: BorrowedFd<'_>, c: &mut Create) -> Result<(), Error> {
+        sys::create(fd, c)
+    }
+
+    /// `LU2K_IOC_DESTROY` (refused with EBUSY while an engine is attached).
+    pub fn destroy(fd: BorrowedFd<'_>, instance: u32) -> Result<(), Error> {
+        sys::destroy(fd, instance)
+    }
+
+    /// `LU2K_IOC_INFO`.
+    pub fn info(fd: BorrowedFd<'_>, instance: u32) -> Result<Info, Error> {
+        let mut i = Info {
+            instance,
+            ..Info::default()
+        };
+        sys::info(fd, &mut i)?;
+        Ok(i)
+    }
+
+    /// `LU2K_IOC_LOAD`: runs a selftest load to its end and returns the result.
+    pub fn load(fd: BorrowedFd<'_>, l: &mut Load) -> Result<(), Error> {
+        sys::load(fd, l)
+    }
+
+    /// `LU2K_IOC_STATS`.
+    pub fn stats(fd: BorrowedFd<'_>, instance: u32) -> Result<Stats, Error> {
+        let mut s = Stats {
+            instance,
+            ..Stats::default()
+        };
+        sys::stats(fd, &mut s)?;
+        Ok(s)
+    }
+
+    /// The engine's side: opens `path`, attaches to `instance` with fresh eventfds and
+    /// returns the session. Map the region with [`Attachment::region`], then ACK.
+    pub fn attach(path: &Path, instance: u32) -> Result<Attachment, Error> {
+        let fd = open(path)?;
+        let info = info(fd.as_fd(), instance)?;
+        let cores = info.cores as usize;
+        if cores == 0 || cores > MAX_CORES || info.nid_count as usize > MAX_NIDS {
+            return Err(Error::Protocol(
+                "device instance reports an impossible core or NID count",
+            ));
+        }
+        let mut a = Attach {
+            instance,
+            cores: info.cores,
+            ..Attach::default()
+        };
+        let (mut to_engine, mut to_kshim) = (Vec::new(), Vec::new());
+        for c in 0..cores {
+            let fds = crate::Eventfds::new().map_err(|err| Error::Device { op: "eventfd", err })?;
+            let (Some(te), Some(tk)) = (fds.to_engine, fds.to_kshim) else {
+                return Err(Error::Protocol("eventfd pair incomplete"));
+            };
+            a.to_engine[c] = std::os::fd::AsRawFd::as_raw_fd(&te);
+            a.to_kshim[c] = std::os::fd::AsRawFd::as_raw_fd(&tk);
+            to_engine.push(te);
+            to_kshim.push(tk);
+        }
+        sys::attach(fd.as_fd(), a)?;
+        let memfd = fd
+            .try_clone()
+            .map_err(|_| Error::Protocol("cannot duplicate the device descriptor"))?;
+        Ok(Attachment {
+            sock: fd,
+            device: true,
+            hello: Hello {
+                cores: info.cores,
+                region_size: info.region_size,
+                nids: info.nids[..info.nid_count as usize]
+                    .iter()
+                    .map(|&n| Nid(n))
+                    .collect(),
+            },
+            memfd,
+            to_engine,
+            to_kshim,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn records_have_the_sizes_of_the_c_header() {
+            // Sizes of struct lu2k_dev_* in include/lu2k_ring.h (natural alignment).
+            assert_eq!(size_of::<Create>(), 104);
+            assert_eq!(size_of::<Info>(), 88);
+            assert_eq!(size_of::<Attach>(), 136);
+            assert_eq!(size_of::<DevNotice>(), 16);
+            assert_eq!(size_of::<Load>(), 128);
+            assert_eq!(size_of::<Stats>(), 8 + 8 * 20);
+            assert_eq!(core::mem::offset_of!(Create, instance), 92);
+            assert_eq!(core::mem::offset_of!(Load, rtt_ns), 80);
+        }
+    }
 }
 
 #[cfg(test)]

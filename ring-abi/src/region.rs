@@ -6,6 +6,8 @@
 //! mapper) receives the fd and calls [`Region::from_fd`], which requires the shrink
 //! seal, copies the header and core table out once and validates the copy (see
 //! [`crate::layout`]). From then on each side works from its private [`Layout`].
+//! Where the kernel module is the creator, the engine maps the device instead
+//! ([`Region::from_device`]): no seals, the size is the one the device fixed.
 //!
 //! Each side attaches to a core's ring set once ([`Region::kshim_core`],
 //! [`Region::engine_core`]); the handles own the single producer or consumer end of
@@ -174,6 +176,18 @@ impl Region {
         if !fcntl_get_seals(&fd)?.contains(SealFlags::SHRINK) {
             return Err(RegionError::NotSealed);
         }
+        Region::map_and_check(fd, size)
+    }
+
+    /// Maps `size` bytes of the kernel module's device file (`/dev/lu2k`, attached to
+    /// an instance) and validates the header as [`Region::from_fd`] does. A device has
+    /// no seals: the module fixes the size (it refuses any other mapping length and
+    /// cannot shrink the region while it is mapped), and the header must state it.
+    pub fn from_device(fd: OwnedFd, size: u64) -> Result<Region, RegionError> {
+        Region::map_and_check(fd, size)
+    }
+
+    fn map_and_check(fd: OwnedFd, size: u64) -> Result<Region, RegionError> {
         if size < size_of::<RegionHeader>() as u64 || usize::try_from(size).is_err() {
             return Err(RegionError::TooSmall { size });
         }

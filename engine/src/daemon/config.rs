@@ -4,6 +4,8 @@
 //! ```toml
 //! # /etc/lu2k/engine.toml
 //! kshim_socket = "/run/lu2k/kshim.sock"   # where kshim serves the region
+//! # kshim = "device:/dev/lu2k"           # or the kernel module (device:PATH[,instance=N]);
+//! #                                      # socket:PATH is the same as kshim_socket
 //! bind = "10.0.0.1"                       # local address = this node's NID address
 //! port = 7988                             # UDP port, the same on every lu2k node
 //! cores = 2                               # reactor threads
@@ -71,6 +73,10 @@ pub struct PeerCfg {
 pub struct Config {
     /// kshim's Unix socket (the region and doorbells are received there).
     pub kshim_socket: Option<PathBuf>,
+    /// Where the kernel half is: `socket:PATH` (userspace kshim) or
+    /// `device:/dev/lu2k[,instance=N]` (the kernel module); set, it wins over
+    /// `kshim_socket`.
+    pub kshim: Option<String>,
     /// Local IPv4 address to bind (this node's NID address).
     pub bind: Ipv4Addr,
     /// UDP port, the same for all lu2k nodes.
@@ -122,6 +128,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             kshim_socket: None,
+            kshim: None,
             bind: Ipv4Addr::UNSPECIFIED,
             port: 7988,
             cores: None,
@@ -206,6 +213,17 @@ impl Config {
                 fix,
             })
         };
+        if let Some(k) = &self.kshim {
+            if k.parse::<lu2k_ring_abi::attach::Endpoint>().is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "kshim",
+                    value: k.clone(),
+                    problem: "is not socket:PATH, device:PATH or device:PATH,instance=N",
+                    fix: "write kshim = \"device:/dev/lu2k\" (the kernel module) or \
+                          kshim = \"socket:/run/lu2k/kshim.sock\" (userspace kshim)",
+                });
+            }
+        }
         if let Some(cores @ (0 | 65..)) = self.cores {
             return bad(
                 "cores",

@@ -85,8 +85,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             bail!("backend = rds: {e}");
         }
     }
-    let Some(kpath) = cfg.kshim_socket.clone() else {
-        bail!("no kshim socket: set kshim_socket in the config file or pass --kshim-socket PATH");
+    let kpath: attach::Endpoint = match (&cfg.kshim, &cfg.kshim_socket) {
+        (Some(k), _) => k.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        (None, Some(p)) => attach::Endpoint::Socket(p.clone()),
+        (None, None) => bail!(
+            "no kshim: set kshim (socket:PATH or device:/dev/lu2k) or kshim_socket in the \
+             config file, or pass --kshim or --kshim-socket"
+        ),
     };
     let draining = watch_signals()?;
     let features = Features::probe();
@@ -97,8 +102,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     eprintln!("lu2k-engine: I/O path {path}: {why}");
 
-    let att = attach::connect(&kpath)
-        .with_context(|| format!("attaching to kshim at {}", kpath.display()))?;
+    let att =
+        attach::attach(&kpath).with_context(|| format!("attaching to kshim at {kpath}"))?;
     let (region, plan) = match plan(cfg, &att, &features, path) {
         Ok(x) => x,
         Err((status, e)) => {
@@ -131,7 +136,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     att.ack(0).context("sending ACK to kshim")?;
     eprintln!(
         "lu2k-engine: attached to kshim at {} ({} cores, {} {}, path {})",
-        kpath.display(),
+        kpath,
         plan.cores,
         if plan.rds { "RDS/rds_tcp" } else { "UDP" },
         plan.local,
@@ -175,12 +180,9 @@ fn plan(
     path: IoPath,
 ) -> Result<(Region, Plan), (u32, anyhow::Error)> {
     let refuse = |status, e: anyhow::Error| Err((status, e));
-    let region = match att.memfd.try_clone().map_err(anyhow::Error::from) {
-        Ok(fd) => match Region::from_fd(fd) {
-            Ok(r) => r,
-            Err(e) => return refuse(1, anyhow::anyhow!("kshim's region is not usable: {e}")),
-        },
-        Err(e) => return refuse(1, e),
+    let region = match att.region() {
+        Ok(r) => r,
+        Err(e) => return refuse(1, anyhow::anyhow!("kshim's region is not usable: {e}")),
     };
     let cores = att.hello.cores;
     let futex_bell = match doorbell(&cfg, features, &region, path) {
