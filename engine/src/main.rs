@@ -103,6 +103,14 @@ struct RunArgs {
     /// Unix socket serving statistics [default: /run/lu2k/engine-stats.sock].
     #[arg(long)]
     stats_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9788 [default:
+    /// off]. Loopback addresses only, unless --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow --metrics-listen on a non-loopback address (the endpoint has no
+    /// authentication: firewall it).
+    #[arg(long)]
+    metrics_allow_remote: bool,
     /// Seconds without an answer before a peer is declared down [default: 600].
     #[arg(long)]
     peer_down_timeout_s: Option<u64>,
@@ -160,6 +168,10 @@ impl RunArgs {
         if let Some(v) = &self.stats_socket {
             c.stats_socket = v.clone();
         }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = Some(v);
+        }
+        c.metrics_allow_remote |= self.metrics_allow_remote;
         if let Some(v) = self.peer_down_timeout_s {
             c.peer_down_timeout_s = v;
         }

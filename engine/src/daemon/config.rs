@@ -15,6 +15,8 @@
 //! doorbell = "auto"                      # auto | eventfd | futex (how an io_uring core sleeps on kshim)
 //! backend = "udt"                         # udt (UDP, UDT4-compatible) | rds (AF_RDS over rds_tcp)
 //! stats_socket = "/run/lu2k/engine-stats.sock"
+//! metrics_listen = "127.0.0.1:9788"      # Prometheus /metrics; unset = off
+//! metrics_allow_remote = false            # true to serve metrics on a non-loopback address
 //! peer_down_timeout_s = 600               # satellite outages last minutes
 //! drain_timeout_s = 5                     # SIGTERM: time to finish in-flight messages
 //! mss = 1500                              # UDT MSS (IP packet size) on the path
@@ -27,7 +29,7 @@
 //! Defaults suit satellite links: large socket buffers (64 MiB), a long peer-down
 //! timeout (10 minutes, longer than a typical outage) and a large flow window.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -98,6 +100,10 @@ pub struct Config {
     pub doorbell: crate::io::uring::DoorbellMode,
     /// Unix socket that serves statistics (`lu2k-engine stats`).
     pub stats_socket: PathBuf,
+    /// Where to serve Prometheus metrics (`/metrics`); unset, there is no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve metrics on a non-loopback address (the endpoint has no authentication).
+    pub metrics_allow_remote: bool,
     /// Seconds without any answer before a peer is reported down and its messages
     /// are failed back.
     pub peer_down_timeout_s: u64,
@@ -138,6 +144,8 @@ impl Default for Config {
             send_worker: crate::io::uring::SendWorker::Auto,
             doorbell: crate::io::uring::DoorbellMode::Auto,
             stats_socket: PathBuf::from("/run/lu2k/engine-stats.sock"),
+            metrics_listen: None,
+            metrics_allow_remote: false,
             peer_down_timeout_s: 600,
             drain_timeout_s: 5,
             mss: 1500,
@@ -296,6 +304,18 @@ impl Config {
                 "use spin_us..=1000 µs; 400 covers a small-message round trip",
             );
         }
+        if let Some(a) = self.metrics_listen {
+            if !a.ip().is_loopback() && !self.metrics_allow_remote {
+                return bad(
+                    "metrics_listen",
+                    a.to_string(),
+                    "not a loopback address, and the metrics endpoint has no authentication",
+                    "listen on 127.0.0.1:9788 and scrape through a local Prometheus or a \
+                     reverse proxy, or allow it with metrics_allow_remote = true \
+                     (flag --metrics-allow-remote) behind a firewall",
+                );
+            }
+        }
         for p in &self.peers {
             if p.nid.parse::<lu2k_ring_abi::Nid>().is_err() {
                 return bad(
@@ -384,6 +404,25 @@ mod tests {
         assert!(e.contains("FUTEX_WAKE"), "{e}");
         let c = Config::from_toml("doorbell = \"eventfd\"\n", "t.toml").unwrap();
         assert_eq!(c.doorbell, DoorbellMode::Eventfd);
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_unless_allowed() {
+        let c = Config::from_toml("metrics_listen = \"127.0.0.1:9788\"\n", "t.toml").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9788".parse().unwrap()));
+        assert_eq!(Config::default().metrics_listen, None, "off by default");
+        let c = Config::from_toml("metrics_listen = \"0.0.0.0:9788\"\n", "t.toml").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("metrics_allow_remote = true"),
+            "{e}"
+        );
+        let c = Config {
+            metrics_allow_remote: true,
+            ..c
+        };
+        c.validate().unwrap();
     }
 
     #[test]

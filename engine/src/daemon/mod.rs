@@ -20,6 +20,7 @@
 //! (`Notifier`). Without `NOTIFY_SOCKET` nothing is sent.
 
 pub mod config;
+pub mod metrics;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -133,6 +134,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    let _metrics = match start_metrics(&plan, slots.clone(), &draining) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = att.ack(2);
+            return Err(e);
+        }
+    };
     att.ack(0).context("sending ACK to kshim")?;
     eprintln!(
         "lu2k-engine: attached to kshim at {} ({} cores, {} {}, path {})",
@@ -520,6 +528,34 @@ fn start_stats(
             None
         }
     }
+}
+
+/// The Prometheus endpoint, where `metrics_listen` asks for one. Failing to bind
+/// it stops the start: an operator who configured metrics expects them.
+fn start_metrics(
+    plan: &Plan,
+    slots: Vec<Published>,
+    draining: &Arc<AtomicBool>,
+) -> anyhow::Result<Option<metrics::MetricsServer>> {
+    let Some(addr) = plan.cfg.metrics_listen else {
+        return Ok(None);
+    };
+    let info = metrics::EngineInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        backend: if plan.rds { "rds" } else { "udt" }.into(),
+        // The names the cores' stats use (`DatagramIo::path_name`).
+        io_path: match plan.path {
+            IoPath::Uring => "io_uring",
+            IoPath::Epoll => "epoll",
+        }
+        .into(),
+    };
+    let m =
+        metrics::MetricsServer::start(addr, slots, info, draining.clone()).with_context(|| {
+            format!("serving metrics on {addr} (metrics_listen): is the port in use?")
+        })?;
+    eprintln!("lu2k-engine: metrics at http://{}/metrics", m.local_addr());
+    Ok(Some(m))
 }
 
 /// Forwards peer notices to kshim and notices kshim going away, until every core

@@ -86,6 +86,20 @@ pub struct CoreStats {
     /// Microseconds the core spun (polled without work) before its sleeps.
     #[serde(default)]
     pub spin_us: u64,
+    /// RX buffers of this core's share of kshim's RX pool.
+    #[serde(default)]
+    pub rx_pool_buffers: u64,
+    /// Of those, buffers holding received messages: published to kshim and not yet
+    /// returned, or waiting for an RX extent table. When this nears
+    /// `rx_pool_buffers` receiving stalls (`io.rx_starved`).
+    #[serde(default)]
+    pub rx_pool_held: u64,
+    /// Message slots of the core (the most messages it takes in flight).
+    #[serde(default)]
+    pub tx_msg_slots: u64,
+    /// Messages accepted from kshim's TX ring and not yet completed.
+    #[serde(default)]
+    pub tx_msgs_in_flight: u64,
     /// Datagram I/O counters.
     pub io: IoStats,
     /// Per-peer counters.

@@ -314,6 +314,7 @@ impl<T: Transport> Shard<T> {
     fn publish_stats(&mut self) {
         self.last_stats = self.t.now();
         let mut s = self.ring.stats.clone();
+        self.ring.pool_use(&mut s);
         self.t.stats(&mut s);
         if let Ok(mut g) = self.links.published.lock() {
             *g = s;

@@ -136,6 +136,17 @@ impl RingSide {
         self.ledger.len()
     }
 
+    /// Writes how much of the core's pools is in use into `s`.
+    pub fn pool_use(&self, s: &mut CoreStats) {
+        s.rx_pool_buffers = u64::from(self.mem.rx.count);
+        let held: usize = self.holds.values().map(|h| h.bufs.len()).sum::<usize>()
+            + self.rx_waiting.iter().map(|w| w.bufs.len()).sum::<usize>();
+        s.rx_pool_held = held as u64;
+        // A message holds its slot until completed, so free + held is the total.
+        s.tx_msg_slots = (self.slots_free.len() + self.ledger.len()) as u64;
+        s.tx_msgs_in_flight = self.ledger.len() as u64;
+    }
+
     /// Whether every RX buffer kshim was given came back.
     pub fn rx_home(&self) -> bool {
         self.holds.is_empty() && self.rx_waiting.is_empty() && self.rx_pending.is_empty()

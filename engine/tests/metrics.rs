@@ -1,0 +1,406 @@
+//! Prometheus metrics of a running engine, during a real transfer: kshim A →
+//! engine A → UDT over UDP on loopback → engine B → kshim B carries verified
+//! 1 MiB PUTs while the test scrapes engine A's `/metrics` twice.
+//!
+//! Each scrape is parsed by a real parser (Python `prometheus_client`'s
+//! OpenMetrics parser, installed into `target/pyenv` by `scripts/setup.sh`):
+//! the exposition is valid, the expected families are there with their labels,
+//! every counter only grew between the scrapes, and every metric the shipped
+//! Grafana dashboard and alert rules name exists in a scrape.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lu2k_kshim::hdr::Msg;
+use lu2k_kshim::{Event, TxStatus};
+
+mod common;
+use common::{kshim, nid, pattern, put, start_engine, tmpdir, wait_attached};
+
+const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 71);
+const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 72);
+const COUNT: u64 = 64;
+const LEN: usize = 1 << 20;
+
+/// Parses OpenMetrics text files given as arguments; prints, per file, the
+/// families (name → type) and samples (name, labels, value) as JSON.
+const PARSER: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for path in sys.argv[1:]:
+    text = open(path).read()
+    fams, samples = {}, []
+    for f in text_string_to_metric_families(text):
+        fams[f.name] = f.type
+        for s in f.samples:
+            samples.append([s.name, s.labels, s.value, f.type])
+    out.append({"families": fams, "samples": samples})
+print(json.dumps(out))
+"#;
+
+/// Reads the alert rules and prints every rule's name and expression as JSON.
+const RULES: &str = r#"
+import json, sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+rules = []
+for g in doc["groups"]:
+    assert g["name"] and g["rules"], g
+    for r in g["rules"]:
+        assert set(r) >= {"alert", "expr", "labels", "annotations"}, r
+        assert r["labels"].get("severity"), r
+        assert r["annotations"].get("summary"), r
+        rules.append({"alert": r["alert"], "expr": str(r["expr"])})
+print(json.dumps(rules))
+"#;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Python that has the parser: `LU2K_TEST_PYTHON` (set by scripts/test.sh,
+/// then required), else the venv scripts/setup.sh makes.
+fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("LU2K_TEST_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let p = workspace().join("target/pyenv/bin/python");
+    let ok = Command::new(&p)
+        .args(["-c", "import prometheus_client, yaml"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(p)
+}
+
+fn run_py(py: &Path, script: &str, args: &[&Path]) -> serde_json::Value {
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("running python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `GET path` over HTTP/1.1; the status line and the body.
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// A sample's identity: name and sorted labels.
+type Key = (String, BTreeMap<String, String>);
+
+fn samples(scrape: &serde_json::Value) -> BTreeMap<Key, (f64, String)> {
+    scrape["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let labels = s[1]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect();
+            (
+                (s[0].as_str().unwrap().to_string(), labels),
+                (s[2].as_f64().unwrap(), s[3].as_str().unwrap().to_string()),
+            )
+        })
+        .collect()
+}
+
+fn value(s: &BTreeMap<Key, (f64, String)>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    s.get(&(name.to_string(), want))
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
+        .0
+}
+
+/// Every `lu2k_*` name in `text` (a PromQL expression or the dashboard JSON).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("lu2k_") {
+        let start = i + at;
+        let boundary =
+            start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        if boundary {
+            out.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Runs the transfer, scraping engine A when half of it has arrived and again
+/// after it ended; returns the two expositions.
+fn transfer_and_scrape(dir: &Path, metrics: SocketAddr) -> (String, String) {
+    let port = metrics.port() + 1;
+    let mut ka = kshim(dir, "a", A_IP, 1);
+    let mut kb = kshim(dir, "b", B_IP, 1);
+    let ea = start_engine(
+        dir,
+        "a",
+        A_IP,
+        port,
+        &["--metrics-listen", &metrics.to_string()],
+    );
+    let eb = start_engine(dir, "b", B_IP, port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_attached(&mut ka, deadline);
+    wait_attached(&mut kb, deadline);
+
+    let (na, nb) = (nid(A_IP), nid(B_IP));
+    let (mut sent, mut completed, mut got) = (0u64, 0u64, 0u64);
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got < COUNT || completed < COUNT {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: sent {sent} received {got} completed {completed}"
+        );
+        while sent < COUNT
+            && ka
+                .send(&put(nb, na, LEN, sent), &pattern(sent, LEN))
+                .is_ok()
+        {
+            sent += 1;
+        }
+        while let Some(ev) = ka.poll() {
+            match ev {
+                Event::TxDone { status, detail, .. } => {
+                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
+                    completed += 1;
+                }
+                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
+                _ => {}
+            }
+        }
+        match kb.wait(Some(Duration::from_millis(2))) {
+            Some(Event::Rx(m)) => {
+                let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
+                    panic!("unexpected message {:?}", m.hdr.msg);
+                };
+                let mut b = vec![0u8; LEN];
+                m.copy_to(&mut b);
+                assert!(b == pattern(n, LEN), "message {n} content differs");
+                got += 1;
+                kb.rx_done(m);
+            }
+            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
+            _ => {}
+        }
+        if first.is_none() && got >= COUNT / 2 {
+            let (status, body) = get(metrics, "/metrics");
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            first = Some(body);
+        }
+    }
+    // The cores publish every 100 ms: let the last counters land.
+    std::thread::sleep(Duration::from_millis(400));
+    let (status, second) = get(metrics, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (status, _) = get(metrics, "/nothing");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    for (name, e) in [("a", ea), ("b", eb)] {
+        assert_eq!(
+            e.term_within(Duration::from_secs(20)).code(),
+            Some(0),
+            "engine {name} exit status"
+        );
+    }
+    (first.expect("a scrape during the transfer"), second)
+}
+
+#[test]
+fn scrape_during_a_transfer() {
+    let Some(py) = python() else {
+        eprintln!(
+            "SKIP scrape_during_a_transfer: no Python with prometheus_client and yaml; \
+             run scripts/setup.sh (it makes target/pyenv)"
+        );
+        return;
+    };
+    let dir = tmpdir("metrics");
+    let port = 20000 + (std::process::id() % 20000) as u16 + 201;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let (first, second) = transfer_and_scrape(&dir, addr);
+    let (f1, f2) = (dir.join("scrape1.txt"), dir.join("scrape2.txt"));
+    std::fs::write(&f1, &first).unwrap();
+    std::fs::write(&f2, &second).unwrap();
+    let parsed = run_py(&py, PARSER, &[&f1, &f2]);
+    let (s1, s2) = (samples(&parsed[0]), samples(&parsed[1]));
+
+    // What an operator looks at, with the labels the dashboard uses.
+    let core = [("core", "0")];
+    let peer = nid(B_IP).to_string();
+    let peer = [("nid", peer.as_str())];
+    let info = s2
+        .iter()
+        .find(|((n, _), _)| n == "lu2k_info")
+        .expect("lu2k_info");
+    assert_eq!(info.0 .1["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info.0 .1["backend"], "udt");
+    assert!(["io_uring", "epoll"].contains(&info.0 .1["io_path"].as_str()));
+    assert_eq!(value(&s2, "lu2k_peer_up", &peer), 1.0);
+    assert_eq!(value(&s2, "lu2k_peers", &[("state", "up")]), 1.0);
+    assert_eq!(
+        value(&s2, "lu2k_peer_sent_messages_total", &peer),
+        COUNT as f64
+    );
+    assert_eq!(
+        value(&s2, "lu2k_peer_sent_payload_bytes_total", &peer),
+        (COUNT as usize * LEN) as f64
+    );
+    assert!(value(&s2, "lu2k_core_sent_bytes_total", &core) > (COUNT as usize * LEN) as f64);
+    assert!(value(&s2, "lu2k_peer_rtt_seconds", &peer) > 0.0);
+    assert!(value(&s2, "lu2k_peer_send_rate_bytes_per_second", &peer) > 0.0);
+    assert_eq!(
+        value(&s2, "lu2k_core_payload_copied_bytes_total", &core),
+        0.0
+    );
+    assert_eq!(
+        value(&s2, "lu2k_core_tx_completions_total", &core),
+        COUNT as f64
+    );
+    assert!(value(&s2, "lu2k_core_rx_pool_buffers", &core) >= 1024.0);
+    assert!(value(&s2, "lu2k_core_tx_message_slots", &core) > 0.0);
+    let mid = value(&s1, "lu2k_peer_sent_messages_total", &peer);
+    assert!(
+        (1.0..COUNT as f64).contains(&mid),
+        "the first scrape is mid-transfer: {mid} of {COUNT} sent"
+    );
+
+    // Counters only grow; every series of the first scrape is in the second.
+    let mut grew = 0;
+    for (k, (v1, kind)) in &s1 {
+        let Some((v2, _)) = s2.get(k) else {
+            panic!("series {k:?} vanished between scrapes");
+        };
+        if kind == "counter" {
+            assert!(v2 >= v1, "counter {k:?} went from {v1} to {v2}");
+            grew += usize::from(v2 > v1);
+        }
+    }
+    assert!(grew >= 5, "only {grew} counters grew during the transfer");
+
+    // The dashboard and the alert rules name only metrics that exist.
+    let mut exposed: BTreeSet<String> = BTreeSet::new();
+    for scrape in [&parsed[0], &parsed[1]] {
+        // A family without samples yet (no drops) is named by its sample names.
+        for (name, kind) in scrape["families"].as_object().unwrap() {
+            match kind.as_str().unwrap() {
+                "counter" => exposed.insert(format!("{name}_total")),
+                "info" => exposed.insert(format!("{name}_info")),
+                _ => exposed.insert(name.clone()),
+            };
+        }
+    }
+    exposed.extend(s1.keys().chain(s2.keys()).map(|(n, _)| n.clone()));
+    let rules_path = workspace().join("packaging/prometheus-alerts.yml");
+    let rules = run_py(&py, RULES, &[&rules_path]);
+    let alerts: BTreeSet<&str> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    for want in [
+        "Lu2kPeerDown",
+        "Lu2kLinkUtilizationCollapse",
+        "Lu2kRxPoolExhausted",
+        "Lu2kRetransmissionRatioHigh",
+    ] {
+        assert!(alerts.contains(want), "alert {want} missing: {alerts:?}");
+    }
+    let exprs: String = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_string() + "\n")
+        .collect();
+    let dash = std::fs::read_to_string(workspace().join("packaging/grafana-dashboard.json"))
+        .expect("packaging/grafana-dashboard.json");
+    let dash_json: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
+    assert!(dash_json["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    for (what, text) in [("alert rules", &exprs), ("dashboard", &dash)] {
+        let names = metric_names(text);
+        assert!(names.len() >= 4, "{what} names too few metrics: {names:?}");
+        for n in names {
+            assert!(exposed.contains(&n), "{what} names {n}, not in a scrape");
+        }
+    }
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        let st = Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules_path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "promtool check rules failed");
+    } else {
+        eprintln!("promtool not installed: the rules were checked by a YAML parse only");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A non-loopback metrics address is refused unless allowed, and the error
+/// says how to allow it.
+#[test]
+fn remote_metrics_need_an_explicit_allow() {
+    let bin = env!("CARGO_BIN_EXE_lu2k-engine");
+    let out = Command::new(bin)
+        .args(["check-config", "--metrics-listen", "0.0.0.0:9788"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics_listen") && err.contains("--metrics-allow-remote"),
+        "{err}"
+    );
+    let out = Command::new(bin)
+        .args([
+            "check-config",
+            "--metrics-listen",
+            "0.0.0.0:9788",
+            "--metrics-allow-remote",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
