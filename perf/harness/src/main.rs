@@ -17,11 +17,13 @@
 mod collect;
 mod lu2k;
 mod node;
+mod quic;
 mod report;
 mod run;
 mod scenario;
 mod srt;
 mod stats;
+mod tuning;
 mod udp;
 mod udt4;
 

@@ -52,6 +52,8 @@ pub enum Kind {
     Udt4,
     /// srt-file-transmit (SRT in file mode).
     Srt,
+    /// quinn (QUIC), settings in [`NodeSpec::quic`].
+    Quic,
     /// kshim + engine.
     Lu2k,
 }
@@ -105,6 +107,12 @@ pub struct NodeSpec {
     pub buffer: usize,
     /// lu2k settings.
     pub lu2k: Option<Lu2kSpec>,
+    /// The path, for contenders tuned to it ([`crate::tuning`]).
+    #[serde(default)]
+    pub path: crate::tuning::PathInfo,
+    /// QUIC settings (quic only).
+    #[serde(default)]
+    pub quic: Option<crate::quic::QuicSpec>,
 }
 
 /// What a node reports at the end.
@@ -134,6 +142,10 @@ pub struct NodeResult {
     pub copied_bytes: Option<u64>,
     /// Extra facts for the report.
     pub note: Option<String>,
+    /// The transport's settings as the node applied them (read back from
+    /// the socket where the transport allows).
+    #[serde(default)]
+    pub tuning: Option<String>,
 }
 
 /// Monotonic clock in nanoseconds, the same in every process of this host.
@@ -206,7 +218,8 @@ pub fn live_note(s: &LiveSchedule, delivered: u64, censored: usize) -> String {
     n
 }
 
-fn say(line: &str) {
+/// Prints one line to the harness.
+pub fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -223,6 +236,7 @@ pub fn main(spec: &str) -> Result<()> {
     let r = match spec.kind {
         Kind::Tcp | Kind::Udt4 => stream_node(&spec)?,
         Kind::Srt => crate::srt::node(&spec)?,
+        Kind::Quic => crate::quic::node(&spec)?,
         Kind::Lu2k => crate::lu2k::node(&spec)?,
     };
     finish(&r)
@@ -238,11 +252,21 @@ pub trait Stream {
     fn retrans_bytes(&mut self) -> Option<u64> {
         None
     }
+    /// The settings in force, as the socket reports them.
+    fn tuning(&self) -> Option<String> {
+        None
+    }
+    /// After the last write: waits (up to `limit`) until the peer has
+    /// everything, where the transport can tell, so that the retransmission
+    /// count is final. UDT4 cannot tell; it returns at once.
+    fn await_delivered(&mut self, _limit: Duration) {}
 }
 
 struct Tcp {
     s: TcpStream,
     retrans0: Option<u64>,
+    /// What `tcp_tune` could not read back from the socket.
+    extra: String,
 }
 
 /// `RetransSegs` of this network namespace (`/proc/net/snmp`).
@@ -277,9 +301,55 @@ impl Stream for Tcp {
         let mss = nix::sys::socket::getsockopt(&self.s, sockopt::TcpMaxSeg).ok()? as u64;
         Some((tcp_retrans_segs()? - self.retrans0?) * mss)
     }
+    /// Shuts down sending and waits for the receiver's close, which comes
+    /// once it has read everything (bulk) or stopped.
+    fn await_delivered(&mut self, limit: Duration) {
+        let _ = self.s.shutdown(std::net::Shutdown::Write);
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        while start.elapsed() < limit {
+            match self.s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    }
+    fn tuning(&self) -> Option<String> {
+        use nix::sys::socket::getsockopt;
+        let cc = getsockopt(&self.s, sockopt::TcpCongestion)
+            .map_or("?".into(), |c| c.to_string_lossy().into_owned());
+        let snd = getsockopt(&self.s, sockopt::SndBuf).unwrap_or(0);
+        let rcv = getsockopt(&self.s, sockopt::RcvBuf).unwrap_or(0);
+        Some(format!(
+            "TCP_CONGESTION={cc} SO_SNDBUF={snd} SO_RCVBUF={rcv}{}",
+            self.extra
+        ))
+    }
 }
 
 struct Udt(udt::UdtSocket);
+
+/// UDT4's options as the socket reports them.
+fn udt_tuning_of(s: &udt::UdtSocket) -> String {
+    use udt::UdtOpts as O;
+    fn g<T: udt::UdtOption<i32>>(s: &udt::UdtSocket, o: T) -> String {
+        s.getsockopt(o).map_or("?".into(), |v: i32| v.to_string())
+    }
+    format!(
+        "UDT_FC={} UDT_SNDBUF={} UDT_RCVBUF={} UDP_SNDBUF={} UDP_RCVBUF={}",
+        g(s, O::UDT_FC),
+        g(s, O::UDT_SNDBUF),
+        g(s, O::UDT_RCVBUF),
+        g(s, O::UDP_SNDBUF),
+        g(s, O::UDP_RCVBUF)
+    )
+}
 
 fn udt_err(what: &'static str) -> impl Fn(udt::UdtError) -> anyhow::Error {
     move |e| anyhow!("UDT4 {what}: {} ({})", e.err_msg, e.err_code)
@@ -303,50 +373,71 @@ impl Stream for Udt {
             Err(e) => Err(udt_err("recv")(e)),
         }
     }
+    fn tuning(&self) -> Option<String> {
+        Some(udt_tuning_of(&self.0))
+    }
 }
 
-/// Sets up a UDT4 socket for a path with `buffer` bytes of BDP headroom:
-/// flow window and buffers sized to it, as a user tuning UDT4 for a long path
-/// would (the defaults cap it near 160 Mbit/s at 600 ms).
-pub fn udt_socket(buffer: usize) -> Result<udt::UdtSocket> {
+/// Sets up a UDT4 socket tuned for the path ([`crate::tuning::udt`]): the
+/// flow window holds the path window, the buffers that window. `UDT_FC` goes
+/// first: UDT4 caps the receive buffer at it.
+pub fn udt_socket(path: &crate::tuning::PathInfo) -> Result<udt::UdtSocket> {
     udt::init();
+    let t = crate::tuning::udt(path);
     let s = udt::UdtSocket::new(udt::SocketFamily::AFInet, udt::SocketType::Stream)
         .map_err(udt_err("socket"))?;
-    let buf = buffer.clamp(10 << 20, 1 << 30) as i32;
-    let window = (buf / 1500).max(25600);
-    s.setsockopt(udt::UdtOpts::UDT_FC, window)
+    s.setsockopt(udt::UdtOpts::UDT_FC, t.fc)
         .map_err(udt_err("UDT_FC"))?;
-    s.setsockopt(udt::UdtOpts::UDT_SNDBUF, buf)
+    s.setsockopt(udt::UdtOpts::UDT_SNDBUF, t.buf)
         .map_err(udt_err("UDT_SNDBUF"))?;
-    s.setsockopt(udt::UdtOpts::UDT_RCVBUF, buf)
+    s.setsockopt(udt::UdtOpts::UDT_RCVBUF, t.buf)
         .map_err(udt_err("UDT_RCVBUF"))?;
-    let udp = buf.min(64 << 20);
-    s.setsockopt(udt::UdtOpts::UDP_SNDBUF, udp)
+    s.setsockopt(udt::UdtOpts::UDP_SNDBUF, t.udp_buf)
         .map_err(udt_err("UDP_SNDBUF"))?;
-    s.setsockopt(udt::UdtOpts::UDP_RCVBUF, udp)
+    s.setsockopt(udt::UdtOpts::UDP_RCVBUF, t.udp_buf)
         .map_err(udt_err("UDP_RCVBUF"))?;
     Ok(s)
 }
 
-fn tcp_tune(s: &TcpStream, spec: &NodeSpec) -> Result<()> {
-    if let Some(cc) = &spec.cc {
-        setsockopt(s, sockopt::TcpCongestion, &std::ffi::OsString::from(cc)).with_context(
-            || {
-                format!(
-                    "TCP_CONGESTION {cc} (see sysctl net.ipv4.tcp_available_congestion_control)"
-                )
-            },
-        )?;
-    }
+/// TCP's settings for the spec's path ([`crate::tuning::tcp`]).
+fn tcp_tuning(spec: &NodeSpec) -> crate::tuning::TcpTuning {
+    crate::tuning::tcp(
+        &spec.path,
+        spec.cc.as_deref().unwrap_or("cubic"),
+        spec.workload.kind != WorkloadKind::Bulk,
+    )
+}
+
+/// Where this node's network namespace keeps `tcp_notsent_lowat` (the node
+/// runs in a namespace of its own, so the setting is this run's alone).
+const NOTSENT_LOWAT: &str = "/proc/sys/net/ipv4/tcp_notsent_lowat";
+
+/// Applies [`tcp_tuning`]; returns what the socket cannot report itself
+/// (`tcp_notsent_lowat`, set for the namespace: nix has no socket option for it).
+fn tcp_tune(s: &TcpStream, spec: &NodeSpec) -> Result<String> {
+    let t = tcp_tuning(spec);
+    setsockopt(s, sockopt::TcpCongestion, &std::ffi::OsString::from(&t.cc)).with_context(|| {
+        format!(
+            "TCP_CONGESTION {} (see sysctl net.ipv4.tcp_available_congestion_control)",
+            t.cc
+        )
+    })?;
     // Forced buffers (root) above net.core.{r,w}mem_max; else what the kernel allows.
-    if setsockopt(s, sockopt::SndBufForce, &spec.buffer).is_err() {
-        let _ = setsockopt(s, sockopt::SndBuf, &spec.buffer);
+    if setsockopt(s, sockopt::SndBufForce, &t.buf).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &t.buf);
     }
-    if setsockopt(s, sockopt::RcvBufForce, &spec.buffer).is_err() {
-        let _ = setsockopt(s, sockopt::RcvBuf, &spec.buffer);
+    if setsockopt(s, sockopt::RcvBufForce, &t.buf).is_err() {
+        let _ = setsockopt(s, sockopt::RcvBuf, &t.buf);
     }
     s.set_nodelay(spec.workload.kind != WorkloadKind::Bulk)?;
-    Ok(())
+    let mut extra = String::new();
+    if let Some(v) = t.notsent_lowat {
+        std::fs::write(NOTSENT_LOWAT, v.to_string())
+            .with_context(|| format!("setting {NOTSENT_LOWAT} in the node's namespace"))?;
+        let now = std::fs::read_to_string(NOTSENT_LOWAT).unwrap_or_default();
+        extra = format!(" tcp_notsent_lowat={}", now.trim());
+    }
+    Ok(extra)
 }
 
 fn open_stream(spec: &NodeSpec) -> Result<Box<dyn Stream>> {
@@ -355,27 +446,33 @@ fn open_stream(spec: &NodeSpec) -> Result<Box<dyn Stream>> {
             let l = TcpListener::bind(spec.addr).context("TCP bind")?;
             // Buffers set on the listener are inherited by the accepted socket
             // and size its window scale in the SYN-ACK.
-            if setsockopt(&l, sockopt::RcvBufForce, &spec.buffer).is_err() {
-                let _ = setsockopt(&l, sockopt::RcvBuf, &spec.buffer);
+            let buf = tcp_tuning(spec).buf;
+            if setsockopt(&l, sockopt::RcvBufForce, &buf).is_err() {
+                let _ = setsockopt(&l, sockopt::RcvBuf, &buf);
             }
             say(&format!("listen {}", l.local_addr()?));
             let (s, _) = l.accept().context("TCP accept")?;
-            tcp_tune(&s, spec)?;
+            let extra = tcp_tune(&s, spec)?;
             s.set_read_timeout(Some(Duration::from_millis(200)))?;
-            Ok(Box::new(Tcp { s, retrans0: None }))
+            Ok(Box::new(Tcp {
+                s,
+                retrans0: None,
+                extra,
+            }))
         }
         (Kind::Tcp, Role::Send) => {
             let sock = std::net::TcpStream::connect_timeout(&spec.addr, Duration::from_secs(20))
                 .context("TCP connect")?;
-            tcp_tune(&sock, spec)?;
+            let extra = tcp_tune(&sock, spec)?;
             sock.set_read_timeout(Some(Duration::from_millis(200)))?;
             Ok(Box::new(Tcp {
                 s: sock,
                 retrans0: tcp_retrans_segs(),
+                extra,
             }))
         }
         (Kind::Udt4, Role::Recv) => {
-            let l = udt_socket(spec.buffer)?;
+            let l = udt_socket(&spec.path)?;
             l.bind(spec.addr).map_err(udt_err("bind"))?;
             l.listen(1).map_err(udt_err("listen"))?;
             say(&format!(
@@ -388,7 +485,7 @@ fn open_stream(spec: &NodeSpec) -> Result<Box<dyn Stream>> {
             Ok(Box::new(Udt(s)))
         }
         (Kind::Udt4, Role::Send) => {
-            let s = udt_socket(spec.buffer)?;
+            let s = udt_socket(&spec.path)?;
             s.connect(spec.addr).map_err(udt_err("connect"))?;
             s.setsockopt(udt::UdtOpts::UDT_RCVTIMEO, 200)
                 .map_err(udt_err("UDT_RCVTIMEO"))?;
@@ -438,6 +535,7 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
         (WorkloadKind::Live, Role::Recv) => live_receive(s, w)?,
     };
     r.retrans_bytes = s.retrans_bytes();
+    r.tuning = s.tuning();
     Ok(r)
 }
 
@@ -446,6 +544,7 @@ fn stream_node(spec: &NodeSpec) -> Result<NodeResult> {
 /// last bytes may still sit in its send buffer.
 fn finish_and_linger(s: &mut dyn Stream, r: &mut NodeResult) -> Result<()> {
     r.retrans_bytes = s.retrans_bytes();
+    r.tuning = s.tuning();
     finish(r)?;
     std::thread::sleep(Duration::from_secs(3600));
     Ok(())
@@ -464,6 +563,7 @@ fn bulk_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
         }
         r.bytes += n as u64;
     }
+    s.await_delivered(cap + Duration::from_secs(5));
     finish_and_linger(s, &mut r)?;
     Ok(r)
 }

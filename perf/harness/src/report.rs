@@ -79,6 +79,8 @@ pub struct Row {
     pub goodput_series: Vec<(f64, f64)>,
     /// The machine's load averages when the row started and ended.
     pub load_avg: Option<LoadAvg>,
+    /// The contender's settings as its nodes applied them ([`crate::tuning`]).
+    pub tuning: Option<String>,
 }
 
 /// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
@@ -154,6 +156,7 @@ impl Row {
             note: None,
             goodput_series: Vec::new(),
             load_avg: None,
+            tuning: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! | lu2k | UDP relay (rootless) | kshim + engine node per side, engines' peer entries point at the relay |
 //! | udt4 | UDP relay | `udt` crate stream sockets, flow window and buffers sized to the path |
 //! | srt | UDP relay | `srt-file-transmit` (SRT file mode) |
+//! | quic-cubic, quic-bbr | UDP relay | quinn, one unidirectional stream |
 //! | tcp-cubic, tcp-bbr | TUN between two network namespaces (root) | std sockets, `TCP_CONGESTION` |
 //!
 //! Relay and TUN emulators run the same linkem model with the same settings
@@ -22,8 +23,10 @@ use lu2k_linkem::{Relay, RelayConfig, TunConfig, TunLink};
 
 use crate::collect::{children_cpu_s, goodput_mbps, load_avg, steady_mbps, Percentiles, Series};
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
+use crate::quic::QuicSpec;
 use crate::report::{LoadAvg, Row};
 use crate::scenario::{Cell, Contender, WorkloadKind};
+use crate::tuning::{PathInfo, QuicCc};
 
 /// Settings of a harness run.
 #[derive(Debug, Clone)]
@@ -91,6 +94,8 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
             }
             crate::srt::available().err()
         }
+        Contender::QuicCubic | Contender::QuicBbr => (kind != WorkloadKind::Bulk)
+            .then(|| "the QUIC driver runs the bulk workload only".into()),
         Contender::Lu2k | Contender::Udt4 => None,
     }
 }
@@ -136,6 +141,16 @@ impl Emu {
     }
 }
 
+/// The path as the tuned contenders see it ([`crate::tuning`]).
+pub fn path_info(cell: &Cell) -> PathInfo {
+    PathInfo {
+        rtt_ms: cell.rtt_ms,
+        rate_mbps: cell.rate_mbps,
+        queue_bytes: cell.link.forward.queue_bytes.unwrap_or(0),
+        outage_s: cell.outage.map_or(0.0, |o| o.duration_s),
+    }
+}
+
 fn spec(kind: Kind, role: Role, cell: &Cell, addr: SocketAddr) -> NodeSpec {
     NodeSpec {
         kind,
@@ -145,6 +160,8 @@ fn spec(kind: Kind, role: Role, cell: &Cell, addr: SocketAddr) -> NodeSpec {
         cc: None,
         buffer: buffer_for(cell),
         lu2k: None,
+        path: path_info(cell),
+        quic: None,
     }
 }
 
@@ -228,7 +245,7 @@ fn run_inner(
     let cpu0 = children_cpu_s();
     // Before the sender exists: no byte can be sent earlier.
     let pre_ns = node::mono_ns();
-    let Started { emu, rx, tx } = start(cell, contender, opts)?;
+    let Started { emu, rx, tx, setup } = start(cell, contender, opts)?;
     let t0 = Instant::now();
     let t0_ns = node::mono_ns();
     let outage_offset = t0.saturating_duration_since(emu.epoch()).as_secs_f64();
@@ -262,7 +279,12 @@ fn run_inner(
         cpu,
         target,
     };
-    Ok(row(scenario, cell, contender, &outcome))
+    let mut row = row(scenario, cell, contender, &outcome);
+    row.tuning = [row.tuning.take(), setup]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| format!("{a}; {b}"));
+    Ok(row)
 }
 
 /// A contender's emulated link with its two nodes running on it.
@@ -270,36 +292,50 @@ struct Started {
     emu: Emu,
     rx: Node,
     tx: Node,
+    /// What the harness set up for the contender outside its nodes (TCP: the
+    /// qdisc), for the row's `tuning`.
+    setup: Option<String>,
 }
 
 /// Starts the emulator and the nodes: the receiver first, then the sender
 /// (time zero of the run).
 fn start(cell: &Cell, contender: Contender, opts: &Opts) -> Result<Started> {
     match contender {
-        Contender::Udt4 => start_on_relay(Kind::Udt4, cell, opts),
-        Contender::Srt => start_on_relay(Kind::Srt, cell, opts),
+        Contender::Udt4 => start_on_relay(Kind::Udt4, cell, opts, None),
+        Contender::Srt => start_on_relay(Kind::Srt, cell, opts, None),
+        Contender::QuicCubic => {
+            start_on_relay(Kind::Quic, cell, opts, Some(QuicSpec::new(QuicCc::Cubic)?))
+        }
+        Contender::QuicBbr => {
+            start_on_relay(Kind::Quic, cell, opts, Some(QuicSpec::new(QuicCc::Bbr)?))
+        }
         Contender::TcpCubic => start_tcp(cell, opts, "cubic"),
         Contender::TcpBbr => start_tcp(cell, opts, "bbr"),
         Contender::Lu2k => start_lu2k(cell, opts),
     }
 }
 
-/// A stream transport (UDT4, SRT) through the relay: the receiver listens on
-/// loopback, the relay forwards to it, the sender connects to the relay.
-fn start_on_relay(kind: Kind, cell: &Cell, opts: &Opts) -> Result<Started> {
+/// A transport over UDP (UDT4, SRT, QUIC) through the relay: the receiver
+/// listens on loopback, the relay forwards to it, the sender connects to the
+/// relay.
+fn start_on_relay(kind: Kind, cell: &Cell, opts: &Opts, quic: Option<QuicSpec>) -> Result<Started> {
     let exe = node::self_command;
     let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-    let mut rx = Node::spawn(Node::command(exe()?, &spec(kind, Role::Recv, cell, lo))?)?;
+    let mut rs = spec(kind, Role::Recv, cell, lo);
+    rs.quic.clone_from(&quic);
+    let mut rx = Node::spawn(Node::command(exe()?, &rs)?)?;
     let at = rx.wait_listen(Duration::from_secs(20))?;
     let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
     rc.b_peer = Some(at);
     let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
-    let tx_spec = spec(kind, Role::Send, cell, relay.a_addr());
+    let mut tx_spec = spec(kind, Role::Send, cell, relay.a_addr());
+    tx_spec.quic = quic;
     let tx = Node::spawn(Node::command(exe()?, &tx_spec)?)?;
     Ok(Started {
         emu: Emu::Relay(relay),
         rx,
         tx,
+        setup: None,
     })
 }
 
@@ -314,6 +350,7 @@ fn start_tcp(cell: &Cell, opts: &Opts, cc: &str) -> Result<Started> {
     let tun = TunLink::spawn(TunConfig::new(link, opts.seed, &name))
         .context("starting the link emulator (TUN; needs root and iproute2)")?;
     let at = SocketAddr::from((tun.b_ip(), 5201));
+    let setup = Some(fq_qdisc(&tun, cc));
     let mut rs = spec(Kind::Tcp, Role::Recv, cell, at);
     rs.cc = Some(cc.into());
     let exe_path = std::env::current_exe()?;
@@ -332,7 +369,35 @@ fn start_tcp(cell: &Cell, opts: &Opts, cc: &str) -> Result<Started> {
         emu: Emu::Tun(tun),
         rx,
         tx,
+        setup,
     })
+}
+
+/// BBR's pacing: the fq qdisc on both namespaces' TUN devices where the
+/// kernel has it (`tc qdisc replace … root fq`); without it BBR paces
+/// itself (TCP internal pacing, Linux 4.20+). CUBIC keeps the default qdisc.
+/// Returns what the row's `tuning` says about it.
+fn fq_qdisc(tun: &TunLink, cc: &str) -> String {
+    if !crate::tuning::tcp(&PathInfo::default(), cc, false).fq {
+        return "qdisc: default".into();
+    }
+    let mut why = None;
+    for ns in [tun.a(), tun.b()] {
+        let out = std::process::Command::new("tc")
+            .args(["-n", ns.name(), "qdisc", "replace", "dev"])
+            .arg(lu2k_linkem::tun::DEVICE)
+            .args(["root", "fq"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => why = Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => why = Some(format!("tc: {e}")),
+        }
+    }
+    match why {
+        None => "qdisc: fq (pacing)".into(),
+        Some(w) => format!("qdisc: fq unavailable ({w}); BBR paces itself (TCP internal pacing)"),
+    }
 }
 
 /// lu2k through the relay: each node's engine has the relay as its peer's
@@ -372,6 +437,7 @@ fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
         emu: Emu::Relay(relay),
         rx,
         tx,
+        setup: None,
     })
 }
 
@@ -545,6 +611,11 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
         .into_iter()
         .flatten()
         .reduce(|a, b| format!("{a}; {b}"));
+    // The sender's settings, and the receiver's where they differ.
+    row.tuning = match (sender.and_then(|s| s.tuning.clone()), res.tuning.clone()) {
+        (Some(s), Some(r)) if s != r => Some(format!("send: {s} | recv: {r}")),
+        (s, r) => s.or(r),
+    };
     // Retransmissions are counted on the sending side.
     row.retrans_bytes = match w.kind {
         WorkloadKind::Rpc => res.retrans_bytes,
@@ -635,6 +706,8 @@ pub fn lu2k_direct(
         cc: None,
         buffer: 64 << 20,
         lu2k: Some(l(ip, peer)),
+        path: PathInfo::default(),
+        quic: None,
     };
     let rx = Node::spawn(Node::command(
         node::self_command()?,

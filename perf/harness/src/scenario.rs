@@ -70,6 +70,12 @@ pub enum Contender {
     /// SRT (Debian's srt-tools, `srt-file-transmit`: SRT file mode).
     #[serde(rename = "srt")]
     Srt,
+    /// QUIC: quinn with its CUBIC, one stream (through the UDP relay).
+    #[serde(rename = "quic-cubic")]
+    QuicCubic,
+    /// QUIC: quinn with its BBR, one stream (through the UDP relay).
+    #[serde(rename = "quic-bbr")]
+    QuicBbr,
 }
 
 impl Contender {
@@ -81,6 +87,8 @@ impl Contender {
             Contender::TcpCubic => "tcp-cubic",
             Contender::TcpBbr => "tcp-bbr",
             Contender::Srt => "srt",
+            Contender::QuicCubic => "quic-cubic",
+            Contender::QuicBbr => "quic-bbr",
         }
     }
 }
@@ -370,7 +378,7 @@ impl Scenario {
         if self.contenders.is_empty() {
             return Err(invalid(
                 "contenders",
-                "name at least one of lu2k, udt4, tcp-cubic, tcp-bbr, srt",
+                "name at least one of lu2k, udt4, tcp-cubic, tcp-bbr, srt, quic-cubic, quic-bbr",
             ));
         }
         for (i, c) in self.contenders.iter().enumerate() {

@@ -69,20 +69,20 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
-/// SRT socket options (URI parameters). `srt-file-transmit` sets
-/// `transtype=file` itself; the buffers are sized to the path (the harness's
-/// `buffer`, about 2 × (BDP + queue)), the flow window (`fc`, packets) to
-/// hold the receive buffer: SRT caps the receive buffer at `fc` packets.
-fn options(spec: &NodeSpec) -> String {
+/// SRT socket options (URI parameters): file mode tuned for the path
+/// ([`crate::tuning::srt`]: flow window, buffers, `maxbw`, peer-idle and
+/// connection timeouts). `LU2K_PERF_SRT_DEFAULT_BUFFERS=1` leaves all but
+/// `transtype=file` at SRT's defaults.
+pub fn options(spec: &NodeSpec) -> String {
     match std::env::var("LU2K_PERF_SRT_DEFAULT_BUFFERS") {
         Ok(v) if v == "1" => return "transtype=file".into(),
         _ => {}
     }
-    let buf = spec.buffer.clamp(8 << 20, 256 << 20);
-    format!(
-        "transtype=file&sndbuf={buf}&rcvbuf={buf}&fc={}",
-        (buf / 1456).max(25600)
-    )
+    crate::tuning::srt(&spec.path)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// A private directory holding the FIFO the receiver's `srt-file-transmit`
@@ -187,6 +187,7 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
     }
     let _ = child.kill();
     let _ = child.wait();
+    r.tuning = Some(options(spec));
     Ok(r)
 }
 
@@ -236,5 +237,6 @@ fn send(spec: &NodeSpec) -> Result<NodeResult> {
     if !st.success() {
         r.note = Some(format!("{PROGRAM} (caller) exited with {st}"));
     }
+    r.tuning = Some(options(spec));
     Ok(r)
 }
