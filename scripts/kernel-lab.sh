@@ -15,7 +15,11 @@
 #      qemu-system-x86 with the dependencies this machine lacks, with
 #      `apt-get download`; unpacks them with `dpkg-deb` (qemu is never installed:
 #      bookworm's qemu breaks this machine's backported qemu-utils);
-#   2. builds the lab binary static for x86_64-unknown-linux-musl (tests/lab/);
+#   2. builds the lab binary static for x86_64-unknown-linux-musl (tests/lab/); for
+#      the module test also lu2k-engine and lu2k_kshim.ko (kshim/module), the module
+#      against Debian's linux-headers of exactly the kernel it boots (fetched and
+#      unpacked like the kernel; the build stops on any version mismatch) with
+#      gcc-12, the compiler Debian built that kernel with;
 #   3. builds an initramfs: busybox, the kernel modules the tests need (rds,
 #      rds_tcp, sch_netem, veth, with their dependencies, from the same package as
 #      the kernel), iproute2's ip and tc with their libraries (busybox's tc cannot
@@ -32,7 +36,7 @@
 # the message says why, callers skip loudly on 77.
 set -euo pipefail
 
-ALL_TESTS="rds,netem,probe,engine"
+ALL_TESTS="rds,netem,probe,engine,module"
 SKIP_RC=77
 
 usage() {
@@ -43,7 +47,8 @@ Options:
   --list              print the tests and exit
   --kernel-meta PKG   metapackage to resolve the kernel through (default: linux-image-amd64)
   --cache DIR         cache folder (default: \$LU2K_LAB_CACHE or \${XDG_CACHE_HOME:-~/.cache}/lu2k-lab)
-  --timeout SECS      wall-clock limit for the VM (default: 300)
+  --timeout SECS      wall-clock limit for the VM (default: 300, 600 with the module test)
+  --module-mib N      MiB of PUTs each way in the module test (default: 1024)
   --memory MB         VM memory (default: 2048)
   --cpus N            VM cpus (default: 2)
   --strict            a skipped test fails the run
@@ -56,7 +61,8 @@ EOF
 tests="$ALL_TESTS"
 kernel_meta="linux-image-amd64"
 cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
-vm_timeout=300
+vm_timeout=""
+module_mib=1024
 memory=2048
 cpus=2
 strict=0
@@ -72,6 +78,7 @@ while [ $# -gt 0 ]; do
         --kernel-meta) kernel_meta="$2"; shift 2 ;;
         --cache) cache="$2"; shift 2 ;;
         --timeout) vm_timeout="$2"; shift 2 ;;
+        --module-mib) module_mib="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --cpus) cpus="$2"; shift 2 ;;
         --strict) strict=1; shift ;;
@@ -91,6 +98,10 @@ for t in ${tests//,/ }; do
 done
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "$vm_timeout" ]; then
+    vm_timeout=300
+    [[ ",$tests," == *",module,"* ]] && vm_timeout=600
+fi
 t_start=$(date +%s.%N)
 phase_start=$t_start
 since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
@@ -307,6 +318,37 @@ if [ ! -e "$kdir/.stamp" ]; then
     touch "$kdir/.stamp"
 fi
 echo "    modules (load order): $(tr '\n' ' ' < "$kdir/load-order")"
+
+# the kernel's headers, for the module test: the package of exactly this kernel
+# release and version, and what it depends on (its -common half and linux-kbuild)
+hdir=""
+if [[ ",$tests," == *",module,"* ]]; then
+    hpkg="linux-headers-$kernel_release"
+    hdir="$cache/headers/$hpkg-$kernel_ver"
+    if [ ! -e "$hdir/.stamp" ]; then
+        mapfile -t hpkgs < <(apt-cache depends "$hpkg" 2>/dev/null \
+            | awk '/^ *Depends: linux-(headers|kbuild)-/ {print $2}')
+        [ ${#hpkgs[@]} -ge 1 ] || die "cannot resolve $hpkg's dependencies (apt-cache depends $hpkg)"
+        hpkgs=("$hpkg" "${hpkgs[@]}")
+        download "${hpkgs[@]}"
+        for p in "${hpkgs[@]}"; do
+            v=$(candidate_version "$p")
+            [ "$v" = "$kernel_ver" ] \
+                || die "version mismatch: $p is $v but the lab boots $kernel_pkg $kernel_ver; the module must be built against the headers of exactly that kernel (apt-get update, or delete $cache/kernel to refetch both)"
+        done
+        rm -rf "$hdir"; mkdir -p "$hdir/root"
+        for p in "${hpkgs[@]}"; do unpack "$(deb_path "$p")" "$hdir/root"; done
+        # Debian's per-flavour Makefile includes the -common half by absolute path
+        kb="$hdir/root/usr/src/$hpkg"
+        sed -i "s|^include /usr/src/|include $hdir/root/usr/src/|" "$kb/Makefile"
+        touch "$hdir/.stamp"
+    fi
+    kb="$hdir/root/usr/src/$hpkg"
+    uts=$(sed -n 's/^#define UTS_RELEASE "\(.*\)"$/\1/p' "$kb/include/generated/utsrelease.h" 2>/dev/null)
+    [ "$uts" = "$kernel_release" ] \
+        || die "version mismatch: $hpkg's headers are for release '${uts:-?}', the lab boots $kernel_release"
+    echo "    headers: $hpkg $kernel_ver (release $uts)"
+fi
 phase "fetched and unpacked"
 [ $fetch_only -eq 1 ] && exit 0
 
@@ -405,6 +447,42 @@ if [[ ",$tests," == *",engine,"* ]]; then
         echo "    note: the engine's tests did not build; the engine test will say pending"
     fi
 fi
+# The module test: lu2k_kshim.ko against the headers fetched above, and the engine
+# binary it attaches to the module (static musl, the glibc build as a fallback).
+module_ko=""
+module_engine=""
+if [ -n "$hdir" ]; then
+    kcc=$(sed -n 's/^CC = .*)\(gcc-[0-9]*\)$/\1/p' "$kb/.kernelvariables" 2>/dev/null)
+    kcc=${kcc:-gcc-12}
+    command -v "$kcc" >/dev/null \
+        || skip "the module is built with $kcc, the compiler Debian built $kernel_pkg with; apt-get install $kcc"
+    mb="$cache/module-build"
+    rm -rf "$mb"; cp -r "$repo/kshim/module" "$mb"
+    echo "==> kernel-lab: building lu2k_kshim.ko against $kernel_release's headers ($kcc)"
+    make -s -C "$kb" M="$mb" LU2K_ABI_INCLUDE="$repo/ring-abi/include" modules > "$cache/logs/module-build.log" 2>&1 \
+        || { tail -n 30 "$cache/logs/module-build.log" >&2; die "building kshim/module failed (log: $cache/logs/module-build.log)"; }
+    if grep -E ' (warning|error):' "$cache/logs/module-build.log" >&2; then
+        die "kshim/module builds with warnings against $kernel_release (log: $cache/logs/module-build.log)"
+    fi
+    module_ko="$mb/lu2k_kshim.ko"
+    vm_mod=$(tr '\0' '\n' < "$module_ko" | sed -n 's/^vermagic=//p' | head -1)
+    ref_mod=$(tr '\0' '\n' < "$kdir/veth.ko" | sed -n 's/^vermagic=//p' | head -1)
+    [ -n "$vm_mod" ] && [ "$vm_mod" = "$ref_mod" ] \
+        || die "version mismatch: lu2k_kshim.ko's vermagic '$vm_mod' differs from the kernel's own modules' '$ref_mod'"
+    echo "    lu2k_kshim.ko: vermagic $vm_mod"
+    for et in "$musl" x86_64-unknown-linux-gnu; do
+        if env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+            cargo build --quiet --release --target "$et" -p lu2k-engine --bin lu2k-engine \
+                --manifest-path "$repo/Cargo.toml" --target-dir "$cache/target-engine" \
+                2> "$cache/logs/module-engine-$et.log"; then
+            module_engine="$cache/target-engine/$et/release/lu2k-engine"
+            echo "    lu2k-engine for the module test: $et"
+            break
+        fi
+        [ $static_only -eq 1 ] && break
+    done
+    [ -n "$module_engine" ] || echo "    note: lu2k-engine did not build (logs: $cache/logs/module-engine-*.log); the module test will say so"
+fi
 phase "built lab binaries"
 
 # --- 3. the initramfs ------------------------------------------------------------------
@@ -444,6 +522,11 @@ if [ ${#engine_tests[@]} -gt 0 ]; then
     find "$ird/lab" "$ird$(dirname "${engine_exe:-/nonexistent}")" -type f 2>/dev/null \
         | while read -r f; do strip --strip-debug "$f" 2>/dev/null || true; done
 fi
+if [ -n "$module_ko" ]; then
+    mkdir -p "$ird/lib/lab-extra"
+    cp "$module_ko" "$ird/lib/lab-extra/"
+    [ -n "$module_engine" ] && copy_with_libs "$module_engine" bin/lu2k-engine
+fi
 # the ld.so cache is absent: tell the loader where the libraries are
 for d in $(cd "$ird" && find lib* usr/lib* -name '*.so*' -printf '/%h\n' 2>/dev/null | sort -u); do echo "$d"; done > "$ird/etc/lab/ld-library-path"
 [ -d /usr/lib/x86_64-linux-gnu/tc ] && mkdir -p "$ird/usr/lib/x86_64-linux-gnu" && cp -r /usr/lib/x86_64-linux-gnu/tc "$ird/usr/lib/x86_64-linux-gnu/"
@@ -467,7 +550,7 @@ LD_LIBRARY_PATH="$qlibs" timeout --kill-after=10 "$vm_timeout" "$qemu" \
     -accel tcg -machine q35 -cpu max -smp "$cpus" -m "$memory" \
     -nographic -no-reboot -nodefaults -serial stdio -monitor none \
     -kernel "$kdir/vmlinuz" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3 lu2k.tests=$tests" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 lu2k.tests=$tests lu2k.module_mib=$module_mib" \
     < /dev/null > "$log" 2>&1
 qrc=$?
 set -e

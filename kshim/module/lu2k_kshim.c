@@ -1290,9 +1290,11 @@ static int lu2k_mmap(struct file *f, struct vm_area_struct *vma)
 
 	if (!in)
 		return -ENOTCONN;
-	if (vma->vm_pgoff || vma->vm_end - vma->vm_start != in->size)
+	/* Any page range inside the region: the engine maps its TX pool a second time. */
+	if (vma->vm_pgoff >= in->size >> PAGE_SHIFT ||
+	    vma->vm_end - vma->vm_start > in->size - (vma->vm_pgoff << PAGE_SHIFT))
 		return -EINVAL;
-	return remap_vmalloc_range(vma, in->region, 0);
+	return remap_vmalloc_range(vma, in->region, vma->vm_pgoff);
 }
 
 static __poll_t lu2k_poll(struct file *f, poll_table *pt)

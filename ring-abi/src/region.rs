@@ -181,8 +181,9 @@ impl Region {
 
     /// Maps `size` bytes of the kernel module's device file (`/dev/lu2k`, attached to
     /// an instance) and validates the header as [`Region::from_fd`] does. A device has
-    /// no seals: the module fixes the size (it refuses any other mapping length and
-    /// cannot shrink the region while it is mapped), and the header must state it.
+    /// no seals: the module fixes the size (the region is allocated once per instance
+    /// and freed only when no engine holds it; a mapping past its end is refused), and
+    /// the header must state it.
     pub fn from_device(fd: OwnedFd, size: u64) -> Result<Region, RegionError> {
         Region::map_and_check(fd, size)
     }

@@ -15,8 +15,12 @@
 //!   probe and the path it chooses.
 //! - `engine`: the engine's own test binaries (unit, I/O paths, end to end) on this
 //!   kernel.
+//! - `module`: lu2k_kshim.ko, the kernel half as a kernel module, with engines attached
+//!   through /dev/lu2k: verified PUTs each way, pings, an engine killed mid-transfer,
+//!   a hostile engine, rmmod.
 
 mod engine;
+mod module;
 mod netem;
 mod netns;
 mod probe;
@@ -40,6 +44,7 @@ const TESTS: &[(&str, Test)] = &[
     ("netem", netem::run),
     ("probe", probe::run),
     ("engine", engine::run),
+    ("module", module::run),
 ];
 
 fn main() -> ExitCode {
