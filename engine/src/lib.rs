@@ -25,6 +25,7 @@
 
 pub mod daemon;
 pub mod io;
+pub mod log;
 pub mod shard;
 pub mod steer;
 pub mod transport;

@@ -24,6 +24,11 @@ use lu2k_engine::io::probe::Features;
 #[derive(Debug, Parser)]
 #[command(name = "lu2k-engine", version, verbatim_doc_comment)]
 struct Cli {
+    /// Log level: error, warn, info, debug or trace, or tracing directives such as
+    /// "lu2k_engine::shard=debug,info" [default: RUST_LOG, else info]. Under systemd
+    /// lines carry journal priorities and no timestamps.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -187,9 +192,32 @@ impl RunArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
+    let out = match lu2k_engine::log::init(cli.log_level.as_deref()) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match command(cli.cmd) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The journal takes the priority from the prefix; elsewhere the
+            // error and its causes, as anyhow prints them.
+            if out == lu2k_engine::log::Output::Journal {
+                eprintln!("<3>error: {e:#}");
+            } else {
+                eprintln!("Error: {e:?}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn command(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Probe { json, io_path } => {
             let f = Features::probe();
             let forced = io_path == Some(IoPathChoice::Epoll)

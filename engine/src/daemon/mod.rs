@@ -101,7 +101,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.io_path == IoPathChoice::Uring && path != IoPath::Uring {
         bail!("io_path = uring but the fast path is not available: {why}");
     }
-    eprintln!("lu2k-engine: I/O path {path}: {why}");
+    tracing::info!("I/O path {path}: {why}");
 
     let att =
         attach::attach(&kpath).with_context(|| format!("attaching to kshim at {kpath}"))?;
@@ -142,8 +142,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     att.ack(0).context("sending ACK to kshim")?;
-    eprintln!(
-        "lu2k-engine: attached to kshim at {} ({} cores, {} {}, path {})",
+    tracing::info!(
+        "attached to kshim at {} ({} cores, {} {}, path {})",
         kpath,
         plan.cores,
         if plan.rds { "RDS/rds_tcp" } else { "UDP" },
@@ -158,7 +158,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for t in threads {
         let _ = t.join();
     }
-    eprintln!("lu2k-engine: stopped");
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -172,7 +172,7 @@ fn watch_signals() -> anyhow::Result<Arc<AtomicBool>> {
         .name("lu2k-signals".into())
         .spawn(move || {
             if let Ok(sig) = sys::wait_signal() {
-                eprintln!("lu2k-engine: signal {sig}: draining");
+                tracing::info!("signal {sig}: draining");
                 d.store(true, Ordering::SeqCst);
             }
         })?;
@@ -276,8 +276,8 @@ fn served_nid(nids: &[Nid]) -> Option<Nid> {
     if let [first, rest @ ..] = nids {
         if !rest.is_empty() {
             // One engine binds one address and speaks for one LNet network.
-            eprintln!(
-                "lu2k-engine: warning: kshim announces {} NIDs; this engine serves {first} only \
+            tracing::warn!(
+                "kshim announces {} NIDs; this engine serves {first} only \
                  (start one kshim + engine pair per NID for the others: {})",
                 nids.len(),
                 rest.iter()
@@ -486,7 +486,7 @@ fn datagram_io(
                 Ok(x)
             })
             .map(|x| {
-                eprintln!("lu2k-engine: core {c}: io_uring {}", x.setup());
+                tracing::info!("core {c}: io_uring {}", x.setup());
                 Box::new(x) as Box<dyn DatagramIo>
             }),
         IoPath::Epoll => EpollIo::new_owned(sock, mem, Some(bell), SEND_SLOTS)
@@ -521,10 +521,7 @@ fn start_stats(
     match Server::start(socket, slots, path.to_string(), draining.clone()) {
         Ok(s) => Some(s),
         Err(e) => {
-            eprintln!(
-                "lu2k-engine: stats socket {} unavailable: {e}",
-                socket.display()
-            );
+            tracing::warn!("stats socket {} unavailable: {e}", socket.display());
             None
         }
     }
@@ -554,7 +551,7 @@ fn start_metrics(
         metrics::MetricsServer::start(addr, slots, info, draining.clone()).with_context(|| {
             format!("serving metrics on {addr} (metrics_listen): is the port in use?")
         })?;
-    eprintln!("lu2k-engine: metrics at http://{}/metrics", m.local_addr());
+    tracing::info!("metrics at http://{}/metrics", m.local_addr());
     Ok(Some(m))
 }
 
@@ -580,7 +577,7 @@ fn serve(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if !draining.load(Ordering::Relaxed) && kshim_gone(&att.sock) {
-            eprintln!("lu2k-engine: kshim closed the attach socket: draining");
+            tracing::warn!("kshim closed the attach socket: draining");
             draining.store(true, Ordering::SeqCst);
         }
         if draining.load(Ordering::Relaxed) {
@@ -755,8 +752,8 @@ fn warn_if_rx_pool_small(rx_per_core: u32, mss: u16) {
     let per_message = (lu2k_ring_abi::MAX_PAYLOAD as u32).div_ceil(payload);
     let need = per_message + per_message / 7 + 1;
     if rx_per_core < need {
-        eprintln!(
-            "lu2k-engine: warning: {rx_per_core} RX buffers per core cannot hold a 1 MiB \
+        tracing::warn!(
+            "{rx_per_core} RX buffers per core cannot hold a 1 MiB \
              message ({per_message} datagrams at MSS {mss}) plus the reserve; a lossy path \
              may stall. Give kshim at least {need} RX buffers per core."
         );

@@ -26,6 +26,7 @@
 pub mod ring;
 pub mod spin;
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -35,7 +36,8 @@ use std::time::{Duration, Instant};
 use lu2k_ring_abi::doorbell::{WAKE_EVENTFD, WAKE_FUTEX};
 use lu2k_ring_abi::{Net, Nid, TxStatus, WaitMode};
 
-use crate::daemon::stats::Published;
+use crate::daemon::stats::{CoreStats, Published};
+use crate::log::{DropLog, DROP_LOG_EVERY};
 use crate::transport::{Event, Transport, Woken};
 use ring::{Refusal, RingSide};
 use spin::{Pass, Spin};
@@ -111,6 +113,10 @@ pub struct Shard<T: Transport> {
     woke_at: Instant,
     drain_deadline: Option<Instant>,
     last_stats: Instant,
+    /// Drops become one log line per interval, never one per packet.
+    drop_log: DropLog,
+    /// Peers whose first connection was logged.
+    peers_seen: HashSet<String>,
 }
 
 impl<T: Transport> Shard<T> {
@@ -127,6 +133,8 @@ impl<T: Transport> Shard<T> {
             woke_at: now,
             drain_deadline: None,
             last_stats: now,
+            drop_log: DropLog::new(DROP_LOG_EVERY),
+            peers_seen: HashSet::new(),
         }
     }
 
@@ -137,11 +145,7 @@ impl<T: Transport> Shard<T> {
 
     /// Runs until shutdown completes (or kshim's rings break).
     pub fn run(mut self) {
-        eprintln!(
-            "lu2k-engine: core {}: back-end {}",
-            self.p.core,
-            self.t.name()
-        );
+        tracing::info!("core {}: back-end {}", self.p.core, self.t.name());
         // What the core runs with is readable at once, before any traffic.
         self.publish_stats();
         while self.step() != Step::Done {}
@@ -168,7 +172,12 @@ impl<T: Transport> Shard<T> {
         let woken = match self.wait(idle, work) {
             Ok(w) => w,
             Err(e) => {
-                eprintln!("lu2k-engine core {}: I/O wait failed: {e}", self.p.core);
+                crate::log_every!(
+                    error,
+                    DROP_LOG_EVERY,
+                    "core {}: I/O wait failed: {e}",
+                    self.p.core
+                );
                 self.ring.stats.drop_one("io_error");
                 Woken::default()
             }
@@ -297,9 +306,63 @@ impl<T: Transport> Shard<T> {
                         self.t.handle_return(&back);
                     }
                 }
-                Event::PeerDown(ip) => self.notice(Notice::PeerDown(self.nid(ip))),
-                Event::PeerUp(ip) => self.notice(Notice::PeerUp(self.nid(ip))),
+                Event::PeerDown(ip) => {
+                    self.log_peer(ip, false);
+                    self.notice(Notice::PeerDown(self.nid(ip)));
+                }
+                Event::PeerUp(ip) => {
+                    self.log_peer(ip, true);
+                    self.notice(Notice::PeerUp(self.nid(ip)));
+                }
             }
+        }
+    }
+
+    /// One line per peer state change, with the reason and what the transport
+    /// knows of the peer. Peer events are rare (minutes apart at worst), so the
+    /// transport's full counters are read here.
+    fn log_peer(&mut self, ip: Ipv4Addr, up: bool) {
+        let nid = self.nid(ip).to_string();
+        let mut s = CoreStats::default();
+        self.t.stats(&mut s);
+        let p = s.peers.iter().find(|p| p.nid == nid);
+        let addr = p.map_or(String::new(), |p| format!(" at {}", p.addr));
+        if up {
+            self.peers_seen.insert(nid.clone());
+            tracing::info!(
+                core = self.p.core,
+                "peer {nid}{addr} up: it answers again (handshake completed); kshim is told"
+            );
+            return;
+        }
+        let last = p
+            .and_then(|p| p.last_error.as_deref())
+            .map_or(String::new(), |e| format!("; last kernel error: {e}"));
+        tracing::warn!(
+            core = self.p.core,
+            "peer {nid}{addr} down: no answer within the peer-down timeout while \
+             messages waited, or its connection timed out{last}; its messages fail back \
+             PeerUnreachable and kshim is told"
+        );
+    }
+
+    /// Logs what the counters show that happens too often for a line each:
+    /// peers connecting for the first time, and drops (summarised per interval).
+    fn log_counters(&mut self, s: &CoreStats) {
+        for p in &s.peers {
+            if p.up && !self.peers_seen.contains(&p.nid) {
+                self.peers_seen.insert(p.nid.clone());
+                tracing::info!(
+                    core = self.p.core,
+                    "peer {} at {} up: connected (RTT {} µs)",
+                    p.nid,
+                    p.addr,
+                    p.rtt_us
+                );
+            }
+        }
+        if let Some(line) = self.drop_log.line(self.t.now(), &s.drops) {
+            tracing::warn!("core {}: {line}", self.p.core);
         }
     }
 
@@ -316,6 +379,7 @@ impl<T: Transport> Shard<T> {
         let mut s = self.ring.stats.clone();
         self.ring.pool_use(&mut s);
         self.t.stats(&mut s);
+        self.log_counters(&s);
         if let Ok(mut g) = self.links.published.lock() {
             *g = s;
         }

@@ -59,6 +59,9 @@ pub enum Refusal {
     Answered,
 }
 
+/// A broken ring stays broken and is met again every pass: one line per this.
+const RING_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A core's rings, pools and message ledger.
 #[derive(Debug)]
 pub struct RingSide {
@@ -158,7 +161,12 @@ impl RingSide {
         let n = match self.ec.tx.peek(max) {
             Ok(n) => n,
             Err(e) => {
-                eprintln!("lu2k-engine core {}: TX ring broken: {e}", self.core);
+                crate::log_every!(
+                    error,
+                    RING_LOG_EVERY,
+                    "core {}: TX ring broken: {e}",
+                    self.core
+                );
                 return 0;
             }
         };
@@ -277,7 +285,12 @@ impl RingSide {
                 }
                 Ok(None) => return any,
                 Err(e) => {
-                    eprintln!("lu2k-engine core {}: RX return ring broken: {e}", self.core);
+                    crate::log_every!(
+                        error,
+                        RING_LOG_EVERY,
+                        "core {}: RX return ring broken: {e}",
+                        self.core
+                    );
                     return any;
                 }
             }
@@ -416,7 +429,12 @@ impl RingSide {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    eprintln!("lu2k-engine core {}: RX ring broken: {e}", self.core);
+                    crate::log_every!(
+                        error,
+                        RING_LOG_EVERY,
+                        "core {}: RX ring broken: {e}",
+                        self.core
+                    );
                     break;
                 }
             }
@@ -496,7 +514,11 @@ fn push_completion(
                 std::thread::yield_now();
             }
             Err(e) => {
-                eprintln!("lu2k-engine core {core}: completion ring broken: {e}");
+                crate::log_every!(
+                    error,
+                    RING_LOG_EVERY,
+                    "core {core}: completion ring broken: {e}"
+                );
                 return false;
             }
         }

@@ -523,7 +523,12 @@ impl Rds {
     /// Waits up to `timeout` for completions and handles them.
     fn reap(&mut self, timeout: Duration) -> Woken {
         if let Err(e) = uring::submit_and_wait(&mut self.ring, timeout) {
-            eprintln!("lu2k-engine rds core {}: io_uring wait: {e}", self.core);
+            crate::log_every!(
+                error,
+                Duration::from_secs(10),
+                "rds core {}: io_uring wait: {e}",
+                self.core
+            );
         }
         let cqes: Vec<(u64, i32)> = self
             .ring
@@ -568,8 +573,10 @@ impl Rds {
                 libc::EAGAIN | libc::EINTR | libc::ECANCELED => {}
                 e => {
                     self.drop_one("rds_recv_error");
-                    eprintln!(
-                        "lu2k-engine rds core {}: recvmsg: {}",
+                    crate::log_every!(
+                        warn,
+                        Duration::from_secs(10),
+                        "rds core {}: recvmsg: {}",
                         self.core,
                         lu2k_rds::errno_name(e)
                     );

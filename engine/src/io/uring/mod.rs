@@ -775,8 +775,8 @@ impl UringIo {
                         // -ECANCELED: cancelled at shutdown.
                         if res < 0 && res != -libc::EAGAIN && res != -libc::ECANCELED {
                             // Not expected once the probe passed; don't spin on it.
-                            eprintln!(
-                                "lu2k-engine: futex doorbell wait failed ({}); using the eventfd",
+                            tracing::warn!(
+                                "futex doorbell wait failed ({}); using the eventfd",
                                 io::Error::from_raw_os_error(-res)
                             );
                             self.bell_futex = None;
