@@ -24,6 +24,13 @@
 //! [[peer]]                                # optional: peers not at NID-address:port
 //! nid = "10.0.0.2@lu2k"
 //! addr = "10.0.0.2:7988"
+//!
+//! security = "required"                   # required | off; required when a key is set
+//! psk_file = "/etc/lu2k/psk"              # the network's pre-shared key (mode 0600)
+//! psk_next_file = "/etc/lu2k/psk.next"    # optional: also accepted (key rotation)
+//! [[peer_key]]                            # optional: a key of one peer instead
+//! nid = "10.0.0.3@lu2k"
+//! psk_file = "/etc/lu2k/psk.10.0.0.3"
 //! ```
 //!
 //! Defaults suit satellite links: large socket buffers (64 MiB), a long peer-down
@@ -67,6 +74,26 @@ pub struct PeerCfg {
     pub nid: String,
     /// Where its engine listens.
     pub addr: SocketAddrV4,
+}
+
+/// The wire's security (see `transport::seal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecurityChoice {
+    /// Every datagram authenticated and encrypted; plain peers refused.
+    Required,
+    /// The plain UDT4 wire.
+    Off,
+}
+
+/// The pre-shared key of one peer (instead of the network's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerKeyCfg {
+    /// The peer's NID, e.g. `10.0.0.3@lu2k`.
+    pub nid: String,
+    /// Its key file.
+    pub psk_file: PathBuf,
 }
 
 /// The whole configuration.
@@ -128,6 +155,17 @@ pub struct Config {
     /// Peers at non-default addresses.
     #[serde(rename = "peer")]
     pub peers: Vec<PeerCfg>,
+    /// `required` (the default when a key file is set) or `off` (the default
+    /// without one).
+    pub security: Option<SecurityChoice>,
+    /// The LNet network's pre-shared key file: at least 32 bytes, readable by
+    /// the engine's user only. Never given on the command line.
+    pub psk_file: Option<PathBuf>,
+    /// A second key file whose key is accepted from peers too (rotation).
+    pub psk_next_file: Option<PathBuf>,
+    /// Keys of single peers, used instead of the network's for them.
+    #[serde(rename = "peer_key")]
+    pub peer_keys: Vec<PeerKeyCfg>,
 }
 
 impl Default for Config {
@@ -156,6 +194,10 @@ impl Default for Config {
             spin_max_us: 400,
             pin_cpus: false,
             peers: Vec::new(),
+            security: None,
+            psk_file: None,
+            psk_next_file: None,
+            peer_keys: Vec::new(),
         }
     }
 }
@@ -334,7 +376,118 @@ impl Config {
                 );
             }
         }
-        Ok(())
+        self.keyring().map(|_| ())
+    }
+
+    /// The wire's security and its keys, read and checked: `None` for the
+    /// plain wire. Errors name the field: a key file missing or unreadable,
+    /// readable by others than its owner, shorter than 32 bytes; a mode that
+    /// contradicts the keys.
+    pub fn keyring(&self) -> Result<Option<crate::transport::seal::Keyring>, ConfigError> {
+        use crate::transport::seal::{Keyring, Psk};
+        let has_key = self.psk_file.is_some() || !self.peer_keys.is_empty();
+        let bad = |field, value: String, problem, fix| ConfigError::Invalid {
+            field,
+            value,
+            problem,
+            fix,
+        };
+        match (self.security, has_key) {
+            (Some(SecurityChoice::Off), true) => return Err(bad(
+                "security",
+                "\"off\"".into(),
+                "a key file is set, and security = \"off\" would ignore it",
+                "remove psk_file/peer_key to run the plain wire, or set security = \"required\"",
+            )),
+            (Some(SecurityChoice::Required), false) => {
+                return Err(bad(
+                    "security",
+                    "\"required\"".into(),
+                    "no key: psk_file is not set",
+                    "generate one (umask 077; head -c 32 /dev/urandom > /etc/lu2k/psk), \
+                     copy it to every node, and set psk_file = \"/etc/lu2k/psk\"",
+                ))
+            }
+            (_, false) => return Ok(None),
+            (_, true) => {}
+        }
+        if self.backend == BackendChoice::Rds {
+            return Err(bad(
+                "security",
+                "\"required\"".into(),
+                "the RDS back-end has no sealed wire",
+                "use backend = \"udt\" with a key, or security = \"off\" without one",
+            ));
+        }
+        let load = |field: &'static str, path: &std::path::Path| -> Result<Psk, ConfigError> {
+            use std::os::unix::fs::PermissionsExt as _;
+            let value = path.display().to_string();
+            let meta = std::fs::metadata(path).map_err(|_| {
+                bad(
+                    field,
+                    value.clone(),
+                    "the key file is missing or cannot be read",
+                    "create it (umask 077; head -c 32 /dev/urandom > FILE) with the same \
+                     contents on every node, or fix the path",
+                )
+            })?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(bad(
+                    field,
+                    value,
+                    "the key file is readable or writable by group or others",
+                    "chmod 600 the file (owned by the engine's user)",
+                ));
+            }
+            let bytes = std::fs::read(path).map_err(|_| {
+                bad(
+                    field,
+                    value.clone(),
+                    "the key file cannot be read",
+                    "make it readable by the engine's user (chmod 600, chown)",
+                )
+            })?;
+            Psk::from_bytes(&bytes).map_err(|_| {
+                bad(
+                    field,
+                    value,
+                    "the key is shorter than 32 bytes",
+                    "write 32 random bytes: head -c 32 /dev/urandom > FILE",
+                )
+            })
+        };
+        let mut keys = Keyring::default();
+        if let Some(p) = &self.psk_file {
+            keys.net.push(load("psk_file", p)?);
+            if let Some(n) = &self.psk_next_file {
+                keys.net.push(load("psk_next_file", n)?);
+            }
+        } else if self.psk_next_file.is_some() {
+            return Err(bad(
+                "psk_next_file",
+                "set".into(),
+                "a next key without a current one",
+                "set psk_file too (the key in use), or move the key to psk_file",
+            ));
+        }
+        for k in &self.peer_keys {
+            let Some(ip) = k
+                .nid
+                .parse::<lu2k_ring_abi::Nid>()
+                .ok()
+                .and_then(|n| n.ipv4())
+            else {
+                return Err(bad(
+                    "peer_key.nid",
+                    format!("{:?}", k.nid),
+                    "not an IPv4 NID",
+                    "write it as ADDRESS@NET, e.g. nid = \"10.0.0.3@lu2k\"",
+                ));
+            };
+            let psk = load("peer_key.psk_file", &k.psk_file)?;
+            keys.peers.entry(ip).or_default().push(psk);
+        }
+        Ok(Some(keys))
     }
 
     /// The UDP address of this engine.
@@ -463,5 +616,43 @@ mod tests {
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("drain_timeout_s") && e.contains("fix:"), "{e}");
+    }
+
+    #[test]
+    fn key_files_are_checked_and_errors_say_how_to_fix() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("lu2k-cfg-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("psk");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |extra: &str| {
+            Config::from_toml(&format!("psk_file = {:?}\n{extra}", key.display()), "t").unwrap()
+        };
+        // A key alone means required.
+        assert_eq!(with("").keyring().unwrap().unwrap().net.len(), 1);
+        assert!(Config::default().keyring().unwrap().is_none());
+        let e = with("security = \"off\"")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`security`") && e.contains("fix:"), "{e}");
+        let e = Config::from_toml("security = \"required\"", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("psk_file") && e.contains("/dev/urandom"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = with("").validate().unwrap_err().to_string();
+        assert!(e.contains("`psk_file`") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&key, b"short").unwrap();
+        let e = with("").validate().unwrap_err().to_string();
+        assert!(e.contains("shorter than 32 bytes"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        let e = with("").validate().unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

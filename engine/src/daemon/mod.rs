@@ -66,6 +66,8 @@ struct Plan {
     overrides: HashMap<Ipv4Addr, SocketAddrV4>,
     udt: lu2k_udt::conn::Config,
     send_worker: bool,
+    /// The sealed wire's keys; `None`: the plain wire.
+    keys: Option<crate::transport::seal::Keyring>,
 }
 
 /// One core's share of the attachment: its rings, memory and doorbell.
@@ -227,6 +229,14 @@ fn plan(
     };
     let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
     warn_if_rx_pool_small(rx_per_core, cfg.mss);
+    let keys = match cfg.keyring() {
+        Ok(k) => k,
+        Err(e) => return refuse(1, e.into()),
+    };
+    tracing::info!(
+        security = if keys.is_some() { "required" } else { "off" },
+        "wire security"
+    );
     let plan = Plan {
         path,
         futex_bell,
@@ -246,6 +256,7 @@ fn plan(
             cores as usize,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
         ),
+        keys,
         cfg,
     };
     Ok((region, plan))
@@ -385,6 +396,15 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         drain_timeout: Duration::from_secs(plan.cfg.drain_timeout_s),
     };
     let (seed, cookie_key) = secrets(p.c)?;
+    let sealing = match &plan.keys {
+        Some(k) => Some((
+            k.clone(),
+            p.mem
+                .take_seal_scratch()
+                .context("the core's seal scratch is taken")?,
+        )),
+        None => None,
+    };
     let udt_params = udt::Params {
         core: p.c,
         net: plan.net,
@@ -441,8 +461,11 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
             let futex = futex_bell.then(|| ring.rings().wait.futex_word());
             let io = datagram_io(path, sock, p.mem.clone(), p.bell, opts, futex, c);
             if let Some(io) = ready(&ready_tx, io) {
-                let t =
+                let mut t =
                     Udt::new(udt_params, io, region, p.mem.rx_first).with_cookie_key(cookie_key);
+                if let Some((keys, scratch)) = sealing {
+                    t = t.with_security(keys, Default::default(), scratch);
+                }
                 Shard::new(params, ring, t, p.links).run();
             }
         })?;

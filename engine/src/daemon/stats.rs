@@ -52,6 +52,17 @@ pub struct PeerStats {
     /// The last of them, in words (e.g. "Connection refused (os error 111)").
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The wire's security: "required" (sealed) or "off" (plain UDT4).
+    #[serde(default)]
+    pub security: String,
+    /// Datagrams from the peer's address the sealed wire refused, by reason
+    /// (`bad_tag`, `replay`, `unknown_connection`, `unvalidated_address`,
+    /// `plain_refused`, `bad_handshake`).
+    #[serde(default)]
+    pub rejected: BTreeMap<String, u64>,
+    /// Key changes of the peer's connections, both directions.
+    #[serde(default)]
+    pub rekeys: u64,
 }
 
 /// Counters of one core.
@@ -100,6 +111,15 @@ pub struct CoreStats {
     /// Messages accepted from kshim's TX ring and not yet completed.
     #[serde(default)]
     pub tx_msgs_in_flight: u64,
+    /// Plaintext bytes (UDT headers and payload) sealed by the cipher on the
+    /// sealed wire; the cipher writes them into the core's seal scratch as it
+    /// encrypts, which is not counted as a copy (`payload_copied` counts only
+    /// payload gathered into the scratch before the cipher's pass).
+    #[serde(default)]
+    pub sealed_bytes: u64,
+    /// Plaintext bytes opened in place in RX buffers on the sealed wire.
+    #[serde(default)]
+    pub opened_bytes: u64,
     /// Datagram I/O counters.
     pub io: IoStats,
     /// Per-peer counters.
@@ -349,6 +369,13 @@ pub fn render(r: &Report) -> String {
             );
             if let Some(e) = &p.last_error {
                 let _ = writeln!(o, "{:<22} kernel errors {}, last: {e}", "", p.errors);
+            }
+            if !p.security.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "{:<22} security {}  rekeys {}  rejected {:?}",
+                    "", p.security, p.rekeys, p.rejected
+                );
             }
         }
     }

@@ -265,6 +265,10 @@ impl DatagramIo for EpollIo {
         self.handed.bytes(bid, off, len)
     }
 
+    fn rx_bytes_mut(&mut self, bid: u16, off: u32, len: u32) -> Option<&mut [u8]> {
+        self.handed.bytes_mut(bid, off, len)
+    }
+
     fn arm_doorbell(&mut self, _futex_seq: u32) {
         if self.bell_armed {
             return;

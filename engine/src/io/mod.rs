@@ -322,6 +322,10 @@ pub trait DatagramIo {
     /// its `Recv` event and `return_rx`); `None` otherwise or out of range.
     fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]>;
 
+    /// The same bytes, writable: a sealed datagram is opened in place in the RX
+    /// buffer it landed in.
+    fn rx_bytes_mut(&mut self, bid: u16, off: u32, len: u32) -> Option<&mut [u8]>;
+
     /// How the core must arm kshim's doorbell before [`DatagramIo::arm_doorbell`]: the
     /// need-wakeup bits it sets say what kshim rings.
     fn doorbell_mode(&self) -> lu2k_ring_abi::WaitMode {

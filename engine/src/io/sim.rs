@@ -121,6 +121,8 @@ pub struct SimIo {
     free: Vec<u16>,
     /// Which buffers are handed out (a buffer given back twice is ignored).
     lent: Vec<bool>,
+    /// The same, and writable access to them.
+    handed: super::sys::Lent,
     out: Vec<Event>,
     stats: IoStats,
 }
@@ -133,6 +135,7 @@ impl SimIo {
             local,
             free: (0..mem.rx.count).rev().collect(),
             lent: vec![false; usize::from(mem.rx.count)],
+            handed: mem.lent(),
             mem,
             clock,
             port: port.clone(),
@@ -158,6 +161,7 @@ impl SimIo {
             }
             self.free.pop();
             self.lent[usize::from(bid)] = true;
+            self.handed.lend(bid);
             self.stats.recvs += 1;
             self.stats.bytes_received += d.bytes.len() as u64;
             let len = d.bytes.len() as u32;
@@ -212,12 +216,17 @@ impl DatagramIo for SimIo {
     fn return_rx(&mut self, bid: u16) {
         if let Some(l) = self.lent.get_mut(usize::from(bid)).filter(|l| **l) {
             *l = false;
+            self.handed.take_back(bid);
             self.free.push(bid);
         }
     }
 
     fn rx_bytes(&self, bid: u16, off: u32, len: u32) -> Option<&[u8]> {
         self.mem.rx_bytes(bid, off, len)
+    }
+
+    fn rx_bytes_mut(&mut self, bid: u16, off: u32, len: u32) -> Option<&mut [u8]> {
+        self.handed.bytes_mut(bid, off, len)
     }
 
     fn arm_doorbell(&mut self, _futex_seq: u32) {}

@@ -676,6 +676,22 @@ impl Lent {
         // `RxPool::bytes`.
         unsafe { self.rx.bytes(bid, off, len) }
     }
+
+    /// Bytes `[off, off + len)` of lent buffer `bid`, writable (to open a sealed
+    /// datagram in place); `None` if it is not lent or the range is outside it.
+    pub fn bytes_mut(&mut self, bid: u16, off: u32, len: u32) -> Option<&mut [u8]> {
+        if !*self.out.get(usize::from(bid))?
+            || u64::from(off) + u64::from(len) > u64::from(self.rx.buf_size)
+        {
+            return None;
+        }
+        let p = self.rx.buf(bid)?.wrapping_add(off as usize);
+        // SAFETY: in bounds of buffer `bid` (checked above); the pool is mapped
+        // while `self` lives and a lent buffer is written by nobody else (the
+        // contract of `Lent::new`); `&mut self` keeps any other slice of this
+        // value's buffers from living meanwhile.
+        Some(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+    }
 }
 
 /// What an I/O provider built by [`build_owned`] keeps alive: the memory its
@@ -939,6 +955,11 @@ pub struct CoreMem {
     pub msg_hdr_slots: u32,
     /// Offset of the TX pool in the TX range.
     pub pool_off: usize,
+    /// Offset of the seal scratch (see [`SealScratch`]) in the TX range, and its
+    /// slot count (one per send slot).
+    seal_off: usize,
+    seal_slots: usize,
+    seal_taken: std::sync::atomic::AtomicBool,
     map: Mapping,
     region: lu2k_ring_abi::Region,
 }
@@ -982,7 +1003,10 @@ impl CoreMem {
         let (tx_off, tx_len) = layout.pool(Pool::Tx);
         let arena = TxMem::arena_len(send_slots);
         let msg_area = (msg_hdr_slots as usize * MSG_HDR_SLOT).div_ceil(4096) * 4096;
-        let own = arena + msg_area;
+        // Untouched anonymous pages cost nothing: a core that never seals never
+        // faults its scratch in.
+        let seal_area = send_slots * SEAL_SLOT;
+        let own = arena + msg_area + seal_area;
         if tx_off % 4096 != 0 {
             return Err(io::Error::other("region TX pool is not page aligned"));
         }
@@ -1019,6 +1043,9 @@ impl CoreMem {
             msg_hdr_off: arena,
             msg_hdr_slots,
             pool_off: own,
+            seal_off: arena + msg_area,
+            seal_slots: send_slots,
+            seal_taken: std::sync::atomic::AtomicBool::new(false),
             map,
             region: region.clone(),
         })
@@ -1074,6 +1101,29 @@ impl CoreMem {
         self.region.pool_bytes(&ext).ok()
     }
 
+    /// A record of lent RX buffers of this core, for the virtual-time provider,
+    /// which writes a buffer (as the kernel would) only while it is not lent.
+    pub fn lent(&self) -> Lent {
+        // SAFETY: the pool lies in the region this value keeps mapped, and the
+        // provider that asks for this record holds the `Arc<CoreMem>` as long as
+        // the record (`SimIo`); it writes only buffers it has not lent.
+        unsafe { Lent::new(self.rx) }
+    }
+
+    /// The core's seal scratch, once: the transport that seals owns it alone.
+    pub fn take_seal_scratch(self: &std::sync::Arc<CoreMem>) -> Option<SealScratch> {
+        use std::sync::atomic::Ordering;
+        if self.seal_taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(SealScratch {
+            tx: self.tx,
+            off: self.seal_off,
+            slots: self.seal_slots,
+            _mem: self.clone(),
+        })
+    }
+
     /// Writes a message header into slot `i` of the message-header area.
     pub fn write_msg_hdr(&self, i: u32, hdr: &[u8]) -> bool {
         i < self.msg_hdr_slots
@@ -1081,6 +1131,93 @@ impl CoreMem {
             && self
                 .map
                 .write(self.msg_hdr_off + i as usize * MSG_HDR_SLOT, hdr)
+    }
+}
+
+/// Bytes per seal-scratch slot: one GSO send's datagrams, sealed.
+pub const SEAL_SLOT: usize = 64 * 1024;
+
+/// Where sealed datagrams are written before they are sent: one [`SEAL_SLOT`]
+/// per send slot, in the core's private part of the TX range (so one registered
+/// buffer covers them, and a send references them like any TX bytes). The
+/// transport writes a slot only while no send references it (it frees a slot at
+/// the send's `SendDone`), and reads the plaintext from the TX range through
+/// [`TxRead`].
+pub struct SealScratch {
+    tx: TxMem,
+    off: usize,
+    slots: usize,
+    _mem: std::sync::Arc<CoreMem>,
+}
+
+impl std::fmt::Debug for SealScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealScratch")
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealScratch {
+    /// Slots (one per send slot).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Offset of slot `i` in the TX range (a segment's payload offset).
+    pub fn slot_off(&self, i: usize) -> u64 {
+        (self.off + i * SEAL_SLOT) as u64
+    }
+
+    /// Slot `i`, writable, and a reader of the rest of the TX range. The caller
+    /// writes a slot only while no send in flight references it.
+    pub fn slot(&mut self, i: usize) -> Option<(&mut [u8], TxRead<'_>)> {
+        if i >= self.slots {
+            return None;
+        }
+        let p = (self.tx.base + self.off + i * SEAL_SLOT) as *mut u8;
+        let read = TxRead {
+            tx: self.tx,
+            skip: (self.off, self.off + self.slots * SEAL_SLOT),
+            _keep: std::marker::PhantomData,
+        };
+        // SAFETY: slot `i` lies inside the core's private mapping (`own` in
+        // `CoreMem::new` reserves `slots * SEAL_SLOT` bytes at `off`), which the
+        // `Arc<CoreMem>` held here keeps mapped; only this value hands out the
+        // scratch (taken once from its `CoreMem`), `&mut self` keeps two slots
+        // of it from being lent at once, and the kernel reads a slot only during
+        // a send the caller started after writing it.
+        let slot = unsafe { std::slice::from_raw_parts_mut(p, SEAL_SLOT) };
+        Some((slot, read))
+    }
+}
+
+/// Reads of the TX range outside the seal scratch (the plaintext of a sealed
+/// datagram: message headers and TX pool extents).
+#[derive(Debug, Clone, Copy)]
+pub struct TxRead<'a> {
+    tx: TxMem,
+    skip: (usize, usize),
+    _keep: std::marker::PhantomData<&'a SealScratch>,
+}
+
+impl TxRead<'_> {
+    /// TX-range bytes `[off, off + len)`, or `None` outside the range or over the
+    /// seal scratch.
+    pub fn bytes(&self, off: u64, len: u32) -> Option<&[u8]> {
+        let off = usize::try_from(off).ok()?;
+        let end = off.checked_add(len as usize)?;
+        if end > self.tx.pool_off + self.tx.pool_len || (off < self.skip.1 && end > self.skip.0) {
+            return None;
+        }
+        let p = (self.tx.base + self.tx.pool_off + off) as *const u8;
+        // SAFETY: in bounds of the TX range (checked above), which the
+        // `SealScratch` this reader came from keeps mapped while the slot it was
+        // lent with is borrowed; the scratch is excluded, so this never aliases
+        // the slot being written. Message headers and TX pool extents are not
+        // written while a descriptor that references them is in flight (the
+        // ring ABI's contract with kshim), which is when they are sealed.
+        Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
     }
 }
 

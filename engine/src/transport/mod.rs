@@ -34,6 +34,7 @@ use lu2k_ring_abi::{TxStatus, WaitMode};
 use crate::daemon::stats::CoreStats;
 
 pub mod rds;
+pub mod seal;
 pub mod udt;
 
 /// A validated message the skeleton hands to a transport.

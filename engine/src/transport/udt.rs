@@ -33,8 +33,10 @@ use lu2k_udt::conn::{
     self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
 };
 
+use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, SEAL_HDR};
 use super::{Event, OutMsg, RxPiece, Transport, Woken};
 use crate::daemon::stats::{CoreStats, PeerStats};
+use crate::io::sys::{SealScratch, SEAL_SLOT};
 use crate::io::{DatagramIo, Event as IoEvent, Segment, SendError};
 use crate::shard::ring::status_name;
 
@@ -69,6 +71,8 @@ const HEARD_GRAIN_US: u64 = 1_000;
 /// few lost retransmissions before shedding costs the sender a window; the upper
 /// bound keeps an RTT the peer inflated from postponing the check for ever.
 const RX_STALL_US: (u64, u64) = (2_000_000, 30_000_000);
+/// At most one log line per this long (µs) about refused plain datagrams.
+const WARN_EVERY_US: u64 = 10_000_000;
 
 /// Settings of one core's UDT transport.
 #[derive(Debug, Clone)]
@@ -100,6 +104,17 @@ struct TxMsg {
     sends: u32,
 }
 
+/// A transmit waiting for the I/O layer: its destination, the connection it
+/// comes from (0: the listener), and the handshake trailer a listener reply
+/// carries on the sealed wire.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    dst: SocketAddrV4,
+    sock: u32,
+    t: Transmit,
+    ext: Option<[u8; HS_EXT]>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Tx,
@@ -117,6 +132,21 @@ struct ConnEntry {
     /// When the connection last delivered something or held no more than a
     /// largest message (µs).
     progress_at: u64,
+    /// The handshake's side (sealed wire only).
+    hs: Hs,
+    /// The connection's keys, once the handshake agreed them.
+    session: Option<Box<Session>>,
+}
+
+/// A connection's part in the sealed handshake.
+#[derive(Debug)]
+enum Hs {
+    /// The plain wire.
+    None,
+    /// We connect.
+    Client(Box<seal::Client>),
+    /// We accepted.
+    Server(Box<seal::Server>),
 }
 
 impl ConnEntry {
@@ -127,8 +157,36 @@ impl ConnEntry {
             dir,
             delivered: 0,
             progress_at: now,
+            hs: Hs::None,
+            session: None,
         }
     }
+}
+
+/// The sealed wire of one core: keys, the scratch sealed datagrams are written
+/// to, and what was refused.
+#[derive(Debug)]
+struct Security {
+    keys: Keyring,
+    limits: seal::Limits,
+    scratch: SealScratch,
+    /// Scratch slots no send references.
+    free: Vec<usize>,
+    /// The slot of each send in flight, by token.
+    slot_of: HashMap<u64, usize>,
+    /// Plain datagrams refused since the last log line about them, and when
+    /// that line was written (µs).
+    plain_unlogged: u64,
+    plain_logged_at: Option<u64>,
+    /// Plaintext bytes the cipher sealed and opened (UDT headers and payload).
+    sealed_bytes: u64,
+    opened_bytes: u64,
+    /// Payload bytes gathered into the scratch by a copy before sealing (a
+    /// packet whose payload spans TX extents: all but its last piece; the LNet
+    /// header a message's first packet gathers is not payload).
+    gathered_bytes: u64,
+    /// Key changes of connections that are gone, by peer.
+    rekeys_gone: HashMap<Ipv4Addr, u64>,
 }
 
 /// Datagrams a connection refused, all causes together: unchanged across
@@ -169,7 +227,7 @@ pub struct Udt {
     msgs: HashMap<u64, TxMsg>,
     sends: HashMap<u64, Vec<u64>>,
     next_send: u64,
-    backlog: VecDeque<(SocketAddrV4, Transmit)>,
+    backlog: VecDeque<Queued>,
     rx_refs: Vec<u32>,
     /// Datagrams per RX buffer, a moving average over receive completions (1
     /// without GRO coalescing, more with it): converts free buffers to packets.
@@ -194,6 +252,11 @@ pub struct Udt {
     pieces: Vec<(u64, u32)>,
     /// ... and each transmit's span of them.
     spans: Vec<(usize, usize)>,
+    /// The sealed wire; `None`: the plain UDT4 wire.
+    sec: Option<Box<Security>>,
+    /// The listener's cookie key, when given (the listener is rebuilt when
+    /// sealing changes the MSS).
+    cookie_key: Option<[u8; 16]>,
 }
 
 impl std::fmt::Debug for Udt {
@@ -236,14 +299,64 @@ impl Udt {
             transmits: Vec::new(),
             pieces: Vec::new(),
             spans: Vec::new(),
+            sec: None,
+            cookie_key: None,
         }
     }
 
     /// Keys the listener's SYN cookies with `key` (from the OS random source) rather
     /// than with a key derived from the seed, which tests keep deterministic.
     pub fn with_cookie_key(mut self, key: [u8; 16]) -> Udt {
-        self.listener = Listener::with_key(0, self.p.udt.clone(), key, self.p.seed ^ 0xA5A5);
+        self.cookie_key = Some(key);
+        self.rebuild_listener();
         self
+    }
+
+    fn rebuild_listener(&mut self) {
+        let seed = self.p.seed ^ 0xA5A5;
+        self.listener = match self.cookie_key {
+            Some(k) => Listener::with_key(0, self.p.udt.clone(), k, seed),
+            None => Listener::new(0, self.p.udt.clone(), seed),
+        };
+    }
+
+    /// Seals the wire (`security = "required"`): every datagram authenticated
+    /// and encrypted with keys agreed from `keys`, written to `scratch` (the
+    /// core's, from [`crate::io::sys::CoreMem::take_seal_scratch`]); plain
+    /// datagrams are refused. The UDT MSS shrinks by the seal's overhead so a
+    /// sealed packet is no larger than a plain one was.
+    pub fn with_security(
+        mut self,
+        keys: Keyring,
+        limits: seal::Limits,
+        scratch: SealScratch,
+    ) -> Udt {
+        self.p.udt.mss = self.p.udt.mss.saturating_sub(OVERHEAD as u32).max(576);
+        self.rebuild_listener();
+        let free = (0..scratch.slots()).rev().collect();
+        self.sec = Some(Box::new(Security {
+            keys,
+            limits,
+            scratch,
+            free,
+            slot_of: HashMap::new(),
+            plain_unlogged: 0,
+            plain_logged_at: None,
+            sealed_bytes: 0,
+            opened_bytes: 0,
+            gathered_bytes: 0,
+            rekeys_gone: HashMap::new(),
+        }));
+        self
+    }
+
+    /// The wire's security mode.
+    pub fn security(&self) -> seal::Mode {
+        if self.sec.is_some() {
+            seal::Mode::Required
+        } else {
+            seal::Mode::Off
+        }
     }
 
     /// Microseconds since the transport started, on its I/O provider's clock.
@@ -414,6 +527,12 @@ impl Transport for Udt {
             *s.drops.entry(k.clone()).or_default() += v;
         }
         listener_drops(self.listener.stats(), &mut s.drops);
+        if let Some(sec) = &self.sec {
+            s.sealed_bytes += sec.sealed_bytes;
+            s.opened_bytes += sec.opened_bytes;
+            // The cipher's own pass is not a copy; payload gathered before it is.
+            s.payload_copied += sec.gathered_bytes;
+        }
         self.peer_stats(&mut s.peers);
     }
 }
@@ -481,8 +600,20 @@ impl Udt {
             self.drop_one("tx_socket_id_collision");
         };
         let sock = conn.socket_id();
-        self.conns
-            .insert(sock, ConnEntry::new(conn, ip, Dir::Tx, now));
+        let mut entry = ConnEntry::new(conn, ip, Dir::Tx, now);
+        if let Some(sec) = &self.sec {
+            // The peer's first key connects (any of its keys is accepted from it).
+            match sec.keys.for_peer(ip).first() {
+                Some(psk) => entry.hs = Hs::Client(Box::new(seal::Client::new(psk.clone()))),
+                None => {
+                    // No key for this peer: the connection cannot be sealed;
+                    // closed at once, it fails its messages back.
+                    entry.conn.close(now);
+                    self.drop_one("tx_no_key");
+                }
+            }
+        }
+        self.conns.insert(sock, entry);
         self.peer_for(ip).tx_sock = Some(sock);
         sock
     }
@@ -652,24 +783,37 @@ impl Udt {
         // Backlog first (transmits taken from connections that the I/O could not
         // take): a run of consecutive ones to one destination goes out as one send
         // (the rest of a batch the I/O layer refused is one such run).
-        while let Some(&(dst, _)) = self.backlog.front() {
+        while let Some(&Queued { dst, sock, ext, .. }) = self.backlog.front() {
             self.transmits.clear();
             while self.transmits.len() < crate::io::MAX_SEGS {
                 match self.backlog.front() {
-                    Some(&(d, t)) if d == dst => {
-                        self.transmits.push(t);
+                    // A transmit with a trailer of its own goes alone.
+                    Some(q)
+                        if q.dst == dst
+                            && q.sock == sock
+                            && (self.transmits.is_empty() || q.ext.is_none()) =>
+                    {
+                        self.transmits.push(q.t);
                         self.backlog.pop_front();
+                        if ext.is_some() {
+                            break;
+                        }
                     }
                     _ => break,
                 }
             }
             let mut start = 0;
             while start < self.transmits.len() {
-                let k = self.send_run(dst, start);
+                let k = self.send_run(dst, sock, start, ext);
                 if k == 0 {
                     // Back in front, in order.
                     for t in self.transmits[start..].iter().rev() {
-                        self.backlog.push_front((dst, *t));
+                        self.backlog.push_front(Queued {
+                            dst,
+                            sock,
+                            t: *t,
+                            ext,
+                        });
                     }
                     return any;
                 }
@@ -704,11 +848,11 @@ impl Udt {
                 any = true;
                 let mut start = 0;
                 while start < self.transmits.len() {
-                    let k = self.send_run(dst, start);
+                    let k = self.send_run(dst, s, start, None);
                     if k == 0 {
                         for i in start..self.transmits.len() {
                             let t = self.transmits[i];
-                            self.push_backlog(dst, t);
+                            self.push_backlog_from(dst, s, t, None);
                         }
                         return any;
                     }
@@ -754,9 +898,20 @@ impl Udt {
         }
     }
 
-    /// Sends a prefix of `self.transmits[start..]` (all to `dst`) as one send;
-    /// returns how many it took (0: the I/O layer is busy).
-    fn send_run(&mut self, dst: SocketAddrV4, start: usize) -> usize {
+    /// Sends a prefix of `self.transmits[start..]` (all to `dst`, from
+    /// connection `sock`, 0 for the listener, whose one reply may carry a
+    /// handshake trailer `ext`) as one send; returns how many it took (0: the
+    /// I/O layer is busy).
+    fn send_run(
+        &mut self,
+        dst: SocketAddrV4,
+        sock: u32,
+        start: usize,
+        ext: Option<[u8; HS_EXT]>,
+    ) -> usize {
+        if self.sec.is_some() {
+            return self.send_sealed(dst, sock, start, ext);
+        }
         self.map_run(start);
         let segs: Vec<Segment<'_>> = self.transmits[start..]
             .iter()
@@ -778,31 +933,229 @@ impl Udt {
         let token = self.next_send;
         match self.io.send(dst, &segs[..k], token) {
             Ok(()) => {
-                self.next_send += 1;
-                let mut ids: Vec<u64> = self.transmits[start..start + k]
-                    .iter()
-                    .filter_map(|t| t.payload.map(|p| p.msg))
-                    .collect();
-                ids.dedup();
-                for id in &ids {
-                    if let Some(m) = self.msgs.get_mut(id) {
-                        m.sends += 1;
-                    }
-                }
-                self.sends.insert(token, ids);
+                self.sent(token, start, k);
                 k
             }
             Err(SendError::Busy) => 0,
             Err(e) => {
-                self.drop_one(match e {
-                    SendError::OutOfPool => "tx_out_of_pool",
-                    SendError::HeaderTooLong => "tx_header_too_long",
-                    _ => "tx_bad_batch",
-                });
+                self.send_refused(&e);
                 // Drop these transmits: UDT retransmits what is lost.
                 k
             }
         }
+    }
+
+    /// Notes send `token` of `self.transmits[start..start + k]`: the messages
+    /// whose memory it references.
+    fn sent(&mut self, token: u64, start: usize, k: usize) {
+        self.next_send += 1;
+        let mut ids: Vec<u64> = self.transmits[start..start + k]
+            .iter()
+            .filter_map(|t| t.payload.map(|p| p.msg))
+            .collect();
+        ids.dedup();
+        for id in &ids {
+            if let Some(m) = self.msgs.get_mut(id) {
+                m.sends += 1;
+            }
+        }
+        self.sends.insert(token, ids);
+    }
+
+    fn send_refused(&mut self, e: &SendError) {
+        self.drop_one(match e {
+            SendError::OutOfPool => "tx_out_of_pool",
+            SendError::HeaderTooLong => "tx_header_too_long",
+            _ => "tx_bad_batch",
+        });
+    }
+
+    /// [`Udt::send_run`] on the sealed wire: each datagram sealed into a scratch
+    /// slot (the cipher reads the payload where it lies in TX memory and
+    /// writes the ciphertext there: its pass is the only one over the payload,
+    /// except for a packet whose payload spans pieces, whose pieces before the
+    /// last are gathered by a copy, counted), then sent from the slot. A
+    /// transmit that cannot be sealed (its connection has no keys yet) is
+    /// dropped and counted; UDT sends again what matters.
+    fn send_sealed(
+        &mut self,
+        dst: SocketAddrV4,
+        sock: u32,
+        start: usize,
+        ext: Option<[u8; HS_EXT]>,
+    ) -> usize {
+        let now = self.now_us();
+        self.map_run(start);
+        // What each datagram will be, by size, before anything is sealed: a
+        // counter is spent only on a datagram that is sent.
+        let mut lens = Vec::with_capacity(self.transmits.len() - start);
+        let mut total = 0;
+        {
+            let e = self.conns.get(&sock);
+            for (i, t) in self.transmits[start..].iter().enumerate() {
+                let h = t.header.as_bytes();
+                let len = if is_handshake(h) {
+                    let has_ext = match e.map(|e| &e.hs) {
+                        Some(Hs::Client(_) | Hs::Server(_)) => true,
+                        _ => ext.is_some() && sock == 0,
+                    };
+                    (has_ext && h.len() == HS_LEN).then_some(HS_LEN + HS_EXT)
+                } else {
+                    let (a, b) = self.spans[i];
+                    let pay: usize = self.pieces[a..b].iter().map(|p| p.1 as usize).sum();
+                    e.and_then(|e| e.session.as_ref())
+                        .map(|_| OVERHEAD + h.len() + pay)
+                };
+                match len {
+                    Some(l) if total + l <= SEAL_SLOT => {
+                        total += l;
+                        lens.push(l);
+                    }
+                    Some(_) => break,
+                    None if lens.is_empty() => {
+                        self.drop_one("tx_unsealed");
+                        return 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        let Some(slot) = self.sec.as_mut().and_then(|s| s.free.pop()) else {
+            return 0;
+        };
+        let base = self
+            .sec
+            .as_ref()
+            .expect("sealed wire")
+            .scratch
+            .slot_off(slot);
+        // Each datagram's first 16 bytes go as its header (a send's iovecs start
+        // with a header, which must not be empty), the rest from the slot.
+        fn segs_for<'a>(lens: &[usize], base: u64, hdrs: &'a [[u8; SEAL_HDR]]) -> Vec<Segment<'a>> {
+            let mut at = 0u64;
+            lens.iter()
+                .zip(hdrs)
+                .map(|(&l, h)| {
+                    let s = Segment {
+                        hdr: &h[..],
+                        payload_off: base + at + SEAL_HDR as u64,
+                        payload_len: (l - SEAL_HDR) as u32,
+                        more: &[],
+                    };
+                    at += l as u64;
+                    s
+                })
+                .collect()
+        }
+        let blank = vec![[0u8; SEAL_HDR]; lens.len()];
+        let k = self
+            .io
+            .fit(&segs_for(&lens, base, &blank))
+            .clamp(1, lens.len());
+        let mut hdrs = blank;
+        let ok = self.seal_into(now, sock, start, k, slot, ext, &mut hdrs[..k]);
+        let token = self.next_send;
+        let r = if ok {
+            self.io.send(dst, &segs_for(&lens, base, &hdrs[..k]), token)
+        } else {
+            Err(SendError::OutOfPool)
+        };
+        let sec = self.sec.as_mut().expect("sealed wire");
+        match r {
+            Ok(()) => {
+                sec.slot_of.insert(token, slot);
+                self.sent(token, start, k);
+                k
+            }
+            Err(SendError::Busy) => {
+                // Sealed for nothing: the counters are spent, the packets
+                // count as lost and are sent again.
+                sec.free.push(slot);
+                0
+            }
+            Err(e) => {
+                sec.free.push(slot);
+                self.send_refused(&e);
+                k
+            }
+        }
+    }
+
+    /// Seals `self.transmits[start..start + k]` (from `sock`) into scratch slot
+    /// `slot`, one after the other, as [`Udt::send_sealed`] sized them; the
+    /// first [`SEAL_HDR`] bytes of each also into `hdrs`.
+    #[allow(clippy::too_many_arguments)]
+    fn seal_into(
+        &mut self,
+        now: u64,
+        sock: u32,
+        start: usize,
+        k: usize,
+        slot: usize,
+        ext: Option<[u8; HS_EXT]>,
+        hdrs: &mut [[u8; SEAL_HDR]],
+    ) -> bool {
+        let Some(sec) = self.sec.as_mut() else {
+            return false;
+        };
+        let Some((out, tx)) = sec.scratch.slot(slot) else {
+            return false;
+        };
+        let mut e = self.conns.get_mut(&sock);
+        let mut at = 0;
+        let mut head: Vec<&[u8]> = Vec::with_capacity(4);
+        for (i, t) in self.transmits[start..start + k].iter().enumerate() {
+            let h = t.header.as_bytes();
+            if is_handshake(h) {
+                let tr = match e.as_ref().map(|e| &e.hs) {
+                    Some(Hs::Client(c)) => c.trailer(h),
+                    Some(Hs::Server(s)) => s.trailer(h),
+                    _ => match ext {
+                        Some(x) => x,
+                        None => return false,
+                    },
+                };
+                out[at..at + HS_LEN].copy_from_slice(h);
+                out[at + HS_LEN..at + HS_LEN + HS_EXT].copy_from_slice(&tr);
+                hdrs[i].copy_from_slice(&out[at..at + SEAL_HDR]);
+                at += HS_LEN + HS_EXT;
+                continue;
+            }
+            let Some(session) = e.as_mut().and_then(|e| e.session.as_mut()) else {
+                return false;
+            };
+            let (a, b) = self.spans[i];
+            let pieces = &self.pieces[a..b];
+            head.clear();
+            head.push(h);
+            let mut tail: &[u8] = &[];
+            let mut gathered = 0u32;
+            for (j, &(off, len)) in pieces.iter().enumerate() {
+                let Some(bytes) = tx.bytes(off, len) else {
+                    return false;
+                };
+                if j + 1 == pieces.len() {
+                    tail = bytes;
+                } else {
+                    gathered += len;
+                    head.push(bytes);
+                }
+            }
+            // The LNet header (the message's first bytes, which the engine
+            // wrote) is not payload: a message's first packet gathers it.
+            let lnet_hdr = t
+                .payload
+                .map_or(0, |p| LNET_HDR.saturating_sub(p.offset).min(p.len));
+            sec.gathered_bytes += u64::from(gathered.saturating_sub(lnet_hdr));
+            let dst_sock = seal::dst_socket(h).unwrap_or(0);
+            let Some(n) = session.seal(now, dst_sock, &head, tail, &mut out[at..]) else {
+                return false;
+            };
+            sec.sealed_bytes += (n - OVERHEAD) as u64;
+            hdrs[i].copy_from_slice(&out[at..at + SEAL_HDR]);
+            at += n;
+        }
+        true
     }
 
     fn on_event(&mut self, now: u64, real_ns: u64, ev: IoEvent) {
@@ -810,6 +1163,11 @@ impl Udt {
             IoEvent::SendDone { token, result, .. } => {
                 if result.is_err() {
                     self.drop_one("send_error");
+                }
+                if let Some(sec) = self.sec.as_mut() {
+                    if let Some(slot) = sec.slot_of.remove(&token) {
+                        sec.free.push(slot);
+                    }
                 }
                 if let Some(ids) = self.sends.remove(&token) {
                     for id in ids {
@@ -866,9 +1224,13 @@ impl Udt {
             let ext = lu2k_ring_abi::Extent::new(Pool::Rx, buf_off + u64::from(at), dlen);
             // The connection parses the datagram in place in the RX pool.
             let region = self.region.clone();
-            let held = match region.pool_bytes(&ext) {
-                Ok(bytes) => self.on_datagram(now, from, bid, at, dlen, bytes),
-                Err(_) => false,
+            let held = if self.sec.is_some() {
+                self.on_sealed(now, from, bid, buf_off, at, dlen)
+            } else {
+                match region.pool_bytes(&ext) {
+                    Ok(bytes) => self.on_datagram(now, from, bid, at, dlen, bytes),
+                    Err(_) => false,
+                }
             };
             if held {
                 self.rx_refs[bid as usize] += 1;
@@ -939,6 +1301,212 @@ impl Udt {
         }
     }
 
+    /// A datagram on the sealed wire (`dlen` bytes at `at` of RX buffer `bid`,
+    /// which lies at `buf_off` of the RX pool): a sealed packet is opened in
+    /// place and its plaintext handed to its connection; a handshake is
+    /// checked against the PSK before the listener or a connection sees it;
+    /// anything else is refused. Returns whether a connection holds the
+    /// datagram's payload.
+    fn on_sealed(
+        &mut self,
+        now: u64,
+        from: SocketAddrV4,
+        bid: u16,
+        buf_off: u64,
+        at: u32,
+        dlen: u32,
+    ) -> bool {
+        let ip = *from.ip();
+        let (sealed, hs, dst) = match self.io.rx_bytes(bid, at, dlen) {
+            Some(b) => (
+                seal::is_sealed(b),
+                seal::split_hs(b).map(|(_, k, _)| k),
+                seal::dst_socket(b),
+            ),
+            None => return false,
+        };
+        let region = self.region.clone();
+        let inner = |off: u32, len: u32| {
+            let ext = lu2k_ring_abi::Extent::new(Pool::Rx, buf_off + u64::from(off), len);
+            region.pool_bytes(&ext).ok()
+        };
+        if sealed {
+            let dst = dst.unwrap_or(0);
+            let reason = match self.conns.get(&dst) {
+                None => Some("unknown_connection"),
+                Some(e) if e.peer != ip => Some("unknown_connection"),
+                Some(e) if e.session.is_none() => Some("unvalidated_address"),
+                Some(_) => None,
+            };
+            if let Some(r) = reason {
+                self.reject(ip, r);
+                return false;
+            }
+            let opened = {
+                let e = self.conns.get_mut(&dst).expect("checked above");
+                let session = e.session.as_mut().expect("checked above");
+                match self.io.rx_bytes_mut(bid, at, dlen) {
+                    Some(b) => session.open(now, b),
+                    None => Err(Reject::Malformed),
+                }
+            };
+            match opened {
+                Ok(()) => {
+                    let (off, len) = (at + SEAL_HDR as u32, dlen - OVERHEAD as u32);
+                    if let Some(sec) = self.sec.as_mut() {
+                        sec.opened_bytes += u64::from(len);
+                    }
+                    let Some(bytes) = inner(off, len) else {
+                        return false;
+                    };
+                    let ext = udt::Extent {
+                        buf: u64::from(bid),
+                        offset: off,
+                        len,
+                    };
+                    return self.feed(now, dst, bytes, ext);
+                }
+                Err(Reject::BadTag) => self.reject(ip, "bad_tag"),
+                Err(Reject::Replay) => self.reject(ip, "replay"),
+                Err(Reject::Malformed) => self.reject(ip, "malformed"),
+            }
+            return false;
+        }
+        let Some(client_key) = hs else {
+            self.reject(ip, "plain_refused");
+            self.log_plain(now, from);
+            return false;
+        };
+        let Some(d) = inner(at, dlen) else {
+            return false;
+        };
+        let hs_ext = udt::Extent {
+            buf: u64::from(bid),
+            offset: at,
+            len: HS_LEN as u32,
+        };
+        let limits = self.sec.as_ref().expect("sealed wire").limits;
+        if dst != Some(0) {
+            // A reply to one of our connections: the listener's cookie or the
+            // server's keys.
+            let dst = dst.unwrap_or(0);
+            let got = match self.conns.get_mut(&dst) {
+                Some(e) if e.peer == ip => match &mut e.hs {
+                    Hs::Client(c) => c.on_reply(d, now, limits),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match got {
+                None => {
+                    self.reject(ip, "bad_handshake");
+                    return false;
+                }
+                Some(seal::ClientGot::Server(Some(session))) => {
+                    if let Some(e) = self.conns.get_mut(&dst) {
+                        e.session = Some(session);
+                    }
+                }
+                Some(_) => {}
+            }
+            return self.feed(now, dst, &d[..HS_LEN], hs_ext);
+        }
+        // To the listener, or a client repeating its handshake.
+        let keys = self.sec.as_ref().expect("sealed wire").keys.for_peer(ip);
+        let Some((k, _)) = seal::check_client_hs(keys, d) else {
+            self.reject(ip, "bad_handshake");
+            return false;
+        };
+        let psk = keys[k].clone();
+        let hs_bytes = &d[..HS_LEN];
+        if let Some(id) = udt::handshake_socket_id(hs_bytes) {
+            if let Some(&sock) = self.rx_by_peer.get(&(ip, id)) {
+                if let Some(e) = self.conns.get(&sock).filter(|e| !e.conn.is_closed()) {
+                    if matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
+                        return self.feed(now, sock, hs_bytes, hs_ext);
+                    }
+                    self.reject(ip, "bad_handshake");
+                    return false;
+                }
+            }
+        }
+        match self.listener.handle(now, SocketAddr::V4(from), hs_bytes) {
+            ListenerOutput::Reply(h) => {
+                let ext = seal::listener_trailer(&psk, h.as_bytes(), &client_key);
+                self.push_backlog_from(
+                    from,
+                    0,
+                    Transmit {
+                        header: h,
+                        payload: None,
+                    },
+                    Some(ext),
+                );
+            }
+            ListenerOutput::Accept(conn) => {
+                let sock = conn.socket_id();
+                let fresh = !self.conns.contains_key(&sock);
+                self.accept(now, ip, *conn);
+                let ok = fresh && self.conns.contains_key(&sock);
+                if ok {
+                    match seal::Server::accept(psk, client_key, now, limits) {
+                        Some((srv, session)) => {
+                            let e = self.conns.get_mut(&sock).expect("accepted");
+                            e.hs = Hs::Server(Box::new(srv));
+                            e.session = Some(session);
+                        }
+                        None => {
+                            // Not a valid X25519 key: no keys, no connection.
+                            if let Some(e) = self.conns.get_mut(&sock) {
+                                e.conn.close(now);
+                            }
+                            self.reject(ip, "bad_handshake");
+                        }
+                    }
+                }
+            }
+            ListenerOutput::Drop(_) => {
+                self.drop_one("rx_bad_handshake");
+                self.reject(ip, "unvalidated_address");
+            }
+        }
+        false
+    }
+
+    /// Counts a datagram the sealed wire refused: in the core's drops
+    /// (`rx_sec_<why>`), and in its peer's counters when the address is a
+    /// peer's (a stranger gets no state for it).
+    fn reject(&mut self, ip: Ipv4Addr, why: &'static str) {
+        *self.drops.entry(format!("rx_sec_{why}")).or_default() += 1;
+        if let Some(p) = self.peers.get_mut(&ip) {
+            *p.stats.rejected.entry(why.to_string()).or_default() += 1;
+        }
+    }
+
+    /// One log line per [`WARN_EVERY_US`] at most about plain datagrams refused.
+    fn log_plain(&mut self, now: u64, from: SocketAddrV4) {
+        let core = self.p.core;
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        sec.plain_unlogged += 1;
+        if sec
+            .plain_logged_at
+            .is_some_and(|t| now.saturating_sub(t) < WARN_EVERY_US)
+        {
+            return;
+        }
+        tracing::warn!(
+            core,
+            from = %from,
+            refused = sec.plain_unlogged,
+            "refusing plain UDT datagrams: security = \"required\" accepts only the sealed wire \
+             (give the peer the PSK and security = \"required\", or set security = \"off\" on both)"
+        );
+        sec.plain_unlogged = 0;
+        sec.plain_logged_at = Some(now);
+    }
+
     /// Takes a connection the listener accepted, unless it would replace a live
     /// one or exceed the caps (each refusal counted; the client may try again
     /// and gets a fresh socket ID).
@@ -1002,11 +1570,23 @@ impl Udt {
     /// does not fit is dropped and counted; data is always kept (see
     /// [`MAX_BACKLOG`]).
     fn push_backlog(&mut self, dst: SocketAddrV4, t: Transmit) {
+        self.push_backlog_from(dst, 0, t, None);
+    }
+
+    /// [`Udt::push_backlog`] of a transmit from connection `sock` (0: the
+    /// listener), with the trailer of a sealed listener reply.
+    fn push_backlog_from(
+        &mut self,
+        dst: SocketAddrV4,
+        sock: u32,
+        t: Transmit,
+        ext: Option<[u8; HS_EXT]>,
+    ) {
         if t.payload.is_none() && self.backlog.len() >= MAX_BACKLOG {
             self.drop_one("tx_backlog_full");
             return;
         }
-        self.backlog.push_back((dst, t));
+        self.backlog.push_back(Queued { dst, sock, t, ext });
     }
 
     fn timers(&mut self) {
@@ -1123,6 +1703,9 @@ impl Udt {
                     let st = e.conn.stats();
                     p.stats.retransmissions += st.pkts_retransmitted;
                 }
+                if let (Some(sec), Some(session)) = (self.sec.as_mut(), &e.session) {
+                    *sec.rekeys_gone.entry(e.peer).or_default() += session.rekeys;
+                }
             }
         }
         self.forget_peers();
@@ -1184,12 +1767,19 @@ impl Udt {
 
     /// Per-peer counters, with what the connections measure now.
     fn peer_stats(&mut self, out: &mut Vec<PeerStats>) {
+        let mode = self.security().name();
         for p in self.peers.values_mut() {
             let mut rtt = 0;
             let mut rate = 0;
             let mut retx = 0;
+            let mut rekeys = self
+                .sec
+                .as_ref()
+                .and_then(|s| s.rekeys_gone.get(&p.ip).copied())
+                .unwrap_or(0);
             for e in self.conns.values() {
                 if e.peer == p.ip {
+                    rekeys += e.session.as_ref().map_or(0, |s| s.rekeys);
                     let st = e.conn.stats();
                     if e.dir == Dir::Tx {
                         rtt = e.conn.rtt();
@@ -1204,11 +1794,18 @@ impl Udt {
             }
             p.stats.rtt_us = u64::from(rtt);
             p.stats.rate_bps = rate;
+            p.stats.security = mode.to_string();
+            p.stats.rekeys = rekeys;
             let mut ps = p.stats.clone();
             ps.retransmissions += retx;
             out.push(ps);
         }
     }
+}
+
+/// Whether a UDT header is a handshake's (control type 0).
+fn is_handshake(h: &[u8]) -> bool {
+    h.len() >= 2 && h[0] == 0x80 && h[1] == 0x00
 }
 
 /// Appends to `out` the slices of TX memory that hold `[offset, offset + len)` of

@@ -982,6 +982,10 @@ impl DatagramIo for UringIo {
         self.handed.bytes(bid, off, len)
     }
 
+    fn rx_bytes_mut(&mut self, bid: u16, off: u32, len: u32) -> Option<&mut [u8]> {
+        self.handed.bytes_mut(bid, off, len)
+    }
+
     fn doorbell_mode(&self) -> WaitMode {
         if self.bell_futex.is_some() {
             WaitMode::Futex

@@ -1,0 +1,809 @@
+//! The sealed UDT wire: every datagram of a connection authenticated and
+//! encrypted (AES-256-GCM), keys agreed per connection by an ephemeral X25519
+//! exchange mixed with a pre-shared key (HKDF-SHA256), all from `aws-lc-rs`.
+//! Sans-IO: nothing here touches a socket or a clock; the transport passes the
+//! time in and the bytes through.
+//!
+//! **Sealed datagram** (`OVERHEAD` = 32 bytes more than the plain UDT packet):
+//!
+//! ```text
+//! [FF FF | version 1 | key phase][packet counter, u64 BE][destination socket ID, u32 BE]
+//! [AES-256-GCM ciphertext of the UDT packet (header + payload)][16-byte tag]
+//! ```
+//!
+//! The first 16 bytes are in clear and authenticated (the AAD). `FF FF` reads as
+//! UDT control type 0x7FFF (user-defined): a plain UDT4 peer ignores it, and
+//! a plain packet never starts with it. The destination socket ID sits where a
+//! UDT header has it, so the transport finds the connection the same way. The
+//! nonce is the sender's 64-bit packet counter of the direction (never a UDT
+//! sequence number: a retransmission is a new packet with a new counter).
+//!
+//! **Handshake**: the UDT4 handshake (64 bytes) with a trailer of `HS_EXT`
+//! (52) bytes, `["L2K1"][X25519 public key][HMAC-SHA256 over label, handshake and
+//! keys, first 16 bytes]`, keyed from the PSK:
+//! - client → listener (request, and the response that carries the cookie):
+//!   label `c`, the client's ephemeral key;
+//! - listener → client (the cookie): label `l`, no key (zeros), the MAC binds the
+//!   client's key, so nobody without the PSK can answer a client. Same size as
+//!   the request: no amplification;
+//! - server connection → client: label `s`, the server's ephemeral key, the MAC
+//!   binds both keys.
+//!
+//! The listener checks the MAC before the cookie and creates nothing until the
+//! cookie proves the address (the existing stateless cookie); the connection's
+//! keys come from `HKDF(salt = PSK, ikm = X25519(eph, eph'))` with both public keys
+//! in the info: forward secrecy (the ephemeral keys are gone after the
+//! exchange), and only PSK holders agree on keys.
+//!
+//! **Rekey**: a direction's key is replaced by `HKDF-Expand(secret, "lu2k rekey")`
+//! after [`Limits::rekey_packets`] packets or [`Limits::rekey_us`], never sooner
+//! than twice the grace period after the last change. The key phase bit says
+//! which key sealed a packet; the receiver keeps the previous key for
+//! [`Limits::grace_us`] (packets already in flight), and has the next key ready
+//! before the first packet under it arrives: no stall, no round trip.
+//!
+//! **Replay**: a window of [`REPLAY_WINDOW`] counters per direction (a GEO path at
+//! 1 Gbit/s has ~50 000 packets in flight); a counter seen, or older than the
+//! window, is refused. Only a datagram that opened marks the window.
+
+use std::net::Ipv4Addr;
+
+use aws_lc_rs::{aead, agreement, constant_time, hkdf, hmac, rand};
+
+/// Clear header of a sealed datagram.
+pub const SEAL_HDR: usize = 16;
+/// AES-GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes a sealed datagram has beyond its plain UDT packet.
+pub const OVERHEAD: usize = SEAL_HDR + TAG_LEN;
+/// A UDT4 handshake packet (16-byte header + 48-byte body).
+pub const HS_LEN: usize = 64;
+/// The handshake trailer.
+pub const HS_EXT: usize = 4 + 32 + 16;
+/// Counters the replay window covers.
+pub const REPLAY_WINDOW: u64 = 1 << 16;
+/// Shortest PSK file contents accepted (256 bits of key).
+pub const MIN_PSK_LEN: usize = 32;
+
+const HS_MAGIC: [u8; 4] = *b"L2K1";
+const SEAL_MARK: [u8; 2] = [0xFF, 0xFF];
+const SEAL_VERSION: u8 = 1;
+const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
+
+/// When keys change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Packets sealed under one key before the sender moves to the next. Far
+    /// below AES-GCM's per-key limit, so the sender is never forced to.
+    pub rekey_packets: u64,
+    /// Age of a key (µs) after which the sender moves to the next.
+    pub rekey_us: u64,
+    /// How long (µs) a receiver keeps the previous key after the first packet
+    /// under the next one arrived; the sender changes keys no more often than
+    /// every two grace periods, so at most two keys are ever in play.
+    pub grace_us: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rekey_packets: 1 << 30,
+            rekey_us: 120_000_000,
+            grace_us: 10_000_000,
+        }
+    }
+}
+
+/// A pre-shared key, prepared: the handshake MAC key and the KDF salt.
+#[derive(Clone)]
+pub struct Psk {
+    mac: hmac::Key,
+    salt: [u8; 32],
+}
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Psk(..)")
+    }
+}
+
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn expand(prk: &hkdf::Prk, info: &[&[u8]], out: &mut [u8]) {
+    prk.expand(info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .expect("HKDF-SHA256 expands up to 8160 bytes");
+}
+
+impl Psk {
+    /// A PSK from a key file's contents (at least [`MIN_PSK_LEN`] bytes; any
+    /// format, all of it is keying material, e.g. 32 random bytes or their hex).
+    pub fn from_bytes(b: &[u8]) -> Result<Psk, &'static str> {
+        if b.len() < MIN_PSK_LEN {
+            return Err("shorter than 32 bytes");
+        }
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"lu2k psk v1").extract(b);
+        let mut mac = [0u8; 32];
+        expand(&prk, &[b"lu2k handshake mac"], &mut mac);
+        let mut salt = [0u8; 32];
+        expand(&prk, &[b"lu2k kdf salt"], &mut salt);
+        Ok(Psk {
+            mac: hmac::Key::new(hmac::HMAC_SHA256, &mac),
+            salt,
+        })
+    }
+
+    fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 16] {
+        let mut c = hmac::Context::with_key(&self.mac);
+        c.update(label);
+        for p in parts {
+            c.update(p);
+        }
+        let t = c.sign();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&t.as_ref()[..16]);
+        out
+    }
+}
+
+/// Security of the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The plain UDT4 wire.
+    #[default]
+    Off,
+    /// Every packet sealed; plain peers refused.
+    Required,
+}
+
+impl Mode {
+    /// As `lu2k-engine stats` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Required => "required",
+        }
+    }
+}
+
+/// The keys of an engine: one list per LNet network, and per peer address
+/// (from a per-NID setting). The first key of a list is the one used to
+/// connect; any key of the list is accepted from the peer (rotation).
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    /// The network's keys.
+    pub net: Vec<Psk>,
+    /// Keys of single peers, which replace the network's for them.
+    pub peers: std::collections::HashMap<Ipv4Addr, Vec<Psk>>,
+}
+
+impl Keyring {
+    /// The keys for a peer at `ip`.
+    pub fn for_peer(&self, ip: Ipv4Addr) -> &[Psk] {
+        self.peers.get(&ip).map_or(&self.net[..], |k| &k[..])
+    }
+}
+
+/// Why a datagram was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Did not authenticate (tampered, forged, or sealed under another key).
+    BadTag,
+    /// Its counter was seen already, or is older than the replay window.
+    Replay,
+    /// Not a sealed datagram (too short, or not our format).
+    Malformed,
+}
+
+fn nonce(counter: u64) -> aead::Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    aead::Nonce::assume_unique_for_key(n)
+}
+
+fn aead_key(secret: &[u8; 32]) -> aead::LessSafeKey {
+    aead::LessSafeKey::new(
+        aead::UnboundKey::new(&aead::AES_256_GCM, secret).expect("a 32-byte AES-256 key"),
+    )
+}
+
+fn next_secret(secret: &[u8; 32]) -> [u8; 32] {
+    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, secret);
+    let mut out = [0u8; 32];
+    expand(&prk, &[b"lu2k rekey"], &mut out);
+    out
+}
+
+/// Whether `d` is a sealed datagram (by its mark; it may still be forged).
+pub fn is_sealed(d: &[u8]) -> bool {
+    d.len() >= OVERHEAD && d[..2] == SEAL_MARK && d[2] == SEAL_VERSION
+}
+
+/// The destination socket ID of a sealed datagram, or of a UDT packet.
+pub fn dst_socket(d: &[u8]) -> Option<u32> {
+    d.get(12..16)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The sending half of a connection's keys.
+struct TxKey {
+    key: aead::LessSafeKey,
+    secret: [u8; 32],
+    phase: u8,
+    counter: u64,
+    used: u64,
+    since_us: u64,
+}
+
+/// The receiving half: the current key, the previous one during its grace
+/// period, the next one ready.
+struct RxKey {
+    cur: aead::LessSafeKey,
+    cur_secret: [u8; 32],
+    phase: u8,
+    /// Lowest counter opened under `cur` (older packets of the other phase are
+    /// the previous key's).
+    cur_from: u64,
+    prev: Option<(aead::LessSafeKey, u64)>,
+    next: aead::LessSafeKey,
+    window: Replay,
+}
+
+/// A connection's keys, both directions.
+pub struct Session {
+    tx: TxKey,
+    rx: RxKey,
+    limits: Limits,
+    /// Key changes, both directions.
+    pub rekeys: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tx_counter", &self.tx.counter)
+            .field("rekeys", &self.rekeys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    fn new(tx_secret: [u8; 32], rx_secret: [u8; 32], now: u64, limits: Limits) -> Session {
+        let next = next_secret(&rx_secret);
+        Session {
+            tx: TxKey {
+                key: aead_key(&tx_secret),
+                secret: tx_secret,
+                phase: 0,
+                counter: 0,
+                used: 0,
+                since_us: now,
+            },
+            rx: RxKey {
+                cur: aead_key(&rx_secret),
+                cur_secret: rx_secret,
+                phase: 0,
+                cur_from: 0,
+                prev: None,
+                next: aead_key(&next),
+                window: Replay::new(),
+            },
+            limits,
+            rekeys: 0,
+        }
+    }
+
+    /// Packets sealed so far (the next counter).
+    pub fn sealed(&self) -> u64 {
+        self.tx.counter
+    }
+
+    fn maybe_rekey(&mut self, now: u64) {
+        let l = self.limits;
+        let age = now.saturating_sub(self.tx.since_us);
+        if (self.tx.used >= l.rekey_packets || age >= l.rekey_us) && age >= 2 * l.grace_us {
+            self.tx.secret = next_secret(&self.tx.secret);
+            self.tx.key = aead_key(&self.tx.secret);
+            self.tx.phase ^= 1;
+            self.tx.used = 0;
+            self.tx.since_us = now;
+            self.rekeys += 1;
+        }
+    }
+
+    /// Seals one datagram into `out`: the clear header for socket `dst`, then
+    /// `head` (pieces gathered in order: the UDT header and any payload pieces
+    /// before the last) and `tail` (the last payload piece, encrypted straight
+    /// from where it lies), then the tag. Returns the datagram's length, or
+    /// `None` if `out` is too short (or the counter ran out, which 2^64 packets
+    /// never do).
+    pub fn seal(
+        &mut self,
+        now: u64,
+        dst: u32,
+        head: &[&[u8]],
+        tail: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let head_len: usize = head.iter().map(|h| h.len()).sum();
+        let len = OVERHEAD + head_len + tail.len();
+        if out.len() < len || self.tx.counter == u64::MAX {
+            return None;
+        }
+        self.maybe_rekey(now);
+        let counter = self.tx.counter;
+        let out = &mut out[..len];
+        out[..2].copy_from_slice(&SEAL_MARK);
+        out[2] = SEAL_VERSION;
+        out[3] = self.tx.phase;
+        out[4..12].copy_from_slice(&counter.to_be_bytes());
+        out[12..16].copy_from_slice(&dst.to_be_bytes());
+        let (hdr, rest) = out.split_at_mut(SEAL_HDR);
+        let (in_out, extra_out) = rest.split_at_mut(head_len);
+        let mut at = 0;
+        for h in head {
+            in_out[at..at + h.len()].copy_from_slice(h);
+            at += h.len();
+        }
+        self.tx
+            .key
+            .seal_in_place_scatter(
+                nonce(counter),
+                aead::Aad::from(&hdr[..]),
+                in_out,
+                tail,
+                extra_out,
+            )
+            .ok()?;
+        self.tx.counter += 1;
+        self.tx.used += 1;
+        Some(len)
+    }
+
+    /// Opens sealed datagram `d` in place; its plaintext is then
+    /// `d[SEAL_HDR..d.len() - TAG_LEN]`.
+    pub fn open(&mut self, now: u64, d: &mut [u8]) -> Result<(), Reject> {
+        if !is_sealed(d) {
+            return Err(Reject::Malformed);
+        }
+        let mut hdr = [0u8; SEAL_HDR];
+        hdr.copy_from_slice(&d[..SEAL_HDR]);
+        let phase = hdr[3] & 1;
+        let counter = u64::from_be_bytes(hdr[4..12].try_into().expect("8 bytes"));
+        self.rx.window.check(counter)?;
+        if self.rx.prev.as_ref().is_some_and(|p| p.1 <= now) {
+            self.rx.prev = None;
+        }
+        enum Which {
+            Cur,
+            Prev,
+            Next,
+        }
+        let which = if phase == self.rx.phase {
+            Which::Cur
+        } else if self.rx.prev.is_some() && counter < self.rx.cur_from {
+            Which::Prev
+        } else {
+            Which::Next
+        };
+        let key = match which {
+            Which::Cur => &self.rx.cur,
+            Which::Prev => &self.rx.prev.as_ref().expect("checked").0,
+            Which::Next => &self.rx.next,
+        };
+        let body = &mut d[SEAL_HDR..];
+        key.open_in_place(nonce(counter), aead::Aad::from(&hdr[..]), body)
+            .map_err(|_| Reject::BadTag)?;
+        self.rx.window.mark(counter);
+        match which {
+            Which::Cur => self.rx.cur_from = self.rx.cur_from.min(counter),
+            Which::Prev => {}
+            Which::Next => {
+                let secret = next_secret(&self.rx.cur_secret);
+                let key = aead_key(&secret);
+                let old = std::mem::replace(&mut self.rx.cur, key);
+                self.rx.next = aead_key(&next_secret(&secret));
+                self.rx.cur_secret = secret;
+                self.rx.prev = Some((old, now.saturating_add(self.limits.grace_us)));
+                self.rx.phase ^= 1;
+                self.rx.cur_from = counter;
+                self.rekeys += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which counters a direction has opened, over the last [`REPLAY_WINDOW`].
+struct Replay {
+    top: u64,
+    any: bool,
+    bits: Box<[u64; WORDS]>,
+}
+
+impl Replay {
+    fn new() -> Replay {
+        Replay {
+            top: 0,
+            any: false,
+            bits: Box::new([0; WORDS]),
+        }
+    }
+
+    fn bit(c: u64) -> (usize, u64) {
+        let i = c % REPLAY_WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn check(&self, c: u64) -> Result<(), Reject> {
+        if !self.any || c > self.top {
+            return Ok(());
+        }
+        if self.top - c >= REPLAY_WINDOW {
+            return Err(Reject::Replay);
+        }
+        let (w, b) = Self::bit(c);
+        if self.bits[w] & b != 0 {
+            Err(Reject::Replay)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mark(&mut self, c: u64) {
+        if !self.any {
+            self.any = true;
+            self.top = c;
+        } else if c > self.top {
+            if c - self.top >= REPLAY_WINDOW {
+                self.bits.fill(0);
+            } else {
+                // Forget the counters the window slides past.
+                let mut i = self.top + 1;
+                while i <= c {
+                    let (w, b) = Self::bit(i);
+                    if i % 64 == 0 && c - i >= 63 {
+                        self.bits[w] = 0;
+                        i += 64;
+                    } else {
+                        self.bits[w] &= !b;
+                        i += 1;
+                    }
+                }
+            }
+            self.top = c;
+        }
+        let (w, b) = Self::bit(c);
+        self.bits[w] |= b;
+    }
+}
+
+/// A handshake trailer, split: `(handshake, public key, tag)`.
+pub fn split_hs(d: &[u8]) -> Option<(&[u8], [u8; 32], [u8; 16])> {
+    if d.len() != HS_LEN + HS_EXT || d[HS_LEN..HS_LEN + 4] != HS_MAGIC {
+        return None;
+    }
+    let k = d[HS_LEN + 4..HS_LEN + 36].try_into().ok()?;
+    let t = d[HS_LEN + 36..].try_into().ok()?;
+    Some((&d[..HS_LEN], k, t))
+}
+
+fn trailer(key: &[u8; 32], tag: [u8; 16]) -> [u8; HS_EXT] {
+    let mut t = [0u8; HS_EXT];
+    t[..4].copy_from_slice(&HS_MAGIC);
+    t[4..36].copy_from_slice(key);
+    t[36..].copy_from_slice(&tag);
+    t
+}
+
+fn tag_ok(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
+/// The handshake state of the connecting side.
+pub struct Client {
+    psk: Psk,
+    eph: Option<agreement::EphemeralPrivateKey>,
+    public: [u8; 32],
+    server: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("done", &self.server.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a client made of a handshake reply.
+#[derive(Debug)]
+pub enum ClientGot {
+    /// The listener's cookie (authentic): hand the handshake to the connection.
+    Cookie,
+    /// The server's reply: the session, the first time.
+    Server(Option<Box<Session>>),
+}
+
+impl Client {
+    /// A fresh ephemeral key for a connection that connects with `psk`.
+    pub fn new(psk: Psk) -> Client {
+        let rng = rand::SystemRandom::new();
+        let eph = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
+            .expect("X25519 key generation");
+        let mut public = [0u8; 32];
+        public.copy_from_slice(eph.compute_public_key().expect("X25519").as_ref());
+        Client {
+            psk,
+            eph: Some(eph),
+            public,
+            server: None,
+        }
+    }
+
+    /// The trailer of one of the client's handshakes (`hs`, 64 bytes).
+    pub fn trailer(&self, hs: &[u8]) -> [u8; HS_EXT] {
+        trailer(&self.public, self.psk.tag(b"c", &[hs, &self.public]))
+    }
+
+    /// Checks a handshake reply (`d`, with trailer) and, from the server's
+    /// first, derives the session. `None`: not authentic.
+    pub fn on_reply(&mut self, d: &[u8], now: u64, limits: Limits) -> Option<ClientGot> {
+        let (hs, key, tag) = split_hs(d)?;
+        if key == [0; 32] {
+            let want = self.psk.tag(b"l", &[hs, &self.public]);
+            return tag_ok(&want, &tag).then_some(ClientGot::Cookie);
+        }
+        let want = self.psk.tag(b"s", &[hs, &self.public, &key]);
+        if !tag_ok(&want, &tag) {
+            return None;
+        }
+        if let Some(s) = self.server {
+            // A repeated reply: the same server key or nothing.
+            return (s == key).then_some(ClientGot::Server(None));
+        }
+        let eph = self.eph.take()?;
+        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, key);
+        let (c2s, s2c) = agreement::agree_ephemeral(eph, peer, (), |dh| {
+            Ok(derive(&self.psk, dh, &self.public, &key))
+        })
+        .ok()?;
+        self.server = Some(key);
+        Some(ClientGot::Server(Some(Box::new(Session::new(
+            c2s, s2c, now, limits,
+        )))))
+    }
+}
+
+fn derive(psk: &Psk, dh: &[u8], client: &[u8; 32], server: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.salt).extract(dh);
+    let mut c2s = [0u8; 32];
+    let mut s2c = [0u8; 32];
+    expand(&prk, &[b"lu2k v1 c2s", client, server], &mut c2s);
+    expand(&prk, &[b"lu2k v1 s2c", client, server], &mut s2c);
+    (c2s, s2c)
+}
+
+/// A client handshake (`d`, with trailer) checked against `keys`: the index of
+/// the key that authenticates it, and the client's public key.
+pub fn check_client_hs(keys: &[Psk], d: &[u8]) -> Option<(usize, [u8; 32])> {
+    let (hs, key, tag) = split_hs(d)?;
+    keys.iter()
+        .position(|p| tag_ok(&p.tag(b"c", &[hs, &key]), &tag))
+        .map(|i| (i, key))
+}
+
+/// The listener's trailer for its cookie reply `hs` to a client whose public
+/// key is `client`.
+pub fn listener_trailer(psk: &Psk, hs: &[u8], client: &[u8; 32]) -> [u8; HS_EXT] {
+    trailer(&[0; 32], psk.tag(b"l", &[hs, client]))
+}
+
+/// The handshake state of the accepting side.
+#[derive(Debug)]
+pub struct Server {
+    psk: Psk,
+    client: [u8; 32],
+    public: [u8; 32],
+}
+
+impl Server {
+    /// Answers client key `client` (authenticated with `psk`): the server's
+    /// state and the session.
+    pub fn accept(
+        psk: Psk,
+        client: [u8; 32],
+        now: u64,
+        limits: Limits,
+    ) -> Option<(Server, Box<Session>)> {
+        let rng = rand::SystemRandom::new();
+        let eph = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng).ok()?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(eph.compute_public_key().ok()?.as_ref());
+        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, client);
+        let (c2s, s2c) =
+            agreement::agree_ephemeral(eph, peer, (), |dh| Ok(derive(&psk, dh, &client, &public)))
+                .ok()?;
+        Some((
+            Server {
+                psk,
+                client,
+                public,
+            },
+            Box::new(Session::new(s2c, c2s, now, limits)),
+        ))
+    }
+
+    /// The trailer of the server connection's handshake `hs`.
+    pub fn trailer(&self, hs: &[u8]) -> [u8; HS_EXT] {
+        trailer(
+            &self.public,
+            self.psk.tag(b"s", &[hs, &self.client, &self.public]),
+        )
+    }
+
+    /// Whether a repeated client handshake carries this connection's client key
+    /// and authenticates.
+    pub fn same_client(&self, d: &[u8]) -> bool {
+        split_hs(d).is_some_and(|(hs, key, tag)| {
+            key == self.client && tag_ok(&self.psk.tag(b"c", &[hs, &key]), &tag)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn psk(b: u8) -> Psk {
+        Psk::from_bytes(&[b; 32]).unwrap()
+    }
+
+    fn pair(limits: Limits) -> (Box<Session>, Box<Session>) {
+        let mut c = Client::new(psk(7));
+        let hs = [1u8; HS_LEN];
+        let mut d = hs.to_vec();
+        d.extend_from_slice(&c.trailer(&hs));
+        let (i, ck) = check_client_hs(&[psk(1), psk(7)], &d).expect("authentic");
+        assert_eq!(i, 1);
+        let (srv, ss) = Server::accept(psk(7), ck, 0, limits).unwrap();
+        let mut r = [2u8; HS_LEN].to_vec();
+        r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
+        let Some(ClientGot::Server(Some(cs))) = c.on_reply(&r, 0, limits) else {
+            panic!("server reply refused")
+        };
+        assert!(matches!(
+            c.on_reply(&r, 0, limits),
+            Some(ClientGot::Server(None))
+        ));
+        (cs, ss)
+    }
+
+    fn seal(s: &mut Session, now: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; payload.len() + OVERHEAD + 16];
+        let n = s
+            .seal(now, 42, &[&[9u8; 16]], payload, &mut out)
+            .expect("fits");
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn a_sealed_packet_opens_once_and_only_untouched() {
+        let (mut c, mut s) = pair(Limits::default());
+        let d = seal(&mut c, 0, b"lustre payload");
+        assert!(is_sealed(&d) && dst_socket(&d) == Some(42));
+        assert!(!d.windows(7).any(|w| w == b"payload"), "payload in clear");
+        let mut x = d.clone();
+        s.open(0, &mut x).unwrap();
+        assert_eq!(&x[SEAL_HDR + 16..x.len() - TAG_LEN], b"lustre payload");
+        // The same packet again: a replay.
+        let mut y = d.clone();
+        assert_eq!(s.open(0, &mut y), Err(Reject::Replay));
+        // Any flipped bit, clear header included: a bad tag.
+        for i in [3, 5, 13, SEAL_HDR, d.len() - 1] {
+            let mut t = seal(&mut c, 0, b"lustre payload");
+            t[i] ^= 0x10;
+            assert_eq!(s.open(0, &mut t), Err(Reject::BadTag), "byte {i}");
+        }
+        // The other direction has its own key: a packet reflected back fails.
+        let mut z = seal(&mut c, 0, b"x");
+        assert_eq!(c.open(0, &mut z), Err(Reject::BadTag));
+    }
+
+    #[test]
+    fn wrong_psk_is_refused_both_ways() {
+        let c = Client::new(psk(7));
+        let hs = [1u8; HS_LEN];
+        let mut d = hs.to_vec();
+        d.extend_from_slice(&c.trailer(&hs));
+        assert!(check_client_hs(&[psk(8)], &d).is_none());
+        // A server with another PSK: the client refuses its reply.
+        let mut c = Client::new(psk(7));
+        let (srv, _) = Server::accept(psk(8), c.public, 0, Limits::default()).unwrap();
+        let mut r = [2u8; HS_LEN].to_vec();
+        r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
+        assert!(c.on_reply(&r, 0, Limits::default()).is_none());
+        // A listener cookie for another client's key is refused too.
+        let mut l = [3u8; HS_LEN].to_vec();
+        l.extend_from_slice(&listener_trailer(&psk(7), &[3u8; HS_LEN], &[5; 32]));
+        assert!(c.on_reply(&l, 0, Limits::default()).is_none());
+        let mut l = [3u8; HS_LEN].to_vec();
+        l.extend_from_slice(&listener_trailer(&psk(7), &[3u8; HS_LEN], &c.public));
+        assert!(matches!(
+            c.on_reply(&l, 0, Limits::default()),
+            Some(ClientGot::Cookie)
+        ));
+        assert_eq!(
+            Psk::from_bytes(&[1; 31]).unwrap_err(),
+            "shorter than 32 bytes"
+        );
+    }
+
+    #[test]
+    fn the_replay_window_spans_a_geo_flight_out_of_order() {
+        let (mut c, mut s) = pair(Limits::default());
+        let pkts: Vec<Vec<u8>> = (0..60_000).map(|_| seal(&mut c, 0, b"p")).collect();
+        // The newest first, then the whole flight backwards: all open.
+        for d in pkts.iter().rev() {
+            s.open(0, &mut d.clone()).expect("within the window");
+        }
+        for d in pkts.iter().step_by(997) {
+            assert_eq!(s.open(0, &mut d.clone()), Err(Reject::Replay));
+        }
+        // Beyond the window: refused as too old even though never seen.
+        let old = seal(&mut c, 0, b"p");
+        for _ in 0..REPLAY_WINDOW {
+            c.tx.counter += 1;
+        }
+        let newer = seal(&mut c, 0, b"p");
+        s.open(0, &mut newer.clone()).unwrap();
+        assert_eq!(s.open(0, &mut old.clone()), Err(Reject::Replay));
+    }
+
+    #[test]
+    fn rekey_keeps_every_packet_in_flight_open() {
+        let limits = Limits {
+            rekey_packets: 100,
+            rekey_us: u64::MAX,
+            grace_us: 1_000,
+        };
+        let (mut c, mut s) = pair(limits);
+        let mut now = 0;
+        let mut flight = Vec::new();
+        let mut opened = 0;
+        for i in 0..5_000u64 {
+            now += 10; // 100 packets per ms: a key change every 2 ms
+            flight.push(seal(&mut c, now, &i.to_be_bytes()));
+            // Delivered 30 packets late and two by two reordered.
+            if flight.len() > 30 {
+                let mut d = flight.remove(if i % 2 == 0 { 1 } else { 0 });
+                s.open(now, &mut d).expect("opens under its key");
+                opened += 1;
+            }
+        }
+        for mut d in flight.drain(..) {
+            s.open(now, &mut d).unwrap();
+            opened += 1;
+        }
+        assert_eq!(opened, 5_000);
+        // 50 ms at one change per 2 ms (twice the grace): 24 changes each way.
+        assert!(c.rekeys >= 20, "{}", c.rekeys);
+        assert_eq!(s.rekeys, c.rekeys);
+        // After the grace period the previous key is gone: an old packet fails.
+        let (mut c2, mut s2) = pair(limits);
+        let old = seal(&mut c2, 0, b"old");
+        for _ in 0..200 {
+            let mut d = seal(&mut c2, 3_000, b"new");
+            s2.open(3_000, &mut d).unwrap();
+        }
+        assert_eq!(c2.rekeys, 1);
+        assert_eq!(s2.open(9_000, &mut old.clone()), Err(Reject::BadTag));
+    }
+}
