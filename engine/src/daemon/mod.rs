@@ -8,10 +8,15 @@
 //! [`crate::steer::program`]); build each core's memory (header arena + TX pool alias,
 //! registered once) and I/O, and run it on its own thread.
 //!
-//! Shutdown (SIGTERM, SIGINT, or kshim closing the socket): cores stop taking new
-//! messages (new descriptors are completed with `Shutdown`), give in-flight ones a
-//! few seconds to be acknowledged, fail the rest back with `Shutdown`, close their
-//! connections and give every RX buffer back; then the process exits 0.
+//! Shutdown (SIGTERM, SIGINT): cores stop taking new messages (new descriptors are
+//! completed with `Shutdown`), give in-flight ones a few seconds to be acknowledged,
+//! fail the rest back with `Shutdown`, close their connections and give every RX
+//! buffer back; then the process exits 0.
+//!
+//! kshim closing the socket (it restarted) drains the cores the same way, ends the
+//! session, and the engine waits for kshim to listen again (backing off from 100 ms
+//! to 5 s) and attaches to its new region: one [`session`] per attachment, the
+//! process carries on.
 //!
 //! Under systemd (`Type=notify`, `packaging/lu2k-engine.service`) the daemon tells
 //! the service manager `READY=1` once kshim has its ACK and every socket is bound,
@@ -96,7 +101,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
              config file, or pass --kshim or --kshim-socket"
         ),
     };
-    let draining = watch_signals()?;
+    let term = watch_signals()?;
     let features = Features::probe();
     let forced = cfg.io_path == IoPathChoice::Epoll;
     let (path, why) = features.choose(forced);
@@ -105,9 +110,39 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!("I/O path {path}: {why}");
 
-    let att =
+    let mut att =
         attach::attach(&kpath).with_context(|| format!("attaching to kshim at {kpath}"))?;
-    let (region, plan) = match plan(cfg, &att, &features, path) {
+    // One session per kshim attachment. When kshim goes away (it restarted), the
+    // session drains and ends; the engine then waits for kshim to listen again and
+    // attaches anew: the process, its configuration and its systemd state carry on.
+    loop {
+        let mut notifier = session(cfg.clone(), &kpath, att, &features, path, &term)?;
+        if term.load(Ordering::SeqCst) {
+            break;
+        }
+        match reattach(&kpath, &term, &mut notifier) {
+            Some(a) => att = a,
+            None => break,
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One attachment to kshim: maps its region, runs the cores until SIGTERM or
+/// until kshim goes away, and waits for them to drain. Returns the notifier for
+/// the wait that follows a kshim restart.
+fn session(
+    cfg: Config,
+    kpath: &attach::Endpoint,
+    att: Attachment,
+    features: &Features,
+    path: IoPath,
+    term: &AtomicBool,
+) -> anyhow::Result<Notifier> {
+    // The cores' stop flag: set by SIGTERM (through `serve`) or by kshim leaving.
+    let draining = Arc::new(AtomicBool::new(term.load(Ordering::SeqCst)));
+    let (region, plan) = match plan(cfg, &att, features, path) {
         Ok(x) => x,
         Err((status, e)) => {
             let _ = att.ack(status);
@@ -155,13 +190,58 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
     let mut notifier = Notifier::new(slots);
     notifier.ready();
-    serve(&att, &nrx, &draining, &threads, &mut notifier);
-    notifier.stopping();
+    serve(&att, &nrx, &draining, term, &threads, &mut notifier);
     for t in threads {
         let _ = t.join();
     }
-    tracing::info!("stopped");
-    Ok(())
+    Ok(notifier)
+}
+
+/// After kshim went away: waits for it to listen again and attaches, backing off
+/// from 100 ms to 5 s between tries, while SIGTERM still stops the engine (`None`).
+/// A kshim that restarts makes a fresh region, so nothing of the last session is
+/// carried over but the configuration.
+fn reattach(
+    kpath: &attach::Endpoint,
+    term: &AtomicBool,
+    notifier: &mut Notifier,
+) -> Option<Attachment> {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MOST: Duration = Duration::from_secs(5);
+    let since = Instant::now();
+    let mut delay = FIRST;
+    let mut tries = 0u64;
+    tracing::warn!("kshim at {kpath} went away; waiting for it to listen again to re-attach");
+    loop {
+        let next = Instant::now() + delay;
+        while Instant::now() < next {
+            if term.load(Ordering::SeqCst) {
+                return None;
+            }
+            notifier.waiting(Instant::now(), since);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tries += 1;
+        match attach::attach(kpath) {
+            Ok(a) => {
+                tracing::info!(
+                    "kshim at {} is back after {:.1} s ({tries} tries): re-attaching",
+                    kpath,
+                    since.elapsed().as_secs_f64()
+                );
+                return Some(a);
+            }
+            Err(e) => {
+                delay = (delay * 2).min(MOST);
+                // One line per try while the waits grow, then one every 5 s.
+                tracing::info!(
+                    "kshim at {} not back yet ({e}); next try in {:.1} s",
+                    kpath,
+                    delay.as_secs_f64()
+                );
+            }
+        }
+    }
 }
 
 /// Blocks the termination signals in every thread and turns them into the
@@ -579,11 +659,13 @@ fn start_metrics(
 }
 
 /// Forwards peer notices to kshim and notices kshim going away, until every core
-/// stopped.
+/// stopped. SIGTERM (`term`) drains the cores and tells systemd `STOPPING=1`;
+/// kshim leaving drains them too but is no stop: the engine re-attaches after.
 fn serve(
     att: &Attachment,
     notices: &mpsc::Receiver<Notice>,
     draining: &AtomicBool,
+    term: &AtomicBool,
     threads: &[JoinHandle<()>],
     notifier: &mut Notifier,
 ) {
@@ -599,12 +681,17 @@ fn serve(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if !draining.load(Ordering::Relaxed) && kshim_gone(&att.sock) {
-            tracing::warn!("kshim closed the attach socket: draining");
+        if term.load(Ordering::Relaxed) && !draining.load(Ordering::Relaxed) {
             draining.store(true, Ordering::SeqCst);
         }
-        if draining.load(Ordering::Relaxed) {
+        if !draining.load(Ordering::Relaxed) && kshim_gone(&att.sock) {
+            tracing::warn!("kshim closed the attach socket: draining, then re-attaching");
+            draining.store(true, Ordering::SeqCst);
+        }
+        if term.load(Ordering::Relaxed) {
             notifier.stopping();
+        } else if draining.load(Ordering::Relaxed) {
+            notifier.waiting(Instant::now(), Instant::now());
         } else {
             notifier.tick(Instant::now());
         }
@@ -678,6 +765,26 @@ impl Notifier {
                 if self.cores_progressed() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
+            }
+        }
+    }
+
+    /// While kshim is away (the cores drain, or the engine waits to re-attach):
+    /// a status saying so, and watchdog pings from this thread, which is what is
+    /// running then (a re-attach that hangs stops them).
+    fn waiting(&mut self, now: Instant, since: Instant) {
+        if now >= self.next_status {
+            self.next_status = now + STATUS_EVERY;
+            let status = format!(
+                "kshim went away {:.0} s ago: waiting to re-attach",
+                now.saturating_duration_since(since).as_secs_f64()
+            );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+        }
+        if let Some(period) = self.watchdog {
+            if now >= self.next_ping {
+                self.next_ping = now + period;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
     }

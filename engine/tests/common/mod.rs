@@ -133,3 +133,21 @@ pub fn start_engine(dir: &Path, name: &str, ip: Ipv4Addr, port: u16, extra: &[&s
         .args(extra);
     Engine::spawn(cmd)
 }
+
+/// The `lu2k-kshim` binary (the LNet-selftest-like load generator and sink),
+/// built here in the engine binary's profile: `cargo test -p lu2k-engine` does
+/// not build other packages' binaries, and a stale one must not be tested.
+pub fn kshim_bin() -> PathBuf {
+    let engine = PathBuf::from(env!("CARGO_BIN_EXE_lu2k-engine"));
+    let dir = engine.parent().expect("the engine binary's directory");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-q", "-p", "lu2k-kshim", "--bin", "lu2k-kshim"]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("running cargo to build lu2k-kshim");
+    assert!(st.success(), "building lu2k-kshim failed: {st}");
+    let bin = dir.join("lu2k-kshim");
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}

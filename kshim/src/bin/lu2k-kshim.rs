@@ -489,9 +489,9 @@ fn put(k: &mut Kshim, l: Load, progress: Option<Duration>) -> Result<ExitCode> {
                     break;
                 }
                 eprintln!(
-                    "lu2k-kshim: waiting for the next engine at {} ({} messages to resend)",
+                    "lu2k-kshim: waiting for the next engine at {} ({} messages queued for it)",
                     k.config().socket_path.display(),
-                    resend.len()
+                    k.pending()
                 );
                 gone_since = Some(Instant::now());
             }
