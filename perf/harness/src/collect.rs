@@ -163,6 +163,30 @@ pub fn load_avg() -> Option<[f64; 3]> {
     Some([it.next()??, it.next()??, it.next()??])
 }
 
+/// The host's CPU time so far from `/proc/stat` (first line, clock ticks):
+/// (steal, total of user, nice, system, idle, iowait, irq, softirq, steal).
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    cpu_ticks_of(s.lines().next()?)
+}
+
+/// [`cpu_ticks`] of a `/proc/stat` `cpu` line.
+pub fn cpu_ticks_of(line: &str) -> Option<(u64, u64)> {
+    let mut it = line.split_whitespace();
+    if it.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = it.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    (v.len() == 8).then(|| (v[7], v.iter().sum()))
+}
+
+/// The share of CPU time stolen between two [`cpu_ticks`] readings.
+pub fn steal_share(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1)?;
+    let steal = after.0.checked_sub(before.0)?;
+    (total > 0).then(|| steal as f64 / total as f64)
+}
+
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -203,6 +227,18 @@ impl Percentiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_from_proc_stat() {
+        let a = cpu_ticks_of("cpu  100 0 50 800 10 0 0 40 0 0").unwrap();
+        assert_eq!(a, (40, 1000));
+        let b = cpu_ticks_of("cpu  150 0 70 1000 10 0 0 100 0 0").unwrap();
+        assert_eq!(steal_share(a, b), Some(60.0 / 330.0));
+        assert_eq!(cpu_ticks_of("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(steal_share(a, a), None);
+        // This host's own line parses.
+        assert!(cpu_ticks().is_some());
+    }
     use std::time::Duration;
 
     #[test]

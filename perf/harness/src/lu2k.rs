@@ -53,6 +53,9 @@ pub struct EngineSpec {
     pub cores: u16,
     /// Peer overrides: (NID address, UDP address).
     pub peers: Vec<(Ipv4Addr, SocketAddrV4)>,
+    /// A pre-shared key file: the sealed wire.
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
 }
 
 /// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
@@ -74,6 +77,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
             addr: *addr,
         })
         .collect();
+    c.psk_file = s.psk_file;
     c.validate()?;
     lu2k_engine::daemon::run(c)
 }
@@ -170,6 +174,7 @@ impl Side {
             stats_socket: stats.clone(),
             cores: l.cores,
             peers: l.peer_addr.map(|a| (l.peer_ip, a)).into_iter().collect(),
+            psk_file: l.psk_file.clone(),
         };
         let mut cmd = self_command()?;
         cmd.arg("__engine")

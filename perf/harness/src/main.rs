@@ -55,6 +55,9 @@ enum Command {
     Demo(DemoArgs),
     /// Bulk goodput and round trips over loopback: lu2k, UDT4, raw UDP.
     Loopback(LoopbackArgs),
+    /// Two `run --json` result files side by side: is every row's goodput
+    /// within the tolerance? Exits 1 if not.
+    Compare(CompareArgs),
     /// Internal: one endpoint process of a contender (JSON spec).
     #[command(name = "__node", hide = true)]
     Node { spec: String },
@@ -91,6 +94,21 @@ struct RunArgs {
     /// kshim RX buffers (64 KiB each) per lu2k node.
     #[arg(long, default_value_t = LU2K_RX_BUFS)]
     lu2k_rx_bufs: u32,
+    /// Runs of each contender in each cell; a row gives the run with the
+    /// median goodput, every run's goodput and the spread (min-max).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    /// The first result file (`run --json`).
+    a: PathBuf,
+    /// The second.
+    b: PathBuf,
+    /// Largest change allowed, as a fraction of the first file's goodput.
+    #[arg(long, default_value_t = 0.10)]
+    tolerance: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,6 +188,7 @@ fn main() -> Result<()> {
         Command::Run(args) => run_scenario(args),
         Command::Demo(args) => demo(args),
         Command::Loopback(args) => loopback(args),
+        Command::Compare(args) => compare(args),
         Command::Node { spec } => node::main(&spec),
         Command::Engine { spec } => lu2k::engine_main(&spec),
         Command::UdpHop { next } => udp::hop_main(next),
@@ -457,6 +476,7 @@ fn run_cells(
     only: &[String],
     o: &run::Opts,
     out: &std::path::Path,
+    runs: u32,
 ) -> Result<Vec<report::Row>> {
     let cells = s.cells(quick);
     let mp = indicatif::MultiProgress::new();
@@ -466,7 +486,12 @@ fn run_cells(
             if !only.is_empty() && !only.iter().any(|n| n == c.name()) {
                 continue;
             }
-            rows.push(run::run(&s.name, cell, c, o, &mp));
+            // Runs of one contender back to back: the spread is that of
+            // the same machine state, as far as the machine allows.
+            let each = (0..runs)
+                .map(|_| run::run(&s.name, cell, c, o, &mp))
+                .collect();
+            rows.push(report::combine(each));
         }
     }
     println!();
@@ -497,7 +522,7 @@ fn run_cells(
 fn run_scenario(args: RunArgs) -> Result<()> {
     let s = scenario::Scenario::load(&args.scenario)?;
     let o = opts(s.seed, args.lu2k_cores, args.lu2k_rx_bufs);
-    let rows = run_cells(&s, args.quick, &args.only, &o, &args.out)?;
+    let rows = run_cells(&s, args.quick, &args.only, &o, &args.out, args.runs)?;
     if let Some(p) = &args.json {
         report::write_json(&rows, p)?;
         println!("json: {}", p.display());
@@ -510,6 +535,32 @@ fn run_scenario(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn compare(args: CompareArgs) -> Result<()> {
+    let read = |p: &PathBuf| -> Result<Vec<serde_json::Value>> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not JSON (a `run --json` file?)", p.display()))?;
+        v.as_array().cloned().with_context(|| {
+            format!(
+                "{}: expected an array of rows, as `run --json` writes",
+                p.display()
+            )
+        })
+    };
+    let (rows, stable) = report::compare(&read(&args.a)?, &read(&args.b)?, args.tolerance);
+    print!("{}", report::compare_table(&rows, args.tolerance));
+    if rows.is_empty() {
+        anyhow::bail!("no row (cell and contender) with goodput in both files");
+    }
+    if !stable {
+        println!("NOT stable within ±{:.0} %", args.tolerance * 100.0);
+        std::process::exit(1);
+    }
+    println!("stable within ±{:.0} %", args.tolerance * 100.0);
+    Ok(())
+}
+
 /// The demo's scenario: one GEO-like cell.
 const DEMO: &str = include_str!("../../scenarios/demo.toml");
 
@@ -517,7 +568,8 @@ fn demo(args: DemoArgs) -> Result<()> {
     let s = scenario::Scenario::parse(DEMO, "demo.toml (built in)")?;
     eprintln!(
         "lu2k demo: a GEO-like link emulated in this process (UDP relay on loopback, no root needed): \
-         100 Mbit/s, 600 ms round trip, 0.1 % random loss each way.{}",
+         100 Mbit/s, 600 ms round trip, 0.1 % random loss each way; lu2k, UDT4 and QUIC (quinn, CUBIC \
+         and BBR).{}",
         if run::is_root() {
             " Running as root: TCP CUBIC and BBR cross the same link through TUN devices."
         } else {
@@ -528,9 +580,11 @@ fn demo(args: DemoArgs) -> Result<()> {
     let only: Vec<String> = if run::is_root() {
         Vec::new()
     } else {
-        vec!["lu2k".into(), "udt4".into()]
+        ["lu2k", "udt4", "quic-cubic", "quic-bbr"]
+            .map(String::from)
+            .to_vec()
     };
-    let rows = run_cells(&s, false, &only, &o, &args.out)?;
+    let rows = run_cells(&s, false, &only, &o, &args.out, 1)?;
     let json = args.out.join("demo.json");
     report::write_json(&rows, &json)?;
     println!("json: {}", json.display());

@@ -88,6 +88,9 @@ pub struct Lu2kSpec {
     /// can hold out of order; kshim's default (1024) is too few for a lossy
     /// long path (see the harness README).
     pub rx_bufs: u32,
+    /// A pre-shared key file: the engines run the sealed wire.
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
 }
 
 /// Everything a node needs, passed as JSON on its command line.

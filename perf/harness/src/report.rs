@@ -81,31 +81,124 @@ pub struct Row {
     pub load_avg: Option<LoadAvg>,
     /// The contender's settings as its nodes applied them ([`crate::tuning`]).
     pub tuning: Option<String>,
+    /// Runs made of this contender in this cell (`--runs`); the row's
+    /// figures are the run with the median goodput's.
+    pub runs: u32,
+    /// Every run's goodput, Mbit/s, in run order (None: moved nothing).
+    pub goodput_runs: Vec<Option<f64>>,
+    /// The spread: the lowest and highest goodput of the runs.
+    pub goodput_min: Option<f64>,
+    /// See `goodput_min`.
+    pub goodput_max: Option<f64>,
+    /// The largest share of CPU time stolen by the hypervisor during a run
+    /// (`/proc/stat`), 0 to 1.
+    pub steal: Option<f64>,
 }
 
 /// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct LoadAvg {
-    /// Before the run.
+    /// Before the (first) run.
     pub start: [f64; 3],
-    /// After it.
+    /// After the (last) run.
     pub end: [f64; 3],
+    /// The highest 1-minute figure read before or after any of the runs.
+    pub peak_1m: f64,
 }
 
+/// Steal time above this share of the CPU time marks a run as loaded.
+pub const STEAL_LOADED: f64 = 0.05;
+
 impl LoadAvg {
-    /// A note if the 1-minute load average exceeded the CPUs this process
-    /// may use, at the start or the end: the contenders then shared the CPUs
-    /// with other work, and their figures may read low.
-    pub fn loaded(&self) -> Option<String> {
+    /// Load averages read before and after one run.
+    pub fn new(start: [f64; 3], end: [f64; 3]) -> LoadAvg {
+        LoadAvg {
+            start,
+            end,
+            peak_1m: start[0].max(end[0]),
+        }
+    }
+
+    /// A note if the row's runs shared the machine: the 1-minute load
+    /// average read before or after a run exceeded the CPUs this process may
+    /// use, or the hypervisor stole more than [`STEAL_LOADED`] of the CPU
+    /// time during a run. Its figures may then read low.
+    pub fn loaded(&self, steal: Option<f64>) -> Option<String> {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let peak = self.start[0].max(self.end[0]);
-        (peak > cpus as f64).then(|| {
-            format!(
-                "loaded machine: 1-minute load average {:.2} → {:.2} on {cpus} CPUs",
-                self.start[0], self.end[0]
-            )
+        let busy = self.peak_1m > cpus as f64;
+        let stolen = steal.filter(|&s| s > STEAL_LOADED);
+        (busy || stolen.is_some()).then(|| {
+            let mut n = format!(
+                "loaded machine: 1-minute load average {:.2} → {:.2} (peak {:.2}) on {cpus} CPUs",
+                self.start[0], self.end[0], self.peak_1m
+            );
+            if let Some(s) = stolen {
+                n += &format!(", {:.0} % steal", s * 100.0);
+            }
+            n
         })
     }
+}
+
+/// One row from the `runs` of one contender in one cell (at least one, in
+/// run order): the run with the median goodput (runs that moved nothing
+/// lowest; of an even count the lower middle) with every run's goodput, the
+/// spread, the load over all runs, the most steal, and a note when the
+/// runs' outcomes differ.
+pub fn combine(runs: Vec<Row>) -> Row {
+    let n = runs.len();
+    assert!(n > 0, "combine needs at least one run");
+    let goodputs: Vec<Option<f64>> = runs.iter().map(|r| r.goodput_mbps).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| {
+        goodputs[a]
+            .unwrap_or(-1.0)
+            .total_cmp(&goodputs[b].unwrap_or(-1.0))
+    });
+    let pick = order[(n - 1) / 2];
+    let ok = runs.iter().filter(|r| r.status == "ok").count();
+    let load = runs
+        .iter()
+        .filter_map(|r| r.load_avg)
+        .reduce(|a, b| LoadAvg {
+            start: a.start,
+            end: b.end,
+            peak_1m: a.peak_1m.max(b.peak_1m),
+        });
+    let steal = runs.iter().filter_map(|r| r.steal).reduce(f64::max);
+    let some: Vec<f64> = goodputs.iter().flatten().copied().collect();
+    let mut row = runs.into_iter().nth(pick).expect("pick < n");
+    // The run's own load note gives way to the one for all runs.
+    row.note = row
+        .note
+        .take()
+        .map(|n| {
+            n.split("; ")
+                .filter(|p| !p.starts_with("loaded machine"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|n| !n.is_empty());
+    let mut extra = Vec::new();
+    if n > 1 && ok != n && ok != 0 {
+        extra.push(format!("{ok} of {n} runs complete"));
+    }
+    if let Some(l) = load.as_ref().and_then(|l| l.loaded(steal)) {
+        extra.push(l);
+    }
+    for e in extra {
+        row.note = Some(match row.note.take() {
+            Some(x) => format!("{x}; {e}"),
+            None => e,
+        });
+    }
+    row.runs = n as u32;
+    row.goodput_min = some.iter().copied().reduce(f64::min);
+    row.goodput_max = some.iter().copied().reduce(f64::max);
+    row.goodput_runs = goodputs;
+    row.load_avg = load;
+    row.steal = steal;
+    row
 }
 
 impl Row {
@@ -157,6 +250,11 @@ impl Row {
             goodput_series: Vec::new(),
             load_avg: None,
             tuning: None,
+            runs: 1,
+            goodput_runs: Vec::new(),
+            goodput_min: None,
+            goodput_max: None,
+            steal: None,
         }
     }
 }
@@ -170,10 +268,11 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
+        "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
         "cell",
         "contender",
         "Mbit/s",
+        "min-max",
         "util",
         "steady",
         "t90 s",
@@ -187,10 +286,14 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<22} {:<10} {:>9} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
+            "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
+            match (r.goodput_min, r.goodput_max) {
+                (Some(a), Some(b)) if r.runs > 1 => format!("{a:.1}-{b:.1}"),
+                _ => "-".into(),
+            },
             r.utilization
                 .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
             opt(r.steady_mbps, 1),
@@ -226,7 +329,8 @@ pub fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
          goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
-         loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,load_avg\n",
+         loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
+         goodput_max,steal,load_avg\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -234,7 +338,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -262,6 +366,10 @@ pub fn csv(rows: &[Row]) -> String {
             f(l.map(|l| l.p99_ms)),
             f(l.map(|l| l.max_ms)),
             u(r.copied_bytes),
+            r.runs,
+            f(r.goodput_min),
+            f(r.goodput_max),
+            f(r.steal),
             // 1-minute load average at the start and the end.
             r.load_avg
                 .map_or(String::new(), |l| format!("{}/{}", l.start[0], l.end[0])),
@@ -425,6 +533,98 @@ pub fn plot_over_time(rows: &[Row], cell: &str, dir: &Path, name: &str) -> Resul
     Ok(Some(path.clone()))
 }
 
+/// One row's goodput in two result files, for [`compare`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compared {
+    /// Cell label.
+    pub cell: String,
+    /// Contender name.
+    pub contender: String,
+    /// Goodput in the first file, Mbit/s.
+    pub a: Option<f64>,
+    /// Goodput in the second file, Mbit/s.
+    pub b: Option<f64>,
+    /// (b − a) / a; None where either is missing or a is 0.
+    pub change: Option<f64>,
+}
+
+/// The rows of two `--json` result files side by side, by (cell,
+/// contender), and whether every row present in both moved by at most
+/// `tolerance` (0.1 = ±10 %). A row with goodput in one file and none in the
+/// other is unstable; a row with none in either is left out.
+pub fn compare(
+    a: &[serde_json::Value],
+    b: &[serde_json::Value],
+    tolerance: f64,
+) -> (Vec<Compared>, bool) {
+    let key = |r: &serde_json::Value| {
+        (
+            r["cell"].as_str().unwrap_or("").to_string(),
+            r["contender"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut out = Vec::new();
+    let mut stable = true;
+    for ra in a {
+        let (cell, contender) = key(ra);
+        let Some(rb) = b
+            .iter()
+            .find(|r| key(r) == (cell.clone(), contender.clone()))
+        else {
+            continue;
+        };
+        let (ga, gb) = (ra["goodput_mbps"].as_f64(), rb["goodput_mbps"].as_f64());
+        if ga.is_none() && gb.is_none() {
+            continue;
+        }
+        let change = match (ga, gb) {
+            (Some(x), Some(y)) if x > 0.0 => Some((y - x) / x),
+            _ => None,
+        };
+        if !change.is_some_and(|c| c.abs() <= tolerance) {
+            stable = false;
+        }
+        out.push(Compared {
+            cell,
+            contender,
+            a: ga,
+            b: gb,
+            change,
+        });
+    }
+    (out, stable)
+}
+
+/// [`compare`]'s rows as a table.
+pub fn compare_table(rows: &[Compared], tolerance: f64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<22} {:<10} {:>9} {:>9} {:>8}  within ±{:.0} %",
+        "cell",
+        "contender",
+        "A Mbit/s",
+        "B Mbit/s",
+        "change",
+        tolerance * 100.0
+    );
+    for r in rows {
+        let ok = r.change.is_some_and(|c| c.abs() <= tolerance);
+        let _ = writeln!(
+            s,
+            "{:<22} {:<10} {:>9} {:>9} {:>8}  {}",
+            r.cell,
+            r.contender,
+            opt(r.a, 1),
+            opt(r.b, 1),
+            r.change
+                .map_or("-".into(), |c| format!("{:+.1}%", c * 100.0)),
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,10 +653,7 @@ rate_mbps = [100.0]
                 r.goodput_mbps = Some(90.0 - 30.0 * i as f64 - cell.loss * 100.0);
                 r.utilization = Some(0.9);
                 r.goodput_series = vec![(0.5, 10.0), (1.0, 80.0)];
-                r.load_avg = Some(LoadAvg {
-                    start: [0.5, 0.4, 0.3],
-                    end: [64.0 + i as f64, 2.0, 1.0],
-                });
+                r.load_avg = Some(LoadAvg::new([0.5, 0.4, 0.3], [64.0 + i as f64, 2.0, 1.0]));
                 out.push(r);
             }
         }
@@ -466,16 +663,85 @@ rate_mbps = [100.0]
     #[test]
     fn a_load_above_the_cpus_is_noted() {
         let cpus = std::thread::available_parallelism().unwrap().get() as f64;
-        let l = |start, end| LoadAvg {
-            start: [start, 0.0, 0.0],
-            end: [end, 0.0, 0.0],
-        };
-        assert_eq!(l(cpus, cpus).loaded(), None);
+        let l = |start, end| LoadAvg::new([start, 0.0, 0.0], [end, 0.0, 0.0]);
+        assert_eq!(l(cpus, cpus).loaded(None), None);
         assert!(l(cpus + 0.5, 0.1)
-            .loaded()
+            .loaded(None)
             .unwrap()
             .contains("loaded machine"));
-        assert!(l(0.1, cpus + 0.5).loaded().is_some());
+        assert!(l(0.1, cpus + 0.5).loaded(Some(0.0)).is_some());
+        // Steal above 5 % marks it too, and says how much.
+        assert_eq!(l(0.1, 0.1).loaded(Some(0.05)), None);
+        let n = l(0.1, 0.1).loaded(Some(0.2)).unwrap();
+        assert!(n.contains("20 % steal"), "{n}");
+    }
+
+    #[test]
+    fn two_result_files_compare_within_a_tolerance() {
+        let row = |cell: &str, c: &str, g: Option<f64>| serde_json::json!({"cell": cell, "contender": c, "goodput_mbps": g});
+        let a = vec![
+            row("x", "lu2k", Some(100.0)),
+            row("x", "udt4", Some(10.0)),
+            row("y", "srt", None),
+        ];
+        let b = vec![
+            row("x", "udt4", Some(10.9)),
+            row("x", "lu2k", Some(91.0)),
+            row("y", "srt", None),
+        ];
+        let (rows, stable) = compare(&a, &b, 0.10);
+        assert!(stable);
+        assert_eq!(rows.len(), 2, "a row without goodput in either is left out");
+        assert!((rows[0].change.unwrap() + 0.09).abs() < 1e-9);
+        let (_, stable) = compare(&a, &b, 0.08);
+        assert!(!stable, "-9 % is outside ±8 %");
+        // Goodput in one file and not the other is unstable.
+        let c = vec![row("x", "lu2k", None), row("x", "udt4", Some(10.0))];
+        let (rows, stable) = compare(&a, &c, 0.10);
+        assert!(!stable);
+        assert!(compare_table(&rows, 0.10).contains("NO"));
+    }
+
+    #[test]
+    fn runs_combine_into_the_median_with_the_spread() {
+        let base = &rows()[0];
+        let run = |g: Option<f64>, status: &str, load: f64| {
+            let mut r = base.clone();
+            r.goodput_mbps = g;
+            r.status = status.into();
+            r.steal = Some(0.01);
+            r.load_avg = Some(LoadAvg::new([load, 0.0, 0.0], [load, 0.0, 0.0]));
+            r.note = LoadAvg::new([load, 0.0, 0.0], [load, 0.0, 0.0]).loaded(None);
+            r.time_to_90_s = g.map(|g| g / 10.0);
+            r
+        };
+        let r = combine(vec![
+            run(Some(50.0), "ok", 0.1),
+            run(Some(20.0), "incomplete", 0.2),
+            run(Some(80.0), "ok", 0.3),
+        ]);
+        assert_eq!(r.runs, 3);
+        assert_eq!(r.goodput_mbps, Some(50.0));
+        // The median run's other figures come with it.
+        assert_eq!(r.time_to_90_s, Some(5.0));
+        assert_eq!((r.goodput_min, r.goodput_max), (Some(20.0), Some(80.0)));
+        assert_eq!(r.goodput_runs, vec![Some(50.0), Some(20.0), Some(80.0)]);
+        assert_eq!(r.status, "ok");
+        assert_eq!(r.note.as_deref(), Some("2 of 3 runs complete"));
+        let l = r.load_avg.unwrap();
+        assert_eq!((l.start[0], l.end[0], l.peak_1m), (0.1, 0.3, 0.3));
+        // A run that moved nothing counts lowest; one loaded run marks the row.
+        let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+        let r = combine(vec![
+            run(None, "incomplete", cpus + 1.0),
+            run(Some(10.0), "ok", 0.1),
+        ]);
+        assert_eq!(r.goodput_mbps, None, "the lower middle of two");
+        assert_eq!(r.goodput_min, Some(10.0));
+        let note = r.note.unwrap();
+        assert!(note.contains("loaded machine"), "{note}");
+        assert!(note.contains("1 of 2 runs complete"), "{note}");
+        assert_eq!(note.matches("loaded machine").count(), 1, "{note}");
     }
 
     #[test]
@@ -515,7 +781,8 @@ rate_mbps = [100.0]
         assert_eq!(lines.len(), 5);
         let cols = lines[0].split(',').count();
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
-        assert!(lines[0].ends_with(",load_avg") && lines[1].ends_with(",0.5/64"));
+        assert!(lines[0].ends_with(",runs,goodput_min,goodput_max,steal,load_avg"));
+        assert!(lines[1].ends_with(",1,,,,0.5/64"), "{}", lines[1]);
 
         let t = table(&rows);
         assert!(t.contains("lu2k") && t.contains("90.0"), "{t}");

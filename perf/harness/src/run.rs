@@ -21,7 +21,10 @@ use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use lu2k_linkem::{Relay, RelayConfig, TunConfig, TunLink};
 
-use crate::collect::{children_cpu_s, goodput_mbps, load_avg, steady_mbps, Percentiles, Series};
+use crate::collect::{
+    children_cpu_s, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, Percentiles,
+    Series,
+};
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
 use crate::quic::QuicSpec;
 use crate::report::{LoadAvg, Row};
@@ -39,6 +42,8 @@ pub struct Opts {
     pub lu2k_cores: u16,
     /// kshim RX buffers per lu2k node.
     pub lu2k_rx_bufs: u32,
+    /// A pre-shared key file for lu2k: the sealed wire (`None`: plain).
+    pub lu2k_psk: Option<PathBuf>,
 }
 
 /// Whether this process may set up the TUN emulator.
@@ -175,11 +180,16 @@ pub fn run(
     mp: &MultiProgress,
 ) -> Row {
     let before = load_avg();
+    let ticks = cpu_ticks();
     let mut row = run_row(scenario, cell, contender, opts, mp);
     row.load_avg = before
         .zip(load_avg())
-        .map(|(start, end)| LoadAvg { start, end });
-    if let Some(loaded) = row.load_avg.as_ref().and_then(LoadAvg::loaded) {
+        .map(|(start, end)| LoadAvg::new(start, end));
+    row.steal = ticks.zip(cpu_ticks()).and_then(|(a, b)| steal_share(a, b));
+    row.goodput_runs = vec![row.goodput_mbps];
+    row.goodput_min = row.goodput_mbps;
+    row.goodput_max = row.goodput_mbps;
+    if let Some(loaded) = row.load_avg.as_ref().and_then(|l| l.loaded(row.steal)) {
         row.note = Some(match row.note.take() {
             Some(n) => format!("{n}; {loaded}"),
             None => loaded,
@@ -426,6 +436,7 @@ fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
+        psk_file: opts.lu2k_psk.clone(),
     };
     let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
     rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
@@ -697,6 +708,7 @@ pub fn lu2k_direct(
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
+        psk_file: opts.lu2k_psk.clone(),
     };
     let mk = |role, ip, peer| NodeSpec {
         kind: Kind::Lu2k,

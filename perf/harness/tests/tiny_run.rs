@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{bin, run_scenario, tmp};
+use common::{bin, run_scenario_with, tmp};
 
 fn scenarios() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
@@ -15,7 +15,8 @@ fn scenarios() -> PathBuf {
 #[test]
 fn tiny_scenario_runs_through_the_relay() {
     let dir = tmp("tiny");
-    let out = run_scenario(&scenarios().join("tiny.toml"), &dir);
+    // Two runs per row: the median and the spread.
+    let out = run_scenario_with(&scenarios().join("tiny.toml"), &dir, &["--runs", "2"]);
     let stdout = &out.stdout;
     assert!(stdout.contains("contender") && stdout.contains("lu2k") && stdout.contains("udt4"));
 
@@ -56,6 +57,23 @@ fn tiny_scenario_runs_through_the_relay() {
             assert!(st > 0.0 && st <= 50.0 * 0.99 * 1.02, "{name}: steady {st}");
         }
         common::load_avg_recorded(r);
+        assert_eq!(r["runs"], 2, "{name}");
+        let each: Vec<f64> = r["goodput_runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(each.len(), 2, "{name}");
+        let (lo, hi) = (
+            r["goodput_min"].as_f64().unwrap(),
+            r["goodput_max"].as_f64().unwrap(),
+        );
+        assert!(
+            lo <= g && g <= hi && each.contains(&g),
+            "{name}: {g} {each:?}"
+        );
+        assert!(each.iter().all(|x| *x <= 50.0 * 1.02), "{name}: {each:?}");
         let wire = r["wire_bytes"].as_u64().unwrap();
         let bytes = r["bytes"].as_u64().unwrap();
         assert!(wire >= bytes, "{name}: the link saw only {wire} bytes");
