@@ -239,6 +239,25 @@ pub struct CellSpec {
     pub contenders: Option<Vec<Contender>>,
     /// Bulk bytes override for this cell.
     pub bytes: Option<u64>,
+    /// Bursty loss: the mean length of a run of consecutive losses (≥ 1).
+    /// With it, `loss` (and `reverse_loss`) is the long-run rate of linkem's
+    /// Gilbert–Elliott model instead of independent (Bernoulli) losses.
+    #[serde(default)]
+    pub burst: Option<f64>,
+    /// The reverse (return) direction's rate, Mbit/s; default the base
+    /// link's `[link.reverse] rate_mbps`, else `rate_mbps`.
+    #[serde(default)]
+    pub reverse_rate_mbps: Option<f64>,
+    /// The reverse direction's loss; default `loss`.
+    #[serde(default)]
+    pub reverse_loss: Option<f64>,
+    /// Delay variation each way, ms: each datagram's one-way delay is drawn
+    /// from `rtt_ms / 2 ± jitter_ms`; at most `rtt_ms / 2`.
+    #[serde(default)]
+    pub jitter_ms: Option<f64>,
+    /// Whether jitter may reorder datagrams (default: the base link's, false).
+    #[serde(default)]
+    pub reorder: Option<bool>,
 }
 
 /// A scenario file.
@@ -431,6 +450,45 @@ impl Scenario {
             }
             check_pos(&f("outage.duration_s"), o.duration_s, 3600.0)?;
         }
+        if let Some(b) = c.burst {
+            if !(b.is_finite() && (1.0..=10_000.0).contains(&b)) {
+                return Err(invalid(
+                    f("burst"),
+                    format!("must be a mean burst length in [1, 10000] packets, got {b}"),
+                ));
+            }
+        }
+        if let Some(r) = c.reverse_rate_mbps {
+            check_rate(&f("reverse_rate_mbps"), r)?;
+        }
+        if let Some(l) = c.reverse_loss {
+            check_loss(&f("reverse_loss"), l)?;
+        }
+        if let Some(j) = c.jitter_ms {
+            if !(j.is_finite() && j >= 0.0 && j <= c.rtt_ms / 2.0) {
+                return Err(invalid(
+                    f("jitter_ms"),
+                    format!(
+                        "must be ms in [0, rtt_ms / 2 = {}] (the one-way delay), got {j}",
+                        c.rtt_ms / 2.0
+                    ),
+                ));
+            }
+        }
+        // What only the whole link can judge (a burst too long for its
+        // loss rate ...), named under the cell.
+        let cell = self.resolve(c.clone(), false);
+        for (dir, cfg) in [
+            ("forward", &cell.link.forward),
+            ("reverse", &cell.link.reverse),
+        ] {
+            cfg.validate().map_err(|e| {
+                invalid(
+                    f(&format!("link.{dir}.{}", e.field)),
+                    format!("{} (from the cell's loss, burst, rates, jitter)", e.problem),
+                )
+            })?;
+        }
         if let Some(cs) = &c.contenders {
             for (j, x) in cs.iter().enumerate() {
                 if !self.contenders.contains(x) {
@@ -459,6 +517,11 @@ impl Scenario {
                         outage: None,
                         contenders: None,
                         bytes: None,
+                        burst: None,
+                        reverse_rate_mbps: None,
+                        reverse_loss: None,
+                        jitter_ms: None,
+                        reorder: None,
                     });
                 }
             }
@@ -499,15 +562,29 @@ impl Scenario {
         let mut link = self.link.clone();
         for (dir, cfg) in [("f", &mut link.forward), ("r", &mut link.reverse)] {
             cfg.delay_ms = c.rtt_ms / 2.0;
+            if let Some(j) = c.jitter_ms {
+                cfg.jitter_ms = j;
+            }
             if cfg.jitter_ms > cfg.delay_ms {
                 cfg.jitter_ms = cfg.delay_ms;
             }
-            cfg.loss = if c.loss > 0.0 {
-                Loss::Bernoulli { rate: c.loss }
-            } else {
-                Loss::None
+            if let Some(r) = c.reorder {
+                cfg.reorder = r;
+            }
+            let loss = match dir {
+                "r" => c.reverse_loss.unwrap_or(c.loss),
+                _ => c.loss,
             };
-            if dir == "f" || cfg.rate_mbps.is_none() {
+            cfg.loss = match (loss > 0.0, c.burst) {
+                (false, _) => Loss::None,
+                (true, None) => Loss::Bernoulli { rate: loss },
+                (true, Some(burst)) => Loss::GilbertElliott { rate: loss, burst },
+            };
+            if dir == "f" {
+                cfg.rate_mbps = Some(c.rate_mbps);
+            } else if let Some(r) = c.reverse_rate_mbps {
+                cfg.rate_mbps = Some(r);
+            } else if cfg.rate_mbps.is_none() {
                 cfg.rate_mbps = Some(c.rate_mbps);
             }
             if let Some(q) = c.queue_bytes {
@@ -521,12 +598,28 @@ impl Scenario {
             }
         }
         let name = c.name.clone().unwrap_or_else(|| {
-            format!(
+            let mut n = format!(
                 "{}ms/{}%/{}M",
                 c.rtt_ms,
                 (c.loss * 1000.0).round() / 10.0,
                 c.rate_mbps
-            )
+            );
+            if let Some(b) = c.burst {
+                n += &format!("/burst{b}");
+            }
+            if let Some(r) = c.reverse_rate_mbps {
+                n += &format!("/rev{r}M");
+            }
+            if let Some(l) = c.reverse_loss {
+                n += &format!("/rev{}%", (l * 1000.0).round() / 10.0);
+            }
+            if let Some(j) = c.jitter_ms {
+                n += &format!("/jitter{j}ms");
+            }
+            if c.reorder == Some(true) {
+                n += "/reorder";
+            }
+            n
         });
         Cell {
             name,
@@ -676,6 +769,57 @@ bytes = 2000
         for c in &cells {
             c.link.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn cells_say_burst_loss_per_direction_jitter_and_reordering() {
+        let text = format!(
+            "{BASE}\n[[cell]]\nrtt_ms = 600.0\nloss = 0.01\nburst = 8.0\nrate_mbps = 100.0\n\
+             reverse_rate_mbps = 2.0\nreverse_loss = 0.001\njitter_ms = 5.0\nreorder = true\n"
+        );
+        let s = Scenario::parse(&text, "t.toml").unwrap();
+        let c = s.cells(false).pop().unwrap();
+        assert_eq!(
+            c.link.forward.loss,
+            Loss::GilbertElliott {
+                rate: 0.01,
+                burst: 8.0
+            }
+        );
+        assert_eq!(
+            c.link.reverse.loss,
+            Loss::GilbertElliott {
+                rate: 0.001,
+                burst: 8.0
+            }
+        );
+        assert_eq!(c.link.forward.rate_mbps, Some(100.0));
+        assert_eq!(c.link.reverse.rate_mbps, Some(2.0));
+        assert_eq!(
+            (c.link.forward.jitter_ms, c.link.reverse.jitter_ms),
+            (5.0, 5.0)
+        );
+        assert!(c.link.forward.reorder && c.link.reverse.reorder);
+        assert_eq!(
+            c.name,
+            "600ms/1%/100M/burst8/rev2M/rev0.1%/jitter5ms/reorder"
+        );
+        c.link.validate().unwrap();
+        // Without them a cell stays Bernoulli, symmetric, without jitter.
+        let plain = &s.cells(false)[1];
+        assert_eq!(plain.link.reverse.loss, Loss::Bernoulli { rate: 0.01 });
+        assert_eq!(plain.link.forward.jitter_ms, 0.0);
+        assert!(!plain.link.forward.reorder);
+        // Errors name the cell's field.
+        let bad = |extra: &str| {
+            err_field(&format!(
+                "{BASE}\n[[cell]]\nrtt_ms = 600.0\nloss = 0.01\nrate_mbps = 100.0\n{extra}\n"
+            ))
+        };
+        assert_eq!(bad("burst = 0.5"), "cell[1].burst");
+        assert_eq!(bad("jitter_ms = 400.0"), "cell[1].jitter_ms");
+        assert_eq!(bad("reverse_loss = 0.9"), "cell[1].reverse_loss");
+        assert_eq!(bad("reverse_rate_mbps = 0.0"), "cell[1].reverse_rate_mbps");
     }
 
     #[test]
