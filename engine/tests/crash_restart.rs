@@ -166,7 +166,7 @@ fn engine_crash_and_kshim_restart_lose_no_message() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 413;
     let bin = kshim_bin();
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let idle = ["sink", "--idle", "8"];
+    let idle = ["sink", "--idle", "10"];
 
     // 1. The sending side's engine killed mid-transfer.
     let n1 = 300u64;
@@ -269,5 +269,107 @@ fn engine_crash_and_kshim_restart_lose_no_message() {
         let st = e.term_within(Duration::from_secs(30));
         assert_eq!(st.code(), Some(0), "engine {name} after SIGTERM");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every notification waiting on `sock`, one `Vec` of lines per datagram.
+fn drain_notify(sock: &std::os::unix::net::UnixDatagram, into: &mut Vec<Vec<String>>) {
+    let mut b = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut b) {
+        let msg = String::from_utf8_lossy(&b[..n]);
+        into.push(msg.lines().map(str::to_string).collect());
+    }
+}
+
+fn count(msgs: &[Vec<String>], prefix: &str) -> usize {
+    msgs.iter()
+        .filter(|m| m.iter().any(|l| l.starts_with(prefix)))
+        .count()
+}
+
+/// kshim going away under an engine run by systemd is no stop: no `STOPPING=1`, a
+/// `STATUS=` saying it waits, watchdog pings on; a new kshim gets a second
+/// `READY=1`; SIGTERM while waiting for kshim stops it with `STOPPING=1`, exit 0.
+#[test]
+fn kshim_restart_under_systemd_is_no_stop() {
+    let dir = tmpdir("crash-notify");
+    let ip = Ipv4Addr::new(127, 0, 0, 133);
+    let path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16 + 417;
+    let mut k = kshim(&dir, "k", ip, 1);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"));
+    cmd.args(["run", "--kshim-socket"])
+        .arg(dir.join("k.sock"))
+        .args(["--bind", &ip.to_string(), "--port", &port.to_string()])
+        .arg("--stats-socket")
+        .arg(dir.join("k-stats.sock"))
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID");
+    let mut engine = Engine::spawn(cmd);
+    wait_attached(&mut k, Instant::now() + Duration::from_secs(20));
+    let mut msgs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&msgs, "READY=1") == 0 {
+        assert!(Instant::now() < deadline, "no READY=1: {msgs:?}");
+        let _ = k.wait(Some(Duration::from_millis(20)));
+        drain_notify(&sock, &mut msgs);
+    }
+
+    // kshim goes away (its socket closes as in a crash) for 4 s.
+    drop(k);
+    let gone_at = msgs.len();
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        drain_notify(&sock, &mut msgs);
+    }
+    let waiting = &msgs[gone_at..];
+    assert!(
+        engine.0.try_wait().unwrap().is_none(),
+        "the engine exited when kshim went away"
+    );
+    assert_eq!(count(waiting, "STOPPING=1"), 0, "no stop: {waiting:?}");
+    assert!(
+        waiting
+            .iter()
+            .flatten()
+            .any(|l| l.starts_with("STATUS=kshim went away") && l.contains("re-attach")),
+        "a status saying it waits: {waiting:?}"
+    );
+    assert!(
+        count(waiting, "WATCHDOG=1") >= 4,
+        "watchdog pings go on while it waits: {waiting:?}"
+    );
+
+    // A new kshim at the same socket: the same engine attaches again, READY=1 again.
+    let mut k = kshim(&dir, "k", ip, 1);
+    wait_attached(&mut k, Instant::now() + Duration::from_secs(20));
+    let back_at = msgs.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&msgs[back_at..], "READY=1") == 0 {
+        assert!(Instant::now() < deadline, "no second READY=1: {msgs:?}");
+        let _ = k.wait(Some(Duration::from_millis(20)));
+        drain_notify(&sock, &mut msgs);
+    }
+
+    // Gone again, and SIGTERM while the engine waits for it: a clean stop.
+    drop(k);
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        drain_notify(&sock, &mut msgs);
+    }
+    assert!(engine.0.try_wait().unwrap().is_none());
+    let term_at = msgs.len();
+    let st = engine.term_within(Duration::from_secs(20));
+    drain_notify(&sock, &mut msgs);
+    assert_eq!(st.code(), Some(0), "SIGTERM while waiting for kshim");
+    assert_eq!(
+        count(&msgs[term_at..], "STOPPING=1"),
+        1,
+        "STOPPING=1 once on SIGTERM: {msgs:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

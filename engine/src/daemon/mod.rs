@@ -216,6 +216,7 @@ fn reattach(
         let next = Instant::now() + delay;
         while Instant::now() < next {
             if term.load(Ordering::SeqCst) {
+                notifier.stopping();
                 return None;
             }
             notifier.waiting(Instant::now(), since);
