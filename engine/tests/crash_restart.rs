@@ -10,6 +10,9 @@
 //!    (cleanly, then SIGKILL mid-transfer), new ones start at the same sockets; the
 //!    same engine processes re-attach and the traffic flows again. The sink counts
 //!    the messages both senders delivered as duplicates.
+//! 3. Under systemd's notification protocol (a real `NOTIFY_SOCKET`): kshim leaving
+//!    is no stop (no `STOPPING=1`, a waiting `STATUS=`, watchdog pings go on), the
+//!    re-attach sends `READY=1` again, SIGTERM while waiting exits 0.
 
 mod common;
 
