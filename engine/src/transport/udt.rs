@@ -822,6 +822,7 @@ impl Udt {
             }
         }
         let socks: Vec<u32> = self.conns.keys().copied().collect();
+        let sealed = self.sec.is_some();
         for s in socks {
             loop {
                 self.transmits.clear();
@@ -833,8 +834,9 @@ impl Udt {
                         break;
                     };
                     // No more than one GSO send takes (44 full 1500-byte packets,
-                    // not 64 that would go out as 44 + 20).
-                    let wire = lu2k_udt::wire::HEADER_LEN + e.conn.payload_size() as usize;
+                    // not 64 that would go out as 44 + 20; sealed, as they will be).
+                    let seal = if sealed { OVERHEAD } else { 0 };
+                    let wire = seal + lu2k_udt::wire::HEADER_LEN + e.conn.payload_size() as usize;
                     let max =
                         (crate::io::MAX_GSO_BYTES / wire.max(1)).clamp(1, crate::io::MAX_SEGS);
                     (

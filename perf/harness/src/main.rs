@@ -149,7 +149,7 @@ struct LoopbackArgs {
     /// Round trips per UDT4 latency run at most (each takes ~200 ms).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(10..))]
     udt4_round_trips: u64,
-    /// Only these contenders (comma-separated: udp, udt4, lu2k).
+    /// Only these contenders (comma-separated: udp, udt4, lu2k, lu2k-sealed).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Round trips only, no bulk runs.
@@ -163,6 +163,8 @@ struct LoopbackReport {
     runs: u32,
     bytes_per_run: u64,
     lu2k_gbps: Option<f64>,
+    /// lu2k on the sealed wire (a PSK configured: AES-256-GCM on every packet).
+    lu2k_sealed_gbps: Option<f64>,
     udt4_gbps: Option<f64>,
     udp_ceiling_gbps: Option<f64>,
     /// The same blast walking 64 MiB of buffers on each side (out of the caches).
@@ -215,7 +217,9 @@ fn median_of(runs: u32, what: &str, mut f: impl FnMut() -> Result<f64>) -> Resul
         values.push(v);
         bar.inc(1);
     }
-    bar.finish();
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(0.0, f64::max);
+    bar.finish_with_message(format!("runs {lo:.2}..{hi:.2} Gbit/s"));
     Ok(median(&values).expect("at least one run"))
 }
 
@@ -234,8 +238,8 @@ impl LoopbackArgs {
 
 fn loopback(args: LoopbackArgs) -> Result<()> {
     for name in &args.only {
-        if !["udp", "udt4", "lu2k"].contains(&name.as_str()) {
-            anyhow::bail!("--only {name}: unknown contender; use udp, udt4, lu2k");
+        if !["udp", "udt4", "lu2k", "lu2k-sealed"].contains(&name.as_str()) {
+            anyhow::bail!("--only {name}: unknown contender; use udp, udt4, lu2k, lu2k-sealed");
         }
     }
     let lo = opts(1, args.lu2k_cores, args.lu2k_rx_bufs);
@@ -247,6 +251,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             runs: args.runs,
             bytes_per_run: args.mib << 20,
             lu2k_gbps: bulk.lu2k,
+            lu2k_sealed_gbps: bulk.lu2k_sealed,
             udt4_gbps: bulk.udt4,
             udp_ceiling_gbps: bulk.udp_ceiling,
             udp_64mib_gbps: bulk.udp_64mib,
@@ -264,6 +269,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
 #[derive(Debug, Default)]
 struct BulkFigures {
     lu2k: Option<f64>,
+    lu2k_sealed: Option<f64>,
     udt4: Option<f64>,
     udp_ceiling: Option<f64>,
     udp_64mib: Option<f64>,
@@ -293,6 +299,37 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
         .then(|| median_of(args.runs, "UDT4 bulk", || udt4::bulk(bytes)))
         .transpose()?;
     let mut copied = None;
+    let lu2k_run = |lo: &run::Opts, copied: &mut Option<u64>| -> Result<f64> {
+        let w = scenario::Workload {
+            kind: scenario::WorkloadKind::Bulk,
+            bytes,
+            max_duration_s: 120.0,
+            in_flight: Some(args.lu2k_in_flight),
+            ..loopback_workload()
+        };
+        let (r, tx) = run::lu2k_direct(w, lo)?;
+        if r.bytes < bytes {
+            anyhow::bail!("lu2k delivered {} of {bytes} bytes", r.bytes);
+        }
+        let c = r.copied_bytes.unwrap_or(0) + tx.and_then(|t| t.copied_bytes).unwrap_or(0);
+        *copied = Some(copied.unwrap_or(0).max(c));
+        Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
+    };
+    // The same runs on the sealed wire: a key file both engines read.
+    let lu2k_sealed = (bulk && args.on("lu2k-sealed"))
+        .then(|| {
+            let key = lo.tmp.join(format!("lu2k-perf-psk-{}", std::process::id()));
+            write_psk(&key)?;
+            let sealed = run::Opts {
+                lu2k_psk: Some(key.clone()),
+                ..lo.clone()
+            };
+            let mut c = None;
+            let v = median_of(args.runs, "lu2k sealed bulk", || lu2k_run(&sealed, &mut c));
+            let _ = std::fs::remove_file(&key);
+            v
+        })
+        .transpose()?;
     let lu2k = (bulk && args.on("lu2k"))
         .then(|| {
             median_of(args.runs, "lu2k bulk", || {
@@ -315,6 +352,7 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
         .transpose()?;
     Ok(BulkFigures {
         lu2k,
+        lu2k_sealed,
         udt4,
         udp_ceiling,
         udp_64mib,
@@ -411,6 +449,26 @@ fn lu2k_round_trips(size: usize, n: usize, lo: &run::Opts) -> Option<Latency> {
     }
 }
 
+/// Writes a fresh 32-byte pre-shared key to `path`, readable by its owner only
+/// (the engine refuses a key file others can read).
+fn write_psk(path: &std::path::Path) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| r.read_exact(&mut key))
+        .context("reading /dev/urandom for the key")?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing the key file {}", path.display()))?;
+    f.write_all(&key)?;
+    Ok(())
+}
+
 /// `loopback`'s tables on stdout.
 fn print_loopback(args: &LoopbackArgs, bulk: &BulkFigures, rtt: &[RttRow]) {
     println!();
@@ -422,6 +480,7 @@ fn print_loopback(args: &LoopbackArgs, bulk: &BulkFigures, rtt: &[RttRow]) {
         println!("  {:<18} {:>10}", "contender", "Gbit/s");
         for (name, v) in [
             ("lu2k", bulk.lu2k),
+            ("lu2k sealed", bulk.lu2k_sealed),
             ("UDT4", bulk.udt4),
             ("raw UDP GSO+GRO", bulk.udp_ceiling),
             ("  64 MiB buffers", bulk.udp_64mib),
@@ -436,6 +495,13 @@ fn print_loopback(args: &LoopbackArgs, bulk: &BulkFigures, rtt: &[RttRow]) {
         }
         if let (Some(l), Some(c)) = (bulk.lu2k, bulk.udp_ceiling) {
             println!("  lu2k / ceiling: {:.0} % (goal 40 %)", 100.0 * l / c);
+        }
+        // Issue 14's goals for the sealed wire: >= 4x UDT4, >= 60 % of plain lu2k.
+        if let (Some(s), Some(u)) = (bulk.lu2k_sealed, bulk.udt4) {
+            println!("  lu2k sealed / UDT4: {:.1}x (goal 4x)", s / u);
+        }
+        if let (Some(s), Some(l)) = (bulk.lu2k_sealed, bulk.lu2k) {
+            println!("  lu2k sealed / lu2k: {:.0} % (goal 60 %)", 100.0 * s / l);
         }
         println!();
     }
@@ -459,6 +525,7 @@ fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
         tmp: std::env::temp_dir(),
         lu2k_cores,
         lu2k_rx_bufs,
+        lu2k_psk: None,
     }
 }
 
