@@ -780,7 +780,10 @@ impl Node {
             // Its own process group: stopping the node stops what it started
             // (engines, srt-file-transmit) too.
             .process_group(0);
-        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        // The program only: a node's spec (a certificate, for QUIC) is long.
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
