@@ -19,6 +19,8 @@ echo "==> cargo test --workspace --release (release: the stress, simulation and 
 cargo test --workspace --release --no-fail-fast "$@"
 
 if [ $# -eq 0 ]; then
+    echo "==> the operator guide's commands (docs/gateway.md) on two namespaced gateways"
+    scripts/check-docs.sh
     echo "==> loom: the ring's publication and need-wakeup protocol, every interleaving"
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
         cargo test -p lu2k-ring-abi --release --test loom

@@ -243,12 +243,17 @@ fn command(cmd: Cmd) -> anyhow::Result<()> {
                     socket.display()
                 )
             })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+            let text = if json {
+                serde_json::to_string_pretty(&r)? + "\n"
             } else {
-                print!("{}", lu2k_engine::daemon::stats::render(&r));
+                lu2k_engine::daemon::stats::render(&r)
+            };
+            // A reader that stops early (`| head`, `| grep -q`) is not an error.
+            use std::io::Write as _;
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.context("writing the stats to stdout"),
             }
-            Ok(())
         }
         Cmd::CheckConfig(args) => {
             let c = args.config()?;
