@@ -895,6 +895,20 @@ fn warn_if_rx_pool_small(rx_per_core: u32, mss: u16) {
 mod tests {
     use super::*;
 
+    /// Seeds (socket IDs, sequence numbers) and cookie keys come from the OS
+    /// random source: every core and every start draws different ones.
+    #[test]
+    fn secrets_differ_per_draw() {
+        let draws: Vec<(u64, [u8; 16])> = (0..8).map(|c| secrets(c).unwrap()).collect();
+        for (i, a) in draws.iter().enumerate() {
+            assert_ne!(a.1, [0; 16]);
+            for b in &draws[i + 1..] {
+                assert_ne!(a.0, b.0, "two seeds alike");
+                assert_ne!(a.1, b.1, "two cookie keys alike");
+            }
+        }
+    }
+
     /// A core whose pass counter stands still withholds the watchdog ping.
     #[test]
     fn stuck_core_stops_the_pings() {
