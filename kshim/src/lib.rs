@@ -6,7 +6,9 @@
 //! ([`pool`]) — and it is the producer of TX descriptors and the consumer of
 //! completions and received messages.
 //! The transport (connections, the protocol, sockets) is the engine's business;
-//! kshim does not know it.
+//! kshim does not know it. When an engine dies kshim fails its messages back and
+//! takes the next engine's attach ([`lnd`], "Liveness and the next engine"); how
+//! each completion status reads to LNet, and which ones LNet resends, is [`lnet`].
 //!
 //! What both halves must agree on — the region, the attach handshake ([`attach`]),
 //! NIDs ([`nid`]) and [`MAX_PAYLOAD`] — is defined in `lu2k-ring-abi` and re-exported
