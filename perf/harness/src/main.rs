@@ -220,6 +220,10 @@ fn median_of(runs: u32, what: &str, mut f: impl FnMut() -> Result<f64>) -> Resul
     let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = values.iter().copied().fold(0.0, f64::max);
     bar.finish_with_message(format!("runs {lo:.2}..{hi:.2} Gbit/s"));
+    // Also where the bar is hidden (output not a terminal): the spread belongs
+    // beside the median in any record of the run.
+    let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    eprintln!("{what}: runs {} Gbit/s", each.join(" / "));
     Ok(median(&values).expect("at least one run"))
 }
 
