@@ -263,7 +263,9 @@ pub enum Event {
     PeerUp(Nid),
     /// An engine attached (ACKed the region).
     EngineAttached,
-    /// The engine is gone; every pending send has been failed back before this event.
+    /// The engine is gone; every pending send has been failed back before this event
+    /// (with [`TxStatus::EngineGone`]). kshim listens for the next engine at once,
+    /// with a fresh region; sends made from now on wait for it.
     EngineGone(GoneReason),
 }
 
