@@ -11,6 +11,7 @@ command -v ip  >/dev/null 2>&1 || need_pkgs+=(iproute2)   # network namespaces f
 command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)   # verifies packaging/lu2k-engine.service
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)     # the metrics test's exposition parser
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)           # scripts/check-docs.sh scrapes the metrics as the guide does
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "==> installing ${need_pkgs[*]} (Debian packages the build needs)"
