@@ -562,7 +562,9 @@ impl MetricsServer {
                                 tracing::debug!("metrics: a scrape failed: {e}");
                             }
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        // Sleep until a client connects, looking at the stop flag
+                        // every 200 ms: a scrape is answered at once.
+                        Err(_) => wait_readable(&listener, 200),
                     }
                 }
             })?;
@@ -586,6 +588,17 @@ impl Drop for MetricsServer {
             let _ = t.join();
         }
     }
+}
+
+/// Waits up to `ms` milliseconds for `fd` to become readable.
+fn wait_readable(fd: &impl std::os::fd::AsFd, ms: i64) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let t = rustix::time::Timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
+    };
+    let _ = poll(&mut fds, Some(&t));
 }
 
 /// Answers one HTTP/1.x request and closes: `GET /metrics` gets the
