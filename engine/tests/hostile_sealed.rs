@@ -1,5 +1,7 @@
 //! A hostile host against two engines on the sealed wire (a PSK in their
-//! config), over loopback: kshim A → engine A → sealed UDT → engine B → kshim B
+//! config), each engine in its own network namespace, the two joined by a veth
+//! pair (as root; over loopback otherwise, with a `SKIP` line for the
+//! namespaces): kshim A → engine A → sealed UDT → engine B → kshim B
 //! carries verified 1 MiB PUTs, first on a quiet wire (the reference time), then
 //! while a hostile host
 //!
@@ -8,14 +10,17 @@
 //!     connections, and handshake floods (plain ones, and ones with a forged
 //!     PSK trailer) from spoofed source addresses; this transfer may take at
 //!     most 1.5× the quiet one;
-//! (b) sniffs the live connection (an `AF_PACKET` socket on `lo`) and injects,
+//! (b) sniffs the live connection (an `AF_PACKET` socket in B's namespace, or
+//!     on `lo`) and injects,
 //!     from the engines' own addresses and ports (raw IP), ACKs, whole-space
 //!     NAKs, message-drop requests and SHUTDOWNs to the sniffed socket IDs,
 //!     sealed-looking data with garbage just ahead of the receiver's counter,
 //!     and replays of the datagrams it saw, both ways.
 //!
-//! Every message arrives once and intact with one `Ok` completion, both engines
-//! stay up and exit 0 on SIGTERM, and engine B counts the attacks by reason.
+//! The hostile host's threads join B's namespace: a host on the receiver's
+//! link. Every message arrives once and intact with one `Ok` completion, both
+//! engines stay up and exit 0 on SIGTERM, and engine B counts the attacks by
+//! reason.
 //! Spoofing and sniffing need root (raw and packet sockets): without it the
 //! spoofed floods come from the hostile host's own address, and (b) is skipped
 //! with a `SKIP` line.
@@ -24,6 +29,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,9 +41,18 @@ use rustix::net::{self as rnet, AddressFamily, RecvFlags, SendFlags, SocketType}
 mod common;
 use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine};
 
-const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 81);
-const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 82);
-const HOSTILE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 83);
+/// The nodes and the hostile host over loopback.
+const LO: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(127, 0, 0, 81),
+    Ipv4Addr::new(127, 0, 0, 82),
+    Ipv4Addr::new(127, 0, 0, 83),
+];
+/// The same in the namespaces (the hostile host's address is B's namespace's).
+const NS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 214, 0, 1),
+    Ipv4Addr::new(10, 214, 0, 2),
+    Ipv4Addr::new(10, 214, 0, 3),
+];
 const COUNT: u64 = 64;
 const LEN: usize = 1 << 20;
 
@@ -133,8 +148,9 @@ fn control(ty: u16, info: u32, dst: u32, body: &[u8]) -> Vec<u8> {
 }
 
 /// Attack (a): noise from anywhere. Runs until `stop`; returns datagrams sent.
-fn blast(b: SocketAddrV4, stop: Arc<AtomicBool>, spoof: Option<Spoofer>) -> u64 {
-    let sock = UdpSocket::bind((HOSTILE_IP, 0)).unwrap();
+fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) -> u64 {
+    let sock = UdpSocket::bind((hostile, 0)).unwrap();
+    let spoof = if root { Spoofer::new() } else { None };
     let mut rng = 0xA77AC_u64;
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -189,7 +205,7 @@ fn blast(b: SocketAddrV4, stop: Arc<AtomicBool>, spoof: Option<Spoofer>) -> u64 
                 (Some(s), true) => {
                     // A different source address every time.
                     let ip = Ipv4Addr::new(
-                        127,
+                        b.ip().octets()[0],
                         1 + (r >> 16) as u8 % 200,
                         (r >> 24) as u8,
                         1 + (r >> 32) as u8 % 250,
@@ -220,9 +236,10 @@ struct Seen {
     last: Vec<u8>,
 }
 
-/// Attack (b): sniffs `lo` and injects into the connection between `a` and
-/// `b`, both ways, until `stop`. Returns injections by kind.
-fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>, spoof: Spoofer) -> [u64; 3] {
+/// Attack (b): sniffs every interface it sees and injects into the connection
+/// between `a` and `b`, both ways, until `stop`. Returns injections by kind.
+fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>) -> [u64; 3] {
+    let spoof = Spoofer::new().expect("a raw socket (root)");
     let sniff = rnet::socket(
         AddressFamily::PACKET,
         SocketType::DGRAM,
@@ -313,6 +330,73 @@ fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>, spoof: Spoof
     counts
 }
 
+fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{prog} {}`: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Two network namespaces joined by a veth pair, deleted when dropped.
+struct Netns(Vec<String>);
+
+impl Netns {
+    fn pair(tag: &str) -> Result<Netns, String> {
+        let _ = std::fs::create_dir_all("/run/netns");
+        let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
+        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
+        let _ = sh("ip", &["netns", "del", &na]);
+        let _ = sh("ip", &["netns", "del", &nb]);
+        let me = Netns(vec![na.clone(), nb.clone()]);
+        sh("ip", &["netns", "add", &na])?;
+        sh("ip", &["netns", "add", &nb])?;
+        sh(
+            "ip",
+            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        )?;
+        sh("ip", &["link", "set", &va, "netns", &na])?;
+        sh("ip", &["link", "set", &vb, "netns", &nb])?;
+        for (ns, dev, ips) in [(&na, &va, &NS[..1]), (&nb, &vb, &NS[1..])] {
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            for ip in ips {
+                sh(
+                    "ip",
+                    &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev],
+                )?;
+            }
+            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(me)
+    }
+
+    /// Moves the calling thread into namespace `i` (0: A's, 1: B's).
+    fn enter(&self, i: usize) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.0[i])).expect("netns file");
+        rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&f),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = sh("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
 struct Pair {
     dir: std::path::PathBuf,
     ka: Kshim,
@@ -320,16 +404,53 @@ struct Pair {
     ea: Engine,
     eb: Engine,
     port: u16,
+    /// A, B and the hostile host.
+    ips: [Ipv4Addr; 3],
+    netns: Option<Arc<Netns>>,
 }
 
-fn pair(tag: &str, port_off: u16) -> Pair {
+impl Pair {
+    /// Runs `f` on a thread of the hostile host (in B's namespace, if any).
+    fn hostile<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
+        let ns = self.netns.clone();
+        std::thread::spawn(move || {
+            if let Some(ns) = ns {
+                ns.enter(1);
+            }
+            f()
+        })
+    }
+}
+
+fn pair(tag: &str, port_off: u16, netns: Option<Netns>) -> Pair {
     let dir = tmpdir(tag);
     let cfg = keyed_config(&dir);
+    let ips = if netns.is_some() { NS } else { LO };
     let port = 20000 + (std::process::id() % 20000) as u16 + port_off;
-    let mut ka = kshim(&dir, "a", A_IP, 1);
-    let mut kb = kshim(&dir, "b", B_IP, 1);
-    let ea = start_engine(&dir, "a", A_IP, port, &["--config", &cfg]);
-    let eb = start_engine(&dir, "b", B_IP, port, &["--config", &cfg]);
+    let mut ka = kshim(&dir, "a", ips[0], 1);
+    let mut kb = kshim(&dir, "b", ips[1], 1);
+    let (ea, eb) = match &netns {
+        Some(ns) => {
+            let start = |i: usize, name: &str| {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns.0[i], env!("CARGO_BIN_EXE_lu2k-engine")])
+                    .args(["run", "--config", &cfg, "--kshim-socket"])
+                    .arg(dir.join(format!("{name}.sock")))
+                    .args(["--bind", &ips[i].to_string(), "--port", &port.to_string()])
+                    .arg("--stats-socket")
+                    .arg(dir.join(format!("{name}-stats.sock")));
+                Engine::spawn(cmd)
+            };
+            (start(0, "a"), start(1, "b"))
+        }
+        None => (
+            start_engine(&dir, "a", ips[0], port, &["--config", &cfg]),
+            start_engine(&dir, "b", ips[1], port, &["--config", &cfg]),
+        ),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
@@ -340,12 +461,14 @@ fn pair(tag: &str, port_off: u16) -> Pair {
         ea,
         eb,
         port,
+        ips,
+        netns: netns.map(Arc::new),
     }
 }
 
 /// Messages `first..first + COUNT` from A to B, each checked; the time taken.
 fn transfer(p: &mut Pair, first: u64) -> Duration {
-    let (na, nb) = (nid(A_IP), nid(B_IP));
+    let (na, nb) = (nid(p.ips[0]), nid(p.ips[1]));
     let t0 = Instant::now();
     let mut sent = 0u64;
     let mut completed = 0u64;
@@ -406,15 +529,36 @@ fn transfer(p: &mut Pair, first: u64) -> Duration {
 
 #[test]
 fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
-    let mut p = pair("hostile-sealed", 307);
-    let b = SocketAddrV4::new(B_IP, p.port);
-    let a = SocketAddrV4::new(A_IP, p.port);
     let root = Spoofer::new().is_some();
     if !root {
         println!(
-            "SKIP hostile_sealed spoofed sources and (b) on-path: raw and packet sockets need root"
+            "SKIP hostile_sealed namespaces, spoofed sources and (b) on-path: \
+             network namespaces, raw and packet sockets need root; over loopback"
         );
     }
+    let netns = if root {
+        match Netns::pair("l2ks") {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                println!("SKIP hostile_sealed namespaces: {e}; over loopback");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut p = pair("hostile-sealed", 307, netns);
+    let [a_ip, b_ip, hostile_ip] = p.ips;
+    let b = SocketAddrV4::new(b_ip, p.port);
+    let a = SocketAddrV4::new(a_ip, p.port);
+    eprintln!(
+        "engines at {a} and {b}{}",
+        if p.netns.is_some() {
+            " (namespaces over veth)"
+        } else {
+            " (loopback)"
+        }
+    );
     // Warm-up: connections up, then the quiet reference.
     transfer(&mut p, 0);
     // Medians of three: one transfer is a few hundred milliseconds, and a
@@ -429,8 +573,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
     let stop = Arc::new(AtomicBool::new(false));
     let noise = {
         let stop = stop.clone();
-        let spoof = Spoofer::new();
-        std::thread::spawn(move || blast(b, stop, spoof))
+        p.hostile(move || blast(b, hostile_ip, stop, root))
     };
     std::thread::sleep(Duration::from_millis(100));
     let noisy = median((4..7).map(|i| transfer(&mut p, 1000 * i)).collect());
@@ -451,8 +594,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
         let stop = Arc::new(AtomicBool::new(false));
         let t = {
             let stop = stop.clone();
-            let spoof = Spoofer::new().expect("root");
-            std::thread::spawn(move || on_path(a, b, stop, spoof))
+            p.hostile(move || on_path(a, b, stop))
         };
         std::thread::sleep(Duration::from_millis(50));
         let took = transfer(&mut p, 7000);
@@ -501,7 +643,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
         let peer = r.cores[0]
             .peers
             .iter()
-            .find(|q| q.addr.starts_with(&format!("{A_IP}:")))
+            .find(|q| q.addr.starts_with(&format!("{a_ip}:")))
             .expect("peer A at B");
         eprintln!(
             "peer A at B: rejected {:?}, rekeys {}",
@@ -518,7 +660,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
         let back = ra.cores[0]
             .peers
             .iter()
-            .find(|q| q.addr.starts_with(&format!("{B_IP}:")))
+            .find(|q| q.addr.starts_with(&format!("{b_ip}:")))
             .expect("peer B at A");
         assert!(
             back.rejected.get("bad_tag").copied().unwrap_or(0) > 0,
