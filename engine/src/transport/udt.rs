@@ -23,6 +23,11 @@
 //!   for the I/O layer ([`MAX_BACKLOG`]), and the RX buffers one receiving
 //!   connection holds (see `relieve_rx`); a socket ID in use is never taken
 //!   over. Each refusal is counted in the core's drops by reason.
+//! - **Sealed wire** ([`Udt::with_security`], see [`super::seal`]): every datagram
+//!   is sealed into a scratch slot of the core's TX range and sent from there, and
+//!   opened in place in its RX buffer before a connection parses it; handshakes
+//!   carry the PSK trailer, checked before the listener or a connection sees them.
+//!   What is refused is counted as `rx_sec_*` drops and in the peer's `rejected`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
