@@ -1186,7 +1186,7 @@ static long ioc_load(void __user *arg)
 	struct lu2k_load *l;
 	u64 *rtt = NULL, t0;
 	u32 i, nrtt = 0;
-	long err = 0;
+	long err = 0, left;
 
 	if (copy_from_user(&a, arg, sizeof(a)))
 		return -EFAULT;
@@ -1238,9 +1238,17 @@ static long ioc_load(void __user *arg)
 		a.corrupt = l->a.corrupt;
 		a.failed = a.count - nrtt;
 	}
-	/* Messages still in flight are waited for; an engine detaching fails them back. */
-	if (wait_event_killable(l->wq, !atomic_read(&l->inflight)))
+	/*
+	 * Messages still in flight are waited for, timeout_ms at most: an engine detaching
+	 * fails them back, but a peer that never answers holds them until the engine
+	 * reports it down. Those still in flight keep their reference to the load.
+	 */
+	left = wait_event_killable_timeout(l->wq, !atomic_read(&l->inflight),
+					   msecs_to_jiffies(a.timeout_ms));
+	if (left < 0)
 		err = -EINTR;
+	else if (!left)
+		err = -ETIMEDOUT;
 	a.elapsed_ns = ktime_get_ns() - t0;
 	if (a.kind == LU2K_LOAD_PUT) {
 		a.ok = atomic64_read(&l->ok);

@@ -10,8 +10,13 @@
 //!    ENGINE_GONE, a new engine attaches and traffic resumes;
 //! 4. a hostile engine (this process) writing garbage completions and RX descriptors:
 //!    all refused and counted, every RX token returned, the module still serves;
-//! 5. rmmod refused while an engine is attached, clean once none is;
+//! 5. userspace kshim (the lu2k-kshim library) as the other node's kernel half: the
+//!    module's PUTs verified and its pings answered by it, through two engines;
+//! 6. rmmod refused while an engine is attached, clean once none is;
 //! and the kernel log must hold no `BUG:`, `WARNING:`, `Oops` or `general protection`.
+//!
+//! ABI conformance, one suite for both producers: the hostile-engine checks
+//! ([`hostile_checks`]) run against userspace kshim first, then against the module.
 //!
 //! `lu2k.module_mib=N` on the kernel command line sets the MiB sent each way
 //! (default 1024).
@@ -19,12 +24,18 @@
 use crate::netns::{veth_pair, End};
 use crate::Outcome;
 use anyhow::{bail, ensure, Context};
+use lu2k_kshim::hdr::{Msg, Repr};
+use lu2k_kshim::{selftest, Event, Kshim};
 use lu2k_ring_abi::attach::device::{self, Create, Load, LOAD_PING, LOAD_PUT};
+use lu2k_ring_abi::attach::{self, Attachment};
 use lu2k_ring_abi::{Eventfds, Extent, Nid, RxDesc, TxCompletion, LNET_HDR_LEN};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const KO: &str = "/lib/lab-extra/lu2k_kshim.ko";
@@ -43,13 +54,36 @@ pub fn run() -> anyhow::Result<Outcome> {
         "lu2k-engine is not in the initramfs: it did not build for the lab (see the lab's logs/module-engine-*.log)"
     );
     let mib = cmdline_u32("lu2k.module_mib").unwrap_or(1024);
+    let user = user_kshim_hostile().context("the hostile-engine checks against userspace kshim")?;
+    println!("module: userspace kshim: {user}");
     sh("insmod", &[KO]).context("insmod lu2k_kshim.ko")?;
-    let r = scenario(mib);
+    // A hang (a task stuck in the kernel) must be named, not eat the VM's time limit.
+    let limit = Duration::from_secs(180 + u64::from(mib) / 4);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(scenario(mib));
+    });
+    let r = match rx.recv_timeout(limit) {
+        Ok(r) => r,
+        Err(_) => {
+            hang_report();
+            bail!(
+                "the module test did not finish within {} s: blocked tasks dumped above",
+                limit.as_secs()
+            );
+        }
+    };
     let log = kernel_log();
     for l in log.lines().filter(|l| l.contains("lu2k_kshim")) {
         println!("dmesg: {l}");
     }
-    let summary = r?;
+    if r.is_err() {
+        engine_logs();
+    }
+    let summary = format!(
+        "{}; the same hostile-engine checks against userspace kshim: {user}",
+        r?
+    );
     if let Some(bad) = log.lines().find(|l| {
         ["BUG:", "WARNING:", "Oops", "general protection"]
             .iter()
@@ -77,8 +111,8 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     let ia = create(fd, nid_a)?;
     let ib = create(fd, nid_b)?;
     ensure!(ia != ib, "two instances got the same number {ia}");
-    let mut ea = Engine::start(&a, ia)?;
-    let mut eb = Engine::start(&b, ib)?;
+    let mut ea = Engine::device(&a, ia)?;
+    let mut eb = Engine::device(&b, ib)?;
     wait_serving(fd, ia, true, &mut ea)?;
     wait_serving(fd, ib, true, &mut eb)?;
     println!("module: instances {ia} ({nid_a}) and {ib} ({nid_b}) served by two engines");
@@ -165,7 +199,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
         ea.kill();
         wait_serving(fd, ia, false, &mut eb)?;
         let down = Instant::now();
-        ea = Engine::start(&a, ia)?;
+        ea = Engine::device(&a, ia)?;
         wait_serving(fd, ia, true, &mut ea)?;
         let back = down.elapsed().as_secs_f64();
         let l = load
@@ -205,7 +239,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     wait_serving(fd, ia, false, &mut eb)?;
     let hostile = hostile(fd, ia)?;
     println!("module: {hostile}");
-    ea = Engine::start(&a, ia)?;
+    ea = Engine::device(&a, ia)?;
     wait_serving(fd, ia, true, &mut ea)?;
     let again = put(ia, nid_b, 8, MIB, 1, 5 << 40)?;
     ensure!(
@@ -220,7 +254,60 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
         sb.puts_corrupt
     );
 
-    // 5. rmmod: refused with engines attached, clean without.
+    // 5. Userspace kshim as B's kernel half: module PUTs and pings across. Both
+    // engines start afresh: a sender keeps its connection to a receiver's engine
+    // that is gone until the peer-down timeout.
+    eb.kill();
+    ea.kill();
+    wait_serving(fd, ib, false, &mut ea)?;
+    wait_serving(fd, ia, false, &mut ea)?;
+    let uk = UserKshim::start(nid_b, "/tmp/kshim-b.sock")?;
+    let mut eb = Engine::start(&b, "socket:/tmp/kshim-b.sock", "user")?;
+    ea = Engine::device(&a, ia)?;
+    wait_serving(fd, ia, true, &mut ea)?;
+    let t = Instant::now();
+    while uk.counters().stats.attaches == 0 {
+        eb.check_alive()?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(90),
+            "the engine did not attach to userspace kshim within 90 s{}",
+            eb.tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let l = put(ia, nid_b, 32, MIB, 2, 6 << 40)?;
+    let mut p = Load {
+        instance: ia,
+        kind: LOAD_PING,
+        peer_nid: nid_b.0,
+        salt: 8 << 40,
+        count: 20,
+        size: 4096,
+        threads: 1,
+        timeout_ms: 10_000,
+        ..Load::default()
+    };
+    device::load(fd, &mut p)?;
+    let k = uk.stop()?;
+    ensure!(
+        l.ok == 32 && k.puts_verified == 32 && k.puts_corrupt == 0,
+        "module → userspace kshim: {} of 32 PUTs OK, {} verified and {} corrupt at kshim",
+        l.ok,
+        k.puts_verified,
+        k.puts_corrupt
+    );
+    ensure!(
+        p.ok == 20 && p.corrupt == 0 && k.gets_answered == 20,
+        "module pings to userspace kshim: {} of 20 answered ({} GETs answered by kshim), {} corrupt",
+        p.ok,
+        k.gets_answered,
+        p.corrupt
+    );
+    let interop = "userspace kshim as the peer's kernel half: 32 module PUTs verified by it, 20 pings answered";
+    println!("module: {interop}");
+    eb.kill();
+
+    // 6. rmmod: refused with an engine attached, clean without.
     drop(dev);
     ensure!(
         sh("rmmod", &["lu2k_kshim"]).is_err(),
@@ -240,7 +327,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     }
     ensure!(!Path::new(DEV).exists(), "{DEV} still exists after rmmod");
     Ok(format!(
-        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; rmmod refused while attached, then clean"
+        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; {interop}; rmmod refused while attached, then clean"
     ))
 }
 
@@ -316,6 +403,44 @@ fn wait_serving(
 fn hostile(fd: BorrowedFd<'_>, instance: u32) -> anyhow::Result<String> {
     let before = device::stats(fd, instance)?;
     let att = device::attach(Path::new(DEV), instance)?;
+    let summary = hostile_checks(&att, &mut || {
+        let s = device::stats(fd, instance)?;
+        Ok(Counters {
+            bad_completions: s.bad_completions,
+            bad_rx: s.bad_rx,
+            rx_msgs: s.rx_msgs,
+            tx_ok: s.tx_ok,
+        })
+    })?;
+    drop(att);
+    let t = Instant::now();
+    while device::stats(fd, instance)?.detaches == before.detaches {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "the hostile engine never detached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(summary)
+}
+
+/// What the conformance checks read from a kernel half.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    bad_completions: u64,
+    bad_rx: u64,
+    rx_msgs: u64,
+    tx_ok: u64,
+}
+
+/// The hostile-engine suite, for any producer of the ABI: attached as `att`, writes
+/// garbage completions and RX descriptors; every one must be refused and counted
+/// (`counters`), nothing taken as a message or a completion, every RX token given back.
+fn hostile_checks(
+    att: &Attachment,
+    counters: &mut dyn FnMut() -> anyhow::Result<Counters>,
+) -> anyhow::Result<String> {
+    let before = counters()?;
     let region = att.region()?;
     let kick: OwnedFd = att.to_kshim[0].try_clone()?;
     let fds = Eventfds {
@@ -439,7 +564,7 @@ fn hostile(fd: BorrowedFd<'_>, instance: u32) -> anyhow::Result<String> {
         while core.rx_return.pop()?.is_some() {
             tokens += 1;
         }
-        let s = device::stats(fd, instance)?;
+        let s = counters()?;
         let done = s.bad_completions - before.bad_completions >= u64::from(N)
             && s.bad_rx - before.bad_rx >= u64::from(N)
             && tokens == u64::from(N);
@@ -460,17 +585,6 @@ fn hostile(fd: BorrowedFd<'_>, instance: u32) -> anyhow::Result<String> {
         s.rx_msgs == before.rx_msgs && s.tx_ok == before.tx_ok,
         "hostile engine: garbage was taken as messages or completions"
     );
-    drop(core);
-    drop(region);
-    drop(att);
-    let t = Instant::now();
-    while device::stats(fd, instance)?.detaches == before.detaches {
-        ensure!(
-            t.elapsed() < Duration::from_secs(10),
-            "the hostile engine never detached"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     Ok(format!(
         "hostile engine: {bc} garbage completions and {br} garbage RX descriptors refused and counted, {tokens} tokens returned"
     ))
@@ -483,12 +597,19 @@ struct Engine {
 }
 
 impl Engine {
-    fn start(end: &End, instance: u32) -> anyhow::Result<Engine> {
-        let log = format!("/tmp/engine-{}-{instance}.log", end.ns);
+    fn device(end: &End, instance: u32) -> anyhow::Result<Engine> {
+        Engine::start(
+            end,
+            &format!("device:{DEV},instance={instance}"),
+            &instance.to_string(),
+        )
+    }
+
+    fn start(end: &End, kshim: &str, tag: &str) -> anyhow::Result<Engine> {
+        let log = format!("/tmp/engine-{}-{tag}.log", end.ns);
         let out = std::fs::File::create(&log)?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &end.ns, ENGINE, "run", "--kshim"])
-            .arg(format!("device:{DEV},instance={instance}"))
+            .args(["netns", "exec", &end.ns, ENGINE, "run", "--kshim", kshim])
             .args([
                 "--bind",
                 &end.addr.to_string(),
@@ -564,4 +685,196 @@ fn cmdline_u32(key: &str) -> Option<u32> {
     c.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
+}
+
+/// The hostile-engine suite against userspace kshim, attached through its socket.
+fn user_kshim_hostile() -> anyhow::Result<String> {
+    let nid: Nid = "10.13.0.9@lu2k".parse().map_err(anyhow::Error::msg)?;
+    let sock = "/tmp/kshim-hostile.sock";
+    let uk = UserKshim::start(nid, sock)?;
+    let t = Instant::now();
+    let att = loop {
+        match attach::connect(Path::new(sock)) {
+            Ok(a) => break a,
+            Err(e) if t.elapsed() > Duration::from_secs(20) => {
+                return Err(anyhow::Error::new(e).context("connecting to userspace kshim"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let summary = hostile_checks(&att, &mut || {
+        let s = uk.counters().stats;
+        Ok(Counters {
+            bad_completions: s.bogus_completions,
+            bad_rx: s.bad_rx,
+            rx_msgs: s.rx,
+            tx_ok: s.tx_ok,
+        })
+    });
+    drop(att);
+    uk.stop()?;
+    summary
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct KshimCounters {
+    stats: lu2k_kshim::Stats,
+    puts_verified: u64,
+    puts_corrupt: u64,
+    gets_answered: u64,
+}
+
+/// Userspace kshim (the lu2k-kshim library) on a thread of its own, as the selftest's
+/// sink: PUTs verified against the pattern, GETs answered with REPLYs carrying it (as
+/// `lu2k-kshim sink` does).
+struct UserKshim {
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<KshimCounters>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl UserKshim {
+    fn start(nid: Nid, sock: &str) -> anyhow::Result<UserKshim> {
+        let cfg = lu2k_kshim::Config::new(vec![nid], sock);
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(KshimCounters::default()));
+        let (st, sh) = (stop.clone(), shared.clone());
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut k = Kshim::start(cfg).map_err(|e| anyhow::anyhow!("starting kshim: {e}"))?;
+            let mut scratch = vec![0u8; lu2k_kshim::MAX_PAYLOAD];
+            let mut c = KshimCounters::default();
+            while !st.load(Ordering::Relaxed) {
+                if let Some(Event::Rx(m)) = k.wait(Some(Duration::from_millis(50))) {
+                    match m.hdr.msg {
+                        Msg::Put { hdr_data, .. } => {
+                            let mut at = 0;
+                            let mut ok = m.len() == m.hdr.payload_length as usize;
+                            for s in m.slices() {
+                                ok &= selftest::check(hdr_data, at, s).is_none();
+                                at += s.len();
+                            }
+                            if ok {
+                                c.puts_verified += 1;
+                            } else {
+                                c.puts_corrupt += 1;
+                            }
+                        }
+                        Msg::Get {
+                            return_wmd,
+                            match_bits,
+                            sink_length,
+                            ..
+                        } => {
+                            let len = (sink_length as usize).min(scratch.len());
+                            selftest::fill(match_bits, 0, &mut scratch[..len]);
+                            let h = Repr {
+                                dest_nid: m.hdr.src_nid,
+                                src_nid: m.hdr.dest_nid,
+                                dest_pid: m.hdr.src_pid,
+                                src_pid: m.hdr.dest_pid,
+                                payload_length: len as u32,
+                                msg: Msg::Reply {
+                                    dst_wmd: return_wmd,
+                                },
+                            };
+                            if k.send(&h, &scratch[..len]).is_ok() {
+                                c.gets_answered += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                    k.rx_done(m);
+                }
+                c.stats = k.stats();
+                if let Ok(mut g) = sh.lock() {
+                    *g = c;
+                }
+            }
+            Ok(())
+        });
+        Ok(UserKshim {
+            stop,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn counters(&self) -> KshimCounters {
+        self.shared.lock().map(|g| *g).unwrap_or_default()
+    }
+
+    fn stop(mut self) -> anyhow::Result<KshimCounters> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("the kshim thread panicked"))??;
+        }
+        Ok(self.counters())
+    }
+}
+
+/// Prints the kernel stacks of the lu2k threads and engines and the kernel's list of
+/// blocked tasks (sysrq w), for a test that hung.
+fn hang_report() {
+    let _ = std::fs::write("/proc/sysrq-trigger", "w");
+    std::thread::sleep(Duration::from_millis(500));
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let p = e.path();
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            if comm.starts_with("lu2k") || comm.starts_with("ip") {
+                let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_default();
+                let state = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+                println!(
+                    "hang: {} {}: {}",
+                    p.display(),
+                    comm.trim(),
+                    state.split_whitespace().nth(2).unwrap_or("?")
+                );
+                for l in stack.lines() {
+                    println!("hang:     {l}");
+                }
+                if let Ok(tasks) = std::fs::read_dir(p.join("task")) {
+                    for t in tasks.flatten() {
+                        let st =
+                            std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+                        if st.lines().count() > 1 {
+                            println!("hang:   task {}:", t.path().display());
+                            for l in st.lines() {
+                                println!("hang:       {l}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let log = kernel_log();
+    let lines: Vec<_> = log.lines().collect();
+    for l in &lines[lines.len().saturating_sub(60)..] {
+        println!("hang: dmesg: {l}");
+    }
+    engine_logs();
+}
+
+/// The last lines of every engine's log.
+fn engine_logs() {
+    let Ok(dir) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    let mut logs: Vec<_> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.to_string_lossy().contains("/engine-") && p.extension().is_some_and(|x| x == "log")
+        })
+        .collect();
+    logs.sort();
+    for p in logs {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        for l in &lines[lines.len().saturating_sub(12)..] {
+            println!("{}: {l}", p.display());
+        }
+    }
 }
