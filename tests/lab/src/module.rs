@@ -12,7 +12,9 @@
 //!    all refused and counted, every RX token returned, the module still serves;
 //! 5. userspace kshim (the lu2k-kshim library) as the other node's kernel half: the
 //!    module's PUTs verified and its pings answered by it, through two engines;
-//! 6. rmmod refused while an engine is attached, clean once none is;
+//! 6. rmmod refused while an engine is attached, clean once none is.
+//!
+//! The consumer's sleeps must never end by timeout with work waiting (a lost wakeup),
 //! and the kernel log must hold no `BUG:`, `WARNING:`, `Oops` or `general protection`.
 //!
 //! ABI conformance, one suite for both producers: the hostile-engine checks
@@ -307,6 +309,22 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     println!("module: {interop}");
     eb.kill();
 
+    // The doorbells, both ways, under the need-wakeup rules: a consumer sleep that
+    // ended by its 1 s timeout with work waiting would be a lost wakeup.
+    let (sa, sb) = (device::stats(fd, ia)?, device::stats(fd, ib)?);
+    ensure!(
+        sa.idle_timeouts_with_work == 0 && sb.idle_timeouts_with_work == 0,
+        "lost wakeups: the module's consumer found work after sleeping its full timeout {} + {} times",
+        sa.idle_timeouts_with_work,
+        sb.idle_timeouts_with_work
+    );
+    let bells = format!(
+        "doorbells to the engines {}, from them {}, no lost wakeup",
+        sa.doorbells + sb.doorbells,
+        sa.wakeups + sb.wakeups
+    );
+    println!("module: {bells}");
+
     // 6. rmmod: refused with an engine attached, clean without.
     drop(dev);
     ensure!(
@@ -327,7 +345,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     }
     ensure!(!Path::new(DEV).exists(), "{DEV} still exists after rmmod");
     Ok(format!(
-        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; {interop}; rmmod refused while attached, then clean"
+        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; {interop}; {bells}; rmmod refused while attached, then clean"
     ))
 }
 
