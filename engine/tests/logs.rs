@@ -258,6 +258,22 @@ fn a_flood_of_bad_datagrams_is_a_bounded_number_of_lines() {
         .iter()
         .map(|c| c.drops.get("rx_malformed").copied().unwrap_or(0))
         .sum();
+    // `lu2k-engine stats | head -1`: a reader that goes early is no error.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lu2k-engine"))
+        .args(["stats", "--socket"])
+        .arg(dir.join("a-stats.sock"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "stats into a closed pipe: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(e.term_within(Duration::from_secs(20)).code(), Some(0));
     let text = read(&log);
     let flood: Vec<&str> = text.lines().skip(before).collect();
