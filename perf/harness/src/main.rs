@@ -170,6 +170,8 @@ struct LoopbackReport {
     /// The same blast walking 64 MiB of buffers on each side (out of the caches).
     udp_64mib_gbps: Option<f64>,
     lu2k_copied_bytes: Option<u64>,
+    /// The same for sealed lu2k (the cipher's own pass is not a copy).
+    lu2k_sealed_copied_bytes: Option<u64>,
     rtt: Vec<RttRow>,
 }
 
@@ -260,6 +262,7 @@ fn loopback(args: LoopbackArgs) -> Result<()> {
             udp_ceiling_gbps: bulk.udp_ceiling,
             udp_64mib_gbps: bulk.udp_64mib,
             lu2k_copied_bytes: bulk.lu2k_copied,
+            lu2k_sealed_copied_bytes: bulk.lu2k_sealed_copied,
             rtt,
         };
         let text = serde_json::to_string_pretty(&report)?;
@@ -279,6 +282,8 @@ struct BulkFigures {
     udp_64mib: Option<f64>,
     /// Payload bytes lu2k copied, both sides, in its run that copied most.
     lu2k_copied: Option<u64>,
+    /// The same, sealed.
+    lu2k_sealed_copied: Option<u64>,
 }
 
 /// The bulk runs of `loopback` (none with `--no-bulk`).
@@ -320,6 +325,7 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
         Ok((r.bytes - r.first_bytes) as f64 * 8.0 / r.span_s.max(1e-9) / 1e9)
     };
     // The same runs on the sealed wire: a key file both engines read.
+    let mut sealed_copied = None;
     let lu2k_sealed = (bulk && args.on("lu2k-sealed"))
         .then(|| {
             let key = lo.tmp.join(format!("lu2k-perf-psk-{}", std::process::id()));
@@ -328,8 +334,9 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
                 lu2k_psk: Some(key.clone()),
                 ..lo.clone()
             };
-            let mut c = None;
-            let v = median_of(args.runs, "lu2k sealed bulk", || lu2k_run(&sealed, &mut c));
+            let v = median_of(args.runs, "lu2k sealed bulk", || {
+                lu2k_run(&sealed, &mut sealed_copied)
+            });
             let _ = std::fs::remove_file(&key);
             v
         })
@@ -361,6 +368,7 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
         udp_ceiling,
         udp_64mib,
         lu2k_copied: copied,
+        lu2k_sealed_copied: sealed_copied,
     })
 }
 

@@ -33,6 +33,7 @@ fn loopback_json_has_every_contender() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for key in [
         "lu2k_gbps",
+        "lu2k_sealed_gbps",
         "udt4_gbps",
         "udp_ceiling_gbps",
         "udp_64mib_gbps",
@@ -43,6 +44,10 @@ fn loopback_json_has_every_contender() {
         assert!(g > 0.0, "{key} = {g}");
     }
     assert_eq!(v["lu2k_copied_bytes"], 0, "lu2k copied payload");
+    assert_eq!(
+        v["lu2k_sealed_copied_bytes"], 0,
+        "sealed lu2k copied payload"
+    );
     let rtt = v["rtt"].as_array().unwrap();
     for contender in ["udp", "udp-3hop", "udt4", "lu2k"] {
         for size in [72, 4096] {
