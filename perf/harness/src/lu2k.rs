@@ -95,9 +95,10 @@ const WARM_UP: u64 = u64::MAX;
 /// delivered, so that the engines' connection is up before the live stream's
 /// schedule starts — as TCP and UDT4 do with theirs.
 ///
-/// Chunk-sized, as every contender's warm-up (TCP's and UDT4's are a chunk
-/// answered by a byte): every stream is measured as one already flowing, and
-/// no contender starts it from a connection warmed differently.
+/// Chunk-sized unless the workload's `warmup_bytes` says otherwise, as every
+/// contender's warm-up (TCP's and UDT4's are the same message answered by a
+/// byte): every stream is measured as one already flowing, and no contender
+/// starts it from a connection warmed differently.
 fn warm_up(side: &mut Side, len: usize, limit: Duration) -> Result<()> {
     let buf = side.k.alloc_tx(len).context("TX pool")?;
     side.k
@@ -297,7 +298,7 @@ fn send_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
         (sched.chunks, w.chunk_bytes as usize, Some(sched))
     };
     if sched.is_some() {
-        warm_up(side, len, cap)?;
+        warm_up(side, w.warmup_len(), cap)?;
     }
     let start = Instant::now();
     let start_ns = mono_ns();

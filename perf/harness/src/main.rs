@@ -566,9 +566,17 @@ fn run_cells(
                 continue;
             }
             // Runs of one contender back to back: the spread is that of
-            // the same machine state, as far as the machine allows.
+            // the same machine state, as far as the machine allows. Run i
+            // draws its losses from seed + i: the runs sample different
+            // loss patterns, and a rerun of the grid the same ones.
             let each = (0..runs)
-                .map(|_| run::run(&s.name, cell, c, o, &mp))
+                .map(|i| {
+                    let oi = run::Opts {
+                        seed: o.seed.wrapping_add(u64::from(i)),
+                        ..o.clone()
+                    };
+                    run::run(&s.name, cell, c, &oi, &mp)
+                })
                 .collect();
             rows.push(report::combine(each));
         }
@@ -682,5 +690,6 @@ fn loopback_workload() -> scenario::Workload {
         chunk_bytes: 4096,
         duration_s: 1.0,
         in_flight: None,
+        warmup_bytes: None,
     }
 }

@@ -668,7 +668,7 @@ fn live_send(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     // One chunk outside the stream, answered by a byte, before the
     // schedule starts (lu2k's engines do the same).
     buf[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-    s.write_all(&buf)?;
+    s.write_all(&buf[..w.warmup_len().min(chunk)])?;
     read_exact(s, &mut [0u8; 1], cap).context("the warm-up's answer")?;
     let start_ns = mono_ns();
     r.first_send_ns = Some(start_ns);
@@ -707,7 +707,8 @@ fn live_receive(s: &mut dyn Stream, w: &Workload) -> Result<NodeResult> {
     let mut delivered = 0u64;
     // The sender's warm-up chunk, answered so that it knows the
     // connection carries data before its schedule starts.
-    read_exact(s, &mut buf, limit).context("the warm-up chunk")?;
+    let warm = w.warmup_len().min(chunk);
+    read_exact(s, &mut buf[..warm], limit).context("the warm-up chunk")?;
     s.write_all(&[1])?;
     while delivered < sched.chunks && start.elapsed() < limit {
         if read_exact(s, &mut buf, limit.saturating_sub(start.elapsed())).is_err() {
@@ -907,6 +908,7 @@ mod tests {
             chunk_bytes,
             duration_s,
             in_flight: None,
+            warmup_bytes: None,
         }
     }
 

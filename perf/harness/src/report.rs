@@ -93,6 +93,8 @@ pub struct Row {
     /// The largest share of CPU time stolen by the hypervisor during a run
     /// (`/proc/stat`), 0 to 1.
     pub steal: Option<f64>,
+    /// rpc and live: every run's p99 latency, ms, in run order.
+    pub p99_runs_ms: Vec<Option<f64>>,
 }
 
 /// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
@@ -141,20 +143,26 @@ impl LoadAvg {
 }
 
 /// One row from the `runs` of one contender in one cell (at least one, in
-/// run order): the run with the median goodput (runs that moved nothing
-/// lowest; of an even count the lower middle) with every run's goodput, the
+/// run order): the median run — bulk by goodput (runs that moved nothing
+/// lowest), rpc and live by p99 latency (runs without samples highest); of an
+/// even count the lower middle — with every run's goodput (and p99), the
 /// spread, the load over all runs, the most steal, and a note when the
 /// runs' outcomes differ.
 pub fn combine(runs: Vec<Row>) -> Row {
     let n = runs.len();
     assert!(n > 0, "combine needs at least one run");
     let goodputs: Vec<Option<f64>> = runs.iter().map(|r| r.goodput_mbps).collect();
+    let p99s: Vec<Option<f64>> = runs.iter().map(|r| r.latency.map(|l| l.p99_ms)).collect();
+    let by_latency = runs[0].workload != "bulk";
+    let key = |i: usize| {
+        if by_latency {
+            p99s[i].unwrap_or(f64::INFINITY)
+        } else {
+            goodputs[i].unwrap_or(-1.0)
+        }
+    };
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| {
-        goodputs[a]
-            .unwrap_or(-1.0)
-            .total_cmp(&goodputs[b].unwrap_or(-1.0))
-    });
+    order.sort_by(|&a, &b| key(a).total_cmp(&key(b)));
     let pick = order[(n - 1) / 2];
     let ok = runs.iter().filter(|r| r.status == "ok").count();
     let load = runs
@@ -196,6 +204,9 @@ pub fn combine(runs: Vec<Row>) -> Row {
     row.goodput_min = some.iter().copied().reduce(f64::min);
     row.goodput_max = some.iter().copied().reduce(f64::max);
     row.goodput_runs = goodputs;
+    if by_latency {
+        row.p99_runs_ms = p99s;
+    }
     row.load_avg = load;
     row.steal = steal;
     row
@@ -255,6 +266,7 @@ impl Row {
             goodput_min: None,
             goodput_max: None,
             steal: None,
+            p99_runs_ms: Vec::new(),
         }
     }
 }
@@ -700,6 +712,27 @@ rate_mbps = [100.0]
         let (rows, stable) = compare(&a, &c, 0.10);
         assert!(!stable);
         assert!(compare_table(&rows, 0.10).contains("NO"));
+    }
+
+    #[test]
+    fn live_runs_combine_by_their_p99() {
+        let mut base = rows()[0].clone();
+        base.workload = "live".into();
+        let run = |p99: Option<f64>| {
+            let mut r = base.clone();
+            r.goodput_mbps = Some(20.0);
+            r.latency = p99.map(|p| Percentiles {
+                p50_ms: 100.0,
+                p90_ms: p.min(200.0),
+                p99_ms: p,
+                max_ms: p,
+                samples: 10,
+            });
+            r
+        };
+        let r = combine(vec![run(Some(900.0)), run(None), run(Some(300.0))]);
+        assert_eq!(r.latency.unwrap().p99_ms, 900.0, "the median p99");
+        assert_eq!(r.p99_runs_ms, vec![Some(900.0), None, Some(300.0)]);
     }
 
     #[test]

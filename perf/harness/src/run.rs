@@ -646,6 +646,23 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
     } else {
         "incomplete".into()
     };
+    if !complete && res.note.is_none() {
+        // What stopped it, where the nodes did not say: the cap.
+        let why = format!(
+            "not finished within the {} s cap ({:.0} % delivered)",
+            w.max_duration_s
+                + if w.kind == WorkloadKind::Live {
+                    w.duration_s
+                } else {
+                    0.0
+                },
+            100.0 * res.bytes as f64 / o.target.max(1) as f64
+        );
+        row.note = Some(match row.note.take() {
+            Some(n) => format!("{why}; {n}"),
+            None => why,
+        });
+    }
     if w.kind != WorkloadKind::Rpc && res.bytes > 0 {
         add_rates(&mut row, cell, o, sender, complete);
     }

@@ -131,6 +131,18 @@ pub struct Workload {
     /// holds (256: enough for a satellite path's bandwidth-delay product).
     #[serde(default)]
     pub in_flight: Option<u32>,
+    /// live: bytes of the warm-up message every contender sends and waits
+    /// for before the stream (default: one chunk). 64 reproduces the small
+    /// first message behind which lu2k's stream used to fall behind.
+    #[serde(default)]
+    pub warmup_bytes: Option<u32>,
+}
+
+impl Workload {
+    /// live: the warm-up message's size.
+    pub fn warmup_len(&self) -> usize {
+        self.warmup_bytes.unwrap_or(self.chunk_bytes) as usize
+    }
 }
 
 fn default_bytes() -> u64 {
@@ -712,6 +724,14 @@ fn check_workload(w: &Workload, at: &str) -> Result<(), ScenarioError> {
             f("chunk_bytes"),
             format!("must be 16..=1048576 bytes, got {}", w.chunk_bytes),
         ));
+    }
+    if let Some(b) = w.warmup_bytes {
+        if b < 16 || b as usize > lu2k_kshim::MAX_PAYLOAD {
+            return Err(invalid(
+                f("warmup_bytes"),
+                format!("must be 16..=1048576 bytes, got {b}"),
+            ));
+        }
     }
     check_pos(&f("duration_s"), w.duration_s, 3600.0)
 }

@@ -72,11 +72,15 @@ pub fn available() -> Result<(), String> {
 /// SRT socket options (URI parameters): file mode tuned for the path
 /// ([`crate::tuning::srt`]: flow window, buffers, `maxbw`, peer-idle and
 /// connection timeouts). `LU2K_PERF_SRT_DEFAULT_BUFFERS=1` leaves all but
-/// `transtype=file` at SRT's defaults.
+/// `transtype=file` at SRT's defaults; `LU2K_PERF_SRT_OPTIONS=a=1&b=2` runs
+/// with exactly those parameters after `transtype=file` (to try others).
 pub fn options(spec: &NodeSpec) -> String {
     match std::env::var("LU2K_PERF_SRT_DEFAULT_BUFFERS") {
         Ok(v) if v == "1" => return "transtype=file".into(),
         _ => {}
+    }
+    if let Ok(o) = std::env::var("LU2K_PERF_SRT_OPTIONS") {
+        return format!("transtype=file&{o}");
     }
     crate::tuning::srt(&spec.path)
         .into_iter()
