@@ -57,7 +57,8 @@ pub struct PeerStats {
     pub security: String,
     /// Datagrams from the peer's address the sealed wire refused, by reason
     /// (`bad_tag`, `replay`, `unknown_connection`, `unvalidated_address`,
-    /// `plain_refused`, `bad_handshake`).
+    /// `plain_refused`, `bad_handshake`, `handshake_refused`: the listener's rate
+    /// limits and caps).
     #[serde(default)]
     pub rejected: BTreeMap<String, u64>,
     /// Key changes of the peer's connections, both directions.

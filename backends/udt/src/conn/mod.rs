@@ -57,6 +57,18 @@
 //!   100 µs: above ~0.6 M packets/s (loopback, fast LANs) they would be
 //!   tens of thousands of sends a second for nothing; the window still
 //!   advances every few hundred packets.
+//! - Outages. When the EXP timer fires with data in flight (a whole RTO —
+//!   `RTT + 4·RTTVar + 10 ms`, at least `min_exp_interval_us` — without an
+//!   advancing ACK or a NAK), the path is held dead: no new data and no
+//!   retransmissions go out, only a probe every half RTT (the first eight,
+//!   then the interval doubles up to two RTTs). A probe is the newest packet
+//!   sent and the oldest unacknowledged one, retransmitted: the receiver
+//!   answers the newest with a NAK naming exactly what the outage lost, the
+//!   oldest with an advancing ACK where its own reports were what was lost.
+//!   The first ACK or NAK ends the outage and sending resumes at the
+//!   controller's rate, which the outage left alone. UDT4 instead resends the
+//!   whole flight on every EXP, into the dead path. Only the idle timeout
+//!   (the peer-down rule, unchanged) closes the connection.
 //! - The receiver counts a packet pair for the capacity estimate only if
 //!   its two packets left the sender together (their header timestamps at
 //!   most 10 µs or under half their arrival gap apart): a pair the sender's
@@ -132,6 +144,25 @@ enum Role {
     Server,
 }
 
+/// Probes into a dead path that leave every half RTT before the interval
+/// starts doubling: four RTTs of quick probing, so that a path back within
+/// that (a GEO outage of a few seconds is 5 RTT) is found within half an RTT
+/// and the data flows again within two.
+const OUTAGE_FAST_PROBES: u32 = 8;
+
+/// A dead path (see the module docs, "Outages").
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    /// Up to when its time is counted in [`Stats::outage_us`].
+    counted: Time,
+    /// When the next probe leaves.
+    next_probe: Time,
+    /// The second packet of the probe just sent is still to go.
+    oldest_due: bool,
+    /// Probes sent so far.
+    probes: u32,
+}
+
 /// splitmix64: the connection's only source of randomness, from the seed.
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -178,6 +209,8 @@ pub struct Connection {
     tx: Sender,
     rx: Receiver,
     cc: Box<dyn Controller>,
+    /// Set while the path is held dead.
+    outage: Option<Outage>,
 }
 
 impl Connection {
@@ -212,6 +245,7 @@ impl Connection {
             tx: Sender::new(now),
             rx: Receiver::new(now, buf_pkts),
             cc: cfg.cc.build(cc_seed),
+            outage: None,
             cfg,
         }
     }
@@ -343,6 +377,9 @@ impl Connection {
     /// then retransmissions, then new data as pacing and windows allow.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Time) -> Option<Transmit> {
+        if self.outage.is_some() {
+            return self.outage_transmit(now);
+        }
         self.transmit(now, 0)
     }
 
@@ -352,6 +389,15 @@ impl Connection {
     /// [`Config::batch_horizon_us`] leaves now, so a batch is a short burst
     /// at line rate: the horizon bounds it.
     pub fn poll_transmit_batch(&mut self, now: Time, out: &mut Vec<Transmit>, max: usize) -> usize {
+        if self.outage.is_some() {
+            return match self.outage_transmit(now) {
+                Some(t) if max > 0 => {
+                    out.push(t);
+                    1
+                }
+                _ => 0,
+            };
+        }
         let early = self.cfg.batch_horizon_us;
         if self.batch_held_back(now, early, max) {
             return 0;
@@ -464,6 +510,9 @@ impl Connection {
             return;
         }
         self.heard(now);
+        if matches!(repr, ControlRepr::Ack { .. } | ControlRepr::Nak { .. }) {
+            self.path_answered(now);
+        }
         match repr {
             ControlRepr::Ack {
                 ack_seq_no,
@@ -493,6 +542,112 @@ impl Connection {
             State::Connecting => self.handshake_timer(now),
             State::Connected => self.connected_timers(now),
         }
+    }
+
+    // ------------------------------------------------------------------ outages
+
+    /// True while the path is held dead (no data but probes goes out).
+    pub fn in_outage(&self) -> bool {
+        self.outage.is_some()
+    }
+
+    /// The EXP timer fired with data in flight: a whole RTO passed without an
+    /// advancing ACK or a NAK. At any loss rate a live path reports within
+    /// an RTT plus a SYN (ACKs every SYN, a NAK on every gap), so a silence
+    /// of an RTO is the path, not the loss; acting sooner could not tell a
+    /// dead path from an ACK still on its way. Stops new data; the first
+    /// probe leaves at once.
+    pub(super) fn enter_outage(&mut self, now: Time) {
+        let path = self.path();
+        self.cc.on_timeout(now, &path);
+        if self.outage.is_some() {
+            return;
+        }
+        self.stats.outages += 1;
+        self.outage = Some(Outage {
+            counted: now,
+            next_probe: now,
+            oldest_due: false,
+            probes: 0,
+        });
+    }
+
+    /// An ACK or NAK arrived: the path carries our packets' reports again.
+    /// Sending resumes at the controller's rate (pacing restarts from now,
+    /// no burst); what the outage lost comes back in the NAK that answers a
+    /// probe, or by the next EXP.
+    fn path_answered(&mut self, now: Time) {
+        if let Some(o) = self.outage.take() {
+            self.stats.outage_us += now.saturating_sub(o.counted);
+            let floor = now as f64 - self.cc.period().max(0.0);
+            if self.tx.next_send < floor {
+                self.tx.next_send = floor;
+            }
+        }
+    }
+
+    /// Interval after probe number `n` (1 = the first): half an RTT (at
+    /// least a SYN) for the first [`OUTAGE_FAST_PROBES`], then doubling up
+    /// to two RTTs. Probing costs a packet or two per interval; backing off
+    /// bounds it on a path that stays dead until the idle timeout.
+    fn probe_interval(&self, n: u32) -> u64 {
+        let rtt = u64::from(self.rtt()).max(2 * SYN_US);
+        let extra = n.saturating_sub(OUTAGE_FAST_PROBES).min(2);
+        (rtt / 2) << extra
+    }
+
+    /// When the next probe leaves, while the path is held dead.
+    pub(super) fn outage_deadline(&self) -> Option<Time> {
+        self.outage.map(|o| {
+            if o.oldest_due {
+                o.counted
+            } else {
+                o.next_probe
+            }
+        })
+    }
+
+    /// What leaves while the path is held dead: control packets, and a probe
+    /// when due — the newest packet sent, then at once the oldest
+    /// unacknowledged one (a single packet where they are the same).
+    fn outage_transmit(&mut self, now: Time) -> Option<Transmit> {
+        if let Some(h) = self.ctrl.pop_front() {
+            return Some(Transmit {
+                header: h,
+                payload: None,
+            });
+        }
+        let mut o = self.outage?;
+        if self.state != State::Connected || self.tx.next == self.tx.una {
+            return None;
+        }
+        let (oldest, newest) = (self.tx.una, self.tx.next - 1);
+        let idx = if o.oldest_due {
+            o.oldest_due = false;
+            oldest
+        } else {
+            if now < o.next_probe {
+                return None;
+            }
+            o.probes += 1;
+            o.next_probe = now + self.probe_interval(o.probes);
+            o.oldest_due = oldest != newest;
+            newest
+        };
+        self.stats.outage_us += now.saturating_sub(o.counted);
+        o.counted = now;
+        self.outage = Some(o);
+        self.stats.outage_probes += 1;
+        let pi = (idx - self.tx.una) as usize;
+        let pkt = self.tx.pkts[pi];
+        let m = &self.tx.msgs[(pkt.msg - self.tx.msg_base) as usize];
+        let (msg_no, id) = (m.msg_no, m.id);
+        let p = &mut self.tx.pkts[pi];
+        p.sent_at = now;
+        p.retx = true;
+        self.stats.pkts_retransmitted += 1;
+        let (t, _, _) = self.data_out(now, idx, pkt, msg_no, id, true);
+        Some(t)
     }
 
     // ------------------------------------------------------------------ closing

@@ -360,7 +360,7 @@ impl Connection {
     }
 
     /// Builds the transmit of packet `idx` and tells the controller it left.
-    fn data_out(
+    pub(super) fn data_out(
         &mut self,
         now: Time,
         idx: u64,

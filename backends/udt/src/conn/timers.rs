@@ -47,7 +47,9 @@ impl Connection {
             t = t.min(self.rx.next_nak_time);
         }
         t = t.min(self.next_exp());
-        if self.has_data() {
+        if let Some(probe) = self.outage_deadline() {
+            t = t.min(probe);
+        } else if self.has_data() {
             t = t.min(self.tx.next_send.ceil() as Time);
         }
         t
@@ -95,8 +97,8 @@ impl Connection {
         self.last_rsp + exp
     }
 
-    /// EXP fired: close if the peer has been silent too long, else resend
-    /// everything unacknowledged (or send a keep-alive), and back off.
+    /// EXP fired: close if the peer has been silent too long, else hold the
+    /// path dead while data is in flight (or send a keep-alive), and back off.
     fn on_exp(&mut self, now: Time) {
         if self.exp_count > 16 && now.saturating_sub(self.last_heard) > self.cfg.idle_timeout_us {
             self.shut(CloseReason::Timeout);
@@ -104,11 +106,11 @@ impl Connection {
         }
         self.stats.timeouts += 1;
         let unacked = self.tx.next > self.tx.una;
-        if unacked || self.tx.has_unsent() {
-            if unacked && self.tx.lost.is_empty() {
-                let (a, b) = (self.seq_of(self.tx.una), self.seq_of(self.tx.next - 1));
-                let _ = self.tx.lost.insert(a, b);
-            }
+        if unacked {
+            // Not resending the flight into what is likely a dead path:
+            // probes find out when it carries packets again.
+            self.enter_outage(now);
+        } else if self.tx.has_unsent() {
             let path = self.path();
             self.cc.on_timeout(now, &path);
         } else {

@@ -332,6 +332,14 @@ pub struct Stats {
     /// Work spent on received NAKs: ranges read plus packets in flight
     /// examined. Bounded per datagram by the range cap plus the flight.
     pub nak_work: u64,
+    /// Outages: times the path was held dead (an EXP timeout with data in
+    /// flight), new data then stopping until the peer answered a probe.
+    pub outages: u64,
+    /// Probe packets sent into a dead path (each a retransmission).
+    pub outage_probes: u64,
+    /// Time spent in outages, µs (an ongoing one counted up to its last
+    /// probe).
+    pub outage_us: u64,
 }
 
 impl Stats {

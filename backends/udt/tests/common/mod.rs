@@ -85,6 +85,14 @@ pub struct Outcome {
     pub client_closed: Option<CloseReason>,
     /// EXP expirations at the client.
     pub client_timeouts: u64,
+    /// Data packets (first sends and retransmissions) the client put on the
+    /// link, per bin.
+    pub client_sent: Vec<u64>,
+    /// Payload bytes of new (not duplicate) data packets the receiver took,
+    /// per bin.
+    pub unique: Vec<u64>,
+    /// The client's counters at the end.
+    pub client_stats: Option<lu2k_udt::conn::Stats>,
 }
 
 fn pattern(msg: u64, off: u64) -> u8 {
@@ -132,6 +140,8 @@ pub fn run(sc: &Scenario) -> Outcome {
     let mut connected = false;
     let bins = (sc.duration_us / sc.bin_us + 1) as usize;
     out.arrivals = vec![0; bins];
+    out.client_sent = vec![0; bins];
+    out.unique = vec![0; bins];
     // Stream mode: the (message, offset) the next bytes must come from.
     let mut stream_at: (u64, u64) = (0, 0);
     // Paced schedule: when message 0 was acknowledged, the next due time.
@@ -185,6 +195,11 @@ pub fn run(sc: &Scenario) -> Outcome {
         // Transmits into the link.
         while let Some(t) = client.poll_transmit(now) {
             let len = t.len();
+            if t.payload.is_some() {
+                if let Some(n) = out.client_sent.get_mut((now / sc.bin_us) as usize) {
+                    *n += 1;
+                }
+            }
             let _ = link.handle_datagram(
                 to_ns(now),
                 Direction::Forward,
@@ -430,6 +445,9 @@ pub fn run(sc: &Scenario) -> Outcome {
                         if s.handle_datagram(now, data, at) {
                             let origin = p.payload.unwrap();
                             out.unique_bytes += u64::from(origin.len);
+                            if let Some(n) = out.unique.get_mut((now / sc.bin_us) as usize) {
+                                *n += u64::from(origin.len);
+                            }
                             bufs.insert(id, Buf { origin, bytes });
                         }
                     } else {
@@ -476,6 +494,7 @@ pub fn run(sc: &Scenario) -> Outcome {
     out.sent = client.stats().pkts_sent;
     out.retransmitted = client.stats().pkts_retransmitted;
     out.client_timeouts = client.stats().timeouts;
+    out.client_stats = Some(client.stats());
 
     // Every message ended exactly one way (finite transfers).
     if let Some(list) = &finite {
