@@ -18,7 +18,10 @@ TOLERANCE=${TOLERANCE:-0.10}
 OUT=${OUT:-perf-out/stability}
 mkdir -p "$OUT"
 cargo build --release -q -p lu2k-perf
-BIN=target/release/lu2k-perf
+# A copy: a rebuild meanwhile (another checkout user) must not swap the
+# binary between or under the two runs (nodes run the harness's own file).
+BIN="$OUT/lu2k-perf"
+cp target/release/lu2k-perf "$BIN"
 for i in 1 2; do
     echo "quick-stability: run $i of 2: $SCENARIO --quick $*" >&2
     if ! "$BIN" run "$SCENARIO" --quick --json "$OUT/run$i.json" --out "$OUT/plots$i" "$@" >"$OUT/run$i.txt"; then
