@@ -27,8 +27,12 @@
 //! about 61 ms, from which the rate climbs back over tens of seconds. Short
 //! runs at 600 ms are therefore slow and its wire bytes include spurious
 //! retransmissions; at 200 ms, or at 500 Mbit/s where it climbs faster, it
-//! completes. `LU2K_PERF_SRT_DEFAULT_BUFFERS=1` runs it with SRT's default
-//! buffers and flow window instead of the path-sized ones.
+//! completes. FileCC also caps each rate increase at twice the rate of its
+//! last loss, so a random loss during that slow climb can hold it near
+//! 1 Mbit/s for the rest of a run: by chance, with these options or SRT's
+//! defaults alike (the harness README has the runs). No SRT option sets the
+//! initial RTT. `LU2K_PERF_SRT_DEFAULT_BUFFERS=1` runs it with SRT's defaults
+//! instead of the path-sized options.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
