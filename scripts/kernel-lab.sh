@@ -470,17 +470,20 @@ if [ -n "$hdir" ]; then
     [ -n "$vm_mod" ] && [ "$vm_mod" = "$ref_mod" ] \
         || die "version mismatch: lu2k_kshim.ko's vermagic '$vm_mod' differs from the kernel's own modules' '$ref_mod'"
     echo "    lu2k_kshim.ko: vermagic $vm_mod"
+    # the engine stage's build carries the same binary: no second build then
+    [ -n "$engine_exe" ] && [ -x "$engine_exe" ] && module_engine=$engine_exe
     for et in "$musl" x86_64-unknown-linux-gnu; do
+        [ -n "$module_engine" ] && break
         if env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
             cargo build --quiet --release --target "$et" -p lu2k-engine --bin lu2k-engine \
                 --manifest-path "$repo/Cargo.toml" --target-dir "$cache/target-engine" \
                 2> "$cache/logs/module-engine-$et.log"; then
             module_engine="$cache/target-engine/$et/release/lu2k-engine"
-            echo "    lu2k-engine for the module test: $et"
             break
         fi
         [ $static_only -eq 1 ] && break
     done
+    [ -n "$module_engine" ] && echo "    lu2k-engine for the module test: $module_engine"
     [ -n "$module_engine" ] || echo "    note: lu2k-engine did not build (logs: $cache/logs/module-engine-*.log); the module test will say so"
 fi
 phase "built lab binaries"
@@ -525,7 +528,12 @@ fi
 if [ -n "$module_ko" ]; then
     mkdir -p "$ird/lib/lab-extra"
     cp "$module_ko" "$ird/lib/lab-extra/"
-    [ -n "$module_engine" ] && copy_with_libs "$module_engine" bin/lu2k-engine
+    if [ -n "$module_engine" ] && [ "$module_engine" = "$engine_exe" ]; then
+        ln -s "$engine_exe" "$ird/bin/lu2k-engine"   # carried for the engine stage already
+    elif [ -n "$module_engine" ]; then
+        copy_with_libs "$module_engine" bin/lu2k-engine
+        strip --strip-debug "$ird/bin/lu2k-engine" 2>/dev/null || true
+    fi
 fi
 # the ld.so cache is absent: tell the loader where the libraries are
 for d in $(cd "$ird" && find lib* usr/lib* -name '*.so*' -printf '/%h\n' 2>/dev/null | sort -u); do echo "$d"; done > "$ird/etc/lab/ld-library-path"
