@@ -767,14 +767,14 @@ pub mod device {
         use rustix::ioctl::{ioctl, opcode, Opcode, Setter, Updater};
         use std::os::fd::BorrowedFd;
 
-        const CREATE: Opcode = opcode::read_write::<Create>(IOC_TYPE, 1);
-        const INFO: Opcode = opcode::read_write::<Info>(IOC_TYPE, 2);
-        const ATTACH: Opcode = opcode::write::<Attach>(IOC_TYPE, 3);
-        const ACK: Opcode = opcode::write::<u32>(IOC_TYPE, 4);
-        const NOTICE: Opcode = opcode::write::<DevNotice>(IOC_TYPE, 5);
-        const LOAD: Opcode = opcode::read_write::<Load>(IOC_TYPE, 6);
-        const STATS: Opcode = opcode::read_write::<Stats>(IOC_TYPE, 7);
-        const DESTROY: Opcode = opcode::write::<u32>(IOC_TYPE, 8);
+        pub(super) const CREATE: Opcode = opcode::read_write::<Create>(IOC_TYPE, 1);
+        pub(super) const INFO: Opcode = opcode::read_write::<Info>(IOC_TYPE, 2);
+        pub(super) const ATTACH: Opcode = opcode::write::<Attach>(IOC_TYPE, 3);
+        pub(super) const ACK: Opcode = opcode::write::<u32>(IOC_TYPE, 4);
+        pub(super) const NOTICE: Opcode = opcode::write::<DevNotice>(IOC_TYPE, 5);
+        pub(super) const LOAD: Opcode = opcode::read_write::<Load>(IOC_TYPE, 6);
+        pub(super) const STATS: Opcode = opcode::read_write::<Stats>(IOC_TYPE, 7);
+        pub(super) const DESTROY: Opcode = opcode::write::<u32>(IOC_TYPE, 8);
 
         fn dev(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> Error {
             move |err| Error::Device { op, err }
@@ -922,16 +922,93 @@ pub mod device {
         use super::*;
 
         #[test]
-        fn records_have_the_sizes_of_the_c_header() {
-            // Sizes of struct lu2k_dev_* in include/lu2k_ring.h (natural alignment).
-            assert_eq!(size_of::<Create>(), 104);
-            assert_eq!(size_of::<Info>(), 88);
-            assert_eq!(size_of::<Attach>(), 136);
-            assert_eq!(size_of::<DevNotice>(), 16);
-            assert_eq!(size_of::<Load>(), 128);
-            assert_eq!(size_of::<Stats>(), 8 + 8 * 20);
-            assert_eq!(core::mem::offset_of!(Create, instance), 92);
-            assert_eq!(core::mem::offset_of!(Load, rtt_ns), 80);
+        fn records_and_ioctl_numbers_agree_with_the_c_header() {
+            use core::mem::offset_of;
+            // A C program prints what include/lu2k_ring.h says; needs `cc`.
+            let prog = r#"
+#include <stdio.h>
+#include <stddef.h>
+#include "lu2k_ring.h"
+#define S(t) printf("%zu\n", sizeof(struct t))
+#define O(t, f) printf("%zu\n", offsetof(struct t, f))
+int main(void) {
+    S(lu2k_dev_create); O(lu2k_dev_create, rx_tables_per_core); O(lu2k_dev_create, region_size);
+    S(lu2k_dev_info); O(lu2k_dev_info, nids);
+    S(lu2k_dev_attach); O(lu2k_dev_attach, to_kshim);
+    S(lu2k_dev_notice);
+    S(lu2k_dev_load); O(lu2k_dev_load, rtt_ns); O(lu2k_dev_load, corrupt);
+    S(lu2k_dev_stats); O(lu2k_dev_stats, idle_timeouts_with_work);
+    printf("%lu\n%lu\n%lu\n%lu\n", (unsigned long)LU2K_IOC_CREATE, (unsigned long)LU2K_IOC_INFO,
+           (unsigned long)LU2K_IOC_ATTACH, (unsigned long)LU2K_IOC_ACK);
+    printf("%lu\n%lu\n%lu\n%lu\n", (unsigned long)LU2K_IOC_NOTICE, (unsigned long)LU2K_IOC_LOAD,
+           (unsigned long)LU2K_IOC_STATS, (unsigned long)LU2K_IOC_DESTROY);
+    printf("%d\n%d\n%d\n%d\n", LU2K_IOC_TYPE, LU2K_DEV_MAX_NIDS, LU2K_DEV_MAX_CORES, LU2K_LOAD_PING);
+    return 0;
+}
+"#;
+            let dir = std::env::temp_dir().join(format!("lu2k-dev-abi-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("t.c"), prog).unwrap();
+            let inc = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+            let st = std::process::Command::new(&cc)
+                .args(["-std=c11", "-Wall", "-Werror", "-I", inc, "-o"])
+                .arg(dir.join("t"))
+                .arg(dir.join("t.c"))
+                .status()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run C compiler `{cc}` ({e}); run scripts/setup.sh")
+                });
+            assert!(
+                st.success(),
+                "the C program did not compile against lu2k_ring.h"
+            );
+            let out = std::process::Command::new(dir.join("t")).output().unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            let c: Vec<u64> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+            let rust: Vec<u64> = [
+                size_of::<Create>(),
+                offset_of!(Create, rx_tables_per_core),
+                offset_of!(Create, region_size),
+                size_of::<Info>(),
+                offset_of!(Info, nids),
+                size_of::<Attach>(),
+                offset_of!(Attach, to_kshim),
+                size_of::<DevNotice>(),
+                size_of::<Load>(),
+                offset_of!(Load, rtt_ns),
+                offset_of!(Load, corrupt),
+                size_of::<Stats>(),
+                offset_of!(Stats, idle_timeouts_with_work),
+            ]
+            .iter()
+            .map(|&v| v as u64)
+            .chain(
+                [
+                    sys::CREATE,
+                    sys::INFO,
+                    sys::ATTACH,
+                    sys::ACK,
+                    sys::NOTICE,
+                    sys::LOAD,
+                    sys::STATS,
+                    sys::DESTROY,
+                ]
+                .iter()
+                .map(|&o| o as u64),
+            )
+            .chain([
+                u64::from(IOC_TYPE),
+                MAX_NIDS as u64,
+                MAX_CORES as u64,
+                u64::from(LOAD_PING),
+            ])
+            .collect();
+            assert_eq!(c, rust, "C header (left) and Rust (right) disagree");
         }
     }
 }
@@ -977,6 +1054,33 @@ mod tests {
             let _ = Notice::decode(&b);
             let _ = decode_ack(&b);
         }
+    }
+
+    #[test]
+    fn endpoints_parse_and_print() {
+        let d: Endpoint = "device:/dev/lu2k".parse().unwrap();
+        assert_eq!(
+            d,
+            Endpoint::Device {
+                path: "/dev/lu2k".into(),
+                instance: 0
+            }
+        );
+        let d1: Endpoint = "device:/dev/lu2k,instance=3".parse().unwrap();
+        assert_eq!(d1.to_string(), "device:/dev/lu2k,instance=3");
+        assert_eq!(d1.to_string().parse::<Endpoint>().unwrap(), d1);
+        let s: Endpoint = "socket:/run/k.sock".parse().unwrap();
+        assert_eq!(s, Endpoint::Socket("/run/k.sock".into()));
+        assert_eq!("/run/k.sock".parse::<Endpoint>().unwrap(), s);
+        let e = "device:/dev/lu2k,instance=x"
+            .parse::<Endpoint>()
+            .unwrap_err();
+        assert!(
+            e.contains("instance") && e.contains("device:/dev/lu2k,instance=0"),
+            "{e}"
+        );
+        assert!("device:".parse::<Endpoint>().is_err());
+        assert!("".parse::<Endpoint>().is_err());
     }
 
     #[test]
