@@ -1,16 +1,26 @@
-//! Crash and restart without lost messages (issue 16 item 4), with real processes
-//! over loopback: `lu2k-kshim sink` and `lu2k-kshim put --retries` (the LNet-like
-//! resend) on either side of two `lu2k-engine`s.
+//! Crash and restart (issue 16 item 4), with real processes over loopback:
+//! `lu2k-kshim sink` and `lu2k-kshim put --retries` (the LNet-like resend) on either
+//! side of two `lu2k-engine`s. Each phase has its own seeds (`--salt`), so a sink
+//! counts exactly the messages of its phase.
 //!
-//! 1. A verified transfer of 1 MiB PUTs; the sending side's engine is killed with
-//!    SIGKILL mid-transfer and a new one started: kshim fails the dead engine's
-//!    messages back, the new engine attaches, the resends go through. Every message
-//!    reaches the sink intact; duplicates are counted (at most one per resend).
-//! 2. The kernel half restarted under running engines: both load generators exit
-//!    (cleanly, then SIGKILL mid-transfer), new ones start at the same sockets; the
-//!    same engine processes re-attach and the traffic flows again. The sink counts
-//!    the messages both senders delivered as duplicates.
-//! 3. Under systemd's notification protocol (a real `NOTIFY_SOCKET`): kshim leaving
+//! 1. The sending side's engine is killed with SIGKILL mid-transfer and a new one
+//!    started: kshim fails the dead engine's messages back, the new engine
+//!    attaches, the resends go through. Every message reaches the sink intact;
+//!    duplicates are counted (at most one per resend).
+//! 2. The sending side's kshim killed mid-transfer under running engines, a new
+//!    load generator at the same socket sending new seeds: the same engine
+//!    re-attaches, and the sink sees every message the new one sent plus at least
+//!    every message the killed one had seen Ok (none of those lost).
+//! 3. The receiving side's engine killed with SIGKILL mid-transfer, a new one
+//!    started; the sink waits for it (`--wait-next-engine`). What is guaranteed:
+//!    no corruption, duplicates counted, the transfer resumes and ends Ok, and at
+//!    most the dead engine's RX pool of acknowledged messages is lost (engine
+//!    README, "Crash and restart").
+//! 4. The receiving side's kshim killed mid-transfer under an engine with a 30 s
+//!    drain timeout: the engine abandons the dead region at once (the sender sees
+//!    no more than a few Oks after the kill) and re-attaches to a new kshim within
+//!    seconds; everything not Ok by then reaches the new sink.
+//! 5. Under systemd's notification protocol (a real `NOTIFY_SOCKET`): kshim leaving
 //!    is no stop (no `STOPPING=1`, a waiting `STATUS=`, watchdog pings go on), the
 //!    re-attach sends `READY=1` again, SIGTERM while waiting exits 0.
 
@@ -20,11 +30,15 @@ use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// Messages of 1 MiB one engine core can hold acknowledged but not yet in the
+/// RX ring: kshim's default RX pool (1024 buffers of 64 KiB) over the message size.
+const RX_POOL_MESSAGES: u64 = 64;
 
 /// A `lu2k-kshim` process; its stderr is echoed with a prefix and its progress
 /// lines (`put: D/N done (K ok)`) parsed; its stdout kept for the summary.
@@ -49,7 +63,8 @@ impl Load {
             .spawn()
             .unwrap();
         let ok = Arc::new(AtomicU64::new(0));
-        let ok2 = ok.clone();
+        let listening = Arc::new(AtomicBool::new(false));
+        let (ok2, listening2) = (ok.clone(), listening.clone());
         let err = child.stderr.take().unwrap();
         let echo = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
@@ -60,16 +75,23 @@ impl Load {
                 {
                     ok2.store(k, Ordering::SeqCst);
                 } else {
+                    if line.contains("waiting for an engine at") {
+                        listening2.store(true, Ordering::SeqCst);
+                    }
                     eprintln!("[{tag}] {line}");
                 }
             }
         });
-        // kshim listens before the engine is started (an engine's first attach
-        // is not retried).
+        // kshim listens before an engine is started (an engine's first attach is
+        // not retried). Its own line says so: a running engine may attach and
+        // remove the socket file before a look at the file would see it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "{tag}: no socket at {sock:?}");
-            std::thread::sleep(Duration::from_millis(10));
+        while !listening.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "{tag}: not listening at {sock:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
         }
         Load {
             child,
@@ -141,26 +163,58 @@ fn num(text: &str, suffix: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no number before {suffix:?} in {text:?}"))
 }
 
-/// What a sink reported: (PUTs, verified, corrupt, distinct, duplicates).
-fn sink_counts(out: &Output) -> (u64, u64, u64, u64, u64) {
+/// What a sink reported, after checking it ended well and every copy was
+/// intact: (PUTs, distinct, duplicates).
+fn sink_counts(out: &Output) -> (u64, u64, u64) {
+    assert!(out.status.success(), "sink: {out:?}");
     let s = String::from_utf8_lossy(&out.stdout);
     let l = s
         .lines()
         .find(|l| l.starts_with("sink: "))
         .unwrap_or_else(|| panic!("no sink summary in {s:?}"));
-    (
-        num(l, " PUTs ("),
-        num(l, " verified,"),
-        num(l, " corrupt)"),
-        num(l, " distinct,"),
-        num(l, " duplicates;"),
-    )
+    let (puts, verified, corrupt) = (num(l, " PUTs ("), num(l, " verified,"), num(l, " corrupt)"));
+    assert_eq!((verified, corrupt), (puts, 0), "every copy intact: {l}");
+    (puts, num(l, " distinct,"), num(l, " duplicates;"))
 }
 
-/// What a put reported: (ok, failed, resent).
-fn put_counts(out: &Output) -> (u64, u64, u64) {
-    let s = String::from_utf8_lossy(&out.stdout);
-    (num(&s, " ok,"), num(&s, " failed,"), num(&s, " (retries"))
+/// What a put reported, after checking that all `n` messages ended Ok:
+/// (resent, its output).
+fn put_all_ok(out: &Output, n: u64, tag: &str) -> (u64, String) {
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{tag} did not deliver everything: {out:?}"
+    );
+    assert_eq!((num(&s, " ok,"), num(&s, " failed,")), (n, 0), "{tag}: {s}");
+    (num(&s, " (retries"), s)
+}
+
+/// `put` arguments: `count` 1 MiB messages to `to`, seeds from `salt`, 8 resends.
+fn put_args<'a>(to: &'a str, count: &'a str, salt: &'a str) -> [&'a str; 11] {
+    [
+        "put",
+        "--to",
+        to,
+        "--size",
+        "1M",
+        "--count",
+        count,
+        "--retries",
+        "8",
+        "--salt",
+        salt,
+    ]
+}
+
+/// Waits until the kshim listening at `sock` handed its region to an engine (it
+/// removes the socket file then); the instant it saw that.
+fn wait_taken(sock: &Path, tag: &str, within: Duration) -> Instant {
+    let deadline = Instant::now() + within;
+    while sock.exists() {
+        assert!(Instant::now() < deadline, "{tag}: no engine attached");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Instant::now()
 }
 
 #[test]
@@ -172,31 +226,24 @@ fn engine_crash_and_kshim_restart_lose_no_message() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 413;
     let bin = kshim_bin();
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
-    let idle = ["sink", "--idle", "10"];
+    // A sink stops 15 s after its last PUT: long past a restart and re-attach
+    // (1-3 s), and every put below ends before its sink does.
+    let idle = ["sink", "--idle", "15"];
+    // Engine A gives up on a connection whose peer is silent for 5 s (phase 3:
+    // a SIGKILLed engine B says nothing, and its successor drops what belongs
+    // to connections it does not know).
+    let a_flags = ["--peer-down-timeout-s", "5"];
+    // Enough that every kill lands mid-transfer at any speed this machine runs
+    // at (0.5-6 Gbit/s): it comes at a quarter, read from progress every 10 ms.
+    let n = 600u64;
+    let count = n.to_string();
 
     // 1. The sending side's engine killed mid-transfer.
-    // Enough that the kill lands mid-transfer at any speed this machine runs at
-    // (0.5-6 Gbit/s): the kill comes at a quarter, read from progress every 10 ms.
-    let n1 = 600u64;
-    let count1 = n1.to_string();
-    let put1_args = [
-        "put",
-        "--to",
-        &b,
-        "--size",
-        "1M",
-        "--count",
-        &count1,
-        "--retries",
-        "8",
-        "--salt",
-        "4096",
-    ];
     let sink1 = Load::start(&bin, &sb, &b, "sink1", &idle);
     let eb = start_engine(&dir, "b", b_ip, port, &[]);
-    let mut put1 = Load::start(&bin, &sa, &a, "put1", &put1_args);
-    let ea1 = start_engine(&dir, "a", a_ip, port, &[]);
-    put1.wait_ok(n1 / 4, "put1");
+    let mut put1 = Load::start(&bin, &sa, &a, "put1", &put_args(&b, &count, "4096"));
+    let ea1 = start_engine(&dir, "a", a_ip, port, &a_flags);
+    put1.wait_ok(n / 4, "put1");
     drop(ea1); // SIGKILL, then reaped
     eprintln!(
         "{tag}: engine A killed (SIGKILL) after {} ok",
@@ -209,73 +256,125 @@ fn engine_crash_and_kshim_restart_lose_no_message() {
         assert!(Instant::now() < deadline, "kshim A never listened again");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let ea2 = start_engine(&dir, "a", a_ip, port, &[]);
+    let ea2 = start_engine(&dir, "a", a_ip, port, &a_flags);
     let out = put1.finish(Duration::from_secs(180), "put1");
-    assert!(
-        out.status.success(),
-        "put1 did not deliver everything: {out:?}"
-    );
-    let (ok, failed, resent) = put_counts(&out);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!((ok, failed), (n1, 0));
+    let (resent, text) = put_all_ok(&out, n, "put1");
     assert!(
         resent > 0,
         "the killed engine had messages in flight: {text}"
     );
     assert!(text.contains("engines gone 1"), "{text}");
-    let out = sink1.finish(Duration::from_secs(60), "sink1");
-    assert!(out.status.success(), "{out:?}");
-    let (puts, verified, corrupt, distinct, dups) = sink_counts(&out);
-    assert_eq!(distinct, n1, "every message arrives");
-    assert_eq!((verified, corrupt), (puts, 0), "every copy intact");
-    assert_eq!(puts, distinct + dups);
+    let (_, distinct, dups) = sink_counts(&sink1.finish(Duration::from_secs(60), "sink1"));
+    assert_eq!(distinct, n, "every message arrives");
     assert!(
         dups <= resent,
         "a duplicate needs a resend: {dups} > {resent}"
     );
-    eprintln!("{tag}: phase 1: {n1} messages, {resent} resent, {dups} duplicates at the sink");
+    eprintln!("{tag}: phase 1: {n} messages, {resent} resent, {dups} duplicates at the sink");
 
-    // 2. Both kshims went away under running engines (clean exits above); new
-    // ones at the same sockets, then the sender's kshim is killed mid-transfer.
-    let n2 = 600u64;
-    let count2 = n2.to_string();
-    let put2_args = [
-        "put",
-        "--to",
-        &b,
-        "--size",
-        "1M",
-        "--count",
-        &count2,
-        "--retries",
-        "8",
-        "--salt",
-        "999999",
-    ];
+    // 2. The sending side's kshim killed mid-transfer (the kshims of phase 1
+    // exited cleanly under the running engines); the next load generator sends
+    // new seeds, so the sink tells what the killed one delivered.
     let sink2 = Load::start(&bin, &sb, &b, "sink2", &idle);
-    let mut put2 = Load::start(&bin, &sa, &a, "put2", &put2_args);
-    put2.wait_ok(n2 / 4, "put2");
+    let mut put2 = Load::start(&bin, &sa, &a, "put2", &put_args(&b, &count, "100000"));
+    put2.wait_ok(n / 4, "put2");
     let delivered = put2.ok.load(Ordering::SeqCst);
     put2.kill();
     eprintln!("{tag}: kshim A killed (SIGKILL) after {delivered} ok");
-    let put3 = Load::start(&bin, &sa, &a, "put3", &put2_args);
-    let out = put3.finish(Duration::from_secs(180), "put3");
-    assert!(out.status.success(), "put3: {out:?}");
-    assert_eq!(put_counts(&out).0, n2);
-    let out = sink2.finish(Duration::from_secs(60), "sink2");
-    assert!(out.status.success(), "{out:?}");
-    let (puts, verified, corrupt, distinct, dups) = sink_counts(&out);
-    assert_eq!(distinct, n2);
-    assert_eq!((verified, corrupt), (puts, 0));
-    assert_eq!(puts, distinct + dups);
+    let put3 = Load::start(&bin, &sa, &a, "put3", &put_args(&b, &count, "200000"));
+    put_all_ok(&put3.finish(Duration::from_secs(180), "put3"), n, "put3");
+    let (_, distinct, dups) = sink_counts(&sink2.finish(Duration::from_secs(60), "sink2"));
     assert!(
-        dups >= delivered,
-        "put3 sent again what put2 had delivered: {dups} duplicates < {delivered}"
+        distinct >= n + delivered,
+        "put3's {n} messages and the {delivered} put2 saw Ok all arrive: {distinct} distinct"
     );
-    eprintln!("{tag}: phase 2: {n2} messages, {dups} duplicates at the sink");
+    assert!(distinct <= 2 * n, "{distinct} distinct of {} sent", 2 * n);
+    eprintln!(
+        "{tag}: phase 2: {n} + {} of {n} messages ({delivered} seen Ok), {dups} duplicates",
+        distinct - n
+    );
 
-    // The same engine processes ran throughout and still stop cleanly.
-    for (mut e, name) in [(ea2, "A"), (eb, "B")] {
+    // 3. The receiving side's engine killed mid-transfer; the sink waits for the
+    // next one.
+    let sink3 = Load::start(
+        &bin,
+        &sb,
+        &b,
+        "sink3",
+        &["sink", "--idle", "15", "--wait-next-engine"],
+    );
+    let mut put4 = Load::start(&bin, &sa, &a, "put4", &put_args(&b, &count, "300000"));
+    put4.wait_ok(n / 4, "put4");
+    drop(eb); // SIGKILL, then reaped
+    eprintln!(
+        "{tag}: engine B killed (SIGKILL) after {} ok",
+        put4.ok.load(Ordering::SeqCst)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sb.exists() {
+        assert!(Instant::now() < deadline, "kshim B never listened again");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Phase 4 needs a drain timeout that would show: 30 s.
+    let eb2 = start_engine(&dir, "b", b_ip, port, &["--drain-timeout-s", "30"]);
+    let out = put4.finish(Duration::from_secs(180), "put4");
+    let (resent, text) = put_all_ok(&out, n, "put4");
+    assert!(text.contains("engines gone 0"), "{text}");
+    let (_, distinct, dups) = sink_counts(&sink3.finish(Duration::from_secs(60), "sink3"));
+    assert!(distinct <= n);
+    let lost = n - distinct;
+    assert!(
+        lost <= RX_POOL_MESSAGES,
+        "at most the dead engine's RX pool of messages is lost: {lost} of {n}"
+    );
+    assert!(
+        dups <= resent,
+        "a duplicate needs a resend: {dups} > {resent}"
+    );
+    eprintln!(
+        "{tag}: phase 3: {n} messages Ok, {distinct} at the sink ({lost} lost with the \
+         receiving engine), {resent} resent, {dups} duplicates"
+    );
+
+    // 4. The receiving side's kshim killed mid-transfer: engine B abandons its
+    // region at once instead of acknowledging data into it for the drain timeout.
+    let sink4 = Load::start(&bin, &sb, &b, "sink4", &idle);
+    wait_taken(&sb, "sink4", Duration::from_secs(20));
+    let mut put5 = Load::start(&bin, &sa, &a, "put5", &put_args(&b, &count, "400000"));
+    put5.wait_ok(n / 4, "put5");
+    let ok_at_kill = put5.ok.load(Ordering::SeqCst);
+    sink4.kill();
+    let killed = Instant::now();
+    let sink5 = Load::start(&bin, &sb, &b, "sink5", &idle);
+    let back = wait_taken(&sb, "sink5", Duration::from_secs(20));
+    let ok_at_back = put5.ok.load(Ordering::SeqCst);
+    let gap = back.duration_since(killed);
+    eprintln!(
+        "{tag}: kshim B killed after {ok_at_kill} ok; engine B attached to the next one \
+         {:.2} s later, {} more ok meanwhile",
+        gap.as_secs_f64(),
+        ok_at_back - ok_at_kill
+    );
+    assert!(
+        gap < Duration::from_secs(6),
+        "engine B abandons a dead kshim's region at once, not after its 30 s drain: {gap:?}"
+    );
+    assert!(
+        ok_at_back - ok_at_kill <= RX_POOL_MESSAGES,
+        "no acknowledging into the dead region: {} Ok after the kill",
+        ok_at_back - ok_at_kill
+    );
+    put_all_ok(&put5.finish(Duration::from_secs(180), "put5"), n, "put5");
+    let (_, distinct, dups) = sink_counts(&sink5.finish(Duration::from_secs(60), "sink5"));
+    assert!(
+        distinct >= n - ok_at_back && distinct <= n,
+        "what was not Ok when engine B came back all reaches the new sink: {distinct} \
+         distinct, {ok_at_back} Ok before"
+    );
+    eprintln!("{tag}: phase 4: {distinct} of {n} at the new sink, {dups} duplicates");
+
+    // The engine processes of phases 1 and 3 ran on and still stop cleanly.
+    for (mut e, name) in [(ea2, "A"), (eb2, "B")] {
         assert!(
             e.0.try_wait().unwrap().is_none(),
             "engine {name} exited when its kshim went away"

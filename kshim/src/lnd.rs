@@ -190,8 +190,13 @@ pub enum StartError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
     /// The engine is gone and no region for the next one could be made (kshim
-    /// retries every second; see [`Event::EngineGone`]).
-    #[error("the engine is gone and kshim could not make a region for the next one yet")]
+    /// retries every second; [`Kshim::renew_error`] says why; see
+    /// [`Event::EngineGone`]).
+    #[error(
+        "the engine is gone and kshim could not make a region or listen for the next one \
+         yet (it retries every second; Kshim::renew_error says why: check the memory \
+         limit for the region and the socket path's directory); send again later"
+    )]
     EngineGone,
     /// The buffer came from [`Kshim::alloc_tx`] in an engine session that has ended
     /// since: its region is gone. Allocate a new buffer and fill it again.
@@ -364,7 +369,8 @@ pub struct Stats {
     pub rx_bytes: u64,
     /// RX descriptors refused (invalid extents or LNet header); token given back.
     pub bad_rx: u64,
-    /// Messages given back.
+    /// Messages given back to the engine (those of an ended session are only
+    /// dropped, and not counted).
     pub rx_returned: u64,
     /// Times a TX descriptor waited for ring space.
     pub tx_ring_full: u64,
@@ -426,6 +432,8 @@ pub struct Kshim {
     session: u32,
     /// When the last session ended and no new region could be made: try again then.
     renew_at: Option<Instant>,
+    /// Why the last try at a region for the next engine failed.
+    renew_error: Option<String>,
     region: Region,
     cores: Vec<Core>,
     /// Dups of each core's to-engine and to-kshim eventfds, for the HELLO and for poll.
@@ -575,6 +583,7 @@ impl Kshim {
             abi,
             session: 0,
             renew_at: None,
+            renew_error: None,
             credits: Credits::new(cfg.peer_credits, cfg.credits),
             free_tables: (0..cfg.credits).rev().collect(),
             free_msgs: (0..n).rev().collect(),
@@ -626,6 +635,12 @@ impl Kshim {
     /// engine goes, kshim normally listens again at once and this stays false.
     pub fn is_gone(&self) -> bool {
         matches!(self.link, Link::Gone)
+    }
+
+    /// Why the region or the listener for the next engine could not be made, while
+    /// [`Kshim::is_gone`]; `None` otherwise.
+    pub fn renew_error(&self) -> Option<&str> {
+        self.renew_error.as_deref()
     }
 
     /// Engine sessions ended so far (0 while the first engine has not gone).
@@ -765,7 +780,6 @@ impl Kshim {
 
     /// Gives a received message's buffers back to the engine.
     pub fn rx_done(&mut self, msg: RxMsg) {
-        self.stats.rx_returned += 1;
         let mut ext = msg.extents;
         ext.clear();
         self.spare_extents.push(ext);
@@ -776,6 +790,7 @@ impl Kshim {
         }
         if let Some(core) = self.cores.get_mut(msg.core as usize) {
             core.returns.push_back(msg.token);
+            self.stats.rx_returned += 1;
         }
         self.flush();
     }
@@ -822,10 +837,12 @@ impl Kshim {
             left = Some(left.map_or(soon, |l| l.min(soon)));
         }
         if matches!(self.link, Link::Gone) {
-            // Nothing can arrive any more (returns are no-ops); just let time pass.
-            if let Some(l) = left {
-                std::thread::sleep(l.min(Duration::from_millis(100)));
-            }
+            // No engine and no listener: nothing arrives until the next try at a
+            // region (returns of the ended session are no-ops), so sleep until then.
+            let retry = self.renew_at.map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            std::thread::sleep(left.map_or(retry, |l| l.min(retry)));
             return;
         }
         let Kshim {
@@ -1277,12 +1294,14 @@ impl Kshim {
         });
         let ((region, cores, te, tk), listener) = match made {
             Ok(x) => x,
-            Err(_) => {
+            Err(e) => {
+                self.renew_error = Some(e.to_string());
                 self.renew_at = Some(Instant::now() + Duration::from_secs(1));
                 return;
             }
         };
         self.renew_at = None;
+        self.renew_error = None;
         self.session = self.session.wrapping_add(1);
         self.region = region;
         self.cores = cores;

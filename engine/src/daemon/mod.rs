@@ -13,16 +13,20 @@
 //! fail the rest back with `Shutdown`, close their connections and give every RX
 //! buffer back; then the process exits 0.
 //!
-//! kshim closing the socket (it restarted) drains the cores the same way, ends the
-//! session, and the engine waits for kshim to listen again (backing off from 100 ms
-//! to 5 s) and attaches to its new region: one [`session`] per attachment, the
-//! process carries on.
+//! kshim closing the socket (it crashed or restarted) is no drain: nobody reads its
+//! region any more, so the cores abandon it at once (every message failed back,
+//! connections closed so that nothing more is acknowledged into it; see
+//! [`Shard::with_kshim_gone`]), the session ends, and the engine waits for kshim to
+//! listen again (backing off from 100 ms to 5 s) and attaches to its new region:
+//! one [`session`] per attachment, the process carries on.
 //!
 //! Under systemd (`Type=notify`, `packaging/lu2k-engine.service`) the daemon tells
-//! the service manager `READY=1` once kshim has its ACK and every socket is bound,
-//! `STATUS=` every few seconds (peers up, Gbit/s), `WATCHDOG=1` only while every
-//! core's loop is seen making progress, and `STOPPING=1` when draining starts
-//! (`Notifier`). Without `NOTIFY_SOCKET` nothing is sent.
+//! the service manager `READY=1` once kshim has its ACK and every socket is bound
+//! (again after each re-attach), `STATUS=` every few seconds (peers up, Gbit/s;
+//! while kshim is away, since when), `WATCHDOG=1` only while every core's loop is
+//! seen making progress (while the engine waits to re-attach, from the waiting
+//! thread, which is all that runs then), and `STOPPING=1` on SIGTERM (`Notifier`).
+//! Without `NOTIFY_SOCKET` nothing is sent.
 
 pub mod config;
 pub mod metrics;
@@ -83,9 +87,12 @@ struct CoreParts {
     bell: OwnedFd,
     sock: Option<OwnedFd>,
     links: Links,
+    /// Set when kshim closed the attach socket.
+    kshim_gone: Arc<AtomicBool>,
 }
 
-/// Runs the engine until SIGTERM/SIGINT or until kshim goes away.
+/// Runs the engine until SIGTERM/SIGINT; kshim going away ends a session, after
+/// which the engine re-attaches.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.backend == BackendChoice::Rds {
         // Before anything else: on a kernel without RDS this is the error to see.
@@ -118,6 +125,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     loop {
         let mut notifier = session(cfg.clone(), &kpath, att, &features, path, &term)?;
         if term.load(Ordering::SeqCst) {
+            // SIGTERM may come after the serve loop ended, while the cores were joined.
+            notifier.stopping();
             break;
         }
         match reattach(&kpath, &term, &mut notifier) {
@@ -140,8 +149,10 @@ fn session(
     path: IoPath,
     term: &AtomicBool,
 ) -> anyhow::Result<Notifier> {
-    // The cores' stop flag: set by SIGTERM (through `serve`) or by kshim leaving.
+    // The cores' stop flag: set by SIGTERM (through `serve`) or by kshim leaving;
+    // `kshim_gone` tells the second from the first.
     let draining = Arc::new(AtomicBool::new(term.load(Ordering::SeqCst)));
+    let kshim_gone = Arc::new(AtomicBool::new(false));
     let (region, plan) = match plan(cfg, &att, features, path) {
         Ok(x) => x,
         Err((status, e)) => {
@@ -152,7 +163,7 @@ fn session(
     let (ntx, nrx) = mpsc::channel::<Notice>();
     let mut slots: Vec<Published> = Vec::new();
     let mut threads = Vec::new();
-    let parts = match core_parts(&plan, &att, &region, &ntx, &draining) {
+    let parts = match core_parts(&plan, &att, &region, &ntx, &draining, &kshim_gone) {
         Ok(p) => p,
         Err(e) => {
             let _ = att.ack(2);
@@ -190,7 +201,14 @@ fn session(
     let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
     let mut notifier = Notifier::new(slots);
     notifier.ready();
-    serve(&att, &nrx, &draining, term, &threads, &mut notifier);
+    serve(
+        &att,
+        &nrx,
+        (&draining, &kshim_gone),
+        term,
+        &threads,
+        &mut notifier,
+    );
     for t in threads {
         let _ = t.join();
     }
@@ -208,10 +226,13 @@ fn reattach(
 ) -> Option<Attachment> {
     const FIRST: Duration = Duration::from_millis(100);
     const MOST: Duration = Duration::from_secs(5);
-    let since = Instant::now();
+    let since = notifier.gone_at.unwrap_or_else(Instant::now);
     let mut delay = FIRST;
     let mut tries = 0u64;
-    tracing::warn!("kshim at {kpath} went away; waiting for it to listen again to re-attach");
+    tracing::warn!(
+        "kshim at {kpath} went away; waiting for it to listen again to re-attach \
+         (start or check kshim if it does not come back)"
+    );
     loop {
         let next = Instant::now() + delay;
         while Instant::now() < next {
@@ -219,7 +240,7 @@ fn reattach(
                 notifier.stopping();
                 return None;
             }
-            notifier.waiting(Instant::now(), since);
+            notifier.waiting(Instant::now());
             std::thread::sleep(Duration::from_millis(20));
         }
         tries += 1;
@@ -246,11 +267,12 @@ fn reattach(
 }
 
 /// Blocks the termination signals in every thread and turns them into the
-/// draining flag, on a thread of their own.
+/// `term` flag (read by `serve`, which drains the cores, and by the re-attach
+/// wait), on a thread of their own.
 fn watch_signals() -> anyhow::Result<Arc<AtomicBool>> {
     sys::block_term_signals().context("blocking termination signals")?;
-    let draining = Arc::new(AtomicBool::new(false));
-    let d = draining.clone();
+    let term = Arc::new(AtomicBool::new(false));
+    let d = term.clone();
     std::thread::Builder::new()
         .name("lu2k-signals".into())
         .spawn(move || {
@@ -259,7 +281,7 @@ fn watch_signals() -> anyhow::Result<Arc<AtomicBool>> {
                 d.store(true, Ordering::SeqCst);
             }
         })?;
-    Ok(draining)
+    Ok(term)
 }
 
 /// Maps kshim's region and decides how every core runs. An error carries the
@@ -311,7 +333,11 @@ fn plan(
     let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
     warn_if_rx_pool_small(rx_per_core, cfg.mss);
     let keys = match cfg.keyring() {
-        Ok(k) => k,
+        // This node's end of every handshake: the address peers dial.
+        Ok(k) => k.map(|mut k| {
+            k.local = (!bind_ip.is_unspecified()).then_some(bind_ip);
+            k
+        }),
         Err(e) => return refuse(1, e.into()),
     };
     tracing::info!(
@@ -424,6 +450,7 @@ fn core_parts(
     region: &Region,
     notices: &mpsc::Sender<Notice>,
     draining: &Arc<AtomicBool>,
+    kshim_gone: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<CoreParts>> {
     let mut socks: Vec<Option<OwnedFd>> = if plan.rds {
         vec![None]
@@ -460,6 +487,7 @@ fn core_parts(
                 notices: notices.clone(),
                 draining: draining.clone(),
             },
+            kshim_gone: kshim_gone.clone(),
         });
     }
     Ok(parts)
@@ -505,6 +533,7 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
     };
     let (path, futex_bell) = (plan.path, plan.futex_bell);
     let c = p.c;
+    let gone = p.kshim_gone.clone();
     // The ring is built on the thread that uses it: SINGLE_ISSUER and
     // DEFER_TASKRUN tie it to its creator.
     let t = std::thread::Builder::new()
@@ -534,7 +563,9 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
                     Rds::new(c, port, p.mem.clone(), s, Some(p.bell)).map_err(|e| e.to_string())
                 });
                 if let Some(t) = ready(&ready_tx, t) {
-                    Shard::new(params, ring, t, p.links).run();
+                    Shard::new(params, ring, t, p.links)
+                        .with_kshim_gone(gone)
+                        .run();
                 }
                 return;
             }
@@ -547,7 +578,9 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
                 if let Some((keys, scratch)) = sealing {
                     t = t.with_security(keys, Default::default(), scratch);
                 }
-                Shard::new(params, ring, t, p.links).run();
+                Shard::new(params, ring, t, p.links)
+                    .with_kshim_gone(gone)
+                    .run();
             }
         })?;
     match ready_rx.recv() {
@@ -661,11 +694,12 @@ fn start_metrics(
 
 /// Forwards peer notices to kshim and notices kshim going away, until every core
 /// stopped. SIGTERM (`term`) drains the cores and tells systemd `STOPPING=1`;
-/// kshim leaving drains them too but is no stop: the engine re-attaches after.
+/// kshim leaving makes them abandon the region at once (`kshim_gone`, then
+/// `draining`) and is no stop: the engine re-attaches after.
 fn serve(
     att: &Attachment,
     notices: &mpsc::Receiver<Notice>,
-    draining: &AtomicBool,
+    (draining, kshim_gone): (&AtomicBool, &AtomicBool),
     term: &AtomicBool,
     threads: &[JoinHandle<()>],
     notifier: &mut Notifier,
@@ -685,14 +719,21 @@ fn serve(
         if term.load(Ordering::Relaxed) && !draining.load(Ordering::Relaxed) {
             draining.store(true, Ordering::SeqCst);
         }
-        if !draining.load(Ordering::Relaxed) && kshim_gone(&att.sock) {
-            tracing::warn!("kshim closed the attach socket: draining, then re-attaching");
+        if !kshim_gone.load(Ordering::Relaxed) && kshim_closed(&att.sock) {
+            tracing::warn!(
+                "kshim closed the attach socket: abandoning its region (messages failed \
+                 back, connections closed), then re-attaching"
+            );
+            notifier.gone_at = Some(Instant::now());
+            // Before `draining`: a core that sees both must abandon, not drain.
+            kshim_gone.store(true, Ordering::SeqCst);
             draining.store(true, Ordering::SeqCst);
         }
         if term.load(Ordering::Relaxed) {
             notifier.stopping();
+            notifier.tick(Instant::now());
         } else if draining.load(Ordering::Relaxed) {
-            notifier.waiting(Instant::now(), Instant::now());
+            notifier.waiting_for_cores(Instant::now());
         } else {
             notifier.tick(Instant::now());
         }
@@ -724,6 +765,8 @@ struct Notifier {
     /// Bytes sent and received by all cores at the last status, and when.
     last_bytes: (u64, u64, Instant),
     stopping: bool,
+    /// When kshim was seen gone (the start of the wait to re-attach).
+    gone_at: Option<Instant>,
 }
 
 impl Notifier {
@@ -741,6 +784,7 @@ impl Notifier {
             next_status: now + STATUS_EVERY,
             last_bytes: (0, 0, now),
             stopping: false,
+            gone_at: None,
         }
     }
 
@@ -755,11 +799,16 @@ impl Notifier {
 
     /// Once per pass of the serve loop: the periodic status and watchdog ping.
     fn tick(&mut self, now: Instant) {
-        if now >= self.next_status {
+        if now >= self.next_status && !self.stopping {
             self.next_status = now + STATUS_EVERY;
             let status = self.status(now);
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
         }
+        self.ping_if_cores_progressed(now);
+    }
+
+    /// `WATCHDOG=1` when due and every core's loop moved since the last ping.
+    fn ping_if_cores_progressed(&mut self, now: Instant) {
         if let Some(period) = self.watchdog {
             if now >= self.next_ping {
                 self.next_ping = now + period;
@@ -770,18 +819,32 @@ impl Notifier {
         }
     }
 
-    /// While kshim is away (the cores drain, or the engine waits to re-attach):
-    /// a status saying so, and watchdog pings from this thread, which is what is
-    /// running then (a re-attach that hangs stops them).
-    fn waiting(&mut self, now: Instant, since: Instant) {
+    /// While kshim is away: a status saying since when.
+    fn status_gone(&mut self, now: Instant) {
         if now >= self.next_status {
             self.next_status = now + STATUS_EVERY;
+            let since = self.gone_at.unwrap_or(now);
             let status = format!(
                 "kshim went away {:.0} s ago: waiting to re-attach",
                 now.saturating_duration_since(since).as_secs_f64()
             );
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
         }
+    }
+
+    /// While kshim is away and the cores still end their session: the status,
+    /// and pings only while every core makes progress (a core stuck there stops
+    /// them, as in [`Notifier::tick`]).
+    fn waiting_for_cores(&mut self, now: Instant) {
+        self.status_gone(now);
+        self.ping_if_cores_progressed(now);
+    }
+
+    /// While the engine waits to re-attach (no core runs): the status, and
+    /// watchdog pings from this thread, which is all that runs then (a re-attach
+    /// that hangs stops them).
+    fn waiting(&mut self, now: Instant) {
+        self.status_gone(now);
         if let Some(period) = self.watchdog {
             if now >= self.next_ping {
                 self.next_ping = now + period;
@@ -845,7 +908,8 @@ impl Notifier {
     }
 }
 
-fn kshim_gone(sock: &impl AsFd) -> bool {
+/// Whether kshim closed the attach socket (it sends nothing after HELLO).
+fn kshim_closed(sock: &impl AsFd) -> bool {
     use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [PollFd::new(sock, PollFlags::IN)];
     let zero = rustix::time::Timespec {

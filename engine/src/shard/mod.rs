@@ -14,9 +14,14 @@
 //!    transport's next timer;
 //! 4. **events**: the transport's timers run, and what it reports becomes TX
 //!    completions, RX descriptors and peer notices;
-//! 5. **drain** (SIGTERM or kshim gone): new messages are answered `Shutdown`,
-//!    in-flight ones get the drain timeout and are then failed back `Shutdown`, RX
-//!    buffers are awaited; then the transport closes and the loop ends.
+//! 5. **drain** (SIGTERM): new messages are answered `Shutdown`, in-flight ones
+//!    get the drain timeout and are then failed back `Shutdown`, RX buffers are
+//!    awaited; then the transport closes and the loop ends.
+//! 6. **abandon** (kshim gone, [`Shard::with_kshim_gone`]): nobody reads the
+//!    region any more, so the core takes nothing from it, fails every message back
+//!    at once, closes its connections (peers see the shutdown and resend what was
+//!    not acknowledged) so that nothing more is received or acknowledged into the
+//!    dead region, and ends as soon as no send references TX memory.
 //!
 //! Every message ends exactly one way: `Ok`, or a failure status.
 //!
@@ -117,6 +122,10 @@ pub struct Shard<T: Transport> {
     drop_log: DropLog,
     /// Peers whose first connection was logged.
     peers_seen: HashSet<String>,
+    /// Set by the daemon when kshim closed the attach socket.
+    kshim_gone: Option<Arc<AtomicBool>>,
+    /// When an abandoning core stops waiting for its sends (set on abandon).
+    abandon_deadline: Option<Instant>,
 }
 
 impl<T: Transport> Shard<T> {
@@ -135,7 +144,16 @@ impl<T: Transport> Shard<T> {
             last_stats: now,
             drop_log: DropLog::new(DROP_LOG_EVERY),
             peers_seen: HashSet::new(),
+            kshim_gone: None,
+            abandon_deadline: None,
         }
+    }
+
+    /// The flag the daemon sets when kshim went away: the core then abandons the
+    /// region at once instead of draining (see the module doc).
+    pub fn with_kshim_gone(mut self, flag: Arc<AtomicBool>) -> Shard<T> {
+        self.kshim_gone = Some(flag);
+        self
     }
 
     /// The transport (for tests and stats).
@@ -154,6 +172,13 @@ impl<T: Transport> Shard<T> {
     /// One pass of the loop (see the module doc).
     pub fn step(&mut self) -> Step {
         self.ring.stats.passes += 1;
+        if self
+            .kshim_gone
+            .as_ref()
+            .is_some_and(|g| g.load(Ordering::Relaxed))
+        {
+            return self.abandon();
+        }
         let draining = self.links.draining.load(Ordering::Relaxed);
         if draining && self.drain_deadline.is_none() {
             self.drain_deadline = Some(self.t.now() + self.p.drain_timeout);
@@ -247,6 +272,30 @@ impl<T: Transport> Shard<T> {
             self.events();
         }
         self.ring.in_flight() == 0 && self.t.sends_in_flight() == 0 && (self.ring.rx_home() || past)
+    }
+
+    /// One pass while kshim is gone. Acknowledging data into a region nobody reads
+    /// would tell peers it was delivered, so the first pass fails every message
+    /// back and closes every connection (a closed connection drops what arrives,
+    /// unacknowledged); later passes only wait, a millisecond at a time, for the
+    /// sends that still reference TX memory, at most the drain timeout.
+    fn abandon(&mut self) -> Step {
+        let now = self.t.now();
+        if self.abandon_deadline.is_none() {
+            self.abandon_deadline = Some(now + self.p.drain_timeout);
+            self.t.handle_abort_all(TxStatus::Shutdown);
+            self.t.close();
+        }
+        self.events();
+        let past = self.abandon_deadline.is_some_and(|d| now >= d);
+        if self.t.sends_in_flight() == 0 || past {
+            self.publish_stats();
+            return Step::Done;
+        }
+        if let Err(e) = self.t.wait(Some(now + DRAIN_POLL), true) {
+            tracing::debug!("core {}: I/O wait while abandoning: {e}", self.p.core);
+        }
+        Step::Running(None)
     }
 
     fn wait(&mut self, idle: bool, work: bool) -> std::io::Result<Woken> {

@@ -12,7 +12,8 @@
 //! - `ping`: GETs asking for `--size` bytes; the sink answers each with a REPLY
 //!   carrying the pattern; prints round-trip percentiles;
 //! - `sink`: receives, verifies PUT payloads (duplicates too), counts duplicates
-//!   (same source NID and seed), answers GETs, prints counts.
+//!   (same source NID and seed), answers GETs, prints counts; with
+//!   `--wait-next-engine` it keeps counting across engine restarts.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -144,6 +145,11 @@ enum Cmd {
         /// --idle passes).
         #[arg(long, default_value_t = 0)]
         count: u64,
+        /// When the engine goes away, wait for the next one (kshim listens again at
+        /// once) and keep counting, instead of stopping: duplicates and losses
+        /// across an engine restart are then counted against one set of seeds.
+        #[arg(long)]
+        wait_next_engine: bool,
         /// Stop after this many seconds without traffic once something arrived (0: never).
         #[arg(long, default_value_t = 0.0)]
         idle: f64,
@@ -283,9 +289,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Cmd::Sink {
             count,
+            wait_next_engine,
             idle,
             no_verify,
-        } => sink(&mut k, count, idle, no_verify, progress),
+        } => sink(
+            &mut k,
+            SinkOpts {
+                count,
+                wait_next_engine,
+                idle,
+                no_verify,
+            },
+            progress,
+        ),
     }
 }
 
@@ -680,13 +696,21 @@ fn ping(
     )
 }
 
-fn sink(
-    k: &mut Kshim,
+/// What `sink` was asked for (see `Cmd::Sink`).
+struct SinkOpts {
     count: u64,
+    wait_next_engine: bool,
     idle: f64,
     no_verify: bool,
-    progress: Option<Duration>,
-) -> Result<ExitCode> {
+}
+
+fn sink(k: &mut Kshim, o: SinkOpts, progress: Option<Duration>) -> Result<ExitCode> {
+    let SinkOpts {
+        count,
+        wait_next_engine,
+        idle,
+        no_verify,
+    } = o;
     let mut puts = 0u64;
     // (source NID, message id) of every PUT seen: a resend carries the same id.
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
@@ -761,10 +785,19 @@ fn sink(
                 k.rx_done(m);
             }
             Some(Event::TxDone { status, .. }) if status != TxStatus::Ok => reply_fail += 1,
+            Some(Event::EngineGone(r)) if wait_next_engine => {
+                // What the dead engine had published was handed up before this
+                // event; the resends of what it lost come through the next one.
+                eprintln!(
+                    "sink: the engine went away: {r:?}; waiting for the next engine at {}",
+                    k.config().socket_path.display()
+                );
+            }
             Some(Event::EngineGone(r)) => {
                 eprintln!("sink: the engine went away: {r:?}");
                 break;
             }
+            Some(Event::EngineAttached) => eprintln!("sink: engine attached"),
             Some(Event::PeerDown(n)) => eprintln!("sink: peer {n} is down"),
             _ => {}
         }
