@@ -221,7 +221,8 @@ impl<T: Transport> Shard<T> {
             Pass {
                 arrived: ring || woken.arrived,
                 busy: work || woken.useful,
-                spoke: sent || self.ring.owes_notify(),
+                sent,
+                handed: self.ring.owes_notify(),
             },
         );
         self.ring.flush_notify();
@@ -428,6 +429,14 @@ impl<T: Transport> Shard<T> {
         let mut s = self.ring.stats.clone();
         self.ring.pool_use(&mut s);
         self.t.stats(&mut s);
+        // Whether a peer's answer can come within a spin (see `spin`).
+        let rtt = s
+            .peers
+            .iter()
+            .filter(|p| p.up && p.rtt_us > 0)
+            .map(|p| p.rtt_us)
+            .min();
+        self.spin.set_net_rtt(rtt.map(Duration::from_micros));
         self.log_counters(&s);
         if let Ok(mut g) = self.links.published.lock() {
             *g = s;

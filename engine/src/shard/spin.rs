@@ -1,30 +1,44 @@
-//! How long a core polls before it sleeps: a bounded spin that grows only for answers.
+//! How long a core polls before it sleeps: a bounded spin, only where an answer is
+//! due soon.
 //!
 //! Waking a thread that sleeps costs a scheduler wakeup — on the 2-core VM where lu2k
 //! is developed ~38 µs across cores, more than everything else a small message costs
-//! on one hop. A core that just did work therefore keeps polling its rings and its
+//! on one hop. A core that just did work may therefore keep polling its rings and its
 //! socket for a while (the budget, between `min` and `max`) before it arms the
-//! doorbell and sleeps. A spin pays only where someone waits for what it catches: the
-//! answer to a request the core just sent, or kshim's next message after a reply it
-//! just delivered. A steady stream of datagrams (a bulk transfer on a slow link, one
-//! every 116 µs at 100 Mbit/s) does not wait for the receiver: spinning through its
-//! gaps saves nothing and costs a CPU. So each quiet stretch `gap` (from the core's
-//! last work to its next) is judged by what ended it:
+//! doorbell and sleeps. A spin pays only where something it catches is due within
+//! it; everywhere else it burns a CPU for nothing (at 100 Mbit/s on a 600 ms path a
+//! receiver that spun `min` after every datagram spent 30–56 % of a core so). So the
+//! core spins only while it *awaits* something due soon:
 //!
-//! - an *answer* — a datagram or kshim's rings (an *arrival*) after the core itself
-//!   sent a datagram or handed something to kshim — within `max`: if the spin missed
-//!   it (`gap` > budget), the budget doubles, at least to `gap`, at most `max`; if the
-//!   spin caught it, the budget stays;
-//! - anything else after a quiet longer than `min` — an arrival nobody asked for (the
-//!   next datagram of a stream), the core's own timer work (a paced send, an ACK
-//!   timer), an answer later than `max` — halves the budget, down to `min`;
-//! - a quiet of `min` or less changes nothing: the floor spin catches it anyway.
+//! - **an answer from kshim**: the core handed kshim something (RX descriptors, TX
+//!   completions) — kshim answers within microseconds;
+//! - **an answer from a peer**: the core sent datagrams and the shortest round trip to
+//!   its peers ([`Spin::set_net_rtt`]) fits in `max` (a LAN, loopback). On a
+//!   satellite path (600 ms) no answer can come within any spin: the core sleeps at
+//!   once after its sends, and the timer or the datagram that is next wakes it;
+//! - **the next datagram of a dense stream**: arrivals nobody asked for, but so close
+//!   together (their average gap within `min`) that the next one is due within the
+//!   floor spin — a bulk transfer over loopback. A stream whose datagrams are further
+//!   apart (one every 116 µs at 100 Mbit/s) is slept through.
 //!
-//! A request/response exchange (an LNet ping) so keeps both engines awake between
-//! request and reply, while a core that streams data in or out (paced by its own
-//! timers, or by the peer's) falls back to `min` within a few packets: at 100 Mbit/s
-//! it sleeps between datagrams again. Send completions are neither: they are the
-//! kernel releasing the core's own sends, so they end no answer's wait.
+//! With nothing awaited the budget is zero: the core sleeps as soon as a pass finds no
+//! work, until the next datagram, doorbell or timer — an idle peer costs no spin.
+//!
+//! The budget for answers adapts. Each quiet stretch `gap` (from the core's last work
+//! to its next) is judged by what ended it:
+//!
+//! - an *answer* — an arrival (a datagram, kshim's rings) while the core awaited one —
+//!   within `max`: if the spin missed it (`gap` > budget), the budget doubles, at least
+//!   to `gap`, at most `max`; if the spin caught it, the budget stays;
+//! - anything else after a quiet longer than `min` — an arrival nobody asked for, the
+//!   core's own timer work (a paced send, an ACK timer), an answer later than `max` —
+//!   halves the budget, down to `min`;
+//! - a quiet of `min` or less changes nothing.
+//!
+//! A request/response exchange (an LNet ping over a LAN) so keeps both engines awake
+//! between request and reply, while a core that streams data in or out falls back to
+//! sleeping between datagrams. Send completions are neither: they are the kernel
+//! releasing the core's own sends, so they end no answer's wait.
 //!
 //! While spinning the core gives the CPU away each pass (`sched_yield`, see
 //! [`Spin::relax`]): kshim's threads, or the other engine on a shared machine, get
@@ -42,10 +56,15 @@ pub struct Pass {
     /// The core had work of its own: sends, send completions, received-data
     /// hand-offs, timer work.
     pub busy: bool,
-    /// The core sent datagrams or handed something to kshim (RX descriptors, TX
-    /// completions): what follows may be an answer.
-    pub spoke: bool,
+    /// The core sent datagrams: a peer's answer may follow, one round trip later.
+    pub sent: bool,
+    /// The core handed something to kshim (RX descriptors, TX completions): kshim's
+    /// answer may follow at once.
+    pub handed: bool,
 }
+
+/// Weight of the newest gap in the average gap between arrivals (1/4).
+const GAP_WEIGHT_SHIFT: u32 = 2;
 
 /// Spin state of one core.
 #[derive(Debug, Clone)]
@@ -55,26 +74,65 @@ pub struct Spin {
     cur: Duration,
     /// When the core last did work.
     last_work: Instant,
-    /// The core spoke since the last arrival.
-    spoke: bool,
+    /// The core handed kshim something since the last arrival.
+    await_kshim: bool,
+    /// The core sent datagrams since the last arrival.
+    await_peer: bool,
+    /// The shortest round trip to the core's peers; `None` while unknown (a peer's
+    /// answer then counts as due soon).
+    net_rtt: Option<Duration>,
+    /// When the last arrival came.
+    last_arrival: Option<Instant>,
+    /// Average gap between arrivals (each gap counted at most `4 × max`, so that a
+    /// stream after a long quiet is recognised within a few datagrams).
+    arrival_gap: Duration,
 }
 
 impl Spin {
     /// Spins between `min` and `max` (`max` below `min` is raised to `min`); `now`
     /// counts as the core's last work.
     pub fn new(min: Duration, max: Duration, now: Instant) -> Spin {
+        let max = max.max(min);
         Spin {
             min,
-            max: max.max(min),
+            max,
             cur: min,
             last_work: now,
-            spoke: false,
+            await_kshim: false,
+            await_peer: false,
+            net_rtt: None,
+            last_arrival: None,
+            arrival_gap: 4 * max,
         }
     }
 
-    /// How long to poll after the last work before sleeping.
+    /// The budget for answers: how long to poll after the last work while one is
+    /// awaited.
     pub fn budget(&self) -> Duration {
         self.cur
+    }
+
+    /// How long to poll after the last work now: the budget while an answer is
+    /// awaited, `min` while a dense stream's next datagram is due within it, else
+    /// nothing.
+    pub fn target(&self) -> Duration {
+        if self.awaiting() {
+            self.cur
+        } else if self.arrival_gap <= self.min && self.last_arrival.is_some() {
+            self.min
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Whether the core awaits an answer that can come within `max`.
+    pub fn awaiting(&self) -> bool {
+        self.await_kshim || (self.await_peer && self.net_rtt.is_none_or(|r| r <= self.max))
+    }
+
+    /// The shortest round trip to the core's peers (`None`: no peer measured).
+    pub fn set_net_rtt(&mut self, rtt: Option<Duration>) {
+        self.net_rtt = rtt;
     }
 
     /// When the core last did work (where the spin before a sleep starts).
@@ -82,19 +140,19 @@ impl Spin {
         self.last_work
     }
 
-    /// Whether the core has been without work for its whole budget at `now`: time to
-    /// sleep.
+    /// Whether the core has been without work for all it should poll at `now`
+    /// ([`Spin::target`]): time to sleep.
     pub fn spun_out(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last_work) >= self.cur
+        now.saturating_duration_since(self.last_work) >= self.target()
     }
 
     /// Records one pass of the loop that ended at `now` (a pass that slept included).
     pub fn pass(&mut self, now: Instant, p: Pass) {
-        if !(p.arrived || p.busy || p.spoke) {
+        if !(p.arrived || p.busy || p.sent || p.handed) {
             return;
         }
         let gap = now.saturating_duration_since(self.last_work);
-        let answer = p.arrived && self.spoke;
+        let answer = p.arrived && self.awaiting();
         if answer && gap <= self.max {
             // Caught (gap within the budget): as it should be. Missed: cover it.
             if gap > self.cur {
@@ -104,9 +162,17 @@ impl Spin {
             self.cur = (self.cur / 2).max(self.min);
         }
         if p.arrived {
-            self.spoke = false;
+            if let Some(last) = self.last_arrival {
+                let g = now.saturating_duration_since(last).min(4 * self.max);
+                let keep = self.arrival_gap - self.arrival_gap / (1 << GAP_WEIGHT_SHIFT);
+                self.arrival_gap = keep + g / (1 << GAP_WEIGHT_SHIFT);
+            }
+            self.last_arrival = Some(now);
+            self.await_kshim = false;
+            self.await_peer = false;
         }
-        self.spoke |= p.spoke;
+        self.await_kshim |= p.handed;
+        self.await_peer |= p.sent;
         self.last_work = now;
     }
 
@@ -125,22 +191,32 @@ mod tests {
     const ARRIVAL: Pass = Pass {
         arrived: true,
         busy: false,
-        spoke: false,
+        sent: false,
+        handed: false,
     };
     const SEND: Pass = Pass {
         arrived: false,
         busy: true,
-        spoke: true,
+        sent: true,
+        handed: false,
     };
     const OWN: Pass = Pass {
         arrived: false,
         busy: true,
-        spoke: false,
+        sent: false,
+        handed: false,
     };
     const ARRIVAL_ANSWERED: Pass = Pass {
         arrived: true,
         busy: true,
-        spoke: true,
+        sent: true,
+        handed: false,
+    };
+    const HAND_OFF: Pass = Pass {
+        arrived: false,
+        busy: true,
+        sent: false,
+        handed: true,
     };
 
     /// A pass `after` the previous one.
@@ -268,6 +344,10 @@ mod tests {
     #[test]
     fn spun_out_counts_from_the_last_work() {
         let (mut s, mut t) = spin();
+        // Nothing awaited: no spin at all.
+        assert!(s.spun_out(t));
+        // A request out (round trip unknown): the budget, from the last work.
+        at(&mut s, &mut t, 1 * US, SEND);
         assert!(!s.spun_out(t + 49 * US));
         assert!(s.spun_out(t + 50 * US));
         // A pass without work does not restart the spin.
@@ -275,6 +355,70 @@ mod tests {
         assert!(s.spun_out(t + 20 * US));
         at(&mut s, &mut t, 1 * US, OWN);
         assert!(!s.spun_out(t + 20 * US));
+    }
+
+    #[test]
+    fn no_spin_for_answers_a_long_path_cannot_bring() {
+        let (mut s, mut t) = spin();
+        s.set_net_rtt(Some(600 * ms()));
+        // A GEO sender: a burst per millisecond, ACKs now and then. It sleeps as
+        // soon as its burst is out; an ACK is no answer the spin could have caught.
+        for i in 0..100 {
+            at(&mut s, &mut t, 1000 * US, SEND);
+            assert_eq!(s.target(), Duration::ZERO, "burst {i}");
+            assert!(s.spun_out(t));
+            if i % 10 == 9 {
+                at(&mut s, &mut t, 300 * US, ARRIVAL);
+                assert_eq!(s.target(), Duration::ZERO);
+            }
+        }
+        assert_eq!(s.budget(), 50 * US);
+        // The same core on a LAN peer: a send is followed by a spin.
+        s.set_net_rtt(Some(80 * US));
+        at(&mut s, &mut t, 1000 * US, SEND);
+        assert_eq!(s.target(), 50 * US);
+        assert!(!s.spun_out(t + 10 * US));
+    }
+
+    #[test]
+    fn a_sparse_stream_is_slept_through_and_a_dense_one_spun_for() {
+        let (mut s, mut t) = spin();
+        s.set_net_rtt(Some(600 * ms()));
+        // 100 Mbit/s in: a datagram every 116 µs, a light ACK out every 64.
+        for i in 0..640 {
+            at(&mut s, &mut t, 116 * US, ARRIVAL);
+            if i % 64 == 63 {
+                at(&mut s, &mut t, 2 * US, SEND);
+            }
+            assert_eq!(s.target(), Duration::ZERO, "datagram {i}");
+        }
+        // Loopback bulk: batches every 10 µs. Within a few the floor spin is on.
+        let mut on = None;
+        for i in 0..20 {
+            at(&mut s, &mut t, 10 * US, ARRIVAL);
+            if on.is_none() && s.target() == 50 * US {
+                on = Some(i);
+            }
+        }
+        assert!(on.is_some_and(|i| i < 12), "{on:?}");
+        assert_eq!(s.target(), 50 * US);
+        // The stream stops: after a long quiet, sparse again.
+        at(&mut s, &mut t, 10 * ms(), ARRIVAL);
+        at(&mut s, &mut t, 10 * ms(), ARRIVAL);
+        assert_eq!(s.target(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_hand_off_to_kshim_is_spun_for_on_any_path() {
+        let (mut s, mut t) = spin();
+        s.set_net_rtt(Some(600 * ms()));
+        at(&mut s, &mut t, 5 * US, HAND_OFF);
+        assert_eq!(s.target(), 50 * US);
+        // kshim's next request 120 µs later: missed, the budget grows to cover it.
+        assert_eq!(at(&mut s, &mut t, 120 * US, ARRIVAL), 120 * US);
+        // That request goes out to the far peer: nothing to spin for.
+        at(&mut s, &mut t, 2 * US, SEND);
+        assert_eq!(s.target(), Duration::ZERO);
     }
 
     #[test]

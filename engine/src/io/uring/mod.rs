@@ -801,6 +801,24 @@ impl UringIo {
         }
         self.refill();
     }
+
+    /// The end of a wait: the timer's event, counts, a multishot receive re-armed.
+    fn after_wait(&mut self, start: usize, block: bool, out: &mut Vec<Event>) -> io::Result<()> {
+        if self.timer_fired {
+            self.timer_fired = false;
+            out.push(Event::Timer);
+        }
+        let woke = &out[start..];
+        if woke.iter().any(|e| matches!(e, Event::Timer)) {
+            self.stats.timers_fired += 1;
+        }
+        if block {
+            self.stats.wakes.count(woke);
+        }
+        // Re-arm a multishot that ended, if buffers are available.
+        self.arm_recv()?;
+        Ok(())
+    }
 }
 
 impl SendSlot {
@@ -1047,6 +1065,15 @@ impl DatagramIo for UringIo {
         // A non-blocking pass still runs deferred task work (GETEVENTS with min 0).
         let want = usize::from(block && out.len() == start && self.ring.completion().is_empty());
         let sq_len = self.ring.submission().len() as u32;
+        // With deferred task work the kernel flags pending work in the SQ ring
+        // (TASKRUN_FLAG): a pass with nothing to submit, nothing to wait for and
+        // nothing flagged would enter for nothing — a spinning core polls the flag
+        // and the CQ ring instead of making a system call per pass.
+        if want == 0 && sq_len == 0 && self.setup.defer_taskrun && !self.ring.submission().taskrun()
+        {
+            self.reap(out);
+            return self.after_wait(start, block, out);
+        }
         let flags = io_uring::EnterFlags::GETEVENTS.bits();
         self.stats.enters += 1;
         // SAFETY: plain io_uring_enter on our ring with no extra argument.
@@ -1062,20 +1089,7 @@ impl DatagramIo for UringIo {
             Err(e) => return Err(e),
         }
         self.reap(out);
-        if self.timer_fired {
-            self.timer_fired = false;
-            out.push(Event::Timer);
-        }
-        let woke = &out[start..];
-        if woke.iter().any(|e| matches!(e, Event::Timer)) {
-            self.stats.timers_fired += 1;
-        }
-        if block {
-            self.stats.wakes.count(woke);
-        }
-        // Re-arm a multishot that ended, if buffers are available.
-        self.arm_recv()?;
-        Ok(())
+        self.after_wait(start, block, out)
     }
 
     fn stats(&self) -> IoStats {
