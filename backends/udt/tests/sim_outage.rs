@@ -94,6 +94,8 @@ struct Figures {
     recovery_rtt: Option<f64>,
     /// Mean goodput over the second after that bin, fraction of capacity.
     after: f64,
+    /// The same over the 3 s before the outage.
+    before: f64,
     violations: Vec<String>,
 }
 
@@ -111,6 +113,8 @@ fn figures(o: &Outcome, loss: f64) -> Figures {
         let sum: u64 = o.unique[i + 1..end].iter().sum();
         sum as f64 / (PAYLOAD_BPS * (1.0 - loss) * (end - i - 1) as f64 * BIN_US as f64 / 1e6)
     });
+    let pre: u64 = o.unique[bin(t0 - 3_000_000)..bin(t0)].iter().sum();
+    let before = pre as f64 / (PAYLOAD_BPS * (1.0 - loss) * 3.0);
     let st = o.client_stats.clone().unwrap_or_default();
     Figures {
         sent_in_outage,
@@ -120,6 +124,7 @@ fn figures(o: &Outcome, loss: f64) -> Figures {
         outage_ms: st.outage_us / 1000,
         recovery_rtt,
         after,
+        before,
         violations: o.violations.clone(),
     }
 }
@@ -169,6 +174,12 @@ fn check(seed: u64, loss: f64) -> Result<Figures, String> {
         r => bad.push(format!(
             "goodput back to 90 % after {r:?} RTT, not within 2"
         )),
+    }
+    if f.before < 0.9 {
+        bad.push(format!(
+            "goodput {:.3} of capacity before the outage: the scenario does not fill the link",
+            f.before
+        ));
     }
     if f.after < 0.9 {
         bad.push(format!(

@@ -510,9 +510,14 @@ impl Connection {
             return;
         }
         self.heard(now);
-        if matches!(repr, ControlRepr::Ack { .. } | ControlRepr::Nak { .. }) {
-            self.path_answered(now);
-        }
+        let resumed_by_ack = match repr {
+            ControlRepr::Ack { .. } => self.path_answered(now),
+            ControlRepr::Nak { .. } => {
+                self.path_answered(now);
+                false
+            }
+            _ => false,
+        };
         match repr {
             ControlRepr::Ack {
                 ack_seq_no,
@@ -531,6 +536,9 @@ impl Connection {
             | ControlRepr::CongestionWarning
             | ControlRepr::PeerError { .. }
             | ControlRepr::Handshake(_) => {}
+        }
+        if resumed_by_ack {
+            self.resend_flight();
         }
     }
 
@@ -574,15 +582,29 @@ impl Connection {
 
     /// An ACK or NAK arrived: the path carries our packets' reports again.
     /// Sending resumes at the controller's rate (pacing restarts from now,
-    /// no burst); what the outage lost comes back in the NAK that answers a
-    /// probe, or by the next EXP.
-    fn path_answered(&mut self, now: Time) {
-        if let Some(o) = self.outage.take() {
-            self.stats.outage_us += now.saturating_sub(o.counted);
-            let floor = now as f64 - self.cc.period().max(0.0);
-            if self.tx.next_send < floor {
-                self.tx.next_send = floor;
-            }
+    /// no burst). Returns whether an outage ended.
+    fn path_answered(&mut self, now: Time) -> bool {
+        let Some(o) = self.outage.take() else {
+            return false;
+        };
+        self.stats.outage_us += now.saturating_sub(o.counted);
+        let floor = now as f64 - self.cc.period().max(0.0);
+        if self.tx.next_send < floor {
+            self.tx.next_send = floor;
+        }
+        true
+    }
+
+    /// An ACK, not a NAK, ended the outage: the receiver had the newest
+    /// packet and nothing after a hole to report, so what it still misses
+    /// lies among the packets in flight that it once reported lost — and a
+    /// UDT4 receiver never reports a loss twice. Everything in flight is
+    /// resent, as UDT4 does on every EXP; after a real outage the newest
+    /// probe's NAK comes first and names exactly what was lost instead.
+    fn resend_flight(&mut self) {
+        if self.tx.next > self.tx.una && self.tx.lost.is_empty() {
+            let (a, b) = (self.seq_of(self.tx.una), self.seq_of(self.tx.next - 1));
+            let _ = self.tx.lost.insert(a, b);
         }
     }
 
