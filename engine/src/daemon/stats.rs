@@ -64,6 +64,16 @@ pub struct PeerStats {
     /// Key changes of the peer's connections, both directions.
     #[serde(default)]
     pub rekeys: u64,
+    /// Times the path to the peer was held dead (no ACK or NAK for an RTO
+    /// with data in flight): sending stopped but for probes.
+    #[serde(default)]
+    pub outages: u64,
+    /// Probe packets sent into a dead path.
+    #[serde(default)]
+    pub outage_probes: u64,
+    /// Time the path was held dead, microseconds.
+    #[serde(default)]
+    pub outage_us: u64,
 }
 
 /// Counters of one core.
@@ -370,6 +380,16 @@ pub fn render(r: &Report) -> String {
             );
             if let Some(e) = &p.last_error {
                 let _ = writeln!(o, "{:<22} kernel errors {}, last: {e}", "", p.errors);
+            }
+            if p.outages > 0 {
+                let _ = writeln!(
+                    o,
+                    "{:<22} outages {}  probes {}  dead {} ms",
+                    "",
+                    p.outages,
+                    p.outage_probes,
+                    p.outage_us / 1000
+                );
             }
             if !p.security.is_empty() {
                 let _ = writeln!(

@@ -1717,6 +1717,9 @@ impl Udt {
                     }
                     let st = e.conn.stats();
                     p.stats.retransmissions += st.pkts_retransmitted;
+                    p.stats.outages += st.outages;
+                    p.stats.outage_probes += st.outage_probes;
+                    p.stats.outage_us += st.outage_us;
                 }
                 if let (Some(sec), Some(session)) = (self.sec.as_mut(), &e.session) {
                     *sec.rekeys_gone.entry(e.peer).or_default() += session.rekeys;
@@ -1787,6 +1790,7 @@ impl Udt {
             let mut rtt = 0;
             let mut rate = 0;
             let mut retx = 0;
+            let mut outages = (0, 0, 0);
             let mut rekeys = self
                 .sec
                 .as_ref()
@@ -1805,6 +1809,9 @@ impl Udt {
                         };
                     }
                     retx += st.pkts_retransmitted;
+                    outages.0 += st.outages;
+                    outages.1 += st.outage_probes;
+                    outages.2 += st.outage_us;
                 }
             }
             p.stats.rtt_us = u64::from(rtt);
@@ -1813,6 +1820,9 @@ impl Udt {
             p.stats.rekeys = rekeys;
             let mut ps = p.stats.clone();
             ps.retransmissions += retx;
+            ps.outages += outages.0;
+            ps.outage_probes += outages.1;
+            ps.outage_us += outages.2;
             out.push(ps);
         }
     }
