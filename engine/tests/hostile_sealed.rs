@@ -78,7 +78,7 @@ fn drop_count(r: &lu2k_engine::daemon::stats::Report, reason: &str) -> u64 {
 /// A key file (mode 0600) and a config naming it.
 fn keyed_config(dir: &Path) -> String {
     let key = dir.join("psk");
-    let bytes: Vec<u8> = (0..48u8).map(|i| i.wrapping_mul(97) ^ 0xC3).collect();
+    let bytes: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(97) ^ 0xC3).collect();
     std::fs::write(&key, bytes).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let cfg = dir.join("engine.toml");
@@ -164,7 +164,7 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                 }
                 // Truncated: a sealed header and too little after it.
                 1 => {
-                    let mut d = vec![0xFF, 0xFF, 1, 0];
+                    let mut d = vec![0xFF, 0xFF, 2, 0];
                     let n = (splitmix(&mut rng) % 28) as usize;
                     d.extend(random_bytes(&mut rng, n));
                     d
@@ -182,7 +182,7 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                 }
                 // Sealed-looking, to random connections.
                 3 => {
-                    let mut d = vec![0xFF, 0xFF, 1, (r >> 8) as u8 & 1];
+                    let mut d = vec![0xFF, 0xFF, 2, (r >> 8) as u8 & 3];
                     d.extend(random_bytes(&mut rng, 8));
                     d.extend((splitmix(&mut rng) as u32).to_be_bytes());
                     let n = 32 + (splitmix(&mut rng) % 1400) as usize;
@@ -194,7 +194,7 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                     let mut d = control(0, 0, 0, &random_bytes(&mut rng, 48));
                     d[16..20].copy_from_slice(&4u32.to_be_bytes());
                     if r % 2 == 0 {
-                        d.extend_from_slice(b"L2K1");
+                        d.extend_from_slice(b"L2K2");
                         d.extend(random_bytes(&mut rng, 48));
                     }
                     d

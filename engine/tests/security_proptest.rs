@@ -34,7 +34,7 @@ proptest! {
         tail in proptest::collection::vec(any::<u8>(), 48),
     ) {
         let mut d = hs;
-        d.extend_from_slice(b"L2K1");
+        d.extend_from_slice(b"L2K2");
         d.extend(tail);
         seal::hostile_input(&d);
     }

@@ -75,6 +75,7 @@ fn node(ip: Ipv4Addr, clock: &SimClock, psk: Option<&[u8]>, limits: Limits) -> N
     let udt = match psk {
         Some(k) => {
             let keys = Keyring {
+                local: Some(ip),
                 net: vec![Psk::from_bytes(k).expect("psk")],
                 ..Keyring::default()
             };
@@ -187,7 +188,8 @@ impl Node {
 type Carrier<'a> = dyn FnMut(u64, Datagram) -> Vec<Datagram> + 'a;
 
 /// Runs A → B until `n` messages are completed at A, or `limit` of virtual
-/// time; returns the virtual time it took.
+/// time; returns the virtual time it took. What the carrier returns goes to
+/// the node its destination names (B's address: B, anything else: A).
 fn run(
     clock: &SimClock,
     a: &mut Node,
@@ -213,11 +215,12 @@ fn run(
             }
         }
         let at = clock.elapsed() + Duration::from_millis(10);
-        for (from, to_b) in [(&a.port, true), (&b.port, false)] {
+        let b_ip = b.ip;
+        for from in [&a.port, &b.port] {
             for d in from.take_sent() {
                 k += 1;
                 for x in carry(k, d) {
-                    link.push_back((at, to_b, x));
+                    link.push_back((at, *x.to.ip() == b_ip, x));
                 }
             }
         }
@@ -454,4 +457,174 @@ fn a_plain_peer_is_refused_and_counted() {
     );
     assert_eq!(c.done.get("failed"), Some(&1), "{:?}", c.done);
     assert_eq!(d.got, (0, 0));
+}
+
+#[test]
+fn handshakes_reflected_to_their_sender_are_refused() {
+    // An on-path attacker sends every datagram of A to B back to A, as from
+    // B: A's own handshake must not connect A to itself (its messages would
+    // be "delivered" into A and reported Ok while B got nothing).
+    let clock = SimClock::new();
+    let mut a = node(A, &clock, Some(KEY), Limits::default());
+    let mut b = node(B, &clock, Some(KEY), Limits::default());
+    transfer(&mut a, &mut b, 1, 2);
+    let mut reflected = 0u64;
+    run(
+        &clock,
+        &mut a,
+        &mut b,
+        2,
+        Duration::from_secs(20),
+        &mut |_, d| {
+            if *d.from.ip() == A && *d.to.ip() == B {
+                reflected += 1;
+                return vec![Datagram {
+                    from: d.to,
+                    to: d.from,
+                    bytes: d.bytes,
+                }];
+            }
+            vec![d]
+        },
+    );
+    assert!(reflected >= 2, "{reflected}");
+    assert_eq!(a.done.get("ok"), None, "{:?}", a.done);
+    assert_eq!(a.done.get("failed"), Some(&2), "{:?}", a.done);
+    assert_eq!((a.got, b.got), ((0, 0), (0, 0)));
+    assert!(a.rejected(B, "reflected_handshake") >= 2);
+    assert_eq!(a.drops("rx_hs_bad_cookie"), 0, "the listener saw it");
+}
+
+#[test]
+fn handshakes_relayed_to_another_keyholder_are_refused() {
+    // A dials B; the attacker relays A's datagrams to C (same network key),
+    // and C's to A as from B. C must not take a handshake meant for B.
+    let c_ip = Ipv4Addr::new(10, 0, 0, 3);
+    let clock = SimClock::new();
+    let mut a = node(A, &clock, Some(KEY), Limits::default());
+    let mut c = node(c_ip, &clock, Some(KEY), Limits::default());
+    transfer(&mut a, &mut c, 1, 0);
+    for seq in 1..=2 {
+        a.send(seq, B, MSG);
+    }
+    run(
+        &clock,
+        &mut a,
+        &mut c,
+        2,
+        Duration::from_secs(20),
+        &mut |_, mut d| {
+            if *d.to.ip() == B {
+                d.to = SocketAddrV4::new(c_ip, PORT);
+            } else if *d.from.ip() == c_ip {
+                d.from = SocketAddrV4::new(B, PORT);
+            }
+            vec![d]
+        },
+    );
+    assert_eq!(a.done.get("ok"), None, "{:?}", a.done);
+    assert_eq!(c.got, (0, 0));
+    // C has no state for A (a stranger): counted in C's drops.
+    assert!(c.drops("rx_sec_bad_handshake") >= 2);
+    assert_eq!(c.drops("rx_hs_bad_cookie"), 0, "the listener saw it");
+}
+
+#[test]
+fn an_outage_longer_than_two_key_periods_does_not_wedge_the_connection() {
+    // Keys change every second; the link is down for 3.5 s in the middle of a
+    // transfer, while both sides' keep-alives and retransmissions keep
+    // sealing under new keys that never arrive.
+    let limits = Limits {
+        rekey_packets: u64::MAX,
+        rekey_us: 1_000_000,
+        grace_us: 100_000,
+    };
+    let clock = SimClock::new();
+    let mut a = node(A, &clock, Some(KEY), limits);
+    let mut b = node(B, &clock, Some(KEY), limits);
+    let n = 12;
+    transfer(&mut a, &mut b, 1, n);
+    let t = clock.clone();
+    let mut sealed = 0u64;
+    let mut down_at = None;
+    let mut lost = 0u64;
+    let mut rekeys_in_outage = 0;
+    let took = run(
+        &clock,
+        &mut a,
+        &mut b,
+        n,
+        Duration::from_secs(60),
+        &mut |_, d| {
+            // Down from A's 50th sealed datagram on, for 3.5 s.
+            if seal::is_sealed(&d.bytes) && *d.from.ip() == A {
+                sealed += 1;
+            }
+            if sealed == 50 && down_at.is_none() {
+                down_at = Some(t.elapsed());
+            }
+            if down_at.is_some_and(|at| t.elapsed() < at + Duration::from_millis(3_500)) {
+                lost += 1;
+                if seal::is_sealed(&d.bytes) {
+                    rekeys_in_outage = rekeys_in_outage.max(d.bytes[3]);
+                }
+                return vec![];
+            }
+            vec![d]
+        },
+    );
+    assert!(lost > 0);
+    assert!(
+        rekeys_in_outage >= 3,
+        "keys changed {rekeys_in_outage} times"
+    );
+    assert_eq!(a.done.get("ok"), Some(&n), "{:?} after {took:?}", a.done);
+    assert_eq!(b.got, (n, 0));
+    assert_eq!(b.rejected(A, "bad_tag") + a.rejected(B, "bad_tag"), 0);
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+#[test]
+fn a_replayed_handshake_is_no_news_of_the_peer_and_gets_no_answer() {
+    let clock = SimClock::new();
+    let mut a = node(A, &clock, Some(KEY), Limits::default());
+    let mut b = node(B, &clock, Some(KEY), Limits::default());
+    transfer(&mut a, &mut b, 1, 2);
+    let mut captured: Option<Datagram> = None;
+    run(
+        &clock,
+        &mut a,
+        &mut b,
+        2,
+        Duration::from_secs(20),
+        &mut |_, d| {
+            if *d.to.ip() == B && seal::split_hs(&d.bytes).is_some() {
+                // The last handshake A sends: its request with the cookie.
+                captured = Some(d.clone());
+            }
+            vec![d]
+        },
+    );
+    assert_eq!(a.done.get("ok"), Some(&2), "{:?}", a.done);
+    let hs = captured.expect("A's handshake");
+    // A is gone; an attacker replays A's handshake to B every 100 ms.
+    let mut answers = 0;
+    let end = clock.elapsed() + Duration::from_secs(3);
+    let mut next = clock.elapsed();
+    while clock.elapsed() < end {
+        if clock.elapsed() >= next {
+            b.port.deliver(hs.clone());
+            next += Duration::from_millis(100);
+        }
+        b.step();
+        answers += b
+            .port
+            .take_sent()
+            .iter()
+            .filter(|d| seal::split_hs(&d.bytes).is_some())
+            .count();
+        clock.advance_to(clock.now() + Duration::from_micros(500));
+    }
+    assert_eq!(answers, 0, "B answered a replayed handshake");
+    assert!(b.rejected(A, "replayed_handshake") >= 29);
 }

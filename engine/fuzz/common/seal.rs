@@ -3,8 +3,14 @@
 //! `tests/security_proptest.rs`.
 
 use lu2k_engine::transport::seal::{
-    check_client_hs, is_sealed, listener_trailer, split_hs, Client, ClientGot, Limits, Psk,
+    check_client_hs, is_sealed, listener_trailer, split_hs, Client, ClientGot, Ends, Limits, Psk,
     Server, HS_EXT, HS_LEN, OVERHEAD, SEAL_HDR,
+};
+
+/// The two ends of every handshake here.
+const ENDS: Ends = Ends {
+    initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
+    responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
 };
 
 /// The key every check uses (an attacker does not have it).
@@ -18,21 +24,26 @@ fn psk() -> Psk {
 /// any byte changed must fail.
 pub fn hostile_input(data: &[u8]) {
     let limits = Limits::default();
-    let mut client = Client::new(psk());
+    let mut client = Client::new(psk(), ENDS);
     let hs = [0x80u8; HS_LEN];
     let mut req = hs.to_vec();
     req.extend_from_slice(&client.trailer(&hs));
-    let (k, key) = check_client_hs(&[psk()], &req).expect("a genuine handshake");
+    let (k, key) = check_client_hs(&[psk()], ENDS, &req).expect("a genuine handshake");
+    // Not as one the other way round (reflected to its sender).
+    assert!(check_client_hs(&[psk()], ENDS.swapped(), &req).is_none());
     assert_eq!(k, 0);
-    let (server, mut s_session) = Server::accept(psk(), key, 0, limits).expect("accepted");
+    let (server, mut s_session) = Server::accept(psk(), ENDS, key, 0, limits).expect("accepted");
     let mut reply = hs.to_vec();
     reply.extend_from_slice(&server.trailer(&hs));
 
     // As a handshake: no forged trailer authenticates anywhere.
-    assert!(check_client_hs(&[psk()], data).is_none(), "a forged client handshake passed");
+    assert!(
+        check_client_hs(&[psk()], ENDS, data).is_none(),
+        "a forged client handshake passed"
+    );
     assert!(!server.same_client(data) || data == &req[..]);
     if data != &reply[..] {
-        let mut probe = Client::new(psk());
+        let mut probe = Client::new(psk(), ENDS);
         assert!(
             probe.on_reply(data, 0, limits).is_none(),
             "a forged reply authenticated"
@@ -42,11 +53,14 @@ pub fn hostile_input(data: &[u8]) {
         assert_eq!(h.len(), HS_LEN);
         assert_eq!(data.len(), HS_LEN + HS_EXT);
     }
-    let _ = listener_trailer(&psk(), data, &[0; 32]);
+    let _ = listener_trailer(&psk(), ENDS, data, &[0; 32]);
 
     // As a sealed datagram: it does not open (it would need the key).
     let mut d = data.to_vec();
-    assert!(s_session.open(0, &mut d).is_err(), "a forged datagram opened");
+    assert!(
+        s_session.open(0, &mut d).is_err(),
+        "a forged datagram opened"
+    );
 
     // A genuine datagram with `data` XORed into it (from byte 0 on): opens
     // only if nothing changed.
@@ -65,7 +79,11 @@ pub fn hostile_input(data: &[u8]) {
         *o ^= x;
     }
     let r = s_session.open(0, &mut out);
-    assert_eq!(r.is_ok(), !changed, "a changed datagram opened, or a genuine one did not");
+    assert_eq!(
+        r.is_ok(),
+        !changed,
+        "a changed datagram opened, or a genuine one did not"
+    );
     if r.is_ok() {
         assert_eq!(&out[SEAL_HDR + 16..n - 16], &payload[..]);
     }

@@ -380,9 +380,10 @@ impl Config {
     }
 
     /// The wire's security and its keys, read and checked: `None` for the
-    /// plain wire. Errors name the field: a key file missing or unreadable,
-    /// readable by others than its owner, shorter than 32 bytes; a mode that
-    /// contradicts the keys.
+    /// plain wire. Errors name the field: a key file missing or unreadable, a
+    /// symbolic link or not a regular file, owned by another user than the
+    /// engine's or root, open to group or others, not 32 raw bytes or 64 hex
+    /// digits; a mode that contradicts the keys.
     pub fn keyring(&self) -> Result<Option<crate::transport::seal::Keyring>, ConfigError> {
         use crate::transport::seal::{Keyring, Psk};
         let has_key = self.psk_file.is_some() || !self.peer_keys.is_empty();
@@ -420,37 +421,13 @@ impl Config {
             ));
         }
         let load = |field: &'static str, path: &std::path::Path| -> Result<Psk, ConfigError> {
-            use std::os::unix::fs::PermissionsExt as _;
             let value = path.display().to_string();
-            let meta = std::fs::metadata(path).map_err(|_| {
+            let key =
+                read_key_file(path).map_err(|(problem, fix)| bad(field, value, problem, fix))?;
+            Psk::from_bytes(&key[..]).map_err(|_| {
                 bad(
                     field,
-                    value.clone(),
-                    "the key file is missing or cannot be read",
-                    "create it (umask 077; head -c 32 /dev/urandom > FILE) with the same \
-                     contents on every node, or fix the path",
-                )
-            })?;
-            if meta.permissions().mode() & 0o077 != 0 {
-                return Err(bad(
-                    field,
-                    value,
-                    "the key file is readable or writable by group or others",
-                    "chmod 600 the file (owned by the engine's user)",
-                ));
-            }
-            let bytes = std::fs::read(path).map_err(|_| {
-                bad(
-                    field,
-                    value.clone(),
-                    "the key file cannot be read",
-                    "make it readable by the engine's user (chmod 600, chown)",
-                )
-            })?;
-            Psk::from_bytes(&bytes).map_err(|_| {
-                bad(
-                    field,
-                    value,
+                    path.display().to_string(),
                     "the key is shorter than 32 bytes",
                     "write 32 random bytes: head -c 32 /dev/urandom > FILE",
                 )
@@ -494,6 +471,84 @@ impl Config {
     pub fn local_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.bind, self.port)
     }
+}
+
+/// Reads a PSK file: opened once, without following a symbolic link and
+/// without blocking on a FIFO; checked on the open file (a regular file, owned
+/// by the engine's user or root, no access for group or others); its contents
+/// exactly 32 raw bytes, or 64 hex digits (trailing whitespace ignored). The
+/// error is `(problem, fix)`.
+fn read_key_file(
+    path: &std::path::Path,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, (&'static str, &'static str)> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    use zeroize::Zeroizing;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => (
+                "the key file is a symbolic link (a link can be swapped under the engine)",
+                "name the file itself in the config, not a link to it",
+            ),
+            _ => (
+                "the key file is missing or cannot be read",
+                "create it (umask 077; head -c 32 /dev/urandom > FILE) with the same \
+                 contents on every node, or fix the path",
+            ),
+        })?;
+    let meta = file.metadata().map_err(|_| {
+        (
+            "the key file cannot be read",
+            "make it readable by the engine's user (chmod 600, chown)",
+        )
+    })?;
+    if !meta.file_type().is_file() {
+        return Err((
+            "the key file is not a regular file",
+            "write the key into a regular file: head -c 32 /dev/urandom > FILE",
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err((
+            "the key file is owned by another user than the engine's (or root)",
+            "chown the file to the user the engine runs as, and chmod 600 it",
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err((
+            "the key file is readable or writable by group or others",
+            "chmod 600 the file (owned by the engine's user)",
+        ));
+    }
+    // One byte more than the longest accepted form, to see a longer file.
+    let mut raw = Zeroizing::new(Vec::with_capacity(129));
+    file.take(129).read_to_end(&mut raw).map_err(|_| {
+        (
+            "the key file cannot be read",
+            "make it readable by the engine's user (chmod 600, chown)",
+        )
+    })?;
+    if raw.len() == 32 {
+        return Ok(raw);
+    }
+    let text = raw.trim_ascii_end();
+    let hex = |c: u8| (c as char).to_digit(16);
+    if text.len() == 64 && text.iter().all(|&c| hex(c).is_some()) {
+        let key: Vec<u8> = text
+            .chunks(2)
+            .map(|p| (hex(p[0]).expect("hex") * 16 + hex(p[1]).expect("hex")) as u8)
+            .collect();
+        return Ok(Zeroizing::new(key));
+    }
+    Err((
+        "the key file holds neither 32 raw bytes nor 64 hex digits",
+        "write 32 random bytes (head -c 32 /dev/urandom > FILE) or their hex \
+         (od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > FILE)",
+    ))
 }
 
 #[cfg(test)]
@@ -647,9 +702,77 @@ mod tests {
         let e = with("").validate().unwrap_err().to_string();
         assert!(e.contains("`psk_file`") && e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&key, b"short").unwrap();
-        let e = with("").validate().unwrap_err().to_string();
-        assert!(e.contains("shorter than 32 bytes"), "{e}");
+        // Only 32 raw bytes or 64 hex digits: a passphrase, a short key, a
+        // raw key with a newline, 63 hex digits are refused.
+        for bad in [
+            &b"short"[..],
+            &[7u8; 31],
+            &[7u8; 33],
+            &[7u8; 48],
+            &[b'a'; 63],
+        ] {
+            std::fs::write(&key, bad).unwrap();
+            let e = with("").validate().unwrap_err().to_string();
+            assert!(e.contains("neither 32 raw bytes nor 64 hex"), "{e}");
+        }
+        let mut raw_nl = [7u8; 33];
+        raw_nl[32] = b'\n';
+        std::fs::write(&key, raw_nl).unwrap();
+        assert!(with("").keyring().is_err(), "32 raw bytes and a newline");
+        // The hex of a key is the same key as its bytes.
+        let hex: String = (0..32).map(|i| format!("{:02x}", i * 7)).collect();
+        std::fs::write(&key, format!("{hex}\n")).unwrap();
+        let from_hex = with("").keyring().unwrap().unwrap();
+        std::fs::write(&key, (0..32).map(|i| i * 7).collect::<Vec<u8>>()).unwrap();
+        let from_raw = with("").keyring().unwrap().unwrap();
+        let c = crate::transport::seal::Client::new(
+            from_hex.net[0].clone(),
+            crate::transport::seal::Ends {
+                initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
+                responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            },
+        );
+        let ends = crate::transport::seal::Ends {
+            initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+        };
+        let mut d = [1u8; crate::transport::seal::HS_LEN].to_vec();
+        d.extend_from_slice(&c.trailer(&[1u8; crate::transport::seal::HS_LEN]));
+        assert!(crate::transport::seal::check_client_hs(&from_raw.net, ends, &d).is_some());
+        // A symbolic link to a good key file is refused, and so is a FIFO
+        // (without blocking on it).
+        let link = dir.join("psk.link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        let via_link =
+            Config::from_toml(&format!("psk_file = {:?}\n", link.display()), "t").unwrap();
+        let e = via_link.validate().unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        let fifo = dir.join("psk.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let via_fifo =
+            Config::from_toml(&format!("psk_file = {:?}\n", fifo.display()), "t").unwrap();
+        let e = via_fifo.validate().unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // Owned by another user (not root, not the engine's): refused. Needs
+        // root to give the file away.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let e = with("").validate().unwrap_err().to_string();
+            assert!(
+                e.contains("owned by another user") && e.contains("chown"),
+                "{e}"
+            );
+            std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+        } else {
+            eprintln!("SKIP key file owner check: needs root to chown the file");
+        }
         std::fs::remove_file(&key).unwrap();
         let e = with("").validate().unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");

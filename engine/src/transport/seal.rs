@@ -7,7 +7,7 @@
 //! **Sealed datagram** (`OVERHEAD` = 32 bytes more than the plain UDT packet):
 //!
 //! ```text
-//! [FF FF | version 1 | key phase][packet counter, u64 BE][destination socket ID, u32 BE]
+//! [FF FF | version 2 | key epoch][packet counter, u64 BE][destination socket ID, u32 BE]
 //! [AES-256-GCM ciphertext of the UDT packet (header + payload)][16-byte tag]
 //! ```
 //!
@@ -19,8 +19,13 @@
 //! sequence number: a retransmission is a new packet with a new counter).
 //!
 //! **Handshake**: the UDT4 handshake (64 bytes) with a trailer of `HS_EXT`
-//! (52) bytes, `["L2K1"][X25519 public key][HMAC-SHA256 over label, handshake and
-//! keys, first 16 bytes]`, keyed from the PSK:
+//! (52) bytes, `["L2K2"][X25519 public key][HMAC-SHA256 over label, the two ends,
+//! handshake and keys, first 16 bytes]`, keyed from the PSK. The two ends
+//! ([`Ends`]) are the NID addresses of the initiator (the side that connects)
+//! and of the responder, in that order, as each side knows them (its own, and
+//! the peer it dialled or the source of the datagram): a handshake reflected
+//! back to its sender, or relayed to another node that holds the key, does not
+//! authenticate there. The labels:
 //! - client → listener (request, and the response that carries the cookie):
 //!   label `c`, the client's ephemeral key;
 //! - listener → client (the cookie): label `l`, no key (zeros), the MAC binds the
@@ -31,16 +36,22 @@
 //!
 //! The listener checks the MAC before the cookie and creates nothing until the
 //! cookie proves the address (the existing stateless cookie); the connection's
-//! keys come from `HKDF(salt = PSK, ikm = X25519(eph, eph'))` with both public keys
-//! in the info: forward secrecy (the ephemeral keys are gone after the
+//! keys come from `HKDF(salt = PSK, ikm = X25519(eph, eph'))` with the two ends
+//! and both public keys in the info: forward secrecy (the ephemeral keys are gone after the
 //! exchange), and only PSK holders agree on keys.
 //!
 //! **Rekey**: a direction's key is replaced by `HKDF-Expand(secret, "lu2k rekey")`
 //! after [`Limits::rekey_packets`] packets or [`Limits::rekey_us`], never sooner
-//! than twice the grace period after the last change. The key phase bit says
-//! which key sealed a packet; the receiver keeps the previous key for
-//! [`Limits::grace_us`] (packets already in flight), and has the next key ready
-//! before the first packet under it arrives: no stall, no round trip.
+//! than twice the grace period after the last change. The key epoch (the count
+//! of changes, modulo 256, in the authenticated header) says which key sealed a
+//! packet; the receiver keeps the previous key for [`Limits::grace_us`]
+//! (packets already in flight), and has the next key ready before the first
+//! packet under it arrives: no stall, no round trip. The sender changes keys on
+//! time even while nothing reaches the peer (its keep-alives are sealed too),
+//! so after an outage the receiver may find the sender several keys ahead: it
+//! derives forward, up to [`MAX_SKIP`] keys, and tries the one key the epoch
+//! names (one AEAD attempt per datagram; the derived keys are kept, so forged
+//! epochs cost the derivation once).
 //!
 //! **Replay**: a window of [`REPLAY_WINDOW`] counters per direction (a GEO path at
 //! 1 Gbit/s has ~50 000 packets in flight); a counter seen, or older than the
@@ -49,6 +60,7 @@
 use std::net::Ipv4Addr;
 
 use aws_lc_rs::{aead, agreement, constant_time, hkdf, hmac, rand};
+use zeroize::Zeroizing;
 
 /// Clear header of a sealed datagram.
 pub const SEAL_HDR: usize = 16;
@@ -62,19 +74,24 @@ pub const HS_LEN: usize = 64;
 pub const HS_EXT: usize = 4 + 32 + 16;
 /// Counters the replay window covers.
 pub const REPLAY_WINDOW: u64 = 1 << 16;
-/// Shortest PSK file contents accepted (256 bits of key).
+/// Shortest keying material [`Psk::from_bytes`] accepts (256 bits).
 pub const MIN_PSK_LEN: usize = 32;
+/// Key changes a receiver follows at once (an outage of this many key periods:
+/// at the default [`Limits::rekey_us`], over two hours, longer than any idle
+/// timeout keeps a connection).
+pub const MAX_SKIP: u8 = 64;
 
-const HS_MAGIC: [u8; 4] = *b"L2K1";
+const HS_MAGIC: [u8; 4] = *b"L2K2";
 const SEAL_MARK: [u8; 2] = [0xFF, 0xFF];
-const SEAL_VERSION: u8 = 1;
+const SEAL_VERSION: u8 = 2;
 const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 
 /// When keys change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Packets sealed under one key before the sender moves to the next. Far
-    /// below AES-GCM's per-key limit, so the sender is never forced to.
+    /// Packets sealed under one key before the sender moves to the next:
+    /// AES-GCM's confidentiality limit for full-size packets (2^23, RFC 9001
+    /// §6.6), which keeps an attacker's advantage below 2^-57.
     pub rekey_packets: u64,
     /// Age of a key (µs) after which the sender moves to the next.
     pub rekey_us: u64,
@@ -87,18 +104,47 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            rekey_packets: 1 << 30,
+            rekey_packets: 1 << 23,
             rekey_us: 120_000_000,
             grace_us: 10_000_000,
         }
     }
 }
 
-/// A pre-shared key, prepared: the handshake MAC key and the KDF salt.
+/// A pre-shared key, prepared: the handshake MAC key and the KDF salt (wiped
+/// from memory when dropped; `aws-lc` cleanses its own copy of the MAC key).
 #[derive(Clone)]
 pub struct Psk {
     mac: hmac::Key,
-    salt: [u8; 32],
+    salt: Zeroizing<[u8; 32]>,
+}
+
+/// The two ends of a handshake: the NID addresses of the side that connects
+/// and of the side it connects to. Every handshake MAC and the KDF bind both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    /// The connecting side.
+    pub initiator: Ipv4Addr,
+    /// The side connected to.
+    pub responder: Ipv4Addr,
+}
+
+impl Ends {
+    fn bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&self.initiator.octets());
+        b[4..].copy_from_slice(&self.responder.octets());
+        b
+    }
+
+    /// The same two addresses the other way round: what a handshake this side
+    /// sent carries when it comes back to it.
+    pub fn swapped(self) -> Ends {
+        Ends {
+            initiator: self.responder,
+            responder: self.initiator,
+        }
+    }
 }
 
 impl std::fmt::Debug for Psk {
@@ -122,26 +168,27 @@ fn expand(prk: &hkdf::Prk, info: &[&[u8]], out: &mut [u8]) {
 }
 
 impl Psk {
-    /// A PSK from a key file's contents (at least [`MIN_PSK_LEN`] bytes; any
-    /// format, all of it is keying material, e.g. 32 random bytes or their hex).
+    /// A PSK from keying material (at least [`MIN_PSK_LEN`] bytes; the
+    /// engine reads exactly 32 from a key file, see the config's `psk_file`).
     pub fn from_bytes(b: &[u8]) -> Result<Psk, &'static str> {
         if b.len() < MIN_PSK_LEN {
             return Err("shorter than 32 bytes");
         }
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"lu2k psk v1").extract(b);
-        let mut mac = [0u8; 32];
-        expand(&prk, &[b"lu2k handshake mac"], &mut mac);
-        let mut salt = [0u8; 32];
-        expand(&prk, &[b"lu2k kdf salt"], &mut salt);
+        let mut mac = Zeroizing::new([0u8; 32]);
+        expand(&prk, &[b"lu2k handshake mac"], &mut mac[..]);
+        let mut salt = Zeroizing::new([0u8; 32]);
+        expand(&prk, &[b"lu2k kdf salt"], &mut salt[..]);
         Ok(Psk {
-            mac: hmac::Key::new(hmac::HMAC_SHA256, &mac),
+            mac: hmac::Key::new(hmac::HMAC_SHA256, &mac[..]),
             salt,
         })
     }
 
-    fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 16] {
+    fn tag(&self, label: &[u8], ends: Ends, parts: &[&[u8]]) -> [u8; 16] {
         let mut c = hmac::Context::with_key(&self.mac);
         c.update(label);
+        c.update(&ends.bytes());
         for p in parts {
             c.update(p);
         }
@@ -177,6 +224,10 @@ impl Mode {
 /// connect; any key of the list is accepted from the peer (rotation).
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
+    /// This node's NID address: its end of every handshake ([`Ends`]). Peers
+    /// bind the address they dial, so it must be the address they know this
+    /// node by; unset, no handshake authenticates.
+    pub local: Option<Ipv4Addr>,
     /// The network's keys.
     pub net: Vec<Psk>,
     /// Keys of single peers, which replace the network's for them.
@@ -213,10 +264,12 @@ fn aead_key(secret: &[u8; 32]) -> aead::LessSafeKey {
     )
 }
 
-fn next_secret(secret: &[u8; 32]) -> [u8; 32] {
+type Secret = Zeroizing<[u8; 32]>;
+
+fn next_secret(secret: &[u8; 32]) -> Secret {
     let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, secret);
-    let mut out = [0u8; 32];
-    expand(&prk, &[b"lu2k rekey"], &mut out);
+    let mut out = Zeroizing::new([0u8; 32]);
+    expand(&prk, &[b"lu2k rekey"], &mut out[..]);
     out
 }
 
@@ -234,24 +287,26 @@ pub fn dst_socket(d: &[u8]) -> Option<u32> {
 /// The sending half of a connection's keys.
 struct TxKey {
     key: aead::LessSafeKey,
-    secret: [u8; 32],
-    phase: u8,
+    secret: Secret,
+    epoch: u8,
     counter: u64,
     used: u64,
     since_us: u64,
 }
 
 /// The receiving half: the current key, the previous one during its grace
-/// period, the next one ready.
+/// period, the next one ready, and the secrets of the keys after it derived so
+/// far (`ahead[i]`: epoch `epoch + 1 + i`; never empty).
 struct RxKey {
     cur: aead::LessSafeKey,
-    cur_secret: [u8; 32],
-    phase: u8,
-    /// Lowest counter opened under `cur` (older packets of the other phase are
-    /// the previous key's).
+    cur_secret: Secret,
+    epoch: u8,
+    /// Lowest counter opened under `cur` (older packets of the previous epoch
+    /// are the previous key's).
     cur_from: u64,
     prev: Option<(aead::LessSafeKey, u64)>,
     next: aead::LessSafeKey,
+    ahead: Vec<Secret>,
     window: Replay,
 }
 
@@ -274,13 +329,13 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(tx_secret: [u8; 32], rx_secret: [u8; 32], now: u64, limits: Limits) -> Session {
+    fn new(tx_secret: Secret, rx_secret: Secret, now: u64, limits: Limits) -> Session {
         let next = next_secret(&rx_secret);
         Session {
             tx: TxKey {
                 key: aead_key(&tx_secret),
                 secret: tx_secret,
-                phase: 0,
+                epoch: 0,
                 counter: 0,
                 used: 0,
                 since_us: now,
@@ -288,10 +343,11 @@ impl Session {
             rx: RxKey {
                 cur: aead_key(&rx_secret),
                 cur_secret: rx_secret,
-                phase: 0,
+                epoch: 0,
                 cur_from: 0,
                 prev: None,
                 next: aead_key(&next),
+                ahead: vec![next],
                 window: Replay::new(),
             },
             limits,
@@ -304,13 +360,19 @@ impl Session {
         self.tx.counter
     }
 
+    /// Whether a datagram from the peer has opened (the peer holds the keys:
+    /// a repeated handshake after that is nothing the connection needs).
+    pub fn has_opened(&self) -> bool {
+        self.rx.window.any
+    }
+
     fn maybe_rekey(&mut self, now: u64) {
         let l = self.limits;
         let age = now.saturating_sub(self.tx.since_us);
         if (self.tx.used >= l.rekey_packets || age >= l.rekey_us) && age >= 2 * l.grace_us {
             self.tx.secret = next_secret(&self.tx.secret);
             self.tx.key = aead_key(&self.tx.secret);
-            self.tx.phase ^= 1;
+            self.tx.epoch = self.tx.epoch.wrapping_add(1);
             self.tx.used = 0;
             self.tx.since_us = now;
             self.rekeys += 1;
@@ -341,7 +403,7 @@ impl Session {
         let out = &mut out[..len];
         out[..2].copy_from_slice(&SEAL_MARK);
         out[2] = SEAL_VERSION;
-        out[3] = self.tx.phase;
+        out[3] = self.tx.epoch;
         out[4..12].copy_from_slice(&counter.to_be_bytes());
         out[12..16].copy_from_slice(&dst.to_be_bytes());
         let (hdr, rest) = out.split_at_mut(SEAL_HDR);
@@ -374,49 +436,68 @@ impl Session {
         }
         let mut hdr = [0u8; SEAL_HDR];
         hdr.copy_from_slice(&d[..SEAL_HDR]);
-        let phase = hdr[3] & 1;
+        let ahead = hdr[3].wrapping_sub(self.rx.epoch);
         let counter = u64::from_be_bytes(hdr[4..12].try_into().expect("8 bytes"));
         self.rx.window.check(counter)?;
         if self.rx.prev.as_ref().is_some_and(|p| p.1 <= now) {
             self.rx.prev = None;
         }
-        enum Which {
-            Cur,
-            Prev,
-            Next,
-        }
-        let which = if phase == self.rx.phase {
-            Which::Cur
-        } else if self.rx.prev.is_some() && counter < self.rx.cur_from {
-            Which::Prev
-        } else {
-            Which::Next
-        };
-        let key = match which {
-            Which::Cur => &self.rx.cur,
-            Which::Prev => &self.rx.prev.as_ref().expect("checked").0,
-            Which::Next => &self.rx.next,
+        // One key per datagram, the one its epoch names: the current one, the
+        // previous one (its grace period, older counters only), or one of the
+        // next [`MAX_SKIP`].
+        let skipped;
+        let key = match ahead {
+            0 => &self.rx.cur,
+            0xFF => match &self.rx.prev {
+                Some((k, _)) if counter < self.rx.cur_from => k,
+                _ => return Err(Reject::BadTag),
+            },
+            1 => &self.rx.next,
+            n if n <= MAX_SKIP => {
+                while self.rx.ahead.len() < usize::from(n) {
+                    let last = self.rx.ahead.last().expect("never empty");
+                    let s = next_secret(last);
+                    self.rx.ahead.push(s);
+                }
+                skipped = aead_key(&self.rx.ahead[usize::from(n) - 1]);
+                &skipped
+            }
+            _ => return Err(Reject::BadTag),
         };
         let body = &mut d[SEAL_HDR..];
         key.open_in_place(nonce(counter), aead::Aad::from(&hdr[..]), body)
             .map_err(|_| Reject::BadTag)?;
         self.rx.window.mark(counter);
-        match which {
-            Which::Cur => self.rx.cur_from = self.rx.cur_from.min(counter),
-            Which::Prev => {}
-            Which::Next => {
-                let secret = next_secret(&self.rx.cur_secret);
-                let key = aead_key(&secret);
-                let old = std::mem::replace(&mut self.rx.cur, key);
-                self.rx.next = aead_key(&next_secret(&secret));
-                self.rx.cur_secret = secret;
-                self.rx.prev = Some((old, now.saturating_add(self.limits.grace_us)));
-                self.rx.phase ^= 1;
-                self.rx.cur_from = counter;
-                self.rekeys += 1;
-            }
+        match ahead {
+            0 => self.rx.cur_from = self.rx.cur_from.min(counter),
+            0xFF => {}
+            n => self.move_rx(now, n, counter),
         }
         Ok(())
+    }
+
+    /// The receiver follows the sender `n` keys forward (a datagram under that
+    /// key opened at `counter`); the key just before becomes the previous one.
+    fn move_rx(&mut self, now: u64, n: u8, counter: u64) {
+        let n = usize::from(n);
+        if self.rx.ahead.len() == n {
+            let s = next_secret(&self.rx.ahead[n - 1]);
+            self.rx.ahead.push(s);
+        }
+        let passed: Vec<Secret> = self.rx.ahead.drain(..n).collect();
+        let cur = aead_key(&passed[n - 1]);
+        let prev = if n == 1 {
+            std::mem::replace(&mut self.rx.cur, cur)
+        } else {
+            self.rx.cur = cur;
+            aead_key(&passed[n - 2])
+        };
+        self.rx.next = aead_key(&self.rx.ahead[0]);
+        self.rx.cur_secret = passed.into_iter().next_back().expect("n >= 1");
+        self.rx.prev = Some((prev, now.saturating_add(self.limits.grace_us)));
+        self.rx.epoch = self.rx.epoch.wrapping_add(n as u8);
+        self.rx.cur_from = counter;
+        self.rekeys += n as u64;
     }
 }
 
@@ -509,6 +590,7 @@ fn tag_ok(a: &[u8; 16], b: &[u8; 16]) -> bool {
 /// The handshake state of the connecting side.
 pub struct Client {
     psk: Psk,
+    ends: Ends,
     eph: Option<agreement::EphemeralPrivateKey>,
     public: [u8; 32],
     server: Option<[u8; 32]>,
@@ -532,8 +614,9 @@ pub enum ClientGot {
 }
 
 impl Client {
-    /// A fresh ephemeral key for a connection that connects with `psk`.
-    pub fn new(psk: Psk) -> Client {
+    /// A fresh ephemeral key for a connection that connects with `psk`, from
+    /// `ends.initiator` (this node) to `ends.responder` (the peer dialled).
+    pub fn new(psk: Psk, ends: Ends) -> Client {
         let rng = rand::SystemRandom::new();
         let eph = agreement::EphemeralPrivateKey::generate(&agreement::X25519, &rng)
             .expect("X25519 key generation");
@@ -541,6 +624,7 @@ impl Client {
         public.copy_from_slice(eph.compute_public_key().expect("X25519").as_ref());
         Client {
             psk,
+            ends,
             eph: Some(eph),
             public,
             server: None,
@@ -549,7 +633,16 @@ impl Client {
 
     /// The trailer of one of the client's handshakes (`hs`, 64 bytes).
     pub fn trailer(&self, hs: &[u8]) -> [u8; HS_EXT] {
-        trailer(&self.public, self.psk.tag(b"c", &[hs, &self.public]))
+        trailer(
+            &self.public,
+            self.psk.tag(b"c", self.ends, &[hs, &self.public]),
+        )
+    }
+
+    /// The client's ephemeral public key (a listener refuses a handshake that
+    /// carries one of its own clients' keys).
+    pub fn public(&self) -> [u8; 32] {
+        self.public
     }
 
     /// Checks a handshake reply (`d`, with trailer) and, from the server's
@@ -557,10 +650,10 @@ impl Client {
     pub fn on_reply(&mut self, d: &[u8], now: u64, limits: Limits) -> Option<ClientGot> {
         let (hs, key, tag) = split_hs(d)?;
         if key == [0; 32] {
-            let want = self.psk.tag(b"l", &[hs, &self.public]);
+            let want = self.psk.tag(b"l", self.ends, &[hs, &self.public]);
             return tag_ok(&want, &tag).then_some(ClientGot::Cookie);
         }
-        let want = self.psk.tag(b"s", &[hs, &self.public, &key]);
+        let want = self.psk.tag(b"s", self.ends, &[hs, &self.public, &key]);
         if !tag_ok(&want, &tag) {
             return None;
         }
@@ -571,7 +664,7 @@ impl Client {
         let eph = self.eph.take()?;
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, key);
         let (c2s, s2c) = agreement::agree_ephemeral(eph, peer, (), |dh| {
-            Ok(derive(&self.psk, dh, &self.public, &key))
+            Ok(derive(&self.psk, self.ends, dh, &self.public, &key))
         })
         .ok()?;
         self.server = Some(key);
@@ -581,43 +674,53 @@ impl Client {
     }
 }
 
-fn derive(psk: &Psk, dh: &[u8], client: &[u8; 32], server: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.salt).extract(dh);
-    let mut c2s = [0u8; 32];
-    let mut s2c = [0u8; 32];
-    expand(&prk, &[b"lu2k v1 c2s", client, server], &mut c2s);
-    expand(&prk, &[b"lu2k v1 s2c", client, server], &mut s2c);
+fn derive(
+    psk: &Psk,
+    ends: Ends,
+    dh: &[u8],
+    client: &[u8; 32],
+    server: &[u8; 32],
+) -> (Secret, Secret) {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.salt[..]).extract(dh);
+    let mut c2s = Zeroizing::new([0u8; 32]);
+    let mut s2c = Zeroizing::new([0u8; 32]);
+    let e = ends.bytes();
+    expand(&prk, &[b"lu2k v2 c2s", &e, client, server], &mut c2s[..]);
+    expand(&prk, &[b"lu2k v2 s2c", &e, client, server], &mut s2c[..]);
     (c2s, s2c)
 }
 
-/// A client handshake (`d`, with trailer) checked against `keys`: the index of
-/// the key that authenticates it, and the client's public key.
-pub fn check_client_hs(keys: &[Psk], d: &[u8]) -> Option<(usize, [u8; 32])> {
+/// A client handshake (`d`, with trailer) checked against `keys` as one
+/// between `ends` (the listener passes the datagram's source and itself): the
+/// index of the key that authenticates it, and the client's public key.
+pub fn check_client_hs(keys: &[Psk], ends: Ends, d: &[u8]) -> Option<(usize, [u8; 32])> {
     let (hs, key, tag) = split_hs(d)?;
     keys.iter()
-        .position(|p| tag_ok(&p.tag(b"c", &[hs, &key]), &tag))
+        .position(|p| tag_ok(&p.tag(b"c", ends, &[hs, &key]), &tag))
         .map(|i| (i, key))
 }
 
 /// The listener's trailer for its cookie reply `hs` to a client whose public
-/// key is `client`.
-pub fn listener_trailer(psk: &Psk, hs: &[u8], client: &[u8; 32]) -> [u8; HS_EXT] {
-    trailer(&[0; 32], psk.tag(b"l", &[hs, client]))
+/// key is `client`, the handshake being between `ends`.
+pub fn listener_trailer(psk: &Psk, ends: Ends, hs: &[u8], client: &[u8; 32]) -> [u8; HS_EXT] {
+    trailer(&[0; 32], psk.tag(b"l", ends, &[hs, client]))
 }
 
 /// The handshake state of the accepting side.
 #[derive(Debug)]
 pub struct Server {
     psk: Psk,
+    ends: Ends,
     client: [u8; 32],
     public: [u8; 32],
 }
 
 impl Server {
-    /// Answers client key `client` (authenticated with `psk`): the server's
-    /// state and the session.
+    /// Answers client key `client` (authenticated with `psk` as a handshake
+    /// between `ends`): the server's state and the session.
     pub fn accept(
         psk: Psk,
+        ends: Ends,
         client: [u8; 32],
         now: u64,
         limits: Limits,
@@ -627,12 +730,14 @@ impl Server {
         let mut public = [0u8; 32];
         public.copy_from_slice(eph.compute_public_key().ok()?.as_ref());
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, client);
-        let (c2s, s2c) =
-            agreement::agree_ephemeral(eph, peer, (), |dh| Ok(derive(&psk, dh, &client, &public)))
-                .ok()?;
+        let (c2s, s2c) = agreement::agree_ephemeral(eph, peer, (), |dh| {
+            Ok(derive(&psk, ends, dh, &client, &public))
+        })
+        .ok()?;
         Some((
             Server {
                 psk,
+                ends,
                 client,
                 public,
             },
@@ -644,7 +749,8 @@ impl Server {
     pub fn trailer(&self, hs: &[u8]) -> [u8; HS_EXT] {
         trailer(
             &self.public,
-            self.psk.tag(b"s", &[hs, &self.client, &self.public]),
+            self.psk
+                .tag(b"s", self.ends, &[hs, &self.client, &self.public]),
         )
     }
 
@@ -652,7 +758,7 @@ impl Server {
     /// and authenticates.
     pub fn same_client(&self, d: &[u8]) -> bool {
         split_hs(d).is_some_and(|(hs, key, tag)| {
-            key == self.client && tag_ok(&self.psk.tag(b"c", &[hs, &key]), &tag)
+            key == self.client && tag_ok(&self.psk.tag(b"c", self.ends, &[hs, &key]), &tag)
         })
     }
 }
@@ -665,14 +771,19 @@ mod tests {
         Psk::from_bytes(&[b; 32]).unwrap()
     }
 
+    const ENDS: Ends = Ends {
+        initiator: Ipv4Addr::new(10, 0, 0, 1),
+        responder: Ipv4Addr::new(10, 0, 0, 2),
+    };
+
     fn pair(limits: Limits) -> (Box<Session>, Box<Session>) {
-        let mut c = Client::new(psk(7));
+        let mut c = Client::new(psk(7), ENDS);
         let hs = [1u8; HS_LEN];
         let mut d = hs.to_vec();
         d.extend_from_slice(&c.trailer(&hs));
-        let (i, ck) = check_client_hs(&[psk(1), psk(7)], &d).expect("authentic");
+        let (i, ck) = check_client_hs(&[psk(1), psk(7)], ENDS, &d).expect("authentic");
         assert_eq!(i, 1);
-        let (srv, ss) = Server::accept(psk(7), ck, 0, limits).unwrap();
+        let (srv, ss) = Server::accept(psk(7), ENDS, ck, 0, limits).unwrap();
         let mut r = [2u8; HS_LEN].to_vec();
         r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
         let Some(ClientGot::Server(Some(cs))) = c.on_reply(&r, 0, limits) else {
@@ -718,24 +829,59 @@ mod tests {
     }
 
     #[test]
-    fn wrong_psk_is_refused_both_ways() {
-        let c = Client::new(psk(7));
+    fn a_handshake_authenticates_only_between_its_two_ends() {
+        let third = Ipv4Addr::new(10, 0, 0, 3);
+        let mut c = Client::new(psk(7), ENDS);
         let hs = [1u8; HS_LEN];
         let mut d = hs.to_vec();
         d.extend_from_slice(&c.trailer(&hs));
-        assert!(check_client_hs(&[psk(8)], &d).is_none());
+        assert!(check_client_hs(&[psk(7)], ENDS, &d).is_some());
+        // Reflected back to the client's node as if from the responder.
+        assert!(check_client_hs(&[psk(7)], ENDS.swapped(), &d).is_none());
+        // Relayed to a third node that holds the same key.
+        let relayed = Ends {
+            responder: third,
+            ..ENDS
+        };
+        assert!(check_client_hs(&[psk(7)], relayed, &d).is_none());
+        // A server that took the handshake as from another initiator: the
+        // client refuses its reply, and the cookie of such a listener.
+        let other = Ends {
+            initiator: third,
+            ..ENDS
+        };
+        let (srv, _) = Server::accept(psk(7), other, c.public, 0, Limits::default()).unwrap();
+        let mut r = [2u8; HS_LEN].to_vec();
+        r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
+        assert!(c.on_reply(&r, 0, Limits::default()).is_none());
+        let mut l = [3u8; HS_LEN].to_vec();
+        l.extend_from_slice(&listener_trailer(&psk(7), other, &[3u8; HS_LEN], &c.public));
+        assert!(c.on_reply(&l, 0, Limits::default()).is_none());
+        // The client's own role reversed: its key is not a server's reply.
+        let mut own = [2u8; HS_LEN].to_vec();
+        own.extend_from_slice(&c.trailer(&[2u8; HS_LEN]));
+        assert!(c.on_reply(&own, 0, Limits::default()).is_none());
+    }
+
+    #[test]
+    fn wrong_psk_is_refused_both_ways() {
+        let c = Client::new(psk(7), ENDS);
+        let hs = [1u8; HS_LEN];
+        let mut d = hs.to_vec();
+        d.extend_from_slice(&c.trailer(&hs));
+        assert!(check_client_hs(&[psk(8)], ENDS, &d).is_none());
         // A server with another PSK: the client refuses its reply.
-        let mut c = Client::new(psk(7));
-        let (srv, _) = Server::accept(psk(8), c.public, 0, Limits::default()).unwrap();
+        let mut c = Client::new(psk(7), ENDS);
+        let (srv, _) = Server::accept(psk(8), ENDS, c.public, 0, Limits::default()).unwrap();
         let mut r = [2u8; HS_LEN].to_vec();
         r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
         assert!(c.on_reply(&r, 0, Limits::default()).is_none());
         // A listener cookie for another client's key is refused too.
         let mut l = [3u8; HS_LEN].to_vec();
-        l.extend_from_slice(&listener_trailer(&psk(7), &[3u8; HS_LEN], &[5; 32]));
+        l.extend_from_slice(&listener_trailer(&psk(7), ENDS, &[3u8; HS_LEN], &[5; 32]));
         assert!(c.on_reply(&l, 0, Limits::default()).is_none());
         let mut l = [3u8; HS_LEN].to_vec();
-        l.extend_from_slice(&listener_trailer(&psk(7), &[3u8; HS_LEN], &c.public));
+        l.extend_from_slice(&listener_trailer(&psk(7), ENDS, &[3u8; HS_LEN], &c.public));
         assert!(matches!(
             c.on_reply(&l, 0, Limits::default()),
             Some(ClientGot::Cookie)
@@ -805,5 +951,50 @@ mod tests {
         }
         assert_eq!(c2.rekeys, 1);
         assert_eq!(s2.open(9_000, &mut old.clone()), Err(Reject::BadTag));
+    }
+
+    #[test]
+    fn after_an_outage_of_several_key_periods_the_receiver_follows() {
+        let limits = Limits {
+            rekey_packets: u64::MAX,
+            rekey_us: 1_000,
+            grace_us: 100,
+        };
+        let (mut c, mut s) = pair(limits);
+        s.open(0, &mut seal(&mut c, 0, b"before")).unwrap();
+        // Five key periods with nothing delivered: the sender changed keys
+        // five times (keep-alives), the receiver saw none of it.
+        for t in 1..=5u64 {
+            let _lost = seal(&mut c, t * 1_000, b"lost");
+        }
+        assert_eq!(c.rekeys, 5);
+        let late = seal(&mut c, 5_050, b"after");
+        s.open(5_100, &mut late.clone())
+            .expect("five keys ahead opens");
+        assert_eq!(s.rekeys, 5);
+        // And the connection goes on: the next key change is followed too.
+        s.open(6_000, &mut seal(&mut c, 6_000, b"next")).unwrap();
+        assert_eq!((c.rekeys, s.rekeys), (6, 6));
+        // Further ahead than a receiver follows: refused, nothing changes.
+        let (mut c2, mut s2) = pair(limits);
+        for t in 1..=u64::from(MAX_SKIP) + 1 {
+            let _lost = seal(&mut c2, t * 1_000, b"lost");
+        }
+        let far = seal(&mut c2, 100_000, b"far");
+        assert_eq!(s2.open(100_000, &mut far.clone()), Err(Reject::BadTag));
+        assert_eq!(s2.rekeys, 0);
+    }
+
+    #[test]
+    fn a_forged_epoch_changes_nothing() {
+        let (mut c, mut s) = pair(Limits::default());
+        let good = seal(&mut c, 0, b"x");
+        for e in [1u8, 2, 17, MAX_SKIP, 0xFF] {
+            let mut f = seal(&mut c, 0, b"x");
+            f[3] = e;
+            assert_eq!(s.open(0, &mut f), Err(Reject::BadTag), "epoch {e}");
+        }
+        assert_eq!(s.rekeys, 0);
+        s.open(0, &mut good.clone()).unwrap();
     }
 }

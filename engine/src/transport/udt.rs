@@ -78,6 +78,9 @@ const HEARD_GRAIN_US: u64 = 1_000;
 const RX_STALL_US: (u64, u64) = (2_000_000, 30_000_000);
 /// At most one log line per this long (µs) about refused plain datagrams.
 const WARN_EVERY_US: u64 = 10_000_000;
+/// A server connection answers its client's repeated handshake at most once
+/// per this long (µs; the client repeats every 250 ms).
+const HS_ANSWER_US: u64 = 200_000;
 
 /// Settings of one core's UDT transport.
 #[derive(Debug, Clone)]
@@ -141,6 +144,8 @@ struct ConnEntry {
     hs: Hs,
     /// The connection's keys, once the handshake agreed them.
     session: Option<Box<Session>>,
+    /// When a repeated client handshake was last answered (server side).
+    hs_answered_at: Option<u64>,
 }
 
 /// A connection's part in the sealed handshake.
@@ -164,6 +169,7 @@ impl ConnEntry {
             progress_at: now,
             hs: Hs::None,
             session: None,
+            hs_answered_at: None,
         }
     }
 }
@@ -338,6 +344,13 @@ impl Udt {
     ) -> Udt {
         self.p.udt.mss = self.p.udt.mss.saturating_sub(OVERHEAD as u32);
         self.rebuild_listener();
+        if keys.local.is_none() {
+            tracing::warn!(
+                core = self.p.core,
+                "the sealed wire has no local NID address: no handshake will authenticate \
+                 (set bind = this node's NID address)"
+            );
+        }
         let free = (0..scratch.slots()).rev().collect();
         self.sec = Some(Box::new(Security {
             keys,
@@ -608,8 +621,14 @@ impl Udt {
         let mut entry = ConnEntry::new(conn, ip, Dir::Tx, now);
         if let Some(sec) = &self.sec {
             // The peer's first key connects (any of its keys is accepted from it).
+            let ends = seal::Ends {
+                initiator: sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                responder: ip,
+            };
             match sec.keys.for_peer(ip).first() {
-                Some(psk) => entry.hs = Hs::Client(Box::new(seal::Client::new(psk.clone()))),
+                Some(psk) => {
+                    entry.hs = Hs::Client(Box::new(seal::Client::new(psk.clone(), ends)));
+                }
                 None => {
                     // No key for this peer: the connection cannot be sealed;
                     // closed at once, it fails its messages back.
@@ -1418,29 +1437,73 @@ impl Udt {
             }
             return self.feed(now, dst, &d[..HS_LEN], hs_ext);
         }
-        // To the listener, or a client repeating its handshake.
-        let keys = self.sec.as_ref().expect("sealed wire").keys.for_peer(ip);
-        let Some((k, _)) = seal::check_client_hs(keys, d) else {
-            self.reject(ip, "bad_handshake");
+        // To the listener, or a client repeating its handshake: authentic
+        // only as one from its source to this node.
+        let sec = self.sec.as_ref().expect("sealed wire");
+        let local = sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let ends = seal::Ends {
+            initiator: ip,
+            responder: local,
+        };
+        let keys = sec.keys.for_peer(ip);
+        let checked = if ip == local {
+            None
+        } else {
+            seal::check_client_hs(keys, ends, d)
+        };
+        let Some((k, _)) = checked else {
+            // One of this node's own handshakes coming back (it authenticates
+            // the other way round), or a forgery.
+            let own = ip == local || seal::check_client_hs(keys, ends.swapped(), d).is_some();
+            let why = if own {
+                "reflected_handshake"
+            } else {
+                "bad_handshake"
+            };
+            self.reject(ip, why);
             return false;
         };
         let psk = keys[k].clone();
+        // The key of one of this node's own connecting clients: its own
+        // handshake, whoever relayed it.
+        if self
+            .conns
+            .values()
+            .any(|e| matches!(&e.hs, Hs::Client(c) if c.public() == client_key))
+        {
+            self.reject(ip, "reflected_handshake");
+            return false;
+        }
         let hs_bytes = &d[..HS_LEN];
         if let Some(id) = udt::handshake_socket_id(hs_bytes) {
             if let Some(&sock) = self.rx_by_peer.get(&(ip, id)) {
-                if let Some(e) = self.conns.get(&sock).filter(|e| !e.conn.is_closed()) {
-                    if matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
-                        return self.feed(now, sock, hs_bytes, hs_ext);
+                if let Some(e) = self.conns.get_mut(&sock).filter(|e| !e.conn.is_closed()) {
+                    if !matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
+                        self.reject(ip, "bad_handshake");
+                        return false;
                     }
-                    self.reject(ip, "bad_handshake");
-                    return false;
+                    // The client repeats its request while our reply is lost.
+                    // Once a sealed datagram of the client opened, it has the
+                    // keys: a repetition is a replay. Before, one answer per
+                    // retry interval; never news of the peer (anyone can
+                    // replay a handshake it saw, only the peer can seal).
+                    let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
+                    let recent = e
+                        .hs_answered_at
+                        .is_some_and(|t| now.saturating_sub(t) < HS_ANSWER_US);
+                    if opened || recent {
+                        self.reject(ip, "replayed_handshake");
+                        return false;
+                    }
+                    e.hs_answered_at = Some(now);
+                    return e.conn.handle_datagram(now, hs_bytes, hs_ext);
                 }
             }
         }
         let bad_cookies = self.listener.stats().refused_bad_cookie;
         match self.listener.handle(now, SocketAddr::V4(from), hs_bytes) {
             ListenerOutput::Reply(h) => {
-                let ext = seal::listener_trailer(&psk, h.as_bytes(), &client_key);
+                let ext = seal::listener_trailer(&psk, ends, h.as_bytes(), &client_key);
                 self.push_backlog_from(
                     from,
                     0,
@@ -1457,7 +1520,7 @@ impl Udt {
                 self.accept(now, ip, *conn);
                 let ok = fresh && self.conns.contains_key(&sock);
                 if ok {
-                    match seal::Server::accept(psk, client_key, now, limits) {
+                    match seal::Server::accept(psk, ends, client_key, now, limits) {
                         Some((srv, session)) => {
                             let e = self.conns.get_mut(&sock).expect("accepted");
                             e.hs = Hs::Server(Box::new(srv));
@@ -1548,9 +1611,14 @@ impl Udt {
             self.drop_one(r);
             return;
         }
-        // A response with a valid cookie: the address answered us.
+        // A response with a valid cookie: the address answered us. On the
+        // sealed wire only a datagram that opens is news of the peer (a
+        // handshake can be a replay).
+        let sealed = self.sec.is_some();
         let p = self.peer_for(ip);
-        p.last_heard = p.last_heard.max(now);
+        if !sealed {
+            p.last_heard = p.last_heard.max(now);
+        }
         self.rx_by_peer.insert((ip, conn.peer_socket_id()), sock);
         self.conns
             .insert(sock, ConnEntry::new(conn, ip, Dir::Rx, now));

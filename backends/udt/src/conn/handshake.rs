@@ -108,8 +108,8 @@ impl Connection {
                 // Our response was lost: the client keeps asking, with the
                 // cookie that validated its address (UDT4's client repeats
                 // its request with the cookie once it has one). Anything
-                // else is not answered: a reply only to what proved it.
-                self.heard(now);
+                // else is not answered: a reply only to what proved it. Not
+                // news of the peer: anyone who saw the request can repeat it.
                 self.queue_handshake(self.peer_id);
             }
             _ => self.stats.count_drop(DropCause::BadHandshake),
