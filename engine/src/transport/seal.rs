@@ -986,6 +986,20 @@ mod tests {
     }
 
     #[test]
+    fn the_default_key_changes_after_two_to_the_23_packets() {
+        // RFC 9001 §6.6: AES-GCM's confidentiality limit for a key is 2^23
+        // full-size packets.
+        let (mut c, mut s) = pair(Limits::default());
+        // Past the time floor (twice the grace period), short of the age limit.
+        let now = 2 * Limits::default().grace_us;
+        c.tx.used = (1 << 23) - 1;
+        s.open(now, &mut seal(&mut c, now, b"last")).unwrap();
+        assert_eq!(c.rekeys, 0);
+        s.open(now, &mut seal(&mut c, now, b"next key")).unwrap();
+        assert_eq!((c.rekeys, s.rekeys), (1, 1));
+    }
+
+    #[test]
     fn a_forged_epoch_changes_nothing() {
         let (mut c, mut s) = pair(Limits::default());
         let good = seal(&mut c, 0, b"x");
