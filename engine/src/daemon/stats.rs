@@ -57,8 +57,10 @@ pub struct PeerStats {
     pub security: String,
     /// Datagrams from the peer's address the sealed wire refused, by reason
     /// (`bad_tag`, `replay`, `unknown_connection`, `unvalidated_address`,
-    /// `plain_refused`, `bad_handshake`, `handshake_refused`: the listener's rate
-    /// limits and caps).
+    /// `plain_refused`, `bad_handshake`, `reflected_handshake` (this node's own
+    /// handshake sent back to it), `replayed_handshake` (a client handshake
+    /// repeated once its connection's keys are in use, or within 200 ms),
+    /// `handshake_refused`: the listener's rate limits and caps).
     #[serde(default)]
     pub rejected: BTreeMap<String, u64>,
     /// Key changes of the peer's connections, both directions.
