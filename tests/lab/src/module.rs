@@ -428,6 +428,7 @@ fn hostile(fd: BorrowedFd<'_>, instance: u32) -> anyhow::Result<String> {
             bad_rx: s.bad_rx,
             rx_msgs: s.rx_msgs,
             tx_ok: s.tx_ok,
+            index_refusals: s.bad_index,
         })
     })?;
     drop(att);
@@ -449,6 +450,9 @@ struct Counters {
     bad_rx: u64,
     rx_msgs: u64,
     tx_ok: u64,
+    /// Impossible ring indices refused: the module counts them and follows none;
+    /// userspace kshim ends the session (`engines_gone`).
+    index_refusals: u64,
 }
 
 /// The hostile-engine suite, for any producer of the ABI: attached as `att`, writes
@@ -466,6 +470,11 @@ fn hostile_checks(
         to_kshim: Some(att.to_kshim[0].try_clone()?),
     };
     let mut core = region.engine_core(0, fds)?;
+    // A second mapping with its own handles on core 0, made before anything is pushed:
+    // its producer indices go stale, and a push through them later moves the shared
+    // producer indices backwards (an impossible index).
+    let region2 = att.region()?;
+    let mut stale = region2.engine_core(0, Eventfds::none())?;
     att.ack(0)?;
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let mut rnd = move || {
@@ -603,8 +612,38 @@ fn hostile_checks(
         s.rx_msgs == before.rx_msgs && s.tx_ok == before.tx_ok,
         "hostile engine: garbage was taken as messages or completions"
     );
+    let stale_done = TxCompletion {
+        cookie: 1,
+        status: 0,
+        detail: 0,
+    };
+    ensure!(
+        stale.tx_done.push(stale_done)?,
+        "stale completion ring full"
+    );
+    ensure!(
+        stale
+            .rx
+            .push(RxDesc::inline(u64::MAX, 1, [0; LNET_HDR_LEN], &[]))?,
+        "stale RX ring full"
+    );
+    rustix::io::write(&kick, &1u64.to_ne_bytes())?;
+    let t = Instant::now();
+    let after = loop {
+        let a = counters()?;
+        if a.index_refusals > s.index_refusals || t.elapsed() > Duration::from_secs(10) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(
+        after.index_refusals > s.index_refusals
+            && after.rx_msgs == before.rx_msgs
+            && after.tx_ok == before.tx_ok,
+        "hostile engine: producer indices moved backwards were not refused within 10 s"
+    );
     Ok(format!(
-        "hostile engine: {bc} garbage completions and {br} garbage RX descriptors refused and counted, {tokens} tokens returned"
+        "hostile engine: {bc} garbage completions and {br} garbage RX descriptors refused and counted, {tokens} tokens returned, indices moved backwards refused"
     ))
 }
 
@@ -727,6 +766,7 @@ fn user_kshim_hostile() -> anyhow::Result<String> {
             bad_rx: s.bad_rx,
             rx_msgs: s.rx,
             tx_ok: s.tx_ok,
+            index_refusals: s.engines_gone,
         })
     });
     drop(att);
