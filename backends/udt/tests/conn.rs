@@ -774,3 +774,29 @@ fn light_acks_are_at_most_one_per_100_us() {
     assert!(light <= span / 100 + 1, "{light} light ACKs in {span} µs");
     assert!(light > 0);
 }
+
+#[test]
+fn an_idle_connection_wakes_only_for_keepalives() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 12);
+    p.connect();
+    p.send(0, 50_000, None);
+    p.run(p.now + 2_000_000, |p| !p.acked().is_empty());
+    assert_eq!(p.acked(), vec![0]);
+    // A second after their last full ACK both ends' ACK timers stop: in 10 s of
+    // quiet the pair wakes for keep-alives only (each end's EXP, a few a
+    // second), not for a 10 ms ACK timer (2 000 wake-ups).
+    p.run(p.now + 2_000_000, |_| false);
+    let mut instants = 0u32;
+    p.run(p.now + 10_000_000, |_| {
+        instants += 1;
+        false
+    });
+    assert!(instants < 200, "{instants} wake-ups in 10 s idle");
+    assert!(p.client.is_connected() && p.server.as_ref().unwrap().is_connected());
+    // Work after the quiet is acknowledged as promptly as before it.
+    let t0 = p.now;
+    p.send(1, 50_000, None);
+    p.run(p.now + 2_000_000, |p| p.acked().len() == 2);
+    assert_eq!(p.acked(), vec![0, 1]);
+    assert!(p.now - t0 < 200_000, "acked after {} us", p.now - t0);
+}

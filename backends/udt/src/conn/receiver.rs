@@ -202,6 +202,7 @@ impl Connection {
     }
 
     fn handle_data(&mut self, now: Time, h: &DataHeader, ext: Extent) -> bool {
+        self.catch_up_ack_timer(now);
         self.heard(now);
         self.stats.pkts_received += 1;
         self.rx.pkt_count += 1;

@@ -162,6 +162,9 @@ impl Connection {
         }
         let len = len as u32;
         let npkts = len.div_ceil(self.payload_size);
+        // The connection may leave its idle state here: first replay the ACK
+        // timer's fires skipped while it was idle (see `timers`).
+        self.catch_up_ack_timer(now);
         let msg_no = self.tx.next_msg_no;
         self.tx.next_msg_no = if msg_no.get() == MsgNo::MAX {
             MsgNo::new(1)

@@ -16,6 +16,9 @@ const LIGHT_ACK_PKTS: u32 = 64;
 /// sender, for a window that a light ACK every 100 µs already keeps moving
 /// (every 300 packets at 3 M packets/s).
 const LIGHT_ACK_MIN_GAP_US: u64 = 100;
+/// How long after its last full ACK an idle connection's ACK timer stops,
+/// microseconds.
+const ACK_IDLE_US: u64 = 1_000_000;
 /// Least EXP interval while no RTT has been measured (RFC 6298's initial RTO).
 const INITIAL_EXP_US: u64 = 1_000_000;
 
@@ -42,7 +45,18 @@ impl Connection {
     /// When the established connection's next timer is due (or its next
     /// data packet, for pacing).
     pub(super) fn connected_deadline(&self) -> Time {
-        let mut t = self.rx.next_ack_time;
+        // An idle connection (see `ack_idle`) stops its ACK timer a second after
+        // its last full ACK (or its start): an idle peer wakes for nothing but its keep-alive
+        // (EXP). The fires it skips would have found nothing to acknowledge;
+        // `catch_up_ack_timer` replays them when work comes. Within the second
+        // (a pause in a transfer) the timer runs on.
+        let acked = self.ack_idle()
+            && self.rx.next_ack_time > self.rx.last_ack_time.max(self.start) + ACK_IDLE_US;
+        let mut t = if acked {
+            Time::MAX
+        } else {
+            self.rx.next_ack_time
+        };
         if !self.rx.lost.is_empty() {
             t = t.min(self.rx.next_nak_time);
         }
@@ -120,6 +134,33 @@ impl Connection {
         self.last_rsp = now;
     }
 
+    /// The connection is idle: everything received is acknowledged and the
+    /// peer confirmed it (ACK2), and nothing is unsent or unacknowledged on our
+    /// side. The ACK timer has nothing to do. (A sender keeps it: its fires are
+    /// also the polls its pacing is released on.)
+    fn ack_idle(&self) -> bool {
+        self.rx.lost.is_empty()
+            && self.rx.next == self.rx.last_ack_ack
+            && self.tx.next == self.tx.una
+            && !self.tx.has_unsent()
+    }
+
+    /// Replays the ACK timer's fires skipped while the connection was idle
+    /// (see `connected_deadline`), before anything changes that: each would
+    /// have found nothing to acknowledge and only moved the timer on by a SYN
+    /// and restarted the light-ACK count. The timer so keeps its SYN grid, and
+    /// a packet after a quiet is acknowledged when it would have been had the
+    /// timer woken the connection all along.
+    pub(super) fn catch_up_ack_timer(&mut self, now: Time) {
+        if self.state != State::Connected || !self.ack_idle() || now <= self.rx.next_ack_time {
+            return;
+        }
+        let fires = (now - self.rx.next_ack_time).div_ceil(SYN_US);
+        self.rx.next_ack_time += fires * SYN_US;
+        self.rx.pkt_count = 0;
+        self.rx.light_count = 1;
+    }
+
     /// The ACK timer: a full ACK every SYN, a light ACK every
     /// [`LIGHT_ACK_PKTS`] packets between (at most one per
     /// [`LIGHT_ACK_MIN_GAP_US`]).
@@ -127,6 +168,7 @@ impl Connection {
         if self.state != State::Connected {
             return;
         }
+        self.catch_up_ack_timer(now);
         if now >= self.rx.next_ack_time {
             self.send_ack(now, false);
             self.rx.next_ack_time = now + SYN_US;
