@@ -28,8 +28,15 @@
 //! | `Shutdown` | `-ESHUTDOWN` | `LOCAL_ABORTED` | yes |
 //!
 //! `EngineGone` and `Shutdown` are local aborts: lu2k's own transport went away
-//! under the message, the network and the peer are not to blame (their health is
-//! left alone) and a new engine can carry the resend. `TimedOut` stays
+//! under the message, the network and the peer are not to blame (the peer's
+//! health is left alone) and a new engine can carry the resend. The local NI does
+//! pay: on a node with more than one interface, every `LOCAL_*` completion calls
+//! `lnet_handle_local_failure()`, which lowers the lu2k NI's health by
+//! `lnet_health_sensitivity` (default 100 of 1000) and queues it for recovery
+//! pings, so an engine crash with 10 or more messages in flight takes the NI's
+//! health to 0 and LNet prefers the node's other interfaces until the pings
+//! restore it. On a single-interface node LNet skips local health (and local
+//! resends) altogether. `TimedOut` stays
 //! unresent as in `ksocklnd`: the peer may hold the message, and a resend is the
 //! RPC layer's decision. An invalid descriptor is a bug, not a condition to retry.
 

@@ -515,6 +515,9 @@ pub fn send_small(sock: BorrowedFd<'_>, b: &[u8]) -> Result<(), Error> {
     }
 }
 
+/// How long [`connect`] waits for HELLO once kshim accepted.
+const HELLO_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Engine side: connects to kshim at `path` and receives HELLO with its descriptors.
 /// The returned socket is blocking; the caller sends ACK once the region is mapped.
 pub fn connect(path: &Path) -> Result<Attachment, Error> {
@@ -527,6 +530,10 @@ pub fn connect(path: &Path) -> Result<Attachment, Error> {
     .map_err(io("socket"))?;
     let addr = SocketAddrUnix::new(path).map_err(io("socket path"))?;
     net::connect(&sock, &addr).map_err(io("connect"))?;
+    // kshim sends HELLO from its poll loop as soon as it accepts; a kshim that
+    // accepted and stays silent must not hold the engine (and its SIGTERM) forever.
+    net::sockopt::set_socket_timeout(&sock, net::sockopt::Timeout::Recv, Some(HELLO_WAIT))
+        .map_err(io("setsockopt SO_RCVTIMEO"))?;
     let mut msg = [0u8; HELLO_MAX_LEN];
     let mut space =
         vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1 + 2 * MAX_CORES as usize))];
@@ -539,9 +546,16 @@ pub fn connect(path: &Path) -> Result<Attachment, Error> {
             RecvFlags::CMSG_CLOEXEC,
         ) {
             Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(Error::Protocol(
+                    "kshim accepted the connection but sent no HELLO within 5 s: is it stuck?",
+                ))
+            }
             r => break r.map_err(io("recvmsg HELLO"))?,
         }
     };
+    net::sockopt::set_socket_timeout(&sock, net::sockopt::Timeout::Recv, None)
+        .map_err(io("setsockopt SO_RCVTIMEO"))?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     for m in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(it) = m {
@@ -1081,6 +1095,26 @@ mod tests {
         );
         assert!("device:".parse::<Endpoint>().is_err());
         assert!("".parse::<Endpoint>().is_err());
+    }
+
+    /// A kshim that takes the connection and says nothing holds the engine for
+    /// the HELLO wait only, and the error says what happened.
+    #[test]
+    fn silent_kshim_times_out() {
+        let path =
+            std::env::temp_dir().join(format!("lu2k-silent-kshim-{}.sock", std::process::id()));
+        let _listener = listen(&path).unwrap();
+        let t0 = std::time::Instant::now();
+        let Err(e) = connect(&path) else {
+            panic!("an attachment without a HELLO");
+        };
+        let waited = t0.elapsed();
+        let _ = std::fs::remove_file(&path);
+        assert!(e.to_string().contains("sent no HELLO"), "{e}");
+        assert!(
+            waited >= HELLO_WAIT && waited < HELLO_WAIT * 2,
+            "waited {waited:?}"
+        );
     }
 
     #[test]
