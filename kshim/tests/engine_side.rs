@@ -584,6 +584,17 @@ fn engine_death_fails_inflight_sends() {
         let (core, d) = got[0];
         assert_eq!(e.payload(&d), [9u8; 1000]);
         e.complete(core, d.cookie, TxStatus::Ok);
+        // Then a peer's full credit of sends at once: every one must reach the
+        // rings, none held back by a credit the dead session kept.
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got.len() < 64 && Instant::now() < deadline {
+            got.extend(e.take_tx(Duration::from_millis(100)));
+        }
+        assert_eq!(got.len(), 64, "a peer's 64 credits, all free again");
+        for (core, d) in got {
+            e.complete(core, d.cookie, TxStatus::Ok);
+        }
         e
     });
     let evs = drain_until(
@@ -596,6 +607,28 @@ fn engine_death_fails_inflight_sends() {
         matches!(evs.last(), Some(Event::TxDone { cookie, status: TxStatus::Ok, .. }) if *cookie == c),
         "{evs:?}"
     );
+    // peers[0] had sends in flight when the engine died: its credits are back.
+    let mut more = HashSet::new();
+    for i in 0..64u64 {
+        let h = put(peers[0], nid("10.0.0.1@lu2k"), 100 + i, 1000);
+        more.insert(k.send(&h, &[5u8; 1000]).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !more.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} sends never completed",
+            more.len()
+        );
+        if let Some(Event::TxDone { cookie, status, .. }) = k.wait(Some(Duration::from_millis(100)))
+        {
+            assert_eq!(status, TxStatus::Ok);
+            assert!(
+                more.remove(&cookie),
+                "{cookie:?} completed twice or unknown"
+            );
+        }
+    }
     let st = k.stats();
     assert_eq!((st.attaches, st.engines_gone, k.session()), (2, 1, 1));
     let (free, chunk) = k.tx_pool_free();
