@@ -253,6 +253,10 @@ impl Side {
 
     fn close(mut self) {
         drop(self.k);
+        // The engine outlives its kshim (it waits to attach to the next
+        // one); SIGTERM is how it is told to stop.
+        let pid = nix::unistd::Pid::from_raw(self.engine.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.engine.try_wait() {
@@ -260,7 +264,7 @@ impl Side {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("lu2k: engine did not exit 10 s after kshim closed; killing it");
+        eprintln!("lu2k: engine did not exit 10 s after SIGTERM; killing it");
         let _ = self.engine.kill();
         let _ = self.engine.wait();
     }
