@@ -66,9 +66,11 @@
 //!   answers the newest with a NAK naming exactly what the outage lost, the
 //!   oldest with an advancing ACK where its own reports were what was lost.
 //!   The first ACK or NAK ends the outage and sending resumes at the
-//!   controller's rate, which the outage left alone. UDT4 instead resends the
-//!   whole flight on every EXP, into the dead path. Only the idle timeout
-//!   (the peer-down rule, unchanged) closes the connection.
+//!   controller's rate, which the outage left alone; if an ACK ended it and
+//!   no NAK names the outage's last packets within an RTO of the last probe,
+//!   the flight the outage left unacknowledged is resent. UDT4 instead
+//!   resends the whole flight on every EXP, into the dead path. Only the
+//!   idle timeout (the peer-down rule, unchanged) closes the connection.
 //! - The receiver counts a packet pair for the capacity estimate only if
 //!   its two packets left the sender together (their header timestamps at
 //!   most 10 µs or under half their arrival gap apart): a pair the sender's
@@ -107,7 +109,7 @@ use sender::Sender;
 use crate::cc::{Controller, Path};
 use crate::estimate::Time;
 use crate::seq::SeqNo;
-use crate::wire::{ControlRepr, HandshakeRepr, Packet};
+use crate::wire::{ControlRepr, HandshakeRepr, NakList, Packet};
 
 /// UDT's SYN interval: ACK timer and rate-control period, microseconds.
 pub const SYN_US: u64 = 10_000;
@@ -211,6 +213,10 @@ pub struct Connection {
     cc: Box<dyn Controller>,
     /// Set while the path is held dead.
     outage: Option<Outage>,
+    /// After an outage an ACK ended: when to resend the flight the outage
+    /// left unacknowledged if no NAK has named its end by then, and that
+    /// flight's end (see [`Connection::await_outage_nak`]).
+    outage_resend: Option<(Time, u64)>,
 }
 
 impl Connection {
@@ -246,6 +252,7 @@ impl Connection {
             rx: Receiver::new(now, buf_pkts),
             cc: cfg.cc.build(cc_seed),
             outage: None,
+            outage_resend: None,
             cfg,
         }
     }
@@ -433,7 +440,11 @@ impl Connection {
         match self.state {
             State::Closed => None,
             State::Connecting => Some(self.handshake_deadline()),
-            State::Connected => Some(self.connected_deadline()),
+            State::Connected => Some(
+                self.outage_resend
+                    .map_or(u64::MAX, |(t, _)| t)
+                    .min(self.connected_deadline()),
+            ),
         }
     }
 
@@ -510,13 +521,14 @@ impl Connection {
             return;
         }
         self.heard(now);
-        let resumed_by_ack = match repr {
+        let resumed_by_ack = match &repr {
             ControlRepr::Ack { .. } => self.path_answered(now),
-            ControlRepr::Nak { .. } => {
+            ControlRepr::Nak { loss } => {
                 self.path_answered(now);
-                false
+                self.nak_after_outage(loss);
+                None
             }
-            _ => false,
+            _ => None,
         };
         match repr {
             ControlRepr::Ack {
@@ -537,8 +549,8 @@ impl Connection {
             | ControlRepr::PeerError { .. }
             | ControlRepr::Handshake(_) => {}
         }
-        if resumed_by_ack {
-            self.resend_flight();
+        if let Some(last_probe) = resumed_by_ack {
+            self.await_outage_nak(now, last_probe);
         }
     }
 
@@ -548,7 +560,10 @@ impl Connection {
         match self.state {
             State::Closed => {}
             State::Connecting => self.handshake_timer(now),
-            State::Connected => self.connected_timers(now),
+            State::Connected => {
+                self.connected_timers(now);
+                self.outage_resend_timer(now);
+            }
         }
     }
 
@@ -582,28 +597,66 @@ impl Connection {
 
     /// An ACK or NAK arrived: the path carries our packets' reports again.
     /// Sending resumes at the controller's rate (pacing restarts from now,
-    /// no burst). Returns whether an outage ended.
-    fn path_answered(&mut self, now: Time) -> bool {
-        let Some(o) = self.outage.take() else {
-            return false;
-        };
+    /// no burst). Returns, if an outage ended, when its last probe left.
+    fn path_answered(&mut self, now: Time) -> Option<Time> {
+        let o = self.outage.take()?;
         self.stats.outage_us += now.saturating_sub(o.counted);
         let floor = now as f64 - self.cc.period().max(0.0);
         if self.tx.next_send < floor {
             self.tx.next_send = floor;
         }
-        true
+        Some(o.counted)
     }
 
-    /// An ACK, not a NAK, ended the outage: the receiver had the newest
-    /// packet and nothing after a hole to report, so what it still misses
-    /// lies among the packets in flight that it once reported lost — and a
-    /// UDT4 receiver never reports a loss twice. Everything in flight is
-    /// resent, as UDT4 does on every EXP; after a real outage the newest
-    /// probe's NAK comes first and names exactly what was lost instead.
-    fn resend_flight(&mut self) {
-        if self.tx.next > self.tx.una && self.tx.lost.is_empty() {
-            let (a, b) = (self.seq_of(self.tx.una), self.seq_of(self.tx.next - 1));
+    /// An ACK, not a NAK, ended the outage. Usually the receiver repeated
+    /// its last ACK on its own and the NAK answering the newest probe (or
+    /// the first new data) is still on its way: it will name exactly what
+    /// the outage lost. But a receiver that holds the newest packet has no
+    /// gap to report, and what it misses lies among packets it reported
+    /// lost once — which a UDT4 receiver never reports again. So unless a
+    /// NAK names the end of the outage's flight within an RTO of the last
+    /// probe, that flight is resent, as UDT4 does on every EXP. (Resent at
+    /// once, a flight at 0.1 % loss is mostly packets the receiver holds
+    /// beyond a hole: half a second of the link at 600 ms.)
+    fn await_outage_nak(&mut self, now: Time, last_probe: Time) {
+        let end = self.tx.next;
+        if end == self.tx.una {
+            return;
+        }
+        let rto = u64::from(self.rtt()) + 4 * u64::from(self.rtt_var()) + 2 * SYN_US;
+        self.outage_resend = Some((last_probe.max(now.saturating_sub(rto)) + rto, end));
+    }
+
+    /// A NAK after an outage an ACK ended: one naming the last packets
+    /// sent before or in the outage is the receiver's report of what the
+    /// outage lost, and no resend is needed.
+    fn nak_after_outage(&mut self, loss: &NakList<'_>) {
+        let Some((_, end)) = self.outage_resend else {
+            return;
+        };
+        let tail = end.saturating_sub(2);
+        let names_tail = loss.ranges().take(64).any(|(a, b)| {
+            match (self.idx_of(self.tx.una, a), self.idx_of(self.tx.una, b)) {
+                (Some(a), Some(b)) => a < end && b >= tail,
+                _ => false,
+            }
+        });
+        if names_tail {
+            self.outage_resend = None;
+        }
+    }
+
+    fn outage_resend_timer(&mut self, now: Time) {
+        let Some((due, end)) = self.outage_resend else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        self.outage_resend = None;
+        let end = end.min(self.tx.next);
+        if end > self.tx.una {
+            let (a, b) = (self.seq_of(self.tx.una), self.seq_of(end - 1));
             let _ = self.tx.lost.insert(a, b);
         }
     }
