@@ -55,6 +55,9 @@
 #include <linux/atomic.h>
 #include <linux/kref.h>
 #include <linux/build_bug.h>
+#include <linux/overflow.h>
+#include <linux/compat.h>
+#include <linux/version.h>
 #include <asm/unaligned.h>
 
 #include "lu2k_ring.h"
@@ -65,6 +68,10 @@
 /* TX slots only REPLYs may take, so a busy generator cannot starve the sink. */
 #define LU2K_REPLY_RESERVE 2
 #define LU2K_MAX_REGION (1ULL << 30)
+/* RX buffers per instance: bounds CREATE's arithmetic well inside u64. */
+#define LU2K_MAX_RX_BUFS (1u << 20)
+/* A load's timeout_ms: a killed or aborted load ends within this. */
+#define LU2K_MAX_TIMEOUT_MS 60000
 
 /* LNet header fields (kshim/src/hdr.rs). */
 #define H_DEST_NID 0
@@ -95,6 +102,8 @@ enum {
 
 enum { TX_FREE, TX_BUSY, TX_INFLIGHT };
 
+struct lu2k_inst;
+
 struct lu2k_load {
 	struct kref ref;
 	struct lu2k_inst *inst;
@@ -114,8 +123,6 @@ struct lu2k_tx {
 	u8 state;
 	struct lu2k_load *load;
 };
-
-struct lu2k_inst;
 
 struct lu2k_core {
 	struct lu2k_inst *inst;
@@ -242,11 +249,20 @@ static void inst_put(struct lu2k_inst *in)
 	atomic_dec(&in->users);
 }
 
-static u64 place(u64 *next, u64 len, u64 align)
+/*
+ * Places len bytes at the next offset aligned to align. The engine chose the sizes: a
+ * length or end past LU2K_MAX_REGION sets *bad, so no sum can wrap.
+ */
+static u64 place(u64 *next, u64 len, u64 align, bool *bad)
 {
 	u64 off = ALIGN(*next, align);
 
-	*next = off + len;
+	if (*next > LU2K_MAX_REGION || len > LU2K_MAX_REGION ||
+	    check_add_overflow(off, len, next) || *next > LU2K_MAX_REGION) {
+		*bad = true;
+		*next = LU2K_MAX_REGION + 1;
+		return 0;
+	}
 	return off;
 }
 
@@ -256,34 +272,37 @@ static int inst_layout(struct lu2k_inst *in, const struct lu2k_dev_create *a)
 	struct lu2k_region_header *h = &in->hdr;
 	struct lu2k_core_entry *ce;
 	u64 next = 0, share, n = a->ring_entries;
+	bool bad = false;
 	u32 c;
 
 	ce = kcalloc(a->cores, sizeof(*ce), GFP_KERNEL);
 	if (!ce)
 		return -ENOMEM;
-	place(&next, sizeof(*h), LU2K_CACHE_LINE);
-	h->core_table_off = place(&next, (u64)a->cores * sizeof(*ce), LU2K_CACHE_LINE);
+	place(&next, sizeof(*h), LU2K_CACHE_LINE, &bad);
+	h->core_table_off = place(&next, (u64)a->cores * sizeof(*ce), LU2K_CACHE_LINE,
+				  &bad);
 	for (c = 0; c < a->cores; c++)
-		ce[c].ctrl_off = place(&next, sizeof(struct lu2k_control_block), LU2K_CACHE_LINE);
+		ce[c].ctrl_off = place(&next, sizeof(struct lu2k_control_block),
+				       LU2K_CACHE_LINE, &bad);
 	for (c = 0; c < a->cores; c++) {
-		ce[c].tx = (struct lu2k_ring_info){ place(&next, n * 128, 64), n, 128 };
-		ce[c].tx_done = (struct lu2k_ring_info){ place(&next, n * 16, 64), n, 16 };
-		ce[c].rx = (struct lu2k_ring_info){ place(&next, n * 128, 64), n, 128 };
-		ce[c].rx_return = (struct lu2k_ring_info){ place(&next, n * 8, 64), n, 8 };
+		ce[c].tx = (struct lu2k_ring_info){ place(&next, n * 128, 64, &bad), n, 128 };
+		ce[c].tx_done = (struct lu2k_ring_info){ place(&next, n * 16, 64, &bad), n, 16 };
+		ce[c].rx = (struct lu2k_ring_info){ place(&next, n * 128, 64, &bad), n, 128 };
+		ce[c].rx_return = (struct lu2k_ring_info){ place(&next, n * 8, 64, &bad), n, 8 };
 	}
 	h->tx_pool_len = (u64)a->tx_slots * LU2K_MAX_PAYLOAD;
-	h->tx_pool_off = place(&next, h->tx_pool_len, LU2K_PAGE);
+	h->tx_pool_off = place(&next, h->tx_pool_len, LU2K_PAGE, &bad);
 	share = (u64)a->rx_tables_per_core * LU2K_RX_TABLE_BYTES;
 	h->rx_tables_len = share * a->cores;
-	h->rx_tables_off = place(&next, h->rx_tables_len, LU2K_PAGE);
+	h->rx_tables_off = place(&next, h->rx_tables_len, LU2K_PAGE, &bad);
 	for (c = 0; c < a->cores; c++) {
 		ce[c].rx_tables_off = h->rx_tables_off + share * c;
 		ce[c].rx_tables = a->rx_tables_per_core;
 	}
 	h->rx_pool_len = (u64)a->rx_buf_size * a->rx_buf_count;
-	h->rx_pool_off = place(&next, h->rx_pool_len, LU2K_PAGE);
+	h->rx_pool_off = place(&next, h->rx_pool_len, LU2K_PAGE, &bad);
 	h->total_size = ALIGN(next, LU2K_PAGE);
-	if (h->total_size > LU2K_MAX_REGION) {
+	if (bad || h->total_size > LU2K_MAX_REGION) {
 		kfree(ce);
 		return -EFBIG;
 	}
@@ -316,7 +335,10 @@ static int inst_layout(struct lu2k_inst *in, const struct lu2k_dev_create *a)
 		k->txd = (void *)(base + ce[c].tx_done.off);
 		k->rx = (void *)(base + ce[c].rx.off);
 		k->rxr = (void *)(base + ce[c].rx_return.off);
-		k->tx_n = k->txd_n = k->rx_n = k->rxr_n = n;
+		k->tx_n = n;
+		k->txd_n = n;
+		k->rx_n = n;
+		k->rxr_n = n;
 		spin_lock_init(&k->tx_lock);
 	}
 	kfree(ce);
@@ -337,7 +359,7 @@ static long ioc_create(void __user *arg)
 	struct lu2k_dev_create a;
 	struct lu2k_inst *in;
 	u32 i, id;
-	int err;
+	int err, found;
 
 	if (copy_from_user(&a, arg, sizeof(a)))
 		return -EFAULT;
@@ -345,7 +367,9 @@ static long ioc_create(void __user *arg)
 	    a.nid_count > LU2K_DEV_MAX_NIDS || !is_power_of_2(a.ring_entries) ||
 	    a.ring_entries > LU2K_MAX_RING_ENTRIES || a.tx_slots <= LU2K_REPLY_RESERVE + 1 ||
 	    a.ring_entries < a.tx_slots || !a.rx_buf_size || a.rx_buf_size % 64 ||
-	    !a.rx_buf_count || !a.rx_tables_per_core)
+	    a.rx_buf_size > LU2K_MAX_PAYLOAD || !a.rx_buf_count ||
+	    a.rx_buf_count > LU2K_MAX_RX_BUFS || !a.rx_tables_per_core ||
+	    a.rx_tables_per_core > a.ring_entries)
 		return -EINVAL;
 	in = kzalloc(struct_size(in, core, a.cores), GFP_KERNEL);
 	if (!in)
@@ -387,9 +411,20 @@ static long ioc_create(void __user *arg)
 	mutex_unlock(&insts_lock);
 	a.instance = id;
 	a.region_size = in->size;
+	if (copy_to_user(arg, &a, sizeof(a))) {
+		/* Nobody learnt the number: unpublish it unless someone found it already. */
+		mutex_lock(&insts_lock);
+		found = atomic_read(&in->users);
+		if (!found)
+			insts[id] = NULL;
+		mutex_unlock(&insts_lock);
+		if (!found)
+			inst_free(in);
+		return -EFAULT;
+	}
 	pr_info("instance %u: %u cores, region %zu bytes, NID %llx\n", id, in->cores,
 		in->size, in->nids[0]);
-	return copy_to_user(arg, &a, sizeof(a)) ? -EFAULT : 0;
+	return 0;
 fail:
 	inst_free(in);
 	return err;
