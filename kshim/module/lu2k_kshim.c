@@ -179,6 +179,8 @@ struct lu2k_inst {
 };
 
 static DEFINE_MUTEX(insts_lock);
+/* Serializes ATTACH: a file's private_data is checked and set under it. */
+static DEFINE_MUTEX(attach_lock);
 static struct lu2k_inst *insts[LU2K_MAX_INSTANCES];
 
 static inline void st_add(struct lu2k_inst *in, int i, u64 v)
@@ -958,7 +960,7 @@ static void inst_detach(struct lu2k_inst *in)
 		memset(c->cb, 0, sizeof(*c->cb));
 		c->tx_prod = c->txd_cons = c->rx_cons = c->rxr_prod = 0;
 	}
-	in->engine = NULL;
+	WRITE_ONCE(in->engine, NULL);
 	st_add(in, ST_DETACHES, 1);
 	mutex_unlock(&in->lock);
 	wake_up_all(&in->attach_wq);
@@ -975,20 +977,29 @@ static long ioc_attach(struct file *f, void __user *arg)
 
 	if (copy_from_user(&a, arg, sizeof(a)))
 		return -EFAULT;
-	if (f->private_data)
-		return -EBUSY;
+	/*
+	 * Two threads may attach one file at once: the check and the set of private_data
+	 * are one step, or one attachment would be lost with its hooks and references.
+	 */
+	mutex_lock(&attach_lock);
+	if (f->private_data) {
+		err = -EBUSY;
+		goto out;
+	}
 	in = inst_get(a.instance);
-	if (!in)
-		return -ENOENT;
+	if (!in) {
+		err = -ENOENT;
+		goto out;
+	}
 	if (a.cores != in->cores) {
-		inst_put(in);
-		return -EINVAL;
+		err = -EINVAL;
+		goto put;
 	}
 	mutex_lock(&in->lock);
 	if (in->engine) {
 		mutex_unlock(&in->lock);
-		inst_put(in);
-		return -EBUSY;
+		err = -EBUSY;
+		goto put;
 	}
 	for (i = 0; i < in->cores && !err; i++)
 		err = core_hook(&in->core[i], a.to_engine[i], a.to_kshim[i]);
@@ -996,19 +1007,25 @@ static long ioc_attach(struct file *f, void __user *arg)
 		for (i = 0; i < in->cores; i++)
 			core_unhook(&in->core[i]);
 		mutex_unlock(&in->lock);
-		inst_put(in);
-		return err;
+		goto put;
 	}
-	in->engine = f;
-	f->private_data = in;
+	WRITE_ONCE(in->engine, f);
 	st_add(in, ST_ATTACHES, 1);
 	mutex_unlock(&in->lock);
+	/* Published last: ACK, NOTICE and mmap on this file see a whole attachment. */
+	smp_store_release(&f->private_data, in);
+	mutex_unlock(&attach_lock);
 	return 0;
+put:
+	inst_put(in);
+out:
+	mutex_unlock(&attach_lock);
+	return err;
 }
 
 static long ioc_ack(struct file *f, void __user *arg)
 {
-	struct lu2k_inst *in = f->private_data;
+	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 	struct task_struct *t;
 	u32 status, i;
 
@@ -1017,7 +1034,8 @@ static long ioc_ack(struct file *f, void __user *arg)
 	if (get_user(status, (u32 __user *)arg))
 		return -EFAULT;
 	if (status) {
-		pr_info("instance %u: the engine refused the region (status %u)\n", in->id, status);
+		pr_info_ratelimited("instance %u: the engine refused the region (status %u)\n",
+				    in->id, status);
 		return 0;
 	}
 	mutex_lock(&in->lock);
@@ -1064,7 +1082,7 @@ static long ioc_info(void __user *arg)
 
 static long ioc_notice(struct file *f, void __user *arg)
 {
-	struct lu2k_inst *in = f->private_data;
+	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 	struct lu2k_dev_notice n;
 
 	if (!in)
@@ -1074,8 +1092,8 @@ static long ioc_notice(struct file *f, void __user *arg)
 	if (n.kind != LU2K_NOTICE_PEER_DOWN && n.kind != LU2K_NOTICE_PEER_UP)
 		return -EINVAL;
 	st_add(in, ST_NOTICES, 1);
-	pr_info("instance %u: peer %llx is %s\n", in->id, n.nid,
-		n.kind == LU2K_NOTICE_PEER_DOWN ? "down" : "up");
+	pr_info_ratelimited("instance %u: peer %llx is %s\n", in->id, n.nid,
+			    n.kind == LU2K_NOTICE_PEER_DOWN ? "down" : "up");
 	return 0;
 }
 
@@ -1329,10 +1347,18 @@ static int lu2k_release(struct inode *inode, struct file *f)
 
 static int lu2k_mmap(struct file *f, struct vm_area_struct *vma)
 {
-	struct lu2k_inst *in = f->private_data;
+	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 
 	if (!in)
 		return -ENOTCONN;
+	/* The rings are shared or they are nothing; a forked child does not serve them. */
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_DONTCOPY);
+#else
+	vma->vm_flags |= VM_DONTCOPY;
+#endif
 	/* Any page range inside the region: the engine maps its TX pool a second time. */
 	if (vma->vm_pgoff >= in->size >> PAGE_SHIFT ||
 	    vma->vm_end - vma->vm_start > in->size - (vma->vm_pgoff << PAGE_SHIFT))
@@ -1378,6 +1404,8 @@ static const struct file_operations lu2k_fops = {
 	.mmap = lu2k_mmap,
 	.poll = lu2k_poll,
 	.unlocked_ioctl = lu2k_ioctl,
+	/* Every record has one layout on i386 and x86-64 (lu2k_ring.h). */
+	.compat_ioctl = compat_ptr_ioctl,
 	.llseek = noop_llseek,
 };
 
