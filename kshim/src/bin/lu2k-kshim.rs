@@ -400,7 +400,11 @@ fn send_one(
     let buf = match k.alloc_tx(size) {
         Ok(b) => b,
         Err(SendError::Pool(_)) => return Ok(None),
-        Err(e) => bail!("send of seed {seed:#x}: {e}"),
+        Err(e) => bail!(
+            "send of seed {seed:#x}: {e}{}",
+            k.renew_error()
+                .map_or(String::new(), |r| format!(" (last try: {r})"))
+        ),
     };
     let mut at = if l.no_fill { size } else { 0 };
     while at < size {
