@@ -67,9 +67,9 @@
 #define LU2K_PORTAL 42
 /* TX slots only REPLYs may take, so a busy generator cannot starve the sink. */
 #define LU2K_REPLY_RESERVE 2
-#define LU2K_MAX_REGION (1ULL << 30)
+#define LU2K_MAX_REGION BIT_ULL(30)
 /* RX buffers per instance: bounds CREATE's arithmetic well inside u64. */
-#define LU2K_MAX_RX_BUFS (1u << 20)
+#define LU2K_MAX_RX_BUFS BIT(20)
 /* A load's timeout_ms: a killed or aborted load ends within this. */
 #define LU2K_MAX_TIMEOUT_MS 60000
 
@@ -161,7 +161,7 @@ struct lu2k_inst {
 	atomic_t kick;
 	wait_queue_head_t attach_wq;
 	atomic_t gen;
-	spinlock_t slot_lock;
+	spinlock_t slot_lock;		/* the free stack and txs[].state */
 	u32 nslots, nfree;
 	u32 *free_stack;
 	struct lu2k_tx *txs;
@@ -191,6 +191,11 @@ static inline void st_add(struct lu2k_inst *in, int i, u64 v)
 static inline u8 *pool_tx(struct lu2k_inst *in, u32 slot)
 {
 	return (u8 *)in->region + in->hdr.tx_pool_off + (u64)slot * LU2K_MAX_PAYLOAD;
+}
+
+static inline const u8 *rx_pool(struct lu2k_inst *in, u64 off)
+{
+	return (const u8 *)in->region + in->hdr.rx_pool_off + off;
 }
 
 /* The selftest pattern (kshim/src/selftest.rs): byte i of seed s is byte i % 8 of word i / 8. */
@@ -521,6 +526,7 @@ static void tx_finish(struct lu2k_inst *in, u32 s, u32 status)
 /* Rings the engine's doorbell if it asked for one; after a release store of an index. */
 static void ring_engine(struct lu2k_core *c)
 {
+	/* Pairs with the engine's barrier between arming need_wakeup and re-reading its rings. */
 	smp_mb();
 	if ((READ_ONCE(c->cb->to_engine_need_wakeup.value) & LU2K_WAKE_EVENTFD) && c->to_engine) {
 		eventfd_signal(c->to_engine, 1);
@@ -556,6 +562,7 @@ static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len
 		spin_unlock(&c->tx_lock);
 		return -ENOTCONN;
 	}
+	/* Acquire: the engine's copy of a slot is done before it moved this index. */
 	cons = smp_load_acquire(&c->cb->tx_cons.value);
 	used = c->tx_prod - cons;
 	if (used >= c->tx_n) {
@@ -578,6 +585,7 @@ static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len
 	spin_unlock(&in->slot_lock);
 	memcpy(&c->tx[c->tx_prod & (c->tx_n - 1)], &d, sizeof(d));
 	c->tx_prod++;
+	/* Release: the descriptor and its payload are written before the engine sees the index. */
 	smp_store_release(&c->cb->tx_prod.value, c->tx_prod);
 	ring_engine(c);
 	spin_unlock(&c->tx_lock);
@@ -657,7 +665,7 @@ static void rx_put(struct lu2k_inst *in, u32 n, const u8 *hdr, u32 len)
 	for (i = 0; i < n && ok; i++) {
 		const struct lu2k_extent *e = &in->rx_ext[i];
 
-		ok = pat_check(seed, at, (u8 *)in->region + in->hdr.rx_pool_off + e->offset, e->len);
+		ok = pat_check(seed, at, rx_pool(in, e->offset), e->len);
 		at += e->len;
 	}
 	st_add(in, ok ? ST_PUTS_VERIFIED : ST_PUTS_CORRUPT, 1);
@@ -697,7 +705,8 @@ static void rx_reply(struct lu2k_inst *in, u32 n, const u8 *hdr, u32 len)
 {
 	u64 seq = get_unaligned_le64(hdr + H_WMD_OBJECT), at = 0;
 	bool ok = true;
-	u32 i;
+	ktime_t rtt;
+	u32 i, size;
 
 	spin_lock(&in->ping_lock);
 	if (!in->ping_waiting || seq != in->ping_seq) {
@@ -705,16 +714,24 @@ static void rx_reply(struct lu2k_inst *in, u32 n, const u8 *hdr, u32 len)
 		st_add(in, ST_REPLIES_UNMATCHED, 1);
 		return;
 	}
-	in->ping_rtt = ktime_sub(ktime_get(), in->ping_t0);
+	rtt = ktime_sub(ktime_get(), in->ping_t0);
+	size = in->ping_size;
 	spin_unlock(&in->ping_lock);
-	ok = len == in->ping_size;
+	ok = len == size;
 	for (i = 0; i < n && ok; i++) {
 		const struct lu2k_extent *e = &in->rx_ext[i];
 
-		ok = pat_check(seq, at, (u8 *)in->region + in->hdr.rx_pool_off + e->offset, e->len);
+		ok = pat_check(seq, at, rx_pool(in, e->offset), e->len);
 		at += e->len;
 	}
+	/* The ping may have timed out and the next one begun while the payload was checked. */
 	spin_lock(&in->ping_lock);
+	if (!in->ping_waiting || seq != in->ping_seq) {
+		spin_unlock(&in->ping_lock);
+		st_add(in, ST_REPLIES_UNMATCHED, 1);
+		return;
+	}
+	in->ping_rtt = rtt;
 	in->ping_corrupt = !ok;
 	in->ping_got = true;
 	in->ping_waiting = false;
@@ -754,6 +771,7 @@ static void rx_one(struct lu2k_core *c, const struct lu2k_rx_desc *d)
 /* Entries waiting in a ring the engine produces; 0 when none or the index is out of range. */
 static u32 waiting(struct lu2k_inst *in, u32 *prod_word, u32 cons, u32 n, bool count)
 {
+	/* Acquire, pairing with the engine's release: the slots below the index are written. */
 	u32 used = smp_load_acquire(prod_word) - cons;
 
 	if (used > n) {
@@ -766,6 +784,7 @@ static u32 waiting(struct lu2k_inst *in, u32 *prod_word, u32 cons, u32 n, bool c
 
 static u32 rxr_room(struct lu2k_core *c, bool count)
 {
+	/* Acquire: the engine's reads of returns are done before it moved this index. */
 	u32 used = c->rxr_prod - smp_load_acquire(&c->cb->rx_return_cons.value);
 
 	if (used > c->rxr_n) {
@@ -793,30 +812,44 @@ static u32 core_poll(struct lu2k_core *c)
 	n = waiting(in, &c->cb->tx_done_prod.value, c->txd_cons, c->txd_n, true);
 	while (n--) {
 		memcpy(&cp, &c->txd[c->txd_cons & (c->txd_n - 1)], sizeof(cp));
+		/* The copy is read from here on, never the slot again. */
 		barrier();
 		c->txd_cons++;
 		tx_complete(c, &cp);
 		done++;
+		cond_resched();
 	}
-	if (done)
+	if (done) {
+		/* Release: the completions are copied before the engine may reuse their slots. */
 		smp_store_release(&c->cb->tx_done_cons.value, c->txd_cons);
+	}
 
 	n = waiting(in, &c->cb->rx_prod.value, c->rx_cons, c->rx_n, true);
 	room = rxr_room(c, true);
 	n = min(n, room);
 	while (n--) {
 		memcpy(&d, &c->rx[c->rx_cons & (c->rx_n - 1)], sizeof(d));
+		/* The copy is read from here on, never the slot again. */
 		barrier();
 		c->rx_cons++;
 		rx_one(c, &d);
 		rx++;
+		/* A descriptor may cost a 1 MiB pattern check; batches reach 2^20. */
+		cond_resched();
 	}
 	if (rx) {
+		/* Release: the slots are read before the engine may reuse them. */
 		smp_store_release(&c->cb->rx_cons.value, c->rx_cons);
+		/* Release: the returns are written before the engine reads them. */
 		smp_store_release(&c->cb->rx_return_prod.value, c->rxr_prod);
 		ring_engine(c);
 	}
 	return done + rx;
+}
+
+static bool kicked_or_stop(struct lu2k_inst *in)
+{
+	return atomic_xchg(&in->kick, 0) || kthread_should_stop();
 }
 
 static int lu2k_consumer(void *arg)
@@ -836,13 +869,14 @@ static int lu2k_consumer(void *arg)
 		}
 		for (i = 0; i < in->cores; i++)
 			WRITE_ONCE(in->core[i].cb->to_kshim_need_wakeup.value, LU2K_WAKE_EVENTFD);
+		/* Pairs with the engine's barrier between its index store and its wakeup read. */
 		smp_mb();
 		any = false;
 		for (i = 0; i < in->cores; i++)
 			any |= core_has_work(&in->core[i]);
 		if (!any) {
 			left = wait_event_interruptible_timeout(in->consumer_wq,
-					atomic_xchg(&in->kick, 0) || kthread_should_stop(), HZ);
+								kicked_or_stop(in), HZ);
 			if (!left) {
 				for (i = 0; i < in->cores; i++)
 					if (core_has_work(&in->core[i]))
@@ -958,7 +992,10 @@ static void inst_detach(struct lu2k_inst *in)
 
 		core_unhook(c);
 		memset(c->cb, 0, sizeof(*c->cb));
-		c->tx_prod = c->txd_cons = c->rx_cons = c->rxr_prod = 0;
+		c->tx_prod = 0;
+		c->txd_cons = 0;
+		c->rx_cons = 0;
+		c->rxr_prod = 0;
 	}
 	WRITE_ONCE(in->engine, NULL);
 	st_add(in, ST_DETACHES, 1);
@@ -1025,6 +1062,7 @@ out:
 
 static long ioc_ack(struct file *f, void __user *arg)
 {
+	/* Pairs with ioc_attach's release: a whole attachment or none. */
 	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 	struct task_struct *t;
 	u32 status, i;
@@ -1074,7 +1112,7 @@ static long ioc_info(void __user *arg)
 	a.cores = in->cores;
 	a.region_size = in->size;
 	a.nid_count = in->nid_count;
-	a.attached = READ_ONCE(in->engine) != NULL;
+	a.attached = !!READ_ONCE(in->engine);
 	memcpy(a.nids, in->nids, sizeof(a.nids));
 	inst_put(in);
 	return copy_to_user(arg, &a, sizeof(a)) ? -EFAULT : 0;
@@ -1082,6 +1120,7 @@ static long ioc_info(void __user *arg)
 
 static long ioc_notice(struct file *f, void __user *arg)
 {
+	/* Pairs with ioc_attach's release: a whole attachment or none. */
 	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 	struct lu2k_dev_notice n;
 
@@ -1119,20 +1158,39 @@ static long ioc_stats(void __user *arg)
 
 /* ---- the load generator ---------------------------------------------------------- */
 
+/*
+ * Producers wait killably: ping runs in the ioctl caller, which a fatal signal ends;
+ * the PUT kthreads take no signals and end on l->abort, which wakes both queues.
+ */
 static bool wait_serving(struct lu2k_inst *in, struct lu2k_load *l)
 {
-	return wait_event_timeout(in->attach_wq, READ_ONCE(in->serving) || READ_ONCE(l->abort),
-				  msecs_to_jiffies(l->a.timeout_ms)) &&
+	return wait_event_killable_timeout(in->attach_wq,
+					   READ_ONCE(in->serving) || READ_ONCE(l->abort),
+					   msecs_to_jiffies(l->a.timeout_ms)) > 0 &&
 	       !READ_ONCE(l->abort);
+}
+
+static bool slot_or_abort(struct lu2k_inst *in, struct lu2k_load *l, int *s)
+{
+	*s = slot_get(in, false);
+	return *s >= 0 || READ_ONCE(l->abort);
 }
 
 static int wait_slot(struct lu2k_inst *in, struct lu2k_load *l)
 {
 	int s = -1;
 
-	wait_event_timeout(in->slot_wq, (s = slot_get(in, false)) >= 0 || READ_ONCE(l->abort),
-			   msecs_to_jiffies(l->a.timeout_ms));
+	wait_event_killable_timeout(in->slot_wq, slot_or_abort(in, l, &s),
+				    msecs_to_jiffies(l->a.timeout_ms));
 	return s;
+}
+
+/* A message slot for the next send, or -1 when not served, aborted or timed out. */
+static int wait_send(struct lu2k_inst *in, struct lu2k_load *l)
+{
+	if (!wait_serving(in, l))
+		return -1;
+	return wait_slot(in, l);
 }
 
 static void put_hdr(u8 *h, u64 src, u64 dst, u64 seed, u32 len)
@@ -1162,7 +1220,8 @@ static int lu2k_put_thread(void *arg)
 	while ((i = atomic_inc_return(&l->next) - 1) < l->a.count && !READ_ONCE(l->abort)) {
 		u64 seed = l->a.salt + i;
 
-		if (!wait_serving(in, l) || (s = wait_slot(in, l)) < 0) {
+		s = wait_send(in, l);
+		if (s < 0) {
 			atomic64_inc(&l->failed);
 			continue;
 		}
@@ -1177,7 +1236,8 @@ static int lu2k_put_thread(void *arg)
 	if (atomic_dec_and_test(&l->running))
 		wake_up(&l->wq);
 	kref_put(&l->ref, load_release);
-	return 0;
+	/* The reference taken before kthread_run: rmmod waits until this thread is gone. */
+	module_put_and_kthread_exit(0);
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -1187,14 +1247,19 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static void ping_run(struct lu2k_inst *in, struct lu2k_load *l, u64 *rtt, u32 *nrtt)
+static int ping_run(struct lu2k_inst *in, struct lu2k_load *l, u64 *rtt, u32 *nrtt)
 {
 	u8 h[LU2K_LNET_HDR_LEN];
+	bool got, corrupt;
+	ktime_t took;
 	u32 seq;
 	int s;
 
-	for (seq = 0; seq < l->a.count && !READ_ONCE(l->abort); seq++) {
-		if (!wait_serving(in, l) || (s = wait_slot(in, l)) < 0) {
+	for (seq = 0; seq < l->a.count; seq++) {
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		s = wait_send(in, l);
+		if (s < 0) {
 			atomic64_inc(&l->failed);
 			continue;
 		}
@@ -1219,17 +1284,22 @@ static void ping_run(struct lu2k_inst *in, struct lu2k_load *l, u64 *rtt, u32 *n
 		if (tx_send(in, s, h, l->a.peer_nid, 0, l)) {
 			slot_put(in, s);
 			atomic64_inc(&l->failed);
-		} else if (wait_event_timeout(in->ping_wq, READ_ONCE(in->ping_got),
-					      msecs_to_jiffies(l->a.timeout_ms))) {
-			if (in->ping_corrupt)
-				l->a.corrupt++;
-			else
-				rtt[(*nrtt)++] = ktime_to_ns(in->ping_rtt);
+		} else {
+			wait_event_killable_timeout(in->ping_wq, READ_ONCE(in->ping_got),
+						    msecs_to_jiffies(l->a.timeout_ms));
 		}
 		spin_lock(&in->ping_lock);
 		in->ping_waiting = false;
+		got = in->ping_got;
+		corrupt = in->ping_corrupt;
+		took = in->ping_rtt;
 		spin_unlock(&in->ping_lock);
+		if (got && corrupt)
+			l->a.corrupt++;
+		else if (got)
+			rtt[(*nrtt)++] = ktime_to_ns(took);
 	}
+	return 0;
 }
 
 static long ioc_load(void __user *arg)
@@ -1245,7 +1315,8 @@ static long ioc_load(void __user *arg)
 		return -EFAULT;
 	if ((a.kind != LU2K_LOAD_PUT && a.kind != LU2K_LOAD_PING) || !a.count ||
 	    a.count > (1u << 24) || a.size > LU2K_MAX_PAYLOAD || !a.threads || a.threads > 16 ||
-	    !a.timeout_ms || (a.kind == LU2K_LOAD_PUT && !a.size))
+	    !a.timeout_ms || a.timeout_ms > LU2K_MAX_TIMEOUT_MS ||
+	    (a.kind == LU2K_LOAD_PUT && !a.size))
 		return -EINVAL;
 	in = inst_get(a.instance);
 	if (!in)
@@ -1266,16 +1337,24 @@ static long ioc_load(void __user *arg)
 			struct task_struct *t;
 
 			kref_get(&l->ref);
+			__module_get(THIS_MODULE);
 			t = kthread_run(lu2k_put_thread, l, "lu2k-put/%u.%u", in->id, i);
 			if (IS_ERR(t)) {
+				module_put(THIS_MODULE);
 				kref_put(&l->ref, load_release);
 				if (atomic_dec_and_test(&l->running))
 					wake_up(&l->wq);
 			}
 		}
-		if (wait_event_interruptible(l->wq, !atomic_read(&l->running)))
+		if (wait_event_interruptible(l->wq, !atomic_read(&l->running))) {
 			WRITE_ONCE(l->abort, true);
-		/* Every producer ends within timeout_ms once aborted. */
+			wake_up_all(&in->attach_wq);
+			wake_up_all(&in->slot_wq);
+		}
+		/*
+		 * Woken above, every producer sees the abort before its next wait and ends
+		 * after at most the send in hand; they use in and l until then.
+		 */
 		wait_event(l->wq, !atomic_read(&l->running));
 	} else {
 		if (!mutex_trylock(&in->ping_mutex)) {
@@ -1284,7 +1363,7 @@ static long ioc_load(void __user *arg)
 		}
 		rtt = kvcalloc(a.count, sizeof(u64), GFP_KERNEL);
 		if (rtt)
-			ping_run(in, l, rtt, &nrtt);
+			err = ping_run(in, l, rtt, &nrtt);
 		else
 			err = -ENOMEM;
 		mutex_unlock(&in->ping_mutex);
@@ -1347,6 +1426,7 @@ static int lu2k_release(struct inode *inode, struct file *f)
 
 static int lu2k_mmap(struct file *f, struct vm_area_struct *vma)
 {
+	/* Pairs with ioc_attach's release: a whole attachment or none. */
 	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 
 	if (!in)
