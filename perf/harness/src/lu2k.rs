@@ -251,6 +251,14 @@ impl Side {
         }
     }
 
+    /// Peak resident memory of this node, MiB: the engine's (read while it
+    /// runs) plus this process's (kshim's region and threads).
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let engine = vm_hwm_kib(&format!("/proc/{}/status", self.engine.id()))?;
+        let own = vm_hwm_kib("/proc/self/status")?;
+        Some((engine + own) as f64 / 1024.0)
+    }
+
     fn close(mut self) {
         drop(self.k);
         // The engine outlives its kshim (it waits to attach to the next
@@ -285,6 +293,7 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
         (WorkloadKind::Rpc, Role::Recv) => answer(&mut side, w)?,
     };
     add_engine_counters(&side, spec.role, &mut r);
+    r.max_rss_mib = side.peak_rss_mib();
     side.close();
     Ok(r)
 }
@@ -560,5 +569,36 @@ fn add_engine_counters(side: &Side, role: Role, r: &mut NodeResult) {
             Some(n) => format!("{n}; {e}"),
             None => e,
         });
+    }
+}
+
+/// `VmHWM` (peak resident set, KiB) from a `/proc/PID/status` file.
+fn vm_hwm_kib(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vm_hwm_kib;
+
+    #[test]
+    fn peak_rss_follows_memory_touched() {
+        let before = vm_hwm_kib("/proc/self/status").expect("VmHWM of this process");
+        assert!(before > 0);
+        // 96 MiB written page by page: the peak rises by about that much.
+        let mut v = vec![0u8; 96 << 20];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        std::hint::black_box(&v);
+        let after = vm_hwm_kib("/proc/self/status").unwrap();
+        assert!(
+            after >= before + (90 << 10),
+            "VmHWM {before} -> {after} KiB"
+        );
+        assert_eq!(vm_hwm_kib("/proc/self/no-such-file"), None);
     }
 }

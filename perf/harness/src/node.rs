@@ -143,6 +143,10 @@ pub struct NodeResult {
     pub retrans_bytes: Option<u64>,
     /// Payload bytes lu2k copied (engine counters; lu2k only).
     pub copied_bytes: Option<u64>,
+    /// Peak resident memory of the node, MiB: the engine's (`VmHWM`) plus the
+    /// node process's, which holds kshim (lu2k only).
+    #[serde(default)]
+    pub max_rss_mib: Option<f64>,
     /// Extra facts for the report.
     pub note: Option<String>,
     /// The transport's settings as the node applied them (read back from

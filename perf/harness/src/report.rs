@@ -73,6 +73,9 @@ pub struct Row {
     pub latency: Option<Percentiles>,
     /// Payload bytes copied by lu2k (lu2k only).
     pub copied_bytes: Option<u64>,
+    /// Peak resident memory of a lu2k node, MiB: its engine's plus its own
+    /// process's (which holds kshim), the larger of the two nodes (lu2k only).
+    pub max_rss_mib: Option<f64>,
     /// Notes from the nodes.
     pub note: Option<String>,
     /// Goodput over time: (seconds since the sender started, Mbit/s), 0.5 s bins.
@@ -257,6 +260,7 @@ impl Row {
             cpu_s_per_gb: None,
             latency: None,
             copied_bytes: None,
+            max_rss_mib: None,
             note: None,
             goodput_series: Vec::new(),
             load_avg: None,

@@ -632,6 +632,13 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
         WorkloadKind::Rpc => res.retrans_bytes,
         _ => sender.and_then(|s| s.retrans_bytes),
     };
+    row.max_rss_mib = [
+        res.max_rss_mib,
+        o.other.as_ref().and_then(|s| s.max_rss_mib),
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::max);
     row.copied_bytes = match (res.copied_bytes, sender.and_then(|s| s.copied_bytes)) {
         (Some(a), Some(b)) => Some(a + b),
         (a, b) => a.or(b),

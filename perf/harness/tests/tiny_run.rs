@@ -83,6 +83,19 @@ fn tiny_scenario_runs_through_the_relay() {
     }
     let lu2k = rows.iter().find(|r| r["contender"] == "lu2k").unwrap();
     assert_eq!(lu2k["copied_bytes"], 0, "lu2k copied payload bytes");
+    // A node's peak memory: at least kshim's RX pool in use plus the engine's
+    // process, and within what one node of this run could map.
+    let rss = lu2k["max_rss_mib"]
+        .as_f64()
+        .expect("lu2k row without max_rss_mib");
+    assert!(rss > 8.0 && rss < 16_384.0, "max_rss_mib {rss}");
+    for r in rows.iter().filter(|r| r["contender"] != "lu2k") {
+        assert!(
+            r["max_rss_mib"].is_null(),
+            "{}: max_rss_mib",
+            r["contender"]
+        );
+    }
     assert!(
         lu2k["retrans_bytes"].as_u64().unwrap() > 0,
         "1 % loss but no retransmissions"
