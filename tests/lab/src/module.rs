@@ -14,6 +14,10 @@
 //!    module's PUTs verified and its pings answered by it, through two engines;
 //! 6. rmmod refused while an engine is attached, clean once none is.
 //!
+//! Before the engines attach, hostile CREATE and LOAD arguments (sizes whose layout
+//! would wrap u64, past the caps or the 1 GiB region, a load timeout past 60 s) must be
+//! refused with the errno the module documents and leave no instance behind.
+//!
 //! The consumer's sleeps must never end by timeout with work waiting (a lost wakeup),
 //! and the kernel log must hold no `BUG:`, `WARNING:`, `Oops` or `general protection`.
 //!
@@ -113,6 +117,8 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     let ia = create(fd, nid_a)?;
     let ib = create(fd, nid_b)?;
     ensure!(ia != ib, "two instances got the same number {ia}");
+    let refused = refusals(fd, &[ia, ib])?;
+    println!("module: {refused}");
     let mut ea = Engine::device(&a, ia)?;
     let mut eb = Engine::device(&b, ib)?;
     wait_serving(fd, ia, true, &mut ea)?;
@@ -363,6 +369,106 @@ fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
     c.nids[0] = nid.0;
     device::create(fd, &mut c).with_context(|| format!("creating the instance of {nid}"))?;
     Ok(c.instance)
+}
+
+/// A hostile caller's CREATE and LOAD arguments: sizes whose layout sums would wrap
+/// u64 or pass the caps are refused with EINVAL, a region past 1 GiB with EFBIG, a
+/// load timeout past 60 s with EINVAL; no refused CREATE leaves an instance behind
+/// (`live` are the instances that exist).
+fn refusals(fd: BorrowedFd<'_>, live: &[u32]) -> anyhow::Result<String> {
+    let base = Create {
+        cores: 1,
+        nid_count: 1,
+        ring_entries: 4,
+        tx_slots: 4,
+        rx_buf_size: 4096,
+        rx_buf_count: 4,
+        rx_tables_per_core: 1,
+        ..Create::default()
+    };
+    let cases: [(&str, Create, i32); 5] = [
+        (
+            "layout sums past 2^64",
+            Create {
+                rx_buf_size: 0xFFFF_FFC0,
+                rx_buf_count: 0xFFFF_FFFC,
+                rx_tables_per_core: 17_825_792,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "rx_buf_size over 1 MiB",
+            Create {
+                rx_buf_size: 2 << 20,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "rx_buf_count over 2^20",
+            Create {
+                rx_buf_count: (1 << 20) + 1,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "rx_tables_per_core over ring_entries",
+            Create {
+                rx_tables_per_core: 5,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "a 2 GiB RX pool",
+            Create {
+                rx_buf_size: 1 << 20,
+                rx_buf_count: 2048,
+                ..base
+            },
+            libc::EFBIG,
+        ),
+    ];
+    for (what, mut c, want) in cases {
+        match device::create(fd, &mut c) {
+            Ok(()) => bail!(
+                "CREATE with {what} was accepted (instance {}, region {} bytes)",
+                c.instance,
+                c.region_size
+            ),
+            Err(attach::Error::Device { err, .. }) if err.raw_os_error() == want => {}
+            Err(e) => bail!("CREATE with {what}: {e}, expected errno {want}"),
+        }
+    }
+    for id in 0..16u32 {
+        if !live.contains(&id) {
+            ensure!(
+                device::info(fd, id).is_err(),
+                "instance {id} exists after refused CREATEs (live: {live:?})"
+            );
+        }
+    }
+    let mut l = Load {
+        instance: live[0],
+        kind: LOAD_PUT,
+        peer_nid: 1,
+        count: 1,
+        size: 1,
+        threads: 1,
+        timeout_ms: 60_001,
+        ..Load::default()
+    };
+    match device::load(fd, &mut l) {
+        Ok(()) => bail!("a load with timeout_ms 60001 was accepted"),
+        Err(attach::Error::Device { err, .. }) if err.raw_os_error() == libc::EINVAL => {}
+        Err(e) => bail!("a load with timeout_ms 60001: {e}, expected EINVAL"),
+    }
+    Ok(format!(
+        "hostile CREATE/LOAD arguments: {} bad sizes refused (wrapping layout EINVAL, caps EINVAL, 2 GiB EFBIG), no instance left behind, timeout_ms 60001 EINVAL",
+        cases.len()
+    ))
 }
 
 /// A PUT load from `instance` to `peer`, on its own descriptor (loads block).
