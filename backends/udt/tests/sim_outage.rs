@@ -250,6 +250,33 @@ fn seed_34_ack_before_the_probes_nak() {
     eprintln!("{f:?}");
 }
 
+/// An outage of the forward direction only: the receiver's ACKs still
+/// arrive, repeated and saying nothing new — no answer to the probes. The
+/// silence starts a round trip after the outage (the data in flight still
+/// lands and is ACKed), so more leaves before it is noticed than in an
+/// outage of both directions; after that only probes, and the goodput is
+/// back within 2 RTT.
+#[test]
+fn forward_only_outage() {
+    let outage = Outage {
+        start_s: OUTAGE_START_US as f64 / 1e6,
+        end_s: (OUTAGE_START_US + OUTAGE_US) as f64 / 1e6,
+    };
+    let mut sc = scenario(11, 0.0, outage, 240, 60_000_000);
+    sc.link.reverse.outages.clear();
+    let o = run(&sc);
+    let f = figures(&o, 0.0);
+    eprintln!("forward-only 3 s outage: {f:?}");
+    assert!(f.violations.is_empty(), "{:?}", f.violations);
+    assert_eq!(f.outages, 1, "repeated ACKs ended the outage: {f:?}");
+    // A round trip plus an RTO at the link rate, and some slack.
+    let budget = (2.5 * RTT_US as f64 / 1e6 * LINK_PPS) as u64;
+    assert!(f.sent_in_outage <= budget, "{f:?} (budget {budget})");
+    let late_probes = 2 * ((OUTAGE_US - 1_500_000) / (RTT_US / 2) + 1);
+    assert!(f.sent_late <= late_probes, "{f:?}");
+    assert!(f.recovery_rtt.is_some_and(|r| r <= 2.0), "{f:?}");
+}
+
 /// A path that never comes back is a dead peer: the idle timeout closes the
 /// connection (and fails its messages), however long the probing went on,
 /// and the probes stay few.

@@ -65,7 +65,7 @@
 //!   sent and the oldest unacknowledged one, retransmitted: the receiver
 //!   answers the newest with a NAK naming exactly what the outage lost, the
 //!   oldest with an advancing ACK where its own reports were what was lost.
-//!   The first ACK or NAK ends the outage and sending resumes at the
+//!   The first advancing ACK or NAK ends the outage and sending resumes at the
 //!   controller's rate, which the outage left alone; if an ACK ended it and
 //!   no NAK names the outage's last packets within an RTO of the last probe,
 //!   the flight the outage left unacknowledged is resent. UDT4 instead
@@ -522,7 +522,9 @@ impl Connection {
         }
         self.heard(now);
         let resumed_by_ack = match &repr {
-            ControlRepr::Ack { .. } => self.path_answered(now),
+            // An ACK that moves nothing is the receiver repeating itself
+            // (the forward path may still be dead); it answers no probe.
+            ControlRepr::Ack { last, .. } if self.acks_new(*last) => self.path_answered(now),
             ControlRepr::Nak { loss } => {
                 self.path_answered(now);
                 self.nak_after_outage(loss);
@@ -595,7 +597,14 @@ impl Connection {
         });
     }
 
-    /// An ACK or NAK arrived: the path carries our packets' reports again.
+    /// Whether an ACK of `last` acknowledges packets not yet acknowledged.
+    fn acks_new(&self, last: SeqNo) -> bool {
+        self.idx_of(self.tx.una, last)
+            .is_some_and(|a| a > self.tx.una && a <= self.tx.next)
+    }
+
+    /// An advancing ACK or a NAK arrived: the path carries our packets'
+    /// reports again.
     /// Sending resumes at the controller's rate (pacing restarts from now,
     /// no burst). Returns, if an outage ended, when its last probe left.
     fn path_answered(&mut self, now: Time) -> Option<Time> {
