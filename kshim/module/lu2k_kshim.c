@@ -847,6 +847,16 @@ static u32 core_poll(struct lu2k_core *c)
 	return done + rx;
 }
 
+/*
+ * RX waiting while the return ring is full: the engine rings no doorbell when it takes
+ * returns, so only polling sees the room come back.
+ */
+static bool core_rx_blocked(struct lu2k_core *c)
+{
+	return waiting(c->inst, &c->cb->rx_prod.value, c->rx_cons, c->rx_n, false) &&
+	       !rxr_room(c, false);
+}
+
 static bool kicked_or_stop(struct lu2k_inst *in)
 {
 	return atomic_xchg(&in->kick, 0) || kthread_should_stop();
@@ -856,7 +866,7 @@ static int lu2k_consumer(void *arg)
 {
 	struct lu2k_inst *in = arg;
 	u32 i, work;
-	bool any;
+	bool any, blocked;
 	long left;
 
 	while (!kthread_should_stop()) {
@@ -872,12 +882,17 @@ static int lu2k_consumer(void *arg)
 		/* Pairs with the engine's barrier between its index store and its wakeup read. */
 		smp_mb();
 		any = false;
-		for (i = 0; i < in->cores; i++)
+		blocked = false;
+		for (i = 0; i < in->cores; i++) {
 			any |= core_has_work(&in->core[i]);
+			blocked |= core_rx_blocked(&in->core[i]);
+		}
 		if (!any) {
+			/* Blocked on return room: a tick, not a second, until RX moves again. */
 			left = wait_event_interruptible_timeout(in->consumer_wq,
-								kicked_or_stop(in), HZ);
-			if (!left) {
+								kicked_or_stop(in),
+								blocked ? 1 : HZ);
+			if (!left && !blocked) {
 				for (i = 0; i < in->cores; i++)
 					if (core_has_work(&in->core[i]))
 						st_add(in, ST_IDLE_TIMEOUTS_WITH_WORK, 1);
