@@ -109,7 +109,16 @@ impl Connection {
                 // cookie that validated its address (UDT4's client repeats
                 // its request with the cookie once it has one). Anything
                 // else is not answered: a reply only to what proved it. Not
-                // news of the peer: anyone who saw the request can repeat it.
+                // news of the peer (last_heard stays): anyone who saw the
+                // request can repeat it. The EXP timer restarts as it does for
+                // any packet in UDT4, so an idle server neither backs off its
+                // keep-alives nor probes earlier than a UDT4 server would (on the
+                // sealed wire the engine stops passing repeats on once the
+                // client's first sealed datagram opened).
+                if self.tx.next == self.tx.una {
+                    self.exp_count = 1;
+                    self.last_rsp = now;
+                }
                 self.queue_handshake(self.peer_id);
             }
             _ => self.stats.count_drop(DropCause::BadHandshake),
