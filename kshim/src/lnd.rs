@@ -440,6 +440,9 @@ pub struct Kshim {
     to_engine_fds: Vec<OwnedFd>,
     to_kshim_fds: Vec<OwnedFd>,
     listener: Option<OwnedFd>,
+    /// The socket file this kshim bound (device, inode): the only one it removes,
+    /// since another kshim may have bound the path since.
+    bound: Option<(u64, u64)>,
     link: Link,
     /// Look at the socket on the next progress (set after a sleep).
     link_due: bool,
@@ -597,6 +600,7 @@ impl Kshim {
             to_engine_fds,
             to_kshim_fds,
             listener: Some(listener),
+            bound: socket_id(&cfg.socket_path),
             link: Link::Listening,
             link_due: true,
             link_next: Instant::now(),
@@ -956,7 +960,7 @@ impl Kshim {
                                 Ok(()) => {
                                     // The region is handed over: this engine is the session.
                                     self.listener = None;
-                                    let _ = std::fs::remove_file(&self.cfg.socket_path);
+                                    self.unlink_own();
                                     self.link = Link::AwaitAck {
                                         sock,
                                         deadline: Instant::now() + self.cfg.attach_timeout,
@@ -1261,7 +1265,7 @@ impl Kshim {
         }
         self.link = Link::Gone;
         self.listener = None;
-        let _ = std::fs::remove_file(&self.cfg.socket_path);
+        self.unlink_own();
         let queued: Vec<u32> = self.credits.drain_queued().map(|(_, s)| s).collect();
         for slot in queued {
             self.finish(slot, TxStatus::EngineGone, 0);
@@ -1314,6 +1318,7 @@ impl Kshim {
         );
         self.free_tables = (0..self.cfg.credits).rev().collect();
         self.listener = Some(listener);
+        self.bound = socket_id(&self.cfg.socket_path);
         self.link = Link::Listening;
         self.link_due = true;
         // Peers the gone engine reported down: the next one reports afresh.
@@ -1326,8 +1331,27 @@ impl Kshim {
 
 impl Drop for Kshim {
     fn drop(&mut self) {
-        if self.listener.is_some() {
-            let _ = std::fs::remove_file(&self.cfg.socket_path);
+        self.unlink_own();
+    }
+}
+
+/// A socket file's identity (device, inode), if the path exists.
+fn socket_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl Kshim {
+    /// Removes the attach socket's file if it is still the one this kshim bound:
+    /// a kshim ending (or handing its region to an engine) must not remove the
+    /// socket a newer kshim is listening on at the same path.
+    fn unlink_own(&mut self) {
+        if let Some(id) = self.bound.take() {
+            if socket_id(&self.cfg.socket_path) == Some(id) {
+                let _ = std::fs::remove_file(&self.cfg.socket_path);
+            }
         }
     }
 }
