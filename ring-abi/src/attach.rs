@@ -815,7 +815,9 @@ pub mod device {
         macro_rules! set {
             ($name:ident, $op:expr, $ty:ty, $what:literal) => {
                 pub fn $name(fd: BorrowedFd<'_>, v: $ty) -> Result<(), Error> {
-                    // SAFETY: as above; the module only reads size_of::<$ty>() bytes.
+                    // SAFETY: the opcode encodes size_of::<$ty>() and the module only
+                    // reads that record (include/lu2k_ring.h, checked by the size test
+                    // below); it writes nothing back.
                     unsafe { ioctl(fd, Setter::<{ $op }, $ty>::new(v)) }.map_err(dev($what))
                 }
             };

@@ -784,7 +784,7 @@ fn an_idle_connection_wakes_only_for_keepalives() {
     assert_eq!(p.acked(), vec![0]);
     // A second after their last full ACK both ends' ACK timers stop: in 10 s of
     // quiet the pair wakes for keep-alives only (each end's EXP, a few a
-    // second), not for a 10 ms ACK timer (2 000 wake-ups).
+    // second), not for a 10 ms ACK timer (100 a second per end).
     p.run(p.now + 2_000_000, |_| false);
     let mut instants = 0u32;
     p.run(p.now + 10_000_000, |_| {

@@ -6,9 +6,9 @@
 //! on one hop. A core that just did work may therefore keep polling its rings and its
 //! socket for a while (the budget, between `min` and `max`) before it arms the
 //! doorbell and sleeps. A spin pays only where something it catches is due within
-//! it; everywhere else it burns a CPU for nothing (at 100 Mbit/s on a 600 ms path a
-//! receiver that spun `min` after every datagram spent 30–56 % of a core so). So the
-//! core spins only while it *awaits* something due soon:
+//! it; everywhere else it burns a CPU for nothing (a satellite receiver's datagrams
+//! come farther apart than any useful spin, so a spin after each one is pure loss). So
+//! the core spins only while it *awaits* something due soon:
 //!
 //! - **an answer from kshim**: the core handed kshim something (RX descriptors, TX
 //!   completions) — kshim answers within microseconds;
