@@ -27,3 +27,4 @@ pub mod wire;
 pub mod cc;
 pub mod conn;
 pub mod estimate;
+pub mod fec;
