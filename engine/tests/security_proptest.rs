@@ -1,10 +1,14 @@
-//! The sealed wire's fuzz check (`engine/fuzz/common/seal.rs`) as a property
-//! test, on stable: random datagrams, random handshake trailers, and genuine
-//! sealed packets with random bytes changed. CI runs this; the cargo-fuzz
-//! target `engine/fuzz` runs the same check under libFuzzer on nightly.
+//! The sealed wire's fuzz checks (`engine/fuzz/common/seal.rs` and
+//! `session.rs`) as property tests, on stable: random datagrams, random
+//! handshake trailers, genuine sealed packets with random bytes changed, and
+//! programs that drive a session's keys through rekeys, reordering and
+//! replays. CI runs these, and the cargo-fuzz targets `seal` and `session` of
+//! `engine/fuzz` briefly under libFuzzer on nightly (scripts/fuzz.sh).
 
 #[path = "../fuzz/common/seal.rs"]
 mod seal;
+#[path = "../fuzz/common/session.rs"]
+mod session;
 
 use proptest::prelude::*;
 
@@ -44,5 +48,32 @@ proptest! {
         let mut d = vec![0u8; at + 1];
         d[at] = 1 << bit;
         seal::hostile_input(&d);
+    }
+
+    #[test]
+    fn session_programs_keep_their_invariants(
+        program in proptest::collection::vec(any::<u8>(), 0..600),
+    ) {
+        session::session_program(&program);
+    }
+
+    /// Mostly in order: seal, wait, deliver the newest, with a repeat or a
+    /// changed packet now and then; the keys change every few steps.
+    #[test]
+    fn in_order_sessions_follow_every_rekey(
+        steps in proptest::collection::vec((0u8..8, any::<u8>()), 0..300),
+    ) {
+        let mut program = Vec::new();
+        for (kind, arg) in steps {
+            let dir = arg & 1;
+            let (op, a) = match kind {
+                0..=2 => (0, arg),
+                3 => (1, arg),
+                4..=6 => (2, 0),
+                _ => (3 + (arg % 2), arg),
+            };
+            program.extend_from_slice(&[op << 1 | dir, a]);
+        }
+        session::session_program(&program);
     }
 }

@@ -14,6 +14,15 @@
 //! `nid="_other"` (so a counter there still only grows), `lu2k_peers` counts
 //! every peer by state, and `lu2k_peer_labels_folded` says how many are folded.
 //! Drop and failure reasons come from a fixed set in the code.
+//!
+//! The sealed wire: `lu2k_peer_security` (the mode, per peer),
+//! `lu2k_peer_security_rejected_total` (datagrams from the peer's address the
+//! wire refused, by reason) and `lu2k_peer_rekeys_total`. A datagram refused
+//! before any peer is known for its address (a stranger's `unknown_connection`,
+//! `unvalidated_address`, `plain_refused`, ...) has no `nid` to go under: those
+//! are counted per core, in `lu2k_core_security_rejected_total{core,reason}`
+//! (every refusal, the peers' included), with the plaintext bytes sealed and
+//! opened per core beside them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -36,6 +45,8 @@ use super::stats::{CoreStats, Published};
 pub const MAX_PEER_LABELS: usize = 64;
 /// The `nid` label of the peers beyond [`MAX_PEER_LABELS`].
 pub const OTHER_PEERS: &str = "_other";
+/// Core drops with this prefix are the sealed wire's refusals.
+const SEC_DROP_PREFIX: &str = "rx_sec_";
 
 /// What `lu2k_info` says about the engine.
 #[derive(Debug, Clone)]
@@ -74,6 +85,10 @@ struct PeerSum {
     rate_bps: u64,
     errors: u64,
     failed: BTreeMap<String, u64>,
+    /// The wire's security mode ("required" or "off"; empty: not reported).
+    security: String,
+    rejected: BTreeMap<String, u64>,
+    rekeys: u64,
 }
 
 impl PeerSum {
@@ -91,6 +106,13 @@ impl PeerSum {
         for (k, v) in &p.failed {
             *self.failed.entry(k.clone()).or_default() += v;
         }
+        if self.security.is_empty() {
+            self.security.clone_from(&p.security);
+        }
+        for (k, v) in &p.rejected {
+            *self.rejected.entry(k.clone()).or_default() += v;
+        }
+        self.rekeys += p.rekeys;
     }
 }
 
@@ -359,6 +381,39 @@ impl Lu2kCollector {
             None,
             drops,
         )?;
+        // The sealed wire's refusals are core drops named `rx_sec_<reason>`;
+        // a family of their own keeps the reason labels the peers' use.
+        let mut rejected = Vec::new();
+        for c in cores {
+            for (why, n) in &c.drops {
+                if let Some(r) = why.strip_prefix(SEC_DROP_PREFIX) {
+                    let mut l = core(c);
+                    l.push(("reason", r.to_string()));
+                    rejected.push(counter(l, *n));
+                }
+            }
+        }
+        family(
+            enc,
+            "lu2k_core_security_rejected",
+            "Datagrams the sealed wire refused on the core, by reason (from peers and strangers).",
+            None,
+            rejected,
+        )?;
+        family(
+            enc,
+            "lu2k_core_sealed",
+            "Plaintext bytes (UDT headers and payload) sealed by the cipher.",
+            Some(Unit::Bytes),
+            per_core(|c| c.sealed_bytes),
+        )?;
+        family(
+            enc,
+            "lu2k_core_opened",
+            "Plaintext bytes opened in place in RX buffers.",
+            Some(Unit::Bytes),
+            per_core(|c| c.opened_bytes),
+        )?;
         let gauges: [CoreGauge; 4] = [
             (
                 "lu2k_core_rx_pool_buffers",
@@ -478,6 +533,45 @@ impl Lu2kCollector {
             "Messages to the peer failed back to kshim, by reason.",
             None,
             failed,
+        )?;
+        family(
+            enc,
+            "lu2k_peer_security",
+            "1 for the peer's wire security mode (required: sealed; off: plain UDT4).",
+            None,
+            named()
+                .filter(|(_, p)| !p.security.is_empty())
+                .map(|(n, p)| {
+                    let mut l = nid(n);
+                    l.push(("mode", p.security.clone()));
+                    gauge(l, 1i64)
+                })
+                .collect(),
+        )?;
+        let mut rejected = Vec::new();
+        for (n, p) in &peers {
+            for (why, v) in &p.rejected {
+                let mut l = nid(n);
+                l.push(("reason", why.clone()));
+                rejected.push(counter(l, *v));
+            }
+        }
+        family(
+            enc,
+            "lu2k_peer_security_rejected",
+            "Datagrams from the peer's address the sealed wire refused, by reason.",
+            None,
+            rejected,
+        )?;
+        family(
+            enc,
+            "lu2k_peer_rekeys",
+            "Key changes of the peer's sealed connections, both directions.",
+            None,
+            peers
+                .iter()
+                .map(|(n, p)| counter(nid(n), p.rekeys))
+                .collect(),
         )?;
         family(
             enc,
@@ -676,11 +770,17 @@ mod tests {
         };
         c.io.bytes_sent = 1500;
         c.drop_one("rx_malformed");
+        c.drop_one("rx_sec_unknown_connection");
+        c.drop_one("rx_sec_bad_tag");
+        c.sealed_bytes = 4096;
         c.peers.push(PeerStats {
             nid: "10.0.0.2@lu2k".into(),
             up: true,
             rtt_us: 600_000,
             rate_bps: 8_000_000,
+            security: "required".into(),
+            rejected: [("bad_tag".to_string(), 1)].into(),
+            rekeys: 3,
             ..PeerStats::default()
         });
         let text = exposition(&collector(vec![c]));
@@ -693,6 +793,12 @@ mod tests {
             "lu2k_peer_rtt_seconds{nid=\"10.0.0.2@lu2k\"} 0.6",
             "lu2k_peer_send_rate_bytes_per_second{nid=\"10.0.0.2@lu2k\"} 1000000.0",
             "lu2k_peers{state=\"up\"} 1",
+            "lu2k_peer_security{nid=\"10.0.0.2@lu2k\",mode=\"required\"} 1",
+            "lu2k_peer_security_rejected_total{nid=\"10.0.0.2@lu2k\",reason=\"bad_tag\"} 1",
+            "lu2k_peer_rekeys_total{nid=\"10.0.0.2@lu2k\"} 3",
+            "lu2k_core_security_rejected_total{core=\"1\",reason=\"unknown_connection\"} 1",
+            "lu2k_core_security_rejected_total{core=\"1\",reason=\"bad_tag\"} 1",
+            "lu2k_core_sealed_bytes_total{core=\"1\"} 4096",
             "# EOF",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");

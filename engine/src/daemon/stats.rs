@@ -342,6 +342,22 @@ pub fn render(r: &Report) -> String {
             per_send
         );
     }
+    // The sealed wire per core: what the cipher passed, and every datagram it
+    // refused (a stranger's too, which no peer row can show).
+    for c in &r.cores {
+        let rejected: BTreeMap<&str, u64> = c
+            .drops
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("rx_sec_").map(|r| (r, *v)))
+            .collect();
+        if c.sealed_bytes > 0 || c.opened_bytes > 0 || !rejected.is_empty() {
+            let _ = writeln!(
+                o,
+                "core {} sealed wire: sealed {} B  opened {} B  rejected {:?}",
+                c.core, c.sealed_bytes, c.opened_bytes, rejected
+            );
+        }
+    }
     let peers: Vec<_> = r
         .cores
         .iter()
@@ -486,6 +502,50 @@ mod tests {
         // No sends: no ratio to show.
         assert_eq!(rows[1][0], "1");
         assert_eq!(rows[1][12], "-");
+    }
+
+    /// The sealed wire's counters: per core (strangers' datagrams included)
+    /// and per peer (mode, refusals, key changes).
+    #[test]
+    fn render_shows_the_sealed_wire() {
+        let mut core = CoreStats {
+            core: 0,
+            sealed_bytes: 1000,
+            opened_bytes: 2000,
+            ..CoreStats::default()
+        };
+        core.drop_one("rx_sec_unvalidated_address");
+        core.drop_one("rx_sec_unknown_connection");
+        core.drop_one("rx_sec_unknown_connection");
+        core.drop_one("rx_malformed");
+        core.peers.push(PeerStats {
+            nid: "10.0.0.2@lu2k".into(),
+            up: true,
+            security: "required".into(),
+            rekeys: 4,
+            rejected: [("bad_tag".to_string(), 7), ("replay".to_string(), 1)].into(),
+            ..PeerStats::default()
+        });
+        let plain = CoreStats {
+            core: 1,
+            ..CoreStats::default()
+        };
+        let text = render(&Report {
+            cores: vec![core, plain],
+            ..Report::default()
+        });
+        assert!(
+            text.contains(
+                "core 0 sealed wire: sealed 1000 B  opened 2000 B  rejected \
+                 {\"unknown_connection\": 2, \"unvalidated_address\": 1}"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("core 1 sealed wire"), "{text}");
+        assert!(
+            text.contains("security required  rekeys 4  rejected {\"bad_tag\": 7, \"replay\": 1}"),
+            "{text}"
+        );
     }
 
     #[test]
