@@ -166,6 +166,10 @@ pub struct Config {
     /// Keys of single peers, used instead of the network's for them.
     #[serde(rename = "peer_key")]
     pub peer_keys: Vec<PeerKeyCfg>,
+    /// The file this was read from ([`Config::load`]): SIGHUP re-reads its
+    /// key fields.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -198,6 +202,7 @@ impl Default for Config {
             psk_file: None,
             psk_next_file: None,
             peer_keys: Vec::new(),
+            source: None,
         }
     }
 }
@@ -250,7 +255,9 @@ impl Config {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut c = Self::from_toml(&text, &path.display().to_string())?;
+        c.source = Some(path.to_path_buf());
+        Ok(c)
     }
 
     /// Checks every field; the first problem found is returned.

@@ -54,6 +54,7 @@ use crate::io::DatagramIo;
 use crate::shard::ring::RingSide;
 use crate::shard::{self, Links, Notice, Shard};
 use crate::transport::rds::Rds;
+use crate::transport::seal::SharedKeys;
 use crate::transport::udt::{self, Udt};
 use config::{BackendChoice, Config, IoPathChoice};
 use stats::{CoreStats, Published, Server};
@@ -75,8 +76,8 @@ struct Plan {
     overrides: HashMap<Ipv4Addr, SocketAddrV4>,
     udt: lu2k_udt::conn::Config,
     send_worker: bool,
-    /// The sealed wire's keys; `None`: the plain wire.
-    keys: Option<crate::transport::seal::Keyring>,
+    /// The sealed wire's keys, replaced on SIGHUP; `None`: the plain wire.
+    keys: Option<SharedKeys>,
 }
 
 /// One core's share of the attachment: its rings, memory and doorbell.
@@ -108,7 +109,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
              config file, or pass --kshim or --kshim-socket"
         ),
     };
-    let term = watch_signals()?;
+    let (term, hup) = watch_signals()?;
+    let mut cfg = cfg;
     let features = Features::probe();
     let forced = cfg.io_path == IoPathChoice::Epoll;
     let (path, why) = features.choose(forced);
@@ -123,7 +125,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // session drains and ends; the engine then waits for kshim to listen again and
     // attaches anew: the process, its configuration and its systemd state carry on.
     loop {
-        let mut notifier = session(cfg.clone(), &kpath, att, &features, path, &term)?;
+        let mut notifier = session(&mut cfg, &kpath, att, &features, path, (&term, &hup))?;
         if term.load(Ordering::SeqCst) {
             // SIGTERM may come after the serve loop ended, while the cores were joined.
             notifier.stopping();
@@ -141,19 +143,21 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 /// One attachment to kshim: maps its region, runs the cores until SIGTERM or
 /// until kshim goes away, and waits for them to drain. Returns the notifier for
 /// the wait that follows a kshim restart.
+/// SIGHUP (`hup`) re-reads the key files into `cfg` ([`reload_keys`]), so a
+/// later attachment starts with them too.
 fn session(
-    cfg: Config,
+    cfg: &mut Config,
     kpath: &attach::Endpoint,
     att: Attachment,
     features: &Features,
     path: IoPath,
-    term: &AtomicBool,
+    (term, hup): (&AtomicBool, &AtomicBool),
 ) -> anyhow::Result<Notifier> {
     // The cores' stop flag: set by SIGTERM (through `serve`) or by kshim leaving;
     // `kshim_gone` tells the second from the first.
     let draining = Arc::new(AtomicBool::new(term.load(Ordering::SeqCst)));
     let kshim_gone = Arc::new(AtomicBool::new(false));
-    let (region, plan) = match plan(cfg, &att, features, path) {
+    let (region, plan) = match plan(cfg.clone(), &att, features, path) {
         Ok(x) => x,
         Err((status, e)) => {
             let _ = att.ack(status);
@@ -201,11 +205,12 @@ fn session(
     let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
     let mut notifier = Notifier::new(slots);
     notifier.ready();
+    let mut reload = || reload_keys(cfg, plan.keys.as_ref());
     serve(
         &att,
         &nrx,
         (&draining, &kshim_gone),
-        term,
+        (term, hup, &mut reload),
         &threads,
         &mut notifier,
     );
@@ -266,22 +271,89 @@ fn reattach(
     }
 }
 
-/// Blocks the termination signals in every thread and turns them into the
-/// `term` flag (read by `serve`, which drains the cores, and by the re-attach
-/// wait), on a thread of their own.
-fn watch_signals() -> anyhow::Result<Arc<AtomicBool>> {
+/// Blocks the termination signals and SIGHUP in every thread and turns them
+/// into flags, on a thread of their own: `term` (SIGTERM, SIGINT; read by
+/// `serve`, which drains the cores, and by the re-attach wait) and `hup`
+/// (SIGHUP: `serve` re-reads the keys).
+fn watch_signals() -> anyhow::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
     sys::block_term_signals().context("blocking termination signals")?;
     let term = Arc::new(AtomicBool::new(false));
-    let d = term.clone();
+    let hup = Arc::new(AtomicBool::new(false));
+    let (d, h) = (term.clone(), hup.clone());
     std::thread::Builder::new()
         .name("lu2k-signals".into())
         .spawn(move || {
-            if let Ok(sig) = sys::wait_signal() {
+            while let Ok(sig) = sys::wait_signal() {
+                if sig == libc::SIGHUP {
+                    tracing::info!("signal {sig} (SIGHUP): re-reading the keys");
+                    h.store(true, Ordering::SeqCst);
+                    continue;
+                }
                 tracing::info!("signal {sig}: draining");
                 d.store(true, Ordering::SeqCst);
+                break;
             }
         })?;
-    Ok(term)
+    Ok((term, hup))
+}
+
+/// SIGHUP: re-reads the key fields (`security`, `psk_file`, `psk_next_file`,
+/// `[[peer_key]]`) of the config file the engine started with, checks them as
+/// at start-up, and hands the new set to the cores. Connections keep the keys
+/// they agreed (rekeys derive from those); new handshakes use the new set. A
+/// file that does not read or check is refused with the error (it names the
+/// field) and the keys in use stay; the security mode is not changed by a
+/// reload (that takes a restart).
+fn reload_keys(cfg: &mut Config, shared: Option<&SharedKeys>) {
+    let Some(shared) = shared else {
+        tracing::warn!(
+            "SIGHUP: the plain wire (security = \"off\") has no keys to reload; \
+             sealing the wire takes a restart"
+        );
+        return;
+    };
+    let Some(path) = cfg.source.clone() else {
+        tracing::error!(
+            "SIGHUP: no config file to re-read the keys from (start the engine with \
+             --config FILE); the keys in use stay"
+        );
+        return;
+    };
+    let file = match Config::load(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("SIGHUP: key reload refused: {e}; the keys in use stay");
+            return;
+        }
+    };
+    let mut next = cfg.clone();
+    next.security = file.security;
+    next.psk_file = file.psk_file;
+    next.psk_next_file = file.psk_next_file;
+    next.peer_keys = file.peer_keys;
+    match next.keyring() {
+        Ok(Some(mut keys)) => {
+            let (old, _) = shared.get();
+            keys.local = old.local;
+            let (net, peers) = (keys.net.len(), keys.peers.len());
+            shared.replace(keys);
+            *cfg = next;
+            tracing::info!(
+                network_keys = net,
+                peer_keys = peers,
+                "SIGHUP: keys reloaded from {}; new handshakes use them, connections \
+                 keep theirs",
+                path.display()
+            );
+        }
+        Ok(None) => tracing::error!(
+            "SIGHUP: key reload refused: {} has no key now (no psk_file or [[peer_key]]), \
+             and the wire is sealed; the keys in use stay (turning sealing off takes a \
+             restart)",
+            path.display()
+        ),
+        Err(e) => tracing::error!("SIGHUP: key reload refused: {e}; the keys in use stay"),
+    }
 }
 
 /// Maps kshim's region and decides how every core runs. An error carries the
@@ -336,7 +408,7 @@ fn plan(
         // This node's end of every handshake: the address peers dial.
         Ok(k) => k.map(|mut k| {
             k.local = (!bind_ip.is_unspecified()).then_some(bind_ip);
-            k
+            SharedKeys::new(k)
         }),
         Err(e) => return refuse(1, e.into()),
     };
@@ -576,7 +648,9 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
                 let mut t =
                     Udt::new(udt_params, io, region, p.mem.rx_first).with_cookie_key(cookie_key);
                 if let Some((keys, scratch)) = sealing {
-                    t = t.with_security(keys, Default::default(), scratch);
+                    t = t
+                        .with_security(keys.get().0, Default::default(), scratch)
+                        .with_shared_keys(keys);
                 }
                 Shard::new(params, ring, t, p.links)
                     .with_kshim_gone(gone)
@@ -700,7 +774,7 @@ fn serve(
     att: &Attachment,
     notices: &mpsc::Receiver<Notice>,
     (draining, kshim_gone): (&AtomicBool, &AtomicBool),
-    term: &AtomicBool,
+    (term, hup, reload): (&AtomicBool, &AtomicBool, &mut dyn FnMut()),
     threads: &[JoinHandle<()>],
     notifier: &mut Notifier,
 ) {
@@ -718,6 +792,9 @@ fn serve(
         }
         if term.load(Ordering::Relaxed) && !draining.load(Ordering::Relaxed) {
             draining.store(true, Ordering::SeqCst);
+        }
+        if !draining.load(Ordering::Relaxed) && hup.swap(false, Ordering::SeqCst) {
+            reload();
         }
         if !kshim_gone.load(Ordering::Relaxed) && kshim_closed(&att.sock) {
             tracing::warn!(

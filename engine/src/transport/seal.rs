@@ -241,6 +241,59 @@ impl Keyring {
     }
 }
 
+/// The engine's keys, replaceable while it runs (`SIGHUP` re-reads the key
+/// files): the daemon stores a new [`Keyring`], and each core takes it at its
+/// next handshake ([`SharedKeys::refresh`], one atomic load when nothing
+/// changed). Keys already agreed are not touched: a connection's session keys
+/// come from its own handshake, and its rekeys derive from those, so existing
+/// connections carry on under them while new handshakes use the new set.
+#[derive(Debug, Clone)]
+pub struct SharedKeys(std::sync::Arc<SharedInner>);
+
+#[derive(Debug)]
+struct SharedInner {
+    /// Bumped by every [`SharedKeys::replace`].
+    generation: std::sync::atomic::AtomicU64,
+    keys: std::sync::Mutex<Keyring>,
+}
+
+impl SharedKeys {
+    /// Shares `keys`.
+    pub fn new(keys: Keyring) -> SharedKeys {
+        SharedKeys(std::sync::Arc::new(SharedInner {
+            generation: std::sync::atomic::AtomicU64::new(0),
+            keys: std::sync::Mutex::new(keys),
+        }))
+    }
+
+    /// Puts `keys` in place of the shared set.
+    pub fn replace(&self, keys: Keyring) {
+        *self.0.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.0
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The shared set, and its generation.
+    pub fn get(&self) -> (Keyring, u64) {
+        let k = self.0.keys.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: `replace` bumps it after storing, so a set is
+        // never paired with a generation newer than itself.
+        let g = self.0.generation.load(std::sync::atomic::Ordering::Acquire);
+        (k.clone(), g)
+    }
+
+    /// Replaces `keys` by the shared set if that changed since generation
+    /// `seen` (updated); whether it did.
+    pub fn refresh(&self, seen: &mut u64, keys: &mut Keyring) -> bool {
+        if self.0.generation.load(std::sync::atomic::Ordering::Acquire) == *seen {
+            return false;
+        }
+        (*keys, *seen) = self.get();
+        true
+    }
+}
+
 /// Why a datagram was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {

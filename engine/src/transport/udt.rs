@@ -198,6 +198,8 @@ struct Security {
     gathered_bytes: u64,
     /// Key changes of connections that are gone, by peer.
     rekeys_gone: HashMap<Ipv4Addr, u64>,
+    /// Where replaced keys come from (SIGHUP), and the generation `keys` is.
+    shared: Option<(seal::SharedKeys, u64)>,
 }
 
 /// Datagrams a connection refused, all causes together: unchanged across
@@ -364,8 +366,35 @@ impl Udt {
             opened_bytes: 0,
             gathered_bytes: 0,
             rekeys_gone: HashMap::new(),
+            shared: None,
         }));
         self
+    }
+
+    /// Takes the sealed wire's keys from `shared` from now on: a replaced set
+    /// is used from the next handshake (connections keep the keys they
+    /// agreed). Needs [`Udt::with_security`] first.
+    pub fn with_shared_keys(mut self, shared: seal::SharedKeys) -> Udt {
+        if let Some(sec) = self.sec.as_mut() {
+            let (keys, generation) = shared.get();
+            let local = sec.keys.local;
+            sec.keys = keys;
+            sec.keys.local = sec.keys.local.or(local);
+            sec.shared = Some((shared, generation));
+        }
+        self
+    }
+
+    /// Takes a replaced key set, if there is one (before any handshake).
+    fn refresh_keys(&mut self) {
+        if let Some(sec) = self.sec.as_mut() {
+            if let Some((shared, seen)) = sec.shared.as_mut() {
+                let local = sec.keys.local;
+                if shared.refresh(seen, &mut sec.keys) {
+                    sec.keys.local = sec.keys.local.or(local);
+                }
+            }
+        }
     }
 
     /// The wire's security mode.
@@ -619,6 +648,7 @@ impl Udt {
         };
         let sock = conn.socket_id();
         let mut entry = ConnEntry::new(conn, ip, Dir::Tx, now);
+        self.refresh_keys();
         if let Some(sec) = &self.sec {
             // The peer's first key connects (any of its keys is accepted from it).
             let ends = seal::Ends {
@@ -1439,6 +1469,7 @@ impl Udt {
         }
         // To the listener, or a client repeating its handshake: authentic
         // only as one from its source to this node.
+        self.refresh_keys();
         let sec = self.sec.as_ref().expect("sealed wire");
         let local = sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED);
         let ends = seal::Ends {
