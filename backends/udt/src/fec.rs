@@ -11,7 +11,7 @@
 //!
 //! # Where it sits, and why
 //!
-//! FEC is a codec on whole datagrams between a [`Connection`] and the
+//! FEC is a codec on whole datagrams between a [`Connection`](crate::conn::Connection) and the
 //! socket, sans-IO like the connection:
 //!
 //! ```text
