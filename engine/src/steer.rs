@@ -17,6 +17,33 @@
 //! Behind NAT they would come from another address and land on another core; such
 //! packets are still handled correctly by the owning core's connection lookup only if
 //! it is the same core, so NAT between lu2k nodes is not supported (as in LNet).
+//!
+//! # One peer over several cores (`conns_per_peer`)
+//!
+//! By source address a peer is one core, so `--cores N` cannot speed up one
+//! gateway-to-gateway transfer. When kshim spreads each peer over `conns_per_peer > 1`
+//! cores ([`lu2k_ring_abi::stripe`], announced in the region header), every core that
+//! is handed a peer's messages opens its own UDT connection to it, and the cores steer
+//! by *socket ID* instead ([`program_by_socket_id`]):
+//!
+//! - each core draws its socket IDs from its own class, `id % cores == core`
+//!   (`lu2k_udt::conn::Config::socket_id_class`), for the connections it opens and the
+//!   ones it accepts;
+//! - every UDT packet but a handshake to the listener carries the receiver's socket ID
+//!   at bytes 12..16 (data and control alike; the sealed wire keeps it there in clear,
+//!   [`crate::transport::seal`]), so `id % cores` names the owning core;
+//! - a handshake to the listener carries 0 there; it is steered by the *requester's*
+//!   socket ID at bytes 40..44 (the handshake body's `socket ID`, also in clear on the
+//!   sealed wire): a client's request, its repeat with the cookie and any later repeat
+//!   land on the same core, which accepts it and answers with an ID of its own class.
+//!   Two lu2k engines with the same core count therefore pair core i with core i.
+//!
+//! No state is shared between cores and nothing is looked up across them: the kernel
+//! puts each datagram on the core whose connection it belongs to. Reading IDs instead of
+//! addresses works for either address family and for a plain UDT4 peer too (its IDs are
+//! random: its connections land on whichever core its ID names, and ours answer it from
+//! their own class). A datagram shorter than the field it would be steered by cannot be
+//! a valid UDT packet; the kernel's load fails and it goes to core 0, which drops it.
 
 use std::net::Ipv4Addr;
 
@@ -85,6 +112,107 @@ pub fn eval(prog: &[BpfInsn], src: Ipv4Addr) -> Option<u32> {
         }
     }
     None
+}
+
+/// Offset in the UDP payload of the destination socket ID (UDT header word 3).
+pub const DST_ID_OFF: u32 = 12;
+/// Offset in the UDP payload of a handshake's requester socket ID (16-byte header, then
+/// version, type, ISN, MSS, flight flag size, request type: the 7th body word).
+pub const HS_ID_OFF: u32 = 16 + 24;
+
+const BPF_JMP: u16 = 0x05;
+const BPF_JEQ: u16 = 0x10;
+
+/// The classic-BPF `SO_ATTACH_REUSEPORT_CBPF` program that steers by socket ID (see
+/// the module doc): `id = dst_id != 0 ? dst_id : requester_id; return id % cores`.
+/// Loads are from the UDP payload (the kernel runs a reuseport program with the UDP
+/// header pulled).
+pub fn program_by_socket_id(cores: u32) -> Vec<BpfInsn> {
+    let cores = cores.max(1);
+    vec![
+        // 0: A = destination socket ID.
+        insn(BPF_LD | BPF_W | BPF_ABS, DST_ID_OFF),
+        // 1: a handshake to the listener (0) goes on at 4, anything else at 2.
+        BpfInsn {
+            code: BPF_JMP | BPF_JEQ | BPF_K,
+            jt: 2,
+            jf: 0,
+            k: 0,
+        },
+        insn(BPF_ALU | BPF_MOD | BPF_K, cores),
+        insn(BPF_RET | BPF_A, 0),
+        // 4: A = the requester's socket ID.
+        insn(BPF_LD | BPF_W | BPF_ABS, HS_ID_OFF),
+        insn(BPF_ALU | BPF_MOD | BPF_K, cores),
+        insn(BPF_RET | BPF_A, 0),
+    ]
+}
+
+/// Runs `prog` ([`program_by_socket_id`]'s instructions only) on a UDP payload the way
+/// the kernel would: a load past the end ends the program with 0.
+pub fn eval_payload(prog: &[BpfInsn], payload: &[u8]) -> Option<u32> {
+    let mut a: u32 = 0;
+    let mut pc = 0usize;
+    while let Some(i) = prog.get(pc) {
+        pc += 1;
+        match i.code {
+            c if c == BPF_LD | BPF_W | BPF_ABS => {
+                let off = i.k as usize;
+                let Some(w) = payload.get(off..off + 4) else {
+                    return Some(0);
+                };
+                a = u32::from_be_bytes(w.try_into().expect("4 bytes"));
+            }
+            c if c == BPF_JMP | BPF_JEQ | BPF_K => {
+                pc += usize::from(if a == i.k { i.jt } else { i.jf });
+            }
+            c if c == BPF_ALU | BPF_MOD | BPF_K => a = a.checked_rem(i.k)?,
+            c if c == BPF_RET | BPF_A => return Some(a),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The core [`program_by_socket_id`] picks for a UDP payload, computed directly.
+pub fn socket_id_core(payload: &[u8], cores: u32) -> u32 {
+    let word = |off: u32| {
+        payload
+            .get(off as usize..off as usize + 4)
+            .map(|w| u32::from_be_bytes(w.try_into().expect("4 bytes")))
+    };
+    match word(DST_ID_OFF) {
+        Some(0) => word(HS_ID_OFF).map_or(0, |id| id % cores.max(1)),
+        Some(id) => id % cores.max(1),
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod socket_id_tests {
+    use super::*;
+
+    #[test]
+    fn program_matches_the_direct_computation() {
+        for cores in 1..=8u32 {
+            let p = program_by_socket_id(cores);
+            for i in 0..3000u32 {
+                let id = i.wrapping_mul(2_654_435_761);
+                let mut d = vec![0u8; 64];
+                d[12..16].copy_from_slice(&id.to_be_bytes());
+                d[40..44].copy_from_slice(&i.to_be_bytes());
+                assert_eq!(eval_payload(&p, &d), Some(socket_id_core(&d, cores)));
+                // A handshake (destination 0): the requester's ID decides.
+                d[12..16].copy_from_slice(&0u32.to_be_bytes());
+                assert_eq!(eval_payload(&p, &d), Some(i % cores));
+                assert_eq!(socket_id_core(&d, cores), i % cores);
+            }
+            // Too short for the field it is steered by: core 0.
+            assert_eq!(eval_payload(&p, &[1u8; 15]), Some(0));
+            assert_eq!(eval_payload(&p, &[0u8; 43]), Some(0));
+            assert_eq!(socket_id_core(&[0u8; 43], cores), 0);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -147,6 +147,7 @@ struct lu2k_core {
 struct lu2k_inst {
 	u32 id;
 	u32 cores;
+	u32 conns_per_peer;	/* cores per peer, 1..cores: see lu2k_stripe() */
 	u32 nid_count;
 	u64 nids[LU2K_DEV_MAX_NIDS];
 	void *region;
@@ -320,6 +321,7 @@ static int inst_layout(struct lu2k_inst *in, const struct lu2k_dev_create *a)
 	/* The module rings eventfds only: no LU2K_FEAT_FUTEX_WAKE. */
 	h->features = LU2K_FEAT_RX_INDIRECT;
 	h->cores = a->cores;
+	h->conns_per_peer = in->conns_per_peer;
 	h->core_entry_size = sizeof(*ce);
 	h->rx_buf_size = a->rx_buf_size;
 	h->rx_buf_count = a->rx_buf_count;
@@ -376,12 +378,13 @@ static long ioc_create(void __user *arg)
 	    a.ring_entries < a.tx_slots || !a.rx_buf_size || a.rx_buf_size % 64 ||
 	    a.rx_buf_size > LU2K_MAX_PAYLOAD || !a.rx_buf_count ||
 	    a.rx_buf_count > LU2K_MAX_RX_BUFS || !a.rx_tables_per_core ||
-	    a.rx_tables_per_core > a.ring_entries)
+	    a.rx_tables_per_core > a.ring_entries || a.conns_per_peer > a.cores || a.reserved)
 		return -EINVAL;
 	in = kzalloc(struct_size(in, core, a.cores), GFP_KERNEL);
 	if (!in)
 		return -ENOMEM;
 	in->cores = a.cores;
+	in->conns_per_peer = a.conns_per_peer ? a.conns_per_peer : 1;
 	in->nid_count = a.nid_count;
 	memcpy(in->nids, a.nids, sizeof(in->nids));
 	mutex_init(&in->lock);
@@ -536,13 +539,18 @@ static void ring_engine(struct lu2k_core *c)
 
 /*
  * Publishes slot s (payload already in the TX pool) with LNet header hdr to peer on the
- * core that owns the peer. On success the slot is in flight and l (if any) holds one
- * more reference; on error the caller still owns the slot.
+ * core that carries it: the peer's core, or with conns_per_peer > 1 one of its cores
+ * by the cookie's hash (lu2k_stripe(), as the userspace kshim). The cookie is drawn
+ * first because it picks the core; a send refused after that only skips a generation.
+ * On success the slot is in flight and l (if any) holds one more reference; on error
+ * the caller still owns the slot.
  */
 static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len,
 		   struct lu2k_load *l)
 {
-	struct lu2k_core *c = &in->core[lu2k_shard(peer, in->cores)];
+	u64 cookie = ((u64)(u32)atomic_inc_return(&in->gen) << 32) | s;
+	struct lu2k_core *c = &in->core[lu2k_stripe(lu2k_shard(peer, in->cores), in->cores,
+						    in->conns_per_peer, cookie)];
 	struct lu2k_tx *t = &in->txs[s];
 	struct lu2k_tx_desc d;
 	u32 cons, used;
@@ -571,7 +579,7 @@ static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len
 			st_add(in, ST_BAD_INDEX, 1);
 		return -ENOSPC;
 	}
-	d.cookie = ((u64)(u32)atomic_inc_return(&in->gen) << 32) | s;
+	d.cookie = cookie;
 	t->cookie = d.cookie;
 	t->core = c - in->core;
 	t->len = len;

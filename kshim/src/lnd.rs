@@ -99,6 +99,11 @@ pub struct Config {
     pub socket_path: PathBuf,
     /// Ring sets (engine cores), 1..=126.
     pub cores: u32,
+    /// Cores each peer's messages are spread over, 1..=`cores` (socklnd's
+    /// `conns_per_peer`): message by message, by [`ring_abi::stripe`] on its cookie.
+    /// 1: a peer is one core ([`ring_abi::shard`]). More lets one peer use several
+    /// engine cores (one UDT connection each); LNet needs no order between messages.
+    pub conns_per_peer: u32,
     /// TX ring entries per core (power of two).
     pub tx_entries: u32,
     /// TX completion ring entries per core (power of two).
@@ -142,6 +147,7 @@ impl Config {
             nids,
             socket_path: socket_path.into(),
             cores: 1,
+            conns_per_peer: 1,
             tx_entries: 1024,
             tx_done_entries: 1024,
             rx_entries: 1024,
@@ -477,7 +483,7 @@ fn new_region(
     cfg: &Config,
     abi: &ring_abi::Config,
 ) -> Result<(Region, Vec<Core>, Vec<OwnedFd>, Vec<OwnedFd>), StartError> {
-    let region = Region::create(abi)?;
+    let region = Region::create_striped(abi, cfg.conns_per_peer)?;
     let mut cores = Vec::with_capacity(cfg.cores as usize);
     let mut to_engine_fds = Vec::new();
     let mut to_kshim_fds = Vec::new();
@@ -524,6 +530,16 @@ impl Kshim {
             return Err(cfg_err(
                 "cores",
                 format!("must be 1..={}", attach::MAX_CORES),
+            ));
+        }
+        if cfg.conns_per_peer == 0 || cfg.conns_per_peer > cfg.cores {
+            return Err(cfg_err(
+                "conns_per_peer",
+                format!(
+                    "{} with {} core(s): must be 1..=cores (one connection per core; \
+                     set conns_per_peer = cores to spread each peer over every core)",
+                    cfg.conns_per_peer, cfg.cores
+                ),
             ));
         }
         let min_chunk = (MAX_PAYLOAD / ring_abi::layout::MAX_TX_EXTENTS as usize).max(4096);
@@ -1153,9 +1169,14 @@ impl Kshim {
         }));
     }
 
-    /// Builds the descriptor of a slot that holds its credits and queues it on its core.
+    /// Queues a slot that holds its credits on the core that carries it: the peer's
+    /// core, or with `conns_per_peer` > 1 one of its cores by the cookie's hash
+    /// ([`ring_abi::stripe`]; the kernel module distributes the same way).
     fn dispatch(&mut self, slot: u32) {
-        let core = ring_abi::shard(self.msgs[slot as usize].peer.0, self.cfg.cores) as usize;
+        let m = &self.msgs[slot as usize];
+        let cookie = Cookie::new(slot, m.gen).0;
+        let home = ring_abi::shard(m.peer.0, self.cfg.cores);
+        let core = ring_abi::stripe(home, self.cfg.cores, self.cfg.conns_per_peer, cookie) as usize;
         self.msgs[slot as usize].st = St::Backlog;
         self.cores[core].backlog.push_back(slot);
     }

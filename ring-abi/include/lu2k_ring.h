@@ -41,7 +41,7 @@ typedef int32_t lu2k_s32;
 
 #define LU2K_MAGIC 0x474e49524b32554cULL /* "LU2KRING" little-endian */
 #define LU2K_VERSION_MAJOR 1
-#define LU2K_VERSION_MINOR 0
+#define LU2K_VERSION_MINOR 1
 #define LU2K_CACHE_LINE 64
 #define LU2K_PAGE 4096
 #define LU2K_MAX_CORES 256
@@ -101,7 +101,9 @@ struct lu2k_region_header {
 	lu2k_u32 rx_buf_count;
 	lu2k_u64 rx_tables_off;
 	lu2k_u64 rx_tables_len;
-	lu2k_u64 reserved[19];
+	lu2k_u32 conns_per_peer;     /* cores per peer, see lu2k_stripe(); 0 means 1 */
+	lu2k_u32 reserved0;
+	lu2k_u64 reserved[18];
 };
 
 struct lu2k_ring_info {
@@ -190,6 +192,25 @@ static inline lu2k_u32 lu2k_shard(lu2k_u64 nid, lu2k_u32 cores)
 }
 
 /*
+ * stripe(): the core that carries message `cookie` to a peer whose shard is `home`
+ * when each peer is spread over conns_per_peer cores (ring-abi's `stripe`):
+ * n = min(max(conns_per_peer, 1), cores), k = cookie folded to 32 bits,
+ * (home + ((k * 0x9E3779B1) >> 16) % n) % cores.
+ */
+static inline lu2k_u32 lu2k_stripe(lu2k_u32 home, lu2k_u32 cores, lu2k_u32 conns_per_peer,
+				   lu2k_u64 cookie)
+{
+	lu2k_u32 k = (lu2k_u32)(cookie ^ (cookie >> 32));
+	lu2k_u32 n = conns_per_peer ? conns_per_peer : 1;
+
+	if (cores == 0)
+		cores = 1;
+	if (n > cores)
+		n = cores;
+	return (home % cores + ((lu2k_u32)(k * 0x9E3779B1u) >> 16) % n) % cores;
+}
+
+/*
  * /dev/lu2k: the kernel module's device (kshim/module). The Rust side is
  * ring-abi/src/attach.rs (`device:` endpoints); the ioctl numbers are
  * _IOC(dir, LU2K_IOC_TYPE, nr, sizeof(struct)) as <linux/ioctl.h> builds them.
@@ -219,6 +240,8 @@ struct lu2k_dev_create {
 	lu2k_u32 rx_tables_per_core;
 	lu2k_u32 instance;           /* out */
 	lu2k_u64 region_size;        /* out */
+	lu2k_u32 conns_per_peer;     /* 0..cores, 0 means 1: see lu2k_stripe() */
+	lu2k_u32 reserved;           /* 0 */
 };
 
 struct lu2k_dev_info {

@@ -642,6 +642,11 @@ pub mod device {
         pub instance: u32,
         /// Out: the region size.
         pub region_size: u64,
+        /// Cores each peer's messages are spread over ([`crate::stripe`]), 0..=`cores`
+        /// (0 means 1).
+        pub conns_per_peer: u32,
+        /// Zero.
+        pub reserved: u32,
     }
 
     /// `struct lu2k_dev_info`.
@@ -949,6 +954,7 @@ pub mod device {
 #define O(t, f) printf("%zu\n", offsetof(struct t, f))
 int main(void) {
     S(lu2k_dev_create); O(lu2k_dev_create, rx_tables_per_core); O(lu2k_dev_create, region_size);
+    O(lu2k_dev_create, conns_per_peer);
     S(lu2k_dev_info); O(lu2k_dev_info, nids);
     S(lu2k_dev_attach); O(lu2k_dev_attach, to_kshim);
     S(lu2k_dev_notice);
@@ -990,6 +996,7 @@ int main(void) {
                 size_of::<Create>(),
                 offset_of!(Create, rx_tables_per_core),
                 offset_of!(Create, region_size),
+                offset_of!(Create, conns_per_peer),
                 size_of::<Info>(),
                 offset_of!(Info, nids),
                 size_of::<Attach>(),

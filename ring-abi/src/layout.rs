@@ -36,7 +36,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"LU2KRING");
 /// ABI major version: a mapper refuses a region with another major version.
 pub const VERSION_MAJOR: u16 = 1;
 /// ABI minor version: backwards-compatible additions (reserved fields given meaning).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Cache line size assumed by the layout.
 pub const CACHE_LINE: u64 = 64;
 /// Alignment of the pools.
@@ -107,8 +107,13 @@ pub struct RegionHeader {
     pub rx_tables_off: u64,
     /// Length of the RX table area, a multiple of [`RX_TABLE_BYTES`].
     pub rx_tables_len: u64,
+    /// Cores each peer's messages are spread over ([`crate::stripe`]); 0 (a minor
+    /// version 0 region) means 1. See [`Layout::conns_per_peer`].
+    pub conns_per_peer: u32,
+    /// Zero.
+    pub reserved0: u32,
     /// Zero; room for later minor versions.
-    pub reserved: [u64; 19],
+    pub reserved: [u64; 18],
 }
 
 /// Where one ring's slot array lives.
@@ -544,7 +549,9 @@ impl Layout {
             rx_buf_count: cfg.rx_buf_count,
             rx_tables_off,
             rx_tables_len,
-            reserved: [0; 19],
+            conns_per_peer: 1,
+            reserved0: 0,
+            reserved: [0; 18],
         };
         // The creator's own layout must pass the mapper's checks.
         Layout::from_parts(header, cores, total_size)
@@ -723,6 +730,22 @@ impl Layout {
     /// Number of cores.
     pub fn cores(&self) -> u32 {
         self.header.cores
+    }
+
+    /// Cores each peer's messages are spread over by the producer ([`crate::stripe`]),
+    /// in `1..=cores`: the header's value, 0 read as 1, more than `cores` as `cores`.
+    /// Above 1 a peer's connections live on several cores, so the engine steers
+    /// arriving datagrams by destination socket ID rather than by source address.
+    pub fn conns_per_peer(&self) -> u32 {
+        self.header.conns_per_peer.clamp(1, self.cores().max(1))
+    }
+
+    /// The same layout with `n` announced as [`Layout::conns_per_peer`] (creator side,
+    /// before the header is written).
+    #[must_use]
+    pub fn with_conns_per_peer(mut self, n: u32) -> Layout {
+        self.header.conns_per_peer = n.clamp(1, self.cores().max(1));
+        self
     }
 
     /// Core `i`'s table entry.

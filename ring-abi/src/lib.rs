@@ -53,7 +53,8 @@
 //! - [`doorbell`] and [`protocol`]: need-wakeup flags, eventfds and futex words; no lost
 //!   wakeups, no syscalls while the consumer is awake.
 //! - [`region`]: the memfd, the mapping, per-core typed handles, pool access.
-//! - [`shard`]: which core owns a peer.
+//! - [`shard`]: which core owns a peer; [`stripe`]: which of its `conns_per_peer`
+//!   cores carries one message.
 //! - [`attach`]: the Unix-socket handshake (HELLO with the memfd and the eventfds,
 //!   ACK, NOTICE) by which an engine attaches to kshim; its decoders never panic.
 //! - [`nid`]: LNet NIDs ([`Nid`], [`Net`], [`LndType`]), their bit layout and their
@@ -122,9 +123,72 @@ pub fn shard(nid: u64, cores: u32) -> u32 {
     (addr.wrapping_mul(SHARD_MULTIPLIER) >> 16) % cores.max(1)
 }
 
+/// Which core carries message `cookie` to a peer whose [`shard`] is `home`, when the
+/// producer spreads each peer over `conns_per_peer` cores (socklnd's `conns_per_peer`;
+/// the region header announces it, [`layout::Layout::conns_per_peer`]). Both producers
+/// (userspace kshim and the kernel module) call this; the engine needs no copy of it:
+/// a core keeps its own connection to each peer it is handed messages for.
+///
+/// Exactly, with `n = min(max(conns_per_peer, 1), max(cores, 1))` and the cookie folded
+/// to 32 bits, `k = (cookie ^ (cookie >> 32)) mod 2^32`:
+///
+/// ```text
+///   stripe = (home + ((k * 0x9E3779B1 mod 2^32) >> 16) mod n) mod cores
+/// ```
+///
+/// so a peer's `n` cores are consecutive from its home core, and its messages spread
+/// over them by a hash of the cookie (unique per message in flight; both producers
+/// already make one): no per-peer state and no lock on the send path, the same answer
+/// in C (`lu2k_stripe`) and Rust. `conns_per_peer == 1` is `home`. LNet requires no
+/// order between messages, so messages of one peer on different cores may complete in
+/// any order.
+pub fn stripe(home: u32, cores: u32, conns_per_peer: u32, cookie: u64) -> u32 {
+    let cores = cores.max(1);
+    let n = conns_per_peer.clamp(1, cores);
+    let k = (cookie ^ (cookie >> 32)) as u32;
+    let idx = (k.wrapping_mul(SHARD_MULTIPLIER) >> 16) % n;
+    (home % cores + idx) % cores
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stripe_is_home_for_one_conn_and_spreads_a_peer_over_n_cores() {
+        for cookie in 0..1000u64 {
+            assert_eq!(stripe(3, 4, 1, cookie), 3);
+            assert_eq!(stripe(3, 4, 0, cookie), 3);
+        }
+        for (cores, n, home) in [(2u32, 2u32, 1u32), (4, 2, 3), (4, 4, 0), (3, 8, 2)] {
+            let n_eff = n.min(cores);
+            let mut hits = vec![0u32; cores as usize];
+            // Cookies as both producers make them: a generation above a slot index.
+            for gen in 1..=64u64 {
+                for slot in 0..16u64 {
+                    hits[stripe(home, cores, n, (gen << 32) | slot) as usize] += 1;
+                }
+            }
+            for (core, h) in hits.iter().enumerate() {
+                let off = (core as u32 + cores - home) % cores;
+                if off < n_eff {
+                    // 1024 messages over n_eff cores: each within a third of its share.
+                    let share = 1024 / n_eff;
+                    assert!(
+                        *h > share * 2 / 3 && *h < share * 4 / 3,
+                        "{cores} {n} {hits:?}"
+                    );
+                } else {
+                    assert_eq!(*h, 0, "{cores} {n} {hits:?}");
+                }
+            }
+        }
+        // Recomputed from the formula with 64-bit arithmetic.
+        let cookie = (7u64 << 32) | 3;
+        let k = (cookie ^ (cookie >> 32)) & 0xFFFF_FFFF;
+        let idx = ((k * 0x9E37_79B1) & 0xFFFF_FFFF) >> 16;
+        assert_eq!(u64::from(stripe(3, 4, 2, cookie)), (3 + idx % 2) % 4);
+    }
 
     #[test]
     fn shard_depends_only_on_low_32_bits_and_stays_in_range() {

@@ -142,7 +142,13 @@ impl Region {
     /// Creates a region for `cfg` in a new memfd (close-on-exec, sealed against
     /// shrinking, growing and further sealing) and maps it.
     pub fn create(cfg: &Config) -> Result<Region, RegionError> {
-        let layout = Layout::new(cfg)?;
+        Region::create_striped(cfg, 1)
+    }
+
+    /// [`Region::create`] for a producer that spreads each peer's messages over
+    /// `conns_per_peer` cores ([`crate::stripe`]); the header announces it.
+    pub fn create_striped(cfg: &Config, conns_per_peer: u32) -> Result<Region, RegionError> {
+        let layout = Layout::new(cfg)?.with_conns_per_peer(conns_per_peer);
         let total = layout.total_size();
         let fd = memfd_create("lu2k-ring", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         ftruncate(&fd, total)?;

@@ -64,6 +64,8 @@ fn records() -> Vec<Record> {
                 rx_buf_count,
                 rx_tables_off,
                 rx_tables_len,
+                conns_per_peer,
+                reserved0,
                 reserved,
             ]
         ),
@@ -168,7 +170,25 @@ fn rust_values() -> BTreeMap<String, u64> {
     for (nid, cores) in shard_samples() {
         m.insert(format!("shard {nid:#x} {cores}"), shard(nid, cores).into());
     }
+    for (home, cores, n, cookie) in stripe_samples() {
+        m.insert(
+            format!("stripe {home} {cores} {n} {cookie:#x}"),
+            lu2k_ring_abi::stripe(home, cores, n, cookie).into(),
+        );
+    }
     m
+}
+
+fn stripe_samples() -> Vec<(u32, u32, u32, u64)> {
+    let mut v = Vec::new();
+    for (home, cores) in [(0u32, 1u32), (1, 2), (3, 4), (5, 7), (0, 0), (200, 16)] {
+        for n in [0u32, 1, 2, 3, 4, 64] {
+            for cookie in [0u64, 1, (7 << 32) | 3, u64::MAX, 0xDEAD_BEEF_0000_0011] {
+                v.push((home, cores, n, cookie));
+            }
+        }
+    }
+    v
 }
 
 fn shard_samples() -> Vec<(u64, u32)> {
@@ -213,6 +233,11 @@ fn c_program() -> String {
     }
     for (nid, cores) in shard_samples() {
         s += &format!("P(\"shard {nid:#x} {cores}\", lu2k_shard({nid:#x}ULL, {cores}u));\n");
+    }
+    for (home, cores, n, cookie) in stripe_samples() {
+        s += &format!(
+            "P(\"stripe {home} {cores} {n} {cookie:#x}\", lu2k_stripe({home}u, {cores}u, {n}u, {cookie:#x}ULL));\n"
+        );
     }
     s += "return 0;\n}\n";
     s

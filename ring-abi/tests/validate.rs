@@ -418,7 +418,7 @@ fn every_header_error_is_reported_on_map() {
         map_err_after(hdr_field(offset_of!(H, version_major), &2u16.to_le_bytes())),
         le(LayoutError::VersionMismatch {
             found_major: 2,
-            found_minor: 0
+            found_minor: lu2k_ring_abi::layout::VERSION_MINOR
         })
     );
     // A newer minor version is accepted.

@@ -75,6 +75,9 @@ struct Plan {
     rds: bool,
     overrides: HashMap<Ipv4Addr, SocketAddrV4>,
     udt: lu2k_udt::conn::Config,
+    /// Cores kshim spreads each peer over (the region header's); above 1 the cores
+    /// steer by socket ID ([`crate::steer::program_by_socket_id`]).
+    conns_per_peer: u32,
     send_worker: bool,
     /// The sealed wire's keys, replaced on SIGHUP; `None`: the plain wire.
     keys: Option<SharedKeys>,
@@ -195,9 +198,10 @@ fn session(
     };
     att.ack(0).context("sending ACK to kshim")?;
     tracing::info!(
-        "attached to kshim at {} ({} cores, {} {}, path {})",
+        "attached to kshim at {} ({} cores, {} per peer, {} {}, path {})",
         kpath,
         plan.cores,
+        plan.conns_per_peer,
         if plan.rds { "RDS/rds_tcp" } else { "UDP" },
         plan.local,
         plan.path
@@ -431,6 +435,7 @@ fn plan(
             rcv_buf_pkts: Some(cfg.flow_window.min(rx_per_core.saturating_mul(4)).max(32)),
             ..Default::default()
         },
+        conns_per_peer: region.layout().conns_per_peer(),
         send_worker: cfg.send_worker.enabled(
             cores as usize,
             std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -509,7 +514,12 @@ fn udp_sockets(plan: &Plan) -> anyhow::Result<Vec<OwnedFd>> {
         socks.push(fd);
     }
     if plan.cores > 1 {
-        sys::attach_reuseport_cbpf(&socks[0], &crate::steer::program(plan.cores))
+        let prog = if plan.conns_per_peer > 1 {
+            crate::steer::program_by_socket_id(plan.cores)
+        } else {
+            crate::steer::program(plan.cores)
+        };
+        sys::attach_reuseport_cbpf(&socks[0], &prog)
             .context("attaching the SO_REUSEPORT steering program")?;
     }
     Ok(socks)
@@ -591,7 +601,15 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         net: plan.net,
         port: plan.cfg.port,
         overrides: plan.overrides.clone(),
-        udt: plan.udt.clone(),
+        udt: lu2k_udt::conn::Config {
+            // Striped peers: this core's socket IDs name it (see crate::steer).
+            socket_id_class: if plan.conns_per_peer > 1 {
+                (plan.cores, p.c)
+            } else {
+                (1, 0)
+            },
+            ..plan.udt.clone()
+        },
         peer_down_timeout_us: plan.cfg.peer_down_timeout_s * 1_000_000,
         seed,
     };

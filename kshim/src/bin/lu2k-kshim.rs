@@ -59,6 +59,10 @@ struct Common {
     /// Engine cores (ring sets in the region).
     #[arg(long, global = true, default_value_t = 1)]
     cores: u32,
+    /// Cores each peer's messages are spread over (1..=cores; socklnd's
+    /// conns_per_peer): one peer then uses several engine cores.
+    #[arg(long, global = true, default_value_t = 1)]
+    conns_per_peer: u32,
     /// Messages in flight per peer (satellite paths need many; socklnd uses 8).
     #[arg(long, global = true)]
     peer_credits: Option<u32>,
@@ -223,6 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let c = &cli.common;
     let mut cfg = Config::new(c.nids.clone(), c.socket.clone());
     cfg.cores = c.cores;
+    cfg.conns_per_peer = c.conns_per_peer;
     if let Some(v) = c.peer_credits {
         cfg.peer_credits = v;
     }

@@ -185,10 +185,11 @@ pub fn header_bytes(h: &RegionHeader) -> Vec<u8> {
     }
     v.extend(h.rx_buf_size.to_le_bytes());
     v.extend(h.rx_buf_count.to_le_bytes());
-    for x in [h.rx_tables_off, h.rx_tables_len]
-        .into_iter()
-        .chain(h.reserved)
-    {
+    v.extend(h.rx_tables_off.to_le_bytes());
+    v.extend(h.rx_tables_len.to_le_bytes());
+    v.extend(h.conns_per_peer.to_le_bytes());
+    v.extend(h.reserved0.to_le_bytes());
+    for x in h.reserved {
         v.extend(x.to_le_bytes());
     }
     assert_eq!(v.len(), 256);
@@ -196,9 +197,9 @@ pub fn header_bytes(h: &RegionHeader) -> Vec<u8> {
 }
 
 pub fn header_from(b: &[u8]) -> RegionHeader {
-    let mut reserved = [0u64; 19];
+    let mut reserved = [0u64; 18];
     for (i, r) in reserved.iter_mut().enumerate() {
-        *r = u64_at(b, 104 + i * 8);
+        *r = u64_at(b, 112 + i * 8);
     }
     RegionHeader {
         magic: u64_at(b, 0),
@@ -218,6 +219,8 @@ pub fn header_from(b: &[u8]) -> RegionHeader {
         rx_buf_count: u32_at(b, 84),
         rx_tables_off: u64_at(b, 88),
         rx_tables_len: u64_at(b, 96),
+        conns_per_peer: u32_at(b, 104),
+        reserved0: u32_at(b, 108),
         reserved,
     }
 }

@@ -222,7 +222,7 @@ pub struct Connection {
 impl Connection {
     fn new(now: Time, cfg: Config, seed: u64, peer: SocketAddr, role: Role) -> Connection {
         let mut rng = seed;
-        let socket_id = (splitmix(&mut rng) as u32 & 0x3FFF_FFFF).max(1);
+        let socket_id = cfg.socket_id_in_class((splitmix(&mut rng) as u32 & 0x3FFF_FFFF).max(1));
         let isn = SeqNo::new(splitmix(&mut rng) as u32 & SeqNo::MAX);
         let cc_seed = splitmix(&mut rng);
         let buf_pkts = cfg.rcv_buf();

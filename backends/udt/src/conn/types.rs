@@ -59,6 +59,11 @@ pub struct Config {
     /// How far ahead of its pacing time a data packet may leave inside a
     /// [`super::Connection::poll_transmit_batch`] run, microseconds.
     pub batch_horizon_us: u64,
+    /// The socket IDs this side draws: `(m, r)` takes only IDs with `id % m == r`
+    /// (still drawn at random within that class). The engine gives each core its own
+    /// class, so the destination socket ID of an arriving packet names the core that
+    /// owns the connection. `(1, 0)` (default): any ID, as UDT4.
+    pub socket_id_class: (u32, u32),
 }
 
 impl Default for Config {
@@ -77,11 +82,25 @@ impl Default for Config {
             min_nak_interval_us: 20_000,
             min_exp_interval_us: 300_000,
             batch_horizon_us: 1_000,
+            socket_id_class: (1, 0),
         }
     }
 }
 
 impl Config {
+    /// `raw` (a random ID in `1..2^30`) moved into [`Config::socket_id_class`]: the
+    /// ID of that class at or just below it, never 0 (the listener's).
+    pub fn socket_id_in_class(&self, raw: u32) -> u32 {
+        let (m, r) = self.socket_id_class;
+        let m = m.max(1);
+        let id = raw - raw % m + r % m;
+        if id == 0 {
+            m
+        } else {
+            id
+        }
+    }
+
     /// Payload bytes per data packet for this MSS.
     pub fn payload_size(&self) -> u32 {
         self.mss.saturating_sub(IP_UDP_OVERHEAD + 16).max(1)
