@@ -54,6 +54,7 @@
 #include <linux/spinlock.h>
 #include <linux/atomic.h>
 #include <linux/kref.h>
+#include <linux/rwsem.h>
 #include <linux/build_bug.h>
 #include <linux/overflow.h>
 #include <linux/compat.h>
@@ -61,6 +62,7 @@
 #include <asm/unaligned.h>
 
 #include "lu2k_ring.h"
+#include "lu2k_kshim.h"
 
 #define LU2K_MAX_INSTANCES 16
 #define LU2K_PID 12345
@@ -122,6 +124,7 @@ struct lu2k_tx {
 	u32 len;
 	u8 state;
 	struct lu2k_load *load;
+	void *ctx;			/* a bound client's message (lu2k_kshim.h) */
 };
 
 struct lu2k_core {
@@ -176,6 +179,10 @@ struct lu2k_inst {
 	ktime_t ping_t0, ping_rtt;
 	wait_queue_head_t ping_wq;
 	atomic64_t st[ST_COUNT];
+	/* An in-kernel client (lu2k_kshim.h); its callbacks run under client_sem read. */
+	struct rw_semaphore client_sem;
+	const struct lu2k_kshim_client *client;
+	void *client_priv;
 	struct lu2k_core core[];
 };
 
@@ -389,6 +396,7 @@ static long ioc_create(void __user *arg)
 	memcpy(in->nids, a.nids, sizeof(in->nids));
 	mutex_init(&in->lock);
 	mutex_init(&in->ping_mutex);
+	init_rwsem(&in->client_sem);
 	spin_lock_init(&in->slot_lock);
 	spin_lock_init(&in->ping_lock);
 	init_waitqueue_head(&in->consumer_wq);
@@ -485,6 +493,7 @@ static void slot_put(struct lu2k_inst *in, u32 s)
 	spin_lock(&in->slot_lock);
 	in->txs[s].state = TX_FREE;
 	in->txs[s].load = NULL;
+	in->txs[s].ctx = NULL;
 	in->free_stack[in->nfree++] = s;
 	spin_unlock(&in->slot_lock);
 	wake_up(&in->slot_wq);
@@ -500,6 +509,7 @@ static void tx_finish(struct lu2k_inst *in, u32 s, u32 status)
 {
 	struct lu2k_tx *t = &in->txs[s];
 	struct lu2k_load *l = t->load;
+	void *ctx = t->ctx;
 
 	if (status == LU2K_TX_OK) {
 		st_add(in, ST_TX_OK, 1);
@@ -507,8 +517,17 @@ static void tx_finish(struct lu2k_inst *in, u32 s, u32 status)
 		st_add(in, ST_TX_FAILED, 1);
 		if (status == LU2K_TX_ENGINE_GONE)
 			st_add(in, ST_TX_ENGINE_GONE, 1);
-		if (!l)
+		if (!l && !ctx)
 			st_add(in, ST_REPLIES_FAILED, 1);
+	}
+	if (ctx) {
+		/* The slot first: the client may send again from tx_done. */
+		slot_put(in, s);
+		down_read(&in->client_sem);
+		if (in->client)
+			in->client->tx_done(in->client_priv, ctx, status);
+		up_read(&in->client_sem);
+		return;
 	}
 	if (l) {
 		if (status == LU2K_TX_OK) {
@@ -757,6 +776,14 @@ static void rx_one(struct lu2k_core *c, const struct lu2k_rx_desc *d)
 	} else {
 		st_add(in, ST_RX_MSGS, 1);
 		st_add(in, ST_RX_BYTES, d->total_len);
+		down_read(&in->client_sem);
+		if (in->client) {
+			in->client->rx(in->client_priv, d->hdr, in->rx_ext, d->nfrags,
+				       d->total_len);
+			up_read(&in->client_sem);
+			goto ret;
+		}
+		up_read(&in->client_sem);
 		switch (get_unaligned_le32(d->hdr + H_TYPE)) {
 		case LNET_MSG_PUT:
 			rx_put(in, d->nfrags, d->hdr, d->total_len);
@@ -769,6 +796,7 @@ static void rx_one(struct lu2k_core *c, const struct lu2k_rx_desc *d)
 			break;
 		}
 	}
+ret:
 	/* The token is the engine's; it checks what comes back. */
 	c->rxr[c->rxr_prod & (c->rxr_n - 1)].token = d->token;
 	c->rxr_prod++;
@@ -1429,6 +1457,92 @@ out:
 }
 
 /* ---- the device ------------------------------------------------------------------ */
+
+/* ---- the in-kernel client interface (lu2k_kshim.h) --------------------------------- */
+
+struct lu2k_inst *lu2k_kshim_bind(const lu2k_kshim_nid_t *nid, const struct lu2k_kshim_client *cl,
+				  void *priv)
+{
+	struct lu2k_inst *in = NULL;
+	u32 id;
+
+	mutex_lock(&insts_lock);
+	for (id = 0; id < LU2K_MAX_INSTANCES && !in; id++)
+		if (insts[id] && !memcmp(&insts[id]->nids[0], nid, sizeof(*nid)))
+			in = insts[id];
+	if (in)
+		atomic_inc(&in->users);
+	mutex_unlock(&insts_lock);
+	if (!in)
+		return ERR_PTR(-ENOENT);
+	down_write(&in->client_sem);
+	if (in->client) {
+		up_write(&in->client_sem);
+		inst_put(in);
+		return ERR_PTR(-EBUSY);
+	}
+	in->client_priv = priv;
+	in->client = cl;
+	up_write(&in->client_sem);
+	pr_info("instance %u: bound to an in-kernel client\n", in->id);
+	return in;
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_bind);
+
+void lu2k_kshim_unbind(struct lu2k_inst *in)
+{
+	/* Waits for a callback under way: none runs once the write lock is taken. */
+	down_write(&in->client_sem);
+	in->client = NULL;
+	in->client_priv = NULL;
+	up_write(&in->client_sem);
+	pr_info("instance %u: in-kernel client unbound\n", in->id);
+	inst_put(in);
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_unbind);
+
+u32 lu2k_kshim_tx_slots(struct lu2k_inst *in)
+{
+	return in->nslots;
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_tx_slots);
+
+int lu2k_kshim_tx_get(struct lu2k_inst *in)
+{
+	/* A client has no selftest REPLYs to keep slots for: it may take them all. */
+	int s = slot_get(in, true);
+
+	return s < 0 ? -ENOBUFS : s;
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_tx_get);
+
+u8 *lu2k_kshim_tx_buf(struct lu2k_inst *in, int slot)
+{
+	return pool_tx(in, slot);
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_tx_buf);
+
+void lu2k_kshim_tx_abort(struct lu2k_inst *in, int slot)
+{
+	slot_put(in, slot);
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_tx_abort);
+
+int lu2k_kshim_tx_send(struct lu2k_inst *in, int slot, const u8 *hdr,
+		       const lu2k_kshim_nid_t *peer, u32 len, void *ctx)
+{
+	if (len > LU2K_MAX_PAYLOAD)
+		return -EMSGSIZE;
+	in->txs[slot].ctx = ctx;
+	return tx_send(in, slot, hdr, *peer, len, NULL);
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_tx_send);
+
+const u8 *lu2k_kshim_rx_buf(struct lu2k_inst *in, u64 off)
+{
+	return rx_pool(in, off);
+}
+EXPORT_SYMBOL_GPL(lu2k_kshim_rx_buf);
 
 static int lu2k_open(struct inode *inode, struct file *f)
 {

@@ -22,6 +22,9 @@
 
 struct lu2k_inst;
 
+/* A NID as the ring ABI's descriptors carry it (lu2k_ring.h). */
+typedef typeof(((struct lu2k_tx_desc *)0)->peer_nid) lu2k_kshim_nid_t;
+
 struct lu2k_kshim_client {
 	void (*rx)(void *priv, const u8 *hdr, const struct lu2k_extent *ext, u32 n,
 		   u32 len);
@@ -29,7 +32,7 @@ struct lu2k_kshim_client {
 };
 
 /* Binds to the instance whose first NID is nid: -ENOENT none, -EBUSY bound already. */
-struct lu2k_inst *lu2k_kshim_bind(const struct lu2k_nid *nid, const struct lu2k_kshim_client *cl,
+struct lu2k_inst *lu2k_kshim_bind(const lu2k_kshim_nid_t *nid, const struct lu2k_kshim_client *cl,
 				  void *priv);
 /* Ends the binding; no callback runs once it returns. Nothing of the client's may be in flight. */
 void lu2k_kshim_unbind(struct lu2k_inst *in);
@@ -46,7 +49,7 @@ void lu2k_kshim_tx_abort(struct lu2k_inst *in, int slot);
  * tx_done. On error (-ENOTCONN no engine, -ENOSPC ring full) the caller still owns the slot.
  */
 int lu2k_kshim_tx_send(struct lu2k_inst *in, int slot, const u8 *hdr,
-		       const struct lu2k_nid *peer, u32 len, void *ctx);
+		       const lu2k_kshim_nid_t *peer, u32 len, void *ctx);
 /* The RX pool bytes at a validated extent's offset. */
 const u8 *lu2k_kshim_rx_buf(struct lu2k_inst *in, u64 off);
 

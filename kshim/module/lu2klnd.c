@@ -35,7 +35,8 @@
 
 #include "lu2k_kshim.h"
 
-#define LU2K_RING_LND ((u64)LU2K_LND_LU2K)
+/* lu2k's LND type in the ring ABI (ring-abi/src/nid.rs: LndType::LU2K). */
+#define LU2K_RING_LND 0x4C32ULL
 #define LU2K_PEER_TIMEOUT 180
 
 static int credits = 32;
@@ -61,8 +62,12 @@ struct lu2klnd_rx {
 	u8 *copy;			/* kvmalloc'd by eager_recv; the struct is kmalloc'd then */
 };
 
+static u64 to_ring(u64 nid4);
+
 /* LNet's NID as the ring ABI's: the same size, number and address bytes, lu2k's type. */
-static void ring_nid(const struct lnet_nid *n, struct lu2k_nid *r)
+#ifdef LU2K_NID_SIZE4
+/* Ring ABI 2: the 24-byte NID, LNet's large NID with a wider type. */
+static void ring_nid(const struct lnet_nid *n, lu2k_kshim_nid_t *r)
 {
 	memset(r, 0, sizeof(*r));
 	r->size = n->nid_size;
@@ -71,6 +76,13 @@ static void ring_nid(const struct lnet_nid *n, struct lu2k_nid *r)
 	BUILD_BUG_ON(sizeof(r->addr) != sizeof(n->nid_addr));
 	memcpy(r->addr, n->nid_addr, sizeof(r->addr));
 }
+#else
+/* Ring ABI 1: the 64-bit NID. */
+static void ring_nid(const struct lnet_nid *n, lu2k_kshim_nid_t *r)
+{
+	*r = to_ring(lnet_nid_to_nid4(n));
+}
+#endif
 
 /* A 64-bit NID of LNet's lu2k type as the ring's (and back); other types stay as they are. */
 static u64 to_ring(u64 nid4)
@@ -184,7 +196,7 @@ static int lu2klnd_send(struct lnet_ni *ni, void *private, struct lnet_msg *msg)
 {
 	struct lu2klnd_ni *net = ni->ni_data;
 	struct _lnet_hdr_nid4 h4;
-	struct lu2k_nid peer;
+	lu2k_kshim_nid_t peer;
 	int s, rc;
 
 	/* The wire header carries 64-bit NIDs: IPv4 peers only. */
@@ -253,7 +265,7 @@ static int lu2klnd_startup(struct lnet_ni *ni)
 	struct lnet_inetdev *ifaces = NULL;
 	struct lu2klnd_ni *net;
 	struct lu2k_inst *inst;
-	struct lu2k_nid nid;
+	lu2k_kshim_nid_t nid;
 	int rc, i, slots;
 
 	rc = lnet_inet_enumerate(&ifaces, ni->ni_net_ns, false);
@@ -278,11 +290,11 @@ static int lu2klnd_startup(struct lnet_ni *ni)
 	net->ni = ni;
 	inst = lu2k_kshim_bind(&nid, &lu2klnd_client, net);
 	if (IS_ERR(inst)) {
-		CERROR("lu2k: %s: %s; create a lu2k_kshim instance with this NID (lu2k's type %#x) and attach lu2k-engine to it before adding the network\n",
+		CERROR("lu2k: %s: %s; create a lu2k_kshim instance with this NID (lu2k's type %#llx) and attach lu2k-engine to it before adding the network\n",
 		       libcfs_nidstr(&ni->ni_nid),
 		       PTR_ERR(inst) == -EBUSY ? "its lu2k_kshim instance is bound to another NI" :
 						  "no lu2k_kshim instance has this NID",
-		       LU2K_LND_LU2K);
+		       LU2K_RING_LND);
 		kfree(net);
 		return PTR_ERR(inst);
 	}
