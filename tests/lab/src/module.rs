@@ -386,7 +386,7 @@ fn refusals(fd: BorrowedFd<'_>, live: &[u32]) -> anyhow::Result<String> {
         rx_tables_per_core: 1,
         ..Create::default()
     };
-    let cases: [(&str, Create, i32); 5] = [
+    let cases: [(&str, Create, i32); 6] = [
         (
             "layout sums past 2^64",
             Create {
@@ -417,6 +417,14 @@ fn refusals(fd: BorrowedFd<'_>, live: &[u32]) -> anyhow::Result<String> {
             "rx_tables_per_core over ring_entries",
             Create {
                 rx_tables_per_core: 5,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "conns_per_peer over cores",
+            Create {
+                conns_per_peer: 2,
                 ..base
             },
             libc::EINVAL,
@@ -466,7 +474,7 @@ fn refusals(fd: BorrowedFd<'_>, live: &[u32]) -> anyhow::Result<String> {
         Err(e) => bail!("a load with timeout_ms 60001: {e}, expected EINVAL"),
     }
     Ok(format!(
-        "hostile CREATE/LOAD arguments: {} bad sizes refused (wrapping layout EINVAL, caps EINVAL, 2 GiB EFBIG), no instance left behind, timeout_ms 60001 EINVAL",
+        "hostile CREATE/LOAD arguments: {} bad sizes refused (wrapping layout EINVAL, caps EINVAL, conns_per_peer over cores EINVAL, 2 GiB EFBIG), no instance left behind, timeout_ms 60001 EINVAL",
         cases.len()
     ))
 }
