@@ -12,7 +12,9 @@
 # itself. Without a nightly toolchain it says SKIP and exits 0. Each target's
 # corpus grows in <crate>/fuzz/corpus/<target> between runs (git-ignored); a
 # crashing input is written to <crate>/fuzz/artifacts/<target>/ and printed.
-# Reproduce one with the same binary: <crate>/fuzz/target/<host>/release/<target> <file>.
+# The fuzz crates share one target directory, target/fuzz (their common
+# dependencies, libFuzzer itself among them, are built once). Reproduce a crash
+# with the same binary: target/fuzz/<host>/release/<target> <file>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,14 +59,14 @@ for crate in $crates; do
     # The build scripts and proc macros stay uninstrumented: --target keeps
     # RUSTFLAGS to the target's code.
     cargo +nightly build --release --quiet --manifest-path "$crate/Cargo.toml" \
-        --target "$host" --target-dir "$crate/target" --bins
+        --target "$host" --target-dir target/fuzz --bins
     for t in $targets; do
-        bin="$crate/target/$host/release/$t"
+        bin="target/fuzz/$host/release/$t"
         corpus="$crate/corpus/$t"
         artifacts="$crate/artifacts/$t/"
         mkdir -p "$corpus" "$artifacts"
         echo "==> fuzz: $t for ${secs}s (corpus $corpus: $(ls "$corpus" | wc -l) inputs)"
-        log="$crate/target/fuzz-$t.log"
+        log="target/fuzz/fuzz-$t.log"
         if "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
             -print_final_stats=1 -artifact_prefix="$artifacts" "$corpus" >"$log" 2>&1; then
             grep -E '^(Done|stat::number_of_executed_units)' "$log" | sed "s/^/    $t: /"

@@ -329,7 +329,7 @@ fn bulk_figures(args: &LoopbackArgs, lo: &run::Opts) -> Result<BulkFigures> {
     let lu2k_sealed = (bulk && args.on("lu2k-sealed"))
         .then(|| {
             let key = lo.tmp.join(format!("lu2k-perf-psk-{}", std::process::id()));
-            write_psk(&key)?;
+            run::write_psk(&key)?;
             let sealed = run::Opts {
                 lu2k_psk: Some(key.clone()),
                 ..lo.clone()
@@ -459,26 +459,6 @@ fn lu2k_round_trips(size: usize, n: usize, lo: &run::Opts) -> Option<Latency> {
             None
         }
     }
-}
-
-/// Writes a fresh 32-byte pre-shared key to `path`, readable by its owner only
-/// (the engine refuses a key file others can read).
-fn write_psk(path: &std::path::Path) -> Result<()> {
-    use std::io::{Read as _, Write as _};
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut r| r.read_exact(&mut key))
-        .context("reading /dev/urandom for the key")?;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing the key file {}", path.display()))?;
-    f.write_all(&key)?;
-    Ok(())
 }
 
 /// `loopback`'s tables on stdout.

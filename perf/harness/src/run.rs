@@ -101,7 +101,7 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
         }
         Contender::QuicCubic | Contender::QuicBbr => (kind != WorkloadKind::Bulk)
             .then(|| "the QUIC driver runs the bulk workload only".into()),
-        Contender::Lu2k | Contender::Udt4 => None,
+        Contender::Lu2k | Contender::Lu2kSealed | Contender::Udt4 => None,
     }
 }
 
@@ -322,7 +322,38 @@ fn start(cell: &Cell, contender: Contender, opts: &Opts) -> Result<Started> {
         Contender::TcpCubic => start_tcp(cell, opts, "cubic"),
         Contender::TcpBbr => start_tcp(cell, opts, "bbr"),
         Contender::Lu2k => start_lu2k(cell, opts),
+        Contender::Lu2kSealed => {
+            let key = opts
+                .tmp
+                .join(format!("lu2k-perf-sealed-psk-{}", std::process::id()));
+            write_psk(&key)?;
+            let sealed = Opts {
+                lu2k_psk: Some(key),
+                ..opts.clone()
+            };
+            start_lu2k(cell, &sealed)
+        }
     }
+}
+
+/// Writes a fresh 32-byte pre-shared key to `path`, readable by its owner only
+/// (the engine refuses a key file others can read).
+pub fn write_psk(path: &std::path::Path) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| r.read_exact(&mut key))
+        .context("reading /dev/urandom for the key")?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing the key file {}", path.display()))?;
+    f.write_all(&key)?;
+    Ok(())
 }
 
 /// A transport over UDP (UDT4, SRT, QUIC) through the relay: the receiver

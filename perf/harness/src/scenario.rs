@@ -58,6 +58,10 @@ pub enum Contender {
     /// lu2k: kshim + engine pairs, UDT over UDP, 1 MiB LNet PUTs.
     #[serde(rename = "lu2k")]
     Lu2k,
+    /// lu2k on the sealed wire: the same with a pre-shared key (every
+    /// datagram AES-256-GCM), a fresh key per run.
+    #[serde(rename = "lu2k-sealed")]
+    Lu2kSealed,
     /// The reference UDT4 (4.11) through the `udt` crate.
     #[serde(rename = "udt4")]
     Udt4,
@@ -83,6 +87,7 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Contender::Lu2k => "lu2k",
+            Contender::Lu2kSealed => "lu2k-sealed",
             Contender::Udt4 => "udt4",
             Contender::TcpCubic => "tcp-cubic",
             Contender::TcpBbr => "tcp-bbr",
