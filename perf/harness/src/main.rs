@@ -22,6 +22,7 @@ mod report;
 mod run;
 mod scenario;
 mod srt;
+mod srt_live;
 mod stats;
 mod tuning;
 mod udp;
@@ -580,6 +581,9 @@ fn run_cells(
     }
     for cell in &cells {
         if let Some(p) = report::plot_over_time(&rows, &cell.name, out, &s.name)? {
+            println!("plot: {}", p.display());
+        }
+        if let Some(p) = report::plot_latency_over_time(&rows, &cell.name, out, &s.name)? {
             println!("plot: {}", p.display());
         }
     }

@@ -98,7 +98,21 @@ pub struct Row {
     pub steal: Option<f64>,
     /// rpc and live: every run's p99 latency, ms, in run order.
     pub p99_runs_ms: Vec<Option<f64>>,
+    /// live: the deadline a chunk is late beyond, ms after it was due: the
+    /// one-way delay plus [`LIVE_LATE_RTTS`] round trips.
+    pub late_after_ms: Option<f64>,
+    /// live: chunks delivered later than `late_after_ms`, or never.
+    pub late_chunks: Option<u64>,
+    /// live: (seconds into the stream the chunk was due, its latency ms),
+    /// per chunk in stream order (never-delivered chunks at their age when
+    /// the receiver stopped).
+    pub latency_series: Vec<(f64, f64)>,
 }
+
+/// A live chunk is late when it is delivered more than the one-way delay
+/// plus this many round trips after it was due (issue 18's goal for lu2k's
+/// p99 at 1 % loss).
+pub const LIVE_LATE_RTTS: f64 = 1.5;
 
 /// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -263,6 +277,9 @@ impl Row {
             max_rss_mib: None,
             note: None,
             goodput_series: Vec::new(),
+            late_after_ms: None,
+            late_chunks: None,
+            latency_series: Vec::new(),
             load_avg: None,
             tuning: None,
             runs: 1,
@@ -284,7 +301,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  status",
+        "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>5}  status",
         "cell",
         "contender",
         "Mbit/s",
@@ -298,11 +315,12 @@ pub fn table(rows: &[Row]) -> String {
         "p50 ms",
         "p90 ms",
         "p99 ms",
+        "late",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9}  {}",
+            "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>5}  {}",
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
@@ -320,6 +338,7 @@ pub fn table(rows: &[Row]) -> String {
             opt(r.latency.map(|l| l.p50_ms), 1),
             opt(r.latency.map(|l| l.p90_ms), 1),
             opt(r.latency.map(|l| l.p99_ms), 1),
+            r.late_chunks.map_or("-".into(), |n| n.to_string()),
             r.status
         );
     }
@@ -535,6 +554,68 @@ pub fn plot_over_time(rows: &[Row], cell: &str, dir: &Path, name: &str) -> Resul
         chart
             .draw_series(LineSeries::new(
                 r.goodput_series.clone(),
+                col.stroke_width(2),
+            ))?
+            .label(r.contender.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(Some(path.clone()))
+}
+
+/// Live delivery latency over the stream in one cell, one line per
+/// contender (log scale: a retransmission's round trip and a stall of
+/// seconds on one chart), with the late deadline drawn.
+pub fn plot_latency_over_time(
+    rows: &[Row],
+    cell: &str,
+    dir: &Path,
+    name: &str,
+) -> Result<Option<PathBuf>> {
+    let pick: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.cell == cell && !r.latency_series.is_empty())
+        .collect();
+    if pick.is_empty() {
+        return Ok(None);
+    }
+    let all = || pick.iter().flat_map(|r| r.latency_series.iter());
+    let tmax = all().map(|p| p.0).fold(1.0f64, f64::max);
+    let ymax = all().map(|p| p.1).fold(10.0f64, f64::max);
+    let ymin = all().map(|p| p.1).fold(f64::MAX, f64::min).max(1.0);
+    let path = dir.join(format!("{}-{}-latency.svg", slug(name), slug(cell)));
+    let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{name}: delivery latency per chunk, {cell}"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..tmax, (ymin * 0.9..ymax * 1.1).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the stream (when the chunk was due)")
+        .y_desc("delivery latency (ms, log)")
+        .draw()?;
+    if let Some(d) = pick[0].late_after_ms {
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, d), (tmax, d)], BLACK.mix(0.5)))?
+            .label(format!("late beyond {d:.0} ms"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    }
+    for (i, r) in pick.iter().enumerate() {
+        let col = color(i);
+        chart
+            .draw_series(LineSeries::new(
+                r.latency_series.clone(),
                 col.stroke_width(2),
             ))?
             .label(r.contender.clone())

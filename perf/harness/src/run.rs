@@ -94,8 +94,8 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
             })
         }
         Contender::Srt => {
-            if kind != WorkloadKind::Bulk {
-                return Some("the SRT driver runs the bulk workload only".into());
+            if kind == WorkloadKind::Rpc {
+                return Some("the SRT driver runs the bulk and live workloads only".into());
             }
             crate::srt::available().err()
         }
@@ -649,6 +649,26 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
         .map(|w| w.dropped_loss.packets + w.dropped_outage.packets);
     row.cpu_s = Some(o.cpu);
     row.latency = Percentiles::of_us(&res.samples_us);
+    if w.kind == WorkloadKind::Live {
+        // Chunks are sampled in stream order (the receivers deliver in
+        // order and put the missing tail last).
+        let every_s = crate::node::LiveSchedule::of(w).every_ns as f64 / 1e9;
+        let after_ms = cell.rtt_ms / 2.0 + crate::report::LIVE_LATE_RTTS * cell.rtt_ms;
+        let chunks = crate::node::LiveSchedule::of(w).chunks;
+        let on_time = res
+            .samples_us
+            .iter()
+            .filter(|&&us| us / 1e3 <= after_ms)
+            .count() as u64;
+        row.late_after_ms = Some(after_ms);
+        row.late_chunks = Some(chunks.saturating_sub(on_time));
+        row.latency_series = res
+            .samples_us
+            .iter()
+            .enumerate()
+            .map(|(i, &us)| (i as f64 * every_s, us / 1e3))
+            .collect();
+    }
     row.note = [res.note.clone(), sender.and_then(|s| s.note.clone())]
         .into_iter()
         .flatten()

@@ -129,8 +129,11 @@ impl Drop for FifoDir {
 /// Runs one SRT node.
 pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
     let w = &spec.workload;
+    if w.kind == WorkloadKind::Live {
+        return crate::srt_live::node(spec);
+    }
     if w.kind != WorkloadKind::Bulk {
-        bail!("the SRT driver runs the bulk workload only");
+        bail!("the SRT driver runs the bulk and live workloads only");
     }
     match spec.role {
         Role::Recv => receive(spec),
