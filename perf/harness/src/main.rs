@@ -18,6 +18,7 @@ mod collect;
 mod lu2k;
 mod node;
 mod quic;
+mod quic_live;
 mod report;
 mod run;
 mod scenario;

@@ -30,7 +30,7 @@ use crate::scenario::WorkloadKind;
 use crate::tuning::{QuicCc, QuicTuning};
 
 /// The name in the certificate, and the name the client asks for.
-const SERVER_NAME: &str = "lu2k-perf";
+pub(crate) const SERVER_NAME: &str = "lu2k-perf";
 
 /// What a QUIC node needs beyond the common spec.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ impl QuicSpec {
 }
 
 /// quinn's transport settings from the tuning.
-fn transport(t: &QuicTuning) -> Result<TransportConfig> {
+pub(crate) fn transport(t: &QuicTuning) -> Result<TransportConfig> {
     let mut c = TransportConfig::default();
     let w = quinn::VarInt::from_u64(t.window).map_err(|e| anyhow!("window {}: {e}", t.window))?;
     c.stream_receive_window(w)
@@ -101,7 +101,7 @@ fn describe(t: &QuicTuning) -> String {
 }
 
 /// A UDP socket with the tuned buffers (forced where root may).
-fn socket(at: SocketAddr, t: &QuicTuning) -> Result<UdpSocket> {
+pub(crate) fn socket(at: SocketAddr, t: &QuicTuning) -> Result<UdpSocket> {
     let s = UdpSocket::bind(at).with_context(|| format!("binding QUIC's UDP socket to {at}"))?;
     if setsockopt(&s, sockopt::SndBufForce, &t.udp_buf).is_err() {
         let _ = setsockopt(&s, sockopt::SndBuf, &t.udp_buf);
@@ -114,8 +114,8 @@ fn socket(at: SocketAddr, t: &QuicTuning) -> Result<UdpSocket> {
 
 /// Runs one QUIC node.
 pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
-    if spec.workload.kind != WorkloadKind::Bulk {
-        bail!("the QUIC driver runs the bulk workload only");
+    if spec.workload.kind == WorkloadKind::Rpc {
+        bail!("the QUIC driver runs the bulk and live workloads only");
     }
     let q = spec
         .quic
@@ -127,16 +127,18 @@ pub fn node(spec: &NodeSpec) -> Result<NodeResult> {
         .build()
         .context("tokio runtime")?;
     let mut r = rt.block_on(async {
-        match spec.role {
-            Role::Recv => receive(spec, q, &t).await,
-            Role::Send => send(spec, q, &t).await,
+        match (spec.role, spec.workload.kind) {
+            (Role::Recv, WorkloadKind::Live) => crate::quic_live::receive(spec, q, &t).await,
+            (Role::Send, WorkloadKind::Live) => crate::quic_live::send(spec, q, &t).await,
+            (Role::Recv, _) => receive(spec, q, &t).await,
+            (Role::Send, _) => send(spec, q, &t).await,
         }
     })?;
     r.tuning = Some(describe(&t));
     Ok(r)
 }
 
-fn endpoint(sock: UdpSocket, server: Option<ServerConfig>) -> Result<Endpoint> {
+pub(crate) fn endpoint(sock: UdpSocket, server: Option<ServerConfig>) -> Result<Endpoint> {
     Endpoint::new(
         EndpointConfig::default(),
         server,

@@ -99,8 +99,8 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
             }
             crate::srt::available().err()
         }
-        Contender::QuicCubic | Contender::QuicBbr => (kind != WorkloadKind::Bulk)
-            .then(|| "the QUIC driver runs the bulk workload only".into()),
+        Contender::QuicCubic | Contender::QuicBbr => (kind == WorkloadKind::Rpc)
+            .then(|| "the QUIC driver runs the bulk and live workloads only".into()),
         Contender::Lu2k | Contender::Lu2kSealed | Contender::Udt4 => None,
     }
 }

@@ -11,16 +11,17 @@
 //! rate, which is given: `inputbw` = the stream's rate, `maxbw=0`).
 //!
 //! The stream is cut into 1316-byte records (7 MPEG-TS packets, what live
-//! sources send), each `[due ns | chunk | piece | pieces | filler]`, written
-//! one per `write` (atomic on a pipe, so `srt-live-transmit`'s reads of
-//! `-chunk 1316` take whole records and a dropped message loses whole
-//! records). A chunk is delivered when all its records are in; its latency
-//! is then minus its due time, as for every contender. Writing starts when
-//! the caller reports "SRT target connected" (before, `srt-live-transmit`
-//! drops what it reads), so no warm-up chunk is needed: the first chunk is
-//! due then.
+//! sources send), each `[due ns | chunk | piece | pieces | filler]`, and
+//! goes in and out of `srt-live-transmit` as UDP datagrams on loopback, one
+//! record each, as live sources and players do (its `file://con` output is
+//! block-buffered: records reached the reader in bunches of ~9, up to a
+//! second late at this rate). A chunk is delivered when all its records are
+//! in; its latency is then minus its due time, as for every contender.
+//! Sending starts when the caller reports "SRT target connected" (before,
+//! `srt-live-transmit` drops what it reads), so no warm-up chunk is needed:
+//! the first chunk is due then.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,12 +71,15 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
     let n = pieces(w.chunk_bytes);
     let port = UdpSocket::bind(spec.addr)?.local_addr()?.port();
     let addr = SocketAddr::new(spec.addr.ip(), port);
+    let out = UdpSocket::bind("127.0.0.1:0").context("binding the record socket")?;
+    let _ = nix::sys::socket::setsockopt(&out, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20));
+    out.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut child = Command::new(PROGRAM)
         .args(["-a:no", "-chunk:1316", "-q"])
         .arg(format!("srt://{addr}?mode=listener&{}", options(spec)))
-        .arg("file://con")
+        .arg(format!("udp://{}", out.local_addr()?))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("starting {PROGRAM}"))?;
@@ -85,19 +89,7 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
     }
     println!("listen {addr}");
     let _ = std::io::stdout().flush();
-    // Records on a thread of their own (reads block).
-    let mut out = child.stdout.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel::<(u64, [u8; REC_HDR])>();
-    std::thread::spawn(move || {
-        let mut rec = [0u8; RECORD];
-        while out.read_exact(&mut rec).is_ok() {
-            let mut h = [0u8; REC_HDR];
-            h.copy_from_slice(&rec[..REC_HDR]);
-            if tx.send((mono_ns(), h)).is_err() {
-                break;
-            }
-        }
-    });
+    let mut rec = [0u8; 2048];
     let mut r = NodeResult::default();
     let mut got = vec![0u16; sched.chunks as usize];
     let mut lat: Vec<Option<f64>> = vec![None; sched.chunks as usize];
@@ -113,12 +105,17 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
         && Instant::now() < cap
         && first.is_none_or(|f| f.elapsed() < limit)
     {
-        let Ok((now, h)) = rx.recv_timeout(Duration::from_millis(50)) else {
+        let Ok(len) = out.recv(&mut rec) else {
             if child.try_wait()?.is_some() && first.is_some() {
                 break;
             }
             continue;
         };
+        let now = mono_ns();
+        if len < REC_HDR {
+            continue;
+        }
+        let h = &rec[..REC_HDR];
         let due = u64::from_le_bytes(h[..8].try_into().expect("8"));
         let i = u64::from_le_bytes(h[8..16].try_into().expect("8"));
         if i >= sched.chunks {
@@ -144,12 +141,14 @@ fn receive(spec: &NodeSpec) -> Result<NodeResult> {
     let missing: Vec<u64> = (0..sched.chunks)
         .filter(|&i| lat[i as usize].is_none())
         .collect();
-    let s0 = stream_start.unwrap_or(stop);
-    for (i, l) in lat.iter().enumerate() {
-        r.samples_us.push(match l {
-            Some(us) => *us,
-            None => stop.saturating_sub(sched.due_ns(s0, i as u64)) as f64 / 1e3,
-        });
+    // Nothing arrived: no start to age the chunks from, no samples.
+    if let Some(s0) = stream_start {
+        for (i, l) in lat.iter().enumerate() {
+            r.samples_us.push(match l {
+                Some(us) => *us,
+                None => stop.saturating_sub(sched.due_ns(s0, i as u64)) as f64 / 1e3,
+            });
+        }
     }
     r.first_bytes = u64::from(w.chunk_bytes).min(r.bytes);
     r.note = Some(live_note(&sched, delivered, missing.len()));
@@ -164,16 +163,18 @@ fn send(spec: &NodeSpec) -> Result<NodeResult> {
     let sched = LiveSchedule::of(w);
     let n = pieces(w.chunk_bytes);
     let mut r = NodeResult::default();
+    // A free loopback port for srt-live-transmit's UDP input.
+    let input = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
     let mut child = Command::new(PROGRAM)
         .args(["-a:no", "-chunk:1316", "-v"])
-        .arg("file://con")
+        .arg(format!("udp://{input}"))
         .arg(format!("srt://{}?mode=caller&{}", spec.addr, options(spec)))
-        .stdin(Stdio::piped())
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {PROGRAM}"))?;
-    let mut stdin = child.stdin.take().expect("piped");
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
     // Wait for the connection (its verbose log says so on stderr).
     let err = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -203,18 +204,17 @@ fn send(spec: &NodeSpec) -> Result<NodeResult> {
         rec[18..20].copy_from_slice(&n.to_le_bytes());
         for p in 0..n {
             rec[16..18].copy_from_slice(&p.to_le_bytes());
-            if stdin.write_all(&rec).is_err() {
+            if sock.send_to(&rec, input).is_err() {
                 break 'stream;
             }
         }
         r.bytes += u64::from(w.chunk_bytes);
     }
-    // Live mode keeps nothing to flush beyond the latency: let it drain,
-    // then end the caller.
+    // Live mode holds nothing back beyond the latency: let the last chunk
+    // be delivered, then end the caller.
     std::thread::sleep(Duration::from_secs_f64(
         (LATENCY_RTTS + 2.0) * spec.path.rtt_ms / 1e3,
     ));
-    drop(stdin);
     let _ = child.kill();
     let _ = child.wait();
     r.tuning = Some(options(spec));
