@@ -66,14 +66,27 @@ pub enum BackendChoice {
     Rds,
 }
 
-/// A peer whose UDP address is not `NID-address:port`.
+/// A peer whose UDP address is not `NID-address:port`, or that has several
+/// links (`transport::links`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerCfg {
     /// The peer's NID, e.g. `10.0.0.2@lu2k`.
     pub nid: String,
-    /// Where its engine listens.
+    /// Where its engine listens (a peer with one link; absent with `link`).
+    #[serde(default = "no_addr")]
     pub addr: SocketAddrV4,
+    /// Several links to the peer (`[[peer.link]]`: local, remote, weight).
+    #[serde(default, rename = "link", skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::transport::links::LinkCfg>,
+    /// How messages use the links: failover (default) or balance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::transport::links::Policy>,
+}
+
+/// `addr` not given (a peer with links).
+fn no_addr() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
 }
 
 /// The wire's security (see `transport::seal`).
@@ -374,7 +387,28 @@ impl Config {
                     "write it as ADDRESS@NET, e.g. nid = \"10.0.0.2@lu2k\"",
                 );
             }
-            if p.addr.port() == 0 {
+            let nid_ip = p
+                .nid
+                .parse::<lu2k_ring_abi::Nid>()
+                .ok()
+                .and_then(|n| n.ipv4())
+                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let given = p.addr != no_addr();
+            let sealed = self.security == Some(SecurityChoice::Required)
+                || self.psk_file.is_some()
+                || !self.peer_keys.is_empty();
+            let links = &p.links;
+            if let Err(e) = crate::transport::links::check_peer(
+                nid_ip, links, p.policy, given, self.bind, sealed,
+            ) {
+                return Err(ConfigError::Invalid {
+                    field: e.field,
+                    value: e.value,
+                    problem: e.problem,
+                    fix: e.fix,
+                });
+            }
+            if links.is_empty() && p.addr.port() == 0 {
                 return bad(
                     "peer.addr",
                     p.addr.to_string(),
@@ -658,6 +692,8 @@ mod tests {
             peers: vec![PeerCfg {
                 nid: "nonsense".into(),
                 addr: "1.2.3.4:5".parse().unwrap(),
+                links: Vec::new(),
+                policy: None,
             }],
             ..Config::default()
         };

@@ -81,6 +81,8 @@ struct Plan {
     send_worker: bool,
     /// The sealed wire's keys, replaced on SIGHUP; `None`: the plain wire.
     keys: Option<SharedKeys>,
+    /// Peers with several links.
+    link_table: crate::transport::links::LinkTable,
 }
 
 /// One core's share of the attachment: its rings, memory and doorbell.
@@ -399,7 +401,12 @@ fn plan(
             ),
         );
     }
-    let bind_ip = if cfg.bind.is_unspecified() {
+    // A peer with several links: the wildcard address, each link's source
+    // picked by the kernel's route (see `transport::links`).
+    let multi_link = cfg.peers.iter().any(|p| !p.links.is_empty());
+    let bind_ip = if multi_link {
+        Ipv4Addr::UNSPECIFIED
+    } else if cfg.bind.is_unspecified() {
         local_nid
             .and_then(|n| n.ipv4())
             .unwrap_or(Ipv4Addr::UNSPECIFIED)
@@ -420,7 +427,13 @@ fn plan(
         security = if keys.is_some() { "required" } else { "off" },
         "wire security"
     );
+    let link_table =
+        match crate::transport::links::plan(&cfg.peers, cores, region.layout().conns_per_peer()) {
+            Ok(t) => t,
+            Err(e) => return refuse(1, anyhow::anyhow!("{e}")),
+        };
     let plan = Plan {
+        link_table,
         path,
         futex_bell,
         cores,
@@ -489,6 +502,8 @@ fn served_nid(nids: &[Nid]) -> Option<Nid> {
 fn overrides(cfg: &Config) -> HashMap<Ipv4Addr, SocketAddrV4> {
     cfg.peers
         .iter()
+        // A peer with links is reached at each link's address instead.
+        .filter(|p| p.links.is_empty())
         .filter_map(|p| {
             p.nid
                 .parse::<Nid>()
@@ -614,6 +629,7 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         seed,
     };
     let pin = plan.cfg.pin_cpus;
+    let link_table = plan.link_table.clone();
     let (rds, local, port) = (plan.rds, plan.local, plan.cfg.port);
     let opts = UringOpts {
         send_slots: SEND_SLOTS,
@@ -663,8 +679,9 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
             let futex = futex_bell.then(|| ring.rings().wait.futex_word());
             let io = datagram_io(path, sock, p.mem.clone(), p.bell, opts, futex, c);
             if let Some(io) = ready(&ready_tx, io) {
-                let mut t =
-                    Udt::new(udt_params, io, region, p.mem.rx_first).with_cookie_key(cookie_key);
+                let mut t = Udt::new(udt_params, io, region, p.mem.rx_first)
+                    .with_cookie_key(cookie_key)
+                    .with_links(link_table);
                 if let Some((keys, scratch)) = sealing {
                     t = t
                         .with_security(keys.get().0, Default::default(), scratch)

@@ -76,6 +76,9 @@ pub struct PeerStats {
     /// Time the path was held dead, microseconds.
     #[serde(default)]
     pub outage_us: u64,
+    /// A multi-link peer's links, in configuration order (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::transport::links::LinkStats>,
 }
 
 /// Counters of one core.

@@ -33,6 +33,7 @@ use lu2k_ring_abi::{TxStatus, WaitMode};
 
 use crate::daemon::stats::CoreStats;
 
+pub mod links;
 pub mod rds;
 pub mod seal;
 pub mod udt;

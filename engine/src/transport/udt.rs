@@ -39,6 +39,8 @@ use lu2k_udt::conn::{
 };
 
 use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, SEAL_HDR};
+
+mod ml;
 use super::{Event, OutMsg, RxPiece, Transport, Woken};
 use crate::daemon::stats::{CoreStats, PeerStats};
 use crate::io::sys::{SealScratch, SEAL_SLOT};
@@ -270,6 +272,8 @@ pub struct Udt {
     /// The listener's cookie key, when given (the listener is rebuilt when
     /// sealing changes the MSS).
     cookie_key: Option<[u8; 16]>,
+    /// Multi-link peers ([`Udt::with_links`]); `None`: every peer one link.
+    ml: Option<Box<ml::MultiLink>>,
 }
 
 impl std::fmt::Debug for Udt {
@@ -314,6 +318,7 @@ impl Udt {
             spans: Vec::new(),
             sec: None,
             cookie_key: None,
+            ml: None,
         }
     }
 
@@ -461,6 +466,14 @@ impl Transport for Udt {
                 // Work starts now: the peer-down clock counts from here.
                 p.last_heard = p.last_heard.max(now);
             }
+        }
+        if let Some(queued) = self.ml_send(ip, msg.id, len, now) {
+            if queued {
+                self.peer_for(ip).stats.in_flight += 1;
+            } else {
+                self.fail_msg(msg.id, TxStatus::PeerReset);
+            }
+            return;
         }
         let sock = self.tx_conn(ip, now);
         let entry = self.conns.get_mut(&sock).expect("tx connection exists");
@@ -689,6 +702,8 @@ impl Udt {
             return;
         }
         let m = self.msgs.remove(&id).expect("present");
+        let now = self.now_us();
+        self.ml_finished(id, m.acked, now);
         let status = if m.acked {
             TxStatus::Ok
         } else {
@@ -969,16 +984,21 @@ impl Udt {
             return self.send_sealed(dst, sock, start, ext);
         }
         self.map_run(start);
+        let ext = self.ml_headers(sock, start).unwrap_or_default();
         let segs: Vec<Segment<'_>> = self.transmits[start..]
             .iter()
             .zip(self.spans.iter())
-            .map(|(t, &(a, b))| {
+            .enumerate()
+            .map(|(i, (t, &(a, b)))| {
                 let (first, more) = match self.pieces[a..b].split_first() {
                     Some((f, more)) => (*f, more),
                     None => ((0, 0), &[][..]),
                 };
                 Segment {
-                    hdr: t.header.as_bytes(),
+                    hdr: match ext.get(i) {
+                        Some(Some(h)) => &h[..],
+                        _ => t.header.as_bytes(),
+                    },
                     payload_off: first.0,
                     payload_len: first.1,
                     more,
@@ -1274,9 +1294,15 @@ impl Udt {
         let seg = seg.max(1);
         let n = f64::from(len.div_ceil(seg).max(1));
         self.rx_pkts_per_buf += (n - self.rx_pkts_per_buf) / 64.0;
-        let mut at = off;
-        while at < off + len {
-            let dlen = seg.min(off + len - at);
+        let mut pos = off;
+        while pos < off + len {
+            let dlen = seg.min(off + len - pos);
+            let next = pos + dlen;
+            // A multi-link peer's first packet sheds its extension here.
+            let Some((at, dlen)) = self.ml_strip(from, bid, pos, dlen) else {
+                pos = next;
+                continue;
+            };
             let ext = lu2k_ring_abi::Extent::new(Pool::Rx, buf_off + u64::from(at), dlen);
             // The connection parses the datagram in place in the RX pool.
             let region = self.region.clone();
@@ -1291,7 +1317,7 @@ impl Udt {
             if held {
                 self.rx_refs[bid as usize] += 1;
             }
-            at += dlen;
+            pos = next;
         }
         if self.rx_refs[bid as usize] == 0 {
             self.io.return_rx(bid);
@@ -1311,7 +1337,8 @@ impl Udt {
             self.drop_one("rx_malformed");
             return false;
         }
-        let ip = *from.ip();
+        // A multi-link peer's addresses are all the peer.
+        let ip = self.ml_canonical(*from.ip());
         // `last_heard` moves only for what a connection or the listener took as
         // valid (see `feed`, and the accept below): junk from a dead peer's
         // address must not hide its death.
@@ -1653,6 +1680,7 @@ impl Udt {
         self.rx_by_peer.insert((ip, conn.peer_socket_id()), sock);
         self.conns
             .insert(sock, ConnEntry::new(conn, ip, Dir::Rx, now));
+        self.ml_accepted(sock, ip, now);
     }
 
     /// Hands a datagram to connection `sock` (which exists); refreshes its peer's
@@ -1666,7 +1694,11 @@ impl Udt {
         let stale = self
             .peers
             .get(&ip)
-            .is_some_and(|p| now.saturating_sub(p.last_heard) >= HEARD_GRAIN_US);
+            .is_some_and(|p| now.saturating_sub(p.last_heard) >= HEARD_GRAIN_US)
+            || self.ml_stale(sock, now, HEARD_GRAIN_US);
+        let Some(e) = self.conns.get_mut(&sock) else {
+            return false;
+        };
         if !stale {
             return e.conn.handle_datagram(now, bytes, ext);
         }
@@ -1676,6 +1708,7 @@ impl Udt {
             if let Some(p) = self.peers.get_mut(&ip) {
                 p.last_heard = p.last_heard.max(now);
             }
+            self.ml_heard(sock, now);
         }
         held
     }
@@ -1705,6 +1738,7 @@ impl Udt {
 
     fn timers(&mut self) {
         let now = self.now_us();
+        self.ml_timers(now);
         // Peer-down: nothing heard for the configured timeout while messages wait.
         let limit = self.p.peer_down_timeout_us;
         let mut down = Vec::new();
@@ -1755,6 +1789,7 @@ impl Udt {
                 };
                 match ev {
                     udt::Event::Connected => {
+                        self.ml_connected(s, self.now_us());
                         let p = self.peer_for(peer);
                         if p.down {
                             p.down = false;
@@ -1762,12 +1797,15 @@ impl Udt {
                             self.out.push_back(Event::PeerUp(peer));
                         }
                     }
+                    udt::Event::MessageAcked { msg } if self.ml_moved(s, msg) => {}
                     udt::Event::MessageAcked { msg } => {
                         if let Some(m) = self.msgs.get_mut(&msg) {
                             m.acked = true;
                         }
                         self.try_finish(msg);
                     }
+                    udt::Event::MessageDropped { msg, .. }
+                        if self.ml_dropped(s, msg, self.now_us()) => {}
                     udt::Event::MessageDropped { msg, reason } => {
                         let status = match reason {
                             DropReason::Ttl => TxStatus::TimedOut,
@@ -1775,11 +1813,22 @@ impl Udt {
                         };
                         self.fail_msg(msg, status);
                     }
+                    udt::Event::MessageReceived { msg_no, extents }
+                        if self.ml_duplicate(s, msg_no) =>
+                    {
+                        // Delivered before over another link: UDT acknowledged
+                        // it, the sender completes it once.
+                        self.drop_one("rx_dup_message");
+                        for e in &extents {
+                            self.unref(e.buf as u16);
+                        }
+                    }
                     udt::Event::MessageReceived { extents, .. } => self.received(peer, &extents),
                     udt::Event::StreamData(ext) => {
                         self.drop_one("rx_stream_data");
                         self.unref(ext.buf as u16);
                     }
+                    udt::Event::Closed { reason } if self.ml_closed(s, reason, self.now_us()) => {}
                     udt::Event::Closed { reason } => {
                         if dir == Dir::Tx
                             && matches!(reason, CloseReason::Timeout | CloseReason::ConnectTimeout)
@@ -1805,6 +1854,7 @@ impl Udt {
             .map(|(&s, _)| s)
             .collect();
         for s in closed {
+            self.ml_forget(s);
             if let Some(e) = self.conns.remove(&s) {
                 let key = (e.peer, e.conn.peer_socket_id());
                 if e.dir == Dir::Rx && self.rx_by_peer.get(&key) == Some(&s) {
@@ -1918,6 +1968,7 @@ impl Udt {
             p.stats.security = mode.to_string();
             p.stats.rekeys = rekeys;
             let mut ps = p.stats.clone();
+            ps.links = ml::link_stats(self.ml.as_deref(), &self.conns, p.ip);
             ps.retransmissions += retx;
             ps.outages += outages.0;
             ps.outage_probes += outages.1;

@@ -75,6 +75,8 @@ pub fn engine_main(spec: &str) -> Result<()> {
         .map(|(ip, addr)| lu2k_engine::daemon::config::PeerCfg {
             nid: format!("{ip}@lu2k"),
             addr: *addr,
+            links: Vec::new(),
+            policy: None,
         })
         .collect();
     c.psk_file = s.psk_file;
