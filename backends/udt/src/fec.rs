@@ -22,6 +22,9 @@
 //!            Decoder::poll_recovered → rebuilt data datagram → Connection
 //! ```
 //!
+//! One [`Encoder`] per sending connection and one [`Decoder`] per receiving
+//! one (groups are runs of one connection's sequence numbers).
+//!
 //! - The connection never touches payload bytes (they stay in the engine's
 //!   buffers, see [`crate::conn`]), and a code needs them; the codec sees
 //!   the datagrams the engine assembles anyway.
