@@ -57,7 +57,7 @@ pub const SHARD_SHIFT: u32 = 16;
 /// The ABI's shard function ([`lu2k_ring_abi::shard`]) on an IPv4 address: core
 /// index in `0..cores`.
 pub fn shard_v4(ip: Ipv4Addr, cores: u32) -> u32 {
-    lu2k_ring_abi::shard(u64::from(u32::from(ip)), cores)
+    lu2k_ring_abi::shard_key(u32::from(ip), cores)
 }
 
 const BPF_LD: u16 = 0x00;

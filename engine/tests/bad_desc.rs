@@ -63,7 +63,10 @@ fn invalid_tx_descriptors_get_error_completions() {
 
     let mut k = region.kshim_core(0, fds).unwrap();
     let (_, tx_len) = region.layout().pool(Pool::Tx);
-    let peer = u64::from(u32::from(std::net::Ipv4Addr::new(127, 0, 0, 52)));
+    let peer = lu2k_ring_abi::Nid::new(
+        lu2k_ring_abi::Net(0),
+        u32::from(std::net::Ipv4Addr::new(127, 0, 0, 52)),
+    );
     let hdr = [0u8; 72];
     let mut bad = Vec::new();
     bad.push(TxDesc::inline(

@@ -763,7 +763,11 @@ fn routed_sends_go_through_the_gateway() {
             let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
                 panic!("unexpected message {:?}", m.hdr.msg);
             };
-            assert_eq!(m.hdr.dest_nid, remote.0, "addressed to the remote NID");
+            assert_eq!(
+                m.hdr.dest_nid,
+                remote.nid4().unwrap(),
+                "addressed to the remote NID"
+            );
             assert_eq!(m.from, na);
             let mut buf = vec![0u8; LEN];
             m.copy_to(&mut buf);

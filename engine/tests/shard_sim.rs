@@ -113,8 +113,8 @@ fn pattern(src: Nid, seq: u64, i: usize) -> u8 {
 /// An LNet PUT header; its match bits carry the sender's message number.
 fn header(dst: Nid, src: Nid, len: u32, seq: u64) -> [u8; LNET_HDR_LEN] {
     Repr {
-        dest_nid: dst.0,
-        src_nid: src.0,
+        dest_nid: dst.nid4().expect("IPv4 NID"),
+        src_nid: src.nid4().expect("IPv4 NID"),
         dest_pid: 12345,
         src_pid: 12345,
         payload_length: len,
@@ -382,9 +382,9 @@ impl Node {
                 self.region
                     .write_extents(Pool::Tx, table, &exts)
                     .expect("extent table inside the TX pool");
-                TxDesc::indirect(cookie, dst.0, hdr, table, exts.len() as u16, len)
+                TxDesc::indirect(cookie, dst, hdr, table, exts.len() as u16, len)
             }
-            Place::Inline | Place::Swapped => TxDesc::inline(cookie, dst.0, hdr, &exts),
+            Place::Inline | Place::Swapped => TxDesc::inline(cookie, dst, hdr, &exts),
         };
         assert_eq!(
             self.k.tx.push(desc),
@@ -527,13 +527,13 @@ impl Node {
             let msg = format!("RX header is not the PUT sent: {repr:?}");
             return self.violation(msg);
         };
-        let src = Nid(repr.src_nid);
+        let src = Nid::from_nid4(repr.src_nid);
         let mut problems = Vec::new();
-        if Nid(v.src_nid) != src {
-            problems.push(format!("descriptor source {:?}", Nid(v.src_nid)));
+        if v.src_nid != src {
+            problems.push(format!("descriptor source {:?}", v.src_nid));
         }
-        if repr.dest_nid != self.nid.0 {
-            problems.push(format!("destination {:?}", Nid(repr.dest_nid)));
+        if Some(repr.dest_nid) != self.nid.nid4() {
+            problems.push(format!("destination {:?}", Nid::from_nid4(repr.dest_nid)));
         }
         if repr.payload_length != v.total_len {
             problems.push(format!(

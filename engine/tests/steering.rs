@@ -45,7 +45,10 @@ fn packets_land_on_the_core_the_shard_function_names() {
             let src = Ipv4Addr::new(127, 0, i / 7 + 1, i);
             let s = UdpSocket::bind((src, 0)).unwrap();
             s.send_to(&[i], (Ipv4Addr::LOCALHOST, port)).unwrap();
-            let want = lu2k_ring_abi::shard(u64::from(u32::from(src)), cores);
+            let want = lu2k_ring_abi::shard(
+                lu2k_ring_abi::Nid::from_net_ip(lu2k_ring_abi::Net(0), src),
+                cores,
+            );
             assert_eq!(want, steer::shard_v4(src, cores));
             per_core[want as usize].push(i);
         }

@@ -76,8 +76,8 @@ fn bench(c: &mut Criterion) {
     for size in [0usize, 4096, 1 << 20] {
         let payload = vec![0x5au8; size];
         let hdr = Repr {
-            dest_nid: peer.0,
-            src_nid: me.0,
+            dest_nid: peer.nid4().unwrap(),
+            src_nid: me.nid4().unwrap(),
             dest_pid: 12345,
             src_pid: 12345,
             payload_length: size as u32,

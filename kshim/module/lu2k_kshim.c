@@ -93,6 +93,9 @@
 #define LNET_MSG_GET 2
 #define LNET_MSG_REPLY 3
 
+/* Room for a NID in logs: an IPv6 address, '@' and two 16-bit numbers. */
+#define LU2K_NID_STR 64
+
 /* Counters, in the order of struct lu2k_dev_stats from tx_sent on. */
 enum {
 	ST_TX_SENT, ST_TX_OK, ST_TX_FAILED, ST_TX_ENGINE_GONE, ST_BAD_COMPLETIONS,
@@ -152,7 +155,7 @@ struct lu2k_inst {
 	u32 cores;
 	u32 conns_per_peer;	/* cores per peer, 1..cores: see lu2k_stripe() */
 	u32 nid_count;
-	u64 nids[LU2K_DEV_MAX_NIDS];
+	struct lu2k_nid nids[LU2K_DEV_MAX_NIDS];
 	void *region;
 	size_t size;
 	struct lu2k_region_header hdr;	/* the module's own copy, never read back */
@@ -194,6 +197,16 @@ static struct lu2k_inst *insts[LU2K_MAX_INSTANCES];
 static inline void st_add(struct lu2k_inst *in, int i, u64 v)
 {
 	atomic64_add(v, &in->st[i]);
+}
+
+/* A NID for logs: ADDR@TYPE.NUM (the LND type and network number in decimal). */
+static const char *nid_str(const struct lu2k_nid *nid, char *buf, size_t n)
+{
+	if (nid->size == LU2K_NID_SIZE16)
+		snprintf(buf, n, "%pI6c@%u.%u", nid->addr, nid->lnd, nid->num);
+	else
+		snprintf(buf, n, "%pI4@%u.%u", nid->addr, nid->lnd, nid->num);
+	return buf;
 }
 
 static inline u8 *pool_tx(struct lu2k_inst *in, u32 slot)
@@ -374,6 +387,7 @@ static long ioc_create(void __user *arg)
 {
 	struct lu2k_dev_create a;
 	struct lu2k_inst *in;
+	char nbuf[LU2K_NID_STR];
 	u32 i, id;
 	int err, found;
 
@@ -387,6 +401,9 @@ static long ioc_create(void __user *arg)
 	    a.rx_buf_count > LU2K_MAX_RX_BUFS || !a.rx_tables_per_core ||
 	    a.rx_tables_per_core > a.ring_entries || a.conns_per_peer > a.cores || a.reserved)
 		return -EINVAL;
+	for (i = 0; i < a.nid_count; i++)
+		if (!lu2k_nid_valid(&a.nids[i]))
+			return -EINVAL;
 	in = kzalloc(struct_size(in, core, a.cores), GFP_KERNEL);
 	if (!in)
 		return -ENOMEM;
@@ -440,8 +457,8 @@ static long ioc_create(void __user *arg)
 			inst_free(in);
 		return -EFAULT;
 	}
-	pr_info("instance %u: %u cores, region %zu bytes, NID %llx\n", id, in->cores,
-		in->size, in->nids[0]);
+	pr_info("instance %u: %u cores, region %zu bytes, NID %s\n", id, in->cores,
+		in->size, nid_str(&in->nids[0], nbuf, sizeof(nbuf)));
 	return 0;
 fail:
 	inst_free(in);
@@ -564,8 +581,8 @@ static void ring_engine(struct lu2k_core *c)
  * On success the slot is in flight and l (if any) holds one more reference; on error
  * the caller still owns the slot.
  */
-static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len,
-		   struct lu2k_load *l)
+static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, const struct lu2k_nid *peer,
+		   u32 len, struct lu2k_load *l)
 {
 	u64 cookie = ((u64)(u32)atomic_inc_return(&in->gen) << 32) | s;
 	struct lu2k_core *c = &in->core[lu2k_stripe(lu2k_shard(peer, in->cores), in->cores,
@@ -575,7 +592,7 @@ static int tx_send(struct lu2k_inst *in, u32 s, const u8 *hdr, u64 peer, u32 len
 	u32 cons, used;
 
 	memset(&d, 0, sizeof(d));
-	d.peer_nid = peer;
+	d.peer_nid = *peer;
 	memcpy(d.hdr, hdr, LU2K_LNET_HDR_LEN);
 	d.total_len = len;
 	if (len) {
@@ -651,7 +668,7 @@ static int rx_validate(struct lu2k_inst *in, const struct lu2k_rx_desc *d)
 	u32 n = d->nfrags, i;
 	u64 sum = 0;
 
-	if (d->flags & ~LU2K_RX_INDIRECT)
+	if (d->flags & ~LU2K_RX_INDIRECT || !lu2k_nid_valid(&d->src_nid))
 		return -EINVAL;
 	if (d->total_len > LU2K_MAX_PAYLOAD)
 		return -EMSGSIZE;
@@ -701,10 +718,10 @@ static void rx_put(struct lu2k_inst *in, u32 n, const u8 *hdr, u32 len)
 				    seed, get_unaligned_le64(hdr + H_SRC_NID));
 }
 
-static void rx_get(struct lu2k_inst *in, const u8 *hdr)
+/* Answers a GET from peer (the descriptor's source: the header cannot name an IPv6 NID). */
+static void rx_get(struct lu2k_inst *in, const u8 *hdr, const struct lu2k_nid *peer)
 {
 	u32 len = min_t(u32, get_unaligned_le32(hdr + H_GET_SINK_LEN), LU2K_MAX_PAYLOAD);
-	u64 peer = get_unaligned_le64(hdr + H_SRC_NID);
 	u8 r[LU2K_LNET_HDR_LEN] = {};
 	int s = slot_get(in, true);
 
@@ -713,7 +730,7 @@ static void rx_get(struct lu2k_inst *in, const u8 *hdr)
 		return;
 	}
 	pat_fill(get_unaligned_le64(hdr + H_MATCH_BITS), 0, pool_tx(in, s), len);
-	put_unaligned_le64(peer, r + H_DEST_NID);
+	put_unaligned_le64(get_unaligned_le64(hdr + H_SRC_NID), r + H_DEST_NID);
 	put_unaligned_le64(get_unaligned_le64(hdr + H_DEST_NID), r + H_SRC_NID);
 	put_unaligned_le32(get_unaligned_le32(hdr + H_SRC_PID), r + H_DEST_PID);
 	put_unaligned_le32(get_unaligned_le32(hdr + H_DEST_PID), r + H_SRC_PID);
@@ -789,7 +806,7 @@ static void rx_one(struct lu2k_core *c, const struct lu2k_rx_desc *d)
 			rx_put(in, d->nfrags, d->hdr, d->total_len);
 			break;
 		case LNET_MSG_GET:
-			rx_get(in, d->hdr);
+			rx_get(in, d->hdr, &d->src_nid);
 			break;
 		case LNET_MSG_REPLY:
 			rx_reply(in, d->nfrags, d->hdr, d->total_len);
@@ -1174,6 +1191,7 @@ static long ioc_notice(struct file *f, void __user *arg)
 	/* Pairs with ioc_attach's release: a whole attachment or none. */
 	struct lu2k_inst *in = smp_load_acquire(&f->private_data);
 	struct lu2k_dev_notice n;
+	char nbuf[LU2K_NID_STR];
 
 	if (!in)
 		return -ENOTCONN;
@@ -1181,8 +1199,11 @@ static long ioc_notice(struct file *f, void __user *arg)
 		return -EFAULT;
 	if (n.kind != LU2K_NOTICE_PEER_DOWN && n.kind != LU2K_NOTICE_PEER_UP)
 		return -EINVAL;
+	if (!lu2k_nid_valid(&n.nid))
+		return -EINVAL;
 	st_add(in, ST_NOTICES, 1);
-	pr_info_ratelimited("instance %u: peer %llx is %s\n", in->id, n.nid,
+	pr_info_ratelimited("instance %u: peer %s is %s\n", in->id,
+			    nid_str(&n.nid, nbuf, sizeof(nbuf)),
 			    n.kind == LU2K_NOTICE_PEER_DOWN ? "down" : "up");
 	return 0;
 }
@@ -1277,8 +1298,8 @@ static int lu2k_put_thread(void *arg)
 			continue;
 		}
 		pat_fill(seed, 0, pool_tx(in, s), l->a.size);
-		put_hdr(hdr, in->nids[0], l->a.peer_nid, seed, l->a.size);
-		if (tx_send(in, s, hdr, l->a.peer_nid, l->a.size, l)) {
+		put_hdr(hdr, lu2k_nid4(&in->nids[0]), lu2k_nid4(&l->a.peer_nid), seed, l->a.size);
+		if (tx_send(in, s, hdr, &l->a.peer_nid, l->a.size, l)) {
 			slot_put(in, s);
 			atomic64_inc(&l->failed);
 			atomic64_inc(&l->gone);
@@ -1315,8 +1336,8 @@ static int ping_run(struct lu2k_inst *in, struct lu2k_load *l, u64 *rtt, u32 *nr
 			continue;
 		}
 		memset(h, 0, sizeof(h));
-		put_unaligned_le64(l->a.peer_nid, h + H_DEST_NID);
-		put_unaligned_le64(in->nids[0], h + H_SRC_NID);
+		put_unaligned_le64(lu2k_nid4(&l->a.peer_nid), h + H_DEST_NID);
+		put_unaligned_le64(lu2k_nid4(&in->nids[0]), h + H_SRC_NID);
 		put_unaligned_le32(LU2K_PID, h + H_DEST_PID);
 		put_unaligned_le32(LU2K_PID, h + H_SRC_PID);
 		put_unaligned_le32(LNET_MSG_GET, h + H_TYPE);
@@ -1332,7 +1353,7 @@ static int ping_run(struct lu2k_inst *in, struct lu2k_load *l, u64 *rtt, u32 *nr
 		in->ping_waiting = true;
 		in->ping_t0 = ktime_get();
 		spin_unlock(&in->ping_lock);
-		if (tx_send(in, s, h, l->a.peer_nid, 0, l)) {
+		if (tx_send(in, s, h, &l->a.peer_nid, 0, l)) {
 			slot_put(in, s);
 			atomic64_inc(&l->failed);
 		} else {
@@ -1367,7 +1388,7 @@ static long ioc_load(void __user *arg)
 	if ((a.kind != LU2K_LOAD_PUT && a.kind != LU2K_LOAD_PING) || !a.count ||
 	    a.count > (1u << 24) || a.size > LU2K_MAX_PAYLOAD || !a.threads || a.threads > 16 ||
 	    !a.timeout_ms || a.timeout_ms > LU2K_MAX_TIMEOUT_MS ||
-	    (a.kind == LU2K_LOAD_PUT && !a.size))
+	    (a.kind == LU2K_LOAD_PUT && !a.size) || !lu2k_nid_valid(&a.peer_nid))
 		return -EINVAL;
 	in = inst_get(a.instance);
 	if (!in)
@@ -1534,7 +1555,9 @@ int lu2k_kshim_tx_send(struct lu2k_inst *in, int slot, const u8 *hdr,
 	if (len > LU2K_MAX_PAYLOAD)
 		return -EMSGSIZE;
 	in->txs[slot].ctx = ctx;
-	return tx_send(in, slot, hdr, *peer, len, NULL);
+	if (!lu2k_nid_valid(peer))
+		return -EINVAL;
+	return tx_send(in, slot, hdr, peer, len, NULL);
 }
 EXPORT_SYMBOL_GPL(lu2k_kshim_tx_send);
 
@@ -1638,8 +1661,9 @@ static int __init lu2k_init(void)
 	BUILD_BUG_ON(sizeof(struct lu2k_region_header) != 256);
 	BUILD_BUG_ON(sizeof(struct lu2k_core_entry) != 96);
 	BUILD_BUG_ON(sizeof(struct lu2k_control_block) != 768);
-	BUILD_BUG_ON(sizeof(struct lu2k_tx_desc) != 128);
-	BUILD_BUG_ON(sizeof(struct lu2k_rx_desc) != 128);
+	BUILD_BUG_ON(sizeof(struct lu2k_tx_desc) != 192);
+	BUILD_BUG_ON(sizeof(struct lu2k_rx_desc) != 192);
+	BUILD_BUG_ON(sizeof(struct lu2k_nid) != 24);
 	BUILD_BUG_ON(sizeof(struct lu2k_tx_completion) != 16);
 	BUILD_BUG_ON(sizeof(struct lu2k_rx_return) != 8);
 	return misc_register(&lu2k_misc);

@@ -219,7 +219,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn n(i: u64) -> Nid {
-        Nid(i)
+        Nid::from_nid4(i)
     }
 
     #[test]

@@ -507,11 +507,19 @@ mod tests {
         let p = Packet::new_checked(&PUT_BYTES[..]).unwrap();
         assert_eq!(
             p.dest_nid(),
-            "10.0.0.1@tcp1".parse::<crate::Nid>().unwrap().0
+            "10.0.0.1@tcp1"
+                .parse::<crate::Nid>()
+                .unwrap()
+                .nid4()
+                .unwrap()
         );
         assert_eq!(
             p.src_nid(),
-            "192.168.1.5@tcp".parse::<crate::Nid>().unwrap().0
+            "192.168.1.5@tcp"
+                .parse::<crate::Nid>()
+                .unwrap()
+                .nid4()
+                .unwrap()
         );
     }
 

@@ -251,6 +251,9 @@ pub enum GoneReason {
 }
 
 /// Something for the upper layer.
+// `Rx` is the event of the data path and the largest; boxing it would allocate once per
+// received message to save bytes on the rare events.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     /// A send ended, exactly once per cookie.
@@ -592,7 +595,7 @@ impl Kshim {
             .map(|_| Msg {
                 gen: 0,
                 st: St::Free,
-                peer: Nid(0),
+                peer: Nid::default(),
                 hdr: [0; hdr::HEADER_LEN],
                 buf: None,
                 table: NO_TABLE,
@@ -734,13 +737,25 @@ impl Kshim {
 
     /// Sends `payload` (copied into the TX pool) with header `hdr` toward `hdr.dest_nid`.
     pub fn send(&mut self, hdr: &hdr::Repr, payload: &[u8]) -> Result<Cookie, SendError> {
+        self.send_to(Nid::from_nid4(hdr.dest_nid), hdr, payload)
+    }
+
+    /// Sends `payload` with header `hdr` toward `dest`, which may be an IPv6 NID: LNet's
+    /// 72-byte header holds 64-bit NIDs only, so for a large NID the destination travels
+    /// beside the header, as LNet hands an LND its message's target NID.
+    pub fn send_to(
+        &mut self,
+        dest: Nid,
+        hdr: &hdr::Repr,
+        payload: &[u8],
+    ) -> Result<Cookie, SendError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(SendError::TooLarge(payload.len()));
         }
         self.check_send(hdr, payload.len())?;
         let buf = self.alloc_tx(payload.len())?;
         self.write_tx(&buf, 0, payload);
-        self.send_buf(hdr, buf)
+        self.send_buf_to(dest, hdr, buf)
     }
 
     fn check_send(&self, hdr: &hdr::Repr, len: usize) -> Result<(), SendError> {
@@ -763,12 +778,22 @@ impl Kshim {
 
     /// Sends a buffer the caller filled. On error the buffer goes back to the pool.
     pub fn send_buf(&mut self, hdr: &hdr::Repr, buf: TxBuf) -> Result<Cookie, SendError> {
+        self.send_buf_to(Nid::from_nid4(hdr.dest_nid), hdr, buf)
+    }
+
+    /// [`Kshim::send_buf`] toward `dest` (see [`Kshim::send_to`]).
+    pub fn send_buf_to(
+        &mut self,
+        dest: Nid,
+        hdr: &hdr::Repr,
+        buf: TxBuf,
+    ) -> Result<Cookie, SendError> {
         if !self.pool.owns(&buf) {
             return Err(SendError::StaleBuffer);
         }
         let checked = self
             .check_send(hdr, buf.len())
-            .and_then(|()| Ok(self.routes.next_hop(Nid(hdr.dest_nid))?));
+            .and_then(|()| Ok(self.routes.next_hop(dest)?));
         let peer = match checked {
             Ok(p) => p,
             Err(e) => {
@@ -1152,7 +1177,7 @@ impl Kshim {
         };
         let mut ext = self.spare_extents.pop().unwrap_or_default();
         ext.extend_from_slice(extents);
-        let from = Nid(d.src_nid);
+        let from = d.src_nid;
         self.stats.rx += 1;
         self.stats.rx_bytes += u64::from(len);
         self.peer_up(from);
@@ -1175,7 +1200,7 @@ impl Kshim {
     fn dispatch(&mut self, slot: u32) {
         let m = &self.msgs[slot as usize];
         let cookie = Cookie::new(slot, m.gen).0;
-        let home = ring_abi::shard(m.peer.0, self.cfg.cores);
+        let home = ring_abi::shard(m.peer, self.cfg.cores);
         let core = ring_abi::stripe(home, self.cfg.cores, self.cfg.conns_per_peer, cookie) as usize;
         self.msgs[slot as usize].st = St::Backlog;
         self.cores[core].backlog.push_back(slot);
@@ -1197,7 +1222,7 @@ impl Kshim {
             }
         }
         if n <= 2 {
-            return TxDesc::inline(cookie, m.peer.0, m.hdr, &inline[..n]);
+            return TxDesc::inline(cookie, m.peer, m.hdr, &inline[..n]);
         }
         // Indirect: write the table into this message's table slot. A slot holding
         // credits always finds a table (one table per credit).
@@ -1214,7 +1239,7 @@ impl Kshim {
             }
         }
         let _ = self.region.write_extents(Pool::Tx, base, &ext[..k]);
-        TxDesc::indirect(cookie, m.peer.0, m.hdr, base, k as u16, total)
+        TxDesc::indirect(cookie, m.peer, m.hdr, base, k as u16, total)
     }
 
     /// Pushes backlogged descriptors and returns into the rings, then rings doorbells.

@@ -107,7 +107,13 @@ impl Side {
     }
 
     /// Copies `payload` into this side's RX pool and publishes it; false if no room.
-    fn deliver(&mut self, src_nid: u64, hdr: [u8; 72], payload: &[u8], corrupt: bool) -> bool {
+    fn deliver(
+        &mut self,
+        src_nid: lu2k_kshim::Nid,
+        hdr: [u8; 72],
+        payload: &[u8],
+        corrupt: bool,
+    ) -> bool {
         let h = *self.region.layout().header();
         let bsz = h.rx_buf_size as usize;
         let need = payload.len().div_ceil(bsz);
@@ -186,7 +192,7 @@ fn pump(from: &mut Side, to: &mut Side, corrupt_at: u64, moved: &AtomicU64) -> b
             payload.extend_from_slice(from.region.pool_bytes(e).unwrap());
         }
         // The source NID is the sender's (the header's src); fine for a two-node bridge.
-        let src = u64::from_le_bytes(d.hdr[8..16].try_into().unwrap());
+        let src = lu2k_kshim::Nid::from_nid4(u64::from_le_bytes(d.hdr[8..16].try_into().unwrap()));
         let n = moved.load(Ordering::Relaxed);
         if !to.deliver(src, d.hdr, &payload, n == corrupt_at) {
             break;

@@ -119,8 +119,8 @@ impl Engine {
 
 fn put(dest: Nid, src: Nid, seed: u64, len: usize) -> Repr {
     Repr {
-        dest_nid: dest.0,
-        src_nid: src.0,
+        dest_nid: dest.nid4().unwrap(),
+        src_nid: src.nid4().unwrap(),
         dest_pid: 12345,
         src_pid: 12345,
         payload_length: len as u32,
@@ -224,7 +224,7 @@ fn sends_complete_exactly_once_with_statuses() {
     let engine = thread::spawn(move || {
         let mut e = Engine::attach(&path);
         let mut seen: HashSet<u64> = HashSet::new();
-        let mut outstanding: HashMap<u64, u32> = HashMap::new();
+        let mut outstanding: HashMap<Nid, u32> = HashMap::new();
         let mut max_outstanding = 0u32;
         let mut n = 0u64;
         // Post a completion for a cookie kshim never issued: must be ignored.
@@ -239,10 +239,10 @@ fn sends_complete_exactly_once_with_statuses() {
                     "descriptor on the wrong core"
                 );
                 let h = Repr::from_bytes(&d.hdr).unwrap();
-                if h.dest_nid == remote.0 {
-                    assert_eq!(d.peer_nid, gw.0, "routed send must go to the gateway");
+                if h.dest_nid == remote.nid4().unwrap() {
+                    assert_eq!(d.peer_nid, gw, "routed send must go to the gateway");
                 } else {
-                    assert_eq!(d.peer_nid, h.dest_nid);
+                    assert_eq!(d.peer_nid, Nid::from_nid4(h.dest_nid));
                 }
                 let data = e.payload(d);
                 assert_eq!(data.len(), h.payload_length as usize);
@@ -394,13 +394,13 @@ fn rx_delivery_and_buffer_return() {
             }
             let h = put(me, from, seed, len).to_bytes();
             let d = if exts.len() <= 2 {
-                RxDesc::inline(token, from.0, h, &exts)
+                RxDesc::inline(token, from, h, &exts)
             } else {
                 // One RX table (16 KiB) per message: the engine's table area.
                 let toff = tables * ring_abi::layout::RX_TABLE_BYTES;
                 tables += 1;
                 e.region.write_extents(Pool::RxTables, toff, &exts).unwrap();
-                RxDesc::indirect(token, from.0, h, toff, exts.len() as u16, len as u32)
+                RxDesc::indirect(token, from, h, toff, exts.len() as u16, len as u32)
             };
             let mut scratch = ExtentBuf::new();
             e.region
@@ -411,7 +411,7 @@ fn rx_delivery_and_buffer_return() {
         // A descriptor pointing outside the RX pool: must not be delivered.
         let bad = RxDesc::inline(
             999,
-            from.0,
+            from,
             put(me, from, 1, 10).to_bytes(),
             &[Extent::new(Pool::Rx, 1 << 40, 10)],
         );
@@ -662,7 +662,7 @@ fn next_engine_gets_a_fresh_region_and_nothing_of_the_old() {
             e.region.write_pool(Pool::Rx, 0, &data).unwrap();
             let d = RxDesc::inline(
                 token,
-                from.0,
+                from,
                 put(me, from, seed, 3000).to_bytes(),
                 &[Extent::new(Pool::Rx, 0, 3000)],
             );

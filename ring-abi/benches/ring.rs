@@ -48,7 +48,7 @@ mod bench {
     }
 
     fn desc(i: u64) -> TxDesc {
-        let mut d = TxDesc::inline(i, 0xC0A8_0105, [0; 72], &[]);
+        let mut d = TxDesc::inline(i, lu2k_ring_abi::Nid::from_nid4(0xC0A8_0105), [0; 72], &[]);
         d.total_len = i as u32;
         d
     }

@@ -40,7 +40,7 @@ typedef int32_t lu2k_s32;
 #endif
 
 #define LU2K_MAGIC 0x474e49524b32554cULL /* "LU2KRING" little-endian */
-#define LU2K_VERSION_MAJOR 1
+#define LU2K_VERSION_MAJOR 2
 #define LU2K_VERSION_MINOR 1
 #define LU2K_CACHE_LINE 64
 #define LU2K_PAGE 4096
@@ -145,6 +145,26 @@ struct lu2k_control_block {
 	struct lu2k_index_line to_kshim_futex;        /* engine */
 };
 
+/*
+ * A NID: Lustre's large NID (struct lnet_nid, Lustre 2.16+) with a 16-bit LND type so
+ * lu2k's own type (0x4C32) fits. addr holds the address in network byte order, exactly
+ * as lnet_nid.nid_addr: a 4-byte address (IPv4, or a number such as 0@lo) in
+ * addr[0..4] with the rest 0 and size 0; an IPv6 address in all 16 bytes with size 12.
+ * Reserved bytes are 0. A consumer refuses any other size or non-zero reserved bytes.
+ */
+#define LU2K_NID_SIZE4 0
+#define LU2K_NID_SIZE16 12
+#define LU2K_LND_LU2K 0x4C32
+
+struct lu2k_nid {
+	lu2k_u8 size;       /* address bytes - 4 */
+	lu2k_u8 reserved0;
+	lu2k_u16 lnd;       /* LND type */
+	lu2k_u16 num;       /* network number */
+	lu2k_u16 reserved1;
+	lu2k_u8 addr[16];   /* network byte order */
+};
+
 struct lu2k_extent {
 	lu2k_u16 pool;
 	lu2k_u16 flags; /* reserved, 0 */
@@ -154,22 +174,24 @@ struct lu2k_extent {
 
 struct lu2k_tx_desc {
 	lu2k_u64 cookie;
-	lu2k_u64 peer_nid;
+	struct lu2k_nid peer_nid;
 	lu2k_u8 hdr[LU2K_LNET_HDR_LEN];
 	lu2k_u16 flags;
 	lu2k_u16 nfrags;
 	lu2k_u32 total_len;
 	struct lu2k_extent ext[LU2K_INLINE_EXTENTS];
+	lu2k_u64 reserved[6]; /* 0; rounds the descriptor to 192 bytes */
 } __attribute__((aligned(64)));
 
 struct lu2k_rx_desc {
 	lu2k_u64 token;
-	lu2k_u64 src_nid;
+	struct lu2k_nid src_nid;
 	lu2k_u8 hdr[LU2K_LNET_HDR_LEN];
 	lu2k_u16 flags;
 	lu2k_u16 nfrags;
 	lu2k_u32 total_len;
 	struct lu2k_extent ext[LU2K_INLINE_EXTENTS];
+	lu2k_u64 reserved[6]; /* 0; rounds the descriptor to 192 bytes */
 } __attribute__((aligned(64)));
 
 struct lu2k_tx_completion {
@@ -182,13 +204,75 @@ struct lu2k_rx_return {
 	lu2k_u64 token;
 };
 
-/* shard(): the core that owns a peer; addr = low 32 bits of the NID. */
-static inline lu2k_u32 lu2k_shard(lu2k_u64 nid, lu2k_u32 cores)
+/* LND types whose addresses are IP addresses (tcp, o2ib, gip, lu2k): only they take IPv6. */
+static inline int lu2k_lnd_is_ip(lu2k_u16 lnd)
 {
-	lu2k_u32 addr = (lu2k_u32)nid;
+	return lnd == 2 || lnd == 5 || lnd == 14 || lnd == LU2K_LND_LU2K;
+}
+
+/*
+ * 1 if the ABI allows nid: size 0 with nothing past the 4-byte address, or size 12 on
+ * an IP network; reserved bytes 0. Consumers check every NID they are handed.
+ */
+static inline int lu2k_nid_valid(const struct lu2k_nid *nid)
+{
+	int i;
+
+	if (nid->reserved0 || nid->reserved1)
+		return 0;
+	if (nid->size == LU2K_NID_SIZE16)
+		return lu2k_lnd_is_ip(nid->lnd);
+	if (nid->size != LU2K_NID_SIZE4)
+		return 0;
+	for (i = 4; i < 16; i++)
+		if (nid->addr[i])
+			return 0;
+	return 1;
+}
+
+/* Address word i (0..3) of a NID as a host-order integer. */
+static inline lu2k_u32 lu2k_nid_word(const struct lu2k_nid *nid, int i)
+{
+	const lu2k_u8 *a = &nid->addr[4 * i];
+
+	return ((lu2k_u32)a[0] << 24) | ((lu2k_u32)a[1] << 16) |
+	       ((lu2k_u32)a[2] << 8) | (lu2k_u32)a[3];
+}
+
+/*
+ * The shard key: a 4-byte address as a host-order integer; an IPv6 address folded to
+ * the XOR of its four big-endian words.
+ */
+static inline lu2k_u32 lu2k_nid_shard_key(const struct lu2k_nid *nid)
+{
+	if (nid->size == LU2K_NID_SIZE16)
+		return lu2k_nid_word(nid, 0) ^ lu2k_nid_word(nid, 1) ^
+		       lu2k_nid_word(nid, 2) ^ lu2k_nid_word(nid, 3);
+	return lu2k_nid_word(nid, 0);
+}
+
+/*
+ * LNet's 64-bit NID (net << 32 | addr, net = type << 16 | num), which the 72-byte LNet
+ * header carries; an IPv6 NID has none and gives LNET_NID_ANY (all ones).
+ */
+static inline lu2k_u64 lu2k_nid4(const struct lu2k_nid *nid)
+{
+	if (nid->size != LU2K_NID_SIZE4)
+		return ~(lu2k_u64)0;
+	return ((lu2k_u64)((lu2k_u32)nid->lnd << 16 | nid->num) << 32) | lu2k_nid_word(nid, 0);
+}
+
+static inline lu2k_u32 lu2k_shard_key(lu2k_u32 key, lu2k_u32 cores)
+{
 	if (cores == 0)
 		cores = 1;
-	return ((lu2k_u32)(addr * 0x9E3779B1u) >> 16) % cores;
+	return ((lu2k_u32)(key * 0x9E3779B1u) >> 16) % cores;
+}
+
+/* shard(): the core that owns a peer. */
+static inline lu2k_u32 lu2k_shard(const struct lu2k_nid *nid, lu2k_u32 cores)
+{
+	return lu2k_shard_key(lu2k_nid_shard_key(nid), cores);
 }
 
 /*
@@ -232,7 +316,7 @@ static inline lu2k_u32 lu2k_stripe(lu2k_u32 home, lu2k_u32 cores, lu2k_u32 conns
 struct lu2k_dev_create {
 	lu2k_u32 cores;              /* ring sets, 1..LU2K_DEV_MAX_CORES */
 	lu2k_u32 nid_count;          /* 1..LU2K_DEV_MAX_NIDS */
-	lu2k_u64 nids[LU2K_DEV_MAX_NIDS];
+	struct lu2k_nid nids[LU2K_DEV_MAX_NIDS];
 	lu2k_u32 ring_entries;       /* entries of every ring, power of two */
 	lu2k_u32 tx_slots;           /* TX pool: slots of LU2K_MAX_PAYLOAD bytes */
 	lu2k_u32 rx_buf_size;        /* multiple of 64 */
@@ -250,7 +334,7 @@ struct lu2k_dev_info {
 	lu2k_u64 region_size;
 	lu2k_u32 nid_count;
 	lu2k_u32 attached;           /* 1 while an engine is attached */
-	lu2k_u64 nids[LU2K_DEV_MAX_NIDS];
+	struct lu2k_nid nids[LU2K_DEV_MAX_NIDS];
 };
 
 struct lu2k_dev_attach {
@@ -266,7 +350,7 @@ struct lu2k_dev_attach {
 struct lu2k_dev_notice {
 	lu2k_u32 kind;
 	lu2k_u32 reserved;
-	lu2k_u64 nid;
+	struct lu2k_nid nid;
 };
 
 #define LU2K_LOAD_PUT 1  /* PUTs of `size` bytes, selftest pattern seeded salt + i */
@@ -275,7 +359,7 @@ struct lu2k_dev_notice {
 struct lu2k_dev_load {
 	lu2k_u32 instance;
 	lu2k_u32 kind;
-	lu2k_u64 peer_nid;
+	struct lu2k_nid peer_nid;
 	lu2k_u64 salt;
 	lu2k_u32 count;
 	lu2k_u32 size;

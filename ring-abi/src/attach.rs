@@ -23,21 +23,21 @@
 //!
 //!    ```text
 //!    0  magic        u64  b"LU2KSHIM"
-//!    8  version      u32  1
+//!    8  version      u32  2
 //!    12 cores        u32  ring sets in the region (1..=126)
 //!    16 region_size  u64  bytes of the memfd (equals the region header's total_size)
 //!    24 nfds         u32  1 + 2 × cores
 //!    28 nid_count    u32  local NIDs that follow (0..=32)
-//!    32 nids         u64 × nid_count
+//!    32 nids         24 bytes × nid_count ([`Nid`], C `struct lu2k_nid`)
 //!    ```
 //!
 //! 2. engine → kshim, one message, **ACK**, after it has mapped the region and
-//!    validated its header (16 bytes): `magic u64 = b"LU2KENGN"`, `version u32 = 1`,
+//!    validated its header (16 bytes): `magic u64 = b"LU2KENGN"`, `version u32 = 2`,
 //!    `status u32` (0: attached; any other value: refused, kshim reports
 //!    [`Error::Refused`] with it and closes the socket).
 //!
-//! 3. engine → kshim, any number of **NOTICE** messages (16 bytes):
-//!    `kind u32` (1 = peer down, 2 = peer up), `reserved u32 = 0`, `nid u64`.
+//! 3. engine → kshim, any number of **NOTICE** messages (32 bytes):
+//!    `kind u32` (1 = peer down, 2 = peer up), `reserved u32 = 0`, `nid` (24 bytes).
 //!
 //! Nothing else travels on the socket; data and completions go through the region.
 //!
@@ -72,14 +72,14 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
 };
 
-use crate::nid::Nid;
+use crate::nid::{Nid, NID_BYTES};
 
 /// HELLO magic.
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"LU2KSHIM");
 /// ACK magic.
 pub const ACK_MAGIC: u64 = u64::from_le_bytes(*b"LU2KENGN");
-/// Protocol version.
-pub const VERSION: u32 = 1;
+/// Protocol version (2: 24-byte NIDs).
+pub const VERSION: u32 = 2;
 /// Most cores one HELLO can carry doorbells for: `126 = (253 - 1) / 2`, as Linux passes
 /// at most 253 descriptors in one message.
 pub const MAX_CORES: u32 = 126;
@@ -91,8 +91,12 @@ pub const NOTICE_PEER_DOWN: u32 = 1;
 pub const NOTICE_PEER_UP: u32 = 2;
 
 const HELLO_FIXED: usize = 32;
-/// Longest HELLO in bytes (32 fixed + 8 per NID, at most 32 NIDs).
-pub const HELLO_MAX_LEN: usize = HELLO_FIXED + 8 * MAX_NIDS;
+/// Longest HELLO in bytes (32 fixed + 24 per NID, at most 32 NIDs).
+pub const HELLO_MAX_LEN: usize = HELLO_FIXED + NID_BYTES * MAX_NIDS;
+/// Bytes of a NOTICE.
+pub const NOTICE_LEN: usize = 8 + NID_BYTES;
+/// Longest message after the HELLO (a NOTICE; an ACK is 16 bytes).
+pub const SMALL_MAX_LEN: usize = NOTICE_LEN;
 
 /// What can go wrong on the attach socket.
 #[derive(Debug, thiserror::Error)]
@@ -166,9 +170,10 @@ impl Hello {
         out[24..28].copy_from_slice(&(1 + 2 * self.cores).to_le_bytes());
         out[28..32].copy_from_slice(&(self.nids.len() as u32).to_le_bytes());
         for (i, n) in self.nids.iter().enumerate() {
-            out[32 + 8 * i..40 + 8 * i].copy_from_slice(&n.0.to_le_bytes());
+            let at = HELLO_FIXED + NID_BYTES * i;
+            out[at..at + NID_BYTES].copy_from_slice(&n.to_bytes());
         }
-        Ok(HELLO_FIXED + 8 * self.nids.len())
+        Ok(HELLO_FIXED + NID_BYTES * self.nids.len())
     }
 
     /// Decodes a HELLO message; returns it and the descriptor count it announces.
@@ -182,7 +187,9 @@ impl Hello {
             return Err(Error::Protocol("HELLO magic is not LU2KSHIM"));
         }
         if u32_at(8) != VERSION {
-            return Err(Error::Protocol("HELLO version is not 1"));
+            return Err(Error::Protocol(
+                "HELLO version is not 2 (kshim and engine from different releases: upgrade both)",
+            ));
         }
         let cores = u32_at(12);
         if cores == 0 || cores > MAX_CORES {
@@ -193,10 +200,20 @@ impl Hello {
             return Err(Error::Protocol("HELLO nfds is not 1 + 2 × cores"));
         }
         let n = u32_at(28) as usize;
-        if n > MAX_NIDS || b.len() != HELLO_FIXED + 8 * n {
+        if n > MAX_NIDS || b.len() != HELLO_FIXED + NID_BYTES * n {
             return Err(Error::Protocol("HELLO NID count does not match its length"));
         }
-        let nids = (0..n).map(|i| Nid(u64_at(32 + 8 * i))).collect();
+        let mut nids = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = HELLO_FIXED + NID_BYTES * i;
+            let mut raw = [0u8; NID_BYTES];
+            raw.copy_from_slice(&b[at..at + NID_BYTES]);
+            let nid = Nid::from_bytes(&raw);
+            if nid.check().is_err() {
+                return Err(Error::Protocol("HELLO carries a malformed NID"));
+            }
+            nids.push(nid);
+        }
         Ok((
             Hello {
                 cores,
@@ -218,27 +235,30 @@ pub enum Notice {
 }
 
 impl Notice {
-    /// The 16 wire bytes.
-    pub fn encode(&self) -> [u8; 16] {
+    /// The wire bytes.
+    pub fn encode(&self) -> [u8; NOTICE_LEN] {
         let (kind, nid) = match *self {
             Notice::PeerDown(n) => (NOTICE_PEER_DOWN, n),
             Notice::PeerUp(n) => (NOTICE_PEER_UP, n),
         };
-        let mut b = [0u8; 16];
+        let mut b = [0u8; NOTICE_LEN];
         b[0..4].copy_from_slice(&kind.to_le_bytes());
-        b[8..16].copy_from_slice(&nid.0.to_le_bytes());
+        b[8..].copy_from_slice(&nid.to_bytes());
         b
     }
 
-    /// Parses 16 wire bytes.
+    /// Parses the wire bytes.
     pub fn decode(b: &[u8]) -> Result<Notice, Error> {
-        if b.len() != 16 {
-            return Err(Error::Protocol("NOTICE is not 16 bytes"));
+        if b.len() != NOTICE_LEN {
+            return Err(Error::Protocol("NOTICE is not 32 bytes"));
         }
         let kind = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&b[8..16]);
-        let nid = Nid(u64::from_le_bytes(n));
+        let mut n = [0u8; NID_BYTES];
+        n.copy_from_slice(&b[8..]);
+        let nid = Nid::from_bytes(&n);
+        if nid.check().is_err() {
+            return Err(Error::Protocol("NOTICE carries a malformed NID"));
+        }
         match kind {
             NOTICE_PEER_DOWN => Ok(Notice::PeerDown(nid)),
             NOTICE_PEER_UP => Ok(Notice::PeerUp(nid)),
@@ -267,7 +287,9 @@ pub fn decode_ack(b: &[u8]) -> Result<(), Error> {
         return Err(Error::Protocol("ACK magic is not LU2KENGN"));
     }
     if u32::from_le_bytes([b[8], b[9], b[10], b[11]]) != VERSION {
-        return Err(Error::Protocol("ACK version is not 1"));
+        return Err(Error::Protocol(
+            "ACK version is not 2 (kshim and engine from different releases: upgrade both)",
+        ));
     }
     match u32::from_le_bytes([b[12], b[13], b[14], b[15]]) {
         0 => Ok(()),
@@ -351,14 +373,16 @@ pub fn send_hello(
     Ok(())
 }
 
-/// Receives one message of at most 16 bytes without blocking: `Ok(None)` when none is
-/// waiting, [`Error::Closed`] at end of stream.
-pub fn recv_small(sock: BorrowedFd<'_>) -> Result<Option<([u8; 16], usize)>, Error> {
-    let mut b = [0u8; 16];
+/// Receives one message of at most [`SMALL_MAX_LEN`] bytes without blocking: `Ok(None)`
+/// when none is waiting, [`Error::Closed`] at end of stream.
+pub fn recv_small(sock: BorrowedFd<'_>) -> Result<Option<([u8; SMALL_MAX_LEN], usize)>, Error> {
+    let mut b = [0u8; SMALL_MAX_LEN];
     loop {
         match net::recv(sock, &mut b[..], RecvFlags::DONTWAIT | RecvFlags::TRUNC) {
             Ok((_, 0)) => return Err(Error::Closed),
-            Ok((_, n)) if n > 16 => return Err(Error::Protocol("message longer than 16 bytes")),
+            Ok((_, n)) if n > SMALL_MAX_LEN => {
+                return Err(Error::Protocol("message longer than 32 bytes"))
+            }
             Ok((_, n)) => return Ok(Some((b, n))),
             Err(rustix::io::Errno::AGAIN) => return Ok(None),
             Err(rustix::io::Errno::INTR) => continue,
@@ -403,7 +427,7 @@ impl Attachment {
                 Notice::PeerDown(nid) => (NOTICE_PEER_DOWN, nid),
                 Notice::PeerUp(nid) => (NOTICE_PEER_UP, nid),
             };
-            return device::sys::notice(self.sock.as_fd(), kind, nid.0);
+            return device::sys::notice(self.sock.as_fd(), kind, nid);
         }
         send_small(self.sock.as_fd(), &n.encode())
     }
@@ -627,7 +651,7 @@ pub mod device {
         /// NIDs used, 1..=8.
         pub nid_count: u32,
         /// The instance's NIDs (the first is the source of its selftest traffic).
-        pub nids: [u64; MAX_NIDS],
+        pub nids: [Nid; MAX_NIDS],
         /// Entries of every ring (power of two, at least `tx_slots`).
         pub ring_entries: u32,
         /// TX pool slots of 1 MiB.
@@ -664,7 +688,7 @@ pub mod device {
         /// 1 while an engine is attached.
         pub attached: u32,
         /// NIDs.
-        pub nids: [u64; MAX_NIDS],
+        pub nids: [Nid; MAX_NIDS],
     }
 
     /// `struct lu2k_dev_attach`.
@@ -690,7 +714,7 @@ pub mod device {
         /// Zero.
         pub reserved: u32,
         /// The peer.
-        pub nid: u64,
+        pub nid: Nid,
     }
 
     /// `struct lu2k_dev_load`: a selftest run (in) and its result (out).
@@ -702,7 +726,7 @@ pub mod device {
         /// [`LOAD_PUT`] or [`LOAD_PING`].
         pub kind: u32,
         /// Destination.
-        pub peer_nid: u64,
+        pub peer_nid: Nid,
         /// Seed of message 0 (PUT) or the first ping's sequence number.
         pub salt: u64,
         /// Messages.
@@ -836,7 +860,7 @@ pub mod device {
             ack_raw(fd, status)
         }
 
-        pub fn notice(fd: BorrowedFd<'_>, kind: u32, nid: u64) -> Result<(), Error> {
+        pub fn notice(fd: BorrowedFd<'_>, kind: u32, nid: crate::nid::Nid) -> Result<(), Error> {
             notice_raw(
                 fd,
                 DevNotice {
@@ -901,6 +925,12 @@ pub mod device {
                 "device instance reports an impossible core or NID count",
             ));
         }
+        if info.nids[..info.nid_count as usize]
+            .iter()
+            .any(|n| n.check().is_err())
+        {
+            return Err(Error::Protocol("device instance reports a malformed NID"));
+        }
         let mut a = Attach {
             instance,
             cores: info.cores,
@@ -927,10 +957,7 @@ pub mod device {
             hello: Hello {
                 cores: info.cores,
                 region_size: info.region_size,
-                nids: info.nids[..info.nid_count as usize]
-                    .iter()
-                    .map(|&n| Nid(n))
-                    .collect(),
+                nids: info.nids[..info.nid_count as usize].to_vec(),
             },
             memfd,
             to_engine,
@@ -1045,11 +1072,11 @@ mod tests {
         let h = Hello {
             cores: 3,
             region_size: 1 << 30,
-            nids: vec![Nid(7), Nid(u64::MAX)],
+            nids: vec![Nid::from_nid4(7), "fd00::7@lu2k".parse().unwrap()],
         };
         let mut b = [0u8; HELLO_MAX_LEN];
         let n = h.encode(&mut b).unwrap();
-        assert_eq!(n, 48);
+        assert_eq!(n, 80);
         assert_eq!(&b[0..8], b"LU2KSHIM");
         assert_eq!(&b[24..28], &7u32.to_le_bytes());
         assert_eq!(Hello::decode(&b[..n]).unwrap(), (h.clone(), 7));
@@ -1130,11 +1157,19 @@ mod tests {
     fn ack_and_notice() {
         assert!(decode_ack(&encode_ack(0)).is_ok());
         assert!(matches!(decode_ack(&encode_ack(5)), Err(Error::Refused(5))));
-        for n in [Notice::PeerDown(Nid(1)), Notice::PeerUp(Nid(u64::MAX))] {
+        let v6: Nid = "2001:db8::5@lu2k".parse().unwrap();
+        for n in [
+            Notice::PeerDown(Nid::from_nid4(1)),
+            Notice::PeerUp(Nid::from_nid4(u64::MAX)),
+            Notice::PeerDown(v6),
+        ] {
             assert_eq!(Notice::decode(&n.encode()).unwrap(), n);
         }
-        let mut b = Notice::PeerDown(Nid(1)).encode();
+        let mut b = Notice::PeerDown(Nid::from_nid4(1)).encode();
         b[0] = 9;
+        assert!(Notice::decode(&b).is_err());
+        let mut b = Notice::PeerDown(v6).encode();
+        b[8] = 5; // NID size 5
         assert!(Notice::decode(&b).is_err());
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! | record | bytes | ring | producer → consumer |
 //! |---|---|---|---|
-//! | [`TxDesc`] | 128 | TX | kshim → engine |
+//! | [`TxDesc`] | 192 | TX | kshim → engine |
 //! | [`TxCompletion`] | 16 | TX completion | engine → kshim |
-//! | [`RxDesc`] | 128 | RX | engine → kshim |
+//! | [`RxDesc`] | 192 | RX | engine → kshim |
 //! | [`RxReturn`] | 8 | RX return | kshim → engine |
 //!
 //! Payload is described by [`Extent`]s `(pool, offset, length)`, offsets relative to the
@@ -32,6 +32,7 @@
 use bitflags::bitflags;
 
 use crate::layout::{Layout, INLINE_EXTENTS, MAX_PAYLOAD, MAX_RX_EXTENTS, MAX_TX_EXTENTS};
+use crate::nid::{Nid, NidError};
 
 /// Bytes of an LNet wire header.
 pub const LNET_HDR_LEN: usize = 72;
@@ -102,14 +103,18 @@ bitflags! {
     }
 }
 
-/// A send descriptor (kshim → engine). 128 bytes, two cache lines.
+/// Zero words that round a descriptor up to whole cache lines (144 bytes of fields
+/// in 192); room for later minor versions.
+pub const DESC_RESERVED_WORDS: usize = 6;
+
+/// A send descriptor (kshim → engine). 192 bytes, three cache lines.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TxDesc {
     /// kshim's handle for the message; returned in the completion.
     pub cookie: u64,
-    /// Destination peer NID (the low 32 bits are its IPv4 address).
-    pub peer_nid: u64,
+    /// Destination peer NID (its address is the peer's IPv4 or IPv6 address).
+    pub peer_nid: Nid,
     /// The 72-byte LNet header, sent as is.
     pub hdr: [u8; LNET_HDR_LEN],
     /// [`TxFlags`] bits.
@@ -120,16 +125,18 @@ pub struct TxDesc {
     pub total_len: u32,
     /// Inline extents, or `ext[0]` = the extent table (flag `INDIRECT`).
     pub ext: [Extent; INLINE_EXTENTS],
+    /// Zero (not checked, so a later minor version may give it meaning).
+    pub reserved: [u64; DESC_RESERVED_WORDS],
 }
 
-/// A receive descriptor (engine → kshim). 128 bytes, two cache lines.
+/// A receive descriptor (engine → kshim). 192 bytes, three cache lines.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxDesc {
     /// Engine-assigned token; kshim gives it back in an [`RxReturn`] to free the buffers.
     pub token: u64,
     /// Source peer NID.
-    pub src_nid: u64,
+    pub src_nid: Nid,
     /// The 72-byte LNet header as received.
     pub hdr: [u8; LNET_HDR_LEN],
     /// [`RxFlags`] bits.
@@ -140,6 +147,8 @@ pub struct RxDesc {
     pub total_len: u32,
     /// Inline extents, or `ext[0]` = the extent table (flag `INDIRECT`).
     pub ext: [Extent; INLINE_EXTENTS],
+    /// Zero (not checked, so a later minor version may give it meaning).
+    pub reserved: [u64; DESC_RESERVED_WORDS],
 }
 
 /// A send completion (engine → kshim). 16 bytes.
@@ -350,6 +359,9 @@ pub enum DescError {
         /// `total_len`.
         total: u32,
     },
+    /// The descriptor's NID is not one this build can use.
+    #[error("bad NID: {0}")]
+    BadNid(NidError),
 }
 
 impl DescError {
@@ -371,6 +383,7 @@ impl DescError {
             DescError::ExtentOverflow { .. } => 13,
             DescError::ExtentOutOfRange { .. } => 14,
             DescError::LengthMismatch { .. } => 15,
+            DescError::BadNid(_) => 16,
         }
     }
 }
@@ -411,8 +424,8 @@ pub trait TableSource {
 pub struct ValidTx<'s> {
     /// Cookie to complete.
     pub cookie: u64,
-    /// Destination NID.
-    pub peer_nid: u64,
+    /// Destination NID (checked: [`Nid::check`]).
+    pub peer_nid: Nid,
     /// LNet header.
     pub hdr: [u8; LNET_HDR_LEN],
     /// Payload bytes.
@@ -426,8 +439,8 @@ pub struct ValidTx<'s> {
 pub struct ValidRx<'s> {
     /// Token to return.
     pub token: u64,
-    /// Source NID.
-    pub src_nid: u64,
+    /// Source NID (checked: [`Nid::check`]).
+    pub src_nid: Nid,
     /// LNet header.
     pub hdr: [u8; LNET_HDR_LEN],
     /// Payload bytes.
@@ -561,7 +574,7 @@ impl TxDesc {
     ///
     /// # Panics
     /// If `extents` has more than [`INLINE_EXTENTS`] entries.
-    pub fn inline(cookie: u64, peer_nid: u64, hdr: [u8; LNET_HDR_LEN], extents: &[Extent]) -> Self {
+    pub fn inline(cookie: u64, peer_nid: Nid, hdr: [u8; LNET_HDR_LEN], extents: &[Extent]) -> Self {
         assert!(extents.len() <= INLINE_EXTENTS, "too many inline extents");
         let mut ext = [Extent::default(); INLINE_EXTENTS];
         ext[..extents.len()].copy_from_slice(extents);
@@ -573,6 +586,7 @@ impl TxDesc {
             nfrags: extents.len() as u16,
             total_len: extents.iter().map(|e| e.len).fold(0u32, u32::wrapping_add),
             ext,
+            reserved: [0; DESC_RESERVED_WORDS],
         }
     }
 
@@ -580,7 +594,7 @@ impl TxDesc {
     /// (written there by kshim, e.g. with [`crate::region::Region::write_extents`]).
     pub fn indirect(
         cookie: u64,
-        peer_nid: u64,
+        peer_nid: Nid,
         hdr: [u8; LNET_HDR_LEN],
         table_offset: u64,
         nfrags: u16,
@@ -601,6 +615,7 @@ impl TxDesc {
                 ),
                 Extent::default(),
             ],
+            reserved: [0; DESC_RESERVED_WORDS],
         }
     }
 
@@ -619,6 +634,7 @@ impl TxDesc {
             table_pool: Pool::Tx,
             max_frags: MAX_TX_EXTENTS,
         };
+        self.peer_nid.check().map_err(DescError::BadNid)?;
         let extents = validate_extents(
             &rules,
             self.flags,
@@ -644,7 +660,7 @@ impl RxDesc {
     ///
     /// # Panics
     /// If `extents` has more than [`INLINE_EXTENTS`] entries.
-    pub fn inline(token: u64, src_nid: u64, hdr: [u8; LNET_HDR_LEN], extents: &[Extent]) -> Self {
+    pub fn inline(token: u64, src_nid: Nid, hdr: [u8; LNET_HDR_LEN], extents: &[Extent]) -> Self {
         assert!(extents.len() <= INLINE_EXTENTS, "too many inline extents");
         let mut ext = [Extent::default(); INLINE_EXTENTS];
         ext[..extents.len()].copy_from_slice(extents);
@@ -656,6 +672,7 @@ impl RxDesc {
             nfrags: extents.len() as u16,
             total_len: extents.iter().map(|e| e.len).fold(0u32, u32::wrapping_add),
             ext,
+            reserved: [0; DESC_RESERVED_WORDS],
         }
     }
 
@@ -663,7 +680,7 @@ impl RxDesc {
     /// table area (written there by the engine).
     pub fn indirect(
         token: u64,
-        src_nid: u64,
+        src_nid: Nid,
         hdr: [u8; LNET_HDR_LEN],
         table_offset: u64,
         nfrags: u16,
@@ -684,6 +701,7 @@ impl RxDesc {
                 ),
                 Extent::default(),
             ],
+            reserved: [0; DESC_RESERVED_WORDS],
         }
     }
 
@@ -702,6 +720,7 @@ impl RxDesc {
             table_pool: Pool::RxTables,
             max_frags: MAX_RX_EXTENTS,
         };
+        self.src_nid.check().map_err(DescError::BadNid)?;
         let extents = validate_extents(
             &rules,
             self.flags,

@@ -13,8 +13,8 @@
 //! 1. [`RegionHeader`] at 0 (256 bytes);
 //! 2. the core table, `cores` × [`CoreEntry`] (96 bytes each), at 256;
 //! 3. per core a [`ControlBlock`] (12 cache lines, 768 bytes), 64-aligned;
-//! 4. per core the four slot arrays: TX (`tx_entries` × 128), TX completion
-//!    (`tx_done_entries` × 16), RX (`rx_entries` × 128), RX return (`rx_return_entries` × 8),
+//! 4. per core the four slot arrays: TX (`tx_entries` × 192), TX completion
+//!    (`tx_done_entries` × 16), RX (`rx_entries` × 192), RX return (`rx_return_entries` × 8),
 //!    each 64-aligned;
 //! 5. the TX pool, page-aligned;
 //! 6. the RX extent-table area, page-aligned: per core `rx_tables_per_core` tables of
@@ -34,7 +34,7 @@ use crate::desc::{Extent, RxDesc, RxReturn, TxCompletion, TxDesc};
 /// `b"LU2KRING"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"LU2KRING");
 /// ABI major version: a mapper refuses a region with another major version.
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 /// ABI minor version: backwards-compatible additions (reserved fields given meaning).
 pub const VERSION_MINOR: u16 = 1;
 /// Cache line size assumed by the layout.

@@ -16,7 +16,7 @@
 //! ```text
 //!  offset 0
 //!  ┌────────────────────────────────────────────┐
-//!  │ RegionHeader (256 B)                        │ magic "LU2KRING", ABI 1.0, total size,
+//!  │ RegionHeader (256 B)                        │ magic "LU2KRING", ABI 2.0, total size,
 //!  │                                             │ features, cores, pool table
 //!  ├────────────────────────────────────────────┤ core_table_off
 //!  │ CoreEntry[cores] (96 B each)                │ per core: control block offset, 4 × RingInfo
@@ -26,9 +26,9 @@
 //!  │                                             │ to_engine need_wakeup | futex
 //!  │                                             │ to_kshim  need_wakeup | futex
 //!  ├────────────────────────────────────────────┤
-//!  │ core 0: TX ring      TxDesc[n]      (128 B) │ kshim  → engine  send descriptors
+//!  │ core 0: TX ring      TxDesc[n]      (192 B) │ kshim  → engine  send descriptors
 //!  │         TX done ring TxCompletion[n] (16 B) │ engine → kshim   completions
-//!  │         RX ring      RxDesc[n]      (128 B) │ engine → kshim   receive descriptors
+//!  │         RX ring      RxDesc[n]      (192 B) │ engine → kshim   receive descriptors
 //!  │         RX ret ring  RxReturn[n]      (8 B) │ kshim  → engine  buffers given back
 //!  │ core 1: ...                                 │
 //!  ├────────────────────────────────────────────┤ tx_pool_off (page aligned)
@@ -57,8 +57,9 @@
 //!   cores carries one message.
 //! - [`attach`]: the Unix-socket handshake (HELLO with the memfd and the eventfds,
 //!   ACK, NOTICE) by which an engine attaches to kshim; its decoders never panic.
-//! - [`nid`]: LNet NIDs ([`Nid`], [`Net`], [`LndType`]), their bit layout and their
-//!   text form; every `u64` round-trips through the text.
+//! - [`nid`]: LNet NIDs ([`Nid`], [`Net`], [`LndType`]): 24 bytes mirroring Lustre's
+//!   large NID (IPv4 and IPv6 addresses), their text form (`10.0.0.1@lu2k`,
+//!   `fd00::1@lu2k`); every NID4 and every valid IPv6 NID round-trips through the text.
 //!
 //! `unsafe` lives only in the private `shm` module (the mapping and raw slot/word
 //! access); every block there says why it is sound against a hostile peer. The attach
@@ -87,7 +88,7 @@ pub use desc::{
     TxStatus, ValidRx, ValidTx, LNET_HDR_LEN,
 };
 pub use layout::{Config, Features, Layout, LayoutError};
-pub use nid::{LndType, Net, Nid};
+pub use nid::{LndType, Net, Nid, NidError, NID_BYTES};
 
 #[cfg(not(loom))]
 pub use doorbell::{Eventfds, FutexWord, Notifier, WaitMode, Waiter, Wake};
@@ -108,19 +109,24 @@ pub const SHARD_MULTIPLIER: u32 = 0x9E37_79B1;
 /// reproduces it in a classic-BPF `SO_REUSEPORT` program so a peer's datagrams land on
 /// the core that owns it.
 ///
-/// Exactly: let `addr = nid as u32` ([`Nid::addr`]: the peer's IPv4 address as a
-/// host-order integer, e.g. `192.168.1.5` = `0xC0A8_0105`; BPF's `ld [off]` loads the
-/// source address in this order). Then
+/// Exactly: let `key` = [`Nid::shard_key`]: for a NID4 its 32-bit address (the peer's
+/// IPv4 address as a host-order integer, e.g. `192.168.1.5` = `0xC0A8_0105`; BPF's
+/// `ld [off]` loads the source address in this order), for an IPv6 NID the XOR of the
+/// address's four big-endian 32-bit words. Then
 ///
 /// ```text
-///   shard = ((addr * 0x9E3779B1 mod 2^32) >> 16) mod cores
+///   shard = ((key * 0x9E3779B1 mod 2^32) >> 16) mod cores
 /// ```
 ///
 /// using only 32-bit multiply, shift and modulo (BPF `ALU|MUL|K`, `ALU|RSH|K`,
-/// `ALU|MOD|K`). `cores == 0` is treated as 1.
-pub fn shard(nid: u64, cores: u32) -> u32 {
-    let addr = nid as u32;
-    (addr.wrapping_mul(SHARD_MULTIPLIER) >> 16) % cores.max(1)
+/// `ALU|MOD|K`; the IPv6 fold is `ALU|XOR|X`). `cores == 0` is treated as 1.
+pub fn shard(nid: Nid, cores: u32) -> u32 {
+    shard_key(nid.shard_key(), cores)
+}
+
+/// The shard function on a key already folded to 32 bits ([`Nid::shard_key`]).
+pub fn shard_key(key: u32, cores: u32) -> u32 {
+    (key.wrapping_mul(SHARD_MULTIPLIER) >> 16) % cores.max(1)
 }
 
 /// Which core carries message `cookie` to a peer whose [`shard`] is `home`, when the
@@ -191,16 +197,21 @@ mod tests {
     }
 
     #[test]
-    fn shard_depends_only_on_low_32_bits_and_stays_in_range() {
+    fn shard_depends_only_on_the_address_and_stays_in_range() {
         for cores in 1..=16u32 {
             for addr in [0u32, 1, 0xC0A8_0105, 0x0A00_0001, u32::MAX] {
-                let a = shard(u64::from(addr), cores);
-                let b = shard((0x0002_0005u64 << 32) | u64::from(addr), cores);
+                let a = shard_key(addr, cores);
+                let b = shard(
+                    Nid::from_nid4((0x0002_0005u64 << 32) | u64::from(addr)),
+                    cores,
+                );
+                let c = shard(Nid::new(Net::new(LndType::LU2K, 9), addr), cores);
                 assert_eq!(a, b);
+                assert_eq!(a, c);
                 assert!(a < cores);
             }
         }
-        assert_eq!(shard(7, 0), 0);
+        assert_eq!(shard_key(7, 0), 0);
     }
 
     #[test]
@@ -208,11 +219,19 @@ mod tests {
         // 192.168.1.5, recomputed independently with 64-bit arithmetic.
         let addr: u32 = 0xC0A8_0105;
         let prod = (u64::from(addr) * 0x9E37_79B1) & 0xFFFF_FFFF;
-        assert_eq!(shard(u64::from(addr), 4), ((prod >> 16) % 4) as u32);
+        assert_eq!(shard_key(addr, 4), ((prod >> 16) % 4) as u32);
         // A /24 of peers spreads over 4 cores without leaving any core empty.
         let mut count = [0u32; 4];
         for host in 1..=254u32 {
-            count[shard(u64::from(0xC0A8_0100 | host), 4) as usize] += 1;
+            count[shard_key(0xC0A8_0100 | host, 4) as usize] += 1;
+        }
+        assert!(count.iter().all(|&c| c > 30), "{count:?}");
+        // So does a run of IPv6 hosts in one /64.
+        let net = Net::new(LndType::LU2K, 0);
+        let mut count = [0u32; 4];
+        for host in 1..=254u16 {
+            let ip = std::net::Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, host);
+            count[shard(Nid::from_net_ipv6(net, ip), 4) as usize] += 1;
         }
         assert!(count.iter().all(|&c| c > 30), "{count:?}");
     }

@@ -1,16 +1,34 @@
-//! LNet network identifiers (NIDs): the 64-bit form LNet puts on the wire and in the
-//! descriptors' `peer_nid` / `src_nid`, and the text form operators type
-//! (`192.168.1.5@tcp`, `0@lo`, `10.0.0.1@lu2k3`).
+//! LNet network identifiers (NIDs): the 24-byte form the descriptors, the attach
+//! handshake and the device ioctls carry ([`Nid`], C `struct lu2k_nid`), and the text
+//! form operators type (`192.168.1.5@tcp`, `0@lo`, `10.0.0.1@lu2k3`, `2001:db8::1@lu2k`).
 //!
-//! A NID is `net << 32 | addr`, and a network is `lnd_type << 16 | net_num`
-//! (Lustre's `LNET_MKNID` / `LNET_MKNET`). The text form is `ADDR@NAME[NUM]`: the
-//! network number is omitted when it is 0, as `libcfs_nid2str` does, and `tcp0`
-//! parses to the same network as `tcp`.
+//! # Layout
 //!
-//! Both halves build and take NIDs apart through [`Nid`]'s methods only
-//! ([`Nid::new`], [`Nid::from_net_ip`], [`Nid::net`], [`Nid::addr`], [`Nid::ip`]), so
-//! the bit layout is written down once, here. [`crate::shard`] reads the same low 32
-//! bits as [`Nid::addr`].
+//! [`Nid`] mirrors Lustre's large NID (`struct lnet_nid`, Lustre 2.16+: `nid_size`,
+//! `nid_type`, `nid_num`, `nid_addr[4]`), widened so lu2k's own LND type fits:
+//!
+//! ```text
+//!   0  size       u8        address bytes - 4: 0 (IPv4 address or number), 12 (IPv6)
+//!   1  reserved0  u8        0
+//!   2  lnd        u16       LND type (little-endian, like every ABI integer)
+//!   4  num        u16       network number
+//!   6  reserved1  u16       0
+//!   8  addr       u8 × 16   the address in network byte order; a 4-byte address
+//!                           (IPv4, or a number such as 0@lo) in addr[0..4], the rest 0
+//! ```
+//!
+//! The address bytes are exactly `lnet_nid.nid_addr` (four big-endian 32-bit words), so
+//! a kernel LND copies them as they are. A NID whose address has 4 bytes is a *NID4*:
+//! it converts losslessly to and from LNet's classic 64-bit NID
+//! (`net << 32 | addr`, `net = lnd_type << 16 | net_num`; [`Nid::from_nid4`],
+//! [`Nid::nid4`]), which is what LNet's 72-byte wire header carries.
+//!
+//! # Text form
+//!
+//! `ADDR@NAME[NUM]`: the network number is omitted when it is 0, as `libcfs_nid2str`
+//! does, and `tcp0` parses to the same network as `tcp`. On IP networks the address is
+//! an IPv4 address or, as in Lustre 2.16+ (`2001:db8::1@tcp`), an IPv6 address in its
+//! usual text form (printed compressed, RFC 5952).
 //!
 //! # lu2k's network type
 //!
@@ -18,19 +36,22 @@
 //! small numbers (QSWLND 1 … KFILND 16, "only add to these values"), so lu2k takes
 //! [`LndType::LU2K`] = `0x4C32` (ASCII `L2`, 19506): far above anything Lustre
 //! has assigned, readable in a hex dump, and stable — NIDs on the wire depend on it.
-//! Its addresses are IPv4 addresses, like socklnd's, written `10.0.0.1@lu2k` or,
-//! for network number 3, `10.0.0.1@lu2k3`.
+//! Its addresses are IP addresses, like socklnd's, written `10.0.0.1@lu2k`,
+//! `10.0.0.1@lu2k3` (network number 3) or `fd00::2@lu2k`.
 //!
 //! Types this module has no name for print as `ADDR@lndT.N` (decimal address, LND
-//! type `T`, network number `N`) and parse back, so every `u64` round-trips.
+//! type `T`, network number `N`) and parse back.
 //!
 //! # Guarantees
 //!
-//! `Nid::from_str(&nid.to_string()) == Ok(nid)` for every `u64`, and parsing never
-//! panics; errors say which part of the string is wrong.
+//! `Nid::from_str(&nid.to_string()) == Ok(nid)` for every NID4 (every `u64` through
+//! [`Nid::from_nid4`]) and every valid IPv6 NID ([`Nid::check`]); parsing never panics
+//! and returns only valid NIDs; errors say which part of the string is wrong. Every
+//! bit pattern is a `Nid` value (plain integers and bytes, so reading one out of shared
+//! memory is sound); consumers of untrusted NIDs call [`Nid::check`].
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 /// An LND (network driver) type, the top 16 bits of a network.
@@ -70,7 +91,7 @@ impl LndType {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AddrKind {
-    Ipv4,
+    Ip,
     Number,
 }
 
@@ -84,12 +105,12 @@ const KNOWN: &[Known] = &[
     Known {
         name: "tcp",
         lnd: LndType::SOCKLND,
-        addr: AddrKind::Ipv4,
+        addr: AddrKind::Ip,
     },
     Known {
         name: "o2ib",
         lnd: LndType::O2IBLND,
-        addr: AddrKind::Ipv4,
+        addr: AddrKind::Ip,
     },
     Known {
         name: "lo",
@@ -104,7 +125,7 @@ const KNOWN: &[Known] = &[
     Known {
         name: "gip",
         lnd: LndType::GNIIPLND,
-        addr: AddrKind::Ipv4,
+        addr: AddrKind::Ip,
     },
     Known {
         name: "ptlf",
@@ -119,7 +140,7 @@ const KNOWN: &[Known] = &[
     Known {
         name: "lu2k",
         lnd: LndType::LU2K,
-        addr: AddrKind::Ipv4,
+        addr: AddrKind::Ip,
     },
 ];
 
@@ -144,18 +165,65 @@ impl Net {
     }
 }
 
-/// An LNet NID: `net << 32 | addr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Nid(pub u64);
+/// An LNet NID, 24 bytes (C `struct lu2k_nid`); see the module doc for the layout.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Nid {
+    /// Address bytes - 4: 0 or 12. Build NIDs with the constructors; the fields are
+    /// public for the layout tests and for kernel-facing code that copies them.
+    pub size: u8,
+    /// Zero.
+    pub reserved0: u8,
+    /// LND type.
+    pub lnd: u16,
+    /// Network number.
+    pub num: u16,
+    /// Zero.
+    pub reserved1: u16,
+    /// The address, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Bytes of a [`Nid`] in the ABI.
+pub const NID_BYTES: usize = 24;
+
+/// `size` of a NID whose address has 4 bytes (IPv4, numbers).
+const SIZE4: u8 = 0;
+/// `size` of a NID whose address has 16 bytes (IPv6).
+const SIZE16: u8 = 12;
+
+/// Why a NID read from the ABI (a descriptor, a HELLO, an ioctl) is not one this
+/// build can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NidError {
+    /// `size` is neither 0 (4 address bytes) nor 12 (16 address bytes).
+    #[error("NID size {0} is not 0 (4-byte address) or 12 (IPv6 address)")]
+    Size(u8),
+    /// A reserved field or an address byte past the address's size is not 0.
+    #[error("NID reserved bytes (or address bytes past a 4-byte address) are not 0")]
+    Reserved,
+    /// A 16-byte address on a network whose addresses are not IP addresses.
+    #[error("NID with an IPv6 address on network type {0}, whose addresses are not IP")]
+    NotIp(u16),
+}
 
 impl Nid {
-    /// The NID of address `addr` on network `net`.
+    /// The NID4 of 32-bit address `addr` (an IPv4 address as a host-order integer, or
+    /// a number such as the 0 of `0@lo`) on network `net`.
     pub const fn new(net: Net, addr: u32) -> Nid {
-        Nid(((net.0 as u64) << 32) | addr as u64)
+        let b = addr.to_be_bytes();
+        Nid {
+            size: SIZE4,
+            reserved0: 0,
+            lnd: net.lnd().0,
+            num: net.num(),
+            reserved1: 0,
+            addr: [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
     }
 
     /// `ip@net`: the NID of IPv4 address `ip` on network `net`, for networks whose
-    /// addresses are IPv4 (`lu2k`, `tcp`, `o2ib`, `gip`).
+    /// addresses are IP addresses (`lu2k`, `tcp`, `o2ib`, `gip`).
     pub const fn from_net_ip(net: Net, ip: Ipv4Addr) -> Nid {
         Nid::new(net, ip.to_bits())
     }
@@ -165,47 +233,166 @@ impl Nid {
         Nid::from_net_ip(net, ip)
     }
 
-    /// LNet's `LNET_NID_ANY` (all ones).
-    pub const ANY: Nid = Nid(u64::MAX);
+    /// `ip@net` for an IPv6 address (a large NID, `size` 12). The address is kept as
+    /// given: an IPv4-mapped address (`::ffff:a.b.c.d`) stays an IPv6 NID; callers that
+    /// got it from a dual-stack socket use [`Nid::from_net_addr`], which unmaps it.
+    pub const fn from_net_ipv6(net: Net, ip: Ipv6Addr) -> Nid {
+        Nid {
+            size: SIZE16,
+            reserved0: 0,
+            lnd: net.lnd().0,
+            num: net.num(),
+            reserved1: 0,
+            addr: ip.octets(),
+        }
+    }
 
-    /// The network part (the high 32 bits).
+    /// `ip@net` for either family; an IPv4-mapped IPv6 address (what a dual-stack
+    /// socket reports for an IPv4 peer) gives the IPv4 NID, so a peer has one NID
+    /// whichever socket it reached.
+    pub fn from_net_addr(net: Net, ip: IpAddr) -> Nid {
+        match ip {
+            IpAddr::V4(v4) => Nid::from_net_ip(net, v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Nid::from_net_ip(net, v4),
+                None => Nid::from_net_ipv6(net, v6),
+            },
+        }
+    }
+
+    /// The NID of LNet's 64-bit form `net << 32 | addr`.
+    pub const fn from_nid4(raw: u64) -> Nid {
+        Nid::new(Net((raw >> 32) as u32), raw as u32)
+    }
+
+    /// LNet's 64-bit form, for a NID4; `None` for an IPv6 NID (LNet's 72-byte header
+    /// cannot carry it).
+    pub const fn nid4(self) -> Option<u64> {
+        if self.size == SIZE4 {
+            Some(((self.net().0 as u64) << 32) | self.addr() as u64)
+        } else {
+            None
+        }
+    }
+
+    /// LNet's `LNET_NID_ANY` (all ones, as a NID4).
+    pub const ANY: Nid = Nid::from_nid4(u64::MAX);
+
+    /// The network.
     pub const fn net(self) -> Net {
-        Net((self.0 >> 32) as u32)
+        Net::new(LndType(self.lnd), self.num)
     }
 
-    /// The address part (the low 32 bits).
+    /// Whether the address has 4 bytes (the NID has a 64-bit form, [`Nid::nid4`]).
+    pub const fn is_nid4(self) -> bool {
+        self.size == SIZE4
+    }
+
+    /// The first 4 address bytes as a host-order integer: the whole address of a NID4
+    /// (`192.168.1.5` = `0xC0A8_0105`, `0@lo` = 0).
     pub const fn addr(self) -> u32 {
-        self.0 as u32
+        u32::from_be_bytes([self.addr[0], self.addr[1], self.addr[2], self.addr[3]])
     }
 
-    /// The address part read as an IPv4 address, whatever the network type: for a
-    /// caller that already knows the network is an IPv4 one (the engine, which only
-    /// serves its own `lu2k` network). [`Nid::ipv4`] is the checked form.
+    /// The address bytes in network order: 4 for a NID4, 16 for an IPv6 NID.
+    pub fn addr_bytes(&self) -> &[u8] {
+        if self.size == SIZE16 {
+            &self.addr
+        } else {
+            &self.addr[..4]
+        }
+    }
+
+    /// The address of a NID4 read as an IPv4 address, whatever the network type: for a
+    /// caller that already knows the network is an IPv4 one. [`Nid::ip_addr`] is the
+    /// checked form for both families.
     pub const fn ip(self) -> Ipv4Addr {
         Ipv4Addr::from_bits(self.addr())
     }
 
-    /// The address as IPv4 when the network's addresses are IPv4 (`tcp`, `o2ib`,
-    /// `gip`, `lu2k`), `None` for the others (`0@lo`).
+    /// The address as IPv4 when the network's addresses are IP addresses and this one
+    /// has 4 bytes, `None` for the others (`0@lo`, IPv6 NIDs).
     pub fn ipv4(self) -> Option<Ipv4Addr> {
-        match self.net().lnd().addr_kind() {
-            AddrKind::Ipv4 => Some(self.ip()),
-            AddrKind::Number => None,
+        match (self.net().lnd().addr_kind(), self.size) {
+            (AddrKind::Ip, SIZE4) => Some(self.ip()),
+            _ => None,
+        }
+    }
+
+    /// The IP address (either family) when the network's addresses are IP addresses;
+    /// `None` for the others (`0@lo`) and for NIDs that fail [`Nid::check`].
+    pub fn ip_addr(self) -> Option<IpAddr> {
+        if self.net().lnd().addr_kind() != AddrKind::Ip || self.check().is_err() {
+            return None;
+        }
+        Some(match self.size {
+            SIZE16 => IpAddr::V6(Ipv6Addr::from(self.addr)),
+            _ => IpAddr::V4(self.ip()),
+        })
+    }
+
+    /// The 32-bit key the shard function hashes ([`crate::shard`]): a NID4's address,
+    /// or the XOR of an IPv6 address's four big-endian 32-bit words (so a BPF program
+    /// computes it with four loads and three XORs).
+    pub const fn shard_key(self) -> u32 {
+        if self.size == SIZE16 {
+            let a = &self.addr;
+            u32::from_be_bytes([a[0], a[1], a[2], a[3]])
+                ^ u32::from_be_bytes([a[4], a[5], a[6], a[7]])
+                ^ u32::from_be_bytes([a[8], a[9], a[10], a[11]])
+                ^ u32::from_be_bytes([a[12], a[13], a[14], a[15]])
+        } else {
+            self.addr()
+        }
+    }
+
+    /// Whether this NID is one this build can use: `size` 0 or 12, reserved bytes and
+    /// the bytes past a 4-byte address 0, 16-byte addresses only on IP networks.
+    pub fn check(&self) -> Result<(), NidError> {
+        if self.reserved0 != 0 || self.reserved1 != 0 {
+            return Err(NidError::Reserved);
+        }
+        match self.size {
+            SIZE4 if self.addr[4..].iter().any(|&b| b != 0) => Err(NidError::Reserved),
+            SIZE4 => Ok(()),
+            SIZE16 if self.net().lnd().addr_kind() != AddrKind::Ip => {
+                Err(NidError::NotIp(self.lnd))
+            }
+            SIZE16 => Ok(()),
+            s => Err(NidError::Size(s)),
+        }
+    }
+
+    /// The 24 ABI bytes (little-endian integers, address in network order).
+    pub fn to_bytes(self) -> [u8; NID_BYTES] {
+        let mut b = [0u8; NID_BYTES];
+        b[0] = self.size;
+        b[1] = self.reserved0;
+        b[2..4].copy_from_slice(&self.lnd.to_le_bytes());
+        b[4..6].copy_from_slice(&self.num.to_le_bytes());
+        b[6..8].copy_from_slice(&self.reserved1.to_le_bytes());
+        b[8..].copy_from_slice(&self.addr);
+        b
+    }
+
+    /// The NID in 24 ABI bytes, unchecked (every pattern is a value; see [`Nid::check`]).
+    pub fn from_bytes(b: &[u8; NID_BYTES]) -> Nid {
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&b[8..]);
+        Nid {
+            size: b[0],
+            reserved0: b[1],
+            lnd: u16::from_le_bytes([b[2], b[3]]),
+            num: u16::from_le_bytes([b[4], b[5]]),
+            reserved1: u16::from_le_bytes([b[6], b[7]]),
+            addr,
         }
     }
 }
 
-/// The raw 64-bit NID, as descriptors carry it.
-impl From<Nid> for u64 {
-    fn from(nid: Nid) -> u64 {
-        nid.0
-    }
-}
-
-/// A raw 64-bit NID from a descriptor or the wire; every `u64` is a NID.
-impl From<u64> for Nid {
-    fn from(raw: u64) -> Nid {
-        Nid(raw)
+impl fmt::Debug for Nid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Nid({self})")
     }
 }
 
@@ -305,31 +492,47 @@ impl FromStr for Nid {
             net: net_s.to_string(),
             expected,
         };
-        let a = match kind {
-            AddrKind::Ipv4 => {
-                // std's parser accepts exactly four decimal octets without leading zeros.
-                let ip: Ipv4Addr = addr
+        match kind {
+            AddrKind::Ip if addr.contains(':') => {
+                let ip: Ipv6Addr = addr
                     .parse()
-                    .map_err(|_| bad("an IPv4 address like 192.168.1.5"))?;
-                u32::from(ip)
+                    .map_err(|_| bad("an IPv6 address like 2001:db8::1"))?;
+                if ip.to_ipv4_mapped().is_some() {
+                    // A dual-stack socket reports an IPv4 peer this way and the engine
+                    // names it by its IPv4 NID, so the mapped form would never match.
+                    return Err(bad(
+                        "an IPv6 address that is not IPv4-mapped: write an IPv4 peer as a.b.c.d",
+                    ));
+                }
+                Ok(Nid::from_net_ipv6(net, ip))
+            }
+            AddrKind::Ip => {
+                // std's parser accepts exactly four decimal octets without leading zeros.
+                let ip: Ipv4Addr = addr.parse().map_err(|_| {
+                    bad("an IPv4 address like 192.168.1.5 or an IPv6 one like 2001:db8::1")
+                })?;
+                Ok(Nid::from_net_ip(net, ip))
             }
             AddrKind::Number => {
                 let what = "a decimal number from 0 to 4294967295, without leading zeros";
                 if !is_dec(addr) || (addr.len() > 1 && addr.starts_with('0')) {
                     return Err(bad(what));
                 }
-                addr.parse().map_err(|_| bad(what))?
+                Ok(Nid::new(net, addr.parse().map_err(|_| bad(what))?))
             }
-        };
-        Ok(Nid::new(net, a))
+        }
     }
 }
 
 impl fmt::Display for Nid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.net().lnd().addr_kind() {
-            AddrKind::Ipv4 => write!(f, "{}@{}", self.ip(), self.net()),
-            AddrKind::Number => write!(f, "{}@{}", self.addr(), self.net()),
+        if let Err(e) = self.check() {
+            return write!(f, "<invalid NID: {e}>");
+        }
+        match (self.net().lnd().addr_kind(), self.size) {
+            (AddrKind::Ip, SIZE16) => write!(f, "{}@{}", Ipv6Addr::from(self.addr), self.net()),
+            (AddrKind::Ip, _) => write!(f, "{}@{}", self.ip(), self.net()),
+            (AddrKind::Number, _) => write!(f, "{}@{}", self.addr(), self.net()),
         }
     }
 }
@@ -344,15 +547,15 @@ mod tests {
         let n: Nid = "192.168.1.5@tcp".parse().unwrap();
         assert_eq!(n.net(), Net::new(LndType::SOCKLND, 0));
         assert_eq!(n.addr(), 0xC0A8_0105);
-        assert_eq!(n.0, 0x0002_0000_C0A8_0105);
+        assert_eq!(n.nid4(), Some(0x0002_0000_C0A8_0105));
         assert_eq!(n.to_string(), "192.168.1.5@tcp");
 
         let n: Nid = "10.0.0.1@tcp1".parse().unwrap();
-        assert_eq!(n.0, 0x0002_0001_0A00_0001);
+        assert_eq!(n.nid4(), Some(0x0002_0001_0A00_0001));
         assert_eq!(n.to_string(), "10.0.0.1@tcp1");
 
         let n: Nid = "0@lo".parse().unwrap();
-        assert_eq!(n.0, 0x0009_0000_0000_0000);
+        assert_eq!(n.nid4(), Some(0x0009_0000_0000_0000));
         assert_eq!(n.to_string(), "0@lo");
 
         let n: Nid = "172.16.0.9@o2ib".parse().unwrap();
@@ -360,7 +563,7 @@ mod tests {
         assert_eq!(n.ipv4(), Some(Ipv4Addr::new(172, 16, 0, 9)));
 
         let n: Nid = "10.1.2.3@lu2k3".parse().unwrap();
-        assert_eq!(n.0, 0x4C32_0003_0A01_0203);
+        assert_eq!(n.nid4(), Some(0x4C32_0003_0A01_0203));
         assert_eq!(n.to_string(), "10.1.2.3@lu2k3");
         assert_eq!("10.1.2.3@lu2k".parse::<Nid>().unwrap().net().num(), 0);
 
@@ -377,30 +580,120 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_forms() {
+        // Lustre 2.16+ writes large NIDs as ADDR@NET with the IPv6 text form.
+        let n: Nid = "2001:db8::1@tcp".parse().unwrap();
+        assert!(!n.is_nid4());
+        assert_eq!(n.nid4(), None);
+        assert_eq!(n.net(), Net::new(LndType::SOCKLND, 0));
+        assert_eq!(n.ip_addr(), Some("2001:db8::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(n.ipv4(), None);
+        assert_eq!(n.to_string(), "2001:db8::1@tcp");
+        assert_eq!(n.addr_bytes().len(), 16);
+
+        // Printed compressed (RFC 5952) whatever was typed.
+        let n: Nid = "fd00:0:0:0:0:0:0:2@lu2k7".parse().unwrap();
+        assert_eq!(n.to_string(), "fd00::2@lu2k7");
+        assert_eq!(n.net(), Net::new(LndType::LU2K, 7));
+        assert_eq!(
+            Nid::from_net_ipv6(Net::new(LndType::LU2K, 7), "fd00::2".parse().unwrap()),
+            n
+        );
+
+        // A dual-stack socket's IPv4-mapped address names the IPv4 peer.
+        let net = Net::new(LndType::LU2K, 0);
+        let mapped: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
+        assert_eq!(
+            Nid::from_net_addr(net, mapped),
+            "10.0.0.2@lu2k".parse().unwrap()
+        );
+        let e = "::ffff:10.0.0.2@lu2k".parse::<Nid>().unwrap_err();
+        assert!(e.to_string().contains("IPv4-mapped"), "{e}");
+
+        // IPv6 addresses only on IP networks.
+        assert!("::1@lo".parse::<Nid>().is_err());
+        assert!("fe80::1%eth0@lu2k".parse::<Nid>().is_err());
+    }
+
+    #[test]
+    fn abi_bytes_mirror_lnet_nid() {
+        let n: Nid = "2001:db8::1@lu2k3".parse().unwrap();
+        let b = n.to_bytes();
+        assert_eq!(b[0], 12); // nid_size: 16 address bytes - 4
+        assert_eq!(b[1], 0);
+        assert_eq!(&b[2..4], &0x4C32u16.to_le_bytes());
+        assert_eq!(&b[4..6], &3u16.to_le_bytes());
+        assert_eq!(&b[6..8], &[0, 0]);
+        assert_eq!(
+            &b[8..],
+            &"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(Nid::from_bytes(&b), n);
+
+        let n: Nid = "192.168.1.5@tcp".parse().unwrap();
+        let b = n.to_bytes();
+        assert_eq!(b[0], 0);
+        // nid_addr[0] is the address, big-endian, as lnet_nid4_to_nid writes it.
+        assert_eq!(&b[8..12], &[192, 168, 1, 5]);
+        assert!(b[12..].iter().all(|&x| x == 0));
+        assert_eq!(Nid::from_bytes(&b), n);
+        assert_eq!(std::mem::size_of::<Nid>(), NID_BYTES);
+    }
+
+    #[test]
+    fn check_refuses_what_the_abi_forbids() {
+        let good: Nid = "10.0.0.1@lu2k".parse().unwrap();
+        assert_eq!(good.check(), Ok(()));
+        let mut b = good.to_bytes();
+        b[0] = 4;
+        assert_eq!(Nid::from_bytes(&b).check(), Err(NidError::Size(4)));
+        let mut b = good.to_bytes();
+        b[1] = 1;
+        assert_eq!(Nid::from_bytes(&b).check(), Err(NidError::Reserved));
+        let mut b = good.to_bytes();
+        b[20] = 1; // past a 4-byte address
+        assert_eq!(Nid::from_bytes(&b).check(), Err(NidError::Reserved));
+        assert_eq!(Nid::from_bytes(&b).ip_addr(), None);
+        assert!(Nid::from_bytes(&b).to_string().contains("invalid"));
+        let mut b = "0@lo".parse::<Nid>().unwrap().to_bytes();
+        b[0] = 12;
+        assert_eq!(Nid::from_bytes(&b).check(), Err(NidError::NotIp(9)));
+    }
+
+    #[test]
     fn helpers_match_the_bit_layout() {
         // 10.1.2.3@lu2k3: LND type 0x4C32, network number 3, address 0x0A01_0203.
         let net = Net::new(LndType::LU2K, 3);
         let ip = Ipv4Addr::new(10, 1, 2, 3);
         let nid = Nid::from_net_ip(net, ip);
-        assert_eq!(nid.0, 0x4C32_0003_0A01_0203);
+        assert_eq!(nid.nid4(), Some(0x4C32_0003_0A01_0203));
+        assert_eq!(nid, Nid::from_nid4(0x4C32_0003_0A01_0203));
         assert_eq!(nid, Nid::from_ipv4(ip, net));
         assert_eq!(nid, Nid::new(net, 0x0A01_0203));
+        assert_eq!(nid, Nid::from_net_addr(net, IpAddr::V4(ip)));
         assert_eq!(nid.net(), net);
         assert_eq!(nid.net().0, 0x4C32_0003);
         assert_eq!(nid.addr(), 0x0A01_0203);
         assert_eq!(nid.ip(), ip);
         assert_eq!(nid.ipv4(), Some(ip));
-        assert_eq!(u64::from(nid), nid.0);
-        assert_eq!(Nid::from(nid.0), nid);
-        // `ip` reads the address of any network; `ipv4` only of IPv4 ones.
+        assert_eq!(nid.ip_addr(), Some(IpAddr::V4(ip)));
+        // `ip` reads the address of any network; `ipv4` only of IP ones.
         let lo = Nid::new(Net::new(LndType::LOLND, 0), 7);
         assert_eq!(lo.ip(), Ipv4Addr::new(0, 0, 0, 7));
         assert_eq!(lo.ipv4(), None);
-        // The shard function reads the same low 32 bits.
+        assert_eq!(lo.ip_addr(), None);
+        // The shard key of a NID4 is its address; of an IPv6 NID the XOR of its words.
+        assert_eq!(nid.shard_key(), 0x0A01_0203);
+        let v6 = Nid::from_net_ipv6(net, "2001:db8:0:1::5".parse().unwrap()); // words 2001:0db8, 0000:0001, 0, 0000:0005
+        assert_eq!(v6.shard_key(), 0x2001_0db8 ^ 0x0000_0001 ^ 5);
         for cores in 1..=8 {
             assert_eq!(
-                crate::shard(nid.0, cores),
-                crate::shard(u64::from(nid.ip().to_bits()), cores)
+                crate::shard(nid, cores),
+                crate::shard_key(nid.ip().to_bits(), cores)
+            );
+            assert_eq!(
+                crate::shard(v6, cores),
+                crate::shard_key(v6.shard_key(), cores)
             );
         }
     }
@@ -425,6 +718,9 @@ mod tests {
         assert!(matches!(e, ParseError::BadAddress { ref addr, .. } if addr == "1.2.3"));
         assert!(e.to_string().contains("IPv4"));
 
+        let e = "2001:db8::g@tcp".parse::<Nid>().unwrap_err();
+        assert!(e.to_string().contains("IPv6"), "{e}");
+
         let e = "256.1.1.1@lu2k".parse::<Nid>().unwrap_err();
         assert!(matches!(e, ParseError::BadAddress { .. }));
 
@@ -439,12 +735,51 @@ mod tests {
         (0..KNOWN.len(), any::<u16>()).prop_map(|(i, n)| Net::new(KNOWN[i].lnd, n))
     }
 
+    fn ip_net() -> impl Strategy<Value = Net> {
+        (
+            prop::sample::select(vec![
+                LndType::SOCKLND,
+                LndType::O2IBLND,
+                LndType::GNIIPLND,
+                LndType::LU2K,
+            ]),
+            any::<u16>(),
+        )
+            .prop_map(|(l, n)| Net::new(l, n))
+    }
+
     proptest! {
         #[test]
-        fn every_u64_round_trips(raw in any::<u64>()) {
-            let nid = Nid(raw);
+        fn every_nid4_round_trips(raw in any::<u64>()) {
+            let nid = Nid::from_nid4(raw);
+            prop_assert_eq!(nid.nid4(), Some(raw));
+            prop_assert_eq!(nid.check(), Ok(()));
             let s = nid.to_string();
             prop_assert_eq!(s.parse::<Nid>(), Ok(nid), "{}", s);
+        }
+
+        #[test]
+        fn ipv6_nids_round_trip(net in ip_net(), a in any::<u128>()) {
+            let ip = Ipv6Addr::from(a);
+            prop_assume!(ip.to_ipv4_mapped().is_none());
+            let nid = Nid::from_net_ipv6(net, ip);
+            prop_assert_eq!(nid.check(), Ok(()));
+            prop_assert_eq!(Nid::from_bytes(&nid.to_bytes()), nid);
+            let s = nid.to_string();
+            prop_assert_eq!(s.parse::<Nid>(), Ok(nid), "{}", s);
+            prop_assert_eq!(nid.ip_addr(), Some(IpAddr::V6(ip)));
+        }
+
+        #[test]
+        fn every_byte_pattern_is_checked_and_never_panics(b in prop::array::uniform24(any::<u8>())) {
+            let nid = Nid::from_bytes(&b);
+            prop_assert_eq!(nid.to_bytes(), b);
+            let s = nid.to_string();
+            if nid.check().is_ok() {
+                prop_assert_eq!(s.parse::<Nid>(), Ok(nid), "{}", s);
+            } else {
+                prop_assert!(s.contains("invalid"));
+            }
         }
 
         #[test]
@@ -474,7 +809,8 @@ mod tests {
         #[test]
         fn garbage_never_panics(s in ".{0,40}") {
             if let Ok(nid) = s.parse::<Nid>() {
-                // Whatever parsed must print to something that parses to it again.
+                // Whatever parsed is valid and prints to something that parses to it again.
+                prop_assert_eq!(nid.check(), Ok(()));
                 prop_assert_eq!(nid.to_string().parse::<Nid>(), Ok(nid));
             }
         }

@@ -89,7 +89,12 @@ fn the_recheck_after_arming_prevents_the_sleep() {
     let mut e = r.engine_core(0, Eventfds::none()).unwrap();
     assert!(k
         .tx
-        .push(lu2k_ring_abi::TxDesc::inline(1, 2, [0; 72], &[]))
+        .push(lu2k_ring_abi::TxDesc::inline(
+            1,
+            lu2k_ring_abi::Nid::from_nid4(2),
+            [0; 72],
+            &[]
+        ))
         .unwrap());
     // Without a timeout: if the re-check did not happen this would block forever.
     let w = e

@@ -14,7 +14,7 @@ mod validate;
 
 use lu2k_ring_abi::desc::TableSource;
 use lu2k_ring_abi::layout::RingKind;
-use lu2k_ring_abi::{Extent, ExtentBuf, Layout, Pool, RxDesc, TxDesc};
+use lu2k_ring_abi::{DescError, Extent, ExtentBuf, Layout, Nid, Pool, RxDesc, TxDesc};
 use proptest::prelude::*;
 use validate::{check_accepted, core_bytes, core_from, header_bytes, header_from, layout, Tables};
 
@@ -85,23 +85,44 @@ fn raw() -> impl Strategy<Value = Raw> {
         })
 }
 
-fn tx_case(r: Raw, cookie: u64, nid: u64) -> bool {
+/// Valid NIDs of both forms, and arbitrary bytes (almost never a valid NID).
+fn nid_bytes() -> impl Strategy<Value = [u8; 24]> {
+    prop_oneof![
+        2 => any::<u64>().prop_map(|x| Nid::from_nid4(x).to_bytes()),
+        2 => any::<u128>().prop_map(|a| {
+            let net = lu2k_ring_abi::Net::new(lu2k_ring_abi::LndType::LU2K, 0);
+            Nid::from_net_ipv6(net, std::net::Ipv6Addr::from(a)).to_bytes()
+        }),
+        1 => any::<[u8; 24]>(),
+    ]
+}
+
+fn tx_case(r: Raw, cookie: u64, nid: [u8; 24]) -> bool {
     let l = layout();
+    let peer_nid = Nid::from_bytes(&nid);
     let d = TxDesc {
         cookie,
-        peer_nid: nid,
+        peer_nid,
         hdr: [0; 72],
         flags: r.flags,
         nfrags: r.nfrags,
         total_len: r.total_len,
         ext: r.ext,
+        reserved: [0; 6],
     };
     let mut scratch = ExtentBuf::new();
     match d.validate(&l, &Tables(r.table), &mut scratch) {
         Ok(v) => {
             check_accepted(&l, Pool::Tx, 256, v.total_len, v.extents);
             assert_eq!(v.cookie, cookie);
+            // An accepted descriptor carries a NID this build can use.
+            assert_eq!(v.peer_nid.check(), Ok(()));
+            assert_eq!(v.peer_nid, peer_nid);
             true
+        }
+        Err(DescError::BadNid(_)) => {
+            assert!(peer_nid.check().is_err());
+            false
         }
         Err(_) => false,
     }
@@ -111,12 +132,13 @@ fn rx_case(r: Raw, token: u64) -> bool {
     let l = layout();
     let d = RxDesc {
         token,
-        src_nid: 0,
+        src_nid: Nid::default(),
         hdr: [0; 72],
         flags: r.flags,
         nfrags: r.nfrags,
         total_len: r.total_len,
         ext: r.ext,
+        reserved: [0; 6],
     };
     let mut scratch = ExtentBuf::new();
     match d.validate(&l, &Tables(r.table), &mut scratch) {
@@ -136,7 +158,7 @@ fn the_descriptor_properties_see_both_outcomes() {
     let (mut tx_ok, mut rx_ok) = (0, 0);
     for _ in 0..2000 {
         let r = raw().new_tree(&mut runner).unwrap().current();
-        tx_ok += usize::from(tx_case(r.clone(), 1, 2));
+        tx_ok += usize::from(tx_case(r.clone(), 1, Nid::from_nid4(2).to_bytes()));
         rx_ok += usize::from(rx_case(r, 3));
     }
     assert!((50..1950).contains(&tx_ok), "TX accepted {tx_ok} of 2000");
@@ -167,7 +189,7 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_tx_descriptors_are_refused_or_sound(r in raw(), cookie: u64, nid: u64) {
+    fn arbitrary_tx_descriptors_are_refused_or_sound(r in raw(), cookie: u64, nid in nid_bytes()) {
         tx_case(r, cookie, nid);
     }
 

@@ -14,7 +14,7 @@ use lu2k_ring_abi::layout::{
     VERSION_MINOR,
 };
 use lu2k_ring_abi::{
-    doorbell, shard, Extent, Features, Pool, RxDesc, RxFlags, RxReturn, TxCompletion, TxDesc,
+    doorbell, shard, Extent, Features, Nid, Pool, RxDesc, RxFlags, RxReturn, TxCompletion, TxDesc,
     TxFlags, TxStatus,
 };
 
@@ -106,14 +106,19 @@ fn records() -> Vec<Record> {
         ),
         record!(Extent, "lu2k_extent", [pool, flags, len, offset]),
         record!(
+            Nid,
+            "lu2k_nid",
+            [size, reserved0, lnd, num, reserved1, addr]
+        ),
+        record!(
             TxDesc,
             "lu2k_tx_desc",
-            [cookie, peer_nid, hdr, flags, nfrags, total_len, ext]
+            [cookie, peer_nid, hdr, flags, nfrags, total_len, ext, reserved]
         ),
         record!(
             RxDesc,
             "lu2k_rx_desc",
-            [token, src_nid, hdr, flags, nfrags, total_len, ext]
+            [token, src_nid, hdr, flags, nfrags, total_len, ext, reserved]
         ),
         record!(TxCompletion, "lu2k_tx_completion", [cookie, status, detail]),
         record!(RxReturn, "lu2k_rx_return", [token]),
@@ -168,7 +173,7 @@ fn rust_values() -> BTreeMap<String, u64> {
         m.insert(format!("const {k}"), *v);
     }
     for (nid, cores) in shard_samples() {
-        m.insert(format!("shard {nid:#x} {cores}"), shard(nid, cores).into());
+        m.insert(format!("shard {nid} {cores}"), shard(nid, cores).into());
     }
     for (home, cores, n, cookie) in stripe_samples() {
         m.insert(
@@ -191,21 +196,45 @@ fn stripe_samples() -> Vec<(u32, u32, u32, u64)> {
     v
 }
 
-fn shard_samples() -> Vec<(u64, u32)> {
+fn shard_samples() -> Vec<(Nid, u32)> {
     let mut v = Vec::new();
-    for nid in [
+    let mut nids: Vec<Nid> = [
         0u64,
         1,
         0xC0A8_0105,
         0x0005_0002_0A00_0001,
         u64::MAX,
         0x1234_5678_9ABC_DEF0,
+    ]
+    .into_iter()
+    .map(Nid::from_nid4)
+    .collect();
+    for s in [
+        "2001:db8::1@lu2k",
+        "fd00:1:2:3:4:5:6:7@tcp3",
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff@lu2k",
+        "::1@lu2k",
     ] {
+        nids.push(s.parse().unwrap());
+    }
+    for nid in nids {
         for cores in [0u32, 1, 2, 3, 7, 16, 256] {
             v.push((nid, cores));
         }
     }
     v
+}
+
+/// A C compound literal of `nid`.
+fn c_nid(nid: &Nid) -> String {
+    let addr: Vec<String> = nid.addr.iter().map(|b| b.to_string()).collect();
+    format!(
+        "&(struct lu2k_nid){{ .size = {}, .lnd = {}, .num = {}, .addr = {{ {} }} }}",
+        nid.size,
+        nid.lnd,
+        nid.num,
+        addr.join(", ")
+    )
 }
 
 fn c_program() -> String {
@@ -232,7 +261,10 @@ fn c_program() -> String {
         }
     }
     for (nid, cores) in shard_samples() {
-        s += &format!("P(\"shard {nid:#x} {cores}\", lu2k_shard({nid:#x}ULL, {cores}u));\n");
+        s += &format!(
+            "P(\"shard {nid} {cores}\", lu2k_shard({}, {cores}u));\n",
+            c_nid(&nid)
+        );
     }
     for (home, cores, n, cookie) in stripe_samples() {
         s += &format!(
@@ -252,9 +284,10 @@ fn record_sizes_are_the_abi() {
     assert_eq!(align_of::<IndexLine>(), 64);
     assert_eq!(size_of::<ControlBlock>(), 12 * 64);
     assert_eq!(size_of::<Extent>(), 16);
-    assert_eq!(size_of::<TxDesc>(), 128);
+    assert_eq!(size_of::<Nid>(), 24);
+    assert_eq!(size_of::<TxDesc>(), 192);
     assert_eq!(align_of::<TxDesc>(), 64);
-    assert_eq!(size_of::<RxDesc>(), 128);
+    assert_eq!(size_of::<RxDesc>(), 192);
     assert_eq!(align_of::<RxDesc>(), 64);
     assert_eq!(size_of::<TxCompletion>(), 16);
     assert_eq!(size_of::<RxReturn>(), 8);
@@ -279,10 +312,12 @@ fn every_record_is_fully_described_without_hidden_padding() {
         assert_eq!(end, r.size, "{}: fields do not fill the record", r.c_name);
     }
     // Spot checks of the documented offsets.
-    assert_eq!(offset_of!(TxDesc, hdr), 16);
-    assert_eq!(offset_of!(TxDesc, flags), 88);
-    assert_eq!(offset_of!(TxDesc, ext), 96);
-    assert_eq!(offset_of!(RxDesc, ext), 96);
+    assert_eq!(offset_of!(TxDesc, peer_nid), 8);
+    assert_eq!(offset_of!(TxDesc, hdr), 32);
+    assert_eq!(offset_of!(TxDesc, flags), 104);
+    assert_eq!(offset_of!(TxDesc, ext), 112);
+    assert_eq!(offset_of!(RxDesc, ext), 112);
+    assert_eq!(offset_of!(Nid, addr), 8);
     assert_eq!(offset_of!(ControlBlock, tx_cons), 64);
     assert_eq!(offset_of!(ControlBlock, to_kshim_futex), 11 * 64);
     assert_eq!(offset_of!(CoreEntry, tx), 32);

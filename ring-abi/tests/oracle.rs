@@ -36,7 +36,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn desc(seq: u64) -> TxDesc {
-    let mut d = TxDesc::inline(seq, !seq, [(seq % 251) as u8; 72], &[]);
+    let mut d = TxDesc::inline(
+        seq,
+        lu2k_ring_abi::Nid::from_nid4(!seq),
+        [(seq % 251) as u8; 72],
+        &[],
+    );
     d.total_len = seq as u32;
     d
 }

@@ -36,7 +36,12 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     kshim_region
         .write_pool(Pool::Tx, 4096, b"hello lnet")
         .unwrap();
-    let d = TxDesc::inline(42, 0xC0A8_0105, [7; 72], &[Extent::new(Pool::Tx, 4096, 10)]);
+    let d = TxDesc::inline(
+        42,
+        lu2k_ring_abi::Nid::from_nid4(0xC0A8_0105),
+        [7; 72],
+        &[Extent::new(Pool::Tx, 4096, 10)],
+    );
     assert!(k.tx.push(d).unwrap());
     let got = e.tx.pop().unwrap().expect("engine sees the descriptor");
     let mut scratch = ExtentBuf::new();
@@ -59,7 +64,12 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     engine_region
         .write_pool(Pool::Rx, 8192, b"incoming")
         .unwrap();
-    let r = RxDesc::inline(9, 0x0A00_0001, [1; 72], &[Extent::new(Pool::Rx, 8192, 8)]);
+    let r = RxDesc::inline(
+        9,
+        "fd00::a@lu2k".parse().unwrap(),
+        [1; 72],
+        &[Extent::new(Pool::Rx, 8192, 8)],
+    );
     assert!(e.rx.push(r).unwrap());
     let got = k.rx.pop().unwrap().unwrap();
     let v = kshim_region.validate_rx(&got, &mut scratch).unwrap();
@@ -84,7 +94,14 @@ fn both_sides_move_descriptors_through_all_four_rings() {
     engine_region
         .write_extents(Pool::RxTables, l.rx_table(1, 1).unwrap(), &frags)
         .unwrap();
-    let d = RxDesc::indirect(11, 12, [0; 72], l.rx_table(1, 1).unwrap(), 3, 157);
+    let d = RxDesc::indirect(
+        11,
+        lu2k_ring_abi::Nid::from_nid4(12),
+        [0; 72],
+        l.rx_table(1, 1).unwrap(),
+        3,
+        157,
+    );
     assert!(e.rx.push(d).unwrap());
     let got = k.rx.pop().unwrap().unwrap();
     assert_eq!(

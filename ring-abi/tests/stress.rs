@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lu2k_ring_abi::{
-    Config, Eventfds, Extent, ExtentBuf, Pool, Region, TxCompletion, TxDesc, TxStatus, WaitMode,
-    Wake,
+    Config, Eventfds, Extent, ExtentBuf, LndType, Net, Nid, Pool, Region, TxCompletion, TxDesc,
+    TxStatus, WaitMode, Wake,
 };
 
 const TOTAL: u64 = 10_000_000;
@@ -59,7 +59,14 @@ fn expected(i: u64) -> TxDesc {
     for (j, b) in hdr.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(31).wrapping_add(j as u8);
     }
-    let nid = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // NID4s and IPv6 NIDs alternate, so both forms cross the ring.
+    let bits = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let nid = if i % 2 == 0 {
+        Nid::from_nid4(bits)
+    } else {
+        let ip = std::net::Ipv6Addr::from((u128::from(bits) << 64) | u128::from(i) | 1 << 127);
+        Nid::from_net_ipv6(Net::new(LndType::LU2K, i as u16), ip)
+    };
     if i % PAYLOAD_EVERY == 0 {
         let slot = (i / PAYLOAD_EVERY) % PAYLOAD_SLOTS;
         TxDesc::inline(

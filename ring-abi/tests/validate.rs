@@ -12,8 +12,8 @@ use lu2k_ring_abi::layout::{
 };
 use lu2k_ring_abi::ring::RingError;
 use lu2k_ring_abi::{
-    Config, DescError, Eventfds, Extent, ExtentBuf, Layout, LayoutError, Pool, Region, RegionError,
-    RxDesc, TxCompletion, TxDesc, TxStatus,
+    Config, DescError, Eventfds, Extent, ExtentBuf, Layout, LayoutError, Nid, Pool, Region,
+    RegionError, RxDesc, TxCompletion, TxDesc, TxStatus,
 };
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 
@@ -47,7 +47,7 @@ fn rx_err(region: &Region, d: &RxDesc) -> DescError {
 }
 
 fn tx(ext: &[Extent]) -> TxDesc {
-    TxDesc::inline(1, 2, [0; 72], ext)
+    TxDesc::inline(1, Nid::from_nid4(2), [0; 72], ext)
 }
 
 #[test]
@@ -64,6 +64,32 @@ fn every_tx_descriptor_error_is_reported() {
     d.flags = 0x8002;
     assert_eq!(tx_err(&r, &d), DescError::UnknownFlags { flags: 0x8002 });
 
+    // IPv6 NIDs pass; a NID of a size the ABI does not define, or with reserved bytes
+    // set, does not.
+    let mut d = tx(&[ok]);
+    d.peer_nid = "2001:db8::7@lu2k".parse().unwrap();
+    let mut scratch = ExtentBuf::new();
+    let v = r.validate_tx(&d, &mut scratch).unwrap();
+    assert_eq!(v.peer_nid.to_string(), "2001:db8::7@lu2k");
+    d.peer_nid.size = 8;
+    assert_eq!(
+        tx_err(&r, &d),
+        DescError::BadNid(lu2k_ring_abi::NidError::Size(8))
+    );
+    assert_eq!(tx_err(&r, &d).code(), 16);
+    let mut d = tx(&[ok]);
+    d.peer_nid.addr[15] = 1; // past the 4-byte address of a NID4
+    assert_eq!(
+        tx_err(&r, &d),
+        DescError::BadNid(lu2k_ring_abi::NidError::Reserved)
+    );
+    let mut d = RxDesc::inline(1, Nid::from_nid4(2), [0; 72], &[]);
+    d.src_nid.reserved1 = 1;
+    assert_eq!(
+        rx_err(&r, &d),
+        DescError::BadNid(lu2k_ring_abi::NidError::Reserved)
+    );
+
     let mut d = tx(&[ok]);
     d.total_len = (1 << 20) + 1;
     assert_eq!(
@@ -78,7 +104,7 @@ fn every_tx_descriptor_error_is_reported() {
     d.nfrags = 3;
     assert_eq!(tx_err(&r, &d), DescError::InlineOverflow { count: 3 });
 
-    let d = TxDesc::indirect(1, 2, [0; 72], 0, 257, 257);
+    let d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 0, 257, 257);
     assert_eq!(
         tx_err(&r, &d),
         DescError::TooManyFragments {
@@ -87,14 +113,14 @@ fn every_tx_descriptor_error_is_reported() {
         }
     );
 
-    let d = TxDesc::indirect(1, 2, [0; 72], 0, 0, 0);
+    let d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 0, 0, 0);
     assert_eq!(tx_err(&r, &d), DescError::EmptyTable);
 
-    let mut d = TxDesc::indirect(1, 2, [0; 72], 0, 1, 100);
+    let mut d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 0, 1, 100);
     d.ext[0].pool = Pool::Rx as u16;
     assert_eq!(tx_err(&r, &d), DescError::TableWrongPool { pool: 1 });
 
-    let mut d = TxDesc::indirect(1, 2, [0; 72], 0, 2, 100);
+    let mut d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 0, 2, 100);
     d.ext[0].len = 16;
     assert_eq!(
         tx_err(&r, &d),
@@ -104,7 +130,7 @@ fn every_tx_descriptor_error_is_reported() {
             count: 2
         }
     );
-    let mut d = TxDesc::indirect(1, 2, [0; 72], 0, 2, 100);
+    let mut d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 0, 2, 100);
     d.ext[0].flags = 1;
     assert_eq!(
         tx_err(&r, &d),
@@ -115,10 +141,10 @@ fn every_tx_descriptor_error_is_reported() {
         }
     );
 
-    let d = TxDesc::indirect(1, 2, [0; 72], 4, 1, 100);
+    let d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], 4, 1, 100);
     assert_eq!(tx_err(&r, &d), DescError::TableMisaligned { offset: 4 });
 
-    let d = TxDesc::indirect(1, 2, [0; 72], TX_POOL - 8, 1, 100);
+    let d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], TX_POOL - 8, 1, 100);
     assert_eq!(
         tx_err(&r, &d),
         DescError::TableOutOfRange {
@@ -126,7 +152,7 @@ fn every_tx_descriptor_error_is_reported() {
             len: 16
         }
     );
-    let d = TxDesc::indirect(1, 2, [0; 72], u64::MAX - 7, 1, 100);
+    let d = TxDesc::indirect(1, Nid::from_nid4(2), [0; 72], u64::MAX - 7, 1, 100);
     assert_eq!(
         tx_err(&r, &d),
         DescError::TableOutOfRange {
@@ -198,11 +224,12 @@ fn indirect_tables_are_read_and_checked_extent_by_extent() {
         .collect();
     let table_off = TX_POOL - 256 * 16;
     r.write_extents(Pool::Tx, table_off, &frags).unwrap();
-    let d = TxDesc::indirect(5, 6, [9; 72], table_off, 256, 256 * 16);
+    let nid6 = Nid::from_nid4(6);
+    let d = TxDesc::indirect(5, nid6, [9; 72], table_off, 256, 256 * 16);
     let mut scratch = ExtentBuf::new();
     let v = r.validate_tx(&d, &mut scratch).unwrap();
     assert_eq!(v.extents, &frags[..]);
-    assert_eq!((v.cookie, v.peer_nid, v.total_len), (5, 6, 4096));
+    assert_eq!((v.cookie, v.peer_nid, v.total_len), (5, nid6, 4096));
 
     // TOCTOU: the writer changes the table after validation; the validated copy stays.
     let evil = vec![Extent::new(Pool::Tx, u64::MAX, u32::MAX); 256];
@@ -230,10 +257,18 @@ fn rx_descriptors_use_the_rx_pool_and_rx_tables() {
     let r = Region::create(&cfg()).unwrap();
     let ok = Extent::new(Pool::Rx, 4096, 1000);
     assert!(r
-        .validate_rx(&RxDesc::inline(1, 2, [0; 72], &[ok]), &mut ExtentBuf::new())
+        .validate_rx(
+            &RxDesc::inline(1, Nid::from_nid4(2), [0; 72], &[ok]),
+            &mut ExtentBuf::new()
+        )
         .is_ok());
     // RX payload must be in the RX pool.
-    let d = RxDesc::inline(1, 2, [0; 72], &[Extent::new(Pool::Tx, 0, 10)]);
+    let d = RxDesc::inline(
+        1,
+        Nid::from_nid4(2),
+        [0; 72],
+        &[Extent::new(Pool::Tx, 0, 10)],
+    );
     assert_eq!(rx_err(&r, &d), DescError::WrongPool { index: 0, pool: 0 });
     // Up to 1024 extents through an RX table.
     let frags: Vec<Extent> = (0..1024)
@@ -241,10 +276,17 @@ fn rx_descriptors_use_the_rx_pool_and_rx_tables() {
         .collect();
     r.write_extents(Pool::RxTables, RX_TABLE_BYTES, &frags)
         .unwrap();
-    let d = RxDesc::indirect(3, 4, [0; 72], RX_TABLE_BYTES, 1024, 1024 * 64);
+    let d = RxDesc::indirect(
+        3,
+        Nid::from_nid4(4),
+        [0; 72],
+        RX_TABLE_BYTES,
+        1024,
+        1024 * 64,
+    );
     let mut scratch = ExtentBuf::new();
     assert_eq!(r.validate_rx(&d, &mut scratch).unwrap().extents.len(), 1024);
-    let d = RxDesc::indirect(3, 4, [0; 72], 0, 1025, 1025);
+    let d = RxDesc::indirect(3, Nid::from_nid4(4), [0; 72], 0, 1025, 1025);
     assert_eq!(
         rx_err(&r, &d),
         DescError::TooManyFragments {
@@ -253,7 +295,7 @@ fn rx_descriptors_use_the_rx_pool_and_rx_tables() {
         }
     );
     // An RX table must be in the RX table area, not the TX pool.
-    let mut d = RxDesc::indirect(3, 4, [0; 72], 0, 1, 64);
+    let mut d = RxDesc::indirect(3, Nid::from_nid4(4), [0; 72], 0, 1, 64);
     d.ext[0].pool = Pool::Tx as u16;
     assert_eq!(rx_err(&r, &d), DescError::TableWrongPool { pool: 0 });
 }
@@ -415,9 +457,9 @@ fn every_header_error_is_reported_on_map() {
         })
     );
     assert_eq!(
-        map_err_after(hdr_field(offset_of!(H, version_major), &2u16.to_le_bytes())),
+        map_err_after(hdr_field(offset_of!(H, version_major), &1u16.to_le_bytes())),
         le(LayoutError::VersionMismatch {
-            found_major: 2,
+            found_major: 1,
             found_minor: lu2k_ring_abi::layout::VERSION_MINOR
         })
     );
@@ -616,7 +658,10 @@ fn a_peer_writing_impossible_indices_is_detected_not_trusted() {
     let ctrl = r.layout().core(0).unwrap().ctrl_off;
     let mut k = r.kshim_core(0, Eventfds::none()).unwrap();
     let mut e = r.engine_core(0, Eventfds::none()).unwrap();
-    assert!(k.tx.push(TxDesc::inline(1, 1, [0; 72], &[])).unwrap());
+    assert!(k
+        .tx
+        .push(TxDesc::inline(1, Nid::from_nid4(1), [0; 72], &[]))
+        .unwrap());
 
     // A hostile kshim claims to have produced 1000 descriptors into an 8-entry ring.
     poke(

@@ -194,7 +194,7 @@ impl RingSide {
         let v = match self.region.validate_tx(d, &mut self.scratch) {
             Ok(v) => (
                 v.cookie,
-                Nid(v.peer_nid),
+                v.peer_nid,
                 v.hdr,
                 payload_pieces(pool_off, v.extents),
             ),
@@ -215,6 +215,10 @@ impl RingSide {
         };
         if draining {
             return refuse(self, TxStatus::Shutdown, None);
+        }
+        if !nid.is_nid4() {
+            // The transport's peers are IPv4 addresses; an IPv6 NID has no connection.
+            return refuse(self, TxStatus::PeerUnreachable, Some("tx_ipv6_peer"));
         }
         let ip = nid.ip();
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
@@ -316,7 +320,7 @@ impl RingSide {
         };
         let total_len: u32 = payload.iter().map(|e| e.len).sum();
         let token = self.next_token;
-        let src = Nid::from_net_ip(self.net, w.peer).0;
+        let src = Nid::from_net_ip(self.net, w.peer);
         let (desc, table) = if payload.len() <= INLINE_EXTENTS {
             (RxDesc::inline(token, src, hdr, &payload), None)
         } else if payload.len() <= MAX_RX_EXTENTS as usize {

@@ -31,11 +31,13 @@ pub fn nid(ip: Ipv4Addr) -> Nid {
     format!("{ip}@lu2k").parse().unwrap()
 }
 
-/// An LNet PUT of `len` bytes, message number `n` in its match bits.
+/// An LNet PUT of `len` bytes, message number `n` in its match bits. LNet's header
+/// holds 64-bit NIDs: for an IPv6 NID it says `LNET_NID_ANY` and the sender names the
+/// destination beside it (`Kshim::send_to`).
 pub fn put(dst: Nid, src: Nid, len: usize, n: u64) -> Repr {
     Repr {
-        dest_nid: dst.0,
-        src_nid: src.0,
+        dest_nid: dst.nid4().unwrap_or(u64::MAX),
+        src_nid: src.nid4().unwrap_or(u64::MAX),
         dest_pid: 12345,
         src_pid: 12345,
         payload_length: len as u32,

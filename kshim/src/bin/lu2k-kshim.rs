@@ -330,10 +330,16 @@ fn wait_attached(k: &mut Kshim, limit: Duration, path: &std::path::Path) -> Resu
     }
 }
 
+/// A NID as LNet's 72-byte header carries it: an IPv6 NID does not fit and travels
+/// beside the header ([`Kshim::send_to`]); the header says `LNET_NID_ANY`.
+fn hdr_nid(n: Nid) -> u64 {
+    n.nid4().unwrap_or(u64::MAX)
+}
+
 fn put_hdr(src: Nid, to: Nid, seed: u64, len: u64) -> Repr {
     Repr {
-        dest_nid: to.0,
-        src_nid: src.0,
+        dest_nid: hdr_nid(to),
+        src_nid: hdr_nid(src),
         dest_pid: PID,
         src_pid: PID,
         payload_length: len as u32,
@@ -418,7 +424,7 @@ fn send_one(
         k.write_tx(&buf, at, &chunk[..n]);
         at += n;
     }
-    match k.send_buf(&put_hdr(l.src, dst, seed, l.size), buf) {
+    match k.send_buf_to(dst, &put_hdr(l.src, dst, seed, l.size), buf) {
         Ok(c) => Ok(Some(c)),
         Err(SendError::TooManyPending { .. })
         | Err(SendError::Pool(_))
@@ -607,8 +613,8 @@ fn ping(
     };
     for seq in 0..count {
         let h = Repr {
-            dest_nid: to.0,
-            src_nid: src.0,
+            dest_nid: hdr_nid(to),
+            src_nid: hdr_nid(src),
             dest_pid: PID,
             src_pid: PID,
             payload_length: 0,
@@ -624,7 +630,9 @@ fn ping(
             },
         };
         let t = Instant::now();
-        let cookie: Cookie = k.send(&h, &[]).map_err(|e| anyhow!("ping {seq}: {e}"))?;
+        let cookie: Cookie = k
+            .send_to(to, &h, &[])
+            .map_err(|e| anyhow!("ping {seq}: {e}"))?;
         outstanding.insert(cookie, seq);
         let mut got = false;
         let mut failed = None;
@@ -784,9 +792,9 @@ fn sink(k: &mut Kshim, o: SinkOpts, progress: Option<Duration>) -> Result<ExitCo
                                 dst_wmd: return_wmd,
                             },
                         };
-                        if let Err(e) = k.send(&h, &scratch[..len]) {
+                        if let Err(e) = k.send_to(m.from, &h, &scratch[..len]) {
                             reply_fail += 1;
-                            eprintln!("sink: cannot reply to {}: {e}", Nid(m.hdr.src_nid));
+                            eprintln!("sink: cannot reply to {}: {e}", m.from);
                         }
                     }
                     _ => other += 1,

@@ -104,7 +104,11 @@ const WARM_UP: u64 = u64::MAX;
 fn warm_up(side: &mut Side, len: usize, limit: Duration) -> Result<()> {
     let buf = side.k.alloc_tx(len).context("TX pool")?;
     side.k
-        .send_buf(&tagged_put(side.me, side.peer, len, WARM_UP, 0), buf)
+        .send_buf_to(
+            side.peer,
+            &tagged_put(side.me, side.peer, len, WARM_UP, 0),
+            buf,
+        )
         .context("warm-up send")?;
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -129,8 +133,10 @@ fn put(from: Nid, to: Nid, len: usize, data: u64) -> Repr {
 
 fn tagged_put(from: Nid, to: Nid, len: usize, match_bits: u64, hdr_data: u64) -> Repr {
     Repr {
-        dest_nid: to.0,
-        src_nid: from.0,
+        // LNet's header holds 64-bit NIDs; an IPv6 NID travels beside it
+        // (Kshim::send_buf_to) and the header says LNET_NID_ANY.
+        dest_nid: to.nid4().unwrap_or(u64::MAX),
+        src_nid: from.nid4().unwrap_or(u64::MAX),
         dest_pid: PID,
         src_pid: PID,
         payload_length: len as u32,
@@ -334,7 +340,7 @@ fn send_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
                 put(side.me, side.peer, len, sent)
             };
             let Ok(buf) = side.k.alloc_tx(len) else { break };
-            if side.k.send_buf(&h, buf).is_err() {
+            if side.k.send_buf_to(side.peer, &h, buf).is_err() {
                 break;
             }
             sent += 1;
@@ -494,7 +500,7 @@ fn ask(side: &mut Side, w: &Workload) -> Result<NodeResult> {
         let t = Instant::now();
         let buf = side.k.alloc_tx(size).context("TX pool")?;
         side.k
-            .send_buf(&put(side.me, side.peer, size, u64::from(i)), buf)
+            .send_buf_to(side.peer, &put(side.me, side.peer, size, u64::from(i)), buf)
             .context("send")?;
         let mut got = false;
         while !got && start.elapsed() <= cap {
@@ -533,7 +539,7 @@ fn answer(side: &mut Side, w: &Workload) -> Result<NodeResult> {
                     side.k.rx_done(m);
                     let buf = side.k.alloc_tx(len).context("TX pool")?;
                     side.k
-                        .send_buf(&put(side.me, side.peer, len, hdr_data), buf)
+                        .send_buf_to(side.peer, &put(side.me, side.peer, len, hdr_data), buf)
                         .context("reply")?;
                     answered += 1;
                     r.bytes += len as u64;

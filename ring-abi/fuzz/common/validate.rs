@@ -11,7 +11,7 @@
 
 use lu2k_ring_abi::desc::TableSource;
 use lu2k_ring_abi::layout::{CoreEntry, RegionHeader, RingInfo, RingKind, MAX_PAYLOAD};
-use lu2k_ring_abi::{Config, Extent, ExtentBuf, Layout, Pool, RxDesc, TxDesc};
+use lu2k_ring_abi::{Config, Extent, ExtentBuf, Layout, Nid, Pool, RxDesc, TxDesc};
 
 /// An extent table in plain memory: extent `offset / 8 + i` (cyclically).
 pub struct Tables(pub Vec<Extent>);
@@ -89,23 +89,24 @@ pub fn extent_from(b: &[u8]) -> Extent {
 
 /// Fuzz entry: descriptors and tables from bytes.
 pub fn descriptor(data: &[u8]) {
-    let d: [u8; 128] = padded(data);
+    let d: [u8; 192] = padded(data);
     let table: Vec<Extent> = data
-        .get(128..)
+        .get(192..)
         .unwrap_or(&[])
         .chunks_exact(16)
         .map(extent_from)
         .collect();
     let l = layout();
-    let ext = [extent_from(&d[96..112]), extent_from(&d[112..128])];
+    let ext = [extent_from(&d[112..128]), extent_from(&d[128..144])];
     let tx = TxDesc {
         cookie: u64_at(&d, 0),
-        peer_nid: u64_at(&d, 8),
-        hdr: d[16..88].try_into().unwrap(),
-        flags: u16_at(&d, 88),
-        nfrags: u16_at(&d, 90),
-        total_len: u32_at(&d, 92),
+        peer_nid: Nid::from_bytes(d[8..32].try_into().unwrap()),
+        hdr: d[32..104].try_into().unwrap(),
+        flags: u16_at(&d, 104),
+        nfrags: u16_at(&d, 106),
+        total_len: u32_at(&d, 108),
         ext,
+        reserved: [0; 6],
     };
     let tables = Tables(table);
     let mut scratch = ExtentBuf::new();
@@ -120,6 +121,7 @@ pub fn descriptor(data: &[u8]) {
         nfrags: tx.nfrags,
         total_len: tx.total_len,
         ext,
+        reserved: [0; 6],
     };
     if let Ok(v) = rx.validate(&l, &tables, &mut scratch) {
         check_accepted(&l, Pool::Rx, 1024, v.total_len, v.extents);

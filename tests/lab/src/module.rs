@@ -165,7 +165,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     let mut p = Load {
         instance: ia,
         kind: LOAD_PING,
-        peer_nid: nid_b.0,
+        peer_nid: nid_b,
         salt: 7 << 40,
         count: 200,
         size: 4096,
@@ -287,7 +287,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     let mut p = Load {
         instance: ia,
         kind: LOAD_PING,
-        peer_nid: nid_b.0,
+        peer_nid: nid_b,
         salt: 8 << 40,
         count: 20,
         size: 4096,
@@ -366,7 +366,7 @@ fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
         rx_tables_per_core: 64,
         ..Create::default()
     };
-    c.nids[0] = nid.0;
+    c.nids[0] = nid;
     device::create(fd, &mut c).with_context(|| format!("creating the instance of {nid}"))?;
     Ok(c.instance)
 }
@@ -461,7 +461,7 @@ fn refusals(fd: BorrowedFd<'_>, live: &[u32]) -> anyhow::Result<String> {
     let mut l = Load {
         instance: live[0],
         kind: LOAD_PUT,
-        peer_nid: 1,
+        peer_nid: Nid::from_nid4(1),
         count: 1,
         size: 1,
         threads: 1,
@@ -492,7 +492,7 @@ fn put(
     let mut l = Load {
         instance,
         kind: LOAD_PUT,
-        peer_nid: peer.0,
+        peer_nid: peer,
         salt,
         count,
         size,
@@ -624,17 +624,23 @@ fn hostile_checks(
             // random throughout
             0 => RxDesc {
                 token: i,
-                src_nid: rnd(),
+                src_nid: {
+                    // Random NID bytes: the module must refuse what is malformed.
+                    let mut b = [0u8; 24];
+                    b.iter_mut().for_each(|x| *x = rnd() as u8);
+                    Nid::from_bytes(&b)
+                },
                 hdr,
                 flags: rnd() as u16,
                 nfrags: rnd() as u16,
                 total_len: rnd() as u32,
                 ext: [e(&mut rnd), e(&mut rnd)],
+                reserved: [0; 6],
             },
             // an extent past the end of the RX pool
             1 => RxDesc::inline(
                 i,
-                1,
+                Nid::from_nid4(1),
                 hdr,
                 &[Extent {
                     pool: 1,
@@ -646,7 +652,7 @@ fn hostile_checks(
             // an indirect table past the end of the table area
             2 => RxDesc {
                 token: i,
-                src_nid: 1,
+                src_nid: Nid::from_nid4(1),
                 hdr,
                 flags: 1,
                 nfrags: 4,
@@ -660,12 +666,13 @@ fn hostile_checks(
                     },
                     Extent::default(),
                 ],
+                reserved: [0; 6],
             },
             // a total that is not the sum of the extents
             3 => {
                 let mut d = RxDesc::inline(
                     i,
-                    1,
+                    Nid::from_nid4(1),
                     hdr,
                     &[Extent {
                         pool: 1,
@@ -681,7 +688,7 @@ fn hostile_checks(
             _ => {
                 let mut d = RxDesc::inline(
                     i,
-                    1,
+                    Nid::from_nid4(1),
                     hdr,
                     &[Extent {
                         pool: 1,
@@ -738,7 +745,12 @@ fn hostile_checks(
     ensure!(
         stale
             .rx
-            .push(RxDesc::inline(u64::MAX, 1, [0; LNET_HDR_LEN], &[]))?,
+            .push(RxDesc::inline(
+                u64::MAX,
+                Nid::from_nid4(1),
+                [0; LNET_HDR_LEN],
+                &[],
+            ))?,
         "stale RX ring full"
     );
     rustix::io::write(&kick, &1u64.to_ne_bytes())?;
