@@ -530,6 +530,76 @@ fn handshakes_relayed_to_another_keyholder_are_refused() {
 }
 
 #[test]
+fn a_handshake_with_the_engines_own_client_key_is_refused() {
+    // A dials B. A holder of the network's key at X takes A's handshake
+    // request and sends it to A as X's own, correctly MACed for X → A but
+    // carrying A's ephemeral key: A must refuse it (it would agree keys with
+    // itself). The same handshake with a key of X's own is answered: the MAC
+    // is good, only the key is refused.
+    let x = Ipv4Addr::new(10, 0, 0, 9);
+    let from_x = SocketAddrV4::new(x, PORT);
+    let psk = Psk::from_bytes(KEY).expect("a long key");
+    let ends = seal::Ends {
+        initiator: x,
+        responder: A,
+    };
+    let clock = SimClock::new();
+    let mut a = node(A, &clock, Some(KEY), Limits::default());
+    let mut b = node(B, &clock, Some(KEY), Limits::default());
+    a.send(1, B, MSG);
+    let (mut stolen, mut fresh_sent, mut to_x) = (0u64, false, 0u64);
+    let x_client = seal::Client::new(psk.clone(), ends);
+    run(
+        &clock,
+        &mut a,
+        &mut b,
+        1,
+        Duration::from_secs(5),
+        &mut |_, d| {
+            if *d.to.ip() == x {
+                to_x += 1;
+                return vec![];
+            }
+            if *d.from.ip() != A || *d.to.ip() != B {
+                return vec![];
+            }
+            // A's handshake to B, never delivered.
+            let Some((hs, key, _)) = seal::split_hs(&d.bytes) else {
+                return vec![];
+            };
+            let mut out = Vec::new();
+            if stolen < 3 {
+                stolen += 1;
+                let mut forged = hs.to_vec();
+                forged.extend_from_slice(&seal::client_trailer(&psk, ends, hs, &key));
+                out.push(Datagram {
+                    from: from_x,
+                    to: d.from,
+                    bytes: forged,
+                });
+            } else if !fresh_sent {
+                fresh_sent = true;
+                let mut own = hs.to_vec();
+                own.extend_from_slice(&x_client.trailer(hs));
+                out.push(Datagram {
+                    from: from_x,
+                    to: d.from,
+                    bytes: own,
+                });
+            }
+            out
+        },
+    );
+    assert_eq!(stolen, 3, "A's handshake was not seen");
+    assert!(fresh_sent);
+    assert_eq!(a.drops("rx_sec_reflected_handshake"), 3);
+    assert_eq!(a.drops("rx_sec_bad_handshake"), 0, "the MAC is good");
+    // Only the handshake with X's own key got an answer (the cookie).
+    assert_eq!(to_x, 1, "A answered a handshake with its own key");
+    assert_eq!((a.got, b.got), ((0, 0), (0, 0)));
+}
+
+#[test]
 fn an_outage_longer_than_two_key_periods_does_not_wedge_the_connection() {
     // Keys change every second; the link is down for 3.5 s in the middle of a
     // transfer, while both sides' keep-alives and retransmissions keep

@@ -686,10 +686,7 @@ impl Client {
 
     /// The trailer of one of the client's handshakes (`hs`, 64 bytes).
     pub fn trailer(&self, hs: &[u8]) -> [u8; HS_EXT] {
-        trailer(
-            &self.public,
-            self.psk.tag(b"c", self.ends, &[hs, &self.public]),
-        )
+        client_trailer(&self.psk, self.ends, hs, &self.public)
     }
 
     /// The client's ephemeral public key (a listener refuses a handshake that
@@ -741,6 +738,13 @@ fn derive(
     expand(&prk, &[b"lu2k v2 c2s", &e, client, server], &mut c2s[..]);
     expand(&prk, &[b"lu2k v2 s2c", &e, client, server], &mut s2c[..]);
     (c2s, s2c)
+}
+
+/// The trailer a client with ephemeral key `public` puts on handshake `hs`
+/// between `ends`, keyed from `psk` (what [`Client::trailer`] writes; also for
+/// checks that the listener's own refusals hold against a holder of the PSK).
+pub fn client_trailer(psk: &Psk, ends: Ends, hs: &[u8], public: &[u8; 32]) -> [u8; HS_EXT] {
+    trailer(public, psk.tag(b"c", ends, &[hs, public]))
 }
 
 /// A client handshake (`d`, with trailer) checked against `keys` as one
