@@ -49,8 +49,17 @@ fn options_for(rtt_ms: f64, stream_mbps: f64) -> String {
     let latency_ms = (LATENCY_RTTS * rtt_ms).round() as u64;
     let input_bps = (stream_mbps * 1e6 / 8.0) as u64;
     format!(
-        "transtype=live&latency={latency_ms}&inputbw={input_bps}&maxbw=0&oheadbw=25&payloadsize={RECORD}"
+        "transtype=live&latency={latency_ms}&inputbw={input_bps}&maxbw=0&oheadbw=25\
+         &payloadsize={RECORD}&conntimeo={}",
+        conn_timeout_ms(rtt_ms)
     )
+}
+
+/// SRT's connect timeout, ms: its default 3 s is five round trips at
+/// 600 ms, and at 5 % loss a lost handshake packet or two used it up
+/// (the caller never connected); as for file mode, max(3 s, 10 RTT).
+fn conn_timeout_ms(rtt_ms: f64) -> u64 {
+    (10.0 * rtt_ms).max(3000.0).round() as u64
 }
 
 fn pieces(chunk_bytes: u32) -> u16 {
@@ -185,7 +194,7 @@ fn send(spec: &NodeSpec) -> Result<NodeResult> {
             }
         }
     });
-    let wait = Duration::from_secs_f64(w.max_duration_s.max(10.0));
+    let wait = Duration::from_millis(conn_timeout_ms(spec.path.rtt_ms) + 5000);
     if rx.recv_timeout(wait).is_err() {
         let _ = child.kill();
         bail!("{PROGRAM} (caller) did not connect within {wait:?}");
@@ -232,7 +241,8 @@ mod tests {
         let o = options_for(600.0, 20.0);
         assert_eq!(
             o,
-            "transtype=live&latency=1800&inputbw=2500000&maxbw=0&oheadbw=25&payloadsize=1316"
+            "transtype=live&latency=1800&inputbw=2500000&maxbw=0&oheadbw=25&payloadsize=1316\
+             &conntimeo=6000"
         );
     }
 }
