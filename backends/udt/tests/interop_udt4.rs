@@ -12,6 +12,8 @@
 //! * lu2k client → UDT4 server, message mode (`UDT_DGRAM`, `sendmsg` /
 //!   `recvmsg`) and stream mode (`UDT_STREAM`, `send` / `recv`);
 //! * UDT4 client → lu2k server ([`Listener`] with SYN cookies), both modes;
+//!   in message mode the handshakes' peer-IP field UDT4 writes must decode,
+//!   in lu2k's decoding ([`HandshakeRepr::decode_peer_ip`]), to lu2k's address;
 //! * lu2k client → relay → UDT4 server in message mode, the relay dropping
 //!   1 % of the datagrams in each direction (seeded);
 //! * the reference for that run: UDT4 client → the same relay → UDT4
@@ -25,10 +27,10 @@ use lu2k_udt::cc::Kind;
 use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput, Mode,
 };
-use lu2k_udt::wire::ControlRepr;
+use lu2k_udt::wire::{ControlRepr, HandshakeRepr};
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -278,6 +280,9 @@ struct Driver {
     /// What lu2k's full ACKs told UDT4: count, min available buffer, max
     /// receive rate and max link capacity (packets/s).
     acks_out: (u64, u32, u32, u32),
+    /// The peer-IP field of every handshake received, decoded in the
+    /// family of the socket.
+    hs_peer_ips: Vec<IpAddr>,
 }
 
 impl Driver {
@@ -308,6 +313,7 @@ impl Driver {
             tx_done_at: None,
             rx_done_at: None,
             acks_out: (0, u32::MAX, 0, 0),
+            hs_peer_ips: Vec::new(),
         }
     }
 
@@ -477,6 +483,14 @@ impl Driver {
             };
             n += 1;
             let data = &self.dgram[..len];
+            // A handshake: control bit set, type 0.
+            if data.len() >= 2 && data[0] == 0x80 && data[1] == 0 {
+                if let Ok(ControlRepr::Handshake(h)) = ControlRepr::parse_bytes(data) {
+                    let v6 = from.is_ipv6();
+                    self.hs_peer_ips
+                        .push(HandshakeRepr::decode_peer_ip(h.peer_ip, v6));
+                }
+            }
             if self.conn.is_none() {
                 let Some(l) = self.listener.as_mut() else {
                     continue;
@@ -615,6 +629,10 @@ struct Report {
     secs: f64,
     lu2k_rx_hash: u64,
     udt4_rx_hash: u64,
+    /// Peer-IP fields of the handshakes lu2k received from UDT4.
+    hs_peer_ips: Vec<IpAddr>,
+    /// lu2k's own address (what UDT4 should have written there).
+    lu2k_addr: SocketAddr,
 }
 
 fn check(r: &Report, lu2k_to_udt4_seed: u64, udt4_to_lu2k_seed: u64, what: &str) {
@@ -676,6 +694,7 @@ fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) ->
     });
 
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let lu2k_addr = sock.local_addr().unwrap();
     let mut d = Driver::new(sock, target, mode, seed_a, seed_b);
     let started = Instant::now();
     d.conn = Some(Connection::connect(
@@ -700,6 +719,8 @@ fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) ->
         secs,
         lu2k_rx_hash: d.rx.hash.0,
         udt4_rx_hash,
+        hs_peer_ips: d.hs_peer_ips,
+        lu2k_addr,
     }
 }
 
@@ -735,6 +756,8 @@ fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
         secs,
         lu2k_rx_hash: d.rx.hash.0,
         udt4_rx_hash,
+        hs_peer_ips: d.hs_peer_ips,
+        lu2k_addr: server,
     }
 }
 
@@ -854,6 +877,7 @@ fn lu2k_client_udt4_server_message_mode() {
         0xB0B,
         "lu2k client -> UDT4 server, message mode",
     );
+    check_peer_ip(&r, "lu2k client -> UDT4 server, message mode");
 }
 
 #[test]
@@ -868,6 +892,22 @@ fn lu2k_client_udt4_server_stream_mode() {
     );
 }
 
+/// The handshakes UDT4 sent lu2k name lu2k's address in the peer-IP field,
+/// as lu2k decodes it: UDT4 and lu2k encode the field the same way.
+fn check_peer_ip(r: &Report, what: &str) {
+    assert!(
+        !r.hs_peer_ips.is_empty(),
+        "{what}: no handshake from UDT4 seen"
+    );
+    for ip in &r.hs_peer_ips {
+        assert_eq!(
+            *ip,
+            r.lu2k_addr.ip(),
+            "{what}: UDT4's handshake peer-IP field decodes to {ip}, not lu2k's address"
+        );
+    }
+}
+
 #[test]
 fn udt4_client_lu2k_server_message_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -878,6 +918,7 @@ fn udt4_client_lu2k_server_message_mode() {
         0xD00D,
         "UDT4 client -> lu2k server, message mode",
     );
+    check_peer_ip(&r, "UDT4 client -> lu2k server, message mode");
 }
 
 #[test]
