@@ -601,8 +601,75 @@ impl Lu2kCollector {
                 .iter()
                 .map(|(n, p)| gauge(nid(n), p.in_flight))
                 .collect(),
-        )
+        )?;
+        encode_links(enc, cores)
     }
+}
+
+/// The links of multi-link peers (`transport::links`), labels `nid` and
+/// `link` (its index in the configuration, at most 8 per peer; only peers
+/// configured with links have any).
+fn encode_links(enc: &mut DescriptorEncoder, cores: &[CoreStats]) -> Result<(), std::fmt::Error> {
+    let links: Vec<(Labels, &crate::transport::links::LinkStats)> = cores
+        .iter()
+        .flat_map(|c| c.peers.iter())
+        .flat_map(|p| {
+            p.links.iter().enumerate().map(move |(i, l)| {
+                let labels: Labels = vec![("nid", p.nid.clone()), ("link", i.to_string())];
+                (labels, l)
+            })
+        })
+        .collect();
+    family(
+        enc,
+        "lu2k_link_up",
+        "1 while the link is up, 0 while it is down or connecting.",
+        None,
+        links
+            .iter()
+            .map(|(k, l)| gauge(k.clone(), i64::from(l.state == "up")))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "lu2k_link_sent_messages",
+        "Messages acknowledged over the link.",
+        None,
+        links
+            .iter()
+            .map(|(k, l)| counter(k.clone(), l.msgs_acked))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "lu2k_link_moved_messages",
+        "Messages moved off the link to another when it went silent or closed.",
+        None,
+        links
+            .iter()
+            .map(|(k, l)| counter(k.clone(), l.msgs_moved_off))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "lu2k_link_downs",
+        "Times the link went down.",
+        None,
+        links
+            .iter()
+            .map(|(k, l)| counter(k.clone(), l.downs))
+            .collect(),
+    )?;
+    family(
+        enc,
+        "lu2k_link_rate",
+        "The link's measured rate (acknowledged bytes while it had work).",
+        Some(Unit::Other("bytes_per_second".into())),
+        links
+            .iter()
+            .map(|(k, l)| gauge(k.clone(), l.rate_bps as f64 / 8.0))
+            .collect(),
+    )
 }
 
 /// The text of one scrape.
@@ -800,6 +867,36 @@ mod tests {
             "lu2k_core_security_rejected_total{core=\"1\",reason=\"bad_tag\"} 1",
             "lu2k_core_sealed_bytes_total{core=\"1\"} 4096",
             "# EOF",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn links_of_a_multi_link_peer() {
+        use crate::transport::links::LinkStats;
+        let mut c = CoreStats::default();
+        let link = |state: &str, acked, moved, downs| LinkStats {
+            state: state.into(),
+            msgs_acked: acked,
+            msgs_moved_off: moved,
+            downs,
+            rate_bps: 80_000_000,
+            ..LinkStats::default()
+        };
+        c.peers.push(PeerStats {
+            nid: "10.0.0.2@lu2k".into(),
+            links: vec![link("down", 5, 3, 1), link("up", 9, 0, 0)],
+            ..PeerStats::default()
+        });
+        let text = exposition(&collector(vec![c]));
+        for want in [
+            "lu2k_link_up{nid=\"10.0.0.2@lu2k\",link=\"0\"} 0",
+            "lu2k_link_up{nid=\"10.0.0.2@lu2k\",link=\"1\"} 1",
+            "lu2k_link_sent_messages_total{nid=\"10.0.0.2@lu2k\",link=\"1\"} 9",
+            "lu2k_link_moved_messages_total{nid=\"10.0.0.2@lu2k\",link=\"0\"} 3",
+            "lu2k_link_downs_total{nid=\"10.0.0.2@lu2k\",link=\"0\"} 1",
+            "lu2k_link_rate_bytes_per_second{nid=\"10.0.0.2@lu2k\",link=\"1\"} 10000000.0",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
