@@ -963,6 +963,85 @@ mod tests {
         assert!(!begins_message(&h));
     }
 
+    const TWO_MODEMS: &str = r#"
+        kshim_socket = "/run/lu2k/kshim.sock"
+        [[peer]]
+        nid = "10.0.0.2@lu2k"
+        policy = "balance"
+        [[peer.link]]
+        local = "192.0.2.10"
+        remote = "198.51.100.20:7988"
+        weight = 2
+        [[peer.link]]
+        local = "203.0.113.10"
+        remote = "203.0.113.20:7988"
+    "#;
+
+    #[test]
+    fn config_with_links_parses_and_checks() {
+        use crate::daemon::config::Config;
+        let c = Config::from_toml(TWO_MODEMS, "t.toml").unwrap();
+        c.validate().unwrap();
+        let p = &c.peers[0];
+        assert_eq!(p.policy, Some(Policy::Balance));
+        assert_eq!(p.links.len(), 2);
+        assert_eq!(p.links[0].weight, 2);
+        assert_eq!(p.links[1].weight, 1, "default weight");
+        let t = plan(&c.peers, 1, 1).unwrap();
+        assert_eq!(
+            t.canonical(Ipv4Addr::new(203, 0, 113, 20)),
+            Ipv4Addr::new(10, 0, 0, 2)
+        );
+        let err = |extra: &str, text: &str| {
+            let c = Config::from_toml(&format!("{extra}\n{text}"), "t.toml").unwrap();
+            c.validate().unwrap_err().to_string()
+        };
+        let e = err("bind = \"10.0.0.1\"", TWO_MODEMS);
+        assert!(
+            e.contains("`bind`") && e.contains("fix: remove bind"),
+            "{e}"
+        );
+        let e = err("security = \"required\"", TWO_MODEMS);
+        assert!(e.contains("`security`") && e.contains("fix:"), "{e}");
+        let e = err(
+            "",
+            &TWO_MODEMS.replace("policy = \"balance\"", "addr = \"1.2.3.4:7988\""),
+        );
+        assert!(
+            e.contains("`peer.addr`") && e.contains("remove addr"),
+            "{e}"
+        );
+        let e = err("", &TWO_MODEMS.replace("weight = 2", "weight = 0"));
+        assert!(e.contains("`peer.link.weight`"), "{e}");
+        let e = err(
+            "",
+            &TWO_MODEMS.replace("203.0.113.20:7988", "198.51.100.20:7988"),
+        );
+        assert!(e.contains("same remote address"), "{e}");
+        let one =
+            "[[peer]]\nnid = \"10.0.0.3@lu2k\"\naddr = \"10.0.0.3:7988\"\npolicy = \"failover\"";
+        let e = err("", one);
+        assert!(e.contains("`peer.policy`"), "{e}");
+        let e = Config::from_toml(&TWO_MODEMS.replace("weight = 2", "wieght = 2"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wieght"), "{e}");
+        // Two cores: a link landing on another core than its peer is refused.
+        let mut c = Config::from_toml(TWO_MODEMS, "t.toml").unwrap();
+        let other = (1..255u8)
+            .map(|k| Ipv4Addr::new(203, 0, 113, k))
+            .find(|&ip| {
+                crate::steer::shard_v4(ip, 2)
+                    != crate::steer::shard_v4(Ipv4Addr::new(10, 0, 0, 2), 2)
+            })
+            .unwrap();
+        c.peers[0].links[1].remote = SocketAddrV4::new(other, 7988);
+        let e = plan(&c.peers, 2, 1).unwrap_err();
+        assert!(e.contains("lands on core"), "{e}");
+        let e = plan(&c.peers, 1, 2).unwrap_err();
+        assert!(e.contains("conns_per_peer"), "{e}");
+    }
+
     #[test]
     fn an_address_of_two_peers_is_refused() {
         let a = cfg(Policy::Failover, &[1, 1]);
