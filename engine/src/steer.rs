@@ -2,16 +2,22 @@
 //!
 //! **Choice: one UDP port, an `SO_REUSEPORT` group of one socket per core, and a
 //! classic-BPF steering program.** Every core binds the same address and port; the
-//! program the kernel runs for each arriving datagram loads the IPv4 *source* address
+//! program the kernel runs for each arriving datagram loads the IP *source* address
 //! and computes the ABI's shard function on it, returning the index of the socket
 //! (= core) in the group. Peers therefore need to know one port only (no per-core
 //! ports announced in handshakes), UDT4 peers interoperate unchanged, and the core that
 //! receives a peer's data and ACKs is the one kshim sends that peer's descriptors to.
 //!
-//! The program is `ld [net+12]; mul #M; rsh #S; mod #cores; ret a` — 32-bit
-//! arithmetic, which is why the ABI's shard function is defined with 32-bit wrapping
-//! multiply, shift and modulo. [`program`] builds it; the tests check it on real
-//! sockets against [`shard_v4`] for many source addresses.
+//! The program reads the IP version from the network header and computes the key of
+//! the ABI's shard function ([`lu2k_ring_abi::Nid::shard_key`]) from the source
+//! address: an IPv4 source is the key itself (`ld [net+12]`), an IPv6 source is folded
+//! to the XOR of its four words (`ld [net+8]`, `[net+12]`, `[net+16]`, `[net+20]`).
+//! Then `mul #M; rsh #S; mod #cores; ret a` — 32-bit arithmetic, which is why the ABI's
+//! shard function is defined with 32-bit wrapping multiply, shift and modulo. One
+//! program serves IPv4 sockets, IPv6 sockets and dual-stack IPv6 sockets (where IPv4
+//! datagrams arrive with an IPv4 header, so an IPv4 peer lands where its IPv4 NID
+//! shards). [`program`] builds it; the tests check it on real sockets against
+//! [`shard_ip`] for many source addresses of both families.
 //!
 //! Caveat, stated where it matters: a peer's packets must come *from* its NID address.
 //! Behind NAT they would come from another address and land on another core; such
@@ -45,7 +51,9 @@
 //! their own class). A datagram shorter than the field it would be steered by cannot be
 //! a valid UDT packet; the kernel's load fails and it goes to core 0, which drops it.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use lu2k_ring_abi::{Net, Nid};
 
 use crate::io::sys::BpfInsn;
 
@@ -60,14 +68,27 @@ pub fn shard_v4(ip: Ipv4Addr, cores: u32) -> u32 {
     lu2k_ring_abi::shard_key(u32::from(ip), cores)
 }
 
+/// The ABI's shard function on the NID of address `ip` (either family; an
+/// IPv4-mapped IPv6 address shards as its IPv4 address, as a dual-stack socket's
+/// IPv4 peer does). The network does not enter the key.
+pub fn shard_ip(ip: IpAddr, cores: u32) -> u32 {
+    lu2k_ring_abi::shard(Nid::from_net_addr(Net(0), ip), cores)
+}
+
 const BPF_LD: u16 = 0x00;
 const BPF_W: u16 = 0x00;
+const BPF_B: u16 = 0x10;
 const BPF_ABS: u16 = 0x20;
 const BPF_ALU: u16 = 0x04;
+const BPF_MISC: u16 = 0x07;
 const BPF_K: u16 = 0x00;
+const BPF_X: u16 = 0x08;
 const BPF_MUL: u16 = 0x20;
 const BPF_RSH: u16 = 0x70;
 const BPF_MOD: u16 = 0x90;
+const BPF_XOR: u16 = 0xa0;
+const BPF_JA: u16 = 0x00;
+const BPF_TAX: u16 = 0x00;
 const BPF_RET: u16 = 0x06;
 const BPF_A: u16 = 0x10;
 /// `SKF_NET_OFF`: loads relative to the network (IP) header.
@@ -82,12 +103,43 @@ fn insn(code: u16, k: u32) -> BpfInsn {
     }
 }
 
-/// The classic-BPF `SO_ATTACH_REUSEPORT_CBPF` program computing [`shard_v4`] on the
-/// source address for `cores` sockets.
+fn net(off: i32) -> u32 {
+    (SKF_NET_OFF + off) as u32
+}
+
+/// The classic-BPF `SO_ATTACH_REUSEPORT_CBPF` program computing [`shard_ip`] on the
+/// source address of an IPv4 or IPv6 datagram for `cores` sockets.
 pub fn program(cores: u32) -> Vec<BpfInsn> {
+    let ld_w = BPF_LD | BPF_W | BPF_ABS;
+    let xor_x = BPF_ALU | BPF_XOR | BPF_X;
+    let tax = BPF_MISC | BPF_TAX;
     vec![
-        // A = IPv4 source address (bytes 12..16 of the IP header), big-endian load.
-        insn(BPF_LD | BPF_W | BPF_ABS, (SKF_NET_OFF + 12) as u32),
+        // 0: A = IP version (the high nibble of the first header byte).
+        insn(BPF_LD | BPF_B | BPF_ABS, net(0)),
+        insn(BPF_ALU | BPF_RSH | BPF_K, 4),
+        // 2: IPv6 goes to 5, anything else to the IPv4 load.
+        BpfInsn {
+            code: BPF_JMP | BPF_JEQ | BPF_K,
+            jt: 2,
+            jf: 0,
+            k: 6,
+        },
+        // 3: A = IPv4 source address (bytes 12..16 of the IP header), big-endian load.
+        insn(ld_w, net(12)),
+        // 4: to the hash at 15.
+        insn(BPF_JMP | BPF_JA, 10),
+        // 5..14: A = XOR of the IPv6 source address's words (bytes 8..24).
+        insn(ld_w, net(8)),
+        insn(tax, 0),
+        insn(ld_w, net(12)),
+        insn(xor_x, 0),
+        insn(tax, 0),
+        insn(ld_w, net(16)),
+        insn(xor_x, 0),
+        insn(tax, 0),
+        insn(ld_w, net(20)),
+        insn(xor_x, 0),
+        // 15: the shard function on A.
         insn(BPF_ALU | BPF_MUL | BPF_K, SHARD_MUL),
         insn(BPF_ALU | BPF_RSH | BPF_K, SHARD_SHIFT),
         insn(BPF_ALU | BPF_MOD | BPF_K, cores.max(1)),
@@ -95,23 +147,56 @@ pub fn program(cores: u32) -> Vec<BpfInsn> {
     ]
 }
 
-/// Runs `prog` on an IPv4 source address the way the kernel would (only the
-/// instructions [`program`] emits), for tests and for `probe` output.
-pub fn eval(prog: &[BpfInsn], src: Ipv4Addr) -> Option<u32> {
-    let mut a: u32 = 0;
-    for i in prog {
+/// The network header of a datagram from `src`, as far as [`program`] reads it.
+fn header(src: IpAddr) -> Vec<u8> {
+    match src {
+        IpAddr::V4(v4) => {
+            let mut h = vec![0u8; 20];
+            h[0] = 0x45;
+            h[12..16].copy_from_slice(&v4.octets());
+            h
+        }
+        IpAddr::V6(v6) => {
+            let mut h = vec![0u8; 40];
+            h[0] = 0x60;
+            h[8..24].copy_from_slice(&v6.octets());
+            h
+        }
+    }
+}
+
+/// Runs `prog` on a datagram from `src` the way the kernel would (the instructions
+/// [`program`] emits, loads relative to the network header), for tests and for
+/// `probe` output. `None` for an instruction it does not know, a load past the
+/// header, a jump out of the program or a modulo by 0.
+pub fn eval(prog: &[BpfInsn], src: IpAddr) -> Option<u32> {
+    let h = header(src);
+    let at = |k: u32, n: usize| -> Option<&[u8]> {
+        let off = usize::try_from((k as i32).checked_sub(SKF_NET_OFF)?).ok()?;
+        h.get(off..off.checked_add(n)?)
+    };
+    let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+    loop {
+        let i = prog.get(pc)?;
+        pc += 1;
         match i.code {
-            c if c == BPF_LD | BPF_W | BPF_ABS && i.k == (SKF_NET_OFF + 12) as u32 => {
-                a = u32::from(src)
+            c if c == BPF_LD | BPF_W | BPF_ABS => {
+                a = u32::from_be_bytes(at(i.k, 4)?.try_into().ok()?);
             }
+            c if c == BPF_LD | BPF_B | BPF_ABS => a = u32::from(at(i.k, 1)?[0]),
+            c if c == BPF_MISC | BPF_TAX => x = a,
+            c if c == BPF_ALU | BPF_XOR | BPF_X => a ^= x,
             c if c == BPF_ALU | BPF_MUL | BPF_K => a = a.wrapping_mul(i.k),
             c if c == BPF_ALU | BPF_RSH | BPF_K => a = a.checked_shr(i.k).unwrap_or(0),
             c if c == BPF_ALU | BPF_MOD | BPF_K => a = a.checked_rem(i.k)?,
+            c if c == BPF_JMP | BPF_JA => pc = pc.checked_add(i.k as usize)?,
+            c if c == BPF_JMP | BPF_JEQ | BPF_K => {
+                pc += usize::from(if a == i.k { i.jt } else { i.jf });
+            }
             c if c == BPF_RET | BPF_A => return Some(a),
             _ => return None,
         }
     }
-    None
 }
 
 /// Offset in the UDP payload of the destination socket ID (UDT header word 3).
@@ -236,9 +321,19 @@ mod tests {
             let p = program(cores);
             for i in 0..2000u32 {
                 let ip = Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
-                assert_eq!(eval(&p, ip), Some(shard_v4(ip, cores)));
+                assert_eq!(eval(&p, IpAddr::V4(ip)), Some(shard_v4(ip, cores)));
+                let v6 = std::net::Ipv6Addr::from(
+                    u128::from(i.wrapping_mul(2_654_435_761)) * 0x1_0000_0001_0000_0003,
+                );
+                let want = lu2k_ring_abi::shard(Nid::from_net_ipv6(Net(0), v6), cores);
+                assert_eq!(eval(&p, IpAddr::V6(v6)), Some(want));
+                assert_eq!(shard_ip(IpAddr::V6(v6), cores), want);
             }
         }
+        // A dual-stack socket's IPv4 peer (IPv4 header) shards as its mapped form says.
+        let v4 = Ipv4Addr::new(10, 1, 2, 3);
+        let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+        assert_eq!(shard_ip(mapped, 7), shard_v4(v4, 7));
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
@@ -209,6 +209,66 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
         gro,
     };
     Ok((fd, info))
+}
+
+/// A non-blocking IPv6 UDP socket bound to `bind`, with `opts`' reuseport and buffer
+/// sizes. `v6only == false` makes it dual-stack: IPv4 peers reach it as IPv4-mapped
+/// addresses (`::ffff:a.b.c.d`), and the steering program ([`crate::steer::program`])
+/// reads either IP header. Returns the socket and its bound address (port filled in).
+pub fn udp_socket6(
+    bind: SocketAddrV6,
+    v6only: bool,
+    opts: &SockOpts,
+) -> io::Result<(OwnedFd, SocketAddrV6)> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let raw = cvt(unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_UDP,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor returned by socket(2) and owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let r = fd.as_raw_fd();
+    setsockopt_int(r, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, i32::from(v6only))?;
+    if opts.reuseport {
+        setsockopt_int(r, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
+    let clamp = |v: usize| v.min(i32::MAX as usize / 2) as libc::c_int;
+    setsockopt_int(r, libc::SOL_SOCKET, libc::SO_SNDBUF, clamp(opts.sndbuf))?;
+    setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RCVBUF, clamp(opts.rcvbuf))?;
+    let sa = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: bind.port().to_be(),
+        sin6_flowinfo: bind.flowinfo(),
+        sin6_addr: libc::in6_addr {
+            s6_addr: bind.ip().octets(),
+        },
+        sin6_scope_id: bind.scope_id(),
+    };
+    // SAFETY: `sa` is a valid sockaddr_in6 on the stack and its size is passed.
+    cvt(unsafe {
+        libc::bind(
+            r,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    })?;
+    let mut out = MaybeUninit::<libc::sockaddr_in6>::zeroed();
+    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: `out` has room for `len` bytes; the kernel writes at most that.
+    cvt(unsafe { libc::getsockname(r, out.as_mut_ptr().cast(), &mut len) })?;
+    // SAFETY: zero-initialised and written by the kernel: every bit pattern of
+    // sockaddr_in6 is valid.
+    let out = unsafe { out.assume_init() };
+    let local = SocketAddrV6::new(
+        out.sin6_addr.s6_addr.into(),
+        u16::from_be(out.sin6_port),
+        out.sin6_flowinfo,
+        out.sin6_scope_id,
+    );
+    Ok((fd, local))
 }
 
 /// The socket's bound IPv4 address.
