@@ -317,9 +317,11 @@ static int inst_layout(struct lu2k_inst *in, const struct lu2k_dev_create *a)
 		ce[c].ctrl_off = place(&next, sizeof(struct lu2k_control_block),
 				       LU2K_CACHE_LINE, &bad);
 	for (c = 0; c < a->cores; c++) {
-		ce[c].tx = (struct lu2k_ring_info){ place(&next, n * LU2K_TXD, 64, &bad), n, LU2K_TXD };
+		ce[c].tx = (struct lu2k_ring_info){ place(&next, n * LU2K_TXD, 64, &bad), n,
+						    LU2K_TXD };
 		ce[c].tx_done = (struct lu2k_ring_info){ place(&next, n * 16, 64, &bad), n, 16 };
-		ce[c].rx = (struct lu2k_ring_info){ place(&next, n * LU2K_RXD, 64, &bad), n, LU2K_RXD };
+		ce[c].rx = (struct lu2k_ring_info){ place(&next, n * LU2K_RXD, 64, &bad), n,
+						    LU2K_RXD };
 		ce[c].rx_return = (struct lu2k_ring_info){ place(&next, n * 8, 64, &bad), n, 8 };
 	}
 	h->tx_pool_len = (u64)a->tx_slots * LU2K_MAX_PAYLOAD;
