@@ -387,6 +387,20 @@ impl Config {
                     "write it as ADDRESS@NET, e.g. nid = \"10.0.0.2@lu2k\"",
                 );
             }
+            if p
+                .nid
+                .parse::<lu2k_ring_abi::Nid>()
+                .is_ok_and(|n| !n.is_nid4())
+            {
+                // The ring ABI and kshim carry IPv6 NIDs; this engine's sockets and
+                // connections are IPv4 ones.
+                return bad(
+                    "peer.nid",
+                    format!("{:?}", p.nid),
+                    "an IPv6 NID, and this engine's transport carries IPv4 only",
+                    "give the peer an IPv4 NID (a.b.c.d@lu2k)",
+                );
+            }
             let nid_ip = p
                 .nid
                 .parse::<lu2k_ring_abi::Nid>()
@@ -699,6 +713,17 @@ mod tests {
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("peer.nid"), "{e}");
+        let c = Config {
+            peers: vec![PeerCfg {
+                nid: "fd00::2@lu2k".into(),
+                addr: "1.2.3.4:5".parse().unwrap(),
+                links: Vec::new(),
+                policy: None,
+            }],
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("peer.nid") && e.contains("IPv6"), "{e}");
         let c = Config {
             peer_down_timeout_s: 1,
             ..Config::default()
