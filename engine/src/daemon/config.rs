@@ -387,8 +387,7 @@ impl Config {
                     "write it as ADDRESS@NET, e.g. nid = \"10.0.0.2@lu2k\"",
                 );
             }
-            if p
-                .nid
+            if p.nid
                 .parse::<lu2k_ring_abi::Nid>()
                 .is_ok_and(|n| !n.is_nid4())
             {
