@@ -24,11 +24,15 @@
 #      rds_tcp, sch_netem, veth, with their dependencies, from the same package as
 #      the kernel), iproute2's ip and tc with their libraries (busybox's tc cannot
 #      add netem), the lab binary and scripts/lab/init;
+#      for the lnet test also Lustre's LNet (scripts/lab/build-lustre.sh: the vendored
+#      Lustre source with patches/lustre, cached by its inputs) and lu2klnd.ko;
 #   4. boots it with `qemu -accel tcg` (the KVM here hangs on a stock kernel)
 #      under a timeout and decides from the marker lines on the serial console
 #      (qemu's exit status says nothing):
 #         LU2K-LAB PASS name | LU2K-LAB FAIL name: reason | LU2K-LAB SKIP name: reason
 #         LU2K-LAB DONE
+#      The lnet test boots two such VMs at once, joined by a virtual network
+#      (virtio-net over qemu's socket netdev), one LNet node each.
 #
 # Exit status: 0 every selected test passed (skips are listed, and fail the run
 # with --strict); 1 a test failed or the VM did not finish; 2 usage;
@@ -36,19 +40,23 @@
 # the message says why, callers skip loudly on 77.
 set -euo pipefail
 
-ALL_TESTS="rds,netem,probe,engine,module"
+ALL_TESTS="rds,netem,probe,engine,module,lnet"
+DEFAULT_TESTS="$ALL_TESTS"
 SKIP_RC=77
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
     cat <<EOF
 Options:
-  --tests LIST        comma-separated tests to run (default: $ALL_TESTS)
+  --tests LIST        comma-separated tests to run, of $ALL_TESTS (default: $DEFAULT_TESTS)
   --list              print the tests and exit
   --kernel-meta PKG   metapackage to resolve the kernel through (default: linux-image-amd64)
   --cache DIR         cache folder (default: \$LU2K_LAB_CACHE or \${XDG_CACHE_HOME:-~/.cache}/lu2k-lab)
   --timeout SECS      wall-clock limit for the VM (default: 300, 600 with the module test)
   --module-mib N      MiB of PUTs each way in the module test (default: 1024)
+  --lnet-loops N      1 MiB brw loops (x2 concurrent) of each lst test in the lnet test (default: 16)
+  --lustre-src FILE   Lustre source tarball for the lnet test (default: \$LU2K_LUSTRE_SRC or
+                      ../shared/vendor/lustre-release-2.17.0.tar.xz beside the checkout)
   --memory MB         VM memory (default: 2048)
   --cpus N            VM cpus (default: 2)
   --strict            a skipped test fails the run
@@ -58,11 +66,13 @@ Options:
 EOF
 }
 
-tests="$ALL_TESTS"
+tests="$DEFAULT_TESTS"
 kernel_meta="linux-image-amd64"
 cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
 vm_timeout=""
 module_mib=1024
+lnet_loops=16
+lustre_src="${LU2K_LUSTRE_SRC:-}"
 memory=2048
 cpus=2
 strict=0
@@ -79,6 +89,8 @@ while [ $# -gt 0 ]; do
         --cache) cache="$2"; shift 2 ;;
         --timeout) vm_timeout="$2"; shift 2 ;;
         --module-mib) module_mib="$2"; shift 2 ;;
+        --lnet-loops) lnet_loops="$2"; shift 2 ;;
+        --lustre-src) lustre_src="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --cpus) cpus="$2"; shift 2 ;;
         --strict) strict=1; shift ;;
@@ -101,7 +113,10 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -z "$vm_timeout" ]; then
     vm_timeout=300
     [[ ",$tests," == *",module,"* ]] && vm_timeout=600
+    [[ ",$tests," == *",lnet,"* ]] && vm_timeout=600
 fi
+[ -n "$lustre_src" ] || lustre_src="$(cd "$repo/.." && pwd)/shared/vendor/lustre-release-2.17.0.tar.xz"
+has_test() { [[ ",$tests," == *",$1,"* ]]; }
 t_start=$(date +%s.%N)
 phase_start=$t_start
 since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
@@ -252,8 +267,10 @@ busybox="$cache/busybox/root/bin/busybox"
 
 # the kernel: only the image and the modules the tests need are taken out of the package
 kdir="$cache/kernel/$kernel_pkg-$kernel_ver"
-want_modules="rds rds_tcp sch_netem veth"
-if [ ! -e "$kdir/.stamp" ]; then
+# sunrpc for Lustre's lnet.ko, virtio-net and bridge for the lnet test's two-VM network
+want_modules="rds rds_tcp sch_netem veth sunrpc virtio_pci virtio_net bridge"
+kstamp="$kdir/.stamp-$(sha256sum <<<"$want_modules" | cut -c1-12)"
+if [ ! -e "$kstamp" ]; then
     download "$kernel_pkg"
     kdeb=$(deb_path "$kernel_pkg")
     rm -rf "$kdir"; mkdir -p "$kdir/root"
@@ -315,14 +332,15 @@ if [ ! -e "$kdir/.stamp" ]; then
     done
     cp "$kdir"/root/boot/vmlinuz-* "$kdir/vmlinuz"
     rm -rf "$kdir/root"
-    touch "$kdir/.stamp"
+    rm -f "$kdir"/.stamp*
+    touch "$kstamp"
 fi
 echo "    modules (load order): $(tr '\n' ' ' < "$kdir/load-order")"
 
 # the kernel's headers, for the module test: the package of exactly this kernel
 # release and version, and what it depends on (its -common half and linux-kbuild)
 hdir=""
-if [[ ",$tests," == *",module,"* ]]; then
+if has_test module || has_test lnet; then
     hpkg="linux-headers-$kernel_release"
     hdir="$cache/headers/$hpkg-$kernel_ver"
     if [ ! -e "$hdir/.stamp" ]; then
@@ -455,16 +473,32 @@ fi
 # The module test: lu2k_kshim.ko against the headers fetched above, and the engine
 # binary it attaches to the module (static musl, the glibc build as a fallback).
 module_ko=""
+lustre=""
+lnet_skip=""
 module_engine=""
 if [ -n "$hdir" ]; then
     kcc=$(sed -n 's/^CC = .*)\(gcc-[0-9]*\)$/\1/p' "$kb/.kernelvariables" 2>/dev/null)
     kcc=${kcc:-gcc-12}
     command -v "$kcc" >/dev/null \
         || skip "the module is built with $kcc, the compiler Debian built $kernel_pkg with; apt-get install $kcc"
+    # the lnet test: Lustre's LNet first (cached by its inputs), lu2klnd.ko against it
+    lustre=""
+    if has_test lnet; then
+        if [ -f "$lustre_src" ]; then
+            echo "==> kernel-lab: Lustre for the lnet test ($lustre_src)"
+            lustre=$("$repo/scripts/lab/build-lustre.sh" "$lustre_src" "$kb" "$cache" | tail -n 1) \
+                || die "building Lustre for the lnet test failed (logs under $cache/lustre/)"
+        else
+            lnet_skip="no Lustre source at $lustre_src (--lustre-src, LU2K_LUSTRE_SRC)"
+            echo "    note: $lnet_skip; the lnet test will skip"
+        fi
+    fi
     mb="$cache/module-build"
     rm -rf "$mb"; cp -r "$repo/kshim/module" "$mb"
-    echo "==> kernel-lab: building lu2k_kshim.ko against $kernel_release's headers ($kcc)"
-    make -s -C "$kb" M="$mb" LU2K_ABI_INCLUDE="$repo/ring-abi/include" modules > "$cache/logs/module-build.log" 2>&1 \
+    echo "==> kernel-lab: building lu2k_kshim.ko${lustre:+ and lu2klnd.ko} against $kernel_release's headers ($kcc)"
+    make -s -C "$kb" M="$mb" LU2K_ABI_INCLUDE="$repo/ring-abi/include" \
+        ${lustre:+LUSTRE="$lustre" KBUILD_EXTRA_SYMBOLS="$lustre/Module.symvers"} modules \
+        > "$cache/logs/module-build.log" 2>&1 \
         || { tail -n 30 "$cache/logs/module-build.log" >&2; die "building kshim/module failed (log: $cache/logs/module-build.log)"; }
     if grep -E ' (warning|error):' "$cache/logs/module-build.log" >&2; then
         die "kshim/module builds with warnings against $kernel_release (log: $cache/logs/module-build.log)"
@@ -475,6 +509,13 @@ if [ -n "$hdir" ]; then
     [ -n "$vm_mod" ] && [ "$vm_mod" = "$ref_mod" ] \
         || die "version mismatch: lu2k_kshim.ko's vermagic '$vm_mod' differs from the kernel's own modules' '$ref_mod'"
     echo "    lu2k_kshim.ko: vermagic $vm_mod"
+    if [ -n "$lustre" ]; then
+        for ko in "$mb/lu2klnd.ko" "$lustre"/libcfs/libcfs/libcfs.ko "$lustre"/lnet/lnet/lnet.ko; do
+            v=$(tr '\0' '\n' < "$ko" | sed -n 's/^vermagic=//p' | head -1)
+            [ "$v" = "$ref_mod" ] || die "version mismatch: $(basename "$ko")'s vermagic '$v' differs from the kernel's '$ref_mod'"
+        done
+        echo "    lu2klnd.ko and Lustre's LNet: vermagic $ref_mod"
+    fi
     # the engine stage's build carries the same binary: no second build then
     [ -n "$engine_exe" ] && [ -x "$engine_exe" ] && module_engine=$engine_exe
     for et in "$musl" x86_64-unknown-linux-gnu; do
@@ -533,6 +574,13 @@ fi
 if [ -n "$module_ko" ]; then
     mkdir -p "$ird/lib/lab-extra"
     cp "$module_ko" "$ird/lib/lab-extra/"
+    if [ -n "$lustre" ]; then
+        cp "$mb/lu2klnd.ko" "$lustre"/libcfs/libcfs/libcfs.ko "$lustre"/lnet/lnet/lnet.ko \
+            "$lustre"/lnet/klnds/socklnd/ksocklnd.ko "$lustre"/lnet/selftest/lnet_selftest.ko \
+            "$ird/lib/lab-extra/"
+        strip --strip-debug "$ird"/lib/lab-extra/*.ko
+        cp "$lustre"/lnet/utils/lnetctl "$lustre"/lnet/utils/lst "$ird/bin/"
+    fi
     if [ -n "$module_engine" ] && [ "$module_engine" = "$engine_exe" ]; then
         ln -s "$engine_exe" "$ird/bin/lu2k-engine"   # carried for the engine stage already
     elif [ -n "$module_engine" ]; then
@@ -555,37 +603,96 @@ qemu="$qroot/usr/bin/qemu-system-x86_64"
 [ -x "$qemu" ] || die "qemu-system-x86_64 missing under $qroot (delete $cache/qemu to refetch)"
 qlibs="$qroot/usr/lib/x86_64-linux-gnu:$qroot/lib/x86_64-linux-gnu"
 [ -d "$qroot/usr/lib/x86_64-linux-gnu/pulseaudio" ] && qlibs="$qlibs:$qroot/usr/lib/x86_64-linux-gnu/pulseaudio"
-log="$cache/logs/console-$(date +%Y%m%d-%H%M%S).log"
-echo "==> kernel-lab: booting $kernel_pkg under qemu (tcg), tests: $tests (console: $log)"
-set +e
-LD_LIBRARY_PATH="$qlibs" timeout --kill-after=10 "$vm_timeout" "$qemu" \
-    -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios" \
-    -accel tcg -machine q35 -cpu max -smp "$cpus" -m "$memory" \
-    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
-    -kernel "$kdir/vmlinuz" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3 lu2k.tests=$tests lu2k.module_mib=$module_mib" \
-    < /dev/null > "$log" 2>&1
-qrc=$?
-set -e
-phase "VM finished (qemu rc $qrc)"
-[ -n "$keep_log" ] && cp "$log" "$keep_log"
+stamp=$(date +%Y%m%d-%H%M%S)
+# boot_vm LOG TESTS [CMDLINE-EXTRA [QEMU-ARGS...]]: one VM under the time limit, console to LOG
+boot_vm() {
+    local log=$1 vtests=$2 extra=${3:-}
+    shift 3 || shift $#
+    LD_LIBRARY_PATH="$qlibs" timeout --kill-after=10 "$vm_timeout" "$qemu" \
+        -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios" \
+        -accel tcg -machine q35 -cpu max -smp "$cpus" -m "$memory" \
+        -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+        -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3 lu2k.tests=$vtests lu2k.module_mib=$module_mib $extra" \
+        "$@" < /dev/null > "$log" 2>&1
+}
+# drop carriage returns and the firmware's terminal escapes
+clean_log() { tr -d '\r' < "$1" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' > "$1.clean"; }
+vm_tests=$(tr ',' '\n' <<<"$tests" | grep -vx lnet | paste -sd, || true)
+logs=()
+if [ -n "$vm_tests" ]; then
+    log="$cache/logs/console-$stamp.log"
+    echo "==> kernel-lab: booting $kernel_pkg under qemu (tcg), tests: $vm_tests (console: $log)"
+    set +e
+    boot_vm "$log" "$vm_tests" ""
+    qrc=$?
+    set -e
+    phase "VM finished (qemu rc $qrc)"
+    [ -n "$keep_log" ] && cp "$log" "$keep_log"
+    clean_log "$log"
+    grep -v '^LU2K-LAB' "$log.clean" | sed 's/^/    | /' | tail -n 200
+    logs+=("$log.clean")
+fi
+# The lnet test: two VMs, one LNet node each, joined by virtio-net over qemu's socket
+# netdev (a listens on a loopback port of this machine, b connects to it).
+lnet_logs=()
+if has_test lnet && [ -z "$lnet_skip" ] && [ -z "$lustre" ]; then
+    lnet_skip="lu2klnd.ko was not built"
+fi
+if has_test lnet && [ -z "$lnet_skip" ]; then
+    port=$((20000 + $$ % 20000))
+    for r in a b; do lnet_logs+=("$cache/logs/console-$stamp-lnet-$r.log"); done
+    echo "==> kernel-lab: booting two VMs for the lnet test (consoles: ${lnet_logs[*]})"
+    set +e
+    boot_vm "${lnet_logs[0]}" lnet "lu2k.lnet=a,10.77.0.1,10.77.0.2 lu2k.lnet_loops=$lnet_loops loglevel=6" \
+        -netdev "socket,id=n0,listen=127.0.0.1:$port" \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:01,romfile= &
+    pa=$!
+    sleep 2   # a's listening socket first
+    boot_vm "${lnet_logs[1]}" lnet "lu2k.lnet=b,10.77.0.2,10.77.0.1 loglevel=6" \
+        -netdev "socket,id=n0,connect=127.0.0.1:$port" \
+        -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:02,romfile= &
+    pb=$!
+    wait $pa; qa=$?
+    wait $pb; qb=$?
+    set -e
+    phase "lnet VMs finished (qemu rc $qa, $qb)"
+    for l in "${lnet_logs[@]}"; do
+        clean_log "$l"
+        echo "    --- $(basename "$l")"
+        grep -v '^LU2K-LAB' "$l.clean" | sed 's/^/    | /' | tail -n 120
+    done
+fi
 
 # --- 5. the verdict from the markers -----------------------------------------------------
 
-# drop carriage returns and the firmware's terminal escapes
-tr -d '\r' < "$log" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' > "$log.clean"
-grep -v '^LU2K-LAB' "$log.clean" | sed 's/^/    | /' | tail -n 200
 echo "==> kernel-lab: markers"
-grep '^LU2K-LAB' "$log.clean" | sed 's/^/    /' || true
-booted=$(sed -n 's/.*LU2K-LAB KERNEL //p' "$log.clean" | head -1)
-fails=0; skips=0
-for t in ${tests//,/ }; do
-    if grep -q "^LU2K-LAB PASS $t\$" "$log.clean"; then :
-    elif grep -q "^LU2K-LAB SKIP $t:" "$log.clean"; then skips=$((skips+1))
-    elif grep -q "^LU2K-LAB FAIL $t:" "$log.clean"; then fails=$((fails+1))
-    else echo "    no marker for test $t"; fails=$((fails+1)); fi
+for l in "${logs[@]}" "${lnet_logs[@]/%/.clean}"; do
+    grep '^LU2K-LAB' "$l" | sed "s/^/    $(basename "${l%.log.clean}" | sed 's/console-[0-9-]*//'): /" || true
 done
-grep -q '^LU2K-LAB DONE$' "$log.clean" || { echo "    no DONE marker: the VM did not finish (timeout ${vm_timeout}s, qemu rc $qrc)"; fails=$((fails+1)); }
+booted=$(sed -n 's/.*LU2K-LAB KERNEL //p' "${logs[@]}" "${lnet_logs[@]/%/.clean}" 2>/dev/null | head -1)
+fails=0; skips=0
+# verdict TEST LOG...: the test passed in every VM it ran in
+verdict() {
+    local t=$1 l pass=0 skip=0 fail=0; shift
+    for l in "$@"; do
+        if grep -q "^LU2K-LAB PASS $t\$" "$l"; then pass=$((pass+1))
+        elif grep -q "^LU2K-LAB SKIP $t:" "$l"; then skip=$((skip+1))
+        elif grep -q "^LU2K-LAB FAIL $t:" "$l"; then fail=$((fail+1))
+        else echo "    no marker for test $t in $(basename "$l" .clean)"; fail=$((fail+1)); fi
+        grep -q '^LU2K-LAB DONE$' "$l" || { echo "    no DONE marker in $(basename "$l" .clean): the VM did not finish (timeout ${vm_timeout}s)"; fail=$((fail+1)); }
+    done
+    if [ $fail -gt 0 ]; then fails=$((fails+1)); elif [ $skip -gt 0 ]; then skips=$((skips+1)); fi
+}
+for t in ${tests//,/ }; do
+    if [ "$t" = lnet ] && [ -n "$lnet_skip" ]; then
+        echo "    SKIP lnet: $lnet_skip"; skips=$((skips+1))
+    elif [ "$t" = lnet ]; then
+        verdict lnet "${lnet_logs[@]/%/.clean}"
+    else
+        verdict "$t" "${logs[@]}"
+    fi
+done
 printf '==> kernel-lab: kernel %s (%s %s), %d failed, %d skipped, total %s s\n' \
     "${booted:-?}" "$kernel_pkg" "$kernel_ver" "$fails" "$skips" "$(since "$t_start")"
 if [ $fails -gt 0 ]; then exit 1; fi

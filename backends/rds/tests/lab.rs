@@ -1,5 +1,6 @@
 //! The kernel lab, as a cargo test: runs `scripts/kernel-lab.sh`, which boots
-//! Debian's kernel in qemu and runs the RDS, netem, io_uring-probe, engine and kernel-module tests inside it
+//! Debian's kernel in qemu and runs the RDS, netem, io_uring-probe, engine and kernel-module tests inside it,
+//! then the lnet test (lu2klnd inside Lustre's LNet) in two VMs
 //! (this machine's kernel has no RDS, no netem and no module loading).
 //!
 //! The script exits 77 when the lab cannot run here (not root, Debian's mirror
@@ -14,7 +15,7 @@ use std::process::Command;
 fn kernel_lab() {
     if let Ok(v) = std::env::var("LU2K_SKIP_LAB") {
         if v != "0" && !v.is_empty() {
-            eprintln!("SKIP kernel_lab: LU2K_SKIP_LAB={v} (the RDS, netem, 6.1 probe, engine-on-6.1 and kernel-module tests did not run)");
+            eprintln!("SKIP kernel_lab: LU2K_SKIP_LAB={v} (the RDS, netem, 6.1 probe, engine-on-6.1, kernel-module and LNet tests did not run)");
             return;
         }
     }
@@ -22,9 +23,10 @@ fn kernel_lab() {
     let script = root.join("scripts/kernel-lab.sh");
     let out = Command::new("bash")
         .arg(&script)
-        // All stages (rds, netem, probe, engine, module). The engine and module stages
-        // take a few minutes each of the VM on this 2-core host (TCG); each test inside
-        // has its own limit, so a hang names itself long before this one.
+        // All stages (rds, netem, probe, engine, module in one VM; lnet in two more,
+        // with Lustre built once and cached). The engine and module stages take a few
+        // minutes each of the VM on this 2-core host (TCG); each test inside has its
+        // own limit, so a hang names itself long before this one (the limit is per VM).
         .args(["--timeout", "900"])
         .current_dir(&root)
         .output()
@@ -45,7 +47,7 @@ fn kernel_lab() {
                 .unwrap_or("the lab cannot run here");
             eprintln!("SKIP kernel_lab: {why}");
             eprintln!(
-                "SKIP kernel_lab: the RDS, netem, 6.1 probe, engine-on-6.1 and kernel-module tests did NOT run; run scripts/kernel-lab.sh as root on Debian"
+                "SKIP kernel_lab: the RDS, netem, 6.1 probe, engine-on-6.1, kernel-module and LNet tests did NOT run; run scripts/kernel-lab.sh as root on Debian"
             );
         }
         code => panic!(

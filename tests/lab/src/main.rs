@@ -18,8 +18,11 @@
 //! - `module`: lu2k_kshim.ko, the kernel half as a kernel module, with engines attached
 //!   through /dev/lu2k: verified PUTs each way, pings, an engine killed mid-transfer,
 //!   a hostile engine, rmmod.
+//! - `lnet`: lu2klnd.ko inside real LNet (Lustre 2.17), two VMs: `lnetctl ping` and
+//!   `lst` brw write and read of 1 MiB with check=full across lu2k.
 
 mod engine;
+mod lnet;
 mod module;
 mod netem;
 mod netns;
@@ -45,6 +48,7 @@ const TESTS: &[(&str, Test)] = &[
     ("probe", probe::run),
     ("engine", engine::run),
     ("module", module::run),
+    ("lnet", lnet::run),
 ];
 
 fn main() -> ExitCode {
