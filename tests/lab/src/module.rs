@@ -331,7 +331,51 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     );
     println!("module: {bells}");
 
-    // 6. rmmod: refused with an engine attached, clean without.
+    // 6. One peer over two cores: instances of two ring sets that spread each peer
+    // over both (conns_per_peer = 2, lu2k_stripe); the engines keep a connection per
+    // core and steer by socket ID. They stay attached for the rmmod check below.
+    ea.kill();
+    wait_serving(fd, ia, false, &mut ea)?;
+    let ia2 = create_striped(fd, nid_a)?;
+    let ib2 = create_striped(fd, nid_b)?;
+    ea = Engine::device(&a, ia2)?;
+    eb = Engine::device(&b, ib2)?;
+    wait_serving(fd, ia2, true, &mut ea)?;
+    wait_serving(fd, ib2, true, &mut eb)?;
+    let n = 64u32;
+    let l = put(ia2, nid_b, n, MIB, 2, 9 << 40)?;
+    let s2 = device::stats(fd, ib2)?;
+    ensure!(
+        l.ok == u64::from(n) && l.failed == 0 && s2.puts_verified == u64::from(n),
+        "striped PUTs: {} of {n} OK, {} failed, {} verified at the sink",
+        l.ok,
+        l.failed,
+        s2.puts_verified
+    );
+    // Snapshots are published every 100 ms of a core's loop: wait for the counts.
+    let t = Instant::now();
+    let (tx, rx) = loop {
+        let tx: Vec<u64> = core_counts(&a.ns)?.iter().map(|c| c.0).collect();
+        let rx: Vec<u64> = core_counts(&b.ns)?.iter().map(|c| c.1).collect();
+        if tx.iter().sum::<u64>() >= u64::from(n) && rx.iter().sum::<u64>() >= u64::from(n) {
+            break (tx, rx);
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "striped PUTs: engine stats never counted {n}: TX descriptors per core {tx:?}, RX {rx:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        tx.len() == 2 && rx.len() == 2 && tx.iter().chain(&rx).all(|&c| c >= u64::from(n / 8)),
+        "striped PUTs of one peer did not use both cores: sender TX descriptors per core {tx:?}, receiver RX descriptors per core {rx:?}"
+    );
+    let striped = format!(
+        "one peer over two cores (conns_per_peer 2): {n} PUTs verified, sender TX descriptors per core {tx:?}, receiver RX descriptors per core {rx:?}"
+    );
+    println!("module: {striped}");
+
+    // 7. rmmod: refused with an engine attached, clean without.
     drop(dev);
     ensure!(
         sh("rmmod", &["lu2k_kshim"]).is_err(),
@@ -351,7 +395,7 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     }
     ensure!(!Path::new(DEV).exists(), "{DEV} still exists after rmmod");
     Ok(format!(
-        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; {interop}; {bells}; rmmod refused while attached, then clean"
+        "lu2k_kshim.ko: {puts}; {ping}; {crash_line}; {hostile}; {interop}; {bells}; {striped}; rmmod refused while attached, then clean"
     ))
 }
 
@@ -369,6 +413,59 @@ fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
     c.nids[0] = nid;
     device::create(fd, &mut c).with_context(|| format!("creating the instance of {nid}"))?;
     Ok(c.instance)
+}
+
+/// An instance of two ring sets that spreads each peer over both (`conns_per_peer`).
+fn create_striped(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
+    let mut c = Create {
+        cores: 2,
+        conns_per_peer: 2,
+        nid_count: 1,
+        ring_entries: 1024,
+        tx_slots: 32,
+        rx_buf_size: 64 << 10,
+        rx_buf_count: 2048,
+        rx_tables_per_core: 64,
+        ..Create::default()
+    };
+    c.nids[0] = nid;
+    device::create(fd, &mut c)
+        .with_context(|| format!("creating the striped instance of {nid}"))?;
+    Ok(c.instance)
+}
+
+/// Per core `(tx_descs, rx_descs)` of the engine in namespace `ns`, from the first
+/// table of `lu2k-engine stats`.
+fn core_counts(ns: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let out = Command::new(ENGINE)
+        .args(["stats", "--socket"])
+        .arg(format!("/tmp/engine-{ns}-stats.sock"))
+        .output()
+        .context("running lu2k-engine stats")?;
+    ensure!(
+        out.status.success(),
+        "lu2k-engine stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for l in text
+        .lines()
+        .skip_while(|l| !(l.trim_start().starts_with("core") && l.contains("tx_descs")))
+        .skip(1)
+    {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+        match (num(0), num(1), num(3)) {
+            (Some(_), Some(tx), Some(rx)) => rows.push((tx, rx)),
+            _ => break,
+        }
+    }
+    ensure!(
+        !rows.is_empty(),
+        "no per-core rows in lu2k-engine stats:\n{text}"
+    );
+    Ok(rows)
 }
 
 /// A hostile caller's CREATE and LOAD arguments: sizes whose layout sums would wrap
