@@ -8,7 +8,7 @@
 //!   and comes back 3 s later: every PUT completes `Ok` once and arrives once;
 //!   the switch time is measured (engine A's `max_switch_us`, and the gap in
 //!   B's deliveries); after the return link 0 carries messages again.
-//! - balance: both links limited by tbf on A's side (100 and 50 Mbit/s): the
+//! - balance: both links limited by tbf on A's side (100 + 50, and 100 + 100 Mbit/s): the
 //!   aggregate goodput is at least 90 % of what the two links can carry.
 //!
 //! Needs root, veth, tc and iproute2's `ip`; skips loudly otherwise.
@@ -351,8 +351,10 @@ fn failover_when_a_link_goes_down_mid_transfer() {
     );
     assert!(mbit >= 0.9 * cap, "{mbit:.1} Mbit/s through the outage");
     assert!(l[0].downs >= 1 && l[0].msgs_moved_off > 0, "{l:#?}");
+    // The silence floor (100 ms; veth's RTT is far below it) plus a loaded
+    // machine's wake-up.
     assert!(
-        l[0].max_switch_us <= 200_000,
+        l[0].max_switch_us <= 300_000,
         "switch after {} µs",
         l[0].max_switch_us
     );
@@ -377,45 +379,54 @@ fn failover_when_a_link_goes_down_mid_transfer() {
     assert!(eb.term_within(Duration::from_secs(10)).success());
 }
 
-#[test]
-fn balance_over_two_rate_limited_links() {
-    let Some((nets, dir, mut ka, mut kb, ea, eb)) = setup("mlb", "balance") else {
+/// Balance over two links limited by tbf to `rates` Mbit/s (A's side): the
+/// aggregate is at least 90 % of the payload the two can carry, the faster
+/// link carries more, every PUT once.
+fn balance(tag: &str, rates: [u32; 2]) {
+    let Some((nets, dir, mut ka, mut kb, ea, eb)) = setup(tag, "balance") else {
         return;
     };
-    nets.limit(0, 100);
-    nets.limit(1, 50);
+    nets.limit(0, rates[0]);
+    nets.limit(1, rates[1]);
     const LEN: usize = 1 << 20;
-    const COUNT: u64 = 240;
-    let mut t0 = None;
+    let count: u64 = u64::from(rates[0] + rates[1]) * 8 / 5;
     let (got, at) = transfer(
         &mut ka,
         &mut kb,
-        COUNT,
+        count,
         LEN,
         Duration::from_secs(120),
-        &mut |t, _| {
-            t0.get_or_insert(t);
-        },
+        &mut |_, _| {},
     );
     assert!(got.iter().all(|&n| n == 1), "delivered other than once");
     // Goodput after the first 40 messages (the links' rates are measured and
     // UDT's rate has grown by then) to the end.
     let (s, e) = (at[40], *at.last().unwrap());
-    let mbit = (COUNT - 41) as f64 * LEN as f64 * 8.0 / (e - s).as_secs_f64() / 1e6;
+    let mbit = (count - 41) as f64 * LEN as f64 * 8.0 / (e - s).as_secs_f64() / 1e6;
     // tbf counts whole frames: a 1500-byte IP packet (1514 on the wire) holds
     // 1440 payload bytes on a multi-link connection.
-    let cap = 150.0 * 1440.0 / 1514.0;
+    let cap = f64::from(rates[0] + rates[1]) * 1440.0 / 1514.0;
     let l = links(&dir, "a");
     eprintln!(
-        "balance: {mbit:.1} Mbit/s over tbf 100 + 50 Mbit/s (payload capacity {cap:.1}); \
+        "balance: {mbit:.1} Mbit/s over tbf {} + {} Mbit/s (payload capacity {cap:.1}); \
          link shares {} / {} messages",
-        l[0].msgs_acked, l[1].msgs_acked
+        rates[0], rates[1], l[0].msgs_acked, l[1].msgs_acked
     );
     assert!(mbit >= 0.9 * cap, "{mbit:.1} Mbit/s of {cap:.1}");
-    assert!(
-        l[0].msgs_acked > l[1].msgs_acked && l[1].msgs_acked > 0,
-        "{l:#?}"
-    );
+    assert!(l[0].msgs_acked > 0 && l[1].msgs_acked > 0, "{l:#?}");
+    if rates[0] > rates[1] {
+        assert!(l[0].msgs_acked > l[1].msgs_acked, "{l:#?}");
+    }
     assert!(ea.term_within(Duration::from_secs(10)).success());
     assert!(eb.term_within(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn balance_over_two_rate_limited_links() {
+    balance("mlb", [100, 50]);
+}
+
+#[test]
+fn balance_over_two_100_mbit_links() {
+    balance("mlc", [100, 100]);
 }

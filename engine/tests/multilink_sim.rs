@@ -431,9 +431,11 @@ fn failover_moves_within_two_rtt_and_back_and_delivers_each_message_once() {
         sw > 0 && sw <= 2 * rtt,
         "switch after {sw} µs of silence (RTT {rtt} µs)"
     );
+    // From the cut: A still hears for one one-way delay (the answers already
+    // on the way back), then the silence of at most 2 RTT.
     let seen = t_switch.expect("link 0 seen down");
     assert!(
-        seen <= Duration::from_micros(2 * rtt),
+        seen <= Duration::from_micros(2 * rtt + rtt / 2),
         "link 0 down {seen:?} after the outage began"
     );
     assert!(links[0].msgs_moved_off > 0, "nothing moved off link 0");

@@ -15,10 +15,10 @@
 //!   checked against the kernel's route at start.
 //! - **failover**: every message goes to the first link, in configuration order,
 //!   that is up. A link carrying messages that hears nothing for
-//!   [`silence_limit_us`] (1.25 RTT + 20 ms, at least 50 ms) is down: its
+//!   [`silence_limit_us`] (1.25 RTT + 20 ms, at least 100 ms) is down: its
 //!   connection is closed and each of its unfinished messages goes again on the
 //!   next link at once, so traffic moves within 2 RTT of the link going silent
-//!   (RTT ≥ 80 ms; below that the 50 ms floor rules). A down link is dialled again
+//!   (RTT ≥ 50 ms; below that the 100 ms floor rules). A down link is dialled again
 //!   (UDT's handshake every 250 ms is the probe); once its handshake is answered it
 //!   is up and new messages go back to it.
 //! - **balance**: each message goes to the link that would finish it first: the
@@ -52,9 +52,11 @@ use serde::{Deserialize, Serialize};
 pub const EXT_LEN: usize = 16;
 /// The extension's first bytes.
 pub const EXT_MAGIC: [u8; 4] = *b"LuML";
-/// Floor of the silence limit (µs): below it, ACK spacing (10 ms) and
-/// scheduling noise would look like silence.
-pub const SILENCE_FLOOR_US: u64 = 50_000;
+/// Floor of the silence limit (µs): below it, ACK spacing (10 ms), a
+/// bottleneck queue's delay and a loaded CPU's scheduling gaps look like
+/// silence (at 50 ms a loaded 2-core machine moved a busy 50 Mbit/s link's
+/// messages for nothing).
+pub const SILENCE_FLOOR_US: u64 = 100_000;
 /// Rate sampling period of a link (µs).
 const RATE_PERIOD_US: u64 = 100_000;
 /// Message numbers one [`Dedup`] window remembers above its floor.
@@ -415,6 +417,9 @@ pub struct Link {
     pub tx_sock: Option<u32>,
     /// When a valid datagram last came over it, or work on it started (µs).
     pub last_heard: u64,
+    /// When the first data packet sent over it since it was last heard left
+    /// (µs): silence counts only against packets that could have been answered.
+    pub unanswered_since: Option<u64>,
     /// Messages on it not yet acknowledged, and their bytes.
     pub in_flight: u32,
     /// Bytes of [`Link::in_flight`].
@@ -514,6 +519,7 @@ impl Links {
                 state: LinkState::Connecting,
                 tx_sock: None,
                 last_heard: now,
+                unanswered_since: None,
                 in_flight: 0,
                 queued: 0,
                 rate: 0.0,
@@ -640,6 +646,14 @@ impl Links {
     pub fn heard(&mut self, i: usize, now: u64) {
         if let Some(l) = self.links.get_mut(i) {
             l.last_heard = l.last_heard.max(now);
+            l.unanswered_since = None;
+        }
+    }
+
+    /// Data went out over link `i`.
+    pub fn sent(&mut self, i: usize, now: u64) {
+        if let Some(l) = self.links.get_mut(i) {
+            l.unanswered_since.get_or_insert(now);
         }
     }
 
@@ -654,13 +668,16 @@ impl Links {
         }
     }
 
-    /// Whether link `i` carries messages and heard nothing for longer than
-    /// [`silence_limit_us`] of `rtt_us`.
+    /// Whether link `i` carries messages and nothing answered the data sent
+    /// over it for longer than [`silence_limit_us`] of `rtt_us`. A sender
+    /// that sends nothing (its flow window closed by a slow receiver) expects
+    /// no answer: that is no silence.
     pub fn silent(&self, i: usize, now: u64, rtt_us: u64) -> bool {
         let l = &self.links[i];
         l.in_flight > 0
             && l.state != LinkState::Down
-            && now.saturating_sub(l.last_heard) > silence_limit_us(rtt_us)
+            && l.unanswered_since
+                .is_some_and(|t| now.saturating_sub(t.max(l.last_heard)) > silence_limit_us(rtt_us))
     }
 
     /// Link `i` is down (silent, or its connection ended); `now` for the
@@ -674,6 +691,7 @@ impl Links {
             l.counters.max_switch_us = l.counters.max_switch_us.max(since);
         }
         l.tx_sock = None;
+        l.unanswered_since = None;
         l.sample_busy = false;
     }
 
@@ -809,14 +827,16 @@ mod tests {
             "back to the first once it is up"
         );
         l.assign(0, 1000, 30);
-        // RTT 10 ms: the 50 ms floor rules.
-        assert!(!l.silent(0, 30 + 50_000, 10_000));
-        assert!(l.silent(0, 30 + 50_001, 10_000));
+        assert!(!l.silent(0, 1_000_000, 10_000), "nothing sent: no silence");
+        l.sent(0, 30);
+        // RTT 10 ms: the floor rules.
+        assert!(!l.silent(0, 30 + SILENCE_FLOOR_US, 10_000));
+        assert!(l.silent(0, 31 + SILENCE_FLOOR_US, 10_000));
     }
 
     #[test]
     fn silence_limit_is_within_two_rtt() {
-        for rtt in [80_000u64, 250_000, 600_000, 700_000] {
+        for rtt in [50_000u64, 80_000, 250_000, 600_000, 700_000] {
             let s = silence_limit_us(rtt);
             assert!(s > rtt && s <= 2 * rtt, "rtt {rtt}: limit {s}");
         }
@@ -829,6 +849,7 @@ mod tests {
         l.connected(0, 0);
         l.connected(1, 0);
         l.assign(0, 1000, 1_000);
+        l.sent(0, 1_000);
         let rtt = 600_000;
         let lim = silence_limit_us(rtt);
         assert!(!l.silent(0, 1_000 + lim, rtt));

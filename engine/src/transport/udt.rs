@@ -1010,6 +1010,14 @@ impl Udt {
         match self.io.send(dst, &segs[..k], token) {
             Ok(()) => {
                 self.sent(token, start, k);
+                if self.ml.is_some()
+                    && self.transmits[start..start + k]
+                        .iter()
+                        .any(|t| t.payload.is_some())
+                {
+                    let now = self.now_us();
+                    self.ml_sent(sock, now);
+                }
                 k
             }
             Err(SendError::Busy) => 0,

@@ -263,6 +263,16 @@ impl Udt {
         false
     }
 
+    /// Data packets went out on connection `sock`.
+    pub(super) fn ml_sent(&mut self, sock: u32, now: u64) {
+        let Some(ml) = self.ml.as_mut() else { return };
+        if let Some(&(ip, i)) = ml.tx.get(&sock) {
+            if let Some(l) = ml.peers.get_mut(&ip) {
+                l.sent(i, now);
+            }
+        }
+    }
+
     /// A valid datagram on connection `sock`.
     pub(super) fn ml_heard(&mut self, sock: u32, now: u64) {
         let Some(ml) = self.ml.as_mut() else { return };
@@ -330,6 +340,13 @@ impl Udt {
         };
         if m.sock != sock {
             return true;
+        }
+        if self
+            .msgs
+            .get(&msg)
+            .is_none_or(|t| t.acked || t.failed.is_some())
+        {
+            return false;
         }
         let Some(l) = ml.peers.get_mut(&m.peer) else {
             return false;
@@ -494,10 +511,18 @@ impl Udt {
         }
         for i in silent {
             let ml = self.ml.as_mut().expect("multi-link");
+            // An acknowledged message waiting only for the kernel to release its
+            // memory is done: going again would send from memory kshim gets
+            // back at its completion.
+            let open = |id: &u64| {
+                self.msgs
+                    .get(id)
+                    .is_some_and(|t| !t.acked && t.failed.is_none())
+            };
             let mut ids: Vec<u64> = ml
                 .msgs
                 .iter()
-                .filter(|(_, m)| m.peer == ip && m.link == i && m.sock != 0)
+                .filter(|(id, m)| m.peer == ip && m.link == i && m.sock != 0 && open(id))
                 .map(|(&id, _)| id)
                 .collect();
             ids.sort_unstable();
