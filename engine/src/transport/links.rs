@@ -14,8 +14,9 @@
 //!   interface; the configured local address names the link at the peer and is
 //!   checked against the kernel's route at start.
 //! - **failover**: every message goes to the first link, in configuration order,
-//!   that is up. A link carrying messages that hears nothing for
-//!   [`silence_limit_us`] (1.25 RTT + 20 ms, at least 100 ms) is down: its
+//!   that is up. A link carrying messages whose data sent over it went
+//!   unanswered for [`silence_limit_us`] (1.25 RTT + 20 ms, at least 100 ms;
+//!   see [`Links::silent`]) is down: its
 //!   connection is closed and each of its unfinished messages goes again on the
 //!   next link at once, so traffic moves within 2 RTT of the link going silent
 //!   (RTT ≥ 50 ms; below that the 100 ms floor rules). A down link is dialled again
