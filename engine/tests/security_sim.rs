@@ -540,8 +540,8 @@ fn a_handshake_with_the_engines_own_client_key_is_refused() {
     let from_x = SocketAddrV4::new(x, PORT);
     let psk = Psk::from_bytes(KEY).expect("a long key");
     let ends = seal::Ends {
-        initiator: x,
-        responder: A,
+        initiator: x.into(),
+        responder: A.into(),
     };
     let clock = SimClock::new();
     let mut a = node(A, &clock, Some(KEY), Limits::default());

@@ -9,8 +9,8 @@ use lu2k_engine::transport::seal::{
 
 /// The two ends of every handshake here.
 const ENDS: Ends = Ends {
-    initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
-    responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+    initiator: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+    responder: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)),
 };
 
 /// The key every check uses (an attacker does not have it).

@@ -18,8 +18,8 @@ use lu2k_engine::transport::seal::{
 };
 
 const ENDS: Ends = Ends {
-    initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
-    responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+    initiator: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+    responder: std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)),
 };
 
 /// Keys change after 3 packets or 5 ms, and a previous key is kept 1 ms: the

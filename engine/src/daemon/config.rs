@@ -795,13 +795,13 @@ mod tests {
         let c = crate::transport::seal::Client::new(
             from_hex.net[0].clone(),
             crate::transport::seal::Ends {
-                initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
-                responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                initiator: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
+                responder: std::net::Ipv4Addr::new(10, 0, 0, 2).into(),
             },
         );
         let ends = crate::transport::seal::Ends {
-            initiator: std::net::Ipv4Addr::new(10, 0, 0, 1),
-            responder: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            initiator: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
+            responder: std::net::Ipv4Addr::new(10, 0, 0, 2).into(),
         };
         let mut d = [1u8; crate::transport::seal::HS_LEN].to_vec();
         d.extend_from_slice(&c.trailer(&[1u8; crate::transport::seal::HS_LEN]));

@@ -57,7 +57,7 @@
 //! 1 Gbit/s has ~50 000 packets in flight); a counter seen, or older than the
 //! window, is refused. Only a datagram that opened marks the window.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use aws_lc_rs::{aead, agreement, constant_time, hkdf, hmac, rand};
 use zeroize::Zeroizing;
@@ -124,17 +124,33 @@ pub struct Psk {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ends {
     /// The connecting side.
-    pub initiator: Ipv4Addr,
+    pub initiator: IpAddr,
     /// The side connected to.
-    pub responder: Ipv4Addr,
+    pub responder: IpAddr,
 }
 
 impl Ends {
-    fn bytes(&self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&self.initiator.octets());
-        b[4..].copy_from_slice(&self.responder.octets());
-        b
+    /// What the MACs and the KDF bind: two IPv4 ends as their 8 bytes; ends of
+    /// which either is IPv6 as 32 bytes, each end in its IPv6 form (an IPv4 end
+    /// IPv4-mapped), so the two encodings never collide (different lengths).
+    fn bytes(&self) -> ([u8; 32], usize) {
+        let mut b = [0u8; 32];
+        match (self.initiator, self.responder) {
+            (IpAddr::V4(i), IpAddr::V4(r)) => {
+                b[..4].copy_from_slice(&i.octets());
+                b[4..8].copy_from_slice(&r.octets());
+                (b, 8)
+            }
+            (i, r) => {
+                let v6 = |a: IpAddr| match a {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                    IpAddr::V6(v6) => v6.octets(),
+                };
+                b[..16].copy_from_slice(&v6(i));
+                b[16..].copy_from_slice(&v6(r));
+                (b, 32)
+            }
+        }
     }
 
     /// The same two addresses the other way round: what a handshake this side
@@ -188,7 +204,8 @@ impl Psk {
     fn tag(&self, label: &[u8], ends: Ends, parts: &[&[u8]]) -> [u8; 16] {
         let mut c = hmac::Context::with_key(&self.mac);
         c.update(label);
-        c.update(&ends.bytes());
+        let (e, n) = ends.bytes();
+        c.update(&e[..n]);
         for p in parts {
             c.update(p);
         }
@@ -734,9 +751,10 @@ fn derive(
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.salt[..]).extract(dh);
     let mut c2s = Zeroizing::new([0u8; 32]);
     let mut s2c = Zeroizing::new([0u8; 32]);
-    let e = ends.bytes();
-    expand(&prk, &[b"lu2k v2 c2s", &e, client, server], &mut c2s[..]);
-    expand(&prk, &[b"lu2k v2 s2c", &e, client, server], &mut s2c[..]);
+    let (e, n) = ends.bytes();
+    let e = &e[..n];
+    expand(&prk, &[b"lu2k v2 c2s", e, client, server], &mut c2s[..]);
+    expand(&prk, &[b"lu2k v2 s2c", e, client, server], &mut s2c[..]);
     (c2s, s2c)
 }
 
@@ -829,8 +847,8 @@ mod tests {
     }
 
     const ENDS: Ends = Ends {
-        initiator: Ipv4Addr::new(10, 0, 0, 1),
-        responder: Ipv4Addr::new(10, 0, 0, 2),
+        initiator: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        responder: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
     };
 
     fn pair(limits: Limits) -> (Box<Session>, Box<Session>) {
@@ -887,7 +905,7 @@ mod tests {
 
     #[test]
     fn a_handshake_authenticates_only_between_its_two_ends() {
-        let third = Ipv4Addr::new(10, 0, 0, 3);
+        let third = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3));
         let mut c = Client::new(psk(7), ENDS);
         let hs = [1u8; HS_LEN];
         let mut d = hs.to_vec();
@@ -918,6 +936,57 @@ mod tests {
         let mut own = [2u8; HS_LEN].to_vec();
         own.extend_from_slice(&c.trailer(&[2u8; HS_LEN]));
         assert!(c.on_reply(&own, 0, Limits::default()).is_none());
+    }
+
+    /// IPv6 ends are bound as tightly: a handshake between two IPv6 addresses
+    /// authenticates only between them (one address bit, the order, or the IPv4
+    /// form of a mapped address each make it fail), and it keys a session.
+    #[test]
+    fn ipv6_ends_are_bound_into_the_macs() {
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        let ends = Ends {
+            initiator: a,
+            responder: b,
+        };
+        let c = Client::new(psk(7), ends);
+        let hs = [1u8; HS_LEN];
+        let mut d = hs.to_vec();
+        d.extend_from_slice(&c.trailer(&hs));
+        assert!(check_client_hs(&[psk(7)], ends, &d).is_some());
+        assert!(check_client_hs(&[psk(7)], ends.swapped(), &d).is_none());
+        let near = Ends {
+            responder: "2001:db8::3".parse().unwrap(),
+            ..ends
+        };
+        assert!(check_client_hs(&[psk(7)], near, &d).is_none());
+        // An IPv4 end and its IPv4-mapped IPv6 form are different ends.
+        let v4 = Ends {
+            initiator: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            responder: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+        };
+        let mapped = Ends {
+            initiator: IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped()),
+            responder: IpAddr::V6(Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped()),
+        };
+        let c4 = Client::new(psk(7), v4);
+        let mut d4 = hs.to_vec();
+        d4.extend_from_slice(&c4.trailer(&hs));
+        assert!(check_client_hs(&[psk(7)], v4, &d4).is_some());
+        assert!(check_client_hs(&[psk(7)], mapped, &d4).is_none());
+        // The listener's cookie reply between IPv6 ends: the client takes it only
+        // from the ends it dialled.
+        let mut c = Client::new(psk(7), ends);
+        let mut l = [3u8; HS_LEN].to_vec();
+        l.extend_from_slice(&listener_trailer(&psk(7), near, &[3u8; HS_LEN], &c.public));
+        assert!(c.on_reply(&l, 0, Limits::default()).is_none());
+        let (srv, _) = Server::accept(psk(7), ends, c.public, 0, Limits::default()).unwrap();
+        let mut r = [2u8; HS_LEN].to_vec();
+        r.extend_from_slice(&srv.trailer(&[2u8; HS_LEN]));
+        assert!(matches!(
+            c.on_reply(&r, 0, Limits::default()),
+            Some(ClientGot::Server(Some(_)))
+        ));
     }
 
     #[test]
