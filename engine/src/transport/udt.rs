@@ -665,8 +665,8 @@ impl Udt {
         if let Some(sec) = &self.sec {
             // The peer's first key connects (any of its keys is accepted from it).
             let ends = seal::Ends {
-                initiator: sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                responder: ip,
+                initiator: sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED).into(),
+                responder: ip.into(),
             };
             match sec.keys.for_peer(ip).first() {
                 Some(psk) => {
@@ -1508,8 +1508,8 @@ impl Udt {
         let sec = self.sec.as_ref().expect("sealed wire");
         let local = sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED);
         let ends = seal::Ends {
-            initiator: ip,
-            responder: local,
+            initiator: ip.into(),
+            responder: local.into(),
         };
         let keys = sec.keys.for_peer(ip);
         let checked = if ip == local {
