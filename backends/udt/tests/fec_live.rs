@@ -459,3 +459,29 @@ fn other_cells_complete() {
         }
     }
 }
+
+/// A repair packet reaching a connection without a decoder (a peer not
+/// configured for FEC) is dropped and counted, nothing else.
+#[test]
+fn a_connection_without_a_decoder_drops_repairs() {
+    let mut e = fec::Encoder::new(fec::Config::default()).unwrap();
+    for i in 0..46u32 {
+        let mut d = i.to_be_bytes().to_vec();
+        d.extend_from_slice(&[0xC0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7]);
+        d.extend(std::iter::repeat_n(i as u8, 1400));
+        e.handle_sent(0, &d);
+    }
+    e.handle_timeout(1_000_000);
+    let r = e.poll_transmit().expect("a repair");
+    assert!(fec::is_repair(&r));
+    let addr: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+    let mut c = Connection::connect(0, Config::default(), 1, addr);
+    let at = Extent {
+        buf: 0,
+        offset: 0,
+        len: r.len() as u32,
+    };
+    assert!(!c.handle_datagram(1, &r, at));
+    assert_eq!(c.stats().dropped_malformed, 1);
+    assert!(!c.is_closed());
+}
