@@ -668,7 +668,8 @@ fi
 
 echo "==> kernel-lab: markers"
 for l in "${logs[@]}" "${lnet_logs[@]/%/.clean}"; do
-    grep '^LU2K-LAB' "$l" | sed "s/^/    $(basename "${l%.log.clean}" | sed 's/console-[0-9-]*//'): /" || true
+    vm=$(basename "${l%.log.clean}" | sed 's/^console-[0-9]*-[0-9]*-\{0,1\}//')
+    grep '^LU2K-LAB' "$l" | sed "s/^/    ${vm:-vm}: /" || true
 done
 booted=$(sed -n 's/.*LU2K-LAB KERNEL //p' "${logs[@]}" "${lnet_logs[@]/%/.clean}" 2>/dev/null | head -1)
 fails=0; skips=0
