@@ -569,3 +569,43 @@ fn a_single_link_peer_keeps_the_udt4_wire() {
     assert_eq!(ext_seen, 0);
     assert!(a.links(B[0]).is_empty());
 }
+
+/// Link 0 fails and returns ten times: every return it is dialled again and
+/// carries again, B closes the connections each failover left behind (the
+/// per-address cap never refuses the link's next one), and every message
+/// still arrives once.
+#[test]
+fn a_flapping_link_reconnects_every_time() {
+    let clock = SimClock::new();
+    let mut a = node(A, B, Some(Policy::Failover), &clock);
+    let mut b = node(B, A, Some(Policy::Failover), &clock);
+    let mut net = Net::new([(100.0, 20), (100.0, 20)]);
+    run(
+        &clock,
+        &mut net,
+        &mut a,
+        &mut b,
+        16,
+        Duration::from_secs(33),
+        &|now| now < Duration::from_secs(31),
+        &mut |now, net, _| {
+            // Down for 1 s of every 3 s from 1 s on, ten times.
+            let t = now.as_millis();
+            let up = !(1000..31_000).contains(&t) || (t - 1000) % 3000 >= 1000;
+            net.pipes[0][0].up = up;
+            net.pipes[0][1].up = up;
+        },
+    );
+    assert_once(&a, &b);
+    let links = a.links(B[0]);
+    eprintln!(
+        "flapping: link 0 downs {} ups {}; B closed {} abandoned connections",
+        links[0].downs,
+        links[0].ups,
+        b.drops("rx_ml_abandoned")
+    );
+    assert!(links[0].downs >= 10, "{links:#?}");
+    assert!(links[0].ups >= 11, "{links:#?}");
+    assert_eq!(b.drops("rx_conn_limit_addr"), 0);
+    assert!(b.drops("rx_ml_abandoned") >= 4);
+}

@@ -587,6 +587,33 @@ impl Udt {
                 close.push(s);
             }
         }
+        // Idle ones too, beyond two per link: each failover leaves the old
+        // link's receiving connection behind, and the per-address cap
+        // (MAX_CONNS_PER_ADDR) would refuse the link's next connection long
+        // before the idle timeout ends them. The ones heard from last stay.
+        let mut open: HashMap<Ipv4Addr, Vec<(u64, u32)>> = HashMap::new();
+        for (&s, rc) in &ml.rx {
+            if self
+                .conns
+                .get(&s)
+                .is_some_and(|e| !e.conn.is_closed() && !close.contains(&s))
+            {
+                open.entry(rc.peer).or_default().push((rc.heard, s));
+            }
+        }
+        for (ip, mut v) in open {
+            let keep = 2 * ml.table.peer(ip).map_or(1, |c| c.links.len());
+            if v.len() > keep {
+                v.sort_unstable();
+                let extra = v.len() - keep;
+                close.extend(
+                    v.into_iter()
+                        .take(extra)
+                        .filter(|(_, s)| self.conns.get(s).is_some_and(|e| e.conn.held() == 0))
+                        .map(|(_, s)| s),
+                );
+            }
+        }
         for s in close {
             if let Some(e) = self.conns.get_mut(&s) {
                 e.conn.close(now);
