@@ -703,3 +703,89 @@ fn a_replayed_handshake_is_no_news_of_the_peer_and_gets_no_answer() {
     assert_eq!(answers, 0, "B answered a replayed handshake");
     assert!(b.rejected(A, "replayed_handshake") >= 29);
 }
+
+/// `n` with its keys taken from `shared` (a key reload replaces them).
+fn with_shared(n: Node, shared: &seal::SharedKeys) -> Node {
+    let Node {
+        ip,
+        udt,
+        port,
+        mem,
+        region,
+        got,
+        done,
+    } = n;
+    Node {
+        ip,
+        udt: udt.with_shared_keys(shared.clone()),
+        port,
+        mem,
+        region,
+        got,
+        done,
+    }
+}
+
+#[test]
+fn a_client_connecting_across_a_key_rotation_comes_up_promptly_afterwards() {
+    // A starts connecting to B with the old key while the link is down; the
+    // three rotation steps (add the new key, connect with it, drop the old)
+    // happen on both nodes during the outage. Once the link is back, A's
+    // handshake uses the new key: B, which no longer holds the old one,
+    // accepts it at once.
+    const NEW: &[u8] = b"the next key of the network, 32 bytes or more";
+    let (old, new) = (Psk::from_bytes(KEY).unwrap(), Psk::from_bytes(NEW).unwrap());
+    let ring = |ip, keys: Vec<Psk>| Keyring {
+        local: Some(ip),
+        net: keys,
+        ..Keyring::default()
+    };
+    let ka = seal::SharedKeys::new(ring(A, vec![old.clone()]));
+    let kb = seal::SharedKeys::new(ring(B, vec![old.clone()]));
+    let clock = SimClock::new();
+    let mut a = with_shared(node(A, &clock, Some(KEY), Limits::default()), &ka);
+    let mut b = with_shared(node(B, &clock, Some(KEY), Limits::default()), &kb);
+    let n = 4;
+    transfer(&mut a, &mut b, 1, n);
+    let t = clock.clone();
+    let steps = [
+        vec![old.clone(), new.clone()],
+        vec![new.clone(), old.clone()],
+        vec![new.clone()],
+    ];
+    let mut done_steps = 0;
+    let up_at = Duration::from_millis(1_000);
+    let mut lost = 0u64;
+    let took = run(
+        &clock,
+        &mut a,
+        &mut b,
+        n,
+        Duration::from_secs(20),
+        &mut |_, d| {
+            let now = t.elapsed();
+            while done_steps < steps.len()
+                && now >= Duration::from_millis(250 * (done_steps as u64 + 1))
+            {
+                ka.replace(ring(A, steps[done_steps].clone()));
+                kb.replace(ring(B, steps[done_steps].clone()));
+                done_steps += 1;
+            }
+            if now < up_at {
+                lost += 1;
+                return vec![];
+            }
+            vec![d]
+        },
+    );
+    assert_eq!(done_steps, 3);
+    assert!(lost > 0, "A tried to connect during the outage");
+    assert_eq!(a.done.get("ok"), Some(&n), "{:?} after {took:?}", a.done);
+    assert_eq!(b.got, (n, 0));
+    assert_eq!(b.rejected(A, "bad_handshake"), 0, "A's old key reached B");
+    assert!(
+        took < up_at + Duration::from_millis(700),
+        "up {:?} after the link came back",
+        took.saturating_sub(up_at)
+    );
+}

@@ -201,6 +201,12 @@ impl Psk {
         })
     }
 
+    /// Whether `other` is the same key (its KDF salt, derived from the key
+    /// bytes, compared in constant time).
+    pub fn same(&self, other: &Psk) -> bool {
+        constant_time::verify_slices_are_equal(&self.salt[..], &other.salt[..]).is_ok()
+    }
+
     fn tag(&self, label: &[u8], ends: Ends, parts: &[&[u8]]) -> [u8; 16] {
         let mut c = hmac::Context::with_key(&self.mac);
         c.update(label);
@@ -699,6 +705,17 @@ impl Client {
             public,
             server: None,
         }
+    }
+
+    /// Whether the client's key is one of `keys` (after a key reload, a
+    /// client whose key was removed starts over with a current one).
+    pub fn keyed_with(&self, keys: &[Psk]) -> bool {
+        keys.iter().any(|k| k.same(&self.psk))
+    }
+
+    /// The ends the client binds.
+    pub fn ends(&self) -> Ends {
+        self.ends
     }
 
     /// The trailer of one of the client's handshakes (`hs`, 64 bytes).

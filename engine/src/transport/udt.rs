@@ -390,15 +390,48 @@ impl Udt {
         self
     }
 
-    /// Takes a replaced key set, if there is one (before any handshake).
+    /// Takes a replaced key set, if there is one (before any handshake and
+    /// on every timer pass). A connecting client whose key the new set no
+    /// longer holds for its peer starts over with the peer's first current
+    /// key: its retries would otherwise go on with a removed key (refused by
+    /// peers that rotated) until the peer-down timeout, and it would still
+    /// accept a reply made with that key.
     fn refresh_keys(&mut self) {
-        if let Some(sec) = self.sec.as_mut() {
-            if let Some((shared, seen)) = sec.shared.as_mut() {
-                let local = sec.keys.local;
-                if shared.refresh(seen, &mut sec.keys) {
-                    sec.keys.local = sec.keys.local.or(local);
+        let now = self.now_us();
+        let Some(sec) = self.sec.as_mut() else {
+            return;
+        };
+        let Some((shared, seen)) = sec.shared.as_mut() else {
+            return;
+        };
+        let local = sec.keys.local;
+        if !shared.refresh(seen, &mut sec.keys) {
+            return;
+        }
+        sec.keys.local = sec.keys.local.or(local);
+        let mut closed = 0;
+        for e in self.conns.values_mut() {
+            if e.session.is_some() {
+                continue;
+            }
+            let Hs::Client(c) = &e.hs else {
+                continue;
+            };
+            let keys = sec.keys.for_peer(e.peer);
+            if c.keyed_with(keys) {
+                continue;
+            }
+            match keys.first() {
+                Some(psk) => e.hs = Hs::Client(Box::new(seal::Client::new(psk.clone(), c.ends()))),
+                None => {
+                    // No key left for the peer: it cannot be sealed.
+                    e.conn.close(now);
+                    closed += 1;
                 }
             }
+        }
+        for _ in 0..closed {
+            self.drop_one("tx_no_key");
         }
     }
 
@@ -1511,6 +1544,37 @@ impl Udt {
             initiator: ip.into(),
             responder: local.into(),
         };
+        let hs_bytes = &d[..HS_LEN];
+        // A repeat is checked against the key its connection was accepted
+        // with, which a key reload since may have removed from the set.
+        let repeat = match udt::handshake_socket_id(hs_bytes) {
+            Some(id) if ip != local => self.rx_by_peer.get(&(ip, id)).copied(),
+            _ => None,
+        };
+        if let Some(sock) = repeat {
+            if let Some(e) = self.conns.get_mut(&sock).filter(|e| !e.conn.is_closed()) {
+                if !matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
+                    self.reject(ip, "bad_handshake");
+                    return false;
+                }
+                // The client repeats its request while our reply is lost.
+                // Once a sealed datagram of the client opened, it has the
+                // keys: a repetition is a replay. Before, one answer per
+                // retry interval; never news of the peer (anyone can
+                // replay a handshake it saw, only the peer can seal).
+                let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
+                let recent = e
+                    .hs_answered_at
+                    .is_some_and(|t| now.saturating_sub(t) < HS_ANSWER_US);
+                if opened || recent {
+                    self.reject(ip, "replayed_handshake");
+                    return false;
+                }
+                e.hs_answered_at = Some(now);
+                return e.conn.handle_datagram(now, hs_bytes, hs_ext);
+            }
+        }
+        let sec = self.sec.as_ref().expect("sealed wire");
         let keys = sec.keys.for_peer(ip);
         let checked = if ip == local {
             None
@@ -1539,32 +1603,6 @@ impl Udt {
         {
             self.reject(ip, "reflected_handshake");
             return false;
-        }
-        let hs_bytes = &d[..HS_LEN];
-        if let Some(id) = udt::handshake_socket_id(hs_bytes) {
-            if let Some(&sock) = self.rx_by_peer.get(&(ip, id)) {
-                if let Some(e) = self.conns.get_mut(&sock).filter(|e| !e.conn.is_closed()) {
-                    if !matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
-                        self.reject(ip, "bad_handshake");
-                        return false;
-                    }
-                    // The client repeats its request while our reply is lost.
-                    // Once a sealed datagram of the client opened, it has the
-                    // keys: a repetition is a replay. Before, one answer per
-                    // retry interval; never news of the peer (anyone can
-                    // replay a handshake it saw, only the peer can seal).
-                    let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
-                    let recent = e
-                        .hs_answered_at
-                        .is_some_and(|t| now.saturating_sub(t) < HS_ANSWER_US);
-                    if opened || recent {
-                        self.reject(ip, "replayed_handshake");
-                        return false;
-                    }
-                    e.hs_answered_at = Some(now);
-                    return e.conn.handle_datagram(now, hs_bytes, hs_ext);
-                }
-            }
         }
         let bad_cookies = self.listener.stats().refused_bad_cookie;
         match self.listener.handle(now, SocketAddr::V4(from), hs_bytes) {
@@ -1745,6 +1783,7 @@ impl Udt {
     }
 
     fn timers(&mut self) {
+        self.refresh_keys();
         let now = self.now_us();
         self.ml_timers(now);
         // Peer-down: nothing heard for the configured timeout while messages wait.
