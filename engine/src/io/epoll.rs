@@ -40,6 +40,8 @@ pub struct EpollIo {
     rx: RxPool,
     slots: Vec<Slot>,
     free_slots: Vec<u16>,
+    /// UDP GSO refused by the kernel (see `IoStats::gso_fallbacks`).
+    gso_off: bool,
     pending: VecDeque<usize>,
     done: Vec<Event>,
     rx_free: Vec<u16>,
@@ -116,6 +118,16 @@ impl EpollIo {
             };
             if result.is_err() {
                 self.stats.send_errors += 1;
+            }
+            // See `IoStats::gso_fallbacks`: EIO on a GSO send means the device
+            // cannot offload the checksum; nothing went out, later sends go unsegmented.
+            if result == Err(libc::EIO) && s.gso.is_some() && !self.gso_off {
+                self.gso_off = true;
+                self.stats.gso_fallbacks += 1;
+                tracing::warn!(
+                    "UDP GSO send refused (EIO: the outgoing device has no checksum \
+                     offload); sending one datagram per send from now on"
+                );
             }
             self.pending.pop_front();
             self.done.push(Event::SendDone {
@@ -206,6 +218,15 @@ impl EpollIo {
 }
 
 impl DatagramIo for EpollIo {
+    fn fit(&self, segs: &[Segment<'_>]) -> usize {
+        let n = crate::io::fit_gso(segs);
+        if self.gso_off {
+            n.min(1)
+        } else {
+            n
+        }
+    }
+
     fn send(
         &mut self,
         dst: SocketAddrV4,
@@ -437,6 +458,7 @@ impl sys::Build for EpollIo {
             rx,
             slots,
             free_slots: (0..send_slots as u16).rev().collect(),
+            gso_off: false,
             pending: VecDeque::new(),
             done: Vec::new(),
             rx_free: (0..rx.count).rev().collect(),

@@ -225,6 +225,10 @@ pub struct IoStats {
     pub copy_sends: u64,
     /// Times zero-copy was turned off because the kernel kept copying anyway.
     pub zc_fallbacks: u64,
+    /// Times UDP GSO was turned off because the kernel refused a GSO send with `EIO`
+    /// (the route's device has no checksum offload, e.g. a virtio-net NIC without
+    /// it): later sends go one datagram each.
+    pub gso_fallbacks: u64,
     /// Payload bytes lu2k copied in the I/O layer (0 by construction on both paths).
     pub payload_copied: u64,
     /// Datagrams the kernel dropped because the socket's receive queue was full
@@ -426,7 +430,7 @@ mod tests {
         let old: IoStats = serde_json::from_str(
             r#"{"sends":3,"datagrams_sent":5,"bytes_sent":0,
             "zc_copied":0,"send_errors":0,"recvs":0,"bytes_received":0,"rx_starved":0,
-            "rx_truncated":0,"rearms":0,"copy_sends":0,"zc_fallbacks":0,"payload_copied":0}"#,
+            "rx_truncated":0,"rearms":0,"copy_sends":0,"zc_fallbacks":0,"gso_fallbacks":0,"payload_copied":0}"#,
         )
         .unwrap();
         assert_eq!((old.sends, old.enters, old.wakes), (3, 0, Wakes::default()));

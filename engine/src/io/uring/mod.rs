@@ -324,6 +324,9 @@ pub struct UringIo {
     handed: sys::Lent,
     zc_mode: ZcMode,
     zc_active: bool,
+    /// UDP GSO refused by the kernel (see `IoStats::gso_fallbacks`): one datagram per
+    /// send from then on.
+    gso_off: bool,
     zc_copied_streak: u32,
     // Last: memory the kernel may reference, dropped after the ring.
     /// What `new_owned` keeps alive (declared last: it outlives every kernel
@@ -666,6 +669,17 @@ impl UringIo {
             };
             if res < 0 {
                 self.stats.send_errors += 1;
+                // The kernel refuses a GSO send with EIO when the route's device
+                // cannot offload the checksum; nothing of it went out. Later sends
+                // go unsegmented; these datagrams are retransmitted as lost ones.
+                if res == -libc::EIO && s.msg.msg_controllen != 0 && !self.gso_off {
+                    self.gso_off = true;
+                    self.stats.gso_fallbacks += 1;
+                    tracing::warn!(
+                        "UDP GSO send refused (EIO: the outgoing device has no checksum \
+                         offload); sending one datagram per send from now on"
+                    );
+                }
             }
             // No F_MORE: no notification will follow.
             s.state = SlotState::InFlight {
@@ -970,6 +984,9 @@ impl DatagramIo for UringIo {
     /// with more than `MAX_SKB_FRAGS` (`EMSGSIZE`): batches are cut to that budget.
     fn fit(&self, segs: &[Segment<'_>]) -> usize {
         let n = crate::io::fit_gso(segs);
+        if self.gso_off {
+            return n.min(1);
+        }
         if !self.zc_active {
             return n;
         }
@@ -1225,6 +1242,7 @@ impl sys::Build for UringIo {
             handed: unsafe { sys::Lent::new(rx) },
             zc_mode: opts.zc,
             zc_active: opts.zc != ZcMode::Never,
+            gso_off: false,
             zc_copied_streak: 0,
             _kept: None,
         };
