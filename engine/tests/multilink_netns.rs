@@ -22,87 +22,39 @@ use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Event, Kshim, TxStatus};
 
 mod common;
-use common::{kshim, nid, pattern, put, stats, tmpdir, wait_attached, Engine};
+use common::{
+    kshim, missing_tools, nid, not_root, pattern, put, sh, stats, tmpdir, wait_attached, Engine,
+    Netns,
+};
 
 const A: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 71, 0, 1), Ipv4Addr::new(10, 72, 0, 1)];
 const B: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 71, 0, 2), Ipv4Addr::new(10, 72, 0, 2)];
 
-fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{prog} {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Why this test cannot run here, if it cannot.
 fn cannot_run() -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
-        return Some("not root (network namespaces need it)".into());
-    }
-    if sh("ip", &["-V"]).is_err() {
-        return Some("iproute2's `ip` is missing".into());
-    }
-    if sh("tc", &["-V"]).is_err() {
-        return Some("iproute2's `tc` is missing".into());
-    }
-    None
+    not_root().or_else(|| missing_tools(&["ip", "tc"]))
 }
 
 /// Two namespaces `{tag}a`, `{tag}b` joined by two veth pairs `{tag}a0`/`{tag}b0`
 /// (A[0]/B[0]) and `{tag}a1`/`{tag}b1` (A[1]/B[1]).
 struct Nets {
-    ns: [String; 2],
+    netns: Netns,
     tag: String,
 }
 
 impl Nets {
     fn new(tag: &str) -> Result<Nets, String> {
-        let _ = std::fs::create_dir_all("/run/netns");
-        let ns = [format!("{tag}a"), format!("{tag}b")];
-        for n in &ns {
-            let _ = sh("ip", &["netns", "del", n]);
-        }
-        let me = Nets {
-            ns: ns.clone(),
-            tag: tag.into(),
-        };
-        for n in &ns {
-            sh("ip", &["netns", "add", n])?;
-            sh("ip", &["-n", n, "link", "set", "lo", "up"])?;
-        }
+        let netns = Netns::new(&[format!("{tag}a"), format!("{tag}b")])?;
         for i in 0..2 {
-            let (va, vb) = (format!("{tag}a{i}"), format!("{tag}b{i}"));
-            sh(
-                "ip",
-                &["link", "add", &va, "type", "veth", "peer", "name", &vb],
+            netns.veth(
+                (0, &format!("{tag}a{i}"), &[A[i]]),
+                (1, &format!("{tag}b{i}"), &[B[i]]),
             )?;
-            for (n, dev, ip) in [(&ns[0], &va, A[i]), (&ns[1], &vb, B[i])] {
-                sh("ip", &["link", "set", dev, "netns", n])?;
-                sh(
-                    "ip",
-                    &["-n", n, "addr", "add", &format!("{ip}/24"), "dev", dev],
-                )?;
-                sh("ip", &["-n", n, "link", "set", dev, "up"])?;
-            }
         }
-        Ok(me)
+        Ok(Nets {
+            netns,
+            tag: tag.into(),
+        })
     }
 
     /// A's end of link `i`.
@@ -115,7 +67,7 @@ impl Nets {
             "ip",
             &[
                 "-n",
-                &self.ns[0],
+                &self.netns.ns[0],
                 "link",
                 "set",
                 &self.a_dev(i),
@@ -131,7 +83,7 @@ impl Nets {
             "tc",
             &[
                 "-n",
-                &self.ns[0],
+                &self.netns.ns[0],
                 "qdisc",
                 "add",
                 "dev",
@@ -147,14 +99,6 @@ impl Nets {
             ],
         )
         .unwrap();
-    }
-}
-
-impl Drop for Nets {
-    fn drop(&mut self) {
-        for n in &self.ns {
-            let _ = sh("ip", &["netns", "del", n]);
-        }
     }
 }
 
@@ -212,8 +156,8 @@ fn setup(
     let dir = tmpdir(tag);
     let mut ka = kshim(&dir, "a", A[0], 1);
     let mut kb = kshim(&dir, "b", B[0], 1);
-    let ea = start_engine(&nets.ns[0], &dir, "a", A, B, policy);
-    let eb = start_engine(&nets.ns[1], &dir, "b", B, A, policy);
+    let ea = start_engine(&nets.netns.ns[0], &dir, "a", A, B, policy);
+    let eb = start_engine(&nets.netns.ns[1], &dir, "b", B, A, policy);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);

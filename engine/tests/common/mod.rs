@@ -153,3 +153,143 @@ pub fn kshim_bin() -> PathBuf {
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
 }
+
+/// Runs `prog args`, its stderr in the error when it fails.
+pub fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{prog} {}`: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Why a namespace test cannot run when not root, else `None`.
+pub fn not_root() -> Option<String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    (uid != "0").then(|| "not root (network namespaces need it)".into())
+}
+
+/// The first of iproute2's `tools` (`ip`, `tc`) that does not run, as a reason.
+pub fn missing_tools(tools: &[&str]) -> Option<String> {
+    tools
+        .iter()
+        .find(|t| sh(t, &["-V"]).is_err())
+        .map(|t| format!("iproute2's `{t}` is missing"))
+}
+
+/// Network namespaces joined by veth pairs; the namespaces (and with them the
+/// veths) are deleted when dropped.
+pub struct Netns {
+    pub ns: Vec<String>,
+}
+
+impl Netns {
+    /// Namespaces `names`, each with its loopback up; a leftover namespace of the
+    /// same name (from a killed run) is deleted first.
+    pub fn new(names: &[String]) -> Result<Netns, String> {
+        let _ = std::fs::create_dir_all("/run/netns");
+        for n in names {
+            let _ = sh("ip", &["netns", "del", n]);
+        }
+        let me = Netns { ns: names.to_vec() };
+        for n in names {
+            sh("ip", &["netns", "add", n])?;
+            sh("ip", &["-n", n, "link", "set", "lo", "up"])?;
+        }
+        Ok(me)
+    }
+
+    /// Two namespaces `{tag}a` and `{tag}b` joined by the veth pair
+    /// `{tag}va`/`{tag}vb` holding `a_ips` and `b_ips`.
+    pub fn pair(tag: &str, a_ips: &[Ipv4Addr], b_ips: &[Ipv4Addr]) -> Result<Netns, String> {
+        let me = Netns::new(&[format!("{tag}a"), format!("{tag}b")])?;
+        me.veth(
+            (0, &format!("{tag}va"), a_ips),
+            (1, &format!("{tag}vb"), b_ips),
+        )?;
+        Ok(me)
+    }
+
+    /// A veth pair between namespaces: each end `(namespace index, device name,
+    /// /24 addresses)`, both ends up.
+    pub fn veth(
+        &self,
+        a: (usize, &str, &[Ipv4Addr]),
+        b: (usize, &str, &[Ipv4Addr]),
+    ) -> Result<(), String> {
+        sh(
+            "ip",
+            &["link", "add", a.1, "type", "veth", "peer", "name", b.1],
+        )?;
+        for (i, dev, ips) in [a, b] {
+            let n = &self.ns[i];
+            sh("ip", &["link", "set", dev, "netns", n])?;
+            for ip in ips {
+                sh(
+                    "ip",
+                    &["-n", n, "addr", "add", &format!("{ip}/24"), "dev", dev],
+                )?;
+            }
+            sh("ip", &["-n", n, "link", "set", dev, "up"])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = sh("ip", &["netns", "del", n]);
+        }
+    }
+}
+
+/// A reuseport group of `cores` UDP sockets on one loopback port, steered by
+/// `program`, each blocking with a 500 ms read timeout.
+pub fn reuseport_group(
+    cores: u32,
+    program: &[lu2k_engine::io::sys::BpfInsn],
+) -> (Vec<std::net::UdpSocket>, u16) {
+    use lu2k_engine::io::sys::{self, SockOpts};
+    use std::net::SocketAddrV4;
+    let opts = SockOpts {
+        reuseport: true,
+        sndbuf: 1 << 20,
+        rcvbuf: 1 << 20,
+        gro: false,
+    };
+    let (first, info) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), &opts).unwrap();
+    let port = info.local.port();
+    let mut fds = vec![first];
+    for _ in 1..cores {
+        let (fd, _) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), &opts).unwrap();
+        fds.push(fd);
+    }
+    sys::attach_reuseport_cbpf(&fds[0], program).unwrap();
+    let socks = fds
+        .into_iter()
+        .map(|fd| {
+            let s = std::net::UdpSocket::from(fd);
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+        .collect();
+    (socks, port)
+}
