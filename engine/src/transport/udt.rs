@@ -71,10 +71,11 @@ const PEER_FORGET_US: u64 = 60_000_000;
 /// `last_heard` is refreshed at most this often (µs): checking that a datagram
 /// was valid costs a look at the connection's counters.
 const HEARD_GRAIN_US: u64 = 1_000;
-/// A receiving connection that holds more than a largest message and delivered
-/// nothing for 8 RTTs, within these bounds (µs), gives back what it holds out of
-/// order, and is closed if what remains (in order, unfinished) exceeds a largest
-/// message. Eight RTTs leave a head-of-line hole on a lossy GEO path time for a
+/// A receiving connection that holds more than a largest message, delivered
+/// nothing and filled no front hole for 8 RTTs, within these bounds (µs), and
+/// whose ACK point lies more than a largest message past its last delivery,
+/// gives back what it holds out of order, and is closed if what remains (in
+/// order, unfinished) exceeds a largest message. Eight RTTs leave a head-of-line hole on a lossy GEO path time for a
 /// few lost retransmissions before shedding costs the sender a window; the upper
 /// bound keeps an RTT the peer inflated from postponing the check for ever.
 const RX_STALL_US: (u64, u64) = (2_000_000, 30_000_000);
@@ -139,8 +140,15 @@ struct ConnEntry {
     /// Payload bytes the connection had delivered when [`ConnEntry::progress_at`]
     /// was last moved (receiving connections).
     delivered: u64,
-    /// When the connection last delivered something or held no more than a
-    /// largest message (µs).
+    /// The receiver's ACK point when [`ConnEntry::progress_at`] was last moved.
+    acked: u64,
+    /// The receiver's ACK point when the connection last delivered something:
+    /// a front message still unfinished once the ACK point is a largest
+    /// message beyond it is too long, and its ACK progress no longer counts.
+    acked_at_delivery: u64,
+    /// When the connection last delivered something, filled a front hole
+    /// (within a largest message of the last delivery) or held no more than
+    /// a largest message (µs).
     progress_at: u64,
     /// The handshake's side (sealed wire only).
     hs: Hs,
@@ -168,6 +176,8 @@ impl ConnEntry {
             peer,
             dir,
             delivered: 0,
+            acked: 0,
+            acked_at_delivery: 0,
             progress_at: now,
             hs: Hs::None,
             session: None,
@@ -793,9 +803,10 @@ impl Udt {
     /// connection may hold a fair share of the pool (at least two largest
     /// messages). Its window is capped at what its quota leaves, and one that
     /// holds more anyway (a sender may ignore the window), or holds more than a
-    /// largest message without delivering anything for 8 RTTs ([`RX_STALL_US`]), gives
-    /// back what it holds out of order. What it still holds then lies before its
-    /// first hole: one message begun and not ended. Longer than
+    /// largest message without delivering anything or filling a front hole for
+    /// 8 RTTs ([`RX_STALL_US`]) while its front message is already longer than a
+    /// largest message, gives back what it holds out of order. What it still
+    /// holds then lies before its first hole: one message begun and not ended. Longer than
     /// `MAX_PAYLOAD + LNET_HDR_LEN`, no LNet message can be that: the
     /// connection is closed (`rx_message_too_long`) and its buffers come back.
     fn relieve_rx(&mut self) {
@@ -826,17 +837,36 @@ impl Udt {
             let left = u32::try_from(quota.saturating_sub(held)).unwrap_or(u32::MAX);
             e.conn.set_rcv_room(Some(room.min(left)));
             let mut check = short || held > quota;
+            let acked = e.conn.rcv_ack_point();
             if held <= max_msg {
                 e.progress_at = now;
             } else {
+                // Filling the front hole is progress too: under heavy loss a
+                // message's last holes can take many RTTs, and shedding what
+                // lies beyond them then throws away the rest of the message,
+                // so it never completes (a livelock at 15 % loss).
                 let delivered = e.conn.stats().bytes_delivered;
                 if delivered != e.delivered {
                     e.delivered = delivered;
+                    e.acked_at_delivery = acked;
+                    e.acked = acked;
+                    e.progress_at = now;
+                } else if acked > e.acked
+                    && acked.saturating_sub(e.acked_at_delivery) <= max_msg as u64
+                {
+                    e.acked = acked;
                     e.progress_at = now;
                 } else if now.saturating_sub(e.progress_at)
                     > (8 * u64::from(e.conn.rtt())).clamp(RX_STALL_US.0, RX_STALL_US.1)
                 {
-                    check = true;
+                    // Within its quota and with memory to spare, shedding only
+                    // makes the sender send a window again while the hole
+                    // stays: a stall alone sheds only once the front message
+                    // is provably longer than any LNet message can be.
+                    check = acked.saturating_sub(e.acked_at_delivery) > max_msg as u64;
+                    if !check {
+                        e.progress_at = now;
+                    }
                 }
             }
             if !check {

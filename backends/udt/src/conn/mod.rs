@@ -316,6 +316,14 @@ impl Connection {
         self.rx.held
     }
 
+    /// The receiver's cumulative ACK point (packets received in order since
+    /// the connection began, as of the last full ACK): it moves whenever a
+    /// receive hole at the front is filled, even while no whole message is
+    /// complete yet.
+    pub fn rcv_ack_point(&self) -> u64 {
+        self.rx.last_ack
+    }
+
     /// Messages (or stream chunks) registered and not yet acknowledged or dropped.
     pub fn pending_messages(&self) -> usize {
         self.tx.msgs.iter().filter(|m| !m.dropped).count()
