@@ -39,7 +39,7 @@ use lu2k_kshim::{Event, Kshim, TxStatus};
 use rustix::net::{self as rnet, AddressFamily, RecvFlags, SendFlags, SocketType};
 
 mod common;
-use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine};
+use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine, Netns};
 
 /// The nodes and the hostile host over loopback.
 const LO: [Ipv4Addr; 3] = [
@@ -334,70 +334,21 @@ fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>) -> [u64; 3] 
     counts
 }
 
-fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{prog} {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+/// Two network namespaces joined by a veth pair (`common::Netns`), A's address
+/// on A's end and B's and the hostile host's on B's.
+fn netns_pair(tag: &str) -> Result<Netns, String> {
+    Netns::pair(tag, &NS[..1], &NS[1..])
 }
 
-/// Two network namespaces joined by a veth pair, deleted when dropped.
-struct Netns(Vec<String>);
-
 impl Netns {
-    fn pair(tag: &str) -> Result<Netns, String> {
-        let _ = std::fs::create_dir_all("/run/netns");
-        let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
-        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
-        let _ = sh("ip", &["netns", "del", &na]);
-        let _ = sh("ip", &["netns", "del", &nb]);
-        let me = Netns(vec![na.clone(), nb.clone()]);
-        sh("ip", &["netns", "add", &na])?;
-        sh("ip", &["netns", "add", &nb])?;
-        sh(
-            "ip",
-            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
-        )?;
-        sh("ip", &["link", "set", &va, "netns", &na])?;
-        sh("ip", &["link", "set", &vb, "netns", &nb])?;
-        for (ns, dev, ips) in [(&na, &va, &NS[..1]), (&nb, &vb, &NS[1..])] {
-            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-            for ip in ips {
-                sh(
-                    "ip",
-                    &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev],
-                )?;
-            }
-            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(me)
-    }
-
     /// Moves the calling thread into namespace `i` (0: A's, 1: B's).
     fn enter(&self, i: usize) {
-        let f = std::fs::File::open(format!("/run/netns/{}", self.0[i])).expect("netns file");
+        let f = std::fs::File::open(format!("/run/netns/{}", self.ns[i])).expect("netns file");
         rustix::thread::move_into_link_name_space(
             std::os::fd::AsFd::as_fd(&f),
             Some(rustix::thread::LinkNameSpaceType::Network),
         )
         .expect("setns");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = sh("ip", &["netns", "del", ns]);
-        }
     }
 }
 
@@ -440,12 +391,17 @@ fn pair(tag: &str, port_off: u16, netns: Option<Netns>) -> Pair {
         Some(ns) => {
             let start = |i: usize, name: &str| {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &ns.0[i], env!("CARGO_BIN_EXE_lu2k-engine")])
-                    .args(["run", "--config", &cfg, "--kshim-socket"])
-                    .arg(dir.join(format!("{name}.sock")))
-                    .args(["--bind", &ips[i].to_string(), "--port", &port.to_string()])
-                    .arg("--stats-socket")
-                    .arg(dir.join(format!("{name}-stats.sock")));
+                cmd.args([
+                    "netns",
+                    "exec",
+                    &ns.ns[i],
+                    env!("CARGO_BIN_EXE_lu2k-engine"),
+                ])
+                .args(["run", "--config", &cfg, "--kshim-socket"])
+                .arg(dir.join(format!("{name}.sock")))
+                .args(["--bind", &ips[i].to_string(), "--port", &port.to_string()])
+                .arg("--stats-socket")
+                .arg(dir.join(format!("{name}-stats.sock")));
                 Engine::spawn(cmd)
             };
             (start(0, "a"), start(1, "b"))
@@ -541,7 +497,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
         );
     }
     let netns = if root {
-        match Netns::pair("l2ks") {
+        match netns_pair("l2ks") {
             Ok(ns) => Some(ns),
             Err(e) => {
                 println!("SKIP hostile_sealed namespaces: {e}; over loopback");

@@ -18,82 +18,17 @@ use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
-use common::{nid, pattern, put, wait_attached, Engine};
-
-fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{prog} {}`: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
+use common::{missing_tools, nid, not_root, pattern, put, wait_attached, Engine, Netns};
 
 /// Why this test cannot run here, if it cannot.
 fn cannot_run() -> Option<String> {
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    not_root()
+        .or_else(|| {
+            lu2k_rds::probe()
+                .err()
+                .map(|e| format!("no RDS on this kernel: {e}"))
         })
-        .unwrap_or_default();
-    if uid != "0" {
-        return Some("not root (network namespaces need it)".into());
-    }
-    if let Err(e) = lu2k_rds::probe() {
-        return Some(format!("no RDS on this kernel: {e}"));
-    }
-    if sh("ip", &["-V"]).is_err() {
-        return Some("iproute2's `ip` is missing".into());
-    }
-    None
-}
-
-struct Netns(Vec<String>);
-
-impl Netns {
-    fn pair(tag: &str, a: Ipv4Addr, b: Ipv4Addr) -> Result<Netns, String> {
-        let _ = std::fs::create_dir_all("/run/netns");
-        let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
-        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
-        let _ = sh("ip", &["netns", "del", &na]);
-        let _ = sh("ip", &["netns", "del", &nb]);
-        let me = Netns(vec![na.clone(), nb.clone()]);
-        sh("ip", &["netns", "add", &na])?;
-        sh("ip", &["netns", "add", &nb])?;
-        sh(
-            "ip",
-            &["link", "add", &va, "type", "veth", "peer", "name", &vb],
-        )?;
-        sh("ip", &["link", "set", &va, "netns", &na])?;
-        sh("ip", &["link", "set", &vb, "netns", &nb])?;
-        for (ns, dev, ip) in [(&na, &va, a), (&nb, &vb, b)] {
-            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-            sh(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", dev],
-            )?;
-            sh("ip", &["-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(me)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = sh("ip", &["netns", "del", ns]);
-        }
-    }
+        .or_else(|| missing_tools(&["ip"]))
 }
 
 /// Starts an RDS engine inside network namespace `ns` (`ip netns exec` execs
@@ -142,7 +77,7 @@ fn rds_backend_between_two_namespaces() {
     }
     let tag = format!("l2r{}", std::process::id() % 10000);
     let (a_ip, b_ip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let _ns = Netns::pair(&tag, a_ip, b_ip).expect("namespaces and veth");
+    let _ns = Netns::pair(&tag, &[a_ip], &[b_ip]).expect("namespaces and veth");
     let dir: PathBuf = std::env::temp_dir().join(format!("lu2k-rds-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
