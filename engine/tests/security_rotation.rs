@@ -7,8 +7,9 @@
 //! What must hold: every PUT delivered once and intact and acknowledged Ok,
 //! over the one connection A opened before the rotation (its session keys are
 //! its own; rekeys derive from those); the broken file refused with a log line
-//! naming the field, the keys in use kept; after the rotation a new handshake
-//! uses the new key (engine C, which has only the new key, gets PUTs from A)
+//! naming the field, the keys in use kept, also across a kshim restart while
+//! the file is still broken; after the rotation a new handshake uses the kept
+//! new key (engine C, which has only the new key, gets PUTs from A)
 //! and the old key no longer authenticates at A (engine D, which has only the
 //! old key, is refused).
 
@@ -251,6 +252,21 @@ fn keys_rotate_by_sighup_mid_transfer() {
         !text.lines().any(|l| l.contains(&up) && l.contains(" down")),
         "B was reported down:\n{text}"
     );
+
+    // A broken key file refused by SIGHUP, then a kshim restart: the engine
+    // attaches again with the keys it kept (key files are read at start-up
+    // and on SIGHUP only), and a new handshake with them succeeds.
+    config(&dir, "a", &bad, None);
+    hup(&ea);
+    wait_log(&dir, "a", "key reload refused", 2);
+    // The key file in use turns unreadable to the engine's checks too (open
+    // to others): without a SIGHUP nothing reads it.
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(ka);
+    let mut ka = kshim(&dir, "a", A_IP, 1);
+    wait_attached(&mut ka, Instant::now() + Duration::from_secs(20));
+    wait_log(&dir, "a", "attached to kshim", 2);
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // A new handshake uses the new key: C has only that one.
     let cc = config(&dir, "c", &new, None);

@@ -126,11 +126,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut att =
         attach::attach(&kpath).with_context(|| format!("attaching to kshim at {kpath}"))?;
+    // The sealed wire's keys, read from their files by the first session and
+    // kept for the later ones: only SIGHUP re-reads the files, so a kshim
+    // restart neither picks up changed key files nor stops on broken ones.
+    let mut keys: Option<Option<SharedKeys>> = None;
     // One session per kshim attachment. When kshim goes away (it restarted), the
     // session drains and ends; the engine then waits for kshim to listen again and
     // attaches anew: the process, its configuration and its systemd state carry on.
     loop {
-        let mut notifier = session(&mut cfg, &kpath, att, &features, path, (&term, &hup))?;
+        let mut notifier = session(
+            (&mut cfg, &mut keys),
+            &kpath,
+            att,
+            &features,
+            path,
+            (&term, &hup),
+        )?;
         if term.load(Ordering::SeqCst) {
             // SIGTERM may come after the serve loop ended, while the cores were joined.
             notifier.stopping();
@@ -148,10 +159,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 /// One attachment to kshim: maps its region, runs the cores until SIGTERM or
 /// until kshim goes away, and waits for them to drain. Returns the notifier for
 /// the wait that follows a kshim restart.
-/// SIGHUP (`hup`) re-reads the key files into `cfg` ([`reload_keys`]), so a
-/// later attachment starts with them too.
+/// SIGHUP (`hup`) re-reads the key files into `cfg` and the shared key set
+/// ([`reload_keys`]); a later attachment starts with the keys last taken
+/// (`keys`, `None` before the first attachment read them).
 fn session(
-    cfg: &mut Config,
+    (cfg, keys): (&mut Config, &mut Option<Option<SharedKeys>>),
     kpath: &attach::Endpoint,
     att: Attachment,
     features: &Features,
@@ -162,13 +174,14 @@ fn session(
     // `kshim_gone` tells the second from the first.
     let draining = Arc::new(AtomicBool::new(term.load(Ordering::SeqCst)));
     let kshim_gone = Arc::new(AtomicBool::new(false));
-    let (region, plan) = match plan(cfg.clone(), &att, features, path) {
+    let (region, plan) = match plan(cfg.clone(), keys.as_ref(), &att, features, path) {
         Ok(x) => x,
         Err((status, e)) => {
             let _ = att.ack(status);
             return Err(e);
         }
     };
+    *keys = Some(plan.keys.clone());
     let (ntx, nrx) = mpsc::channel::<Notice>();
     let mut slots: Vec<Published> = Vec::new();
     let mut threads = Vec::new();
@@ -362,10 +375,12 @@ fn reload_keys(cfg: &mut Config, shared: Option<&SharedKeys>) {
     }
 }
 
-/// Maps kshim's region and decides how every core runs. An error carries the
-/// status to refuse the attachment with.
+/// Maps kshim's region and decides how every core runs, with the keys `kept`
+/// from an earlier attachment (read from their files when `None`). An error
+/// carries the status to refuse the attachment with.
 fn plan(
     cfg: Config,
+    kept: Option<&Option<SharedKeys>>,
     att: &Attachment,
     features: &Features,
     path: IoPath,
@@ -415,13 +430,22 @@ fn plan(
     };
     let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
     warn_if_rx_pool_small(rx_per_core, cfg.mss);
-    let keys = match cfg.keyring() {
-        // This node's end of every handshake: the address peers dial.
-        Ok(k) => k.map(|mut k| {
-            k.local = (!bind_ip.is_unspecified()).then_some(bind_ip);
-            SharedKeys::new(k)
+    // This node's end of every handshake: the address peers dial.
+    let local = (!bind_ip.is_unspecified()).then_some(bind_ip);
+    let keys = match kept {
+        Some(shared) => shared.clone().map(|shared| {
+            let (mut k, _) = shared.get();
+            k.local = local;
+            shared.replace(k);
+            shared
         }),
-        Err(e) => return refuse(1, e.into()),
+        None => match cfg.keyring() {
+            Ok(k) => k.map(|mut k| {
+                k.local = local;
+                SharedKeys::new(k)
+            }),
+            Err(e) => return refuse(1, e.into()),
+        },
     };
     tracing::info!(
         security = if keys.is_some() { "required" } else { "off" },
