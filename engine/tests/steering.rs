@@ -4,45 +4,20 @@
 //! sources; and (as root, in a network namespace whose loopback carries 40 IPv6
 //! addresses) dual-stack IPv6 sockets with IPv6 and IPv4 sources mixed.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
 use lu2k_engine::io::sys::{self, SockOpts};
 use lu2k_engine::steer;
 
-fn group(cores: u32) -> (Vec<UdpSocket>, u16) {
-    let opts = SockOpts {
-        reuseport: true,
-        sndbuf: 1 << 20,
-        rcvbuf: 1 << 20,
-        gro: false,
-    };
-    let (first, info) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), &opts).unwrap();
-    let port = info.local.port();
-    let mut fds = vec![first];
-    for _ in 1..cores {
-        let (fd, _) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), &opts).unwrap();
-        fds.push(fd);
-    }
-    sys::attach_reuseport_cbpf(&fds[0], &steer::program(cores)).unwrap();
-    let socks = fds
-        .into_iter()
-        .map(|fd| {
-            let s = UdpSocket::from(fd);
-            s.set_nonblocking(false).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            s
-        })
-        .collect();
-    (socks, port)
-}
+mod common;
+use common::{reuseport_group, sh};
 
 #[test]
 fn packets_land_on_the_core_the_shard_function_names() {
     for cores in [2u32, 3, 4] {
-        let (socks, port) = group(cores);
+        let (socks, port) = reuseport_group(cores, &steer::program(cores));
         let mut per_core = vec![Vec::new(); cores as usize];
         for i in 1..=40u8 {
             let src = Ipv4Addr::new(127, 0, i / 7 + 1, i);
@@ -170,21 +145,9 @@ fn ipv6_inner() {
     }
 }
 
+/// `ip -n ns args`.
 fn ip(ns: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(["-n", ns])
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip -n {ns} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    sh("ip", &[&["-n", ns], args].concat())
 }
 
 #[test]

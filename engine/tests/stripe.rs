@@ -9,47 +9,17 @@
 //!   (per-core stats), on the plain wire and on the sealed wire;
 //! - kshim refuses `conns_per_peer` above its cores, saying what to set.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lu2k_engine::io::sys::{self, SockOpts};
 use lu2k_engine::steer;
 use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
-use common::{nid, pattern, put, start_engine, stats, tmpdir, wait_attached};
-
-/// A reuseport group of `cores` sockets on one loopback port, steered by socket ID.
-fn group(cores: u32) -> (Vec<UdpSocket>, u16) {
-    let opts = SockOpts {
-        reuseport: true,
-        sndbuf: 1 << 20,
-        rcvbuf: 1 << 20,
-        gro: false,
-    };
-    let (first, info) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), &opts).unwrap();
-    let port = info.local.port();
-    let mut fds = vec![first];
-    for _ in 1..cores {
-        let (fd, _) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), &opts).unwrap();
-        fds.push(fd);
-    }
-    sys::attach_reuseport_cbpf(&fds[0], &steer::program_by_socket_id(cores)).unwrap();
-    let socks = fds
-        .into_iter()
-        .map(|fd| {
-            let s = UdpSocket::from(fd);
-            s.set_nonblocking(false).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            s
-        })
-        .collect();
-    (socks, port)
-}
+use common::{nid, pattern, put, reuseport_group, start_engine, stats, tmpdir, wait_attached};
 
 /// A 64-byte UDT-shaped datagram: destination socket ID `dst`, requester ID `req` at
 /// the handshake's place, and `tag` in the first byte.
@@ -64,7 +34,7 @@ fn datagram(tag: u8, dst: u32, req: u32) -> [u8; 64] {
 #[test]
 fn one_source_spreads_over_the_cores_by_socket_id() {
     for cores in [2u32, 3, 4] {
-        let (socks, port) = group(cores);
+        let (socks, port) = reuseport_group(cores, &steer::program_by_socket_id(cores));
         // Every datagram from one address: one peer.
         let src = UdpSocket::bind((Ipv4Addr::new(127, 0, 3, 1), 0)).unwrap();
         let mut want = vec![Vec::new(); cores as usize];
