@@ -19,6 +19,7 @@
 //! engine, and fail on any `BUG:`, `WARNING:`, `Oops` or `general protection` line in
 //! the kernel log.
 
+use crate::module::Engine;
 use crate::Outcome;
 use anyhow::{bail, ensure, Context};
 use lu2k_ring_abi::attach::device::{self, Create};
@@ -27,7 +28,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const EXTRA: &str = "/lib/lab-extra";
@@ -116,7 +117,7 @@ fn scenario(role: char, me: Ipv4Addr, peer: Ipv4Addr, loops: u32) -> anyhow::Res
     let nid = Nid::from_net_ip(net, me);
     let dev = device::open(Path::new(DEV)).context("open /dev/lu2k after insmod")?;
     let instance = create(dev.as_fd(), nid)?;
-    let mut engine = Engine::start(me, instance)?;
+    let mut engine = start_engine(me, instance)?;
     wait_serving(dev.as_fd(), instance, &mut engine)?;
     println!("lnet: {role}: instance {instance} ({nid}) served by lu2k-engine");
 
@@ -391,60 +392,14 @@ fn wait_serving(fd: BorrowedFd<'_>, instance: u32, engine: &mut Engine) -> anyho
     Ok(())
 }
 
-struct Engine {
-    child: Option<Child>,
-    log: String,
-}
-
-impl Engine {
-    fn start(me: Ipv4Addr, instance: u32) -> anyhow::Result<Engine> {
-        let log = "/tmp/engine-lnet.log".to_string();
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(ENGINE)
-            .args(["run", "--kshim"])
-            .arg(format!("device:{DEV},instance={instance}"))
-            .args(["--bind", &me.to_string(), "--port", "7988"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting lu2k-engine")?;
-        Ok(Engine {
-            child: Some(child),
-            log,
-        })
-    }
-
-    fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(st) = c.try_wait()? {
-                bail!("lu2k-engine exited ({st}){}", self.tail());
-            }
-        }
-        Ok(())
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = text.lines().rev().take(12).collect();
-        format!(
-            "; its last lines: {}",
-            lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
-        )
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The lab's engine on the lnet stage's device instance, its log in
+/// /tmp/engine-lnet.log.
+fn start_engine(me: Ipv4Addr, instance: u32) -> anyhow::Result<Engine> {
+    let mut cmd = Command::new(ENGINE);
+    cmd.args(["run", "--kshim"])
+        .arg(format!("device:{DEV},instance={instance}"))
+        .args(["--bind", &me.to_string(), "--port", "7988"]);
+    Engine::spawn(cmd, "/tmp/engine-lnet.log".to_string(), 12)
 }
 
 /// Runs prog under busybox's `timeout`: a command stuck in the kernel is named, with

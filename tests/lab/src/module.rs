@@ -840,14 +840,12 @@ fn hostile_checks(
         "stale completion ring full"
     );
     ensure!(
-        stale
-            .rx
-            .push(RxDesc::inline(
-                u64::MAX,
-                Nid::from_nid4(1),
-                [0; LNET_HDR_LEN],
-                &[],
-            ))?,
+        stale.rx.push(RxDesc::inline(
+            u64::MAX,
+            Nid::from_nid4(1),
+            [0; LNET_HDR_LEN],
+            &[],
+        ))?,
         "stale RX ring full"
     );
     rustix::io::write(&kick, &1u64.to_ne_bytes())?;
@@ -870,13 +868,38 @@ fn hostile_checks(
     ))
 }
 
-/// `lu2k-engine` in namespace `end.ns`, attached to the module's instance.
-struct Engine {
+/// A running `lu2k-engine` whose output goes to a log file: its last lines name
+/// what went wrong when it exits early; killed when dropped. The lnet stage uses
+/// it too.
+pub(crate) struct Engine {
     child: Option<Child>,
     log: String,
+    /// How many of the log's last lines an error quotes.
+    tail_lines: usize,
 }
 
 impl Engine {
+    /// Spawns `cmd` (the engine, or `ip netns exec` of it) with its output in `log`.
+    pub(crate) fn spawn(
+        mut cmd: Command,
+        log: String,
+        tail_lines: usize,
+    ) -> anyhow::Result<Engine> {
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting lu2k-engine")?;
+        Ok(Engine {
+            child: Some(child),
+            log,
+            tail_lines,
+        })
+    }
+
+    /// `lu2k-engine` in namespace `end.ns`, attached to the module's instance.
     fn device(end: &End, instance: u32) -> anyhow::Result<Engine> {
         Engine::start(
             end,
@@ -886,10 +909,8 @@ impl Engine {
     }
 
     fn start(end: &End, kshim: &str, tag: &str) -> anyhow::Result<Engine> {
-        let log = format!("/tmp/engine-{}-{tag}.log", end.ns);
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &end.ns, ENGINE, "run", "--kshim", kshim])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &end.ns, ENGINE, "run", "--kshim", kshim])
             .args([
                 "--bind",
                 &end.addr.to_string(),
@@ -897,19 +918,11 @@ impl Engine {
                 "7988",
                 "--stats-socket",
             ])
-            .arg(format!("/tmp/engine-{}-stats.sock", end.ns))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting lu2k-engine")?;
-        Ok(Engine {
-            child: Some(child),
-            log,
-        })
+            .arg(format!("/tmp/engine-{}-stats.sock", end.ns));
+        Engine::spawn(cmd, format!("/tmp/engine-{}-{tag}.log", end.ns), 5)
     }
 
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.child.as_mut() {
             if let Some(st) = c.try_wait()? {
                 bail!("lu2k-engine exited ({st}){}", self.tail());
@@ -918,9 +931,9 @@ impl Engine {
         Ok(())
     }
 
-    fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = text.lines().rev().take(5).collect();
+        let lines: Vec<_> = text.lines().rev().take(self.tail_lines).collect();
         format!(
             "; its last lines: {}",
             lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
@@ -928,7 +941,7 @@ impl Engine {
     }
 
     /// SIGKILL, as a crash.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
