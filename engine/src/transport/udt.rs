@@ -210,6 +210,9 @@ struct Security {
     gathered_bytes: u64,
     /// Key changes of connections that are gone, by peer.
     rekeys_gone: HashMap<Ipv4Addr, u64>,
+    /// Refusals counted for peers since forgotten, by peer and reason: a
+    /// peer's counters never go backwards when it comes back.
+    rejected_gone: HashMap<Ipv4Addr, BTreeMap<String, u64>>,
     /// Where replaced keys come from (SIGHUP), and the generation `keys` is.
     shared: Option<(seal::SharedKeys, u64)>,
 }
@@ -381,6 +384,7 @@ impl Udt {
             opened_bytes: 0,
             gathered_bytes: 0,
             rekeys_gone: HashMap::new(),
+            rejected_gone: HashMap::new(),
             shared: None,
         }));
         self
@@ -1966,9 +1970,10 @@ impl Udt {
         self.next_forget = now + 1_000_000;
         let live: std::collections::BTreeSet<Ipv4Addr> =
             self.conns.values().map(|e| e.peer).collect();
+        let mut gone = self.sec.as_mut().map(|s| &mut s.rejected_gone);
         self.peers.retain(|ip, p| {
             let s = &p.stats;
-            live.contains(ip)
+            let keep = live.contains(ip)
                 || p.tx_sock.is_some()
                 || p.down
                 || s.in_flight > 0
@@ -1976,7 +1981,14 @@ impl Udt {
                 || s.msgs_rx > 0
                 || s.errors > 0
                 || !s.failed.is_empty()
-                || now.saturating_sub(p.last_heard) < PEER_FORGET_US
+                || now.saturating_sub(p.last_heard) < PEER_FORGET_US;
+            if let Some(g) = gone.as_mut().filter(|_| !keep && !s.rejected.is_empty()) {
+                let m = g.entry(*ip).or_default();
+                for (why, n) in &s.rejected {
+                    *m.entry(why.clone()).or_default() += n;
+                }
+            }
+            keep
         });
     }
 
@@ -2045,6 +2057,11 @@ impl Udt {
             p.stats.security = mode.to_string();
             p.stats.rekeys = rekeys;
             let mut ps = p.stats.clone();
+            if let Some(g) = self.sec.as_ref().and_then(|s| s.rejected_gone.get(&p.ip)) {
+                for (why, n) in g {
+                    *ps.rejected.entry(why.clone()).or_default() += n;
+                }
+            }
             ps.links = ml::link_stats(self.ml.as_deref(), &self.conns, p.ip);
             ps.retransmissions += retx;
             ps.outages += outages.0;
