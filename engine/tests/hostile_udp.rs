@@ -17,12 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lu2k_engine::transport::udt::MAX_CONNS_PER_ADDR;
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Event, TxStatus};
 use lu2k_udt::conn::{self as conn, Connection, Extent};
 
 mod common;
-use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached};
+use common::{kshim, nid, start_engine, stats, tmpdir, wait_attached, Transfer};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 61);
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 62);
@@ -132,63 +130,17 @@ fn transfer_survives_a_hostile_sender() {
     std::thread::sleep(Duration::from_millis(300));
 
     let (na, nb) = (nid(A_IP), nid(B_IP));
-    let mut sent = 0u64;
-    let mut done = vec![false; COUNT as usize];
-    let mut completed = 0u64;
-    let mut cookies = std::collections::HashMap::new();
-    let mut received = vec![false; COUNT as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new("", na, nb, COUNT, |_| LEN);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while got < COUNT || completed < COUNT {
+    while !t.finished() {
         assert!(
             Instant::now() < deadline,
-            "timed out: sent {sent} received {got} completed {completed}"
+            "timed out: sent {} received {} completed {}",
+            t.sent,
+            t.got,
+            t.completed
         );
-        while sent < COUNT {
-            match ka.send(&put(nb, na, LEN, sent), &pattern(sent, LEN)) {
-                Ok(c) => {
-                    cookies.insert(c, sent);
-                    sent += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone {
-                    cookie,
-                    status,
-                    detail,
-                } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    let n = cookies.remove(&cookie).expect("unknown cookie") as usize;
-                    assert!(!done[n], "two completions for {n}");
-                    done[n] = true;
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("unexpected message {other:?}"),
-                };
-                assert_eq!(m.from, na, "a message from someone else than A");
-                assert_eq!(m.len(), LEN);
-                let mut b = vec![0u8; LEN];
-                m.copy_to(&mut b);
-                assert!(b == pattern(n, LEN), "message {n} content differs");
-                assert!(!received[n as usize], "message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
-            _ => {}
-        }
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     stop.store(true, Ordering::Relaxed);
     let connected = attacker.join().expect("hostile thread");

@@ -16,11 +16,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
+use lu2k_kshim::{Config, Kshim, Nid};
 
 mod common;
-use common::{nid, pattern, put, stats, tmpdir, Engine};
+use common::{nid, stats, tmpdir, Engine, Transfer};
 use lu2k_linkem::{DuplexConfig, Loss, Relay, RelayConfig};
 
 /// The receiving kshim's RX pool: 48 buffers of 64 KiB.
@@ -101,64 +100,21 @@ fn lossy_link_with_tiny_rx_pool_delivers_everything() {
         }
     }
 
-    let mut sent = 0u64;
-    let mut cookies = std::collections::HashMap::new();
-    let mut completed = 0u64;
-    let mut received = vec![false; COUNT as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new("", na, nb, COUNT, |_| LEN);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while got < COUNT || completed < COUNT {
+    while !t.finished() {
         if Instant::now() >= deadline {
             let rb = stats(&dir, "b");
             panic!(
-                "stalled: sent {sent} received {got} completed {completed}; \
+                "stalled: sent {} received {} completed {}; \
                  receiving engine drops {:?}",
+                t.sent,
+                t.got,
+                t.completed,
                 rb.cores.iter().map(|c| &c.drops).collect::<Vec<_>>()
             );
         }
-        while sent < COUNT {
-            match ka.send(&put(nb, na, LEN, sent), &pattern(sent, LEN)) {
-                Ok(c) => {
-                    cookies.insert(c, sent);
-                    sent += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone {
-                    cookie,
-                    status,
-                    detail,
-                } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    cookies.remove(&cookie).expect("unknown or repeated cookie");
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("unexpected message {other:?}"),
-                };
-                assert_eq!(m.from, na);
-                assert_eq!(m.len(), LEN);
-                let mut buf = vec![0u8; LEN];
-                m.copy_to(&mut buf);
-                assert!(buf == pattern(n, LEN), "message {n} content differs");
-                assert!(!received[n as usize], "message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
-            _ => {}
-        }
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     let rs = relay.stats();
     let rb = stats(&dir, "b");

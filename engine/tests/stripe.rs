@@ -15,11 +15,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lu2k_engine::steer;
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Config, Event, Kshim, TxStatus};
+use lu2k_kshim::{Config, Kshim};
 
 mod common;
-use common::{nid, pattern, put, reuseport_group, start_engine, stats, tmpdir, wait_attached};
+use common::{nid, reuseport_group, start_engine, stats, tmpdir, wait_attached, Transfer};
 
 /// A 64-byte UDT-shaped datagram: destination socket ID `dst`, requester ID `req` at
 /// the handshake's place, and `tag` in the first byte.
@@ -113,64 +112,18 @@ fn striped(tag: &str, a_ip: Ipv4Addr, b_ip: Ipv4Addr, count: u64, len: usize, se
     wait_attached(&mut kb, deadline);
 
     let (na, nb) = (nid(a_ip), nid(b_ip));
-    let mut sent = 0u64;
-    let mut cookies = std::collections::HashMap::new();
-    let mut completed = 0u64;
-    let mut received = vec![false; count as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new(tag, na, nb, count, move |_| len);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
-    while got < count || completed < count {
+    while !t.finished() {
         assert!(
             Instant::now() < deadline,
-            "{tag}: timed out: sent {sent} received {got} completed {completed}"
+            "{tag}: timed out: sent {} received {} completed {}",
+            t.sent,
+            t.got,
+            t.completed
         );
-        while sent < count {
-            match ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
-                Ok(c) => {
-                    cookies.insert(c, sent);
-                    sent += 1;
-                }
-                Err(_) => break, // credits or pool exhausted: wait for completions
-            }
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone {
-                    cookie,
-                    status,
-                    detail,
-                } => {
-                    assert_eq!(status, TxStatus::Ok, "{tag}: send failed (detail {detail})");
-                    assert!(
-                        cookies.remove(&cookie).is_some(),
-                        "{tag}: unknown or repeated completion"
-                    );
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("{tag}: engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("{tag}: unexpected message {other:?}"),
-                };
-                assert_eq!(m.from, na);
-                assert_eq!(m.len(), len);
-                let mut buf = vec![0u8; len];
-                m.copy_to(&mut buf);
-                assert!(buf == pattern(n, len), "{tag}: message {n} content differs");
-                assert!(!received[n as usize], "{tag}: message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("{tag}: engine B gone: {r:?}"),
-            _ => {}
-        }
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     let secs = started.elapsed().as_secs_f64();
     // Per-core stats: the sender's cores each completed messages to the one peer,

@@ -293,3 +293,128 @@ pub fn reuseport_group(
         .collect();
     (socks, port)
 }
+
+/// `count` LNet PUTs from kshim A to kshim B, message `n` of `len_of(n)` bytes
+/// holding [`pattern`]: every completion at A must be `Ok` and come once per
+/// message, every message must arrive at B once, from A, whole and unchanged.
+/// The caller's loop calls [`Transfer::step`] until [`Transfer::finished`] and
+/// keeps its own deadline and progress report.
+pub struct Transfer {
+    /// Prefixes every failure, naming the test case.
+    tag: String,
+    src: Nid,
+    dst: Nid,
+    len_of: Box<dyn Fn(u64) -> usize>,
+    pub count: u64,
+    pub sent: u64,
+    pub completed: u64,
+    pub got: u64,
+    cookies: std::collections::HashMap<lu2k_kshim::Cookie, u64>,
+    done: Vec<bool>,
+    received: Vec<bool>,
+}
+
+impl Transfer {
+    /// `tag` ("" for none) prefixes the failures as `tag: …`.
+    pub fn new(
+        tag: &str,
+        src: Nid,
+        dst: Nid,
+        count: u64,
+        len_of: impl Fn(u64) -> usize + 'static,
+    ) -> Transfer {
+        Transfer {
+            tag: if tag.is_empty() {
+                String::new()
+            } else {
+                format!("{tag}: ")
+            },
+            src,
+            dst,
+            len_of: Box::new(len_of),
+            count,
+            sent: 0,
+            completed: 0,
+            got: 0,
+            cookies: std::collections::HashMap::new(),
+            done: vec![false; count as usize],
+            received: vec![false; count as usize],
+        }
+    }
+
+    /// Every message sent, completed and received.
+    pub fn finished(&self) -> bool {
+        self.got == self.count && self.completed == self.count
+    }
+
+    /// Sends what `ka` takes, takes in its completions, then waits up to `wait`
+    /// for one message at `kb` and checks it.
+    pub fn step(&mut self, ka: &mut Kshim, kb: &mut Kshim, wait: Duration) {
+        let tag = &self.tag;
+        while self.sent < self.count {
+            let (n, len) = (self.sent, (self.len_of)(self.sent));
+            match ka.send(&put(self.dst, self.src, len, n), &pattern(n, len)) {
+                Ok(c) => {
+                    self.cookies.insert(c, n);
+                    self.sent += 1;
+                }
+                Err(_) => break, // pool or credits exhausted: wait for completions
+            }
+        }
+        while let Some(ev) = ka.poll() {
+            match ev {
+                lu2k_kshim::Event::TxDone {
+                    cookie,
+                    status,
+                    detail,
+                } => {
+                    assert_eq!(
+                        status,
+                        lu2k_kshim::TxStatus::Ok,
+                        "{tag}send failed (detail {detail})"
+                    );
+                    let n = self
+                        .cookies
+                        .remove(&cookie)
+                        .unwrap_or_else(|| panic!("{tag}completion for an unknown cookie"));
+                    assert!(!self.done[n as usize], "{tag}two completions for {n}");
+                    self.done[n as usize] = true;
+                    self.completed += 1;
+                }
+                lu2k_kshim::Event::EngineGone(r) => panic!("{tag}engine A gone: {r:?}"),
+                _ => {}
+            }
+        }
+        match kb.wait(Some(wait)) {
+            Some(lu2k_kshim::Event::Rx(m)) => {
+                let n = match m.hdr.msg {
+                    Msg::Put { match_bits, .. } => match_bits,
+                    other => panic!("{tag}unexpected message {other:?}"),
+                };
+                let len = (self.len_of)(n);
+                assert_eq!(m.from, self.src, "{tag}a message from someone else than A");
+                assert_eq!(m.len(), len, "{tag}message {n} length");
+                let mut buf = vec![0u8; len];
+                m.copy_to(&mut buf);
+                let want = pattern(n, len);
+                if buf != want {
+                    let first = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+                    let last = buf.iter().zip(&want).rposition(|(a, b)| a != b).unwrap();
+                    panic!(
+                        "{tag}message {n} ({len} bytes) content differs at bytes {first}..={last} (extents {:?})",
+                        m.extents().iter().take(4).collect::<Vec<_>>()
+                    );
+                }
+                assert!(
+                    !self.received[n as usize],
+                    "{tag}message {n} delivered twice"
+                );
+                self.received[n as usize] = true;
+                self.got += 1;
+                kb.rx_done(m);
+            }
+            Some(lu2k_kshim::Event::EngineGone(r)) => panic!("{tag}engine B gone: {r:?}"),
+            _ => {}
+        }
+    }
+}
