@@ -239,6 +239,11 @@ fn keys_rotate_by_sighup_mid_transfer() {
             3,
             "engine {name}:\n{text}"
         );
+        // Only key fields were edited (the flags are not the file's).
+        assert!(
+            !text.contains("applies only the key fields"),
+            "engine {name}:\n{text}"
+        );
     }
     // One connection from A to B carried it all: it came up once.
     let text = log(&dir, "a");

@@ -433,6 +433,33 @@ impl Config {
         self.keyring().map(|_| ())
     }
 
+    /// The fields other than the key fields (`security`, `psk_file`,
+    /// `psk_next_file`, `peer_key`) whose values differ between `self` and
+    /// `other`, by their names in the file: what a key reload does not apply.
+    pub fn changed_non_key_fields(&self, other: &Config) -> Vec<String> {
+        const KEYS: [&str; 5] = [
+            "security",
+            "psk_file",
+            "psk_next_file",
+            "peer_key",
+            "source",
+        ];
+        let table = |c: &Config| match toml::Value::try_from(c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::map::Map::new(),
+        };
+        let (a, b) = (table(self), table(other));
+        let mut names: Vec<String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| !KEYS.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The wire's security and its keys, read and checked: `None` for the
     /// plain wire. Errors name the field: a key file missing or unreadable, a
     /// symbolic link or not a regular file, owned by another user than the
@@ -608,6 +635,18 @@ fn read_key_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_reload_names_the_other_fields_that_changed() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.psk_file = Some("/etc/lu2k/psk.next".into());
+        b.peer_keys = vec![];
+        assert!(a.changed_non_key_fields(&b).is_empty());
+        b.port = 7999;
+        b.mss = 1400;
+        assert_eq!(a.changed_non_key_fields(&b), ["mss", "port"]);
+    }
 
     #[test]
     fn defaults_are_valid_and_satellite_friendly() {

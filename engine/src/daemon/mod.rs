@@ -130,12 +130,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // kept for the later ones: only SIGHUP re-reads the files, so a kshim
     // restart neither picks up changed key files nor stops on broken ones.
     let mut keys: Option<Option<SharedKeys>> = None;
+    // The config file as read at start (flags apart): a key reload names the
+    // other fields edited since, which it does not apply.
+    let started = cfg.source.as_deref().and_then(|p| Config::load(p).ok());
     // One session per kshim attachment. When kshim goes away (it restarted), the
     // session drains and ends; the engine then waits for kshim to listen again and
     // attaches anew: the process, its configuration and its systemd state carry on.
     loop {
         let mut notifier = session(
-            (&mut cfg, &mut keys),
+            (&mut cfg, &mut keys, started.as_ref()),
             &kpath,
             att,
             &features,
@@ -163,7 +166,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 /// ([`reload_keys`]); a later attachment starts with the keys last taken
 /// (`keys`, `None` before the first attachment read them).
 fn session(
-    (cfg, keys): (&mut Config, &mut Option<Option<SharedKeys>>),
+    (cfg, keys, started): (
+        &mut Config,
+        &mut Option<Option<SharedKeys>>,
+        Option<&Config>,
+    ),
     kpath: &attach::Endpoint,
     att: Attachment,
     features: &Features,
@@ -224,7 +231,7 @@ fn session(
     let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
     let mut notifier = Notifier::new(slots);
     notifier.ready();
-    let mut reload = || reload_keys(cfg, plan.keys.as_ref());
+    let mut reload = || reload_keys(cfg, started, plan.keys.as_ref());
     serve(
         &att,
         &nrx,
@@ -320,10 +327,11 @@ fn watch_signals() -> anyhow::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
 /// `[[peer_key]]`) of the config file the engine started with, checks them as
 /// at start-up, and hands the new set to the cores. Connections keep the keys
 /// they agreed (rekeys derive from those); new handshakes use the new set. A
-/// file that does not read or check is refused with the error (it names the
-/// field) and the keys in use stay; the security mode is not changed by a
-/// reload (that takes a restart).
-fn reload_keys(cfg: &mut Config, shared: Option<&SharedKeys>) {
+/// file that does not read or check (the whole file is validated, as at
+/// start-up) is refused with the error (it names the field) and the keys in
+/// use stay; other fields edited since start-up (`started`) are named in a
+/// warning and not applied, nor is the security mode (those take a restart).
+fn reload_keys(cfg: &mut Config, started: Option<&Config>, shared: Option<&SharedKeys>) {
     let Some(shared) = shared else {
         tracing::warn!(
             "SIGHUP: the plain wire (security = \"off\") has no keys to reload; \
@@ -338,13 +346,23 @@ fn reload_keys(cfg: &mut Config, shared: Option<&SharedKeys>) {
         );
         return;
     };
-    let file = match Config::load(&path) {
+    let file = match Config::load(&path).and_then(|f| f.validate().map(|()| f)) {
         Ok(f) => f,
         Err(e) => {
             tracing::error!("SIGHUP: key reload refused: {e}; the keys in use stay");
             return;
         }
     };
+    // Against the file as the engine started with it: what else was edited.
+    let ignored = started.map_or_else(Vec::new, |b| b.changed_non_key_fields(&file));
+    if !ignored.is_empty() {
+        tracing::warn!(
+            "SIGHUP: {} changed {} too; a reload applies only the key fields (security, \
+             psk_file, psk_next_file, [[peer_key]]): restart the engine to apply the rest",
+            path.display(),
+            ignored.join(", ")
+        );
+    }
     let mut next = cfg.clone();
     next.security = file.security;
     next.psk_file = file.psk_file;
