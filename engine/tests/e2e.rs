@@ -14,7 +14,9 @@ use lu2k_kshim::hdr::Msg;
 use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
-use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine};
+use common::{
+    kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine, Transfer,
+};
 
 /// Starts engines "a" and "b" for kshims `ka` and `kb`, bound to their addresses on
 /// `port`, and waits until both have attached.
@@ -107,21 +109,19 @@ fn transfer(
 
     let (na, nb) = (nid(a_ip), nid(b_ip));
     let tx_pool_at_start = ka.tx_pool_free();
-    let mut sent = 0u64;
-    let mut done = std::collections::HashMap::new();
-    let mut cookies = std::collections::HashMap::new();
-    let mut received = vec![false; count as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new(tag, na, nb, count, move |_| len);
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
     let mut next_progress = Instant::now() + Duration::from_secs(10);
-    while got < count || (done.len() as u64) < count {
+    while !t.finished() {
         if Instant::now() >= next_progress || Instant::now() >= deadline {
             // How the connection is doing, so a slow or stuck run says why.
             eprintln!(
-                "{tag}: {:.0} s: sent {sent} received {got} completed {}; {}; {}",
+                "{tag}: {:.0} s: sent {} received {} completed {}; {}; {}",
                 started.elapsed().as_secs_f64(),
-                done.len(),
+                t.sent,
+                t.got,
+                t.completed,
                 peer_summary(&dir, "a"),
                 peer_summary(&dir, "b")
             );
@@ -129,65 +129,12 @@ fn transfer(
         }
         assert!(
             Instant::now() < deadline,
-            "{tag}: timed out: sent {sent} received {got} completed {}",
-            done.len()
+            "{tag}: timed out: sent {} received {} completed {}",
+            t.sent,
+            t.got,
+            t.completed
         );
-        while sent < count {
-            match ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
-                Ok(c) => {
-                    cookies.insert(c, sent);
-                    sent += 1;
-                }
-                Err(_) => break, // pool or credits exhausted: wait for completions
-            }
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone {
-                    cookie,
-                    status,
-                    detail,
-                } => {
-                    assert_eq!(status, TxStatus::Ok, "{tag}: send failed (detail {detail})");
-                    let n = cookies
-                        .remove(&cookie)
-                        .expect("completion for an unknown cookie");
-                    assert!(
-                        done.insert(n, ()).is_none(),
-                        "{tag}: two completions for {n}"
-                    );
-                }
-                Event::EngineGone(r) => panic!("{tag}: engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("{tag}: unexpected message {other:?}"),
-                };
-                assert_eq!(m.from, na);
-                assert_eq!(m.len(), len);
-                let mut buf = vec![0u8; len];
-                m.copy_to(&mut buf);
-                let want = pattern(n, len);
-                if buf != want {
-                    let first = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap();
-                    let last = buf.iter().zip(&want).rposition(|(a, b)| a != b).unwrap();
-                    panic!(
-                        "{tag}: message {n} content differs at bytes {first}..={last} (extents {:?})",
-                        m.extents().iter().take(4).collect::<Vec<_>>()
-                    );
-                }
-                assert!(!received[n as usize], "{tag}: message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("{tag}: engine B gone: {r:?}"),
-            _ => {}
-        }
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

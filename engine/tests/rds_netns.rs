@@ -14,11 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Config, Event, Kshim, TxStatus};
+use lu2k_kshim::{Config, Kshim};
 
 mod common;
-use common::{missing_tools, nid, not_root, pattern, put, wait_attached, Engine, Netns};
+use common::{missing_tools, nid, not_root, wait_attached, Engine, Netns, Transfer};
 
 /// Why this test cannot run here, if it cannot.
 fn cannot_run() -> Option<String> {
@@ -91,70 +90,18 @@ fn rds_backend_between_two_namespaces() {
 
     let count = 40u64;
     let (na, nb) = (nid(a_ip), nid(b_ip));
-    let mut sent = 0u64;
-    let mut done = std::collections::HashSet::new();
-    let mut cookies = std::collections::HashMap::new();
-    let mut received = vec![false; count as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new("", na, nb, count, size_of_msg);
     let deadline = Instant::now() + Duration::from_secs(150);
     let started = Instant::now();
-    while got < count || (done.len() as u64) < count {
+    while !t.finished() {
         assert!(
             Instant::now() < deadline,
-            "timed out: sent {sent} received {got} completed {}",
-            done.len()
+            "timed out: sent {} received {} completed {}",
+            t.sent,
+            t.got,
+            t.completed
         );
-        while sent < count {
-            let len = size_of_msg(sent);
-            match ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
-                Ok(c) => {
-                    cookies.insert(c, sent);
-                    sent += 1;
-                }
-                Err(_) => break, // pool or credits exhausted: wait for completions
-            }
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone {
-                    cookie,
-                    status,
-                    detail,
-                } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    let n = cookies
-                        .remove(&cookie)
-                        .expect("completion for an unknown cookie");
-                    assert!(done.insert(n), "two completions for {n}");
-                }
-                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(5))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("unexpected message {other:?}"),
-                };
-                let len = size_of_msg(n);
-                assert_eq!(m.from, na);
-                assert_eq!(m.len(), len, "message {n} length");
-                let mut buf = vec![0u8; len];
-                m.copy_to(&mut buf);
-                if buf != pattern(n, len) {
-                    let want = pattern(n, len);
-                    let first = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap();
-                    panic!("message {n} ({len} bytes) content differs from byte {first}");
-                }
-                assert!(!received[n as usize], "message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
-            _ => {}
-        }
+        t.step(&mut ka, &mut kb, Duration::from_millis(5));
     }
     let bytes: usize = (0..count).map(size_of_msg).sum();
     eprintln!(
