@@ -117,23 +117,15 @@ fn transfer(
         if Instant::now() >= next_progress || Instant::now() >= deadline {
             // How the connection is doing, so a slow or stuck run says why.
             eprintln!(
-                "{tag}: {:.0} s: sent {} received {} completed {}; {}; {}",
+                "{tag}: {:.0} s: {}; {}; {}",
                 started.elapsed().as_secs_f64(),
-                t.sent,
-                t.got,
-                t.completed,
+                t.progress(),
                 peer_summary(&dir, "a"),
                 peer_summary(&dir, "b")
             );
             next_progress += Duration::from_secs(10);
         }
-        assert!(
-            Instant::now() < deadline,
-            "{tag}: timed out: sent {} received {} completed {}",
-            t.sent,
-            t.got,
-            t.completed
-        );
+        t.assert_before(deadline);
         t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     let secs = started.elapsed().as_secs_f64();

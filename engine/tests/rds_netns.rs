@@ -94,13 +94,7 @@ fn rds_backend_between_two_namespaces() {
     let deadline = Instant::now() + Duration::from_secs(150);
     let started = Instant::now();
     while !t.finished() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out: sent {} received {} completed {}",
-            t.sent,
-            t.got,
-            t.completed
-        );
+        t.assert_before(deadline);
         t.step(&mut ka, &mut kb, Duration::from_millis(5));
     }
     let bytes: usize = (0..count).map(size_of_msg).sum();

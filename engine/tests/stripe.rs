@@ -116,13 +116,7 @@ fn striped(tag: &str, a_ip: Ipv4Addr, b_ip: Ipv4Addr, count: u64, len: usize, se
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
     while !t.finished() {
-        assert!(
-            Instant::now() < deadline,
-            "{tag}: timed out: sent {} received {} completed {}",
-            t.sent,
-            t.got,
-            t.completed
-        );
+        t.assert_before(deadline);
         t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     let secs = started.elapsed().as_secs_f64();

@@ -347,6 +347,24 @@ impl Transfer {
         self.got == self.count && self.completed == self.count
     }
 
+    /// `sent N received N completed N`, for progress and failure lines.
+    pub fn progress(&self) -> String {
+        format!(
+            "sent {} received {} completed {}",
+            self.sent, self.got, self.completed
+        )
+    }
+
+    /// Fails, saying how far the transfer got, once `deadline` has passed.
+    pub fn assert_before(&self, deadline: Instant) {
+        assert!(
+            Instant::now() < deadline,
+            "{}timed out: {}",
+            self.tag,
+            self.progress()
+        );
+    }
+
     /// Sends what `ka` takes, takes in its completions, then waits up to `wait`
     /// for one message at `kb` and checks it.
     pub fn step(&mut self, ka: &mut Kshim, kb: &mut Kshim, wait: Duration) {
