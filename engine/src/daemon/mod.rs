@@ -451,11 +451,10 @@ fn plan(
     // This node's end of every handshake: the address peers dial.
     let local = (!bind_ip.is_unspecified()).then_some(bind_ip);
     let keys = match kept {
-        Some(shared) => shared.clone().map(|shared| {
+        Some(shared) => shared.clone().inspect(|shared| {
             let (mut k, _) = shared.get();
             k.local = local;
             shared.replace(k);
-            shared
         }),
         None => match cfg.keyring() {
             Ok(k) => k.map(|mut k| {
