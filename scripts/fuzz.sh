@@ -4,8 +4,12 @@
 # libFuzzer with AddressSanitizer for a short fixed time each, as CI does;
 # fails on any crash, leak, timeout or failed check (libFuzzer's exit status).
 #
-#   scripts/fuzz.sh                 # every target, LU2K_FUZZ_SECS (15) seconds each
-#   scripts/fuzz.sh session         # only the targets named
+#   scripts/fuzz.sh                 # every target, LU2K_FUZZ_SECS (10) seconds each
+#   scripts/fuzz.sh session         # only the targets named (a name that is no
+#                                   # target's is an error)
+#
+# The targets are the [[bin]] names of each fuzz crate's Cargo.toml (listed
+# before anything runs).
 #
 # Builds the targets with the nightly toolchain and the instrumentation
 # cargo-fuzz uses (SanitizerCoverage for libFuzzer, ASan), without cargo-fuzz
@@ -16,10 +20,51 @@
 # dependencies, libFuzzer itself among them, are built once). Reproduce a crash
 # with the same binary: target/fuzz/<host>/release/<target> <file>.
 set -euo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 
-secs=${LU2K_FUZZ_SECS:-15}
+secs=${LU2K_FUZZ_SECS:-10}
 only=("$@")
+
+# The [[bin]] target names of a fuzz crate's manifest ($1), one a line: the
+# first `name` of each [[bin]] table, whatever characters it has.
+bin_names() {
+    awk '/^\[\[bin\]\][[:space:]]*$/ { inbin = 1; next }
+         /^\[/ { inbin = 0 }
+         inbin && /^[[:space:]]*name[[:space:]]*=/ {
+             sub(/^[^=]*=[[:space:]]*"/, ""); sub(/".*$/, ""); print; inbin = 0
+         }' "$1"
+}
+
+manifests=()
+for m in ./*/fuzz/Cargo.toml ./*/*/fuzz/Cargo.toml; do
+    grep -q '^cargo-fuzz = true' "$m" && manifests+=("${m#./}")
+done
+if [ ${#manifests[@]} -eq 0 ]; then
+    echo "fuzz: no fuzz crate found (no */fuzz/Cargo.toml with cargo-fuzz = true)" >&2
+    exit 1
+fi
+crates=$(printf '%s\n' "${manifests[@]}" | sed 's|/Cargo.toml$||' | sort)
+all=()
+for crate in $crates; do
+    names=$(bin_names "$crate/Cargo.toml")
+    if [ -z "$names" ]; then
+        echo "fuzz: $crate has no [[bin]] target; nothing to run there" >&2
+        continue
+    fi
+    echo "==> fuzz targets in $crate: $(echo $names)"
+    all+=($names)
+done
+unknown=()
+for o in "${only[@]}"; do
+    found=0
+    for t in "${all[@]}"; do [ "$t" = "$o" ] && found=1; done
+    [ $found -eq 1 ] || unknown+=("$o")
+done
+if [ ${#unknown[@]} -gt 0 ]; then
+    echo "fuzz: no target named ${unknown[*]}; the targets are: ${all[*]}" >&2
+    exit 2
+fi
 
 if ! nightly=$(rustup run nightly rustc --version 2>/dev/null); then
     echo "SKIP fuzz: no nightly Rust toolchain (libFuzzer's instrumentation needs -Zsanitizer;" \
@@ -43,10 +88,9 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 
 failed=()
 ran=0
-crates=$(grep -l '^cargo-fuzz = true' ./*/fuzz/Cargo.toml ./*/*/fuzz/Cargo.toml 2>/dev/null |
-    sed 's|^\./||; s|/Cargo.toml$||' | sort)
 for crate in $crates; do
-    targets=$(sed -n 's/^name = "\([a-z_]*\)"$/\1/p' "$crate/Cargo.toml" | grep -v -- '-fuzz$')
+    targets=$(bin_names "$crate/Cargo.toml")
+    [ -n "$targets" ] || continue
     if [ ${#only[@]} -gt 0 ]; then
         want=()
         for t in $targets; do
