@@ -19,10 +19,10 @@
 //! engine, and fail on any `BUG:`, `WARNING:`, `Oops` or `general protection` line in
 //! the kernel log.
 
-use crate::module::Engine;
+use crate::module::{create_instance, Engine};
 use crate::Outcome;
 use anyhow::{bail, ensure, Context};
-use lu2k_ring_abi::attach::device::{self, Create};
+use lu2k_ring_abi::attach::device;
 use lu2k_ring_abi::{LndType, Net, Nid};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -363,19 +363,7 @@ fn wait_done(me: Ipv4Addr) -> anyhow::Result<()> {
 }
 
 fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
-    let mut c = Create {
-        cores: 1,
-        nid_count: 1,
-        ring_entries: 1024,
-        tx_slots: 64,
-        rx_buf_size: 64 << 10,
-        rx_buf_count: 1024,
-        rx_tables_per_core: 64,
-        ..Create::default()
-    };
-    c.nids[0] = nid;
-    device::create(fd, &mut c).with_context(|| format!("creating the instance of {nid}"))?;
-    Ok(c.instance)
+    create_instance(fd, nid, 1, 0, 64)
 }
 
 fn wait_serving(fd: BorrowedFd<'_>, instance: u32, engine: &mut Engine) -> anyhow::Result<()> {

@@ -399,39 +399,41 @@ fn scenario(mib: u32) -> anyhow::Result<String> {
     ))
 }
 
-fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
+/// An instance of `nid` on `cores` ring sets spreading each peer over
+/// `conns_per_peer` of them, `tx_slots` TX slots and 1024 RX buffers per core.
+/// The lnet stage uses it too.
+pub(crate) fn create_instance(
+    fd: BorrowedFd<'_>,
+    nid: Nid,
+    cores: u32,
+    conns_per_peer: u32,
+    tx_slots: u32,
+) -> anyhow::Result<u32> {
     let mut c = Create {
-        cores: 1,
+        cores,
+        conns_per_peer,
         nid_count: 1,
         ring_entries: 1024,
-        tx_slots: 32,
+        tx_slots,
         rx_buf_size: 64 << 10,
-        rx_buf_count: 1024,
+        rx_buf_count: 1024 * cores,
         rx_tables_per_core: 64,
         ..Create::default()
     };
     c.nids[0] = nid;
-    device::create(fd, &mut c).with_context(|| format!("creating the instance of {nid}"))?;
+    device::create(fd, &mut c).with_context(|| {
+        format!("creating the instance of {nid} ({cores} cores, {conns_per_peer} per peer)")
+    })?;
     Ok(c.instance)
+}
+
+fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
+    create_instance(fd, nid, 1, 0, 32)
 }
 
 /// An instance of two ring sets that spreads each peer over both (`conns_per_peer`).
 fn create_striped(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
-    let mut c = Create {
-        cores: 2,
-        conns_per_peer: 2,
-        nid_count: 1,
-        ring_entries: 1024,
-        tx_slots: 32,
-        rx_buf_size: 64 << 10,
-        rx_buf_count: 2048,
-        rx_tables_per_core: 64,
-        ..Create::default()
-    };
-    c.nids[0] = nid;
-    device::create(fd, &mut c)
-        .with_context(|| format!("creating the striped instance of {nid}"))?;
-    Ok(c.instance)
+    create_instance(fd, nid, 2, 2, 32)
 }
 
 /// Per core `(tx_descs, rx_descs)` of the engine in namespace `ns`, from the first
