@@ -6,13 +6,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::process::Command;
-use std::time::Duration;
 
 use lu2k_engine::io::sys::{self, SockOpts};
 use lu2k_engine::steer;
 
 mod common;
-use common::{reuseport_group, sh};
+use common::{reuseport_group, sh, steered};
 
 #[test]
 fn packets_land_on_the_core_the_shard_function_names() {
@@ -71,18 +70,7 @@ fn group6(cores: u32) -> (Vec<UdpSocket>, u16) {
     for _ in 1..cores {
         fds.push(sys::udp_socket6(any(port), false, &opts).unwrap().0);
     }
-    sys::attach_reuseport_cbpf(&fds[0], &steer::program(cores)).unwrap();
-    let socks = fds
-        .into_iter()
-        .map(|fd| {
-            let s = UdpSocket::from(fd);
-            s.set_nonblocking(false).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            s
-        })
-        .collect();
-    (socks, port)
+    (steered(fds, &steer::program(cores)), port)
 }
 
 const V6_HOSTS: u16 = 40;

@@ -260,7 +260,7 @@ impl Drop for Netns {
 }
 
 /// A reuseport group of `cores` UDP sockets on one loopback port, steered by
-/// `program`, each blocking with a 500 ms read timeout.
+/// `program` (see [`steered`]).
 pub fn reuseport_group(
     cores: u32,
     program: &[lu2k_engine::io::sys::BpfInsn],
@@ -280,18 +280,7 @@ pub fn reuseport_group(
         let (fd, _) = sys::udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port), &opts).unwrap();
         fds.push(fd);
     }
-    sys::attach_reuseport_cbpf(&fds[0], program).unwrap();
-    let socks = fds
-        .into_iter()
-        .map(|fd| {
-            let s = std::net::UdpSocket::from(fd);
-            s.set_nonblocking(false).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            s
-        })
-        .collect();
-    (socks, port)
+    (steered(fds, program), port)
 }
 
 /// `count` LNet PUTs from kshim A to kshim B, message `n` of `len_of(n)` bytes
@@ -435,4 +424,22 @@ impl Transfer {
             _ => {}
         }
     }
+}
+
+/// The sockets `fds` of one reuseport group as blocking sockets with a 500 ms
+/// read timeout, the group steered by `program`.
+pub fn steered(
+    fds: Vec<std::os::fd::OwnedFd>,
+    program: &[lu2k_engine::io::sys::BpfInsn],
+) -> Vec<std::net::UdpSocket> {
+    lu2k_engine::io::sys::attach_reuseport_cbpf(&fds[0], program).unwrap();
+    fds.into_iter()
+        .map(|fd| {
+            let s = std::net::UdpSocket::from(fd);
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+        .collect()
 }
