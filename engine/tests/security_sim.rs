@@ -789,3 +789,60 @@ fn a_client_connecting_across_a_key_rotation_comes_up_promptly_afterwards() {
         took.saturating_sub(up_at)
     );
 }
+
+#[test]
+fn a_client_whose_reply_was_lost_across_a_key_swap_still_connects() {
+    // B accepts A's handshake under the old key, but its reply is lost; then
+    // both nodes drop the old key for the new one. A's client starts over
+    // under the new key with the same socket ID: B, whose accepted connection
+    // never opened a datagram of A, takes the new handshake.
+    const NEW: &[u8] = b"the next key of the network, 32 bytes or more";
+    let (old, new) = (Psk::from_bytes(KEY).unwrap(), Psk::from_bytes(NEW).unwrap());
+    let ring = |ip, keys: Vec<Psk>| Keyring {
+        local: Some(ip),
+        net: keys,
+        ..Keyring::default()
+    };
+    let ka = seal::SharedKeys::new(ring(A, vec![old.clone()]));
+    let kb = seal::SharedKeys::new(ring(B, vec![old.clone()]));
+    let clock = SimClock::new();
+    let mut a = with_shared(node(A, &clock, Some(KEY), Limits::default()), &ka);
+    let mut b = with_shared(node(B, &clock, Some(KEY), Limits::default()), &kb);
+    let n = 4;
+    transfer(&mut a, &mut b, 1, n);
+    let t = clock.clone();
+    let mut from_b = 0u64;
+    let mut swapped = false;
+    let up_at = Duration::from_millis(1_000);
+    let took = run(
+        &clock,
+        &mut a,
+        &mut b,
+        n,
+        Duration::from_secs(20),
+        &mut |_, d| {
+            let now = t.elapsed();
+            if now >= Duration::from_millis(500) && !swapped {
+                ka.replace(ring(A, vec![new.clone()]));
+                kb.replace(ring(B, vec![new.clone()]));
+                swapped = true;
+            }
+            if *d.from.ip() == B && now < up_at {
+                // B's cookie passes, its reply to the accepted handshake not.
+                from_b += 1;
+                if from_b > 1 {
+                    return vec![];
+                }
+            }
+            vec![d]
+        },
+    );
+    assert!(swapped && from_b > 1, "B answered {from_b} times");
+    assert_eq!(a.done.get("ok"), Some(&n), "{:?} after {took:?}", a.done);
+    assert_eq!(b.got, (n, 0));
+    assert!(
+        took < up_at + Duration::from_millis(1_500),
+        "up {:?} after the link came back",
+        took.saturating_sub(up_at)
+    );
+}

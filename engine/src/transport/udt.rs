@@ -1586,26 +1586,39 @@ impl Udt {
             _ => None,
         };
         if let Some(sock) = repeat {
+            let keys = sec.keys.for_peer(ip);
             if let Some(e) = self.conns.get_mut(&sock).filter(|e| !e.conn.is_closed()) {
                 if !matches!(&e.hs, Hs::Server(s) if s.same_client(d)) {
-                    self.reject(ip, "bad_handshake");
-                    return false;
+                    // The client started over under another key (a key
+                    // reload at its end) before our reply reached it: while
+                    // nothing sealed of it opened here, the new handshake
+                    // replaces the connection; otherwise it is refused.
+                    let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
+                    if opened || seal::check_client_hs(keys, ends, d).is_none() {
+                        self.reject(ip, "bad_handshake");
+                        return false;
+                    }
+                    e.conn.close(now);
+                    self.rx_by_peer
+                        .remove(&(ip, udt::handshake_socket_id(hs_bytes).unwrap_or(0)));
+                    self.drop_one("rx_hs_restarted");
+                } else {
+                    // The client repeats its request while our reply is lost.
+                    // Once a sealed datagram of the client opened, it has the
+                    // keys: a repetition is a replay. Before, one answer per
+                    // retry interval; never news of the peer (anyone can
+                    // replay a handshake it saw, only the peer can seal).
+                    let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
+                    let recent = e
+                        .hs_answered_at
+                        .is_some_and(|t| now.saturating_sub(t) < HS_ANSWER_US);
+                    if opened || recent {
+                        self.reject(ip, "replayed_handshake");
+                        return false;
+                    }
+                    e.hs_answered_at = Some(now);
+                    return e.conn.handle_datagram(now, hs_bytes, hs_ext);
                 }
-                // The client repeats its request while our reply is lost.
-                // Once a sealed datagram of the client opened, it has the
-                // keys: a repetition is a replay. Before, one answer per
-                // retry interval; never news of the peer (anyone can
-                // replay a handshake it saw, only the peer can seal).
-                let opened = e.session.as_ref().is_some_and(|s| s.has_opened());
-                let recent = e
-                    .hs_answered_at
-                    .is_some_and(|t| now.saturating_sub(t) < HS_ANSWER_US);
-                if opened || recent {
-                    self.reject(ip, "replayed_handshake");
-                    return false;
-                }
-                e.hs_answered_at = Some(now);
-                return e.conn.handle_datagram(now, hs_bytes, hs_ext);
             }
         }
         let sec = self.sec.as_ref().expect("sealed wire");
