@@ -21,7 +21,7 @@ cargo test --workspace --release --no-fail-fast "$@"
 if [ $# -eq 0 ]; then
     echo "==> the operator guide's commands (docs/gateway.md) on two namespaced gateways"
     scripts/check-docs.sh
-    echo "==> fuzz: every cargo-fuzz target ${LU2K_FUZZ_SECS:-15} s under libFuzzer (scripts/fuzz.sh; SKIP without nightly)"
+    echo "==> fuzz: every cargo-fuzz target ${LU2K_FUZZ_SECS:-10} s under libFuzzer (scripts/fuzz.sh; SKIP without nightly)"
     scripts/fuzz.sh
     echo "==> loom: the ring's publication and need-wakeup protocol, every interleaving"
     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
