@@ -422,19 +422,17 @@ fn without_fec_the_p99_waits_for_a_retransmission() {
     }
 }
 
-/// A loss sample of 500 packets read 0.64 % (one sample in six at 1 % loss
-/// reads that low) and the estimate, smoothed by ¼, sized a 92-packet group
-/// for six repairs; it lost seven, and 18 chunks waited for the
-/// retransmission (p99 718 ms). Needs samples of 1000 packets smoothed by ⅛.
+/// A seed whose early loss sample reads far below the true rate: the loss
+/// estimate must not size a group too small on one short sample (the reason
+/// for the sample size and smoothing in `lu2k_udt::fec`).
 #[test]
 fn seed_90_a_low_loss_sample_left_a_group_short() {
     check(90).unwrap();
 }
 
-/// At 0.1 % and 5 % loss and on the 200 ms path, the figures the README
-/// gives (no goal asserted beyond completeness and the byte budget at
-/// 0.1 %; at 5 % the overhead cap leaves groups short and retransmission
-/// repairs them).
+/// Other loss rates and the 200 ms path: no goal asserted beyond
+/// completeness and the byte budget at 0.1 %; at 5 % the overhead cap leaves
+/// groups short and retransmission repairs them.
 #[test]
 fn other_cells_complete() {
     for loss in [0.001, 0.01, 0.05] {

@@ -55,8 +55,7 @@ pub const EXT_LEN: usize = 16;
 pub const EXT_MAGIC: [u8; 4] = *b"LuML";
 /// Floor of the silence limit (µs): below it, ACK spacing (10 ms), a
 /// bottleneck queue's delay and a loaded CPU's scheduling gaps look like
-/// silence (at 50 ms a loaded 2-core machine moved a busy 50 Mbit/s link's
-/// messages for nothing).
+/// silence, and a busy link's messages would move for nothing.
 pub const SILENCE_FLOOR_US: u64 = 100_000;
 /// Rate sampling period of a link (µs).
 const RATE_PERIOD_US: u64 = 100_000;
