@@ -240,9 +240,12 @@ mod tests {
             }
             b.wrapping_sub(a).wrapping_add(MAX).wrapping_add(1)
         }
+        // UDT4 returns `int` here and overflows for the one length that fills
+        // the whole space (2^31); the model widens first so that it states
+        // the length UDT4 means rather than its overflow.
         pub fn seqlen(a: i32, b: i32) -> i64 {
             if a <= b {
-                (b - a + 1) as i64
+                b as i64 - a as i64 + 1
             } else {
                 b as i64 - a as i64 + MAX as i64 + 2
             }
