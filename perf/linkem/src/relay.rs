@@ -58,7 +58,8 @@ pub struct RelayConfig {
     pub link: DuplexConfig,
     /// Seed of the model's random streams.
     pub seed: u64,
-    /// Address side A's socket binds to (port 0 picks a free port).
+    /// Address side A's socket binds to (port 0 picks a free port); IPv4 or
+    /// IPv6 (each side's socket is of its bind address's family).
     pub a_bind: SocketAddr,
     /// Address side B's socket binds to.
     pub b_bind: SocketAddr,
@@ -89,6 +90,17 @@ impl RelayConfig {
             b_peer: None,
             spin: Duration::ZERO,
             realtime_priority: Some(40),
+        }
+    }
+
+    /// [`RelayConfig::loopback`] on the IPv6 loopback address (`::1`): the
+    /// relay's sockets are `AF_INET6`, as for any IPv6 bind address.
+    pub fn loopback_v6(link: DuplexConfig, seed: u64) -> Self {
+        let any = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+        RelayConfig {
+            a_bind: any,
+            b_bind: any,
+            ..RelayConfig::loopback(link, seed)
         }
     }
 }

@@ -357,6 +357,49 @@ fn peers_are_learned_and_unknown_ones_counted() {
 }
 
 #[test]
+fn relays_ipv6_datagrams_both_ways_with_the_model() {
+    // No timing: a link with a 5 ms delay and no loss, over `::1`.
+    let link = DuplexConfig::symmetric(Config {
+        delay_ms: 5.0,
+        ..Config::default()
+    });
+    let (a, b) = match (UdpSocket::bind("[::1]:0"), UdpSocket::bind("[::1]:0")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!(
+                "SKIP relays_ipv6_datagrams_both_ways_with_the_model: no IPv6 loopback ({e})"
+            );
+            return;
+        }
+    };
+    // A is configured, B learned from its first datagram.
+    let mut cfg = RelayConfig::loopback_v6(link, 0);
+    cfg.a_peer = Some(a.local_addr().unwrap());
+    let relay = Relay::spawn(cfg).unwrap();
+    let (ra, rb) = (relay.a_addr(), relay.b_addr());
+    assert!(ra.is_ipv6() && rb.is_ipv6(), "{ra} {rb}");
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    b.send_to(b"hello a", rb).unwrap();
+    let mut buf = [0u8; 256];
+    let t = std::time::Instant::now();
+    let (n, from) = a.recv_from(&mut buf).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(5), "{:?}", t.elapsed());
+    assert_eq!((&buf[..n], from), (&b"hello a"[..], ra));
+    for i in 0..10u8 {
+        a.send_to(&[i; 100], ra).unwrap();
+        let (n, from) = b.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&[i; 100][..], rb));
+    }
+    let stats = relay.stop().unwrap();
+    assert_eq!(stats.sent, 11);
+    assert_eq!(stats.forward.delivered.packets, 10);
+    assert_eq!(stats.forward.delivered.bytes, 10 * 100);
+    assert_eq!(stats.reverse.delivered.packets, 1);
+}
+
+#[test]
 fn rate_within_2_percent_at_500mbps() {
     let _g = serial();
     let rate = 500e6;
