@@ -20,6 +20,20 @@
 //!   server, so lu2k's native sender can be set beside UDT4's own sender
 //!   facing the same (UDT4) receiver.
 //!
+//! * over IPv6 (`::1`), lu2k client → UDT4 server and UDT4 client → lu2k
+//!   server in both modes. Besides the bytes, each side must read the other's
+//!   handshake peer-IP field as its own address (lu2k through
+//!   [`HandshakeRepr::decode_peer_ip`], UDT4 through `getsockname`, which
+//!   UDT4 fills from that field), and the field bytes lu2k writes must be
+//!   the bytes UDT4 writes: a UDT4 → UDT4 connection over `::1` through a
+//!   recording relay gives the reference.
+//!
+//! The IPv4 runs also check that UDT4 read lu2k's peer-IP field as its own
+//! address.
+//!
+//! UDT4 is driven through its C API ([`udt4`]): the `udt` crate's wrapper
+//! is IPv4 only (it converts every address through a `sockaddr_in`).
+//!
 //! The runs are serialized (one mutex): they share two CPU cores with the
 //! rest of the test suite and a UDT4 library instance.
 
@@ -28,15 +42,15 @@ use lu2k_udt::conn::{
     handshake_socket_id, Config, Connection, Event, Extent, Listener, ListenerOutput, Mode,
 };
 use lu2k_udt::wire::{ControlRepr, HandshakeRepr};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use udt::{SocketFamily, UdtOpts, UdtSocket};
+use udt4::UdtSocket;
 
 /// Bytes moved in each direction per run.
 const BYTES: u64 = 64 << 20;
@@ -161,16 +175,290 @@ impl Verifier {
 
 // ------------------------------------------------------------------ UDT4 side
 
-fn udt4_socket(mode: Mode) -> UdtSocket {
-    udt::init();
-    let ty = match mode {
-        Mode::Message => udt::SocketType::Datagram,
-        Mode::Stream => udt::SocketType::Stream,
-    };
-    let s = UdtSocket::new(SocketFamily::AFInet, ty).expect("UDT4 socket");
+/// The reference UDT4 through its C API (`libudt4-sys`), in either address
+/// family.
+///
+/// The `udt` crate's safe wrapper cannot reach UDT4's IPv6 path: its
+/// `bind` and `connect` build a `sockaddr_in` and panic on an IPv6
+/// `SocketAddr` ("ipv6 not implemented (yet) in this binding"), and its
+/// `accept`, `getsockname` and `getpeername` hand UDT4 a 16-byte `sockaddr`
+/// to fill, which UDT4 overruns with a 28-byte `sockaddr_in6` on an IPv6
+/// socket before the wrapper panics on the family. Here every address
+/// buffer is the socket family's own structure, and only the calls these
+/// tests make are bound.
+#[allow(unsafe_code)]
+mod udt4 {
+    use libudt4_sys as raw;
+    use std::ffi::CStr;
+    use std::fmt;
+    use std::mem::size_of;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::os::raw::{c_int, c_void};
+    use std::sync::Once;
+
+    /// A UDT4 error: its code and UDT4's description.
+    #[derive(Debug)]
+    pub struct Error {
+        code: i32,
+        desc: String,
+    }
+
+    impl fmt::Display for Error {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "UDT4 error {}: {}", self.code, self.desc)
+        }
+    }
+
+    fn last_error() -> Error {
+        // SAFETY: no arguments; reads this thread's last UDT4 error.
+        let code = unsafe { raw::udt_getlasterror_code() };
+        // SAFETY: no arguments; returns a pointer into this thread's UDT4
+        // error state, valid until the next UDT4 call on this thread.
+        let p = unsafe { raw::udt_getlasterror_desc() };
+        let desc = if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: `p` is non-null, NUL-terminated (UDT4 builds it as a
+            // std::string) and stays valid until this thread's next UDT4
+            // call; it is copied out at once.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        };
+        Error { code, desc }
+    }
+
+    fn startup() {
+        static STARTED: Once = Once::new();
+        // UDT4 counts startups and is never cleaned up here: its threads
+        // end with the process.
+        // SAFETY: no arguments; initializes UDT4's global state, once.
+        STARTED.call_once(|| unsafe { raw::udt_startup() });
+    }
+
+    /// A UDT4 socket (UDT4's handle: copies name the same socket, as the
+    /// C API's integers do).
+    #[derive(Debug, Clone, Copy)]
+    pub struct UdtSocket {
+        id: raw::UDTSOCKET,
+        v6: bool,
+    }
+
+    /// An address in the layout of its family's `sockaddr_*`.
+    enum RawAddr {
+        V4(libc::sockaddr_in),
+        V6(libc::sockaddr_in6),
+    }
+
+    impl RawAddr {
+        fn empty(v6: bool) -> RawAddr {
+            if v6 {
+                RawAddr::from(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+            } else {
+                RawAddr::from(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            }
+        }
+
+        fn len(&self) -> c_int {
+            match self {
+                RawAddr::V4(_) => size_of::<libc::sockaddr_in>() as c_int,
+                RawAddr::V6(_) => size_of::<libc::sockaddr_in6>() as c_int,
+            }
+        }
+
+        fn as_ptr(&self) -> *const libc::sockaddr {
+            match self {
+                RawAddr::V4(a) => (a as *const libc::sockaddr_in).cast(),
+                RawAddr::V6(a) => (a as *const libc::sockaddr_in6).cast(),
+            }
+        }
+
+        fn as_mut_ptr(&mut self) -> *mut libc::sockaddr {
+            match self {
+                RawAddr::V4(a) => (a as *mut libc::sockaddr_in).cast(),
+                RawAddr::V6(a) => (a as *mut libc::sockaddr_in6).cast(),
+            }
+        }
+
+        fn to_socket_addr(&self) -> SocketAddr {
+            match self {
+                RawAddr::V4(a) => SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )),
+                RawAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    u32::from_be(a.sin6_flowinfo),
+                    a.sin6_scope_id,
+                )),
+            }
+        }
+    }
+
+    impl From<SocketAddr> for RawAddr {
+        fn from(a: SocketAddr) -> RawAddr {
+            match a {
+                SocketAddr::V4(a) => RawAddr::V4(libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                }),
+                SocketAddr::V6(a) => RawAddr::V6(libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo().to_be(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                }),
+            }
+        }
+    }
+
+    fn ok(ret: c_int) -> Result<(), Error> {
+        if ret == raw::UDT_ERROR {
+            Err(last_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    impl UdtSocket {
+        /// A socket of `ip`'s family: message mode (`SOCK_DGRAM`) or
+        /// stream mode (`SOCK_STREAM`).
+        pub fn new(ip: std::net::IpAddr, message: bool) -> Result<UdtSocket, Error> {
+            startup();
+            let v6 = ip.is_ipv6();
+            let af = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+            let ty = if message {
+                libc::SOCK_DGRAM
+            } else {
+                libc::SOCK_STREAM
+            };
+            // SAFETY: plain integers in; UDT4 returns a handle or
+            // INVALID_SOCK.
+            let id = unsafe { raw::udt_socket(af, ty, 0) };
+            if id == raw::INVALID_SOCK {
+                return Err(last_error());
+            }
+            Ok(UdtSocket { id, v6 })
+        }
+
+        /// Sets an `int`-valued option.
+        pub fn set_int(&self, opt: raw::UDTOpt, v: c_int) -> Result<(), Error> {
+            let p: *const c_int = &v;
+            // SAFETY: `p` points to a live c_int for the call, and the
+            // length passed is its size; UDT4 copies the value.
+            ok(unsafe {
+                raw::udt_setsockopt(
+                    self.id,
+                    0,
+                    opt,
+                    p.cast::<c_void>(),
+                    size_of::<c_int>() as c_int,
+                )
+            })
+        }
+
+        pub fn bind(&self, at: SocketAddr) -> Result<(), Error> {
+            let a = RawAddr::from(at);
+            // SAFETY: `a` is a sockaddr of `a.len()` bytes, live for the
+            // call; UDT4 copies it.
+            ok(unsafe { raw::udt_bind(self.id, a.as_ptr(), a.len()) })
+        }
+
+        pub fn listen(&self, backlog: c_int) -> Result<(), Error> {
+            // SAFETY: plain integers in.
+            ok(unsafe { raw::udt_listen(self.id, backlog) })
+        }
+
+        /// Blocks for the next connection; returns it and the peer.
+        pub fn accept(&self) -> Result<(UdtSocket, SocketAddr), Error> {
+            let mut a = RawAddr::empty(self.v6);
+            let mut len = a.len();
+            // SAFETY: `a` is a writable buffer of `len` bytes of the
+            // listener's family, the size UDT4 writes for that family;
+            // both live for the call.
+            let id = unsafe { raw::udt_accept(self.id, a.as_mut_ptr(), &mut len) };
+            if id == raw::INVALID_SOCK {
+                return Err(last_error());
+            }
+            assert_eq!(len, a.len(), "UDT4 accept wrote an address of another size");
+            Ok((UdtSocket { id, v6: self.v6 }, a.to_socket_addr()))
+        }
+
+        pub fn connect(&self, to: SocketAddr) -> Result<(), Error> {
+            let a = RawAddr::from(to);
+            // SAFETY: `a` is a sockaddr of `a.len()` bytes, live for the
+            // (blocking) call.
+            ok(unsafe { raw::udt_connect(self.id, a.as_ptr(), a.len()) })
+        }
+
+        /// The local address; on a connected socket, UDT4 takes its IP from
+        /// the peer-IP field of the peer's handshake.
+        pub fn getsockname(&self) -> Result<SocketAddr, Error> {
+            let mut a = RawAddr::empty(self.v6);
+            let mut len = a.len();
+            // SAFETY: `a` is a writable buffer of `len` bytes of the
+            // socket's family, the size UDT4 writes for that family; both
+            // live for the call.
+            ok(unsafe { raw::udt_getsockname(self.id, a.as_mut_ptr(), &mut len) })?;
+            assert_eq!(
+                len,
+                a.len(),
+                "UDT4 getsockname wrote an address of another size"
+            );
+            Ok(a.to_socket_addr())
+        }
+
+        pub fn close(self) -> Result<(), Error> {
+            // SAFETY: plain integer in; UDT4 rejects a handle it does not
+            // know.
+            ok(unsafe { raw::udt_close(self.id) })
+        }
+
+        /// Sends one message (in order, no TTL); blocks for buffer space.
+        pub fn sendmsg(&self, buf: &[u8]) -> Result<usize, Error> {
+            // SAFETY: `buf` is readable for its length during the call;
+            // UDT4 copies it into its send buffer before returning.
+            let n = unsafe { raw::udt_sendmsg(self.id, buf.as_ptr(), buf.len() as c_int, -1, 1) };
+            ok(n).map(|()| n as usize)
+        }
+
+        /// Receives one message into `buf`.
+        pub fn recvmsg(&self, buf: &mut [u8]) -> Result<usize, Error> {
+            // SAFETY: `buf` is writable for its length during the call, and
+            // UDT4 writes at most that many bytes.
+            let n = unsafe { raw::udt_recvmsg(self.id, buf.as_mut_ptr(), buf.len() as c_int) };
+            ok(n).map(|()| n as usize)
+        }
+
+        /// Sends stream bytes; returns how many UDT4 took.
+        pub fn send(&self, buf: &[u8]) -> Result<usize, Error> {
+            // SAFETY: `buf` is readable for its length during the call;
+            // UDT4 copies what it takes.
+            let n = unsafe { raw::udt_send(self.id, buf.as_ptr(), buf.len() as c_int, 0) };
+            ok(n).map(|()| n as usize)
+        }
+
+        /// Receives stream bytes into `buf`.
+        pub fn recv(&self, buf: &mut [u8]) -> Result<usize, Error> {
+            // SAFETY: `buf` is writable for its length during the call, and
+            // UDT4 writes at most that many bytes.
+            let n = unsafe { raw::udt_recv(self.id, buf.as_mut_ptr(), buf.len() as c_int, 0) };
+            ok(n).map(|()| n as usize)
+        }
+    }
+}
+
+fn udt4_socket(mode: Mode, ip: IpAddr) -> UdtSocket {
+    let s = UdtSocket::new(ip, mode == Mode::Message).expect("UDT4 socket");
     // The kernel caps these at rmem_max / wmem_max.
-    s.setsockopt(UdtOpts::UDP_RCVBUF, 4 << 20).unwrap();
-    s.setsockopt(UdtOpts::UDP_SNDBUF, 4 << 20).unwrap();
+    s.set_int(libudt4_sys::UDTOpt::UDP_RCVBUF, 4 << 20).unwrap();
+    s.set_int(libudt4_sys::UDTOpt::UDP_SNDBUF, 4 << 20).unwrap();
     s
 }
 
@@ -184,13 +472,13 @@ fn udt4_send(s: UdtSocket, mode: Mode, seed: u64, total: u64) {
         match mode {
             Mode::Message => {
                 let n = s.sendmsg(&buf[..len]).expect("UDT4 sendmsg");
-                assert_eq!(n as usize, len, "UDT4 sendmsg took the whole message");
+                assert_eq!(n, len, "UDT4 sendmsg took the whole message");
             }
             Mode::Stream => {
                 let mut at = 0;
                 while at < len {
                     let n = s.send(&buf[at..len]).expect("UDT4 send");
-                    at += n as usize;
+                    at += n;
                 }
             }
         }
@@ -216,8 +504,8 @@ fn udt4_recv(s: UdtSocket, mode: Mode, seed: u64, total: u64) -> (u64, usize) {
                 v.take(&buf[..n]);
             }
             Mode::Stream => {
-                let n = s.recv(&mut buf, MAX_MSG).expect("UDT4 recv");
-                v.take(&buf[..n as usize]);
+                let n = s.recv(&mut buf[..MAX_MSG]).expect("UDT4 recv");
+                v.take(&buf[..n]);
             }
         }
         v.messages += 1;
@@ -248,6 +536,16 @@ fn lu2k_config(mode: Mode, cc: Kind) -> Config {
         bdp_rtt_us: 10_000,
         ..Config::default()
     }
+}
+
+/// The peer-IP field of a handshake datagram (control bit set, type 0),
+/// as on the wire: words 8..=11 of the control information.
+fn handshake_peer_ip_field(datagram: &[u8]) -> Option<[u8; 16]> {
+    const AT: usize = 16 + 4 * 8;
+    if datagram.len() < 16 + HandshakeRepr::LEN || datagram[0] != 0x80 || datagram[1] != 0 {
+        return None;
+    }
+    datagram[AT..AT + 16].try_into().ok()
 }
 
 /// A blocking-style UDP driver around one [`Connection`] (or, on the server
@@ -283,6 +581,8 @@ struct Driver {
     /// The peer-IP field of every handshake received, decoded in the
     /// family of the socket.
     hs_peer_ips: Vec<IpAddr>,
+    /// The peer-IP field of every handshake sent, as on the wire.
+    hs_sent: Vec<[u8; 16]>,
 }
 
 impl Driver {
@@ -314,6 +614,7 @@ impl Driver {
             rx_done_at: None,
             acks_out: (0, u32::MAX, 0, 0),
             hs_peer_ips: Vec::new(),
+            hs_sent: Vec::new(),
         }
     }
 
@@ -401,6 +702,9 @@ impl Driver {
                     a.3 = a.3.max(r.link_capacity);
                 }
             }
+            if let Some(f) = handshake_peer_ip_field(&out) {
+                self.hs_sent.push(f);
+            }
             if let Some(p) = t.payload {
                 let (base, len) = self.tx_msgs[&p.msg];
                 assert!(
@@ -483,8 +787,7 @@ impl Driver {
             };
             n += 1;
             let data = &self.dgram[..len];
-            // A handshake: control bit set, type 0.
-            if data.len() >= 2 && data[0] == 0x80 && data[1] == 0 {
+            if handshake_peer_ip_field(data).is_some() {
                 if let Ok(ControlRepr::Handshake(h)) = ControlRepr::parse_bytes(data) {
                     let v6 = from.is_ipv6();
                     self.hs_peer_ips
@@ -499,6 +802,7 @@ impl Driver {
                     ListenerOutput::Reply(h) => {
                         self.peer = from;
                         let bytes = h.as_bytes().to_vec();
+                        self.hs_sent.extend(handshake_peer_ip_field(&bytes));
                         self.send_datagram(&bytes);
                     }
                     ListenerOutput::Accept(c) => {
@@ -633,6 +937,13 @@ struct Report {
     hs_peer_ips: Vec<IpAddr>,
     /// lu2k's own address (what UDT4 should have written there).
     lu2k_addr: SocketAddr,
+    /// Peer-IP fields of the handshakes lu2k sent, as on the wire.
+    hs_sent: Vec<[u8; 16]>,
+    /// UDT4's `getsockname` on the connected socket: UDT4 takes the IP from
+    /// the peer-IP field of lu2k's handshake.
+    udt4_self: SocketAddr,
+    /// UDT4's own address (what lu2k should have written there).
+    udt4_addr: SocketAddr,
 }
 
 fn check(r: &Report, lu2k_to_udt4_seed: u64, udt4_to_lu2k_seed: u64, what: &str) {
@@ -672,12 +983,16 @@ fn spawn_udt4_io(
     (tx, rx)
 }
 
-/// lu2k client → UDT4 server, optionally through a lossy relay.
-fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) -> Report {
-    let listener = udt4_socket(mode);
-    listener
-        .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
-        .unwrap();
+/// lu2k client → UDT4 server on loopback address `lo`, optionally through
+/// a lossy relay.
+fn lu2k_client_to_udt4_server(
+    mode: Mode,
+    cc: Kind,
+    loss: Option<(f64, u64)>,
+    lo: IpAddr,
+) -> Report {
+    let listener = udt4_socket(mode, lo);
+    listener.bind(SocketAddr::new(lo, 0)).unwrap();
     listener.listen(4).unwrap();
     let server = listener.getsockname().unwrap();
     let (seed_a, seed_b) = (0xA11CE, 0xB0B);
@@ -689,11 +1004,12 @@ fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) ->
     let d2 = done.clone();
     let acceptor = thread::spawn(move || {
         let (s, _) = listener.accept().expect("UDT4 accept");
+        let udt4_self = s.getsockname().expect("UDT4 getsockname");
         let io = spawn_udt4_io(s, mode, seed_b, seed_a, d2);
-        (listener, s, io)
+        (listener, s, udt4_self, io)
     });
 
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sock = UdpSocket::bind(SocketAddr::new(lo, 0)).unwrap();
     let lu2k_addr = sock.local_addr().unwrap();
     let mut d = Driver::new(sock, target, mode, seed_a, seed_b);
     let started = Instant::now();
@@ -705,7 +1021,7 @@ fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) ->
     ));
     d.run(&done);
     let secs = started.elapsed().as_secs_f64();
-    let (listener, s, (tx, rx)) = acceptor.join().unwrap();
+    let (listener, s, udt4_self, (tx, rx)) = acceptor.join().unwrap();
     tx.join().unwrap();
     let udt4_rx_hash = rx.join().unwrap();
     let _ = s.close();
@@ -721,12 +1037,15 @@ fn lu2k_client_to_udt4_server(mode: Mode, cc: Kind, loss: Option<(f64, u64)>) ->
         udt4_rx_hash,
         hs_peer_ips: d.hs_peer_ips,
         lu2k_addr,
+        hs_sent: d.hs_sent,
+        udt4_self,
+        udt4_addr: server,
     }
 }
 
-/// UDT4 client → lu2k server.
-fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+/// UDT4 client → lu2k server on loopback address `lo`.
+fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind, lo: IpAddr) -> Report {
+    let sock = UdpSocket::bind(SocketAddr::new(lo, 0)).unwrap();
     let server = sock.local_addr().unwrap();
     let (seed_a, seed_b) = (0xC0FFEE, 0xD00D);
     let mut d = Driver::new(sock, server, mode, seed_a, seed_b);
@@ -735,10 +1054,11 @@ fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
     let done = Arc::new(AtomicBool::new(false));
     let d2 = done.clone();
     let client = thread::spawn(move || {
-        let s = udt4_socket(mode);
+        let s = udt4_socket(mode, lo);
         s.connect(server).expect("UDT4 connect to lu2k");
+        let udt4_self = s.getsockname().expect("UDT4 getsockname");
         let io = spawn_udt4_io(s, mode, seed_b, seed_a, d2);
-        (s, io)
+        (s, udt4_self, io)
     });
     let started = Instant::now();
     let limit = started + Duration::from_secs(20);
@@ -748,7 +1068,7 @@ fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
     }
     d.run(&done);
     let secs = started.elapsed().as_secs_f64();
-    let (s, (tx, rx)) = client.join().unwrap();
+    let (s, udt4_self, (tx, rx)) = client.join().unwrap();
     tx.join().unwrap();
     let udt4_rx_hash = rx.join().unwrap();
     let _ = s.close();
@@ -758,23 +1078,32 @@ fn udt4_client_to_lu2k_server(mode: Mode, cc: Kind) -> Report {
         udt4_rx_hash,
         hs_peer_ips: d.hs_peer_ips,
         lu2k_addr: server,
+        hs_sent: d.hs_sent,
+        udt4_self,
+        udt4_addr: d.peer,
     }
 }
 
 // ------------------------------------------------------------------ relay
 
-/// A UDP relay between a client (which sends to `front`) and `server`,
-/// dropping each datagram with probability `p` (seeded, per direction).
+/// Peer-IP fields of the handshakes a relay passed, as on the wire, each
+/// with its direction (`true`: client → server).
+type Recorded = Arc<Mutex<Vec<(bool, [u8; 16])>>>;
+
+/// A UDP relay between a client (which sends to `front`) and `server`, on
+/// `server`'s loopback address, dropping each datagram with probability
+/// `p` (seeded, per direction) and recording the handshakes it sees.
 struct Relay {
     front: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<(u64, u64)>>,
+    handshakes: Recorded,
 }
 
 impl Relay {
     fn start(server: SocketAddr, p: f64, seed: u64) -> Relay {
-        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let front = UdpSocket::bind(SocketAddr::new(server.ip(), 0)).unwrap();
+        let back = UdpSocket::bind(SocketAddr::new(server.ip(), 0)).unwrap();
         for s in [&front, &back] {
             set_bufs(s);
             s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
@@ -782,12 +1111,13 @@ impl Relay {
         let front_addr = front.local_addr().unwrap();
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
+        let handshakes: Recorded = Arc::default();
         let threshold = (p * u64::MAX as f64) as u64;
         let mut threads = Vec::new();
         // client -> server
         {
             let (rx, tx) = (front.try_clone().unwrap(), back.try_clone().unwrap());
-            let (client, stop) = (client.clone(), stop.clone());
+            let (client, stop, hs) = (client.clone(), stop.clone(), handshakes.clone());
             threads.push(thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 let (mut rng, mut dropped, mut total) = (seed, 0u64, 0u64);
@@ -796,6 +1126,9 @@ impl Relay {
                         continue;
                     };
                     *client.lock().unwrap() = Some(from);
+                    if let Some(f) = handshake_peer_ip_field(&buf[..n]) {
+                        hs.lock().unwrap().push((true, f));
+                    }
                     total += 1;
                     rng = splitmix(rng);
                     if rng < threshold {
@@ -810,7 +1143,7 @@ impl Relay {
         // server -> client
         {
             let (rx, tx) = (back, front);
-            let (client, stop) = (client.clone(), stop.clone());
+            let (client, stop, hs) = (client.clone(), stop.clone(), handshakes.clone());
             threads.push(thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 let (mut rng, mut dropped, mut total) = (splitmix(seed ^ 0xFF), 0u64, 0u64);
@@ -821,6 +1154,9 @@ impl Relay {
                     let Some(to) = *client.lock().unwrap() else {
                         continue;
                     };
+                    if let Some(f) = handshake_peer_ip_field(&buf[..n]) {
+                        hs.lock().unwrap().push((false, f));
+                    }
                     total += 1;
                     rng = splitmix(rng);
                     if rng < threshold {
@@ -836,7 +1172,13 @@ impl Relay {
             front: front_addr,
             stop,
             threads,
+            handshakes,
         }
+    }
+
+    /// The handshakes' peer-IP fields seen so far, with their directions.
+    fn handshakes(&self) -> Vec<(bool, [u8; 16])> {
+        self.handshakes.lock().unwrap().clone()
     }
 
     fn stop(self) -> (u64, u64) {
@@ -870,7 +1212,7 @@ fn generator_and_plan_are_consistent() {
 #[test]
 fn lu2k_client_udt4_server_message_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, None);
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, None, V4_LO);
     check(
         &r,
         0xA11CE,
@@ -883,13 +1225,14 @@ fn lu2k_client_udt4_server_message_mode() {
 #[test]
 fn lu2k_client_udt4_server_stream_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Stream, Kind::Native, None);
+    let r = lu2k_client_to_udt4_server(Mode::Stream, Kind::Native, None, V4_LO);
     check(
         &r,
         0xA11CE,
         0xB0B,
         "lu2k client -> UDT4 server, stream mode",
     );
+    check_udt4_read_lu2k(&r, "lu2k client -> UDT4 server, stream mode");
 }
 
 /// The handshakes UDT4 sent lu2k name lu2k's address in the peer-IP field,
@@ -906,12 +1249,24 @@ fn check_peer_ip(r: &Report, what: &str) {
             "{what}: UDT4's handshake peer-IP field decodes to {ip}, not lu2k's address"
         );
     }
+    check_udt4_read_lu2k(r, what);
+}
+
+/// UDT4 read the peer-IP field of lu2k's handshake as its own address.
+fn check_udt4_read_lu2k(r: &Report, what: &str) {
+    assert!(!r.hs_sent.is_empty(), "{what}: lu2k sent no handshake");
+    assert_eq!(
+        r.udt4_self.ip(),
+        r.udt4_addr.ip(),
+        "{what}: UDT4 read lu2k's handshake peer-IP field as {}, not as its own address",
+        r.udt4_self.ip()
+    );
 }
 
 #[test]
 fn udt4_client_lu2k_server_message_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = udt4_client_to_lu2k_server(Mode::Message, Kind::Native);
+    let r = udt4_client_to_lu2k_server(Mode::Message, Kind::Native, V4_LO);
     check(
         &r,
         0xC0FFEE,
@@ -924,19 +1279,20 @@ fn udt4_client_lu2k_server_message_mode() {
 #[test]
 fn udt4_client_lu2k_server_stream_mode() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = udt4_client_to_lu2k_server(Mode::Stream, Kind::Native);
+    let r = udt4_client_to_lu2k_server(Mode::Stream, Kind::Native, V4_LO);
     check(
         &r,
         0xC0FFEE,
         0xD00D,
         "UDT4 client -> lu2k server, stream mode",
     );
+    check_udt4_read_lu2k(&r, "UDT4 client -> lu2k server, stream mode");
 }
 
 #[test]
 fn lu2k_client_udt4_server_one_percent_loss() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, Some((0.01, 0x1055)));
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, Some((0.01, 0x1055)), V4_LO);
     check(
         &r,
         0xA11CE,
@@ -948,7 +1304,7 @@ fn lu2k_client_udt4_server_one_percent_loss() {
 #[test]
 fn lu2k_client_udt4_server_message_mode_satellite_cc() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Satellite, None);
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Satellite, None, V4_LO);
     check(
         &r,
         0xA11CE,
@@ -965,10 +1321,8 @@ fn lu2k_client_udt4_server_message_mode_satellite_cc() {
 fn udt4_client_udt4_server_one_percent_loss_reference() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mode = Mode::Message;
-    let listener = udt4_socket(mode);
-    listener
-        .bind("127.0.0.1:0".parse::<SocketAddr>().unwrap())
-        .unwrap();
+    let listener = udt4_socket(mode, V4_LO);
+    listener.bind(SocketAddr::new(V4_LO, 0)).unwrap();
     listener.listen(4).unwrap();
     let server = listener.getsockname().unwrap();
     let (seed_a, seed_b) = (0xA11CE, 0xB0B);
@@ -987,7 +1341,7 @@ fn udt4_client_udt4_server_one_percent_loss_reference() {
         let (s, _) = listener.accept().expect("UDT4 accept");
         (listener, s, timed(s, seed_b, seed_a))
     });
-    let c = udt4_socket(mode);
+    let c = udt4_socket(mode, V4_LO);
     c.connect(front).expect("UDT4 connect through the relay");
     let (ctx, crx) = timed(c, seed_a, seed_b);
     let (listener, s, (stx, srx)) = acceptor.join().unwrap();
@@ -1007,4 +1361,170 @@ fn udt4_client_udt4_server_one_percent_loss_reference() {
         "UDT4 client -> 1% loss relay -> UDT4 server, message mode: client->server \
          received after {server_secs:.2} s, server->client after {client_secs:.2} s"
     );
+}
+
+// ------------------------------------------------------------------ IPv6
+
+/// IPv4 loopback.
+const V4_LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// IPv6 loopback. In UDT4's encoding of the peer-IP field its one set byte
+/// lands in the last byte of word 11 and goes out as the first byte of
+/// that word, so a field with the words or the bytes within a word in
+/// another order differs from UDT4's.
+const V6_LO: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+/// Whether this machine has the IPv6 loopback address; says SKIP where it
+/// has not.
+fn have_ipv6_loopback(test: &str) -> bool {
+    match UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP {test}: no IPv6 loopback here (binding [::1]:0: {e})");
+            false
+        }
+    }
+}
+
+/// The peer-IP fields UDT4 writes on loopback `lo`, in its requests and in
+/// its responses: UDT4 against itself through a loss-free recording relay,
+/// one message each way.
+fn udt4_reference_fields(lo: IpAddr) -> (BTreeSet<[u8; 16]>, BTreeSet<[u8; 16]>) {
+    let listener = udt4_socket(Mode::Message, lo);
+    listener.bind(SocketAddr::new(lo, 0)).unwrap();
+    listener.listen(4).unwrap();
+    let server = listener.getsockname().unwrap();
+    let relay = Relay::start(server, 0.0, 1);
+    let acceptor = thread::spawn(move || {
+        let (s, _) = listener.accept().expect("UDT4 accept");
+        let mut buf = [0u8; 64];
+        let n = s.recvmsg(&mut buf).expect("UDT4 recvmsg");
+        s.sendmsg(&buf[..n]).expect("UDT4 sendmsg");
+        (listener, s)
+    });
+    let c = udt4_socket(Mode::Message, lo);
+    c.connect(relay.front)
+        .expect("UDT4 connect through the recording relay");
+    c.sendmsg(b"ping").expect("UDT4 sendmsg");
+    let mut buf = [0u8; 64];
+    let n = c.recvmsg(&mut buf).expect("UDT4 recvmsg");
+    assert_eq!(&buf[..n], b"ping", "UDT4 -> UDT4 echo");
+    let (listener, s) = acceptor.join().unwrap();
+    let recorded = relay.handshakes();
+    let _ = c.close();
+    let _ = s.close();
+    let _ = listener.close();
+    relay.stop();
+    let pick = |to_server: bool| -> BTreeSet<[u8; 16]> {
+        recorded
+            .iter()
+            .filter(|(d, _)| *d == to_server)
+            .map(|(_, f)| *f)
+            .collect()
+    };
+    let (requests, responses) = (pick(true), pick(false));
+    assert!(
+        !requests.is_empty() && !responses.is_empty(),
+        "UDT4 -> UDT4 on {lo}: the relay saw {} handshakes, not both requests and responses",
+        recorded.len()
+    );
+    (requests, responses)
+}
+
+/// The handshake checks over IPv6: each side read the other's peer-IP
+/// field as its own address, and lu2k wrote the bytes UDT4 writes in the
+/// same role (`udt4_fields`, from [`udt4_reference_fields`]).
+fn check_handshakes_v6(r: &Report, udt4_fields: &BTreeSet<[u8; 16]>, what: &str) {
+    assert!(
+        r.lu2k_addr.is_ipv6() && r.udt4_addr.is_ipv6(),
+        "{what}: not over IPv6"
+    );
+    check_peer_ip(r, what);
+    let lu2k_fields: BTreeSet<[u8; 16]> = r.hs_sent.iter().copied().collect();
+    assert_eq!(
+        lu2k_fields, *udt4_fields,
+        "{what}: the peer-IP field bytes lu2k wrote differ from UDT4's own over ::1"
+    );
+    eprintln!(
+        "{what}: peer-IP field {:02x?} (as UDT4 writes it), read as {} by both sides",
+        udt4_fields.first().unwrap(),
+        r.lu2k_addr.ip()
+    );
+}
+
+/// UDT4 writes the IPv6 loopback in its requests and responses in one
+/// encoding, and it is the one lu2k decodes as `::1` (and encodes so).
+#[test]
+fn udt4_udt4_handshake_peer_ip_ipv6() {
+    let what = "UDT4 client -> relay -> UDT4 server over ::1";
+    if !have_ipv6_loopback(what) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (requests, responses) = udt4_reference_fields(V6_LO);
+    for f in requests.iter().chain(&responses) {
+        let words: [u32; 4] =
+            std::array::from_fn(|i| u32::from_be_bytes(f[4 * i..4 * i + 4].try_into().unwrap()));
+        assert_eq!(
+            HandshakeRepr::decode_peer_ip(words, true),
+            V6_LO,
+            "{what}: {f:02x?}"
+        );
+        assert_eq!(
+            words,
+            HandshakeRepr::encode_peer_ip(V6_LO),
+            "{what}: {f:02x?}"
+        );
+    }
+}
+
+#[test]
+fn lu2k_client_udt4_server_message_mode_ipv6() {
+    let what = "lu2k client -> UDT4 server over ::1, message mode";
+    if !have_ipv6_loopback(what) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (requests, _) = udt4_reference_fields(V6_LO);
+    let r = lu2k_client_to_udt4_server(Mode::Message, Kind::Native, None, V6_LO);
+    check(&r, 0xA11CE, 0xB0B, what);
+    check_handshakes_v6(&r, &requests, what);
+}
+
+#[test]
+fn udt4_client_lu2k_server_message_mode_ipv6() {
+    let what = "UDT4 client -> lu2k server over ::1, message mode";
+    if !have_ipv6_loopback(what) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, responses) = udt4_reference_fields(V6_LO);
+    let r = udt4_client_to_lu2k_server(Mode::Message, Kind::Native, V6_LO);
+    check(&r, 0xC0FFEE, 0xD00D, what);
+    check_handshakes_v6(&r, &responses, what);
+}
+
+#[test]
+fn lu2k_client_udt4_server_stream_mode_ipv6() {
+    let what = "lu2k client -> UDT4 server over ::1, stream mode";
+    if !have_ipv6_loopback(what) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (requests, _) = udt4_reference_fields(V6_LO);
+    let r = lu2k_client_to_udt4_server(Mode::Stream, Kind::Native, None, V6_LO);
+    check(&r, 0xA11CE, 0xB0B, what);
+    check_handshakes_v6(&r, &requests, what);
+}
+
+#[test]
+fn udt4_client_lu2k_server_stream_mode_ipv6() {
+    let what = "UDT4 client -> lu2k server over ::1, stream mode";
+    if !have_ipv6_loopback(what) {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, responses) = udt4_reference_fields(V6_LO);
+    let r = udt4_client_to_lu2k_server(Mode::Stream, Kind::Native, V6_LO);
+    check(&r, 0xC0FFEE, 0xD00D, what);
+    check_handshakes_v6(&r, &responses, what);
 }
