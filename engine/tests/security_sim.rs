@@ -638,10 +638,11 @@ fn an_outage_longer_than_two_key_periods_does_not_wedge_the_connection() {
             if down_at.is_some_and(|at| t.elapsed() < at + Duration::from_millis(3_500)) {
                 lost += 1;
                 if seal::is_sealed(&d.bytes) && *d.from.ip() == A {
-                    if epoch.is_some_and(|e| e != d.bytes[3]) {
+                    // Byte 2: the version bits and the key epoch.
+                    if epoch.is_some_and(|e| e != d.bytes[2]) {
                         rekeys_in_outage += 1;
                     }
-                    epoch = Some(d.bytes[3]);
+                    epoch = Some(d.bytes[2]);
                 }
                 return vec![];
             }

@@ -4,7 +4,7 @@
 
 use lu2k_engine::transport::seal::{
     check_client_hs, is_sealed, listener_trailer, split_hs, Client, ClientGot, Ends, Limits, Psk,
-    Server, HS_EXT, HS_LEN, OVERHEAD, SEAL_HDR,
+    Server, HS_EXT, HS_LEN, OVERHEAD, PLAIN_AT,
 };
 
 /// The two ends of every handshake here.
@@ -70,7 +70,7 @@ pub fn hostile_input(data: &[u8]) {
     let payload = [0x5Au8; 200];
     let mut out = vec![0u8; payload.len() + 16 + OVERHEAD];
     let n = c_session
-        .seal(0, 7, &[&[1u8; 16]], &payload, &mut out)
+        .seal(0, &[&[1u8; 16]], &payload, &mut out)
         .expect("fits");
     out.truncate(n);
     assert!(is_sealed(&out));
@@ -85,6 +85,7 @@ pub fn hostile_input(data: &[u8]) {
         "a changed datagram opened, or a genuine one did not"
     );
     if r.is_ok() {
-        assert_eq!(&out[SEAL_HDR + 16..n - 16], &payload[..]);
+        assert_eq!(&out[PLAIN_AT..PLAIN_AT + 16], &[1u8; 16]);
+        assert_eq!(&out[PLAIN_AT + 16..n - 16], &payload[..]);
     }
 }

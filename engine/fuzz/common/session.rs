@@ -13,7 +13,7 @@
 //! order (one past the highest opened) always opens: no rekey stalls the wire.
 
 use lu2k_engine::transport::seal::{
-    check_client_hs, Client, ClientGot, Ends, Limits, Psk, Server, HS_LEN, OVERHEAD, SEAL_HDR,
+    check_client_hs, Client, ClientGot, Ends, Limits, Psk, Server, HS_LEN, OVERHEAD, PLAIN_AT,
     TAG_LEN,
 };
 
@@ -83,7 +83,7 @@ pub fn session_program(data: &[u8]) {
                 let payload: Vec<u8> = (0..arg).map(|i| (i ^ n) as u8).collect();
                 let mut out = vec![0u8; OVERHEAD + 16 + arg];
                 let len = tx
-                    .seal(now, 0x1234_5678, &[&header], &payload, &mut out)
+                    .seal(now, &[&header], &payload, &mut out)
                     .expect("the scratch fits");
                 assert_eq!(len, out.len());
                 assert_eq!(tx.sealed(), n as u64 + 1, "one counter per packet");
@@ -119,7 +119,7 @@ pub fn session_program(data: &[u8]) {
                 }
                 if r.is_ok() {
                     assert_eq!(
-                        &d[SEAL_HDR..d.len() - TAG_LEN],
+                        &d[PLAIN_AT..d.len() - TAG_LEN],
                         &flow.sent[i].1[..],
                         "packet {i} opened to other bytes"
                     );

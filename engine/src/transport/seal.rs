@@ -4,19 +4,39 @@
 //! Sans-IO: nothing here touches a socket or a clock; the transport passes the
 //! time in and the bytes through.
 //!
-//! **Sealed datagram** (`OVERHEAD` = 32 bytes more than the plain UDT packet):
+//! **Sealed datagram** (wire version 3; [`OVERHEAD`] = 23 bytes more than the
+//! plain UDT packet):
 //!
 //! ```text
-//! [FF FF | version 2 | key epoch][packet counter, u64 BE][destination socket ID, u32 BE]
-//! [AES-256-GCM ciphertext of the UDT packet (header + payload)][16-byte tag]
+//! [FF FF][0b11 | key epoch, 6 bits][packet counter, low 32 bits, BE][destination socket ID, u32 BE]
+//! [AES-256-GCM ciphertext of the UDT packet less its destination socket ID
+//!  (UDT header bytes 0..12, then bytes 16.. : control body or payload)][16-byte tag]
 //! ```
 //!
-//! The first 16 bytes are in clear and authenticated (the AAD). `FF FF` reads as
-//! UDT control type 0x7FFF (user-defined): a plain UDT4 peer ignores it, and
-//! a plain packet never starts with it. The destination socket ID sits where a
-//! UDT header has it, so the transport finds the connection the same way. The
-//! nonce is the sender's 64-bit packet counter of the direction (never a UDT
-//! sequence number: a retransmission is a new packet with a new counter).
+//! The first [`SEAL_HDR`] (11) bytes are in clear and authenticated (the AAD).
+//! `FF FF` reads as UDT control type 0x7FFF (user-defined): a plain UDT4 peer
+//! ignores it, and a plain packet never starts with it. The transport finds
+//! the connection by the clear destination socket ID; the UDT header's own
+//! copy is not sent twice: the receiver writes the authenticated clear one back
+//! into the opened header (a 16-byte shuffle in place, never a payload move).
+//! On a 1500-byte path a full packet carries 1433 payload bytes against the
+//! plain wire's 1456 (1.6 % less); the 16-byte tag is 16 of the 23 and is kept
+//! whole (a truncated GCM tag weakens forgery resistance per tag bit).
+//!
+//! Why each field has its size:
+//! - **Version and epoch in one byte**: the top two bits `11` mark this format
+//!   (version 2 had `0x02` there, so neither reads the other's datagrams); the
+//!   low six carry the key epoch modulo 64, enough for the receiver's
+//!   window of the previous key, the current one and [`MAX_SKIP`] ahead.
+//! - **A 32-bit counter on the wire, 64 bits in the nonce**: the nonce is the
+//!   sender's full 64-bit packet counter of the direction (never a UDT sequence
+//!   number: a retransmission is a new packet with a new counter), unique per
+//!   key. The wire carries its low 32 bits; the receiver takes the full counter
+//!   nearest to one past the highest it opened (as QUIC decodes packet
+//!   numbers, RFC 9000 appendix A.3). Only a counter within 2^31 of that
+//!   decodes to itself, and only the right full counter opens (the nonce is in
+//!   the tag): a packet that far off, a replay included, fails as a bad tag.
+//!   The replay window is 2^16 counters, so nothing legitimate is that far off.
 //!
 //! **Handshake**: the UDT4 handshake (64 bytes) with a trailer of `HS_EXT`
 //! (52) bytes, `["L2K2"][X25519 public key][HMAC-SHA256 over label, the two ends,
@@ -43,7 +63,7 @@
 //! **Rekey**: a direction's key is replaced by `HKDF-Expand(secret, "lu2k rekey")`
 //! after [`Limits::rekey_packets`] packets or [`Limits::rekey_us`], never sooner
 //! than twice the grace period after the last change. The key epoch (the count
-//! of changes, modulo 256, in the authenticated header) says which key sealed a
+//! of changes, modulo 64, in the authenticated header) says which key sealed a
 //! packet; the receiver keeps the previous key for [`Limits::grace_us`]
 //! (packets already in flight), and has the next key ready before the first
 //! packet under it arrives: no stall, no round trip. The sender changes keys on
@@ -63,11 +83,18 @@ use aws_lc_rs::{aead, agreement, constant_time, hkdf, hmac, rand};
 use zeroize::Zeroizing;
 
 /// Clear header of a sealed datagram.
-pub const SEAL_HDR: usize = 16;
+pub const SEAL_HDR: usize = 11;
 /// AES-GCM tag.
 pub const TAG_LEN: usize = 16;
+/// The UDT header's destination socket ID, sent once (in the clear header).
+const DST_LEN: usize = 4;
+/// Where the UDT packet lies in a datagram that [`Session::open`] opened:
+/// `d[PLAIN_AT..d.len() - TAG_LEN]`.
+pub const PLAIN_AT: usize = SEAL_HDR - DST_LEN;
 /// Bytes a sealed datagram has beyond its plain UDT packet.
-pub const OVERHEAD: usize = SEAL_HDR + TAG_LEN;
+pub const OVERHEAD: usize = SEAL_HDR - DST_LEN + TAG_LEN;
+/// The shortest UDT packet (its header).
+const UDT_HDR: usize = 16;
 /// A UDT4 handshake packet (16-byte header + 48-byte body).
 pub const HS_LEN: usize = 64;
 /// The handshake trailer.
@@ -78,12 +105,16 @@ pub const REPLAY_WINDOW: u64 = 1 << 16;
 pub const MIN_PSK_LEN: usize = 32;
 /// Key changes a receiver follows at once (an outage of this many key periods:
 /// at the default [`Limits::rekey_us`], over two hours, longer than any idle
-/// timeout keeps a connection).
-pub const MAX_SKIP: u8 = 64;
+/// timeout keeps a connection). The epoch is 6 bits: 0 is the current key, 63
+/// the previous one, 1..=62 ahead.
+pub const MAX_SKIP: u8 = 62;
 
 const HS_MAGIC: [u8; 4] = *b"L2K2";
 const SEAL_MARK: [u8; 2] = [0xFF, 0xFF];
-const SEAL_VERSION: u8 = 2;
+/// The top two bits of byte 2 (version 3); the low six are the key epoch.
+const SEAL_VERSION: u8 = 0xC0;
+const VERSION_MASK: u8 = 0xC0;
+const EPOCH_MASK: u8 = 0x3F;
 const WORDS: usize = (REPLAY_WINDOW / 64) as usize;
 
 /// When keys change.
@@ -349,15 +380,37 @@ fn next_secret(secret: &[u8; 32]) -> Secret {
     out
 }
 
-/// Whether `d` is a sealed datagram (by its mark; it may still be forged).
+/// Whether `d` is a sealed datagram (by its mark and size: it holds at least
+/// a UDT header; it may still be forged).
 pub fn is_sealed(d: &[u8]) -> bool {
-    d.len() >= OVERHEAD && d[..2] == SEAL_MARK && d[2] == SEAL_VERSION
+    d.len() >= OVERHEAD + UDT_HDR && d[..2] == SEAL_MARK && d[2] & VERSION_MASK == SEAL_VERSION
 }
 
-/// The destination socket ID of a sealed datagram, or of a UDT packet.
+/// The destination socket ID of a sealed datagram (from its clear header).
+pub fn sealed_dst(d: &[u8]) -> Option<u32> {
+    d.get(PLAIN_AT..SEAL_HDR)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The destination socket ID of a UDT packet (a handshake, for one).
 pub fn dst_socket(d: &[u8]) -> Option<u32> {
     d.get(12..16)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The full counter that `low` (a counter's low 32 bits) stands for: the one
+/// nearest to `expected` (RFC 9000 appendix A.3's packet number decoding).
+fn full_counter(expected: u64, low: u32) -> u64 {
+    const WIN: u64 = 1 << 32;
+    const HALF: u64 = WIN / 2;
+    let cand = (expected & !(WIN - 1)) | u64::from(low);
+    if cand.saturating_add(HALF) <= expected && cand <= u64::MAX - WIN {
+        cand + WIN
+    } else if cand > expected.saturating_add(HALF) && cand >= WIN {
+        cand - WIN
+    } else {
+        cand
+    }
 }
 
 /// The sending half of a connection's keys.
@@ -455,22 +508,21 @@ impl Session {
         }
     }
 
-    /// Seals one datagram into `out`: the clear header for socket `dst`, then
-    /// `head` (pieces gathered in order: the UDT header and any payload pieces
-    /// before the last) and `tail` (the last payload piece, encrypted straight
-    /// from where it lies), then the tag. Returns the datagram's length, or
-    /// `None` if `out` is too short (or the counter ran out, which 2^64 packets
-    /// never do).
-    pub fn seal(
-        &mut self,
-        now: u64,
-        dst: u32,
-        head: &[&[u8]],
-        tail: &[u8],
-        out: &mut [u8],
-    ) -> Option<usize> {
-        let head_len: usize = head.iter().map(|h| h.len()).sum();
-        let len = OVERHEAD + head_len + tail.len();
+    /// Seals one UDT packet into `out`: the packet is `head` (pieces gathered
+    /// in order: the UDT header, at least its 16 bytes in `head[0]`, and any
+    /// payload pieces before the last) then `tail` (the last payload piece,
+    /// encrypted straight from where it lies). Writes the clear header (with
+    /// the header's destination socket ID), the ciphertext of the packet less
+    /// that ID, and the tag. Returns the datagram's length, or `None` if `out`
+    /// is too short, `head[0]` is no UDT header, or the counter ran out (which
+    /// 2^64 packets never do).
+    pub fn seal(&mut self, now: u64, head: &[&[u8]], tail: &[u8], out: &mut [u8]) -> Option<usize> {
+        let (udt, more) = head.split_first()?;
+        if udt.len() < UDT_HDR {
+            return None;
+        }
+        let head_len: usize = udt.len() - DST_LEN + more.iter().map(|h| h.len()).sum::<usize>();
+        let len = SEAL_HDR + head_len + tail.len() + TAG_LEN;
         if out.len() < len || self.tx.counter == u64::MAX {
             return None;
         }
@@ -478,14 +530,15 @@ impl Session {
         let counter = self.tx.counter;
         let out = &mut out[..len];
         out[..2].copy_from_slice(&SEAL_MARK);
-        out[2] = SEAL_VERSION;
-        out[3] = self.tx.epoch;
-        out[4..12].copy_from_slice(&counter.to_be_bytes());
-        out[12..16].copy_from_slice(&dst.to_be_bytes());
+        out[2] = SEAL_VERSION | (self.tx.epoch & EPOCH_MASK);
+        // The low 32 bits: the receiver restores the rest (`full_counter`).
+        out[3..7].copy_from_slice(&(counter as u32).to_be_bytes());
+        out[PLAIN_AT..SEAL_HDR].copy_from_slice(&udt[12..UDT_HDR]);
         let (hdr, rest) = out.split_at_mut(SEAL_HDR);
         let (in_out, extra_out) = rest.split_at_mut(head_len);
-        let mut at = 0;
-        for h in head {
+        in_out[..12].copy_from_slice(&udt[..12]);
+        let mut at = 12;
+        for h in std::iter::once(&&udt[UDT_HDR..]).chain(more) {
             in_out[at..at + h.len()].copy_from_slice(h);
             at += h.len();
         }
@@ -504,17 +557,20 @@ impl Session {
         Some(len)
     }
 
-    /// Opens sealed datagram `d` in place; its plaintext is then
-    /// `d[SEAL_HDR..d.len() - TAG_LEN]`.
+    /// Opens sealed datagram `d` in place; the UDT packet (its destination
+    /// socket ID restored from the clear header) is then
+    /// `d[PLAIN_AT..d.len() - TAG_LEN]`.
     pub fn open(&mut self, now: u64, d: &mut [u8]) -> Result<(), Reject> {
         if !is_sealed(d) {
             return Err(Reject::Malformed);
         }
         let mut hdr = [0u8; SEAL_HDR];
         hdr.copy_from_slice(&d[..SEAL_HDR]);
-        let ahead = hdr[3].wrapping_sub(self.rx.epoch);
-        let counter = u64::from_be_bytes(hdr[4..12].try_into().expect("8 bytes"));
-        self.rx.window.check(counter)?;
+        let ahead = hdr[2].wrapping_sub(self.rx.epoch) & EPOCH_MASK;
+        let low = u32::from_be_bytes([hdr[3], hdr[4], hdr[5], hdr[6]]);
+        let w = &self.rx.window;
+        let counter = full_counter(if w.any { w.top.saturating_add(1) } else { 0 }, low);
+        w.check(counter)?;
         if self.rx.prev.as_ref().is_some_and(|p| p.1 <= now) {
             self.rx.prev = None;
         }
@@ -524,7 +580,7 @@ impl Session {
         let skipped;
         let key = match ahead {
             0 => &self.rx.cur,
-            0xFF => match &self.rx.prev {
+            EPOCH_MASK => match &self.rx.prev {
                 Some((k, _)) if counter < self.rx.cur_from => k,
                 _ => return Err(Reject::BadTag),
             },
@@ -543,10 +599,14 @@ impl Session {
         let body = &mut d[SEAL_HDR..];
         key.open_in_place(nonce(counter), aead::Aad::from(&hdr[..]), body)
             .map_err(|_| Reject::BadTag)?;
+        // The UDT header back in one piece: its first 12 bytes 4 bytes back,
+        // the destination socket ID after them (the payload stays put).
+        d.copy_within(SEAL_HDR..SEAL_HDR + 12, PLAIN_AT);
+        d[PLAIN_AT + 12..PLAIN_AT + UDT_HDR].copy_from_slice(&hdr[PLAIN_AT..SEAL_HDR]);
         self.rx.window.mark(counter);
         match ahead {
             0 => self.rx.cur_from = self.rx.cur_from.min(counter),
-            0xFF => {}
+            EPOCH_MASK => {}
             n => self.move_rx(now, n, counter),
         }
         Ok(())
@@ -888,11 +948,13 @@ mod tests {
         (cs, ss)
     }
 
+    /// A UDT header for socket 42.
+    const HDR: [u8; 16] = [9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0, 0, 0, 42];
+
     fn seal(s: &mut Session, now: u64, payload: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; payload.len() + OVERHEAD + 16];
-        let n = s
-            .seal(now, 42, &[&[9u8; 16]], payload, &mut out)
-            .expect("fits");
+        let n = s.seal(now, &[&HDR], payload, &mut out).expect("fits");
+        assert_eq!(n, payload.len() + 16 + OVERHEAD);
         out.truncate(n);
         out
     }
@@ -901,16 +963,19 @@ mod tests {
     fn a_sealed_packet_opens_once_and_only_untouched() {
         let (mut c, mut s) = pair(Limits::default());
         let d = seal(&mut c, 0, b"lustre payload");
-        assert!(is_sealed(&d) && dst_socket(&d) == Some(42));
+        assert!(is_sealed(&d) && sealed_dst(&d) == Some(42));
+        assert_eq!(d.len(), OVERHEAD + 16 + 14);
         assert!(!d.windows(7).any(|w| w == b"payload"), "payload in clear");
         let mut x = d.clone();
         s.open(0, &mut x).unwrap();
-        assert_eq!(&x[SEAL_HDR + 16..x.len() - TAG_LEN], b"lustre payload");
+        // The whole UDT packet, its destination socket ID restored.
+        assert_eq!(&x[PLAIN_AT..PLAIN_AT + 16], &HDR);
+        assert_eq!(&x[PLAIN_AT + 16..x.len() - TAG_LEN], b"lustre payload");
         // The same packet again: a replay.
         let mut y = d.clone();
         assert_eq!(s.open(0, &mut y), Err(Reject::Replay));
         // Any flipped bit, clear header included: a bad tag.
-        for i in [3, 5, 13, SEAL_HDR, d.len() - 1] {
+        for i in [2, 3, 6, 8, 10, SEAL_HDR, d.len() - 1] {
             let mut t = seal(&mut c, 0, b"lustre payload");
             t[i] ^= 0x10;
             assert_eq!(s.open(0, &mut t), Err(Reject::BadTag), "byte {i}");
@@ -1146,12 +1211,53 @@ mod tests {
     fn a_forged_epoch_changes_nothing() {
         let (mut c, mut s) = pair(Limits::default());
         let good = seal(&mut c, 0, b"x");
-        for e in [1u8, 2, 17, MAX_SKIP, 0xFF] {
+        for e in [1u8, 2, 17, MAX_SKIP, EPOCH_MASK] {
             let mut f = seal(&mut c, 0, b"x");
-            f[3] = e;
+            f[2] = SEAL_VERSION | e;
             assert_eq!(s.open(0, &mut f), Err(Reject::BadTag), "epoch {e}");
         }
         assert_eq!(s.rekeys, 0);
         s.open(0, &mut good.clone()).unwrap();
+    }
+    #[test]
+    fn the_wire_counter_decodes_to_the_full_counter_across_2_to_the_32() {
+        let (mut c, mut s) = pair(Limits::default());
+        // The receiver follows the counter up in steps of less than 2^31, to
+        // just short of a 2^32 boundary: the low 32 bits wrap on the wire.
+        s.open(0, &mut seal(&mut c, 0, b"p")).unwrap();
+        c.tx.counter = (1 << 31) + 100;
+        s.open(0, &mut seal(&mut c, 0, b"p")).unwrap();
+        c.tx.counter = (1 << 32) - 3;
+        let pkts: Vec<Vec<u8>> = (0..6).map(|_| seal(&mut c, 0, b"p")).collect();
+        // Newest first, then the older ones: each decodes to its own counter.
+        for i in [5, 0, 4, 1, 3, 2] {
+            s.open(0, &mut pkts[i].clone())
+                .expect("opens under its counter");
+        }
+        assert_eq!(s.rx.window.top, (1 << 32) + 2);
+        for d in &pkts {
+            assert_eq!(s.open(0, &mut d.clone()), Err(Reject::Replay));
+        }
+        // A packet 2^32 counters after one already opened carries the same
+        // low 32 bits: it decodes to the old counter and does not open (only
+        // counters within 2^31 of the newest decode to themselves).
+        c.tx.counter = (1 << 33) - 1;
+        let far = seal(&mut c, 0, b"q");
+        assert_eq!(far[3..7], pkts[2][3..7]);
+        assert!(s.open(0, &mut far.clone()).is_err());
+        // 2^31 - 1 ahead of the newest: opens.
+        c.tx.counter = (1 << 32) + 2 + (1 << 31) - 1;
+        s.open(0, &mut seal(&mut c, 0, b"r")).expect("within 2^31");
+    }
+
+    #[test]
+    fn full_counter_takes_the_nearest() {
+        assert_eq!(full_counter(0, 0), 0);
+        assert_eq!(full_counter(0, 5), 5);
+        assert_eq!(full_counter(0, u32::MAX), u64::from(u32::MAX));
+        assert_eq!(full_counter((1 << 32) + 10, 5), (1 << 32) + 5);
+        assert_eq!(full_counter((1 << 32) + 10, u32::MAX), (1 << 32) - 1);
+        assert_eq!(full_counter((1 << 32) - 2, 3), (1 << 32) + 3);
+        assert_eq!(full_counter(u64::MAX, 0), u64::MAX - u64::from(u32::MAX));
     }
 }

@@ -38,7 +38,7 @@ use lu2k_udt::conn::{
     self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
 };
 
-use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, SEAL_HDR};
+use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, PLAIN_AT, SEAL_HDR};
 
 mod ml;
 use super::{Event, OutMsg, RxPiece, Transport, Woken};
@@ -1298,8 +1298,7 @@ impl Udt {
                 .payload
                 .map_or(0, |p| LNET_HDR.saturating_sub(p.offset).min(p.len));
             sec.gathered_bytes += u64::from(gathered.saturating_sub(lnet_hdr));
-            let dst_sock = seal::dst_socket(h).unwrap_or(0);
-            let Some(n) = session.seal(now, dst_sock, &head, tail, &mut out[at..]) else {
+            let Some(n) = session.seal(now, &head, tail, &mut out[at..]) else {
                 return false;
             };
             sec.sealed_bytes += (n - OVERHEAD) as u64;
@@ -1479,7 +1478,11 @@ impl Udt {
             Some(b) => (
                 seal::is_sealed(b),
                 seal::split_hs(b).map(|(_, k, _)| k),
-                seal::dst_socket(b),
+                if seal::is_sealed(b) {
+                    seal::sealed_dst(b)
+                } else {
+                    seal::dst_socket(b)
+                },
             ),
             None => return false,
         };
@@ -1510,7 +1513,7 @@ impl Udt {
             };
             match opened {
                 Ok(()) => {
-                    let (off, len) = (at + SEAL_HDR as u32, dlen - OVERHEAD as u32);
+                    let (off, len) = (at + PLAIN_AT as u32, dlen - OVERHEAD as u32);
                     if let Some(sec) = self.sec.as_mut() {
                         sec.opened_bytes += u64::from(len);
                     }
