@@ -31,8 +31,10 @@
 #      (qemu's exit status says nothing):
 #         LU2K-LAB PASS name | LU2K-LAB FAIL name: reason | LU2K-LAB SKIP name: reason
 #         LU2K-LAB DONE
-#      The lnet test boots two such VMs at once, joined by a virtual network
-#      (virtio-net over qemu's socket netdev), one LNet node each.
+#      The lnet and lnet-compare tests boot two such VMs at once (a pair per test),
+#      joined by a virtual network (virtio-net over qemu's socket netdev), one LNet
+#      node each. lnet-compare (socklnd against lu2klnd through netem, ~10 minutes
+#      under TCG) is opt-in: --tests lnet-compare.
 #
 # Exit status: 0 every selected test passed (skips are listed, and fail the run
 # with --strict); 1 a test failed or the VM did not finish; 2 usage;
@@ -40,8 +42,9 @@
 # the message says why, callers skip loudly on 77.
 set -euo pipefail
 
-ALL_TESTS="rds,netem,probe,engine,module,lnet"
-DEFAULT_TESTS="$ALL_TESTS"
+ALL_TESTS="rds,netem,probe,engine,module,lnet,lnet-compare"
+# lnet-compare takes ~10 minutes of TCG: opt-in
+DEFAULT_TESTS="rds,netem,probe,engine,module,lnet"
 SKIP_RC=77
 
 usage() {
@@ -52,9 +55,12 @@ Options:
   --list              print the tests and exit
   --kernel-meta PKG   metapackage to resolve the kernel through (default: linux-image-amd64)
   --cache DIR         cache folder (default: \$LU2K_LAB_CACHE or \${XDG_CACHE_HOME:-~/.cache}/lu2k-lab)
-  --timeout SECS      wall-clock limit for the VM (default: 300, 600 with the module test)
+  --timeout SECS      wall-clock limit for the VM (default: 300, 600 with the module or lnet
+                      test, 1500 with lnet-compare)
   --module-mib N      MiB of PUTs each way in the module test (default: 1024)
   --lnet-loops N      1 MiB brw loops (x2 concurrent) of each lst test in the lnet test (default: 16)
+  --compare-loops N   1 MiB brw loops (x2 concurrent) of each lst test in lnet-compare (default: 2)
+  --compare-rate R    netem rate of lnet-compare's emulated link, tc syntax (default: 8mbit)
   --lustre-src FILE   Lustre source tarball for the lnet test (default: \$LU2K_LUSTRE_SRC or
                       ../shared/vendor/lustre-release-2.17.0.tar.xz beside the checkout,
                       beside the checkout it was cloned from, or under /work)
@@ -73,6 +79,8 @@ cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
 vm_timeout=""
 module_mib=1024
 lnet_loops=16
+compare_loops=2
+compare_rate=8mbit
 lustre_src="${LU2K_LUSTRE_SRC:-}"
 memory=2048
 cpus=2
@@ -91,6 +99,8 @@ while [ $# -gt 0 ]; do
         --timeout) vm_timeout="$2"; shift 2 ;;
         --module-mib) module_mib="$2"; shift 2 ;;
         --lnet-loops) lnet_loops="$2"; shift 2 ;;
+        --compare-loops) compare_loops="$2"; shift 2 ;;
+        --compare-rate) compare_rate="$2"; shift 2 ;;
         --lustre-src) lustre_src="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --cpus) cpus="$2"; shift 2 ;;
@@ -115,6 +125,7 @@ if [ -z "$vm_timeout" ]; then
     vm_timeout=300
     [[ ",$tests," == *",module,"* ]] && vm_timeout=600
     [[ ",$tests," == *",lnet,"* ]] && vm_timeout=600
+    [[ ",$tests," == *",lnet-compare,"* ]] && vm_timeout=1500
 fi
 # The Lustre source lives in shared/vendor beside the project's checkout. A clone made
 # elsewhere (CI clones main into a scratch directory) finds it beside the checkout it
@@ -130,6 +141,8 @@ if [ -z "$lustre_src" ]; then
     done
 fi
 has_test() { [[ ",$tests," == *",$1,"* ]]; }
+# the tests that boot their own pair of VMs
+two_vm_tests=$(tr ',' '\n' <<<"$tests" | grep -Ex 'lnet|lnet-compare' | paste -sd, || true)
 t_start=$(date +%s.%N)
 phase_start=$t_start
 since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
@@ -353,7 +366,7 @@ echo "    modules (load order): $(tr '\n' ' ' < "$kdir/load-order")"
 # the kernel's headers, for the module test: the package of exactly this kernel
 # release and version, and what it depends on (its -common half and linux-kbuild)
 hdir=""
-if has_test module || has_test lnet; then
+if has_test module || [ -n "$two_vm_tests" ]; then
     hpkg="linux-headers-$kernel_release"
     hdir="$cache/headers/$hpkg-$kernel_ver"
     if [ ! -e "$hdir/.stamp" ]; then
@@ -496,16 +509,16 @@ if [ -n "$hdir" ]; then
     kcc=${kcc:-gcc-12}
     command -v "$kcc" >/dev/null \
         || skip "the module is built with $kcc, the compiler Debian built $kernel_pkg with; apt-get install $kcc"
-    # the lnet test: Lustre's LNet first (cached by its inputs), lu2klnd.ko against it
+    # the lnet tests: Lustre's LNet first (cached by its inputs), lu2klnd.ko against it
     lustre=""
-    if has_test lnet; then
+    if [ -n "$two_vm_tests" ]; then
         if [ -f "$lustre_src" ]; then
             echo "==> kernel-lab: Lustre for the lnet test ($lustre_src)"
             lustre=$("$repo/scripts/lab/build-lustre.sh" "$lustre_src" "$kb" "$cache" | tail -n 1) \
                 || die "building Lustre for the lnet test failed (logs under $cache/lustre/)"
         else
             lnet_skip="no Lustre source at $lustre_src (--lustre-src, LU2K_LUSTRE_SRC)"
-            echo "    note: $lnet_skip; the lnet test will skip"
+            echo "    note: $lnet_skip; $two_vm_tests will skip"
         fi
     fi
     mb="$cache/module-build"
@@ -633,7 +646,7 @@ boot_vm() {
 }
 # drop carriage returns and the firmware's terminal escapes
 clean_log() { tr -d '\r' < "$1" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g' > "$1.clean"; }
-vm_tests=$(tr ',' '\n' <<<"$tests" | grep -vx lnet | paste -sd, || true)
+vm_tests=$(tr ',' '\n' <<<"$tests" | grep -Evx 'lnet|lnet-compare' | paste -sd, || true)
 logs=()
 if [ -n "$vm_tests" ]; then
     log="$cache/logs/console-$stamp.log"
@@ -648,45 +661,51 @@ if [ -n "$vm_tests" ]; then
     grep -v '^LU2K-LAB' "$log.clean" | sed 's/^/    | /' | tail -n 200
     logs+=("$log.clean")
 fi
-# The lnet test: two VMs, one LNet node each, joined by virtio-net over qemu's socket
-# netdev (a listens on a loopback port of this machine, b connects to it).
-lnet_logs=()
-if has_test lnet && [ -z "$lnet_skip" ] && [ -z "$lustre" ]; then
+# The lnet tests: two VMs per test, one LNet node each, joined by virtio-net over qemu's
+# socket netdev (a listens on a loopback port of this machine, b connects to it).
+declare -A pair_logs=()
+if [ -n "$two_vm_tests" ] && [ -z "$lnet_skip" ] && [ -z "$lustre" ]; then
     lnet_skip="lu2klnd.ko was not built"
 fi
-if has_test lnet && [ -z "$lnet_skip" ]; then
-    port=$((20000 + $$ % 20000))
-    for r in a b; do lnet_logs+=("$cache/logs/console-$stamp-lnet-$r.log"); done
-    echo "==> kernel-lab: booting two VMs for the lnet test (consoles: ${lnet_logs[*]})"
-    set +e
-    boot_vm "${lnet_logs[0]}" lnet "lu2k.lnet=a,10.77.0.1,10.77.0.2 lu2k.lnet_loops=$lnet_loops loglevel=6" \
-        -netdev "socket,id=n0,listen=127.0.0.1:$port" \
-        -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:01,romfile= &
-    pa=$!
-    sleep 2   # a's listening socket first
-    boot_vm "${lnet_logs[1]}" lnet "lu2k.lnet=b,10.77.0.2,10.77.0.1 loglevel=6" \
-        -netdev "socket,id=n0,connect=127.0.0.1:$port" \
-        -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:02,romfile= &
-    pb=$!
-    wait $pa; qa=$?
-    wait $pb; qb=$?
-    set -e
-    phase "lnet VMs finished (qemu rc $qa, $qb)"
-    for l in "${lnet_logs[@]}"; do
-        clean_log "$l"
-        echo "    --- $(basename "$l")"
-        grep -v '^LU2K-LAB' "$l.clean" | sed 's/^/    | /' | tail -n 120
+if [ -n "$two_vm_tests" ] && [ -z "$lnet_skip" ]; then
+    for t in ${two_vm_tests//,/ }; do
+        port=$((20000 + ($$ + ${#pair_logs[@]}) % 20000))
+        la="$cache/logs/console-$stamp-$t-a.log" lb="$cache/logs/console-$stamp-$t-b.log"
+        pair_logs[$t]="$la.clean $lb.clean"
+        params="lu2k.lnet_loops=$lnet_loops lu2k.compare_loops=$compare_loops lu2k.compare_rate=$compare_rate loglevel=6"
+        echo "==> kernel-lab: booting two VMs for the $t test (consoles: $la $lb)"
+        set +e
+        boot_vm "$la" "$t" "lu2k.lnet=a,10.77.0.1,10.77.0.2 $params" \
+            -netdev "socket,id=n0,listen=127.0.0.1:$port" \
+            -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:01,romfile= &
+        pa=$!
+        sleep 2   # a's listening socket first
+        boot_vm "$lb" "$t" "lu2k.lnet=b,10.77.0.2,10.77.0.1 $params" \
+            -netdev "socket,id=n0,connect=127.0.0.1:$port" \
+            -device virtio-net-pci,netdev=n0,mac=52:54:00:4c:32:02,romfile= &
+        pb=$!
+        wait $pa; qa=$?
+        wait $pb; qb=$?
+        set -e
+        phase "$t VMs finished (qemu rc $qa, $qb)"
+        for l in "$la" "$lb"; do
+            clean_log "$l"
+            echo "    --- $(basename "$l")"
+            grep -v '^LU2K-LAB' "$l.clean" | sed 's/^/    | /' | tail -n 120
+        done
     done
 fi
+lnet_logs=()
+for t in "${!pair_logs[@]}"; do lnet_logs+=(${pair_logs[$t]}); done
 
 # --- 5. the verdict from the markers -----------------------------------------------------
 
 echo "==> kernel-lab: markers"
-for l in "${logs[@]}" "${lnet_logs[@]/%/.clean}"; do
+for l in "${logs[@]}" "${lnet_logs[@]}"; do
     vm=$(basename "${l%.log.clean}" | sed 's/^console-[0-9]*-[0-9]*-\{0,1\}//')
     grep '^LU2K-LAB' "$l" | sed "s/^/    ${vm:-vm}: /" || true
 done
-booted=$(sed -n 's/.*LU2K-LAB KERNEL //p' "${logs[@]}" "${lnet_logs[@]/%/.clean}" 2>/dev/null | head -1)
+booted=$(sed -n 's/.*LU2K-LAB KERNEL //p' "${logs[@]}" "${lnet_logs[@]}" 2>/dev/null | head -1)
 fails=0; skips=0
 # verdict TEST LOG...: the test passed in every VM it ran in
 verdict() {
@@ -701,10 +720,11 @@ verdict() {
     if [ $fail -gt 0 ]; then fails=$((fails+1)); elif [ $skip -gt 0 ]; then skips=$((skips+1)); fi
 }
 for t in ${tests//,/ }; do
-    if [ "$t" = lnet ] && [ -n "$lnet_skip" ]; then
-        echo "    SKIP lnet: $lnet_skip"; skips=$((skips+1))
-    elif [ "$t" = lnet ]; then
-        verdict lnet "${lnet_logs[@]/%/.clean}"
+    if [[ ",$two_vm_tests," == *",$t,"* ]] && [ -n "$lnet_skip" ]; then
+        echo "    SKIP $t: $lnet_skip"; skips=$((skips+1))
+    elif [[ ",$two_vm_tests," == *",$t,"* ]]; then
+        # shellcheck disable=SC2086 # two log paths, no spaces in them
+        verdict "$t" ${pair_logs[$t]}
     else
         verdict "$t" "${logs[@]}"
     fi

@@ -31,12 +31,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const EXTRA: &str = "/lib/lab-extra";
-const ENGINE: &str = "/bin/lu2k-engine";
-const DEV: &str = "/dev/lu2k";
-const DONE_PORT: u16 = 7990;
+pub(crate) const EXTRA: &str = "/lib/lab-extra";
+pub(crate) const ENGINE: &str = "/bin/lu2k-engine";
+pub(crate) const DEV: &str = "/dev/lu2k";
+pub(crate) const DONE_PORT: u16 = 7990;
 /// The interface with the VM's address (see `scenario`).
-const IFACE: &str = "eth0";
+pub(crate) const IFACE: &str = "eth0";
 /// One lnetctl or lst command, TCG-slow.
 const CMD_LIMIT: Duration = Duration::from_secs(90);
 /// How long b serves a at most.
@@ -44,7 +44,7 @@ const WAIT_LIMIT: Duration = Duration::from_secs(400);
 /// Load order: Lustre's modules (sunrpc is loaded by the init), then lu2k's.
 /// lnet_selftest comes once LNet is configured: its init brings LNet up itself.
 const MODULES: &[&str] = &["libcfs", "lnet", "lu2k_kshim", "lu2klnd"];
-const SELFTEST: &str = "lnet_selftest";
+pub(crate) const SELFTEST: &str = "lnet_selftest";
 
 pub fn run() -> anyhow::Result<Outcome> {
     let Some(spec) = cmdline("lu2k.lnet") else {
@@ -87,7 +87,7 @@ pub fn run() -> anyhow::Result<Outcome> {
     Ok(Outcome::Pass(summary))
 }
 
-fn parse_spec(spec: &str) -> anyhow::Result<(char, Ipv4Addr, Ipv4Addr)> {
+pub(crate) fn parse_spec(spec: &str) -> anyhow::Result<(char, Ipv4Addr, Ipv4Addr)> {
     let parts: Vec<_> = spec.split(',').collect();
     ensure!(
         parts.len() == 3 && (parts[0] == "a" || parts[0] == "b"),
@@ -305,7 +305,7 @@ fn brw(
     r
 }
 
-fn kshim_counters(fd: BorrowedFd<'_>, instance: u32) -> String {
+pub(crate) fn kshim_counters(fd: BorrowedFd<'_>, instance: u32) -> String {
     match device::stats(fd, instance) {
         Ok(s) => format!(
             "tx sent {} ok {} failed {}, rx {} msgs {} bytes, refused: {} completions {} rx {} indices",
@@ -362,11 +362,15 @@ fn wait_done(me: Ipv4Addr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
+pub(crate) fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
     create_instance(fd, nid, 1, 0, 64)
 }
 
-fn wait_serving(fd: BorrowedFd<'_>, instance: u32, engine: &mut Engine) -> anyhow::Result<()> {
+pub(crate) fn wait_serving(
+    fd: BorrowedFd<'_>,
+    instance: u32,
+    engine: &mut Engine,
+) -> anyhow::Result<()> {
     let t = Instant::now();
     while device::stats(fd, instance)?.attached != 1 {
         engine.check_alive()?;
@@ -382,7 +386,7 @@ fn wait_serving(fd: BorrowedFd<'_>, instance: u32, engine: &mut Engine) -> anyho
 
 /// The lab's engine on the lnet stage's device instance, its log in
 /// /tmp/engine-lnet.log.
-fn start_engine(me: Ipv4Addr, instance: u32) -> anyhow::Result<Engine> {
+pub(crate) fn start_engine(me: Ipv4Addr, instance: u32) -> anyhow::Result<Engine> {
     let mut cmd = Command::new(ENGINE);
     cmd.args(["run", "--kshim"])
         .arg(format!("device:{DEV},instance={instance}"))
@@ -393,7 +397,7 @@ fn start_engine(me: Ipv4Addr, instance: u32) -> anyhow::Result<Engine> {
 /// Runs prog under busybox's `timeout`: a command stuck in the kernel is named, with
 /// the blocked tasks' stacks (sysrq w) and the kernel log's tail, instead of eating the
 /// VM's time limit.
-fn run_out(prog: &str, args: &[&str]) -> anyhow::Result<Output> {
+pub(crate) fn run_out(prog: &str, args: &[&str]) -> anyhow::Result<Output> {
     let out = Command::new("timeout")
         .args(["-s", "KILL", &CMD_LIMIT.as_secs().to_string(), prog])
         .args(args)
@@ -435,30 +439,30 @@ fn checked(prog: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn lnetctl(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn lnetctl(args: &[&str]) -> anyhow::Result<String> {
     checked("/bin/lnetctl", args)
 }
 
-fn lst(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn lst(args: &[&str]) -> anyhow::Result<String> {
     checked("/bin/lst", args)
 }
 
-fn lst_out(args: &[&str]) -> anyhow::Result<Output> {
+pub(crate) fn lst_out(args: &[&str]) -> anyhow::Result<Output> {
     run_out("/bin/lst", args)
 }
 
-fn sh(prog: &str, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn sh(prog: &str, args: &[&str]) -> anyhow::Result<()> {
     checked(prog, args).map(|_| ())
 }
 
-fn kernel_log() -> String {
+pub(crate) fn kernel_log() -> String {
     Command::new("dmesg")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
 }
 
-fn cmdline(key: &str) -> Option<String> {
+pub(crate) fn cmdline(key: &str) -> Option<String> {
     let c = std::fs::read_to_string("/proc/cmdline").ok()?;
     c.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))

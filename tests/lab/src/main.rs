@@ -20,9 +20,13 @@
 //!   a hostile engine, rmmod.
 //! - `lnet`: lu2klnd.ko inside real LNet (Lustre 2.17), two VMs: `lnetctl ping` and
 //!   `lst` brw write and read of 1 MiB with check=full across lu2k.
+//! - `lnet-compare`: the same `lst` brw load over socklnd (tcp0) and lu2klnd (lu2k0)
+//!   between the two VMs, through netem (600 ms round trip, 0 / 0.1 / 1 % loss): the
+//!   MiB/s table and the ratios.
 
 mod engine;
 mod lnet;
+mod lnet_compare;
 mod module;
 mod netem;
 mod netns;
@@ -49,6 +53,7 @@ const TESTS: &[(&str, Test)] = &[
     ("engine", engine::run),
     ("module", module::run),
     ("lnet", lnet::run),
+    ("lnet-compare", lnet_compare::run),
 ];
 
 fn main() -> ExitCode {
