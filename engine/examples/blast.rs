@@ -8,7 +8,7 @@
 //!
 //!     cargo run --release -p lu2k-engine --example blast [-- RUNS SECS]
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ enum Kind {
     EpollTxUringRx,
 }
 
-fn sock(gro: bool) -> (std::os::fd::OwnedFd, SocketAddrV4) {
+fn sock(gro: bool) -> (std::os::fd::OwnedFd, SocketAddr) {
     let (fd, info) = sys::udp_socket(
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
         &SockOpts {
@@ -153,7 +153,7 @@ fn run(kind: Kind, secs: f64) -> f64 {
                 })
                 .collect();
             while Instant::now() < end {
-                let _ = sys::sendmmsg(ss.as_raw_fd(), &msgs);
+                let _ = sys::sendmmsg(ss.as_raw_fd(), sys::Family::V4, &msgs);
             }
         }
     }

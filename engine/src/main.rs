@@ -72,9 +72,13 @@ struct RunArgs {
     /// (the kernel module lu2k_kshim.ko); wins over --kshim-socket.
     #[arg(long)]
     kshim: Option<String>,
-    /// Local IPv4 address to bind: this node's NID address.
+    /// Local address to bind, IPv4 or IPv6: this node's NID address; "::" binds
+    /// every address, dual-stack (IPv4 peers too); "[::]:7988" also sets the port.
     #[arg(long)]
-    bind: Option<std::net::Ipv4Addr>,
+    bind: Option<String>,
+    /// With an IPv6 --bind, take IPv6 only (no IPv4 peers).
+    #[arg(long)]
+    bind_v6only: bool,
     /// UDP port used by all lu2k nodes [default: 7988].
     #[arg(long)]
     port: Option<u16>,
@@ -143,8 +147,21 @@ impl RunArgs {
         if let Some(v) = &self.kshim {
             c.kshim = Some(v.clone());
         }
-        if let Some(v) = self.bind {
-            c.bind = v;
+        if let Some(v) = &self.bind {
+            let (ip, port) =
+                lu2k_engine::daemon::config::parse_bind(v).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            c.bind = ip;
+            if let Some(p) = port {
+                if self.port.is_some_and(|q| q != p) {
+                    anyhow::bail!(
+                        "--bind {v} names port {p} and --port another: give the port once"
+                    );
+                }
+                c.port = p;
+            }
+        }
+        if self.bind_v6only {
+            c.bind_v6only = true;
         }
         if let Some(v) = self.port {
             c.port = v;

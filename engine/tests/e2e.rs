@@ -4,8 +4,13 @@
 //! lu2k, the I/O path that ran is the one meant, every buffer is home at the end (TX pool
 //! whole, every RX message and descriptor given back), and SIGTERM stops both engines
 //! with exit status 0 having completed everything it was handed itself.
+//!
+//! The suite runs once over IPv4 (127.0.0.x on loopback) and once over IPv6:
+//! IPv6 addresses on the loopback of a network namespace, and a veth pair between
+//! two namespaces with ULA addresses; and a dual-stack engine serving an IPv4 and
+//! an IPv6 peer at once.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,20 +20,36 @@ use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
 use common::{
-    kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached, Engine, Transfer,
+    kshim, kshim_of, missing_tools, nid, nid_of, no_ipv6, not_root, pattern, put, start_engine,
+    start_engine_in, stats, tmpdir, wait_attached, Engine, Netns, Transfer,
 };
+
+/// Where an engine runs: its address, and the network namespace (`None`: this one).
+#[derive(Debug, Clone, Copy)]
+struct At<'a> {
+    ip: IpAddr,
+    ns: Option<&'a str>,
+}
+
+/// On loopback in this namespace.
+fn here(ip: Ipv4Addr) -> At<'static> {
+    At {
+        ip: ip.into(),
+        ns: None,
+    }
+}
 
 /// Starts engines "a" and "b" for kshims `ka` and `kb`, bound to their addresses on
 /// `port`, and waits until both have attached.
 fn start_engines(
     dir: &Path,
-    (ka, a_ip): (&mut Kshim, Ipv4Addr),
-    (kb, b_ip): (&mut Kshim, Ipv4Addr),
+    (ka, a): (&mut Kshim, At<'_>),
+    (kb, b): (&mut Kshim, At<'_>),
     port: u16,
     extra: &[&str],
 ) -> (Engine, Engine) {
-    let ea = start_engine(dir, "a", a_ip, port, extra);
-    let eb = start_engine(dir, "b", b_ip, port, extra);
+    let ea = start_engine_in(a.ns, dir, "a", &a.ip.to_string(), port, extra);
+    let eb = start_engine_in(b.ns, dir, "b", &b.ip.to_string(), port, extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(ka, deadline);
     wait_attached(kb, deadline);
@@ -90,7 +111,8 @@ fn stop(e: Engine) -> std::process::ExitStatus {
     e.term_within(Duration::from_secs(20))
 }
 
-/// Sends `count` messages of `len` bytes A → B and checks everything.
+/// Sends `count` messages of `len` bytes A → B over IPv4 loopback and checks
+/// everything.
 fn transfer(
     tag: &str,
     a_ip: Ipv4Addr,
@@ -100,14 +122,28 @@ fn transfer(
     len: usize,
     extra: &[&str],
 ) {
+    transfer_at(tag, here(a_ip), here(b_ip), cores, count, len, extra);
+}
+
+/// Sends `count` messages of `len` bytes from A at `a` to B at `b` (either family)
+/// and checks everything.
+fn transfer_at(
+    tag: &str,
+    a: At<'_>,
+    b: At<'_>,
+    cores: u32,
+    count: u64,
+    len: usize,
+    extra: &[&str],
+) {
     let dir = tmpdir(&format!("e2e-{tag}"));
     let port =
         20000 + (std::process::id() % 20000) as u16 + cores as u16 * 7 + extra.len() as u16 * 3;
-    let mut ka = kshim(&dir, "a", a_ip, cores);
-    let mut kb = kshim(&dir, "b", b_ip, cores);
-    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, extra);
+    let mut ka = kshim_of(&dir, "a", a.ip, cores);
+    let mut kb = kshim_of(&dir, "b", b.ip, cores);
+    let (ea, eb) = start_engines(&dir, (&mut ka, a), (&mut kb, b), port, extra);
 
-    let (na, nb) = (nid(a_ip), nid(b_ip));
+    let (na, nb) = (nid_of(a.ip), nid_of(b.ip));
     let tx_pool_at_start = ka.tx_pool_free();
     let mut t = Transfer::new(tag, na, nb, count, move |_| len);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -528,7 +564,13 @@ fn sigterm_mid_transfer_completes_every_send_and_exits_zero() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 307;
     let mut ka = kshim(&dir, "a", a_ip, 1);
     let mut kb = kshim(&dir, "b", b_ip, 1);
-    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, &[]);
+    let (ea, eb) = start_engines(
+        &dir,
+        (&mut ka, here(a_ip)),
+        (&mut kb, here(b_ip)),
+        port,
+        &[],
+    );
     let (na, nb) = (nid(a_ip), nid(b_ip));
     let len = 256 << 10;
     let mut outstanding = std::collections::HashMap::new();
@@ -674,7 +716,13 @@ fn routed_sends_go_through_the_gateway() {
     });
     let mut ka = Kshim::start(cfg).unwrap();
     let mut kb = kshim(&dir, "b", b_ip, 1);
-    let (ea, eb) = start_engines(&dir, (&mut ka, a_ip), (&mut kb, b_ip), port, &[]);
+    let (ea, eb) = start_engines(
+        &dir,
+        (&mut ka, here(a_ip)),
+        (&mut kb, here(b_ip)),
+        port,
+        &[],
+    );
 
     const COUNT: u64 = 64;
     const LEN: usize = 64 << 10;
@@ -734,4 +782,307 @@ fn routed_sends_go_through_the_gateway() {
     );
     assert!(stop(ea).success());
     assert!(stop(eb).success());
+}
+
+/// Why the IPv6 namespace tests cannot run here, else `None`.
+fn ipv6_netns_missing() -> Option<String> {
+    not_root()
+        .or_else(|| missing_tools(&["ip"]))
+        .or_else(no_ipv6)
+}
+
+/// A network namespace (named after `tag`, unique to this run) whose loopback
+/// holds the IPv6 addresses `ips` besides `::1` (and IPv4's 127.0.0.0/8): engines
+/// in it talk IPv6 over loopback. `None` (after a loud SKIP) where it cannot be.
+fn v6_loopback(test: &str, tag: &str, ips: &[Ipv6Addr]) -> Option<Netns> {
+    if let Some(why) = ipv6_netns_missing() {
+        eprintln!("SKIP {test}: {why}");
+        return None;
+    }
+    let ns = Netns::new(&[format!("lu2k-e2e6-{tag}-{}", std::process::id())]).unwrap();
+    for ip in ips {
+        ns.addr6(0, "lo", &format!("{ip}/128")).unwrap();
+    }
+    Some(ns)
+}
+
+/// `fd00:6::{last}`: the IPv6 test addresses (unique local, fd00::/8).
+fn ula(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 6, 0, 0, 0, 0, 0, last)
+}
+
+/// The IPv6 counterpart of the IPv4 transfers above: two engines on the loopback of
+/// a namespace, bound to fd00:6::a and fd00:6::b.
+fn transfer_v6(test: &str, tag: &str, cores: u32, count: u64, len: usize, extra: &[&str]) {
+    let (a, b) = (ula(0xa), ula(0xb));
+    let Some(ns) = v6_loopback(test, tag, &[a, b]) else {
+        return;
+    };
+    let at = |ip: Ipv6Addr| At {
+        ip: ip.into(),
+        ns: Some(ns.ns[0].as_str()),
+    };
+    transfer_at(tag, at(a), at(b), cores, count, len, extra);
+}
+
+#[test]
+fn bulk_transfer_fast_path_ipv6() {
+    transfer_v6(
+        "bulk_transfer_fast_path_ipv6",
+        "fast6",
+        1,
+        GIB_OF_MIB,
+        1 << 20,
+        &[],
+    );
+}
+
+#[test]
+fn bulk_transfer_slow_path_forced_ipv6() {
+    transfer_v6(
+        "bulk_transfer_slow_path_forced_ipv6",
+        "slow6",
+        1,
+        GIB_OF_MIB,
+        1 << 20,
+        &["--io-path", "epoll"],
+    );
+}
+
+#[test]
+fn bulk_transfer_two_cores_ipv6() {
+    transfer_v6(
+        "bulk_transfer_two_cores_ipv6",
+        "cores2v6",
+        2,
+        GIB_OF_MIB,
+        1 << 20,
+        &["--cores", "2", "--doorbell", "eventfd"],
+    );
+}
+
+#[test]
+fn small_messages_two_cores_ipv6() {
+    transfer_v6(
+        "small_messages_two_cores_ipv6",
+        "small2v6",
+        2,
+        2000,
+        4096,
+        &[],
+    );
+}
+
+/// IPv6 between two namespaces over a veth pair (a real device path: checksums,
+/// GSO segmentation at the device's 1500-byte MTU, where each IPv6 packet carries
+/// 20 header bytes more than IPv4's).
+#[test]
+fn bulk_transfer_over_veth_ipv6() {
+    let test = "bulk_transfer_over_veth_ipv6";
+    if let Some(why) = ipv6_netns_missing() {
+        eprintln!("SKIP {test}: {why}");
+        return;
+    }
+    // Device names are at most 15 bytes: `{tag}va`.
+    let tag = format!("e6v{}", std::process::id() % 1_000_000);
+    let ns = Netns::pair(&tag, &[], &[]).unwrap();
+    let (a, b) = (
+        Ipv6Addr::new(0xfd00, 7, 0, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0xfd00, 7, 0, 0, 0, 0, 0, 2),
+    );
+    ns.addr6(0, &format!("{tag}va"), &format!("{a}/64"))
+        .unwrap();
+    ns.addr6(1, &format!("{tag}vb"), &format!("{b}/64"))
+        .unwrap();
+    transfer_at(
+        "veth6",
+        At {
+            ip: a.into(),
+            ns: Some(ns.ns[0].as_str()),
+        },
+        At {
+            ip: b.into(),
+            ns: Some(ns.ns[1].as_str()),
+        },
+        1,
+        GIB_OF_MIB / 4,
+        1 << 20,
+        &[],
+    );
+}
+
+/// One message of the dual-stack exchange: from `from` to `to`, number `n`.
+fn send_one(k: &mut Kshim, to: lu2k_kshim::Nid, from: lu2k_kshim::Nid, n: u64, len: usize) -> bool {
+    k.send_to(to, &put(to, from, len, n), &pattern(n, len))
+        .is_ok()
+}
+
+/// A dual-stack engine (`bind = "::"`) serves an IPv4 peer and an IPv6 peer at
+/// once, on one socket: hub H in one namespace, peers B (IPv4, 10.77.0.2) and C
+/// (IPv6, fd00:6::2) in another, joined by a veth pair holding both families. H's
+/// NID is its IPv4 address (10.77.0.1@lu2k); C knows H by its IPv6 address
+/// (fd00:6::1@lu2k), the source H's IPv6 datagrams leave from. B's datagrams reach
+/// H's socket as `::ffff:10.77.0.2` and must be B's, named `10.77.0.2@lu2k`, not a
+/// second peer. Messages go B → H and C → H at the same time, then H → B and
+/// H → C at the same time; every one arrives once, whole, from the right NID, and
+/// completes Ok. H's stats name its two peers with their addresses in their own
+/// family's form.
+#[test]
+fn dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer() {
+    let test = "dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer";
+    if let Some(why) = ipv6_netns_missing() {
+        eprintln!("SKIP {test}: {why}");
+        return;
+    }
+    let (h4, b4) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
+    let (h6, c6) = (ula(1), ula(2));
+    // Device names are at most 15 bytes: `{tag}va`.
+    let tag = format!("e6d{}", std::process::id() % 1_000_000);
+    let ns = Netns::pair(&tag, &[h4], &[b4]).unwrap();
+    ns.addr6(0, &format!("{tag}va"), &format!("{h6}/64"))
+        .unwrap();
+    ns.addr6(1, &format!("{tag}vb"), &format!("{c6}/64"))
+        .unwrap();
+    let (ns0, ns1) = (Some(ns.ns[0].as_str()), Some(ns.ns[1].as_str()));
+    let dir = tmpdir("e2e-dual");
+    let port = 20000 + (std::process::id() % 20000) as u16 + 401;
+    let mut kh = kshim(&dir, "h", h4, 1);
+    let mut kb = kshim(&dir, "b", b4, 1);
+    let mut kc = kshim_of(&dir, "c", c6.into(), 1);
+    let eh = start_engine_in(ns0, &dir, "h", "::", port, &[]);
+    let eb = start_engine_in(ns1, &dir, "b", &b4.to_string(), port, &[]);
+    let ec = start_engine_in(ns1, &dir, "c", &c6.to_string(), port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for k in [&mut kh, &mut kb, &mut kc] {
+        wait_attached(k, deadline);
+    }
+    let (nh4, nh6) = (nid(h4), nid_of(h6.into()));
+    let (nb, nc) = (nid(b4), nid_of(c6.into()));
+    const N: u64 = 200;
+    const LEN: usize = 64 << 10;
+
+    // B → H and C → H at once: numbers 0..N from B, N..2N from C.
+    let (mut next_b, mut next_c) = (0u64, N);
+    let mut done = [0u64; 2];
+    let mut got = vec![false; 2 * N as usize];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done != [N, N] || got.iter().any(|g| !g) {
+        assert!(
+            Instant::now() < deadline,
+            "to the hub: timed out, completions {done:?}, received {}",
+            got.iter().filter(|g| **g).count()
+        );
+        while next_b < N && send_one(&mut kb, nh4, nb, next_b, LEN) {
+            next_b += 1;
+        }
+        while next_c < 2 * N && send_one(&mut kc, nh6, nc, next_c, LEN) {
+            next_c += 1;
+        }
+        for (i, k) in [&mut kb, &mut kc].into_iter().enumerate() {
+            while let Some(ev) = k.poll() {
+                if let Event::TxDone { status, detail, .. } = ev {
+                    assert_eq!(status, TxStatus::Ok, "sender {i}: detail {detail}");
+                    done[i] += 1;
+                }
+            }
+        }
+        while let Some(ev) = kh.poll() {
+            if let Event::Rx(m) = ev {
+                let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
+                    panic!("unexpected message {:?}", m.hdr.msg);
+                };
+                let want = if n < N { nb } else { nc };
+                assert_eq!(m.from, want, "message {n} names its sender");
+                let mut buf = vec![0u8; LEN];
+                m.copy_to(&mut buf);
+                assert!(buf == pattern(n, LEN), "message {n} content differs");
+                assert!(!got[n as usize], "message {n} delivered twice");
+                got[n as usize] = true;
+                kh.rx_done(m);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+
+    // H → B and H → C at once.
+    let mut cookies = std::collections::HashMap::new();
+    let (mut sent, mut ok) = (0u64, 0u64);
+    let mut got = [0u64; 2];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok < 2 * N || got != [N, N] {
+        assert!(
+            Instant::now() < deadline,
+            "from the hub: timed out, sent {sent} ok {ok} received {got:?}"
+        );
+        while sent < 2 * N {
+            let to = if sent % 2 == 0 { nb } else { nc };
+            match kh.send_to(to, &put(to, nh4, LEN, sent), &pattern(sent, LEN)) {
+                Ok(c) => {
+                    cookies.insert(c, sent);
+                    sent += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        while let Some(ev) = kh.poll() {
+            if let Event::TxDone {
+                cookie,
+                status,
+                detail,
+            } = ev
+            {
+                let n = cookies.remove(&cookie).expect("a completion per send");
+                assert_eq!(status, TxStatus::Ok, "hub's message {n}: detail {detail}");
+                ok += 1;
+            }
+        }
+        // B knows the hub by its IPv4 address, C by its IPv6 one.
+        for (i, (k, from)) in [(&mut kb, nh4), (&mut kc, nh6)].into_iter().enumerate() {
+            while let Some(ev) = k.poll() {
+                if let Event::Rx(m) = ev {
+                    let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
+                        panic!("unexpected message {:?}", m.hdr.msg);
+                    };
+                    assert_eq!(n % 2, i as u64, "message {n} reached the wrong peer");
+                    assert_eq!(m.from, from, "message {n} names the hub");
+                    let mut buf = vec![0u8; LEN];
+                    m.copy_to(&mut buf);
+                    assert!(buf == pattern(n, LEN), "message {n} content differs");
+                    got[i] += 1;
+                    k.rx_done(m);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+
+    // The hub's peer table: exactly B and C, each once, at its own family's address
+    // (the IPv4 one not in its IPv4-mapped form).
+    let want = |port: u16| {
+        let mut v = vec![
+            (nb.to_string(), format!("{b4}:{port}")),
+            (nc.to_string(), format!("[{c6}]:{port}")),
+        ];
+        v.sort();
+        v
+    };
+    let peers = || {
+        let mut v: Vec<(String, String)> = stats(&dir, "h")
+            .cores
+            .iter()
+            .flat_map(|c| c.peers.iter().map(|p| (p.nid.clone(), p.addr.clone())))
+            .collect();
+        v.sort();
+        v
+    };
+    let until = Instant::now() + Duration::from_secs(5);
+    while peers() != want(port) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(peers(), want(port), "the hub's peers");
+    for e in [eh, eb, ec] {
+        assert_eq!(stop(e).code(), Some(0));
+    }
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
 }

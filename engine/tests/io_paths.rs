@@ -1,8 +1,10 @@
 //! Both I/O paths on real UDP loopback sockets: GSO sends of [header, payload slice]
 //! scatter lists, received with GRO into RX pool buffers, every byte checked; receive
 //! backpressure when the buffer ring runs dry; the slow path gives the same result.
+//! Over IPv6 (`[::1]`) too, and a dual-stack socket: an IPv4 sender is reported as
+//! IPv4, and a send to an IPv4 address goes out IPv4-mapped.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use lu2k_engine::io::epoll::EpollIo;
@@ -16,14 +18,23 @@ const PAYLOAD: u32 = 1456;
 const SEGS: usize = 40;
 const RXBUF: u32 = 65536 + 4096;
 
-fn sock() -> (std::os::fd::OwnedFd, SocketAddrV4) {
+fn sock() -> (std::os::fd::OwnedFd, SocketAddr) {
     sock_with(8 << 20, true)
 }
 
 /// A loopback UDP socket with a `rcvbuf`-byte receive buffer, GRO on or off.
-fn sock_with(rcvbuf: usize, gro: bool) -> (std::os::fd::OwnedFd, SocketAddrV4) {
+fn sock_with(rcvbuf: usize, gro: bool) -> (std::os::fd::OwnedFd, SocketAddr) {
+    sock_at(
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0).into(),
+        rcvbuf,
+        gro,
+    )
+}
+
+/// A UDP socket bound to `addr` (either family; `[::]` is dual-stack).
+fn sock_at(addr: SocketAddr, rcvbuf: usize, gro: bool) -> (std::os::fd::OwnedFd, SocketAddr) {
     let (fd, info) = sys::udp_socket(
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+        addr,
         &SockOpts {
             reuseport: false,
             sndbuf: 8 << 20,
@@ -64,9 +75,21 @@ struct Outcome {
 fn blast(
     tx: &mut dyn DatagramIo,
     rx: &mut dyn DatagramIo,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     batches: u64,
     hold: usize,
+) -> Outcome {
+    blast_from(tx, rx, dst, batches, hold, None)
+}
+
+/// [`blast`], every datagram's sender checked to be `from` when given.
+fn blast_from(
+    tx: &mut dyn DatagramIo,
+    rx: &mut dyn DatagramIo,
+    dst: SocketAddr,
+    batches: u64,
+    hold: usize,
+    want_from: Option<SocketAddr>,
 ) -> Outcome {
     let pool_pattern = |off: u64, k: usize| ((off as usize + k) % 251) as u8;
     let mut out = Outcome::default();
@@ -161,13 +184,16 @@ fn blast(
                     out.kernel_copied += u64::from(kernel_copied);
                 }
                 Event::Recv {
+                    from,
                     bid,
                     off,
                     len,
                     seg,
                     stamp_ns,
-                    ..
                 } => {
+                    if let Some(want) = want_from {
+                        assert_eq!(from, want, "the datagram's sender");
+                    }
                     // The kernel dates each datagram (SO_TIMESTAMPNS): the receiver's
                     // rate estimates depend on it. Received within this test's run.
                     let stamp = stamp_ns.expect("the kernel stamps received datagrams");
@@ -243,7 +269,7 @@ fn fast_path_or_skip() -> bool {
 
 /// A sending and a receiving io_uring path over two loopback sockets: the sender's
 /// pool filled with the test pattern, 64 receive buffers.
-fn uring_pair(tx_opts: UringOpts) -> (UringIo, UringIo, SocketAddrV4) {
+fn uring_pair(tx_opts: UringOpts) -> (UringIo, UringIo, SocketAddr) {
     let (a, _) = sock();
     let (b, dst) = sock();
     let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
@@ -589,4 +615,219 @@ fn epoll_counts_socket_drops() {
         let rxm = OwnedMem::new(64, 4096, 16, RXBUF).unwrap();
         Box::new(EpollIo::new_owned(fd, rxm, None, 16).unwrap())
     });
+}
+
+/// Which provider a family test builds: the fast path (when this kernel has it)
+/// or the slow one.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Uring,
+    Epoll,
+}
+
+fn provider(path: Path, fd: std::os::fd::OwnedFd, mem: OwnedMem) -> Box<dyn DatagramIo> {
+    match path {
+        Path::Uring => Box::new(UringIo::new_owned(fd, mem, None, UringOpts::default()).unwrap()),
+        Path::Epoll => Box::new(EpollIo::new_owned(fd, mem, None, 16).unwrap()),
+    }
+}
+
+/// Whether `path` runs here; prints why not (and the test returns).
+fn path_or_skip(path: Path, test: &str) -> bool {
+    if let Path::Uring = path {
+        if Features::probe().selftest.is_none() {
+            eprintln!("SKIP {test}: the io_uring fast path does not work on this kernel");
+            return false;
+        }
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("SKIP {test}: no IPv6 on this host ([::1] does not bind)");
+        return false;
+    }
+    true
+}
+
+/// `batches` GSO batches from a socket at `from_bind` to one at `to_bind` on
+/// `path`, every datagram checked (bytes, and the sender's address as the
+/// receiver reports it: `want_from` of the sender's bound address).
+fn family_blast(
+    path: Path,
+    from_bind: SocketAddr,
+    to_bind: SocketAddr,
+    dst: impl Fn(SocketAddr) -> SocketAddr,
+    want_from: impl Fn(SocketAddr) -> SocketAddr,
+) -> Outcome {
+    let (a, a_addr) = sock_at(from_bind, 8 << 20, true);
+    let (b, b_addr) = sock_at(to_bind, 8 << 20, true);
+    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
+    fill(&mut m);
+    let rxm = OwnedMem::new(64, 4096, 64, RXBUF).unwrap();
+    let mut tx = provider(path, a, m);
+    let mut rx = provider(path, b, rxm);
+    let o = blast_from(
+        tx.as_mut(),
+        rx.as_mut(),
+        dst(b_addr),
+        200,
+        0,
+        Some(want_from(a_addr)),
+    );
+    assert_eq!(o.datagrams, 200 * SEGS as u64, "{path:?}: {o:?}");
+    assert_eq!(tx.stats().payload_copied, 0);
+    assert_eq!(rx.stats().rx_truncated, 0);
+    o
+}
+
+fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// GSO sends and GRO receives over `[::1]`, the sender named by its IPv6 address.
+fn ipv6_loopback(path: Path) {
+    let o = family_blast(
+        path,
+        v6(Ipv6Addr::LOCALHOST, 0),
+        v6(Ipv6Addr::LOCALHOST, 0),
+        |b| b,
+        |a| a,
+    );
+    assert!(o.batches_coalesced > 0, "GRO never coalesced: {o:?}");
+}
+
+#[test]
+fn uring_ipv6_loopback() {
+    if path_or_skip(Path::Uring, "uring_ipv6_loopback") {
+        ipv6_loopback(Path::Uring);
+    }
+}
+
+#[test]
+fn epoll_ipv6_loopback() {
+    if path_or_skip(Path::Epoll, "epoll_ipv6_loopback") {
+        ipv6_loopback(Path::Epoll);
+    }
+}
+
+/// A dual-stack socket (bound to `[::]`): an IPv4 sender arrives as
+/// `::ffff:127.0.0.1` and is reported as `127.0.0.1` (one peer whatever the
+/// socket's family); and the dual-stack socket sends to an IPv4 address given as
+/// such (the I/O layer writes it IPv4-mapped), which the IPv4 receiver sees come
+/// from 127.0.0.1.
+fn dual_stack(path: Path) {
+    let any6 = v6(Ipv6Addr::UNSPECIFIED, 0);
+    let lo4 = v4(Ipv4Addr::LOCALHOST, 0);
+    // IPv4 socket → dual-stack socket, addressed at 127.0.0.1:port.
+    family_blast(
+        path,
+        lo4,
+        any6,
+        |b| v4(Ipv4Addr::LOCALHOST, b.port()),
+        |a| a,
+    );
+    // Dual-stack socket → IPv4 socket, the destination an IPv4 address.
+    family_blast(
+        path,
+        any6,
+        lo4,
+        |b| b,
+        |a| v4(Ipv4Addr::LOCALHOST, a.port()),
+    );
+    // An IPv4-mapped destination is the same destination.
+    family_blast(
+        path,
+        any6,
+        lo4,
+        |b| v6(Ipv4Addr::LOCALHOST.to_ipv6_mapped(), b.port()),
+        |a| v4(Ipv4Addr::LOCALHOST, a.port()),
+    );
+    // IPv6 on the same dual-stack socket.
+    family_blast(
+        path,
+        v6(Ipv6Addr::LOCALHOST, 0),
+        any6,
+        |b| v6(Ipv6Addr::LOCALHOST, b.port()),
+        |a| a,
+    );
+}
+
+#[test]
+fn uring_dual_stack_names_ipv4_senders_as_ipv4() {
+    if path_or_skip(Path::Uring, "uring_dual_stack_names_ipv4_senders_as_ipv4") {
+        dual_stack(Path::Uring);
+    }
+}
+
+#[test]
+fn epoll_dual_stack_names_ipv4_senders_as_ipv4() {
+    if path_or_skip(Path::Epoll, "epoll_dual_stack_names_ipv4_senders_as_ipv4") {
+        dual_stack(Path::Epoll);
+    }
+}
+
+/// A send to a closed IPv6 port: the kernel's ICMPv6 port-unreachable reaches the
+/// provider through the error queue (`IPV6_RECVERR`) as ECONNREFUSED naming the
+/// destination.
+fn ipv6_icmp_error(path: Path) {
+    let (a, _) = sock_at(v6(Ipv6Addr::LOCALHOST, 0), 1 << 20, false);
+    // A port nobody listens on: bound, then closed.
+    let closed = std::net::UdpSocket::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut m = OwnedMem::new(64, 1 << 20, 8, RXBUF).unwrap();
+    fill(&mut m);
+    let mut tx = provider(path, a, m);
+    let hdr = header(0, 0);
+    let seg = Segment {
+        hdr: &hdr,
+        payload_off: 0,
+        payload_len: 100,
+        more: &[],
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ev = Vec::new();
+    let mut sent = 0u64;
+    loop {
+        assert!(Instant::now() < deadline, "no SocketError for {closed}");
+        if sent < 5 && tx.send(closed, &[seg], sent).is_ok() {
+            sent += 1;
+        }
+        tx.wait(
+            Some(Instant::now() + Duration::from_millis(20)),
+            true,
+            &mut ev,
+        )
+        .unwrap();
+        let hit = ev.drain(..).find_map(|e| match e {
+            Event::SocketError { errno, dst } => Some((errno, dst)),
+            _ => None,
+        });
+        if let Some((errno, dst)) = hit {
+            assert_eq!(errno, libc::ECONNREFUSED, "{path:?}");
+            assert_eq!(
+                dst,
+                Some(closed),
+                "{path:?}: the error names the destination"
+            );
+            break;
+        }
+    }
+}
+
+#[test]
+fn uring_ipv6_icmp_error_names_the_destination() {
+    if path_or_skip(Path::Uring, "uring_ipv6_icmp_error_names_the_destination") {
+        ipv6_icmp_error(Path::Uring);
+    }
+}
+
+#[test]
+fn epoll_ipv6_icmp_error_names_the_destination() {
+    if path_or_skip(Path::Epoll, "epoll_ipv6_icmp_error_names_the_destination") {
+        ipv6_icmp_error(Path::Epoll);
+    }
 }

@@ -91,12 +91,12 @@ fn node(me: [Ipv4Addr; 2], peer: [Ipv4Addr; 2], policy: Option<Policy>, clock: &
     let udt = match policy {
         Some(policy) => udt.with_links(
             LinkTable::new(vec![PeerLinksCfg {
-                nid_ip: peer[0],
+                nid_ip: peer[0].into(),
                 policy,
                 links: (0..2)
                     .map(|i| LinkCfg {
-                        local: me[i],
-                        remote: SocketAddrV4::new(peer[i], PORT),
+                        local: me[i].into(),
+                        remote: SocketAddrV4::new(peer[i], PORT).into(),
                         weight: 1,
                     })
                     .collect(),
@@ -139,7 +139,7 @@ impl Node {
             .expect("tx pool");
         self.udt.handle_send(OutMsg {
             id: seq,
-            peer,
+            peer: peer.into(),
             hdr: (
                 (self.mem.msg_hdr_off + slot as usize * 128) as u64,
                 LNET_HDR_LEN as u32,

@@ -75,7 +75,7 @@ fn node(ip: Ipv4Addr, clock: &SimClock, psk: Option<&[u8]>, limits: Limits) -> N
     let udt = match psk {
         Some(k) => {
             let keys = Keyring {
-                local: Some(ip),
+                local: Some(ip.into()),
                 net: vec![Psk::from_bytes(k).expect("psk")],
                 ..Keyring::default()
             };
@@ -110,7 +110,7 @@ impl Node {
             .expect("tx pool");
         self.udt.handle_send(OutMsg {
             id: seq,
-            peer,
+            peer: peer.into(),
             hdr: (
                 (self.mem.msg_hdr_off + slot as usize * 128) as u64,
                 LNET_HDR_LEN as u32,
@@ -736,8 +736,8 @@ fn a_client_connecting_across_a_key_rotation_comes_up_promptly_afterwards() {
     // accepts it at once.
     const NEW: &[u8] = b"the next key of the network, 32 bytes or more";
     let (old, new) = (Psk::from_bytes(KEY).unwrap(), Psk::from_bytes(NEW).unwrap());
-    let ring = |ip, keys: Vec<Psk>| Keyring {
-        local: Some(ip),
+    let ring = |ip: Ipv4Addr, keys: Vec<Psk>| Keyring {
+        local: Some(ip.into()),
         net: keys,
         ..Keyring::default()
     };
@@ -799,8 +799,8 @@ fn a_client_whose_reply_was_lost_across_a_key_swap_still_connects() {
     // never opened a datagram of A, takes the new handshake.
     const NEW: &[u8] = b"the next key of the network, 32 bytes or more";
     let (old, new) = (Psk::from_bytes(KEY).unwrap(), Psk::from_bytes(NEW).unwrap());
-    let ring = |ip, keys: Vec<Psk>| Keyring {
-        local: Some(ip),
+    let ring = |ip: Ipv4Addr, keys: Vec<Psk>| Keyring {
+        local: Some(ip.into()),
         net: keys,
         ..Keyring::default()
     };

@@ -7,6 +7,9 @@
 //! # kshim = "device:/dev/lu2k"           # or the kernel module (device:PATH[,instance=N]);
 //! #                                      # socket:PATH is the same as kshim_socket
 //! bind = "10.0.0.1"                       # local address = this node's NID address
+//!                                         # (or "2001:db8::1", or "::" for every address,
+//!                                         # dual-stack; "[::]:7988" also sets the port)
+//! bind_v6only = false                     # true: an IPv6 bind refuses IPv4 peers
 //! port = 7988                             # UDP port, the same on every lu2k node
 //! cores = 2                               # reactor threads
 //! io_path = "auto"                        # auto | uring | epoll
@@ -24,6 +27,9 @@
 //! [[peer]]                                # optional: peers not at NID-address:port
 //! nid = "10.0.0.2@lu2k"
 //! addr = "10.0.0.2:7988"
+//! [[peer]]                                # an IPv6 peer (needs an IPv6 or dual-stack bind)
+//! nid = "2001:db8::2@lu2k"
+//! addr = "[2001:db8::2]:7988"
 //!
 //! security = "required"                   # required | off; required when a key is set
 //! psk_file = "/etc/lu2k/psk"              # the network's pre-shared key (mode 0600)
@@ -36,7 +42,7 @@
 //! Defaults suit satellite links: large socket buffers (64 MiB), a long peer-down
 //! timeout (10 minutes, longer than a typical outage) and a large flow window.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -73,9 +79,10 @@ pub enum BackendChoice {
 pub struct PeerCfg {
     /// The peer's NID, e.g. `10.0.0.2@lu2k`.
     pub nid: String,
-    /// Where its engine listens (a peer with one link; absent with `link`).
+    /// Where its engine listens (a peer with one link; absent with `link`):
+    /// `10.0.0.2:7988` or `[2001:db8::2]:7988`.
     #[serde(default = "no_addr")]
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Several links to the peer (`[[peer.link]]`: local, remote, weight).
     #[serde(default, rename = "link", skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<crate::transport::links::LinkCfg>,
@@ -85,8 +92,31 @@ pub struct PeerCfg {
 }
 
 /// `addr` not given (a peer with links).
-fn no_addr() -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+fn no_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+}
+
+/// The IP address of a NID as the transport names the peer: IPv4 or IPv6, an
+/// IPv4-mapped IPv6 address as the IPv4 one; `None` for text that is not a NID
+/// or a NID without an IP address.
+pub fn nid_ip(nid: &str) -> Option<IpAddr> {
+    let ip = nid.parse::<lu2k_ring_abi::Nid>().ok()?.ip_addr()?;
+    Some(crate::io::sys::canonical(SocketAddr::new(ip, 0)).ip())
+}
+
+/// `bind` as written: an address (`10.0.0.1`, `2001:db8::1`, `::`) or an address
+/// with the port (`10.0.0.1:7988`, `[::]:7988`).
+pub fn parse_bind(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok((a.ip(), Some(a.port())));
+    }
+    Err(format!(
+        "bind = {text:?} is not an address: write bind = \"10.0.0.1\", \"2001:db8::1\", \
+         \"::\" (every address, IPv4 and IPv6), or with the port, \"[::]:7988\""
+    ))
 }
 
 /// The wire's security (see `transport::seal`).
@@ -119,8 +149,14 @@ pub struct Config {
     /// `device:/dev/lu2k[,instance=N]` (the kernel module); set, it wins over
     /// `kshim_socket`.
     pub kshim: Option<String>,
-    /// Local IPv4 address to bind (this node's NID address).
-    pub bind: Ipv4Addr,
+    /// Local address to bind, IPv4 or IPv6 (this node's NID address). `0.0.0.0`
+    /// (the default) binds the address of the NID kshim serves; `::` binds every
+    /// address, IPv4 and IPv6 (dual-stack: IPv4 peers arrive as IPv4-mapped
+    /// addresses and are the same peers as over IPv4). In the file it may carry
+    /// the port (`"[::]:7988"`), which then sets `port`.
+    pub bind: IpAddr,
+    /// An IPv6 `bind` takes IPv6 only (`IPV6_V6ONLY`): no IPv4 peers.
+    pub bind_v6only: bool,
     /// UDP port, the same for all lu2k nodes.
     pub port: u16,
     /// Reactor threads (cores). kshim creates one ring set per core, so this must
@@ -190,7 +226,8 @@ impl Default for Config {
         Config {
             kshim_socket: None,
             kshim: None,
-            bind: Ipv4Addr::UNSPECIFIED,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            bind_v6only: false,
             port: 7988,
             cores: None,
             io_path: IoPathChoice::Auto,
@@ -256,10 +293,31 @@ pub enum ConfigError {
 impl Config {
     /// Parses TOML text (`path` is only used in messages).
     pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse = |reason: String| ConfigError::Parse {
             path: path.into(),
-            reason: e.to_string().trim().to_string(),
-        })
+            reason,
+        };
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| parse(e.to_string().trim().to_string()))?;
+        // `bind = "[::]:7988"`: the address goes to `bind`, the port to `port`.
+        if let Some(toml::Value::String(b)) = table.get("bind") {
+            let (ip, port) = parse_bind(b).map_err(parse)?;
+            if let Some(port) = port {
+                match table.get("port") {
+                    Some(toml::Value::Integer(p)) if *p != i64::from(port) => {
+                        return Err(parse(format!(
+                            "bind = {b:?} names port {port} and port = {p}: give the port once"
+                        )));
+                    }
+                    _ => {}
+                }
+                table.insert("port".into(), toml::Value::Integer(i64::from(port)));
+            }
+            table.insert("bind".into(), toml::Value::String(ip.to_string()));
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| parse(e.to_string().trim().to_string()))
     }
 
     /// Reads and parses a TOML file.
@@ -387,33 +445,15 @@ impl Config {
                     "write it as ADDRESS@NET, e.g. nid = \"10.0.0.2@lu2k\"",
                 );
             }
-            if p.nid
-                .parse::<lu2k_ring_abi::Nid>()
-                .is_ok_and(|n| !n.is_nid4())
-            {
-                // The ring ABI and kshim carry IPv6 NIDs; this engine's sockets and
-                // connections are IPv4 ones.
-                return bad(
-                    "peer.nid",
-                    format!("{:?}", p.nid),
-                    "an IPv6 NID, and this engine's transport carries IPv4 only",
-                    "give the peer an IPv4 NID (a.b.c.d@lu2k)",
-                );
-            }
-            let nid_ip = p
-                .nid
-                .parse::<lu2k_ring_abi::Nid>()
-                .ok()
-                .and_then(|n| n.ipv4())
-                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let ip = nid_ip(&p.nid).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             let given = p.addr != no_addr();
             let sealed = self.security == Some(SecurityChoice::Required)
                 || self.psk_file.is_some()
                 || !self.peer_keys.is_empty();
             let links = &p.links;
-            if let Err(e) = crate::transport::links::check_peer(
-                nid_ip, links, p.policy, given, self.bind, sealed,
-            ) {
+            if let Err(e) =
+                crate::transport::links::check_peer(ip, links, p.policy, given, self.bind, sealed)
+            {
                 return Err(ConfigError::Invalid {
                     field: e.field,
                     value: e.value,
@@ -430,7 +470,74 @@ impl Config {
                 );
             }
         }
+        self.check_families()?;
         self.keyring().map(|_| ())
+    }
+
+    /// The address families of `bind`, `bind_v6only`, the back-end and the
+    /// `[[peer]]` addresses fit together: an IPv4 socket cannot reach an IPv6
+    /// peer, an IPv6-only one an IPv4 peer, and RDS is IPv4 only.
+    fn check_families(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: String, problem, fix| {
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                problem,
+                fix,
+            })
+        };
+        if self.bind_v6only && self.bind.is_ipv4() {
+            return bad(
+                "bind_v6only",
+                "true".into(),
+                "bind is an IPv4 address; IPV6_V6ONLY applies to an IPv6 bind",
+                "remove bind_v6only, or bind an IPv6 address (bind = \"::\")",
+            );
+        }
+        let rds = self.backend == BackendChoice::Rds;
+        if rds && self.bind.is_ipv6() {
+            return bad(
+                "bind",
+                self.bind.to_string(),
+                "an IPv6 address, and the RDS back-end (Linux RDS over TCP) is IPv4 only",
+                "bind an IPv4 address with backend = \"rds\", or use backend = \"udt\" for IPv6",
+            );
+        }
+        // The families a socket bound to `bind` reaches; an unspecified IPv4 bind
+        // takes the served NID's family, known only at start-up.
+        let reaches = |ip: IpAddr| match self.bind {
+            IpAddr::V4(b) if b.is_unspecified() => true,
+            IpAddr::V4(_) => ip.is_ipv4(),
+            IpAddr::V6(b) if b.is_unspecified() => ip.is_ipv6() || !self.bind_v6only,
+            IpAddr::V6(_) => ip.is_ipv6(),
+        };
+        for p in &self.peers {
+            // Where the engine sends: `addr` when given, else the NID's address.
+            let given = (p.addr != no_addr()).then(|| crate::io::sys::canonical(p.addr).ip());
+            let dialled = given.or_else(|| nid_ip(&p.nid));
+            for (ip, dialled) in [(nid_ip(&p.nid), false), (dialled, true)] {
+                let Some(ip) = ip else { continue };
+                if rds && ip.is_ipv6() {
+                    return bad(
+                        "peer",
+                        format!("{:?}", p.nid),
+                        "an IPv6 peer, and the RDS back-end (Linux RDS over TCP) is IPv4 only",
+                        "give the peer an IPv4 NID and addr, or use backend = \"udt\" for IPv6",
+                    );
+                }
+                if dialled && p.links.is_empty() && !reaches(ip) {
+                    return bad(
+                        "peer.addr",
+                        format!("{:?} at {ip}", p.nid),
+                        "not reachable from the bound socket's family (IPv4 and IPv6 differ, \
+                         or bind_v6only refuses IPv4)",
+                        "bind = \"::\" (dual-stack) serves IPv4 and IPv6 peers at once; or \
+                         bind an address of the peer's family",
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The fields other than the key fields (`security`, `psk_file`,
@@ -529,17 +636,13 @@ impl Config {
             ));
         }
         for k in &self.peer_keys {
-            let Some(ip) = k
-                .nid
-                .parse::<lu2k_ring_abi::Nid>()
-                .ok()
-                .and_then(|n| n.ipv4())
-            else {
+            let Some(ip) = nid_ip(&k.nid) else {
                 return Err(bad(
                     "peer_key.nid",
                     format!("{:?}", k.nid),
-                    "not an IPv4 NID",
-                    "write it as ADDRESS@NET, e.g. nid = \"10.0.0.3@lu2k\"",
+                    "not a NID with an IP address",
+                    "write it as ADDRESS@NET, e.g. nid = \"10.0.0.3@lu2k\" or \
+                     nid = \"2001:db8::3@lu2k\"",
                 ));
             };
             let psk = load("peer_key.psk_file", &k.psk_file)?;
@@ -549,8 +652,8 @@ impl Config {
     }
 
     /// The UDP address of this engine.
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.bind, self.port)
+    pub fn local_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
     }
 }
 
@@ -680,6 +783,82 @@ mod tests {
     }
 
     #[test]
+    fn bind_takes_either_family_and_an_optional_port() {
+        let parse = |text: &str| Config::from_toml(text, "t.toml");
+        let c = parse("bind = \"[::]:7999\"").unwrap();
+        assert_eq!(c.bind, "::".parse::<IpAddr>().unwrap());
+        assert_eq!(c.port, 7999);
+        assert!(!c.bind_v6only);
+        c.validate().unwrap();
+        let c = parse("bind = \"2001:db8::1\"\nport = 7000").unwrap();
+        assert_eq!(c.local_addr(), "[2001:db8::1]:7000".parse().unwrap());
+        let c = parse("bind = \"10.0.0.1:7000\"\nport = 7000").unwrap();
+        assert_eq!(c.local_addr(), "10.0.0.1:7000".parse().unwrap());
+        // The port given twice, differently; an address that is none.
+        let e = parse("bind = \"[::]:7000\"\nport = 7001")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("give the port once"), "{e}");
+        let e = parse("bind = \"gateway\"").unwrap_err().to_string();
+        assert!(
+            e.contains("not an address") && e.contains("[::]:7988"),
+            "{e}"
+        );
+        assert_eq!(parse_bind("::1"), Ok(("::1".parse().unwrap(), None)));
+        // The file shown by check-config reads back the same.
+        let c = parse("bind = \"[fd00::1]:7999\"\nbind_v6only = true").unwrap();
+        let shown = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&shown).unwrap(), c);
+    }
+
+    #[test]
+    fn families_that_cannot_meet_are_refused_with_the_fix() {
+        let with = |bind: &str, v6only: bool, nid: &str, addr: &str| {
+            let text = format!(
+                "bind = \"{bind}\"\nbind_v6only = {v6only}\n[[peer]]\nnid = \"{nid}\"\naddr = \"{addr}\""
+            );
+            Config::from_toml(&text, "t.toml").unwrap().validate()
+        };
+        // Dual-stack serves both; one family serves its own.
+        with("::", false, "10.0.0.2@lu2k", "10.0.0.2:7988").unwrap();
+        with("::", false, "fd00::2@lu2k", "[fd00::2]:7988").unwrap();
+        with("fd00::1", false, "fd00::2@lu2k", "[fd00::2]:7988").unwrap();
+        with("::", true, "fd00::2@lu2k", "[fd00::2]:7988").unwrap();
+        // The unspecified IPv4 default follows kshim's NID: checked at start.
+        with("0.0.0.0", false, "fd00::2@lu2k", "[fd00::2]:7988").unwrap();
+        for (bind, v6only, nid, addr) in [
+            ("10.0.0.1", false, "fd00::2@lu2k", "[fd00::2]:7988"),
+            ("fd00::1", false, "10.0.0.2@lu2k", "10.0.0.2:7988"),
+            ("::", true, "10.0.0.2@lu2k", "10.0.0.2:7988"),
+        ] {
+            let e = with(bind, v6only, nid, addr).unwrap_err().to_string();
+            assert!(
+                e.contains("`peer.addr`") && e.contains("bind = \"::\""),
+                "{bind} {v6only} {nid}: {e}"
+            );
+        }
+        let e = with("10.0.0.1", true, "10.0.0.2@lu2k", "10.0.0.2:7988")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`bind_v6only`"), "{e}");
+        // RDS is IPv4 only.
+        let rds = |text: &str| {
+            Config::from_toml(&format!("backend = \"rds\"\n{text}"), "t.toml")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        let e = rds("bind = \"fd00::1\"");
+        assert!(e.contains("`bind`") && e.contains("IPv4 only"), "{e}");
+        let e = rds("[[peer]]\nnid = \"fd00::2@lu2k\"\naddr = \"[fd00::2]:7988\"");
+        assert!(e.contains("`peer`") && e.contains("IPv4 only"), "{e}");
+        // A peer's key by its IPv6 NID.
+        assert_eq!(nid_ip("fd00::3@lu2k"), Some("fd00::3".parse().unwrap()));
+        assert_eq!(nid_ip("0@lo"), None);
+    }
+
+    #[test]
     fn send_worker_auto_wants_four_cpus_per_core() {
         use crate::io::uring::SendWorker;
         assert!(!SendWorker::Auto.enabled(1, 2));
@@ -760,8 +939,8 @@ mod tests {
             }],
             ..Config::default()
         };
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("peer.nid") && e.contains("IPv6"), "{e}");
+        // An IPv6 NID is a peer like any other (reached at its addr here).
+        c.validate().unwrap();
         let c = Config {
             peer_down_timeout_s: 1,
             ..Config::default()

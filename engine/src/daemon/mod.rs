@@ -33,7 +33,7 @@ pub mod metrics;
 pub mod stats;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,9 +71,9 @@ struct Plan {
     futex_bell: bool,
     cores: u32,
     net: Net,
-    local: SocketAddrV4,
+    local: SocketAddr,
     rds: bool,
-    overrides: HashMap<Ipv4Addr, SocketAddrV4>,
+    overrides: HashMap<IpAddr, SocketAddr>,
     udt: lu2k_udt::conn::Config,
     /// Cores kshim spreads each peer over (the region header's); above 1 the cores
     /// steer by socket ID ([`crate::steer::program_by_socket_id`]).
@@ -438,14 +438,43 @@ fn plan(
     // picked by the kernel's route (see `transport::links`).
     let multi_link = cfg.peers.iter().any(|p| !p.links.is_empty());
     let bind_ip = if multi_link {
-        Ipv4Addr::UNSPECIFIED
-    } else if cfg.bind.is_unspecified() {
+        // IPv6 links: the IPv6 wildcard, dual-stack (IPv4 links reach it too).
+        let v6 = cfg
+            .peers
+            .iter()
+            .flat_map(|p| {
+                p.links
+                    .iter()
+                    .map(|l| sys::canonical(l.remote).ip())
+                    .chain(config::nid_ip(&p.nid))
+            })
+            .any(|ip| ip.is_ipv6());
+        if v6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        }
+    } else if cfg.bind == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
         local_nid
-            .and_then(|n| n.ipv4())
-            .unwrap_or(Ipv4Addr::UNSPECIFIED)
+            .and_then(|n| n.ip_addr())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
     } else {
         cfg.bind
     };
+    let bind_ip = sys::canonical(SocketAddr::new(bind_ip, 0)).ip();
+    if !rds {
+        if let Err(e) = check_reach(&cfg, bind_ip, local_nid) {
+            return refuse(1, e);
+        }
+    } else if bind_ip.is_ipv6() {
+        return refuse(
+            1,
+            anyhow::anyhow!(
+                "backend = rds binds {bind_ip}, an IPv6 address, and Linux RDS over TCP is \
+                 IPv4 only: serve an IPv4 NID with the RDS back-end, or use --backend udt"
+            ),
+        );
+    }
     let rx_per_core = region.layout().header().rx_buf_count / cores.max(1);
     warn_if_rx_pool_small(rx_per_core, cfg.mss);
     // This node's end of every handshake: the address peers dial.
@@ -479,11 +508,13 @@ fn plan(
         futex_bell,
         cores,
         net: local_nid.map_or(Net(0), Nid::net),
-        local: SocketAddrV4::new(bind_ip, cfg.port),
+        local: SocketAddr::new(bind_ip, cfg.port),
         rds,
         overrides: overrides(&cfg),
         udt: lu2k_udt::conn::Config {
-            mss: u32::from(cfg.mss),
+            // `mss` is the IP packet size; an IPv6 header is 20 bytes longer than
+            // the IPv4 one UDT's payload arithmetic assumes.
+            mss: u32::from(cfg.mss) - if bind_ip.is_ipv6() { IPV6_EXTRA } else { 0 },
             idle_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
             connect_timeout_us: cfg.peer_down_timeout_s * 1_000_000,
             rcv_buf_pkts: Some(cfg.flow_window.min(rx_per_core.saturating_mul(4)).max(32)),
@@ -540,19 +571,50 @@ fn served_nid(nids: &[Nid]) -> Option<Nid> {
 }
 
 /// `[[peer]]` entries: peers at other addresses than `NID-address:port`.
-fn overrides(cfg: &Config) -> HashMap<Ipv4Addr, SocketAddrV4> {
+fn overrides(cfg: &Config) -> HashMap<IpAddr, SocketAddr> {
     cfg.peers
         .iter()
         // A peer with links is reached at each link's address instead.
         .filter(|p| p.links.is_empty())
-        .filter_map(|p| {
-            p.nid
-                .parse::<Nid>()
-                .ok()
-                .and_then(|n| n.ipv4())
-                .map(|ip| (ip, p.addr))
-        })
+        .filter_map(|p| config::nid_ip(&p.nid).map(|ip| (ip, sys::canonical(p.addr))))
         .collect()
+}
+
+/// Bytes an IPv6 header has beyond an IPv4 one (40 against 20).
+const IPV6_EXTRA: u32 = 20;
+
+/// Whether a socket bound to `bind` (with `cfg.bind_v6only`) reaches the served
+/// NID's family and every `[[peer]]` address: an IPv4 socket cannot send to an
+/// IPv6 peer, nor an IPv6-only one to an IPv4 peer. The error says what to bind.
+fn check_reach(cfg: &Config, bind: IpAddr, local_nid: Option<Nid>) -> anyhow::Result<()> {
+    let dual = bind == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && !cfg.bind_v6only;
+    let reaches = |ip: IpAddr| dual || ip.is_ipv6() == bind.is_ipv6();
+    let peers = cfg.peers.iter().filter(|p| p.links.is_empty()).map(|p| {
+        let addr = sys::canonical(p.addr);
+        let given = !addr.ip().is_unspecified();
+        (
+            p.nid.clone(),
+            given
+                .then_some(addr.ip())
+                .or_else(|| config::nid_ip(&p.nid)),
+        )
+    });
+    let nid = local_nid.map(|n| (n.to_string(), n.ip_addr()));
+    for (name, ip) in nid.into_iter().chain(peers) {
+        if let Some(ip) = ip.filter(|ip| !reaches(*ip)) {
+            bail!(
+                "bind {bind}{} cannot reach {name} at {ip} (IPv4 and IPv6 differ): bind \
+                 \"::\" (dual-stack, without bind_v6only) to serve IPv4 and IPv6 peers at \
+                 once, or an address of {ip}'s family",
+                if cfg.bind_v6only {
+                    " (bind_v6only)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One socket per core, one port: a reuseport group steered by the shard function.
@@ -565,7 +627,7 @@ fn udp_sockets(plan: &Plan) -> anyhow::Result<Vec<OwnedFd>> {
     };
     let mut socks = Vec::new();
     for _ in 0..plan.cores {
-        let (fd, _) = sys::udp_socket(plan.local, &opts)
+        let (fd, _) = sys::udp_socket_in(plan.local, plan.cfg.bind_v6only, &opts)
             .with_context(|| format!("binding UDP {}", plan.local))?;
         socks.push(fd);
     }
@@ -698,14 +760,18 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
                 MSG_SLOTS,
             );
             if rds {
-                let t = lu2k_rds::Socket::open(
-                    local,
-                    &lu2k_rds::Config {
-                        nonblocking: true,
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| e.to_string())
+                let t = match local {
+                    SocketAddr::V4(local) => lu2k_rds::Socket::open(
+                        local,
+                        &lu2k_rds::Config {
+                            nonblocking: true,
+                            ..Default::default()
+                        },
+                    )
+                    .map_err(|e| e.to_string()),
+                    // Refused at start-up already (RDS over TCP is IPv4 only).
+                    SocketAddr::V6(a) => Err(format!("RDS cannot bind {a}: IPv4 only")),
+                }
                 .and_then(|s| {
                     Rds::new(c, port, p.mem.clone(), s, Some(p.bell)).map_err(|e| e.to_string())
                 });

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
@@ -25,7 +25,7 @@ const D_SOCK: u64 = 1;
 const D_BELL: u64 = 2;
 
 struct Slot {
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     gso: Option<u16>,
     iov: Vec<libc::iovec>,
     token: u64,
@@ -36,6 +36,8 @@ struct Slot {
 pub struct EpollIo {
     ep: OwnedFd,
     sock: OwnedFd,
+    /// How destinations are written for `sock`.
+    family: sys::Family,
     tx: TxMem,
     rx: RxPool,
     slots: Vec<Slot>,
@@ -108,7 +110,11 @@ impl EpollIo {
                 iov: &s.iov,
                 gso: s.gso,
             };
-            let res = sys::sendmmsg(self.sock.as_raw_fd(), std::slice::from_ref(&msg));
+            let res = sys::sendmmsg(
+                self.sock.as_raw_fd(),
+                self.family,
+                std::slice::from_ref(&msg),
+            );
             let result = match res {
                 Ok(0) => return,
                 Ok(_) => Ok(s.iov.iter().map(|v| v.iov_len).sum()),
@@ -227,12 +233,7 @@ impl DatagramIo for EpollIo {
         }
     }
 
-    fn send(
-        &mut self,
-        dst: SocketAddrV4,
-        segs: &[Segment<'_>],
-        token: u64,
-    ) -> Result<(), SendError> {
+    fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError> {
         let gso = gso_size(segs)?;
         let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
         let hdr_base = self.tx.header_slot(i).ok_or(SendError::Busy)?;
@@ -444,15 +445,17 @@ impl sys::Build for EpollIo {
         }
         let slots = (0..send_slots)
             .map(|_| Slot {
-                dst: SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+                dst: SocketAddr::from(([0, 0, 0, 0], 0)),
                 gso: None,
                 iov: Vec::with_capacity(crate::io::MAX_IOV),
                 token: 0,
                 datagrams: 0,
             })
             .collect();
+        let family = sys::socket_family(sock.as_raw_fd())?;
         Ok(EpollIo {
             ep,
+            family,
             sock,
             tx,
             rx,

@@ -25,7 +25,7 @@ pub mod uring;
 pub use sys::{RxPool, TxMem};
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 /// Largest per-packet header the engine writes: a UDT data header is 16 bytes, a
@@ -37,7 +37,8 @@ pub const MAX_SEGS: usize = 64;
 /// kernel's `UIO_MAXIOV`. One datagram may need a header, the LNet header and up to
 /// `MAX_TX_EXTENTS` (256) payload pieces when kshim hands over tiny fragments.
 pub const MAX_IOV: usize = 1024;
-/// Largest UDP payload of one GSO send (IPv4 total length limit).
+/// Largest UDP payload of one GSO send (the IPv4 total length limit; IPv6 allows a
+/// little more, so one bound serves both families).
 pub const MAX_GSO_BYTES: usize = 65_507;
 
 /// One datagram of a send: its header bytes (copied into the header arena, at most
@@ -163,8 +164,9 @@ pub enum Event {
     /// With GRO, they are consecutive datagrams of `seg` bytes (the last may be
     /// shorter). The buffer is the caller's until [`DatagramIo::return_rx`].
     Recv {
-        /// Sender.
-        from: SocketAddrV4,
+        /// Sender, canonical ([`sys::canonical`]: an IPv4 peer on a dual-stack
+        /// socket is reported as IPv4).
+        from: SocketAddr,
         /// Buffer id in the RX pool.
         bid: u16,
         /// Offset of the first datagram in the buffer.
@@ -186,8 +188,8 @@ pub enum Event {
     SocketError {
         /// errno (e.g. ECONNREFUSED).
         errno: i32,
-        /// Destination the error is about, when known.
-        dst: Option<SocketAddrV4>,
+        /// Destination the error is about, when known (canonical).
+        dst: Option<SocketAddr>,
     },
     /// The doorbell eventfd became readable (it has been drained).
     Doorbell,
@@ -304,14 +306,10 @@ impl Wakes {
 
 /// The contract both paths implement. One instance per core thread; not shared.
 pub trait DatagramIo {
-    /// Queues a send of `segs` to `dst`. Their payload must not be changed until
+    /// Queues a send of `segs` to `dst` (either family: an IPv4 destination goes
+    /// IPv4-mapped on a dual-stack socket). Their payload must not be changed until
     /// `SendDone { token }` is reported.
-    fn send(
-        &mut self,
-        dst: SocketAddrV4,
-        segs: &[Segment<'_>],
-        token: u64,
-    ) -> Result<(), SendError>;
+    fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError>;
 
     /// How many leading segments of `segs` one `send` can take (the caller sends
     /// that many and continues with the rest). Never more than [`fit_gso`] allows.

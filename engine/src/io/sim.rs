@@ -13,10 +13,13 @@
 //! Sends complete at once (the simulated kernel copies, as loopback does); the
 //! payload still travels from the shared TX pool and lands in the shared RX pool,
 //! so the ring side sees exactly what it sees over a real socket.
+//!
+//! The simulated network is an IPv4 one ([`Datagram`] carries IPv4 addresses): a
+//! send to an IPv6 destination completes with `EAFNOSUPPORT`, as on an IPv4 socket.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -166,7 +169,7 @@ impl SimIo {
             self.stats.bytes_received += d.bytes.len() as u64;
             let len = d.bytes.len() as u32;
             out.push(Event::Recv {
-                from: d.from,
+                from: SocketAddr::V4(d.from),
                 bid,
                 off: 0,
                 len,
@@ -178,13 +181,16 @@ impl SimIo {
 }
 
 impl DatagramIo for SimIo {
-    fn send(
-        &mut self,
-        dst: SocketAddrV4,
-        segs: &[Segment<'_>],
-        token: u64,
-    ) -> Result<(), SendError> {
+    fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError> {
         gso_size(segs)?;
+        let SocketAddr::V4(dst) = super::sys::canonical(dst) else {
+            self.out.push(Event::SendDone {
+                token,
+                result: Err(libc::EAFNOSUPPORT),
+                kernel_copied: false,
+            });
+            return Ok(());
+        };
         let mut datagrams = Vec::with_capacity(segs.len());
         for s in segs {
             let mut bytes = Vec::with_capacity(s.wire_len());

@@ -18,7 +18,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
@@ -46,7 +46,7 @@ pub struct SockOpts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockInfo {
     /// The bound address (port filled in when 0 was asked for).
-    pub local: SocketAddrV4,
+    pub local: SocketAddr,
     /// Effective `SO_SNDBUF` as reported by the kernel (doubled by Linux).
     pub sndbuf: usize,
     /// Effective `SO_RCVBUF`.
@@ -111,6 +111,19 @@ pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// Converts to the kernel's `sockaddr_in6`.
+pub fn sockaddr_in6(addr: SocketAddrV6) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: addr.port().to_be(),
+        sin6_flowinfo: addr.flowinfo(),
+        sin6_addr: libc::in6_addr {
+            s6_addr: addr.ip().octets(),
+        },
+        sin6_scope_id: addr.scope_id(),
+    }
+}
+
 /// Converts from a `sockaddr_in`; `None` when the family is not `AF_INET`.
 pub fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
     (sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
@@ -121,31 +134,162 @@ pub fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
     })
 }
 
-/// Parses a `sockaddr_in` from the raw bytes the kernel wrote (as in a multishot
-/// recvmsg buffer). `None` if too short or not IPv4.
-pub fn sockaddr_in_from_bytes(b: &[u8]) -> Option<SocketAddrV4> {
+/// One address as the engine keeps it: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+/// how a dual-stack socket reports an IPv4 peer) becomes the IPv4 address, so that a
+/// peer is one peer whichever socket family its datagrams arrive on.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
+/// The address family of a UDP socket, which decides how a destination is written
+/// into a message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `AF_INET`: IPv4 destinations only.
+    V4,
+    /// `AF_INET6`: IPv6 destinations, and IPv4 ones as IPv4-mapped addresses when
+    /// the socket is dual-stack.
+    V6,
+}
+
+/// A socket address in the kernel's layout, large enough for either family: what a
+/// message header's `msg_name` points at (sends write it, receives have it filled).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub union RawAddr {
+    v4: libc::sockaddr_in,
+    v6: libc::sockaddr_in6,
+}
+
+impl Default for RawAddr {
+    fn default() -> Self {
+        RawAddr {
+            v6: sockaddr_in6(SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
+        }
+    }
+}
+
+impl std::fmt::Debug for RawAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawAddr({:?})", self.get())
+    }
+}
+
+/// Room a receive gives the kernel for the source address: a `sockaddr_in6`, the
+/// larger of the two (a dual-stack socket reports either).
+pub const RAW_ADDR_LEN: usize = size_of::<RawAddr>();
+
+impl RawAddr {
+    /// `addr` written for a socket of `family`, with the length to pass: an IPv4
+    /// address on an IPv6 socket is written IPv4-mapped; an IPv4-mapped address on
+    /// an IPv4 socket as plain IPv4 (an IPv6 address there stays IPv6, and the
+    /// kernel refuses the send).
+    pub fn new(addr: SocketAddr, family: Family) -> (RawAddr, libc::socklen_t) {
+        // Every byte written first (the IPv6 variant is the larger), so that `get`
+        // reads initialised memory whichever variant goes in.
+        let mut r = RawAddr::default();
+        let len = match (canonical(addr), family) {
+            (SocketAddr::V4(v4), Family::V4) => {
+                r.v4 = sockaddr_in(v4);
+                size_of::<libc::sockaddr_in>()
+            }
+            (SocketAddr::V4(v4), Family::V6) => {
+                r.v6 = sockaddr_in6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0));
+                size_of::<libc::sockaddr_in6>()
+            }
+            (SocketAddr::V6(v6), _) => {
+                r.v6 = sockaddr_in6(v6);
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (r, len as libc::socklen_t)
+    }
+
+    /// The address the kernel wrote (or [`RawAddr::new`] did), canonical
+    /// ([`canonical`]); `None` for another family.
+    pub fn get(&self) -> Option<SocketAddr> {
+        // SAFETY: both variants are plain old data with no invalid bit patterns, and
+        // the union is always fully initialised (Default and new write a whole
+        // variant; sockaddr_in is the shorter, so its bytes lie within sockaddr_in6's).
+        let bytes = unsafe {
+            std::slice::from_raw_parts((self as *const RawAddr).cast::<u8>(), RAW_ADDR_LEN)
+        };
+        sockaddr_from_bytes(bytes)
+    }
+
+    /// Pointer for `msg_name`.
+    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        (self as *mut RawAddr).cast()
+    }
+}
+
+/// Parses a socket address (`sockaddr_in` or `sockaddr_in6`) from the raw bytes the
+/// kernel wrote (as in a multishot recvmsg buffer), canonical ([`canonical`]).
+/// `None` if too short or of another family.
+pub fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
     if b.len() < 8 {
         return None;
     }
     let family = u16::from_ne_bytes([b[0], b[1]]);
-    if family != libc::AF_INET as u16 {
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    if family == libc::AF_INET as u16 {
+        let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+        return Some(SocketAddr::V4(SocketAddrV4::new(ip, port)));
+    }
+    if family != libc::AF_INET6 as u16 || b.len() < size_of::<libc::sockaddr_in6>() {
         return None;
     }
-    let port = u16::from_be_bytes([b[2], b[3]]);
-    let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
-    Some(SocketAddrV4::new(ip, port))
+    let flow = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+    let ip: [u8; 16] = b[8..24].try_into().ok()?;
+    let scope = u32::from_ne_bytes([b[24], b[25], b[26], b[27]]);
+    Some(canonical(SocketAddr::V6(SocketAddrV6::new(
+        ip.into(),
+        port,
+        flow,
+        scope,
+    ))))
 }
 
-/// Creates a non-blocking IPv4 UDP socket bound to `bind` with the engine's options:
+/// Parses a `sockaddr_in` from the raw bytes the kernel wrote. `None` if too short
+/// or not IPv4 (an IPv4-mapped IPv6 address counts as IPv4).
+pub fn sockaddr_in_from_bytes(b: &[u8]) -> Option<SocketAddrV4> {
+    match sockaddr_from_bytes(b)? {
+        SocketAddr::V4(v4) => Some(v4),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// Creates a non-blocking UDP socket bound to `bind` with the engine's options (an
+/// IPv6 address makes a dual-stack socket; see [`udp_socket_in`]).
+pub fn udp_socket(bind: impl Into<SocketAddr>, opts: &SockOpts) -> io::Result<(OwnedFd, SockInfo)> {
+    udp_socket_in(bind.into(), false, opts)
+}
+
+/// Creates a non-blocking UDP socket bound to `bind` with the engine's options:
 /// `SO_REUSEPORT` (if asked), large buffers (`SO_*BUFFORCE` when permitted, else the
-/// plain option, which the kernel caps at `net.core.*mem_max`), `IP_RECVERR` (ICMP
-/// errors reach the error queue instead of being lost), path-MTU discovery on (GSO
-/// segments must never be fragmented), and `UDP_GRO` (if asked and offered).
-pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, SockInfo)> {
+/// plain option, which the kernel caps at `net.core.*mem_max`), `IP_RECVERR` /
+/// `IPV6_RECVERR` (ICMP errors reach the error queue instead of being lost),
+/// path-MTU discovery on (GSO segments must never be fragmented), and `UDP_GRO` (if
+/// asked and offered). An IPv6 `bind` makes an `AF_INET6` socket, dual-stack unless
+/// `v6only`: IPv4 peers reach it as IPv4-mapped addresses, which the receive paths
+/// report as IPv4 ([`canonical`]); `v6only` means nothing for an IPv4 `bind`.
+pub fn udp_socket_in(
+    bind: SocketAddr,
+    v6only: bool,
+    opts: &SockOpts,
+) -> io::Result<(OwnedFd, SockInfo)> {
+    let v6 = bind.is_ipv6();
+    let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain socket(2) call with constant arguments.
     let raw = cvt(unsafe {
         libc::socket(
-            libc::AF_INET,
+            domain,
             libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             libc::IPPROTO_UDP,
         )
@@ -153,6 +297,9 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
     // SAFETY: `raw` is a fresh descriptor returned by socket(2) and owned by no one else.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let r = fd.as_raw_fd();
+    if v6 {
+        setsockopt_int(r, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, i32::from(v6only))?;
+    }
     if opts.reuseport {
         setsockopt_int(r, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     }
@@ -177,13 +324,34 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
     {
         setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RCVBUF, clamp(opts.rcvbuf))?;
     }
-    setsockopt_int(r, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
-    setsockopt_int(
-        r,
-        libc::IPPROTO_IP,
-        libc::IP_MTU_DISCOVER,
-        libc::IP_PMTUDISC_PROBE,
-    )?;
+    if v6 {
+        setsockopt_int(r, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)?;
+        setsockopt_int(
+            r,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )?;
+    }
+    if !v6 {
+        setsockopt_int(r, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+        setsockopt_int(
+            r,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        )?;
+    } else if !v6only {
+        // A dual-stack socket's IPv4 datagrams take the IPv4 options (Linux passes
+        // the IP level of a UDPv6 socket to IPv4); best effort: IPv6 works without.
+        let _ = setsockopt_int(r, libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+        let _ = setsockopt_int(
+            r,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        );
+    }
     let gro = opts.gro && setsockopt_int(r, libc::IPPROTO_UDP, UDP_GRO, 1).is_ok();
     // Arrival times from the kernel: the receiver's packet-pair and arrival-rate
     // estimates need each datagram's own time, not the time its batch was reaped.
@@ -192,15 +360,10 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
     // The socket's drop count (receive queue full) on every datagram: UDP drops
     // silently otherwise, and a drop here looks like path loss to the protocol.
     let _ = setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1);
-    let sa = sockaddr_in(bind);
-    // SAFETY: `sa` is a valid sockaddr_in on the stack and its size is passed.
-    cvt(unsafe {
-        libc::bind(
-            r,
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
+    let family = if v6 { Family::V6 } else { Family::V4 };
+    let (sa, len) = RawAddr::new(bind, family);
+    // SAFETY: `sa` is a valid sockaddr of `len` bytes on the stack.
+    cvt(unsafe { libc::bind(r, (&sa as *const RawAddr).cast(), len) })?;
     let local = local_addr(&fd)?;
     let info = SockInfo {
         local,
@@ -211,76 +374,44 @@ pub fn udp_socket(bind: SocketAddrV4, opts: &SockOpts) -> io::Result<(OwnedFd, S
     Ok((fd, info))
 }
 
-/// A non-blocking IPv6 UDP socket bound to `bind`, with `opts`' reuseport and buffer
-/// sizes. `v6only == false` makes it dual-stack: IPv4 peers reach it as IPv4-mapped
-/// addresses (`::ffff:a.b.c.d`), and the steering program ([`crate::steer::program`])
-/// reads either IP header. Returns the socket and its bound address (port filled in).
+/// A non-blocking IPv6 UDP socket bound to `bind`, with the engine's options
+/// ([`udp_socket_in`]). `v6only == false` makes it dual-stack: IPv4 peers reach it
+/// as IPv4-mapped addresses (`::ffff:a.b.c.d`), and the steering program
+/// ([`crate::steer::program`]) reads either IP header. Returns the socket and its
+/// bound address (port filled in).
 pub fn udp_socket6(
     bind: SocketAddrV6,
     v6only: bool,
     opts: &SockOpts,
 ) -> io::Result<(OwnedFd, SocketAddrV6)> {
-    // SAFETY: plain socket(2) call with constant arguments.
-    let raw = cvt(unsafe {
-        libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_UDP,
-        )
-    })?;
-    // SAFETY: `raw` is a fresh descriptor returned by socket(2) and owned by no one else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let r = fd.as_raw_fd();
-    setsockopt_int(r, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, i32::from(v6only))?;
-    if opts.reuseport {
-        setsockopt_int(r, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
-    }
-    let clamp = |v: usize| v.min(i32::MAX as usize / 2) as libc::c_int;
-    setsockopt_int(r, libc::SOL_SOCKET, libc::SO_SNDBUF, clamp(opts.sndbuf))?;
-    setsockopt_int(r, libc::SOL_SOCKET, libc::SO_RCVBUF, clamp(opts.rcvbuf))?;
-    let sa = libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as libc::sa_family_t,
-        sin6_port: bind.port().to_be(),
-        sin6_flowinfo: bind.flowinfo(),
-        sin6_addr: libc::in6_addr {
-            s6_addr: bind.ip().octets(),
-        },
-        sin6_scope_id: bind.scope_id(),
+    let (fd, info) = udp_socket_in(SocketAddr::V6(bind), v6only, opts)?;
+    let local = match info.local {
+        SocketAddr::V6(a) => a,
+        // `::` (or a mapped address) bound: the port is what counts.
+        SocketAddr::V4(a) => SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0),
     };
-    // SAFETY: `sa` is a valid sockaddr_in6 on the stack and its size is passed.
-    cvt(unsafe {
-        libc::bind(
-            r,
-            (&sa as *const libc::sockaddr_in6).cast(),
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    })?;
-    let mut out = MaybeUninit::<libc::sockaddr_in6>::zeroed();
-    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-    // SAFETY: `out` has room for `len` bytes; the kernel writes at most that.
-    cvt(unsafe { libc::getsockname(r, out.as_mut_ptr().cast(), &mut len) })?;
-    // SAFETY: zero-initialised and written by the kernel: every bit pattern of
-    // sockaddr_in6 is valid.
-    let out = unsafe { out.assume_init() };
-    let local = SocketAddrV6::new(
-        out.sin6_addr.s6_addr.into(),
-        u16::from_be(out.sin6_port),
-        out.sin6_flowinfo,
-        out.sin6_scope_id,
-    );
     Ok((fd, local))
 }
 
-/// The socket's bound IPv4 address.
-pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddrV4> {
-    let mut sa = MaybeUninit::<libc::sockaddr_in>::zeroed();
-    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+/// The socket's bound address, canonical ([`canonical`]: a socket bound to an
+/// IPv4-mapped address reports the IPv4 one).
+pub fn local_addr(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let mut sa = RawAddr::default();
+    let mut len = RAW_ADDR_LEN as libc::socklen_t;
     // SAFETY: `sa` has room for `len` bytes; the kernel writes at most that.
     cvt(unsafe { libc::getsockname(fd.as_raw_fd(), sa.as_mut_ptr().cast(), &mut len) })?;
-    // SAFETY: zero-initialised and (partly) written by the kernel: every bit pattern
-    // of sockaddr_in is valid.
-    let sa = unsafe { sa.assume_init() };
-    from_sockaddr_in(&sa).ok_or_else(|| io::Error::other("socket is not IPv4"))
+    sa.get()
+        .ok_or_else(|| io::Error::other("socket is neither IPv4 nor IPv6"))
+}
+
+/// The family of the socket `fd` (how [`RawAddr::new`] writes destinations for it).
+pub fn socket_family(fd: RawFd) -> io::Result<Family> {
+    let d = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    Ok(if d == libc::AF_INET6 {
+        Family::V6
+    } else {
+        Family::V4
+    })
 }
 
 /// Whether the kernel accepts `UDP_SEGMENT` (GSO) and `UDP_GRO` on a UDP socket.
@@ -433,28 +564,29 @@ pub const RECV_CMSG_SPACE: usize = 80;
 /// One message for [`sendmmsg`]: destination, scatter list and optional GSO size.
 #[derive(Debug)]
 pub struct SendMsg<'a> {
-    /// Destination.
-    pub dst: SocketAddrV4,
+    /// Destination (either family; see [`RawAddr::new`]).
+    pub dst: SocketAddr,
     /// Scatter list; the kernel reads these bytes during the call.
     pub iov: &'a [libc::iovec],
     /// `UDP_SEGMENT` size, when more than one datagram is in `iov`.
     pub gso: Option<u16>,
 }
 
-/// `sendmmsg(2)`: returns how many messages the kernel took (may be fewer than given;
-/// `WouldBlock` when the socket buffer is full).
-pub fn sendmmsg(fd: RawFd, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
+/// `sendmmsg(2)` on a socket of `family`: returns how many messages the kernel took
+/// (may be fewer than given; `WouldBlock` when the socket buffer is full).
+pub fn sendmmsg(fd: RawFd, family: Family, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
     const MAX: usize = 64;
     let n = msgs.len().min(MAX);
-    let mut addrs = [sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX];
+    let mut addrs = [RawAddr::default(); MAX];
     let mut ctrls = [GsoCmsg::new(0); MAX];
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
     let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
     for (i, m) in msgs[..n].iter().enumerate() {
-        addrs[i] = sockaddr_in(m.dst);
+        let (a, len) = RawAddr::new(m.dst, family);
+        addrs[i] = a;
         let h = &mut hdrs[i].msg_hdr;
-        h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_name = addrs[i].as_mut_ptr();
+        h.msg_namelen = len;
         h.msg_iov = m.iov.as_ptr() as *mut libc::iovec;
         h.msg_iovlen = m.iov.len() as _;
         if let Some(g) = m.gso {
@@ -472,8 +604,9 @@ pub fn sendmmsg(fd: RawFd, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
 /// One received datagram from [`recvmmsg`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
-    /// Source address (`None` if the kernel gave a non-IPv4 one).
-    pub from: Option<SocketAddrV4>,
+    /// Source address, canonical ([`canonical`]); `None` if the kernel gave one of
+    /// another family.
+    pub from: Option<SocketAddr>,
     /// Bytes written into the buffer.
     pub len: usize,
     /// Datagram was longer than the buffer.
@@ -499,7 +632,7 @@ pub unsafe fn recvmmsg(
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; MAX];
-    let mut addrs = [sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); MAX];
+    let mut addrs = [RawAddr::default(); MAX];
     let mut ctrls = [[0u64; RECV_CMSG_SPACE / 8]; MAX];
     // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) value.
     let mut hdrs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
@@ -509,8 +642,8 @@ pub unsafe fn recvmmsg(
             iov_len: bufs[i].1,
         };
         let h = &mut hdrs[i].msg_hdr;
-        h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        h.msg_name = addrs[i].as_mut_ptr();
+        h.msg_namelen = RAW_ADDR_LEN as libc::socklen_t;
         h.msg_iov = &mut iovs[i];
         h.msg_iovlen = 1;
         h.msg_control = ctrls[i].as_mut_ptr().cast();
@@ -534,7 +667,7 @@ pub unsafe fn recvmmsg(
         // SAFETY: `ctrls[i]` is RECV_CMSG_SPACE initialised bytes (u64 array).
         let ctrl = unsafe { std::slice::from_raw_parts(ctrls[i].as_ptr().cast::<u8>(), ctrl_len) };
         out.push(Received {
-            from: from_sockaddr_in(&addrs[i]),
+            from: addrs[i].get(),
             len: hdrs[i].msg_len as usize,
             truncated: h.msg_flags & libc::MSG_TRUNC != 0,
             cmsgs: parse_recv_cmsgs(ctrl),
@@ -548,14 +681,14 @@ pub unsafe fn recvmmsg(
 pub struct SockError {
     /// The errno the kernel assigned (e.g. `ECONNREFUSED`, `EHOSTUNREACH`).
     pub errno: i32,
-    /// Destination of the datagram that provoked the error.
-    pub dst: Option<SocketAddrV4>,
+    /// Destination of the datagram that provoked the error (canonical).
+    pub dst: Option<SocketAddr>,
 }
 
 /// Reads one entry from the error queue; `Ok(None)` when it is empty.
 pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
     let mut buf = [0u8; 64];
-    let mut addr = sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let mut addr = RawAddr::default();
     let mut ctrl = [0u64; 16];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -563,8 +696,8 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
     };
     // SAFETY: msghdr is plain old data; zero is a valid empty value.
     let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-    h.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
-    h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    h.msg_name = addr.as_mut_ptr();
+    h.msg_namelen = RAW_ADDR_LEN as libc::socklen_t;
     h.msg_iov = &mut iov;
     h.msg_iovlen = 1;
     h.msg_control = ctrl.as_mut_ptr().cast();
@@ -586,18 +719,21 @@ pub fn recv_error(fd: RawFd) -> io::Result<Option<SockError>> {
             (h.msg_controllen as usize).min(128),
         )
     };
-    // The IP_RECVERR entry's data is a sock_extended_err, ee_errno its first u32. It
-    // is not necessarily the first entry: the error queue carries the socket's receive
-    // time stamp too (SO_TIMESTAMPNS).
+    // The IP_RECVERR (IPV6_RECVERR on an IPv6 socket) entry's data is a
+    // sock_extended_err, ee_errno its first u32. It is not necessarily the first
+    // entry: the error queue carries the socket's receive time stamp too
+    // (SO_TIMESTAMPNS).
     let errno = cmsgs(bytes)
         .find(|&(level, ty, data)| {
-            level == libc::IPPROTO_IP && ty == libc::IP_RECVERR && data.len() >= 4
+            ((level == libc::IPPROTO_IP && ty == libc::IP_RECVERR)
+                || (level == libc::IPPROTO_IPV6 && ty == libc::IPV6_RECVERR))
+                && data.len() >= 4
         })
         .map(|(_, _, d)| u32::from_ne_bytes([d[0], d[1], d[2], d[3]]) as i32)
         .unwrap_or(0);
     Ok(Some(SockError {
         errno,
-        dst: from_sockaddr_in(&addr),
+        dst: addr.get(),
     }))
 }
 
@@ -1399,4 +1535,46 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_through_the_kernel_layout_in_canonical_form() {
+        let v4: SocketAddr = "10.1.2.3:7988".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:7988".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:7988".parse().unwrap();
+        assert_eq!(canonical(mapped), v4);
+        assert_eq!(canonical(v6), v6);
+        for (addr, family, len) in [
+            (v4, Family::V4, size_of::<libc::sockaddr_in>()),
+            (v4, Family::V6, size_of::<libc::sockaddr_in6>()),
+            (mapped, Family::V4, size_of::<libc::sockaddr_in>()),
+            (v6, Family::V6, size_of::<libc::sockaddr_in6>()),
+        ] {
+            let (raw, l) = RawAddr::new(addr, family);
+            assert_eq!(l as usize, len, "{addr} on {family:?}");
+            // Read back as the kernel's bytes: the IPv4-mapped form is unmapped.
+            assert_eq!(raw.get(), Some(canonical(addr)), "{addr} on {family:?}");
+        }
+        // An IPv4 destination on an IPv6 socket is written IPv4-mapped.
+        let (raw, _) = RawAddr::new(v4, Family::V6);
+        // SAFETY: `new` wrote the union whole, and sockaddr_in6 is plain old data.
+        let sa6 = unsafe { raw.v6 };
+        assert_eq!(sa6.sin6_family, libc::AF_INET6 as libc::sa_family_t);
+        assert_eq!(
+            std::net::Ipv6Addr::from(sa6.sin6_addr.s6_addr),
+            "::ffff:10.1.2.3".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        // Too short, or another family: nothing.
+        assert_eq!(sockaddr_from_bytes(&[0u8; 4]), None);
+        let mut unix = [0u8; 28];
+        unix[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        assert_eq!(sockaddr_from_bytes(&unix), None);
+        let mut short6 = [0u8; 20];
+        short6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        assert_eq!(sockaddr_from_bytes(&short6), None);
+    }
 }

@@ -32,7 +32,7 @@ pub mod ring;
 pub mod spin;
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -371,7 +371,7 @@ impl<T: Transport> Shard<T> {
     /// One line per peer state change, with the reason and what the transport
     /// knows of the peer. Peer events are rare (minutes apart at worst), so the
     /// transport's full counters are read here.
-    fn log_peer(&mut self, ip: Ipv4Addr, up: bool) {
+    fn log_peer(&mut self, ip: IpAddr, up: bool) {
         let nid = self.nid(ip).to_string();
         let mut s = CoreStats::default();
         self.t.stats(&mut s);
@@ -416,8 +416,8 @@ impl<T: Transport> Shard<T> {
         }
     }
 
-    fn nid(&self, ip: Ipv4Addr) -> Nid {
-        Nid::from_net_ip(self.p.net, ip)
+    fn nid(&self, ip: IpAddr) -> Nid {
+        Nid::from_net_addr(self.p.net, ip)
     }
 
     fn notice(&self, n: Notice) {

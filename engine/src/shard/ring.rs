@@ -12,7 +12,7 @@
 //! bounds the messages in flight on a core.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use lu2k_ring_abi::layout::{INLINE_EXTENTS, MAX_RX_EXTENTS, RX_TABLE_BYTES};
@@ -45,7 +45,7 @@ struct RxHold {
 /// A received message waiting for a free RX extent table.
 #[derive(Debug)]
 struct Waiting {
-    peer: Ipv4Addr,
+    peer: IpAddr,
     pieces: Vec<RxPiece>,
     bufs: Vec<u16>,
 }
@@ -216,12 +216,21 @@ impl RingSide {
         if draining {
             return refuse(self, TxStatus::Shutdown, None);
         }
-        if !nid.is_nid4() {
-            // The transport's peers are IPv4 addresses; an IPv6 NID has no connection.
-            return refuse(self, TxStatus::PeerUnreachable, Some("tx_ipv6_peer"));
-        }
-        let ip = nid.ip();
-        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        let ip = if nid.is_nid4() {
+            IpAddr::V4(nid.ip())
+        } else {
+            match nid.ip_addr() {
+                // An IPv4-mapped IPv6 NID names the IPv4 peer (the transport's
+                // canonical form).
+                Some(IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                _ => return refuse(self, TxStatus::PeerUnreachable, Some("tx_bad_peer_address")),
+            }
+        };
+        let unroutable = match ip {
+            IpAddr::V4(v4) => v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast(),
+            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+        };
+        if unroutable {
             return refuse(self, TxStatus::PeerUnreachable, None);
         }
         if nid.net() != self.net {
@@ -305,7 +314,7 @@ impl RingSide {
     /// extent table, keeping delivery order). Returns the buffer references to give
     /// back at once when the message cannot be published.
     #[must_use]
-    pub fn publish(&mut self, peer: Ipv4Addr, pieces: Vec<RxPiece>, bufs: Vec<u16>) -> Vec<u16> {
+    pub fn publish(&mut self, peer: IpAddr, pieces: Vec<RxPiece>, bufs: Vec<u16>) -> Vec<u16> {
         if !self.rx_waiting.is_empty() {
             self.rx_waiting.push_back(Waiting { peer, pieces, bufs });
             return Vec::new();
@@ -320,7 +329,7 @@ impl RingSide {
         };
         let total_len: u32 = payload.iter().map(|e| e.len).sum();
         let token = self.next_token;
-        let src = Nid::from_net_ip(self.net, w.peer);
+        let src = Nid::from_net_addr(self.net, w.peer);
         let (desc, table) = if payload.len() <= INLINE_EXTENTS {
             (RxDesc::inline(token, src, hdr, &payload), None)
         } else if payload.len() <= MAX_RX_EXTENTS as usize {

@@ -44,7 +44,7 @@
 //!   resent on another link, arrive and complete in any order.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -93,9 +93,9 @@ pub struct LinkCfg {
     /// This node's address on the link: the source the kernel's route to
     /// `remote` must pick (checked at start), and the address the peer knows
     /// this node by on that link.
-    pub local: Ipv4Addr,
+    pub local: IpAddr,
     /// The peer's address and port on the link.
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     /// Share in `balance` (1..=1000, default 1).
     #[serde(default = "one")]
     pub weight: u32,
@@ -125,11 +125,11 @@ pub struct CfgProblem {
 /// Checks one `[[peer]]`'s links: `addr_given` whether it has `addr` too,
 /// `bind` the engine's `bind`, `sealed` whether the wire is sealed.
 pub fn check_peer(
-    nid_ip: Ipv4Addr,
+    nid_ip: IpAddr,
     links: &[LinkCfg],
     policy: Option<Policy>,
     addr_given: bool,
-    bind: Ipv4Addr,
+    bind: IpAddr,
     sealed: bool,
 ) -> Result<(), CfgProblem> {
     let bad = |field, value: String, problem, fix| {
@@ -195,6 +195,15 @@ pub fn check_peer(
                  e.g. remote = \"198.51.100.20:7988\"",
             );
         }
+        if l.local.is_ipv4() != l.remote.is_ipv4() {
+            return bad(
+                "peer.link.local",
+                l.local.to_string(),
+                "not of the remote address's family (IPv4 and IPv6 mixed in one link)",
+                "give this node's address on the link in the family of remote: an IPv4 \
+                 local for an IPv4 remote, an IPv6 local for an IPv6 remote",
+            );
+        }
         if l.local.is_unspecified() {
             return bad(
                 "peer.link.local",
@@ -227,7 +236,7 @@ pub fn check_peer(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerLinksCfg {
     /// The peer's NID address: the name the engine knows it by.
-    pub nid_ip: Ipv4Addr,
+    pub nid_ip: IpAddr,
     /// The policy.
     pub policy: Policy,
     /// The links, in priority order.
@@ -237,9 +246,9 @@ pub struct PeerLinksCfg {
 /// Every multi-link peer of an engine, and which address is whose.
 #[derive(Debug, Clone, Default)]
 pub struct LinkTable {
-    peers: HashMap<Ipv4Addr, Arc<PeerLinksCfg>>,
+    peers: HashMap<IpAddr, Arc<PeerLinksCfg>>,
     /// A link's remote address → the peer's NID address.
-    alias: HashMap<Ipv4Addr, Ipv4Addr>,
+    alias: HashMap<IpAddr, IpAddr>,
 }
 
 impl LinkTable {
@@ -251,7 +260,7 @@ impl LinkTable {
                 return Err(format!("peer {} has no link", p.nid_ip));
             }
             let p = Arc::new(p);
-            for a in std::iter::once(p.nid_ip).chain(p.links.iter().map(|l| *l.remote.ip())) {
+            for a in std::iter::once(p.nid_ip).chain(p.links.iter().map(|l| l.remote.ip())) {
                 if let Some(other) = t.alias.insert(a, p.nid_ip) {
                     if other != p.nid_ip {
                         return Err(format!(
@@ -273,12 +282,12 @@ impl LinkTable {
 
     /// The peer an address belongs to: the NID address of the multi-link peer
     /// that has it as a link, else the address itself.
-    pub fn canonical(&self, ip: Ipv4Addr) -> Ipv4Addr {
+    pub fn canonical(&self, ip: IpAddr) -> IpAddr {
         self.alias.get(&ip).copied().unwrap_or(ip)
     }
 
     /// The links of the peer named by its NID address.
-    pub fn peer(&self, nid_ip: Ipv4Addr) -> Option<&Arc<PeerLinksCfg>> {
+    pub fn peer(&self, nid_ip: IpAddr) -> Option<&Arc<PeerLinksCfg>> {
         self.peers.get(&nid_ip)
     }
 }
@@ -301,10 +310,11 @@ pub fn plan(
             .nid
             .parse::<lu2k_ring_abi::Nid>()
             .ok()
-            .and_then(|n| n.ipv4())
+            .and_then(|n| n.ip_addr())
         else {
             return Err(format!(
-                "peer {}: links need an IPv4 NID (write nid = \"10.0.0.2@lu2k\")",
+                "peer {}: links need a NID with an IP address (write nid = \"10.0.0.2@lu2k\" \
+                 or nid = \"2001:db8::2@lu2k\")",
                 p.nid
             ));
         };
@@ -317,9 +327,9 @@ pub fn plan(
                 p.nid
             ));
         }
-        let core = crate::steer::shard_v4(nid_ip, cores);
+        let core = crate::steer::shard_ip(nid_ip, cores);
         for l in &p.links {
-            let c = crate::steer::shard_v4(*l.remote.ip(), cores);
+            let c = crate::steer::shard_ip(l.remote.ip(), cores);
             if c != core {
                 return Err(format!(
                     "peer {}: link to {} lands on core {c} of {cores} and the peer on core \
@@ -358,13 +368,14 @@ pub fn plan(
 }
 
 /// The source address the kernel's route to `remote` picks.
-pub fn route_source(remote: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
-    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+pub fn route_source(remote: SocketAddr) -> std::io::Result<IpAddr> {
+    let any = match remote {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let s = std::net::UdpSocket::bind((any, 0))?;
     s.connect(remote)?;
-    match s.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("an IPv6 source")),
-    }
+    Ok(s.local_addr()?.ip())
 }
 
 /// What a link is doing.
@@ -796,17 +807,18 @@ impl Dedup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddrV4;
 
     fn cfg(policy: Policy, weights: &[u32]) -> Arc<PeerLinksCfg> {
         Arc::new(PeerLinksCfg {
-            nid_ip: Ipv4Addr::new(10, 1, 0, 2),
+            nid_ip: Ipv4Addr::new(10, 1, 0, 2).into(),
             policy,
             links: weights
                 .iter()
                 .enumerate()
                 .map(|(i, &w)| LinkCfg {
-                    local: Ipv4Addr::new(10, i as u8 + 1, 0, 1),
-                    remote: SocketAddrV4::new(Ipv4Addr::new(10, i as u8 + 1, 0, 2), 7988),
+                    local: Ipv4Addr::new(10, i as u8 + 1, 0, 1).into(),
+                    remote: SocketAddrV4::new(Ipv4Addr::new(10, i as u8 + 1, 0, 2), 7988).into(),
                     weight: w,
                 })
                 .collect(),
@@ -1010,7 +1022,7 @@ mod tests {
         assert_eq!(p.links[1].weight, 1, "default weight");
         let t = plan(&c.peers, 1, 1).unwrap();
         assert_eq!(
-            t.canonical(Ipv4Addr::new(203, 0, 113, 20)),
+            t.canonical(Ipv4Addr::new(203, 0, 113, 20).into()),
             Ipv4Addr::new(10, 0, 0, 2)
         );
         let err = |extra: &str, text: &str| {
@@ -1056,7 +1068,7 @@ mod tests {
                     != crate::steer::shard_v4(Ipv4Addr::new(10, 0, 0, 2), 2)
             })
             .unwrap();
-        c.peers[0].links[1].remote = SocketAddrV4::new(other, 7988);
+        c.peers[0].links[1].remote = SocketAddrV4::new(other, 7988).into();
         let e = plan(&c.peers, 2, 1).unwrap_err();
         assert!(e.contains("lands on core"), "{e}");
         let e = plan(&c.peers, 1, 2).unwrap_err();
@@ -1064,16 +1076,42 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_links_parse_check_and_name_their_peer() {
+        use crate::daemon::config::Config;
+        let text = TWO_MODEMS
+            .replace("10.0.0.2@lu2k", "fd00::2@lu2k")
+            .replace("\"192.0.2.10\"", "\"fd00:1::10\"")
+            .replace("\"198.51.100.20:7988\"", "\"[fd00:1::20]:7988\"");
+        let c = Config::from_toml(&text, "t.toml").unwrap();
+        c.validate().unwrap();
+        let t = plan(&c.peers, 1, 1).unwrap();
+        let peer: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(t.canonical("fd00:1::20".parse().unwrap()), peer);
+        assert_eq!(t.canonical(Ipv4Addr::new(203, 0, 113, 20).into()), peer);
+        assert_eq!(t.peer(peer).map(|p| p.links.len()), Some(2));
+        // One link's ends in two families.
+        let e = Config::from_toml(&text.replace("\"fd00:1::10\"", "\"192.0.2.10\""), "t.toml")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`peer.link.local`") && e.contains("family"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn an_address_of_two_peers_is_refused() {
         let a = cfg(Policy::Failover, &[1, 1]);
         let mut b = (*a).clone();
-        b.nid_ip = Ipv4Addr::new(10, 9, 0, 2);
+        b.nid_ip = Ipv4Addr::new(10, 9, 0, 2).into();
         let e = LinkTable::new(vec![(*a).clone(), b]).unwrap_err();
         assert!(e.contains("10.1.0.2"), "{e}");
         let t = LinkTable::new(vec![(*a).clone()]).unwrap();
-        assert_eq!(t.canonical(Ipv4Addr::new(10, 2, 0, 2)), a.nid_ip);
+        assert_eq!(t.canonical(Ipv4Addr::new(10, 2, 0, 2).into()), a.nid_ip);
         assert_eq!(
-            t.canonical(Ipv4Addr::new(10, 7, 0, 2)),
+            t.canonical(Ipv4Addr::new(10, 7, 0, 2).into()),
             Ipv4Addr::new(10, 7, 0, 2)
         );
     }

@@ -26,7 +26,7 @@
 //!   ([`Transport::arm_doorbell`], [`Transport::wait`]), [`Transport::handle_timeout`],
 //!   then [`Transport::poll_event`] until `None`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use lu2k_ring_abi::{TxStatus, WaitMode};
@@ -43,8 +43,8 @@ pub mod udt;
 pub struct OutMsg {
     /// The skeleton's message id (returned in [`Event::Sent`]).
     pub id: u64,
-    /// Destination peer (the IPv4 address of its NID).
-    pub peer: Ipv4Addr,
+    /// Destination peer (the address of its NID, canonical: an IPv4-mapped address is the IPv4 one).
+    pub peer: IpAddr,
     /// Where the message's 72-byte LNet header was copied: `(offset, len)` in the
     /// core's TX range (see [`crate::io::TxMem`]).
     pub hdr: (u64, u32),
@@ -82,7 +82,7 @@ pub enum Event {
     /// A whole message arrived.
     Received {
         /// The sender.
-        peer: Ipv4Addr,
+        peer: IpAddr,
         /// Where `[LNet header | payload]` landed, in order.
         pieces: Vec<RxPiece>,
         /// Buffer references the message holds, handed back through
@@ -90,9 +90,9 @@ pub enum Event {
         bufs: Vec<u16>,
     },
     /// The peer stopped answering.
-    PeerDown(Ipv4Addr),
+    PeerDown(IpAddr),
     /// The peer answers again.
-    PeerUp(Ipv4Addr),
+    PeerUp(IpAddr),
 }
 
 /// What one wait brought.

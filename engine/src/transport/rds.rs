@@ -221,18 +221,29 @@ impl Transport for Rds {
     }
 
     fn handle_send(&mut self, msg: OutMsg) {
+        // Linux RDS over TCP carries IPv4 only (the config refuses an IPv6 bind or
+        // peer with backend = rds); an IPv6 peer here has no route.
+        let std::net::IpAddr::V4(peer) = msg.peer else {
+            self.drop_one("tx_ipv6_peer");
+            self.out.push_back(Event::Sent {
+                id: msg.id,
+                status: TxStatus::PeerUnreachable,
+                detail: libc::EAFNOSUPPORT as u32,
+            });
+            return;
+        };
         let parts = frame::split(msg.payload_len, self.sock.max_message());
         self.msgs.insert(
             msg.id,
             TxMsg {
-                peer: msg.peer,
+                peer,
                 hdr: msg.hdr,
                 pieces: msg.payload,
                 parts,
                 next_part: 0,
             },
         );
-        self.queues.entry(msg.peer).or_default().push_back(msg.id);
+        self.queues.entry(peer).or_default().push_back(msg.id);
     }
 
     fn handle_return(&mut self, bufs: &[u16]) {
@@ -669,7 +680,7 @@ impl Rds {
         if repr.last {
             let p = self.partial.remove(&from).expect("present");
             self.out.push_back(Event::Received {
-                peer: *from.ip(),
+                peer: std::net::IpAddr::V4(*from.ip()),
                 pieces: p.pieces,
                 bufs: p.bids,
             });

@@ -77,7 +77,7 @@
 //! 1 Gbit/s has ~50 000 packets in flight); a counter seen, or older than the
 //! window, is refused. Only a datagram that opened marks the window.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use aws_lc_rs::{aead, agreement, constant_time, hkdf, hmac, rand};
 use zeroize::Zeroizing;
@@ -280,17 +280,18 @@ impl Mode {
 pub struct Keyring {
     /// This node's NID address: its end of every handshake ([`Ends`]). Peers
     /// bind the address they dial, so it must be the address they know this
-    /// node by; unset, no handshake authenticates.
-    pub local: Option<Ipv4Addr>,
+    /// node by; unset, no handshake authenticates. An IPv4-mapped address is
+    /// written as the IPv4 one (the engine's canonical form).
+    pub local: Option<IpAddr>,
     /// The network's keys.
     pub net: Vec<Psk>,
     /// Keys of single peers, which replace the network's for them.
-    pub peers: std::collections::HashMap<Ipv4Addr, Vec<Psk>>,
+    pub peers: std::collections::HashMap<IpAddr, Vec<Psk>>,
 }
 
 impl Keyring {
     /// The keys for a peer at `ip`.
-    pub fn for_peer(&self, ip: Ipv4Addr) -> &[Psk] {
+    pub fn for_peer(&self, ip: IpAddr) -> &[Psk] {
         self.peers.get(&ip).map_or(&self.net[..], |k| &k[..])
     }
 }
@@ -918,6 +919,7 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn psk(b: u8) -> Psk {
         Psk::from_bytes(&[b; 32]).unwrap()

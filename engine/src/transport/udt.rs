@@ -30,7 +30,7 @@
 //!   What is refused is counted as `rx_sec_*` drops and in the peer's `rejected`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lu2k_ring_abi::{Net, Nid, Pool, Region, TxStatus, WaitMode, LNET_HDR_LEN, MAX_PAYLOAD};
@@ -95,7 +95,7 @@ pub struct Params {
     /// Common UDP port of lu2k nodes.
     pub port: u16,
     /// Peers at other addresses than `NID-address:port`.
-    pub overrides: HashMap<Ipv4Addr, SocketAddrV4>,
+    pub overrides: HashMap<IpAddr, SocketAddr>,
     /// UDT settings.
     pub udt: udt::Config,
     /// Nothing heard from a peer with messages in flight for this long: it is down.
@@ -106,7 +106,7 @@ pub struct Params {
 
 #[derive(Debug)]
 struct TxMsg {
-    peer: Ipv4Addr,
+    peer: IpAddr,
     /// `(offset in the TX range, len)`: the LNet header slot, then the extents.
     pieces: Vec<(u64, u32)>,
     len: u32,
@@ -120,7 +120,7 @@ struct TxMsg {
 /// carries on the sealed wire.
 #[derive(Debug, Clone, Copy)]
 struct Queued {
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     sock: u32,
     t: Transmit,
     ext: Option<[u8; HS_EXT]>,
@@ -135,7 +135,7 @@ enum Dir {
 #[derive(Debug)]
 struct ConnEntry {
     conn: Connection,
-    peer: Ipv4Addr,
+    peer: IpAddr,
     dir: Dir,
     /// Payload bytes the connection had delivered when [`ConnEntry::progress_at`]
     /// was last moved (receiving connections).
@@ -170,7 +170,7 @@ enum Hs {
 }
 
 impl ConnEntry {
-    fn new(conn: Connection, peer: Ipv4Addr, dir: Dir, now: u64) -> ConnEntry {
+    fn new(conn: Connection, peer: IpAddr, dir: Dir, now: u64) -> ConnEntry {
         ConnEntry {
             conn,
             peer,
@@ -209,10 +209,10 @@ struct Security {
     /// header a message's first packet gathers is not payload).
     gathered_bytes: u64,
     /// Key changes of connections that are gone, by peer.
-    rekeys_gone: HashMap<Ipv4Addr, u64>,
+    rekeys_gone: HashMap<IpAddr, u64>,
     /// Refusals counted for peers since forgotten, by peer and reason: a
     /// peer's counters never go backwards when it comes back.
-    rejected_gone: HashMap<Ipv4Addr, BTreeMap<String, u64>>,
+    rejected_gone: HashMap<IpAddr, BTreeMap<String, u64>>,
     /// Where replaced keys come from (SIGHUP), and the generation `keys` is.
     shared: Option<(seal::SharedKeys, u64)>,
 }
@@ -231,8 +231,8 @@ fn refused(st: &udt::Stats) -> u64 {
 
 #[derive(Debug)]
 struct Peer {
-    ip: Ipv4Addr,
-    addr: SocketAddrV4,
+    ip: IpAddr,
+    addr: SocketAddr,
     tx_sock: Option<u32>,
     down: bool,
     /// Last time anything arrived from the peer, or work for it started (µs).
@@ -262,12 +262,12 @@ pub struct Udt {
     rx_pkts_per_buf: f64,
     /// Ordered maps: the loop walks peers and connections, and a walk in the same
     /// order every run keeps a seeded simulation repeatable.
-    peers: BTreeMap<Ipv4Addr, Peer>,
+    peers: BTreeMap<IpAddr, Peer>,
     conns: BTreeMap<u32, ConnEntry>,
     /// Receiving connections by (peer address, peer socket ID): a repeated
     /// handshake finds its connection, and the per-address cap is counted,
     /// without a walk over every connection.
-    rx_by_peer: BTreeMap<(Ipv4Addr, u32), u32>,
+    rx_by_peer: BTreeMap<(IpAddr, u32), u32>,
     listener: Listener,
     seed: u64,
     /// When [`Udt::forget_peers`] looks next (µs).
@@ -662,15 +662,15 @@ fn listener_drops(l: &udt::ListenerStats, drops: &mut BTreeMap<String, u64>) {
 }
 
 impl Udt {
-    fn peer_for(&mut self, ip: Ipv4Addr) -> &mut Peer {
-        let nid = Nid::from_net_ip(self.p.net, ip);
+    fn peer_for(&mut self, ip: IpAddr) -> &mut Peer {
+        let nid = Nid::from_net_addr(self.p.net, ip);
         let port = self.p.port;
         let addr = self
             .p
             .overrides
             .get(&ip)
             .copied()
-            .unwrap_or(SocketAddrV4::new(ip, port));
+            .unwrap_or(SocketAddr::new(ip, port));
         self.peers.entry(ip).or_insert_with(|| Peer {
             ip,
             addr,
@@ -688,7 +688,7 @@ impl Udt {
     }
 
     /// The peer's TX connection, opened if there is none (or it closed).
-    fn tx_conn(&mut self, ip: Ipv4Addr, now: u64) -> u32 {
+    fn tx_conn(&mut self, ip: IpAddr, now: u64) -> u32 {
         let existing = self.peer_for(ip).tx_sock;
         if let Some(s) = existing {
             if self.conns.get(&s).is_some_and(|e| !e.conn.is_closed()) {
@@ -700,7 +700,7 @@ impl Udt {
         // connection and its buffers): draw another.
         let conn = loop {
             self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let c = Connection::connect(now, self.p.udt.clone(), self.seed, SocketAddr::V4(addr));
+            let c = Connection::connect(now, self.p.udt.clone(), self.seed, addr);
             if !self.conns.contains_key(&c.socket_id()) {
                 break c;
             }
@@ -712,8 +712,8 @@ impl Udt {
         if let Some(sec) = &self.sec {
             // The peer's first key connects (any of its keys is accepted from it).
             let ends = seal::Ends {
-                initiator: sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED).into(),
-                responder: ip.into(),
+                initiator: sec.keys.local.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                responder: ip,
             };
             match sec.keys.for_peer(ip).first() {
                 Some(psk) => {
@@ -777,7 +777,7 @@ impl Udt {
     }
 
     /// Remembers the kernel's last error for sends to `ip` (see [`Peer::last_errno`]).
-    fn note_error(&mut self, ip: Ipv4Addr, errno: i32) {
+    fn note_error(&mut self, ip: IpAddr, errno: i32) {
         if let Some(p) = self.peers.get_mut(&ip) {
             p.last_errno = Some(errno);
             p.stats.last_error = Some(std::io::Error::from_raw_os_error(errno).to_string());
@@ -966,9 +966,7 @@ impl Udt {
                     let Some(e) = self.conns.get_mut(&s) else {
                         break;
                     };
-                    let SocketAddr::V4(dst) = e.conn.peer_addr() else {
-                        break;
-                    };
+                    let dst = e.conn.peer_addr();
                     // No more than one GSO send takes (44 full 1500-byte packets,
                     // not 64 that would go out as 44 + 20; sealed, as they will be).
                     let seal = if sealed { OVERHEAD } else { 0 };
@@ -1042,7 +1040,7 @@ impl Udt {
     /// I/O layer is busy).
     fn send_run(
         &mut self,
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         sock: u32,
         start: usize,
         ext: Option<[u8; HS_EXT]>,
@@ -1130,7 +1128,7 @@ impl Udt {
     /// dropped and counted; UDT sends again what matters.
     fn send_sealed(
         &mut self,
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         sock: u32,
         start: usize,
         ext: Option<[u8; HS_EXT]>,
@@ -1349,14 +1347,14 @@ impl Udt {
             IoEvent::SocketError { errno, dst } => {
                 self.drop_one("icmp_error");
                 if let Some(dst) = dst {
-                    self.note_error(*dst.ip(), errno);
+                    self.note_error(dst.ip(), errno);
                 }
             }
             IoEvent::Doorbell | IoEvent::Timer => {}
         }
     }
 
-    fn on_recv(&mut self, now: u64, from: SocketAddrV4, bid: u16, off: u32, len: u32, seg: u32) {
+    fn on_recv(&mut self, now: u64, from: SocketAddr, bid: u16, off: u32, len: u32, seg: u32) {
         let Some(buf_off) = self
             .region
             .layout()
@@ -1401,7 +1399,7 @@ impl Udt {
     fn on_datagram(
         &mut self,
         now: u64,
-        from: SocketAddrV4,
+        from: SocketAddr,
         bid: u16,
         at: u32,
         dlen: u32,
@@ -1412,7 +1410,7 @@ impl Udt {
             return false;
         }
         // A multi-link peer's addresses are all the peer.
-        let ip = self.ml_canonical(*from.ip());
+        let ip = self.ml_canonical(from.ip());
         // `last_heard` moves only for what a connection or the listener took as
         // valid (see `feed`, and the accept below): junk from a dead peer's
         // address must not hide its death.
@@ -1432,7 +1430,7 @@ impl Udt {
                     }
                 }
             }
-            match self.listener.handle(now, SocketAddr::V4(from), bytes) {
+            match self.listener.handle(now, from, bytes) {
                 ListenerOutput::Reply(h) => self.push_backlog(
                     from,
                     Transmit {
@@ -1467,13 +1465,13 @@ impl Udt {
     fn on_sealed(
         &mut self,
         now: u64,
-        from: SocketAddrV4,
+        from: SocketAddr,
         bid: u16,
         buf_off: u64,
         at: u32,
         dlen: u32,
     ) -> bool {
-        let ip = *from.ip();
+        let ip = from.ip();
         let (sealed, hs, dst) = match self.io.rx_bytes(bid, at, dlen) {
             Some(b) => (
                 seal::is_sealed(b),
@@ -1576,10 +1574,10 @@ impl Udt {
         // only as one from its source to this node.
         self.refresh_keys();
         let sec = self.sec.as_ref().expect("sealed wire");
-        let local = sec.keys.local.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let local = sec.keys.local.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let ends = seal::Ends {
-            initiator: ip.into(),
-            responder: local.into(),
+            initiator: ip,
+            responder: local,
         };
         let hs_bytes = &d[..HS_LEN];
         // A repeat is checked against the key its connection was accepted
@@ -1655,7 +1653,7 @@ impl Udt {
             return false;
         }
         let bad_cookies = self.listener.stats().refused_bad_cookie;
-        match self.listener.handle(now, SocketAddr::V4(from), hs_bytes) {
+        match self.listener.handle(now, from, hs_bytes) {
             ListenerOutput::Reply(h) => {
                 let ext = seal::listener_trailer(&psk, ends, h.as_bytes(), &client_key);
                 self.push_backlog_from(
@@ -1708,7 +1706,7 @@ impl Udt {
     /// Counts a datagram the sealed wire refused: in the core's drops
     /// (`rx_sec_<why>`), and in its peer's counters when the address is a
     /// peer's (a stranger gets no state for it).
-    fn reject(&mut self, ip: Ipv4Addr, why: &'static str) {
+    fn reject(&mut self, ip: IpAddr, why: &'static str) {
         *self.drops.entry(format!("rx_sec_{why}")).or_default() += 1;
         if let Some(p) = self.peers.get_mut(&ip) {
             *p.stats.rejected.entry(why.to_string()).or_default() += 1;
@@ -1716,7 +1714,7 @@ impl Udt {
     }
 
     /// One log line per [`WARN_EVERY_US`] at most about plain datagrams refused.
-    fn log_plain(&mut self, now: u64, from: SocketAddrV4) {
+    fn log_plain(&mut self, now: u64, from: SocketAddr) {
         let core = self.p.core;
         let Some(sec) = self.sec.as_mut() else {
             return;
@@ -1742,7 +1740,7 @@ impl Udt {
     /// Takes a connection the listener accepted, unless it would replace a live
     /// one or exceed the caps (each refusal counted; the client may try again
     /// and gets a fresh socket ID).
-    fn accept(&mut self, now: u64, ip: Ipv4Addr, conn: Connection) {
+    fn accept(&mut self, now: u64, ip: IpAddr, conn: Connection) {
         let sock = conn.socket_id();
         let refusal = if self.conns.contains_key(&sock) {
             Some("rx_socket_id_collision")
@@ -1812,7 +1810,7 @@ impl Udt {
     /// Queues a transmit the I/O layer could not take. A control transmit that
     /// does not fit is dropped and counted; data is always kept (see
     /// [`MAX_BACKLOG`]).
-    fn push_backlog(&mut self, dst: SocketAddrV4, t: Transmit) {
+    fn push_backlog(&mut self, dst: SocketAddr, t: Transmit) {
         self.push_backlog_from(dst, 0, t, None);
     }
 
@@ -1820,7 +1818,7 @@ impl Udt {
     /// listener), with the trailer of a sealed listener reply.
     fn push_backlog_from(
         &mut self,
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         sock: u32,
         t: Transmit,
         ext: Option<[u8; HS_EXT]>,
@@ -1984,7 +1982,7 @@ impl Udt {
             return;
         }
         self.next_forget = now + 1_000_000;
-        let live: std::collections::BTreeSet<Ipv4Addr> =
+        let live: std::collections::BTreeSet<IpAddr> =
             self.conns.values().map(|e| e.peer).collect();
         let mut gone = self.sec.as_mut().map(|s| &mut s.rejected_gone);
         self.peers.retain(|ip, p| {
@@ -2011,7 +2009,7 @@ impl Udt {
     /// Reports a whole received message: the buffer pieces it landed in, one
     /// buffer reference per piece. One longer than any LNet message can be is
     /// garbage: its buffers go back at once (`rx_message_too_long`).
-    fn received(&mut self, peer: Ipv4Addr, extents: &[udt::Extent]) {
+    fn received(&mut self, peer: IpAddr, extents: &[udt::Extent]) {
         let total: u64 = extents.iter().map(|e| u64::from(e.len)).sum();
         if total > MAX_PAYLOAD as u64 + u64::from(LNET_HDR) {
             self.drop_one("rx_message_too_long");
@@ -2130,6 +2128,8 @@ mod tests {
     use lu2k_udt::conn::PayloadRef;
 
     use super::*;
+    use std::net::SocketAddrV4;
+
     use crate::io::sim::{Datagram, SimClock, SimIo, SimPort};
     use crate::io::sys::CoreMem;
 
@@ -2221,7 +2221,7 @@ mod tests {
     fn dummy(peer: Ipv4Addr) -> ConnEntry {
         let to = SocketAddr::V4(SocketAddrV4::new(peer, PORT));
         let c = Connection::connect(0, udt::Config::default(), 99, to);
-        ConnEntry::new(c, peer, Dir::Rx, 0)
+        ConnEntry::new(c, peer.into(), Dir::Rx, 0)
     }
 
     #[test]
@@ -2247,7 +2247,7 @@ mod tests {
 
     #[test]
     fn our_own_connection_draws_another_socket_id() {
-        let peer = Ipv4Addr::new(10, 0, 0, 2);
+        let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
         let msg = |id| OutMsg {
             id,
             peer,
@@ -2278,7 +2278,7 @@ mod tests {
         let mut c = Connection::connect(0, udt::Config::default(), 1, SocketAddr::V4(dst));
         let ctrl = c.poll_transmit(0).expect("handshake request");
         for _ in 0..MAX_BACKLOG + 5 {
-            a.push_backlog(dst, ctrl);
+            a.push_backlog(dst.into(), ctrl);
         }
         assert_eq!(a.backlog.len(), MAX_BACKLOG);
         assert_eq!(drops(&a, "tx_backlog_full"), 5);
@@ -2290,7 +2290,7 @@ mod tests {
             }),
             ..ctrl
         };
-        a.push_backlog(dst, data);
+        a.push_backlog(dst.into(), data);
         assert_eq!(a.backlog.len(), MAX_BACKLOG + 1, "data dropped");
     }
 }

@@ -360,7 +360,8 @@ impl Transfer {
         let tag = &self.tag;
         while self.sent < self.count {
             let (n, len) = (self.sent, (self.len_of)(self.sent));
-            match ka.send(&put(self.dst, self.src, len, n), &pattern(n, len)) {
+            // `send_to`: an IPv6 destination does not fit LNet's header (see `put`).
+            match ka.send_to(self.dst, &put(self.dst, self.src, len, n), &pattern(n, len)) {
                 Ok(c) => {
                     self.cookies.insert(c, n);
                     self.sent += 1;
@@ -442,4 +443,84 @@ pub fn steered(
             s
         })
         .collect()
+}
+
+/// `ip@lu2k` for either family (`fd00::2@lu2k` for an IPv6 address).
+pub fn nid_of(ip: std::net::IpAddr) -> Nid {
+    format!("{ip}@lu2k").parse().unwrap()
+}
+
+/// A kshim serving `ip@lu2k` (either family) on `cores` ring sets at
+/// `dir/name.sock`, sized as [`kshim`].
+pub fn kshim_of(dir: &Path, name: &str, ip: std::net::IpAddr, cores: u32) -> Kshim {
+    let mut cfg = Config::new(vec![nid_of(ip)], dir.join(format!("{name}.sock")));
+    cfg.cores = cores;
+    cfg.tx_pool_len = 64 << 20;
+    cfg.rx_buf_count = 1024 * cores;
+    Kshim::start(cfg).unwrap()
+}
+
+/// Starts an engine for kshim `name` in `dir` inside network namespace `netns`
+/// (`None`: this one), with `--bind bind` (an address of either family, `::`) on
+/// `port`. The kshim socket and the stats socket are paths, which reach across
+/// namespaces.
+pub fn start_engine_in(
+    netns: Option<&str>,
+    dir: &Path,
+    name: &str,
+    bind: &str,
+    port: u16,
+    extra: &[&str],
+) -> Engine {
+    let engine = env!("CARGO_BIN_EXE_lu2k-engine");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, engine]);
+            c
+        }
+        None => Command::new(engine),
+    };
+    cmd.args(["run", "--kshim-socket"])
+        .arg(dir.join(format!("{name}.sock")))
+        .args([
+            "--bind",
+            bind,
+            "--port",
+            &port.to_string(),
+            "--stats-socket",
+        ])
+        .arg(dir.join(format!("{name}-stats.sock")))
+        .args(extra);
+    Engine::spawn(cmd)
+}
+
+impl Netns {
+    /// Adds IPv6 address `cidr` (e.g. `fd00:6::1/64`) to `dev` in namespace
+    /// `self.ns[i]`, usable at once (`nodad`: no duplicate address detection delay).
+    pub fn addr6(&self, i: usize, dev: &str, cidr: &str) -> Result<(), String> {
+        sh(
+            "ip",
+            &[
+                "-n",
+                &self.ns[i],
+                "-6",
+                "addr",
+                "add",
+                cidr,
+                "dev",
+                dev,
+                "nodad",
+            ],
+        )
+    }
+}
+
+/// Why an IPv6 test cannot run: no IPv6 in this kernel (or it is disabled), else
+/// `None`.
+pub fn no_ipv6() -> Option<String> {
+    match std::net::UdpSocket::bind("[::1]:0") {
+        Ok(_) => None,
+        Err(e) => Some(format!("no IPv6 on this host ([::1] does not bind: {e})")),
+    }
 }

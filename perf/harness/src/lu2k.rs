@@ -63,7 +63,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
     let s: EngineSpec = serde_json::from_str(spec).context("engine spec")?;
     let mut c = lu2k_engine::daemon::config::Config {
         kshim_socket: Some(s.kshim_socket),
-        bind: s.bind,
+        bind: s.bind.into(),
         port: s.port,
         cores: Some(s.cores),
         stats_socket: s.stats_socket,
@@ -74,7 +74,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
         .iter()
         .map(|(ip, addr)| lu2k_engine::daemon::config::PeerCfg {
             nid: format!("{ip}@lu2k"),
-            addr: *addr,
+            addr: (*addr).into(),
             links: Vec::new(),
             policy: None,
         })

@@ -46,7 +46,7 @@ pub(crate) use probe::{try_register, try_register_pbuf};
 
 use std::io;
 use std::mem::size_of;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -279,7 +279,7 @@ enum SlotState {
 #[repr(C)]
 struct SendSlot {
     msg: libc::msghdr,
-    addr: libc::sockaddr_in,
+    addr: sys::RawAddr,
     ctrl: GsoCmsg,
     iov: [libc::iovec; MAX_IOV],
     token: u64,
@@ -292,6 +292,8 @@ struct SendSlot {
 pub struct UringIo {
     ring: IoUring,
     sock: OwnedFd,
+    /// How destinations are written for `sock`.
+    family: sys::Family,
     setup: RingSetup,
     tx: TxMem,
     slots: Box<[SendSlot]>,
@@ -448,7 +450,7 @@ fn send_slots(n: usize) -> Box<[SendSlot]> {
         .map(|_| SendSlot {
             // SAFETY: msghdr is plain old data; zero is a valid empty value.
             msg: unsafe { std::mem::zeroed() },
-            addr: sys::sockaddr_in(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            addr: sys::RawAddr::default(),
             ctrl: GsoCmsg::new(0),
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -737,7 +739,7 @@ impl UringIo {
             self.return_rx(bid);
             return;
         }
-        let Some(from) = sys::sockaddr_in_from_bytes(m.name_data()) else {
+        let Some(from) = sys::sockaddr_from_bytes(m.name_data()) else {
             self.return_rx(bid);
             return;
         };
@@ -838,10 +840,18 @@ impl UringIo {
 impl SendSlot {
     /// Points the slot's msghdr at its address, its first `n` iovecs and, for a
     /// GSO batch, its `UDP_SEGMENT` cmsg; marks it in flight for `token`.
-    fn prepare(&mut self, dst: SocketAddrV4, n: usize, gso: Option<u16>, token: u64) {
-        self.addr = sys::sockaddr_in(dst);
-        self.msg.msg_name = (&mut self.addr as *mut libc::sockaddr_in).cast();
-        self.msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    fn prepare(
+        &mut self,
+        dst: SocketAddr,
+        family: sys::Family,
+        n: usize,
+        gso: Option<u16>,
+        token: u64,
+    ) {
+        let (addr, len) = sys::RawAddr::new(dst, family);
+        self.addr = addr;
+        self.msg.msg_name = self.addr.as_mut_ptr();
+        self.msg.msg_namelen = len;
         self.msg.msg_iov = self.iov.as_mut_ptr();
         self.msg.msg_iovlen = n as _;
         if let Some(g) = gso {
@@ -943,17 +953,12 @@ impl UringIo {
 }
 
 impl DatagramIo for UringIo {
-    fn send(
-        &mut self,
-        dst: SocketAddrV4,
-        segs: &[Segment<'_>],
-        token: u64,
-    ) -> Result<(), SendError> {
+    fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError> {
         let gso = gso_size(segs)?;
         let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
         let (n, bytes) = self.gather(i, segs)?;
         self.free_slots.pop();
-        self.slots[i].prepare(dst, n, gso, token);
+        self.slots[i].prepare(dst, self.family, n, gso, token);
         // A datagram with more fragments than the kernel takes zero-copy (a packet
         // over many tiny extents) goes as a copying send rather than not at all.
         // `fit` keeps every batch of two or more within the budget, so only a
@@ -1207,11 +1212,15 @@ impl sys::Build for UringIo {
         let (bufring, entries) = provided_buffer_ring(&ring, count)?;
         // SAFETY: msghdr is plain old data; zero is a valid empty value.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-        recv_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // The name length is fixed for the whole multishot receive: room for the
+        // larger (IPv6) address, whichever family the socket is.
+        recv_hdr.msg_namelen = sys::RAW_ADDR_LEN as libc::socklen_t;
         recv_hdr.msg_controllen = sys::RECV_CMSG_SPACE as _;
 
+        let family = sys::socket_family(sock.as_raw_fd())?;
         let mut me = UringIo {
             ring,
+            family,
             sock,
             setup,
             tx,

@@ -5,7 +5,7 @@
 //! the connections.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use lu2k_ring_abi::TxStatus;
 use lu2k_udt::conn::{CloseReason, Connection};
@@ -23,11 +23,11 @@ pub(super) struct MultiLink {
     /// This transport's sender session, in every extension it writes.
     session: u32,
     /// Per multi-link peer (by NID address) that was sent to.
-    peers: BTreeMap<Ipv4Addr, Links>,
+    peers: BTreeMap<IpAddr, Links>,
     /// Delivered message numbers per multi-link peer.
-    dedup: HashMap<Ipv4Addr, Dedup>,
+    dedup: HashMap<IpAddr, Dedup>,
     /// TX connection → (peer, link).
-    tx: HashMap<u32, (Ipv4Addr, usize)>,
+    tx: HashMap<u32, (IpAddr, usize)>,
     /// Receiving connections of multi-link peers.
     rx: HashMap<u32, RxConn>,
     /// Messages to multi-link peers in flight.
@@ -36,7 +36,7 @@ pub(super) struct MultiLink {
 
 #[derive(Debug)]
 struct RxConn {
-    peer: Ipv4Addr,
+    peer: IpAddr,
     /// `(session, number)` of the messages whose first packet arrived, by UDT
     /// message number.
     ids: HashMap<u32, (u32, u64)>,
@@ -46,7 +46,7 @@ struct RxConn {
 
 #[derive(Debug, Clone, Copy)]
 struct MlMsg {
-    peer: Ipv4Addr,
+    peer: IpAddr,
     seq: u64,
     link: usize,
     /// The connection carrying it now (0: none yet).
@@ -81,13 +81,13 @@ impl Udt {
     }
 
     /// The peer an address belongs to (its NID address for a link's address).
-    pub(super) fn ml_canonical(&self, ip: Ipv4Addr) -> Ipv4Addr {
+    pub(super) fn ml_canonical(&self, ip: IpAddr) -> IpAddr {
         self.ml.as_ref().map_or(ip, |m| m.table.canonical(ip))
     }
 
     /// Sends message `id` of `len` bytes to `ip` over one of its links, if `ip`
     /// is a multi-link peer: `Some(queued)`, else `None`.
-    pub(super) fn ml_send(&mut self, ip: Ipv4Addr, id: u64, len: u32, now: u64) -> Option<bool> {
+    pub(super) fn ml_send(&mut self, ip: IpAddr, id: u64, len: u32, now: u64) -> Option<bool> {
         let ml = self.ml.as_mut()?;
         let cfg = ml.table.peer(ip)?.clone();
         let links = ml.peers.entry(ip).or_insert_with(|| Links::new(cfg, now));
@@ -134,7 +134,7 @@ impl Udt {
 
     /// Link `link`'s TX connection to `ip`, dialled if it has none (or it
     /// closed).
-    fn ml_tx_conn(&mut self, ip: Ipv4Addr, link: usize, now: u64) -> u32 {
+    fn ml_tx_conn(&mut self, ip: IpAddr, link: usize, now: u64) -> u32 {
         let ml = self.ml.as_mut().expect("multi-link");
         let l = &ml.peers.get(&ip).expect("peer links").links[link];
         if let Some(s) = l.tx_sock {
@@ -148,7 +148,7 @@ impl Udt {
         cfg.mss = cfg.mss.saturating_sub(EXT_LEN as u32);
         let conn = loop {
             self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let c = Connection::connect(now, cfg.clone(), self.seed, SocketAddr::V4(remote));
+            let c = Connection::connect(now, cfg.clone(), self.seed, remote);
             if !self.conns.contains_key(&c.socket_id()) {
                 break c;
             }
@@ -168,7 +168,7 @@ impl Udt {
     }
 
     /// Dials every link of `ip` that has no connection.
-    fn ml_dial(&mut self, ip: Ipv4Addr, now: u64) {
+    fn ml_dial(&mut self, ip: IpAddr, now: u64) {
         let n = self
             .ml
             .as_ref()
@@ -211,7 +211,7 @@ impl Udt {
     /// drop it (a first packet without the extension).
     pub(super) fn ml_strip(
         &mut self,
-        from: SocketAddrV4,
+        from: SocketAddr,
         bid: u16,
         at: u32,
         dlen: u32,
@@ -227,7 +227,7 @@ impl Udt {
         let Some(rc) = ml.rx.get_mut(&dst) else {
             return Some((at, dlen));
         };
-        if ml.table.canonical(*from.ip()) != rc.peer {
+        if ml.table.canonical(from.ip()) != rc.peer {
             // Not the connection's peer: the connection refuses it.
             return Some((at, dlen));
         }
@@ -286,7 +286,7 @@ impl Udt {
     }
 
     /// A connection accepted from peer `ip`.
-    pub(super) fn ml_accepted(&mut self, sock: u32, ip: Ipv4Addr, now: u64) {
+    pub(super) fn ml_accepted(&mut self, sock: u32, ip: IpAddr, now: u64) {
         let Some(ml) = self.ml.as_mut() else { return };
         if ml.table.peer(ip).is_some() {
             ml.rx.insert(
@@ -432,7 +432,7 @@ impl Udt {
     pub(super) fn ml_timers(&mut self, now: u64) {
         let Some(ml) = self.ml.as_mut() else { return };
         let limit = self.p.peer_down_timeout_us;
-        let peers: Vec<Ipv4Addr> = ml.peers.keys().copied().collect();
+        let peers: Vec<IpAddr> = ml.peers.keys().copied().collect();
         for ip in peers {
             let dead = self
                 .peers
@@ -452,7 +452,7 @@ impl Udt {
     }
 
     /// Every link of `ip` silent for the peer-down timeout.
-    fn ml_peer_down(&mut self, ip: Ipv4Addr, now: u64) {
+    fn ml_peer_down(&mut self, ip: IpAddr, now: u64) {
         let ml = self.ml.as_mut().expect("multi-link");
         let mut ids: Vec<u64> = ml
             .msgs
@@ -491,7 +491,7 @@ impl Udt {
     }
 
     /// Moves the messages of `ip`'s silent links to other links.
-    fn ml_check_silence(&mut self, ip: Ipv4Addr, now: u64) {
+    fn ml_check_silence(&mut self, ip: IpAddr, now: u64) {
         let ml = self.ml.as_ref().expect("multi-link");
         let Some(l) = ml.peers.get(&ip) else { return };
         let mut silent = Vec::new();
@@ -569,7 +569,7 @@ impl Udt {
     /// another link and closed its end, so nothing will finish it.
     fn ml_close_abandoned(&mut self, now: u64) {
         let Some(ml) = self.ml.as_ref() else { return };
-        let mut newest: HashMap<Ipv4Addr, u64> = HashMap::new();
+        let mut newest: HashMap<IpAddr, u64> = HashMap::new();
         for rc in ml.rx.values() {
             let n = newest.entry(rc.peer).or_default();
             *n = (*n).max(rc.heard);
@@ -591,7 +591,7 @@ impl Udt {
         // link's receiving connection behind, and the per-address cap
         // (MAX_CONNS_PER_ADDR) would refuse the link's next connection long
         // before the idle timeout ends them. The ones heard from last stay.
-        let mut open: HashMap<Ipv4Addr, Vec<(u64, u32)>> = HashMap::new();
+        let mut open: HashMap<IpAddr, Vec<(u64, u32)>> = HashMap::new();
         for (&s, rc) in &ml.rx {
             if self
                 .conns
@@ -627,7 +627,7 @@ impl Udt {
 pub(super) fn link_stats(
     ml: Option<&MultiLink>,
     conns: &BTreeMap<u32, ConnEntry>,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 ) -> Vec<LinkStats> {
     let Some(l) = ml.and_then(|m| m.peers.get(&ip)) else {
         return Vec::new();
