@@ -59,7 +59,8 @@ Options:
                       test, 1500 with lnet-compare)
   --module-mib N      MiB of PUTs each way in the module test (default: 1024)
   --lnet-loops N      1 MiB brw loops (x2 concurrent) of each lst test in the lnet test (default: 16)
-  --compare-loops N   1 MiB brw loops (x2 concurrent) of each lst test in lnet-compare (default: 2)
+  --compare-loops N   1 MiB brw loops of each lst test in lnet-compare (default: 1)
+  --compare-concurrency N  RPCs in flight of each lst test in lnet-compare (default: 8)
   --compare-rate R    netem rate of lnet-compare's emulated link, tc syntax (default: 8mbit)
   --lustre-src FILE   Lustre source tarball for the lnet test (default: \$LU2K_LUSTRE_SRC or
                       ../shared/vendor/lustre-release-2.17.0.tar.xz beside the checkout,
@@ -79,7 +80,8 @@ cache="${LU2K_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lu2k-lab}"
 vm_timeout=""
 module_mib=1024
 lnet_loops=16
-compare_loops=2
+compare_loops=1
+compare_concurrency=8
 compare_rate=8mbit
 lustre_src="${LU2K_LUSTRE_SRC:-}"
 memory=2048
@@ -101,6 +103,7 @@ while [ $# -gt 0 ]; do
         --lnet-loops) lnet_loops="$2"; shift 2 ;;
         --compare-loops) compare_loops="$2"; shift 2 ;;
         --compare-rate) compare_rate="$2"; shift 2 ;;
+        --compare-concurrency) compare_concurrency="$2"; shift 2 ;;
         --lustre-src) lustre_src="$2"; shift 2 ;;
         --memory) memory="$2"; shift 2 ;;
         --cpus) cpus="$2"; shift 2 ;;
@@ -672,7 +675,7 @@ if [ -n "$two_vm_tests" ] && [ -z "$lnet_skip" ]; then
         port=$((20000 + ($$ + ${#pair_logs[@]}) % 20000))
         la="$cache/logs/console-$stamp-$t-a.log" lb="$cache/logs/console-$stamp-$t-b.log"
         pair_logs[$t]="$la.clean $lb.clean"
-        params="lu2k.lnet_loops=$lnet_loops lu2k.compare_loops=$compare_loops lu2k.compare_rate=$compare_rate loglevel=6"
+        params="lu2k.lnet_loops=$lnet_loops lu2k.compare_loops=$compare_loops lu2k.compare_concurrency=$compare_concurrency lu2k.compare_rate=$compare_rate loglevel=6"
         echo "==> kernel-lab: booting two VMs for the $t test (consoles: $la $lb)"
         set +e
         boot_vm "$la" "$t" "lu2k.lnet=a,10.77.0.1,10.77.0.2 $params" \
