@@ -349,6 +349,17 @@ impl SharedKeys {
     }
 }
 
+/// Seeds aws-lc's random generator: its first use in a process gathers
+/// entropy for tens of milliseconds (its CPU-jitter source), which would
+/// otherwise fall on the first handshake of each side, in the transfer's time.
+/// Called when the engine starts on the sealed wire.
+pub fn seed_random() {
+    let mut b = Zeroizing::new([0u8; 32]);
+    if rand::fill(&mut b[..]).is_err() {
+        tracing::warn!("the random generator failed to seed; handshakes will retry it");
+    }
+}
+
 /// Why a datagram was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reject {

@@ -364,6 +364,7 @@ impl Udt {
     ) -> Udt {
         self.p.udt.mss = self.p.udt.mss.saturating_sub(OVERHEAD as u32);
         self.rebuild_listener();
+        seal::seed_random();
         if keys.local.is_none() {
             tracing::warn!(
                 core = self.p.core,
