@@ -18,12 +18,13 @@
 //! data that already sits there); content is not verified here — the
 //! engine's end-to-end tests verify every byte.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lu2k_engine::transport::links::{LinkCfg, Policy};
 use lu2k_kshim::hdr::{Msg, Repr, WireHandle};
 use lu2k_kshim::{Config, Event, Kshim, Nid, TxStatus};
 use serde::{Deserialize, Serialize};
@@ -43,40 +44,62 @@ const PAYLOAD_PER_PACKET: u64 = 1456;
 pub struct EngineSpec {
     /// kshim's socket.
     pub kshim_socket: PathBuf,
-    /// Address to bind.
-    pub bind: Ipv4Addr,
-    /// Common port.
+    /// Address to bind (the wildcard where a peer has several links).
+    pub bind: IpAddr,
+    /// The engine's UDP port.
     pub port: u16,
     /// Stats socket.
     pub stats_socket: PathBuf,
     /// Reactor threads.
     pub cores: u16,
-    /// Peer overrides: (NID address, UDP address).
-    pub peers: Vec<(Ipv4Addr, SocketAddrV4)>,
+    /// `[[peer]]` entries.
+    pub peers: Vec<EnginePeer>,
     /// A pre-shared key file: the sealed wire.
     #[serde(default)]
     pub psk_file: Option<PathBuf>,
 }
 
+/// One `[[peer]]` of an engine: at `addr`, or over several links.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnginePeer {
+    /// The peer's NID address.
+    pub nid_ip: IpAddr,
+    /// Where its engine is reached (the relay), for a peer with one link.
+    pub addr: Option<SocketAddr>,
+    /// Its links (`[[peer.link]]`), for a peer with several.
+    #[serde(default)]
+    pub links: Vec<LinkCfg>,
+    /// How they are used.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+}
+
 /// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
 pub fn engine_main(spec: &str) -> Result<()> {
     let s: EngineSpec = serde_json::from_str(spec).context("engine spec")?;
+    // The engine's log on stderr when asked for (e.g. `LU2K_PERF_ENGINE_LOG=info`):
+    // quiet by default, as the harness prints its own summary.
+    if let Ok(level) = std::env::var("LU2K_PERF_ENGINE_LOG") {
+        lu2k_engine::log::init(Some(&level)).map_err(|e| anyhow::anyhow!("engine log: {e}"))?;
+    }
     let mut c = lu2k_engine::daemon::config::Config {
         kshim_socket: Some(s.kshim_socket),
-        bind: s.bind.into(),
+        bind: s.bind,
         port: s.port,
         cores: Some(s.cores),
         stats_socket: s.stats_socket,
         ..Default::default()
     };
+    // The engine's config reads an absent `addr` (a peer with links) as 0.0.0.0:0.
+    let no_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
     c.peers = s
         .peers
         .iter()
-        .map(|(ip, addr)| lu2k_engine::daemon::config::PeerCfg {
-            nid: format!("{ip}@lu2k"),
-            addr: (*addr).into(),
-            links: Vec::new(),
-            policy: None,
+        .map(|p| lu2k_engine::daemon::config::PeerCfg {
+            nid: format!("{}@lu2k", p.nid_ip),
+            addr: p.addr.unwrap_or(no_addr),
+            links: p.links.clone(),
+            policy: p.policy,
         })
         .collect();
     c.psk_file = s.psk_file;
@@ -84,8 +107,10 @@ pub fn engine_main(spec: &str) -> Result<()> {
     lu2k_engine::daemon::run(c)
 }
 
-fn nid(ip: Ipv4Addr) -> Nid {
-    format!("{ip}@lu2k").parse().expect("an IPv4 NID")
+fn nid(ip: IpAddr) -> Nid {
+    format!("{ip}@lu2k")
+        .parse()
+        .expect("a NID of an IP address")
 }
 
 const PID: u32 = 12345;
@@ -178,11 +203,19 @@ impl Side {
         let mut k = Kshim::start(cfg).context("starting kshim")?;
         let espec = EngineSpec {
             kshim_socket: ksock.clone(),
-            bind: l.ip,
+            bind: l.bind,
             port: l.port,
             stats_socket: stats.clone(),
             cores: l.cores,
-            peers: l.peer_addr.map(|a| (l.peer_ip, a)).into_iter().collect(),
+            peers: (l.peer_addr.is_some() || !l.links.is_empty())
+                .then(|| EnginePeer {
+                    nid_ip: l.peer_ip,
+                    addr: l.peer_addr,
+                    links: l.links.clone(),
+                    policy: l.policy,
+                })
+                .into_iter()
+                .collect(),
             psk_file: l.psk_file.clone(),
         };
         let mut cmd = self_command()?;

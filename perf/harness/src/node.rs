@@ -71,14 +71,24 @@ pub enum Role {
 /// lu2k endpoint settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lu2kSpec {
-    /// This node's NID address (the engine binds it).
-    pub ip: std::net::Ipv4Addr,
-    /// The engines' common UDP port.
+    /// This node's NID address (IPv4 or IPv6).
+    pub ip: std::net::IpAddr,
+    /// The address the engine binds: `ip`, or the wildcard address where the
+    /// peer has several links (the kernel's route picks each link's source).
+    pub bind: std::net::IpAddr,
+    /// The engine's UDP port.
     pub port: u16,
     /// The other node's NID address.
-    pub peer_ip: std::net::Ipv4Addr,
+    pub peer_ip: std::net::IpAddr,
     /// Where this engine sends to reach the peer (the relay), if not `peer_ip:port`.
-    pub peer_addr: Option<std::net::SocketAddrV4>,
+    pub peer_addr: Option<std::net::SocketAddr>,
+    /// The peer's links (`[[peer.link]]`) where it has several; then
+    /// `peer_addr` is None.
+    #[serde(default)]
+    pub links: Vec<lu2k_engine::transport::links::LinkCfg>,
+    /// How the engine uses `links`.
+    #[serde(default)]
+    pub policy: Option<lu2k_engine::transport::links::Policy>,
     /// Directory for the kshim and stats sockets.
     pub dir: PathBuf,
     /// Engine cores.

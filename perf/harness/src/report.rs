@@ -107,6 +107,73 @@ pub struct Row {
     /// per chunk in stream order (never-delivered chunks at their age when
     /// the receiver stopped).
     pub latency_series: Vec<(f64, f64)>,
+    /// The address family of the nodes, the relay and the engines: "ipv4" or
+    /// "ipv6".
+    pub family: String,
+    /// A cell with several links: the policy, each link, and the cell's goal.
+    pub links: Option<LinksFigures>,
+}
+
+/// What a several-link cell measures. Utilization (the row's) is goodput over
+/// what all the links can carry together, so it stays at or under 100 %
+/// whatever the policy; the goal is measured against its own reference:
+///
+/// - **failover** with an outage: the goodput the receiver saw during the
+///   outage, over the surviving link's capacity (goal ≥ 0.9). The window is
+///   the outage shifted by the one-way delay, when its effect reaches the
+///   receiver: datagrams already on the wire when it starts still arrive,
+///   and those sent in its last one-way delay arrive after it.
+/// - **balance**: the row's goodput over the sum of the links' capacities
+///   (goal ≥ 0.9).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LinksFigures {
+    /// "failover" or "balance".
+    pub policy: String,
+    /// Each link, in configuration order.
+    pub links: Vec<LinkFigures>,
+    /// What the goal is, in words.
+    pub goal: String,
+    /// What the goal is measured against, Mbit/s of payload (the surviving
+    /// link's capacity, or the sum of the links').
+    pub goal_ref_mbps: f64,
+    /// The measured figure, Mbit/s (goodput through the outage, or the row's goodput).
+    pub goal_mbps: Option<f64>,
+    /// `goal_mbps / goal_ref_mbps`; the goal is ≥ 0.9.
+    pub goal_ratio: Option<f64>,
+    /// failover: seconds from the outage's start until 0.5 s of goodput
+    /// reached 90 % of the surviving link's capacity.
+    pub switch_s: Option<f64>,
+    /// failover: seconds from the outage's end until the link that was out
+    /// carried 90 % of its rate again on the wire (its forward direction's
+    /// delivered bytes over 0.5 s), i.e. traffic moved back.
+    pub back_s: Option<f64>,
+    /// Every run's `goal_ratio`, `switch_s` and `back_s`, in run order.
+    pub goal_ratio_runs: Vec<Option<f64>>,
+    /// See `goal_ratio_runs`.
+    pub switch_runs: Vec<Option<f64>>,
+    /// See `goal_ratio_runs`.
+    pub back_runs: Vec<Option<f64>>,
+}
+
+/// One link of a several-link cell in a row.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LinkFigures {
+    /// Forward rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// Share in balance.
+    pub weight: u32,
+    /// The link's outage `[start_s, start_s + duration_s)` on its emulator's
+    /// clock, if it has one.
+    pub outage: Option<(f64, f64)>,
+    /// Bytes the link delivered forward: UDP payload, retransmissions
+    /// included (the 28 header bytes a datagram costs count in its rate,
+    /// not here).
+    pub wire_bytes: Option<u64>,
+    /// `wire_bytes` over the run (time zero to its end), Mbit/s.
+    pub wire_mbps: Option<f64>,
+    /// The link's forward delivered rate over time: (seconds since time
+    /// zero, Mbit/s), 0.5 s bins.
+    pub wire_series: Vec<(f64, f64)>,
 }
 
 /// A live chunk is late when it is delivered more than the one-way delay
@@ -192,7 +259,18 @@ pub fn combine(runs: Vec<Row>) -> Row {
         });
     let steal = runs.iter().filter_map(|r| r.steal).reduce(f64::max);
     let some: Vec<f64> = goodputs.iter().flatten().copied().collect();
+    let per_run = |f: fn(&LinksFigures) -> Option<f64>| -> Vec<Option<f64>> {
+        runs.iter().map(|r| r.links.as_ref().and_then(f)).collect()
+    };
+    let goal_runs = per_run(|l| l.goal_ratio);
+    let switch_runs = per_run(|l| l.switch_s);
+    let back_runs = per_run(|l| l.back_s);
     let mut row = runs.into_iter().nth(pick).expect("pick < n");
+    if let Some(l) = row.links.as_mut() {
+        l.goal_ratio_runs = goal_runs;
+        l.switch_runs = switch_runs;
+        l.back_runs = back_runs;
+    }
     // The run's own load note gives way to the one for all runs.
     row.note = row
         .note
@@ -246,7 +324,12 @@ impl Row {
             workload: format!("{:?}", cell.workload.kind).to_lowercase(),
             rtt_ms: cell.rtt_ms,
             loss: cell.loss,
-            rate_mbps: cell.rate_mbps,
+            // Several links: their rates together.
+            rate_mbps: if cell.links.is_empty() {
+                cell.rate_mbps
+            } else {
+                cell.links.iter().map(|l| l.rate_mbps).sum()
+            },
             status,
             // What the workload asks to move: bulk bytes, rpc requests and
             // replies, the live stream's chunks.
@@ -288,6 +371,8 @@ impl Row {
             goodput_max: None,
             steal: None,
             p99_runs_ms: Vec::new(),
+            family: if cell.ipv6 { "ipv6" } else { "ipv4" }.into(),
+            links: None,
         }
     }
 }
@@ -342,6 +427,59 @@ pub fn table(rows: &[Row]) -> String {
             r.status
         );
     }
+    s += &links_table(rows);
+    s
+}
+
+/// The several-link rows' goals, under the main table (empty without such
+/// rows): the goal's reference and figure, the median run's and every run's
+/// ratio, the switch and move-back times, and each link's wire rate.
+pub fn links_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    let runs = |v: &[Option<f64>], prec: usize| {
+        v.iter()
+            .map(|x| opt(*x, prec))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    for r in rows {
+        let Some(l) = &r.links else { continue };
+        if s.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>8} {:>8}  links' wire Mbit/s",
+                "cell",
+                "contender",
+                "policy",
+                "ref",
+                "measured",
+                "ratio",
+                "runs' ratio",
+                "switch s",
+                "back s"
+            );
+        }
+        let wire = l
+            .links
+            .iter()
+            .map(|k| opt(k.wire_mbps, 1))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let _ = writeln!(
+            s,
+            "{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>8} {:>8}  {wire}  ({})",
+            r.cell,
+            r.contender,
+            l.policy,
+            format!("{:.1}", l.goal_ref_mbps),
+            opt(l.goal_mbps, 1),
+            opt(l.goal_ratio, 2),
+            runs(&l.goal_ratio_runs, 2),
+            opt(l.switch_s, 2),
+            opt(l.back_s, 2),
+            l.goal
+        );
+    }
     s
 }
 
@@ -365,7 +503,7 @@ pub fn csv(rows: &[Row]) -> String {
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
          goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
          loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
-         goodput_max,steal,load_avg\n",
+         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -373,7 +511,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -408,6 +546,13 @@ pub fn csv(rows: &[Row]) -> String {
             // 1-minute load average at the start and the end.
             r.load_avg
                 .map_or(String::new(), |l| format!("{}/{}", l.start[0], l.end[0])),
+            r.family,
+            r.links.as_ref().map_or("", |l| l.policy.as_str()),
+            f(r.links.as_ref().map(|l| l.goal_ref_mbps)),
+            f(r.links.as_ref().and_then(|l| l.goal_mbps)),
+            f(r.links.as_ref().and_then(|l| l.goal_ratio)),
+            f(r.links.as_ref().and_then(|l| l.switch_s)),
+            f(r.links.as_ref().and_then(|l| l.back_s)),
         );
     }
     s
@@ -863,6 +1008,74 @@ rate_mbps = [100.0]
     }
 
     #[test]
+    fn link_runs_combine_with_every_runs_goal() {
+        let base = &rows()[0];
+        let run = |g: f64, ratio: Option<f64>, switch: Option<f64>| {
+            let mut r = base.clone();
+            r.goodput_mbps = Some(g);
+            r.links = Some(LinksFigures {
+                policy: "failover".into(),
+                links: vec![
+                    LinkFigures {
+                        rate_mbps: 100.0,
+                        weight: 1,
+                        outage: Some((5.0, 5.0)),
+                        wire_bytes: Some(1000),
+                        wire_mbps: Some(80.0),
+                        wire_series: Vec::new(),
+                    },
+                    LinkFigures {
+                        rate_mbps: 100.0,
+                        weight: 1,
+                        outage: None,
+                        wire_bytes: Some(500),
+                        wire_mbps: Some(40.0),
+                        wire_series: Vec::new(),
+                    },
+                ],
+                goal: "goodput during link 0's outage / link 1's capacity".into(),
+                goal_ref_mbps: 100.0,
+                goal_mbps: ratio.map(|x| x * 100.0),
+                goal_ratio: ratio,
+                switch_s: switch,
+                back_s: Some(1.0),
+                goal_ratio_runs: Vec::new(),
+                switch_runs: Vec::new(),
+                back_runs: Vec::new(),
+            });
+            r
+        };
+        let row = combine(vec![
+            run(80.0, Some(0.8), Some(1.5)),
+            run(70.0, None, None),
+            run(90.0, Some(0.85), Some(1.2)),
+        ]);
+        // The median run by goodput is the first; every run's figures kept.
+        assert_eq!(row.goodput_mbps, Some(80.0));
+        let l = row.links.as_ref().unwrap();
+        assert_eq!(l.goal_ratio, Some(0.8));
+        assert_eq!(l.goal_ratio_runs, vec![Some(0.8), None, Some(0.85)]);
+        assert_eq!(l.switch_runs, vec![Some(1.5), None, Some(1.2)]);
+        assert_eq!(l.back_runs, vec![Some(1.0); 3]);
+        let t = table(std::slice::from_ref(&row));
+        assert!(t.contains("switch s"), "{t}");
+        assert!(
+            t.contains("0.80/-/0.85") && t.contains("80.0 + 40.0"),
+            "{t}"
+        );
+        let c = csv(std::slice::from_ref(&row));
+        assert!(
+            c.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",failover,100,80,0.8,1.5,1"),
+            "{c}"
+        );
+        // Rows without links print no links table.
+        assert!(!table(&rows()).contains("switch s"));
+    }
+
+    #[test]
     fn json_has_the_required_keys_per_row() {
         let rows = rows();
         let dir = std::env::temp_dir().join(format!("lu2k-perf-report-{}", std::process::id()));
@@ -899,8 +1112,15 @@ rate_mbps = [100.0]
         assert_eq!(lines.len(), 5);
         let cols = lines[0].split(',').count();
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
-        assert!(lines[0].ends_with(",runs,goodput_min,goodput_max,steal,load_avg"));
-        assert!(lines[1].ends_with(",1,,,,0.5/64"), "{}", lines[1]);
+        assert!(lines[0].ends_with(
+            ",runs,goodput_min,goodput_max,steal,load_avg,family,policy,goal_ref_mbps,\
+             goal_mbps,goal_ratio,switch_s,back_s"
+        ));
+        assert!(
+            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,"),
+            "{}",
+            lines[1]
+        );
 
         let t = table(&rows);
         assert!(t.contains("lu2k") && t.contains("90.0"), "{t}");

@@ -3,6 +3,8 @@
 //! | contender | emulator | endpoints |
 //! |---|---|---|
 //! | lu2k | UDP relay (rootless) | kshim + engine node per side, engines' peer entries point at the relay |
+//! | lu2k, several links | a UDP relay per link | each engine's `[[peer]]` has a `[[peer.link]]` per relay |
+//! | lu2k, IPv6 | UDP relay in a network namespace (root) | the same on ULA addresses of its loopback device |
 //! | udt4 | UDP relay | `udt` crate stream sockets, flow window and buffers sized to the path |
 //! | srt | UDP relay | `srt-file-transmit` (SRT file mode) |
 //! | quic-cubic, quic-bbr | UDP relay | quinn, one unidirectional stream |
@@ -13,13 +15,14 @@
 //! does not see) so both count whole IP packets. Every run gets a fresh link;
 //! the receiving node starts first, then the sender (time zero of the run).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lu2k_linkem::{Relay, RelayConfig, TunConfig, TunLink};
+use lu2k_engine::transport::links::{LinkCfg, Policy};
+use lu2k_linkem::{Netns, Relay, RelayConfig, TunConfig, TunLink};
 
 use crate::collect::{
     children_cpu_s, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, Percentiles,
@@ -27,8 +30,8 @@ use crate::collect::{
 };
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
 use crate::quic::QuicSpec;
-use crate::report::{LoadAvg, Row};
-use crate::scenario::{Cell, Contender, WorkloadKind};
+use crate::report::{LinkFigures, LinksFigures, LoadAvg, Row};
+use crate::scenario::{Cell, Contender, LinkPolicy, WorkloadKind};
 use crate::tuning::{PathInfo, QuicCc};
 
 /// Settings of a harness run.
@@ -74,6 +77,18 @@ pub fn tcp_cc_missing(cc: &str) -> Option<String> {
          build it into the kernel or load tcp_{cc}",
         avail.trim()
     ))
+}
+
+/// Why `contender` cannot run in `cell` here, if it cannot.
+pub fn skip_reason_in(c: Contender, cell: &Cell) -> Option<String> {
+    if cell.ipv6 && !is_root() {
+        return Some(
+            "the IPv6 cell puts the nodes on ULA addresses of a network namespace's \
+             loopback device, which needs root; run as root"
+                .into(),
+        );
+    }
+    skip_reason(c, cell.workload.kind)
 }
 
 /// Why a contender cannot run here, if it cannot.
@@ -127,23 +142,66 @@ fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
 enum Emu {
     Relay(Relay),
     Tun(TunLink),
+    /// One relay per link of a several-link cell, in the cell's order.
+    Links(Vec<Relay>),
+    /// A relay inside a network namespace (the IPv6 cell), which goes when
+    /// the relay has stopped.
+    InNetns(Relay, Netns),
 }
 
 impl Emu {
     fn epoch(&self) -> Instant {
         match self {
-            Emu::Relay(r) => r.epoch(),
+            Emu::Relay(r) | Emu::InNetns(r, _) => r.epoch(),
             Emu::Tun(t) => t.epoch(),
+            Emu::Links(rs) => rs[0].epoch(),
         }
     }
-    /// Stops the emulator; its forward direction's counters.
-    fn stop(self) -> Option<lu2k_linkem::Stats> {
-        let st = match self {
-            Emu::Relay(r) => r.stop(),
-            Emu::Tun(t) => t.stop(),
-        };
-        st.ok().map(|s| s.forward)
+
+    /// Forward bytes each link has delivered so far (several links only).
+    fn links_delivered(&self) -> Vec<u64> {
+        match self {
+            Emu::Links(rs) => rs
+                .iter()
+                .map(|r| r.stats().forward.delivered.bytes)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
+
+    /// Stops the emulator; each link's forward direction's counters.
+    fn stop(self) -> Vec<Option<lu2k_linkem::Stats>> {
+        let fwd = |s: Result<lu2k_linkem::RelayStats, _>| s.ok().map(|s| s.forward);
+        match self {
+            Emu::Relay(r) => vec![fwd(r.stop())],
+            Emu::InNetns(r, ns) => {
+                let st = fwd(r.stop());
+                drop(ns);
+                vec![st]
+            }
+            Emu::Tun(t) => vec![fwd(t.stop())],
+            Emu::Links(rs) => rs.into_iter().map(|r| fwd(r.stop())).collect(),
+        }
+    }
+}
+
+/// The links' forward counters added up (None if any is missing).
+fn sum_stats(each: &[Option<lu2k_linkem::Stats>]) -> Option<lu2k_linkem::Stats> {
+    let add = |a: lu2k_linkem::Count, b: lu2k_linkem::Count| lu2k_linkem::Count {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    };
+    each.iter().try_fold(lu2k_linkem::Stats::default(), |t, s| {
+        let s = (*s)?;
+        Some(lu2k_linkem::Stats {
+            offered: add(t.offered, s.offered),
+            dropped_queue: add(t.dropped_queue, s.dropped_queue),
+            dropped_outage: add(t.dropped_outage, s.dropped_outage),
+            dropped_loss: add(t.dropped_loss, s.dropped_loss),
+            duplicated: add(t.duplicated, s.duplicated),
+            delivered: add(t.delivered, s.delivered),
+        })
+    })
 }
 
 /// The path as the tuned contenders see it ([`crate::tuning`]).
@@ -206,7 +264,7 @@ fn run_row(
     mp: &MultiProgress,
 ) -> Row {
     let path = path_of(contender);
-    if let Some(why) = skip_reason(contender, cell.workload.kind) {
+    if let Some(why) = skip_reason_in(contender, cell) {
         eprintln!("SKIPPED {contender} in {}: {why}", cell.name);
         return Row::not_run(
             scenario,
@@ -263,14 +321,15 @@ fn run_inner(
     let bar = progress_bar(mp, target, cell, contender);
     let (measuring, waiting) = measuring_first(w.kind, rx, tx);
     let limit = Duration::from_secs_f64(w.max_duration_s + w.duration_s + 60.0);
-    let mut seen = watch(&measuring, &waiting, t0, limit, target, &bar);
+    let mut seen = watch(&measuring, &waiting, &emu, t0, limit, target, &bar);
     // The other side reports when it is done; give it a moment, then end it.
     if seen.other.is_none() {
         seen.other = await_result(&waiting, Duration::from_secs(3));
     }
     measuring.join(Duration::from_secs(15));
     waiting.stop(Duration::from_secs(3));
-    let wire = emu.stop();
+    let wires = emu.stop();
+    let wire = sum_stats(&wires);
     let cpu = children_cpu_s() - cpu0;
     bar.finish();
 
@@ -286,6 +345,8 @@ fn run_inner(
         pre_s: since(t0_ns, pre_ns),
         outage_offset,
         wire,
+        wires,
+        link_series: seen.links,
         cpu,
         target,
     };
@@ -442,41 +503,220 @@ fn fq_qdisc(tun: &TunLink, cc: &str) -> String {
 }
 
 /// lu2k through the relay: each node's engine has the relay as its peer's
-/// address, and the relay's sockets sit on the NID addresses.
+/// address, and the relay's sockets sit on the NID addresses. A cell with
+/// several links has a relay per link; an IPv6 cell runs in a network
+/// namespace with IPv6 addresses.
 fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
-    let exe = node::self_command;
+    if !cell.links.is_empty() {
+        return start_lu2k_links(cell, opts);
+    }
+    if cell.ipv6 {
+        return start_lu2k_v6(cell, opts);
+    }
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 77, 1), Ipv4Addr::new(127, 0, 77, 2));
     let port = free_udp_port(a_ip)?;
+    let relay = Relay::spawn(lu2k_relay(cell, opts, a_ip.into(), b_ip.into(), port))
+        .context("starting the link emulator (relay)")?;
+    let (rx, tx) = lu2k_nodes(cell, opts, (a_ip.into(), b_ip.into()), port, &relay, None)?;
+    Ok(Started {
+        emu: Emu::Relay(relay),
+        rx,
+        tx,
+        setup: None,
+    })
+}
+
+/// The relay between lu2k nodes at `a_ip` and `b_ip` whose engines use
+/// `port`: each of its sockets sits on the address of the node it stands for.
+fn lu2k_relay(cell: &Cell, opts: &Opts, a_ip: IpAddr, b_ip: IpAddr, port: u16) -> RelayConfig {
     let mut rc = RelayConfig::loopback(cell.link.clone(), opts.seed);
-    // Each relay socket sits on the address of the node it stands for.
-    rc.a_bind = SocketAddr::from((b_ip, 0));
-    rc.b_bind = SocketAddr::from((a_ip, 0));
-    rc.a_peer = Some(SocketAddr::from((a_ip, port)));
-    rc.b_peer = Some(SocketAddr::from((b_ip, port)));
-    let relay = Relay::spawn(rc).context("starting the link emulator (relay)")?;
-    let v4 = |a: SocketAddr| match a {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => unreachable!("the relay binds IPv4"),
-    };
+    rc.a_bind = SocketAddr::new(b_ip, 0);
+    rc.b_bind = SocketAddr::new(a_ip, 0);
+    rc.a_peer = Some(SocketAddr::new(a_ip, port));
+    rc.b_peer = Some(SocketAddr::new(b_ip, port));
+    rc
+}
+
+/// The two lu2k nodes of a single-link cell at `(a_ip, b_ip)` (sender,
+/// receiver) through `relay`, started inside `netns` if given.
+fn lu2k_nodes(
+    cell: &Cell,
+    opts: &Opts,
+    (a_ip, b_ip): (IpAddr, IpAddr),
+    port: u16,
+    relay: &Relay,
+    netns: Option<&Netns>,
+) -> Result<(Node, Node)> {
     let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
-    let l = |ip, peer_ip, peer: SocketAddrV4| Lu2kSpec {
+    let l = |ip, peer_ip, peer| Lu2kSpec {
         ip,
+        bind: ip,
         port,
         peer_ip,
         peer_addr: Some(peer),
+        links: Vec::new(),
+        policy: None,
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
         psk_file: opts.lu2k_psk.clone(),
     };
+    let command = || -> Result<std::process::Command> {
+        match netns {
+            Some(ns) => Ok(ns.command(&std::env::current_exe()?.to_string_lossy())),
+            None => node::self_command(),
+        }
+    };
     let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relay.b_addr());
-    rs.lu2k = Some(l(b_ip, a_ip, v4(relay.b_addr())));
-    let rx = Node::spawn(Node::command(exe()?, &rs)?)?;
+    rs.lu2k = Some(l(b_ip, a_ip, relay.b_addr()));
+    let rx = Node::spawn(Node::command(command()?, &rs)?)?;
     let mut ts = spec(Kind::Lu2k, Role::Send, cell, relay.a_addr());
-    ts.lu2k = Some(l(a_ip, b_ip, v4(relay.a_addr())));
+    ts.lu2k = Some(l(a_ip, b_ip, relay.a_addr()));
+    let tx = Node::spawn(Node::command(command()?, &ts)?)?;
+    Ok((rx, tx))
+}
+
+/// The IPv6 cell's node addresses (ULA, `fd00::/8`), on the loopback device
+/// of the run's network namespace.
+pub const V6_NODES: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd6c, 0x7532, 0x6b00, 0, 0, 0, 0, 1),
+    Ipv6Addr::new(0xfd6c, 0x7532, 0x6b00, 0, 0, 0, 0, 2),
+];
+
+/// lu2k over IPv6: a network namespace whose loopback device holds the two
+/// nodes' ULA addresses ([`V6_NODES`]); the relay's sockets (created inside
+/// it), both engines' `bind` and `[[peer]]` addresses and both NIDs are
+/// IPv6. Root.
+fn start_lu2k_v6(cell: &Cell, opts: &Opts) -> Result<Started> {
+    let name = format!("lu2kp6-{}", std::process::id() % 100_000);
+    let ns = Netns::create(&name).context("creating the IPv6 cell's network namespace")?;
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &name])
+            .args(args)
+            .output()
+            .context("running ip (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "ip -n {name} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    for a in V6_NODES {
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
+    }
+    let (a_ip, b_ip) = (IpAddr::V6(V6_NODES[0]), IpAddr::V6(V6_NODES[1]));
+    // A fresh namespace: every port is free.
+    let port = 7988;
+    let rc = lu2k_relay(cell, opts, a_ip, b_ip, port);
+    let relay = ns
+        .run(|| Relay::spawn(rc))
+        .context("entering the IPv6 cell's network namespace")?
+        .context("starting the link emulator (relay, IPv6)")?;
+    let (rx, tx) = lu2k_nodes(cell, opts, (a_ip, b_ip), port, &relay, Some(&ns))?;
+    Ok(Started {
+        emu: Emu::InNetns(relay, ns),
+        rx,
+        tx,
+        setup: None,
+    })
+}
+
+/// Node A's and node B's address on link `i` of a several-link cell.
+fn link_ips(i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    let net = 71 + i as u8;
+    (Ipv4Addr::new(127, 0, net, 1), Ipv4Addr::new(127, 0, net, 2))
+}
+
+/// lu2k over a cell's several links: one relay per link, each with its own
+/// link model (rate, delay, loss, outage); each node has an address per link
+/// (`link_ips`, its NID the first), and each engine a `[[peer]]` with a
+/// `[[peer.link]]` per link whose remote is that link's relay socket, which
+/// sits on the other node's address on the link, so the engines tell the
+/// links apart by address as they would two modems. The engines bind the
+/// wildcard address, each on its own port; the kernel's route to a loopback
+/// address leaves from 127.0.0.1, not the link's `local` (the engine warns
+/// about that at start), so the relays send to 127.0.0.1 and each engine's port.
+fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
+    let any = Ipv4Addr::UNSPECIFIED;
+    let (a_port, b_port) = (free_udp_port(any)?, free_udp_port(any)?);
+    if a_port == b_port {
+        bail!("two free UDP ports were the same; run again");
+    }
+    let mut relays = Vec::new();
+    for (i, l) in cell.links.iter().enumerate() {
+        let (a_ip, b_ip) = link_ips(i);
+        let mut rc = RelayConfig::loopback(l.link.clone(), opts.seed.wrapping_add(i as u64));
+        rc.a_bind = SocketAddr::from((b_ip, 0));
+        rc.b_bind = SocketAddr::from((a_ip, 0));
+        // Where the kernel's route to a loopback address sends from.
+        rc.a_peer = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, a_port)));
+        rc.b_peer = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, b_port)));
+        relays.push(
+            Relay::spawn(rc).with_context(|| format!("starting the link emulator of link {i}"))?,
+        );
+    }
+    let policy = match cell.policy {
+        Some(LinkPolicy::Balance) => Policy::Balance,
+        _ => Policy::Failover,
+    };
+    let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
+    let node_spec = |side: usize| {
+        let (me, peer) = (link_ips(0), link_ips(0));
+        let (ip, peer_ip, port) = if side == 0 {
+            (me.0, peer.1, a_port)
+        } else {
+            (me.1, peer.0, b_port)
+        };
+        let links = cell
+            .links
+            .iter()
+            .zip(&relays)
+            .enumerate()
+            .map(|(i, (l, r))| {
+                let (a, b) = link_ips(i);
+                LinkCfg {
+                    local: if side == 0 { a } else { b }.into(),
+                    remote: if side == 0 { r.a_addr() } else { r.b_addr() },
+                    weight: l.weight,
+                }
+            })
+            .collect();
+        Lu2kSpec {
+            ip: ip.into(),
+            bind: any.into(),
+            port,
+            peer_ip: peer_ip.into(),
+            peer_addr: None,
+            links,
+            policy: Some(policy),
+            dir: dir.clone(),
+            cores: opts.lu2k_cores,
+            rx_bufs: opts.lu2k_rx_bufs,
+            psk_file: None,
+        }
+    };
+    let exe = node::self_command;
+    let mut rs = spec(Kind::Lu2k, Role::Recv, cell, relays[0].b_addr());
+    rs.lu2k = Some(node_spec(1));
+    let rx = Node::spawn(Node::command(exe()?, &rs)?)?;
+    let mut ts = spec(Kind::Lu2k, Role::Send, cell, relays[0].a_addr());
+    ts.lu2k = Some(node_spec(0));
     let tx = Node::spawn(Node::command(exe()?, &ts)?)?;
     Ok(Started {
-        emu: Emu::Relay(relay),
+        emu: Emu::Links(relays),
         rx,
         tx,
         setup: None,
@@ -529,6 +769,8 @@ struct Seen {
     other: Option<NodeResult>,
     /// Seconds from time zero until the watch ended.
     t_end: f64,
+    /// Several links: each link's forward delivered bytes over time.
+    links: Vec<Series>,
 }
 
 /// Follows the measuring node's progress lines until its result, its end or
@@ -537,12 +779,19 @@ struct Seen {
 fn watch(
     measuring: &Node,
     waiting: &Node,
+    emu: &Emu,
     t0: Instant,
     limit: Duration,
     target: u64,
     bar: &ProgressBar,
 ) -> Seen {
     let mut series = Series::new(t0);
+    let mut links: Vec<Series> = emu
+        .links_delivered()
+        .iter()
+        .map(|_| Series::new(t0))
+        .collect();
+    let mut sampled = t0;
     let mut result: Option<NodeResult> = None;
     let mut other: Option<NodeResult> = None;
     let mut last_rate = (t0, 0u64);
@@ -553,7 +802,7 @@ fn watch(
         }
         match measuring
             .lines
-            .recv_timeout(left.min(Duration::from_millis(200)))
+            .recv_timeout(left.min(Duration::from_millis(50)))
         {
             Ok(Line::Progress(at, b)) => {
                 series.push(at, b);
@@ -577,12 +826,20 @@ fn watch(
                 other = Some(*r);
             }
         }
+        // Each link's delivered bytes, every 50 ms (as often as progress).
+        if !links.is_empty() && sampled.elapsed() >= Duration::from_millis(50) {
+            sampled = Instant::now();
+            for (s, b) in links.iter_mut().zip(emu.links_delivered()) {
+                s.push(sampled, b);
+            }
+        }
     }
     Seen {
         series,
         result,
         other,
         t_end: t0.elapsed().as_secs_f64(),
+        links,
     }
 }
 
@@ -616,8 +873,12 @@ struct Outcome {
     pre_s: f64,
     /// Seconds from the emulator's epoch (outage times count from it) to time zero.
     outage_offset: f64,
-    /// The link's forward counters.
+    /// The link's forward counters (several links: added up).
     wire: Option<lu2k_linkem::Stats>,
+    /// Each link's forward counters.
+    wires: Vec<Option<lu2k_linkem::Stats>>,
+    /// Several links: each link's forward delivered bytes over time.
+    link_series: Vec<Series>,
     /// CPU seconds of the run's processes.
     cpu: f64,
     /// Payload bytes of the complete workload (see [`target_bytes`]).
@@ -732,7 +993,8 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
 fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult>, complete: bool) {
     let w = &cell.workload;
     let (res, series) = (&o.res, &o.series);
-    let capacity = cell.rate_mbps * (1.0 - cell.loss);
+    // What the links can carry together: goodput cannot exceed it.
+    let capacity = cell.capacity_mbps();
     let rel = |ns: u64| since(o.t0_ns, ns);
     // From the sender's first payload byte (before the sender was started
     // where it did not say) to the last byte read; an incomplete run counts
@@ -745,7 +1007,8 @@ fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult
     let g = goodput_mbps(res.bytes, first_send, last);
     row.goodput_mbps = Some(g);
     row.utilization = Some(g / capacity);
-    if complete && w.kind == WorkloadKind::Bulk && cell.outage.is_none() {
+    let any_outage = cell.outage.is_some() || cell.links.iter().any(|l| l.outage.is_some());
+    if complete && w.kind == WorkloadKind::Bulk && !any_outage {
         // The round trip with a full bottleneck queue: how long a
         // retransmission can take (see `collect::steady_mbps`).
         let queue = cell.link.forward.queue_bytes.unwrap_or(0) as f64;
@@ -754,8 +1017,16 @@ fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult
     }
     row.cpu_s_per_gb = Some(o.cpu / (res.bytes as f64 / 1e9));
     row.goodput_series = series.binned(0.5);
+    if !cell.links.is_empty() {
+        row.links = Some(links_figures(cell, o, g, first_send, last));
+    }
     if w.kind == WorkloadKind::Bulk {
-        row.time_to_90_s = series.first_reaching(0.9 * capacity, 1.0, 0.0);
+        // Failover carries one link's worth at a time: 90 % of the first link's.
+        let reach = match cell.policy {
+            Some(LinkPolicy::Failover) => cell.links[0].capacity_mbps(),
+            _ => capacity,
+        };
+        row.time_to_90_s = series.first_reaching(0.9 * reach, 1.0, 0.0);
         if let Some(out) = cell.outage {
             let end = out.start_s + out.duration_s - o.outage_offset;
             row.recovery_s = series
@@ -763,6 +1034,100 @@ fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult
                 .map(|t| t - end);
         }
     }
+}
+
+/// Window of a rate over time that counts as traffic flowing, seconds.
+const FLOWING_WINDOW_S: f64 = 0.5;
+
+/// A several-link run's figures (see [`LinksFigures`]): each link's wire
+/// rate, and the cell's goal — failover: goodput through the outage against
+/// the surviving link, the switch and the move back; balance: goodput
+/// against the sum of the links.
+fn links_figures(
+    cell: &Cell,
+    o: &Outcome,
+    goodput: f64,
+    first_send: f64,
+    last: f64,
+) -> LinksFigures {
+    let span = (last - first_send).max(1e-6);
+    let links = cell
+        .links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let wire_bytes = o.wires.get(i).copied().flatten().map(|s| s.delivered.bytes);
+            LinkFigures {
+                rate_mbps: l.rate_mbps,
+                weight: l.weight,
+                outage: l.outage.map(|x| (x.start_s, x.duration_s)),
+                wire_bytes,
+                wire_mbps: wire_bytes.map(|b| b as f64 * 8.0 / span / 1e6),
+                wire_series: o
+                    .link_series
+                    .get(i)
+                    .map_or(Vec::new(), |s| s.binned(FLOWING_WINDOW_S)),
+            }
+        })
+        .collect();
+    let policy = cell.policy.unwrap_or(LinkPolicy::Failover);
+    let mut f = LinksFigures {
+        policy: policy.name().into(),
+        links,
+        goal: String::new(),
+        goal_ref_mbps: cell.capacity_mbps(),
+        goal_mbps: None,
+        goal_ratio: None,
+        switch_s: None,
+        back_s: None,
+        goal_ratio_runs: Vec::new(),
+        switch_runs: Vec::new(),
+        back_runs: Vec::new(),
+    };
+    match (policy, cell.failover_outage()) {
+        (LinkPolicy::Balance, _) => {
+            f.goal = "goodput / the links' capacities added up, goal >= 0.9".into();
+            f.goal_mbps = Some(goodput);
+        }
+        (LinkPolicy::Failover, None) => {
+            f.goal = "no outage: goodput / the links' capacities added up".into();
+            f.goal_mbps = Some(goodput);
+        }
+        (LinkPolicy::Failover, Some((down, up, out))) => {
+            let surviving = cell.links[up].capacity_mbps();
+            f.goal_ref_mbps = surviving;
+            f.goal = format!(
+                "goodput during link {down}'s outage (shifted by its one-way delay) / \
+                 link {up}'s capacity, goal >= 0.9"
+            );
+            // The outage on time zero's clock, and when the receiver feels it.
+            let start = out.start_s - o.outage_offset;
+            let end = start + out.duration_s;
+            let owd = cell.links[down].rtt_ms / 2e3;
+            let (a, b) = (start + owd, end + owd);
+            if last >= b && a >= first_send {
+                let got = o.series.bytes_at(b) - o.series.bytes_at(a);
+                f.goal_mbps = Some(got * 8.0 / (b - a) / 1e6);
+            } else {
+                f.goal = format!(
+                    "{}; not measured: the transfer did not span the outage (give the cell \
+                     more bytes)",
+                    f.goal
+                );
+            }
+            f.switch_s = o
+                .series
+                .first_reaching(0.9 * surviving, FLOWING_WINDOW_S, a)
+                .filter(|&t| t <= last + 1e-9)
+                .map(|t| t - start);
+            f.back_s = o.link_series.get(down).and_then(|s| {
+                s.first_reaching(0.9 * cell.links[down].rate_mbps, FLOWING_WINDOW_S, end)
+                    .map(|t| t - end)
+            });
+        }
+    }
+    f.goal_ratio = f.goal_mbps.map(|g| g / f.goal_ref_mbps);
+    f
 }
 
 /// lu2k without an emulator: two kshim + engine nodes on loopback, engines
@@ -775,11 +1140,14 @@ pub fn lu2k_direct(
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 78, 1), Ipv4Addr::new(127, 0, 78, 2));
     let port = free_udp_port(a_ip)?;
     let dir = opts.tmp.join(format!("lu2k-lo-{}", std::process::id()));
-    let l = |ip, peer_ip| Lu2kSpec {
-        ip,
+    let l = |ip: Ipv4Addr, peer_ip: Ipv4Addr| Lu2kSpec {
+        ip: ip.into(),
+        bind: ip.into(),
         port,
-        peer_ip,
+        peer_ip: peer_ip.into(),
         peer_addr: None,
+        links: Vec::new(),
+        policy: None,
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
@@ -823,4 +1191,135 @@ pub fn lu2k_direct(
         result.context("the lu2k node ended without a result")?,
         other,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Scenario;
+
+    /// A cumulative series at 10 ms steps of a rate (Mbit/s) over time.
+    fn series(t0: Instant, end: f64, rate: impl Fn(f64) -> f64) -> Series {
+        let mut s = Series::new(t0);
+        let (mut t, mut bytes) = (0.0, 0.0);
+        s.points.clear();
+        while t <= end + 1e-9 {
+            s.points.push((t, bytes as u64));
+            bytes += rate(t) * 1e6 / 8.0 * 0.01;
+            t += 0.01;
+        }
+        s
+    }
+
+    const FAILOVER: &str = r#"
+name = "f"
+contenders = ["lu2k"]
+[workload]
+kind = "bulk"
+[[cell]]
+rtt_ms = 600.0
+rate_mbps = 100.0
+policy = "failover"
+[[cell.link]]
+outage = { start_s = 5.0, duration_s = 5.0 }
+[[cell.link]]
+"#;
+
+    fn outcome(cell_series: Series, links: Vec<Series>) -> Outcome {
+        Outcome {
+            res: NodeResult::default(),
+            other: None,
+            series: cell_series,
+            t_end: 12.0,
+            t0_ns: 0,
+            pre_s: 0.0,
+            // Time zero came 1 s after the links started: the outage is
+            // [4, 9) s on the run's clock.
+            outage_offset: 1.0,
+            wire: None,
+            wires: vec![None, None],
+            link_series: links,
+            cpu: 0.0,
+            target: 0,
+        }
+    }
+
+    #[test]
+    fn failover_goal_switch_and_move_back() {
+        let cell = &Scenario::parse(FAILOVER, "t").unwrap().cells(false)[0];
+        let t0 = Instant::now();
+        // The receiver: 96 Mbit/s, nothing for the first second the outage
+        // reaches it (4.3 s: its start plus the one-way delay), then 96 again.
+        let rx = series(t0, 12.0, |t| {
+            if (1.0..4.3).contains(&t) || t >= 5.3 {
+                96.0
+            } else {
+                0.0
+            }
+        });
+        // Link 0 carries until the outage, and again from 9.5 s.
+        let l0 = series(t0, 12.0, |t| {
+            if (1.0..4.0).contains(&t) || t >= 9.5 {
+                98.0
+            } else {
+                0.0
+            }
+        });
+        let l1 = series(
+            t0,
+            12.0,
+            |t| if (4.5..9.8).contains(&t) { 98.0 } else { 0.0 },
+        );
+        let o = outcome(rx, vec![l0, l1]);
+        let f = links_figures(cell, &o, 80.0, 0.0, 12.0);
+        assert_eq!(f.policy, "failover");
+        assert_eq!(f.goal_ref_mbps, 100.0, "link 1's capacity");
+        // [4.3, 9.3): 4 s of 96 Mbit/s in 5 s.
+        let g = f.goal_mbps.unwrap();
+        assert!((g - 76.8).abs() < 0.5, "{g}");
+        assert!((f.goal_ratio.unwrap() - 0.768).abs() < 0.005);
+        // 90 Mbit/s over 0.5 s once 90/96 of the window is past 5.3 s:
+        // 1.3 s + 0.47 s after the start.
+        let sw = f.switch_s.unwrap();
+        assert!((sw - (1.3 + 0.5 * 90.0 / 96.0)).abs() < 0.02, "{sw}");
+        // Link 0 at 90 % of its 100 Mbit/s over 0.5 s, carrying 98 from 9.5 s:
+        // 0.5 s + 0.46 s after the end.
+        let back = f.back_s.unwrap();
+        assert!((back - (0.5 + 0.5 * 90.0 / 98.0)).abs() < 0.02, "{back}");
+        assert_eq!(f.links.len(), 2);
+        assert_eq!(f.links[0].outage, Some((5.0, 5.0)));
+        assert!(!f.links[1].wire_series.is_empty());
+    }
+
+    #[test]
+    fn failover_without_the_whole_outage_is_not_measured() {
+        let cell = &Scenario::parse(FAILOVER, "t").unwrap().cells(false)[0];
+        let t0 = Instant::now();
+        let rx = series(t0, 6.0, |_| 96.0);
+        let o = outcome(rx, vec![series(t0, 6.0, |_| 0.0), series(t0, 6.0, |_| 0.0)]);
+        // The transfer ended at 6 s, inside the outage's window.
+        let f = links_figures(cell, &o, 96.0, 0.0, 6.0);
+        assert_eq!(f.goal_mbps, None);
+        assert_eq!(f.goal_ratio, None);
+        assert!(f.goal.contains("more bytes"), "{}", f.goal);
+        assert_eq!(f.back_s, None);
+    }
+
+    #[test]
+    fn balance_goal_is_goodput_over_the_sum() {
+        let text = FAILOVER.replace("failover", "balance").replace(
+            "outage = { start_s = 5.0, duration_s = 5.0 }",
+            "rate_mbps = 50.0",
+        );
+        let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
+        let t0 = Instant::now();
+        let o = outcome(
+            series(t0, 12.0, |_| 135.0),
+            vec![series(t0, 12.0, |_| 90.0), series(t0, 12.0, |_| 45.0)],
+        );
+        let f = links_figures(cell, &o, 135.0, 0.0, 12.0);
+        assert_eq!(f.goal_ref_mbps, 150.0);
+        assert!((f.goal_ratio.unwrap() - 0.9).abs() < 1e-9);
+        assert_eq!((f.switch_s, f.back_s), (None, None));
+    }
 }

@@ -275,6 +275,56 @@ pub struct CellSpec {
     /// Whether jitter may reorder datagrams (default: the base link's, false).
     #[serde(default)]
     pub reorder: Option<bool>,
+    /// Several links between the two nodes (`[[cell.link]]`, 2 to 8): each an
+    /// emulated link of its own (a relay each) with the cell's settings unless
+    /// it names its own; lu2k only, each engine's `[[peer]]` given every link.
+    #[serde(default, rename = "link")]
+    pub links: Vec<CellLinkSpec>,
+    /// How lu2k spreads messages over `links`: `failover` or `balance`
+    /// (required with links).
+    #[serde(default)]
+    pub policy: Option<LinkPolicy>,
+    /// The nodes' addresses, the relay's sockets and the engines' `bind` and
+    /// `[[peer]]` in IPv6 (ULA addresses on the loopback device of a network
+    /// namespace; root); lu2k only.
+    #[serde(default)]
+    pub ipv6: bool,
+}
+
+/// How lu2k's engines use a cell's links (the engine's `policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkPolicy {
+    /// Every message on the first link that is up.
+    Failover,
+    /// Messages spread by weight and measured rate.
+    Balance,
+}
+
+impl LinkPolicy {
+    /// The configuration's word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkPolicy::Failover => "failover",
+            LinkPolicy::Balance => "balance",
+        }
+    }
+}
+
+/// One of a cell's links (`[[cell.link]]`); what it leaves out is the cell's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellLinkSpec {
+    /// Forward bottleneck rate, Mbit/s (default the cell's `rate_mbps`).
+    pub rate_mbps: Option<f64>,
+    /// Round-trip propagation delay, ms (default the cell's).
+    pub rtt_ms: Option<f64>,
+    /// Random loss per direction (default the cell's).
+    pub loss: Option<f64>,
+    /// Share of this link in `balance` (1 to 1000, default 1).
+    pub weight: Option<u32>,
+    /// An outage of this link alone.
+    pub outage: Option<CellOutage>,
 }
 
 /// A scenario file.
@@ -364,6 +414,65 @@ pub struct Cell {
     pub link: DuplexConfig,
     /// The workload of this cell (with --quick and the cell's overrides applied).
     pub workload: Workload,
+    /// The cell's links when it has several (empty: one link, `link`).
+    pub links: Vec<CellLink>,
+    /// How lu2k uses `links`.
+    pub policy: Option<LinkPolicy>,
+    /// IPv6 addresses for the nodes, the relay and the engines.
+    pub ipv6: bool,
+}
+
+/// One of a multi-link cell's links, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellLink {
+    /// Forward bottleneck rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// Round-trip propagation delay, ms.
+    pub rtt_ms: f64,
+    /// Random loss per direction.
+    pub loss: f64,
+    /// Share in `balance`.
+    pub weight: u32,
+    /// This link's outage, already scaled for --quick.
+    pub outage: Option<CellOutage>,
+    /// The complete link for linkem.
+    pub link: DuplexConfig,
+}
+
+impl CellLink {
+    /// What it carries of payload at most, Mbit/s: rate × (1 − loss).
+    pub fn capacity_mbps(&self) -> f64 {
+        self.rate_mbps * (1.0 - self.loss)
+    }
+}
+
+impl Cell {
+    /// What the cell's links can carry together, Mbit/s: the sum of each
+    /// link's rate × (1 − loss) (one link: the cell's). Goodput cannot exceed
+    /// it, whatever the policy; utilization is measured against it.
+    pub fn capacity_mbps(&self) -> f64 {
+        if self.links.is_empty() {
+            self.rate_mbps * (1.0 - self.loss)
+        } else {
+            self.links.iter().map(CellLink::capacity_mbps).sum()
+        }
+    }
+
+    /// The link a failover cell's traffic must survive on: the first link
+    /// without an outage, and the outage (of the first link that has one) it
+    /// covers for; None unless the cell is failover with an outage.
+    pub fn failover_outage(&self) -> Option<(usize, usize, CellOutage)> {
+        if self.policy != Some(LinkPolicy::Failover) {
+            return None;
+        }
+        let (down, out) = self
+            .links
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| l.outage.map(|o| (i, o)))?;
+        let up = self.links.iter().position(|l| l.outage.is_none())?;
+        Some((down, up, out))
+    }
 }
 
 impl Scenario {
@@ -492,19 +601,23 @@ impl Scenario {
                 ));
             }
         }
+        self.check_links(i, c)?;
         // What only the whole link can judge (a burst too long for its
         // loss rate ...), named under the cell.
         let cell = self.resolve(c.clone(), false);
-        for (dir, cfg) in [
-            ("forward", &cell.link.forward),
-            ("reverse", &cell.link.reverse),
-        ] {
-            cfg.validate().map_err(|e| {
-                invalid(
-                    f(&format!("link.{dir}.{}", e.field)),
-                    format!("{} (from the cell's loss, burst, rates, jitter)", e.problem),
-                )
-            })?;
+        let mut links = vec![("link".to_string(), &cell.link)];
+        for (j, l) in cell.links.iter().enumerate() {
+            links.push((format!("link[{j}]"), &l.link));
+        }
+        for (at, link) in links {
+            for (dir, cfg) in [("forward", &link.forward), ("reverse", &link.reverse)] {
+                cfg.validate().map_err(|e| {
+                    invalid(
+                        f(&format!("{at}.{dir}.{}", e.field)),
+                        format!("{} (from the cell's loss, burst, rates, jitter)", e.problem),
+                    )
+                })?;
+            }
         }
         if let Some(cs) = &c.contenders {
             for (j, x) in cs.iter().enumerate() {
@@ -515,6 +628,103 @@ impl Scenario {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Checks `cell[i]`'s links, policy and address family: several links
+    /// and IPv6 are lu2k's (the others have one path, over IPv4 here).
+    fn check_links(&self, i: usize, c: &CellSpec) -> Result<(), ScenarioError> {
+        let f = |name: &str| format!("cell[{i}].{name}");
+        let contenders = c.contenders.as_ref().unwrap_or(&self.contenders);
+        let only_lu2k = |what: &str| -> Result<(), ScenarioError> {
+            match contenders.iter().find(|&&x| x != Contender::Lu2k) {
+                Some(x) => Err(invalid(
+                    f("contenders"),
+                    format!(
+                        "{x} in a cell with {what}: only lu2k runs there (give the cell \
+                         contenders = [\"lu2k\"])"
+                    ),
+                )),
+                None => Ok(()),
+            }
+        };
+        if c.ipv6 {
+            only_lu2k("ipv6 = true")?;
+        }
+        if c.links.is_empty() {
+            if let Some(p) = c.policy {
+                return Err(invalid(
+                    f("policy"),
+                    format!(
+                        "{} without [[cell.link]] entries: give two or more, or remove policy",
+                        p.name()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if !(2..=8).contains(&c.links.len()) {
+            return Err(invalid(
+                f("link"),
+                format!("{} links: give 2 to 8 [[cell.link]] entries", c.links.len()),
+            ));
+        }
+        if c.policy.is_none() {
+            return Err(invalid(
+                f("policy"),
+                "missing: a cell with links says policy = \"failover\" or \"balance\"",
+            ));
+        }
+        if c.outage.is_some() {
+            return Err(invalid(
+                f("outage"),
+                "an outage of the whole cell in a cell with links: give it to one link \
+                 ([[cell.link]] outage = { start_s, duration_s })",
+            ));
+        }
+        if c.ipv6 {
+            return Err(invalid(
+                f("ipv6"),
+                "with [[cell.link]] entries: the multi-link cells run over IPv4 loopback \
+                 addresses; give IPv6 its own single-link cell",
+            ));
+        }
+        only_lu2k("several links (TCP, UDT4, SRT and QUIC have one path)")?;
+        for (j, l) in c.links.iter().enumerate() {
+            let g = |name: &str| format!("cell[{i}].link[{j}].{name}");
+            if let Some(r) = l.rate_mbps {
+                check_rate(&g("rate_mbps"), r)?;
+            }
+            if let Some(r) = l.rtt_ms {
+                check_rtt(&g("rtt_ms"), r)?;
+            }
+            if let Some(x) = l.loss {
+                check_loss(&g("loss"), x)?;
+            }
+            if let Some(w) = l.weight {
+                if !(1..=1000).contains(&w) {
+                    return Err(invalid(
+                        g("weight"),
+                        format!("must be between 1 and 1000 (the link's share), got {w}"),
+                    ));
+                }
+            }
+            if let Some(o) = l.outage {
+                if !(o.start_s.is_finite() && o.start_s >= 0.0 && o.start_s < 3600.0) {
+                    return Err(invalid(
+                        g("outage.start_s"),
+                        format!("must be seconds in [0, 3600), got {}", o.start_s),
+                    ));
+                }
+                check_pos(&g("outage.duration_s"), o.duration_s, 3600.0)?;
+            }
+        }
+        if c.links.iter().all(|l| l.outage.is_some()) {
+            return Err(invalid(
+                f("link"),
+                "every link has an outage: leave one without, the link traffic survives on",
+            ));
         }
         Ok(())
     }
@@ -539,6 +749,9 @@ impl Scenario {
                         reverse_loss: None,
                         jitter_ms: None,
                         reorder: None,
+                        links: Vec::new(),
+                        policy: None,
+                        ipv6: false,
                     });
                 }
             }
@@ -576,44 +789,28 @@ impl Scenario {
                 o.duration_s *= q.time_scale;
             }
         }
-        let mut link = self.link.clone();
-        for (dir, cfg) in [("f", &mut link.forward), ("r", &mut link.reverse)] {
-            cfg.delay_ms = c.rtt_ms / 2.0;
-            if let Some(j) = c.jitter_ms {
-                cfg.jitter_ms = j;
-            }
-            if cfg.jitter_ms > cfg.delay_ms {
-                cfg.jitter_ms = cfg.delay_ms;
-            }
-            if let Some(r) = c.reorder {
-                cfg.reorder = r;
-            }
-            let loss = match dir {
-                "r" => c.reverse_loss.unwrap_or(c.loss),
-                _ => c.loss,
-            };
-            cfg.loss = match (loss > 0.0, c.burst) {
-                (false, _) => Loss::None,
-                (true, None) => Loss::Bernoulli { rate: loss },
-                (true, Some(burst)) => Loss::GilbertElliott { rate: loss, burst },
-            };
-            if dir == "f" {
-                cfg.rate_mbps = Some(c.rate_mbps);
-            } else if let Some(r) = c.reverse_rate_mbps {
-                cfg.rate_mbps = Some(r);
-            } else if cfg.rate_mbps.is_none() {
-                cfg.rate_mbps = Some(c.rate_mbps);
-            }
-            if let Some(q) = c.queue_bytes {
-                cfg.queue_bytes = Some(q);
-            }
-            if let Some(o) = outage {
-                cfg.outages = vec![Outage {
-                    start_s: o.start_s,
-                    end_s: o.start_s + o.duration_s,
-                }];
-            }
-        }
+        let link = self.duplex(&c, c.rtt_ms, c.loss, c.rate_mbps, outage);
+        let scale = if quick { self.quick.time_scale } else { 1.0 };
+        let links = c
+            .links
+            .iter()
+            .map(|l| {
+                let outage = l.outage.map(|o| CellOutage {
+                    start_s: o.start_s * scale,
+                    duration_s: o.duration_s * scale,
+                });
+                let (rtt_ms, loss) = (l.rtt_ms.unwrap_or(c.rtt_ms), l.loss.unwrap_or(c.loss));
+                let rate_mbps = l.rate_mbps.unwrap_or(c.rate_mbps);
+                CellLink {
+                    rate_mbps,
+                    rtt_ms,
+                    loss,
+                    weight: l.weight.unwrap_or(1),
+                    outage,
+                    link: self.duplex(&c, rtt_ms, loss, rate_mbps, outage),
+                }
+            })
+            .collect();
         let name = c.name.clone().unwrap_or_else(|| {
             let mut n = format!(
                 "{}ms/{}%/{}M",
@@ -636,6 +833,12 @@ impl Scenario {
             if c.reorder == Some(true) {
                 n += "/reorder";
             }
+            if let Some(p) = c.policy {
+                n += &format!("/{}links-{}", c.links.len(), p.name());
+            }
+            if c.ipv6 {
+                n += "/ipv6";
+            }
             n
         });
         Cell {
@@ -647,7 +850,61 @@ impl Scenario {
             contenders: c.contenders.unwrap_or_else(|| self.contenders.clone()),
             link,
             workload: w,
+            links,
+            policy: c.policy,
+            ipv6: c.ipv6,
         }
+    }
+
+    /// linkem's settings for one link of cell `c`: the base link with this
+    /// delay, loss, forward rate and outage, and the cell's other settings.
+    fn duplex(
+        &self,
+        c: &CellSpec,
+        rtt_ms: f64,
+        loss: f64,
+        rate_mbps: f64,
+        outage: Option<CellOutage>,
+    ) -> DuplexConfig {
+        let mut link = self.link.clone();
+        for (dir, cfg) in [("f", &mut link.forward), ("r", &mut link.reverse)] {
+            cfg.delay_ms = rtt_ms / 2.0;
+            if let Some(j) = c.jitter_ms {
+                cfg.jitter_ms = j;
+            }
+            if cfg.jitter_ms > cfg.delay_ms {
+                cfg.jitter_ms = cfg.delay_ms;
+            }
+            if let Some(r) = c.reorder {
+                cfg.reorder = r;
+            }
+            let loss = match dir {
+                "r" => c.reverse_loss.unwrap_or(loss),
+                _ => loss,
+            };
+            cfg.loss = match (loss > 0.0, c.burst) {
+                (false, _) => Loss::None,
+                (true, None) => Loss::Bernoulli { rate: loss },
+                (true, Some(burst)) => Loss::GilbertElliott { rate: loss, burst },
+            };
+            if dir == "f" {
+                cfg.rate_mbps = Some(rate_mbps);
+            } else if let Some(r) = c.reverse_rate_mbps {
+                cfg.rate_mbps = Some(r);
+            } else if cfg.rate_mbps.is_none() {
+                cfg.rate_mbps = Some(rate_mbps);
+            }
+            if let Some(q) = c.queue_bytes {
+                cfg.queue_bytes = Some(q);
+            }
+            if let Some(o) = outage {
+                cfg.outages = vec![Outage {
+                    start_s: o.start_s,
+                    end_s: o.start_s + o.duration_s,
+                }];
+            }
+        }
+        link
     }
 }
 
@@ -891,6 +1148,129 @@ bytes = 2000
         )
         .unwrap_err();
         assert!(e.to_string().contains("byts"), "{e}");
+    }
+
+    const LINKS: &str = r#"
+name = "l"
+contenders = ["lu2k"]
+[workload]
+kind = "bulk"
+bytes = 1000
+[quick]
+time_scale = 0.5
+[link.forward]
+queue_bytes = 1000
+[[cell]]
+rtt_ms = 600.0
+loss = 0.01
+rate_mbps = 100.0
+policy = "failover"
+[[cell.link]]
+outage = { start_s = 10.0, duration_s = 4.0 }
+[[cell.link]]
+rate_mbps = 50.0
+weight = 3
+loss = 0.0
+"#;
+
+    #[test]
+    fn links_take_the_cells_settings_and_their_own() {
+        let s = Scenario::parse(LINKS, "t.toml").unwrap();
+        let cells = s.cells(true);
+        let c = &cells[0];
+        assert_eq!(c.name, "600ms/1%/100M/2links-failover");
+        assert_eq!(c.policy, Some(LinkPolicy::Failover));
+        assert_eq!(c.links.len(), 2);
+        let (l0, l1) = (&c.links[0], &c.links[1]);
+        assert_eq!((l0.rate_mbps, l0.weight, l0.loss), (100.0, 1, 0.01));
+        assert_eq!((l1.rate_mbps, l1.weight, l1.loss), (50.0, 3, 0.0));
+        // --quick scales each link's outage, which only that link has.
+        assert_eq!(
+            l0.outage,
+            Some(CellOutage {
+                start_s: 5.0,
+                duration_s: 2.0
+            })
+        );
+        assert_eq!(l0.link.forward.outages.len(), 1);
+        assert!(l1.link.forward.outages.is_empty() && l1.outage.is_none());
+        assert_eq!(l1.link.forward.rate_mbps, Some(50.0));
+        assert_eq!(l0.link.forward.delay_ms, 300.0);
+        assert_eq!(l1.link.forward.queue_bytes, Some(1000));
+        // What they can carry together, and what failover survives on.
+        assert!((c.capacity_mbps() - (99.0 + 50.0)).abs() < 1e-9);
+        let (down, up, out) = c.failover_outage().unwrap();
+        assert_eq!((down, up, out.start_s), (0, 1, 5.0));
+        // A single-link cell carries its own link's capacity.
+        let one = Scenario::parse(BASE, "t.toml").unwrap().cells(false);
+        assert!(one[0].links.is_empty() && !one[0].ipv6);
+        assert!((one[0].capacity_mbps() - one[0].rate_mbps * (1.0 - one[0].loss)).abs() < 1e-9);
+        // The IPv6 flag names the cell.
+        let v6 = Scenario::parse(
+            &LINKS
+                .replace("policy = \"failover\"", "ipv6 = true")
+                .replace("[[cell.link]]\noutage = { start_s = 10.0, duration_s = 4.0 }\n[[cell.link]]\nrate_mbps = 50.0\nweight = 3\nloss = 0.0\n", ""),
+            "t.toml",
+        )
+        .unwrap();
+        let v6 = v6.cells(false);
+        assert!(v6[0].ipv6 && v6[0].links.is_empty());
+        assert_eq!(v6[0].name, "600ms/1%/100M/ipv6");
+    }
+
+    #[test]
+    fn link_errors_name_the_field() {
+        assert_eq!(
+            err_field(&LINKS.replace("weight = 3", "weight = 0")),
+            "cell[0].link[1].weight"
+        );
+        assert_eq!(
+            err_field(&LINKS.replace("rate_mbps = 50.0", "rate_mbps = -5.0")),
+            "cell[0].link[1].rate_mbps"
+        );
+        assert_eq!(
+            err_field(&LINKS.replace("duration_s = 4.0", "duration_s = 0.0")),
+            "cell[0].link[0].outage.duration_s"
+        );
+        assert_eq!(
+            err_field(&LINKS.replace("policy = \"failover\"\n", "")),
+            "cell[0].policy"
+        );
+        // One path for the others: a cell with links is lu2k's.
+        assert_eq!(
+            err_field(&LINKS.replace(
+                r#"contenders = ["lu2k"]"#,
+                r#"contenders = ["lu2k", "tcp-bbr"]"#
+            )),
+            "cell[0].contenders"
+        );
+        // Both links out: nothing to fail over to.
+        assert_eq!(
+            err_field(&LINKS.replace(
+                "loss = 0.0\n",
+                "outage = { start_s = 1.0, duration_s = 1.0 }\n"
+            )),
+            "cell[0].link"
+        );
+        // An outage of the whole cell, or a policy without links.
+        assert_eq!(
+            err_field(&LINKS.replace(
+                "policy = \"failover\"",
+                "policy = \"failover\"\noutage = { start_s = 1.0, duration_s = 1.0 }"
+            )),
+            "cell[0].outage"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("bytes = 2000", "policy = \"balance\"")),
+            "cell[0].policy"
+        );
+        assert_eq!(
+            err_field(&BASE.replace("bytes = 2000", "ipv6 = true")),
+            "cell[0].contenders"
+        );
+        let e = Scenario::parse(&LINKS.replace("\"failover\"", "\"roundrobin\""), "t.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("roundrobin"), "{e}");
     }
 
     #[test]
