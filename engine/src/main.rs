@@ -73,12 +73,10 @@ struct RunArgs {
     #[arg(long)]
     kshim: Option<String>,
     /// Local address to bind, IPv4 or IPv6: this node's NID address; "::" binds
-    /// every address, dual-stack (IPv4 peers too); "[::]:7988" also sets the port.
+    /// every address, dual-stack (IPv4 peers too; the config field bind_v6only turns
+    /// IPv4 off); "[::]:7988" also sets the port.
     #[arg(long)]
     bind: Option<String>,
-    /// With an IPv6 --bind, take IPv6 only (no IPv4 peers).
-    #[arg(long)]
-    bind_v6only: bool,
     /// UDP port used by all lu2k nodes [default: 7988].
     #[arg(long)]
     port: Option<u16>,
@@ -159,9 +157,6 @@ impl RunArgs {
                 }
                 c.port = p;
             }
-        }
-        if self.bind_v6only {
-            c.bind_v6only = true;
         }
         if let Some(v) = self.port {
             c.port = v;

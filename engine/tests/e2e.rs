@@ -459,34 +459,58 @@ fn killed_peer_engine_fails_sends_back() {
 
 #[test]
 fn two_cores_two_peers_use_both_cores() {
-    let tag = "fanout";
+    let cands = (60..90).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)));
+    fanout("fanout", cands.collect(), None);
+}
+
+/// The same over IPv6: the engine's reuseport group of IPv6 sockets steered by
+/// the IPv6 source address (on a namespace's loopback).
+#[test]
+fn two_cores_two_ipv6_peers_use_both_cores() {
+    let test = "two_cores_two_ipv6_peers_use_both_cores";
+    let cands: Vec<IpAddr> = (0x60..0x90).map(|i| ula(i).into()).collect();
+    let v6: Vec<Ipv6Addr> = cands
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let Some(ns) = v6_loopback(test, "fanout6", &v6) else {
+        return;
+    };
+    fanout("fanout6", cands, Some(ns.ns[0].as_str()));
+}
+
+/// Engine A on two cores sends to two peers (picked from `cands`, after A) that
+/// the shard function puts on different cores: each of A's cores owns one.
+fn fanout(tag: &str, cands: Vec<IpAddr>, ns: Option<&str>) {
     let cores = 2;
     // Two destinations that the shard function puts on different cores.
-    let cands: Vec<Ipv4Addr> = (60..90).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
     let b_ip = cands[1..]
         .iter()
         .copied()
-        .find(|ip| lu2k_engine::steer::shard_v4(*ip, cores) == 0)
+        .find(|ip| lu2k_engine::steer::shard_ip(*ip, cores) == 0)
         .unwrap();
     let c_ip = cands[1..]
         .iter()
         .copied()
-        .find(|ip| lu2k_engine::steer::shard_v4(*ip, cores) == 1)
+        .find(|ip| lu2k_engine::steer::shard_ip(*ip, cores) == 1)
         .unwrap();
     let a_ip = cands[0];
     let dir = tmpdir(&format!("e2e-{tag}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 211;
-    let mut ka = kshim(&dir, "a", a_ip, cores);
-    let mut kb = kshim(&dir, "b", b_ip, cores);
-    let mut kc = kshim(&dir, "c", c_ip, cores);
-    let ea = start_engine(&dir, "a", a_ip, port, &[]);
-    let eb = start_engine(&dir, "b", b_ip, port, &[]);
-    let ec = start_engine(&dir, "c", c_ip, port, &[]);
+    let mut ka = kshim_of(&dir, "a", a_ip, cores);
+    let mut kb = kshim_of(&dir, "b", b_ip, cores);
+    let mut kc = kshim_of(&dir, "c", c_ip, cores);
+    let ea = start_engine_in(ns, &dir, "a", &a_ip.to_string(), port, &[]);
+    let eb = start_engine_in(ns, &dir, "b", &b_ip.to_string(), port, &[]);
+    let ec = start_engine_in(ns, &dir, "c", &c_ip.to_string(), port, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     for k in [&mut ka, &mut kb, &mut kc] {
         wait_attached(k, deadline);
     }
-    let (na, nb, nc) = (nid(a_ip), nid(b_ip), nid(c_ip));
+    let (na, nb, nc) = (nid_of(a_ip), nid_of(b_ip), nid_of(c_ip));
     let count = 400u64;
     let len = 64 << 10;
     let mut sent = 0u64;
@@ -501,7 +525,7 @@ fn two_cores_two_peers_use_both_cores() {
         while sent < count {
             let dst = if sent % 2 == 0 { nb } else { nc };
             if ka
-                .send(&put(dst, na, len, sent), &pattern(sent, len))
+                .send_to(dst, &put(dst, na, len, sent), &pattern(sent, len))
                 .is_err()
             {
                 break;
