@@ -14,8 +14,11 @@
 //! payload still travels from the shared TX pool and lands in the shared RX pool,
 //! so the ring side sees exactly what it sees over a real socket.
 //!
-//! The simulated network is an IPv4 one ([`Datagram`] carries IPv4 addresses): a
-//! send to an IPv6 destination completes with `EAFNOSUPPORT`, as on an IPv4 socket.
+//! A provider at an IPv4 address ([`SimIo::new`]) is an IPv4 socket: a send to an
+//! IPv6 destination completes with `EAFNOSUPPORT`, and its port speaks
+//! [`Datagram`]s. One at an IPv6 address ([`SimIo::new_at`]) is a dual-stack socket:
+//! it sends to either family, reports an IPv4-mapped sender as IPv4, and its port
+//! speaks [`Packet`]s ([`SimPort::take_sent_any`], [`SimPort::deliver_any`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -77,10 +80,31 @@ pub struct Datagram {
     pub bytes: Vec<u8>,
 }
 
+/// A datagram of either family in the simulated network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// Sender.
+    pub from: SocketAddr,
+    /// Destination.
+    pub to: SocketAddr,
+    /// UDP payload.
+    pub bytes: Vec<u8>,
+}
+
+impl From<Datagram> for Packet {
+    fn from(d: Datagram) -> Packet {
+        Packet {
+            from: d.from.into(),
+            to: d.to.into(),
+            bytes: d.bytes,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queues {
-    outbox: VecDeque<Datagram>,
-    inbox: VecDeque<Datagram>,
+    outbox: VecDeque<Packet>,
+    inbox: VecDeque<Packet>,
     wake: Option<Instant>,
 }
 
@@ -93,14 +117,41 @@ impl SimPort {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the datagrams sent since the last call.
+    /// Takes the datagrams sent since the last call, by a provider at an IPv4
+    /// address (whose sends are all IPv4).
+    ///
+    /// # Panics
+    /// On an IPv6 datagram (a provider at an IPv6 address): take those with
+    /// [`SimPort::take_sent_any`].
     pub fn take_sent(&self) -> Vec<Datagram> {
+        let v4 = |a: SocketAddr| match super::sys::canonical(a) {
+            SocketAddr::V4(v4) => v4,
+            SocketAddr::V6(v6) => panic!("{v6} is IPv6: use take_sent_any"),
+        };
+        self.lock()
+            .outbox
+            .drain(..)
+            .map(|p| Datagram {
+                from: v4(p.from),
+                to: v4(p.to),
+                bytes: p.bytes,
+            })
+            .collect()
+    }
+
+    /// Takes the datagrams sent since the last call, of either family.
+    pub fn take_sent_any(&self) -> Vec<Packet> {
         self.lock().outbox.drain(..).collect()
     }
 
     /// Hands a datagram to the provider (it is received at the next wait).
     pub fn deliver(&self, d: Datagram) {
-        self.lock().inbox.push_back(d);
+        self.lock().inbox.push_back(d.into());
+    }
+
+    /// Hands a datagram of either family to the provider.
+    pub fn deliver_any(&self, p: Packet) {
+        self.lock().inbox.push_back(p);
     }
 
     /// Datagrams waiting for a free RX buffer.
@@ -117,7 +168,7 @@ impl SimPort {
 /// A [`DatagramIo`] on virtual time. See the module doc.
 #[derive(Debug)]
 pub struct SimIo {
-    local: SocketAddrV4,
+    local: SocketAddr,
     mem: Arc<CoreMem>,
     clock: SimClock,
     port: SimPort,
@@ -131,8 +182,13 @@ pub struct SimIo {
 }
 
 impl SimIo {
-    /// A provider for the core whose memory is `mem`, at address `local`.
+    /// A provider for the core whose memory is `mem`, at IPv4 address `local`.
     pub fn new(local: SocketAddrV4, mem: Arc<CoreMem>, clock: SimClock) -> (SimIo, SimPort) {
+        SimIo::new_at(local.into(), mem, clock)
+    }
+
+    /// A provider at `local` of either family (an IPv6 one is dual-stack).
+    pub fn new_at(local: SocketAddr, mem: Arc<CoreMem>, clock: SimClock) -> (SimIo, SimPort) {
         let port = SimPort::default();
         let io = SimIo {
             local,
@@ -169,7 +225,7 @@ impl SimIo {
             self.stats.bytes_received += d.bytes.len() as u64;
             let len = d.bytes.len() as u32;
             out.push(Event::Recv {
-                from: SocketAddr::V4(d.from),
+                from: super::sys::canonical(d.from),
                 bid,
                 off: 0,
                 len,
@@ -183,14 +239,15 @@ impl SimIo {
 impl DatagramIo for SimIo {
     fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError> {
         gso_size(segs)?;
-        let SocketAddr::V4(dst) = super::sys::canonical(dst) else {
+        let dst = super::sys::canonical(dst);
+        if self.local.is_ipv4() && dst.is_ipv6() {
             self.out.push(Event::SendDone {
                 token,
                 result: Err(libc::EAFNOSUPPORT),
                 kernel_copied: false,
             });
             return Ok(());
-        };
+        }
         let mut datagrams = Vec::with_capacity(segs.len());
         for s in segs {
             let mut bytes = Vec::with_capacity(s.wire_len());
@@ -200,7 +257,7 @@ impl DatagramIo for SimIo {
                     return Err(SendError::OutOfPool);
                 }
             }
-            datagrams.push(Datagram {
+            datagrams.push(Packet {
                 from: self.local,
                 to: dst,
                 bytes,
@@ -289,5 +346,203 @@ impl DatagramIo for SimIo {
 
     fn realtime_ns(&self) -> u64 {
         self.clock.elapsed().as_nanos() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The UDT transport between IPv6 peers on virtual time: what the sim
+    //! provider's IPv6 side is for.
+
+    use std::collections::HashMap;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use lu2k_ring_abi::{Config as RegionConfig, Nid, Region, TxStatus, LNET_HDR_LEN};
+    use lu2k_udt::wire::{ControlRepr, HandshakeRepr};
+
+    use super::*;
+    use crate::transport::seal::{Keyring, Psk};
+    use crate::transport::udt::{Params, Udt};
+    use crate::transport::{Event as TEvent, OutMsg, Transport as _};
+
+    const PORT: u16 = 7988;
+    const KEY: &[u8] = b"the IPv6 test network's key, 32 bytes or more";
+
+    struct Node {
+        udt: Udt,
+        port: SimPort,
+        addr: SocketAddr,
+    }
+
+    fn node(ip: IpAddr, clock: &SimClock, sealed: bool) -> Node {
+        let region = Region::create(&RegionConfig {
+            cores: 1,
+            tx_entries: 64,
+            tx_done_entries: 64,
+            rx_entries: 64,
+            rx_return_entries: 64,
+            tx_pool_len: 1 << 20,
+            rx_buf_size: 2048,
+            rx_buf_count: 256,
+            rx_tables_per_core: 16,
+            ..RegionConfig::default()
+        })
+        .expect("region");
+        let mem = Arc::new(CoreMem::new(&region, 0, 1, 64, 64).expect("core mem"));
+        let addr = SocketAddr::new(ip, PORT);
+        let (io, port) = SimIo::new_at(addr, mem.clone(), clock.clone());
+        let net = "fd00::1@lu2k".parse::<Nid>().expect("nid").net();
+        let udt = Udt::new(
+            Params {
+                core: 0,
+                net,
+                port: PORT,
+                overrides: HashMap::new(),
+                udt: lu2k_udt::conn::Config {
+                    rcv_buf_pkts: Some(1024),
+                    ..Default::default()
+                },
+                peer_down_timeout_us: 10_000_000,
+                seed: u64::from(ip.is_ipv6()) + 7,
+            },
+            Box::new(io),
+            region,
+            mem.rx_first,
+        );
+        let udt = if sealed {
+            let keys = Keyring {
+                local: Some(ip),
+                net: vec![Psk::from_bytes(KEY).expect("psk")],
+                ..Keyring::default()
+            };
+            let scratch = mem.take_seal_scratch().expect("scratch");
+            udt.with_security(keys, Default::default(), scratch)
+        } else {
+            udt
+        };
+        Node { udt, port, addr }
+    }
+
+    /// A → B: `count` messages to `to` (B's address as A knows it) until A has
+    /// every completion and B every message (20 s of virtual time at most),
+    /// datagrams carried by `net` (`true`: from A to B). Returns A's first
+    /// datagram (its handshake) and whom B's messages came from.
+    fn exchange(
+        a: &mut Node,
+        b: &mut Node,
+        to: IpAddr,
+        clock: &SimClock,
+        count: u64,
+        net: &dyn Fn(Packet, bool) -> Packet,
+    ) -> (Packet, Vec<IpAddr>) {
+        let len = 3000u32;
+        for id in 0..count {
+            a.udt.handle_send(OutMsg {
+                id,
+                peer: to,
+                hdr: (0, LNET_HDR_LEN as u32),
+                payload: vec![(4096 + id * 8192, len)],
+                payload_len: len,
+            });
+        }
+        let (mut ok, mut from, mut first) = (0, Vec::new(), None);
+        let end = clock.elapsed() + Duration::from_secs(20);
+        while (ok < count || (from.len() as u64) < count) && clock.elapsed() < end {
+            for n in [&mut *a, &mut *b] {
+                n.udt.wait(None, false).expect("wait");
+                n.udt.handle_timeout();
+                while n.udt.poll_transmit() {}
+                while let Some(ev) = n.udt.poll_event() {
+                    match ev {
+                        TEvent::Sent { status, .. } => {
+                            assert_eq!(status, TxStatus::Ok);
+                            ok += 1;
+                        }
+                        TEvent::Received { peer, bufs, pieces } => {
+                            let got: u32 = pieces.iter().map(|p| p.len).sum();
+                            assert_eq!(got, LNET_HDR_LEN as u32 + len);
+                            from.push(peer);
+                            n.udt.handle_return(&bufs);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for p in a.port.take_sent_any() {
+                first.get_or_insert_with(|| p.clone());
+                b.port.deliver_any(net(p, true));
+            }
+            for p in b.port.take_sent_any() {
+                a.port.deliver_any(net(p, false));
+            }
+            clock.advance_to(clock.now() + Duration::from_millis(1));
+        }
+        assert_eq!(ok, count, "A's completions");
+        (first.expect("A sent"), from)
+    }
+
+    /// B's peers as its stats name them.
+    fn peer_addrs(n: &mut Node) -> Vec<String> {
+        let mut s = crate::daemon::stats::CoreStats::default();
+        n.udt.stats(&mut s);
+        s.peers.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    #[test]
+    fn udt_between_ipv6_peers_on_virtual_time() {
+        for sealed in [false, true] {
+            let clock = SimClock::new();
+            let ia: IpAddr = "fd00::1".parse().unwrap();
+            let ib: IpAddr = "fd00::2".parse().unwrap();
+            let mut a = node(ia, &clock, sealed);
+            let mut b = node(ib, &clock, sealed);
+            let (aa, ba) = (a.addr, b.addr);
+            let net = |p: Packet, a_to_b: bool| {
+                let (from, to) = if a_to_b { (aa, ba) } else { (ba, aa) };
+                assert_eq!((p.from, p.to), (from, to), "misaddressed");
+                p
+            };
+            let (first, from) = exchange(&mut a, &mut b, ib, &clock, 20, &net);
+            assert_eq!(from, vec![ia; 20], "sealed {sealed}");
+            if !sealed {
+                // UDT4's handshake names the peer's IPv6 address in its four
+                // peer-IP words.
+                let hs = match ControlRepr::parse_bytes(&first.bytes) {
+                    Ok(ControlRepr::Handshake(h)) => h,
+                    other => panic!("the first datagram is no handshake: {other:?}"),
+                };
+                assert_eq!(HandshakeRepr::decode_peer_ip(hs.peer_ip, true), ib);
+            }
+            assert_eq!(peer_addrs(&mut b), ["[fd00::1]:7988"], "sealed {sealed}");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_peer_of_a_dual_stack_node_is_one_ipv4_peer() {
+        // B is dual-stack (an IPv6 provider) with IPv4 address 10.0.0.2 too; A
+        // is IPv4 at 10.0.0.1. A's datagrams reach B as ::ffff:10.0.0.1, as a
+        // dual-stack socket sees them; B's replies leave from 10.0.0.2.
+        let clock = SimClock::new();
+        let ia = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let ib4 = Ipv4Addr::new(10, 0, 0, 2);
+        let mut a = node(ia, &clock, false);
+        let mut b = node("fd00::2".parse().unwrap(), &clock, false);
+        let net = |mut p: Packet, a_to_b: bool| {
+            if a_to_b {
+                assert_eq!(p.to, SocketAddr::new(ib4.into(), PORT));
+                let SocketAddr::V4(f) = p.from else {
+                    panic!("A is IPv4")
+                };
+                p.from = SocketAddr::new(f.ip().to_ipv6_mapped().into(), f.port());
+            } else {
+                // B writes A's address as it names A: the IPv4 one.
+                assert_eq!(p.to, SocketAddr::new(ia, PORT));
+                p.from = SocketAddr::new(ib4.into(), PORT);
+            }
+            p
+        };
+        let (_, from) = exchange(&mut a, &mut b, ib4.into(), &clock, 10, &net);
+        assert_eq!(from, vec![ia; 10], "B names A by its IPv4 address");
+        assert_eq!(peer_addrs(&mut b), ["10.0.0.1:7988"], "one peer, IPv4");
     }
 }
