@@ -36,8 +36,10 @@
 //!   (`lu2k_udt::conn::Config::socket_id_class`), for the connections it opens and the
 //!   ones it accepts;
 //! - every UDT packet but a handshake to the listener carries the receiver's socket ID
-//!   at bytes 12..16 (data and control alike; the sealed wire keeps it there in clear,
-//!   [`crate::transport::seal`]), so `id % cores` names the owning core;
+//!   at bytes 12..16 (data and control alike), so `id % cores` names the owning core; a
+//!   sealed datagram ([`crate::transport::seal`]) carries it in its clear header instead
+//!   (bytes 7..11, after the `FF FF` mark and the version byte), where the program
+//!   reads it when the mark is there;
 //! - a handshake to the listener carries 0 there; it is steered by the *requester's*
 //!   socket ID at bytes 40..44 (the handshake body's `socket ID`, also in clear on the
 //!   sealed wire): a client's request, its repeat with the cookie and any later repeat
@@ -201,32 +203,56 @@ pub fn eval(prog: &[BpfInsn], src: IpAddr) -> Option<u32> {
 
 /// Offset in the UDP payload of the destination socket ID (UDT header word 3).
 pub const DST_ID_OFF: u32 = 12;
+/// Offset of the destination socket ID in a sealed datagram's clear header.
+pub const SEALED_DST_ID_OFF: u32 = crate::transport::seal::PLAIN_AT as u32;
+/// A sealed datagram's first two bytes, and its version bits in the third (the
+/// format in [`crate::transport::seal`]; `sealed_layout_matches_the_seal_module`
+/// checks these against that module's own parsing).
+const SEALED_MARK: u32 = 0xFFFF;
+const SEALED_VERSION: u32 = 0xC0;
+const SEALED_VERSION_MASK: u32 = 0xC0;
 /// Offset in the UDP payload of a handshake's requester socket ID (16-byte header, then
 /// version, type, ISN, MSS, flight flag size, request type: the 7th body word).
 pub const HS_ID_OFF: u32 = 16 + 24;
 
+const BPF_H: u16 = 0x08;
+const BPF_AND: u16 = 0x50;
 const BPF_JMP: u16 = 0x05;
 const BPF_JEQ: u16 = 0x10;
 
+fn jeq(k: u32, jt: u8, jf: u8) -> BpfInsn {
+    BpfInsn {
+        code: BPF_JMP | BPF_JEQ | BPF_K,
+        jt,
+        jf,
+        k,
+    }
+}
+
 /// The classic-BPF `SO_ATTACH_REUSEPORT_CBPF` program that steers by socket ID (see
-/// the module doc): `id = dst_id != 0 ? dst_id : requester_id; return id % cores`.
-/// Loads are from the UDP payload (the kernel runs a reuseport program with the UDP
-/// header pulled).
+/// the module doc): `id = sealed ? sealed_dst_id : dst_id != 0 ? dst_id :
+/// requester_id; return id % cores`. Loads are from the UDP payload (the kernel runs
+/// a reuseport program with the UDP header pulled).
 pub fn program_by_socket_id(cores: u32) -> Vec<BpfInsn> {
     let cores = cores.max(1);
     vec![
-        // 0: A = destination socket ID.
-        insn(BPF_LD | BPF_W | BPF_ABS, DST_ID_OFF),
-        // 1: a handshake to the listener (0) goes on at 4, anything else at 2.
-        BpfInsn {
-            code: BPF_JMP | BPF_JEQ | BPF_K,
-            jt: 2,
-            jf: 0,
-            k: 0,
-        },
+        // 0: a sealed datagram starts FF FF, then the version bits: on at 5, else 8.
+        insn(BPF_LD | BPF_H | BPF_ABS, 0),
+        jeq(SEALED_MARK, 0, 6),
+        insn(BPF_LD | BPF_B | BPF_ABS, 2),
+        insn(BPF_ALU | BPF_AND | BPF_K, SEALED_VERSION_MASK),
+        jeq(SEALED_VERSION, 0, 3),
+        // 5: A = the sealed header's destination socket ID.
+        insn(BPF_LD | BPF_W | BPF_ABS, SEALED_DST_ID_OFF),
         insn(BPF_ALU | BPF_MOD | BPF_K, cores),
         insn(BPF_RET | BPF_A, 0),
-        // 4: A = the requester's socket ID.
+        // 8: A = destination socket ID; a handshake to the listener (0) goes on at
+        // 12, anything else at 10.
+        insn(BPF_LD | BPF_W | BPF_ABS, DST_ID_OFF),
+        jeq(0, 2, 0),
+        insn(BPF_ALU | BPF_MOD | BPF_K, cores),
+        insn(BPF_RET | BPF_A, 0),
+        // 12: A = the requester's socket ID.
         insn(BPF_LD | BPF_W | BPF_ABS, HS_ID_OFF),
         insn(BPF_ALU | BPF_MOD | BPF_K, cores),
         insn(BPF_RET | BPF_A, 0),
@@ -240,17 +266,29 @@ pub fn eval_payload(prog: &[BpfInsn], payload: &[u8]) -> Option<u32> {
     let mut pc = 0usize;
     while let Some(i) = prog.get(pc) {
         pc += 1;
+        let load = |n: usize| {
+            let off = i.k as usize;
+            payload
+                .get(off..off + n)
+                .map(|b| b.iter().fold(0u32, |a, &x| a << 8 | u32::from(x)))
+        };
         match i.code {
-            c if c == BPF_LD | BPF_W | BPF_ABS => {
-                let off = i.k as usize;
-                let Some(w) = payload.get(off..off + 4) else {
-                    return Some(0);
-                };
-                a = u32::from_be_bytes(w.try_into().expect("4 bytes"));
-            }
+            c if c == BPF_LD | BPF_W | BPF_ABS => match load(4) {
+                Some(w) => a = w,
+                None => return Some(0),
+            },
+            c if c == BPF_LD | BPF_H | BPF_ABS => match load(2) {
+                Some(w) => a = w,
+                None => return Some(0),
+            },
+            c if c == BPF_LD | BPF_B | BPF_ABS => match load(1) {
+                Some(w) => a = w,
+                None => return Some(0),
+            },
             c if c == BPF_JMP | BPF_JEQ | BPF_K => {
                 pc += usize::from(if a == i.k { i.jt } else { i.jf });
             }
+            c if c == BPF_ALU | BPF_AND | BPF_K => a &= i.k,
             c if c == BPF_ALU | BPF_MOD | BPF_K => a = a.checked_rem(i.k)?,
             c if c == BPF_RET | BPF_A => return Some(a),
             _ => return None,
@@ -266,6 +304,12 @@ pub fn socket_id_core(payload: &[u8], cores: u32) -> u32 {
             .get(off as usize..off as usize + 4)
             .map(|w| u32::from_be_bytes(w.try_into().expect("4 bytes")))
     };
+    let sealed = payload.len() >= 3
+        && u32::from(u16::from_be_bytes([payload[0], payload[1]])) == SEALED_MARK
+        && u32::from(payload[2]) & SEALED_VERSION_MASK == SEALED_VERSION;
+    if sealed {
+        return word(SEALED_DST_ID_OFF).map_or(0, |id| id % cores.max(1));
+    }
     match word(DST_ID_OFF) {
         Some(0) => word(HS_ID_OFF).map_or(0, |id| id % cores.max(1)),
         Some(id) => id % cores.max(1),
@@ -296,6 +340,39 @@ mod socket_id_tests {
             assert_eq!(eval_payload(&p, &[1u8; 15]), Some(0));
             assert_eq!(eval_payload(&p, &[0u8; 43]), Some(0));
             assert_eq!(socket_id_core(&[0u8; 43], cores), 0);
+            assert_eq!(eval_payload(&p, &[0xFF, 0xFF, 0xC0, 1, 2]), Some(0));
+            assert_eq!(eval_payload(&p, &[0xFF]), Some(0));
+        }
+    }
+
+    /// Sealed datagrams as the seal module reads them: marked, the destination in the
+    /// clear header, the bytes where a plain header has it ciphertext (random).
+    #[test]
+    fn sealed_layout_matches_the_seal_module() {
+        use crate::transport::seal;
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for cores in 1..=8u32 {
+            let p = program_by_socket_id(cores);
+            for epoch in 0..64u8 {
+                let mut d: Vec<u8> = (0..seal::OVERHEAD + 16 + 64)
+                    .map(|_| next() as u8)
+                    .collect();
+                d[..3].copy_from_slice(&[0xFF, 0xFF, 0xC0 | epoch]);
+                assert!(seal::is_sealed(&d), "epoch {epoch}");
+                let dst = seal::sealed_dst(&d).expect("a sealed header");
+                assert_eq!(socket_id_core(&d, cores), dst % cores);
+                assert_eq!(eval_payload(&p, &d), Some(dst % cores));
+                // Another version byte is not the sealed format: plain steering.
+                d[2] = 0x02;
+                assert!(!seal::is_sealed(&d));
+                assert_eq!(eval_payload(&p, &d), Some(socket_id_core(&d, cores)));
+            }
         }
     }
 }

@@ -147,6 +147,23 @@ fn striped(tag: &str, a_ip: Ipv4Addr, b_ip: Ipv4Addr, count: u64, len: usize, se
                     sealed,
                     "{tag}: sealed bytes {sealed_bytes}"
                 );
+                // Every datagram reached the core that owns its connection: a
+                // mis-steered one is refused there as an unknown connection.
+                let misrouted: u64 = r
+                    .cores
+                    .iter()
+                    .map(|c| {
+                        c.drops
+                            .get("rx_sec_unknown_connection")
+                            .copied()
+                            .unwrap_or(0)
+                            + c.peers
+                                .iter()
+                                .filter_map(|p| p.rejected.get("unknown_connection"))
+                                .sum::<u64>()
+                    })
+                    .sum();
+                assert_eq!(misrouted, 0, "{tag}: datagrams steered to the wrong core");
             }
             break (per_a, per_b);
         }
