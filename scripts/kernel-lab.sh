@@ -33,7 +33,7 @@
 #         LU2K-LAB DONE
 #      The lnet and lnet-compare tests boot two such VMs at once (a pair per test),
 #      joined by a virtual network (virtio-net over qemu's socket netdev), one LNet
-#      node each. lnet-compare (socklnd against lu2klnd through netem, ~10 minutes
+#      node each. lnet-compare (socklnd against lu2klnd through netem, ~7 minutes
 #      under TCG) is opt-in: --tests lnet-compare.
 #
 # Exit status: 0 every selected test passed (skips are listed, and fail the run
@@ -43,7 +43,7 @@
 set -euo pipefail
 
 ALL_TESTS="rds,netem,probe,engine,module,lnet,lnet-compare"
-# lnet-compare takes ~10 minutes of TCG: opt-in
+# lnet-compare takes ~7 minutes of TCG: opt-in
 DEFAULT_TESTS="rds,netem,probe,engine,module,lnet"
 SKIP_RC=77
 
