@@ -533,6 +533,40 @@ fn balance_carries_the_sum_of_two_links() {
     assert!(goodput >= 0.9 * sum, "{goodput:.1} Mbit/s of {sum:.1}");
 }
 
+/// Balance on a GEO path (600 ms round trip on both links): before a link's
+/// connection has measured its round trip, the silence limit follows the
+/// handshake's time, not UDT's assumed 100 ms, so no link is called silent
+/// while its first ACK is still on the way, and both links carry their share.
+#[test]
+fn no_link_goes_down_before_its_first_round_trip_on_a_geo_path() {
+    let clock = SimClock::new();
+    let mut a = node(A, B, Some(Policy::Balance), &clock);
+    let mut b = node(B, A, Some(Policy::Balance), &clock);
+    let mut net = Net::new([(100.0, 300), (50.0, 300)]);
+    run(
+        &clock,
+        &mut net,
+        &mut a,
+        &mut b,
+        48,
+        Duration::from_secs(16),
+        &|now| now < Duration::from_secs(12),
+        &mut |_, _, _| {},
+    );
+    let links = a.links(B[0]);
+    eprintln!("links: {links:#?}");
+    assert_once(&a, &b);
+    for (i, l) in links.iter().enumerate() {
+        assert_eq!(
+            l.downs, 0,
+            "link {i} called silent on a path that never failed"
+        );
+    }
+    let total = links[0].bytes_acked + links[1].bytes_acked;
+    let share0 = links[0].bytes_acked as f64 / total as f64;
+    assert!((0.5..0.85).contains(&share0), "link 0 carried {share0:.2}");
+}
+
 /// A peer without links keeps UDT4's wire: no extension, one connection.
 #[test]
 fn a_single_link_peer_keeps_the_udt4_wire() {

@@ -16,7 +16,8 @@
 //! - **failover**: every message goes to the first link, in configuration order,
 //!   that is up. A link carrying messages whose data sent over it went
 //!   unanswered for [`silence_limit_us`] (1.25 RTT + 20 ms, at least 100 ms;
-//!   see [`Links::silent`]) is down: its
+//!   see [`Links::silent`]; the RTT is the connection's measured one, or before
+//!   its first ACK the link's handshake time, [`Links::silence_rtt_us`]) is down: its
 //!   connection is closed and each of its unfinished messages goes again on the
 //!   next link at once, so traffic moves within 2 RTT of the link going silent
 //!   (RTT ≥ 50 ms; below that the 100 ms floor rules). A down link is dialled again
@@ -431,6 +432,13 @@ pub struct Link {
     /// When the first data packet sent over it since it was last heard left
     /// (µs): silence counts only against packets that could have been answered.
     pub unanswered_since: Option<u64>,
+    /// When its connection was last dialled and not yet established (µs).
+    pub dialled_at: Option<u64>,
+    /// The last dial's handshake time (µs; 0: none yet): the round trip the
+    /// silence limit falls back on before the connection has measured one,
+    /// rather than UDT's assumed 100 ms, which on a 600 ms path would call
+    /// every fresh link silent before its first ACK could arrive.
+    pub handshake_us: u64,
     /// Messages on it not yet acknowledged, and their bytes.
     pub in_flight: u32,
     /// Bytes of [`Link::in_flight`].
@@ -531,6 +539,8 @@ impl Links {
                 tx_sock: None,
                 last_heard: now,
                 unanswered_since: None,
+                dialled_at: None,
+                handshake_us: 0,
                 in_flight: 0,
                 queued: 0,
                 rate: 0.0,
@@ -668,9 +678,30 @@ impl Links {
         }
     }
 
+    /// Link `i`'s connection was dialled.
+    pub fn dialled(&mut self, i: usize, now: u64) {
+        if let Some(l) = self.links.get_mut(i) {
+            l.dialled_at = Some(now);
+        }
+    }
+
+    /// The round trip that link `i`'s silence limit uses: its connection's
+    /// once measured (`measured`), else the larger of that and the link's last
+    /// handshake time (a handshake with a cookie takes two round trips, so
+    /// this errs long for the one round trip before the first ACK).
+    pub fn silence_rtt_us(&self, i: usize, conn_rtt_us: u64, measured: bool) -> u64 {
+        match self.links.get(i) {
+            Some(l) if !measured => conn_rtt_us.max(l.handshake_us),
+            _ => conn_rtt_us,
+        }
+    }
+
     /// Link `i`'s connection is established: the link is up.
     pub fn connected(&mut self, i: usize, now: u64) {
         if let Some(l) = self.links.get_mut(i) {
+            if let Some(t) = l.dialled_at.take() {
+                l.handshake_us = now.saturating_sub(t);
+            }
             if l.state != LinkState::Up {
                 l.state = LinkState::Up;
                 l.counters.ups += 1;
@@ -844,6 +875,18 @@ mod tests {
         // RTT 10 ms: the floor rules.
         assert!(!l.silent(0, 30 + SILENCE_FLOOR_US, 10_000));
         assert!(l.silent(0, 31 + SILENCE_FLOOR_US, 10_000));
+    }
+
+    #[test]
+    fn before_the_first_ack_the_silence_limit_follows_the_handshake() {
+        let mut l = Links::new(cfg(Policy::Failover, &[1, 1]), 0);
+        l.dialled(0, 1_000);
+        l.connected(0, 1_201_000);
+        assert_eq!(l.links[0].handshake_us, 1_200_000);
+        assert_eq!(l.silence_rtt_us(0, 100_000, false), 1_200_000);
+        assert_eq!(l.silence_rtt_us(0, 600_000, true), 600_000);
+        // Never dialled by this side: the connection's own figure.
+        assert_eq!(l.silence_rtt_us(1, 100_000, false), 100_000);
     }
 
     #[test]

@@ -338,6 +338,12 @@ impl Connection {
         }
     }
 
+    /// Whether [`Connection::rtt`] is measured (an ACK/ACK2 round trip either
+    /// way) rather than UDT's assumed 100 ms.
+    pub fn rtt_measured(&self) -> bool {
+        self.tx.rtt.samples() > 0 || self.rx.rtt.samples() > 0
+    }
+
     fn rtt_var(&self) -> u32 {
         if self.tx.rtt.samples() > 0 {
             self.tx.rtt.var()

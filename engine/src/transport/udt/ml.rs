@@ -159,7 +159,9 @@ impl Udt {
             .insert(sock, ConnEntry::new(conn, ip, Dir::Tx, now));
         let ml = self.ml.as_mut().expect("multi-link");
         ml.tx.insert(sock, (ip, link));
-        let l = &mut ml.peers.get_mut(&ip).expect("peer links").links[link];
+        let links = ml.peers.get_mut(&ip).expect("peer links");
+        links.dialled(link, now);
+        let l = &mut links.links[link];
         l.tx_sock = Some(sock);
         if l.state == LinkState::Up {
             l.state = LinkState::Connecting;
@@ -496,10 +498,9 @@ impl Udt {
         let Some(l) = ml.peers.get(&ip) else { return };
         let mut silent = Vec::new();
         for (i, k) in l.links.iter().enumerate() {
-            let rtt = k
-                .tx_sock
-                .and_then(|s| self.conns.get(&s))
-                .map_or(0, |e| u64::from(e.conn.rtt()));
+            let rtt = k.tx_sock.and_then(|s| self.conns.get(&s)).map_or(0, |e| {
+                l.silence_rtt_us(i, u64::from(e.conn.rtt()), e.conn.rtt_measured())
+            });
             let other = l
                 .links
                 .iter()
