@@ -60,6 +60,8 @@ const BATCH_LIMIT: Duration = Duration::from_secs(400);
 /// How long b serves a at most.
 const SERVE_LIMIT: Duration = Duration::from_secs(1800);
 const NETS: &[&str] = &["lu2k", "tcp"];
+/// lnet_selftest's lines for data that arrived other than sent.
+const CORRUPT: &[&str] = &["Bad data in page", "is corrupted"];
 
 pub fn run() -> anyhow::Result<Outcome> {
     let Some(spec) = cmdline("lu2k.lnet") else {
@@ -115,6 +117,7 @@ pub fn run() -> anyhow::Result<Outcome> {
     if let Some(bad) = log.lines().find(|l| {
         ["BUG:", "WARNING:", "Oops", "general protection"]
             .iter()
+            .chain(CORRUPT)
             .any(|m| l.contains(m))
     }) {
         bail!("the kernel log has a bad line: {bad}");
@@ -329,12 +332,31 @@ impl Control {
     }
 }
 
-/// One condition's figures on one net: MiB/s of brw write and read.
+/// One brw test's figure: MiB/s, and the RPCs lst counted as failed.
+#[derive(Clone, Copy, Default)]
+struct Op {
+    mibs: f64,
+    failed: u64,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = format!("{:.2}", self.mibs);
+        let v = if self.failed > 0 {
+            format!("{v} ({} failed)", self.failed)
+        } else {
+            v
+        };
+        f.pad(&v)
+    }
+}
+
+/// One condition's figures on one net: brw write and read.
 struct Cell {
     cond: String,
     net: &'static str,
-    write: f64,
-    read: f64,
+    write: Op,
+    read: Op,
 }
 
 fn drive(
@@ -373,7 +395,7 @@ fn drive(
             for net in NETS {
                 let (write, read) = session(me, peer, net, load, dev, instance)?;
                 println!(
-                    "lnet-compare: a: {cond}, {net}: brw write {write:.2} MiB/s, read {read:.2} MiB/s"
+                    "lnet-compare: a: {cond}, {net}: brw write {write} MiB/s, read {read} MiB/s"
                 );
                 cells.push(Cell {
                     cond: cond.clone(),
@@ -398,7 +420,7 @@ fn drive(
         t_all.elapsed().as_secs_f64()
     );
     println!(
-        "lnet-compare: {:<12} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "lnet-compare: {:<12} {:>12} {:>18} {:>12} {:>18} {:>8} {:>8}",
         "link", "lu2k write", "tcp write", "lu2k read", "tcp read", "ratio w", "ratio r"
     );
     let mut at_1 = String::new();
@@ -407,20 +429,22 @@ fn drive(
         let (Some(l), Some(t)) = (get("lu2k"), get("tcp")) else {
             continue;
         };
-        let (rw, rr) = (l.write / t.write, l.read / t.read);
+        let (rw, rr) = (l.write.mibs / t.write.mibs, l.read.mibs / t.read.mibs);
         println!(
-            "lnet-compare: {cond:<12} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {rw:>8.1} {rr:>8.1}",
+            "lnet-compare: {cond:<12} {:>12} {:>18} {:>12} {:>18} {rw:>8.1} {rr:>8.1}",
             l.write, t.write, l.read, t.read
         );
         if cond == "1% loss" {
             at_1 = format!(
-                "at 1% loss lu2k0/tcp0 {rw:.1}x write ({:.2}/{:.2} MiB/s), {rr:.1}x read ({:.2}/{:.2} MiB/s)",
+                "at 1% loss lu2k0/tcp0 {rw:.1}x write ({}/{} MiB/s), {rr:.1}x read ({}/{} MiB/s)",
                 l.write, t.write, l.read, t.read
             );
         }
     }
+    let tcp_failed: u64 = cells.iter().map(|c| c.write.failed + c.read.failed).sum();
     Ok(format!(
-        "{} cells, every brw check=full with no error; {at_1}",
+        "{} cells, every brw check=full without a data error, lu2k0 with no error, tcp0 with \
+         {tcp_failed} failed RPCs; {at_1}",
         cells.len()
     ))
 }
@@ -434,7 +458,7 @@ fn session(
     load: Load,
     dev: BorrowedFd<'_>,
     instance: u32,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(Op, Op)> {
     let peer_nid = format!("{peer}@{net}");
     let t = Instant::now();
     loop {
@@ -448,16 +472,22 @@ fn session(
     }
     let name = format!("cmp-{net}");
     lst(&["new_session", "--timeout", "600", &name])?;
-    let r = (|| -> anyhow::Result<(f64, f64)> {
+    let r = (|| -> anyhow::Result<(Op, Op)> {
         lst(&["add_group", "a", &format!("{me}@{net}")])
             .with_context(|| format!("lst add_group a {me}@{net}"))?;
         lst(&["add_group", "b", &peer_nid])
             .with_context(|| format!("lst add_group b {peer_nid}"))?;
-        let mut mibs = [0.0; 2];
+        let mut res = [Op::default(); 2];
+        let mut before = 0;
         for (i, op) in ["write", "read"].iter().enumerate() {
-            mibs[i] = batch(net, op, load, dev, instance)?;
+            let (mibs, errors) = batch(net, op, load, dev, instance)?;
+            res[i] = Op {
+                mibs,
+                failed: errors - before.min(errors),
+            };
+            before = errors;
         }
-        Ok((mibs[0], mibs[1]))
+        Ok((res[0], res[1]))
     })();
     let end = lst(&["end_session"]);
     let r = r.with_context(|| format!("lst session over {net}"))?;
@@ -471,7 +501,7 @@ fn batch(
     load: Load,
     dev: BorrowedFd<'_>,
     instance: u32,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, u64)> {
     let b = if op == "write" { "bw" } else { "br" };
     lst(&["add_batch", b])?;
     lst(&[
@@ -532,11 +562,30 @@ fn batch(
         String::from_utf8_lossy(&errors.stdout),
         String::from_utf8_lossy(&errors.stderr)
     );
+    let clean =
+        text.contains("Total 0 error nodes in a") && text.contains("Total 0 error nodes in b");
+    // lu2k0 must carry every RPC. socklnd at 1 % loss over 600 ms closes a connection
+    // now and then (its ZC_REQ or socket timeout) and fails the bulks on it (-5): counted
+    // and shown in the table, not a failure here. Data that arrives wrong fails either
+    // net (`corrupted`, below and in run()).
     ensure!(
-        text.contains("Total 0 error nodes in a") && text.contains("Total 0 error nodes in b"),
+        clean || net == "tcp",
         "lst brw {op} over {net} check=full: errors counted: {}",
         text.replace('\n', " / ")
     );
+    let failed = brw_errors(&text);
+    if !clean {
+        println!(
+            "lnet-compare: a: {net} brw {op}: lst counts errors: {}",
+            text.replace('\n', " / ")
+        );
+    }
+    if let Some(bad) = kernel_log()
+        .lines()
+        .find(|l| CORRUPT.iter().any(|m| l.contains(m)))
+    {
+        bail!("lst brw {op} over {net}: data checked wrong: {bad}");
+    }
     ensure!(
         bytes >= 1 << 20,
         "lst brw {op} over {net}: LNet's {key} grew by {bytes} bytes only"
@@ -559,7 +608,16 @@ fn batch(
         "lnet-compare: a: {net} brw {op}: {mib:.1} MiB check=full in {secs:.1} s ({:.2} MiB/s), no errors; lu2k_kshim rx {rx} bytes",
         mib / secs
     );
-    Ok(mib / secs)
+    Ok((mib / secs, failed))
+}
+
+/// The session's brw errors so far, summed over `lst show_error`'s node lines
+/// (`[Session N brw errors, M ping errors]`).
+fn brw_errors(text: &str) -> u64 {
+    text.split("[Session ")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// One counter of `lnetctl stats show`.
