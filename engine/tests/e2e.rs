@@ -20,8 +20,8 @@ use lu2k_kshim::{Config, Event, Kshim, TxStatus};
 
 mod common;
 use common::{
-    kshim, kshim_of, missing_tools, nid, nid_of, no_ipv6, not_root, pattern, put, start_engine,
-    start_engine_in, stats, tmpdir, wait_attached, Engine, Netns, Transfer,
+    kshim, kshim_of, missing_tools, nid, nid_of, no_ipv6, not_root, pattern, put, start_engine_in,
+    stats, tmpdir, wait_attached, Engine, Netns, Transfer,
 };
 
 /// Where an engine runs: its address, and the network namespace (`None`: this one).
@@ -332,19 +332,43 @@ fn small_messages_two_cores() {
 
 #[test]
 fn killed_peer_engine_fails_sends_back() {
-    let tag = "kill";
-    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
+    killed_peer(
+        "kill",
+        here(Ipv4Addr::new(127, 0, 0, 41)),
+        here(Ipv4Addr::new(127, 0, 0, 42)),
+    );
+}
+
+/// The same over IPv6: the ICMPv6 port unreachable reaches the engine through
+/// `IPV6_RECVERR` as ECONNREFUSED.
+#[test]
+fn killed_ipv6_peer_engine_fails_sends_back() {
+    let test = "killed_ipv6_peer_engine_fails_sends_back";
+    let (a, b) = (ula(0x41), ula(0x42));
+    let Some(ns) = v6_loopback(test, "kill6", &[a, b]) else {
+        return;
+    };
+    let at = |ip: Ipv6Addr| At {
+        ip: ip.into(),
+        ns: Some(ns.ns[0].as_str()),
+    };
+    killed_peer("kill6", at(a), at(b));
+}
+
+/// Engine B is killed mid-transfer from A: A's sends fail back, some with the
+/// kernel's ECONNREFUSED, and kshim A is told B is down.
+fn killed_peer(tag: &str, a: At<'_>, b: At<'_>) {
     let dir = tmpdir(&format!("e2e-{tag}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 101;
-    let mut ka = kshim(&dir, "a", a_ip, 1);
-    let mut kb = kshim(&dir, "b", b_ip, 1);
+    let mut ka = kshim_of(&dir, "a", a.ip, 1);
+    let mut kb = kshim_of(&dir, "b", b.ip, 1);
     let extra = ["--peer-down-timeout-s", "5"];
-    let ea = start_engine(&dir, "a", a_ip, port, &extra);
-    let mut eb = start_engine(&dir, "b", b_ip, port, &extra);
+    let ea = start_engine_in(a.ns, &dir, "a", &a.ip.to_string(), port, &extra);
+    let mut eb = start_engine_in(b.ns, &dir, "b", &b.ip.to_string(), port, &extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
-    let (na, nb) = (nid(a_ip), nid(b_ip));
+    let (na, nb) = (nid_of(a.ip), nid_of(b.ip));
     let len = 256 << 10;
     let mut outstanding = std::collections::HashSet::new();
     let mut ok = 0;
@@ -364,7 +388,7 @@ fn killed_peer_engine_fails_sends_back() {
         // Keep sending until the peer is killed (and a while after).
         // Before the kill and for 10 messages after it (those cannot be delivered).
         if sent < 400 && (!killed || sent < killed_at + 10) {
-            if let Ok(c) = ka.send(&put(nb, na, len, sent), &pattern(sent, len)) {
+            if let Ok(c) = ka.send_to(nb, &put(nb, na, len, sent), &pattern(sent, len)) {
                 outstanding.insert(c);
                 sent += 1;
             }
