@@ -300,21 +300,23 @@ impl Config {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| parse(e.to_string().trim().to_string()))?;
         // `bind = "[::]:7988"`: the address goes to `bind`, the port to `port`.
-        if let Some(toml::Value::String(b)) = table.get("bind") {
-            let (ip, port) = parse_bind(b).map_err(parse)?;
-            if let Some(port) = port {
-                match table.get("port") {
-                    Some(toml::Value::Integer(p)) if *p != i64::from(port) => {
-                        return Err(parse(format!(
-                            "bind = {b:?} names port {port} and port = {p}: give the port once"
-                        )));
-                    }
-                    _ => {}
-                }
-                table.insert("port".into(), toml::Value::Integer(i64::from(port)));
+        // Otherwise the text is read as it is, so that errors keep their line.
+        let Some(toml::Value::String(b)) = table.get("bind") else {
+            return toml::from_str(text).map_err(|e| parse(e.to_string().trim().to_string()));
+        };
+        let (ip, port) = parse_bind(b).map_err(parse)?;
+        let Some(port) = port else {
+            return toml::from_str(text).map_err(|e| parse(e.to_string().trim().to_string()));
+        };
+        if let Some(toml::Value::Integer(p)) = table.get("port") {
+            if *p != i64::from(port) {
+                return Err(parse(format!(
+                    "bind = {b:?} names port {port} and port = {p}: give the port once"
+                )));
             }
-            table.insert("bind".into(), toml::Value::String(ip.to_string()));
         }
+        table.insert("port".into(), toml::Value::Integer(i64::from(port)));
+        table.insert("bind".into(), toml::Value::String(ip.to_string()));
         table
             .try_into()
             .map_err(|e: toml::de::Error| parse(e.to_string().trim().to_string()))
@@ -805,6 +807,9 @@ mod tests {
             "{e}"
         );
         assert_eq!(parse_bind("::1"), Ok(("::1".parse().unwrap(), None)));
+        // A wrong field still names its line.
+        let e = parse("bind = \"::\"\nbogus = 1").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("bogus"), "{e}");
         // The file shown by check-config reads back the same.
         let c = parse("bind = \"[fd00::1]:7999\"\nbind_v6only = true").unwrap();
         let shown = toml::to_string(&c).unwrap();
