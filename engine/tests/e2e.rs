@@ -967,34 +967,53 @@ fn send_one(k: &mut Kshim, to: lu2k_kshim::Nid, from: lu2k_kshim::Nid, n: u64, l
 
 /// A dual-stack engine (`bind = "::"`) serves an IPv4 peer and an IPv6 peer at
 /// once, on one socket: hub H in one namespace, peers B (IPv4, 10.77.0.2) and C
-/// (IPv6, fd00:6::2) in another, joined by a veth pair holding both families. H's
+/// (IPv6, fd00:6::4) in another, joined by a veth pair holding both families. H's
 /// NID is its IPv4 address (10.77.0.1@lu2k); C knows H by its IPv6 address
 /// (fd00:6::1@lu2k), the source H's IPv6 datagrams leave from. B's datagrams reach
 /// H's socket as `::ffff:10.77.0.2` and must be B's, named `10.77.0.2@lu2k`, not a
 /// second peer. Messages go B → H and C → H at the same time, then H → B and
 /// H → C at the same time; every one arrives once, whole, from the right NID, and
 /// completes Ok. H's stats name its two peers with their addresses in their own
-/// family's form.
+/// family's form, each on the core the shard function names for it.
 #[test]
 fn dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer() {
-    let test = "dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer";
+    dual_stack(
+        "dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer",
+        "e6d",
+        1,
+    );
+}
+
+/// The same with a hub of two cores: a reuseport group of dual-stack sockets,
+/// steered by the IPv4 or IPv6 source address.
+#[test]
+fn dual_stack_engine_on_two_cores_steers_both_families() {
+    dual_stack(
+        "dual_stack_engine_on_two_cores_steers_both_families",
+        "e6e",
+        2,
+    );
+}
+
+fn dual_stack(test: &str, prefix: &str, cores: u32) {
     if let Some(why) = ipv6_netns_missing() {
         eprintln!("SKIP {test}: {why}");
         return;
     }
     let (h4, b4) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 0, 2));
-    let (h6, c6) = (ula(1), ula(2));
+    // C's address lands on another core than B's on two cores.
+    let (h6, c6) = (ula(1), ula(4));
     // Device names are at most 15 bytes: `{tag}va`.
-    let tag = format!("e6d{}", std::process::id() % 1_000_000);
+    let tag = format!("{prefix}{}", std::process::id() % 1_000_000);
     let ns = Netns::pair(&tag, &[h4], &[b4]).unwrap();
     ns.addr6(0, &format!("{tag}va"), &format!("{h6}/64"))
         .unwrap();
     ns.addr6(1, &format!("{tag}vb"), &format!("{c6}/64"))
         .unwrap();
     let (ns0, ns1) = (Some(ns.ns[0].as_str()), Some(ns.ns[1].as_str()));
-    let dir = tmpdir("e2e-dual");
+    let dir = tmpdir(&format!("e2e-{prefix}"));
     let port = 20000 + (std::process::id() % 20000) as u16 + 401;
-    let mut kh = kshim(&dir, "h", h4, 1);
+    let mut kh = kshim(&dir, "h", h4, cores);
     let mut kb = kshim(&dir, "b", b4, 1);
     let mut kc = kshim_of(&dir, "c", c6.into(), 1);
     let eh = start_engine_in(ns0, &dir, "h", "::", port, &[]);
@@ -1105,20 +1124,30 @@ fn dual_stack_engine_serves_an_ipv4_and_an_ipv6_peer() {
     }
 
     // The hub's peer table: exactly B and C, each once, at its own family's address
-    // (the IPv4 one not in its IPv4-mapped form).
+    // (the IPv4 one not in its IPv4-mapped form), on its shard's core (a datagram
+    // steered to another core would make the peer there too).
+    let shard = |ip: IpAddr| lu2k_engine::steer::shard_ip(ip, cores) as usize;
+    assert!(
+        cores == 1 || shard(b4.into()) != shard(c6.into()),
+        "B and C share a core"
+    );
     let want = |port: u16| {
         let mut v = vec![
-            (nb.to_string(), format!("{b4}:{port}")),
-            (nc.to_string(), format!("[{c6}]:{port}")),
+            (shard(b4.into()), nb.to_string(), format!("{b4}:{port}")),
+            (shard(c6.into()), nc.to_string(), format!("[{c6}]:{port}")),
         ];
         v.sort();
         v
     };
     let peers = || {
-        let mut v: Vec<(String, String)> = stats(&dir, "h")
+        let mut v: Vec<(usize, String, String)> = stats(&dir, "h")
             .cores
             .iter()
-            .flat_map(|c| c.peers.iter().map(|p| (p.nid.clone(), p.addr.clone())))
+            .flat_map(|c| {
+                c.peers
+                    .iter()
+                    .map(|p| (c.core, p.nid.clone(), p.addr.clone()))
+            })
             .collect();
         v.sort();
         v
