@@ -10,9 +10,9 @@
 //!
 //! Discovery is off so that each session measures one net. With it on, LNet merges a
 //! node's `@lu2k` and `@tcp` NIDs into one multi-rail peer and may carry a session
-//! addressed to one net over the other (an earlier run of this setup counted sends on
-//! both of the peer's NIDs during a lu2k0-only `lst` run), and `lst add_group` of the
-//! tcp0 NIDs timed out (-110). Off, each NID is its own peer: a tcp0 session runs over
+//! addressed to one net over the other (`lnetctl peer show -v` then counts sends on both
+//! of the peer's NIDs during a lu2k0-only `lst` run), and `lst add_group` of the tcp0
+//! NIDs can time out (-110). Off, each NID is its own peer: a tcp0 session runs over
 //! socklnd only, which the test checks (lu2k_kshim's RX bytes do not move during a tcp0
 //! batch, and carry a lu2k0 read).
 //!
@@ -29,10 +29,13 @@
 //! Throughput is the bytes LNet itself moved in the data's direction (`lnetctl stats
 //! show`: send_length for write, recv_length for read) over the batch's run time.
 //!
-//! Asserted: every batch runs to its end with no error counted on either node (`lst
-//! show_error`), traffic stays on its net, and the kernel log has no `BUG:`, `WARNING:`,
-//! `Oops` or `general protection`. The table and the lu2k0/tcp0 ratios are printed,
-//! not asserted: they depend on TCG and on the host's load.
+//! Asserted: every batch runs to its end; every lu2k0 batch with no error counted on
+//! either node (`lst show_error`); no data checked wrong on either net (lnet_selftest's
+//! `Bad data in page`, `is corrupted`, in both kernel logs); traffic stays on its net;
+//! no `BUG:`, `WARNING:`, `Oops` or `general protection` in either kernel log. tcp0's
+//! failed RPCs are counted and shown, not asserted: socklnd at 1 % loss over 600 ms now
+//! and then closes a connection and fails the bulks on it. The table and the
+//! lu2k0/tcp0 ratios are printed, not asserted: they depend on TCG and the host's load.
 
 use crate::lnet::{
     cmdline, create, kernel_log, kshim_counters, lnetctl, lst, lst_out, parse_spec, sh,
