@@ -163,10 +163,10 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                     random_bytes(&mut rng, n)
                 }
                 // Truncated: a sealed header and too little after it (less
-                // than a sealed UDT header: 11 + 16 + 16 bytes).
+                // than a sealed UDT header: 12 + 12 + 16 bytes).
                 1 => {
                     let mut d = vec![0xFF, 0xFF, 0xC0, 0];
-                    let n = (splitmix(&mut rng) % 39) as usize;
+                    let n = (splitmix(&mut rng) % 36) as usize;
                     d.extend(random_bytes(&mut rng, n));
                     d
                 }
@@ -184,7 +184,7 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                 // Sealed-looking, to random connections.
                 3 => {
                     let mut d = vec![0xFF, 0xFF, 0xC0 | ((r >> 8) as u8 & 3)];
-                    d.extend(random_bytes(&mut rng, 4));
+                    d.extend(random_bytes(&mut rng, 5));
                     d.extend((splitmix(&mut rng) as u32).to_be_bytes());
                     let n = 32 + (splitmix(&mut rng) % 1400) as usize;
                     d.extend(random_bytes(&mut rng, n));
@@ -278,7 +278,7 @@ fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>) -> [u64; 3] 
                     None
                 };
                 if let Some(i) = dir {
-                    if udp.len() >= 43 && udp[..2] == [0xFF, 0xFF] {
+                    if udp.len() >= 44 && udp[..2] == [0xFF, 0xFF] {
                         let mut s = seen.lock().unwrap();
                         s[i] = Seen {
                             from: Some(from),
@@ -300,9 +300,9 @@ fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>) -> [u64; 3] 
             };
             let d = &dir.last;
             // The clear header: mark, version and epoch, the counter's low
-            // 32 bits, the destination socket ID.
-            let dst = u32::from_be_bytes([d[7], d[8], d[9], d[10]]);
-            let counter = u32::from_be_bytes([d[3], d[4], d[5], d[6]]);
+            // 40 bits, the destination socket ID.
+            let dst = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+            let counter = u64::from_be_bytes([0, 0, 0, d[3], d[4], d[5], d[6], d[7]]);
             // Plain control packets to the live socket ID: an ACK of
             // everything, a NAK of the whole sequence space, a drop request
             // of every message, a SHUTDOWN.
@@ -323,9 +323,9 @@ fn on_path(a: SocketAddrV4, b: SocketAddrV4, stop: Arc<AtomicBool>) -> [u64; 3] 
             // before any AEAD work, so it would never test the tag.
             for k in 1..=4 {
                 let mut g = d.clone();
-                g[3..7].copy_from_slice(&counter.wrapping_add(20_000 + k).to_be_bytes());
-                let body = random_bytes(&mut rng, g.len() - 11);
-                g[11..].copy_from_slice(&body);
+                g[3..8].copy_from_slice(&(counter + 20_000 + k).to_be_bytes()[3..]);
+                let body = random_bytes(&mut rng, g.len() - 12);
+                g[12..].copy_from_slice(&body);
                 spoof.send(from, to, &g);
                 counts[1] += 1;
             }

@@ -38,12 +38,20 @@ use lu2k_udt::conn::{
     self as udt, CloseReason, Connection, DropReason, Listener, ListenerOutput, Transmit,
 };
 
-use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, PLAIN_AT, SEAL_HDR};
+use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, PLAIN_AT};
 
 mod ml;
 use super::{Event, OutMsg, RxPiece, Transport, Woken};
 use crate::daemon::stats::{CoreStats, PeerStats};
 use crate::io::sys::{SealScratch, SEAL_SLOT};
+
+/// Bytes of each sealed datagram a send takes from its header slot; the rest
+/// it takes from the seal scratch. 16 rather than the clear header's 11: a
+/// full-size sealed datagram is a multiple of 16 bytes long and they lie back
+/// to back in the scratch, so the rest of each starts 16-byte aligned, which the
+/// kernel's copy into the socket buffer takes faster than an odd address.
+/// Every sealed datagram is longer (at least `OVERHEAD` + a 16-byte header).
+const SEG_HDR: usize = 16;
 use crate::io::{DatagramIo, Event as IoEvent, Segment, SendError};
 use crate::shard::ring::status_name;
 
@@ -1181,15 +1189,15 @@ impl Udt {
             .slot_off(slot);
         // Each datagram's first 16 bytes go as its header (a send's iovecs start
         // with a header, which must not be empty), the rest from the slot.
-        fn segs_for<'a>(lens: &[usize], base: u64, hdrs: &'a [[u8; SEAL_HDR]]) -> Vec<Segment<'a>> {
+        fn segs_for<'a>(lens: &[usize], base: u64, hdrs: &'a [[u8; SEG_HDR]]) -> Vec<Segment<'a>> {
             let mut at = 0u64;
             lens.iter()
                 .zip(hdrs)
                 .map(|(&l, h)| {
                     let s = Segment {
                         hdr: &h[..],
-                        payload_off: base + at + SEAL_HDR as u64,
-                        payload_len: (l - SEAL_HDR) as u32,
+                        payload_off: base + at + SEG_HDR as u64,
+                        payload_len: (l - SEG_HDR) as u32,
                         more: &[],
                     };
                     at += l as u64;
@@ -1197,7 +1205,7 @@ impl Udt {
                 })
                 .collect()
         }
-        let blank = vec![[0u8; SEAL_HDR]; lens.len()];
+        let blank = vec![[0u8; SEG_HDR]; lens.len()];
         let k = self
             .io
             .fit(&segs_for(&lens, base, &blank))
@@ -1233,7 +1241,7 @@ impl Udt {
 
     /// Seals `self.transmits[start..start + k]` (from `sock`) into scratch slot
     /// `slot`, one after the other, as [`Udt::send_sealed`] sized them; the
-    /// first [`SEAL_HDR`] bytes of each also into `hdrs`.
+    /// first [`SEG_HDR`] bytes of each also into `hdrs`.
     #[allow(clippy::too_many_arguments)]
     fn seal_into(
         &mut self,
@@ -1243,7 +1251,7 @@ impl Udt {
         k: usize,
         slot: usize,
         ext: Option<[u8; HS_EXT]>,
-        hdrs: &mut [[u8; SEAL_HDR]],
+        hdrs: &mut [[u8; SEG_HDR]],
     ) -> bool {
         let Some(sec) = self.sec.as_mut() else {
             return false;
@@ -1267,7 +1275,7 @@ impl Udt {
                 };
                 out[at..at + HS_LEN].copy_from_slice(h);
                 out[at + HS_LEN..at + HS_LEN + HS_EXT].copy_from_slice(&tr);
-                hdrs[i].copy_from_slice(&out[at..at + SEAL_HDR]);
+                hdrs[i].copy_from_slice(&out[at..at + SEG_HDR]);
                 at += HS_LEN + HS_EXT;
                 continue;
             }
@@ -1301,7 +1309,7 @@ impl Udt {
                 return false;
             };
             sec.sealed_bytes += (n - OVERHEAD) as u64;
-            hdrs[i].copy_from_slice(&out[at..at + SEAL_HDR]);
+            hdrs[i].copy_from_slice(&out[at..at + SEG_HDR]);
             at += n;
         }
         true
