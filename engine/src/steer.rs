@@ -38,8 +38,9 @@
 //! - every UDT packet but a handshake to the listener carries the receiver's socket ID
 //!   at bytes 12..16 (data and control alike), so `id % cores` names the owning core; a
 //!   sealed datagram ([`crate::transport::seal`]) carries it in its clear header instead
-//!   (bytes 7..11, after the `FF FF` mark and the version byte), where the program
-//!   reads it when the mark is there;
+//!   (after the `FF FF` mark, the version byte and the counter, at
+//!   [`crate::transport::seal::PLAIN_AT`]), where the program reads it when the mark
+//!   is there;
 //! - a handshake to the listener carries 0 there; it is steered by the *requester's*
 //!   socket ID at bytes 40..44 (the handshake body's `socket ID`, also in clear on the
 //!   sealed wire): a client's request, its repeat with the cookie and any later repeat
