@@ -567,6 +567,49 @@ fn no_link_goes_down_before_its_first_round_trip_on_a_geo_path() {
     assert!((0.5..0.85).contains(&share0), "link 0 carried {share0:.2}");
 }
 
+/// Balance on a GEO path with messages handed before any link answered: they
+/// spread over the connecting links by weight (equal here), so the second link
+/// has work from its first round trip rather than from the first link's first
+/// completion (a round trip and more later).
+#[test]
+fn balance_spreads_messages_handed_before_the_links_connect() {
+    let clock = SimClock::new();
+    let mut a = node(A, B, Some(Policy::Balance), &clock);
+    let mut b = node(B, A, Some(Policy::Balance), &clock);
+    let mut net = Net::new([(100.0, 300), (50.0, 300)]);
+    let mut early: Option<Vec<LinkStats>> = None;
+    run(
+        &clock,
+        &mut net,
+        &mut a,
+        &mut b,
+        30,
+        Duration::from_secs(10),
+        &|now| now < Duration::from_secs(4),
+        &mut |now, _, a| {
+            // Half the handshake's round trip: no link is up yet.
+            if now >= Duration::from_millis(300) && early.is_none() {
+                early = Some(a.links(B[0]));
+            }
+        },
+    );
+    let early = early.unwrap();
+    eprintln!("links at 0.3 s: {early:#?}");
+    assert!(early.iter().all(|l| l.state == "connecting"), "{early:#?}");
+    let (q0, q1) = (early[0].in_flight, early[1].in_flight);
+    assert_eq!(q0 + q1, 30, "every message placed");
+    assert!(
+        (14..=16).contains(&q0) && (14..=16).contains(&q1),
+        "placed {q0} + {q1} by equal weights"
+    );
+    let links = a.links(B[0]);
+    assert_once(&a, &b);
+    for (i, l) in links.iter().enumerate() {
+        assert_eq!(l.downs, 0, "link {i} called silent: {links:#?}");
+        assert!(l.bytes_acked > 0, "link {i} carried nothing: {links:#?}");
+    }
+}
+
 /// A peer without links keeps UDT4's wire: no extension, one connection.
 #[test]
 fn a_single_link_peer_keeps_the_udt4_wire() {

@@ -27,7 +27,8 @@
 //!   link's unacknowledged bytes plus the message, over its rate (acknowledged
 //!   bytes per second while it had work, measured every 100 ms, a moving
 //!   average), times its weight. Until a link has a measured rate its weight
-//!   alone decides. A silent link is handled as in failover.
+//!   alone decides; messages handed while no link is up yet spread over the
+//!   connecting links the same way. A silent link is handled as in failover.
 //! - **Exactly once**: a message's first packet carries [`EXT_LEN`] more bytes
 //!   after the UDT header, `[magic "LuML", sender session (u32), message number
 //!   (u64)]`, big-endian; the sender numbers its messages per peer and keeps the
@@ -565,8 +566,9 @@ impl Links {
     }
 
     /// The link a message of `len` bytes goes to, other than `not`: by the
-    /// policy among the links that are up; if none is, the first connecting
-    /// one; if every link is down, the one heard from last (its connection
+    /// policy among the links that are up; if none is, by the policy among
+    /// the connecting ones (failover: the first; balance: by weight); if
+    /// every link is down, the one heard from last (its connection
     /// keeps trying; the peer-down timeout ends it).
     pub fn pick(&self, len: u64, not: Option<usize>) -> Option<usize> {
         let cand = |st: LinkState| {
@@ -582,8 +584,16 @@ impl Links {
                 Policy::Balance => self.fastest(&up, len),
             });
         }
-        if let Some((i, _)) = cand(LinkState::Connecting).next() {
-            return Some(i);
+        let connecting: Vec<usize> = cand(LinkState::Connecting).map(|(i, _)| i).collect();
+        if !connecting.is_empty() {
+            return Some(match self.cfg.policy {
+                Policy::Failover => connecting[0],
+                // Messages handed before any link answered spread by weight:
+                // all on the first link would leave the others idle until
+                // that link completes one, a round trip and more after it
+                // connects (1.5 s of a 600 ms path's start-up).
+                Policy::Balance => self.fastest(&connecting, len),
+            });
         }
         cand(LinkState::Down)
             .max_by_key(|(i, l)| (l.last_heard, usize::MAX - i))

@@ -116,15 +116,26 @@ pub struct Row {
 
 /// What a several-link cell measures. Utilization (the row's) is goodput over
 /// what all the links can carry together, so it stays at or under 100 %
-/// whatever the policy; the goal is measured against its own reference:
+/// whatever the policy; the goal is measured against its own reference, over
+/// a window (`goal_window_s`) that leaves out what no transport can avoid, and
+/// `whole_*` is the same ratio without that allowance:
 ///
-/// - **failover** with an outage: the goodput the receiver saw during the
-///   outage, over the surviving link's capacity (goal ≥ 0.9). The window is
-///   the outage shifted by the one-way delay, when its effect reaches the
-///   receiver: datagrams already on the wire when it starts still arrive,
-///   and those sent in its last one-way delay arrive after it.
-/// - **balance**: the row's goodput over the sum of the links' capacities
-///   (goal ≥ 0.9).
+/// - **failover** with an outage: the receiver's goodput during the outage
+///   after the switch, over the surviving link's capacity (goal ≥ 0.9). The
+///   outage is shifted by the one-way delay, when its effect reaches the
+///   receiver (datagrams already on the wire when it starts still arrive,
+///   and those sent in its last one-way delay arrive after it); the window
+///   runs from the outage's start plus `switch_s` (or, with no switch, from
+///   when the receiver feels it plus 3 RTT) to that shifted end. At a long
+///   round trip the silence takes ≥ 1.25 RTT to detect and the other link's
+///   controller about one more to pace at its rate: that is the recovery,
+///   measured by `switch_s`. `whole_*`: the whole shifted outage.
+/// - **balance**: the receiver's goodput while every link carries — from the
+///   end of the last link's first 0.5 s at half its rate or more on the wire
+///   (start-up: connections, each controller's first round trip) to the start
+///   of the first link's last such 0.5 s (the tail, when the links drain one
+///   by one) — over the sum of the links' capacities (goal ≥ 0.9).
+///   `whole_*`: the row's goodput over the same sum.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LinksFigures {
     /// "failover" or "balance".
@@ -140,6 +151,13 @@ pub struct LinksFigures {
     pub goal_mbps: Option<f64>,
     /// `goal_mbps / goal_ref_mbps`; the goal is ≥ 0.9.
     pub goal_ratio: Option<f64>,
+    /// The window `goal_mbps` was measured over, seconds on time zero's clock.
+    pub goal_window_s: Option<(f64, f64)>,
+    /// The same figure without the allowance: the whole shifted outage
+    /// (failover), the whole transfer (balance), Mbit/s.
+    pub whole_mbps: Option<f64>,
+    /// `whole_mbps / goal_ref_mbps`.
+    pub whole_ratio: Option<f64>,
     /// failover: seconds from the outage's start until 0.5 s of goodput
     /// reached 90 % of the surviving link's capacity.
     pub switch_s: Option<f64>,
@@ -147,8 +165,11 @@ pub struct LinksFigures {
     /// carried 90 % of its rate again on the wire (its forward direction's
     /// delivered bytes over 0.5 s), i.e. traffic moved back.
     pub back_s: Option<f64>,
-    /// Every run's `goal_ratio`, `switch_s` and `back_s`, in run order.
+    /// Every run's `goal_ratio`, `whole_ratio`, `switch_s` and `back_s`, in
+    /// run order.
     pub goal_ratio_runs: Vec<Option<f64>>,
+    /// See `goal_ratio_runs`.
+    pub whole_ratio_runs: Vec<Option<f64>>,
     /// See `goal_ratio_runs`.
     pub switch_runs: Vec<Option<f64>>,
     /// See `goal_ratio_runs`.
@@ -263,11 +284,13 @@ pub fn combine(runs: Vec<Row>) -> Row {
         runs.iter().map(|r| r.links.as_ref().and_then(f)).collect()
     };
     let goal_runs = per_run(|l| l.goal_ratio);
+    let whole_runs = per_run(|l| l.whole_ratio);
     let switch_runs = per_run(|l| l.switch_s);
     let back_runs = per_run(|l| l.back_s);
     let mut row = runs.into_iter().nth(pick).expect("pick < n");
     if let Some(l) = row.links.as_mut() {
         l.goal_ratio_runs = goal_runs;
+        l.whole_ratio_runs = whole_runs;
         l.switch_runs = switch_runs;
         l.back_runs = back_runs;
     }
@@ -433,7 +456,8 @@ pub fn table(rows: &[Row]) -> String {
 
 /// The several-link rows' goals, under the main table (empty without such
 /// rows): the goal's reference and figure, the median run's and every run's
-/// ratio, the switch and move-back times, and each link's wire rate.
+/// ratio, the same ratio without the goal's allowance (`whole`), the switch
+/// and move-back times, and each link's wire rate.
 pub fn links_table(rows: &[Row]) -> String {
     let mut s = String::new();
     let runs = |v: &[Option<f64>], prec: usize| {
@@ -447,7 +471,7 @@ pub fn links_table(rows: &[Row]) -> String {
         if s.is_empty() {
             let _ = writeln!(
                 s,
-                "\n{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>8} {:>8}  links' wire Mbit/s",
+                "\n{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>6} {:>17} {:>8} {:>8}  links' wire Mbit/s",
                 "cell",
                 "contender",
                 "policy",
@@ -455,6 +479,8 @@ pub fn links_table(rows: &[Row]) -> String {
                 "measured",
                 "ratio",
                 "runs' ratio",
+                "whole",
+                "runs' whole",
                 "switch s",
                 "back s"
             );
@@ -467,7 +493,7 @@ pub fn links_table(rows: &[Row]) -> String {
             .join(" + ");
         let _ = writeln!(
             s,
-            "{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>8} {:>8}  {wire}  ({})",
+            "{:<30} {:<10} {:<9} {:>8} {:>8} {:>6} {:>17} {:>6} {:>17} {:>8} {:>8}  {wire}  ({})",
             r.cell,
             r.contender,
             l.policy,
@@ -475,6 +501,8 @@ pub fn links_table(rows: &[Row]) -> String {
             opt(l.goal_mbps, 1),
             opt(l.goal_ratio, 2),
             runs(&l.goal_ratio_runs, 2),
+            opt(l.whole_ratio, 2),
+            runs(&l.whole_ratio_runs, 2),
             opt(l.switch_s, 2),
             opt(l.back_s, 2),
             l.goal
@@ -503,7 +531,7 @@ pub fn csv(rows: &[Row]) -> String {
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
          goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
          loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
-         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s\n",
+         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s,whole_ratio\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -511,7 +539,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -553,6 +581,7 @@ pub fn csv(rows: &[Row]) -> String {
             f(r.links.as_ref().and_then(|l| l.goal_ratio)),
             f(r.links.as_ref().and_then(|l| l.switch_s)),
             f(r.links.as_ref().and_then(|l| l.back_s)),
+            f(r.links.as_ref().and_then(|l| l.whole_ratio)),
         );
     }
     s
@@ -1037,9 +1066,13 @@ rate_mbps = [100.0]
                 goal_ref_mbps: 100.0,
                 goal_mbps: ratio.map(|x| x * 100.0),
                 goal_ratio: ratio,
+                goal_window_s: None,
+                whole_mbps: ratio.map(|x| x * 90.0),
+                whole_ratio: ratio.map(|x| x * 0.9),
                 switch_s: switch,
                 back_s: Some(1.0),
                 goal_ratio_runs: Vec::new(),
+                whole_ratio_runs: Vec::new(),
                 switch_runs: Vec::new(),
                 back_runs: Vec::new(),
             });
@@ -1055,12 +1088,18 @@ rate_mbps = [100.0]
         let l = row.links.as_ref().unwrap();
         assert_eq!(l.goal_ratio, Some(0.8));
         assert_eq!(l.goal_ratio_runs, vec![Some(0.8), None, Some(0.85)]);
+        let whole: Vec<Option<f64>> = l
+            .whole_ratio_runs
+            .iter()
+            .map(|x| x.map(|v| (v * 1e3).round() / 1e3))
+            .collect();
+        assert_eq!(whole, vec![Some(0.72), None, Some(0.765)]);
         assert_eq!(l.switch_runs, vec![Some(1.5), None, Some(1.2)]);
         assert_eq!(l.back_runs, vec![Some(1.0); 3]);
         let t = table(std::slice::from_ref(&row));
         assert!(t.contains("switch s"), "{t}");
         assert!(
-            t.contains("0.80/-/0.85") && t.contains("80.0 + 40.0"),
+            t.contains("0.80/-/0.85") && t.contains("0.72/-/0.77") && t.contains("80.0 + 40.0"),
             "{t}"
         );
         let c = csv(std::slice::from_ref(&row));
@@ -1068,7 +1107,7 @@ rate_mbps = [100.0]
             c.lines()
                 .nth(1)
                 .unwrap()
-                .ends_with(",failover,100,80,0.8,1.5,1"),
+                .contains(",failover,100,80,0.8,1.5,1,0.72"),
             "{c}"
         );
         // Rows without links print no links table.
@@ -1114,10 +1153,10 @@ rate_mbps = [100.0]
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
         assert!(lines[0].ends_with(
             ",runs,goodput_min,goodput_max,steal,load_avg,family,policy,goal_ref_mbps,\
-             goal_mbps,goal_ratio,switch_s,back_s"
+             goal_mbps,goal_ratio,switch_s,back_s,whole_ratio"
         ));
         assert!(
-            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,"),
+            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,,"),
             "{}",
             lines[1]
         );

@@ -26,7 +26,7 @@ use lu2k_linkem::{Netns, Relay, RelayConfig, TunConfig, TunLink};
 
 use crate::collect::{
     children_cpu_s, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, Percentiles,
-    Series,
+    Series, STEADY_MIN_RTTS,
 };
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
 use crate::quic::QuicSpec;
@@ -1078,16 +1078,52 @@ fn links_figures(
         goal_ref_mbps: cell.capacity_mbps(),
         goal_mbps: None,
         goal_ratio: None,
+        goal_window_s: None,
+        whole_mbps: None,
+        whole_ratio: None,
         switch_s: None,
         back_s: None,
         goal_ratio_runs: Vec::new(),
+        whole_ratio_runs: Vec::new(),
         switch_runs: Vec::new(),
         back_runs: Vec::new(),
     };
+    let rtt = cell.rtt_ms / 1e3;
+    // Receiver's goodput over [a, b), Mbit/s.
+    let rate = |a: f64, b: f64| (o.series.bytes_at(b) - o.series.bytes_at(a)) * 8.0 / (b - a) / 1e6;
     match (policy, cell.failover_outage()) {
         (LinkPolicy::Balance, _) => {
-            f.goal = "goodput / the links' capacities added up, goal >= 0.9".into();
-            f.goal_mbps = Some(goodput);
+            f.whole_mbps = Some(goodput);
+            // While every link carries: from the end of the last link's first
+            // 0.5 s at half its rate or more (start-up: connections, each
+            // controller's first round trip) to the start of the first link's
+            // last such 0.5 s (the tail, when the links drain one by one). Handshakes and
+            // keep-alives on a link's wire do not count as carrying.
+            let spans: Option<Vec<(f64, f64)>> = cell
+                .links
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    o.link_series
+                        .get(i)
+                        .and_then(|s| carrying_span(s, 0.5 * l.rate_mbps, FLOWING_WINDOW_S))
+                })
+                .collect();
+            if let Some(e) = spans.filter(|e| !e.is_empty()) {
+                let a = e.iter().map(|x| x.0).fold(f64::MIN, f64::max);
+                let b = e.iter().map(|x| x.1).fold(f64::MAX, f64::min).min(last);
+                if b - a >= STEADY_MIN_RTTS * rtt {
+                    f.goal_window_s = Some((a, b));
+                    f.goal_mbps = Some(rate(a, b));
+                }
+            }
+            f.goal = "goodput while every link carries (0.5 s at >= half its rate on the wire: \
+                      from the last link's first such to the first link's last) / the links' \
+                      capacities added up, goal >= 0.9; whole: the transfer's goodput / the same"
+                .into();
+            if f.goal_mbps.is_none() {
+                f.goal += "; not measured: no window with every link carrying";
+            }
         }
         (LinkPolicy::Failover, None) => {
             f.goal = "no outage: goodput / the links' capacities added up".into();
@@ -1096,25 +1132,11 @@ fn links_figures(
         (LinkPolicy::Failover, Some((down, up, out))) => {
             let surviving = cell.links[up].capacity_mbps();
             f.goal_ref_mbps = surviving;
-            f.goal = format!(
-                "goodput during link {down}'s outage (shifted by its one-way delay) / \
-                 link {up}'s capacity, goal >= 0.9"
-            );
             // The outage on time zero's clock, and when the receiver feels it.
             let start = out.start_s - o.outage_offset;
             let end = start + out.duration_s;
             let owd = cell.links[down].rtt_ms / 2e3;
             let (a, b) = (start + owd, end + owd);
-            if last >= b && a >= first_send {
-                let got = o.series.bytes_at(b) - o.series.bytes_at(a);
-                f.goal_mbps = Some(got * 8.0 / (b - a) / 1e6);
-            } else {
-                f.goal = format!(
-                    "{}; not measured: the transfer did not span the outage (give the cell \
-                     more bytes)",
-                    f.goal
-                );
-            }
             f.switch_s = o
                 .series
                 .first_reaching(0.9 * surviving, FLOWING_WINDOW_S, a)
@@ -1124,10 +1146,52 @@ fn links_figures(
                 s.first_reaching(0.9 * cell.links[down].rate_mbps, FLOWING_WINDOW_S, end)
                     .map(|t| t - end)
             });
+            // After the switch: from the outage's start plus the switch time
+            // (the end of the first 0.5 s at 90 %); without one, from when
+            // the receiver feels the outage plus 3 RTT, the allowance for
+            // detecting the silence and ramping the other link up.
+            let after = match f.switch_s {
+                Some(s) => (start + s).min(b),
+                None => (a + 3.0 * rtt).min(b),
+            };
+            f.goal = format!(
+                "goodput during link {down}'s outage (shifted by its one-way delay) after the \
+                 switch (from the outage's start + switch s, or + owd + 3 RTT without one) / \
+                 link {up}'s capacity, goal >= 0.9; whole: the whole outage / the same"
+            );
+            if last >= b && a >= first_send {
+                f.whole_mbps = Some(rate(a, b));
+                if b - after >= FLOWING_WINDOW_S {
+                    f.goal_window_s = Some((after, b));
+                    f.goal_mbps = Some(rate(after, b));
+                }
+            } else {
+                f.goal = format!(
+                    "{}; not measured: the transfer did not span the outage (give the cell \
+                     more bytes)",
+                    f.goal
+                );
+            }
         }
     }
+    f.whole_ratio = f.whole_mbps.map(|g| g / f.goal_ref_mbps);
     f.goal_ratio = f.goal_mbps.map(|g| g / f.goal_ref_mbps);
     f
+}
+
+/// Where a cumulative series carried `mbps` or more over `window` seconds:
+/// (the end of the first such window, the start of the last), on a 10 ms
+/// grid: inside the time it carried. None if it never did.
+fn carrying_span(s: &Series, mbps: f64, window: f64) -> Option<(f64, f64)> {
+    let first = s.first_reaching(mbps, window, 0.0)?;
+    let mut t = s.end();
+    while t >= first {
+        if (s.bytes_at(t) - s.bytes_at(t - window)) * 8.0 / window / 1e6 >= mbps {
+            return Some((first, (t - window).max(first)));
+        }
+        t -= 0.01;
+    }
+    Some((first, first))
 }
 
 /// lu2k without an emulator: two kshim + engine nodes on loopback, engines
@@ -1274,14 +1338,23 @@ outage = { start_s = 5.0, duration_s = 5.0 }
         let f = links_figures(cell, &o, 80.0, 0.0, 12.0);
         assert_eq!(f.policy, "failover");
         assert_eq!(f.goal_ref_mbps, 100.0, "link 1's capacity");
-        // [4.3, 9.3): 4 s of 96 Mbit/s in 5 s.
-        let g = f.goal_mbps.unwrap();
-        assert!((g - 76.8).abs() < 0.5, "{g}");
-        assert!((f.goal_ratio.unwrap() - 0.768).abs() < 0.005);
         // 90 Mbit/s over 0.5 s once 90/96 of the window is past 5.3 s:
         // 1.3 s + 0.47 s after the start.
         let sw = f.switch_s.unwrap();
         assert!((sw - (1.3 + 0.5 * 90.0 / 96.0)).abs() < 0.02, "{sw}");
+        // The goal: after the switch, [4 + 1.77, 9.3): 96 Mbit/s throughout.
+        let (a, b) = f.goal_window_s.unwrap();
+        assert!(
+            (a - (4.0 + sw)).abs() < 1e-9 && (b - 9.3).abs() < 1e-9,
+            "{a} {b}"
+        );
+        let g = f.goal_mbps.unwrap();
+        assert!((g - 96.0).abs() < 0.5, "{g}");
+        assert!((f.goal_ratio.unwrap() - 0.96).abs() < 0.005);
+        // The whole outage [4.3, 9.3): 4 s of 96 Mbit/s in 5 s.
+        let w = f.whole_mbps.unwrap();
+        assert!((w - 76.8).abs() < 0.5, "{w}");
+        assert!((f.whole_ratio.unwrap() - 0.768).abs() < 0.005);
         // Link 0 at 90 % of its 100 Mbit/s over 0.5 s, carrying 98 from 9.5 s:
         // 0.5 s + 0.46 s after the end.
         let back = f.back_s.unwrap();
@@ -1301,6 +1374,7 @@ outage = { start_s = 5.0, duration_s = 5.0 }
         let f = links_figures(cell, &o, 96.0, 0.0, 6.0);
         assert_eq!(f.goal_mbps, None);
         assert_eq!(f.goal_ratio, None);
+        assert_eq!(f.whole_ratio, None);
         assert!(f.goal.contains("more bytes"), "{}", f.goal);
         assert_eq!(f.back_s, None);
     }
@@ -1315,11 +1389,54 @@ outage = { start_s = 5.0, duration_s = 5.0 }
         let t0 = Instant::now();
         let o = outcome(
             series(t0, 12.0, |_| 135.0),
-            vec![series(t0, 12.0, |_| 90.0), series(t0, 12.0, |_| 45.0)],
+            // Link 0 is the 50 Mbit/s one.
+            vec![series(t0, 12.0, |_| 45.0), series(t0, 12.0, |_| 90.0)],
         );
         let f = links_figures(cell, &o, 135.0, 0.0, 12.0);
         assert_eq!(f.goal_ref_mbps, 150.0);
-        assert!((f.goal_ratio.unwrap() - 0.9).abs() < 1e-9);
+        assert!((f.goal_ratio.unwrap() - 0.9).abs() < 1e-6);
+        assert!((f.whole_ratio.unwrap() - 0.9).abs() < 1e-9);
         assert_eq!((f.switch_s, f.back_s), (None, None));
+    }
+
+    #[test]
+    fn balance_goal_is_the_window_with_every_link_carrying() {
+        let text = FAILOVER.replace("failover", "balance").replace(
+            "outage = { start_s = 5.0, duration_s = 5.0 }",
+            "rate_mbps = 50.0",
+        );
+        let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
+        let t0 = Instant::now();
+        // Link 0 (50 Mbit/s) carries 45 from 2 s to 11 s; link 1 (100) 90
+        // from 1 s to 12 s. The receiver: 90 alone, 135 while both carry.
+        let l0 = |t: f64| if (2.0..11.0).contains(&t) { 45.0 } else { 0.0 };
+        let l1 = |t: f64| if (1.0..12.0).contains(&t) { 90.0 } else { 0.0 };
+        let o = outcome(
+            series(t0, 12.0, move |t| l0(t) + l1(t)),
+            vec![series(t0, 12.0, l0), series(t0, 12.0, l1)],
+        );
+        let f = links_figures(cell, &o, 100.0, 1.0, 12.0);
+        // Link 0 at 25 Mbit/s (half its rate) over 0.5 s: from 2.28 s (the
+        // 0.5 s ending there, 0.28 s of it at 45) to 10.72 s (the 0.5 s
+        // starting there).
+        let (a, b) = f.goal_window_s.unwrap();
+        assert!(
+            (a - 2.28).abs() < 0.02 && (b - 10.72).abs() < 0.02,
+            "{a} {b}"
+        );
+        assert!(
+            (f.goal_ratio.unwrap() - 0.9).abs() < 0.005,
+            "{:?}",
+            f.goal_ratio
+        );
+        assert!((f.whole_ratio.unwrap() - 100.0 / 150.0).abs() < 1e-9);
+        // A link that never carried: no window, not measured.
+        let o = outcome(
+            series(t0, 12.0, l1),
+            vec![series(t0, 12.0, |_| 0.0), series(t0, 12.0, l1)],
+        );
+        let f = links_figures(cell, &o, 90.0, 1.0, 12.0);
+        assert_eq!(f.goal_ratio, None);
+        assert!(f.goal.contains("not measured"), "{}", f.goal);
     }
 }

@@ -56,6 +56,11 @@ fn links_and_ipv6_cells_run_through_relays() {
         ratio > 0.0 && ratio <= 1.02,
         "goodput through the outage {ratio}: {f}"
     );
+    let whole = l["whole_ratio"].as_f64().unwrap_or_else(|| panic!("{f}"));
+    assert!(
+        whole > 0.0 && whole <= 1.02,
+        "goodput through the whole outage {whole}: {f}"
+    );
     let wire1 = l["links"][1]["wire_bytes"].as_u64().unwrap();
     assert!(
         wire1 > 4 << 20,
@@ -75,7 +80,7 @@ fn links_and_ipv6_cells_run_through_relays() {
         .lines()
         .next()
         .unwrap()
-        .ends_with("goal_ratio,switch_s,back_s"));
+        .ends_with("goal_ratio,switch_s,back_s,whole_ratio"));
 
     // balance: both links carried a share, the sum bounds the goodput.
     let b = row(rows, "30M+20M/balance");
