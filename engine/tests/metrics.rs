@@ -423,9 +423,14 @@ fn scrape_during_a_transfer() {
 /// a destination socket ID no connection has, and bytes that stand for the
 /// ciphertext and tag.
 fn forged_sealed(n: u64) -> Vec<u8> {
-    let mut d = vec![0xFF, 0xFF, 2, 0];
-    d.extend_from_slice(&n.to_be_bytes());
+    use lu2k_engine::transport::seal;
+    // Wire version 3: the mark, version bits with key epoch 0, the counter's low
+    // 40 bits, the destination socket ID; the rest is no ciphertext of anything.
+    let mut d = vec![0xFF, 0xFF, 0xC0];
+    d.extend_from_slice(&n.to_be_bytes()[3..]);
+    assert_eq!(d.len(), seal::PLAIN_AT);
     d.extend_from_slice(&0xDEAD_BEEFu32.to_be_bytes());
+    assert_eq!(seal::sealed_dst(&d), Some(0xDEAD_BEEF));
     d.extend_from_slice(&[0x5A; 64]);
     d
 }
