@@ -190,12 +190,13 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                     d.extend(random_bytes(&mut rng, n));
                     d
                 }
-                // Handshakes: plain, and with a forged trailer (random key and MAC).
+                // Handshakes: plain, with a forged trailer (random key and MAC),
+                // and with a forged trailer of sealed wire version 2.
                 _ => {
                     let mut d = control(0, 0, 0, &random_bytes(&mut rng, 48));
                     d[16..20].copy_from_slice(&4u32.to_be_bytes());
                     if r % 2 == 0 {
-                        d.extend_from_slice(b"L2K2");
+                        d.extend_from_slice(if r % 4 == 0 { b"L2K3" } else { b"L2K2" });
                         d.extend(random_bytes(&mut rng, 48));
                     }
                     d
@@ -578,6 +579,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
             "rx_sec_plain_refused",
             "rx_sec_unknown_connection",
             "rx_sec_bad_handshake",
+            "rx_sec_wire_version",
             "rx_sec_bad_tag",
             "rx_sec_replay",
         ]
@@ -586,6 +588,7 @@ fn sealed_transfer_survives_noise_and_an_on_path_attacker() {
             "rx_sec_plain_refused",
             "rx_sec_unknown_connection",
             "rx_sec_bad_handshake",
+            "rx_sec_wire_version",
         ]
     };
     let until = Instant::now() + Duration::from_secs(5);

@@ -45,7 +45,7 @@
 //!   slower (README, "The sealed wire").
 //!
 //! **Handshake**: the UDT4 handshake (64 bytes) with a trailer of `HS_EXT`
-//! (52) bytes, `["L2K2"][X25519 public key][HMAC-SHA256 over label, the two ends,
+//! (52) bytes, `["L2K3"][X25519 public key][HMAC-SHA256 over label, the two ends,
 //! handshake and keys, first 16 bytes]`, keyed from the PSK. The two ends
 //! ([`Ends`]) are the NID addresses of the initiator (the side that connects)
 //! and of the responder, in that order, as each side knows them (its own, and
@@ -115,10 +115,12 @@ pub const MIN_PSK_LEN: usize = 32;
 /// the previous one, 1..=62 ahead.
 pub const MAX_SKIP: u8 = 62;
 
-const HS_MAGIC: [u8; 4] = *b"L2K2";
+const HS_MAGIC: [u8; 4] = *b"L2K3";
 const SEAL_MARK: [u8; 2] = [0xFF, 0xFF];
 /// The top two bits of byte 2 (version 3); the low six are the key epoch.
 const SEAL_VERSION: u8 = 0xC0;
+/// The sealed wire's version, as the log names it.
+pub const WIRE_VERSION: u8 = 3;
 const VERSION_MASK: u8 = 0xC0;
 const EPOCH_MASK: u8 = 0x3F;
 /// Bits of the packet counter a sealed datagram carries (bytes 3..8).
@@ -724,6 +726,26 @@ impl Replay {
     }
 }
 
+/// The sealed wire version of a datagram from another lu2k release: a sealed
+/// datagram of version 2 (`FF FF 02`, where version 3 has its top bits `11`)
+/// or a handshake whose trailer names another version (`L2K` and a digit).
+/// The two versions share no keys (the trailer's magic and the key labels
+/// name the version), so such a peer is told apart from a plain UDT4 peer in
+/// the counters and the log rather than refused as plain.
+pub fn other_version(d: &[u8]) -> Option<u8> {
+    if d.len() >= 3 && d[..2] == SEAL_MARK && d[2] == 2 {
+        return Some(2);
+    }
+    match d.get(HS_LEN..HS_LEN + 4) {
+        Some([b'L', b'2', b'K', v])
+            if d.len() == HS_LEN + HS_EXT && [b'L', b'2', b'K', *v] != HS_MAGIC =>
+        {
+            v.is_ascii_digit().then(|| v - b'0')
+        }
+        _ => None,
+    }
+}
+
 /// A handshake trailer, split: `(handshake, public key, tag)`.
 pub fn split_hs(d: &[u8]) -> Option<(&[u8], [u8; 32], [u8; 16])> {
     if d.len() != HS_LEN + HS_EXT || d[HS_LEN..HS_LEN + 4] != HS_MAGIC {
@@ -853,8 +875,8 @@ fn derive(
     let mut s2c = Zeroizing::new([0u8; 32]);
     let (e, n) = ends.bytes();
     let e = &e[..n];
-    expand(&prk, &[b"lu2k v2 c2s", e, client, server], &mut c2s[..]);
-    expand(&prk, &[b"lu2k v2 s2c", e, client, server], &mut s2c[..]);
+    expand(&prk, &[b"lu2k v3 c2s", e, client, server], &mut c2s[..]);
+    expand(&prk, &[b"lu2k v3 s2c", e, client, server], &mut s2c[..]);
     (c2s, s2c)
 }
 
@@ -951,6 +973,24 @@ mod tests {
         initiator: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         responder: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
     };
+
+    #[test]
+    fn another_versions_datagrams_are_told_apart() {
+        let mut v2 = vec![0xFF, 0xFF, 2, 0];
+        v2.extend_from_slice(&[0x5A; 60]);
+        assert_eq!(other_version(&v2), Some(2));
+        assert!(!is_sealed(&v2));
+        let mut hs = vec![0u8; HS_LEN + HS_EXT];
+        hs[HS_LEN..HS_LEN + 4].copy_from_slice(b"L2K2");
+        assert_eq!(other_version(&hs), Some(2));
+        assert!(split_hs(&hs).is_none(), "a version 2 handshake is not ours");
+        hs[HS_LEN..HS_LEN + 4].copy_from_slice(&HS_MAGIC);
+        assert_eq!(other_version(&hs), None);
+        assert!(split_hs(&hs).is_some());
+        // A plain UDT4 packet is no version at all.
+        assert_eq!(other_version(&[0x80, 0x02, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(other_version(&[0xFF]), None);
+    }
 
     fn pair(limits: Limits) -> (Box<Session>, Box<Session>) {
         let mut c = Client::new(psk(7), ENDS);

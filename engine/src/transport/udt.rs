@@ -1541,8 +1541,16 @@ impl Udt {
             return false;
         }
         let Some(client_key) = hs else {
-            self.reject(ip, "plain_refused");
-            self.log_plain(now, from);
+            let other = self
+                .io
+                .rx_bytes(bid, at, dlen)
+                .and_then(seal::other_version);
+            if other.is_some() {
+                self.reject(ip, "wire_version");
+            } else {
+                self.reject(ip, "plain_refused");
+            }
+            self.log_plain(now, from, other);
             return false;
         };
         let Some(d) = inner(at, dlen) else {
@@ -1723,7 +1731,7 @@ impl Udt {
     }
 
     /// One log line per [`WARN_EVERY_US`] at most about plain datagrams refused.
-    fn log_plain(&mut self, now: u64, from: SocketAddr) {
+    fn log_plain(&mut self, now: u64, from: SocketAddr, other_version: Option<u8>) {
         let core = self.p.core;
         let Some(sec) = self.sec.as_mut() else {
             return;
@@ -1735,13 +1743,23 @@ impl Udt {
         {
             return;
         }
-        tracing::warn!(
-            core,
-            from = %from,
-            refused = sec.plain_unlogged,
-            "refusing plain UDT datagrams: security = \"required\" accepts only the sealed wire \
-             (give the peer the PSK and security = \"required\", or set security = \"off\" on both)"
-        );
+        match other_version {
+            Some(v) => tracing::warn!(
+                core,
+                from = %from,
+                refused = sec.plain_unlogged,
+                "refusing datagrams of sealed wire version {v}: this engine speaks version {} \
+                 (the two share no keys; run the same lu2k release on both gateways)",
+                seal::WIRE_VERSION
+            ),
+            None => tracing::warn!(
+                core,
+                from = %from,
+                refused = sec.plain_unlogged,
+                "refusing plain UDT datagrams: security = \"required\" accepts only the sealed wire \
+                 (give the peer the PSK and security = \"required\", or set security = \"off\" on both)"
+            ),
+        }
         sec.plain_unlogged = 0;
         sec.plain_logged_at = Some(now);
     }
