@@ -88,6 +88,17 @@ impl Connection {
                     .saturating_sub(newest.sent_at)
                     .clamp(1, u64::from(u32::MAX)) as u32;
                 self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
+                // At most the packets in flight can queue ahead of it at the
+                // bottleneck: what the sample may hold of our own queue
+                // (counted as the ACK comes, near what was out when it left).
+                let inflight = self.tx.next - self.tx.una;
+                let queue_bound = if self.tx.bandwidth > 1 {
+                    (inflight * 1_000_000 / u64::from(self.tx.bandwidth)).min(u64::from(u32::MAX))
+                        as u32
+                } else {
+                    u32::MAX
+                };
+                self.tx.min_rtt.on_sample(now, s, queue_bound);
             }
         }
         let newly = a.saturating_sub(self.tx.data_ack) as u32;
@@ -113,6 +124,7 @@ impl Connection {
         // The receiver's RTT (from ACK/ACK2), unless it is still UDT4's guess.
         if !(st.rtt == INITIAL_RTT_US && st.rtt_var == INITIAL_RTT_US / 2) && st.rtt > 0 {
             self.tx.rtt.on_sample(st.rtt.min(MAX_RTT_US));
+            self.tx.min_rtt.on_report(st.rtt.min(MAX_RTT_US));
         }
         // Rates beyond any link are clamped, not dropped: the report is
         // still a report (a zero still means "no estimate").

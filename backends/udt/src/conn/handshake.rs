@@ -169,6 +169,7 @@ impl Connection {
             let sample = now.saturating_sub(t).clamp(1, u64::from(u32::MAX)) as u32;
             self.tx.rtt.on_sample(sample);
             self.tx.own_min_rtt = sample;
+            self.tx.min_rtt.on_sample(now, sample, 0);
             self.rx.rtt.on_sample(sample);
         }
         self.establish(now);

@@ -90,6 +90,7 @@
 mod feedback;
 mod handshake;
 mod listener;
+mod min_rtt;
 mod receiver;
 mod sender;
 mod timers;
@@ -354,13 +355,7 @@ impl Connection {
 
     /// What the controller is told about the path.
     fn path(&self) -> Path {
-        let own = self.tx.own_min_rtt;
-        let reported = if self.tx.rtt.samples() > 0 {
-            self.tx.rtt.min()
-        } else {
-            u32::MAX
-        };
-        let mut min_rtt = own.min(reported);
+        let mut min_rtt = self.tx.min_rtt.get();
         if min_rtt == u32::MAX {
             min_rtt = self.rtt();
         }
@@ -778,7 +773,7 @@ impl Connection {
         format!(
             "state {:?} una {} next {} lost {:?} cursor {} msg_base {} msgs {} flow {} \
              cwnd {} period {} next_send {} | rx base {} next {} lost {:?} slots {} held {} \
-             last_ack {} last_ack_ack {} next_nak {} | own_min {} rep_min {} | path {:?} | cc {:?}",
+             last_ack {} last_ack_ack {} next_nak {} | own_min {} min_rtt {} | path {:?} | cc {:?}",
             self.state,
             self.tx.una,
             self.tx.next,
@@ -799,7 +794,7 @@ impl Connection {
             self.rx.last_ack_ack,
             self.rx.next_nak_time,
             self.tx.own_min_rtt,
-            self.tx.rtt.min(),
+            self.tx.min_rtt.get(),
             self.path(),
             self.cc
         )

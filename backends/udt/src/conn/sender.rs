@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 
+use super::min_rtt::MinRtt;
 use super::{Connection, DropReason, Event, Header, Mode, PayloadRef, SendError, State, Transmit};
 use crate::estimate::{Rtt, Time};
 use crate::loss::SndLossList;
@@ -84,6 +85,10 @@ pub(super) struct Sender {
     pub(super) rtt: Rtt,
     /// Least RTT seen from our own packets' ACKs.
     pub(super) own_min_rtt: u32,
+    /// The path's minimum RTT for the controller: the least of our own
+    /// samples and the receiver's reports, following a path that gets
+    /// longer (see `min_rtt`).
+    pub(super) min_rtt: MinRtt,
     /// Receiver's arrival rate, EWMA of its reports (packets/s).
     pub(super) recv_rate: u32,
     /// Link capacity, EWMA of the receiver's reports (packets/s).
@@ -109,6 +114,7 @@ impl Sender {
             last_ack2_time: now,
             rtt: Rtt::new(),
             own_min_rtt: u32::MAX,
+            min_rtt: MinRtt::new(),
             recv_rate: 16,
             bandwidth: 1,
         }
