@@ -57,6 +57,58 @@ enum Cmd {
     },
     /// Validate a configuration file (and flags) without starting.
     CheckConfig(RunArgs),
+    /// Make, show or remove an instance of the kernel module's /dev/lu2k (the region
+    /// an engine attaches to with --kshim device:/dev/lu2k,instance=N).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    /// Make an instance and print its number, e.g.
+    /// `lu2k-engine device create --nid 10.0.0.1@lu2k --cores 2`.
+    Create {
+        /// This node's NID on the instance (repeat for several; the first is the
+        /// source of the module's selftest traffic).
+        #[arg(long = "nid", required = true, value_name = "NID")]
+        nids: Vec<lu2k_ring_abi::Nid>,
+        /// Ring sets: the engine's --cores.
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
+        /// Cores each peer's messages are spread over (socklnd's conns_per_peer).
+        #[arg(long, default_value_t = 1)]
+        conns_per_peer: u32,
+        /// 1 MiB TX slots: messages in flight at once (lu2klnd's credits follow them).
+        #[arg(long, default_value_t = 64)]
+        tx_slots: u32,
+        /// RX buffers, all cores together [default: 1024 per core].
+        #[arg(long)]
+        rx_buffers: Option<u32>,
+        /// RX buffer size, bytes.
+        #[arg(long, default_value_t = 65536)]
+        rx_buf_size: u32,
+        /// The device.
+        #[arg(long, default_value = "/dev/lu2k")]
+        device: PathBuf,
+    },
+    /// Print an instance's NIDs, cores, region and counters.
+    Show {
+        /// The instance number `create` printed.
+        #[arg(long, default_value_t = 0)]
+        instance: u32,
+        /// The device.
+        #[arg(long, default_value = "/dev/lu2k")]
+        device: PathBuf,
+    },
+    /// Remove an instance (refused while an engine is attached).
+    Destroy {
+        /// The instance number.
+        #[arg(long)]
+        instance: u32,
+        /// The device.
+        #[arg(long, default_value = "/dev/lu2k")]
+        device: PathBuf,
+    },
 }
 
 /// Settings; each flag overrides the same field of the config file.
@@ -275,6 +327,48 @@ fn command(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let c = args.config()?;
             lu2k_engine::daemon::run(c)
+        }
+        Cmd::Device(cmd) => device(cmd),
+    }
+}
+
+fn device(cmd: DeviceCmd) -> anyhow::Result<()> {
+    use lu2k_engine::daemon::device as dev;
+    match cmd {
+        DeviceCmd::Create {
+            nids,
+            cores,
+            conns_per_peer,
+            tx_slots,
+            rx_buffers,
+            rx_buf_size,
+            device,
+        } => {
+            let spec = dev::Spec {
+                nids,
+                cores,
+                conns_per_peer,
+                tx_slots,
+                rx_buffers: rx_buffers.unwrap_or(1024 * cores),
+                rx_buf_size,
+            };
+            let (n, size) = dev::create(&device, &spec)?;
+            println!(
+                "instance {n}: {} cores, region {} MiB; attach with: lu2k-engine run --kshim device:{},instance={n} ...",
+                spec.cores,
+                size >> 20,
+                device.display()
+            );
+            Ok(())
+        }
+        DeviceCmd::Show { instance, device } => {
+            print!("{}", dev::show(&device, instance)?);
+            Ok(())
+        }
+        DeviceCmd::Destroy { instance, device } => {
+            dev::destroy(&device, instance)?;
+            println!("instance {instance} removed");
+            Ok(())
         }
     }
 }

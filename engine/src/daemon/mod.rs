@@ -29,6 +29,7 @@
 //! Without `NOTIFY_SOCKET` nothing is sent.
 
 pub mod config;
+pub mod device;
 pub mod metrics;
 pub mod stats;
 

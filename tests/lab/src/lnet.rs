@@ -19,7 +19,7 @@
 //! engine, and fail on any `BUG:`, `WARNING:`, `Oops` or `general protection` line in
 //! the kernel log.
 
-use crate::module::{create_instance, Engine};
+use crate::module::Engine;
 use crate::Outcome;
 use anyhow::{bail, ensure, Context};
 use lu2k_ring_abi::attach::device;
@@ -116,7 +116,7 @@ fn scenario(role: char, me: Ipv4Addr, peer: Ipv4Addr, loops: u32) -> anyhow::Res
     let net = Net::new(LndType::LU2K, 0);
     let nid = Nid::from_net_ip(net, me);
     let dev = device::open(Path::new(DEV)).context("open /dev/lu2k after insmod")?;
-    let instance = create(dev.as_fd(), nid)?;
+    let instance = create(nid)?;
     let mut engine = start_engine(me, instance)?;
     wait_serving(dev.as_fd(), instance, &mut engine)?;
     println!("lnet: {role}: instance {instance} ({nid}) served by lu2k-engine");
@@ -362,8 +362,32 @@ fn wait_done(me: Ipv4Addr) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn create(fd: BorrowedFd<'_>, nid: Nid) -> anyhow::Result<u32> {
-    create_instance(fd, nid, 1, 0, 64)
+/// The instance of `nid`, made the operator's way (`lu2k-engine device create`, as
+/// the README shows): one ring set, 64 TX slots. Returns the number it printed.
+pub(crate) fn create(nid: Nid) -> anyhow::Result<u32> {
+    let out = Command::new(ENGINE)
+        .args([
+            "device",
+            "create",
+            "--nid",
+            &nid.to_string(),
+            "--tx-slots",
+            "64",
+        ])
+        .output()
+        .context("running lu2k-engine device create")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "lu2k-engine device create --nid {nid}: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "instance N: ..."
+    text.strip_prefix("instance ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("lu2k-engine device create printed {text:?}"))
 }
 
 pub(crate) fn wait_serving(

@@ -159,7 +159,7 @@ fn scenario(
     }
     let nid = Nid::from_net_ip(Net::new(LndType::LU2K, 0), me);
     let dev = device::open(Path::new(DEV)).context("open /dev/lu2k after insmod")?;
-    let instance = create(dev.as_fd(), nid)?;
+    let instance = create(nid)?;
     let mut engine = start_engine(me, instance)?;
     wait_serving(dev.as_fd(), instance, &mut engine)?;
     lnetctl(&["lnet", "configure"])?;
