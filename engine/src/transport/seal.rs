@@ -76,8 +76,9 @@
 //! time even while nothing reaches the peer (its keep-alives are sealed too),
 //! so after an outage the receiver may find the sender several keys ahead: it
 //! derives forward, up to [`MAX_SKIP`] keys, and tries the one key the epoch
-//! names (one AEAD attempt per datagram; the derived keys are kept, so forged
-//! epochs cost the derivation once).
+//! names (one AEAD attempt per datagram; the derived secrets are kept, so a
+//! forged epoch costs the HKDF derivation once, then an AES-GCM key set-up
+//! and one failed open per datagram).
 //!
 //! **Replay**: a window of [`REPLAY_WINDOW`] counters per direction (a GEO path at
 //! 1 Gbit/s has ~50 000 packets in flight); a counter seen, or older than the
@@ -973,6 +974,18 @@ mod tests {
         initiator: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         responder: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
     };
+
+    /// The counter's low bits on the wire decode right only within half their
+    /// range of the newest counter; a receiver follows the sender at most
+    /// [`MAX_SKIP`] keys forward, each of at most `rekey_packets` packets, so a
+    /// legitimate counter is always far inside that range.
+    #[test]
+    fn the_epoch_limit_comes_long_before_the_counter_decoding_limit() {
+        let l = Limits::default();
+        let followed = (u64::from(MAX_SKIP) + 1) * l.rekey_packets;
+        assert!(followed < 1 << (COUNTER_BITS - 1), "{followed} counters");
+        assert!(followed.saturating_add(REPLAY_WINDOW) < 1 << (COUNTER_BITS - 2));
+    }
 
     #[test]
     fn another_versions_datagrams_are_told_apart() {
