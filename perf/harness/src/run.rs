@@ -1039,6 +1039,45 @@ fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult
 /// Window of a rate over time that counts as traffic flowing, seconds.
 const FLOWING_WINDOW_S: f64 = 0.5;
 
+/// How many times the links' time to carry the bytes in flight a goal window
+/// must span (see [`goal_min_window_s`]). The receiver counts a message when it
+/// is whole, so the bytes counted inside a window can include bytes that
+/// crossed the links before it began: at most the bytes in flight, since a
+/// message is whole at the receiver before the sender's in-flight limit lets
+/// the next one go. A window of 4 such times bounds that overcount at a
+/// quarter of the capacity in the worst case (every in-flight byte held at
+/// the window's start); the links deliver their messages in order, so what
+/// the receiver holds is in practice a part of one message per link, a few
+/// per cent of the window's bytes, inside the 3 % that packet headers take
+/// from the payload. 4, not more, keeps the 600 ms cells' windows measured
+/// (32 MiB in flight: 7.2 s at 150 Mbit/s, 10.7 s at 100).
+const GOAL_INFLIGHT_TIMES: f64 = 4.0;
+
+/// The shortest window a links goal figure is measured over, seconds: 8 round
+/// trips, and [`GOAL_INFLIGHT_TIMES`] × the time `capacity_mbps` needs to carry
+/// the workload's bytes in flight (its `in_flight` messages, or the whole
+/// transfer when it sets no limit).
+fn goal_min_window_s(cell: &Cell, capacity_mbps: f64) -> f64 {
+    let w = &cell.workload;
+    let in_flight = w
+        .in_flight
+        .map_or(w.bytes, |n| u64::from(n) * crate::lu2k::MSG as u64)
+        .min(w.bytes);
+    let carry_s = in_flight as f64 * 8.0 / (capacity_mbps * 1e6);
+    (STEADY_MIN_RTTS * cell.rtt_ms / 1e3).max(GOAL_INFLIGHT_TIMES * carry_s)
+}
+
+/// The words a goal says when its window is shorter than
+/// [`goal_min_window_s`].
+fn too_short(window_s: f64, min_s: f64) -> String {
+    format!(
+        "not measured: the window ({window_s:.2} s) is shorter than {min_s:.2} s (8 RTT, \
+         and {GOAL_INFLIGHT_TIMES} x the time the links carry the bytes in flight: whole \
+         messages counted over a shorter one can read above the links' capacity); give \
+         the cell more bytes or fewer in flight"
+    )
+}
+
 /// A several-link run's figures (see [`LinksFigures`]): each link's wire
 /// rate, and the cell's goal — failover: goodput through the outage against
 /// the surviving link, the switch and the move back; balance: goodput
@@ -1094,6 +1133,7 @@ fn links_figures(
     match (policy, cell.failover_outage()) {
         (LinkPolicy::Balance, _) => {
             f.whole_mbps = Some(goodput);
+            let mut short = None;
             // While every link carries: from the end of the last link's first
             // 0.5 s at half its rate or more (start-up: connections, each
             // controller's first round trip) to the start of the first link's
@@ -1112,9 +1152,12 @@ fn links_figures(
             if let Some(e) = spans.filter(|e| !e.is_empty()) {
                 let a = e.iter().map(|x| x.0).fold(f64::MIN, f64::max);
                 let b = e.iter().map(|x| x.1).fold(f64::MAX, f64::min).min(last);
-                if b - a >= STEADY_MIN_RTTS * rtt {
+                let min_s = goal_min_window_s(cell, f.goal_ref_mbps);
+                if b - a >= min_s {
                     f.goal_window_s = Some((a, b));
                     f.goal_mbps = Some(rate(a, b));
+                } else {
+                    short = Some(too_short((b - a).max(0.0), min_s));
                 }
             }
             f.goal = "goodput while every link carries (0.5 s at >= half its rate on the wire: \
@@ -1122,7 +1165,9 @@ fn links_figures(
                       capacities added up, goal >= 0.9; whole: the transfer's goodput / the same"
                 .into();
             if f.goal_mbps.is_none() {
-                f.goal += "; not measured: no window with every link carrying";
+                let why = short
+                    .unwrap_or_else(|| "not measured: no window with every link carrying".into());
+                f.goal = format!("{}; {why}", f.goal);
             }
         }
         (LinkPolicy::Failover, None) => {
@@ -1161,9 +1206,12 @@ fn links_figures(
             );
             if last >= b && a >= first_send {
                 f.whole_mbps = Some(rate(a, b));
-                if b - after >= FLOWING_WINDOW_S {
+                let min_s = goal_min_window_s(cell, surviving).max(FLOWING_WINDOW_S);
+                if b - after >= min_s {
                     f.goal_window_s = Some((after, b));
                     f.goal_mbps = Some(rate(after, b));
+                } else {
+                    f.goal = format!("{}; {}", f.goal, too_short(b - after, min_s));
                 }
             } else {
                 f.goal = format!(

@@ -1,5 +1,5 @@
 //! The several-link and IPv6 cells end to end, for real (`links-tiny.toml`):
-//! lu2k nodes over two relays with `failover` (link 0 out for 1.5 s
+//! lu2k nodes over two relays with `failover` (link 0 out for 2.5 s
 //! mid-transfer) and `balance` (30 + 20 Mbit/s), and over IPv6 in a network
 //! namespace (root; the row says skipped otherwise, and the test prints SKIP).
 
@@ -17,7 +17,8 @@ fn row<'a>(rows: &'a [Value], cell: &str) -> &'a Value {
 }
 
 /// Each link's wire rate is within its rate, and the row's goodput within
-/// what the links carry together.
+/// what the links carry together: a figure above 1.0 of the links' capacity
+/// is a bug in the measure.
 fn bounded(r: &Value, rates: &[f64]) {
     let links = r["links"]["links"].as_array().unwrap();
     assert_eq!(links.len(), rates.len(), "{r}");
@@ -28,9 +29,28 @@ fn bounded(r: &Value, rates: &[f64]) {
         assert!(!l["wire_series"].as_array().unwrap().is_empty(), "{r}");
     }
     let u = r["utilization"].as_f64().unwrap();
-    assert!(u > 0.0 && u <= 1.02, "utilization {u}: {r}");
+    assert!(u > 0.0 && u <= 1.0, "utilization {u}: {r}");
     let g = r["goodput_mbps"].as_f64().unwrap();
     assert!(g <= rates.iter().sum::<f64>() * 1.02, "goodput {g}: {r}");
+}
+
+/// The goal is measured (over a window at least the minimum the goal names)
+/// and it, like `whole`, is within the links' capacity.
+fn goal_within(r: &Value, what: &str) {
+    let l = &r["links"];
+    let ratio = l["goal_ratio"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: not measured: {r}"));
+    assert!(ratio > 0.0 && ratio <= 1.0, "{what}: {ratio}: {r}");
+    let w = l["goal_window_s"].as_array().unwrap();
+    let span = w[1].as_f64().unwrap() - w[0].as_f64().unwrap();
+    // 4 x 2 MiB in flight at 50 Mbit/s.
+    assert!(
+        span >= 4.0 * 2.0 * 8.388_608 / 50.0,
+        "{what}: window {span} s: {r}"
+    );
+    let whole = l["whole_ratio"].as_f64().unwrap_or_else(|| panic!("{r}"));
+    assert!(whole > 0.0 && whole <= 1.0, "{what}, whole: {whole}: {r}");
 }
 
 #[test]
@@ -51,16 +71,8 @@ fn links_and_ipv6_cells_run_through_relays() {
     let l = &f["links"];
     assert_eq!(l["policy"], "failover");
     assert_eq!(l["goal_ref_mbps"], 50.0, "link 1's capacity: {f}");
-    let ratio = l["goal_ratio"].as_f64().unwrap_or_else(|| panic!("{f}"));
-    assert!(
-        ratio > 0.0 && ratio <= 1.02,
-        "goodput through the outage {ratio}: {f}"
-    );
-    let whole = l["whole_ratio"].as_f64().unwrap_or_else(|| panic!("{f}"));
-    assert!(
-        whole > 0.0 && whole <= 1.02,
-        "goodput through the whole outage {whole}: {f}"
-    );
+    goal_within(f, "goodput through the outage");
+
     let wire1 = l["links"][1]["wire_bytes"].as_u64().unwrap();
     assert!(
         wire1 > 4 << 20,
@@ -89,6 +101,7 @@ fn links_and_ipv6_cells_run_through_relays() {
     let l = &b["links"];
     assert_eq!(l["policy"], "balance");
     assert!((l["goal_ref_mbps"].as_f64().unwrap() - 50.0).abs() < 1e-9);
+    goal_within(b, "goodput while both links carry");
     for i in 0..2 {
         let w = l["links"][i]["wire_bytes"].as_u64().unwrap();
         assert!(w > 2 << 20, "link {i} carried only {w} bytes: {b}");
@@ -105,7 +118,7 @@ fn links_and_ipv6_cells_run_through_relays() {
         assert_eq!(status, "ok", "{v}");
         assert_eq!(v["bytes"], 8 << 20);
         let u = v["utilization"].as_f64().unwrap();
-        assert!(u > 0.0 && u <= 1.02, "{v}");
+        assert!(u > 0.0 && u <= 1.0, "{v}");
         assert!(
             v["wire_bytes"].as_u64().unwrap() >= 8 << 20,
             "through the relay: {v}"
