@@ -20,8 +20,8 @@
 //! of the newer bucket replaces the minimum (the older may hold samples
 //! taken while the path changed, half old and half new). While the path
 //! stays as it is, the minimum is the least sample ever: a windowed minimum
-//! alone drifts up with the jitter and losses of each 10 s (it moves the
-//! simulation grid's lossy cells).
+//! alone drifts up with the jitter and losses of each 10 s, and the window
+//! the controller sizes from it would grow with every such drift.
 //!
 //! Why time and not rounds: on a lossy GEO path the sender's samples stop
 //! while the receiver waits for holes (only an ACK that advances gives one),
@@ -196,6 +196,10 @@ mod tests {
         let mut m = MinRtt::new();
         m.on_sample_(0, 600_000);
         m.on_sample_(60_000_000, 900_000);
+        assert_eq!(m.get(), 600_000);
+        // 60 s without samples: a minimum that expired by time alone would
+        // take this second sample, taken before a bucket could close.
+        m.on_sample_(63_000_000, 900_000);
         assert_eq!(m.get(), 600_000);
     }
 }

@@ -295,6 +295,7 @@ impl Connection {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.rtt_us = self.rtt();
+        s.min_rtt_us = self.path().min_rtt;
         s.period_us = self.cc.period();
         s.cwnd = self.cc.window();
         s.flow_window = self.flow_window();

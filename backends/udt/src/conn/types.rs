@@ -330,6 +330,8 @@ pub struct Stats {
     pub dropped_wrong_state: u64,
     /// Smoothed RTT (µs).
     pub rtt_us: u32,
+    /// The minimum RTT the controller is told (µs).
+    pub min_rtt_us: u32,
     /// Current pacing period (µs): the sending rate is `1e6 / period_us`
     /// packets per second.
     pub period_us: f64,
