@@ -198,8 +198,12 @@ impl RunArgs {
             c.kshim = Some(v.clone());
         }
         if let Some(v) = &self.bind {
-            let (ip, port) =
-                lu2k_engine::daemon::config::parse_bind(v).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let (ip, port) = lu2k_engine::daemon::config::parse_bind(v).map_err(|_| {
+                anyhow::anyhow!(
+                    "--bind {v:?} is not an address: --bind 10.0.0.1, --bind 2001:db8::1, \
+                     --bind :: (every address, IPv4 and IPv6) or --bind '[::]:7988'"
+                )
+            })?;
             c.bind = ip;
             if let Some(p) = port {
                 if self.port.is_some_and(|q| q != p) {
@@ -349,7 +353,7 @@ fn device(cmd: DeviceCmd) -> anyhow::Result<()> {
                 cores,
                 conns_per_peer,
                 tx_slots,
-                rx_buffers: rx_buffers.unwrap_or(1024 * cores),
+                rx_buffers: rx_buffers.unwrap_or(1024u32.saturating_mul(cores)),
                 rx_buf_size,
             };
             let (n, size) = dev::create(&device, &spec)?;

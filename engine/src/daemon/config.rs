@@ -449,9 +449,7 @@ impl Config {
             }
             let ip = nid_ip(&p.nid).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             let given = p.addr != no_addr();
-            let sealed = self.security == Some(SecurityChoice::Required)
-                || self.psk_file.is_some()
-                || !self.peer_keys.is_empty();
+            let sealed = self.sealed();
             let links = &p.links;
             if let Err(e) =
                 crate::transport::links::check_peer(ip, links, p.policy, given, self.bind, sealed)
@@ -496,6 +494,29 @@ impl Config {
                 "remove bind_v6only, or bind an IPv6 address (bind = \"::\")",
             );
         }
+        if let IpAddr::V6(b) = self.bind {
+            if b.to_ipv4_mapped().is_some() {
+                return bad(
+                    "bind",
+                    self.bind.to_string(),
+                    "an IPv4-mapped IPv6 address",
+                    "write the IPv4 address itself (bind = \"10.0.0.1\")",
+                );
+            }
+        }
+        if self.bind.is_ipv6() && self.bind.is_unspecified() && self.sealed() {
+            // The sealed handshake binds both ends' addresses into its MAC, and a
+            // socket bound to every address neither knows which of them a peer
+            // sees nor fixes the source the kernel's route picks.
+            return bad(
+                "bind",
+                self.bind.to_string(),
+                "a dual-stack wildcard, and the sealed wire binds this node's address \
+                 into every handshake",
+                "bind this node's NID address (bind = \"2001:db8::1\" or \"10.0.0.1\"); \
+                 a wildcard bind runs only the plain wire",
+            );
+        }
         let rds = self.backend == BackendChoice::Rds;
         if rds && self.bind.is_ipv6() {
             return bad(
@@ -514,6 +535,44 @@ impl Config {
             IpAddr::V6(_) => ip.is_ipv6(),
         };
         for p in &self.peers {
+            let written = [nid_ip(&p.nid), (p.addr != no_addr()).then(|| p.addr.ip())];
+            let linked = p
+                .links
+                .iter()
+                .flat_map(|l| [Some(l.local), Some(l.remote.ip())]);
+            for ip in written.into_iter().chain(linked).flatten() {
+                if let IpAddr::V6(v6) = ip {
+                    if v6.to_ipv4_mapped().is_some() {
+                        return bad(
+                            "peer",
+                            format!("{:?} at {ip}", p.nid),
+                            "an IPv4-mapped IPv6 address (the engine knows an IPv4 peer \
+                             by its IPv4 address)",
+                            "write the IPv4 address itself",
+                        );
+                    }
+                    if v6.is_unicast_link_local() {
+                        return bad(
+                            "peer",
+                            format!("{:?} at {ip}", p.nid),
+                            "a link-local IPv6 address, which needs an interface scope \
+                             that peers and NIDs do not carry",
+                            "use a ULA (fd00::/8) or global address",
+                        );
+                    }
+                }
+            }
+            for l in &p.links {
+                if !reaches(l.remote.ip()) {
+                    return bad(
+                        "peer.link.remote",
+                        l.remote.to_string(),
+                        "not reachable from the bound socket's family (bind_v6only refuses \
+                         IPv4)",
+                        "remove bind_v6only, or give the link IPv6 addresses",
+                    );
+                }
+            }
             // Where the engine sends: `addr` when given, else the NID's address.
             let given = (p.addr != no_addr()).then(|| crate::io::sys::canonical(p.addr).ip());
             let dialled = given.or_else(|| nid_ip(&p.nid));
@@ -540,6 +599,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether the wire is sealed (a key, or `security = "required"`).
+    fn sealed(&self) -> bool {
+        self.security == Some(SecurityChoice::Required)
+            || self.psk_file.is_some()
+            || !self.peer_keys.is_empty()
     }
 
     /// The fields other than the key fields (`security`, `psk_file`,
@@ -858,6 +924,40 @@ mod tests {
         assert!(e.contains("`bind`") && e.contains("IPv4 only"), "{e}");
         let e = rds("[[peer]]\nnid = \"fd00::2@lu2k\"\naddr = \"[fd00::2]:7988\"");
         assert!(e.contains("`peer`") && e.contains("IPv4 only"), "{e}");
+        // Forms that cannot work are refused by name.
+        let e = with("::ffff:10.0.0.1", false, "10.0.0.2@lu2k", "10.0.0.2:7988")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`bind`") && e.contains("IPv4-mapped"), "{e}");
+        let e = with("::", false, "10.0.0.2@lu2k", "[::ffff:10.0.0.2]:7988")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`peer`") && e.contains("IPv4-mapped"), "{e}");
+        let e = with("::", false, "fe80::2@lu2k", "[fe80::2]:7988")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("link-local") && e.contains("ULA"), "{e}");
+        // An IPv6-only socket cannot carry an IPv4 link.
+        let links = "bind = \"::\"\nbind_v6only = true\n[[peer]]\nnid = \"fd00::2@lu2k\"\n\
+                     [[peer.link]]\nlocal = \"fd00::1\"\nremote = \"[fd00::2]:7988\"\n\
+                     [[peer.link]]\nlocal = \"10.0.0.1\"\nremote = \"10.0.0.2:7988\"\n";
+        let e = Config::from_toml(links, "t.toml")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`peer.link.remote`") && e.contains("bind_v6only"),
+            "{e}"
+        );
+        // A sealed wire needs the node's own address bound, not a wildcard.
+        let sealed = "bind = \"::\"\nsecurity = \"required\"\n";
+        let e = Config::from_toml(sealed, "t.toml")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`bind`") && e.contains("NID address"), "{e}");
         // A peer's key by its IPv6 NID.
         assert_eq!(nid_ip("fd00::3@lu2k"), Some("fd00::3".parse().unwrap()));
         assert_eq!(nid_ip("0@lo"), None);

@@ -32,6 +32,12 @@ pub struct Spec {
 
 /// Ring sets the module serves at most (`LU2K_DEV_MAX_CORES`).
 pub const MAX_CORES: u32 = 16;
+/// TX slots asked for at least: the module keeps two for GET replies and
+/// needs more than one beside them.
+pub const MIN_TX_SLOTS: u32 = 4;
+/// TX slots asked for at most: 64 GiB of pool, far above what a module's
+/// vmalloc'd region holds, and far below where the ring size would overflow.
+pub const MAX_TX_SLOTS: u32 = 1 << 16;
 
 impl Spec {
     /// The ioctl's record, or an error that names the bad value and the fix.
@@ -57,8 +63,10 @@ impl Spec {
             self.cores
         );
         ensure!(
-            self.tx_slots >= 1,
-            "--tx-slots 0: at least one 1 MiB TX slot"
+            (MIN_TX_SLOTS..=MAX_TX_SLOTS).contains(&self.tx_slots),
+            "--tx-slots {}: {MIN_TX_SLOTS} to {MAX_TX_SLOTS} slots of 1 MiB (the module keeps \
+             some for replies)",
+            self.tx_slots
         );
         ensure!(
             self.rx_buf_size >= 4096 && self.rx_buf_size % 64 == 0,
@@ -198,7 +206,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let cases: [(Spec, &str); 6] = [
+        let cases: [(Spec, &str); 7] = [
             (
                 Spec {
                     nids: vec![],
@@ -226,6 +234,13 @@ mod tests {
                     ..spec()
                 },
                 "--tx-slots 0",
+            ),
+            (
+                Spec {
+                    tx_slots: u32::MAX,
+                    ..spec()
+                },
+                "--tx-slots 4294967295",
             ),
             (
                 Spec {

@@ -57,7 +57,7 @@ pub struct PeerStats {
     pub security: String,
     /// Datagrams from the peer's address the sealed wire refused, by reason
     /// (`bad_tag`, `replay`, `unknown_connection`, `unvalidated_address`,
-    /// `plain_refused`, `wire_version` (sealed wire version 2), `bad_handshake`,
+    /// `plain_refused`, `wire_version` (another sealed wire version), `bad_handshake`,
     /// `reflected_handshake` (this node's own
     /// handshake sent back to it), `replayed_handshake` (a client handshake
     /// repeated once its connection's keys are in use, or within 200 ms),

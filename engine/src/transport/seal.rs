@@ -41,8 +41,8 @@
 //!   bytes into the datagram, 8-byte aligned where the datagram is (GRO lays
 //!   full-size datagrams back to back, 1472 bytes apart, in an RX buffer; the
 //!   seal scratch the same way), so the cipher and the kernel's copies work on
-//!   aligned payload; with an odd offset the sealed loopback ran measurably
-//!   slower (README, "The sealed wire").
+//!   aligned payload rather than payload at an odd offset (README, "The
+//!   sealed wire", has the A/B).
 //!
 //! **Handshake**: the UDT4 handshake (64 bytes) with a trailer of `HS_EXT`
 //! (52) bytes, `["L2K3"][X25519 public key][HMAC-SHA256 over label, the two ends,
