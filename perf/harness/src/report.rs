@@ -144,14 +144,17 @@ pub struct LinksFigures {
     pub links: Vec<LinkFigures>,
     /// What the goal is, in words.
     pub goal: String,
-    /// What the goal is measured against, Mbit/s of payload (the surviving
-    /// link's capacity, or the sum of the links').
+    /// What the goal is measured against, Mbit/s: the links' wire capacity,
+    /// rate × (1 − loss) (the surviving link's, or the sum of the links'), so
+    /// payload, behind its packet headers, stays a few per cent under it.
     pub goal_ref_mbps: f64,
     /// The measured figure, Mbit/s (goodput through the outage, or the row's goodput).
     pub goal_mbps: Option<f64>,
     /// `goal_mbps / goal_ref_mbps`; the goal is ≥ 0.9.
     pub goal_ratio: Option<f64>,
-    /// The window `goal_mbps` was measured over, seconds on time zero's clock.
+    /// The window `goal_mbps` was measured over, seconds on time zero's clock;
+    /// none shorter than 8 RTT and 4 × the time the links carry the bytes in
+    /// flight (`goal_mbps` is None then, and `goal` says why).
     pub goal_window_s: Option<(f64, f64)>,
     /// The same figure without the allowance: the whole shifted outage
     /// (failover), the whole transfer (balance), Mbit/s.
