@@ -435,6 +435,8 @@ pub struct Link {
     pub unanswered_since: Option<u64>,
     /// When its connection was last dialled and not yet established (µs).
     pub dialled_at: Option<u64>,
+    /// When it last came up (µs).
+    pub up_at: Option<u64>,
     /// The last dial's handshake time (µs; 0: none yet): the round trip the
     /// silence limit falls back on before the connection has measured one,
     /// rather than UDT's assumed 100 ms, which on a 600 ms path would call
@@ -541,6 +543,7 @@ impl Links {
                 last_heard: now,
                 unanswered_since: None,
                 dialled_at: None,
+                up_at: None,
                 handshake_us: 0,
                 in_flight: 0,
                 queued: 0,
@@ -591,7 +594,7 @@ impl Links {
                 // Messages handed before any link answered spread by weight:
                 // all on the first link would leave the others idle until
                 // that link completes one, a round trip and more after it
-                // connects (1.5 s of a 600 ms path's start-up).
+                // connects (the handshake's round trip, then the message's).
                 Policy::Balance => self.fastest(&connecting, len),
             });
         }
@@ -715,9 +718,29 @@ impl Links {
             if l.state != LinkState::Up {
                 l.state = LinkState::Up;
                 l.counters.ups += 1;
+                l.up_at = Some(now);
             }
             l.last_heard = l.last_heard.max(now);
         }
+    }
+
+    /// Whether link `i` still has not connected, holds messages, and another
+    /// link came up longer ago than [`silence_limit_us`] of that link's own
+    /// handshake time (counted from `i`'s dial if that was later): a link whose
+    /// path is dead from the start sends no data, so [`Links::silent`] cannot
+    /// see it, and its messages would wait for its connect timeout.
+    pub fn stuck_connecting(&self, i: usize, now: u64) -> bool {
+        let l = &self.links[i];
+        l.state == LinkState::Connecting
+            && l.in_flight > 0
+            && self.links.iter().enumerate().any(|(j, o)| {
+                j != i
+                    && o.state == LinkState::Up
+                    && o.up_at.is_some_and(|t| {
+                        let from = t.max(l.dialled_at.unwrap_or(0));
+                        now.saturating_sub(from) > silence_limit_us(o.handshake_us)
+                    })
+            })
     }
 
     /// Whether link `i` carries messages and nothing answered the data sent
