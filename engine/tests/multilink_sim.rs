@@ -610,6 +610,39 @@ fn balance_spreads_messages_handed_before_the_links_connect() {
     }
 }
 
+/// Balance with link 1 dead from the start (no handshake ever answered): the
+/// messages placed on it before any link was up move to link 0 once link 0 has
+/// been up a little longer than its own handshake took, not at link 1's
+/// connect timeout; every message completes once.
+#[test]
+fn messages_on_a_link_that_never_connects_move_to_the_link_that_did() {
+    let clock = SimClock::new();
+    let mut a = node(A, B, Some(Policy::Balance), &clock);
+    let mut b = node(B, A, Some(Policy::Balance), &clock);
+    let mut net = Net::new([(100.0, 20), (100.0, 20)]);
+    for dir in 0..2 {
+        net.pipes[1][dir].up = false;
+    }
+    run(
+        &clock,
+        &mut net,
+        &mut a,
+        &mut b,
+        16,
+        Duration::from_secs(6),
+        &|now| now < Duration::from_secs(2),
+        &mut |_, _, _| {},
+    );
+    let links = a.links(B[0]);
+    eprintln!("links: {links:#?}");
+    assert_once(&a, &b);
+    assert!(
+        links[1].msgs_moved_off > 0,
+        "nothing was placed on link 1: {links:#?}"
+    );
+    assert_eq!(links[1].msgs_acked, 0);
+}
+
 /// A peer without links keeps UDT4's wire: no extension, one connection.
 #[test]
 fn a_single_link_peer_keeps_the_udt4_wire() {

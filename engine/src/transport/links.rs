@@ -28,7 +28,11 @@
 //!   bytes per second while it had work, measured every 100 ms, a moving
 //!   average), times its weight. Until a link has a measured rate its weight
 //!   alone decides; messages handed while no link is up yet spread over the
-//!   connecting links the same way. A silent link is handled as in failover.
+//!   connecting links the same way. A silent link is handled as in failover,
+//!   and so is a link still connecting with messages on it once another link
+//!   has been up for the silence limit of its own handshake time
+//!   ([`Links::stuck_connecting`]: a path dead from the start sends nothing
+//!   that could go unanswered).
 //! - **Exactly once**: a message's first packet carries [`EXT_LEN`] more bytes
 //!   after the UDT header, `[magic "LuML", sender session (u32), message number
 //!   (u64)]`, big-endian; the sender numbers its messages per peer and keeps the

@@ -506,7 +506,7 @@ impl Udt {
                 .iter()
                 .enumerate()
                 .any(|(j, o)| j != i && o.state != LinkState::Down);
-            if other && l.silent(i, now, rtt) {
+            if other && (l.silent(i, now, rtt) || l.stuck_connecting(i, now)) {
                 silent.push(i);
             }
         }
