@@ -1053,26 +1053,27 @@ const FLOWING_WINDOW_S: f64 = 0.5;
 /// (32 MiB in flight: 7.2 s at 150 Mbit/s, 10.7 s at 100).
 const GOAL_INFLIGHT_TIMES: f64 = 4.0;
 
-/// The shortest window a links goal figure is measured over, seconds: 8 round
-/// trips, and [`GOAL_INFLIGHT_TIMES`] × the time `capacity_mbps` needs to carry
-/// the workload's bytes in flight (its `in_flight` messages, or the whole
-/// transfer when it sets no limit).
-fn goal_min_window_s(cell: &Cell, capacity_mbps: f64) -> f64 {
+/// The shortest window a links goal figure is measured over, seconds:
+/// [`GOAL_INFLIGHT_TIMES`] × the time `capacity_mbps` needs to carry the
+/// workload's bytes in flight (its `in_flight` messages, or the whole transfer
+/// when it sets no limit), and at least `floor_s` (balance: 8 round trips, a
+/// steady rate's; failover: 0.5 s, its window being the time after the switch).
+fn goal_min_window_s(cell: &Cell, capacity_mbps: f64, floor_s: f64) -> f64 {
     let w = &cell.workload;
     let in_flight = w
         .in_flight
         .map_or(w.bytes, |n| u64::from(n) * crate::lu2k::MSG as u64)
         .min(w.bytes);
     let carry_s = in_flight as f64 * 8.0 / (capacity_mbps * 1e6);
-    (STEADY_MIN_RTTS * cell.rtt_ms / 1e3).max(GOAL_INFLIGHT_TIMES * carry_s)
+    floor_s.max(GOAL_INFLIGHT_TIMES * carry_s)
 }
 
 /// The words a goal says when its window is shorter than
 /// [`goal_min_window_s`].
 fn too_short(window_s: f64, min_s: f64) -> String {
     format!(
-        "not measured: the window ({window_s:.2} s) is shorter than {min_s:.2} s (8 RTT, \
-         and {GOAL_INFLIGHT_TIMES} x the time the links carry the bytes in flight: whole \
+        "not measured: the window ({window_s:.2} s) is shorter than {min_s:.2} s (the \
+         larger of 8 RTT (balance) or 0.5 s (failover) and {GOAL_INFLIGHT_TIMES} x the time the links carry the bytes in flight: whole \
          messages counted over a shorter one can read above the links' capacity); give \
          the cell more bytes or fewer in flight"
     )
@@ -1152,7 +1153,7 @@ fn links_figures(
             if let Some(e) = spans.filter(|e| !e.is_empty()) {
                 let a = e.iter().map(|x| x.0).fold(f64::MIN, f64::max);
                 let b = e.iter().map(|x| x.1).fold(f64::MAX, f64::min).min(last);
-                let min_s = goal_min_window_s(cell, f.goal_ref_mbps);
+                let min_s = goal_min_window_s(cell, f.goal_ref_mbps, STEADY_MIN_RTTS * rtt);
                 if b - a >= min_s {
                     f.goal_window_s = Some((a, b));
                     f.goal_mbps = Some(rate(a, b));
@@ -1206,7 +1207,7 @@ fn links_figures(
             );
             if last >= b && a >= first_send {
                 f.whole_mbps = Some(rate(a, b));
-                let min_s = goal_min_window_s(cell, surviving).max(FLOWING_WINDOW_S);
+                let min_s = goal_min_window_s(cell, surviving, FLOWING_WINDOW_S);
                 if b - after >= min_s {
                     f.goal_window_s = Some((after, b));
                     f.goal_mbps = Some(rate(after, b));
@@ -1328,6 +1329,7 @@ name = "f"
 contenders = ["lu2k"]
 [workload]
 kind = "bulk"
+in_flight = 2
 [[cell]]
 rtt_ms = 600.0
 rate_mbps = 100.0
@@ -1410,6 +1412,41 @@ outage = { start_s = 5.0, duration_s = 5.0 }
         assert_eq!(f.links.len(), 2);
         assert_eq!(f.links[0].outage, Some((5.0, 5.0)));
         assert!(!f.links[1].wire_series.is_empty());
+    }
+
+    #[test]
+    fn a_goal_window_shorter_than_the_in_flight_minimum_is_not_measured() {
+        // 32 MiB in flight: 4 x 2.68 s at link 1's 100 Mbit/s, longer than
+        // the 3.5 s after the switch; at the sum, 150 Mbit/s, 7.2 s.
+        let text = FAILOVER.replace("in_flight = 2", "in_flight = 32");
+        let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
+        let min = goal_min_window_s(cell, 100.0, 0.5);
+        assert!((min - 4.0 * 32.0 * 8.388_608 / 100.0).abs() < 1e-9, "{min}");
+        let t0 = Instant::now();
+        let rx = series(
+            t0,
+            12.0,
+            |t| if (4.3..5.3).contains(&t) { 0.0 } else { 96.0 },
+        );
+        let l = || series(t0, 12.0, |_| 98.0);
+        let f = links_figures(cell, &outcome(rx, vec![l(), l()]), 80.0, 0.0, 12.0);
+        assert_eq!(
+            (f.goal_mbps, f.goal_ratio, f.goal_window_s),
+            (None, None, None)
+        );
+        assert!(f.goal.contains("shorter than 10.74 s"), "{}", f.goal);
+        assert!(f.goal.contains("fewer in flight"), "{}", f.goal);
+        // The whole outage is still measured: it has no minimum.
+        assert!(f.whole_ratio.is_some());
+        // Without a limit, the whole transfer is in flight.
+        let text = FAILOVER.replace("in_flight = 2\n", "");
+        let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
+        let bytes = cell.workload.bytes as f64;
+        assert!((goal_min_window_s(cell, 100.0, 0.5) - 4.0 * bytes * 8.0 / 100e6).abs() < 1e-9);
+        // The floor rules when few bytes are in flight.
+        let text = FAILOVER.replace("in_flight = 2", "in_flight = 1");
+        let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
+        assert!((goal_min_window_s(cell, 1000.0, 4.8) - 4.8).abs() < 1e-9);
     }
 
     #[test]
