@@ -83,11 +83,25 @@ impl Connection {
             // Sender-side RTT sample from the newest packet this ACK covers
             // (Karn: never from a retransmission); only its minimum is trusted.
             let newest = self.tx.pkts[(a - 1 - self.tx.una) as usize];
+            let s = now
+                .saturating_sub(newest.sent_at)
+                .clamp(1, u64::from(u32::MAX)) as u32;
             if !newest.retx {
-                let s = now
-                    .saturating_sub(newest.sent_at)
-                    .clamp(1, u64::from(u32::MAX)) as u32;
                 self.tx.own_min_rtt = self.tx.own_min_rtt.min(s);
+            }
+            // Karn's rule for holes: an ACK that advances over a packet sent
+            // again was held back by the hole it filled, and its sample runs
+            // from a packet sent up to a round before the hole's
+            // retransmission arrived (two rounds less the gap to the next
+            // hole). Its excess is no queue of ours, so the queue bound cannot
+            // explain it, and enough such samples in a row (a lossy path, a
+            // sender far below capacity) would replace the minimum.
+            let filled_hole = self
+                .tx
+                .pkts
+                .range(..(a - self.tx.una) as usize)
+                .any(|p| p.retx);
+            if !filled_hole {
                 // At most the packets in flight can queue ahead of it at the
                 // bottleneck: what the sample may hold of our own queue
                 // (counted as the ACK comes, near what was out when it left).

@@ -24,7 +24,8 @@
 //! the controller sizes from it would grow with every such drift.
 //!
 //! Why time and not rounds: on a lossy GEO path the sender's samples stop
-//! while the receiver waits for holes (only an ACK that advances gives one),
+//! while the receiver waits for holes (only an ACK that advances gives one,
+//! and none that advances over a retransmission: its sample holds the wait),
 //! and ten rounds of a 2 ms path would be 20 ms, short enough for a brief
 //! standing queue to become the minimum. Why no low-inflight probe, as BBR
 //! has: the queue bound does its work while the window is still sized for
