@@ -441,6 +441,8 @@ pub struct Link {
     pub dialled_at: Option<u64>,
     /// When it last came up (µs).
     pub up_at: Option<u64>,
+    /// The round trip its connections last measured (µs; 0: none yet).
+    pub rtt_seen_us: u64,
     /// The last dial's handshake time (µs; 0: none yet): the round trip the
     /// silence limit falls back on before the connection has measured one,
     /// rather than UDT's assumed 100 ms, which on a 600 ms path would call
@@ -548,6 +550,7 @@ impl Links {
                 unanswered_since: None,
                 dialled_at: None,
                 up_at: None,
+                rtt_seen_us: 0,
                 handshake_us: 0,
                 in_flight: 0,
                 queued: 0,
@@ -703,11 +706,15 @@ impl Links {
     }
 
     /// The round trip that link `i`'s silence limit uses: its connection's
-    /// once measured (`measured`), else the larger of that and the link's last
-    /// handshake time (a handshake with a cookie takes two round trips, so
-    /// this errs long for the one round trip before the first ACK).
+    /// once measured (`measured`); before that, the larger of the connection's
+    /// figure and what an earlier connection of the link measured (a link
+    /// dialled again after an outage: its handshake time would span the
+    /// outage), or, on a link never measured, its handshake time (a handshake
+    /// with a cookie takes two round trips, so this errs long for the one round
+    /// trip before the first ACK).
     pub fn silence_rtt_us(&self, i: usize, conn_rtt_us: u64, measured: bool) -> u64 {
         match self.links.get(i) {
+            Some(l) if !measured && l.rtt_seen_us > 0 => conn_rtt_us.max(l.rtt_seen_us),
             Some(l) if !measured => conn_rtt_us.max(l.handshake_us),
             _ => conn_rtt_us,
         }
@@ -924,6 +931,12 @@ mod tests {
         assert_eq!(l.silence_rtt_us(0, 600_000, true), 600_000);
         // Never dialled by this side: the connection's own figure.
         assert_eq!(l.silence_rtt_us(1, 100_000, false), 100_000);
+        // Dialled again after a 10 s outage: the link's last measured round
+        // trip, not a handshake time that spans the outage.
+        l.links[0].rtt_seen_us = 600_000;
+        l.dialled(0, 2_000_000);
+        l.connected(0, 12_000_000);
+        assert_eq!(l.silence_rtt_us(0, 100_000, false), 600_000);
     }
 
     #[test]

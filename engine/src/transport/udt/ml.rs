@@ -497,8 +497,12 @@ impl Udt {
         let ml = self.ml.as_ref().expect("multi-link");
         let Some(l) = ml.peers.get(&ip) else { return };
         let mut silent = Vec::new();
+        let mut measured = Vec::new();
         for (i, k) in l.links.iter().enumerate() {
             let rtt = k.tx_sock.and_then(|s| self.conns.get(&s)).map_or(0, |e| {
+                if e.conn.rtt_measured() {
+                    measured.push((i, u64::from(e.conn.rtt())));
+                }
                 l.silence_rtt_us(i, u64::from(e.conn.rtt()), e.conn.rtt_measured())
             });
             let other = l
@@ -508,6 +512,11 @@ impl Udt {
                 .any(|(j, o)| j != i && o.state != LinkState::Down);
             if other && (l.silent(i, now, rtt) || l.stuck_connecting(i, now)) {
                 silent.push(i);
+            }
+        }
+        if let Some(l) = self.ml.as_mut().and_then(|ml| ml.peers.get_mut(&ip)) {
+            for (i, rtt) in measured {
+                l.links[i].rtt_seen_us = rtt;
             }
         }
         for i in silent {
