@@ -434,10 +434,10 @@ fn after_the_step_the_queue_is_that_of_a_path_always_600_ms_long() {
 /// sent up to a round before (about two rounds less the gap to the next
 /// hole); a sender far below the link's capacity has little in flight to
 /// explain that as its own queue. The minimum must not take such samples
-/// for a longer path: the path never changes here. At 10 % loss, samples
-/// of ACKs that filled a hole set it to 1.2 s before the receiver's first
-/// RTT report (seed 7), and without those reports they replaced it (1.8 s,
-/// seed 1); at 1 % the holes leave clean samples in every window.
+/// for a longer path: the path never changes here. At 10 % loss nearly every
+/// ACK fills a hole, so samples of such ACKs would be all the window has (and
+/// the first of them comes before the receiver's first RTT report); at 1 %
+/// the holes leave clean samples in every window.
 #[test]
 fn lossy_application_limited_path_keeps_its_minimum() {
     const END: u64 = 60_000_000;

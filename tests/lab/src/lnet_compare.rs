@@ -167,9 +167,9 @@ fn scenario(
         lnetctl(&["net", "add", "--net", net, "--if", IFACE])?;
     }
     // lst's RPCs expire after 64 s by default; Lustre's own adapt up to 600 s (at_max).
-    // Over tcp0 at 1 % loss, one of 8 reads of 1 MiB in flight took longer than 64 s
-    // and was counted as a brw error: the transport being slow, which the figures show,
-    // not data going wrong.
+    // Over tcp0 at 1 % loss a read of 1 MiB among 8 in flight can take longer than
+    // 64 s, which lst would count as a brw error: the transport being slow, which the
+    // figures show, not data going wrong.
     sh(
         "insmod",
         &[&format!("{EXTRA}/{SELFTEST}.ko"), "rpc_timeout=300"],
