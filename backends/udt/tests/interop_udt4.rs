@@ -234,6 +234,14 @@ mod udt4 {
         STARTED.call_once(|| unsafe { raw::udt_startup() });
     }
 
+    /// The `int`-valued options this test sets: the only ones [`UdtSocket`]
+    /// passes to `udt_setsockopt` (UDT4 reads other options as other types).
+    #[derive(Debug, Clone, Copy)]
+    pub enum UdpBuf {
+        Rcv,
+        Snd,
+    }
+
     /// A UDT4 socket (UDT4's handle: copies name the same socket, as the
     /// C API's integers do).
     #[derive(Debug, Clone, Copy)]
@@ -347,11 +355,16 @@ mod udt4 {
             Ok(UdtSocket { id, v6 })
         }
 
-        /// Sets an `int`-valued option.
-        pub fn set_int(&self, opt: raw::UDTOpt, v: c_int) -> Result<(), Error> {
+        /// Sets a UDP buffer size (`UDP_RCVBUF`, `UDP_SNDBUF`).
+        pub fn set_udp_buf(&self, opt: UdpBuf, v: c_int) -> Result<(), Error> {
+            let opt = match opt {
+                UdpBuf::Rcv => raw::UDTOpt::UDP_RCVBUF,
+                UdpBuf::Snd => raw::UDTOpt::UDP_SNDBUF,
+            };
             let p: *const c_int = &v;
-            // SAFETY: `p` points to a live c_int for the call, and the
-            // length passed is its size; UDT4 copies the value.
+            // SAFETY: `p` points to a live c_int for the call; for these two
+            // options UDT4's `setOpt` reads exactly one `int` through it
+            // (`*(int*)optval`; it ignores the length) and copies the value.
             ok(unsafe {
                 raw::udt_setsockopt(
                     self.id,
@@ -457,8 +470,8 @@ mod udt4 {
 fn udt4_socket(mode: Mode, ip: IpAddr) -> UdtSocket {
     let s = UdtSocket::new(ip, mode == Mode::Message).expect("UDT4 socket");
     // The kernel caps these at rmem_max / wmem_max.
-    s.set_int(libudt4_sys::UDTOpt::UDP_RCVBUF, 4 << 20).unwrap();
-    s.set_int(libudt4_sys::UDTOpt::UDP_SNDBUF, 4 << 20).unwrap();
+    s.set_udp_buf(udt4::UdpBuf::Rcv, 4 << 20).unwrap();
+    s.set_udp_buf(udt4::UdpBuf::Snd, 4 << 20).unwrap();
     s
 }
 
