@@ -354,7 +354,12 @@ pub fn plan(
                     route_source = %src,
                     "the kernel's route to this link's remote address leaves from another \
                      address than its local one: the peer will not know the link's datagrams \
-                     (add a route: ip route add REMOTE/32 dev IFACE src LOCAL)"
+                     (add a route: {})",
+                    if l.remote.is_ipv4() {
+                        "ip route add REMOTE/32 dev IFACE src LOCAL"
+                    } else {
+                        "ip -6 route add REMOTE/128 dev IFACE src LOCAL"
+                    }
                 ),
                 Err(e) => tracing::warn!(
                     peer = %p.nid,

@@ -205,10 +205,11 @@ struct Security {
     free: Vec<usize>,
     /// The slot of each send in flight, by token.
     slot_of: HashMap<u64, usize>,
-    /// Plain datagrams refused since the last log line about them, and when
-    /// that line was written (µs).
-    plain_unlogged: u64,
-    plain_logged_at: Option<u64>,
+    /// Datagrams refused since the last log line about them, and when that
+    /// line was written (µs): `[0]` plain ones, `[1]` another sealed wire
+    /// version's.
+    plain_unlogged: [u64; 2],
+    plain_logged_at: [Option<u64>; 2],
     /// Plaintext bytes the cipher sealed and opened (UDT headers and payload).
     sealed_bytes: u64,
     opened_bytes: u64,
@@ -387,8 +388,8 @@ impl Udt {
             scratch,
             free,
             slot_of: HashMap::new(),
-            plain_unlogged: 0,
-            plain_logged_at: None,
+            plain_unlogged: [0; 2],
+            plain_logged_at: [None; 2],
             sealed_bytes: 0,
             opened_bytes: 0,
             gathered_bytes: 0,
@@ -1730,24 +1731,24 @@ impl Udt {
         }
     }
 
-    /// One log line per [`WARN_EVERY_US`] at most about plain datagrams refused.
+    /// One log line per [`WARN_EVERY_US`] at most about plain datagrams
+    /// refused, and one about another sealed wire version's (each its own
+    /// limit, so a flood of one does not hide the other).
     fn log_plain(&mut self, now: u64, from: SocketAddr, other_version: Option<u8>) {
         let core = self.p.core;
         let Some(sec) = self.sec.as_mut() else {
             return;
         };
-        sec.plain_unlogged += 1;
-        if sec
-            .plain_logged_at
-            .is_some_and(|t| now.saturating_sub(t) < WARN_EVERY_US)
-        {
+        let k = usize::from(other_version.is_some());
+        sec.plain_unlogged[k] += 1;
+        if sec.plain_logged_at[k].is_some_and(|t| now.saturating_sub(t) < WARN_EVERY_US) {
             return;
         }
         match other_version {
             Some(v) => tracing::warn!(
                 core,
                 from = %from,
-                refused = sec.plain_unlogged,
+                refused = sec.plain_unlogged[k],
                 "refusing datagrams of sealed wire version {v}: this engine speaks version {} \
                  (the two share no keys; run the same lu2k release on both gateways)",
                 seal::WIRE_VERSION
@@ -1755,13 +1756,13 @@ impl Udt {
             None => tracing::warn!(
                 core,
                 from = %from,
-                refused = sec.plain_unlogged,
+                refused = sec.plain_unlogged[k],
                 "refusing plain UDT datagrams: security = \"required\" accepts only the sealed wire \
                  (give the peer the PSK and security = \"required\", or set security = \"off\" on both)"
             ),
         }
-        sec.plain_unlogged = 0;
-        sec.plain_logged_at = Some(now);
+        sec.plain_unlogged[k] = 0;
+        sec.plain_logged_at[k] = Some(now);
     }
 
     /// Takes a connection the listener accepted, unless it would replace a live
