@@ -349,6 +349,27 @@ impl DatagramIo for SimIo {
     }
 }
 
+/// A one-core region with small rings and pools, and that core's memory: what
+/// the crate's simulation unit tests run a transport on.
+#[cfg(test)]
+pub(crate) fn small_core() -> (lu2k_ring_abi::Region, Arc<CoreMem>) {
+    let region = lu2k_ring_abi::Region::create(&lu2k_ring_abi::Config {
+        cores: 1,
+        tx_entries: 64,
+        tx_done_entries: 64,
+        rx_entries: 64,
+        rx_return_entries: 64,
+        tx_pool_len: 1 << 20,
+        rx_buf_size: 2048,
+        rx_buf_count: 256,
+        rx_tables_per_core: 16,
+        ..lu2k_ring_abi::Config::default()
+    })
+    .expect("region");
+    let mem = Arc::new(CoreMem::new(&region, 0, 1, 64, 64).expect("core mem"));
+    (region, mem)
+}
+
 #[cfg(test)]
 mod tests {
     //! The UDT transport between IPv6 peers on virtual time: what the sim
@@ -357,7 +378,7 @@ mod tests {
     use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr};
 
-    use lu2k_ring_abi::{Config as RegionConfig, Nid, Region, TxStatus, LNET_HDR_LEN};
+    use lu2k_ring_abi::{Nid, TxStatus, LNET_HDR_LEN};
     use lu2k_udt::wire::{ControlRepr, HandshakeRepr};
 
     use super::*;
@@ -375,20 +396,7 @@ mod tests {
     }
 
     fn node(ip: IpAddr, clock: &SimClock, sealed: bool) -> Node {
-        let region = Region::create(&RegionConfig {
-            cores: 1,
-            tx_entries: 64,
-            tx_done_entries: 64,
-            rx_entries: 64,
-            rx_return_entries: 64,
-            tx_pool_len: 1 << 20,
-            rx_buf_size: 2048,
-            rx_buf_count: 256,
-            rx_tables_per_core: 16,
-            ..RegionConfig::default()
-        })
-        .expect("region");
-        let mem = Arc::new(CoreMem::new(&region, 0, 1, 64, 64).expect("core mem"));
+        let (region, mem) = small_core();
         let addr = SocketAddr::new(ip, PORT);
         let (io, port) = SimIo::new_at(addr, mem.clone(), clock.clone());
         let net = "fd00::1@lu2k".parse::<Nid>().expect("nid").net();

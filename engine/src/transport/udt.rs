@@ -2150,35 +2150,18 @@ mod tests {
     //! same seed draw the same IDs, so one can be made to collide) and the
     //! backlog's bound. The rest is in `tests/udt_bounds.rs`.
 
-    use std::sync::Arc;
-
-    use lu2k_ring_abi::Config as RegionConfig;
     use lu2k_udt::conn::PayloadRef;
 
     use super::*;
     use std::net::SocketAddrV4;
 
     use crate::io::sim::{Datagram, SimClock, SimIo, SimPort};
-    use crate::io::sys::CoreMem;
 
     const PORT: u16 = 7988;
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
     fn udt(seed: u64) -> (Udt, SimPort, SimClock) {
-        let region = Region::create(&RegionConfig {
-            cores: 1,
-            tx_entries: 64,
-            tx_done_entries: 64,
-            rx_entries: 64,
-            rx_return_entries: 64,
-            tx_pool_len: 1 << 20,
-            rx_buf_size: 2048,
-            rx_buf_count: 256,
-            rx_tables_per_core: 16,
-            ..RegionConfig::default()
-        })
-        .expect("region");
-        let mem = Arc::new(CoreMem::new(&region, 0, 1, 64, 64).expect("core mem"));
+        let (region, mem) = crate::io::sim::small_core();
         let clock = SimClock::new();
         let (io, port) = SimIo::new(SocketAddrV4::new(SERVER, PORT), mem.clone(), clock.clone());
         let net = format!("{SERVER}@tcp").parse::<Nid>().expect("nid").net();
