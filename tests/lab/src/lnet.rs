@@ -53,17 +53,9 @@ pub fn run() -> anyhow::Result<Outcome> {
         ));
     };
     let (role, me, peer) = parse_spec(&spec)?;
-    for m in MODULES.iter().chain(&[SELFTEST]) {
-        if !Path::new(&format!("{EXTRA}/{m}.ko")).exists() {
-            return Ok(Outcome::Skip(format!(
-                "{m}.ko is not in the initramfs: the lab did not build Lustre or lu2klnd"
-            )));
-        }
+    if let Some(skip) = missing(MODULES.iter().chain(&[SELFTEST]))? {
+        return Ok(skip);
     }
-    ensure!(
-        Path::new(ENGINE).exists(),
-        "lu2k-engine is not in the initramfs"
-    );
     let loops = cmdline("lu2k.lnet_loops")
         .and_then(|v| v.parse().ok())
         .unwrap_or(16u32);
@@ -360,6 +352,26 @@ fn wait_done(me: Ipv4Addr) -> anyhow::Result<()> {
         "unexpected message from {from} on the done port"
     );
     Ok(())
+}
+
+/// A skip naming the first of `modules` the initramfs lacks (the lab built no
+/// Lustre or lu2klnd), or an error if the engine is missing; `None` when all are
+/// there.
+pub(crate) fn missing<'a>(
+    modules: impl IntoIterator<Item = &'a &'a str>,
+) -> anyhow::Result<Option<Outcome>> {
+    for m in modules {
+        if !Path::new(&format!("{EXTRA}/{m}.ko")).exists() {
+            return Ok(Some(Outcome::Skip(format!(
+                "{m}.ko is not in the initramfs: the lab did not build Lustre or lu2klnd"
+            ))));
+        }
+    }
+    ensure!(
+        Path::new(ENGINE).exists(),
+        "lu2k-engine is not in the initramfs"
+    );
+    Ok(None)
 }
 
 /// The instance of `nid`, made the operator's way (`lu2k-engine device create`, as

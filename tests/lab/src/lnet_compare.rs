@@ -38,8 +38,8 @@
 //! lu2k0/tcp0 ratios are printed, not asserted: they depend on TCG and the host's load.
 
 use crate::lnet::{
-    cmdline, create, kernel_log, kshim_counters, lnetctl, lst, lst_out, parse_spec, sh,
-    start_engine, wait_serving, DEV, DONE_PORT, ENGINE, EXTRA, IFACE, SELFTEST,
+    cmdline, create, kernel_log, kshim_counters, lnetctl, lst, lst_out, missing, parse_spec, sh,
+    start_engine, wait_serving, DEV, DONE_PORT, EXTRA, IFACE, SELFTEST,
 };
 use crate::Outcome;
 use anyhow::{bail, ensure, Context};
@@ -73,24 +73,16 @@ pub fn run() -> anyhow::Result<Outcome> {
         ));
     };
     let (role, me, peer) = parse_spec(&spec)?;
-    for m in [
+    if let Some(skip) = missing(&[
         "libcfs",
         "lnet",
         "ksocklnd",
         "lu2k_kshim",
         "lu2klnd",
         SELFTEST,
-    ] {
-        if !Path::new(&format!("{EXTRA}/{m}.ko")).exists() {
-            return Ok(Outcome::Skip(format!(
-                "{m}.ko is not in the initramfs: the lab did not build Lustre or lu2klnd"
-            )));
-        }
+    ])? {
+        return Ok(skip);
     }
-    ensure!(
-        Path::new(ENGINE).exists(),
-        "lu2k-engine is not in the initramfs"
-    );
     ensure!(
         Path::new(TC).exists(),
         "{TC} (iproute2) is not in the initramfs"
