@@ -181,6 +181,7 @@ fn links(dir: &Path, name: &str) -> Vec<lu2k_engine::transport::links::LinkStats
 fn transfer(
     ka: &mut Kshim,
     kb: &mut Kshim,
+    dir: &Path,
     count: u64,
     len: usize,
     limit: Duration,
@@ -194,10 +195,20 @@ fn transfer(
     let payloads: Vec<Vec<u8>> = (0..16).map(|k| pattern(k, len)).collect();
     while n_got < count || ok < count {
         let t = start.elapsed();
-        assert!(
-            t < limit,
-            "timed out: sent {sent} received {n_got} completed {ok}"
-        );
+        if t >= limit {
+            // What each side's links and drops were then: a stall is not
+            // reproduced on demand, so the failure carries its evidence.
+            let side = |name: &str| {
+                let r = stats(dir, name);
+                let drops: Vec<_> = r.cores.iter().map(|c| &c.drops).collect();
+                format!("{name}: links {:#?}\ndrops {drops:?}", links(dir, name))
+            };
+            panic!(
+                "timed out: sent {sent} received {n_got} completed {ok}\n{}\n{}",
+                side("a"),
+                side("b")
+            );
+        }
         tick(t, n_got);
         while sent < count
             && ka
@@ -248,6 +259,7 @@ fn failover_when_a_link_goes_down_mid_transfer() {
     let (got, at) = transfer(
         &mut ka,
         &mut kb,
+        &dir,
         COUNT,
         LEN,
         Duration::from_secs(120),
@@ -338,6 +350,7 @@ fn balance(tag: &str, rates: [u32; 2]) {
     let (got, at) = transfer(
         &mut ka,
         &mut kb,
+        &dir,
         count,
         LEN,
         Duration::from_secs(120),

@@ -771,6 +771,26 @@ impl Links {
                 .is_some_and(|t| now.saturating_sub(t.max(l.last_heard)) > silence_limit_us(rtt_us))
     }
 
+    /// Whether another link than `i` can take `i`'s messages now that `i` is
+    /// silent: one that is not down and shows no silence of its own as old
+    /// as half of `i`'s: it answered since, or has nothing unanswered. When
+    /// every link carrying data went quiet together, what stopped is the peer
+    /// or this gateway (a process the scheduler did not run, a host under
+    /// load), not a link: moving messages would only restart them on a link
+    /// no better off, and the peer-down timeout ends a peer that is gone.
+    pub fn another_answers(&self, i: usize, now: u64) -> bool {
+        let Some(l) = self.links.get(i) else {
+            return false;
+        };
+        let quiet = now.saturating_sub(l.unanswered_since.unwrap_or(now).max(l.last_heard));
+        self.links.iter().enumerate().any(|(j, o)| {
+            j != i
+                && o.state != LinkState::Down
+                && o.unanswered_since
+                    .is_none_or(|t| now.saturating_sub(t.max(o.last_heard)) < quiet / 2)
+        })
+    }
+
     /// Link `i` is down (silent, or its connection ended); `now` for the
     /// switch time.
     pub fn down(&mut self, i: usize, now: u64) {
@@ -981,6 +1001,29 @@ mod tests {
     /// Balance on virtual time: two links of 100 and 50 Mbit/s drain what
     /// they are given; messages go where they finish first, and the split
     /// follows the rates once they are measured.
+    #[test]
+    fn a_link_is_silent_alone_only_while_another_answers() {
+        let mut l = Links::new(cfg(Policy::Balance, &[1, 1]), 0);
+        for i in 0..2 {
+            l.connected(i, 1_000);
+            l.assign(i, 1000, 1_000);
+            l.sent(i, 2_000);
+        }
+        // Both quiet since 2 ms: the peer (or this host) stopped, not a link.
+        let t = 2_000 + SILENCE_FLOOR_US + 1;
+        assert!(l.silent(0, t, 1_000) && l.silent(1, t, 1_000));
+        assert!(!l.another_answers(0, t) && !l.another_answers(1, t));
+        // Link 1 answers: link 0's silence is its own.
+        l.heard(1, t - 10_000);
+        assert!(l.another_answers(0, t));
+        // Data that left link 1 just now could not be answered yet: no
+        // evidence against it. A down link takes nothing.
+        l.sent(1, t - 5_000);
+        assert!(l.another_answers(0, t));
+        l.down(1, t);
+        assert!(!l.another_answers(0, t));
+    }
+
     #[test]
     fn balance_follows_weights_then_measured_rates() {
         let mut l = Links::new(cfg(Policy::Balance, &[1, 1]), 0);

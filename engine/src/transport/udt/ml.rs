@@ -505,12 +505,7 @@ impl Udt {
                 }
                 l.silence_rtt_us(i, u64::from(e.conn.rtt()), e.conn.rtt_measured())
             });
-            let other = l
-                .links
-                .iter()
-                .enumerate()
-                .any(|(j, o)| j != i && o.state != LinkState::Down);
-            if other && (l.silent(i, now, rtt) || l.stuck_connecting(i, now)) {
+            if (l.silent(i, now, rtt) && l.another_answers(i, now)) || l.stuck_connecting(i, now) {
                 silent.push(i);
             }
         }
