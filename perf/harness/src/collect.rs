@@ -10,24 +10,245 @@
 //!   goodput over the last second reached 90 % of capacity × (1 − loss);
 //! - recovery after an outage: from the end of the outage to the first
 //!   half-second window wholly after it at 90 % of the link;
-//! - CPU: user + system seconds of the run's child processes and their
-//!   children (`getrusage(RUSAGE_CHILDREN)` around the run: the harness and
-//!   the link emulator are not counted);
+//! - CPU, two figures ([`CpuSnapshot`], [`cpu_spent`]): the machine's busy
+//!   time over the run (`/proc/stat`) less the harness process's user time
+//!   (its bookkeeping and the link model, which run in this process) and less
+//!   what other user processes ran meanwhile; and the contenders' processes
+//!   alone (`getrusage(RUSAGE_CHILDREN)`), which misses kernel work the
+//!   kernel did for them while another task ran;
 //! - latency percentiles (nearest rank) of rpc round trips or live delivery.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use nix::sys::resource::{getrusage, UsageWho};
 use serde::Serialize;
 
+fn tv(t: nix::sys::time::TimeVal) -> f64 {
+    t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6
+}
+
 /// CPU seconds (user + system) of all reaped children so far.
 pub fn children_cpu_s() -> f64 {
     match getrusage(UsageWho::RUSAGE_CHILDREN) {
-        Ok(u) => {
-            let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-            tv(u.user_time()) + tv(u.system_time())
-        }
+        Ok(u) => tv(u.user_time()) + tv(u.system_time()),
         Err(_) => f64::NAN,
+    }
+}
+
+/// The first line of `/proc/stat`: the machine's CPU time by kind, in clock
+/// ticks (`USER_HZ`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostTicks {
+    pub user: u64,
+    pub nice: u64,
+    pub system: u64,
+    pub idle: u64,
+    pub iowait: u64,
+    pub irq: u64,
+    pub softirq: u64,
+    pub steal: u64,
+}
+
+impl HostTicks {
+    /// Parses a `/proc/stat` `cpu` line (the machine's, not a `cpuN` one).
+    pub fn parse(line: &str) -> Option<HostTicks> {
+        let mut it = line.split_whitespace();
+        if it.next()? != "cpu" {
+            return None;
+        }
+        let v: Vec<u64> = it.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let &[user, nice, system, idle, iowait, irq, softirq, steal] = v.as_slice() else {
+            return None;
+        };
+        Some(HostTicks {
+            user,
+            nice,
+            system,
+            idle,
+            iowait,
+            irq,
+            softirq,
+            steal,
+        })
+    }
+
+    /// This machine's, now.
+    pub fn read() -> Option<HostTicks> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        HostTicks::parse(s.lines().next()?)
+    }
+
+    /// Ticks in which a CPU ran something: user (guest time is inside it),
+    /// nice, system, irq and softirq. Idle and iowait are no work; steal is
+    /// time the hypervisor gave this VM's CPUs to someone else, when nothing
+    /// here ran.
+    pub fn busy(&self) -> u64 {
+        self.user + self.nice + self.system + self.irq + self.softirq
+    }
+}
+
+/// `PF_KTHREAD` in `/proc/PID/stat`'s flags: a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// A process as `/proc/PID/stat` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcTicks {
+    pub pid: i32,
+    pub ppid: i32,
+    /// Start time (ticks since boot): with the pid, names one process
+    /// across a reused pid.
+    pub start: u64,
+    /// utime + stime of all its threads, ticks.
+    pub ticks: u64,
+    pub kernel_thread: bool,
+}
+
+impl ProcTicks {
+    /// Parses a `/proc/PID/stat` line (the name in parentheses may hold
+    /// spaces and parentheses: the fields are counted after the last `)`).
+    pub fn parse(text: &str) -> Option<ProcTicks> {
+        let pid = text.split_whitespace().next()?.parse().ok()?;
+        let rest = &text[text.rfind(')')? + 1..];
+        // Fields from 3 (state) on: index 0 here is field 3.
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |field: usize| f.get(field - 3)?.parse::<u64>().ok();
+        Some(ProcTicks {
+            pid,
+            ppid: f.get(1)?.parse().ok()?,
+            start: n(22)?,
+            ticks: n(14)? + n(15)?,
+            kernel_thread: n(9)? & PF_KTHREAD != 0,
+        })
+    }
+}
+
+/// Every process's CPU ticks now, from `/proc` (those gone between listing
+/// and reading are left out).
+pub fn all_procs() -> Vec<ProcTicks> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|t| ProcTicks::parse(&t))
+        .collect()
+}
+
+/// User processes outside `own`'s tree (not `own`, not below it, not kernel
+/// threads), keyed by (pid, start), with their CPU ticks.
+pub fn others(procs: &[ProcTicks], own: i32) -> HashMap<(i32, u64), u64> {
+    let parent: HashMap<i32, i32> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
+    let ours = |mut pid: i32| {
+        // A parent chain ends at init (1) or the kernel (0, 2); the bound
+        // guards against a chain read while pids were reused.
+        for _ in 0..64 {
+            if pid == own {
+                return true;
+            }
+            match parent.get(&pid) {
+                Some(&pp) if pp > 0 => pid = pp,
+                _ => return false,
+            }
+        }
+        false
+    };
+    procs
+        .iter()
+        .filter(|p| !p.kernel_thread && !ours(p.pid))
+        .map(|p| ((p.pid, p.start), p.ticks))
+        .collect()
+}
+
+/// What the CPU counters read at one instant, for [`cpu_spent`].
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnapshot {
+    /// The machine's CPU time (`/proc/stat`).
+    pub host: HostTicks,
+    /// This process's user and system seconds (`RUSAGE_SELF`: the harness,
+    /// with the link emulator's threads).
+    pub own_user_s: f64,
+    pub own_sys_s: f64,
+    /// Seconds of the reaped children (`RUSAGE_CHILDREN`).
+    pub children_s: f64,
+    /// Other user processes' ticks ([`others`]).
+    pub others: HashMap<(i32, u64), u64>,
+    /// Seconds per tick of `/proc` (1 / `USER_HZ`).
+    pub tick_s: f64,
+}
+
+impl CpuSnapshot {
+    /// Reads the counters now; `None` where `/proc/stat` or `getrusage` is
+    /// not there.
+    pub fn take() -> Option<CpuSnapshot> {
+        let host = HostTicks::read()?;
+        let own = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|&hz| hz > 0)?;
+        Some(CpuSnapshot {
+            host,
+            own_user_s: tv(own.user_time()),
+            own_sys_s: tv(own.system_time()),
+            children_s: children_cpu_s(),
+            others: others(&all_procs(), std::process::id() as i32),
+            tick_s: 1.0 / hz as f64,
+        })
+    }
+}
+
+/// CPU seconds spent between two [`CpuSnapshot`]s.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuSpent {
+    /// The fair figure: `host_busy_s − harness_user_s − others_s`, at
+    /// least 0. Every CPU second the contender cost, in its processes or in
+    /// the kernel on its behalf wherever that ran (softirq on any CPU, the
+    /// network stack inside the emulator's socket or TUN calls, kernel
+    /// threads), plus the emulator's own kernel time and what other
+    /// processes that exited during the run used.
+    pub fair_s: f64,
+    /// The contender's processes alone (`RUSAGE_CHILDREN`).
+    pub proc_s: f64,
+    /// The machine's busy time ([`HostTicks::busy`]).
+    pub host_busy_s: f64,
+    /// The harness process's user time (not contender work: subtracted).
+    pub harness_user_s: f64,
+    /// The harness process's system time: the emulator's socket or TUN
+    /// calls, with the contender's network-stack work the kernel does inside
+    /// them (kept in the fair figure; the two do not separate).
+    pub harness_sys_s: f64,
+    /// Other user processes, alive at the end (subtracted).
+    pub others_s: f64,
+}
+
+/// The CPU spent from `a` to `b` ([`CpuSpent`]). Other processes count from
+/// `a` (or from their start, if they started later) to `b`; one that exited
+/// in between is not seen, and its time stays in the fair figure.
+pub fn cpu_spent(a: &CpuSnapshot, b: &CpuSnapshot) -> CpuSpent {
+    let tick = b.tick_s;
+    let host_busy_s = b.host.busy().saturating_sub(a.host.busy()) as f64 * tick;
+    let others_ticks: u64 = b
+        .others
+        .iter()
+        .map(|(k, &t)| t.saturating_sub(a.others.get(k).copied().unwrap_or(0)))
+        .sum();
+    let others_s = others_ticks as f64 * tick;
+    let harness_user_s = (b.own_user_s - a.own_user_s).max(0.0);
+    let harness_sys_s = (b.own_sys_s - a.own_sys_s).max(0.0);
+    CpuSpent {
+        fair_s: (host_busy_s - harness_user_s - others_s).max(0.0),
+        proc_s: (b.children_s - a.children_s).max(0.0),
+        host_busy_s,
+        harness_user_s,
+        harness_sys_s,
+        others_s,
     }
 }
 
@@ -240,6 +461,93 @@ mod tests {
         assert!(cpu_ticks().is_some());
     }
     use std::time::Duration;
+
+    #[test]
+    fn fair_cpu_is_the_machines_busy_time_less_the_harness_and_others() {
+        let a = HostTicks::parse("cpu  100 5 50 800 10 2 3 40 0 0").unwrap();
+        assert_eq!(a.busy(), 160);
+        // About 2 s later at 100 Hz on 2 CPUs: 412 ticks, 30 of them stolen.
+        let b = HostTicks::parse("cpu  250 5 120 930 20 4 23 70 0 0").unwrap();
+        assert_eq!(b.busy() - a.busy(), 242);
+        assert_eq!(HostTicks::parse("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(HostTicks::parse("cpu 1 2 3"), None);
+        let snap = |host, user, sys, children, others: &[((i32, u64), u64)]| CpuSnapshot {
+            host,
+            own_user_s: user,
+            own_sys_s: sys,
+            children_s: children,
+            others: others.iter().copied().collect(),
+            tick_s: 0.01,
+        };
+        // Process 10 ran 20 ticks; 11 started during the run (5 ticks); 12
+        // exited (not seen at the end: stays in); 10's pid reused by a new
+        // process counts from its start.
+        let sa = snap(a, 1.0, 2.0, 3.0, &[((10, 7), 100), ((12, 7), 50)]);
+        let sb = snap(
+            b,
+            1.4,
+            2.5,
+            4.2,
+            &[((10, 7), 120), ((11, 90), 5), ((10, 95), 3)],
+        );
+        let c = cpu_spent(&sa, &sb);
+        let near = |x: f64, y: f64| (x - y).abs() < 1e-9;
+        assert!(near(c.host_busy_s, 2.42), "{c:?}");
+        assert!(near(c.others_s, 0.28), "{c:?}");
+        assert!(
+            near(c.harness_user_s, 0.4) && near(c.harness_sys_s, 0.5),
+            "{c:?}"
+        );
+        assert!(near(c.proc_s, 1.2), "{c:?}");
+        // 2.42 busy − 0.4 harness user − 0.28 others; the harness's system
+        // time (the emulator's calls, with the stack work inside) stays.
+        assert!(near(c.fair_s, 1.74), "{c:?}");
+        // Never below zero, whatever the counters' rounding.
+        let busy_other = snap(b, 9.0, 2.5, 4.2, &[]);
+        assert_eq!(cpu_spent(&sa, &busy_other).fair_s, 0.0);
+        // This machine's counters read.
+        let now = CpuSnapshot::take().unwrap();
+        assert!(now.host.busy() > 0 && now.tick_s > 0.0);
+    }
+
+    #[test]
+    fn proc_stat_of_processes_and_their_tree() {
+        // A name with spaces and parentheses; utime 7, stime 3, start 555,
+        // flags 0x400100 (user) and 0x208040 (kernel thread).
+        let line = |pid: i32, ppid: i32, flags: u64| {
+            format!(
+                "{pid} (a b) c) S {ppid} {pid} {pid} 0 -1 {flags} 1 2 3 4 7 3 0 0 20 0 1 0 555 \
+                 1000 10 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0"
+            )
+        };
+        let p = ProcTicks::parse(&line(42, 7, 0x400100)).unwrap();
+        assert_eq!((p.pid, p.ppid, p.start, p.ticks), (42, 7, 555, 10));
+        assert!(!p.kernel_thread);
+        assert!(
+            ProcTicks::parse(&line(3, 2, 0x208040))
+                .unwrap()
+                .kernel_thread
+        );
+        // 100 is the harness; 101 its node, 102 the node's engine; 200 not
+        // ours; 3 a kernel thread.
+        let procs: Vec<ProcTicks> = [
+            (1, 0, 0x400100),
+            (100, 1, 0x400100),
+            (101, 100, 0x400100),
+            (102, 101, 0x400100),
+            (200, 1, 0x400100),
+            (3, 2, 0x208040),
+        ]
+        .iter()
+        .map(|&(pid, ppid, f)| ProcTicks::parse(&line(pid, ppid, f)).unwrap())
+        .collect();
+        let mut o: Vec<i32> = others(&procs, 100).keys().map(|k| k.0).collect();
+        o.sort();
+        assert_eq!(o, vec![1, 200]);
+        // This process is not among its own others; init is.
+        let here = others(&all_procs(), std::process::id() as i32);
+        assert!(!here.keys().any(|k| k.0 == std::process::id() as i32));
+    }
 
     #[test]
     fn series_bins_and_threshold() {

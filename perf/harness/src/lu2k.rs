@@ -614,7 +614,7 @@ fn add_engine_counters(side: &Side, role: Role, r: &mut NodeResult) {
 }
 
 /// `VmHWM` (peak resident set, KiB) from a `/proc/PID/status` file.
-fn vm_hwm_kib(path: &str) -> Option<u64> {
+pub fn vm_hwm_kib(path: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))

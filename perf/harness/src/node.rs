@@ -153,8 +153,9 @@ pub struct NodeResult {
     pub retrans_bytes: Option<u64>,
     /// Payload bytes lu2k copied (engine counters; lu2k only).
     pub copied_bytes: Option<u64>,
-    /// Peak resident memory of the node, MiB: the engine's (`VmHWM`) plus the
-    /// node process's, which holds kshim (lu2k only).
+    /// Peak resident memory of the node, MiB: lu2k, the engine's (`VmHWM`)
+    /// plus the node process's, which holds kshim; others, the node
+    /// process's plus the largest program it ran (SRT's).
     #[serde(default)]
     pub max_rss_mib: Option<f64>,
     /// Extra facts for the report.
@@ -250,13 +251,25 @@ fn finish(r: &NodeResult) -> Result<()> {
 /// Entry point of `lu2k-perf __node SPEC`.
 pub fn main(spec: &str) -> Result<()> {
     let spec: NodeSpec = serde_json::from_str(spec).context("node spec")?;
-    let r = match spec.kind {
+    let mut r = match spec.kind {
         Kind::Tcp | Kind::Udt4 => stream_node(&spec)?,
         Kind::Srt => crate::srt::node(&spec)?,
         Kind::Quic => crate::quic::node(&spec)?,
         Kind::Lu2k => crate::lu2k::node(&spec)?,
     };
+    if r.max_rss_mib.is_none() {
+        r.max_rss_mib = own_peak_rss_mib();
+    }
     finish(&r)
+}
+
+/// Peak resident memory of this node process (`VmHWM`) plus the largest of
+/// the programs it ran and reaped (`srt-file-transmit`), MiB.
+fn own_peak_rss_mib() -> Option<f64> {
+    let own = crate::lu2k::vm_hwm_kib("/proc/self/status")?;
+    let children = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_or(0, |u| u.max_rss().max(0) as u64);
+    Some((own + children) as f64 / 1024.0)
 }
 
 /// A reliable byte stream: TCP or UDT4.

@@ -65,10 +65,25 @@ pub struct Row {
     pub queue_drops: Option<u64>,
     /// See `queue_drops`.
     pub loss_drops: Option<u64>,
-    /// CPU seconds of the contender's processes.
+    /// CPU seconds the run cost, counted fairly: the machine's busy time
+    /// (`/proc/stat`) less the harness process's user time and other user
+    /// processes' time, so the kernel's work for the contender is in it
+    /// wherever it ran (`collect::CpuSpent::fair_s`).
     pub cpu_s: Option<f64>,
-    /// CPU seconds per GB (10^9 bytes) of payload delivered.
+    /// `cpu_s` per GB (10^9 bytes) of payload delivered.
     pub cpu_s_per_gb: Option<f64>,
+    /// CPU seconds of the contender's processes alone (user + system,
+    /// `RUSAGE_CHILDREN`): kernel work done while another task ran is not in it.
+    pub proc_cpu_s: Option<f64>,
+    /// `proc_cpu_s` per GB of payload delivered.
+    pub proc_cpu_s_per_gb: Option<f64>,
+    /// The harness process's system seconds over the run: the emulator's
+    /// socket or TUN calls with the contender's network-stack work the
+    /// kernel does inside them. Inside `cpu_s`; `cpu_s − harness_sys_s` is
+    /// a lower bound of the contender's cost.
+    pub harness_sys_s: Option<f64>,
+    /// CPU seconds of other user processes over the run (left out of `cpu_s`).
+    pub others_cpu_s: Option<f64>,
     /// rpc round trips or live delivery latency.
     pub latency: Option<Percentiles>,
     /// Payload bytes copied by lu2k (lu2k only).
@@ -381,6 +396,10 @@ impl Row {
             loss_drops: None,
             cpu_s: None,
             cpu_s_per_gb: None,
+            proc_cpu_s: None,
+            proc_cpu_s_per_gb: None,
+            harness_sys_s: None,
+            others_cpu_s: None,
             latency: None,
             copied_bytes: None,
             max_rss_mib: None,
@@ -412,7 +431,7 @@ pub fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>5}  status",
+        "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>5}  status",
         "cell",
         "contender",
         "Mbit/s",
@@ -423,6 +442,7 @@ pub fn table(rows: &[Row]) -> String {
         "rec s",
         "retx MB",
         "CPU s/GB",
+        "proc s/GB",
         "p50 ms",
         "p90 ms",
         "p99 ms",
@@ -431,7 +451,7 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>5}  {}",
+            "{:<22} {:<10} {:>9} {:>13} {:>6} {:>7} {:>7} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>5}  {}",
             r.cell,
             r.contender,
             opt(r.goodput_mbps, 1),
@@ -446,6 +466,7 @@ pub fn table(rows: &[Row]) -> String {
             opt(r.recovery_s, 1),
             opt(r.retrans_bytes.map(|b| b as f64 / 1e6), 1),
             opt(r.cpu_s_per_gb, 1),
+            opt(r.proc_cpu_s_per_gb, 1),
             opt(r.latency.map(|l| l.p50_ms), 1),
             opt(r.latency.map(|l| l.p90_ms), 1),
             opt(r.latency.map(|l| l.p99_ms), 1),
@@ -534,7 +555,8 @@ pub fn csv(rows: &[Row]) -> String {
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
          goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
          loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
-         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s,whole_ratio\n",
+         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s,whole_ratio,\
+         proc_cpu_s,proc_cpu_s_per_gb,harness_sys_s,others_cpu_s,max_rss_mib\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -542,7 +564,7 @@ pub fn csv(rows: &[Row]) -> String {
         let l = r.latency;
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.scenario),
             csv_field(&r.cell),
             r.contender,
@@ -585,6 +607,11 @@ pub fn csv(rows: &[Row]) -> String {
             f(r.links.as_ref().and_then(|l| l.switch_s)),
             f(r.links.as_ref().and_then(|l| l.back_s)),
             f(r.links.as_ref().and_then(|l| l.whole_ratio)),
+            f(r.proc_cpu_s),
+            f(r.proc_cpu_s_per_gb),
+            f(r.harness_sys_s),
+            f(r.others_cpu_s),
+            f(r.max_rss_mib),
         );
     }
     s
@@ -928,6 +955,12 @@ rate_mbps = [100.0]
                 r.utilization = Some(0.9);
                 r.goodput_series = vec![(0.5, 10.0), (1.0, 80.0)];
                 r.load_avg = Some(LoadAvg::new([0.5, 0.4, 0.3], [64.0 + i as f64, 2.0, 1.0]));
+                r.cpu_s = Some(30.0);
+                r.cpu_s_per_gb = Some(60.0);
+                r.proc_cpu_s = Some(24.5);
+                r.proc_cpu_s_per_gb = Some(49.0);
+                r.harness_sys_s = Some(0.25);
+                r.others_cpu_s = Some(0.125);
                 out.push(r);
             }
         }
@@ -1139,7 +1172,13 @@ rate_mbps = [100.0]
                 "utilization",
                 "steady_mbps",
                 "time_to_90_s",
+                "cpu_s",
                 "cpu_s_per_gb",
+                "proc_cpu_s",
+                "proc_cpu_s_per_gb",
+                "harness_sys_s",
+                "others_cpu_s",
+                "max_rss_mib",
                 "load_avg",
             ] {
                 assert!(o.get(k).is_some(), "missing {k} in {o}");
@@ -1156,16 +1195,20 @@ rate_mbps = [100.0]
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
         assert!(lines[0].ends_with(
             ",runs,goodput_min,goodput_max,steal,load_avg,family,policy,goal_ref_mbps,\
-             goal_mbps,goal_ratio,switch_s,back_s,whole_ratio"
+             goal_mbps,goal_ratio,switch_s,back_s,whole_ratio,proc_cpu_s,proc_cpu_s_per_gb,\
+             harness_sys_s,others_cpu_s,max_rss_mib"
         ));
         assert!(
-            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,,"),
+            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,,,24.5,49,0.25,0.125,"),
             "{}",
             lines[1]
         );
 
         let t = table(&rows);
         assert!(t.contains("lu2k") && t.contains("90.0"), "{t}");
+        // Both CPU figures, under their own headers.
+        assert!(t.contains("CPU s/GB") && t.contains("proc s/GB"), "{t}");
+        assert!(t.contains("60.0") && t.contains("49.0"), "{t}");
 
         let svg = plot_vs_loss(&rows, &dir, "t").unwrap().unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();

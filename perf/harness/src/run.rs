@@ -25,8 +25,8 @@ use lu2k_engine::transport::links::{LinkCfg, Policy};
 use lu2k_linkem::{Netns, Relay, RelayConfig, TunConfig, TunLink};
 
 use crate::collect::{
-    children_cpu_s, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, Percentiles,
-    Series, STEADY_MIN_RTTS,
+    cpu_spent, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, CpuSnapshot, CpuSpent,
+    Percentiles, Series, STEADY_MIN_RTTS,
 };
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
 use crate::quic::QuicSpec;
@@ -278,11 +278,12 @@ fn run_row(
         Ok(r) => {
             // One line per run, also where the progress bars are hidden (no terminal).
             eprintln!(
-                "{} {contender}: {} Mbit/s, {} bytes, CPU {:.2} s, link drops {} queue / {} loss, {}",
+                "{} {contender}: {} Mbit/s, {} bytes, CPU {:.2} s (processes {:.2} s), link drops {} queue / {} loss, {}",
                 cell.name,
                 r.goodput_mbps.map_or("-".into(), |g| format!("{g:.1}")),
                 r.bytes,
                 r.cpu_s.unwrap_or(0.0),
+                r.proc_cpu_s.unwrap_or(0.0),
                 r.queue_drops.unwrap_or(0),
                 r.loss_drops.unwrap_or(0),
                 r.status
@@ -310,7 +311,9 @@ fn run_inner(
     mp: &MultiProgress,
 ) -> Result<Row> {
     let w = &cell.workload;
-    let cpu0 = children_cpu_s();
+    // Before anything of the run exists, and after it is all gone (nodes
+    // reaped, emulator stopped): the same window for both CPU figures.
+    let cpu0 = CpuSnapshot::take();
     // Before the sender exists: no byte can be sent earlier.
     let pre_ns = node::mono_ns();
     let Started { emu, rx, tx, setup } = start(cell, contender, opts)?;
@@ -330,7 +333,9 @@ fn run_inner(
     waiting.stop(Duration::from_secs(3));
     let wires = emu.stop();
     let wire = sum_stats(&wires);
-    let cpu = children_cpu_s() - cpu0;
+    let cpu = cpu0
+        .zip(CpuSnapshot::take())
+        .map(|(a, b)| cpu_spent(&a, &b));
     bar.finish();
 
     let Some(res) = seen.result else {
@@ -879,8 +884,9 @@ struct Outcome {
     wires: Vec<Option<lu2k_linkem::Stats>>,
     /// Several links: each link's forward delivered bytes over time.
     link_series: Vec<Series>,
-    /// CPU seconds of the run's processes.
-    cpu: f64,
+    /// CPU seconds of the run ([`CpuSpent`]; None where `/proc` could not
+    /// be read).
+    cpu: Option<CpuSpent>,
     /// Payload bytes of the complete workload (see [`target_bytes`]).
     target: u64,
 }
@@ -908,7 +914,10 @@ fn row(scenario: &str, cell: &Cell, contender: Contender, o: &Outcome) -> Row {
     row.loss_drops = o
         .wire
         .map(|w| w.dropped_loss.packets + w.dropped_outage.packets);
-    row.cpu_s = Some(o.cpu);
+    row.cpu_s = o.cpu.map(|c| c.fair_s);
+    row.proc_cpu_s = o.cpu.map(|c| c.proc_s);
+    row.harness_sys_s = o.cpu.map(|c| c.harness_sys_s);
+    row.others_cpu_s = o.cpu.map(|c| c.others_s);
     row.latency = Percentiles::of_us(&res.samples_us);
     if w.kind == WorkloadKind::Live {
         // Chunks are sampled in stream order (the receivers deliver in
@@ -1015,7 +1024,9 @@ fn add_rates(row: &mut Row, cell: &Cell, o: &Outcome, sender: Option<&NodeResult
         let rtt_full = cell.rtt_ms / 1e3 + queue * 8.0 / (cell.rate_mbps * 1e6);
         row.steady_mbps = steady_mbps(series, res.bytes, last, cell.rtt_ms / 1e3, rtt_full);
     }
-    row.cpu_s_per_gb = Some(o.cpu / (res.bytes as f64 / 1e9));
+    let gb = res.bytes as f64 / 1e9;
+    row.cpu_s_per_gb = o.cpu.map(|c| c.fair_s / gb);
+    row.proc_cpu_s_per_gb = o.cpu.map(|c| c.proc_s / gb);
     row.goodput_series = series.binned(0.5);
     if !cell.links.is_empty() {
         row.links = Some(links_figures(cell, o, g, first_send, last));
@@ -1353,7 +1364,7 @@ outage = { start_s = 5.0, duration_s = 5.0 }
             wire: None,
             wires: vec![None, None],
             link_series: links,
-            cpu: 0.0,
+            cpu: None,
             target: 0,
         }
     }
