@@ -22,6 +22,7 @@ mod quic_live;
 mod report;
 mod run;
 mod scenario;
+mod soak;
 mod srt;
 mod srt_live;
 mod stats;
@@ -60,6 +61,9 @@ enum Command {
     /// Two `run --json` result files side by side: is every row's goodput
     /// within the tolerance? Exits 1 if not.
     Compare(CompareArgs),
+    /// lu2k for a long time on the GEO link with peers coming and going and an
+    /// engine restart; fails on memory growth, unreturned buffers or lost messages.
+    Soak(soak::SoakArgs),
     /// Internal: one endpoint process of a contender (JSON spec).
     #[command(name = "__node", hide = true)]
     Node { spec: String },
@@ -90,6 +94,10 @@ struct RunArgs {
     /// Only these contenders (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these cells (comma-separated names as the table prints them,
+    /// e.g. `600ms/0.1%/100M`).
+    #[arg(long, value_delimiter = ',')]
+    cells: Vec<String>,
     /// Engine cores for lu2k.
     #[arg(long, default_value_t = 1)]
     lu2k_cores: u16,
@@ -195,6 +203,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo(args),
         Command::Loopback(args) => loopback(args),
         Command::Compare(args) => compare(args),
+        Command::Soak(args) => soak::soak(args),
         Command::Node { spec } => node::main(&spec),
         Command::Engine { spec } => lu2k::engine_main(&spec),
         Command::UdpHop { next } => udp::hop_main(next),
@@ -534,12 +543,23 @@ const LU2K_RX_BUFS: u32 = 32768;
 fn run_cells(
     s: &scenario::Scenario,
     quick: bool,
-    only: &[String],
+    (only, named): (&[String], &[String]),
     o: &run::Opts,
     out: &std::path::Path,
     runs: u32,
 ) -> Result<Vec<report::Row>> {
-    let cells = s.cells(quick);
+    let mut cells = s.cells(quick);
+    if let Some(bad) = named.iter().find(|n| !cells.iter().any(|c| &c.name == *n)) {
+        let known: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
+        anyhow::bail!(
+            "--cells: no cell named {bad:?} in {}; its cells: {}",
+            s.name,
+            known.join(", ")
+        );
+    }
+    if !named.is_empty() {
+        cells.retain(|c| named.contains(&c.name));
+    }
     let mp = indicatif::MultiProgress::new();
     let mut rows = Vec::new();
     for cell in &cells {
@@ -594,7 +614,14 @@ fn run_cells(
 fn run_scenario(args: RunArgs) -> Result<()> {
     let s = scenario::Scenario::load(&args.scenario)?;
     let o = opts(s.seed, args.lu2k_cores, args.lu2k_rx_bufs);
-    let rows = run_cells(&s, args.quick, &args.only, &o, &args.out, args.runs)?;
+    let rows = run_cells(
+        &s,
+        args.quick,
+        (&args.only, &args.cells),
+        &o,
+        &args.out,
+        args.runs,
+    )?;
     if let Some(p) = &args.json {
         report::write_json(&rows, p)?;
         println!("json: {}", p.display());
@@ -656,7 +683,7 @@ fn demo(args: DemoArgs) -> Result<()> {
             .map(String::from)
             .to_vec()
     };
-    let rows = run_cells(&s, false, &only, &o, &args.out, 1)?;
+    let rows = run_cells(&s, false, (&only, &[]), &o, &args.out, 1)?;
     let json = args.out.join("demo.json");
     report::write_json(&rows, &json)?;
     println!("json: {}", json.display());
