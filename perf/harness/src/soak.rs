@@ -1359,6 +1359,7 @@ fn plot(samples: &[Sample], series: &[RssSeries], dir: &Path, plan: &Plan) -> Re
                 None => v.push((name, vec![p])),
             };
             let mut last_t = f64::NAN;
+            let mut last_verified = 0;
             for s in samples {
                 if let Some(h) = s.rx_pool_held {
                     add(format!("{}: RX buffers held", s.node), (s.t_s, h as f64));
@@ -1370,11 +1371,16 @@ fn plot(samples: &[Sample], series: &[RssSeries], dir: &Path, plan: &Plan) -> Re
                     );
                 }
                 if s.t_s != last_t {
+                    // Goodput of verified PUTs since the previous sample.
+                    if last_t.is_finite() && s.t_s > last_t {
+                        let mbit = (s.counts.verified - last_verified) as f64 * MSG as f64 * 8e-6;
+                        add(
+                            "verified PUTs, Mbit/s since the last sample".into(),
+                            (s.t_s, mbit / (s.t_s - last_t)),
+                        );
+                    }
                     last_t = s.t_s;
-                    add(
-                        "PUTs verified at the receiver / 100".into(),
-                        (s.t_s, s.counts.verified as f64 / 100.0),
-                    );
+                    last_verified = s.counts.verified;
                 }
             }
             v
@@ -1384,7 +1390,7 @@ fn plot(samples: &[Sample], series: &[RssSeries], dir: &Path, plan: &Plan) -> Re
             .flat_map(|l| l.1.iter().map(|p| p.1))
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
-            .caption("soak: pool use and messages", ("sans-serif", 20))
+            .caption("soak: pool use and verified goodput", ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -1392,7 +1398,7 @@ fn plot(samples: &[Sample], series: &[RssSeries], dir: &Path, plan: &Plan) -> Re
         chart
             .configure_mesh()
             .x_desc("seconds since traffic started")
-            .y_desc("count")
+            .y_desc("buffers, messages; Mbit/s")
             .draw()?;
         for (i, (name, pts)) in lines.into_iter().enumerate() {
             let col = Palette99::pick(i).to_rgba();
