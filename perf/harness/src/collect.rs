@@ -168,6 +168,64 @@ pub fn others(procs: &[ProcTicks], own: i32) -> HashMap<(i32, u64), u64> {
         .collect()
 }
 
+/// How often [`OthersWatch`] reads `/proc`.
+pub const OTHERS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Other processes followed through a run: `/proc` read every
+/// [`OTHERS_EVERY`], so a process that exits before the run ends (a
+/// compiler another user's build started) still counts up to its last
+/// reading. What the watch itself costs the kernel is measured and taken
+/// out ([`OthersWatch::finish`]).
+pub struct OthersWatch {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<(HashMap<(i32, u64), u64>, f64)>,
+}
+
+impl OthersWatch {
+    /// Starts reading.
+    pub fn start() -> OthersWatch {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let own = std::process::id() as i32;
+        let thread = std::thread::spawn(move || {
+            let mut seen = HashMap::new();
+            loop {
+                seen.extend(others(&all_procs(), own));
+                match stopped.recv_timeout(OTHERS_EVERY) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            }
+            // This thread's system time (its user time is in the harness's,
+            // which the fair figure leaves out anyway).
+            let sys_s = std::fs::read_to_string("/proc/thread-self/stat")
+                .ok()
+                .and_then(|t| {
+                    let f: Vec<&str> = t[t.rfind(')')? + 1..].split_whitespace().collect();
+                    f.get(15 - 3)?.parse::<u64>().ok()
+                })
+                .map_or(0.0, |ticks| ticks as f64 * clock_tick_s().unwrap_or(0.0));
+            (seen, sys_s)
+        });
+        OthersWatch { stop, thread }
+    }
+
+    /// Stops reading; every process seen, at its last reading, and the
+    /// watch's own system seconds.
+    pub fn finish(self) -> (HashMap<(i32, u64), u64>, f64) {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Seconds per `/proc` clock tick (1 / `USER_HZ`).
+fn clock_tick_s() -> Option<f64> {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&hz| hz > 0)
+        .map(|hz| 1.0 / hz as f64)
+}
+
 /// What the CPU counters read at one instant, for [`cpu_spent`].
 #[derive(Debug, Clone, Default)]
 pub struct CpuSnapshot {
@@ -196,10 +254,7 @@ impl CpuSnapshot {
         let (host, cpus) = HostTicks::read()?;
         let mono_s = crate::node::mono_ns() as f64 / 1e9;
         let own = getrusage(UsageWho::RUSAGE_SELF).ok()?;
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .filter(|&hz| hz > 0)?;
+        let tick_s = clock_tick_s()?;
         Some(CpuSnapshot {
             host,
             mono_s,
@@ -208,8 +263,18 @@ impl CpuSnapshot {
             own_sys_s: tv(own.system_time()),
             children_s: children_cpu_s(),
             others: others(&all_procs(), std::process::id() as i32),
-            tick_s: 1.0 / hz as f64,
+            tick_s,
         })
+    }
+
+    /// Adds what an [`OthersWatch`] saw: processes gone by now count at their
+    /// last reading; its own system time leaves the harness's.
+    pub fn with_watch(mut self, (seen, watch_sys_s): (HashMap<(i32, u64), u64>, f64)) -> Self {
+        for (k, t) in seen {
+            self.others.entry(k).or_insert(t);
+        }
+        self.own_sys_s -= watch_sys_s;
+        self
     }
 }
 
@@ -234,13 +299,15 @@ pub struct CpuSpent {
     /// calls, with the contender's network-stack work the kernel does inside
     /// them (kept in the fair figure; the two do not separate).
     pub harness_sys_s: f64,
-    /// Other user processes, alive at the end (subtracted).
+    /// Other user processes (subtracted).
     pub others_s: f64,
 }
 
 /// The CPU spent from `a` to `b` ([`CpuSpent`]). Other processes count from
-/// `a` (or from their start, if they started later) to `b`; one that exited
-/// in between is not seen, and its time stays in the fair figure.
+/// `a` (or from their start, if they started later) to `b` (or their last
+/// reading, [`CpuSnapshot::with_watch`]); what one ran after its last
+/// reading before it exited, or a process that started and ended between
+/// two readings, is not seen and stays in the fair figure.
 ///
 /// The machine's busy time is the elapsed time of every CPU less the idle,
 /// iowait and steal counters, not the sum of the busy counters: with
@@ -536,6 +603,39 @@ mod tests {
             busy(now.host) > 0 && now.tick_s > 0.0 && now.cpus >= 1,
             "{now:?}"
         );
+    }
+
+    #[test]
+    fn the_watch_counts_a_process_that_exited() {
+        let a = CpuSnapshot::take().unwrap();
+        let w = OthersWatch::start();
+        // Not in this process's tree: a busy loop in the background of a
+        // shell that exits at once (the loop is reparented away), which
+        // ends by itself well before the run's end reading.
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sh -c 'i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done' >/dev/null & echo $!",
+            ])
+            .output()
+            .unwrap();
+        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let gone = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(gone.elapsed() < Duration::from_secs(30), "{pid} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seen = w.finish();
+        assert!(
+            seen.1 >= 0.0 && seen.1 < 1.0,
+            "the watch's own time {}",
+            seen.1
+        );
+        let ticks = seen.0.iter().find(|(k, _)| k.0 == pid).map(|(_, &t)| t);
+        assert!(ticks.is_some_and(|t| t > 0), "{pid}: {ticks:?}");
+        let b = CpuSnapshot::take().unwrap().with_watch(seen);
+        assert!(!b.others.is_empty());
+        assert!(cpu_spent(&a, &b).others_s >= ticks.unwrap() as f64 * b.tick_s);
     }
 
     #[test]
