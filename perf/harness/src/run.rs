@@ -26,7 +26,7 @@ use lu2k_linkem::{Netns, Relay, RelayConfig, TunConfig, TunLink};
 
 use crate::collect::{
     cpu_spent, cpu_ticks, goodput_mbps, load_avg, steady_mbps, steal_share, CpuSnapshot, CpuSpent,
-    Percentiles, Series, STEADY_MIN_RTTS,
+    OthersWatch, Percentiles, Series, STEADY_MIN_RTTS,
 };
 use crate::node::{self, Kind, Line, Lu2kSpec, Node, NodeResult, NodeSpec, Role};
 use crate::quic::QuicSpec;
@@ -314,6 +314,7 @@ fn run_inner(
     // Before anything of the run exists, and after it is all gone (nodes
     // reaped, emulator stopped): the same window for both CPU figures.
     let cpu0 = CpuSnapshot::take();
+    let others = OthersWatch::start();
     // Before the sender exists: no byte can be sent earlier.
     let pre_ns = node::mono_ns();
     let Started { emu, rx, tx, setup } = start(cell, contender, opts)?;
@@ -333,9 +334,10 @@ fn run_inner(
     waiting.stop(Duration::from_secs(3));
     let wires = emu.stop();
     let wire = sum_stats(&wires);
+    let seen = others.finish();
     let cpu = cpu0
         .zip(CpuSnapshot::take())
-        .map(|(a, b)| cpu_spent(&a, &b));
+        .map(|(a, b)| cpu_spent(&a, &b.with_watch(seen)));
     bar.finish();
 
     let Some(res) = seen.result else {
