@@ -334,10 +334,10 @@ fn run_inner(
     waiting.stop(Duration::from_secs(3));
     let wires = emu.stop();
     let wire = sum_stats(&wires);
-    let seen = others.finish();
+    let watched = others.finish();
     let cpu = cpu0
         .zip(CpuSnapshot::take())
-        .map(|(a, b)| cpu_spent(&a, &b.with_watch(seen)));
+        .map(|(a, b)| cpu_spent(&a, &b.with_watch(watched)));
     bar.finish();
 
     let Some(res) = seen.result else {
