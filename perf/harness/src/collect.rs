@@ -90,6 +90,9 @@ impl HostTicks {
     }
 }
 
+/// Processes' CPU ticks by (pid, start time).
+pub type ProcTimes = HashMap<(i32, u64), u64>;
+
 /// `PF_KTHREAD` in `/proc/PID/stat`'s flags: a kernel thread.
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -145,7 +148,7 @@ pub fn all_procs() -> Vec<ProcTicks> {
 
 /// User processes outside `own`'s tree (not `own`, not below it, not kernel
 /// threads), keyed by (pid, start), with their CPU ticks.
-pub fn others(procs: &[ProcTicks], own: i32) -> HashMap<(i32, u64), u64> {
+pub fn others(procs: &[ProcTicks], own: i32) -> ProcTimes {
     let parent: HashMap<i32, i32> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
     let ours = |mut pid: i32| {
         // A parent chain ends at init (1) or the kernel (0, 2); the bound
@@ -178,7 +181,7 @@ pub const OTHERS_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// out ([`OthersWatch::finish`]).
 pub struct OthersWatch {
     stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<(HashMap<(i32, u64), u64>, f64)>,
+    thread: std::thread::JoinHandle<(ProcTimes, f64)>,
 }
 
 impl OthersWatch {
@@ -211,7 +214,7 @@ impl OthersWatch {
 
     /// Stops reading; every process seen, at its last reading, and the
     /// watch's own system seconds.
-    pub fn finish(self) -> (HashMap<(i32, u64), u64>, f64) {
+    pub fn finish(self) -> (ProcTimes, f64) {
         let _ = self.stop.send(());
         self.thread.join().unwrap_or_default()
     }
@@ -242,7 +245,7 @@ pub struct CpuSnapshot {
     /// Seconds of the reaped children (`RUSAGE_CHILDREN`).
     pub children_s: f64,
     /// Other user processes' ticks ([`others`]).
-    pub others: HashMap<(i32, u64), u64>,
+    pub others: ProcTimes,
     /// Seconds per tick of `/proc` (1 / `USER_HZ`).
     pub tick_s: f64,
 }
@@ -269,7 +272,7 @@ impl CpuSnapshot {
 
     /// Adds what an [`OthersWatch`] saw: processes gone by now count at their
     /// last reading; its own system time leaves the harness's.
-    pub fn with_watch(mut self, (seen, watch_sys_s): (HashMap<(i32, u64), u64>, f64)) -> Self {
+    pub fn with_watch(mut self, (seen, watch_sys_s): (ProcTimes, f64)) -> Self {
         for (k, t) in seen {
             self.others.entry(k).or_insert(t);
         }
