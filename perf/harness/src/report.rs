@@ -554,9 +554,9 @@ pub fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
         "scenario,cell,contender,path,workload,rtt_ms,loss,rate_mbps,status,bytes_target,bytes,\
          goodput_mbps,utilization,steady_mbps,time_to_90_s,recovery_s,retrans_bytes,wire_bytes,queue_drops,\
-         loss_drops,cpu_s,cpu_s_per_gb,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
-         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s,whole_ratio,\
-         proc_cpu_s,proc_cpu_s_per_gb,harness_sys_s,others_cpu_s,max_rss_mib\n",
+         loss_drops,cpu_s,cpu_s_per_gb,proc_cpu_s,proc_cpu_s_per_gb,harness_sys_s,others_cpu_s,\
+         max_rss_mib,p50_ms,p90_ms,p99_ms,max_ms,copied_bytes,runs,goodput_min,\
+         goodput_max,steal,load_avg,family,policy,goal_ref_mbps,goal_mbps,goal_ratio,switch_s,back_s,whole_ratio\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -587,6 +587,11 @@ pub fn csv(rows: &[Row]) -> String {
             u(r.loss_drops),
             f(r.cpu_s),
             f(r.cpu_s_per_gb),
+            f(r.proc_cpu_s),
+            f(r.proc_cpu_s_per_gb),
+            f(r.harness_sys_s),
+            f(r.others_cpu_s),
+            f(r.max_rss_mib),
             f(l.map(|l| l.p50_ms)),
             f(l.map(|l| l.p90_ms)),
             f(l.map(|l| l.p99_ms)),
@@ -607,11 +612,6 @@ pub fn csv(rows: &[Row]) -> String {
             f(r.links.as_ref().and_then(|l| l.switch_s)),
             f(r.links.as_ref().and_then(|l| l.back_s)),
             f(r.links.as_ref().and_then(|l| l.whole_ratio)),
-            f(r.proc_cpu_s),
-            f(r.proc_cpu_s_per_gb),
-            f(r.harness_sys_s),
-            f(r.others_cpu_s),
-            f(r.max_rss_mib),
         );
     }
     s
@@ -1195,11 +1195,19 @@ rate_mbps = [100.0]
         assert!(lines.iter().all(|l| l.split(',').count() == cols));
         assert!(lines[0].ends_with(
             ",runs,goodput_min,goodput_max,steal,load_avg,family,policy,goal_ref_mbps,\
-             goal_mbps,goal_ratio,switch_s,back_s,whole_ratio,proc_cpu_s,proc_cpu_s_per_gb,\
-             harness_sys_s,others_cpu_s,max_rss_mib"
+             goal_mbps,goal_ratio,switch_s,back_s,whole_ratio"
+        ));
+        assert!(lines[0].contains(
+            ",loss_drops,cpu_s,cpu_s_per_gb,proc_cpu_s,proc_cpu_s_per_gb,harness_sys_s,\
+             others_cpu_s,max_rss_mib,p50_ms,"
         ));
         assert!(
-            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,,,24.5,49,0.25,0.125,"),
+            lines[1].ends_with(",1,,,,0.5/64,ipv4,,,,,,,"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].contains(",30,60,24.5,49,0.25,0.125,,"),
             "{}",
             lines[1]
         );
