@@ -16,11 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Event, TxStatus};
-
 mod common;
-use common::{kshim, nid, pattern, put, start_engine, tmpdir, wait_attached};
+use common::{kshim, nid, start_engine, tmpdir, wait_attached, Transfer};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 71);
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 72);
@@ -193,47 +190,13 @@ fn transfer_and_scrape(
     wait_attached(&mut ka, deadline);
     wait_attached(&mut kb, deadline);
 
-    let (na, nb) = (nid(A_IP), nid(B_IP));
-    let (mut sent, mut completed, mut got) = (0u64, 0u64, 0u64);
+    let mut t = Transfer::new("", nid(A_IP), nid(B_IP), count, |_| LEN);
     let mut first = None;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while got < count || completed < count {
-        assert!(
-            Instant::now() < deadline,
-            "timed out: sent {sent} received {got} completed {completed}"
-        );
-        while sent < count
-            && ka
-                .send(&put(nb, na, LEN, sent), &pattern(sent, LEN))
-                .is_ok()
-        {
-            sent += 1;
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone { status, detail, .. } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
-                    panic!("unexpected message {:?}", m.hdr.msg);
-                };
-                let mut b = vec![0u8; LEN];
-                m.copy_to(&mut b);
-                assert!(b == pattern(n, LEN), "message {n} content differs");
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
-            _ => {}
-        }
-        if first.is_none() && got >= 1 {
+    while !t.finished() {
+        t.assert_before(deadline);
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
+        if first.is_none() && t.got >= 1 {
             let (status, body) = get(metrics, "/metrics");
             assert_eq!(status, "HTTP/1.1 200 OK");
             first = Some(body);

@@ -19,13 +19,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Event, Kshim, TxStatus};
+use lu2k_kshim::Kshim;
 
 mod common;
 use common::{
-    kshim, missing_tools, nid, not_root, pattern, put, sh, stats, tmpdir, wait_attached, Engine,
-    Netns,
+    kshim, missing_tools, nid, not_root, sh, stats, tmpdir, wait_attached, Engine, Netns, Transfer,
 };
 
 const A: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 71, 0, 1), Ipv4Addr::new(10, 72, 0, 1)];
@@ -176,8 +174,8 @@ fn links(dir: &Path, name: &str) -> Vec<lu2k_engine::transport::links::LinkStats
 }
 
 /// Sends `count` PUTs of `len` bytes A → B, calling `tick(elapsed, got)` as it
-/// goes; checks each at B and returns the deliveries per message and when
-/// each arrived.
+/// goes; each is checked at B ([`Transfer`]: once, intact, completed `Ok`).
+/// Returns when each arrived.
 fn transfer(
     ka: &mut Kshim,
     kb: &mut Kshim,
@@ -186,16 +184,13 @@ fn transfer(
     len: usize,
     limit: Duration,
     tick: &mut dyn FnMut(Duration, u64),
-) -> (Vec<u32>, Vec<Duration>) {
-    let (na, nb) = (nid(A[0]), nid(B[0]));
-    let mut got = vec![0u32; count as usize];
+) -> Vec<Duration> {
+    let mut t = Transfer::new("", nid(A[0]), nid(B[0]), count, move |_| len);
     let mut at = Vec::new();
-    let (mut sent, mut ok, mut n_got) = (0u64, 0u64, 0u64);
     let start = Instant::now();
-    let payloads: Vec<Vec<u8>> = (0..16).map(|k| pattern(k, len)).collect();
-    while n_got < count || ok < count {
-        let t = start.elapsed();
-        if t >= limit {
+    while !t.finished() {
+        let elapsed = start.elapsed();
+        if elapsed >= limit {
             // What each side's links and drops were then: a stall is not
             // reproduced on demand, so the failure carries its evidence.
             let side = |name: &str| {
@@ -203,44 +198,16 @@ fn transfer(
                 let drops: Vec<_> = r.cores.iter().map(|c| &c.drops).collect();
                 format!("{name}: links {:#?}\ndrops {drops:?}", links(dir, name))
             };
-            panic!(
-                "timed out: sent {sent} received {n_got} completed {ok}\n{}\n{}",
-                side("a"),
-                side("b")
-            );
+            panic!("timed out: {}\n{}\n{}", t.progress(), side("a"), side("b"));
         }
-        tick(t, n_got);
-        while sent < count
-            && ka
-                .send(&put(nb, na, len, sent), &payloads[(sent % 16) as usize])
-                .is_ok()
-        {
-            sent += 1;
-        }
-        while let Some(ev) = ka.poll() {
-            if let Event::TxDone { status, detail, .. } = ev {
-                assert_eq!(status, TxStatus::Ok, "a send failed (detail {detail})");
-                ok += 1;
-            }
-        }
-        while let Some(ev) = kb.wait(Some(Duration::from_millis(1))) {
-            let Event::Rx(m) = ev else { continue };
-            let Msg::Put { match_bits: n, .. } = m.hdr.msg else {
-                panic!("unexpected message {:?}", m.hdr.msg);
-            };
-            let mut buf = vec![0u8; len];
-            m.copy_to(&mut buf);
-            assert!(
-                buf == payloads[(n % 16) as usize],
-                "message {n} content differs"
-            );
-            got[n as usize] += 1;
-            n_got += 1;
+        tick(elapsed, t.got);
+        let got = t.got;
+        t.step(ka, kb, Duration::from_millis(1));
+        if t.got > got {
             at.push(start.elapsed());
-            kb.rx_done(m);
         }
     }
-    (got, at)
+    at
 }
 
 #[test]
@@ -256,7 +223,7 @@ fn failover_when_a_link_goes_down_mid_transfer() {
     let mut down_at = None;
     let mut up_at = None;
     let mut acked_at_up = 0;
-    let (got, at) = transfer(
+    let at = transfer(
         &mut ka,
         &mut kb,
         &dir,
@@ -282,8 +249,6 @@ fn failover_when_a_link_goes_down_mid_transfer() {
         up_at.is_some(),
         "the transfer ended before link 0 came back: make it longer"
     );
-    let twice: Vec<_> = got.iter().enumerate().filter(|(_, &n)| n != 1).collect();
-    assert!(twice.is_empty(), "delivered other than once: {twice:?}");
     // The gap in B's deliveries around the cut.
     let gap = at
         .windows(2)
@@ -347,7 +312,7 @@ fn balance(tag: &str, rates: [u32; 2]) {
     nets.limit(1, rates[1]);
     const LEN: usize = 1 << 20;
     let count: u64 = u64::from(rates[0] + rates[1]) * 8 / 5;
-    let (got, at) = transfer(
+    let at = transfer(
         &mut ka,
         &mut kb,
         &dir,
@@ -356,7 +321,6 @@ fn balance(tag: &str, rates: [u32; 2]) {
         Duration::from_secs(120),
         &mut |_, _| {},
     );
-    assert!(got.iter().all(|&n| n == 1), "delivered other than once");
     // Goodput after the first 40 messages (the links' rates are measured and
     // UDT's rate has grown by then) to the end.
     let (s, e) = (at[40], *at.last().unwrap());

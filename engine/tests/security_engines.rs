@@ -8,12 +8,10 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Event, TxStatus};
 use lu2k_udt::conn::{self as conn, Connection, Extent};
 
 mod common;
-use common::{kshim, nid, pattern, put, start_engine, stats, tmpdir, wait_attached};
+use common::{kshim, nid, start_engine, stats, tmpdir, wait_attached, Transfer};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 71);
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 72);
@@ -85,51 +83,11 @@ fn sealed_engines_carry_verified_puts_and_refuse_a_plain_peer() {
         plain_client(SocketAddrV4::new(B_IP, port), Duration::from_secs(2))
     });
 
-    let (na, nb) = (nid(A_IP), nid(B_IP));
-    let mut sent = 0u64;
-    let mut completed = 0u64;
-    let mut received = vec![false; COUNT as usize];
-    let mut got = 0u64;
+    let mut t = Transfer::new("", nid(A_IP), nid(B_IP), COUNT, |_| LEN);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while got < COUNT || completed < COUNT {
-        assert!(
-            Instant::now() < deadline,
-            "timed out: sent {sent} received {got} completed {completed}"
-        );
-        while sent < COUNT
-            && ka
-                .send(&put(nb, na, LEN, sent), &pattern(sent, LEN))
-                .is_ok()
-        {
-            sent += 1;
-        }
-        while let Some(ev) = ka.poll() {
-            match ev {
-                Event::TxDone { status, detail, .. } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("engine A gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match kb.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("unexpected message {other:?}"),
-                };
-                let mut b = vec![0u8; LEN];
-                m.copy_to(&mut b);
-                assert!(b == pattern(n, LEN), "message {n} content differs");
-                assert!(!received[n as usize], "message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                kb.rx_done(m);
-            }
-            Some(Event::EngineGone(r)) => panic!("engine B gone: {r:?}"),
-            _ => {}
-        }
+    while !t.finished() {
+        t.assert_before(deadline);
+        t.step(&mut ka, &mut kb, Duration::from_millis(2));
     }
     assert!(!plain.join().unwrap(), "a plain UDT4 client got connected");
 

@@ -20,11 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lu2k_kshim::hdr::Msg;
-use lu2k_kshim::{Event, Kshim, TxStatus};
+use lu2k_kshim::{Event, Kshim};
 
 mod common;
-use common::{kshim, nid, pattern, put, stats, tmpdir, wait_attached, Engine};
+use common::{kshim, nid, pattern, put, stats, tmpdir, wait_attached, Engine, Transfer};
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 81);
 const B_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 82);
@@ -115,60 +114,24 @@ fn drop_count(r: &lu2k_engine::daemon::stats::Report, reason: &str) -> u64 {
         .sum()
 }
 
-/// Sends PUTs `first..first + count` from `from` to `to`'s NID and takes
-/// them at `to_k`, with `between(got)` called as messages arrive; every one
-/// must arrive once and intact, and complete Ok.
+/// Sends `count` PUTs from `from` to `to`'s NID, eight in flight at a time
+/// (the rotation happens mid-transfer), and takes them at `to_k`, with
+/// `between(got)` called as each arrives; every one must arrive once and
+/// intact, and complete Ok.
 fn transfer(
     (from, from_ip): (&mut Kshim, Ipv4Addr),
     (to_k, to_ip): (&mut Kshim, Ipv4Addr),
     count: u64,
     mut between: impl FnMut(u64),
 ) {
-    let (src, dst) = (nid(from_ip), nid(to_ip));
-    let (mut sent, mut completed, mut got) = (0u64, 0u64, 0u64);
-    let mut received = vec![false; count as usize];
+    let mut t = Transfer::new("", nid(from_ip), nid(to_ip), count, |_| LEN).in_flight(8);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while got < count || completed < count {
-        assert!(
-            Instant::now() < deadline,
-            "timed out: sent {sent} received {got} completed {completed}"
-        );
-        // A few in flight at a time: the rotation happens mid-transfer.
-        while sent < count
-            && sent < completed + 8
-            && from
-                .send(&put(dst, src, LEN, sent), &pattern(sent, LEN))
-                .is_ok()
-        {
-            sent += 1;
-        }
-        while let Some(ev) = from.poll() {
-            match ev {
-                Event::TxDone { status, detail, .. } => {
-                    assert_eq!(status, TxStatus::Ok, "send failed (detail {detail})");
-                    completed += 1;
-                }
-                Event::EngineGone(r) => panic!("sending engine gone: {r:?}"),
-                _ => {}
-            }
-        }
-        match to_k.wait(Some(Duration::from_millis(2))) {
-            Some(Event::Rx(m)) => {
-                let n = match m.hdr.msg {
-                    Msg::Put { match_bits, .. } => match_bits,
-                    other => panic!("unexpected message {other:?}"),
-                };
-                let mut b = vec![0u8; LEN];
-                m.copy_to(&mut b);
-                assert!(b == pattern(n, LEN), "message {n} content differs");
-                assert!(!received[n as usize], "message {n} delivered twice");
-                received[n as usize] = true;
-                got += 1;
-                to_k.rx_done(m);
-                between(got);
-            }
-            Some(Event::EngineGone(r)) => panic!("receiving engine gone: {r:?}"),
-            _ => {}
+    while !t.finished() {
+        t.assert_before(deadline);
+        let got = t.got;
+        t.step(from, to_k, Duration::from_millis(2));
+        if t.got > got {
+            between(t.got);
         }
     }
 }

@@ -295,6 +295,8 @@ pub struct Transfer {
     dst: Nid,
     len_of: Box<dyn Fn(u64) -> usize>,
     pub count: u64,
+    /// Messages sent and not yet completed, at most.
+    max_in_flight: u64,
     pub sent: u64,
     pub completed: u64,
     pub got: u64,
@@ -322,6 +324,7 @@ impl Transfer {
             dst,
             len_of: Box::new(len_of),
             count,
+            max_in_flight: u64::MAX,
             sent: 0,
             completed: 0,
             got: 0,
@@ -329,6 +332,13 @@ impl Transfer {
             done: vec![false; count as usize],
             received: vec![false; count as usize],
         }
+    }
+
+    /// At most `n` messages sent and not yet completed (by default as many as
+    /// A's kshim takes).
+    pub fn in_flight(mut self, n: u64) -> Transfer {
+        self.max_in_flight = n;
+        self
     }
 
     /// Every message sent, completed and received.
@@ -358,7 +368,7 @@ impl Transfer {
     /// for one message at `kb` and checks it.
     pub fn step(&mut self, ka: &mut Kshim, kb: &mut Kshim, wait: Duration) {
         let tag = &self.tag;
-        while self.sent < self.count {
+        while self.sent < self.count && self.sent - self.completed < self.max_in_flight {
             let (n, len) = (self.sent, (self.len_of)(self.sent));
             // `send_to`: an IPv6 destination does not fit LNet's header (see `put`).
             match ka.send_to(self.dst, &put(self.dst, self.src, len, n), &pattern(n, len)) {
