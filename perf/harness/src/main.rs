@@ -58,6 +58,9 @@ enum Command {
     Demo(DemoArgs),
     /// Bulk goodput and round trips over loopback: lu2k, UDT4, raw UDP.
     Loopback(LoopbackArgs),
+    /// What the fair CPU figure reads with nothing run: the machine's
+    /// background that it cannot take out, per window.
+    CpuBaseline(CpuBaselineArgs),
     /// Two `run --json` result files side by side: is every row's goodput
     /// within the tolerance? Exits 1 if not.
     Compare(CompareArgs),
@@ -126,6 +129,16 @@ struct DemoArgs {
     /// Directory for the plot and the JSON.
     #[arg(long, default_value = "lu2k-demo")]
     out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct CpuBaselineArgs {
+    /// Seconds per window.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Windows, one after the other.
+    #[arg(long, default_value_t = 3)]
+    windows: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -202,6 +215,7 @@ fn main() -> Result<()> {
         Command::Run(args) => run_scenario(args),
         Command::Demo(args) => demo(args),
         Command::Loopback(args) => loopback(args),
+        Command::CpuBaseline(args) => cpu_baseline(args),
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak::soak(args),
         Command::Node { spec } => node::main(&spec),
@@ -657,6 +671,36 @@ fn compare(args: CompareArgs) -> Result<()> {
         std::process::exit(1);
     }
     println!("stable within ±{:.0} %", args.tolerance * 100.0);
+    Ok(())
+}
+
+/// The fair CPU formula of a run (`collect::cpu_spent`, other processes
+/// followed as in a run) over windows in which this process only sleeps: what
+/// a row's `cpu_s` holds that no contender ran.
+fn cpu_baseline(args: CpuBaselineArgs) -> Result<()> {
+    if !(args.secs > 0.0 && args.secs <= 3600.0) {
+        anyhow::bail!(
+            "--secs {}: give seconds per window, above 0 and at most 3600",
+            args.secs
+        );
+    }
+    println!("window s  fair CPU s  fair CPU share  others s  busy s");
+    for _ in 0..args.windows {
+        let a = collect::CpuSnapshot::take().context("reading /proc/stat and getrusage")?;
+        let watch = collect::OthersWatch::start();
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.secs));
+        let seen = watch.finish();
+        let b = collect::CpuSnapshot::take().context("reading /proc/stat and getrusage")?;
+        let c = collect::cpu_spent(&a, &b.with_watch(seen));
+        println!(
+            "{:>8.1}  {:>10.2}  {:>14.3}  {:>8.2}  {:>6.2}",
+            args.secs,
+            c.fair_s,
+            c.fair_s / args.secs,
+            c.others_s,
+            c.host_busy_s
+        );
+    }
     Ok(())
 }
 

@@ -157,3 +157,35 @@ fn a_bad_scenario_is_refused_naming_the_field() {
     assert!(err.contains("cell[0].loss"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cpu_baseline_reads_a_window_with_nothing_run() {
+    let out = Command::new(bin())
+        .args(["cpu-baseline", "--secs", "0.5", "--windows", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in &rows {
+        // window, fair, share, others, busy: the fair figure is what the
+        // busy time holds beyond the others and this process, so within it.
+        assert_eq!(r.len(), 5, "{text}");
+        assert!(r[1] >= 0.0 && r[1] <= r[4] + 1e-9, "{text}");
+    }
+    let bad = Command::new(bin())
+        .args(["cpu-baseline", "--secs=0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--secs"));
+}
