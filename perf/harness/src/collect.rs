@@ -289,7 +289,7 @@ pub struct CpuSpent {
     /// the kernel on its behalf wherever that ran (softirq on any CPU, the
     /// network stack inside the emulator's socket or TUN calls, kernel
     /// threads), plus the emulator's own kernel time and what other
-    /// processes that exited during the run used.
+    /// processes ran unseen ([`cpu_spent`]).
     pub fair_s: f64,
     /// The contender's processes alone (`RUSAGE_CHILDREN`).
     pub proc_s: f64,
