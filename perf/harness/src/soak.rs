@@ -479,7 +479,6 @@ pub fn judge(
         match rss_growth(s, warmup_s) {
             Some(g) => {
                 if g.growth > RSS_GROWTH_LIMIT {
-                    let kib = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
                     v.failures.push(format!(
                         "{} (engine process {}): RSS grew {:.1} % after warm-up, {} KiB at {:.0} s to {} KiB at {:.0} s (limit {:.0} %); of it RssAnon {} -> {} KiB, RssShmem (kshim's pools mapped) {} -> {} KiB",
                         g.node,
@@ -1714,6 +1713,10 @@ pub fn soak(a: SoakArgs) -> Result<()> {
     Ok(())
 }
 
+fn kib(v: Option<u64>) -> String {
+    v.map_or("?".into(), |v| v.to_string())
+}
+
 fn print_summary(v: &Verdict, r: &SoakReport<'_>) {
     let c = &v.counts;
     println!(
@@ -1740,7 +1743,7 @@ fn print_summary(v: &Verdict, r: &SoakReport<'_>) {
     }
     for g in &v.rss {
         println!(
-            "RSS {} #{}: {} KiB at {:.0} s, peak after {} KiB at {:.0} s ({:+.1} %; RssAnon {:?} -> {:?}, RssShmem {:?} -> {:?} KiB)",
+            "RSS {} #{}: {} KiB at {:.0} s, peak after {} KiB at {:.0} s ({:+.1} %; RssAnon {} -> {}, RssShmem {} -> {} KiB)",
             g.node,
             g.incarnation,
             g.baseline_kib,
@@ -1748,10 +1751,10 @@ fn print_summary(v: &Verdict, r: &SoakReport<'_>) {
             g.peak_kib,
             g.peak_s,
             g.growth * 100.0,
-            g.anon_kib.0,
-            g.anon_kib.1,
-            g.shmem_kib.0,
-            g.shmem_kib.1,
+            kib(g.anon_kib.0),
+            kib(g.anon_kib.1),
+            kib(g.shmem_kib.0),
+            kib(g.shmem_kib.1),
         );
     }
     for n in &v.notes {
