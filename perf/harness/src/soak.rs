@@ -1448,6 +1448,24 @@ fn free_port(ip: Ipv4Addr) -> Result<u16> {
         .port())
 }
 
+/// Closes the nodes of its threads when dropped: at the end of the run, and when
+/// the run ends early on an error (an engine whose kshim went away waits for the
+/// next one without end, so the nodes must stop theirs).
+struct Stopper {
+    sh: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.sh.stop_sending.store(true, Ordering::SeqCst);
+        self.sh.close.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct SoakReport<'a> {
     minutes: f64,
@@ -1524,19 +1542,24 @@ pub fn soak(a: SoakArgs) -> Result<()> {
         plan.warmup_s,
         a.out.display()
     );
-    let mut threads = Vec::new();
+    let mut nodes = Stopper {
+        sh: sh.clone(),
+        threads: Vec::new(),
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let (sh, topo) = (sh.clone(), topo.clone());
         let rb = a.rx_bufs;
-        threads.push(std::thread::spawn(move || receiver(sh, topo, rb, tx)));
+        nodes
+            .threads
+            .push(std::thread::spawn(move || receiver(sh, topo, rb, tx)));
     }
     rx.recv().context("the receiver thread ended")??;
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let (sh, topo) = (sh.clone(), topo.clone());
         let (rb, inf) = (a.rx_bufs, a.in_flight);
-        threads.push(std::thread::spawn(move || {
+        nodes.threads.push(std::thread::spawn(move || {
             main_sender(sh, topo, rb, inf, tx)
         }));
     }
@@ -1545,12 +1568,15 @@ pub fn soak(a: SoakArgs) -> Result<()> {
     *sh.t0.lock().unwrap() = Some(t0);
     sh.event("traffic starts".into());
     let at = |s: f64| t0 + Duration::from_secs_f64(s);
-    let mut churn = Vec::new();
+    let mut churn = Stopper {
+        sh: sh.clone(),
+        threads: Vec::new(),
+    };
     for (j, sessions) in plan.churn.iter().enumerate() {
         let (sh, topo) = (sh.clone(), topo.clone());
         let ss: Vec<(Instant, Instant)> = sessions.iter().map(|&(s, e)| (at(s), at(e))).collect();
         let rb = a.rx_bufs;
-        churn.push(std::thread::spawn(move || {
+        churn.threads.push(std::thread::spawn(move || {
             churn_peer(sh, topo, j as u32 + 1, ss, rb)
         }));
     }
@@ -1601,15 +1627,16 @@ pub fn soak(a: SoakArgs) -> Result<()> {
     }
     sh.stop_sending.store(true, Ordering::SeqCst);
     // Draining: the churn peers end their sessions, the main sender its last PUTs.
-    for c in churn {
-        while !c.is_finished() {
-            if t0.elapsed().as_secs_f64() >= next_sample {
-                take(&mut samples, &mut csv)?;
-                next_sample += a.sample_s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    while let Some(c) = churn.threads.first() {
+        if c.is_finished() {
+            let _ = churn.threads.remove(0).join();
+            continue;
         }
-        let _ = c.join();
+        if t0.elapsed().as_secs_f64() >= next_sample {
+            take(&mut samples, &mut csv)?;
+            next_sample += a.sample_s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let settle = Instant::now() + DRAIN + Duration::from_secs(10);
     loop {
@@ -1633,10 +1660,8 @@ pub fn soak(a: SoakArgs) -> Result<()> {
     std::thread::sleep(Duration::from_secs(3));
     take(&mut samples, &mut csv)?;
     sh.event("all senders idle: end checks".into());
-    sh.close.store(true, Ordering::SeqCst);
-    for t in threads {
-        let _ = t.join();
-    }
+    // The receiver and the main sender take their end checks and close.
+    drop(nodes);
     let relay_stats: Vec<serde_json::Value> = relays
         .into_iter()
         .map(|r| match r.stop() {
