@@ -998,9 +998,6 @@ mod tests {
         assert_eq!(l.links[0].counters.ups, 2);
     }
 
-    /// Balance on virtual time: two links of 100 and 50 Mbit/s drain what
-    /// they are given; messages go where they finish first, and the split
-    /// follows the rates once they are measured.
     #[test]
     fn a_link_is_silent_alone_only_while_another_answers() {
         let mut l = Links::new(cfg(Policy::Balance, &[1, 1]), 0);
@@ -1024,6 +1021,9 @@ mod tests {
         assert!(!l.another_answers(0, t));
     }
 
+    /// Balance on virtual time: two links of 100 and 50 Mbit/s drain what
+    /// they are given; messages go where they finish first, and the split
+    /// follows the rates once they are measured.
     #[test]
     fn balance_follows_weights_then_measured_rates() {
         let mut l = Links::new(cfg(Policy::Balance, &[1, 1]), 0);
