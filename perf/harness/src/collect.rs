@@ -315,11 +315,11 @@ pub struct CpuSpent {
 /// The machine's busy time is the elapsed time of every CPU less the idle,
 /// iowait and steal counters, not the sum of the busy counters: with
 /// `NO_HZ` the kernel keeps idle time exactly (`get_cpu_idle_time_us`), while
-/// user, system and softirq are sampled by the tick, and on this VM the
-/// sampled busy sum reads 10–20 % below the exact run times of the
-/// processes it holds (other processes' `/proc/PID/stat` times, exact
-/// `sum_exec_runtime`, exceeded it in 11 of 13 ten-second windows), so
-/// subtracting exact process times from it would take off more than it holds.
+/// user, system and softirq are sampled by the tick and can read below the
+/// exact run times (`sum_exec_runtime`) of the processes they hold, so
+/// subtracting exact process times from the sampled sum would take off more
+/// than it holds (perf/harness/README.md, "How CPU is counted", has the
+/// measurement).
 pub fn cpu_spent(a: &CpuSnapshot, b: &CpuSnapshot) -> CpuSpent {
     let tick = b.tick_s;
     let cpus_s = (b.mono_s - a.mono_s).max(0.0) * f64::from(b.cpus);

@@ -105,9 +105,9 @@ fn delay_run() -> Result<(), String> {
     // The bound is on the 90th percentile: an error of the model (the delay,
     // serialization, the queue) moves the bulk of the datagrams, while the
     // host stalling the relay or this thread for a few milliseconds (this
-    // VM's steal, seen as the relay's `late max`) moves only its tail: p99
-    // read 0.4 to 3.9 ms in three runs in a row on an idle machine, p90 and
-    // the median stay put.
+    // VM's steal, seen as the relay's `late max`) moves only its tail, which
+    // the 99th percentile follows from run to run while p90 and the median
+    // stay put.
     if p90 > 1.0 {
         return Err(format!("p90 {p90:.3} ms over the setting"));
     }
