@@ -196,7 +196,11 @@ fn blast(b: SocketAddrV4, hostile: Ipv4Addr, stop: Arc<AtomicBool>, root: bool) 
                     let mut d = control(0, 0, 0, &random_bytes(&mut rng, 48));
                     d[16..20].copy_from_slice(&4u32.to_be_bytes());
                     if r % 2 == 0 {
-                        d.extend_from_slice(if r % 4 == 0 { b"L2K3" } else { b"L2K2" });
+                        d.extend_from_slice(if r % 4 == 0 {
+                            &lu2k_engine::transport::seal::HS_MAGIC
+                        } else {
+                            b"L2K2"
+                        });
                         d.extend(random_bytes(&mut rng, 48));
                     }
                     d
