@@ -255,6 +255,14 @@ pub struct IoStats {
     /// What ended each blocking wait (see [`Wakes`]).
     #[serde(default)]
     pub wakes: Wakes,
+    /// Free RX buffers whose pages went back to the system after staying unused
+    /// while pool use was well below its recent peak (see `uring`, "RX memory").
+    #[serde(default)]
+    pub rx_bufs_released: u64,
+    /// Times the io_uring path stopped cutting RX buffers into datagram-sized
+    /// receives (a datagram or GRO batch larger than one arrived).
+    #[serde(default)]
+    pub rx_slice_fallbacks: u64,
 }
 
 /// Blocking waits by what ended them, each counted once under the first cause it
@@ -362,6 +370,14 @@ pub trait DatagramIo {
 
     /// RX buffers the provider receives into (free or handed out).
     fn rx_count(&self) -> usize;
+
+    /// Datagrams one RX buffer holds, where the provider fixes it (the io_uring
+    /// path cuts each buffer into that many datagram-sized receives); `None`
+    /// where it depends on what the kernel coalesces (GRO), which the caller
+    /// then measures.
+    fn rx_per_buf(&self) -> Option<f64> {
+        None
+    }
 
     /// Short name of the path ("io_uring" or "epoll").
     fn path_name(&self) -> &'static str;

@@ -70,6 +70,14 @@ pub struct Features {
     pub msg_ring: bool,
     /// IORING_REGISTER_PBUF_RING.
     pub pbuf_ring: bool,
+    /// `IOU_PBUF_RING_INC` (6.12+): buffers consumed incrementally.
+    #[serde(default)]
+    pub pbuf_inc: bool,
+    /// `min_left` of an incremental ring (Linux 7.1): the kernel moves to the next
+    /// buffer when less than that is left, instead of truncating a datagram or
+    /// failing a multishot `recvmsg` with `EFAULT` at a buffer's end.
+    #[serde(default)]
+    pub pbuf_inc_min_left: bool,
     /// IORING_REGISTER_BUFFERS.
     pub registered_buffers: bool,
     /// UDP_SEGMENT (GSO).
@@ -140,6 +148,7 @@ impl Features {
             };
             f.registered_buffers = crate::io::uring::try_register(&ring, &iov);
             f.pbuf_ring = crate::io::uring::try_register_pbuf(&ring, &m);
+            (f.pbuf_inc, f.pbuf_inc_min_left) = crate::io::uring::try_register_pbuf_inc(&ring, &m);
         }
         let r = if f.sendmsg_zc && f.recvmsg && f.pbuf_ring && f.timeout && f.poll_add {
             selftest()
@@ -228,6 +237,12 @@ impl fmt::Display for Features {
         writeln!(f, "  REGISTER_PBUF_RING           {}", yn(self.pbuf_ring))?;
         writeln!(
             f,
+            "  PBUF_RING_INC                {} (min_left: {}); RX memory: buffers cut into datagram-sized receives where no GRO coalesces, incremental consumption not used",
+            yn(self.pbuf_inc),
+            yn(self.pbuf_inc_min_left)
+        )?;
+        writeln!(
+            f,
             "  REGISTER_BUFFERS             {}",
             yn(self.registered_buffers)
         )?;
@@ -269,6 +284,8 @@ pub fn selftest() -> Result<SelfTest, String> {
     let uopts = UringOpts {
         entries: 64,
         send_slots: 4,
+        // Whole buffers: the loopback GSO send arrives as one batch.
+        rx_slice: 0,
         ..UringOpts::default()
     };
     let mem = OwnedMem::new(4, 65536, 8, 65536 + 4096).map_err(|e| e.to_string())?;

@@ -19,7 +19,7 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h), not exported by libc for glibc x86.
@@ -957,6 +957,28 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` only exposes the address and length.
 unsafe impl Sync for Mapping {}
 
+/// Gives the whole pages inside `[addr, addr + len)` (a range of a mapping of ours)
+/// back to the system: `MADV_REMOVE` frees them from a shared memfd or tmpfs mapping
+/// (the region's RX pool: kshim's mapping of the same pages loses them too),
+/// `MADV_DONTNEED` from a private anonymous one (where `MADV_REMOVE` is refused).
+/// The range reads as zeros afterwards. Whether pages were given back.
+///
+/// The caller must own the range: nobody (kernel included) may be reading or
+/// writing it, and nothing it held is needed any more.
+pub fn give_back_pages(addr: usize, len: usize) -> bool {
+    let start = addr.div_ceil(4096) * 4096;
+    let end = (addr + len) / 4096 * 4096;
+    if end <= start {
+        return false;
+    }
+    let (addr, len) = (start, end - start);
+    // SAFETY: madvise on a range of our own mappings that the caller owns (contract
+    // above); neither advice unmaps anything, the pages only read as zero afterwards.
+    let removed = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) } == 0;
+    // SAFETY: as above.
+    removed || unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0
+}
+
 impl Mapping {
     /// Anonymous, private, zeroed read-write memory.
     pub fn anon(len: usize) -> io::Result<Mapping> {
@@ -1428,6 +1450,7 @@ pub struct OwnedMem {
     pub rx: RxPool,
     tx_map: Mapping,
     _rx_map: Mapping,
+    rx_memfd: Option<OwnedFd>,
 }
 
 impl OwnedMem {
@@ -1460,7 +1483,40 @@ impl OwnedMem {
             },
             tx_map,
             _rx_map: rx_map,
+            rx_memfd: None,
         })
+    }
+
+    /// As [`OwnedMem::new`], but the RX pool is a shared mapping of a sparse memfd,
+    /// as kshim's region is: pages the pool gives back leave the memfd
+    /// ([`OwnedMem::rx_memfd`] shows its allocated blocks).
+    pub fn with_memfd_rx(
+        send_slots: usize,
+        pool_len: usize,
+        rx_count: u16,
+        rx_buf: u32,
+    ) -> io::Result<OwnedMem> {
+        let mut m = OwnedMem::new(send_slots, pool_len, 1, 4096)?;
+        let stride = (rx_buf as usize).div_ceil(4096) * 4096;
+        let len = stride * rx_count.max(1) as usize;
+        let fd = rustix::fs::memfd_create("lu2k-rx-pool", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(io::Error::from)?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(io::Error::from)?;
+        let map = Mapping::shared(fd.as_raw_fd(), 0, len)?;
+        m.rx = RxPool {
+            base: map.as_ptr() as usize,
+            stride,
+            buf_size: rx_buf,
+            count: rx_count,
+        };
+        m._rx_map = map;
+        m.rx_memfd = Some(fd);
+        Ok(m)
+    }
+
+    /// The memfd behind the RX pool, where [`OwnedMem::with_memfd_rx`] made one.
+    pub fn rx_memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.rx_memfd.as_ref().map(|f| f.as_fd())
     }
 
     /// The TX payload pool, writable (fill it before sending).

@@ -14,14 +14,35 @@
 //!   ([`zc_report_usage_supported`]) and left off where refused: the sends stay
 //!   zero-copy, but kernel copies cannot be counted and `ZcMode::Auto` then never
 //!   switches to plain `SENDMSG` (it has no `ZC_COPIED` reports to go by).
-//! - **RX**: a provided-buffer ring (`IORING_REGISTER_PBUF_RING`) whose buffers are
-//!   the [`RxPool`]'s, and one multishot `recvmsg` armed on the socket. Each completion
-//!   names the buffer it filled; the buffer starts with `io_uring_recvmsg_out`, then the
-//!   source address, the control messages (`UDP_GRO` size) and the payload, which is
-//!   parsed in place. When the multishot ends (no `IORING_CQE_F_MORE`) it is re-armed.
-//!   The ring holds at most [`RING_FILL`] buffers; the other free ones wait in a
-//!   stack and go in most recently returned first, so the kernel keeps writing into
-//!   the same warm working set. (The ring is FIFO: with the whole pool in it, every
+//! - **RX**: a provided-buffer ring (`IORING_REGISTER_PBUF_RING`) whose entries are
+//!   pieces of the [`RxPool`]'s buffers, and one multishot `recvmsg` armed on the
+//!   socket. Each completion names the entry it filled; the entry starts with
+//!   `io_uring_recvmsg_out`, then the source address, the control messages
+//!   (`UDP_GRO` size) and the payload, which is parsed in place. When the multishot
+//!   ends (no `IORING_CQE_F_MORE`) it is re-armed.
+//!   *RX memory*: a datagram should cost about its own size, not a 64 KiB buffer.
+//!   Where the kernel coalesces datagrams (GRO; a GSO send over loopback arrives
+//!   whole too) a batch needs a whole buffer, so whole buffers go into the ring
+//!   until [`SLICE_AFTER`] full-size datagrams in a row came one by one; from then
+//!   on each buffer goes in cut into [`UringOpts::rx_slice`]-byte entries (header,
+//!   address, control messages and one `mss`-sized datagram: 40 of them in a 64 KiB
+//!   buffer), and a buffer is free again once every one of its entries has come back
+//!   from the kernel and the transport has returned it (it calls `return_rx` once
+//!   nothing it holds lies in the buffer). A coalesced batch or a datagram larger
+//!   than an entry after that (it arrives truncated, counted in `rx_truncated`; the
+//!   protocol sends it again) turns cutting off for good, counted in
+//!   `rx_slice_fallbacks`. Incremental consumption (`IOU_PBUF_RING_INC`, 6.12+)
+//!   is not used: with multishot `recvmsg` the kernel truncates a datagram that
+//!   does not fit what is left of a buffer and fails the receive with `EFAULT`
+//!   once less is left than the header needs, until the `min_left` setting (Linux
+//!   7.1, not in 6.18) lets it skip to the next buffer; and with GRO that minimum
+//!   is a whole batch, a whole 64 KiB buffer. The probe reports both.
+//!   Free buffers whose pages stayed cold while pool use fell well below its
+//!   recent peak give their pages back (`MADV_REMOVE` on the region's memfd, see
+//!   [`sys::give_back_pages`]), so resident memory follows the data down.
+//!   The ring holds at most [`RING_FILL`] buffers' worth of entries; the other free
+//!   buffers wait in a stack and go in most recently returned first, so the kernel
+//!   keeps writing into the same warm working set. (The ring is FIFO: with the whole pool in it, every
 //!   buffer of a large sparse pool would be touched once before any was reused, and
 //!   first touches cost a page fault and a page clear per 4 KiB — on loopback that
 //!   was most of the receiving core's time.) `ENOBUFS` means the ring ran dry. With
@@ -42,7 +63,7 @@
 
 mod probe;
 pub use probe::{fixed_sendmsg_zc_supported, zc_report_usage_supported};
-pub(crate) use probe::{try_register, try_register_pbuf};
+pub(crate) use probe::{try_register, try_register_pbuf, try_register_pbuf_inc};
 
 use std::io;
 use std::mem::size_of;
@@ -83,6 +104,45 @@ const BGID: u16 = 0;
 /// here, 28 with 64, 25 with 256 and 22 with 1024 (64 MiB, the socket's receive
 /// buffer, the fill before).
 pub const RING_FILL: usize = 16;
+
+/// `sizeof(struct io_uring_recvmsg_out)`: what a multishot `recvmsg` writes before
+/// the source address.
+const RECVMSG_OUT_LEN: u32 = 16;
+
+/// The largest UDP payload of an IP packet of `mss` bytes (1500 by default: the
+/// IPv4 and UDP headers, 28 bytes, left out; IPv6's 20 more make it smaller).
+pub const fn max_datagram(mss: u32) -> u32 {
+    mss.saturating_sub(28)
+}
+
+/// Bytes of one RX ring entry that holds a datagram of up to `datagram` bytes with
+/// what a multishot `recvmsg` puts before it (header, the larger address, the
+/// control messages), rounded up to a cache line.
+pub const fn rx_slice_for(datagram: u32) -> u32 {
+    (RECVMSG_OUT_LEN + sys::RAW_ADDR_LEN as u32 + sys::RECV_CMSG_SPACE as u32 + datagram)
+        .div_ceil(64)
+        * 64
+}
+
+/// Full-size datagrams (see [`FULL_SIZE`]) that must arrive one by one in a row,
+/// none coalesced, before RX buffers are cut into datagram-sized entries.
+pub const SLICE_AFTER: u32 = 256;
+/// A datagram at least this long counts as full-size: GRO would have coalesced it
+/// with its neighbours had the kernel done GRO on this path.
+const FULL_SIZE: u32 = 1024;
+
+/// Entries of cut buffers kept in the ring (a buffer goes in whole when this many
+/// less its entries are left): enough for a burst between two reaps, few, because
+/// a cut entry still in the ring when cutting stops receives a batch truncated.
+const SLICED_FILL: usize = 4 * RING_FILL;
+
+/// How often free RX buffers are looked at for pages to give back, and how many
+/// at most each time (each is an `madvise`; the core's thread does it between
+/// its waits).
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+const TRIM_BATCH: usize = 512;
+/// Free buffers kept warm whatever the use: four ring fills.
+const TRIM_KEEP_MIN: usize = 4 * RING_FILL;
 
 /// Ring set-up that was obtained.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -250,6 +310,11 @@ pub struct UringOpts {
     pub zc: ZcMode,
     /// Queue sends to one io_uring worker thread (see [`SendWorker`]).
     pub send_worker: bool,
+    /// Bytes of one RX receive: each RX buffer goes into the kernel's ring cut into
+    /// entries of this size ([`rx_slice_for`] the largest datagram), so a datagram
+    /// costs about its own size of RX memory; 0, or more than half a buffer, gives
+    /// the kernel whole buffers (one datagram or GRO batch each).
+    pub rx_slice: u32,
 }
 
 impl Default for UringOpts {
@@ -261,6 +326,7 @@ impl Default for UringOpts {
             defer_taskrun: true,
             zc: ZcMode::Auto,
             send_worker: false,
+            rx_slice: rx_slice_for(max_datagram(1500)),
         }
     }
 }
@@ -303,10 +369,33 @@ pub struct UringIo {
     bufring: Mapping,
     bufring_mask: u16,
     bufring_tail: u16,
-    /// Free buffers in the provided-buffer ring.
+    /// Entries (whole buffers or their slices) in the provided-buffer ring.
     rx_free: usize,
+    /// Buffers with entries in the ring.
+    ring_bufs: usize,
     /// Free buffers not in the ring, most recently returned last (taken first).
     rx_stash: Vec<u16>,
+    /// Bytes of one entry while buffers are cut (see the module doc, RX memory).
+    rx_slice: u32,
+    /// Entries per buffer while they are cut.
+    slices: u16,
+    /// Whole buffers go into the ring: cutting is off, not yet on, or turned off.
+    whole: bool,
+    /// Cutting is allowed and has not been turned off.
+    may_slice: bool,
+    /// Full-size datagrams received one by one in a row while whole buffers go in.
+    singles: u32,
+    /// Per ring entry (its index is the buffer id the kernel reports): the buffer,
+    /// offset and length it was provided with.
+    kslot: Vec<(u16, u32, u32)>,
+    /// Per buffer: its entries still in the ring.
+    left: Vec<u16>,
+    /// The bottom of the stash whose pages were given back (or never touched).
+    stash_cold: usize,
+    /// Most buffers in use since the last trim.
+    use_peak: usize,
+    /// When free buffers are next looked at for pages to give back.
+    trim_at: Instant,
     recv_hdr: Box<libc::msghdr>,
     recv_armed: bool,
     starved: bool,
@@ -464,11 +553,11 @@ fn send_slots(n: usize) -> Box<[SendSlot]> {
         .collect()
 }
 
-/// A provided-buffer ring for `count` buffers (a power of two of 16-byte entries,
+/// A provided-buffer ring for `count` entries (a power of two of 16-byte entries,
 /// page aligned), registered with `ring` as group `BGID`; with its entry count.
 /// The mapping must outlive the ring (`UringIo` drops `ring` first).
-fn provided_buffer_ring(ring: &IoUring, count: u16) -> io::Result<(Mapping, u16)> {
-    let entries = u32::from(count).next_power_of_two().min(1 << 15) as u16;
+fn provided_buffer_ring(ring: &IoUring, count: usize) -> io::Result<(Mapping, u16)> {
+    let entries = count.next_power_of_two().clamp(16, 1 << 15) as u16;
     let bufring = Mapping::anon((entries as usize * size_of::<types::BufRingEntry>()).max(4096))?;
     // SAFETY: `bufring` is page-aligned memory of `entries` entries that the caller
     // keeps until after the ring is dropped.
@@ -526,9 +615,99 @@ impl UringIo {
         self.sock.as_raw_fd()
     }
 
-    fn provide(&mut self, bid: u16) {
+    /// Entries in the ring per buffer now.
+    fn per_buf(&self) -> usize {
+        if self.whole {
+            1
+        } else {
+            usize::from(self.slices)
+        }
+    }
+
+    /// Puts buffer `bid` into the ring: whole, or cut into `rx_slice`-byte entries.
+    fn carve(&mut self, bid: u16) {
+        let (n, len) = if self.whole {
+            (1, self.rx.buf_size)
+        } else {
+            (self.slices, self.rx_slice)
+        };
+        for i in 0..n {
+            self.provide(bid, u32::from(i) * len, len);
+        }
+        if let Some(l) = self.left.get_mut(usize::from(bid)) {
+            *l = n;
+        }
+        self.ring_bufs += 1;
+    }
+
+    /// Stops cutting buffers (a datagram or GRO batch larger than an entry came):
+    /// whole buffers from the next one put into the ring.
+    fn stop_slicing(&mut self, why: &str) {
+        if self.whole {
+            return;
+        }
+        self.whole = true;
+        self.may_slice = false;
+        self.stats.rx_slice_fallbacks += 1;
+        tracing::warn!(
+            "RX: {why}; receiving into whole {}-byte buffers from now on instead of \
+             {}-byte pieces (GRO batches need them; RX memory then costs a buffer \
+             per batch)",
+            self.rx.buf_size,
+            self.rx_slice
+        );
+    }
+
+    /// Takes the most recently returned free buffer from the stash.
+    fn pop_stash(&mut self) -> Option<u16> {
+        let bid = self.rx_stash.pop()?;
+        self.stash_cold = self.stash_cold.min(self.rx_stash.len());
+        Some(bid)
+    }
+
+    /// Free buffers (in the ring, partly filled ones included, or in the stash).
+    fn free_bufs(&self) -> usize {
+        self.rx_stash.len() + self.ring_bufs
+    }
+
+    /// Gives back the pages of free buffers that stayed cold: those at the bottom
+    /// of the stash beyond twice the most buffers in use since the last look (and
+    /// beyond [`TRIM_KEEP_MIN`]), so that resident memory follows the data down
+    /// after a peak. At most [`TRIM_BATCH`] per call; the rest on the next wait.
+    fn trim(&mut self) {
+        let in_use = usize::from(self.rx.count).saturating_sub(self.free_bufs());
+        self.use_peak = self.use_peak.max(in_use);
+        let now = Instant::now();
+        if now < self.trim_at {
+            return;
+        }
+        let keep = (2 * self.use_peak).max(TRIM_KEEP_MIN);
+        let cold_end = self.rx_stash.len().saturating_sub(keep);
+        let end = cold_end.min(self.stash_cold + TRIM_BATCH);
+        for i in self.stash_cold..end {
+            let bid = self.rx_stash[i];
+            if let Some(a) = self.rx.buf(bid) {
+                // The buffer is free and outside the ring: nobody, kernel included,
+                // reads or writes it until it is provided again.
+                if sys::give_back_pages(a as usize, self.rx.buf_size as usize) {
+                    self.stats.rx_bufs_released += 1;
+                }
+            }
+        }
+        self.stash_cold = self.stash_cold.max(end);
+        if end < cold_end {
+            return;
+        }
+        self.trim_at = now + TRIM_EVERY;
+        self.use_peak = in_use;
+    }
+
+    fn provide(&mut self, bid: u16, off: u32, len: u32) {
         let Some(addr) = self.rx.buf(bid) else { return };
         let idx = (self.bufring_tail & self.bufring_mask) as usize;
+        if let Some(k) = self.kslot.get_mut(idx) {
+            *k = (bid, off, len);
+        }
         let base = self.bufring.as_ptr().cast::<types::BufRingEntry>();
         // `idx` < entries; the entry at `tail` is not visible to the kernel until
         // `publish_tail` stores the new tail (we are the only writer of entries past
@@ -536,21 +715,24 @@ impl UringIo {
         let p = base.wrapping_add(idx);
         // SAFETY: see above; `p` is entry `idx` of the ring mapping.
         let e = unsafe { &mut *p };
-        e.set_addr(addr as u64);
-        e.set_len(self.rx.buf_size);
-        e.set_bid(bid);
+        e.set_addr(addr as u64 + u64::from(off));
+        e.set_len(len);
+        e.set_bid(idx as u16);
         self.bufring_tail = self.bufring_tail.wrapping_add(1);
         self.rx_free += 1;
     }
 
-    /// Tops the ring up to [`RING_FILL`] from the stash, warmest first.
+    /// Tops the ring up from the stash, warmest first: to [`RING_FILL`] whole
+    /// buffers, or to [`SLICED_FILL`] entries of cut ones.
     fn refill(&mut self) {
         let mut any = false;
-        while self.rx_free < RING_FILL {
-            let Some(bid) = self.rx_stash.pop() else {
+        let per = self.per_buf();
+        let fill = if self.whole { RING_FILL } else { SLICED_FILL };
+        while self.rx_free + per <= fill.max(per) {
+            let Some(bid) = self.pop_stash() else {
                 break;
             };
-            self.provide(bid);
+            self.carve(bid);
             any = true;
         }
         if any {
@@ -718,15 +900,25 @@ impl UringIo {
             }
             return;
         }
-        let Some(bid) = cqueue::buffer_select(flags) else {
+        let Some(idx) = cqueue::buffer_select(flags) else {
+            return;
+        };
+        let Some(&(bid, boff, blen)) = self.kslot.get(usize::from(idx)) else {
             return;
         };
         self.rx_free = self.rx_free.saturating_sub(1);
+        if let Some(l) = self.left.get_mut(usize::from(bid)) {
+            *l = l.saturating_sub(1);
+            if *l == 0 {
+                self.ring_bufs = self.ring_bufs.saturating_sub(1);
+            }
+        }
         self.handed.lend(bid);
-        let used = (res as u32).min(self.rx.buf_size);
-        // SAFETY: the kernel filled `used` bytes of buffer `bid` and handed it to us
-        // with this completion; nobody else touches it until we provide it again.
-        let Some(bytes) = (unsafe { self.rx.bytes(bid, 0, used) }) else {
+        let used = (res as u32).min(blen);
+        // SAFETY: the kernel filled `used` bytes of the entry at `boff` in buffer
+        // `bid` and handed it to us with this completion; nobody else touches it
+        // until we provide it again.
+        let Some(bytes) = (unsafe { self.rx.bytes(bid, boff, used) }) else {
             return;
         };
         let Ok(m) = types::RecvMsgOut::parse(bytes, &self.recv_hdr) else {
@@ -736,6 +928,9 @@ impl UringIo {
         if m.is_payload_truncated() {
             self.stats.rx_truncated += 1;
             out.push(Event::RecvTruncated);
+            if blen < self.rx.buf_size {
+                self.stop_slicing("a datagram larger than a receive entry arrived truncated");
+            }
             self.return_rx(bid);
             return;
         }
@@ -748,8 +943,29 @@ impl UringIo {
             self.stats.socket_drops = u64::from(d);
         }
         let payload = m.payload_data();
-        let off = payload.as_ptr() as usize - bytes.as_ptr() as usize;
+        let off = boff as usize + (payload.as_ptr() as usize - bytes.as_ptr() as usize);
         let len = payload.len() as u32;
+        if self.may_slice {
+            if cm.gro_size.is_some_and(|g| u32::from(g) < len) {
+                // The kernel coalesces here: a batch of full-size datagrams does not
+                // fit an entry.
+                self.singles = 0;
+                self.stop_slicing("the kernel coalesced received datagrams (GRO)");
+            } else if self.whole && len >= FULL_SIZE {
+                self.singles += 1;
+                if self.singles >= SLICE_AFTER {
+                    self.whole = false;
+                    tracing::info!(
+                        "RX: {SLICE_AFTER} full-size datagrams came one by one (no GRO \
+                         on this path): receiving into {}-byte pieces, {} per {}-byte \
+                         buffer",
+                        self.rx_slice,
+                        self.slices,
+                        self.rx.buf_size
+                    );
+                }
+            }
+        }
         self.stats.recvs += 1;
         self.stats.bytes_received += u64::from(len);
         out.push(Event::Recv {
@@ -1007,14 +1223,12 @@ impl DatagramIo for UringIo {
 
     fn return_rx(&mut self, bid: u16) {
         // Only a buffer that is out (handed over by a completion) can come back; a
-        // double return would put one buffer in the ring twice.
-        if self.handed.take_back(bid) {
-            if self.rx_free < RING_FILL {
-                self.provide(bid);
-                self.publish_tail();
-            } else {
-                self.rx_stash.push(bid);
-            }
+        // double return would put one buffer in the ring twice. A cut buffer with
+        // entries still in the ring comes out again with them (and is returned
+        // again after): free only once none is left there.
+        if self.handed.take_back(bid) && self.left.get(usize::from(bid)) == Some(&0) {
+            self.rx_stash.push(bid);
+            self.refill();
         }
     }
 
@@ -1076,6 +1290,7 @@ impl DatagramIo for UringIo {
         if self.starved && self.rx_free > 0 {
             self.starved = false;
         }
+        self.trim();
         self.arm_recv()?;
         if let Some(d) = deadline {
             if d <= Instant::now() {
@@ -1123,11 +1338,15 @@ impl DatagramIo for UringIo {
     }
 
     fn rx_free(&self) -> usize {
-        self.rx_free + self.rx_stash.len()
+        self.free_bufs()
     }
 
     fn rx_count(&self) -> usize {
         usize::from(self.rx.count)
+    }
+
+    fn rx_per_buf(&self) -> Option<f64> {
+        (!self.whole).then_some(f64::from(self.slices))
     }
 
     fn path_name(&self) -> &'static str {
@@ -1205,11 +1424,18 @@ impl sys::Build for UringIo {
         // the ring (and with it the registration) is dropped with us.
         setup.fixed_tx = opts.fixed_tx && unsafe { register_tx(&ring, &tx) };
         let slots = send_slots(opts.send_slots);
-        let count = rx.count.min(1 << 15);
+        let count = rx.count;
         if count == 0 {
             return Err(io::Error::other("RX pool has no buffers"));
         }
-        let (bufring, entries) = provided_buffer_ring(&ring, count)?;
+        // Cut only where at least two entries fit a buffer.
+        let slices = match opts.rx_slice {
+            0 => 1,
+            s => (rx.buf_size / s).min(u32::from(u16::MAX)) as u16,
+        };
+        let whole = slices < 2;
+        let (bufring, entries) =
+            provided_buffer_ring(&ring, RING_FILL * usize::from(slices.max(1)))?;
         // SAFETY: msghdr is plain old data; zero is a valid empty value.
         let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
         // The name length is fixed for the whole multishot receive: room for the
@@ -1232,7 +1458,19 @@ impl sys::Build for UringIo {
             bufring_mask: entries - 1,
             bufring_tail: 0,
             rx_free: 0,
-            rx_stash: Vec::new(),
+            ring_bufs: 0,
+            // Taken from the top: buffer 0 first. None touched yet, so all cold.
+            rx_stash: (0..count).rev().collect(),
+            rx_slice: opts.rx_slice,
+            slices: slices.max(1),
+            whole: true,
+            may_slice: !whole,
+            singles: 0,
+            kslot: vec![(0, 0, 0); usize::from(entries)],
+            left: vec![0; usize::from(count)],
+            stash_cold: usize::from(count),
+            use_peak: 0,
+            trim_at: Instant::now() + TRIM_EVERY,
             recv_hdr,
             recv_armed: false,
             starved: false,
@@ -1255,12 +1493,7 @@ impl sys::Build for UringIo {
             zc_copied_streak: 0,
             _kept: None,
         };
-        let fill = count.min(RING_FILL as u16);
-        for bid in 0..fill {
-            me.provide(bid);
-        }
-        me.rx_stash = (fill..count).rev().collect();
-        me.publish_tail();
+        me.refill();
         // Sends on the worker only where the ring's io-wq can be held to one unbounded
         // worker: then they leave in submission order.
         me.setup.send_worker = opts.send_worker

@@ -118,3 +118,63 @@ pub(crate) fn try_register_pbuf(ring: &IoUring, page: &Mapping) -> bool {
     }
     ok
 }
+
+/// `IOU_PBUF_RING_INC` (flags of `IORING_REGISTER_PBUF_RING`).
+const IOU_PBUF_RING_INC: u16 = 2;
+/// `IORING_REGISTER_PBUF_RING` / `IORING_UNREGISTER_PBUF_RING`.
+const REGISTER_PBUF_RING: libc::c_uint = 22;
+const UNREGISTER_PBUF_RING: libc::c_uint = 23;
+
+/// `struct io_uring_buf_reg` with `min_left` (Linux 7.1; before it the same bytes
+/// are reserved and must be zero, so an older kernel answers `EINVAL`).
+#[repr(C)]
+struct BufReg {
+    ring_addr: u64,
+    ring_entries: u32,
+    bgid: u16,
+    flags: u16,
+    min_left: u32,
+    resv: [u32; 5],
+}
+
+/// Whether the kernel takes an incremental provided-buffer ring
+/// (`IOU_PBUF_RING_INC`, 6.12+), and one with `min_left` set (each unregistered
+/// again).
+pub(crate) fn try_register_pbuf_inc(ring: &IoUring, page: &Mapping) -> (bool, bool) {
+    let try_one = |min_left: u32| {
+        let reg = BufReg {
+            ring_addr: page.as_ptr() as u64,
+            ring_entries: 8,
+            bgid: 78,
+            flags: IOU_PBUF_RING_INC,
+            min_left,
+            resv: [0; 5],
+        };
+        // SAFETY: `reg` is a valid io_uring_buf_reg for the call; `page` is a
+        // page-aligned mapping alive for the call, unregistered before returning.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                ring.as_raw_fd(),
+                REGISTER_PBUF_RING,
+                &reg as *const BufReg,
+                1,
+            )
+        };
+        if r == 0 {
+            // SAFETY: as above; unregistering reads only `bgid`.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_register,
+                    ring.as_raw_fd(),
+                    UNREGISTER_PBUF_RING,
+                    &reg as *const BufReg,
+                    1,
+                )
+            };
+        }
+        r == 0
+    };
+    let inc = try_one(0);
+    (inc, inc && try_one(2048))
+}
