@@ -15,6 +15,7 @@
 //! [`collect`] (measures), [`report`] (table, JSON, CSV, plots).
 
 mod collect;
+mod gateway;
 mod lu2k;
 mod node;
 mod quic;
@@ -67,12 +68,18 @@ enum Command {
     /// lu2k for a long time on the GEO link with peers coming and going and an
     /// engine restart; fails on memory growth, unreturned buffers or lost messages.
     Soak(soak::SoakArgs),
+    /// A gateway full of peers: N sender and N receiver nodes (kshim + engine
+    /// each) over one emulated link; aggregate goodput, fairness, CPU, RSS.
+    Gateway(gateway::GatewayArgs),
     /// Internal: one endpoint process of a contender (JSON spec).
     #[command(name = "__node", hide = true)]
     Node { spec: String },
     /// Internal: an lu2k engine process (JSON spec).
     #[command(name = "__engine", hide = true)]
     Engine { spec: String },
+    /// Internal: one node of a gateway cell (JSON spec).
+    #[command(name = "__gateway-node", hide = true)]
+    GatewayNode { spec: String },
     /// Internal: one hop of the raw UDP round-trip chain (next port, 0: echo).
     #[command(name = "__udp-hop", hide = true)]
     UdpHop { next: u16 },
@@ -218,6 +225,8 @@ fn main() -> Result<()> {
         Command::CpuBaseline(args) => cpu_baseline(args),
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak::soak(args),
+        Command::Gateway(args) => gateway::main(args),
+        Command::GatewayNode { spec } => gateway::node_main(&spec),
         Command::Node { spec } => node::main(&spec),
         Command::Engine { spec } => lu2k::engine_main(&spec),
         Command::UdpHop { next } => udp::hop_main(next),
