@@ -715,6 +715,27 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         )),
         None => None,
     };
+    // FEC peers; on the plain wire their repairs take the seal scratch.
+    let fec_peers: std::collections::HashSet<IpAddr> = plan
+        .cfg
+        .peers
+        .iter()
+        .filter(|p| !p.fec.is_off())
+        .filter_map(|p| config::nid_ip(&p.nid))
+        .collect();
+    let fec_cfg = lu2k_udt::fec::Config::default();
+    fec_cfg
+        .validate()
+        .context("the FEC settings (fec = \"live\")")?;
+    let fec_scratch = if sealing.is_none() && !fec_peers.is_empty() {
+        Some(
+            p.mem
+                .take_seal_scratch()
+                .context("the core's seal scratch (FEC repairs) is taken")?,
+        )
+    } else {
+        None
+    };
     let udt_params = udt::Params {
         core: p.c,
         net: plan.net,
@@ -795,6 +816,8 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
                         .with_security(keys.get().0, Default::default(), scratch)
                         .with_shared_keys(keys);
                 }
+                // Settings checked before the thread started.
+                t = t.with_fec(fec_peers, fec_cfg, fec_scratch);
                 Shard::new(params, ring, t, p.links)
                     .with_kshim_gone(gone)
                     .run();

@@ -82,6 +82,41 @@ pub struct PeerStats {
     pub links: Vec<crate::transport::links::LinkStats>,
 }
 
+/// Forward error correction counters of one core (see the engine README,
+/// "Forward error correction").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FecStats {
+    /// Data datagram bytes the encoder read from TX memory and coded (the
+    /// codec's pass over the payload, not a copy on the delivery path).
+    pub coded_bytes: u64,
+    /// Repair datagrams sent, and their bytes.
+    pub repairs_sent: u64,
+    pub repair_bytes: u64,
+    /// Repairs the overhead budget left out.
+    pub repairs_over_budget: u64,
+    /// Repairs dropped while waiting for a scratch slot or the I/O layer.
+    pub repairs_dropped: u64,
+    /// Data datagram bytes the decoder kept a copy of (to rebuild from).
+    pub kept_bytes: u64,
+    /// Repair datagrams received, and refused (malformed, or contradicting
+    /// their group).
+    pub repairs_received: u64,
+    pub bad_repairs: u64,
+    /// Data packets rebuilt and handed to their connection.
+    pub rebuilt: u64,
+    /// Rebuilt packets the connection did not need (the packet or its
+    /// retransmission had arrived).
+    pub rebuilt_unneeded: u64,
+    /// Rebuilt packets dropped for want of a held repair buffer to put them
+    /// in (retransmission repairs them).
+    pub rebuilt_no_room: u64,
+    /// Groups that had losses and too few repairs.
+    pub groups_unrecoverable: u64,
+    /// The loss rate repairs are sized for, per mille (the highest of the
+    /// core's sending connections).
+    pub loss_permille: f64,
+}
+
 /// Counters of one core.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CoreStats {
@@ -137,6 +172,9 @@ pub struct CoreStats {
     /// Plaintext bytes opened in place in RX buffers on the sealed wire.
     #[serde(default)]
     pub opened_bytes: u64,
+    /// Forward error correction (peers with `fec` set).
+    #[serde(default)]
+    pub fec: FecStats,
     /// Datagram I/O counters.
     pub io: IoStats,
     /// Per-peer counters.
@@ -362,6 +400,36 @@ pub fn render(r: &Report) -> String {
             );
         }
     }
+    for c in &r.cores {
+        let f = &c.fec;
+        if f.coded_bytes > 0 || f.repairs_received > 0 || f.bad_repairs > 0 {
+            let extra = if f.coded_bytes > 0 {
+                100.0 * f.repair_bytes as f64 / f.coded_bytes as f64
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                o,
+                "core {} fec: coded {} B  repairs sent {} ({} B, {:.1} % of coded; {} over budget; \
+                 sized for {:.1} \u{2030} loss)  repairs received {} (bad {})  kept {} B  \
+                 rebuilt {} (unneeded {}, no room {})  groups short {}",
+                c.core,
+                f.coded_bytes,
+                f.repairs_sent,
+                f.repair_bytes,
+                extra,
+                f.repairs_over_budget,
+                f.loss_permille,
+                f.repairs_received,
+                f.bad_repairs,
+                f.kept_bytes,
+                f.rebuilt,
+                f.rebuilt_unneeded,
+                f.rebuilt_no_room,
+                f.groups_unrecoverable
+            );
+        }
+    }
     let peers: Vec<_> = r
         .cores
         .iter()
@@ -550,6 +618,32 @@ mod tests {
             text.contains("security required  rekeys 4  rejected {\"bad_tag\": 7, \"replay\": 1}"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn render_shows_fec() {
+        let core = CoreStats {
+            core: 2,
+            fec: FecStats {
+                coded_bytes: 1_000_000,
+                repairs_sent: 60,
+                repair_bytes: 88_000,
+                rebuilt: 9,
+                loss_permille: 10.0,
+                ..FecStats::default()
+            },
+            ..CoreStats::default()
+        };
+        let text = render(&Report {
+            cores: vec![core, CoreStats::default()],
+            ..Report::default()
+        });
+        assert!(
+            text.contains("core 2 fec: coded 1000000 B  repairs sent 60 (88000 B, 8.8 % of coded"),
+            "{text}"
+        );
+        assert!(text.contains("rebuilt 9 (unneeded 0, no room 0)"), "{text}");
+        assert!(!text.contains("core 0 fec"), "{text}");
     }
 
     #[test]

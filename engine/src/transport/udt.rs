@@ -40,6 +40,7 @@ use lu2k_udt::conn::{
 
 use super::seal::{self, Keyring, Reject, Session, HS_EXT, HS_LEN, OVERHEAD, PLAIN_AT};
 
+mod fec;
 mod ml;
 use super::{Event, OutMsg, RxPiece, Transport, Woken};
 use crate::daemon::stats::{CoreStats, PeerStats};
@@ -164,6 +165,8 @@ struct ConnEntry {
     session: Option<Box<Session>>,
     /// When a repeated client handshake was last answered (server side).
     hs_answered_at: Option<u64>,
+    /// Its forward error correction codec (a FEC peer's connections).
+    fec: Option<fec::ConnFec>,
 }
 
 /// A connection's part in the sealed handshake.
@@ -190,6 +193,7 @@ impl ConnEntry {
             hs: Hs::None,
             session: None,
             hs_answered_at: None,
+            fec: None,
         }
     }
 }
@@ -296,6 +300,8 @@ pub struct Udt {
     cookie_key: Option<[u8; 16]>,
     /// Multi-link peers ([`Udt::with_links`]); `None`: every peer one link.
     ml: Option<Box<ml::MultiLink>>,
+    /// Forward error correction ([`Udt::with_fec`]); `None`: no FEC peer.
+    fec: Option<Box<fec::Fec>>,
 }
 
 impl std::fmt::Debug for Udt {
@@ -341,6 +347,7 @@ impl Udt {
             sec: None,
             cookie_key: None,
             ml: None,
+            fec: None,
         }
     }
 
@@ -573,6 +580,7 @@ impl Transport for Udt {
         self.conns
             .values()
             .filter_map(|e| e.conn.poll_timeout())
+            .chain(self.fec_poll_timeout())
             .min()
             .map(|t| self.at(t))
     }
@@ -650,6 +658,7 @@ impl Transport for Udt {
             // The cipher's own pass is not a copy; payload gathered before it is.
             s.payload_copied += sec.gathered_bytes;
         }
+        self.fec_stats(&mut s.fec);
         self.peer_stats(&mut s.peers);
     }
 }
@@ -710,7 +719,7 @@ impl Udt {
         // connection and its buffers): draw another.
         let conn = loop {
             self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let c = Connection::connect(now, self.p.udt.clone(), self.seed, addr);
+            let c = Connection::connect(now, self.fec_conn_config(ip), self.seed, addr);
             if !self.conns.contains_key(&c.socket_id()) {
                 break c;
             }
@@ -718,6 +727,7 @@ impl Udt {
         };
         let sock = conn.socket_id();
         let mut entry = ConnEntry::new(conn, ip, Dir::Tx, now);
+        self.fec_attach(&mut entry);
         self.refresh_keys();
         if let Some(sec) = &self.sec {
             // The peer's first key connects (any of its keys is accepted from it).
@@ -925,7 +935,8 @@ impl Udt {
     /// Sends queued transmits and whatever the connections want to send now.
     fn transmit(&mut self) -> bool {
         let now = self.now_us();
-        let mut any = false;
+        // Repairs first: they are due a group-time after their data.
+        let mut any = self.fec.is_some() && self.fec_flush();
         // Backlog first (transmits taken from connections that the I/O could not
         // take): a run of consecutive ones to one destination goes out as one send
         // (the rest of a batch the I/O layer refused is one such run).
@@ -1006,6 +1017,9 @@ impl Udt {
                 }
             }
         }
+        if self.fec.is_some() {
+            any |= self.fec_flush();
+        }
         any
     }
 
@@ -1085,6 +1099,7 @@ impl Udt {
         match self.io.send(dst, &segs[..k], token) {
             Ok(()) => {
                 self.sent(token, start, k);
+                self.fec_sent(sock, start, k);
                 if self.ml.is_some()
                     && self.transmits[start..start + k]
                         .iter()
@@ -1224,6 +1239,7 @@ impl Udt {
             Ok(()) => {
                 sec.slot_of.insert(token, slot);
                 self.sent(token, start, k);
+                self.fec_sent(sock, start, k);
                 k
             }
             Err(SendError::Busy) => {
@@ -1327,6 +1343,7 @@ impl Udt {
                         sec.free.push(slot);
                     }
                 }
+                self.fec_send_done(token);
                 if let Some(ids) = self.sends.remove(&token) {
                     for id in ids {
                         if let Some(m) = self.msgs.get_mut(&id) {
@@ -1351,6 +1368,9 @@ impl Udt {
                 let age_us =
                     stamp_ns.map_or(0, |t| real_ns.saturating_sub(t).min(MAX_RX_AGE_NS) / 1000);
                 self.on_recv(now.saturating_sub(age_us), from, bid, off, len, seg);
+                if self.fec.is_some() {
+                    self.fec_deliver(now);
+                }
             }
             IoEvent::RecvTruncated => self.drop_one("rx_truncated"),
             IoEvent::RxStarved => self.drop_one("rx_no_buffer"),
@@ -1800,8 +1820,9 @@ impl Udt {
             p.last_heard = p.last_heard.max(now);
         }
         self.rx_by_peer.insert((ip, conn.peer_socket_id()), sock);
-        self.conns
-            .insert(sock, ConnEntry::new(conn, ip, Dir::Rx, now));
+        let mut entry = ConnEntry::new(conn, ip, Dir::Rx, now);
+        self.fec_attach(&mut entry);
+        self.conns.insert(sock, entry);
         self.ml_accepted(sock, ip, now);
     }
 
@@ -1809,6 +1830,11 @@ impl Udt {
     /// `last_heard` if the connection took the datagram as valid (no refusal
     /// counted). Returns whether the connection holds the datagram's payload.
     fn feed(&mut self, now: u64, sock: u32, bytes: &[u8], ext: udt::Extent) -> bool {
+        if self.fec.is_some() {
+            if let Some(held) = self.fec_recv(now, sock, bytes, ext) {
+                return held;
+            }
+        }
         let Some(e) = self.conns.get_mut(&sock) else {
             return false;
         };
@@ -1889,6 +1915,9 @@ impl Udt {
             if e.conn.poll_timeout().is_some_and(|t| t <= now) {
                 e.conn.handle_timeout(now);
             }
+        }
+        if self.fec.is_some() {
+            self.fec_timers(now);
         }
     }
 
@@ -1978,7 +2007,8 @@ impl Udt {
             .collect();
         for s in closed {
             self.ml_forget(s);
-            if let Some(e) = self.conns.remove(&s) {
+            if let Some(mut e) = self.conns.remove(&s) {
+                self.fec_release(&mut e);
                 let key = (e.peer, e.conn.peer_socket_id());
                 if e.dir == Dir::Rx && self.rx_by_peer.get(&key) == Some(&s) {
                     self.rx_by_peer.remove(&key);

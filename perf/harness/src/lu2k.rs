@@ -77,6 +77,13 @@ pub struct EnginePeer {
 /// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
 pub fn engine_main(spec: &str) -> Result<()> {
     let s: EngineSpec = serde_json::from_str(spec).context("engine spec")?;
+    // FEC to the peer (the lu2k-fec contender): set by the node that starts
+    // the engine, as `LU2K_PERF_FEC=live`.
+    let fec = match std::env::var("LU2K_PERF_FEC").as_deref() {
+        Ok("live") => Some(lu2k_engine::daemon::config::FecChoice::Live),
+        Ok(other) => anyhow::bail!("LU2K_PERF_FEC={other}: use live, or leave it unset"),
+        Err(_) => None,
+    };
     // The engine's log on stderr when asked for (e.g. `LU2K_PERF_ENGINE_LOG=info`):
     // quiet by default, as the harness prints its own summary.
     if let Ok(level) = std::env::var("LU2K_PERF_ENGINE_LOG") {
@@ -100,6 +107,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
             addr: p.addr.unwrap_or(no_addr),
             links: p.links.clone(),
             policy: p.policy,
+            fec: fec.unwrap_or_default(),
         })
         .collect();
     c.psk_file = s.psk_file;
@@ -219,6 +227,9 @@ impl Side {
             psk_file: l.psk_file.clone(),
         };
         let mut cmd = self_command()?;
+        if l.fec {
+            cmd.env("LU2K_PERF_FEC", "live");
+        }
         cmd.arg("__engine")
             .arg(serde_json::to_string(&espec)?)
             .stdin(Stdio::null())

@@ -193,7 +193,7 @@ struct LoopbackReport {
     runs: u32,
     bytes_per_run: u64,
     lu2k_gbps: Option<f64>,
-    /// lu2k on the sealed wire (a PSK configured: AES-256-GCM on every packet).
+    /// lu2k on the sealed wire (a PSK configured: AES-128-GCM on every packet).
     lu2k_sealed_gbps: Option<f64>,
     udt4_gbps: Option<f64>,
     udp_ceiling_gbps: Option<f64>,

@@ -101,6 +101,9 @@ pub struct Lu2kSpec {
     /// A pre-shared key file: the engines run the sealed wire.
     #[serde(default)]
     pub psk_file: Option<PathBuf>,
+    /// Forward error correction between the engines (`fec = "live"`).
+    #[serde(default)]
+    pub fec: bool,
 }
 
 /// Everything a node needs, passed as JSON on its command line.

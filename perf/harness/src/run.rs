@@ -116,7 +116,7 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
         }
         Contender::QuicCubic | Contender::QuicBbr => (kind == WorkloadKind::Rpc)
             .then(|| "the QUIC driver runs the bulk and live workloads only".into()),
-        Contender::Lu2k | Contender::Lu2kSealed | Contender::Udt4 => None,
+        Contender::Lu2k | Contender::Lu2kSealed | Contender::Lu2kFec | Contender::Udt4 => None,
     }
 }
 
@@ -390,6 +390,7 @@ fn start(cell: &Cell, contender: Contender, opts: &Opts) -> Result<Started> {
         Contender::TcpCubic => start_tcp(cell, opts, "cubic"),
         Contender::TcpBbr => start_tcp(cell, opts, "bbr"),
         Contender::Lu2k => start_lu2k(cell, opts),
+        Contender::Lu2kFec => start_lu2k_with(cell, opts, true),
         Contender::Lu2kSealed => {
             let key = opts
                 .tmp
@@ -514,6 +515,15 @@ fn fq_qdisc(tun: &TunLink, cc: &str) -> String {
 /// several links has a relay per link; an IPv6 cell runs in a network
 /// namespace with IPv6 addresses.
 fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
+    start_lu2k_with(cell, opts, false)
+}
+
+/// [`start_lu2k`], with forward error correction between the engines if
+/// `fec` (single-link IPv4 cells).
+fn start_lu2k_with(cell: &Cell, opts: &Opts, fec: bool) -> Result<Started> {
+    if fec && (!cell.links.is_empty() || cell.ipv6) {
+        bail!("lu2k-fec runs single-link IPv4 cells only");
+    }
     if !cell.links.is_empty() {
         return start_lu2k_links(cell, opts);
     }
@@ -524,7 +534,8 @@ fn start_lu2k(cell: &Cell, opts: &Opts) -> Result<Started> {
     let port = free_udp_port(a_ip)?;
     let relay = Relay::spawn(lu2k_relay(cell, opts, a_ip.into(), b_ip.into(), port))
         .context("starting the link emulator (relay)")?;
-    let (rx, tx) = lu2k_nodes(cell, opts, (a_ip.into(), b_ip.into()), port, &relay, None)?;
+    let ips = (a_ip.into(), b_ip.into());
+    let (rx, tx) = lu2k_nodes(cell, opts, ips, port, &relay, None, fec)?;
     Ok(Started {
         emu: Emu::Relay(relay),
         rx,
@@ -553,6 +564,7 @@ fn lu2k_nodes(
     port: u16,
     relay: &Relay,
     netns: Option<&Netns>,
+    fec: bool,
 ) -> Result<(Node, Node)> {
     let dir = opts.tmp.join(format!("lu2k-{}", std::process::id()));
     let l = |ip, peer_ip, peer| Lu2kSpec {
@@ -567,6 +579,7 @@ fn lu2k_nodes(
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
         psk_file: opts.lu2k_psk.clone(),
+        fec,
     };
     let command = || -> Result<std::process::Command> {
         match netns {
@@ -632,7 +645,7 @@ fn start_lu2k_v6(cell: &Cell, opts: &Opts) -> Result<Started> {
         .run(|| Relay::spawn(rc))
         .context("entering the IPv6 cell's network namespace")?
         .context("starting the link emulator (relay, IPv6)")?;
-    let (rx, tx) = lu2k_nodes(cell, opts, (a_ip, b_ip), port, &relay, Some(&ns))?;
+    let (rx, tx) = lu2k_nodes(cell, opts, (a_ip, b_ip), port, &relay, Some(&ns), false)?;
     Ok(Started {
         emu: Emu::InNetns(relay, ns),
         rx,
@@ -713,6 +726,7 @@ fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
             cores: opts.lu2k_cores,
             rx_bufs: opts.lu2k_rx_bufs,
             psk_file: None,
+            fec: false,
         }
     };
     let exe = node::self_command;
@@ -1278,6 +1292,7 @@ pub fn lu2k_direct(
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
         psk_file: opts.lu2k_psk.clone(),
+        fec: false,
     };
     let mk = |role, ip, peer| NodeSpec {
         kind: Kind::Lu2k,

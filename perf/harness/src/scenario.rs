@@ -59,9 +59,13 @@ pub enum Contender {
     #[serde(rename = "lu2k")]
     Lu2k,
     /// lu2k on the sealed wire: the same with a pre-shared key (every
-    /// datagram AES-256-GCM), a fresh key per run.
+    /// datagram AES-128-GCM), a fresh key per run.
     #[serde(rename = "lu2k-sealed")]
     Lu2kSealed,
+    /// lu2k with forward error correction (`fec = "live"` on both engines'
+    /// `[[peer]]`: Reed–Solomon repairs adapted to the measured loss).
+    #[serde(rename = "lu2k-fec")]
+    Lu2kFec,
     /// The reference UDT4 (4.11) through the `udt` crate.
     #[serde(rename = "udt4")]
     Udt4,
@@ -88,6 +92,7 @@ impl Contender {
         match self {
             Contender::Lu2k => "lu2k",
             Contender::Lu2kSealed => "lu2k-sealed",
+            Contender::Lu2kFec => "lu2k-fec",
             Contender::Udt4 => "udt4",
             Contender::TcpCubic => "tcp-cubic",
             Contender::TcpBbr => "tcp-bbr",
