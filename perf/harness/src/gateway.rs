@@ -356,8 +356,41 @@ pub struct GwResult {
     pub engine_rss_mib: Option<f64>,
     /// The node process's (kshim's region), MiB.
     pub node_rss_mib: Option<f64>,
+    /// The engine's CPU (user + system), s.
+    pub engine_cpu_s: Option<f64>,
+    /// The node process's own (kshim, making or checking payloads), s.
+    pub node_cpu_s: Option<f64>,
+    /// The engine's counters: loop passes, sleeps on the doorbell, µs spun,
+    /// io_uring_enter calls, GSO sends, datagrams sent, receives, timers fired.
+    pub engine_counts: EngineCounts,
     /// Engine drops and failures, if any.
     pub note: Option<String>,
+}
+
+/// Engine counters summed over cores (and, in a row, over engines).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct EngineCounts {
+    pub passes: u64,
+    pub sleeps: u64,
+    pub spin_us: u64,
+    pub enters: u64,
+    pub sends: u64,
+    pub datagrams_sent: u64,
+    pub recvs: u64,
+    pub timers_fired: u64,
+}
+
+impl EngineCounts {
+    fn add(&mut self, o: &EngineCounts) {
+        self.passes += o.passes;
+        self.sleeps += o.sleeps;
+        self.spin_us += o.spin_us;
+        self.enters += o.enters;
+        self.sends += o.sends;
+        self.datagrams_sent += o.datagrams_sent;
+        self.recvs += o.recvs;
+        self.timers_fired += o.timers_fired;
+    }
 }
 
 fn nid(ip: Ipv4Addr) -> Nid {
@@ -449,6 +482,16 @@ pub fn node_main(spec: &str) -> Result<()> {
         let mut notes = Vec::new();
         let mut retrans = 0;
         for c in &st.cores {
+            r.engine_counts.add(&EngineCounts {
+                passes: c.passes,
+                sleeps: c.sleeps,
+                spin_us: c.spin_us,
+                enters: c.io.enters,
+                sends: c.io.sends,
+                datagrams_sent: c.io.datagrams_sent,
+                recvs: c.io.recvs,
+                timers_fired: c.io.timers_fired,
+            });
             for (why, n) in &c.drops {
                 notes.push(format!("{why} {n}"));
             }
@@ -484,6 +527,14 @@ pub fn node_main(spec: &str) -> Result<()> {
         let _ = engine.kill();
         let _ = engine.wait();
     }
+    use nix::sys::resource::{getrusage, UsageWho};
+    let secs = |u: nix::sys::resource::Usage| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    };
+    // The engine is this process's only child, reaped above.
+    r.engine_cpu_s = getrusage(UsageWho::RUSAGE_CHILDREN).ok().map(secs);
+    r.node_cpu_s = getrusage(UsageWho::RUSAGE_SELF).ok().map(secs);
     say(&format!("gwresult {}", serde_json::to_string(&r)?));
     Ok(())
 }
@@ -724,6 +775,12 @@ pub struct GwRow {
     pub rss_max_mib: Option<f64>,
     /// lu2k: the node processes' (kshim's pools) summed.
     pub node_rss_sum_mib: Option<f64>,
+    /// lu2k: where the processes' CPU went: the engines', s, and the node
+    /// processes' (kshim, making and checking the payloads), s.
+    pub engines_cpu_s: Option<f64>,
+    pub nodes_cpu_s: Option<f64>,
+    /// lu2k: every engine's counters summed.
+    pub engine_counts: Option<EngineCounts>,
     /// Senders' retransmitted bytes (lu2k: summed; TCP: the sending
     /// namespace's, read by every sender, the largest).
     pub retrans_bytes: Option<u64>,
@@ -886,6 +943,13 @@ fn run_lu2k(
     row.rss_max_mib = eng.iter().copied().reduce(f64::max);
     let nodes: Vec<f64> = all.iter().filter_map(|r| r.node_rss_mib).collect();
     row.node_rss_sum_mib = (!nodes.is_empty()).then(|| nodes.iter().sum());
+    row.engines_cpu_s = Some(all.iter().filter_map(|r| r.engine_cpu_s).sum());
+    row.nodes_cpu_s = Some(all.iter().filter_map(|r| r.node_cpu_s).sum());
+    let mut counts = EngineCounts::default();
+    for r in &all {
+        counts.add(&r.engine_counts);
+    }
+    row.engine_counts = Some(counts);
     let mut notes: Vec<String> = all.iter().filter_map(|r| r.note.clone()).collect();
     let missing = rres.iter().chain(&sres).filter(|r| r.is_none()).count();
     if missing > 0 {
@@ -1082,6 +1146,12 @@ fn run_once(s: &str, cell: &Cell, c: Contender, pairs: u32, seed: u64, rx_bufs: 
             Some(n) => format!("{n}; {l}"),
             None => l,
         });
+    }
+    if let (Some(e), Some(n), Some(k)) = (row.engines_cpu_s, row.nodes_cpu_s, row.engine_counts) {
+        eprintln!(
+            "{} {c} x{pairs}: processes' CPU: engines {e:.1} s, nodes (kshim, payloads) {n:.1} s; engines: {k:?}",
+            cell.name
+        );
     }
     eprintln!(
         "{} {c} x{pairs}: {} Mbit/s ({}), Jain {}, CPU {:.1} s fair / {:.1} s processes, {} bytes, {}",

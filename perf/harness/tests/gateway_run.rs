@@ -107,6 +107,20 @@ fn three_pairs_share_one_link_and_every_put_is_verified() {
     }
     // Six engines (3 senders, 3 receivers), each its own process.
     assert!(lu2k["node_rss_sum_mib"].as_f64().unwrap() > 0.0);
+    // Where the processes' CPU went: the engines and the node processes,
+    // within the processes' total; the engines slept and sent.
+    let (e, n) = (
+        lu2k["engines_cpu_s"].as_f64().unwrap(),
+        lu2k["nodes_cpu_s"].as_f64().unwrap(),
+    );
+    let own = lu2k["proc_cpu_s"].as_f64().unwrap();
+    assert!(
+        e > 0.0 && n > 0.0 && e + n <= own * 1.05 + 0.1,
+        "{e} + {n} vs {own}"
+    );
+    let k = &lu2k["engine_counts"];
+    assert!(k["datagrams_sent"].as_u64().unwrap() > 12 * 700, "{k}");
+    assert!(k["passes"].as_u64().unwrap() > 0, "{k}");
     assert!(stdout.contains("Jain"), "{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
