@@ -81,9 +81,19 @@ enum DeviceCmd {
         /// 1 MiB TX slots: messages in flight at once (lu2klnd's credits follow them).
         #[arg(long, default_value_t = 64)]
         tx_slots: u32,
-        /// RX buffers, all cores together [default: 1024 per core].
+        /// RX buffers, all cores together [default: sized for --path-rate-mbps and
+        /// --path-rtt-ms where given (3 x rate x RTT of datagrams), else 1024 per core].
         #[arg(long)]
         rx_buffers: Option<u32>,
+        /// The path's rate in Mbit/s, to size the RX pool (with --path-rtt-ms).
+        #[arg(long)]
+        path_rate_mbps: Option<f64>,
+        /// The path's round-trip time in ms, to size the RX pool (with --path-rate-mbps).
+        #[arg(long)]
+        path_rtt_ms: Option<f64>,
+        /// The path's largest IP packet (the engine's mss), to size the RX pool.
+        #[arg(long, default_value_t = 1500)]
+        path_mss: u32,
         /// RX buffer size, bytes.
         #[arg(long, default_value_t = 65536)]
         rx_buf_size: u32,
@@ -345,15 +355,39 @@ fn device(cmd: DeviceCmd) -> anyhow::Result<()> {
             conns_per_peer,
             tx_slots,
             rx_buffers,
+            path_rate_mbps,
+            path_rtt_ms,
+            path_mss,
             rx_buf_size,
             device,
         } => {
+            let (rx_buffers, why) = match (rx_buffers, path_rate_mbps, path_rtt_ms) {
+                (Some(n), _, _) => (n, format!("{n} RX buffers (--rx-buffers)")),
+                (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
+                    dev::rx_buffers_for_path(rate, rtt, rx_buf_size, path_mss)
+                }
+                (None, None, None) => {
+                    let n = 1024u32.saturating_mul(cores);
+                    (
+                        n,
+                        format!(
+                            "{n} RX buffers (default, 1024 per core: the path is not known; \
+                             give --path-rate-mbps and --path-rtt-ms to size the pool for it)"
+                        ),
+                    )
+                }
+                _ => anyhow::bail!(
+                    "--path-rate-mbps and --path-rtt-ms size the RX pool together, both above \
+                     0; give both (e.g. --path-rate-mbps 500 --path-rtt-ms 600) or --rx-buffers"
+                ),
+            };
+            println!("RX pool: {why}");
             let spec = dev::Spec {
                 nids,
                 cores,
                 conns_per_peer,
                 tx_slots,
-                rx_buffers: rx_buffers.unwrap_or(1024u32.saturating_mul(cores)),
+                rx_buffers,
                 rx_buf_size,
             };
             let (n, size) = dev::create(&device, &spec)?;

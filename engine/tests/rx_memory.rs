@@ -274,3 +274,78 @@ fn cold_free_buffers_give_their_pages_back() {
     let (got, truncated) = exchange(&mut rx, &tx, dst, (1000, 300, 1400), false);
     assert_eq!((got.len(), truncated), (300, 0));
 }
+
+/// This process's resident anonymous memory, KiB.
+fn rss_anon_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A core that only receives (and sends header-only datagrams, as ACKs are) does
+/// not register its TX range: a registration pins, and so makes resident, the
+/// whole TX pool. The first send with pool payload registers it.
+#[test]
+fn tx_pool_is_registered_only_for_payload_sends() {
+    if !fast_path_or_skip("tx_pool_is_registered_only_for_payload_sends") {
+        return;
+    }
+    let (a, _) = sock();
+    let (b, dst) = sock();
+    const POOL: usize = 256 << 20;
+    let before = rss_anon_kib();
+    let mem = OwnedMem::new(64, POOL, 8, BUF).unwrap();
+    let mut tx = UringIo::new_owned(a, mem, None, UringOpts::default()).unwrap();
+    let mem = OwnedMem::new(64, 4096, 64, BUF).unwrap();
+    let mut rx = UringIo::new_owned(b, mem, None, UringOpts::default()).unwrap();
+    assert!(!tx.setup().fixed_tx && tx.setup().fixed_tx_pending);
+    let hdr = [7u8; 32];
+    let seg = |len| lu2k_engine::io::Segment {
+        hdr: &hdr,
+        payload_off: 0,
+        payload_len: len,
+        more: &[],
+    };
+    let sent_and_got = |tx: &mut UringIo, rx: &mut UringIo, len: u32| {
+        tx.send(dst, &[seg(len)], 1).unwrap();
+        let mut ev = Vec::new();
+        let (mut done, mut got) = (false, false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(done && got) {
+            assert!(Instant::now() < deadline, "send {done} receive {got}");
+            ev.clear();
+            let soon = Some(Instant::now() + Duration::from_millis(10));
+            tx.wait(soon, true, &mut ev).unwrap();
+            done |= ev
+                .iter()
+                .any(|e| matches!(e, Event::SendDone { result: Ok(_), .. }));
+            ev.clear();
+            rx.wait(soon, true, &mut ev).unwrap();
+            for e in &ev {
+                if let Event::Recv { bid, len: l, .. } = *e {
+                    assert_eq!(l, 32 + len);
+                    got = true;
+                    rx.return_rx(bid);
+                }
+            }
+        }
+    };
+    // Header only: nothing registered, the pool not resident.
+    sent_and_got(&mut tx, &mut rx, 0);
+    assert!(!tx.setup().fixed_tx && tx.setup().fixed_tx_pending);
+    let grown = rss_anon_kib().saturating_sub(before);
+    assert!(
+        grown < (POOL as u64 / 1024) / 4,
+        "{grown} KiB resident after a header-only send over a {} MiB pool",
+        POOL >> 20
+    );
+    // A payload send registers the range where the kernel sends from it.
+    sent_and_got(&mut tx, &mut rx, 1000);
+    assert!(!tx.setup().fixed_tx_pending);
+    assert_eq!(
+        tx.setup().fixed_tx,
+        lu2k_engine::io::uring::fixed_sendmsg_zc_supported()
+    );
+}

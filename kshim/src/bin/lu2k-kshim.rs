@@ -73,13 +73,26 @@ struct Common {
     #[arg(long, global = true, value_parser = parse_size)]
     tx_pool: Option<u64>,
     /// RX buffers the engine receives into (count of 64 KiB buffers, split
-    /// between the cores). Each received datagram holds one until its message
+    /// between the cores) [default: sized for --path-rate-mbps and
+    /// --path-rtt-ms where given, else 32768]. A received datagram holds a
+    /// share of one (the engine cuts buffers into datagram-sized receives where
+    /// the kernel does not coalesce: 40 of 1472 bytes) until its message
     /// completes; on a lossy satellite path data waits about two round trips
-    /// behind a hole, so the default holds ~47 MB of datagrams (6 bandwidth-
-    /// delay products of 100 Mbit/s x 600 ms). The pool is sparse shared
-    /// memory: a buffer that carried one datagram costs one 4 KiB page.
-    #[arg(long, global = true, default_value_t = 32768)]
-    rx_bufs: u32,
+    /// behind a hole. The pool is sparse shared memory: only pages that
+    /// received data cost memory, and free ones that stay cold are given back.
+    #[arg(long, global = true)]
+    rx_bufs: Option<u32>,
+    /// The path's rate in Mbit/s, to size the RX pool (with --path-rtt-ms):
+    /// 3 x rate x RTT of datagrams.
+    #[arg(long, global = true)]
+    path_rate_mbps: Option<f64>,
+    /// The path's round-trip time in ms, to size the RX pool (with
+    /// --path-rate-mbps).
+    #[arg(long, global = true)]
+    path_rtt_ms: Option<f64>,
+    /// The path's largest IP packet (the engine's mss), to size the RX pool.
+    #[arg(long, global = true, default_value_t = 1500)]
+    path_mss: u32,
     /// Route to a remote network: NET@GATEWAY_NID[:HOPS[:PRIORITY]], e.g.
     /// o2ib1@10.0.0.254@lu2k:1:0 (repeatable).
     #[arg(long = "route", global = true, value_parser = parse_route)]
@@ -237,7 +250,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(v) = c.tx_pool {
         cfg.tx_pool_len = v;
     }
-    cfg.rx_buf_count = c.rx_bufs;
+    let (rx_bufs, why) = match (c.rx_bufs, c.path_rate_mbps, c.path_rtt_ms) {
+        (Some(n), _, _) => (n, format!("{n} RX buffers (--rx-bufs)")),
+        (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
+            lu2k_kshim::lnd::rx_bufs_for_path(rate, rtt, cfg.rx_buf_size, c.path_mss)
+        }
+        (None, None, None) => (
+            32768,
+            "32768 RX buffers (default: the path is not known; give --path-rate-mbps \
+             and --path-rtt-ms to size the pool for it)"
+                .to_string(),
+        ),
+        _ => anyhow::bail!(
+            "--path-rate-mbps and --path-rtt-ms size the RX pool together, both above 0; \
+             give both (e.g. --path-rate-mbps 500 --path-rtt-ms 600) or --rx-bufs"
+        ),
+    };
+    eprintln!("lu2k-kshim: RX pool: {why}");
+    cfg.rx_buf_count = rx_bufs;
     cfg.routes = c.routes.clone();
     let mut k = Kshim::start(cfg).context("starting kshim")?;
     eprintln!(

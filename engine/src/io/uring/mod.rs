@@ -3,7 +3,10 @@
 //! - **Set-up**: `SINGLE_ISSUER` and `DEFER_TASKRUN` (+`TASKRUN_FLAG`) when the kernel
 //!   has them (the ring is used by its core thread only), falling back to a plain ring.
 //! - **TX**: the whole [`TxMem`] range (header arena + TX pool) is registered once as
-//!   fixed buffer 0. Each send is one `SENDMSG_ZC` whose iovecs are [header, payload
+//!   fixed buffer 0, at the first send that carries payload from the pool: a
+//!   registration pins (and so makes resident) every page of the range, the whole
+//!   TX pool, which a core that only receives (and sends ACKs from the header arena)
+//!   never needs. Each send is one `SENDMSG_ZC` whose iovecs are [header, payload
 //!   slice] pairs in that buffer, with a `UDP_SEGMENT` cmsg when it carries several
 //!   datagrams. A zero-copy send completes twice: first its result (with
 //!   `IORING_CQE_F_MORE`), then a notification (`IORING_CQE_F_NOTIF`) once the kernel
@@ -153,6 +156,8 @@ pub struct RingSetup {
     pub defer_taskrun: bool,
     /// The TX range is a registered buffer and sends use it (`buf_index` on SENDMSG_ZC).
     pub fixed_tx: bool,
+    /// The TX range is to be registered at the first send with pool payload.
+    pub fixed_tx_pending: bool,
     /// Zero-copy sends ask for usage reports (`IORING_SEND_ZC_REPORT_USAGE`, 6.2+), so
     /// `ZC_COPIED` is counted; off where the kernel refuses the flag.
     pub zc_report_usage: bool,
@@ -172,7 +177,11 @@ impl std::fmt::Display for RingSetup {
             "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}, doorbell {}",
             yn(self.single_issuer),
             yn(self.defer_taskrun),
-            yn(self.fixed_tx),
+            if self.fixed_tx_pending {
+                "at the first payload send"
+            } else {
+                yn(self.fixed_tx)
+            },
             yn(self.zc_report_usage),
             yn(self.send_worker),
             if self.futex_doorbell { "futex" } else { "eventfd" }
@@ -419,6 +428,9 @@ pub struct UringIo {
     /// send from then on.
     gso_off: bool,
     zc_copied_streak: u32,
+    /// The TX range is registered at the first send with pool payload (see the
+    /// module doc); cleared once tried.
+    tx_reg_pending: bool,
     // Last: memory the kernel may reference, dropped after the ring.
     /// What `new_owned` keeps alive (declared last: it outlives every kernel
     /// reference the fields above hold).
@@ -606,6 +618,7 @@ impl UringIo {
     pub fn setup(&self) -> RingSetup {
         RingSetup {
             futex_doorbell: self.bell_futex.is_some(),
+            fixed_tx_pending: self.tx_reg_pending,
             ..self.setup
         }
     }
@@ -1171,6 +1184,13 @@ impl UringIo {
 impl DatagramIo for UringIo {
     fn send(&mut self, dst: SocketAddr, segs: &[Segment<'_>], token: u64) -> Result<(), SendError> {
         let gso = gso_size(segs)?;
+        if self.tx_reg_pending && segs.iter().any(|s| s.pieces().next().is_some()) {
+            self.tx_reg_pending = false;
+            // SAFETY: the constructor's caller guarantees the TX range stays mapped
+            // for our lifetime; the ring (and with it the registration) is dropped
+            // with us. Sends already in flight keep their plain iovecs.
+            self.setup.fixed_tx = unsafe { register_tx(&self.ring, &self.tx) };
+        }
         let i = *self.free_slots.last().ok_or(SendError::Busy)? as usize;
         let (n, bytes) = self.gather(i, segs)?;
         self.free_slots.pop();
@@ -1420,9 +1440,7 @@ impl sys::Build for UringIo {
         let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
         setup.zc_report_usage = opts.zc != ZcMode::Never && zc_report_usage_supported();
         tx.check_send_slots(opts.send_slots)?;
-        // SAFETY: the caller guarantees the TX range stays mapped for our lifetime;
-        // the ring (and with it the registration) is dropped with us.
-        setup.fixed_tx = opts.fixed_tx && unsafe { register_tx(&ring, &tx) };
+        setup.fixed_tx = false;
         let slots = send_slots(opts.send_slots);
         let count = rx.count;
         if count == 0 {
@@ -1491,6 +1509,7 @@ impl sys::Build for UringIo {
             zc_active: opts.zc != ZcMode::Never,
             gso_off: false,
             zc_copied_streak: 0,
+            tx_reg_pending: opts.fixed_tx,
             _kept: None,
         };
         me.refill();
