@@ -555,11 +555,15 @@ fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
     }
 }
 
-/// kshim RX buffers per lu2k node unless told otherwise. Every datagram
-/// holds one 64 KiB buffer until its message completes, and on a lossy long
-/// path everything behind a hole waits about two round trips: 32768 buffers
-/// hold ~47 MB of datagrams, 6 BDPs of 100 Mbit/s x 600 ms. The pool is a
-/// sparse memfd: a buffer that carried one datagram costs one page.
+/// kshim RX buffers per lu2k node unless told otherwise. A datagram holds a
+/// share of a 64 KiB buffer until its message completes (the engine's
+/// io_uring path cuts buffers into 40 datagram-sized receives where the
+/// relay delivers datagrams one by one; the epoll path, one datagram per
+/// buffer), and on a lossy long path everything behind a hole waits about
+/// two round trips. 32768 buffers: the epoll path's ~47 MB of datagrams, 6
+/// BDPs of 100 Mbit/s x 600 ms; far more than 3 x rate x RTT of any cell on
+/// the io_uring path. The pool is a sparse memfd: only pages that received
+/// data are resident, and cold free ones are given back.
 const LU2K_RX_BUFS: u32 = 32768;
 
 /// Runs every contender of every cell; prints and writes the report.
