@@ -792,6 +792,8 @@ pub struct GwRow {
     pub note: Option<String>,
     pub runs: u32,
     pub goodput_runs: Vec<Option<f64>>,
+    /// Every run's status, and its note where it was not ok.
+    pub status_runs: Vec<String>,
 }
 
 /// Pair `i`'s addresses: (sender, receiver).
@@ -1164,6 +1166,9 @@ fn run_once(s: &str, cell: &Cell, c: Contender, pairs: u32, seed: u64, rx_bufs: 
         row.bytes,
         row.status
     );
+    if row.status != "ok" {
+        eprintln!("  {}", row.note.as_deref().unwrap_or("no note"));
+    }
     row
 }
 
@@ -1175,6 +1180,13 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// without goodput counts lowest), with every run's goodput.
 fn median_run(mut each: Vec<GwRow>) -> GwRow {
     let goodputs: Vec<Option<f64>> = each.iter().map(|r| r.goodput_mbps).collect();
+    let statuses = each
+        .iter()
+        .map(|r| match (&r.note, r.status.as_str()) {
+            (Some(n), s) if s != "ok" => format!("{s}: {n}"),
+            (_, s) => s.to_string(),
+        })
+        .collect();
     let n = each.len() as u32;
     each.sort_by(|a, b| {
         a.goodput_mbps
@@ -1184,6 +1196,7 @@ fn median_run(mut each: Vec<GwRow>) -> GwRow {
     let mut row = each.swap_remove((each.len() - 1) / 2);
     row.runs = n;
     row.goodput_runs = goodputs;
+    row.status_runs = statuses;
     row
 }
 
