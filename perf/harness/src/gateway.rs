@@ -587,6 +587,7 @@ fn receive(k: &mut Kshim, s: &GwSpec) -> Result<GwResult> {
     let start = Instant::now();
     let mut last = None;
     let mut tick = Ticker::new();
+    let mut corrupt_notes = Vec::new();
     while r.verified < s.msgs && start.elapsed() < cap {
         match k.wait(Some(Duration::from_millis(20))) {
             Some(Event::Rx(m)) => {
@@ -608,6 +609,9 @@ fn receive(k: &mut Kshim, s: &GwSpec) -> Result<GwResult> {
                     }
                     intact &= off == MSG;
                 }
+                if !intact && r.corrupt < 4 {
+                    corrupt_notes.push(what_differs(&m, &mut want, s.pair, pair, seq));
+                }
                 k.rx_done(m);
                 if !intact {
                     r.corrupt += 1;
@@ -625,6 +629,13 @@ fn receive(k: &mut Kshim, s: &GwSpec) -> Result<GwResult> {
         tick.tick(r.bytes);
     }
     r.last_recv_ns = last;
+    if !corrupt_notes.is_empty() {
+        r.note = Some(format!(
+            "pair {} corrupt: {}",
+            s.pair,
+            corrupt_notes.join(" | ")
+        ));
+    }
     // The engine's last ACKs: the sender's completions need them.
     let linger = Duration::from_secs_f64(2.0 * s.rtt_ms / 1e3 + 1.0);
     let t = Instant::now();
@@ -635,6 +646,41 @@ fn receive(k: &mut Kshim, s: &GwSpec) -> Result<GwResult> {
         }
     }
     Ok(r)
+}
+
+/// What differs in a PUT that failed its check: the header's pair and
+/// sequence, its length and extents, and for the payload the byte ranges
+/// that differ, whether they read zero, and whose stamp their pages carry.
+fn what_differs(m: &lu2k_kshim::RxMsg, want: &mut [u8], me: u32, pair: u64, seq: u64) -> String {
+    let mut got = vec![0u8; m.len()];
+    m.copy_to(&mut got);
+    let mut d = format!(
+        "hdr pair {pair} seq {seq}, len {}, {} extents",
+        m.len(),
+        m.extents().len()
+    );
+    if pair != u64::from(me) || got.len() != want.len() {
+        return d;
+    }
+    stamp(want, me, seq);
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    let (Some(&first), Some(&last)) = (bad.first(), bad.last()) else {
+        return d;
+    };
+    let zeros = bad.iter().filter(|&&i| got[i] == 0).count();
+    let pages: std::collections::BTreeSet<usize> = bad.iter().map(|i| i / STAMP_EVERY).collect();
+    let p0 = first / STAMP_EVERY * STAMP_EVERY;
+    let word = u64::from_le_bytes(got[p0..p0 + 8].try_into().expect("8 bytes"));
+    d += &format!(
+        ", {} bytes differ in [{first}, {last}] over {} pages ({} of them zero), first bad page's stamp: pair {} seq {} page {}",
+        bad.len(),
+        pages.len(),
+        zeros,
+        word >> 48,
+        (word >> 12) & 0xf_ffff_ffff,
+        word & 0xfff
+    );
+    d
 }
 
 /// A line of a gateway lu2k node.
