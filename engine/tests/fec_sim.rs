@@ -259,9 +259,14 @@ struct Outcome {
 /// Streams `secs` of chunks A → B at `loss` each way; FEC between them if
 /// `fec`, the sealed wire if `sealed`.
 fn stream(secs: u64, loss: f64, fec: bool, sealed: bool, seed: u64) -> Outcome {
+    stream_with(secs, loss, (fec, fec), sealed, seed)
+}
+
+/// [`stream`] with FEC set at A and at B on their own.
+fn stream_with(secs: u64, loss: f64, fec: (bool, bool), sealed: bool, seed: u64) -> Outcome {
     let clock = SimClock::new();
-    let mut a = node(A, B, &clock, fec, sealed);
-    let mut b = node(B, A, &clock, fec, sealed);
+    let mut a = node(A, B, &clock, fec.0, sealed);
+    let mut b = node(B, A, &clock, fec.1, sealed);
     let mut fwd = Dir::new(seed, loss);
     let mut rev = Dir::new(seed.wrapping_mul(0x9E37_79B9), loss);
     let chunks = secs * 1_000_000 / CHUNK_EVERY_US;
@@ -410,4 +415,23 @@ fn fec_works_on_the_sealed_wire() {
     assert!(o.p99 <= 450.0, "p99 {} ms", o.p99);
     assert!(o.receiver.fec.rebuilt > 10, "{:?}", o.receiver.fec);
     assert!(o.receiver.opened_bytes > 0 && o.sender.sealed_bytes > 0);
+}
+
+/// FEC set on one end only (a configuration mistake): the stream still
+/// arrives whole, by retransmission. A receiver without FEC refuses the
+/// repairs as malformed control packets; a sender without FEC sends none.
+#[test]
+fn fec_on_one_end_only_still_delivers_everything() {
+    let o = stream_with(4, 0.01, (true, false), false, 3);
+    report("FEC at the sender only", &o);
+    assert_eq!(o.corrupt, 0);
+    assert!(o.max.is_finite(), "a chunk never arrived: {o:?}");
+    assert!(o.sender.fec.repairs_sent > 0);
+    assert_eq!(o.receiver.fec.rebuilt, 0);
+    let o = stream_with(4, 0.01, (false, true), false, 3);
+    report("FEC at the receiver only", &o);
+    assert_eq!(o.corrupt, 0);
+    assert!(o.max.is_finite(), "a chunk never arrived: {o:?}");
+    assert_eq!(o.sender.fec.repairs_sent, 0);
+    assert_eq!(o.receiver.fec.repairs_received, 0);
 }
