@@ -10,7 +10,10 @@
 # Per cell:
 # - sim: `lu2k-udt`'s example `sim_cell`, the same transfer on virtual time
 #   between two bare UDT connections through the same link model and settings
-#   (geo.toml's link and seed 7, 1 MiB LNet PUTs, the engine's receive buffer);
+#   (geo.toml's link and seed 7, 1 MiB LNet PUTs, the engine's receive buffer),
+#   twice: the sender taking packets one at a time at their pacing time (as
+#   the sim grid does: `sim grid`) and in runs as the engine takes them
+#   (`poll_transmit_batch`, data up to 1 ms ahead: `sim`, the one compared);
 # - engine: `lu2k-perf run perf/scenarios/geo.toml --cells CELL --only lu2k`,
 #   two real engines (io_uring, UDP) through linkem's relay on this machine's
 #   clock, full length (512 MiB) unless --quick;
@@ -209,14 +212,17 @@ cells=()
 for l in $losses; do cells+=("$(cell_name "$l")"); done
 echo "==> sim-vs-engine: ${cells[*]}; $((bytes >> 20)) MiB per transfer; engine runs $runs each$([ "$sim_only" = 1 ] && echo ' (skipped: --sim-only)')"
 
-declare -A simg simq enggood engq engload
+declare -A simg simgrid simq enggood engq engload
 for l in $losses; do
     name="$(cell_name "$l")"
     file="$(cell_file "$name")"
     targs=()
     [ -n "$trace" ] && targs=(--trace "$trace/sim-$file.csv")
-    echo "==> sim $name: $sim --rtt-ms $rtt --loss $l --rate-mbps $rate --bytes $bytes ${targs[*]}"
-    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes" "${targs[@]}")"
+    echo "==> sim $name: $sim --rtt-ms $rtt --loss $l --rate-mbps $rate --bytes $bytes [--batch] ${targs[*]}"
+    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes")"
+    echo "    $line"
+    simgrid[$name]="$(echo "$line" | sed -n 's/.* goodput_mbps=\([^ ]*\).*/\1/p')"
+    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes" --batch "${targs[@]}")"
     echo "    $line"
     simg[$name]="$(echo "$line" | sed -n 's/.* goodput_mbps=\([^ ]*\).*/\1/p')"
     simq[$name]="$(echo "$line" | sed -n 's/.* queue_drops=\([^ ]*\).*/\1/p')"
@@ -262,15 +268,15 @@ fi
 
 echo
 echo "sim-vs-engine: goodput in Mbit/s, payload over first send to last delivery, $((bytes >> 20)) MiB per transfer"
-printf '%-16s %9s %9s %8s %11s %11s  %s\n' cell sim engine eng/sim "sim qdrops" "eng qdrops" "load (1 min, start-peak)"
+printf '%-16s %9s %9s %9s %8s %11s %11s  %s\n' cell "sim grid" sim engine eng/sim "sim qdrops" "eng qdrops" "load (1 min, start-peak)"
 for l in $losses; do
     name="$(cell_name "$l")"
     s="${simg[$name]}"
     e="${enggood[$name]:-}"
     if [ -n "$e" ]; then
         r="$(python3 -c "import sys; print(f'{float(sys.argv[2])/float(sys.argv[1]):.3f}')" "$s" "$e")"
-        printf '%-16s %9s %9s %8s %11s %11s  %s\n' "$name" "$s" "$e" "$r" "${simq[$name]}" "${engq[$name]}" "${engload[$name]}"
+        printf '%-16s %9s %9s %9s %8s %11s %11s  %s\n' "$name" "${simgrid[$name]}" "$s" "$e" "$r" "${simq[$name]}" "${engq[$name]}" "${engload[$name]}"
     else
-        printf '%-16s %9s %9s %8s %11s\n' "$name" "$s" - - "${simq[$name]}"
+        printf '%-16s %9s %9s %9s %8s %11s\n' "$name" "${simgrid[$name]}" "$s" - - "${simq[$name]}"
     fi
 done

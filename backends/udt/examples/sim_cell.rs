@@ -16,12 +16,18 @@
 //!   default `flow_window`; the engine's RX pool is not modelled);
 //! - the measure: the harness's goodput, payload over the time from the first
 //!   message handed to the transport (the handshake counts) to the last byte
-//!   delivered.
+//!   delivered;
+//! - with `--batch`, the sender's packets taken as the engine takes them
+//!   (`poll_transmit_batch`, runs of up to 64, data up to the batch horizon
+//!   ahead of its pacing time); without, one at a time at their pacing time,
+//!   as the sim grid takes them. `--late-us` and `--jitter-ms` add what a real
+//!   clock and a relay on a busy host add: a sender that wakes late, and
+//!   deliveries held back and then made together.
 //!
 //! ```text
 //! cargo run --release -p lu2k-udt --example sim_cell -- --rtt-ms 600 --loss 0.01
 //!     [--rate-mbps 100] [--bytes 536870912] [--seed 7] [--queue-bytes 7500000]
-//!     [--jitter-ms 0] [--late-us 0] [--trace out.csv] [--trace-ms 250]
+//!     [--jitter-ms 0] [--late-us 0] [--batch] [--trace out.csv] [--trace-ms 250]
 //! ```
 //!
 //! Prints one line of `key=value` pairs (`goodput_mbps`, `connected_s`,
@@ -66,6 +72,10 @@ pub struct Cell {
     /// real clock that wakes after its deadline (timer slack, other tasks
     /// on the CPU). 0: at the deadline exactly, as virtual time allows.
     pub late_us: u64,
+    /// The sender takes its packets as the engine does, in runs of up to 64
+    /// with `poll_transmit_batch` (data up to its batch horizon ahead of its
+    /// pacing time), instead of one at a time at their pacing time.
+    pub batch: bool,
     pub bytes: u64,
     pub seed: u64,
     /// Give up after this much virtual time, µs.
@@ -84,6 +94,7 @@ impl Cell {
             queue_bytes: 7_500_000,
             jitter_ms: 0.0,
             late_us: 0,
+            batch: false,
             bytes: 536_870_912,
             seed: 7,
             limit_us: 120_000_000,
@@ -245,6 +256,7 @@ pub fn run(cell: &Cell) -> Outcome {
     let mut late = 0u64;
     let mut client_due: Option<u64> = None;
     let mut client_dgrams = 0u64;
+    let mut batch = Vec::new();
     loop {
         if connected && !client.is_closed() {
             while queued < count {
@@ -254,18 +266,30 @@ pub fn run(cell: &Cell) -> Outcome {
                 queued += 1;
             }
         }
-        while let Some(t) = client.poll_transmit(now) {
-            client_dgrams += 1;
-            let len = t.len();
-            let _ = link.handle_datagram(
-                to_ns(now),
-                Direction::Forward,
-                len,
-                SimPkt {
-                    header: t.header,
-                    payload: t.payload,
-                },
-            );
+        loop {
+            if cell.batch {
+                if client.poll_transmit_batch(now, &mut batch, 64) == 0 {
+                    break;
+                }
+            } else {
+                match client.poll_transmit(now) {
+                    Some(t) => batch.push(t),
+                    None => break,
+                }
+            }
+            for t in batch.drain(..) {
+                client_dgrams += 1;
+                let len = t.len();
+                let _ = link.handle_datagram(
+                    to_ns(now),
+                    Direction::Forward,
+                    len,
+                    SimPkt {
+                        header: t.header,
+                        payload: t.payload,
+                    },
+                );
+            }
         }
         if let Some(s) = server.as_mut() {
             while let Some(t) = s.poll_transmit(now) {
@@ -461,7 +485,7 @@ pub fn trace_csv(trace: &[Sample]) -> String {
 fn usage() -> ! {
     eprintln!(
         "usage: sim_cell --rtt-ms MS --loss FRACTION [--rate-mbps M] [--bytes B] [--seed S] \
-         [--queue-bytes B] [--jitter-ms MS] [--late-us US] [--trace FILE.csv] [--trace-ms MS]\n\
+         [--queue-bytes B] [--jitter-ms MS] [--late-us US] [--batch] [--trace FILE.csv] [--trace-ms MS]\n\
          (loss is a fraction: 0.01 is 1 %)"
     );
     std::process::exit(2)
@@ -494,6 +518,7 @@ fn main() {
             "--queue-bytes" => cell.queue_bytes = num(val("bytes"), "bytes") as u64,
             "--jitter-ms" => cell.jitter_ms = num(val("milliseconds"), "milliseconds"),
             "--late-us" => cell.late_us = num(val("microseconds"), "microseconds") as u64,
+            "--batch" => cell.batch = true,
             "--trace" => trace_path = Some(val("a CSV file")),
             "--trace-ms" => trace_ms = num(val("milliseconds"), "milliseconds"),
             "-h" | "--help" => usage(),
@@ -519,7 +544,7 @@ fn main() {
     let o = run(&cell);
     let f = |x: Option<f64>| x.map_or("none".to_string(), |v| format!("{v:.2}"));
     println!(
-        "sim rtt_ms={} loss={} rate_mbps={} jitter_ms={} late_us={} bytes={} seed={} goodput_mbps={} \
+        "sim rtt_ms={} loss={} rate_mbps={} jitter_ms={} late_us={} batch={} bytes={} seed={} goodput_mbps={} \
          connected_goodput_mbps={} connected_s={} last_delivery_s={} delivered_msgs={} \
          sent_pkts={} retx_pkts={} retx_pct={:.2} dup_received={} queue_drops={} link_losses={}",
         cell.rtt_ms,
@@ -527,6 +552,7 @@ fn main() {
         cell.rate_mbps,
         cell.jitter_ms,
         cell.late_us,
+        cell.batch,
         cell.bytes,
         cell.seed,
         f(o.goodput_mbps()),
