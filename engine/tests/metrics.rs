@@ -387,8 +387,9 @@ fn scrape_during_a_transfer() {
 /// ciphertext and tag.
 fn forged_sealed(n: u64) -> Vec<u8> {
     use lu2k_engine::transport::seal;
-    // Wire version 3: the mark, version bits with key epoch 0, the counter's low
-    // 40 bits, the destination socket ID; the rest is no ciphertext of anything.
+    // Wire versions 3 and 4 (one layout): the mark, version bits with key epoch
+    // 0, the counter's low 40 bits, the destination socket ID; the rest is no
+    // ciphertext of anything.
     let mut d = vec![0xFF, 0xFF, 0xC0];
     d.extend_from_slice(&n.to_be_bytes()[3..]);
     assert_eq!(d.len(), seal::PLAIN_AT);

@@ -1168,7 +1168,7 @@ mod tests {
         tag.copy_from_slice(&m.sign().as_ref()[..16]);
         let mut d = hs.to_vec();
         d.extend_from_slice(&trailer(&c.public, tag));
-        assert!(check_client_hs(&[p.clone()], ENDS, &d).is_none());
+        assert!(check_client_hs(std::slice::from_ref(&p), ENDS, &d).is_none());
         // The same handshake as this version makes it authenticates.
         let mut d = hs.to_vec();
         d.extend_from_slice(&c.trailer(&hs));
