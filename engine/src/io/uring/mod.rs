@@ -1513,6 +1513,23 @@ impl sys::Build for UringIo {
             _kept: None,
         };
         me.refill();
+        if me.may_slice {
+            let per = usize::from(me.slices);
+            let dgram = me.rx_slice.saturating_sub(
+                RECVMSG_OUT_LEN + sys::RAW_ADDR_LEN as u32 + sys::RECV_CMSG_SPACE as u32,
+            ) as usize;
+            tracing::info!(
+                "RX: {count} buffers of {} KiB from kshim: whole buffers until {SLICE_AFTER} \
+                 full-size datagrams came one by one (no GRO on the path), then {per} receives \
+                 of {} bytes per buffer: room for {} datagrams ({} MB) waiting behind holes. \
+                 The engine's config has no path rate or RTT: kshim sizes the pool for the \
+                 path (lu2k-kshim --path-rate-mbps/--path-rtt-ms, 3 x rate x RTT)",
+                me.rx.buf_size >> 10,
+                me.rx_slice,
+                usize::from(count) * per,
+                usize::from(count) * per * dgram / 1_000_000
+            );
+        }
         // Sends on the worker only where the ring's io-wq can be held to one unbounded
         // worker: then they leave in submission order.
         me.setup.send_worker = opts.send_worker
