@@ -23,8 +23,9 @@
 # and the load average around the engine runs.
 # With --trace DIR, a sampler reads both engines' stats socket every 250 ms
 # during each engine run (DIR/engine-CELL-{a,b}.csv; a = sender, b =
-# receiver), the simulation writes DIR/sim-CELL.csv, and a step-by-step
-# comparison of the two is printed (DIR/compare-CELL.txt).
+# receiver; with --runs, run n in DIR/engine-CELL-run<n>-{a,b}.csv), the
+# simulation writes DIR/sim-CELL.csv, and a step-by-step comparison of the
+# simulation with the first run is printed (DIR/compare-CELL.txt).
 #
 # Options: --rtt-ms MS (600), --rate-mbps M (100), --loss "L1 L2 ..." as
 # fractions (default "0 0.001 0.01 0.05"; each must be a cell geo.toml has),
@@ -99,12 +100,15 @@ cols = ["wall_s", "uptime_s", "tx_descs", "tx_completions", "rx_descs", "rx_retu
         "rearms", "drops", "peer_bytes_tx", "peer_bytes_rx", "peer_in_flight",
         "retransmissions", "rtt_ms", "rate_mbps", "outages"]
 files = {}
+inodes = {}
+runs = {}
 t0 = time.monotonic()
 tick = 0
 while not os.path.exists(os.path.join(tmp, "stop")):
     for path in glob.glob(os.path.join(tmp, "lu2k-*", "stats-*.sock")):
         side = path[-6]
         try:
+            ino = os.stat(path).st_ino
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(1.0)
             s.connect(path)
@@ -130,8 +134,15 @@ while not os.path.exists(os.path.join(tmp, "stop")):
                p.get("bytes_tx", 0), p.get("bytes_rx", 0), p.get("in_flight", 0),
                p.get("retransmissions", 0), p.get("rtt_us", 0) / 1000, p.get("rate_bps", 0) / 1e6,
                p.get("outages", 0)]
-        if side not in files:
-            files[side] = open(f"{prefix}-{side}.csv", "w")
+        if inodes.get(side) != ino:
+            # A new socket: the next run of --runs. Run 1 goes to PREFIX-a.csv,
+            # run n to PREFIX-run<n>-a.csv.
+            inodes[side] = ino
+            runs[side] = runs.get(side, 0) + 1
+            if side in files:
+                files[side].close()
+            tag = "" if runs[side] == 1 else f"-run{runs[side]}"
+            files[side] = open(f"{prefix}{tag}-{side}.csv", "w")
             files[side].write(",".join(cols) + "\n")
         files[side].write(",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + "\n")
         files[side].flush()
