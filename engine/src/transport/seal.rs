@@ -9,9 +9,9 @@
 //! X25519 exchange, itself about 128 bits strong, so a 256-bit cipher key
 //! added no strength against a classical attacker (and X25519 falls to a
 //! quantum one whatever the cipher). Ten AES rounds instead of fourteen:
-//! sealing and opening a full packet cost 8–14 % less than AES-256-GCM on this
+//! sealing a full packet costs 8–10 % less CPU than AES-256-GCM, opening 2–7 %, on this
 //! project's VM (`cargo bench -p lu2k-engine --bench seal`; the README has the
-//! figures). ChaCha20-Poly1305 costs 2.5× AES-GCM there (AES-NI and VAES).
+//! figures). ChaCha20-Poly1305 costs 2.4× AES-GCM to open there (AES-NI and VAES).
 //!
 //! **Sealed datagram** (wire version 4; [`OVERHEAD`] = 24 bytes more than the
 //! plain UDT packet):
