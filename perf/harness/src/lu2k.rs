@@ -268,6 +268,19 @@ impl Side {
                         // The host's, not the link's: the receive queue overflowed.
                         notes.push(format!("socket receive-queue drops {}", c.io.socket_drops));
                     }
+                    let f = &c.fec;
+                    if f.coded_bytes > 0 {
+                        notes.push(format!(
+                            "fec: coded {} B, {} repairs ({} B), {} over budget, sized for {:.1} \u{2030} loss",
+                            f.coded_bytes, f.repairs_sent, f.repair_bytes, f.repairs_over_budget, f.loss_permille
+                        ));
+                    }
+                    if f.repairs_received > 0 {
+                        notes.push(format!(
+                            "fec: {} repairs received ({} bad), {} packets rebuilt ({} unneeded, {} no room), {} groups short",
+                            f.repairs_received, f.bad_repairs, f.rebuilt, f.rebuilt_unneeded, f.rebuilt_no_room, f.groups_unrecoverable
+                        ));
+                    }
                     for p in &c.peers {
                         notes.push(format!(
                             "peer {}: msgs tx {} rx {}, in flight {}, rtt {} ms, rate {:.1} Mbit/s",
