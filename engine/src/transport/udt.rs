@@ -840,7 +840,11 @@ impl Udt {
         if receivers == 0 {
             return;
         }
-        let per_buf = self.io.rx_per_buf().unwrap_or(self.rx_pkts_per_buf).max(1.0);
+        let per_buf = self
+            .io
+            .rx_per_buf()
+            .unwrap_or(self.rx_pkts_per_buf)
+            .max(1.0);
         let spare = free.saturating_sub(reserve) as f64 * per_buf;
         let room = (spare / receivers as f64).min(f64::from(u32::MAX)) as u32;
         let share = (self.rx_refs.len() as f64 * per_buf / receivers as f64) as usize;
