@@ -628,8 +628,7 @@ fn udp_sockets(plan: &Plan) -> anyhow::Result<Vec<OwnedFd>> {
     };
     let mut socks = Vec::new();
     for _ in 0..plan.cores {
-        let (fd, _) = sys::udp_socket_in(plan.local, plan.cfg.bind_v6only, &opts)
-            .with_context(|| format!("binding UDP {}", plan.local))?;
+        let (fd, _) = bind_udp(plan, &opts)?;
         socks.push(fd);
     }
     if plan.cores > 1 {
@@ -642,6 +641,45 @@ fn udp_sockets(plan: &Plan) -> anyhow::Result<Vec<OwnedFd>> {
             .context("attaching the SO_REUSEPORT steering program")?;
     }
     Ok(socks)
+}
+
+/// How long a start waits for its port while another process still holds it.
+const PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Binds one socket of the group, waiting up to [`PORT_WAIT`] while the port is
+/// in use: an engine restarted right after its predecessor was killed finds the
+/// port still held, because the dead process's io_uring is torn down by a kernel
+/// worker after the process is gone (the sockets it holds close only then).
+/// A port held by a live process is still refused, naming the port, once the
+/// wait is over.
+fn bind_udp(plan: &Plan, opts: &SockOpts) -> anyhow::Result<(OwnedFd, sys::SockInfo)> {
+    let start = Instant::now();
+    let mut told = false;
+    loop {
+        match sys::udp_socket_in(plan.local, plan.cfg.bind_v6only, opts) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < PORT_WAIT => {
+                if !told {
+                    tracing::info!(
+                        "UDP {} is in use; waiting up to {} s for it (a stopped engine's \
+                         sockets close a moment after it exits)",
+                        plan.local,
+                        PORT_WAIT.as_secs()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => {
+                return r.with_context(|| {
+                    format!(
+                        "binding UDP {} (if another engine or program holds the port, stop \
+                         it or set another `port`)",
+                        plan.local
+                    )
+                })
+            }
+        }
+    }
 }
 
 /// Every core's rings, memory, doorbell and socket.
@@ -760,6 +798,11 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         send_slots: SEND_SLOTS,
         zc: plan.cfg.zero_copy,
         send_worker: plan.send_worker,
+        // Receives cut to the configured packet size: a peer's datagrams are at
+        // most `mss` bytes of IP packet (IPv4's headers, the smaller, assumed).
+        rx_slice: crate::io::uring::rx_slice_for(crate::io::uring::max_datagram(u32::from(
+            plan.cfg.mss,
+        ))),
         ..UringOpts::default()
     };
     let (path, futex_bell) = (plan.path, plan.futex_bell);
