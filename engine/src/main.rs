@@ -364,7 +364,7 @@ fn device(cmd: DeviceCmd) -> anyhow::Result<()> {
             let (rx_buffers, why) = match (rx_buffers, path_rate_mbps, path_rtt_ms) {
                 (Some(n), _, _) => (n, format!("{n} RX buffers (--rx-buffers)")),
                 (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
-                    dev::rx_buffers_for_path(rate, rtt, rx_buf_size, path_mss)
+                    lu2k_ring_abi::rx_pool::bufs_for_path(rate, rtt, rx_buf_size, path_mss)
                 }
                 (None, None, None) => {
                     let n = 1024u32.saturating_mul(cores);

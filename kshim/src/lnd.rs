@@ -138,38 +138,6 @@ pub struct Config {
     pub start_index: u32,
 }
 
-/// What a receiver holds of a lossy long path, in rates × RTT: a window in flight
-/// plus what waits behind a hole for its retransmission (about two round trips).
-pub const RX_HOLE_WAIT_FACTOR: f64 = 3.0;
-
-/// RX buffers of `buf_size` bytes for a path of `rate_mbps` and `rtt_ms` whose
-/// IP packets are at most `mss` bytes: [`RX_HOLE_WAIT_FACTOR`] × rate × RTT of
-/// datagrams, at the datagrams one buffer holds (the engine cuts each buffer into
-/// datagram-sized receives: a multishot recvmsg's 124 bytes of header, address
-/// and control messages before each, in 64-byte steps, as `lu2k_engine::io::uring::
-/// rx_slice_for` does; a GRO batch fills a buffer about as well), at least 64.
-/// With the reason, for the start-up line.
-pub fn rx_bufs_for_path(rate_mbps: f64, rtt_ms: f64, buf_size: u32, mss: u32) -> (u32, String) {
-    let datagram = mss.saturating_sub(28).max(1);
-    let slice = (124 + datagram).div_ceil(64) * 64;
-    let per_buf = (buf_size / slice).max(1);
-    let bytes = rate_mbps * 1e6 / 8.0 * rtt_ms / 1e3 * RX_HOLE_WAIT_FACTOR;
-    let held = f64::from(per_buf * datagram);
-    let n = (bytes / held)
-        .ceil()
-        .clamp(64.0, f64::from(u16::MAX) * 16.0) as u32;
-    (
-        n,
-        format!(
-            "{n} RX buffers of {} KiB for the path ({rate_mbps} Mbit/s x {rtt_ms} ms x \
-             {RX_HOLE_WAIT_FACTOR} for data waiting behind a hole = {:.1} MB; {per_buf} \
-             datagrams of {datagram} bytes per buffer)",
-            buf_size >> 10,
-            bytes / 1e6
-        ),
-    )
-}
-
 impl Config {
     /// Defaults for a node with `nids`, listening at `socket_path`: one core, 1024-entry
     /// rings, a 256 MiB TX pool in 64 KiB chunks (256 messages of 1 MiB), 1024 RX buffers

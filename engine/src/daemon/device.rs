@@ -30,35 +30,6 @@ pub struct Spec {
     pub rx_buf_size: u32,
 }
 
-/// What a receiver holds of a lossy long path, in rates × RTT: a window in flight
-/// plus what waits behind a hole for its retransmission (about two round trips).
-pub const RX_HOLE_WAIT_FACTOR: f64 = 3.0;
-
-/// RX buffers of `buf_size` bytes for a path of `rate_mbps` and `rtt_ms` whose IP
-/// packets are at most `mss` bytes: [`RX_HOLE_WAIT_FACTOR`] × rate × RTT of
-/// datagrams at the datagrams one buffer holds (cut into
-/// [`crate::io::uring::rx_slice_for`]-byte receives; a GRO batch fills a buffer
-/// about as well), at least 64. With the reason, for the line that tells it. The
-/// same rule as kshim's `lnd::rx_bufs_for_path`.
-pub fn rx_buffers_for_path(rate_mbps: f64, rtt_ms: f64, buf_size: u32, mss: u32) -> (u32, String) {
-    let datagram = crate::io::uring::max_datagram(mss).max(1);
-    let per_buf = (buf_size / crate::io::uring::rx_slice_for(datagram)).max(1);
-    let bytes = rate_mbps * 1e6 / 8.0 * rtt_ms / 1e3 * RX_HOLE_WAIT_FACTOR;
-    let n = (bytes / f64::from(per_buf * datagram))
-        .ceil()
-        .clamp(64.0, f64::from(u16::MAX) * 16.0) as u32;
-    (
-        n,
-        format!(
-            "{n} RX buffers of {} KiB for the path ({rate_mbps} Mbit/s x {rtt_ms} ms x \
-             {RX_HOLE_WAIT_FACTOR} for data waiting behind a hole = {:.1} MB; {per_buf} \
-             datagrams of {datagram} bytes per buffer)",
-            buf_size >> 10,
-            bytes / 1e6
-        ),
-    )
-}
-
 /// Ring sets the module serves at most (`LU2K_DEV_MAX_CORES`).
 pub const MAX_CORES: u32 = 16;
 /// TX slots asked for at least: the module keeps two for GET replies and
@@ -301,30 +272,5 @@ mod tests {
     fn a_missing_device_says_to_load_the_module() {
         let e = create(Path::new("/nonexistent/lu2k"), &spec()).unwrap_err();
         assert!(format!("{e:#}").contains("load the module"), "{e:#}");
-    }
-
-    #[test]
-    fn rx_pool_follows_the_path() {
-        // 500 Mbit/s x 600 ms x 3 = 112.5 MB; 40 datagrams of 1472 bytes per 64 KiB.
-        let (n, why) = rx_buffers_for_path(500.0, 600.0, 65536, 1500);
-        assert_eq!(n, (112.5e6_f64 / (40.0 * 1472.0)).ceil() as u32);
-        assert!(why.contains("500 Mbit/s x 600 ms"), "{why}");
-        // Ten times the rate: ten times the buffers.
-        let (n10, _) = rx_buffers_for_path(5000.0, 600.0, 65536, 1500);
-        assert!((n10 as f64 / n as f64 - 10.0).abs() < 0.01, "{n} {n10}");
-        // A short slow path still gets the floor.
-        assert_eq!(rx_buffers_for_path(1.0, 1.0, 65536, 1500).0, 64);
-        // kshim sizes its pool by the same rule.
-        for (rate, rtt, mss) in [
-            (500.0, 600.0, 1500),
-            (100.0, 250.0, 9000),
-            (10.0, 600.0, 1280),
-        ] {
-            assert_eq!(
-                rx_buffers_for_path(rate, rtt, 65536, mss).0,
-                lu2k_kshim::lnd::rx_bufs_for_path(rate, rtt, 65536, mss).0,
-                "{rate} {rtt} {mss}"
-            );
-        }
     }
 }

@@ -253,7 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let (rx_bufs, why) = match (c.rx_bufs, c.path_rate_mbps, c.path_rtt_ms) {
         (Some(n), _, _) => (n, format!("{n} RX buffers (--rx-bufs)")),
         (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
-            lu2k_kshim::lnd::rx_bufs_for_path(rate, rtt, cfg.rx_buf_size, c.path_mss)
+            lu2k_ring_abi::rx_pool::bufs_for_path(rate, rtt, cfg.rx_buf_size, c.path_mss)
         }
         (None, None, None) => (
             32768,

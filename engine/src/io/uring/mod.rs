@@ -118,6 +118,13 @@ pub const fn max_datagram(mss: u32) -> u32 {
     mss.saturating_sub(28)
 }
 
+// The RX pool is sized (by the kernel half and `device create`) at what these
+// receives take: the two must count the same bytes before each datagram.
+const _: () = assert!(
+    RECVMSG_OUT_LEN + sys::RAW_ADDR_LEN as u32 + sys::RECV_CMSG_SPACE as u32
+        == lu2k_ring_abi::rx_pool::RECV_OVERHEAD
+);
+
 /// Bytes of one RX ring entry that holds a datagram of up to `datagram` bytes with
 /// what a multishot `recvmsg` puts before it (header, the larger address, the
 /// control messages), rounded up to a cache line.
