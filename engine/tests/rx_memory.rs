@@ -53,12 +53,16 @@ fn datagram(n: u32, len: usize) -> Vec<u8> {
 #[derive(Debug, Clone, Copy)]
 struct Got {
     bid: u16,
+    off: u32,
     len: u32,
+    /// The datagram's number.
+    n: u32,
 }
 
 /// Sends `count` datagrams of `len` bytes numbered from `first`, one send each, at
 /// most 256 ahead of what arrived, and receives them all; every payload byte is
-/// checked against [`datagram`]. Buffers are returned at once unless `hold`.
+/// checked against [`datagram`]. Buffers are returned at once unless `hold`, as
+/// the transport returns them: once nothing held lies in them (`held`).
 /// Returns what arrived (in order) and how many arrived truncated.
 fn exchange(
     rx: &mut UringIo,
@@ -66,6 +70,18 @@ fn exchange(
     dst: SocketAddr,
     (first, count, len): (u32, u32, usize),
     hold: bool,
+) -> (Vec<Got>, u32) {
+    exchange_beside(rx, tx, dst, (first, count, len), hold, &[])
+}
+
+/// [`exchange`] beside datagrams held from before (`held`).
+fn exchange_beside(
+    rx: &mut UringIo,
+    tx: &UdpSocket,
+    dst: SocketAddr,
+    (first, count, len): (u32, u32, usize),
+    hold: bool,
+    held: &[Got],
 ) -> (Vec<Got>, u32) {
     let mut got = Vec::new();
     let mut truncated = 0;
@@ -101,8 +117,13 @@ fn exchange(
                         b == datagram(n, len).as_slice(),
                         "datagram {n}: payload bytes differ"
                     );
-                    got.push(Got { bid, len: l });
-                    if !hold {
+                    got.push(Got {
+                        bid,
+                        off,
+                        len: l,
+                        n,
+                    });
+                    if !hold && held.iter().all(|h| h.bid != bid) {
                         rx.return_rx(bid);
                     }
                 }
@@ -212,6 +233,41 @@ fn oversize_datagram_turns_cutting_off() {
     assert_eq!((got2.len(), truncated), (100, 0));
     assert_eq!(rx.stats().rx_slice_fallbacks, 1);
     all_returned(&mut rx, &[]);
+}
+
+#[test]
+fn truncated_entries_never_free_a_buffer_the_transport_holds() {
+    if !fast_path_or_skip("truncated_entries_never_free_a_buffer_the_transport_holds") {
+        return;
+    }
+    let (fd, dst) = sock();
+    let mem = OwnedMem::with_memfd_rx(64, 4096, 64, BUF).unwrap();
+    let mut rx = UringIo::new_owned(fd, mem, None, UringOpts::default()).unwrap();
+    let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let first = warm_up(&mut rx, &tx, dst);
+    // Datagrams held in the first pieces of cut buffers (behind a hole, say)...
+    let (held, truncated) = exchange(&mut rx, &tx, dst, (first, 50, 1472), true);
+    assert_eq!((held.len(), truncated), (50, 0));
+    // ...then oversize ones truncated into the other pieces of the same buffers
+    // (a GRO batch does the same): those pieces are discarded, and the buffers
+    // must stay out while the held datagrams lie in them.
+    let (_, truncated) = exchange_beside(&mut rx, &tx, dst, (first + 50, 40, 4000), false, &held);
+    assert!(truncated >= 1, "no datagram arrived truncated");
+    // Enough traffic to reuse every free buffer several times over.
+    let (got, _) = exchange_beside(&mut rx, &tx, dst, (first + 90, 2000, 1400), false, &held);
+    assert!(got.len() >= 1800);
+    for h in &held {
+        let b = rx
+            .rx_bytes(h.bid, h.off, h.len)
+            .expect("a held buffer stays readable");
+        assert!(
+            b == datagram(h.n, 1472).as_slice(),
+            "held datagram {} in buffer {} was overwritten while held",
+            h.n,
+            h.bid
+        );
+    }
+    all_returned(&mut rx, &held);
 }
 
 /// 512-byte blocks the memfd holds.

@@ -854,6 +854,11 @@ impl Lent {
         }
     }
 
+    /// Whether buffer `bid` is handed out.
+    pub fn is_out(&self, bid: u16) -> bool {
+        self.out.get(usize::from(bid)).is_some_and(|o| *o)
+    }
+
     /// Buffer `bid` comes back; `false` if it was not out.
     pub fn take_back(&mut self, bid: u16) -> bool {
         self.out

@@ -678,6 +678,18 @@ impl UringIo {
         );
     }
 
+    /// An entry of buffer `bid` that the transport never sees (truncated, or not
+    /// a datagram): the buffer is free again only if the transport holds nothing
+    /// in it and no entry of it is left in the ring. A cut buffer's other entries
+    /// may hold datagrams the transport keeps (it returns the buffer once, when
+    /// the last of them is done), so this entry alone must not free it.
+    fn discard_entry(&mut self, bid: u16) {
+        if !self.handed.is_out(bid) && self.left.get(usize::from(bid)) == Some(&0) {
+            self.rx_stash.push(bid);
+            self.refill();
+        }
+    }
+
     /// Takes the most recently returned free buffer from the stash.
     fn pop_stash(&mut self) -> Option<u16> {
         let bid = self.rx_stash.pop()?;
@@ -933,16 +945,16 @@ impl UringIo {
                 self.ring_bufs = self.ring_bufs.saturating_sub(1);
             }
         }
-        self.handed.lend(bid);
         let used = (res as u32).min(blen);
         // SAFETY: the kernel filled `used` bytes of the entry at `boff` in buffer
         // `bid` and handed it to us with this completion; nobody else touches it
         // until we provide it again.
         let Some(bytes) = (unsafe { self.rx.bytes(bid, boff, used) }) else {
+            self.discard_entry(bid);
             return;
         };
         let Ok(m) = types::RecvMsgOut::parse(bytes, &self.recv_hdr) else {
-            self.return_rx(bid);
+            self.discard_entry(bid);
             return;
         };
         if m.is_payload_truncated() {
@@ -951,11 +963,11 @@ impl UringIo {
             if blen < self.rx.buf_size {
                 self.stop_slicing("a datagram larger than a receive entry arrived truncated");
             }
-            self.return_rx(bid);
+            self.discard_entry(bid);
             return;
         }
         let Some(from) = sys::sockaddr_from_bytes(m.name_data()) else {
-            self.return_rx(bid);
+            self.discard_entry(bid);
             return;
         };
         let cm = sys::parse_recv_cmsgs(m.control_data());
@@ -988,6 +1000,7 @@ impl UringIo {
         }
         self.stats.recvs += 1;
         self.stats.bytes_received += u64::from(len);
+        self.handed.lend(bid);
         out.push(Event::Recv {
             from,
             bid,
