@@ -288,6 +288,12 @@ pub struct Udt {
     out: VecDeque<Event>,
     drops: BTreeMap<String, u64>,
     io_events: Vec<IoEvent>,
+    /// Buffers whose references reached zero while a batch of I/O events was
+    /// being handled: given back once the batch is done, if still unreferenced.
+    /// A cut buffer can have more receives of it later in the same batch, which
+    /// the I/O layer has lent already; given back before those are handled, it
+    /// would go into the ring again while they are then held.
+    rx_deferred: Option<Vec<u16>>,
     transmits: Vec<Transmit>,
     /// The TX slices of the transmits being sent, all of them in a row ...
     pieces: Vec<(u64, u32)>,
@@ -341,6 +347,7 @@ impl Udt {
             out: VecDeque::new(),
             drops: BTreeMap::new(),
             io_events: Vec::new(),
+            rx_deferred: None,
             transmits: Vec::new(),
             pieces: Vec::new(),
             spans: Vec::new(),
@@ -620,10 +627,20 @@ impl Transport for Udt {
         } else {
             self.io.realtime_ns()
         };
+        self.rx_deferred = Some(Vec::new());
         for ev in events.drain(..) {
             self.on_event(now, real, ev);
         }
         self.io_events = events;
+        if let Some(mut back) = self.rx_deferred.take() {
+            back.sort_unstable();
+            back.dedup();
+            for bid in back {
+                if self.rx_refs.get(usize::from(bid)) == Some(&0) {
+                    self.io.return_rx(bid);
+                }
+            }
+        }
         r.map(|()| woken)
     }
 
@@ -931,7 +948,7 @@ impl Udt {
         if let Some(r) = self.rx_refs.get_mut(bid as usize) {
             *r = r.saturating_sub(1);
             if *r == 0 {
-                self.io.return_rx(bid);
+                self.return_rx(bid);
             }
         }
     }
@@ -1426,7 +1443,16 @@ impl Udt {
             pos = next;
         }
         if self.rx_refs[bid as usize] == 0 {
-            self.io.return_rx(bid);
+            self.return_rx(bid);
+        }
+    }
+
+    /// Gives buffer `bid` back to the I/O layer: now, or at the end of the batch
+    /// of I/O events being handled (see `rx_deferred`).
+    fn return_rx(&mut self, bid: u16) {
+        match &mut self.rx_deferred {
+            Some(back) => back.push(bid),
+            None => self.io.return_rx(bid),
         }
     }
 
