@@ -177,6 +177,10 @@ pub struct SimIo {
     lent: Vec<bool>,
     /// The same, and writable access to them.
     handed: super::sys::Lent,
+    /// Receives per buffer ([`SimIo::cut_buffers`]; 1: whole buffers).
+    cut: u16,
+    /// The buffer being filled piece by piece, and its next piece.
+    filling: Option<(u16, u16)>,
     out: Vec<Event>,
     stats: IoStats,
 }
@@ -195,6 +199,8 @@ impl SimIo {
             free: (0..mem.rx.count).rev().collect(),
             lent: vec![false; usize::from(mem.rx.count)],
             handed: mem.lent(),
+            cut: 1,
+            filling: None,
             mem,
             clock,
             port: port.clone(),
@@ -204,21 +210,41 @@ impl SimIo {
         (io, port)
     }
 
+    /// Cuts each RX buffer into `n` receives, as the io_uring path does once
+    /// datagrams arrive one by one: consecutive datagrams fill one buffer's
+    /// pieces, each handed out with its own `Recv`, and the buffer is free again
+    /// once its last piece was handed out and the transport gave it back.
+    pub fn cut_buffers(&mut self, n: u16) {
+        self.cut = n.max(1);
+    }
+
     fn receive(&mut self, out: &mut Vec<Event>) {
         let mut q = self.port.lock();
         while !q.inbox.is_empty() {
-            let Some(&bid) = self.free.last() else {
-                self.stats.rx_starved += 1;
-                out.push(Event::RxStarved);
-                return;
+            let (bid, piece) = match self.filling {
+                Some(f) => f,
+                None => {
+                    let Some(bid) = self.free.pop() else {
+                        self.stats.rx_starved += 1;
+                        out.push(Event::RxStarved);
+                        return;
+                    };
+                    (bid, 0)
+                }
             };
+            let next = piece + 1;
+            self.filling = (next < self.cut).then_some((bid, next));
+            let room = self.mem.rx.buf_size / u32::from(self.cut);
+            let off = u32::from(piece) * room;
             let d = q.inbox.pop_front().expect("front exists");
-            if !self.mem.write_rx(bid, 0, &d.bytes) {
+            if d.bytes.len() > room as usize || !self.mem.write_rx(bid, off, &d.bytes) {
                 self.stats.rx_truncated += 1;
                 out.push(Event::RecvTruncated);
+                if self.filling.is_none() && !self.lent[usize::from(bid)] {
+                    self.free.push(bid);
+                }
                 continue;
             }
-            self.free.pop();
             self.lent[usize::from(bid)] = true;
             self.handed.lend(bid);
             self.stats.recvs += 1;
@@ -227,7 +253,7 @@ impl SimIo {
             out.push(Event::Recv {
                 from: super::sys::canonical(d.from),
                 bid,
-                off: 0,
+                off,
                 len,
                 seg: len,
                 stamp_ns: None,
@@ -280,7 +306,10 @@ impl DatagramIo for SimIo {
         if let Some(l) = self.lent.get_mut(usize::from(bid)).filter(|l| **l) {
             *l = false;
             self.handed.take_back(bid);
-            self.free.push(bid);
+            // A buffer still being filled is free once its last piece is back.
+            if self.filling.is_none_or(|(b, _)| b != bid) {
+                self.free.push(bid);
+            }
         }
     }
 
@@ -334,6 +363,10 @@ impl DatagramIo for SimIo {
 
     fn rx_count(&self) -> usize {
         usize::from(self.mem.rx.count)
+    }
+
+    fn rx_per_buf(&self) -> Option<f64> {
+        (self.cut > 1).then_some(f64::from(self.cut))
     }
 
     fn path_name(&self) -> &'static str {
