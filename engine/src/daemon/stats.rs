@@ -338,6 +338,19 @@ pub fn render(r: &Report) -> String {
             c.drops
         );
     }
+    // RX memory: receives cut into datagram-sized pieces fall back to whole
+    // buffers on a GRO batch or oversize datagram; cold free buffers' pages go back.
+    for c in &r.cores {
+        let io = &c.io;
+        if io.rx_truncated + io.rx_slice_fallbacks + io.rx_bufs_released > 0 {
+            let _ = writeln!(
+                o,
+                "core {} rx memory: {} truncated, {} fallbacks to whole buffers, {} buffers' \
+                 pages given back",
+                c.core, io.rx_truncated, io.rx_slice_fallbacks, io.rx_bufs_released
+            );
+        }
+    }
     // Where a core's time goes while it waits. Blocking waits by cause (`io.wakes`)
     // sum to at most `sleeps` while the engine runs (a sleep that finds kshim's
     // rings busy at its re-check does not block); a draining core adds its own.
@@ -497,6 +510,30 @@ pub fn render(r: &Report) -> String {
 mod tests {
     use super::*;
     use crate::io::Wakes;
+
+    #[test]
+    fn render_shows_rx_memory_only_where_it_moved() {
+        let moved = CoreStats {
+            core: 1,
+            io: IoStats {
+                rx_truncated: 3,
+                rx_slice_fallbacks: 1,
+                rx_bufs_released: 40,
+                ..IoStats::default()
+            },
+            ..CoreStats::default()
+        };
+        let r = Report {
+            cores: vec![CoreStats::default(), moved],
+            ..Report::default()
+        };
+        let text = render(&r);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains("rx memory")).collect();
+        assert_eq!(
+            lines,
+            ["core 1 rx memory: 3 truncated, 1 fallbacks to whole buffers, 40 buffers' pages given back"]
+        );
+    }
 
     #[test]
     fn render_shows_where_waiting_goes() {
