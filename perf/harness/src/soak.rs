@@ -21,9 +21,11 @@
 //! same payload, as LNet resends (at most [`MAX_ATTEMPTS`] times).
 //!
 //! Pass/fail ([`judge`]):
-//! - RSS: per engine process, the first sample at least the warm-up after the
-//!   process started is the baseline (warm-up: 10 % of the run, at most 5 min);
-//!   any later sample of that process above it by more than 5 % fails.
+//! - RSS: per engine process, from the warm-up after the process started on
+//!   (warm-up: 10 % of the run, at most 5 min), the least sample of the last
+//!   quarter of its samples more than 5 % above the least of the first quarter
+//!   fails. RSS follows the data (RX pool pages come with a peer's burst and go
+//!   back when it ends), so a peak is load, not growth; a leak raises the floor.
 //! - Accounting, once every sender is idle: every engine's RX buffers held and
 //!   TX messages in flight are 0, every kshim has no send pending and its TX pool
 //!   whole, the receiving kshim gave back every message it was handed.
@@ -248,35 +250,49 @@ pub struct RssSeries {
 pub struct RssGrowth {
     pub node: String,
     pub incarnation: u32,
+    /// The least sample of the first quarter after warm-up (the baseline floor).
     pub baseline_s: f64,
     pub baseline_kib: u64,
+    /// The least sample of the last quarter (the late floor).
+    pub late_s: f64,
+    pub late_kib: u64,
+    /// The highest sample after warm-up (load, reported, not judged).
     pub peak_s: f64,
     pub peak_kib: u64,
-    /// peak / baseline - 1.
+    /// late floor / baseline floor - 1.
     pub growth: f64,
-    /// RssAnon and RssShmem at the baseline and at the peak.
+    /// RssAnon and RssShmem at the baseline and at the late floor.
     pub anon_kib: (Option<u64>, Option<u64>),
     pub shmem_kib: (Option<u64>, Option<u64>),
 }
 
-/// The baseline (first sample at least `warmup_s` after the process started) and
-/// the highest later sample; None with fewer than two samples from the baseline on.
+/// The floors of the first and the last quarter of the samples from `warmup_s`
+/// after the process started on, and the peak between; None with fewer than
+/// two samples from then on.
 pub fn rss_growth(s: &RssSeries, warmup_s: f64) -> Option<RssGrowth> {
     let from = s.started_s + warmup_s;
-    let mut after = s.points.iter().filter(|p| p.0 >= from);
-    let &(baseline_s, baseline_kib) = after.next()?;
-    let &(peak_s, peak_kib) = after.max_by_key(|p| p.1)?;
+    let after: Vec<(f64, u64)> = s.points.iter().copied().filter(|p| p.0 >= from).collect();
+    if after.len() < 2 {
+        return None;
+    }
+    let q = (after.len() / 4).max(1);
+    let least = |w: &[(f64, u64)]| *w.iter().min_by_key(|p| p.1).expect("a sample");
+    let (baseline_s, baseline_kib) = least(&after[..q]);
+    let (late_s, late_kib) = least(&after[after.len() - q..]);
+    let &(peak_s, peak_kib) = after.iter().max_by_key(|p| p.1)?;
     let at = |v: &[(f64, u64)], t: f64| v.iter().find(|p| p.0 == t).map(|p| p.1);
     Some(RssGrowth {
-        anon_kib: (at(&s.anon, baseline_s), at(&s.anon, peak_s)),
-        shmem_kib: (at(&s.shmem, baseline_s), at(&s.shmem, peak_s)),
+        anon_kib: (at(&s.anon, baseline_s), at(&s.anon, late_s)),
+        shmem_kib: (at(&s.shmem, baseline_s), at(&s.shmem, late_s)),
         node: s.node.clone(),
         incarnation: s.incarnation,
         baseline_s,
         baseline_kib,
+        late_s,
+        late_kib,
         peak_s,
         peak_kib,
-        growth: peak_kib as f64 / baseline_kib.max(1) as f64 - 1.0,
+        growth: late_kib as f64 / baseline_kib.max(1) as f64 - 1.0,
     })
 }
 
@@ -480,15 +496,17 @@ pub fn judge(
             Some(g) => {
                 if g.growth > RSS_GROWTH_LIMIT {
                     v.failures.push(format!(
-                        "{} (engine process {}): RSS grew {:.1} % after warm-up, {} KiB at {:.0} s to {} KiB at {:.0} s (limit {:.0} %); of it RssAnon {} -> {} KiB, RssShmem (kshim's pools mapped) {} -> {} KiB",
+                        "{} (engine process {}): RSS floor grew {:.1} % after warm-up, least {} KiB at {:.0} s in the first quarter to least {} KiB at {:.0} s in the last (limit {:.0} %; peak {} KiB at {:.0} s); of it RssAnon {} -> {} KiB, RssShmem (kshim's pools mapped) {} -> {} KiB",
                         g.node,
                         g.incarnation,
                         g.growth * 100.0,
                         g.baseline_kib,
                         g.baseline_s,
+                        g.late_kib,
+                        g.late_s,
+                        RSS_GROWTH_LIMIT * 100.0,
                         g.peak_kib,
                         g.peak_s,
-                        RSS_GROWTH_LIMIT * 100.0,
                         kib(g.anon_kib.0),
                         kib(g.anon_kib.1),
                         kib(g.shmem_kib.0),
@@ -1768,14 +1786,16 @@ fn print_summary(v: &Verdict, r: &SoakReport<'_>) {
     }
     for g in &v.rss {
         println!(
-            "RSS {} #{}: {} KiB at {:.0} s, peak after {} KiB at {:.0} s ({:+.1} %; RssAnon {} -> {}, RssShmem {} -> {} KiB)",
+            "RSS {} #{}: floor {} KiB at {:.0} s, late floor {} KiB at {:.0} s ({:+.1} %), peak {} KiB at {:.0} s (RssAnon {} -> {}, RssShmem {} -> {} KiB)",
             g.node,
             g.incarnation,
             g.baseline_kib,
             g.baseline_s,
+            g.late_kib,
+            g.late_s,
+            g.growth * 100.0,
             g.peak_kib,
             g.peak_s,
-            g.growth * 100.0,
             kib(g.anon_kib.0),
             kib(g.anon_kib.1),
             kib(g.shmem_kib.0),
@@ -1823,12 +1843,26 @@ mod tests {
         // Growth during warm-up (100 -> 200) is not counted; 200 -> 209 is 4.5 %.
         let s = series(0.0, &[(0.0, 100), (10.0, 200), (20.0, 205), (30.0, 209)]);
         let g = rss_growth(&s, 10.0).unwrap();
-        assert_eq!((g.baseline_kib, g.peak_kib), (200, 209));
+        assert_eq!((g.baseline_kib, g.late_kib, g.peak_kib), (200, 209, 209));
         assert!((g.growth - 0.045).abs() < 1e-9);
         let v = judge(&Ledger::default(), &[], &[s], 10.0, None);
         assert!(v.pass, "{:?}", v.failures);
-        // 200 -> 211 (5.5 %) fails, naming the node.
-        let s = series(0.0, &[(0.0, 100), (10.0, 200), (20.0, 211), (30.0, 205)]);
+        // A peak that comes back down (a peer's burst) is load, not growth.
+        let s = series(
+            0.0,
+            &[
+                (0.0, 100),
+                (10.0, 200),
+                (20.0, 400),
+                (30.0, 380),
+                (40.0, 203),
+            ],
+        );
+        let g = rss_growth(&s, 10.0).unwrap();
+        assert_eq!((g.late_kib, g.peak_kib), (203, 400));
+        assert!(judge(&Ledger::default(), &[], &[s], 10.0, None).pass);
+        // A floor that rises, 200 -> 211 (5.5 %), fails, naming the node.
+        let s = series(0.0, &[(0.0, 100), (10.0, 200), (20.0, 230), (30.0, 211)]);
         let v = judge(&Ledger::default(), &[], &[s], 10.0, None);
         assert!(!v.pass);
         assert!(
