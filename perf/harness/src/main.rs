@@ -16,6 +16,7 @@
 
 mod collect;
 mod gateway;
+mod idle;
 mod lu2k;
 mod node;
 mod quic;
@@ -71,6 +72,9 @@ enum Command {
     /// A gateway full of peers: N sender and N receiver nodes (kshim + engine
     /// each) over one emulated link; aggregate goodput, fairness, CPU, RSS.
     Gateway(gateway::GatewayArgs),
+    /// An idle engine with N connected peers (and with none): its CPU,
+    /// wake-ups, timers and datagrams per second.
+    IdlePeers(idle::IdleArgs),
     /// Internal: one endpoint process of a contender (JSON spec).
     #[command(name = "__node", hide = true)]
     Node { spec: String },
@@ -226,6 +230,7 @@ fn main() -> Result<()> {
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak::soak(args),
         Command::Gateway(args) => gateway::main(args),
+        Command::IdlePeers(args) => idle::main(args),
         Command::GatewayNode { spec } => gateway::node_main(&spec),
         Command::Node { spec } => node::main(&spec),
         Command::Engine { spec } => lu2k::engine_main(&spec),
