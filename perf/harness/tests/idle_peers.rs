@@ -13,7 +13,15 @@ use common::bin;
 #[test]
 fn idle_engine_with_five_peers_reports_every_peer_connected_and_sane_figures() {
     let out = Command::new(bin())
-        .args(["idle-peers", "--peers", "5", "--seconds", "3", "--settle", "1"])
+        .args([
+            "idle-peers",
+            "--peers",
+            "5",
+            "--seconds",
+            "3",
+            "--settle",
+            "1",
+        ])
         .output()
         .expect("running lu2k-perf idle-peers");
     let stdout = String::from_utf8_lossy(&out.stdout);
