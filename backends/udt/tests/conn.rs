@@ -776,6 +776,62 @@ fn light_acks_are_at_most_one_per_100_us() {
 }
 
 #[test]
+fn an_idle_pair_sends_keepalives_a_second_apart_not_udt4s_300_ms() {
+    let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 13);
+    p.connect();
+    p.send(0, 50_000, None);
+    p.run(p.now + 2_000_000, |p| !p.acked().is_empty());
+    p.run(p.now + 2_000_000, |_| false);
+    let sent = std::rc::Rc::new(std::cell::RefCell::new([0u32; 2]));
+    let count = sent.clone();
+    p.drop = Box::new(move |dir, b| {
+        // A control packet (top bit) of type 1.
+        if u16::from_be_bytes([b[0], b[1]]) == 0x8001 {
+            count.borrow_mut()[usize::from(matches!(dir, Dir::ToClient))] += 1;
+        }
+        false
+    });
+    p.run(p.now + 20_000_000, |_| false);
+    let [client, server] = *sent.borrow();
+    // A keep-alive restarts the other end's EXP timer, which next fires at
+    // least `keepalive_us` (1 s) later, on the 250 ms grid. At this delay both
+    // ends' timers fall in the same grid slot, so each sends one every 1.25 s:
+    // 32 in 20 s. UDT4's 300 ms floor made it a ping-pong of 63.
+    assert!(
+        (10..=36).contains(&(client + server)),
+        "{client} + {server} keep-alives in 20 s idle"
+    );
+    // Both ends keep sending: neither may go silent for its peer's idle timeout.
+    assert!(client >= 5 && server >= 5, "{client} / {server}");
+    assert!(p.client.is_connected() && p.server.as_ref().unwrap().is_connected());
+}
+
+#[test]
+fn a_message_after_an_idle_gap_waits_a_whole_rto_for_its_ack() {
+    // 100 ms one way. A message handed after a quiet of any length is
+    // answered in one round trip; its retransmission timer must count from
+    // its own send, not from the last keep-alive heard (up to 1.25 s before),
+    // or it fires first and holds the path dead (an outage) for nothing.
+    let mut p = Pair::new(cfg(Kind::Satellite), 100_000, 14);
+    p.connect();
+    p.run(p.now + 3_000_000, |_| false);
+    for i in 0..12u64 {
+        p.run(p.now + 300_000 + 97_000 * i, |_| false);
+        p.send(i, 1_000, None);
+        let t0 = p.now;
+        p.run(p.now + 2_000_000, |p| p.acked().len() as u64 == i + 1);
+        assert_eq!(p.acked().len() as u64, i + 1);
+        assert!(
+            p.now - t0 < 250_000,
+            "message {i} acked after {} us",
+            p.now - t0
+        );
+    }
+    let st = p.client.stats();
+    assert_eq!((st.outages, st.pkts_retransmitted), (0, 0), "{st:?}");
+}
+
+#[test]
 fn an_idle_connection_wakes_only_for_keepalives() {
     let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 12);
     p.connect();

@@ -50,13 +50,22 @@
 //!   of ours is unacknowledged, as the draft says; UDT 4.11 restarts it on
 //!   every packet, so while a peer sends its own data a lost window waits
 //!   until that data stops. Any packet still restarts the idle timeout, and
-//!   the timer's backoff (`exp_count`) is kept until the peer reports.
+//!   the timer's backoff (`exp_count`) is kept until the peer reports. The
+//!   first packet sent while nothing was in flight restarts it too (RFC
+//!   6298's rule): counted from an answer or keep-alive a second old, it
+//!   would fire before that packet could be acknowledged.
 //! - TTL applies until a message has left completely (see
 //!   [`Connection::send`]).
 //! - Light ACKs go out every 64 packets as in UDT4, but at most one per
 //!   100 µs: above ~0.6 M packets/s (loopback, fast LANs) they would be
 //!   tens of thousands of sends a second for nothing; the window still
 //!   advances every few hundred packets.
+//! - Keep-alives. An idle connection's EXP timer (it sends the keep-alive)
+//!   fires at least [`Config::keepalive_us`] (1 s) after the peer was last
+//!   heard, not UDT4's 300 ms, on a quarter-second grid: an engine with
+//!   many idle peers wakes a few times a second for all of them, instead
+//!   of several times a second for each. UDT4 peers stay up (they close
+//!   after 16 silent EXPs, tens of seconds).
 //! - Outages. When the EXP timer fires with data in flight (a whole RTO —
 //!   `RTT + 4·RTTVar + 10 ms`, at least `min_exp_interval_us` — without an
 //!   advancing ACK or a NAK), the path is held dead: no new data and no
@@ -114,6 +123,10 @@ use crate::wire::{ControlRepr, HandshakeRepr, NakList, Packet};
 
 /// UDT's SYN interval: ACK timer and rate-control period, microseconds.
 pub const SYN_US: u64 = 10_000;
+/// The grid an idle connection's keep-alives fall on, microseconds (see
+/// [`Config::keepalive_us`]): idle connections whose keep-alives come due
+/// within the same quarter second send them in one wake-up, not one each.
+pub const KEEPALIVE_GRID_US: u64 = 250_000;
 /// Largest loss range a NAK (or message drop request) may name (a
 /// hostile-input bound).
 const MAX_NAK_SPAN: u64 = 1 << 22;

@@ -344,6 +344,13 @@ impl Connection {
             sent_at: now,
             retx: false,
         };
+        if self.tx.next == self.tx.una {
+            // The first packet in flight starts the retransmission timer (RFC
+            // 6298, 5.1): EXP counted from the last answer or keep-alive would
+            // fire before an idle connection's first packet could be answered.
+            self.exp_count = 1;
+            self.last_rsp = now;
+        }
         self.tx.pkts.push_back(pkt);
         self.tx.next += 1;
         self.stats.pkts_sent += 1;

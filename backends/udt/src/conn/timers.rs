@@ -3,7 +3,7 @@
 //! silence, keep-alive and the idle close. (The handshake's retry timer is
 //! in [`super::handshake`].)
 
-use super::{CloseReason, Connection, State, MAX_RTT_US, SYN_US};
+use super::{CloseReason, Connection, State, KEEPALIVE_GRID_US, MAX_RTT_US, SYN_US};
 use crate::estimate::Time;
 use crate::wire::ControlRepr;
 
@@ -108,6 +108,11 @@ impl Connection {
             min = min.max(INITIAL_EXP_US);
         }
         let exp = base.max(u64::from(self.exp_count) * min);
+        if self.tx.next == self.tx.una && !self.tx.has_unsent() {
+            // Nothing of ours to resend: this fire is a keep-alive.
+            let at = self.last_rsp + exp.max(self.cfg.keepalive_us);
+            return at.div_ceil(KEEPALIVE_GRID_US) * KEEPALIVE_GRID_US;
+        }
         self.last_rsp + exp
     }
 

@@ -56,6 +56,16 @@ pub struct Config {
     pub min_nak_interval_us: u64,
     /// Lower bound of the EXP interval, microseconds (UDT4: 300 ms).
     pub min_exp_interval_us: u64,
+    /// Least interval between the keep-alives of an idle connection (nothing
+    /// unsent or unacknowledged), microseconds; their EXP deadlines are also
+    /// rounded up to a multiple of [`super::KEEPALIVE_GRID_US`], so an engine's idle
+    /// connections send theirs in the same wake-up. A keep-alive heard
+    /// restarts the EXP timer; unanswered, it backs off as UDT4's does. A
+    /// peer closes only after 16 EXP expirations without hearing anything
+    /// (UDT4: and an interval over 5 s, about 46 s of silence; lu2k: and
+    /// `idle_timeout_us`), so keep-alives a second or so apart keep UDT4 and
+    /// lu2k peers alike. Default 1 s.
+    pub keepalive_us: u64,
     /// How far ahead of its pacing time a data packet may leave inside a
     /// [`super::Connection::poll_transmit_batch`] run, microseconds.
     pub batch_horizon_us: u64,
@@ -81,6 +91,7 @@ impl Default for Config {
             connect_timeout_us: 10_000_000,
             min_nak_interval_us: 20_000,
             min_exp_interval_us: 300_000,
+            keepalive_us: 1_000_000,
             batch_horizon_us: 1_000,
             socket_id_class: (1, 0),
         }
