@@ -752,7 +752,7 @@ impl Drop for MetricsServer {
 }
 
 /// Waits up to `ms` milliseconds for `fd` to become readable.
-fn wait_readable(fd: &impl std::os::fd::AsFd, ms: i64) {
+pub(crate) fn wait_readable(fd: &impl std::os::fd::AsFd, ms: i64) {
     use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [PollFd::new(fd, PollFlags::IN)];
     let t = rustix::time::Timespec {

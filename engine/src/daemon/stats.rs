@@ -263,7 +263,10 @@ impl Server {
                             let _ = serde_json::to_writer(&mut s, &r);
                             let _ = s.flush();
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        // Sleep until a client connects, looking at the stop flag
+                        // every 200 ms: a request is answered at once, and an idle
+                        // engine's stats thread wakes 5 times a second, not 50.
+                        Err(_) => super::metrics::wait_readable(&listener, 200),
                     }
                 }
             })?;
