@@ -963,10 +963,15 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 /// Gives the whole pages inside `[addr, addr + len)` (a range of a mapping of ours)
-/// back to the system: `MADV_REMOVE` frees them from a shared memfd or tmpfs mapping
-/// (the region's RX pool: kshim's mapping of the same pages loses them too),
-/// `MADV_DONTNEED` from a private anonymous one (where `MADV_REMOVE` is refused).
-/// The range reads as zeros afterwards. Whether pages were given back.
+/// back to the system with `MADV_REMOVE`, which frees them from a shared memfd or
+/// tmpfs mapping (userspace kshim's region: kshim's mapping of the same pages loses
+/// them too); the range reads as zeros afterwards. Whether pages were given back.
+///
+/// Anything else is refused and left alone. In particular not `MADV_DONTNEED`: on
+/// the kernel module's region (`remap_vmalloc_range`, no fault handler) it zaps the
+/// engine's page table entries for good, and the next receive into the range fails
+/// with `EFAULT`, so the core stops receiving (the kernel lab's module test stalled
+/// on 6.1 that way).
 ///
 /// The caller must own the range: nobody (kernel included) may be reading or
 /// writing it, and nothing it held is needed any more.
@@ -978,10 +983,9 @@ pub fn give_back_pages(addr: usize, len: usize) -> bool {
     }
     let (addr, len) = (start, end - start);
     // SAFETY: madvise on a range of our own mappings that the caller owns (contract
-    // above); neither advice unmaps anything, the pages only read as zero afterwards.
-    let removed = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) } == 0;
-    // SAFETY: as above.
-    removed || unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) } == 0
+    // above); MADV_REMOVE unmaps nothing, the pages only read as zero afterwards, and
+    // where the mapping cannot do that it fails and changes nothing.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) == 0 }
 }
 
 impl Mapping {

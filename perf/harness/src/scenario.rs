@@ -1293,7 +1293,7 @@ loss = 0.0
                 let s = if gateway {
                     crate::gateway::GatewayFile::load(&p).map(|g| g.scenario)
                 } else {
-                    Scenario::load(&p)
+                    Scenario::load(&p).map_err(anyhow::Error::from)
                 }
                 .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 assert!(!s.cells(true).is_empty());

@@ -42,7 +42,8 @@
 //!   is a whole batch, a whole 64 KiB buffer. The probe reports both.
 //!   Free buffers whose pages stayed cold while pool use fell well below its
 //!   recent peak give their pages back (`MADV_REMOVE` on the region's memfd, see
-//!   [`sys::give_back_pages`]), so resident memory follows the data down.
+//!   [`sys::give_back_pages`]), so resident memory follows the data down; a
+//!   region that refuses (the kernel module's) keeps its pages.
 //!   The ring holds at most [`RING_FILL`] buffers' worth of entries; the other free
 //!   buffers wait in a stack and go in most recently returned first, so the kernel
 //!   keeps writing into the same warm working set. (The ring is FIFO: with the whole pool in it, every
@@ -410,8 +411,9 @@ pub struct UringIo {
     stash_cold: usize,
     /// Most buffers in use since the last trim.
     use_peak: usize,
-    /// When free buffers are next looked at for pages to give back.
-    trim_at: Instant,
+    /// When free buffers are next looked at for pages to give back; `None` once
+    /// the region refused to give pages back (the kernel module's region).
+    trim_at: Option<Instant>,
     recv_hdr: Box<libc::msghdr>,
     recv_armed: bool,
     starved: bool,
@@ -710,7 +712,7 @@ impl UringIo {
         let in_use = usize::from(self.rx.count).saturating_sub(self.free_bufs());
         self.use_peak = self.use_peak.max(in_use);
         let now = Instant::now();
-        if now < self.trim_at {
+        if self.trim_at.is_none_or(|t| now < t) {
             return;
         }
         let keep = (2 * self.use_peak).max(TRIM_KEEP_MIN);
@@ -721,16 +723,22 @@ impl UringIo {
             if let Some(a) = self.rx.buf(bid) {
                 // The buffer is free and outside the ring: nobody, kernel included,
                 // reads or writes it until it is provided again.
-                if sys::give_back_pages(a as usize, self.rx.buf_size as usize) {
-                    self.stats.rx_bufs_released += 1;
+                if !sys::give_back_pages(a as usize, self.rx.buf_size as usize) {
+                    tracing::info!(
+                        "RX: this region cannot give pages of free buffers back \
+                         (a kernel module's region): RX memory stays at its high water"
+                    );
+                    self.trim_at = None;
+                    return;
                 }
+                self.stats.rx_bufs_released += 1;
             }
         }
         self.stash_cold = self.stash_cold.max(end);
         if end < cold_end {
             return;
         }
-        self.trim_at = now + TRIM_EVERY;
+        self.trim_at = Some(now + TRIM_EVERY);
         self.use_peak = in_use;
     }
 
@@ -1508,7 +1516,7 @@ impl sys::Build for UringIo {
             left: vec![0; usize::from(count)],
             stash_cold: usize::from(count),
             use_peak: 0,
-            trim_at: Instant::now() + TRIM_EVERY,
+            trim_at: Some(Instant::now() + TRIM_EVERY),
             recv_hdr,
             recv_armed: false,
             starved: false,
