@@ -395,8 +395,9 @@ pub(crate) fn create(nid: Nid) -> anyhow::Result<u32> {
         text,
         String::from_utf8_lossy(&out.stderr)
     );
-    // "instance N: ..."
-    text.strip_prefix("instance ")
+    // "instance N: ...", after what it says about the RX pool.
+    text.lines()
+        .find_map(|l| l.strip_prefix("instance "))
         .and_then(|r| r.split(':').next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("lu2k-engine device create printed {text:?}"))
