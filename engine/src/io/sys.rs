@@ -970,8 +970,7 @@ unsafe impl Sync for Mapping {}
 /// Anything else is refused and left alone. In particular not `MADV_DONTNEED`: on
 /// the kernel module's region (`remap_vmalloc_range`, no fault handler) it zaps the
 /// engine's page table entries for good, and the next receive into the range fails
-/// with `EFAULT`, so the core stops receiving (the kernel lab's module test stalled
-/// on 6.1 that way).
+/// with `EFAULT`, so the core stops receiving.
 ///
 /// The caller must own the range: nobody (kernel included) may be reading or
 /// writing it, and nothing it held is needed any more.

@@ -8,10 +8,10 @@
 //! is out of reach of exhaustive search; the connection's keys come from an
 //! X25519 exchange, itself about 128 bits strong, so a 256-bit cipher key
 //! added no strength against a classical attacker (and X25519 falls to a
-//! quantum one whatever the cipher). Ten AES rounds instead of fourteen:
-//! sealing a full packet costs 8–10 % less CPU than AES-256-GCM, opening 2–7 %, on this
-//! project's VM (`cargo bench -p lu2k-engine --bench seal`; the README has the
-//! figures). ChaCha20-Poly1305 costs 2.4× AES-GCM to open there (AES-NI and VAES).
+//! quantum one whatever the cipher). Ten AES rounds instead of fourteen make
+//! every packet cheaper to seal and open; ChaCha20-Poly1305, without AES-NI and
+//! VAES to lean on, costs more than either (`cargo bench -p lu2k-engine --bench
+//! seal` measures all three; the README has the figures).
 //!
 //! **Sealed datagram** (wire version 4; [`OVERHEAD`] = 24 bytes more than the
 //! plain UDT packet):
