@@ -57,7 +57,8 @@
 //!   cores carries one message.
 //! - [`attach`]: the Unix-socket handshake (HELLO with the memfd and the eventfds,
 //!   ACK, NOTICE) by which an engine attaches to kshim; its decoders never panic.
-//! - [`rx_pool`]: how many RX buffers a path needs (the rule both halves apply).
+//! - [`rx_pool`]: how many RX buffers a path needs (the rule both halves apply);
+//!   [`tx_pool`]: how large a TX pool a path needs (the kshim's rule).
 //! - [`nid`]: LNet NIDs ([`Nid`], [`Net`], [`LndType`]): 24 bytes mirroring Lustre's
 //!   large NID (IPv4 and IPv6 addresses), their text form (`10.0.0.1@lu2k`,
 //!   `fd00::1@lu2k`); every NID4 and every valid IPv6 NID round-trips through the text.
@@ -73,6 +74,7 @@ pub mod layout;
 pub mod nid;
 pub mod protocol;
 pub mod rx_pool;
+pub mod tx_pool;
 
 #[cfg(not(loom))]
 pub mod attach;

@@ -69,7 +69,10 @@ struct Common {
     /// Messages in flight in total.
     #[arg(long, global = true)]
     credits: Option<u32>,
-    /// TX pool size, e.g. 256M.
+    /// TX pool size, e.g. 256M [default: sized for --path-rate-mbps and
+    /// --path-rtt-ms where given (3 x rate x RTT, at least 32M), else 256M]. A
+    /// message holds its share until its last byte is acknowledged; every page
+    /// a message once used stays resident in the engine that sent it.
     #[arg(long, global = true, value_parser = parse_size)]
     tx_pool: Option<u64>,
     /// RX buffers the engine receives into (count of 64 KiB buffers, split
@@ -82,11 +85,11 @@ struct Common {
     /// received data cost memory, and free ones that stay cold are given back.
     #[arg(long, global = true)]
     rx_bufs: Option<u32>,
-    /// The path's rate in Mbit/s, to size the RX pool (with --path-rtt-ms):
-    /// 3 x rate x RTT of datagrams.
+    /// The path's rate in Mbit/s, to size the RX and TX pools (with
+    /// --path-rtt-ms): 3 x rate x RTT of datagrams, and of bytes.
     #[arg(long, global = true)]
     path_rate_mbps: Option<f64>,
-    /// The path's round-trip time in ms, to size the RX pool (with
+    /// The path's round-trip time in ms, to size the RX and TX pools (with
     /// --path-rate-mbps).
     #[arg(long, global = true)]
     path_rtt_ms: Option<f64>,
@@ -247,9 +250,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(v) = c.credits {
         cfg.credits = v;
     }
-    if let Some(v) = c.tx_pool {
-        cfg.tx_pool_len = v;
-    }
+    let tx_why = match (c.tx_pool, c.path_rate_mbps, c.path_rtt_ms) {
+        (Some(v), _, _) => {
+            cfg.tx_pool_len = v;
+            format!("{} MiB TX pool (--tx-pool)", v >> 20)
+        }
+        (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
+            let (v, why) = lu2k_ring_abi::tx_pool::bytes_for_path(rate, rtt);
+            cfg.tx_pool_len = v;
+            why
+        }
+        _ => format!(
+            "{} MiB TX pool (default: the path is not known; give --path-rate-mbps and \
+             --path-rtt-ms to size the pool for it)",
+            cfg.tx_pool_len >> 20
+        ),
+    };
     let (rx_bufs, why) = match (c.rx_bufs, c.path_rate_mbps, c.path_rtt_ms) {
         (Some(n), _, _) => (n, format!("{n} RX buffers (--rx-bufs)")),
         (None, Some(rate), Some(rtt)) if rate > 0.0 && rtt > 0.0 => {
@@ -267,6 +283,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
     };
     eprintln!("lu2k-kshim: RX pool: {why}");
+    eprintln!("lu2k-kshim: TX pool: {tx_why}");
     cfg.rx_buf_count = rx_bufs;
     cfg.routes = c.routes.clone();
     let mut k = Kshim::start(cfg).context("starting kshim")?;

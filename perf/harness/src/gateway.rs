@@ -320,6 +320,10 @@ pub struct GwSpec {
     pub dir: PathBuf,
     /// kshim RX buffers.
     pub rx_bufs: u32,
+    /// kshim's TX pool, bytes: sized for the shared link's path, as
+    /// `lu2k-kshim --path-rate-mbps --path-rtt-ms` does (each pair may have
+    /// the whole link).
+    pub tx_pool: u64,
     /// 1 MiB PUTs the pair moves.
     pub msgs: u64,
     /// The sender stops after this long; the receiver waits this plus 30 s.
@@ -439,6 +443,7 @@ pub fn node_main(spec: &str) -> Result<()> {
     let mut cfg = Config::new(vec![nid(s.ip)], &ksock);
     cfg.cores = 1;
     cfg.rx_buf_count = s.rx_bufs;
+    cfg.tx_pool_len = s.tx_pool;
     let mut k = Kshim::start(cfg).context("starting kshim")?;
     let espec = EngineSpec {
         kshim_socket: ksock,
@@ -925,6 +930,7 @@ fn run_lu2k(
             peer_addr,
             dir: dir.clone(),
             rx_bufs,
+            tx_pool: lu2k_kshim::ring_abi::tx_pool::bytes_for_path(cell.rate_mbps, cell.rtt_ms).0,
             msgs,
             max_duration_s: w.max_duration_s,
             in_flight: w.in_flight,

@@ -208,6 +208,9 @@ impl Side {
         let mut cfg = Config::new(vec![nid(l.ip)], &ksock);
         cfg.cores = u32::from(l.cores);
         cfg.rx_buf_count = l.rx_bufs;
+        if let Some(v) = l.tx_pool {
+            cfg.tx_pool_len = v;
+        }
         let mut k = Kshim::start(cfg).context("starting kshim")?;
         let espec = EngineSpec {
             kshim_socket: ksock.clone(),

@@ -118,6 +118,11 @@ struct RunArgs {
     /// kshim RX buffers (64 KiB each) per lu2k node.
     #[arg(long, default_value_t = LU2K_RX_BUFS)]
     lu2k_rx_bufs: u32,
+    /// kshim's TX pool per lu2k node, MiB [default: sized for each cell's path
+    /// as `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it: 3 x rate x RTT,
+    /// at least 32 MiB]. 256 is kshim's own default.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    lu2k_tx_pool_mib: Option<u64>,
     /// Runs of each contender in each cell; a row gives the run with the
     /// median goodput, every run's goodput and the spread (min-max).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -556,6 +561,7 @@ fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
         tmp: std::env::temp_dir(),
         lu2k_cores,
         lu2k_rx_bufs,
+        lu2k_tx_pool: None,
         lu2k_psk: None,
     }
 }
@@ -645,7 +651,10 @@ fn run_cells(
 
 fn run_scenario(args: RunArgs) -> Result<()> {
     let s = scenario::Scenario::load(&args.scenario)?;
-    let o = opts(s.seed, args.lu2k_cores, args.lu2k_rx_bufs);
+    let o = run::Opts {
+        lu2k_tx_pool: args.lu2k_tx_pool_mib.map(|m| m << 20),
+        ..opts(s.seed, args.lu2k_cores, args.lu2k_rx_bufs)
+    };
     let rows = run_cells(
         &s,
         args.quick,

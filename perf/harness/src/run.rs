@@ -45,6 +45,9 @@ pub struct Opts {
     pub lu2k_cores: u16,
     /// kshim RX buffers per lu2k node.
     pub lu2k_rx_bufs: u32,
+    /// kshim's TX pool per lu2k node in a GEO cell, bytes (`None`: sized for
+    /// the cell's path, [`tx_pool_for`]).
+    pub lu2k_tx_pool: Option<u64>,
     /// A pre-shared key file for lu2k: the sealed wire (`None`: plain).
     pub lu2k_psk: Option<PathBuf>,
 }
@@ -201,6 +204,17 @@ fn sum_stats(each: &[Option<lu2k_linkem::Stats>]) -> Option<lu2k_linkem::Stats> 
             duplicated: add(t.duplicated, s.duplicated),
             delivered: add(t.delivered, s.delivered),
         })
+    })
+}
+
+/// kshim's TX pool for a cell: as given, or sized for the path as
+/// `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it. A message holds its
+/// TX memory until its last byte is acknowledged, and the sending engine keeps
+/// every page of the pool it once sent from resident: a pool the size of the
+/// whole 256 MiB default made the sending node's RSS the pool's, whatever the path.
+pub fn tx_pool_for(cell: &Cell, opts: &Opts) -> u64 {
+    opts.lu2k_tx_pool.unwrap_or_else(|| {
+        lu2k_kshim::ring_abi::tx_pool::bytes_for_path(cell.rate_mbps, cell.rtt_ms).0
     })
 }
 
@@ -578,6 +592,7 @@ fn lu2k_nodes(
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
+        tx_pool: Some(tx_pool_for(cell, opts)),
         psk_file: opts.lu2k_psk.clone(),
         fec,
     };
@@ -725,6 +740,7 @@ fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
             dir: dir.clone(),
             cores: opts.lu2k_cores,
             rx_bufs: opts.lu2k_rx_bufs,
+            tx_pool: Some(tx_pool_for(cell, opts)),
             psk_file: None,
             fec: false,
         }
@@ -1291,6 +1307,7 @@ pub fn lu2k_direct(
         dir: dir.clone(),
         cores: opts.lu2k_cores,
         rx_bufs: opts.lu2k_rx_bufs,
+        tx_pool: None,
         psk_file: opts.lu2k_psk.clone(),
         fec: false,
     };
@@ -1475,6 +1492,30 @@ outage = { start_s = 5.0, duration_s = 5.0 }
         let text = FAILOVER.replace("in_flight = 2", "in_flight = 1");
         let cell = &Scenario::parse(&text, "t").unwrap().cells(false)[0];
         assert!((goal_min_window_s(cell, 1000.0, 4.8) - 4.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_tx_pool_follows_the_cell_unless_given() {
+        let geo = Scenario::parse(include_str!("../../scenarios/geo.toml"), "geo.toml").unwrap();
+        let cells = geo.cells(false);
+        let cell = |name: &str| cells.iter().find(|c| c.name == name).unwrap();
+        let opts = Opts {
+            seed: 1,
+            tmp: std::env::temp_dir(),
+            lu2k_cores: 1,
+            lu2k_rx_bufs: 64,
+            lu2k_tx_pool: None,
+            lu2k_psk: None,
+        };
+        // 3 x 500 Mbit/s x 600 ms = 112.5 MB, to the MiB above.
+        assert_eq!(tx_pool_for(cell("600ms/0%/500M"), &opts), 108 << 20);
+        // 100 Mbit/s x 600 ms needs less than the floor.
+        assert_eq!(tx_pool_for(cell("600ms/1%/100M"), &opts), 32 << 20);
+        let given = Opts {
+            lu2k_tx_pool: Some(256 << 20),
+            ..opts
+        };
+        assert_eq!(tx_pool_for(cell("600ms/0%/500M"), &given), 256 << 20);
     }
 
     #[test]
