@@ -70,7 +70,7 @@ struct Common {
     #[arg(long, global = true)]
     credits: Option<u32>,
     /// TX pool size, e.g. 256M [default: sized for --path-rate-mbps and
-    /// --path-rtt-ms where given (3 x rate x RTT, at least 32M), else 256M]. A
+    /// --path-rtt-ms where given (6 x rate x RTT, the transport's window; at least 32M), else 256M]. A
     /// message holds its share until its last byte is acknowledged; every page
     /// a message once used stays resident in the engine that sent it.
     #[arg(long, global = true, value_parser = parse_size)]
@@ -86,7 +86,7 @@ struct Common {
     #[arg(long, global = true)]
     rx_bufs: Option<u32>,
     /// The path's rate in Mbit/s, to size the RX and TX pools (with
-    /// --path-rtt-ms): 3 x rate x RTT of datagrams, and of bytes.
+    /// --path-rtt-ms): 3 x rate x RTT of datagrams, and 6 x of bytes.
     #[arg(long, global = true)]
     path_rate_mbps: Option<f64>,
     /// The path's round-trip time in ms, to size the RX and TX pools (with

@@ -119,7 +119,7 @@ struct RunArgs {
     #[arg(long, default_value_t = LU2K_RX_BUFS)]
     lu2k_rx_bufs: u32,
     /// kshim's TX pool per lu2k node, MiB [default: sized for each cell's path
-    /// as `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it: 3 x rate x RTT,
+    /// as `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it: 6 x rate x RTT,
     /// at least 32 MiB]. 256 is kshim's own default.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=65536))]
     lu2k_tx_pool_mib: Option<u64>,

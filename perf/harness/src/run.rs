@@ -1507,10 +1507,10 @@ outage = { start_s = 5.0, duration_s = 5.0 }
             lu2k_tx_pool: None,
             lu2k_psk: None,
         };
-        // 3 x 500 Mbit/s x 600 ms = 112.5 MB, to the MiB above.
-        assert_eq!(tx_pool_for(cell("600ms/0%/500M"), &opts), 108 << 20);
-        // 100 Mbit/s x 600 ms needs less than the floor.
-        assert_eq!(tx_pool_for(cell("600ms/1%/100M"), &opts), 32 << 20);
+        // 6 x 500 Mbit/s x 600 ms = 225 MB, to the MiB above.
+        assert_eq!(tx_pool_for(cell("600ms/0%/500M"), &opts), 215 << 20);
+        // 6 x 100 Mbit/s x 600 ms = 45 MB.
+        assert_eq!(tx_pool_for(cell("600ms/1%/100M"), &opts), 43 << 20);
         let given = Opts {
             lu2k_tx_pool: Some(256 << 20),
             ..opts

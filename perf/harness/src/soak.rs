@@ -676,8 +676,8 @@ impl Node {
         cfg.cores = u32::from(spec.cores);
         cfg.rx_buf_count = rx_bufs;
         // Sized for the soak's path (geo.toml's 100 Mbit/s, 600 ms cell) as
-        // `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it: the floor,
-        // which the churn peers' slower links get too.
+        // `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it; the churn
+        // peers' slower links get the same.
         cfg.tx_pool_len = lu2k_kshim::ring_abi::tx_pool::bytes_for_path(100.0, 600.0).0;
         let k = Kshim::start(cfg).with_context(|| format!("{name}: starting kshim"))?;
         let mut n = Node {
