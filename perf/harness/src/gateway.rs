@@ -320,9 +320,8 @@ pub struct GwSpec {
     pub dir: PathBuf,
     /// kshim RX buffers.
     pub rx_bufs: u32,
-    /// kshim's TX pool, bytes: sized for the shared link's path, as
-    /// `lu2k-kshim --path-rate-mbps --path-rtt-ms` does (each pair may have
-    /// the whole link).
+    /// kshim's TX pool, bytes: sized for the pair's share of the link, as
+    /// `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it.
     pub tx_pool: u64,
     /// 1 MiB PUTs the pair moves.
     pub msgs: u64,
@@ -914,6 +913,13 @@ fn run_lu2k(
     let dir = std::env::temp_dir().join(format!("lu2k-gw-{}", std::process::id()));
     let w = &cell.workload;
     let msgs = w.bytes.div_ceil(MSG as u64);
+    // Each pair's node is sized for its share of the link, as an operator
+    // sizes a node for the rate it is given.
+    let tx_pool = lu2k_kshim::ring_abi::tx_pool::bytes_for_path(
+        cell.rate_mbps / f64::from(pairs),
+        cell.rtt_ms,
+    )
+    .0;
     let spec = |i: usize, role: Role| {
         let (sip, rip) = ips[i];
         let (ip, peer_ip, peer_addr) = if role == Role::Send {
@@ -930,7 +936,7 @@ fn run_lu2k(
             peer_addr,
             dir: dir.clone(),
             rx_bufs,
-            tx_pool: lu2k_kshim::ring_abi::tx_pool::bytes_for_path(cell.rate_mbps, cell.rtt_ms).0,
+            tx_pool,
             msgs,
             max_duration_s: w.max_duration_s,
             in_flight: w.in_flight,
