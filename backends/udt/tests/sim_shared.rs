@@ -28,6 +28,9 @@
 //! `staggered_flows_meet_gateway_goals` state what a gateway operator needs
 //! (≥ 90 % utilization, Jain ≥ 0.95, queue drops < 1 % of datagrams); those
 //! the satellite controller misses are ignored, with the figures it reaches.
+//! `eight_flows_capped_at_their_share_meet_gateway_goals` runs the same
+//! flows each capped at an eighth of the link (`Config::max_rate_bps`, an
+//! engine's `max_rate_mbps`), at once and 5 s apart: those goals hold.
 //! `LU2K_SHARED_TRACE=1` prints a per-second trace (goodput, queue, drops,
 //! each flow's pacing rate and smoothed RTT); `LU2K_SHARED_CC=1` prints
 //! flow 0's controller state every second.
@@ -78,6 +81,8 @@ struct Scenario {
     duration_us: u64,
     loss: f64,
     seed: u64,
+    /// Each flow's `max_rate_bps` (0: none).
+    max_rate_bps: u64,
 }
 
 impl Scenario {
@@ -88,6 +93,7 @@ impl Scenario {
             duration_us: DURATION_US,
             loss: LOSS,
             seed: 0x5A7E_0000 + flows as u64,
+            max_rate_bps: 0,
         }
     }
 }
@@ -192,6 +198,7 @@ fn run(sc: &Scenario) -> Report {
         bdp_bandwidth_bps: (RATE_MBPS * 1e6) as u64,
         bdp_rtt_us: (RTT_MS * 1000.0) as u64,
         mode: Mode::Message,
+        max_rate_bps: sc.max_rate_bps,
         ..Config::default()
     };
     let server_addr: SocketAddr = "10.0.0.254:9000".parse().unwrap();
@@ -620,7 +627,7 @@ impl Report {
             .sum::<u64>();
         let drops_after: u64 = self.queue_drops[self.window(from)].iter().sum();
         format!(
-            "N={} stagger {} s, {} s virtual, steady state from {} s:\n\
+            "N={} stagger {} s, cap {} Mbit/s each, {} s virtual, steady state from {} s:\n\
              \x20 aggregate {:.2} Mbit/s = {:.1} % of payload capacity {:.2} Mbit/s \
              ({:.1} % from first Connected; first {} s: {:.1} Mbit/s)\n\
              \x20 per flow (Mbit/s) [{}], Jain {:.4}\n\
@@ -632,6 +639,7 @@ impl Report {
              \x20 delivered msgs per flow {:?}; violations {}",
             sc.flows,
             sc.stagger_us as f64 / 1e6,
+            sc.max_rate_bps as f64 / 1e6,
             sc.duration_us / 1_000_000,
             from / 1_000_000,
             mbps(self.aggregate(from)),
@@ -809,6 +817,31 @@ fn one_and_two_flows_for_comparison() {
         assert!(r.violations.is_empty(), "N={n}: {:?}", r.violations);
         if !goals_missed(&r).is_empty() {
             eprintln!("N={n}: gateway goals missed: {:?}", goals_missed(&r));
+        }
+    }
+}
+
+/// Eight peers each capped at their share of the link (`max_rate_bps`, as a
+/// gateway operator provisions a transponder's peers), at once and 5 s apart:
+/// the gateway goals hold.
+#[test]
+fn eight_flows_capped_at_their_share_meet_gateway_goals() {
+    let share = (RATE_MBPS * 1e6 / 8.0) as u64;
+    for stagger_us in [0, 5_000_000] {
+        let r = run(&Scenario {
+            stagger_us,
+            duration_us: DURATION_US + 8 * stagger_us,
+            max_rate_bps: share,
+            ..Scenario::new(8)
+        });
+        r.print();
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        let missed = goals_missed(&r);
+        assert!(missed.is_empty(), "gateway goals missed: {missed:?}");
+        // No flow beyond its cap: payload of 1456 per 1500-byte packet.
+        for (i, g) in r.flow_goodput(r.steady()).iter().enumerate() {
+            let cap = share as f64 / 8.0 * 1456.0 / 1500.0;
+            assert!(*g <= cap * 1.005, "flow {i}: {g} B/s above its cap {cap}");
         }
     }
 }

@@ -32,6 +32,8 @@
 //! addr = "[2001:db8::2]:7988"
 //! fec = "live"                            # off | live: forward error correction to this
 //!                                         # lu2k peer (set on both ends; see FecChoice)
+//! max_rate_mbps = 100.0                   # optional: send to this peer at most this fast
+//!                                         # (its share of a link others use too)
 //!
 //! security = "required"                   # required | off; required when a key is set
 //! psk_file = "/etc/lu2k/psk"              # the network's pre-shared key (mode 0600)
@@ -76,7 +78,7 @@ pub enum BackendChoice {
 
 /// A peer whose UDP address is not `NID-address:port`, or that has several
 /// links (`transport::links`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerCfg {
     /// The peer's NID, e.g. `10.0.0.2@lu2k`.
@@ -94,6 +96,13 @@ pub struct PeerCfg {
     /// Forward error correction to and from this peer.
     #[serde(default, skip_serializing_if = "FecChoice::is_off")]
     pub fec: FecChoice,
+    /// The most this engine sends to the peer, Mbit/s of whole IP packets
+    /// (UDT4's `UDT_MAXBW`): its share of a link that other nodes use too,
+    /// as an operator provisions a satellite transponder's peers. Pacing
+    /// never runs faster, whatever the controller measures; spread over the
+    /// cores that carry the peer. Unset: the controller takes what it finds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_mbps: Option<f64>,
 }
 
 /// Forward error correction on a peer's UDT connections (`fec` of a
@@ -176,7 +185,7 @@ pub struct PeerKeyCfg {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// kshim's Unix socket (the region and doorbells are received there).
@@ -504,6 +513,26 @@ impl Config {
                     "port 0",
                     "give the peer engine's UDP port, e.g. addr = \"10.0.0.2:7988\"",
                 );
+            }
+            if let Some(r) = p.max_rate_mbps {
+                if !(r.is_finite() && (0.1..=100_000.0).contains(&r)) {
+                    return bad(
+                        "peer.max_rate_mbps",
+                        format!("{r} for {}", p.nid),
+                        "not a rate from 0.1 to 100000 Mbit/s",
+                        "give the peer's share of the link in Mbit/s, e.g. max_rate_mbps = 12.5, \
+                         or remove it",
+                    );
+                }
+                if !links.is_empty() || self.backend == BackendChoice::Rds {
+                    return bad(
+                        "peer.max_rate_mbps",
+                        format!("{r} for {}", p.nid),
+                        "a rate cap paces a peer with one link over the UDT back-end only",
+                        "remove max_rate_mbps from this peer, or give it one addr and \
+                         backend = \"udt\"",
+                    );
+                }
             }
             if !p.fec.is_off() && (!links.is_empty() || self.backend == BackendChoice::Rds) {
                 return bad(
@@ -1074,6 +1103,34 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_rate_cap_is_a_rate_on_one_udt_link() {
+        let peer = "[[peer]]\nnid = \"10.0.0.2@lu2k\"\naddr = \"10.0.0.2:7988\"\n";
+        let c = Config::from_toml(&format!("{peer}max_rate_mbps = 12.5\n"), "t.toml").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.peers[0].max_rate_mbps, Some(12.5));
+        let c = Config::from_toml(peer, "t.toml").unwrap();
+        assert_eq!(c.peers[0].max_rate_mbps, None, "uncapped unless set");
+        for bad in ["0", "-5", "nan", "1e9"] {
+            let e = Config::from_toml(&format!("{peer}max_rate_mbps = {bad}\n"), "t.toml")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("`peer.max_rate_mbps`") && e.contains("fix:"),
+                "{bad}: {e}"
+            );
+        }
+        let rds = format!("backend = \"rds\"\n{peer}max_rate_mbps = 10\n");
+        let e = Config::from_toml(&rds, "t.toml")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("UDT back-end only"), "{e}");
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let e = Config::from_toml("corse = 2\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("corse"), "{e}");
@@ -1094,6 +1151,7 @@ mod tests {
                 links: Vec::new(),
                 policy: None,
                 fec: FecChoice::Off,
+                max_rate_mbps: None,
             }],
             ..Config::default()
         };
@@ -1106,6 +1164,7 @@ mod tests {
                 links: Vec::new(),
                 policy: None,
                 fec: FecChoice::Off,
+                max_rate_mbps: None,
             }],
             ..Config::default()
         };

@@ -229,6 +229,11 @@ fn session(
         plan.local,
         plan.path
     );
+    for p in &plan.cfg.peers {
+        if let Some(r) = p.max_rate_mbps {
+            tracing::info!("peer {}: sent to at most {r} Mbit/s (max_rate_mbps)", p.nid);
+        }
+    }
     let _stats = start_stats(&plan.cfg.stats_socket, slots.clone(), path, &draining);
     let mut notifier = Notifier::new(slots);
     notifier.ready();
@@ -761,6 +766,18 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         .filter(|p| !p.fec.is_off())
         .filter_map(|p| config::nid_ip(&p.nid))
         .collect();
+    // Rate caps, each core's part of the peer's: a striped peer's messages
+    // spread over `conns_per_peer` cores, each with its own connection.
+    let rate_caps: std::collections::HashMap<IpAddr, u64> = plan
+        .cfg
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let ip = config::nid_ip(&p.nid)?;
+            let bps = p.max_rate_mbps? * 1e6 / f64::from(plan.conns_per_peer.max(1));
+            Some((ip, bps as u64))
+        })
+        .collect();
     let fec_cfg = lu2k_udt::fec::Config::default();
     fec_cfg
         .validate()
@@ -853,7 +870,8 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
             if let Some(io) = ready(&ready_tx, io) {
                 let mut t = Udt::new(udt_params, io, region, p.mem.rx_first)
                     .with_cookie_key(cookie_key)
-                    .with_links(link_table);
+                    .with_links(link_table)
+                    .with_rate_caps(rate_caps);
                 if let Some((keys, scratch)) = sealing {
                     t = t
                         .with_security(keys.get().0, Default::default(), scratch)

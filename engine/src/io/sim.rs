@@ -522,6 +522,36 @@ mod tests {
         (first.expect("A sent"), from)
     }
 
+    /// `max_rate_mbps` of a `[[peer]]`: what a core sends to that peer is paced
+    /// no faster than its cap, from the first packet on (the controller's fast
+    /// start would take the whole link it measures).
+    #[test]
+    fn a_rate_cap_paces_what_a_core_sends_to_its_peer() {
+        let run = |cap_bps: Option<u64>| {
+            let clock = SimClock::new();
+            let ia: IpAddr = "fd00::1".parse().unwrap();
+            let ib: IpAddr = "fd00::2".parse().unwrap();
+            let mut a = node(ia, &clock, false);
+            if let Some(c) = cap_bps {
+                a.udt = a.udt.with_rate_caps(HashMap::from([(ib, c)]));
+            }
+            let mut b = node(ib, &clock, false);
+            let start = clock.elapsed();
+            exchange(&mut a, &mut b, ib, &clock, 100, &|p, _| p);
+            (clock.elapsed() - start).as_secs_f64()
+        };
+        // 100 messages of 3000 + 72 bytes: 300 packets of at most 1500 bytes.
+        let cap = 2_000_000;
+        let least = 300.0 * 1500.0 * 8.0 / cap as f64 * (299.0 / 300.0);
+        let capped = run(Some(cap));
+        let free = run(None);
+        assert!(
+            capped >= least * 0.98 && capped < least * 1.5,
+            "capped at 2 Mbit/s: {capped:.3} s, pacing needs {least:.3} s"
+        );
+        assert!(free < least / 4.0, "uncapped: {free:.3} s");
+    }
+
     /// B's peers as its stats name them.
     fn peer_addrs(n: &mut Node) -> Vec<String> {
         let mut s = crate::daemon::stats::CoreStats::default();

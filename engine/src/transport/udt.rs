@@ -308,6 +308,8 @@ pub struct Udt {
     ml: Option<Box<ml::MultiLink>>,
     /// Forward error correction ([`Udt::with_fec`]); `None`: no FEC peer.
     fec: Option<Box<fec::Fec>>,
+    /// Peers this core sends to at most so fast, bits/s ([`Udt::with_rate_caps`]).
+    rate_caps: HashMap<IpAddr, u64>,
 }
 
 impl std::fmt::Debug for Udt {
@@ -355,7 +357,16 @@ impl Udt {
             cookie_key: None,
             ml: None,
             fec: None,
+            rate_caps: HashMap::new(),
         }
+    }
+
+    /// Caps what this core sends to each of `caps`' peers, bits/s of whole IP
+    /// packets (`max_rate_mbps` of a `[[peer]]`, this core's part of it): the
+    /// peer's TX connections pace no faster (`lu2k_udt::conn::Config::max_rate_bps`).
+    pub fn with_rate_caps(mut self, caps: HashMap<IpAddr, u64>) -> Udt {
+        self.rate_caps = caps;
+        self
     }
 
     /// Keys the listener's SYN cookies with `key` (from the OS random source) rather
@@ -736,7 +747,9 @@ impl Udt {
         // connection and its buffers): draw another.
         let conn = loop {
             self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let c = Connection::connect(now, self.fec_conn_config(ip), self.seed, addr);
+            let mut cfg = self.fec_conn_config(ip);
+            cfg.max_rate_bps = self.rate_caps.get(&ip).copied().unwrap_or(0);
+            let c = Connection::connect(now, cfg, self.seed, addr);
             if !self.conns.contains_key(&c.socket_id()) {
                 break c;
             }

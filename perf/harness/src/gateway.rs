@@ -320,6 +320,9 @@ pub struct GwSpec {
     pub dir: PathBuf,
     /// kshim RX buffers.
     pub rx_bufs: u32,
+    /// The engines' `max_rate_mbps` for their peer (lu2k-share).
+    #[serde(default)]
+    pub max_rate_mbps: Option<f64>,
     /// kshim's TX pool, bytes: sized for the pair's share of the link, as
     /// `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it.
     pub tx_pool: u64,
@@ -455,6 +458,7 @@ pub fn node_main(spec: &str) -> Result<()> {
             addr: Some(s.peer_addr),
             links: Vec::new(),
             policy: None,
+            max_rate_mbps: s.max_rate_mbps,
         }],
         psk_file: None,
     };
@@ -902,6 +906,7 @@ fn base_row(scenario: &str, cell: &Cell, c: Contender, pairs: u32) -> GwRow {
 fn run_lu2k(
     s: &str,
     cell: &Cell,
+    c: Contender,
     pairs: u32,
     seed: u64,
     rx_bufs: u32,
@@ -937,6 +942,7 @@ fn run_lu2k(
             dir: dir.clone(),
             rx_bufs,
             tx_pool,
+            max_rate_mbps: (c == Contender::Lu2kShare).then(|| cell.rate_mbps / f64::from(pairs)),
             msgs,
             max_duration_s: w.max_duration_s,
             in_flight: w.in_flight,
@@ -978,7 +984,7 @@ fn run_lu2k(
     let wire = link.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mut row = base_row(s, cell, Contender::Lu2k, pairs);
+    let mut row = base_row(s, cell, c, pairs);
     row.path = "relay (one model, all pairs)".into();
     let times: Vec<PairTimes> = (0..n)
         .map(|i| PairTimes {
@@ -1152,7 +1158,8 @@ fn run_once(s: &str, cell: &Cell, c: Contender, pairs: u32, seed: u64, rx_bufs: 
     let cpu0 = CpuSnapshot::take();
     let others = OthersWatch::start();
     let res = match c {
-        Contender::Lu2k => run_lu2k(s, cell, pairs, seed, rx_bufs),
+        Contender::Lu2k => run_lu2k(s, cell, c, pairs, seed, rx_bufs),
+        Contender::Lu2kShare => run_lu2k(s, cell, c, pairs, seed, rx_bufs),
         Contender::TcpBbr | Contender::TcpCubic => {
             match crate::run::skip_reason(c, cell.workload.kind) {
                 Some(why) => {

@@ -291,6 +291,7 @@ pub fn measure(n: u32, args: &IdleArgs) -> Result<IdleRow> {
             addr: Some(SocketAddr::from((peer_ip(i), port))),
             links: Vec::new(),
             policy: None,
+            max_rate_mbps: None,
         })
         .collect();
     let pool = args.tx_pool_mib << 20;
@@ -311,6 +312,7 @@ pub fn measure(n: u32, args: &IdleArgs) -> Result<IdleRow> {
                 addr: Some(measured_addr),
                 links: Vec::new(),
                 policy: None,
+                max_rate_mbps: None,
             };
             peers.push(LuNode::start(
                 &dir,

@@ -72,6 +72,9 @@ pub struct EnginePeer {
     /// How they are used.
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// `max_rate_mbps` of the `[[peer]]`.
+    #[serde(default)]
+    pub max_rate_mbps: Option<f64>,
 }
 
 /// `lu2k-perf __engine SPEC`: runs the engine daemon in this process.
@@ -108,6 +111,7 @@ pub fn engine_main(spec: &str) -> Result<()> {
             links: p.links.clone(),
             policy: p.policy,
             fec: fec.unwrap_or_default(),
+            max_rate_mbps: p.max_rate_mbps,
         })
         .collect();
     c.psk_file = s.psk_file;
@@ -224,6 +228,7 @@ impl Side {
                     addr: l.peer_addr,
                     links: l.links.clone(),
                     policy: l.policy,
+                    max_rate_mbps: l.max_rate_mbps,
                 })
                 .into_iter()
                 .collect(),

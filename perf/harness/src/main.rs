@@ -563,6 +563,7 @@ fn opts(seed: u64, lu2k_cores: u16, lu2k_rx_bufs: u32) -> run::Opts {
         lu2k_rx_bufs,
         lu2k_tx_pool: None,
         lu2k_psk: None,
+        lu2k_max_rate_mbps: None,
     }
 }
 

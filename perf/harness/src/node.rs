@@ -109,6 +109,9 @@ pub struct Lu2kSpec {
     /// Forward error correction between the engines (`fec = "live"`).
     #[serde(default)]
     pub fec: bool,
+    /// The engines' `max_rate_mbps` for their peer.
+    #[serde(default)]
+    pub max_rate_mbps: Option<f64>,
 }
 
 /// Everything a node needs, passed as JSON on its command line.

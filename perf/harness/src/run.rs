@@ -50,6 +50,8 @@ pub struct Opts {
     pub lu2k_tx_pool: Option<u64>,
     /// A pre-shared key file for lu2k: the sealed wire (`None`: plain).
     pub lu2k_psk: Option<PathBuf>,
+    /// The lu2k engines' `max_rate_mbps` for their peer (`None`: uncapped).
+    pub lu2k_max_rate_mbps: Option<f64>,
 }
 
 /// Whether this process may set up the TUN emulator.
@@ -119,7 +121,11 @@ pub fn skip_reason(c: Contender, kind: WorkloadKind) -> Option<String> {
         }
         Contender::QuicCubic | Contender::QuicBbr => (kind == WorkloadKind::Rpc)
             .then(|| "the QUIC driver runs the bulk and live workloads only".into()),
-        Contender::Lu2k | Contender::Lu2kSealed | Contender::Lu2kFec | Contender::Udt4 => None,
+        Contender::Lu2k
+        | Contender::Lu2kSealed
+        | Contender::Lu2kFec
+        | Contender::Lu2kShare
+        | Contender::Udt4 => None,
     }
 }
 
@@ -405,6 +411,13 @@ fn start(cell: &Cell, contender: Contender, opts: &Opts) -> Result<Started> {
         Contender::TcpBbr => start_tcp(cell, opts, "bbr"),
         Contender::Lu2k => start_lu2k(cell, opts),
         Contender::Lu2kFec => start_lu2k_with(cell, opts, true),
+        Contender::Lu2kShare => start_lu2k(
+            cell,
+            &Opts {
+                lu2k_max_rate_mbps: Some(cell.rate_mbps),
+                ..opts.clone()
+            },
+        ),
         Contender::Lu2kSealed => {
             let key = opts
                 .tmp
@@ -595,6 +608,7 @@ fn lu2k_nodes(
         tx_pool: Some(tx_pool_for(cell, opts)),
         psk_file: opts.lu2k_psk.clone(),
         fec,
+        max_rate_mbps: opts.lu2k_max_rate_mbps,
     };
     let command = || -> Result<std::process::Command> {
         match netns {
@@ -743,6 +757,7 @@ fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
             tx_pool: Some(tx_pool_for(cell, opts)),
             psk_file: None,
             fec: false,
+            max_rate_mbps: None,
         }
     };
     let exe = node::self_command;
@@ -1310,6 +1325,7 @@ pub fn lu2k_direct(
         tx_pool: None,
         psk_file: opts.lu2k_psk.clone(),
         fec: false,
+        max_rate_mbps: None,
     };
     let mk = |role, ip, peer| NodeSpec {
         kind: Kind::Lu2k,
@@ -1506,6 +1522,7 @@ outage = { start_s = 5.0, duration_s = 5.0 }
             lu2k_rx_bufs: 64,
             lu2k_tx_pool: None,
             lu2k_psk: None,
+            lu2k_max_rate_mbps: None,
         };
         // 6 x 500 Mbit/s x 600 ms = 225 MB, to the MiB above.
         assert_eq!(tx_pool_for(cell("600ms/0%/500M"), &opts), 215 << 20);

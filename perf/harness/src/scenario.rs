@@ -66,6 +66,11 @@ pub enum Contender {
     /// `[[peer]]`: Reed–Solomon repairs adapted to the measured loss).
     #[serde(rename = "lu2k-fec")]
     Lu2kFec,
+    /// lu2k with each peer capped at its share of the link (`max_rate_mbps`
+    /// = the link's rate ÷ the pairs that share it; the whole link in a
+    /// one-pair cell), as an operator provisions a transponder's peers.
+    #[serde(rename = "lu2k-share")]
+    Lu2kShare,
     /// The reference UDT4 (4.11) through the `udt` crate.
     #[serde(rename = "udt4")]
     Udt4,
@@ -93,6 +98,7 @@ impl Contender {
             Contender::Lu2k => "lu2k",
             Contender::Lu2kSealed => "lu2k-sealed",
             Contender::Lu2kFec => "lu2k-fec",
+            Contender::Lu2kShare => "lu2k-share",
             Contender::Udt4 => "udt4",
             Contender::TcpCubic => "tcp-cubic",
             Contender::TcpBbr => "tcp-bbr",

@@ -949,6 +949,7 @@ impl Topology {
                 addr: Some(to_recv),
                 links: Vec::new(),
                 policy: None,
+                max_rate_mbps: None,
             })
             .collect();
         self.spec("recv", self.recv_ip, peers)
@@ -963,6 +964,7 @@ impl Topology {
                 addr: Some(to_sender),
                 links: Vec::new(),
                 policy: None,
+                max_rate_mbps: None,
             }],
         )
     }

@@ -34,17 +34,33 @@ fn three_pairs_share_one_link_and_every_put_is_verified() {
     assert!(out.status.success(), "lu2k-perf gateway failed");
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.len(), 2, "lu2k and tcp-bbr rows");
-    let lu2k = rows.iter().find(|r| r["contender"] == "lu2k").unwrap();
-    assert_eq!(lu2k["status"], "ok", "{lu2k}");
-    assert_eq!(lu2k["pairs"], 3);
-    // 4 MiB per pair under --quick: 4 PUTs of 1 MiB each, all verified once.
-    assert_eq!(lu2k["puts_expected"], 12, "{lu2k}");
-    assert_eq!(lu2k["puts_verified"], 12, "{lu2k}");
-    for k in ["puts_corrupt", "puts_duplicate", "puts_failed"] {
-        assert_eq!(lu2k[k], 0, "{k}: {lu2k}");
+    assert_eq!(rows.len(), 3, "lu2k, lu2k-share and tcp-bbr rows");
+    for name in ["lu2k", "lu2k-share"] {
+        let l = rows.iter().find(|r| r["contender"] == name).unwrap();
+        assert_eq!(l["status"], "ok", "{l}");
+        assert_eq!(l["pairs"], 3);
+        // 4 MiB per pair under --quick: 4 PUTs of 1 MiB each, all verified once.
+        assert_eq!(l["puts_expected"], 12, "{l}");
+        assert_eq!(l["puts_verified"], 12, "{l}");
+        for k in ["puts_corrupt", "puts_duplicate", "puts_failed"] {
+            assert_eq!(l[k], 0, "{k}: {l}");
+        }
+        assert_eq!(l["bytes"], 12 << 20);
     }
-    assert_eq!(lu2k["bytes"], 12 << 20);
+    let lu2k = rows.iter().find(|r| r["contender"] == "lu2k").unwrap();
+    // lu2k-share: each pair's engines capped at a third of the link
+    // (max_rate_mbps, in IP packets), so no pair's payload beats that.
+    let share = rows
+        .iter()
+        .find(|r| r["contender"] == "lu2k-share")
+        .unwrap();
+    for g in share["pair_goodput_mbps"].as_array().unwrap() {
+        let g = g.as_f64().unwrap();
+        assert!(
+            g <= 50.0 / 3.0 * 1456.0 / 1500.0 * 1.02,
+            "lu2k-share pair at {g} Mbit/s"
+        );
+    }
     for r in &rows {
         let name = r["contender"].as_str().unwrap();
         if r["status"].as_str().unwrap().starts_with("skipped") {

@@ -309,7 +309,7 @@ impl Connection {
         let mut s = self.stats.clone();
         s.rtt_us = self.rtt();
         s.min_rtt_us = self.path().min_rtt;
-        s.period_us = self.cc.period();
+        s.period_us = self.period();
         s.cwnd = self.cc.window();
         s.flow_window = self.flow_window();
         s
@@ -318,6 +318,12 @@ impl Connection {
     /// The peer's flow window, within what any receive buffer can be.
     fn flow_window(&self) -> u32 {
         self.tx.flow_window.clamp(2, MAX_FLOW_WINDOW)
+    }
+
+    /// Interval between data packets, microseconds: the controller's, no
+    /// shorter than [`Config::max_rate_bps`] allows.
+    fn period(&self) -> f64 {
+        self.cc.period().max(self.cfg.min_period_us()).max(0.0)
     }
 
     /// The most packets a second a reported rate may claim: a
@@ -633,7 +639,7 @@ impl Connection {
     fn path_answered(&mut self, now: Time) -> Option<Time> {
         let o = self.outage.take()?;
         self.stats.outage_us += now.saturating_sub(o.counted);
-        let floor = now as f64 - self.cc.period().max(0.0);
+        let floor = now as f64 - self.period();
         if self.tx.next_send < floor {
             self.tx.next_send = floor;
         }
@@ -797,7 +803,7 @@ impl Connection {
             self.tx.msgs.len(),
             self.tx.flow_window,
             self.cc.window(),
-            self.cc.period(),
+            self.period(),
             self.tx.next_send,
             self.rx.base,
             self.rx.next,

@@ -208,7 +208,7 @@ impl Connection {
         // Pacing. The packet after a probe (seq ≡ 0 mod 16) leaves at once, so
         // the pair crosses the bottleneck back to back; the interval it skips
         // is added after the pair, so the average rate is the CC's.
-        let period = self.cc.period().max(0.0);
+        let period = self.period();
         let probe = seq & 0xF == 0 && !retx;
         let floor = now as f64 - period;
         if self.tx.next_send < floor {
@@ -233,7 +233,7 @@ impl Connection {
     /// pacing time. Control packets and retransmissions are never held.
     pub(super) fn batch_held_back(&self, now: Time, early: u64, max: usize) -> bool {
         if self.ctrl.is_empty() && self.state == State::Connected && self.tx.lost.is_empty() {
-            let need = max.saturating_sub(1) as f64 * self.cc.period().max(0.0);
+            let need = max.saturating_sub(1) as f64 * self.period();
             if need <= early as f64 && ((now + early) as f64) < self.tx.next_send + need {
                 return true;
             }

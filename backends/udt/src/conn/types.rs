@@ -74,6 +74,13 @@ pub struct Config {
     /// class, so the destination socket ID of an arriving packet names the core that
     /// owns the connection. `(1, 0)` (default): any ID, as UDT4.
     pub socket_id_class: (u32, u32),
+    /// The most this connection sends, in bits/s of whole IP packets (UDT4's
+    /// `UDT_MAXBW`, there in bytes/s): pacing never runs faster than a packet
+    /// of `mss` bytes per `mss × 8 / max_rate_bps` seconds, whatever the
+    /// controller's model says. For a peer given its share of a link that
+    /// others use too (a gateway's peers on one satellite transponder): the
+    /// controller alone takes the whole link it measures. 0: no cap (default).
+    pub max_rate_bps: u64,
 }
 
 impl Default for Config {
@@ -94,6 +101,7 @@ impl Default for Config {
             keepalive_us: 1_000_000,
             batch_horizon_us: 1_000,
             socket_id_class: (1, 0),
+            max_rate_bps: 0,
         }
     }
 }
@@ -109,6 +117,16 @@ impl Config {
             m
         } else {
             id
+        }
+    }
+
+    /// Least interval between data packets, microseconds, under
+    /// [`Config::max_rate_bps`] (0 without a cap).
+    pub fn min_period_us(&self) -> f64 {
+        if self.max_rate_bps == 0 {
+            0.0
+        } else {
+            f64::from(self.mss) * 8.0 * 1e6 / self.max_rate_bps as f64
         }
     }
 
