@@ -11,7 +11,8 @@
 //! every page of the pool that a message once used stays resident in the
 //! engine that sent it.
 
-/// The satellite controller's window in rates × RTT (`lu2k-udt`'s `cc::satellite`).
+/// The satellite controller's window in rates × RTT (`lu2k-udt`'s
+/// `cc::WINDOW_BDPS`; the engine's tests check that the two agree).
 pub const WINDOW_BDPS: f64 = 6.0;
 
 /// The least pool: room for a few whole LNet messages (1 MiB each) on a short

@@ -675,7 +675,8 @@ impl Report {
     fn trace(&self) -> String {
         let sc = self.sc();
         let mut s = String::from(
-            "   t  good Mb/s  q mean/max MB  ovfl  loss | pacing Mbit/s per flow (sum) | srtt ms per flow\n",
+            "   t  good Mb/s  q mean/max MB  ovfl  loss \
+             | pacing Mbit/s per flow (sum) | srtt ms per flow\n",
         );
         for b in 0..(sc.duration_us / BIN_US) as usize {
             let good: u64 = self.unique.iter().map(|u| u[b]).sum();
@@ -826,13 +827,14 @@ fn one_and_two_flows_for_comparison() {
 /// the gateway goals hold.
 #[test]
 fn eight_flows_capped_at_their_share_meet_gateway_goals() {
-    let share = (RATE_MBPS * 1e6 / 8.0) as u64;
+    let flows = 8;
+    let share = (RATE_MBPS * 1e6 / f64::from(flows)) as u64;
     for stagger_us in [0, 5_000_000] {
         let r = run(&Scenario {
             stagger_us,
             duration_us: DURATION_US + 8 * stagger_us,
             max_rate_bps: share,
-            ..Scenario::new(8)
+            ..Scenario::new(flows as usize)
         });
         r.print();
         assert!(r.violations.is_empty(), "{:?}", r.violations);

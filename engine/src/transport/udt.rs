@@ -369,6 +369,24 @@ impl Udt {
         self
     }
 
+    /// The cap of a connection to `ip` whose UDT MSS is `mss`, bits/s of UDT
+    /// packets (0: none): the peer's cap less what this core adds on the wire,
+    /// the seal on each packet and a FEC peer's repairs at their most, so that
+    /// the datagrams that leave stay within it.
+    fn rate_cap(&self, ip: IpAddr, mss: u32) -> u64 {
+        let Some(&cap) = self.rate_caps.get(&ip) else {
+            return 0;
+        };
+        let mut scale = 1.0;
+        if self.sec.is_some() {
+            scale *= f64::from(mss) / f64::from(mss + seal::OVERHEAD as u32);
+        }
+        if self.fec_peer(ip) {
+            scale /= 1.0 + self.fec_max_overhead();
+        }
+        ((cap as f64 * scale) as u64).max(1)
+    }
+
     /// Keys the listener's SYN cookies with `key` (from the OS random source) rather
     /// than with a key derived from the seed, which tests keep deterministic.
     pub fn with_cookie_key(mut self, key: [u8; 16]) -> Udt {
@@ -748,7 +766,7 @@ impl Udt {
         let conn = loop {
             self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut cfg = self.fec_conn_config(ip);
-            cfg.max_rate_bps = self.rate_caps.get(&ip).copied().unwrap_or(0);
+            cfg.max_rate_bps = self.rate_cap(ip, cfg.mss);
             let c = Connection::connect(now, cfg, self.seed, addr);
             if !self.conns.contains_key(&c.socket_id()) {
                 break c;
@@ -2221,7 +2239,8 @@ fn map_pieces(pieces: &[(u64, u32)], offset: u32, len: u32, out: &mut Vec<(u64, 
 mod tests {
     //! What only the inside shows: socket-ID collisions (two transports with the
     //! same seed draw the same IDs, so one can be made to collide) and the
-    //! backlog's bound. The rest is in `tests/udt_bounds.rs`.
+    //! backlog's bound; and that kshim's TX pool rule holds the controller's
+    //! window (this crate sees both). The rest is in `tests/udt_bounds.rs`.
 
     use lu2k_udt::conn::PayloadRef;
 
@@ -2306,6 +2325,16 @@ mod tests {
         let to = SocketAddr::V4(SocketAddrV4::new(peer, PORT));
         let c = Connection::connect(0, udt::Config::default(), 99, to);
         ConnEntry::new(c, peer.into(), Dir::Rx, 0)
+    }
+
+    /// kshim sizes a sender's TX pool to the satellite controller's window
+    /// (`lu2k_ring_abi::tx_pool`): a smaller pool would cap the window.
+    #[test]
+    fn the_tx_pool_rule_holds_the_controllers_window() {
+        assert_eq!(
+            lu2k_ring_abi::tx_pool::WINDOW_BDPS,
+            lu2k_udt::cc::WINDOW_BDPS
+        );
     }
 
     #[test]

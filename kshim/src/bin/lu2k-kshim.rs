@@ -70,9 +70,10 @@ struct Common {
     #[arg(long, global = true)]
     credits: Option<u32>,
     /// TX pool size, e.g. 256M [default: sized for --path-rate-mbps and
-    /// --path-rtt-ms where given (6 x rate x RTT, the transport's window; at least 32M), else 256M]. A
-    /// message holds its share until its last byte is acknowledged; every page
-    /// a message once used stays resident in the engine that sent it.
+    /// --path-rtt-ms where given (6 x rate x RTT, the transport's window; at
+    /// least 32M), else 256M]. A message holds its share until its last byte
+    /// is acknowledged; every page a message once used stays resident in the
+    /// engine that sent it.
     #[arg(long, global = true, value_parser = parse_size)]
     tx_pool: Option<u64>,
     /// RX buffers the engine receives into (count of 64 KiB buffers, split

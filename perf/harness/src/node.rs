@@ -98,8 +98,8 @@ pub struct Lu2kSpec {
     /// can hold out of order; kshim's default (1024) is too few for a lossy
     /// long path (see the harness README).
     pub rx_bufs: u32,
-    /// kshim's TX pool, bytes (`None`: kshim's default, 256 MiB). The GEO
-    /// cells size it for the path as `lu2k-kshim` does
+    /// kshim's TX pool, bytes (`None`: kshim's default, 256 MiB). Every cell
+    /// but `loopback`'s sizes it for the path as `lu2k-kshim` does
     /// (`lu2k_ring_abi::tx_pool::bytes_for_path`).
     #[serde(default)]
     pub tx_pool: Option<u64>,

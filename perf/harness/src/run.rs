@@ -45,8 +45,8 @@ pub struct Opts {
     pub lu2k_cores: u16,
     /// kshim RX buffers per lu2k node.
     pub lu2k_rx_bufs: u32,
-    /// kshim's TX pool per lu2k node in a GEO cell, bytes (`None`: sized for
-    /// the cell's path, [`tx_pool_for`]).
+    /// kshim's TX pool per lu2k node in a relayed cell (every one but
+    /// `loopback`'s), bytes (`None`: sized for the cell's path, [`tx_pool_for`]).
     pub lu2k_tx_pool: Option<u64>,
     /// A pre-shared key file for lu2k: the sealed wire (`None`: plain).
     pub lu2k_psk: Option<PathBuf>,
@@ -216,8 +216,8 @@ fn sum_stats(each: &[Option<lu2k_linkem::Stats>]) -> Option<lu2k_linkem::Stats> 
 /// kshim's TX pool for a cell: as given, or sized for the path as
 /// `lu2k-kshim --path-rate-mbps --path-rtt-ms` sizes it. A message holds its
 /// TX memory until its last byte is acknowledged, and the sending engine keeps
-/// every page of the pool it once sent from resident: a pool the size of the
-/// whole 256 MiB default made the sending node's RSS the pool's, whatever the path.
+/// every page of the pool it once sent from resident, so the pool is the
+/// sending node's memory: sized for the path, not kshim's fixed default.
 pub fn tx_pool_for(cell: &Cell, opts: &Opts) -> u64 {
     opts.lu2k_tx_pool.unwrap_or_else(|| {
         lu2k_kshim::ring_abi::tx_pool::bytes_for_path(cell.rate_mbps, cell.rtt_ms).0

@@ -21,7 +21,7 @@ mod native;
 mod satellite;
 
 pub use native::Native;
-pub use satellite::Satellite;
+pub use satellite::{Satellite, WINDOW_BDPS};
 
 use crate::estimate::Time;
 

@@ -73,8 +73,9 @@ const INITIAL_WINDOW: f64 = 64.0;
 /// Packets the window holds above the model, and the least the flow paces per
 /// minimum RTT (floored at 1 ms).
 const MIN_WINDOW: f64 = 32.0;
-/// Window in bandwidth-delay products.
-const WINDOW_BDPS: f64 = 6.0;
+/// Window in bandwidth-delay products (a sender's TX memory is sized to hold
+/// it: `lu2k_ring_abi::tx_pool`).
+pub const WINDOW_BDPS: f64 = 6.0;
 /// Queueing delay (fraction of the minimum RTT) the rate is steered to.
 const Q_TARGET: f64 = 0.02;
 /// Largest back-off from the ceiling due to queueing delay.

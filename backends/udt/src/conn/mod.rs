@@ -321,9 +321,12 @@ impl Connection {
     }
 
     /// Interval between data packets, microseconds: the controller's, no
-    /// shorter than [`Config::max_rate_bps`] allows.
+    /// shorter than [`Config::max_rate_bps`] allows for packets of the agreed MSS.
     fn period(&self) -> f64 {
-        self.cc.period().max(self.cfg.min_period_us()).max(0.0)
+        self.cc
+            .period()
+            .max(self.cfg.min_period_us(self.mss))
+            .max(0.0)
     }
 
     /// The most packets a second a reported rate may claim: a

@@ -76,8 +76,9 @@ pub struct Config {
     pub socket_id_class: (u32, u32),
     /// The most this connection sends, in bits/s of whole IP packets (UDT4's
     /// `UDT_MAXBW`, there in bytes/s): pacing never runs faster than a packet
-    /// of `mss` bytes per `mss × 8 / max_rate_bps` seconds, whatever the
-    /// controller's model says. For a peer given its share of a link that
+    /// of the agreed MSS per `MSS × 8 / max_rate_bps` seconds, whatever the
+    /// controller's model says (a caller that adds bytes to every packet, or
+    /// packets of its own, lowers the cap by as much). For a peer given its share of a link that
     /// others use too (a gateway's peers on one satellite transponder): the
     /// controller alone takes the whole link it measures. 0: no cap (default).
     pub max_rate_bps: u64,
@@ -120,13 +121,13 @@ impl Config {
         }
     }
 
-    /// Least interval between data packets, microseconds, under
+    /// Least interval between packets of `mss` bytes, microseconds, under
     /// [`Config::max_rate_bps`] (0 without a cap).
-    pub fn min_period_us(&self) -> f64 {
+    pub fn min_period_us(&self, mss: u32) -> f64 {
         if self.max_rate_bps == 0 {
             0.0
         } else {
-            f64::from(self.mss) * 8.0 * 1e6 / self.max_rate_bps as f64
+            f64::from(mss) * 8.0 * 1e6 / self.max_rate_bps as f64
         }
     }
 

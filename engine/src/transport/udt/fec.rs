@@ -153,6 +153,11 @@ impl Udt {
         self.fec.as_ref().is_some_and(|f| f.peers.contains(&ip))
     }
 
+    /// The most repair bytes a FEC peer's connection sends, per data byte.
+    pub(super) fn fec_max_overhead(&self) -> f64 {
+        self.fec.as_ref().map_or(0.0, |f| f.cfg.max_overhead)
+    }
+
     /// The UDT settings of a new connection to `ip`: a FEC peer's MSS leaves
     /// room for the repairs' extra bytes.
     pub(super) fn fec_conn_config(&self, ip: IpAddr) -> udt::Config {
