@@ -203,7 +203,8 @@ fn transfer_and_scrape(
         }
     }
     after(SocketAddr::from((A_IP, port)));
-    // The cores publish every 100 ms: let the last counters land.
+    // A core publishes every 100 ms while busy, and what its last messages did
+    // before it sleeps: let the last counters land.
     std::thread::sleep(Duration::from_millis(400));
     let (status, second) = get(metrics, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");

@@ -118,6 +118,8 @@ pub struct Shard<T: Transport> {
     woke_at: Instant,
     drain_deadline: Option<Instant>,
     last_stats: Instant,
+    /// TX completions and RX descriptors as of the last publication.
+    published_msgs: (u64, u64),
     /// Drops become one log line per interval, never one per packet.
     drop_log: DropLog,
     /// Peers whose first connection was logged.
@@ -142,6 +144,7 @@ impl<T: Transport> Shard<T> {
             woke_at: now,
             drain_deadline: None,
             last_stats: now,
+            published_msgs: (0, 0),
             drop_log: DropLog::new(DROP_LOG_EVERY),
             peers_seen: HashSet::new(),
             kshim_gone: None,
@@ -226,10 +229,22 @@ impl<T: Transport> Shard<T> {
             },
         );
         self.ring.flush_notify();
-        if self.t.now() >= self.last_stats + STATS_EVERY {
+        let next = self.t.poll_timeout();
+        if self.t.now() >= self.last_stats + STATS_EVERY || self.sleeps_on_news(next) {
             self.publish_stats();
         }
-        Step::Running(self.t.poll_timeout())
+        Step::Running(next)
+    }
+
+    /// Whether messages completed or arrived since the last publication and the
+    /// core may sleep past the next one (`next`: its next deadline): an idle
+    /// core sleeps until its connections' keep-alives, a second or more, and
+    /// what a transfer's last messages did would show that much later. Idle
+    /// wakes that move no message publish nothing early.
+    fn sleeps_on_news(&self, next: Option<Instant>) -> bool {
+        let s = &self.ring.stats;
+        (s.tx_completions, s.rx_descs) != self.published_msgs
+            && next.is_none_or(|d| d >= self.last_stats + STATS_EVERY)
     }
 
     fn take_tx(&mut self, draining: bool) -> bool {
@@ -426,6 +441,7 @@ impl<T: Transport> Shard<T> {
 
     fn publish_stats(&mut self) {
         self.last_stats = self.t.now();
+        self.published_msgs = (self.ring.stats.tx_completions, self.ring.stats.rx_descs);
         let mut s = self.ring.stats.clone();
         self.ring.pool_use(&mut s);
         self.t.stats(&mut s);
