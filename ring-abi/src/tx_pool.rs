@@ -6,10 +6,9 @@
 //! retransmissions are lost twice holds it three to four round trips, while the
 //! window runs on. The satellite controller's window is [`WINDOW_BDPS`] × rate ×
 //! minimum RTT counted from that hole; a pool smaller than the window caps it
-//! (a pool of 4.5 × rate × RTT cost 7 % of the goodput at 5 % loss in the
-//! harness). More than the window buys nothing on the wire and costs memory:
-//! every page of the pool that a message once used stays resident in the
-//! engine that sent it.
+//! (engine README, "RX memory"). More than the window buys nothing on the
+//! wire and costs memory: every page of the pool that a message once used
+//! stays resident in the engine that sent it.
 
 /// The satellite controller's window in rates × RTT (`lu2k-udt`'s
 /// `cc::WINDOW_BDPS`; the engine's tests check that the two agree).

@@ -1158,8 +1158,7 @@ fn run_once(s: &str, cell: &Cell, c: Contender, pairs: u32, seed: u64, rx_bufs: 
     let cpu0 = CpuSnapshot::take();
     let others = OthersWatch::start();
     let res = match c {
-        Contender::Lu2k => run_lu2k(s, cell, c, pairs, seed, rx_bufs),
-        Contender::Lu2kShare => run_lu2k(s, cell, c, pairs, seed, rx_bufs),
+        Contender::Lu2k | Contender::Lu2kShare => run_lu2k(s, cell, c, pairs, seed, rx_bufs),
         Contender::TcpBbr | Contender::TcpCubic => {
             match crate::run::skip_reason(c, cell.workload.kind) {
                 Some(why) => {
