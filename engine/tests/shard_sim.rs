@@ -314,6 +314,7 @@ impl Node {
                 spin_max: Duration::ZERO,
                 msg_slots: MSG_SLOTS,
                 drain_timeout: plan.drain_timeout,
+                gather: None,
             },
             ring,
             t,

@@ -51,6 +51,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest `gather_us` the config takes.
+const MAX_GATHER_US: u32 = 10_000;
+
+/// Completions that end a gathering core's sleep at once (`gather_us`).
+pub const GATHER_EVENTS: u32 = 32;
+
 /// Which I/O path to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -244,6 +250,13 @@ pub struct Config {
     pub spin_us: u32,
     /// Microseconds a core spins before sleeping, at most.
     pub spin_max_us: u32,
+    /// Microseconds a sleeping core lets completions gather before it wakes for
+    /// the first, where every peer is at least 50 times that away (round trip)
+    /// and nothing is awaited (see `spin`); it wakes at once for 32 completions
+    /// and never past its next timer. 0: a core wakes for each completion. Needs
+    /// Linux 6.12 (the start-up log says `minimum wait no` where the kernel
+    /// lacks it).
+    pub gather_us: u32,
     /// Pin core thread i to CPU i.
     pub pin_cpus: bool,
     /// Peers at non-default addresses.
@@ -291,6 +304,7 @@ impl Default for Config {
             flow_window: 65536,
             spin_us: 50,
             spin_max_us: 400,
+            gather_us: 1000,
             pin_cpus: false,
             peers: Vec::new(),
             security: None,
@@ -469,6 +483,14 @@ impl Config {
                 self.spin_max_us.to_string(),
                 "below spin_us, or more than a second of spinning",
                 "use spin_us..=1000 µs; 400 covers a small-message round trip",
+            );
+        }
+        if self.gather_us > MAX_GATHER_US {
+            return bad(
+                "gather_us",
+                self.gather_us.to_string(),
+                "a core that gathers that long answers its peers late",
+                "use 0..=10000 µs; 1000 (a millisecond, the pacing quantum) is the default",
             );
         }
         if let Some(a) = self.metrics_listen {

@@ -261,7 +261,7 @@ impl Lu2kCollector {
         let per_core = |f: fn(&CoreStats) -> u64| -> Vec<(Labels, ConstCounter<u64>)> {
             cores.iter().map(|c| counter(core(c), f(c))).collect()
         };
-        let counters: [CoreCounter; 15] = [
+        let counters: [CoreCounter; 16] = [
             (
                 "lu2k_core_tx_descriptors",
                 "TX descriptors taken from kshim's ring.",
@@ -345,6 +345,12 @@ impl Lu2kCollector {
                 "Times the core slept on its doorbell.",
                 None,
                 |c| c.sleeps,
+            ),
+            (
+                "lu2k_core_gathered_waits",
+                "Sleeps that let completions gather before waking (the kernel's minimum wait).",
+                None,
+                |c| c.io.gathered_waits,
             ),
             (
                 "lu2k_core_rx_table_waits",

@@ -747,6 +747,10 @@ fn spawn_core(plan: &Plan, region: Region, p: CoreParts) -> anyhow::Result<JoinH
         spin_max: Duration::from_micros(u64::from(plan.cfg.spin_max_us)),
         msg_slots: MSG_SLOTS,
         drain_timeout: Duration::from_secs(plan.cfg.drain_timeout_s),
+        gather: (plan.cfg.gather_us > 0).then(|| crate::io::Gather {
+            events: config::GATHER_EVENTS,
+            within: Duration::from_micros(u64::from(plan.cfg.gather_us)),
+        }),
     };
     let (seed, cookie_key) = secrets(p.c)?;
     let sealing = match &plan.keys {

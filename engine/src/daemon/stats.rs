@@ -359,7 +359,7 @@ pub fn render(r: &Report) -> String {
     // rings busy at its re-check does not block); a draining core adds its own.
     let _ = writeln!(
         o,
-        "{:>4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "{:>4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "core",
         "passes",
         "sleeps",
@@ -372,7 +372,8 @@ pub fn render(r: &Report) -> String {
         "enters",
         "tmr_arm",
         "tmr_fire",
-        "dgram/snd"
+        "dgram/snd",
+        "gathered"
     );
     for c in &r.cores {
         let w = &c.io.wakes;
@@ -383,7 +384,7 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(
             o,
-            "{:>4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            "{:>4} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9}",
             c.core,
             c.passes,
             c.sleeps,
@@ -397,7 +398,8 @@ pub fn render(r: &Report) -> String {
             c.io.enters + c.io.epoll_waits,
             c.io.timers_armed,
             c.io.timers_fired,
-            per_send
+            per_send,
+            c.io.gathered_waits
         );
     }
     // The sealed wire per core: what the cipher passed, and every datagram it
@@ -552,6 +554,7 @@ mod tests {
                 enters: 9_876,
                 timers_armed: 3_000,
                 timers_fired: 2_500,
+                gathered_waits: 77,
                 wakes: Wakes {
                     doorbell: 11,
                     datagram: 22,
@@ -594,7 +597,8 @@ mod tests {
                 "enters",
                 "tmr_arm",
                 "tmr_fire",
-                "dgram/snd"
+                "dgram/snd",
+                "gathered"
             ]
         );
         let rows: Vec<Vec<&str>> = text
@@ -608,7 +612,7 @@ mod tests {
             rows[0],
             [
                 "0", "123456", "4000", "250", "11", "22", "33", "2400", "5", "9876", "3000",
-                "2500", "2.50"
+                "2500", "2.50", "77"
             ]
         );
         // No sends: no ratio to show.

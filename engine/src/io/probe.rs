@@ -78,6 +78,9 @@ pub struct Features {
     /// failing a multishot `recvmsg` with `EFAULT` at a buffer's end.
     #[serde(default)]
     pub pbuf_inc_min_left: bool,
+    /// `IORING_FEAT_MIN_TIMEOUT` (6.12+): the minimum wait with which a sleeping
+    /// core lets completions gather (`gather_us`).
+    pub min_wait: bool,
     /// IORING_REGISTER_BUFFERS.
     pub registered_buffers: bool,
     /// UDP_SEGMENT (GSO).
@@ -141,6 +144,7 @@ impl Features {
             f.msg_ring = probe.is_supported(opcode::MsgRingData::CODE);
         }
         f.zc_report_usage = f.send_zc && crate::io::uring::zc_report_usage_supported();
+        f.min_wait = ring.params().is_feature_min_timeout();
         if let Ok(m) = Mapping::anon(4096) {
             let iov = libc::iovec {
                 iov_base: m.as_ptr().cast(),
@@ -240,6 +244,15 @@ impl fmt::Display for Features {
             "  PBUF_RING_INC                {} (min_left: {}); RX memory: buffers cut into datagram-sized receives where no GRO coalesces, incremental consumption not used",
             yn(self.pbuf_inc),
             yn(self.pbuf_inc_min_left)
+        )?;
+        writeln!(
+            f,
+            "  FEAT_MIN_TIMEOUT             {}",
+            if self.min_wait {
+                "yes (a sleeping core far from its peers lets completions gather, gather_us)"
+            } else {
+                "no (kernel < 6.12: cores wake for each completion)"
+            }
         )?;
         writeln!(
             f,

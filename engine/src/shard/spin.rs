@@ -44,6 +44,14 @@
 //! [`Spin::relax`]): kshim's threads, or the other engine on a shared machine, get
 //! the CPU at once when they need it instead of waiting for the spinner's time slice
 //! to end.
+//!
+//! The sleep itself can be cheaper too. A satellite receiver that sleeps between
+//! datagrams wakes for each one (8 600 a second at 100 Mbit/s), though nothing it
+//! does for a datagram is due within a millisecond when its peers are hundreds of
+//! milliseconds away. Where nothing is awaited and every peer is far
+//! ([`Spin::may_gather`]), the core's sleep lets completions gather (config
+//! `gather_us`, see [`crate::io::Gather`]): one wake-up per millisecond of
+//! datagrams, never past the core's next timer.
 
 use std::time::{Duration, Instant};
 
@@ -62,6 +70,10 @@ pub struct Pass {
     /// answer may follow at once.
     pub handed: bool,
 }
+
+/// A core lets completions gather only where its nearest peer is this many
+/// gathering times away (a round trip of 50 ms or more for 1 ms).
+pub const GATHER_RTT_FACTOR: u32 = 50;
 
 /// Weight of the newest gap in the average gap between arrivals (1/4).
 const GAP_WEIGHT_SHIFT: u32 = 2;
@@ -128,6 +140,18 @@ impl Spin {
     /// Whether the core awaits an answer that can come within `max`.
     pub fn awaiting(&self) -> bool {
         self.await_kshim || (self.await_peer && self.net_rtt.is_none_or(|r| r <= self.max))
+    }
+
+    /// Whether a sleep may let completions gather for `within` before it wakes
+    /// (see [`crate::io::Gather`]): only while nothing is awaited and every peer
+    /// is at least [`GATHER_RTT_FACTOR`] × `within` away, so the gathering
+    /// delays what the core handles by a fiftieth of a round trip at most. A
+    /// peer not yet measured may be near: no gathering then.
+    pub fn may_gather(&self, within: Duration) -> bool {
+        !self.awaiting()
+            && self
+                .net_rtt
+                .is_some_and(|r| r >= within * GATHER_RTT_FACTOR)
     }
 
     /// The shortest round trip to the core's peers (`None`: no peer measured).
@@ -433,6 +457,32 @@ mod tests {
         assert_eq!(at(&mut s, &mut t2, 40 * US, ARRIVAL), 15 * US);
         // max below min is raised to min.
         assert_eq!(Spin::new(100 * US, 10 * US, t).budget(), 100 * US);
+    }
+
+    #[test]
+    fn only_a_core_whose_peers_are_all_far_gathers() {
+        let (mut s, mut t) = spin();
+        let within = ms();
+        // No peer measured yet: it may be near.
+        assert!(!s.may_gather(within));
+        // A satellite receiver between datagrams: gathers.
+        s.set_net_rtt(Some(600 * ms()));
+        at(&mut s, &mut t, 116 * US, ARRIVAL);
+        assert!(s.may_gather(within));
+        // Not with kshim's answer awaited (the spin's, then the doorbell's).
+        at(&mut s, &mut t, 5 * US, HAND_OFF);
+        assert!(!s.may_gather(within));
+        at(&mut s, &mut t, 5 * US, ARRIVAL);
+        assert!(s.may_gather(within));
+        // 50 ms away is the nearest a millisecond's gathering allows.
+        s.set_net_rtt(Some(50 * ms()));
+        assert!(s.may_gather(within));
+        s.set_net_rtt(Some(49 * ms()));
+        assert!(!s.may_gather(within));
+        // A LAN peer beside the satellite ones: no gathering, and the send spins.
+        s.set_net_rtt(Some(200 * US));
+        at(&mut s, &mut t, 5 * US, SEND);
+        assert!(!s.may_gather(within));
     }
 
     fn ms() -> Duration {

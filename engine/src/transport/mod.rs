@@ -151,6 +151,10 @@ pub trait Transport {
     /// and handles what came.
     fn wait(&mut self, deadline: Option<Instant>, block: bool) -> std::io::Result<Woken>;
 
+    /// How the blocking waits that follow may gather completions (see
+    /// [`crate::io::Gather`]); a transport whose I/O cannot ignores it.
+    fn set_gather(&mut self, _gather: Option<crate::io::Gather>) {}
+
     /// Sends still referencing TX memory.
     fn sends_in_flight(&self) -> usize;
 

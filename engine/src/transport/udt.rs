@@ -633,6 +633,10 @@ impl Transport for Udt {
         self.io.arm_doorbell(futex_seq);
     }
 
+    fn set_gather(&mut self, gather: Option<crate::io::Gather>) {
+        self.io.set_gather(gather);
+    }
+
     fn wait(&mut self, deadline: Option<Instant>, block: bool) -> std::io::Result<Woken> {
         let mut events = std::mem::take(&mut self.io_events);
         events.clear();

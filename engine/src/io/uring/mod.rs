@@ -79,7 +79,9 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::io::sys::{self, GsoCmsg, Mapping};
-use crate::io::{gso_size, DatagramIo, Event, IoStats, RxPool, Segment, SendError, TxMem, MAX_IOV};
+use crate::io::{
+    gso_size, DatagramIo, Event, Gather, IoStats, RxPool, Segment, SendError, TxMem, MAX_IOV,
+};
 use lu2k_ring_abi::WaitMode;
 
 const KIND_SHIFT: u64 = 56;
@@ -147,6 +149,11 @@ const FULL_SIZE: u32 = 1024;
 /// a cut entry still in the ring when cutting stops receives a batch truncated.
 const SLICED_FILL: usize = 4 * RING_FILL;
 
+/// How far past its deadline a gathering wait's own timeout lies: the armed
+/// timeout SQE ends the wait at the deadline, this only bounds it should that
+/// completion be late.
+const GATHER_SLACK: Duration = Duration::from_millis(10);
+
 /// How often free RX buffers are looked at for pages to give back, and how many
 /// at most each time (each is an `madvise`; the core's thread does it between
 /// its waits).
@@ -173,6 +180,9 @@ pub struct RingSetup {
     pub send_worker: bool,
     /// The doorbell is an `IORING_OP_FUTEX_WAIT`, see [`DoorbellMode`].
     pub futex_doorbell: bool,
+    /// The kernel has the minimum wait (`IORING_FEAT_MIN_TIMEOUT`, 6.12+), so a
+    /// sleeping core can let completions gather ([`Gather`]).
+    pub min_wait: bool,
 }
 
 impl std::fmt::Display for RingSetup {
@@ -182,7 +192,7 @@ impl std::fmt::Display for RingSetup {
         let yn = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}, doorbell {}",
+            "SINGLE_ISSUER {}, DEFER_TASKRUN {}, registered TX buffer {}, zero-copy usage reports {}, send worker {}, doorbell {}, minimum wait {}",
             yn(self.single_issuer),
             yn(self.defer_taskrun),
             if self.fixed_tx_pending {
@@ -192,7 +202,12 @@ impl std::fmt::Display for RingSetup {
             },
             yn(self.zc_report_usage),
             yn(self.send_worker),
-            if self.futex_doorbell { "futex" } else { "eventfd" }
+            if self.futex_doorbell { "futex" } else { "eventfd" },
+            if self.min_wait {
+                "yes"
+            } else {
+                "no (Linux 6.12+): a sleeping core wakes for each completion"
+            }
         )
     }
 }
@@ -426,6 +441,8 @@ pub struct UringIo {
     timer_ts: Box<types::Timespec>,
     timer_armed: Option<Instant>,
     timer_fired: bool,
+    /// How blocking waits may gather completions (only where `setup.min_wait`).
+    gather: Option<Gather>,
     epoch: Instant,
     epoch_mono: std::time::Duration,
     stats: IoStats,
@@ -1361,16 +1378,44 @@ impl DatagramIo for UringIo {
         }
         let flags = io_uring::EnterFlags::GETEVENTS.bits();
         self.stats.enters += 1;
-        // SAFETY: plain io_uring_enter on our ring with no extra argument.
-        match unsafe {
-            self.ring
-                .submitter()
-                .enter::<libc::sigset_t>(sq_len, want as u32, flags, None)
-        } {
+        let gathered = match (want, self.gather, deadline) {
+            (1, Some(g), Some(d)) => {
+                // Never past the deadline: a timer due sooner cuts the gathering
+                // short. The wait's own timeout only bounds it after that (the
+                // kernel ends a minimum wait without one at once); the armed
+                // timeout SQE is what ends it at the deadline.
+                let left = d.saturating_duration_since(Instant::now());
+                let within = g.within.min(left).as_micros() as u32;
+                (within > 0).then(|| {
+                    let bound = left + GATHER_SLACK;
+                    (g.events, within, bound)
+                })
+            }
+            _ => None,
+        };
+        let res = match gathered {
+            Some((events, within, bound)) => {
+                self.stats.gathered_waits += 1;
+                let ts = types::Timespec::from(bound);
+                let args = types::SubmitArgs::new().min_wait_usec(within).timespec(&ts);
+                self.ring
+                    .submitter()
+                    .submit_with_args(events as usize, &args)
+            }
+            // SAFETY: plain io_uring_enter on our ring with no extra argument.
+            None => unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(sq_len, want as u32, flags, None)
+            },
+        };
+        match res {
             Ok(_) => {}
             Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::ETIME)
+                ) => {}
             Err(e) => return Err(e),
         }
         self.reap(out);
@@ -1399,6 +1444,14 @@ impl DatagramIo for UringIo {
 
     fn path_name(&self) -> &'static str {
         "io_uring"
+    }
+
+    fn can_gather(&self) -> bool {
+        self.setup.min_wait
+    }
+
+    fn set_gather(&mut self, gather: Option<Gather>) {
+        self.gather = gather.filter(|_| self.setup.min_wait);
     }
 }
 
@@ -1467,6 +1520,7 @@ impl sys::Build for UringIo {
     ) -> io::Result<Self> {
         let (ring, mut setup) = build_ring(opts.entries, opts.defer_taskrun)?;
         setup.zc_report_usage = opts.zc != ZcMode::Never && zc_report_usage_supported();
+        setup.min_wait = ring.params().is_feature_min_timeout();
         tx.check_send_slots(opts.send_slots)?;
         setup.fixed_tx = false;
         let slots = send_slots(opts.send_slots);
@@ -1527,6 +1581,7 @@ impl sys::Build for UringIo {
             timer_ts: Box::new(types::Timespec::new()),
             timer_armed: None,
             timer_fired: false,
+            gather: None,
             epoch: Instant::now(),
             epoch_mono: monotonic_now(),
             stats: IoStats::default(),
