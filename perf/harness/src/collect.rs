@@ -505,7 +505,7 @@ pub fn steal_share(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
 }
 
 /// Latency percentiles, milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct Percentiles {
     /// Median.
     pub p50_ms: f64,

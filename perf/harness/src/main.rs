@@ -66,6 +66,10 @@ enum Command {
     /// Two `run --json` result files side by side: is every row's goodput
     /// within the tolerance? Exits 1 if not.
     Compare(CompareArgs),
+    /// Rows of several `run --json` files as one report: the table, the merged
+    /// JSON and the plots, as if one run had made them (a later file's row
+    /// replaces an earlier one of the same cell and contender).
+    Report(ReportArgs),
     /// lu2k for a long time on the GEO link with peers coming and going and an
     /// engine restart; fails on memory growth, unreturned buffers or lost messages.
     Soak(soak::SoakArgs),
@@ -138,6 +142,22 @@ struct CompareArgs {
     /// Largest change allowed, as a fraction of the first file's goodput.
     #[arg(long, default_value_t = 0.10)]
     tolerance: f64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// Result files (`run --json`), in order.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Write the merged rows here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Directory for the plots.
+    #[arg(long, default_value = "perf-out")]
+    out: PathBuf,
+    /// The plots' name (default: the rows' scenario).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -233,6 +253,7 @@ fn main() -> Result<()> {
         Command::Loopback(args) => loopback(args),
         Command::CpuBaseline(args) => cpu_baseline(args),
         Command::Compare(args) => compare(args),
+        Command::Report(args) => merge_report(args),
         Command::Soak(args) => soak::soak(args),
         Command::Gateway(args) => gateway::main(args),
         Command::IdlePeers(args) => idle::main(args),
@@ -672,6 +693,61 @@ fn run_scenario(args: RunArgs) -> Result<()> {
         std::fs::write(p, report::csv(&rows))
             .with_context(|| format!("writing {}", p.display()))?;
         println!("csv: {}", p.display());
+    }
+    Ok(())
+}
+
+fn merge_report(args: ReportArgs) -> Result<()> {
+    let mut rows: Vec<report::Row> = Vec::new();
+    for p in &args.files {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let file: Vec<report::Row> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not an array of rows as `run --json` writes",
+                p.display()
+            )
+        })?;
+        for r in file {
+            match rows
+                .iter_mut()
+                .find(|o| o.cell == r.cell && o.contender == r.contender)
+            {
+                Some(o) => *o = r,
+                None => rows.push(r),
+            }
+        }
+    }
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => rows
+            .first()
+            .map(|r| r.scenario.clone())
+            .context("no rows in the files")?,
+    };
+    print!("{}", report::table(&rows));
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    if let Some(p) = report::plot_vs_loss(&rows, &args.out, &name)? {
+        println!("plot: {}", p.display());
+    }
+    let mut cells: Vec<&str> = Vec::new();
+    for r in &rows {
+        if !cells.contains(&r.cell.as_str()) {
+            cells.push(&r.cell);
+        }
+    }
+    for cell in cells {
+        if let Some(p) = report::plot_over_time(&rows, cell, &args.out, &name)? {
+            println!("plot: {}", p.display());
+        }
+        if let Some(p) = report::plot_latency_over_time(&rows, cell, &args.out, &name)? {
+            println!("plot: {}", p.display());
+        }
+    }
+    if let Some(p) = &args.json {
+        report::write_json(&rows, p)?;
+        println!("json: {}", p.display());
     }
     Ok(())
 }

@@ -13,7 +13,8 @@ use crate::collect::Percentiles;
 use crate::scenario::WorkloadKind;
 
 /// The result of one contender in one cell.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Row {
     /// Scenario name.
     pub scenario: String,
@@ -151,7 +152,7 @@ pub struct Row {
 ///   of the first link's last such 0.5 s (the tail, when the links drain one
 ///   by one) — over the sum of the links' capacities (goal ≥ 0.9).
 ///   `whole_*`: the row's goodput over the same sum.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct LinksFigures {
     /// "failover" or "balance".
     pub policy: String,
@@ -185,17 +186,21 @@ pub struct LinksFigures {
     pub back_s: Option<f64>,
     /// Every run's `goal_ratio`, `whole_ratio`, `switch_s` and `back_s`, in
     /// run order.
+    #[serde(default)]
     pub goal_ratio_runs: Vec<Option<f64>>,
     /// See `goal_ratio_runs`.
+    #[serde(default)]
     pub whole_ratio_runs: Vec<Option<f64>>,
     /// See `goal_ratio_runs`.
+    #[serde(default)]
     pub switch_runs: Vec<Option<f64>>,
     /// See `goal_ratio_runs`.
+    #[serde(default)]
     pub back_runs: Vec<Option<f64>>,
 }
 
 /// One link of a several-link cell in a row.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct LinkFigures {
     /// Forward rate, Mbit/s.
     pub rate_mbps: f64,
@@ -221,7 +226,7 @@ pub struct LinkFigures {
 pub const LIVE_LATE_RTTS: f64 = 1.5;
 
 /// Load averages (1, 5 and 15 minutes, `/proc/loadavg`) around a row.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct LoadAvg {
     /// Before the (first) run.
     pub start: [f64; 3],
@@ -965,6 +970,44 @@ rate_mbps = [100.0]
             }
         }
         out
+    }
+
+    #[test]
+    fn rows_read_back_as_written() {
+        let rows = rows();
+        let text = serde_json::to_string(&rows).unwrap();
+        let back: Vec<Row> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, rows);
+    }
+
+    /// `lu2k-perf report` reads the result files the repository ships (the
+    /// README's tables come from them), older ones without today's fields too.
+    #[test]
+    fn shipped_result_files_read_as_rows() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+        let mut read = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            // Rows of `run`, `demo` and `loopback`'s own shape aside.
+            let is_rows = name.starts_with("geo-")
+                || name.starts_with("links-")
+                || name.starts_with("live-")
+                || name.starts_with("rpc-")
+                || name.starts_with("demo-");
+            if p.extension().is_none_or(|x| x != "json") || !is_rows {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            let rows: Vec<Row> =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(!rows.is_empty(), "{}", p.display());
+            assert!(rows
+                .iter()
+                .all(|r| !r.cell.is_empty() && !r.contender.is_empty()));
+            read += 1;
+        }
+        assert!(read >= 5, "only {read} result files read");
     }
 
     #[test]
