@@ -380,25 +380,37 @@ impl RcvLossList {
     }
 
     /// The periodic NAK: appends to `out`, lowest first, up to `max` ranges
-    /// last reported at or before `due`, and marks them reported at `now`.
+    /// whose retransmission is overdue, and marks them reported at `now`.
     /// Returns how many ranges were appended.
+    ///
+    /// A range is overdue once it was last reported at or before `due`, less
+    /// `per_pkt_ns` for every lost packet below it: the sender resends its
+    /// loss list lowest first, one packet every `per_pkt_ns`, so a range's
+    /// retransmission leaves after those of every range below it. (The whole
+    /// list's drain time added to every range held the oldest holes — a
+    /// retransmission lost again — a drain longer than they need, and the
+    /// window stalls behind the oldest hole.)
     pub fn take_due(
         &mut self,
         due: u64,
+        per_pkt_ns: u64,
         now: u64,
         max: usize,
         out: &mut Vec<(SeqNo, SeqNo)>,
     ) -> usize {
         let mut n = 0;
+        let mut below = 0u64;
         for r in self.r.q.iter_mut() {
             if n >= max {
                 break;
             }
-            if r.2 <= due {
+            let wait = below.saturating_mul(per_pkt_ns) / 1000;
+            if r.2.saturating_add(wait) <= due {
                 out.push((r.0, r.1));
                 r.2 = now;
                 n += 1;
             }
+            below += u64::from(r.0.len_to(r.1));
         }
         n
     }
@@ -485,14 +497,27 @@ mod tests {
         assert_eq!(l.reported_at(s(35)), Some(200));
         let mut out = Vec::new();
         // Due at 150: the two parts of the first gap, not the second.
-        assert_eq!(l.take_due(150, 400, 64, &mut out), 2);
+        assert_eq!(l.take_due(150, 0, 400, 64, &mut out), 2);
         assert_eq!(out, vec![(s(10), s(14)), (s(16), s(19))]);
         assert_eq!(l.reported_at(s(10)), Some(400));
         out.clear();
         // At most `max` ranges per call, lowest first.
-        assert_eq!(l.take_due(1000, 1100, 2, &mut out), 2);
+        assert_eq!(l.take_due(1000, 0, 1100, 2, &mut out), 2);
         assert_eq!(out, vec![(s(10), s(14)), (s(16), s(19))]);
         assert_eq!(l.reported_at(s(30)), Some(200));
+        // The losses below a range delay it by their retransmissions: at
+        // 10 µs a packet, (30..39) waits for the 10 of (10..19) too.
+        let mut l2 = RcvLossList::new();
+        assert_eq!(l2.insert_reported(s(10), s(19), 100), Ok(10));
+        assert_eq!(l2.insert_reported(s(30), s(39), 100), Ok(10));
+        let mut out2 = Vec::new();
+        assert_eq!(l2.take_due(150, 10_000, 400, 64, &mut out2), 1);
+        assert_eq!(out2, vec![(s(10), s(19))]);
+        out2.clear();
+        // Reported again at 400; (30..39) is due once 100 + 100 µs passed.
+        assert_eq!(l2.take_due(199, 10_000, 450, 64, &mut out2), 0);
+        assert_eq!(l2.take_due(200, 10_000, 460, 64, &mut out2), 1);
+        assert_eq!(out2, vec![(s(30), s(39))]);
         // A merge keeps the earliest time.
         assert_eq!(l.insert_reported(s(20), s(29), 5000), Ok(10));
         assert_eq!(l.range_count(), 2);

@@ -195,25 +195,25 @@ impl Connection {
         // UDT4's RTT + 4·RTTVar, with the variance term kept within
         // [10 ms, RTT/2] (10 ms where RTT/2 is less): an early, wide
         // variance must not hold a hole for seconds, and a retransmission
-        // needs some slack to arrive. Plus the time the sender needs to
-        // resend the whole loss list at the rate packets arrive.
+        // needs some slack to arrive.
         let r = u64::from(self.rx.rtt.rtt());
         let rtt = r + (4 * u64::from(self.rx.rtt.var())).min(r / 2).max(10_000);
-        let rate = u64::from(self.rx.arrival.rate());
-        let drain = (self.rx.lost.len() * 1_000_000)
-            .checked_div(rate)
-            .unwrap_or(0);
-        (rtt + drain).max(self.cfg.min_nak_interval_us)
+        rtt.max(self.cfg.min_nak_interval_us)
     }
 
-    /// Re-reports every loss whose last report is one NAK interval old (the
-    /// retransmission should have arrived by then), at most 64 ranges per
-    /// tick; the check runs every `min_nak_interval_us`.
+    /// Re-reports every loss whose retransmission should have arrived by now:
+    /// last reported one NAK interval ago, plus the time the sender takes to
+    /// resend the losses below it at the rate packets arrive (see
+    /// `RcvLossList::take_due`). At most 64 ranges per tick; the check runs
+    /// every `min_nak_interval_us`.
     fn periodic_nak(&mut self, now: Time) {
         let interval = self.nak_interval();
         if let Some(due) = now.checked_sub(interval) {
+            let per_pkt_ns = 1_000_000_000u64
+                .checked_div(u64::from(self.rx.arrival.rate()))
+                .unwrap_or(0);
             let mut ranges = Vec::new();
-            self.rx.lost.take_due(due, now, 64, &mut ranges);
+            self.rx.lost.take_due(due, per_pkt_ns, now, 64, &mut ranges);
             if !ranges.is_empty() {
                 self.queue_nak(&ranges, now);
             }
