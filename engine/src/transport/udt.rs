@@ -2175,6 +2175,12 @@ impl Udt {
                 if e.peer == p.ip {
                     rekeys += e.session.as_ref().map_or(0, |s| s.rekeys);
                     let st = e.conn.stats();
+                    // A node that only receives from the peer knows the round
+                    // trip from its ACKs' ACK2s (the core's spin and gathering
+                    // need it: unknown counts as near).
+                    if e.dir == Dir::Rx && rtt == 0 && e.conn.rtt_measured() {
+                        rtt = e.conn.rtt();
+                    }
                     if e.dir == Dir::Tx {
                         rtt = e.conn.rtt();
                         rate = if st.period_us > 0.0 {
