@@ -251,11 +251,13 @@ pub struct Config {
     /// Microseconds a core spins before sleeping, at most.
     pub spin_max_us: u32,
     /// Microseconds a sleeping core lets completions gather before it wakes for
-    /// the first, where every peer is at least 50 times that away (round trip)
-    /// and nothing is awaited (see `spin`); it wakes at once for 32 completions
-    /// and never past its next timer. 0: a core wakes for each completion. Needs
-    /// Linux 6.12 (the start-up log says `minimum wait no` where the kernel
-    /// lacks it).
+    /// the first, where its peers are at least 50 times that away (round trip)
+    /// and nothing is awaited (see `spin`); never past its next timer. (It would
+    /// wake at 32 completions, but with `DEFER_TASKRUN` a multishot receive's
+    /// datagrams count as one until the core runs them, so while they flow it
+    /// is this time that ends the sleep.) 0: a core wakes for each completion.
+    /// Needs Linux 6.12 (the start-up log says `minimum wait no` where the
+    /// kernel lacks it).
     pub gather_us: u32,
     /// Pin core thread i to CPU i.
     pub pin_cpus: bool,

@@ -326,8 +326,9 @@ impl Wakes {
 /// With `DEFER_TASKRUN` the kernel counts the waiter's pending task work, not
 /// completions, and a multishot receive's datagrams are one piece of it until
 /// the core runs it: while datagrams flow, `within` is what ends the wait.
-/// Completions the kernel does not batch that way (an expired timeout, a
-/// futex doorbell) wake the core at once.
+/// Before `within`, only an expired timeout ends it early (the core's timer,
+/// which also bounds `within`); kshim's doorbell, eventfd or futex, waits up
+/// to `within` like a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gather {
     /// Completions that end the wait at once.

@@ -143,10 +143,12 @@ impl Spin {
     }
 
     /// Whether a sleep may let completions gather for `within` before it wakes
-    /// (see [`crate::io::Gather`]): only while nothing is awaited and every peer
-    /// is at least [`GATHER_RTT_FACTOR`] × `within` away, so the gathering
-    /// delays what the core handles by a fiftieth of a round trip at most. A
-    /// peer not yet measured may be near: no gathering then.
+    /// (see [`crate::io::Gather`]): only while nothing is awaited and the
+    /// nearest measured peer is at least [`GATHER_RTT_FACTOR`] × `within` away,
+    /// so the gathering delays what the core handles by a fiftieth of a round
+    /// trip at most. With no peer measured yet they may be near: no gathering
+    /// then. (A peer still measuring beside a measured far one does not count;
+    /// its connection has measured within a round trip or two of traffic.)
     pub fn may_gather(&self, within: Duration) -> bool {
         !self.awaiting()
             && self

@@ -2175,14 +2175,15 @@ impl Udt {
                 if e.peer == p.ip {
                     rekeys += e.session.as_ref().map_or(0, |s| s.rekeys);
                     let st = e.conn.stats();
-                    // A node that only receives from the peer knows the round
-                    // trip from its ACKs' ACK2s (the core's spin and gathering
-                    // need it: unknown counts as near).
-                    if e.dir == Dir::Rx && rtt == 0 && e.conn.rtt_measured() {
+                    // Measured round trips only (unmeasured, a connection
+                    // answers UDT4's 100 ms guess): the sending connection's,
+                    // else, where the node only receives from the peer, the
+                    // receiving one's, from its ACKs' ACK2s. The core's spin and
+                    // gathering read it (0: not measured).
+                    if e.conn.rtt_measured() && (e.dir == Dir::Tx || rtt == 0) {
                         rtt = e.conn.rtt();
                     }
                     if e.dir == Dir::Tx {
-                        rtt = e.conn.rtt();
                         rate = if st.period_us > 0.0 {
                             (f64::from(e.conn.payload_size()) * 8.0 * 1e6 / st.period_us) as u64
                         } else {

@@ -708,7 +708,23 @@ fn merge_report(args: ReportArgs) -> Result<()> {
                 p.display()
             )
         })?;
+        let mut noted = false;
         for r in file {
+            if r.cell.is_empty() || r.contender.is_empty() {
+                anyhow::bail!(
+                    "{}: a row without a cell or contender (not a `run --json` file?)",
+                    p.display()
+                );
+            }
+            if let Some(o) = rows.iter().find(|o| !noted && o.scenario != r.scenario) {
+                noted = true;
+                eprintln!(
+                    "note: {} has rows of scenario {:?} beside {:?}; rows are matched by cell and contender",
+                    p.display(),
+                    r.scenario,
+                    o.scenario
+                );
+            }
             match rows
                 .iter_mut()
                 .find(|o| o.cell == r.cell && o.contender == r.contender)

@@ -322,10 +322,6 @@ pub struct Stats {
     pub pkts_sent: u64,
     /// Data packets retransmitted.
     pub pkts_retransmitted: u64,
-    /// Second copies of packets whose retransmission was lost (each sent
-    /// right after the packet's later retransmission; counted in
-    /// `pkts_retransmitted` too).
-    pub pkts_repeated: u64,
     /// Data packets received (all, duplicates included).
     pub pkts_received: u64,
     /// Data packets the receiver found missing (gap detections).

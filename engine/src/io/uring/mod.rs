@@ -1381,11 +1381,12 @@ impl DatagramIo for UringIo {
         let gathered = match (want, self.gather, deadline) {
             (1, Some(g), Some(d)) => {
                 // Never past the deadline: a timer due sooner cuts the gathering
-                // short. The wait's own timeout only bounds it after that (the
-                // kernel ends a minimum wait without one at once); the armed
-                // timeout SQE is what ends it at the deadline.
+                // short. The wait's own timeout only bounds it after that (without
+                // one the kernel ends the wait when the minimum wait runs out,
+                // whatever came); the armed timeout SQE is what ends it at the
+                // deadline.
                 let left = d.saturating_duration_since(Instant::now());
-                let within = g.within.min(left).as_micros() as u32;
+                let within = u32::try_from(g.within.min(left).as_micros()).unwrap_or(u32::MAX);
                 (within > 0).then(|| {
                     let bound = left + GATHER_SLACK;
                     (g.events, within, bound)
