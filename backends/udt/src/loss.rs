@@ -386,10 +386,10 @@ impl RcvLossList {
     /// A range is overdue once it was last reported at or before `due`, less
     /// `per_pkt_ns` for every lost packet below it: the sender resends its
     /// loss list lowest first, one packet every `per_pkt_ns`, so a range's
-    /// retransmission leaves after those of every range below it. (The whole
-    /// list's drain time added to every range held the oldest holes — a
-    /// retransmission lost again — a drain longer than they need, and the
-    /// window stalls behind the oldest hole.)
+    /// retransmission leaves after those of every range below it. The oldest
+    /// holes (a retransmission lost again) are resent first, so they must not
+    /// wait for the whole list's drain: the sender's window stalls behind
+    /// the oldest hole.
     pub fn take_due(
         &mut self,
         due: u64,

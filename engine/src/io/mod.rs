@@ -319,9 +319,8 @@ impl Wakes {
 /// kernel's minimum wait, `IORING_FEAT_MIN_TIMEOUT`, Linux 6.12): the wait
 /// returns once `events` completions have come or `within` has passed since it
 /// began, whichever is first (after `within`, at the first completion), and
-/// never later than its deadline. At 100 Mbit/s a datagram lands every 116 µs:
-/// a receiver that wakes for each pays a scheduler wake-up per datagram, one
-/// that gathers a millisecond pays one per eight.
+/// never later than its deadline. A receiver that wakes for each datagram pays
+/// a scheduler wake-up per datagram; one that gathers pays one per `within`.
 ///
 /// With `DEFER_TASKRUN` the kernel counts the waiter's pending task work, not
 /// completions, and a multishot receive's datagrams are one piece of it until

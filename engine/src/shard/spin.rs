@@ -46,9 +46,8 @@
 //! to end.
 //!
 //! The sleep itself can be cheaper too. A satellite receiver that sleeps between
-//! datagrams wakes for each one (8 600 a second at 100 Mbit/s), though nothing it
-//! does for a datagram is due within a millisecond when its peers are hundreds of
-//! milliseconds away. Where nothing is awaited and every peer is far
+//! datagrams would wake for each one, though nothing it does for a datagram is
+//! due within a millisecond when its peers are hundreds of milliseconds away. Where nothing is awaited and every peer is far
 //! ([`Spin::may_gather`]), the core's sleep lets completions gather (config
 //! `gather_us`, see [`crate::io::Gather`]): one wake-up per millisecond of
 //! datagrams, never past the core's next timer.

@@ -2176,7 +2176,7 @@ impl Udt {
                     rekeys += e.session.as_ref().map_or(0, |s| s.rekeys);
                     let st = e.conn.stats();
                     // Measured round trips only (unmeasured, a connection
-                    // answers UDT4's 100 ms guess): the sending connection's,
+                    // answers UDT's default guess): the sending connection's,
                     // else, where the node only receives from the peer, the
                     // receiving one's, from its ACKs' ACK2s. The core's spin and
                     // gathering read it (0: not measured).
