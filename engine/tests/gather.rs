@@ -4,24 +4,21 @@
 //! datagram ends the wait once the gathering time has passed; and no gathering
 //! ever holds a wait past its deadline (the core's next timer).
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use lu2k_engine::io::probe::Features;
 use lu2k_engine::io::sys::{self, OwnedMem, SockOpts};
 use lu2k_engine::io::uring::{UringIo, UringOpts};
 use lu2k_engine::io::{DatagramIo, Event, Gather};
 
-/// A receiving io_uring over a fresh loopback socket, or `None` (with the reason
-/// on stderr) where this kernel has no io_uring fast path or no minimum wait.
+/// A receiving io_uring over a fresh loopback socket, its receive armed, or
+/// `None` (with the reason on stderr) where this kernel has no io_uring fast
+/// path or no minimum wait.
 fn receiver(test: &str) -> Option<(UringIo, SocketAddr)> {
-    let f = Features::probe();
-    if f.selftest.is_none() {
-        eprintln!(
-            "SKIP {test}: the io_uring fast path is not available here: {:?}",
-            f.selftest_error
-        );
+    if !common::fast_path_or_skip(test) {
         return None;
     }
     let (fd, info): (OwnedFd, _) = sys::udp_socket(
@@ -35,7 +32,7 @@ fn receiver(test: &str) -> Option<(UringIo, SocketAddr)> {
     )
     .unwrap();
     let mem = OwnedMem::with_memfd_rx(64, 4096, 64, 65536).unwrap();
-    let rx = UringIo::new_owned(fd, mem, None, UringOpts::default()).unwrap();
+    let mut rx = UringIo::new_owned(fd, mem, None, UringOpts::default()).unwrap();
     if !rx.can_gather() {
         eprintln!(
             "SKIP {test}: this kernel has no io_uring minimum wait \
@@ -43,7 +40,16 @@ fn receiver(test: &str) -> Option<(UringIo, SocketAddr)> {
         );
         return None;
     }
+    // The receive is armed (and the ring warm) before any measured wait.
+    rx.wait(None, false, &mut Vec::new()).unwrap();
     Some((rx, info.local))
+}
+
+/// [`receiver`], its blocking waits gathering up to 32 completions `within`.
+fn gathering(test: &str, within: Duration) -> Option<(UringIo, SocketAddr)> {
+    let (mut rx, dst) = receiver(test)?;
+    rx.set_gather(Some(Gather { events: 32, within }));
+    Some((rx, dst))
 }
 
 /// Sends `n` datagrams to `dst`, `gap` apart, from another thread.
@@ -82,18 +88,11 @@ fn receive(rx: &mut UringIo, n: usize) -> u64 {
     rx.stats().wakes.total() - before
 }
 
-/// The receive is armed (and the ring warm) before the measured burst.
-fn arm(rx: &mut UringIo) {
-    let mut out = Vec::new();
-    rx.wait(None, false, &mut out).unwrap();
-}
-
 #[test]
 fn a_burst_ends_one_gathering_wait_not_one_wait_per_datagram() {
     let Some((mut rx, dst)) = receiver("a_burst_ends_one_gathering_wait") else {
         return;
     };
-    arm(&mut rx);
     // Without gathering: each datagram, 5 ms after the last, ends a wait.
     let t = send_spaced(dst, 8, Duration::from_millis(5));
     let plain = receive(&mut rx, 8);
@@ -129,14 +128,12 @@ fn a_burst_ends_one_gathering_wait_not_one_wait_per_datagram() {
 
 #[test]
 fn a_lone_datagram_ends_a_gathering_wait_once_the_gathering_time_passed() {
-    let Some((mut rx, dst)) = receiver("a_lone_datagram_ends_a_gathering_wait") else {
+    let Some((mut rx, dst)) = gathering(
+        "a_lone_datagram_ends_a_gathering_wait",
+        Duration::from_millis(150),
+    ) else {
         return;
     };
-    arm(&mut rx);
-    rx.set_gather(Some(Gather {
-        events: 32,
-        within: Duration::from_millis(150),
-    }));
     let t = send_spaced(dst, 1, Duration::from_millis(10));
     let start = Instant::now();
     let waits = receive(&mut rx, 1);
@@ -151,14 +148,12 @@ fn a_lone_datagram_ends_a_gathering_wait_once_the_gathering_time_passed() {
 
 #[test]
 fn a_gathering_wait_never_passes_its_deadline() {
-    let Some((mut rx, _dst)) = receiver("a_gathering_wait_never_passes_its_deadline") else {
+    let Some((mut rx, _dst)) = gathering(
+        "a_gathering_wait_never_passes_its_deadline",
+        Duration::from_secs(2),
+    ) else {
         return;
     };
-    arm(&mut rx);
-    rx.set_gather(Some(Gather {
-        events: 32,
-        within: Duration::from_secs(2),
-    }));
     let start = Instant::now();
     let mut out = Vec::new();
     rx.wait(Some(start + Duration::from_millis(30)), true, &mut out)

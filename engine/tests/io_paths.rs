@@ -4,6 +4,8 @@
 //! Over IPv6 (`[::1]`) too, and a dual-stack socket: an IPv4 sender is reported as
 //! IPv4, and a send to an IPv4 address goes out IPv4-mapped.
 
+mod common;
+
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -255,18 +257,6 @@ fn blast_from(
     out
 }
 
-fn fast_path_or_skip() -> bool {
-    let f = Features::probe();
-    if f.selftest.is_none() {
-        eprintln!(
-            "SKIPPED: the io_uring fast path is not available here: {:?}",
-            f.selftest_error
-        );
-        return false;
-    }
-    true
-}
-
 /// A sending and a receiving io_uring path over two loopback sockets: the sender's
 /// pool filled with the test pattern, 64 receive buffers.
 fn uring_pair(tx_opts: UringOpts) -> (UringIo, UringIo, SocketAddr) {
@@ -282,7 +272,7 @@ fn uring_pair(tx_opts: UringOpts) -> (UringIo, UringIo, SocketAddr) {
 
 #[test]
 fn uring_zc_gso_into_provided_buffers_with_gro() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_zc_gso_into_provided_buffers_with_gro") {
         return;
     }
     let (a, _) = sock();
@@ -319,7 +309,7 @@ fn uring_zc_gso_into_provided_buffers_with_gro() {
 
 #[test]
 fn uring_zero_copy_always_completes_after_notification() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_zero_copy_always_completes_after_notification") {
         return;
     }
     let (mut tx, mut rx, dst) = uring_pair(UringOpts {
@@ -346,7 +336,7 @@ fn uring_zero_copy_always_completes_after_notification() {
 
 #[test]
 fn uring_send_worker_gives_the_same_result() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_send_worker_gives_the_same_result") {
         return;
     }
     let (mut tx, mut rx, dst) = uring_pair(UringOpts {
@@ -365,7 +355,7 @@ fn uring_send_worker_gives_the_same_result() {
 
 #[test]
 fn uring_empty_buffer_ring_is_backpressure() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_empty_buffer_ring_is_backpressure") {
         return;
     }
     let (a, _) = sock();
@@ -387,7 +377,7 @@ fn uring_empty_buffer_ring_is_backpressure() {
 /// every datagram arrives and none of it reads as backpressure.
 #[test]
 fn uring_small_ring_refills_without_backpressure() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_small_ring_refills_without_backpressure") {
         return;
     }
     // GRO off: one datagram per buffer.
@@ -425,7 +415,7 @@ fn uring_small_ring_refills_without_backpressure() {
 fn uring_futex_doorbell_wakes_on_a_kshim_ring() {
     use lu2k_ring_abi::doorbell::WAKE_FUTEX;
     use lu2k_ring_abi::{Config, Eventfds, Region, WaitMode};
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_futex_doorbell_wakes_on_a_kshim_ring") {
         return;
     }
     if !Features::probe().futex {
@@ -600,7 +590,7 @@ fn socket_drops_counted(make_rx: impl FnOnce(std::os::fd::OwnedFd) -> Box<dyn Da
 
 #[test]
 fn uring_counts_socket_drops() {
-    if !fast_path_or_skip() {
+    if !common::fast_path_or_skip("uring_counts_socket_drops") {
         return;
     }
     socket_drops_counted(|fd| {

@@ -4,28 +4,19 @@
 //! larger than a receive turns cutting off (whole buffers again); free buffers
 //! that stay cold give their pages back to the pool's memfd.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use lu2k_engine::io::probe::Features;
+use common::fast_path_or_skip;
+
 use lu2k_engine::io::sys::{self, OwnedMem, SockOpts};
 use lu2k_engine::io::uring::{UringIo, UringOpts, SLICE_AFTER};
 use lu2k_engine::io::{DatagramIo, Event};
 
 const BUF: u32 = 65536;
-
-fn fast_path_or_skip(test: &str) -> bool {
-    let f = Features::probe();
-    if f.selftest.is_none() {
-        eprintln!(
-            "SKIP {test}: the io_uring fast path is not available here: {:?}",
-            f.selftest_error
-        );
-        return false;
-    }
-    true
-}
 
 /// A loopback UDP socket with GRO off (datagrams arrive one by one).
 fn sock() -> (OwnedFd, SocketAddr) {

@@ -119,8 +119,6 @@ pub struct Shard<T: Transport> {
     /// When the last sleep ended: a spin starts there if it came later than the
     /// last work (a wake-up that brought nothing starts no new spin).
     woke_at: Instant,
-    /// What the transport's blocking waits gather now.
-    gathering: Option<crate::io::Gather>,
     drain_deadline: Option<Instant>,
     last_stats: Instant,
     /// TX completions and RX descriptors as of the last publication.
@@ -147,7 +145,6 @@ impl<T: Transport> Shard<T> {
             links,
             idle_wake: now,
             woke_at: now,
-            gathering: None,
             drain_deadline: None,
             last_stats: now,
             published_msgs: (0, 0),
@@ -332,10 +329,7 @@ impl<T: Transport> Shard<T> {
         self.ring.flush_notify();
         self.ring.stats.sleeps += 1;
         let gather = self.p.gather.filter(|g| self.spin.may_gather(g.within));
-        if gather != self.gathering {
-            self.gathering = gather;
-            self.t.set_gather(gather);
-        }
+        self.t.set_gather(gather);
         let now = self.t.now();
         let spun = now.saturating_duration_since(self.spin.last_work().max(self.woke_at));
         self.ring.stats.spin_us += spun.as_micros() as u64;

@@ -171,6 +171,20 @@ pub fn sh(prog: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Whether the io_uring fast path runs here; where not, says so for `test`
+/// (a loud skip) and returns false.
+pub fn fast_path_or_skip(test: &str) -> bool {
+    let f = lu2k_engine::io::probe::Features::probe();
+    if f.selftest.is_none() {
+        eprintln!(
+            "SKIP {test}: the io_uring fast path is not available here: {:?}",
+            f.selftest_error
+        );
+        return false;
+    }
+    true
+}
+
 /// Why a namespace test cannot run when not root, else `None`.
 pub fn not_root() -> Option<String> {
     let uid = std::fs::read_to_string("/proc/self/status")

@@ -32,7 +32,7 @@ mod tuning;
 mod udp;
 mod udt4;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -656,19 +656,27 @@ fn run_cells(
         }
     );
     print!("{}", report::table(&rows));
+    let names: Vec<&str> = cells.iter().map(|c| c.name.as_str()).collect();
+    write_plots(&rows, &names, out, &s.name)?;
+    Ok(rows)
+}
+
+/// The plots of `rows`: goodput against loss, and per cell goodput (and a live
+/// stream's latency) over time; each one's path on stdout.
+fn write_plots(rows: &[report::Row], cells: &[&str], out: &Path, name: &str) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    if let Some(p) = report::plot_vs_loss(&rows, out, &s.name)? {
+    if let Some(p) = report::plot_vs_loss(rows, out, name)? {
         println!("plot: {}", p.display());
     }
-    for cell in &cells {
-        if let Some(p) = report::plot_over_time(&rows, &cell.name, out, &s.name)? {
+    for cell in cells {
+        if let Some(p) = report::plot_over_time(rows, cell, out, name)? {
             println!("plot: {}", p.display());
         }
-        if let Some(p) = report::plot_latency_over_time(&rows, &cell.name, out, &s.name)? {
+        if let Some(p) = report::plot_latency_over_time(rows, cell, out, name)? {
             println!("plot: {}", p.display());
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 fn run_scenario(args: RunArgs) -> Result<()> {
@@ -742,25 +750,13 @@ fn merge_report(args: ReportArgs) -> Result<()> {
             .context("no rows in the files")?,
     };
     print!("{}", report::table(&rows));
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    if let Some(p) = report::plot_vs_loss(&rows, &args.out, &name)? {
-        println!("plot: {}", p.display());
-    }
     let mut cells: Vec<&str> = Vec::new();
     for r in &rows {
         if !cells.contains(&r.cell.as_str()) {
             cells.push(&r.cell);
         }
     }
-    for cell in cells {
-        if let Some(p) = report::plot_over_time(&rows, cell, &args.out, &name)? {
-            println!("plot: {}", p.display());
-        }
-        if let Some(p) = report::plot_latency_over_time(&rows, cell, &args.out, &name)? {
-            println!("plot: {}", p.display());
-        }
-    }
+    write_plots(&rows, &cells, &args.out, &name)?;
     if let Some(p) = &args.json {
         report::write_json(&rows, p)?;
         println!("json: {}", p.display());
