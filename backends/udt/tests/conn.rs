@@ -583,6 +583,75 @@ fn a_lost_nak_costs_about_one_round_trip() {
 }
 
 #[test]
+fn a_retransmission_lost_again_is_sent_twice() {
+    let rtt = 100_000;
+    let mut p = Pair::new(cfg(Kind::Satellite), rtt / 2, 9);
+    p.connect();
+    // Lose data packet #20 and its first retransmission.
+    let mut data_seen = 0;
+    let mut lost_seq = None;
+    let mut lost = 0;
+    p.drop = Box::new(move |d, b| {
+        if d != Dir::ToServer || b[0] & 0x80 != 0 {
+            return false;
+        }
+        let seq = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        data_seen += 1;
+        if data_seen == 20 {
+            lost_seq = Some(seq);
+        }
+        if lost_seq == Some(seq) && lost < 2 {
+            lost += 1;
+            return true;
+        }
+        false
+    });
+    let start = p.now;
+    p.send(0, 40 * 1456, None);
+    p.run(p.now + 5_000_000, |p| p.acked().len() == 1);
+    let took = p.now - start;
+    let st = p.client.stats();
+    // The second retransmission went out twice; nothing else was resent.
+    assert_eq!((st.pkts_retransmitted, st.pkts_repeated), (3, 1));
+    // 39 of the first sends, then both copies of the second retransmission.
+    assert_eq!(p.server.as_ref().unwrap().stats().pkts_received, 39 + 2);
+    // Data, NAK and retransmission, then the re-report one NAK interval
+    // later and its retransmission.
+    assert!(took < 5 * rtt, "took {took} us");
+    assert_eq!(p.check_received(), 1);
+}
+
+/// The last packet of a message is lost: no later packet shows the receiver
+/// the gap. Two round trips after it left, with everything before it
+/// acknowledged, the sender resends it once (a tail probe), where it used
+/// to wait for its EXP timer and then hold the path dead.
+#[test]
+fn a_lost_tail_is_probed_after_two_round_trips() {
+    let rtt = 100_000;
+    let mut p = Pair::new(cfg(Kind::Satellite), rtt / 2, 9);
+    p.connect();
+    let mut data_seen = 0;
+    p.drop = Box::new(move |d, b| {
+        if d != Dir::ToServer || b[0] & 0x80 != 0 {
+            return false;
+        }
+        data_seen += 1;
+        data_seen == 40
+    });
+    let start = p.now;
+    p.send(0, 40 * 1456, None);
+    p.run(p.now + 5_000_000, |p| p.acked().len() == 1);
+    let took = p.now - start;
+    let st = p.client.stats();
+    assert_eq!((st.tail_probes, st.pkts_retransmitted), (1, 1));
+    assert_eq!((st.timeouts, st.outages), (0, 0));
+    // The tail left at once; its probe two RTTs and two SYNs later, then
+    // one RTT for the probe and its ACK.
+    assert!(took < 3 * rtt + 60_000, "took {took} us");
+    assert_eq!(p.check_received(), 1);
+}
+
+#[test]
 fn idle_connection_stays_up_on_keepalives() {
     let mut p = Pair::new(cfg(Kind::Satellite), 20_000, 10);
     p.connect();

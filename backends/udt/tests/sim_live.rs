@@ -163,3 +163,12 @@ fn seed_13_fast_start_ignores_the_starts_own_pace() {
 fn seed_93_a_pair_split_by_the_window_is_no_capacity_sample() {
     check(93, 64).unwrap();
 }
+
+/// The stream's last packet was lost (nothing after it showed the gap):
+/// the sender waited for its EXP timer, held the path dead and probed, and
+/// the last chunk came 1.02 s late. A tail probe resends it two round trips
+/// after it left (0.72 s).
+#[test]
+fn seed_10_a_lost_last_packet_is_probed() {
+    check(10, 64).unwrap();
+}

@@ -77,6 +77,11 @@ pub struct PeerStats {
     /// Time the path was held dead, microseconds.
     #[serde(default)]
     pub outage_us: u64,
+    /// Tail probes: a burst's last packet resent because nothing had
+    /// acknowledged it two round trips after it left (counted in
+    /// `retransmissions` too).
+    #[serde(default)]
+    pub tail_probes: u64,
     /// A multi-link peer's links, in configuration order (empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<crate::transport::links::LinkStats>,
@@ -489,14 +494,15 @@ pub fn render(r: &Report) -> String {
             if let Some(e) = &p.last_error {
                 let _ = writeln!(o, "{:<22} kernel errors {}, last: {e}", "", p.errors);
             }
-            if p.outages > 0 {
+            if p.outages > 0 || p.tail_probes > 0 {
                 let _ = writeln!(
                     o,
-                    "{:<22} outages {}  probes {}  dead {} ms",
+                    "{:<22} outages {}  probes {}  dead {} ms  tail probes {}",
                     "",
                     p.outages,
                     p.outage_probes,
-                    p.outage_us / 1000
+                    p.outage_us / 1000,
+                    p.tail_probes
                 );
             }
             if !p.security.is_empty() {

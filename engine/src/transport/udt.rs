@@ -2087,6 +2087,7 @@ impl Udt {
                     p.stats.outages += st.outages;
                     p.stats.outage_probes += st.outage_probes;
                     p.stats.outage_us += st.outage_us;
+                    p.stats.tail_probes += st.tail_probes;
                 }
                 if let (Some(sec), Some(session)) = (self.sec.as_mut(), &e.session) {
                     *sec.rekeys_gone.entry(e.peer).or_default() += session.rekeys;
@@ -2165,7 +2166,7 @@ impl Udt {
             let mut rtt = 0;
             let mut rate = 0;
             let mut retx = 0;
-            let mut outages = (0, 0, 0);
+            let mut outages = (0, 0, 0, 0);
             let mut rekeys = self
                 .sec
                 .as_ref()
@@ -2194,6 +2195,7 @@ impl Udt {
                     outages.0 += st.outages;
                     outages.1 += st.outage_probes;
                     outages.2 += st.outage_us;
+                    outages.3 += st.tail_probes;
                 }
             }
             p.stats.rtt_us = u64::from(rtt);
@@ -2211,6 +2213,7 @@ impl Udt {
             ps.outages += outages.0;
             ps.outage_probes += outages.1;
             ps.outage_us += outages.2;
+            ps.tail_probes += outages.3;
             out.push(ps);
         }
     }

@@ -93,6 +93,9 @@ pub(super) struct Sender {
     pub(super) recv_rate: u32,
     /// Link capacity, EWMA of the receiver's reports (packets/s).
     pub(super) bandwidth: u32,
+    /// A packet resent a second time or more, to be sent once more right
+    /// after (see `next_retransmission`).
+    pub(super) again: Option<u64>,
 }
 
 impl Sender {
@@ -117,6 +120,7 @@ impl Sender {
             min_rtt: MinRtt::new(),
             recv_rate: 16,
             bandwidth: 1,
+            again: None,
         }
     }
 
@@ -232,7 +236,11 @@ impl Connection {
     /// leaves earlier than the horizon allows, none later than its own
     /// pacing time. Control packets and retransmissions are never held.
     pub(super) fn batch_held_back(&self, now: Time, early: u64, max: usize) -> bool {
-        if self.ctrl.is_empty() && self.state == State::Connected && self.tx.lost.is_empty() {
+        if self.ctrl.is_empty()
+            && self.state == State::Connected
+            && self.tx.lost.is_empty()
+            && self.tx.again.is_none()
+        {
             let need = max.saturating_sub(1) as f64 * self.period();
             if need <= early as f64 && ((now + early) as f64) < self.tx.next_send + need {
                 return true;
@@ -273,7 +281,7 @@ impl Connection {
 
     /// Whether a data packet is waiting for its pacing time.
     pub(super) fn has_data(&self) -> bool {
-        if !self.tx.lost.is_empty() {
+        if !self.tx.lost.is_empty() || self.tx.again.is_some() {
             return true;
         }
         self.tx.has_unsent() && self.tx.next - self.tx.una < self.window()
@@ -281,6 +289,9 @@ impl Connection {
 
     /// The next data packet: a retransmission first, then new data.
     fn next_data(&mut self, now: Time) -> Option<DataOut> {
+        if let Some(out) = self.repeat(now) {
+            return Some(out);
+        }
         if let Some(out) = self.next_retransmission(now) {
             return Some(out);
         }
@@ -308,12 +319,38 @@ impl Connection {
             let p = &mut self.tx.pkts[pi];
             p.sent_at = now;
             p.retx = true;
+            if pkt.retx {
+                self.tx.again = Some(idx);
+            }
             let msg_no = self.tx.msgs[mi].msg_no;
             let id = self.tx.msgs[mi].id;
             self.stats.pkts_retransmitted += 1;
             return Some(self.data_out(now, idx, pkt, msg_no, id, true));
         }
         None
+    }
+
+    /// The second copy of a packet whose retransmission was lost, right after
+    /// its next retransmission. A retransmission lost again holds the
+    /// receiver's window one more round trip behind the hole; on a lossy
+    /// long path the oldest such holes stall the sender (at 15 % loss and
+    /// 600 ms the window of 6 round trips filled every few seconds). Sent
+    /// twice, such a packet is lost again with the loss rate squared, for
+    /// about `loss²` more packets on the wire.
+    fn repeat(&mut self, now: Time) -> Option<DataOut> {
+        let idx = self.tx.again.take()?;
+        if idx < self.tx.una || idx >= self.tx.next {
+            return None;
+        }
+        let pkt = self.tx.pkts[(idx - self.tx.una) as usize];
+        let m = &self.tx.msgs[(pkt.msg - self.tx.msg_base) as usize];
+        if m.dropped {
+            return None;
+        }
+        let (msg_no, id) = (m.msg_no, m.id);
+        self.stats.pkts_retransmitted += 1;
+        self.stats.pkts_repeated += 1;
+        Some(self.data_out(now, idx, pkt, msg_no, id, true))
     }
 
     /// Cuts the next packet of the message at the cursor, within the windows.

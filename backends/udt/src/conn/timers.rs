@@ -61,6 +61,9 @@ impl Connection {
             t = t.min(self.rx.next_nak_time);
         }
         t = t.min(self.next_exp());
+        if let Some(probe) = self.tail_probe_deadline() {
+            t = t.min(probe);
+        }
         if let Some(probe) = self.outage_deadline() {
             t = t.min(probe);
         } else if self.has_data() {
@@ -74,6 +77,9 @@ impl Connection {
         self.ack_timers(now);
         if !self.rx.lost.is_empty() && now >= self.rx.next_nak_time {
             self.periodic_nak(now);
+        }
+        if self.tail_probe_deadline().is_some_and(|t| now >= t) {
+            self.tail_probe();
         }
         if now >= self.next_exp() {
             self.on_exp(now);
@@ -114,6 +120,55 @@ impl Connection {
             return at.div_ceil(KEEPALIVE_GRID_US) * KEEPALIVE_GRID_US;
         }
         self.last_rsp + exp
+    }
+
+    /// When the last packet sent is overdue: it is the only one not
+    /// acknowledged, nothing is unsent or awaiting retransmission behind
+    /// it, and it left two round trips and two SYNs (the receiver's ACK
+    /// timer) ago. A lost packet is reported by the receiver when a later
+    /// one arrives; the last of a burst has no later one, and without a
+    /// probe it waited for the EXP timer (an RTO after the last ACK's
+    /// progress) and then the outage's probes: a live stream's last chunk
+    /// came five round trips late. Resending it costs one packet per lost
+    /// tail. Where an earlier packet is missing too, the receiver knows of
+    /// that hole and reports it again (its periodic NAK); a probe of the
+    /// tail would only race that report. Only with a measured round trip
+    /// (an unmeasured path's 100 ms guess would probe a long path's first
+    /// window), and never while the path is held dead (the outage probes
+    /// then).
+    pub(super) fn tail_probe_deadline(&self) -> Option<Time> {
+        if self.outage.is_some()
+            || self.tx.next != self.tx.una + 1
+            || self.tx.has_unsent()
+            || !self.tx.lost.is_empty()
+            || self.tx.again.is_some()
+            || (self.tx.rtt.samples() == 0 && self.tx.own_min_rtt == u32::MAX)
+        {
+            return None;
+        }
+        let newest = self.tx.pkts.back()?;
+        // A dropped message's packets are not resent (the sender asks the
+        // receiver to skip them): a probe of one would leave nothing and
+        // come due again at once.
+        if self
+            .tx
+            .msgs
+            .get((newest.msg - self.tx.msg_base) as usize)
+            .is_none_or(|m| m.dropped)
+        {
+            return None;
+        }
+        let rtt = u64::from(self.rtt());
+        Some(newest.sent_at + 2 * rtt + 2 * SYN_US)
+    }
+
+    /// Puts the newest packet in flight on the loss list (see
+    /// `tail_probe_deadline`); it leaves as the next retransmission.
+    fn tail_probe(&mut self) {
+        let seq = self.seq_of(self.tx.next - 1);
+        if self.tx.lost.insert(seq, seq).is_ok() {
+            self.stats.tail_probes += 1;
+        }
     }
 
     /// EXP fired: close if the peer has been silent too long, else hold the

@@ -322,6 +322,10 @@ pub struct Stats {
     pub pkts_sent: u64,
     /// Data packets retransmitted.
     pub pkts_retransmitted: u64,
+    /// Second copies of packets whose retransmission was lost (each sent
+    /// right after the packet's later retransmission; counted in
+    /// `pkts_retransmitted` too).
+    pub pkts_repeated: u64,
     /// Data packets received (all, duplicates included).
     pub pkts_received: u64,
     /// Data packets the receiver found missing (gap detections).
@@ -388,6 +392,10 @@ pub struct Stats {
     pub outages: u64,
     /// Probe packets sent into a dead path (each a retransmission).
     pub outage_probes: u64,
+    /// Tail probes: the newest packet resent because nothing acknowledged
+    /// it two round trips after it left, with nothing behind it to reveal a
+    /// loss (counted in `pkts_retransmitted` too).
+    pub tail_probes: u64,
     /// Time spent in outages, µs (an ongoing one counted up to its last
     /// probe).
     pub outage_us: u64,
