@@ -8,7 +8,9 @@
 //! for rpc, scheduled PUTs for live (`hdr_data` = when the chunk was due on
 //! the monotonic clock, `match_bits` = its index; see [`LiveSchedule`]),
 //! after one chunk-sized warm-up PUT, delivered before the schedule starts
-//! (the stream transports send and answer a warm-up chunk too). The engines
+//! (the stream transports send and answer a warm-up chunk too). A bulk
+//! sender first sends one 64-byte PUT, delivered before its clock starts,
+//! as the stream transports connect before theirs. The engines
 //! talk UDT over UDP; where the path is the relay, each engine's peer entry
 //! points at the relay, and the relay's sockets sit on the other node's NID
 //! address so that the engines see their peers at the addresses their NIDs
@@ -127,8 +129,11 @@ fn nid(ip: IpAddr) -> Nid {
 
 const PID: u32 = 12345;
 
-/// `match_bits` of the live sender's warm-up message (not part of the stream).
+/// `match_bits` of the sender's warm-up message (not part of the transfer).
 const WARM_UP: u64 = u64::MAX;
+
+/// Payload of the bulk sender's connecting PUT (see [`send_puts`]).
+const CONNECT_LEN: usize = 64;
 
 /// Sends one chunk-sized PUT outside the stream and waits until it is
 /// delivered, so that the engines' connection is up before the live stream's
@@ -385,6 +390,15 @@ fn send_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
     };
     if sched.is_some() {
         warm_up(side, w.warmup_len(), cap)?;
+    } else {
+        // lu2k has no connect call: the engine dials a peer on its first
+        // message. Every other contender connects before its clock starts
+        // (TCP's, UDT4's and QUIC's connect, SRT's caller), so a bulk run
+        // first sends one small PUT and waits until it is delivered: the
+        // connection is up, with one round-trip sample, as a TCP handshake
+        // leaves one. Too small to carry a packet pair, it tells the
+        // controller nothing of the path's capacity.
+        warm_up(side, CONNECT_LEN, cap)?;
     }
     let start = Instant::now();
     let start_ns = mono_ns();
@@ -456,11 +470,10 @@ fn receive_puts(side: &mut Side, w: &Workload) -> Result<NodeResult> {
     let mut last = start;
     while r.bytes < target && start.elapsed() < limit {
         match side.k.wait(Some(Duration::from_millis(20))) {
-            Some(Event::Rx(m))
-                if sched.is_some()
-                    && matches!(m.hdr.msg, Msg::Put { match_bits, .. } if match_bits == WARM_UP) =>
+            Some(Event::Rx(m)) if matches!(m.hdr.msg, Msg::Put { match_bits, .. } if match_bits == WARM_UP) =>
             {
-                // The sender's warm-up, before the stream.
+                // The sender's warm-up (live) or connecting PUT (bulk),
+                // before the transfer.
                 side.k.rx_done(m);
             }
             Some(Event::Rx(m)) => {
