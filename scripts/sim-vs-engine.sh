@@ -11,14 +11,17 @@
 # - sim: `lu2k-udt`'s example `sim_cell`, the same transfer on virtual time
 #   between two bare UDT connections through the same link model and settings
 #   (geo.toml's link and seed 7, 1 MiB LNet PUTs, the engine's receive buffer),
-#   twice: the sender taking packets one at a time at their pacing time (as
+#   after one 64-byte message acknowledged, as the harness's lu2k sender
+#   connects (`--warmup-bytes 64`), twice: the sender taking packets one at
+#   a time at their pacing time (as
 #   the sim grid does: `sim grid`) and in runs as the engine takes them
 #   (`poll_transmit_batch`, data up to 1 ms ahead: `sim`, the one compared);
 # - engine: `lu2k-perf run perf/scenarios/geo.toml --cells CELL --only lu2k`,
 #   two real engines (io_uring, UDP) through linkem's relay on this machine's
 #   clock, full length (512 MiB) unless --quick;
-# and prints both goodputs (payload over first send to last delivery, the
-# harness's figure), their ratio, the datagrams each dropped at the
+# and prints both goodputs (the harness's figure: payload over the time from
+# the first send of a connected sender to the last delivery; the simulation's
+# `connected_goodput_mbps`, from the end of the handshake), their ratio, the datagrams each dropped at the
 # bottleneck queue (the link model's counter: the engine's from the relay),
 # and the load average around the engine runs.
 # With --trace DIR, a sampler reads both engines' stats socket every 250 ms
@@ -229,13 +232,13 @@ for l in $losses; do
     file="$(cell_file "$name")"
     targs=()
     [ -n "$trace" ] && targs=(--trace "$trace/sim-$file.csv")
-    echo "==> sim $name: $sim --rtt-ms $rtt --loss $l --rate-mbps $rate --bytes $bytes [--batch] ${targs[*]}"
-    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes")"
+    echo "==> sim $name: $sim --rtt-ms $rtt --loss $l --rate-mbps $rate --bytes $bytes --warmup-bytes 64 [--batch] ${targs[*]}"
+    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes" --warmup-bytes 64)"
     echo "    $line"
-    simgrid[$name]="$(echo "$line" | sed -n 's/.* goodput_mbps=\([^ ]*\).*/\1/p')"
-    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes" --batch "${targs[@]}")"
+    simgrid[$name]="$(echo "$line" | sed -n 's/.* connected_goodput_mbps=\([^ ]*\).*/\1/p')"
+    line="$("$sim" --rtt-ms "$rtt" --loss "$l" --rate-mbps "$rate" --bytes "$bytes" --warmup-bytes 64 --batch "${targs[@]}")"
     echo "    $line"
-    simg[$name]="$(echo "$line" | sed -n 's/.* goodput_mbps=\([^ ]*\).*/\1/p')"
+    simg[$name]="$(echo "$line" | sed -n 's/.* connected_goodput_mbps=\([^ ]*\).*/\1/p')"
     simq[$name]="$(echo "$line" | sed -n 's/.* queue_drops=\([^ ]*\).*/\1/p')"
 done
 
@@ -278,7 +281,7 @@ if [ "$sim_only" = 0 ]; then
 fi
 
 echo
-echo "sim-vs-engine: goodput in Mbit/s, payload over first send to last delivery, $((bytes >> 20)) MiB per transfer"
+echo "sim-vs-engine: goodput in Mbit/s, payload over a connected sender's first send to the last delivery, $((bytes >> 20)) MiB per transfer"
 printf '%-16s %9s %9s %9s %8s %11s %11s  %s\n' cell "sim grid" sim engine eng/sim "sim qdrops" "eng qdrops" "load (1 min, start-peak)"
 for l in $losses; do
     name="$(cell_name "$l")"
