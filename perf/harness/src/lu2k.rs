@@ -117,6 +117,13 @@ pub fn engine_main(spec: &str) -> Result<()> {
         })
         .collect();
     c.psk_file = s.psk_file;
+    // The engines' `gather_us` (see the engine's config), for A/B runs of
+    // its effect (`LU2K_PERF_GATHER_US=0`: cores never gather).
+    if let Ok(v) = std::env::var("LU2K_PERF_GATHER_US") {
+        c.gather_us = v
+            .parse()
+            .with_context(|| format!("LU2K_PERF_GATHER_US={v}: microseconds, e.g. 0 or 1000"))?;
+    }
     c.validate()?;
     lu2k_engine::daemon::run(c)
 }
