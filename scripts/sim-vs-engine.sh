@@ -21,7 +21,7 @@
 #   clock, full length (512 MiB) unless --quick;
 # and prints both goodputs (the harness's figure: payload over the time from
 # the first send of a connected sender to the last delivery; the simulation's
-# `connected_goodput_mbps`, from the end of the handshake), their ratio, the datagrams each dropped at the
+# `connected_goodput_mbps`, from the warm-up message's acknowledgement), their ratio, the datagrams each dropped at the
 # bottleneck queue (the link model's counter: the engine's from the relay),
 # and the load average around the engine runs.
 # With --trace DIR, a sampler reads both engines' stats socket every 250 ms

@@ -14,10 +14,12 @@
 //!   time 0, as the harness's bulk sender does (its TX pool holds them);
 //! - the receiver's buffer: the engine's (`rcv_buf_pkts` 65 536, the engine's
 //!   default `flow_window`; the engine's RX pool is not modelled);
-//! - the measure: the harness's goodput, payload over the time from the end
-//!   of the handshake (the harness starts its clock once a contender is
-//!   connected) to the last byte delivered (`connected_goodput_mbps`; with the
-//!   handshake, `goodput_mbps`);
+//! - the measure: the harness's goodput, payload over the time from the
+//!   transfer's start (the end of the handshake, or with `--warmup-bytes` the
+//!   warm-up message's acknowledgement: the harness starts its clock once a
+//!   contender is connected) to the last byte delivered
+//!   (`connected_goodput_mbps`; from the first handshake packet,
+//!   `goodput_mbps`);
 //! - with `--batch`, the sender's packets taken as the engine takes them
 //!   (`poll_transmit_batch`, runs of up to 64, data up to the batch horizon
 //!   ahead of its pacing time); without, one at a time at their pacing time,
@@ -183,8 +185,9 @@ impl Outcome {
         Some(self.delivered_bytes as f64 * 8.0 / end.max(1) as f64)
     }
 
-    /// Goodput from the end of the handshake to the last delivery: the
-    /// harness's figure, whose clock starts once a contender is connected.
+    /// Goodput from the transfer's start (the end of the handshake, or the
+    /// warm-up's acknowledgement) to the last delivery: the harness's figure,
+    /// whose clock starts once a contender is connected.
     pub fn connected_goodput_mbps(&self) -> Option<f64> {
         let end = self.last_delivery_us?;
         let start = self.started_us.or(self.connected_us)?;

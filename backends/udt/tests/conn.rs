@@ -623,8 +623,8 @@ fn a_retransmission_lost_again_is_sent_twice() {
 
 /// The last packet of a message is lost: no later packet shows the receiver
 /// the gap. Two round trips after it left, with everything before it
-/// acknowledged, the sender resends it once (a tail probe), where it used
-/// to wait for its EXP timer and then hold the path dead.
+/// acknowledged, the sender resends it once (a tail probe) instead of
+/// waiting for its EXP timer and then holding the path dead.
 #[test]
 fn a_lost_tail_is_probed_after_two_round_trips() {
     let rtt = 100_000;

@@ -142,9 +142,10 @@ const WARM_UP: u64 = u64::MAX;
 /// Payload of the bulk sender's connecting PUT (see [`send_puts`]).
 const CONNECT_LEN: usize = 64;
 
-/// Sends one chunk-sized PUT outside the stream and waits until it is
-/// delivered, so that the engines' connection is up before the live stream's
-/// schedule starts — as TCP and UDT4 do with theirs.
+/// Sends one PUT outside the transfer and waits until it is delivered, so
+/// that the engines' connection is up before the clock starts — as the other
+/// contenders connect before theirs: chunk-sized before a live stream (below),
+/// 64 bytes before a bulk transfer ([`CONNECT_LEN`]).
 ///
 /// Chunk-sized unless the workload's `warmup_bytes` says otherwise, as every
 /// contender's warm-up (TCP's and UDT4's are the same message answered by a

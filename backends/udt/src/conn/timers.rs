@@ -127,12 +127,14 @@ impl Connection {
     /// it, and it left two round trips and two SYNs (the receiver's ACK
     /// timer) ago. A lost packet is reported by the receiver when a later
     /// one arrives; the last of a burst has no later one, and without a
-    /// probe it waited for the EXP timer (an RTO after the last ACK's
-    /// progress) and then the outage's probes: a live stream's last chunk
-    /// came five round trips late. Resending it costs one packet per lost
-    /// tail. Where an earlier packet is missing too, the receiver knows of
-    /// that hole and reports it again (its periodic NAK); a probe of the
-    /// tail would only race that report. Only with a measured round trip
+    /// probe it would wait for the EXP timer (an RTO after the last ACK's
+    /// progress) and then the outage's probes, five round trips for a live
+    /// stream's last chunk. A probe costs a packet per lost tail (two where
+    /// the tail was resent before: see `repeat`), and one more every two
+    /// round trips while it stays unanswered. Where an earlier packet is
+    /// missing and the receiver holds later ones, it knows of that hole and
+    /// reports it again (its periodic NAK); a probe would only race that
+    /// report. A tail of two or more lost packets is left to EXP. Only with a measured round trip
     /// (an unmeasured path's 100 ms guess would probe a long path's first
     /// window), and never while the path is held dead (the outage probes
     /// then).
@@ -158,7 +160,12 @@ impl Connection {
         {
             return None;
         }
-        let rtt = u64::from(self.rtt());
+        // As `next_exp`: the smoothed RTT, or our own sample where the peer's
+        // reports have not yet replaced UDT's guess.
+        let mut rtt = u64::from(self.rtt());
+        if self.tx.own_min_rtt != u32::MAX {
+            rtt = rtt.max(u64::from(self.tx.own_min_rtt));
+        }
         Some(newest.sent_at + 2 * rtt + 2 * SYN_US)
     }
 
