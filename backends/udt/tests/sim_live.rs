@@ -166,8 +166,8 @@ fn seed_93_a_pair_split_by_the_window_is_no_capacity_sample() {
 
 /// The stream's last packet is lost (nothing after it shows the gap).
 /// Without a tail probe the sender waits for its EXP timer, holds the path
-/// dead and probes, and the last chunk comes over 1 s late; the probe
-/// resends it two round trips after it left.
+/// dead and probes, and the last chunk misses the bound; the probe resends
+/// it two round trips after it left.
 #[test]
 fn seed_10_a_lost_last_packet_is_probed() {
     check(10, 64).unwrap();

@@ -47,10 +47,11 @@
 //!
 //! The sleep itself can be cheaper too. A satellite receiver that sleeps between
 //! datagrams would wake for each one, though nothing it does for a datagram is
-//! due within a millisecond when its peers are hundreds of milliseconds away. Where nothing is awaited and every peer is far
-//! ([`Spin::may_gather`]), the core's sleep lets completions gather (config
-//! `gather_us`, see [`crate::io::Gather`]): one wake-up per millisecond of
-//! datagrams, never past the core's next timer.
+//! due within a millisecond when its peers are hundreds of milliseconds away.
+//! Where nothing is awaited and every peer is far ([`Spin::may_gather`]), the
+//! core's sleep lets completions gather (config `gather_us`, see
+//! [`crate::io::Gather`]): one wake-up per millisecond of datagrams, never
+//! past the core's next timer.
 
 use std::time::{Duration, Instant};
 

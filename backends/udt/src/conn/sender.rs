@@ -333,10 +333,9 @@ impl Connection {
     /// The second copy of a packet whose retransmission was lost, right after
     /// its next retransmission. A retransmission lost again holds the
     /// receiver's window one more round trip behind the hole; on a lossy
-    /// long path the oldest such holes stall the sender (at 15 % loss and
-    /// 600 ms the window of 6 round trips filled every few seconds). Sent
-    /// twice, such a packet is lost again with the loss rate squared, for
-    /// about `loss²` more packets on the wire.
+    /// long path the oldest such holes fill the window and stall the
+    /// sender. Sent twice, such a packet is lost again with the loss rate
+    /// squared, for about `loss²` more packets on the wire.
     fn repeat(&mut self, now: Time) -> Option<DataOut> {
         let idx = self.tx.again.take()?;
         if idx < self.tx.una || idx >= self.tx.next {

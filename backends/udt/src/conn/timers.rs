@@ -86,15 +86,22 @@ impl Connection {
         }
     }
 
-    fn next_exp(&self) -> Time {
-        // The RTT is at least what our own ACKed packets took: until the
-        // peer's ACK2 samples arrive (the server, and a client whose
-        // handshake was retried, start from UDT4's 100 ms guess), the timer
-        // must not fire while the first window is still on its way back.
-        let mut rtt = u64::from(self.rtt());
-        if self.tx.own_min_rtt != u32::MAX {
-            rtt = rtt.max(u64::from(self.tx.own_min_rtt));
+    /// The round trip the sender's timers wait on: at least what our own
+    /// ACKed packets took. Until the peer's ACK2 samples arrive (the server,
+    /// and a client whose handshake was retried, start from UDT4's 100 ms
+    /// guess), a timer must not fire while the first window is still on its
+    /// way back.
+    fn timer_rtt(&self) -> u64 {
+        let rtt = u64::from(self.rtt());
+        if self.tx.own_min_rtt == u32::MAX {
+            rtt
+        } else {
+            rtt.max(u64::from(self.tx.own_min_rtt))
         }
+    }
+
+    fn next_exp(&self) -> Time {
+        let rtt = self.timer_rtt();
         // Before its backoff multiple, the interval is at most MAX_RTT_US and
         // half the idle timeout: a smoothed RTT and variance that forged
         // reports pushed up must not hold a retransmission back for longer,
@@ -128,16 +135,15 @@ impl Connection {
     /// timer) ago. A lost packet is reported by the receiver when a later
     /// one arrives; the last of a burst has no later one, and without a
     /// probe it would wait for the EXP timer (an RTO after the last ACK's
-    /// progress) and then the outage's probes, five round trips for a live
-    /// stream's last chunk. A probe costs a packet per lost tail (two where
-    /// the tail was resent before: see `repeat`), and one more every two
-    /// round trips while it stays unanswered. Where an earlier packet is
-    /// missing and the receiver holds later ones, it knows of that hole and
-    /// reports it again (its periodic NAK); a probe would only race that
-    /// report. A tail of two or more lost packets is left to EXP. Only with a measured round trip
-    /// (an unmeasured path's 100 ms guess would probe a long path's first
-    /// window), and never while the path is held dead (the outage probes
-    /// then).
+    /// progress) and then the outage's probes. A probe costs a packet per
+    /// lost tail (two where the tail was resent before: see `repeat`), and
+    /// one more every two round trips while it stays unanswered. Where an
+    /// earlier packet is missing and the receiver holds later ones, it knows
+    /// of that hole and reports it again (its periodic NAK); a probe would
+    /// only race that report. A tail of two or more lost packets is left to
+    /// EXP. Only with a measured round trip (an unmeasured path's 100 ms
+    /// guess would probe a long path's first window), and never while the
+    /// path is held dead (the outage probes then).
     pub(super) fn tail_probe_deadline(&self) -> Option<Time> {
         if self.outage.is_some()
             || self.tx.next != self.tx.una + 1
@@ -160,13 +166,7 @@ impl Connection {
         {
             return None;
         }
-        // As `next_exp`: the smoothed RTT, or our own sample where the peer's
-        // reports have not yet replaced UDT's guess.
-        let mut rtt = u64::from(self.rtt());
-        if self.tx.own_min_rtt != u32::MAX {
-            rtt = rtt.max(u64::from(self.tx.own_min_rtt));
-        }
-        Some(newest.sent_at + 2 * rtt + 2 * SYN_US)
+        Some(newest.sent_at + 2 * self.timer_rtt() + 2 * SYN_US)
     }
 
     /// Puts the newest packet in flight on the loss list (see
