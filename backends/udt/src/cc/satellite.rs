@@ -8,9 +8,16 @@
 //!
 //! - **Bottleneck bandwidth.** The packet-pair capacity reported by the
 //!   receiver, and a windowed maximum (the last 10 rounds, each a minimum RTT
-//!   of at least 10 ms, that had any) over its arrival-rate reports, which
-//!   count packets lost on the wire as carried (see
-//!   [`crate::estimate::ArrivalRate`]). A report below the
+//!   of at least 10 ms, that had any) over its arrival-rate reports. The
+//!   receiver counts what reached it ([`crate::estimate::ArrivalRate`]); the
+//!   path carried the packets lost at random too, so a report is scaled up
+//!   by the random loss rate: the loss of rounds without a standing queue
+//!   (at a queue that overflows, the drops are the bottleneck's, and what
+//!   arrives is all it carries). A report is also never taken above what
+//!   the sender paced in the last two rounds: a burst (a router or an
+//!   emulator catching up after a stall) can read as several times the
+//!   link over a short span, and a ceiling lifted by one would flood the
+//!   queue. A report below the
 //!   pacing rate with no queue to explain it only shows that the sender was
 //!   held back (window, a hole, no data) and is ignored. The larger of the
 //!   two is the ceiling of the pacing rate (the arrival rate can show more
@@ -96,6 +103,8 @@ const PROBE_GAIN: f64 = 1.25;
 const CUT: f64 = 0.85;
 /// Per-round recovery of a cut (the queue feedback still holds the rate).
 const PENALTY_RECOVERY: f64 = 1.1;
+/// The most random loss an arrival report is scaled up by.
+const MAX_RANDOM_LOSS: f64 = 0.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -131,6 +140,10 @@ pub struct Satellite {
     plateau_rounds: u32,
     queue: f64,
     penalty: f64,
+    /// Loss rate of rounds without a standing queue (EWMA; None before one).
+    random_loss: Option<f64>,
+    /// Highest pace (packets/s) of this round and of the one before.
+    pace_max: [f64; 2],
 }
 
 impl Default for Satellite {
@@ -164,6 +177,8 @@ impl Satellite {
             plateau_rounds: 0,
             queue: 0.0,
             penalty: 1.0,
+            random_loss: None,
+            pace_max: [0.0; 2],
         }
     }
 
@@ -222,6 +237,13 @@ impl Satellite {
             && round_loss >= 0.2
             && round_loss >= 3.0 * self.loss_rate + 0.05
             && !self.after_silence(now, path);
+        if self.sent_prev_round >= 16 && self.queue <= Q_HIGH && !self.after_silence(now, path) {
+            // No queue stands and no outage was just felt: what was lost, was
+            // lost at random (the first such round replaces the unknown).
+            let p = round_loss.min(1.0);
+            self.random_loss = Some(self.random_loss.map_or(p, |r| r + (p - r) / 8.0));
+        }
+        self.pace_max = [1e6 / self.period, self.pace_max[0]];
         if self.sent_prev_round >= 16 {
             self.ewma_lost += (self.lost_in_round as f64 - self.ewma_lost) / 8.0;
             self.ewma_sent += (self.sent_prev_round as f64 - self.ewma_sent) / 8.0;
@@ -298,6 +320,7 @@ impl Satellite {
             // window per RTT (the window is the real limit).
             let rate = self.cwnd * 1e6 / min_rtt * 2.0;
             self.period = 1e6 / rate.max(1.0);
+            self.pace_max[0] = self.pace_max[0].max(1e6 / self.period);
             return;
         }
         // Never slower than the minimum window per round trip: where the round
@@ -307,6 +330,7 @@ impl Satellite {
         // satellite path the floor is negligible (32 packets per 600 ms).
         let rate = self.rate.max(MIN_WINDOW * 1e6 / min_rtt);
         self.period = 1e6 / rate;
+        self.pace_max[0] = self.pace_max[0].max(rate);
         self.cwnd = WINDOW_BDPS * self.rate.max(1.0) * min_rtt / 1e6 + MIN_WINDOW;
     }
 }
@@ -317,6 +341,7 @@ impl Controller for Satellite {
         self.round_start = now;
         // The initial window leaves back to back: packet pairs for the receiver.
         self.period = 1.0;
+        self.pace_max[0] = 1e6;
     }
 
     fn on_report(&mut self, now: Time, path: &Path, ack: &Ack) {
@@ -333,7 +358,9 @@ impl Controller for Satellite {
             };
         }
         if ack.recv_rate_sample > 0 {
-            let sample = f64::from(ack.recv_rate_sample);
+            let p = self.random_loss.unwrap_or(0.0).min(MAX_RANDOM_LOSS);
+            let paced = self.pace_max[0].max(self.pace_max[1]);
+            let sample = (f64::from(ack.recv_rate_sample) / (1.0 - p)).min(paced);
             let limited = self.mode == Mode::Cruise && sample < 0.9 * self.rate && !queueing;
             if !limited {
                 let slot = &mut self.filter[self.filter_pos];
@@ -489,6 +516,78 @@ mod tests {
         now += 5_000_000;
         cc.on_loss(now, &p, &[(9000, 9000)], 1);
         assert!((cc.bandwidth() - before * 0.85).abs() < 1.0);
+    }
+
+    /// A burst (a router or an emulator catching up after a stall) reads as
+    /// five times the link over one span: the ceiling stays at what was
+    /// paced, it does not jump to the burst and flood the queue.
+    #[test]
+    fn an_arrival_burst_does_not_lift_the_rate_above_the_pace() {
+        let mut cc = Satellite::new();
+        let p = path(600_000);
+        cc.init(0, &p);
+        let mut now = 0;
+        for i in 0..200u32 {
+            now += 10_000;
+            steady_round(&mut cc, &p, now, i);
+        }
+        let before = cc.bandwidth();
+        assert!((before - 8500.0).abs() < 1.0, "rate {before}");
+        let burst = Ack {
+            seq: 200,
+            newly_acked: 85,
+            recv_rate_sample: 42_500,
+            bandwidth_sample: 8500,
+        };
+        cc.on_report(now + 1, &p, &burst);
+        for i in 201..260u32 {
+            now += 10_000;
+            steady_round(&mut cc, &p, now, i);
+        }
+        assert!(cc.bandwidth() <= before * 1.001, "rate {}", cc.bandwidth());
+    }
+
+    /// Random loss: the receiver reports what reached it, 90 % of the link;
+    /// scaled up by the random loss the pacing holds the link. A queue that
+    /// overflows: the receiver gets what the bottleneck carries, the drops do
+    /// not count as random, and the rate comes down to the bottleneck.
+    #[test]
+    fn arrivals_are_scaled_by_random_loss_but_not_by_a_queues_drops() {
+        let mut cc = Satellite::new();
+        let mut p = path(600_000);
+        cc.init(0, &p);
+        let mut now = 0;
+        let round = |cc: &mut Satellite, p: &Path, now: Time, i: u32, received: u32, lost: u32| {
+            for _ in 0..85 {
+                cc.on_pkt_sent(now, p, i, false);
+            }
+            cc.on_loss(now, p, &[(i, i)], lost);
+            let ack = Ack {
+                seq: i,
+                newly_acked: 85,
+                recv_rate_sample: received,
+                bandwidth_sample: 8500,
+            };
+            cc.on_report(now, p, &ack);
+            cc.on_ack(now, p, &ack);
+        };
+        // 10 % lost at random: 7650 of 8500 packets/s arrive.
+        for i in 0..400u32 {
+            now += 10_000;
+            round(&mut cc, &p, now, i, 7650, 8 + i % 2);
+        }
+        assert!(cc.bandwidth() > 8500.0 * 0.97, "rate {}", cc.bandwidth());
+        // The bottleneck is now 5000 packets/s and its queue overflows: a
+        // standing queue, a third of what is sent dropped there.
+        // Twelve rounds of 600 ms: the arrival filter's ten turn over.
+        p.rtt = 900_000;
+        for i in 400..1120u32 {
+            now += 10_000;
+            round(&mut cc, &p, now, i, 4500, 28);
+        }
+        // 4500 / 0.9 is what the bottleneck carries, less the queue's
+        // back-off: not the offered load.
+        assert!(cc.bandwidth() <= 5000.0 * 1.01, "rate {}", cc.bandwidth());
     }
 
     #[test]
