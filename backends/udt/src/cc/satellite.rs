@@ -73,7 +73,7 @@
 //! cut nothing either.
 
 use super::{Ack, Controller, Path};
-use crate::estimate::Time;
+use crate::estimate::{Time, ARRIVAL_SPAN_US};
 
 const FILTER_ROUNDS: usize = 10;
 const INITIAL_WINDOW: f64 = 64.0;
@@ -105,6 +105,12 @@ const CUT: f64 = 0.85;
 const PENALTY_RECOVERY: f64 = 1.1;
 /// The most random loss an arrival report is scaled up by.
 const MAX_RANDOM_LOSS: f64 = 0.5;
+/// Packets counted as sent without loss before the first round: the first
+/// rounds' few packets (the start's 64, a loss or two among them) do not
+/// make a loss rate, and a rate read too high would lift the arrivals above
+/// what the path carries; reading it too low for a round or two only holds
+/// the ceiling a little below the path.
+const RANDOM_LOSS_PRIOR: f64 = 1000.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -140,10 +146,16 @@ pub struct Satellite {
     plateau_rounds: u32,
     queue: f64,
     penalty: f64,
-    /// Loss rate of rounds without a standing queue (EWMA; None before one).
-    random_loss: Option<f64>,
+    /// Packets lost and sent in rounds without a standing queue, each
+    /// round's counts added to 7/8 of what came before.
+    random_counts: (f64, f64),
     /// Highest pace (packets/s) of this round and of the one before.
     pace_max: [f64; 2],
+    /// Packets sent (retransmissions included).
+    sent_total: u64,
+    /// A fast start not yet checked against the arrivals: (when, packets
+    /// sent until then).
+    fast_start: Option<(Time, u64)>,
 }
 
 impl Default for Satellite {
@@ -177,8 +189,10 @@ impl Satellite {
             plateau_rounds: 0,
             queue: 0.0,
             penalty: 1.0,
-            random_loss: None,
+            random_counts: (0.0, RANDOM_LOSS_PRIOR),
             pace_max: [0.0; 2],
+            sent_total: 0,
+            fast_start: None,
         }
     }
 
@@ -190,6 +204,12 @@ impl Satellite {
     /// The long-run loss rate seen (losses reported per packet sent).
     pub fn loss_rate(&self) -> f64 {
         self.loss_rate
+    }
+
+    /// The loss rate of rounds without a standing queue.
+    fn random_loss(&self) -> f64 {
+        let (lost, sent) = self.random_counts;
+        (lost / sent).min(MAX_RANDOM_LOSS)
     }
 
     fn filter_max(&self) -> f64 {
@@ -239,9 +259,13 @@ impl Satellite {
             && !self.after_silence(now, path);
         if self.sent_prev_round >= 16 && self.queue <= Q_HIGH && !self.after_silence(now, path) {
             // No queue stands and no outage was just felt: what was lost, was
-            // lost at random (the first such round replaces the unknown).
-            let p = round_loss.min(1.0);
-            self.random_loss = Some(self.random_loss.map_or(p, |r| r + (p - r) / 8.0));
+            // lost at random. Counted in packets, so a round of few (the
+            // start's 64) weighs little.
+            let (lost, sent) = self.random_counts;
+            self.random_counts = (
+                lost * 7.0 / 8.0 + self.lost_in_round as f64,
+                sent * 7.0 / 8.0 + self.sent_prev_round as f64,
+            );
         }
         self.pace_max = [1e6 / self.period, self.pace_max[0]];
         if self.sent_prev_round >= 16 {
@@ -306,6 +330,28 @@ impl Satellite {
             .is_some_and(|t| now.saturating_sub(t) < 2 * u64::from(path.rtt.max(path.min_rtt)))
     }
 
+    /// Whether this arrival report shows that the fast start overshot: the
+    /// first report made a round trip (and two arrival spans) after it, of
+    /// packets paced at its rate (or at the capacity as its estimate
+    /// settles). If the sender kept that pace and under 90 % of it arrived, the pair capacity over-read the path (pairs
+    /// squeezed on the way, by a router or a host catching up), and the
+    /// report is believed though no queue shows yet: the queue's delay
+    /// reaches the sender half a round trip after the arrivals do, and by
+    /// then a start at twice the path has sent a bandwidth-delay product more
+    /// than the bottleneck carried. Kept pace or not, one report settles it.
+    fn fast_start_overshot(&mut self, now: Time, path: &Path, sample: f64) -> bool {
+        let Some((t0, sent0)) = self.fast_start else {
+            return false;
+        };
+        let due = t0 + Self::round_len(path) + 2 * ARRIVAL_SPAN_US;
+        if now < due {
+            return false;
+        }
+        self.fast_start = None;
+        let paced = (self.sent_total - sent0) as f64 * 1e6 / (now - t0) as f64;
+        paced >= 0.9 * self.rate && sample < 0.9 * self.rate
+    }
+
     fn cut(&mut self, now: Time) {
         self.penalty *= CUT;
         self.rate *= CUT;
@@ -358,10 +404,12 @@ impl Controller for Satellite {
             };
         }
         if ack.recv_rate_sample > 0 {
-            let p = self.random_loss.unwrap_or(0.0).min(MAX_RANDOM_LOSS);
+            let p = self.random_loss();
             let paced = self.pace_max[0].max(self.pace_max[1]);
             let sample = (f64::from(ack.recv_rate_sample) / (1.0 - p)).min(paced);
-            let limited = self.mode == Mode::Cruise && sample < 0.9 * self.rate && !queueing;
+            let overshot = self.fast_start_overshot(now, path, sample);
+            let limited =
+                self.mode == Mode::Cruise && sample < 0.9 * self.rate && !queueing && !overshot;
             if !limited {
                 let slot = &mut self.filter[self.filter_pos];
                 *slot = slot.max(sample);
@@ -371,6 +419,7 @@ impl Controller for Satellite {
             // Fast start: pace at the packet-pair capacity.
             self.rate = self.capacity;
             self.mode = Mode::Cruise;
+            self.fast_start = Some((now, self.sent_total));
             if !queueing {
                 // What the arrival filter took during the start measured the
                 // start's own pace (a window of 64 packets per RTT), not the
@@ -423,6 +472,7 @@ impl Controller for Satellite {
 
     fn on_pkt_sent(&mut self, now: Time, path: &Path, _seq: u32, _retransmit: bool) {
         self.sent_in_round += 1;
+        self.sent_total += 1;
         if self.sent_in_round % 64 == 0 {
             self.tick(now, path);
         }
