@@ -60,7 +60,11 @@
 //! only after the doubling start has paced for a while (a first message of
 //! one packet carries no pair) still starts at the capacity: the arrival
 //! rates measured until then are the start's own pace and are forgotten,
-//! unless a queue stands.
+//! unless a queue stands. A pair capacity can read high (pairs squeezed
+//! after the bottleneck), and the queue a start at twice the path builds
+//! reaches the sender only 1.5 round trips later; so the first arrival report
+//! made a round trip after the fast start checks it: if the sender kept its
+//! pace and under 90 % of it arrived, that report is believed at once.
 //!
 //! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
 //! (a penalty that wears off by 10 % a round; at most one cut per RTT) only
@@ -525,7 +529,7 @@ mod tests {
     }
 
     /// 10 ms at 8500 packets/s: 85 packets out, one ACK reporting the link's
-    /// rate (lost packets counted as carried) and its pair capacity.
+    /// rate (all 85 arrived) and its pair capacity.
     fn steady_round(cc: &mut Satellite, p: &Path, now: Time, i: u32) {
         for _ in 0..85 {
             cc.on_pkt_sent(now, p, i, false);
