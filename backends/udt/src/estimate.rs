@@ -133,7 +133,7 @@ fn median_filtered(values: &[u32], scratch: &mut [u32]) -> (u64, usize, u32) {
 /// Shortest span an arrival-rate sample covers.
 pub const ARRIVAL_SPAN_US: Time = 16_000;
 /// Fewest packets an arrival-rate sample covers.
-const ARRIVAL_MIN_PACKETS: u32 = 16;
+pub const ARRIVAL_MIN_PACKETS: u32 = 16;
 /// A silence this long ends a span without a sample (the sender paused).
 const ARRIVAL_IDLE_US: Time = 50_000;
 

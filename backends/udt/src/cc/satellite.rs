@@ -77,7 +77,7 @@
 //! cut nothing either.
 
 use super::{Ack, Controller, Path};
-use crate::estimate::{Time, ARRIVAL_SPAN_US};
+use crate::estimate::{Time, ARRIVAL_MIN_PACKETS, ARRIVAL_SPAN_US};
 
 const FILTER_ROUNDS: usize = 10;
 const INITIAL_WINDOW: f64 = 64.0;
@@ -107,6 +107,9 @@ const PROBE_GAIN: f64 = 1.25;
 const CUT: f64 = 0.85;
 /// Per-round recovery of a cut (the queue feedback still holds the rate).
 const PENALTY_RECOVERY: f64 = 1.1;
+/// The receiver's full-ACK interval (UDT's SYN), which carries its arrival
+/// reports.
+const ACK_INTERVAL_US: u64 = 10_000;
 /// The most random loss an arrival report is scaled up by.
 const MAX_RANDOM_LOSS: f64 = 0.5;
 /// Packets counted as sent without loss before the first round: the first
@@ -261,9 +264,13 @@ impl Satellite {
             && round_loss >= 0.2
             && round_loss >= 3.0 * self.loss_rate + 0.05
             && !self.after_silence(now, path);
-        if self.sent_prev_round >= 16 && self.queue <= Q_HIGH && !self.after_silence(now, path) {
-            // No queue stands and no outage was just felt: what was lost, was
-            // lost at random. Counted in packets, so a round of few (the
+        if self.sent_prev_round >= 16
+            && self.queue <= Q_HIGH
+            && !self.after_silence(now, path)
+            && !clustered
+        {
+            // No queue stands, no outage was just felt and the round's loss is
+            // not a load-driven burst: what was lost, was lost at random. Counted in packets, so a round of few (the
             // start's 64) weighs little.
             let (lost, sent) = self.random_counts;
             self.random_counts = (
@@ -335,10 +342,13 @@ impl Satellite {
     }
 
     /// Whether this arrival report shows that the fast start overshot: the
-    /// first report made a round trip (and two arrival spans) after it, of
-    /// packets paced at its rate (or at the capacity as its estimate
-    /// settles). If the sender kept that pace and under 90 % of it arrived, the pair capacity over-read the path (pairs
-    /// squeezed on the way, by a router or a host catching up), and the
+    /// first report made a round trip, two arrival spans and an ACK interval
+    /// after it, of packets paced at its rate (or at the capacity as its
+    /// estimate settles). The receiver repeats its last complete span, and a
+    /// span is 16 ms and 16 packets, longer at low rates: an earlier report
+    /// could cover the slower pace before the start. If the sender kept the
+    /// pace and under 90 % of it arrived, the pair capacity over-read the
+    /// path (pairs squeezed on the way, by a router or a host catching up), and the
     /// report is believed though no queue shows yet: the queue's delay
     /// reaches the sender half a round trip after the arrivals do, and by
     /// then a start at twice the path has sent a bandwidth-delay product more
@@ -347,7 +357,10 @@ impl Satellite {
         let Some((t0, sent0)) = self.fast_start else {
             return false;
         };
-        let due = t0 + Self::round_len(path) + 2 * ARRIVAL_SPAN_US;
+        let span =
+            ARRIVAL_SPAN_US.max((f64::from(ARRIVAL_MIN_PACKETS) * 1e6 / self.rate.max(1.0)) as u64);
+        let rtt = Self::round_len(path).max(u64::from(path.rtt));
+        let due = t0 + rtt + 2 * span + ACK_INTERVAL_US;
         if now < due {
             return false;
         }
@@ -631,6 +644,17 @@ mod tests {
             round(&mut cc, &p, now, i, 7650, 8 + i % 2);
         }
         assert!(cc.bandwidth() > 8500.0 * 0.97, "rate {}", cc.bandwidth());
+        // The arrivals themselves read the link: 7650 / 0.9.
+        assert!(
+            (cc.random_loss() - 0.1).abs() < 0.01,
+            "p {}",
+            cc.random_loss()
+        );
+        assert!(
+            (cc.filter_max() - 8500.0).abs() < 100.0,
+            "arrivals {}",
+            cc.filter_max()
+        );
         // The bottleneck is now 5000 packets/s and its queue overflows: a
         // standing queue, a third of what is sent dropped there.
         // Twelve rounds of 600 ms: the arrival filter's ten turn over.
@@ -640,7 +664,14 @@ mod tests {
             round(&mut cc, &p, now, i, 4500, 28);
         }
         // 4500 / 0.9 is what the bottleneck carries, less the queue's
-        // back-off: not the offered load.
+        // back-off: not the offered load. The queue's drops did not count as
+        // random loss.
+        assert!(
+            (cc.random_loss() - 0.1).abs() < 0.01,
+            "p {}",
+            cc.random_loss()
+        );
+        assert!(cc.ceiling() <= 5000.0 * 1.01, "ceiling {}", cc.ceiling());
         assert!(cc.bandwidth() <= 5000.0 * 1.01, "rate {}", cc.bandwidth());
     }
 
