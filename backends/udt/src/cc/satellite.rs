@@ -61,10 +61,11 @@
 //! one packet carries no pair) still starts at the capacity: the arrival
 //! rates measured until then are the start's own pace and are forgotten,
 //! unless a queue stands. A pair capacity can read high (pairs squeezed
-//! after the bottleneck), and the queue a start at twice the path builds
-//! reaches the sender only 1.5 round trips later; so the first arrival report
-//! made a round trip after the fast start checks it: if the sender kept its
-//! pace and under 90 % of it arrived, that report is believed at once.
+//! after the bottleneck), and the delay of the queue an overshooting start
+//! builds reaches the sender half a round trip after its arrivals do (the
+//! ACK2 that measures it crosses the queue); so the first arrival report made
+//! a round trip after the fast start checks it: if the sender kept its pace
+//! and under 90 % of it arrived, that report is believed at once.
 //!
 //! **Loss as congestion only with evidence.** A loss report cuts `R` by 15 %
 //! (a penalty that wears off by 10 % a round; at most one cut per RTT) only
@@ -113,10 +114,10 @@ const ACK_INTERVAL_US: u64 = 10_000;
 /// The most random loss an arrival report is scaled up by.
 const MAX_RANDOM_LOSS: f64 = 0.5;
 /// Packets counted as sent without loss before the first round: the first
-/// rounds' few packets (the start's 64, a loss or two among them) do not
-/// make a loss rate, and a rate read too high would lift the arrivals above
-/// what the path carries; reading it too low for a round or two only holds
-/// the ceiling a little below the path.
+/// rounds' few packets (an initial window) do not make a loss rate, and a
+/// rate read too high would lift the arrivals above what the path carries;
+/// reading it too low for a round or two only holds the ceiling a little
+/// below the path.
 const RANDOM_LOSS_PRIOR: f64 = 1000.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,8 +271,8 @@ impl Satellite {
             && !clustered
         {
             // No queue stands, no outage was just felt and the round's loss is
-            // not a load-driven burst: what was lost, was lost at random. Counted in packets, so a round of few (the
-            // start's 64) weighs little.
+            // not a load-driven burst: what was lost, was lost at random.
+            // Counted in packets, so a round of few weighs little.
             let (lost, sent) = self.random_counts;
             self.random_counts = (
                 lost * 7.0 / 8.0 + self.lost_in_round as f64,
@@ -348,11 +349,11 @@ impl Satellite {
     /// span is 16 ms and 16 packets, longer at low rates: an earlier report
     /// could cover the slower pace before the start. If the sender kept the
     /// pace and under 90 % of it arrived, the pair capacity over-read the
-    /// path (pairs squeezed on the way, by a router or a host catching up), and the
-    /// report is believed though no queue shows yet: the queue's delay
-    /// reaches the sender half a round trip after the arrivals do, and by
-    /// then a start at twice the path has sent a bandwidth-delay product more
-    /// than the bottleneck carried. Kept pace or not, one report settles it.
+    /// path (pairs squeezed on the way, by a router or a host catching up),
+    /// and the report is believed though no queue shows yet: the queue's
+    /// delay reaches the sender half a round trip after the arrivals do, and
+    /// all that while the start keeps sending more than the bottleneck
+    /// carries. Kept pace or not, one report settles it.
     fn fast_start_overshot(&mut self, now: Time, path: &Path, sample: f64) -> bool {
         let Some((t0, sent0)) = self.fast_start else {
             return false;
@@ -376,14 +377,20 @@ impl Satellite {
         self.mode = Mode::Cruise;
     }
 
+    /// Paces at one packet per `period` µs, and keeps the round's highest
+    /// pace: the cap on arrival reports.
+    fn set_period(&mut self, period: f64) {
+        self.period = period;
+        self.pace_max[0] = self.pace_max[0].max(1e6 / period);
+    }
+
     fn update_outputs(&mut self, path: &Path) {
         let min_rtt = f64::from(path.min_rtt.max(1_000));
         if self.mode == Mode::Startup && self.rate <= 0.0 {
             // Doubling start: the window grows with ACKs; pace at twice the
             // window per RTT (the window is the real limit).
             let rate = self.cwnd * 1e6 / min_rtt * 2.0;
-            self.period = 1e6 / rate.max(1.0);
-            self.pace_max[0] = self.pace_max[0].max(1e6 / self.period);
+            self.set_period(1e6 / rate.max(1.0));
             return;
         }
         // Never slower than the minimum window per round trip: where the round
@@ -392,8 +399,7 @@ impl Satellite {
         // model towards zero; the window then sets the rate, as in TCP. On a
         // satellite path the floor is negligible (32 packets per 600 ms).
         let rate = self.rate.max(MIN_WINDOW * 1e6 / min_rtt);
-        self.period = 1e6 / rate;
-        self.pace_max[0] = self.pace_max[0].max(rate);
+        self.set_period(1e6 / rate);
         self.cwnd = WINDOW_BDPS * self.rate.max(1.0) * min_rtt / 1e6 + MIN_WINDOW;
     }
 }
@@ -403,8 +409,7 @@ impl Controller for Satellite {
         *self = Satellite::new();
         self.round_start = now;
         // The initial window leaves back to back: packet pairs for the receiver.
-        self.period = 1.0;
-        self.pace_max[0] = 1e6;
+        self.set_period(1.0);
     }
 
     fn on_report(&mut self, now: Time, path: &Path, ack: &Ack) {
@@ -541,32 +546,46 @@ mod tests {
         assert!((cc.window() - (WINDOW_BDPS * 8500.0 * 0.6 + 32.0)).abs() < 1e-6);
     }
 
-    /// 10 ms at 8500 packets/s: 85 packets out, one ACK reporting the link's
-    /// rate (all 85 arrived) and its pair capacity.
-    fn steady_round(cc: &mut Satellite, p: &Path, now: Time, i: u32) {
+    /// 10 ms at 8500 packets/s: 85 packets out, `lost` of them reported
+    /// lost, one ACK reporting `received` packets/s and the pair capacity.
+    fn round(cc: &mut Satellite, p: &Path, now: Time, i: u32, received: u32, lost: u32) {
         for _ in 0..85 {
             cc.on_pkt_sent(now, p, i, false);
+        }
+        if lost > 0 {
+            cc.on_loss(now, p, &[(i, i)], lost);
         }
         let ack = Ack {
             seq: i,
             newly_acked: 85,
-            recv_rate_sample: 8500,
+            recv_rate_sample: received,
             bandwidth_sample: 8500,
         };
         cc.on_report(now, p, &ack);
         cc.on_ack(now, p, &ack);
     }
 
-    #[test]
-    fn losses_reported_after_a_silence_do_not_cut() {
+    /// A round at the link's rate with nothing lost.
+    fn steady_round(cc: &mut Satellite, p: &Path, now: Time, i: u32) {
+        round(cc, p, now, i, 8500, 0);
+    }
+
+    /// A controller on `p` after 2 s of steady rounds, and the time then.
+    fn steady(p: &Path) -> (Satellite, Time) {
         let mut cc = Satellite::new();
-        let mut p = path(600_000);
-        cc.init(0, &p);
+        cc.init(0, p);
         let mut now = 0;
         for i in 0..200u32 {
             now += 10_000;
-            steady_round(&mut cc, &p, now, i);
+            steady_round(&mut cc, p, now, i);
         }
+        (cc, now)
+    }
+
+    #[test]
+    fn losses_reported_after_a_silence_do_not_cut() {
+        let mut p = path(600_000);
+        let (mut cc, mut now) = steady(&p);
         let before = cc.bandwidth();
         // An outage: EXP fires; when the path is back, the NAK reports a
         // second of packets lost at once, with the RTT still inflated.
@@ -590,14 +609,8 @@ mod tests {
     /// paced, it does not jump to the burst and flood the queue.
     #[test]
     fn an_arrival_burst_does_not_lift_the_rate_above_the_pace() {
-        let mut cc = Satellite::new();
         let p = path(600_000);
-        cc.init(0, &p);
-        let mut now = 0;
-        for i in 0..200u32 {
-            now += 10_000;
-            steady_round(&mut cc, &p, now, i);
-        }
+        let (mut cc, mut now) = steady(&p);
         let before = cc.bandwidth();
         assert!((before - 8500.0).abs() < 1.0, "rate {before}");
         let burst = Ack {
@@ -624,20 +637,6 @@ mod tests {
         let mut p = path(600_000);
         cc.init(0, &p);
         let mut now = 0;
-        let round = |cc: &mut Satellite, p: &Path, now: Time, i: u32, received: u32, lost: u32| {
-            for _ in 0..85 {
-                cc.on_pkt_sent(now, p, i, false);
-            }
-            cc.on_loss(now, p, &[(i, i)], lost);
-            let ack = Ack {
-                seq: i,
-                newly_acked: 85,
-                recv_rate_sample: received,
-                bandwidth_sample: 8500,
-            };
-            cc.on_report(now, p, &ack);
-            cc.on_ack(now, p, &ack);
-        };
         // 10 % lost at random: 7650 of 8500 packets/s arrive.
         for i in 0..400u32 {
             now += 10_000;
