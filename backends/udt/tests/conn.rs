@@ -925,3 +925,69 @@ fn an_idle_connection_wakes_only_for_keepalives() {
     assert_eq!(p.acked(), vec![0, 1]);
     assert!(p.now - t0 < 200_000, "acked after {} us", p.now - t0);
 }
+
+/// The probe pair (sequence numbers ≡ 0 and 1 mod 16) leaves back to back
+/// behind a lead packet (≡ 15), every other packet one pacing interval after
+/// the one before, and the intervals the three skip are added after them, so
+/// the average rate is the pace: a host or router that handles the first
+/// packet of a burst late after an idle spell then delays the lead, and the
+/// pair behind it still measures the link.
+#[test]
+fn a_probe_pair_leaves_behind_a_lead_packet_at_the_average_pace() {
+    let mut c = cfg(Kind::Satellite);
+    // 1500-byte packets at 12 Mbit/s: one per millisecond.
+    c.max_rate_bps = 12_000_000;
+    let mut p = Pair::new(c, 25_000, 11);
+    p.connect();
+    p.flush();
+    p.client.send(p.now, 42, 100 * 1456, None).unwrap();
+    let start = p.now;
+    let mut sent: Vec<(u64, u32)> = Vec::new();
+    for t in (start..start + 40_000).step_by(10) {
+        while let Some(tx) = p.client.poll_transmit(t) {
+            let pkt = Packet::new_checked(tx.header.as_bytes()).unwrap();
+            if !pkt.is_control() {
+                sent.push((t, pkt.seq_no().get()));
+            }
+        }
+    }
+    assert!(
+        sent.len() >= 30,
+        "only {} data packets in 40 ms",
+        sent.len()
+    );
+    let period = 1_000.0;
+    let mut leads = 0;
+    for (i, w) in sent.windows(2).enumerate() {
+        let ((t0, s0), (t1, s1)) = (w[0], w[1]);
+        assert_eq!(s1, s0.wrapping_add(1), "in order");
+        let gap = (t1 - t0) as f64;
+        // The first packet sent here may be the second of a pair whose
+        // probe left before.
+        let after_pair = s0 & 0xF == 1 && i > 0;
+        match s0 & 0xF {
+            0xF | 0 => {
+                assert_eq!(gap, 0.0, "{s1} left {gap} µs after {s0}");
+                leads += usize::from(s0 & 0xF == 0xF);
+            }
+            // After the pair, the three intervals it and its lead skipped.
+            1 if after_pair => {
+                assert!(
+                    (gap - 3.0 * period).abs() <= 10.0,
+                    "{gap} µs after the pair"
+                )
+            }
+            _ => assert!(
+                (gap - period).abs() <= 10.0,
+                "{s1} left {gap} µs after {s0}"
+            ),
+        }
+    }
+    assert!(leads >= 2, "{leads} probe pairs with their lead");
+    let span = (sent.last().unwrap().0 - sent[0].0) as f64;
+    let rate = (sent.len() - 1) as f64 / span * 1e6;
+    assert!(
+        (rate - 1e3).abs() < 0.1 * 1e3,
+        "{rate} packets/s against 1000"
+    );
+}

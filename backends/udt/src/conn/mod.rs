@@ -84,6 +84,12 @@
 //!   its two packets left the sender together (their header timestamps at
 //!   most 10 µs or under half their arrival gap apart): a pair the sender's
 //!   window or the application split measured the sender, not the link.
+//! - A probe pair leaves behind a lead packet (sequence numbers ≡ 15, 0 and
+//!   1 mod 16 back to back; UDT4 sends the pair alone). Whatever handles the
+//!   first packet of a burst after an idle spell late (a host or router
+//!   waking, a cold send path) then delays the lead, not the pair. A lone
+//!   pair crossing an idle path arrives squeezed, its capacity reads above
+//!   the link, and a fast start paced at it floods the bottleneck queue.
 //!
 //! # Layout
 //!

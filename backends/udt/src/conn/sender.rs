@@ -209,11 +209,13 @@ impl Connection {
             return None;
         }
         let (t, seq, retx) = self.next_data(now)?;
-        // Pacing. The packet after a probe (seq ≡ 0 mod 16) leaves at once, so
-        // the pair crosses the bottleneck back to back; the interval it skips
-        // is added after the pair, so the average rate is the CC's.
+        // Pacing. The probe pair (seq ≡ 0 and 1 mod 16) and the packet
+        // before it (≡ 15, the lead: see the module docs) leave back to
+        // back, so the pair crosses the bottleneck behind the lead; the
+        // intervals skipped are added after the pair, so the average rate is
+        // the CC's.
         let period = self.period();
-        let probe = seq & 0xF == 0 && !retx;
+        let probe = (seq & 0xF == 0 || seq & 0xF == 0xF) && !retx;
         let floor = now as f64 - period;
         if self.tx.next_send < floor {
             self.tx.next_send = floor;
