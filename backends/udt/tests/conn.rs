@@ -579,19 +579,18 @@ fn a_lost_nak_costs_about_one_round_trip() {
     // One RTT for the data, one for the lost NAK's re-report interval (RTT
     // plus slack), one for the retransmission: well under UDT4's stall.
     assert!(took < 4 * rtt, "took {took} us");
-    assert_eq!(p.client.stats().pkts_retransmitted, 1);
+    // One retransmission, in the tail: sent twice.
+    let st = p.client.stats();
+    assert_eq!((st.pkts_retransmitted, st.pkts_repeated), (2, 1));
 }
 
-#[test]
-fn a_retransmission_lost_again_is_sent_twice() {
-    let rtt = 100_000;
-    let mut p = Pair::new(cfg(Kind::Satellite), rtt / 2, 9);
-    p.connect();
-    // Lose data packet #20 and its first retransmission.
+/// Loses the `lost_times` first sends of the 20th data packet the client
+/// sends; returns the link's drop rule.
+fn lose_20th(lost_times: u32) -> LossFn {
     let mut data_seen = 0;
     let mut lost_seq = None;
     let mut lost = 0;
-    p.drop = Box::new(move |d, b| {
+    Box::new(move |d, b| {
         if d != Dir::ToServer || b[0] & 0x80 != 0 {
             return false;
         }
@@ -600,24 +599,73 @@ fn a_retransmission_lost_again_is_sent_twice() {
         if data_seen == 20 {
             lost_seq = Some(seq);
         }
-        if lost_seq == Some(seq) && lost < 2 {
+        if lost_seq == Some(seq) && lost < lost_times {
             lost += 1;
             return true;
         }
         false
-    });
+    })
+}
+
+#[test]
+fn a_retransmission_lost_again_is_sent_twice() {
+    let rtt = 100_000;
+    // Paced at 12 Mbit/s (the test's link has no rate): the messages below
+    // take seconds to leave.
+    let mut c = cfg(Kind::Satellite);
+    c.max_rate_bps = 12_000_000;
+    let mut p = Pair::new(c, rtt / 2, 9);
+    p.connect();
+    // Lose data packet #20 and its first retransmission, while a second,
+    // larger message is still waiting to go (no tail: see the next test).
+    p.drop = lose_20th(2);
+    let start = p.now;
+    p.send(0, 40 * 1456, None);
+    // 8 MiB more: about six seconds at that pace.
+    for m in 1..=8 {
+        p.send(m, 1 << 20, None);
+    }
+    p.run(p.now + 5_000_000, |p| p.acked().contains(&0));
+    let took = p.now - start;
+    assert!(
+        p.client.pending_messages() > 1,
+        "no data waiting any more: the test proves nothing"
+    );
+    // Data, NAK and retransmission, then the re-report one NAK interval
+    // later and its retransmission.
+    assert!(took < 5 * rtt, "took {took} us");
+    p.run(p.now + 10_000_000, |p| p.acked().len() == 9);
+    let st = p.client.stats();
+    // The second retransmission went out twice; nothing else was resent.
+    assert_eq!((st.pkts_retransmitted, st.pkts_repeated), (3, 1));
+    // Every first send but the lost one, then both copies of the second
+    // retransmission.
+    assert_eq!(
+        p.server.as_ref().unwrap().stats().pkts_received,
+        st.pkts_sent - 1 + 2
+    );
+    assert_eq!(p.check_received(), 9);
+}
+
+/// In a transfer's tail (no new data waiting) every retransmission goes out
+/// twice: the link has room, and one lost would cost the last message
+/// another round trip or more.
+#[test]
+fn a_retransmission_in_the_tail_is_sent_twice() {
+    let rtt = 100_000;
+    let mut p = Pair::new(cfg(Kind::Satellite), rtt / 2, 9);
+    p.connect();
+    // Lose data packet #20 and the first copy of its retransmission.
+    p.drop = lose_20th(2);
     let start = p.now;
     p.send(0, 40 * 1456, None);
     p.run(p.now + 5_000_000, |p| p.acked().len() == 1);
     let took = p.now - start;
     let st = p.client.stats();
-    // The second retransmission went out twice; nothing else was resent.
-    assert_eq!((st.pkts_retransmitted, st.pkts_repeated), (3, 1));
-    // 39 of the first sends, then both copies of the second retransmission.
-    assert_eq!(p.server.as_ref().unwrap().stats().pkts_received, 39 + 2);
-    // Data, NAK and retransmission, then the re-report one NAK interval
-    // later and its retransmission.
-    assert!(took < 5 * rtt, "took {took} us");
+    assert_eq!((st.pkts_retransmitted, st.pkts_repeated), (2, 1));
+    assert_eq!(p.server.as_ref().unwrap().stats().pkts_received, 39 + 1);
+    // Data, NAK and the retransmission's second copy: no re-report.
+    assert!(took < 3 * rtt, "took {took} us");
     assert_eq!(p.check_received(), 1);
 }
 
@@ -643,7 +691,11 @@ fn a_lost_tail_is_probed_after_two_round_trips() {
     p.run(p.now + 5_000_000, |p| p.acked().len() == 1);
     let took = p.now - start;
     let st = p.client.stats();
-    assert_eq!((st.tail_probes, st.pkts_retransmitted), (1, 1));
+    // The probe is a retransmission in the tail: it goes out twice.
+    assert_eq!(
+        (st.tail_probes, st.pkts_retransmitted, st.pkts_repeated),
+        (1, 2, 1)
+    );
     assert_eq!((st.timeouts, st.outages), (0, 0));
     // The tail left at once; its probe two RTTs and two SYNs later, then
     // one RTT for the probe and its ACK.

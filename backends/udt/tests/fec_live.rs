@@ -99,6 +99,8 @@ fn run(seed: u64, loss: f64, fec_on: bool, secs: u64) -> Outcome {
         } else {
             base.mss
         },
+        // As the engine configures a FEC peer: the repairs are its redundancy.
+        tail_copies: !fec_on,
         ..base
     };
     let server_addr: SocketAddr = "10.0.0.2:9000".parse().unwrap();

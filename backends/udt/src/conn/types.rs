@@ -82,6 +82,12 @@ pub struct Config {
     /// others use too (a gateway's peers on one satellite transponder): the
     /// controller alone takes the whole link it measures. 0: no cap (default).
     pub max_rate_bps: u64,
+    /// Send a second copy of each retransmission in a transfer's tail (see
+    /// `Connection::repeat`). Default on; off where other redundancy
+    /// already covers the tail's losses (the engine's FEC peers: their
+    /// repairs are sized to the measured loss, and copies would add bytes
+    /// for packets the repairs mostly rebuild).
+    pub tail_copies: bool,
 }
 
 impl Default for Config {
@@ -103,6 +109,7 @@ impl Default for Config {
             batch_horizon_us: 1_000,
             socket_id_class: (1, 0),
             max_rate_bps: 0,
+            tail_copies: true,
         }
     }
 }
@@ -322,8 +329,9 @@ pub struct Stats {
     pub pkts_sent: u64,
     /// Data packets retransmitted.
     pub pkts_retransmitted: u64,
-    /// Second copies of packets whose retransmission was lost (each sent
-    /// right after the packet's later retransmission; counted in
+    /// Second copies of retransmissions (each sent right after its
+    /// retransmission: of a packet whose retransmission was lost, and of any
+    /// retransmission in a transfer's tail; counted in
     /// `pkts_retransmitted` too).
     pub pkts_repeated: u64,
     /// Data packets received (all, duplicates included).

@@ -164,6 +164,8 @@ impl Udt {
         let mut c = self.p.udt.clone();
         if self.fec_peer(ip) {
             c.mss = c.mss.saturating_sub(fec::REPAIR_EXTRA);
+            // The repairs are this peer's redundancy.
+            c.tail_copies = false;
         }
         c
     }
