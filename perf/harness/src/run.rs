@@ -148,6 +148,30 @@ fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
     Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// A UDP port free on every one of `ips`, held (bound) until the holder is
+/// dropped. The engines bind it only after the relay has bound its own
+/// sockets on the same addresses with ports the kernel picks; a port
+/// merely found free could be the one the kernel gives the relay
+/// (`EADDRINUSE` for an engine, seen once in a few dozen runs).
+fn hold_udp_port(ips: &[Ipv4Addr]) -> Result<(u16, Vec<UdpSocket>)> {
+    let (first, rest) = ips.split_first().context("no address to hold a port on")?;
+    for _ in 0..32 {
+        let a = UdpSocket::bind((*first, 0))?;
+        let port = a.local_addr()?.port();
+        let mut held = vec![a];
+        for ip in rest {
+            match UdpSocket::bind((*ip, port)) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        if held.len() == ips.len() {
+            return Ok((port, held));
+        }
+    }
+    bail!("no UDP port free on all of {ips:?} in 32 tries")
+}
+
 enum Emu {
     Relay(Relay),
     Tun(TunLink),
@@ -558,9 +582,10 @@ fn start_lu2k_with(cell: &Cell, opts: &Opts, fec: bool) -> Result<Started> {
         return start_lu2k_v6(cell, opts);
     }
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 77, 1), Ipv4Addr::new(127, 0, 77, 2));
-    let port = free_udp_port(a_ip)?;
+    let (port, held) = hold_udp_port(&[a_ip, b_ip])?;
     let relay = Relay::spawn(lu2k_relay(cell, opts, a_ip.into(), b_ip.into(), port))
         .context("starting the link emulator (relay)")?;
+    drop(held);
     let ips = (a_ip.into(), b_ip.into());
     let (rx, tx) = lu2k_nodes(cell, opts, ips, port, &relay, None, fec)?;
     Ok(Started {
@@ -700,10 +725,9 @@ fn link_ips(i: usize) -> (Ipv4Addr, Ipv4Addr) {
 /// about that at start), so the relays send to 127.0.0.1 and each engine's port.
 fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
     let any = Ipv4Addr::UNSPECIFIED;
-    let (a_port, b_port) = (free_udp_port(any)?, free_udp_port(any)?);
-    if a_port == b_port {
-        bail!("two free UDP ports were the same; run again");
-    }
+    // Held (two distinct ports) until the relays have bound theirs.
+    let (a_port, a_held) = hold_udp_port(&[any])?;
+    let (b_port, b_held) = hold_udp_port(&[any])?;
     let mut relays = Vec::new();
     for (i, l) in cell.links.iter().enumerate() {
         let (a_ip, b_ip) = link_ips(i);
@@ -717,6 +741,7 @@ fn start_lu2k_links(cell: &Cell, opts: &Opts) -> Result<Started> {
             Relay::spawn(rc).with_context(|| format!("starting the link emulator of link {i}"))?,
         );
     }
+    drop((a_held, b_held));
     let policy = match cell.policy {
         Some(LinkPolicy::Balance) => Policy::Balance,
         _ => Policy::Failover,
