@@ -151,8 +151,8 @@ fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
 /// A UDP port free on every one of `ips`, held (bound) until the holder is
 /// dropped. The engines bind it only after the relay has bound its own
 /// sockets on the same addresses with ports the kernel picks; a port
-/// merely found free could be the one the kernel gives the relay
-/// (`EADDRINUSE` for an engine, seen once in a few dozen runs).
+/// merely found free on one address could be taken on another, or be the
+/// one the kernel gives the relay.
 fn hold_udp_port(ips: &[Ipv4Addr]) -> Result<(u16, Vec<UdpSocket>)> {
     let (first, rest) = ips.split_first().context("no address to hold a port on")?;
     for _ in 0..32 {
@@ -1334,7 +1334,8 @@ pub fn lu2k_direct(
     opts: &Opts,
 ) -> Result<(NodeResult, Option<NodeResult>)> {
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 78, 1), Ipv4Addr::new(127, 0, 78, 2));
-    let port = free_udp_port(a_ip)?;
+    // Free on both engines' addresses (nothing else binds there meanwhile).
+    let (port, _) = hold_udp_port(&[a_ip, b_ip])?;
     let dir = opts.tmp.join(format!("lu2k-lo-{}", std::process::id()));
     let l = |ip: Ipv4Addr, peer_ip: Ipv4Addr| Lu2kSpec {
         ip: ip.into(),

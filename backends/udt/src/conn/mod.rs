@@ -85,11 +85,19 @@
 //!   most 10 µs or under half their arrival gap apart): a pair the sender's
 //!   window or the application split measured the sender, not the link.
 //! - A probe pair leaves behind a lead packet (sequence numbers ≡ 15, 0 and
-//!   1 mod 16 back to back; UDT4 sends the pair alone). Whatever handles the
-//!   first packet of a burst after an idle spell late (a host or router
-//!   waking, a cold send path) then delays the lead, not the pair. A lone
-//!   pair crossing an idle path arrives squeezed, its capacity reads above
-//!   the link, and a fast start paced at it floods the bottleneck queue.
+//!   1 mod 16 back to back; UDT4 sends the pair alone). Whatever handles the first
+//!   packet of a burst after an idle spell late (a host or router waking, a
+//!   cold send path) then delays the lead, not the pair. A lone pair
+//!   crossing an idle path arrives squeezed, its capacity reads above the
+//!   link, and a fast start paced at it floods the bottleneck queue. (A
+//!   UDT4 receiver's arrival speed, a median-filtered mean of its last 16
+//!   arrival intervals, drops the triple's two near-zero intervals and keeps
+//!   the three-interval gap after it: it reads 1/8 below the pace, where a
+//!   lone pair's two-interval gap makes it 1/16.)
+//! - Second copies of retransmissions: a packet whose retransmission was
+//!   lost goes out twice on its next one, and so does every retransmission
+//!   in a transfer's tail (no new data waiting, room in the window, the
+//!   other repairs leaving within a quarter RTT; [`Config::tail_copies`]).
 //!
 //! # Layout
 //!
@@ -626,6 +634,9 @@ impl Connection {
         if self.outage.is_some() {
             return;
         }
+        // A second copy due before the silence would leave once the path is
+        // back, ahead of the repairs the receiver then asks for.
+        self.tx.again = None;
         self.stats.outages += 1;
         self.outage = Some(Outage {
             counted: now,

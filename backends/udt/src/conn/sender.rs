@@ -76,7 +76,8 @@ pub(super) struct Sender {
     pub(super) flow_window: u32,
     /// When the next data packet may leave (fractional µs).
     pub(super) next_send: f64,
-    /// Pacing interval a probe's partner skipped, added after the pair.
+    /// Pacing intervals the probe pair's lead and probe skipped (they leave
+    /// back to back with the pair's second packet), added after the pair.
     pub(super) pacing_debt: f64,
     pub(super) last_ack2_no: AckNo,
     pub(super) last_ack2_time: Time,
@@ -93,8 +94,8 @@ pub(super) struct Sender {
     pub(super) recv_rate: u32,
     /// Link capacity, EWMA of the receiver's reports (packets/s).
     pub(super) bandwidth: u32,
-    /// A packet resent a second time or more, to be sent once more right
-    /// after (see `next_retransmission`).
+    /// A retransmission to be sent once more right after it (see
+    /// `repeat`).
     pub(super) again: Option<u64>,
 }
 
@@ -318,10 +319,13 @@ impl Connection {
                 self.queue_drop_req(mi);
                 continue;
             }
-            // No new data waits, and the repairs that do drain within a
-            // quarter of a round trip: the copy delays each by one interval.
+            // No new data waits, the window has room (a full one is a stall
+            // behind holes, not a tail), and the repairs that do wait drain
+            // within a quarter of a round trip: the copy delays each by one
+            // interval.
             let idle = self.cfg.tail_copies
                 && !self.tx.has_unsent()
+                && self.tx.next - self.tx.una < self.window()
                 && self.tx.lost.len() as f64 * self.period() < f64::from(self.rtt()) / 4.0;
             let p = &mut self.tx.pkts[pi];
             p.sent_at = now;
@@ -338,21 +342,24 @@ impl Connection {
     }
 
     /// The second copy of a retransmission, right after it: of a packet whose
-    /// retransmission was lost, and of any retransmission that leaves while
-    /// no new data is waiting (a transfer's tail; [`super::Config::tail_copies`])
-    /// and the other repairs waiting take under a quarter of a round trip
-    /// to leave. A retransmission lost again holds the receiver's window one more round trip behind the hole (more: the
+    /// retransmission was lost, and of any retransmission that leaves in a
+    /// transfer's tail ([`super::Config::tail_copies`]): no new data waiting,
+    /// room in the window, and the other repairs waiting take under a
+    /// quarter of a round trip to leave. A retransmission lost again holds
+    /// the receiver's window one more round trip behind the hole (more: the
     /// receiver reports it again only once it is overdue); on a lossy long
     /// path the oldest such holes fill the window and stall the sender, and
-    /// at a transfer's end the last holes' repairs are what its last message
-    /// waits for. Sent twice, a retransmission is lost again with the loss
-    /// rate squared. The first rule costs about `loss²` more packets on the
-    /// wire; the second, one more packet per loss in the tail, where the
-    /// link has room. Each copy delays the repairs behind it by a pacing
-    /// interval: a few microseconds at speed, a whole flight's worth where a
-    /// timeout resends it at a collapsed pace (no copies then). (Copying every retransmission while
-    /// the window is full, too, read better or worse by seed on virtual time
-    /// at 10 and 15 %: the copies then compete with the stall's repairs.)
+    /// at a transfer's end the last holes' repairs are what its last
+    /// message waits for. Sent twice, a retransmission is lost again with
+    /// the loss rate squared. The first rule costs about `loss²` more
+    /// packets on the wire; the second, one more packet per loss in the
+    /// tail, where the link has room. Each copy delays the repairs behind it
+    /// by a pacing interval: microseconds at speed; where a timeout resends
+    /// a whole flight at a collapsed pace, only the last few repairs (those
+    /// within a quarter of a round trip of the list's end) get copies.
+    /// (Copying every retransmission while the window is full, too, read
+    /// better or worse by seed on virtual time at 10 and 15 %: the copies
+    /// then compete with the stall's repairs.)
     fn repeat(&mut self, now: Time) -> Option<DataOut> {
         let idx = self.tx.again.take()?;
         if idx < self.tx.una || idx >= self.tx.next {

@@ -136,7 +136,8 @@ impl Connection {
     /// one arrives; the last of a burst has no later one, and without a
     /// probe it would wait for the EXP timer (an RTO after the last ACK's
     /// progress) and then the outage's probes. A probe costs a packet per
-    /// lost tail (two where the tail was resent before: see `repeat`), and
+    /// lost tail (two, with the tail's copies or where the tail was resent
+    /// before: see `repeat`), and
     /// one more every two round trips while it stays unanswered. Where an
     /// earlier packet is missing and the receiver holds later ones, it knows
     /// of that hole and reports it again (its periodic NAK); a probe would
