@@ -144,10 +144,6 @@ fn buffer_for(cell: &Cell) -> usize {
     ((2.0 * (bdp + queue)) as usize).max(4 << 20)
 }
 
-fn free_udp_port(ip: Ipv4Addr) -> Result<u16> {
-    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
-}
-
 /// A UDP port free on every one of `ips`, held (bound) until the holder is
 /// dropped. The engines bind it only after the relay has bound its own
 /// sockets on the same addresses with ports the kernel picks; a port
