@@ -357,9 +357,6 @@ impl Connection {
     /// by a pacing interval: microseconds at speed; where a timeout resends
     /// a whole flight at a collapsed pace, only the last few repairs (those
     /// within a quarter of a round trip of the list's end) get copies.
-    /// (Copying every retransmission while the window is full, too, read
-    /// better or worse by seed on virtual time at 10 and 15 %: the copies
-    /// then compete with the stall's repairs.)
     fn repeat(&mut self, now: Time) -> Option<DataOut> {
         let idx = self.tx.again.take()?;
         if idx < self.tx.una || idx >= self.tx.next {
