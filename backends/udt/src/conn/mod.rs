@@ -92,8 +92,8 @@
 //!   link, and a fast start paced at it floods the bottleneck queue. (A
 //!   UDT4 receiver's arrival speed, a median-filtered mean of its last 16
 //!   arrival intervals, drops the triple's two near-zero intervals and keeps
-//!   the three-interval gap after it: it reads 1/8 below the pace, where a
-//!   lone pair's two-interval gap makes it 1/16.)
+//!   the three-interval gap after it: it reads below the pace, twice as
+//!   far as with a lone pair's two-interval gap.)
 //! - Second copies of retransmissions: a packet whose retransmission was
 //!   lost goes out twice on its next one, and so does every retransmission
 //!   in a transfer's tail (no new data waiting, room in the window, the
